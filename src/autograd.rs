@@ -1,0 +1,247 @@
+//! Reverse-mode autograd. Ops record a `Node` on their output only when gradients are enabled
+//! and some input is tracked, so inference (or `no_grad`) builds no tape at all. `backward`
+//! walks the graph once in reverse topological order: each node is *taken* from its tensor,
+//! its saved tensors are dropped as soon as its gradients are computed, and intermediate
+//! gradients (keyed by tensor id) are freed as soon as they are consumed. Gradients of trainable
+//! leaves accumulate in place in a `GradStore`, which an optimizer reads and clears.
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::tensor::{GradState, TensorId};
+use crate::{Error, Result, Tensor};
+
+/// The backward half of one recorded op.
+pub trait BackwardOp: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Gradients for the op's inputs in recorded order, given the output's gradient. Only inputs
+    /// with `needs[i]` must get one; returning `None` for them means "zero".
+    fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+}
+
+pub(crate) struct Node {
+    /// Tracked inputs (None for constants: no gradient is computed for them).
+    pub(crate) inputs: Vec<Option<Tensor>>,
+    pub(crate) op: Box<dyn BackwardOp>,
+}
+
+thread_local! {
+    static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+static NODES_RECORDED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many nodes have been recorded in this process (tests use it to prove `no_grad` is free).
+pub fn nodes_recorded() -> usize {
+    NODES_RECORDED.load(Ordering::Relaxed)
+}
+
+pub fn is_grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
+}
+
+/// Restores the previous gradient mode when dropped.
+pub struct GradModeGuard(bool);
+
+impl Drop for GradModeGuard {
+    fn drop(&mut self) {
+        GRAD_ENABLED.with(|g| g.set(self.0));
+    }
+}
+
+/// Disables recording on this thread until the guard is dropped.
+#[must_use = "recording resumes when the guard is dropped"]
+pub fn no_grad() -> GradModeGuard {
+    let prev = GRAD_ENABLED.with(|g| g.replace(false));
+    GradModeGuard(prev)
+}
+
+/// Builds an op's output, recording `make_backward()` only when it is needed. The closure
+/// (which clones whatever the backward saves) does not run at all in inference.
+pub(crate) fn record<B: BackwardOp + 'static>(
+    out: crate::storage::Storage,
+    shape: crate::Shape,
+    inputs: &[&Tensor],
+    make_backward: impl FnOnce() -> B,
+) -> Result<Tensor> {
+    let shape_ok = out.len() == shape.elem_count();
+    if !shape_ok {
+        return Err(Error::shape("record", format!("{} elements for shape {shape:?}", out.len())));
+    }
+    let storage = std::sync::Arc::new(std::sync::RwLock::new(out));
+    if is_grad_enabled() && inputs.iter().any(|t| t.is_tracked()) {
+        NODES_RECORDED.fetch_add(1, Ordering::Relaxed);
+        let node = Node {
+            inputs: inputs.iter().map(|t| t.is_tracked().then(|| (*t).clone())).collect(),
+            op: Box::new(make_backward()),
+        };
+        Ok(Tensor::build(storage, shape, GradState::Op(std::sync::Mutex::new(Some(node)))))
+    } else {
+        Ok(Tensor::build(storage, shape, GradState::Const))
+    }
+}
+
+/// Gradients of trainable leaves, keyed by tensor id.
+#[derive(Default)]
+pub struct GradStore {
+    grads: HashMap<TensorId, Tensor>,
+}
+
+impl GradStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
+        self.grads.get(&t.id())
+    }
+
+    pub fn get_id(&self, id: TensorId) -> Option<&Tensor> {
+        self.grads.get(&id)
+    }
+
+    pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
+        self.grads.remove(&t.id())
+    }
+
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.grads.clear();
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &TensorId> {
+        self.grads.keys()
+    }
+
+    /// Adds `g` to the gradient of `id`, in place when the stored buffer is not shared.
+    pub fn accumulate(&mut self, id: TensorId, g: Tensor) -> Result<()> {
+        accumulate(&mut self.grads, id, g)
+    }
+}
+
+fn accumulate(map: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) -> Result<()> {
+    match map.get(&id) {
+        None => {
+            map.insert(id, g);
+        }
+        Some(prev) => {
+            if prev.shape() != g.shape() {
+                return Err(Error::Autograd(format!(
+                    "gradient shapes differ for one tensor: {:?} vs {:?}",
+                    prev.shape(),
+                    g.shape()
+                )));
+            }
+            if prev.storage_is_unique() && !prev.is_tracked() {
+                let src = g.storage();
+                prev.storage_mut().add_assign(&src)?;
+            } else {
+                let sum = prev.add(&g)?;
+                map.insert(id, sum);
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// Backpropagates from this tensor (seeded with ones) and returns the leaf gradients.
+    pub fn backward(&self) -> Result<GradStore> {
+        let mut store = GradStore::new();
+        self.backward_into(&mut store)?;
+        Ok(store)
+    }
+
+    /// Backpropagates and accumulates leaf gradients into `store` (micro-batch accumulation).
+    /// The graph is consumed: a second backward through the same ops is an error.
+    pub fn backward_into(&self, store: &mut GradStore) -> Result<()> {
+        let _guard = no_grad();
+        let seed = Tensor::ones(self.shape().clone(), self.dtype(), self.device())?;
+        match &self.0.grad {
+            GradState::Const => {
+                return Err(Error::Autograd(
+                    "backward from a tensor that does not depend on any trainable tensor".into(),
+                ))
+            }
+            GradState::Leaf => return store.accumulate(self.id(), seed),
+            GradState::Op(_) => {}
+        }
+        let mut order = topo_order(self)?;
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        grads.insert(self.id(), seed);
+        for slot in order.iter_mut().rev() {
+            let Some(t) = slot.take() else { continue };
+            let GradState::Op(cell) = &t.0.grad else { continue };
+            let node = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let Some(node) = node else {
+                return Err(Error::Autograd("this graph was already consumed by an earlier backward".into()));
+            };
+            let Some(g) = grads.remove(&t.id()) else {
+                // Not on a path to the output: nothing flows, but the node is still freed.
+                continue;
+            };
+            let needs: Vec<bool> = node.inputs.iter().map(|i| i.is_some()).collect();
+            let name = node.op.name();
+            let input_grads = node.op.backward(&g, &needs)?;
+            drop(g);
+            if input_grads.len() != node.inputs.len() {
+                return Err(Error::Autograd(format!("{name}: backward returned {} gradients for {} inputs", input_grads.len(), node.inputs.len())));
+            }
+            for (inp, gi) in node.inputs.into_iter().zip(input_grads) {
+                let (Some(inp), Some(gi)) = (inp, gi) else { continue };
+                if gi.shape() != inp.shape() {
+                    return Err(Error::Autograd(format!(
+                        "{name}: gradient of shape {:?} for an input of shape {:?}",
+                        gi.shape(),
+                        inp.shape()
+                    )));
+                }
+                match inp.0.grad {
+                    GradState::Leaf => store.accumulate(inp.id(), gi)?,
+                    GradState::Op(_) => accumulate(&mut grads, inp.id(), gi)?,
+                    GradState::Const => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Op-output tensors reachable from `root`, inputs before the ops that consume them.
+fn topo_order(root: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    let mut order = vec![];
+    let mut seen = HashSet::new();
+    // Iterative post-order DFS: (tensor, children already pushed).
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((t, expanded)) = stack.pop() {
+        if expanded {
+            order.push(Some(t));
+            continue;
+        }
+        if !seen.insert(t.id()) {
+            continue;
+        }
+        let GradState::Op(cell) = &t.0.grad else { continue };
+        let children: Vec<Tensor> = {
+            let node = cell.lock().unwrap_or_else(|e| e.into_inner());
+            match node.as_ref() {
+                Some(n) => n.inputs.iter().flatten().cloned().collect(),
+                None => return Err(Error::Autograd("this graph was already consumed by an earlier backward".into())),
+            }
+        };
+        stack.push((t, true));
+        for c in children {
+            if !seen.contains(&c.id()) {
+                stack.push((c, false));
+            }
+        }
+    }
+    Ok(order)
+}

@@ -1,0 +1,539 @@
+//! The CPU backend: the numerical reference of the project. Plain, readable kernels generic over
+//! f32/f64 (bf16 is widened to f32, computed, and rounded back, which is what the GPU kernels do
+//! with fp32 accumulation), rayon over rows/heads, and the `gemm` crate for every matrix product.
+//! Every reduction runs over fixed-size chunks summed in order, so results do not depend on the
+//! number of threads (bit-reproducible CPU training).
+use half::bf16;
+
+use super::{AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec, UnaryOp};
+use crate::{DType, Device, Error, Result, Shape, WithDType};
+
+mod attention;
+mod elementwise;
+pub mod gemm;
+mod layout;
+mod lora;
+mod loss;
+mod norm;
+
+/// Rows per chunk of a deterministic parallel reduction.
+pub(crate) const RED_CHUNK: usize = 64;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+    U32(Vec<u32>),
+}
+
+/// Element types a `CpuStorage` can be built from and viewed as.
+pub trait CpuElem: WithDType {
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+    fn view(s: &CpuStorage) -> Option<&[Self]>;
+    fn view_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! cpu_elem {
+    ($t:ty, $v:ident) => {
+        impl CpuElem for $t {
+            fn wrap(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$v(v)
+            }
+            fn view(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$v(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn view_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+                match s {
+                    CpuStorage::$v(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+cpu_elem!(f32, F32);
+cpu_elem!(bf16, BF16);
+cpu_elem!(f64, F64);
+cpu_elem!(i64, I64);
+cpu_elem!(u32, U32);
+
+/// The float element types kernels produce: wraps a result, rounding to bf16 when asked.
+pub(crate) trait FloatOut: crate::Float {
+    fn out(v: Vec<Self>, bf: bool) -> CpuStorage;
+}
+impl FloatOut for f32 {
+    fn out(v: Vec<f32>, bf: bool) -> CpuStorage {
+        if bf {
+            CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect())
+        } else {
+            CpuStorage::F32(v)
+        }
+    }
+}
+impl FloatOut for f64 {
+    fn out(v: Vec<f64>, _bf: bool) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+pub(crate) fn widen(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Runs `$body` with every listed storage viewed as `&[F]` for the one float type they share.
+/// bf16 inputs are widened to f32; `$bf` tells the body to round its outputs back with `out`.
+/// Optional inputs are written `?name = expr` and bound as `Option<&[F]>`.
+macro_rules! with_float {
+    ($op:expr, [$($inp:expr => $v:ident),+ $(; $(?$ov:ident = $opt:expr),+)?], $bf:ident, $body:block) => {{
+        let dts = [$($inp.dtype()),+];
+        if let Some(bad) = dts.iter().find(|d| **d != dts[0]) {
+            return Err(Error::DTypeMismatch { op: $op, lhs: dts[0], rhs: *bad });
+        }
+        $($(if let Some(s) = $opt {
+            let s: &CpuStorage = s;
+            if s.dtype() != dts[0] {
+                return Err(Error::DTypeMismatch { op: $op, lhs: dts[0], rhs: s.dtype() });
+            }
+        })+)?
+        match dts[0] {
+            DType::F32 => {
+                #[allow(unused_variables)]
+                let $bf = false;
+                $(let $v: &[f32] = <f32 as CpuElem>::view($inp).expect("dtype checked");)+
+                $($(let $ov: Option<&[f32]> = $opt.map(|s| <f32 as CpuElem>::view(s).expect("dtype checked"));)+)?
+                $body
+            }
+            DType::F64 => {
+                #[allow(unused_variables)]
+                let $bf = false;
+                $(let $v: &[f64] = <f64 as CpuElem>::view($inp).expect("dtype checked");)+
+                $($(let $ov: Option<&[f64]> = $opt.map(|s| <f64 as CpuElem>::view(s).expect("dtype checked"));)+)?
+                $body
+            }
+            DType::BF16 => {
+                #[allow(unused_variables)]
+                let $bf = true;
+                $(let $v = widen(<bf16 as CpuElem>::view($inp).expect("dtype checked")); let $v: &[f32] = &$v;)+
+                $($(let $ov: Option<Vec<f32>> = $opt.map(|s| widen(<bf16 as CpuElem>::view(s).expect("dtype checked")));
+                    let $ov: Option<&[f32]> = $ov.as_deref();)+)?
+                $body
+            }
+            d => Err(Error::UnsupportedDType { op: $op, dtype: d }),
+        }
+    }};
+}
+
+impl CpuStorage {
+    pub fn as_slice<T: CpuElem>(&self) -> Result<&[T]> {
+        T::view(self).ok_or(Error::DTypeMismatch {
+            op: "as_slice",
+            lhs: self.dtype(),
+            rhs: T::DTYPE,
+        })
+    }
+
+    pub fn as_mut_slice<T: CpuElem>(&mut self) -> Result<&mut [T]> {
+        let dt = self.dtype();
+        T::view_mut(self).ok_or(Error::DTypeMismatch {
+            op: "as_mut_slice",
+            lhs: dt,
+            rhs: T::DTYPE,
+        })
+    }
+
+    pub fn zeros(len: usize, dtype: DType) -> CpuStorage {
+        match dtype {
+            DType::F32 => CpuStorage::F32(vec![0.0; len]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; len]),
+            DType::F64 => CpuStorage::F64(vec![0.0; len]),
+            DType::I64 => CpuStorage::I64(vec![0; len]),
+            DType::U32 => CpuStorage::U32(vec![0; len]),
+        }
+    }
+
+    /// Every element as f64 (for tests, printing and ids).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self {
+            CpuStorage::F32(v) => v.iter().map(|x| *x as f64).collect(),
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            CpuStorage::F64(v) => v.clone(),
+            CpuStorage::I64(v) => v.iter().map(|x| *x as f64).collect(),
+            CpuStorage::U32(v) => v.iter().map(|x| *x as f64).collect(),
+        }
+    }
+
+    /// Class or row ids as usize, checked against `bound`.
+    pub(crate) fn ids(&self, op: &'static str, bound: usize) -> Result<Vec<usize>> {
+        let raw: Vec<i64> = match self {
+            CpuStorage::I64(v) => v.clone(),
+            CpuStorage::U32(v) => v.iter().map(|x| *x as i64).collect(),
+            other => return Err(Error::UnsupportedDType { op, dtype: other.dtype() }),
+        };
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                if id < 0 || id as usize >= bound {
+                    Err(Error::Index {
+                        op,
+                        msg: format!("id {id} at position {i} is outside 0..{bound}"),
+                    })
+                } else {
+                    Ok(id as usize)
+                }
+            })
+            .collect()
+    }
+}
+
+fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::shape(op, format!("buffer lengths differ: {a} vs {b}")));
+    }
+    Ok(())
+}
+
+/// The f32/f64 scalar of a one-element float buffer.
+fn scalar(op: &'static str, s: &CpuStorage) -> Result<f64> {
+    if s.len() != 1 {
+        return Err(Error::shape(op, format!("expected one element, got {}", s.len())));
+    }
+    Ok(s.to_f64_vec()[0])
+}
+
+impl BackendStorage for CpuStorage {
+    fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::I64(_) => DType::I64,
+            CpuStorage::U32(_) => DType::U32,
+        }
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            CpuStorage::I64(v) => v.len(),
+            CpuStorage::U32(v) => v.len(),
+        }
+    }
+
+    fn to_cpu(&self) -> Result<CpuStorage> {
+        Ok(self.clone())
+    }
+
+    fn zeros_like(&self, len: usize, dtype: DType) -> Result<Self> {
+        Ok(CpuStorage::zeros(len, dtype))
+    }
+
+    fn try_clone(&self) -> Result<Self> {
+        Ok(self.clone())
+    }
+
+    fn cast(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        Ok(match (self, dtype) {
+            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(v.iter().map(|x| bf16::from_f32(*x)).collect()),
+            (CpuStorage::BF16(v), DType::F32) => CpuStorage::F32(widen(v)),
+            (CpuStorage::F32(v), DType::F64) => CpuStorage::F64(v.iter().map(|x| *x as f64).collect()),
+            (CpuStorage::F64(v), DType::F32) => CpuStorage::F32(v.iter().map(|x| *x as f32).collect()),
+            (CpuStorage::BF16(v), DType::F64) => CpuStorage::F64(v.iter().map(|x| x.to_f64()).collect()),
+            (CpuStorage::F64(v), DType::BF16) => CpuStorage::BF16(v.iter().map(|x| bf16::from_f64(*x)).collect()),
+            (CpuStorage::I64(v), DType::U32) => CpuStorage::U32(v.iter().map(|x| *x as u32).collect()),
+            (CpuStorage::U32(v), DType::I64) => CpuStorage::I64(v.iter().map(|x| *x as i64).collect()),
+            (s, d) => {
+                let f = s.to_f64_vec();
+                match d {
+                    DType::F32 => CpuStorage::F32(f.iter().map(|x| *x as f32).collect()),
+                    DType::F64 => CpuStorage::F64(f),
+                    DType::BF16 => CpuStorage::BF16(f.iter().map(|x| bf16::from_f64(*x)).collect()),
+                    DType::I64 => CpuStorage::I64(f.iter().map(|x| *x as i64).collect()),
+                    DType::U32 => CpuStorage::U32(f.iter().map(|x| *x as u32).collect()),
+                }
+            }
+        })
+    }
+
+    fn unary(&self, op: UnaryOp) -> Result<Self> {
+        with_float!(op.name(), [self => x], bf, { Ok(FloatOut::out(elementwise::unary(x, op), bf)) })
+    }
+
+    fn unary_bwd(&self, y: &Self, dy: &Self, op: UnaryOp) -> Result<Self> {
+        same_len(op.name(), self.len(), dy.len())?;
+        with_float!(op.name(), [self => x, y => y, dy => dy], bf, {
+            Ok(FloatOut::out(elementwise::unary_bwd(x, y, dy, op), bf))
+        })
+    }
+
+    fn affine(&self, mul: f64, add: f64) -> Result<Self> {
+        with_float!("affine", [self => x], bf, { Ok(FloatOut::out(elementwise::affine(x, mul, add), bf)) })
+    }
+
+    fn binary(&self, rhs: &Self, op: BinaryOp, ls: &Shape, rs: &Shape, os: &Shape) -> Result<Self> {
+        with_float!(op.name(), [self => a, rhs => b], bf, {
+            Ok(FloatOut::out(elementwise::binary(a, b, op, ls, rs, os), bf))
+        })
+    }
+
+    fn add_assign(&mut self, rhs: &Self) -> Result<()> {
+        same_len("add_assign", self.len(), rhs.len())?;
+        match (self, rhs) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => elementwise::add_assign(a, b),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => elementwise::add_assign(a, b),
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x = bf16::from_f32(x.to_f32() + y.to_f32()))
+            }
+            (a, b) => {
+                return Err(Error::DTypeMismatch {
+                    op: "add_assign",
+                    lhs: a.dtype(),
+                    rhs: b.dtype(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn sum_to(&self, src: &Shape, dst: &Shape) -> Result<Self> {
+        with_float!("sum_to", [self => x], bf, { Ok(FloatOut::out(elementwise::sum_to(x, src, dst), bf)) })
+    }
+
+    fn broadcast_to(&self, src: &Shape, dst: &Shape) -> Result<Self> {
+        Ok(match self {
+            CpuStorage::F32(v) => CpuStorage::F32(layout::broadcast_to(v, src, dst)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(layout::broadcast_to(v, src, dst)),
+            CpuStorage::F64(v) => CpuStorage::F64(layout::broadcast_to(v, src, dst)),
+            CpuStorage::I64(v) => CpuStorage::I64(layout::broadcast_to(v, src, dst)),
+            CpuStorage::U32(v) => CpuStorage::U32(layout::broadcast_to(v, src, dst)),
+        })
+    }
+
+    fn matmul(&self, rhs: &Self, spec: MatmulSpec) -> Result<Self> {
+        with_float!("matmul", [self => a, rhs => b], bf, { Ok(FloatOut::out(gemm::matmul(a, b, spec), bf)) })
+    }
+
+    fn permute(&self, shape: &Shape, perm: &[usize]) -> Result<Self> {
+        Ok(match self {
+            CpuStorage::F32(v) => CpuStorage::F32(layout::permute(v, shape, perm)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(layout::permute(v, shape, perm)),
+            CpuStorage::F64(v) => CpuStorage::F64(layout::permute(v, shape, perm)),
+            CpuStorage::I64(v) => CpuStorage::I64(layout::permute(v, shape, perm)),
+            CpuStorage::U32(v) => CpuStorage::U32(layout::permute(v, shape, perm)),
+        })
+    }
+
+    fn copy2d(
+        &self,
+        dst: &mut Self,
+        rows: usize,
+        cols: usize,
+        ss: usize,
+        ds: usize,
+        so: usize,
+        dof: usize,
+    ) -> Result<()> {
+        let (sl, dl) = (self.len(), dst.len());
+        let need = |off: usize, stride: usize| if rows == 0 || cols == 0 { 0 } else { off + (rows - 1) * stride + cols };
+        if need(so, ss) > sl || need(dof, ds) > dl {
+            return Err(Error::shape("copy2d", format!("{rows}x{cols} block out of bounds (src {sl}, dst {dl})")));
+        }
+        match (self, dst) {
+            (CpuStorage::F32(s), CpuStorage::F32(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
+            (CpuStorage::BF16(s), CpuStorage::BF16(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
+            (CpuStorage::F64(s), CpuStorage::F64(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
+            (CpuStorage::I64(s), CpuStorage::I64(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
+            (CpuStorage::U32(s), CpuStorage::U32(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
+            (s, d) => {
+                return Err(Error::DTypeMismatch {
+                    op: "copy2d",
+                    lhs: s.dtype(),
+                    rhs: d.dtype(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn index_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
+        let ids = ids.ids("index_rows", rows)?;
+        Ok(match self {
+            CpuStorage::F32(v) => CpuStorage::F32(layout::index_rows(v, &ids, cols)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(layout::index_rows(v, &ids, cols)),
+            CpuStorage::F64(v) => CpuStorage::F64(layout::index_rows(v, &ids, cols)),
+            CpuStorage::I64(v) => CpuStorage::I64(layout::index_rows(v, &ids, cols)),
+            CpuStorage::U32(v) => CpuStorage::U32(layout::index_rows(v, &ids, cols)),
+        })
+    }
+
+    fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
+        let ids = ids.ids("index_add_rows", rows)?;
+        same_len("index_add_rows", self.len(), ids.len() * cols)?;
+        with_float!("index_add_rows", [self => g], bf, {
+            Ok(FloatOut::out(layout::index_add_rows(g, &ids, rows, cols), bf))
+        })
+    }
+
+    fn layer_norm(&self, gamma: &Self, beta: &Self, cols: usize, eps: f64) -> Result<(Self, Self, Self)> {
+        same_len("layer_norm", gamma.len(), cols)?;
+        same_len("layer_norm", beta.len(), cols)?;
+        with_float!("layer_norm", [self => x, gamma => g, beta => b], bf, {
+            let (y, mean, rstd) = norm::layer_norm(x, g, b, cols, eps);
+            Ok((FloatOut::out(y, bf), FloatOut::out(mean, false), FloatOut::out(rstd, false)))
+        })
+    }
+
+    fn layer_norm_bwd(
+        &self,
+        gamma: &Self,
+        mean: &Self,
+        rstd: &Self,
+        dy: &Self,
+        cols: usize,
+        need_x: bool,
+        need_params: bool,
+    ) -> Result<(Option<Self>, Option<Self>, Option<Self>)> {
+        if self.dtype() == DType::BF16 {
+            // Statistics are f32 for bf16 tensors: run the f32 kernel and round the results.
+            let (dx, dg, db) = self.cast(DType::F32)?.layer_norm_bwd(
+                &gamma.cast(DType::F32)?, mean, rstd, &dy.cast(DType::F32)?, cols, need_x, need_params)?;
+            let r = |v: Option<Self>| v.map(|v| v.cast(DType::BF16)).transpose();
+            return Ok((r(dx)?, r(dg)?, r(db)?));
+        }
+        with_float!("layer_norm_bwd", [self => x, gamma => g, dy => dy, mean => m, rstd => r], bf, {
+            let (dx, dg, db) = norm::layer_norm_bwd(x, g, m, r, dy, cols, need_x, need_params);
+            Ok((dx.map(|v| FloatOut::out(v, bf)), dg.map(|v| FloatOut::out(v, bf)), db.map(|v| FloatOut::out(v, bf))))
+        })
+    }
+
+    fn softmax_last(&self, cols: usize) -> Result<Self> {
+        with_float!("softmax", [self => x], bf, { Ok(FloatOut::out(norm::softmax(x, cols), bf)) })
+    }
+
+    fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self> {
+        with_float!("softmax_bwd", [self => y, dy => dy], bf, { Ok(FloatOut::out(norm::softmax_bwd(y, dy, cols), bf)) })
+    }
+
+    fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Self, Self)> {
+        with_float!("l2_normalize", [self => x], bf, {
+            let (y, n) = norm::l2_normalize(x, cols, eps);
+            Ok((FloatOut::out(y, bf), FloatOut::out(n, false)))
+        })
+    }
+
+    fn l2_normalize_bwd(&self, nrm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self> {
+        if self.dtype() == DType::BF16 {
+            return self.cast(DType::F32)?.l2_normalize_bwd(nrm, &dy.cast(DType::F32)?, cols, eps)?.cast(DType::BF16);
+        }
+        with_float!("l2_normalize_bwd", [self => y, nrm => n, dy => dy], bf, {
+            Ok(FloatOut::out(norm::l2_normalize_bwd(y, n, dy, cols, eps), bf))
+        })
+    }
+
+    fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
+        with_float!("attention", [self => q, k => k, v => v], bf, {
+            let (o, lse) = attention::forward(q, k, v, spec);
+            Ok((FloatOut::out(o, bf), FloatOut::out(lse, false)))
+        })
+    }
+
+    fn attention_bwd(&self, k: &Self, v: &Self, o: &Self, lse: &Self, d_o: &Self, spec: AttnSpec) -> Result<(Self, Self, Self)> {
+        if self.dtype() == DType::BF16 {
+            let f = |s: &Self| s.cast(DType::F32);
+            let (dq, dk, dv) = f(self)?.attention_bwd(&f(k)?, &f(v)?, &f(o)?, lse, &f(d_o)?, spec)?;
+            return Ok((dq.cast(DType::BF16)?, dk.cast(DType::BF16)?, dv.cast(DType::BF16)?));
+        }
+        with_float!("attention_bwd", [self => q, k => k, v => v, o => o, lse => lse, d_o => d_o], bf, {
+            let (dq, dk, dv) = attention::backward(q, k, v, o, lse, d_o, spec);
+            Ok((FloatOut::out(dq, bf), FloatOut::out(dk, bf), FloatOut::out(dv, bf)))
+        })
+    }
+
+    fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)> {
+        let labels = labels.ids("cross_entropy", cols)?;
+        same_len("cross_entropy", labels.len(), rows)?;
+        with_float!("cross_entropy", [self => z], bf, {
+            let (loss, lse) = loss::cross_entropy(z, &labels, cols);
+            Ok((FloatOut::out(vec![loss], false), FloatOut::out(lse, false)))
+        })
+    }
+
+    fn cross_entropy_bwd(&self, labels_s: &Self, lse: &Self, dloss: &Self, rows: usize, cols: usize) -> Result<Self> {
+        let labels = labels_s.ids("cross_entropy_bwd", cols)?;
+        same_len("cross_entropy_bwd", labels.len(), rows)?;
+        let g = scalar("cross_entropy_bwd", dloss)?;
+        if self.dtype() == DType::BF16 {
+            return self.cast(DType::F32)?.cross_entropy_bwd(labels_s, lse, dloss, rows, cols)?.cast(DType::BF16);
+        }
+        with_float!("cross_entropy_bwd", [self => z, lse => lse], bf, {
+            Ok(FloatOut::out(loss::cross_entropy_bwd(z, &labels, lse, g, cols), bf))
+        })
+    }
+
+    fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self> {
+        let (t, b) = (scalar("sigmoid_loss", t)?, scalar("sigmoid_loss", b)?);
+        with_float!("sigmoid_loss", [self => f, d => d], bf, {
+            Ok(FloatOut::out(vec![loss::sigmoid_loss(f, d, t, b, n, dim)], false))
+        })
+    }
+
+    fn sigmoid_loss_bwd(&self, d: &Self, t: &Self, b: &Self, dloss: &Self, n: usize, dim: usize) -> Result<(Self, Self, Self, Self)> {
+        let (tv, bv, g) = (scalar("sigmoid_loss_bwd", t)?, scalar("sigmoid_loss_bwd", b)?, scalar("sigmoid_loss_bwd", dloss)?);
+        let (tdt, bdt) = (t.dtype(), b.dtype());
+        with_float!("sigmoid_loss_bwd", [self => f, d => d], bf, {
+            let (df, dd, dt, db) = loss::sigmoid_loss_bwd(f, d, tv, bv, g, n, dim);
+            Ok((
+                FloatOut::out(df, bf),
+                FloatOut::out(dd, bf),
+                FloatOut::out(vec![dt], false).cast(tdt)?,
+                FloatOut::out(vec![db], false).cast(bdt)?,
+            ))
+        })
+    }
+
+    fn lora_linear(&self, w: &Self, b: Option<&Self>, lora: Option<(&Self, &Self, LoraSpec)>, spec: LinearSpec) -> Result<(Self, Option<Self>)> {
+        lora::check(self, w, b, lora.map(|(a, bm, s)| (a, bm, s.rank)), spec)?;
+        let la = lora.map(|l| l.0);
+        let lb = lora.map(|l| l.1);
+        let ls = lora.map(|l| l.2);
+        with_float!("lora_linear", [self => x, w => w; ?b = b, ?la = la, ?lb = lb], bf, {
+            let low = match (la, lb, ls) {
+                (Some(a), Some(bm), Some(s)) => Some((a, bm, s)),
+                _ => None,
+            };
+            let (y, s) = lora::forward(x, w, b, low, spec);
+            Ok((FloatOut::out(y, bf), s.map(|s| FloatOut::out(s, bf))))
+        })
+    }
+
+    fn lora_linear_bwd(&self, w: &Self, lora: Option<(&Self, &Self, &Self, LoraSpec)>, dy: &Self, spec: LinearSpec, needs: LinearNeeds) -> Result<LinearGrads<Self>> {
+        same_len("lora_linear_bwd", dy.len(), spec.m * spec.n)?;
+        let la = lora.map(|l| l.0);
+        let lb = lora.map(|l| l.1);
+        let ls = lora.map(|l| l.2);
+        let sp = lora.map(|l| l.3);
+        with_float!("lora_linear_bwd", [self => x, w => w, dy => dy; ?la = la, ?lb = lb, ?ls = ls], bf, {
+            let low = match (la, lb, ls, sp) {
+                (Some(a), Some(bm), Some(s), Some(sp)) => Some((a, bm, s, sp)),
+                _ => None,
+            };
+            let g = lora::backward(x, w, low, dy, spec, needs);
+            let o = |v: Option<Vec<_>>| v.map(|v| FloatOut::out(v, bf));
+            Ok(LinearGrads { x: o(g.x), w: o(g.w), b: o(g.b), lora_a: o(g.lora_a), lora_b: o(g.lora_b) })
+        })
+    }
+}
+

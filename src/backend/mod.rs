@@ -1,0 +1,222 @@
+//! The backend interface. Every op of the engine is one method here, with the tensor-level shape
+//! logic already done by the caller (`crate::ops`), so a backend only sees contiguous buffers and
+//! plain sizes. The CPU backend (`cpu`) is the numerical reference; the CUDA backend implements
+//! the same trait with kernels from `kernels/*.cu` and is tested against it.
+use crate::{DType, Device, Result, Shape};
+
+pub mod cpu;
+pub mod cuda;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqr,
+    Sqrt,
+    /// `x·σ(1.702x)`, CLIP's activation.
+    QuickGelu,
+    Sigmoid,
+}
+
+impl UnaryOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqr => "sqr",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::QuickGelu => "quick_gelu",
+            UnaryOp::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+/// `C[b] = op(A[b]) · op(B[b])`, C is [batch, m, n] row-major.
+/// A is [batch, m, k] (or [batch, k, m] when `trans_a`); B is [batch, k, n] (or [batch, n, k]
+/// when `trans_b`); when `rhs_batched` is false B is one matrix shared by every batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulSpec {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub rhs_batched: bool,
+}
+
+/// Multi-head attention on the layout linear layers produce: q is [batch, q_len, heads·head_dim],
+/// k and v are [batch, kv_len, heads·head_dim]. The log-sum-exp saved per row is [batch, heads, q_len].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnSpec {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    /// Query i sees keys j ≤ i (+ kv_len − q_len, so a longer key set is aligned at the end).
+    pub causal: bool,
+    pub scale: f64,
+}
+
+/// Sizes of a (LoRA-)linear layer: x is [m, k], W is [n, k], y is [m, n].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearSpec {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// The low-rank branch of a LoRA-linear: `s·(drop(x)·Aᵀ)·Bᵀ`, A is [rank, k], B is [n, rank].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub scale: f64,
+    /// Dropout probability on the LoRA input (0 at inference).
+    pub dropout: f32,
+    /// Seed of the counter-based dropout mask (see `crate::rng::dropout_keep`).
+    pub seed: u64,
+}
+
+/// Which gradients a backward pass must produce.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearNeeds {
+    pub x: bool,
+    pub w: bool,
+    pub b: bool,
+    pub lora_a: bool,
+    pub lora_b: bool,
+}
+
+/// Gradients of a LoRA-linear (those not asked for are `None`).
+pub struct LinearGrads<S> {
+    pub x: Option<S>,
+    pub w: Option<S>,
+    pub b: Option<S>,
+    pub lora_a: Option<S>,
+    pub lora_b: Option<S>,
+}
+
+/// A buffer on one device with one dtype, and every op the engine runs on it.
+pub trait BackendStorage: Sized + Send + Sync {
+    fn dtype(&self) -> DType;
+    fn device(&self) -> Device;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn to_cpu(&self) -> Result<cpu::CpuStorage>;
+    /// A zero-filled buffer on the same device.
+    fn zeros_like(&self, len: usize, dtype: DType) -> Result<Self>;
+    fn try_clone(&self) -> Result<Self>;
+    fn cast(&self, dtype: DType) -> Result<Self>;
+
+    // Elementwise.
+    fn unary(&self, op: UnaryOp) -> Result<Self>;
+    /// dx from x, y = op(x) and dy.
+    fn unary_bwd(&self, y: &Self, dy: &Self, op: UnaryOp) -> Result<Self>;
+    fn affine(&self, mul: f64, add: f64) -> Result<Self>;
+    fn binary(&self, rhs: &Self, op: BinaryOp, lhs: &Shape, rhs_shape: &Shape, out: &Shape) -> Result<Self>;
+    fn add_assign(&mut self, rhs: &Self) -> Result<()>;
+    /// Sums `src` (of shape `src`) down to the broadcast-compatible shape `dst`.
+    fn sum_to(&self, src: &Shape, dst: &Shape) -> Result<Self>;
+    fn broadcast_to(&self, src: &Shape, dst: &Shape) -> Result<Self>;
+
+    // Layout.
+    fn matmul(&self, rhs: &Self, spec: MatmulSpec) -> Result<Self>;
+    fn permute(&self, shape: &Shape, perm: &[usize]) -> Result<Self>;
+    /// Copies `rows × cols` elements: dst[dst_off + r·dst_stride + c] = src[src_off + r·src_stride + c].
+    #[allow(clippy::too_many_arguments)]
+    fn copy2d(
+        &self,
+        dst: &mut Self,
+        rows: usize,
+        cols: usize,
+        src_stride: usize,
+        dst_stride: usize,
+        src_off: usize,
+        dst_off: usize,
+    ) -> Result<()>;
+    /// out[i, :] = self[ids[i], :] for self viewed as [rows, cols].
+    fn index_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
+    /// out = zeros([rows, cols]); out[ids[i], :] += self[i, :].
+    fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
+
+    // Normalisation.
+    /// Returns (y, mean, rstd); statistics are f32 (f64 for f64 input).
+    fn layer_norm(&self, gamma: &Self, beta: &Self, cols: usize, eps: f64) -> Result<(Self, Self, Self)>;
+    /// Returns (dx, dgamma, dbeta) for self = x.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_bwd(
+        &self,
+        gamma: &Self,
+        mean: &Self,
+        rstd: &Self,
+        dy: &Self,
+        cols: usize,
+        need_x: bool,
+        need_params: bool,
+    ) -> Result<(Option<Self>, Option<Self>, Option<Self>)>;
+    fn softmax_last(&self, cols: usize) -> Result<Self>;
+    /// dx from y = softmax(x) (self) and dy.
+    fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self>;
+    /// Returns (y, norm) with y = x / max(‖x‖, eps) per row.
+    fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Self, Self)>;
+    /// dx from y (self), the saved norms and dy.
+    fn l2_normalize_bwd(&self, norm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self>;
+
+    // Fused ops.
+    /// Returns (out, lse).
+    fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)>;
+    /// Returns (dq, dk, dv), recomputing the probabilities from the saved lse.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, k: &Self, v: &Self, o: &Self, lse: &Self, d_o: &Self, spec: AttnSpec)
+        -> Result<(Self, Self, Self)>;
+    /// Mean cross-entropy of [rows, cols] logits against class ids. Returns (loss [1], lse [rows]).
+    fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)>;
+    fn cross_entropy_bwd(&self, labels: &Self, lse: &Self, dloss: &Self, rows: usize, cols: usize) -> Result<Self>;
+    /// SigLIP loss (SD2-SPEC §4) of f [n, dim] against d [n, dim] with scalars t, b. Returns [1].
+    fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self>;
+    /// Returns (df, dd, dt, db).
+    #[allow(clippy::too_many_arguments)]
+    fn sigmoid_loss_bwd(&self, d: &Self, t: &Self, b: &Self, dloss: &Self, n: usize, dim: usize)
+        -> Result<(Self, Self, Self, Self)>;
+    /// y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ for self = x. Returns (y, S = drop(x)·Aᵀ when lora).
+    fn lora_linear(
+        &self,
+        w: &Self,
+        b: Option<&Self>,
+        lora: Option<(&Self, &Self, LoraSpec)>,
+        spec: LinearSpec,
+    ) -> Result<(Self, Option<Self>)>;
+    #[allow(clippy::too_many_arguments)]
+    fn lora_linear_bwd(
+        &self,
+        w: &Self,
+        lora: Option<(&Self, &Self, &Self, LoraSpec)>,
+        dy: &Self,
+        spec: LinearSpec,
+        needs: LinearNeeds,
+    ) -> Result<LinearGrads<Self>>;
+}

@@ -1,0 +1,63 @@
+//! One error type for the whole crate. Messages name the op and the shapes involved.
+use crate::{DType, Device};
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    #[error("{op}: dtype mismatch: {lhs:?} vs {rhs:?}")]
+    DTypeMismatch {
+        op: &'static str,
+        lhs: DType,
+        rhs: DType,
+    },
+
+    #[error("{op}: unsupported dtype {dtype:?}")]
+    UnsupportedDType { op: &'static str, dtype: DType },
+
+    #[error("{op}: device mismatch: {lhs:?} vs {rhs:?}")]
+    DeviceMismatch {
+        op: &'static str,
+        lhs: Device,
+        rhs: Device,
+    },
+
+    #[error("cuda:{0}: sd2 was built without CUDA support (rebuild with `--features cuda`)")]
+    CudaNotCompiled(usize),
+
+    #[error("cuda: {0}")]
+    Cuda(String),
+
+    #[error("{op}: index out of range: {msg}")]
+    Index { op: &'static str, msg: String },
+
+    #[error("autograd: {0}")]
+    Autograd(String),
+
+    #[error("{0}")]
+    Msg(String),
+
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Shape {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// `bail!(Shape: "op", "fmt", args)` style helper for the common shape error.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! shape_err {
+    ($op:expr, $($arg:tt)*) => {
+        $crate::Error::shape($op, format!($($arg)*))
+    };
+}

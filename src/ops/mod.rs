@@ -1,0 +1,61 @@
+//! Differentiable ops on `Tensor`: shape checks, the backend call, and the backward rule.
+//! One file per family; the fused SD2 ops (`lora`, `attention`, `loss`) have their own files.
+pub mod attention;
+pub mod elementwise;
+pub mod linear;
+pub mod loss;
+pub mod norm;
+pub mod shape_ops;
+
+pub use attention::attention;
+pub use linear::{lora_linear, Lora};
+pub use loss::{cross_entropy, sigmoid_loss};
+
+use crate::{DType, Error, Result, Tensor};
+
+pub(crate) fn check_same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_float(op: &'static str, t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(Error::UnsupportedDType { op, dtype: t.dtype() });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_ids(op: &'static str, t: &Tensor) -> Result<()> {
+    if !matches!(t.dtype(), DType::I64 | DType::U32) {
+        return Err(Error::shape(op, format!("ids must be i64 or u32, got {}", t.dtype())));
+    }
+    Ok(())
+}
+
+/// A backward defined by a closure (for ops whose rule is a few tensor ops).
+pub(crate) struct FnBackward<F> {
+    pub name: &'static str,
+    pub f: F,
+}
+
+impl<F> crate::autograd::BackwardOp for FnBackward<F>
+where
+    F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        (self.f)(grad, needs)
+    }
+}
+
+/// Records `out` with a closure backward.
+pub(crate) fn record_fn<F>(name: &'static str, out: crate::storage::Storage, shape: crate::Shape, inputs: &[&Tensor], f: impl FnOnce() -> F) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+{
+    crate::autograd::record(out, shape, inputs, || FnBackward { name, f: f() })
+}

@@ -1,0 +1,60 @@
+//! LayerNorm, softmax and L2 normalisation over the last dim.
+use super::{check_float, check_same_dtype, record_fn};
+use crate::{Result, Tensor};
+
+/// The clamp of `l2_normalize`, as torch's `F.normalize`.
+pub const L2_EPS: f64 = 1e-12;
+
+impl Tensor {
+    /// LayerNorm over the last dim with affine `gamma`, `beta` ([dim]).
+    pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        let op = "layer_norm";
+        check_float(op, self)?;
+        check_same_dtype(op, self, gamma)?;
+        check_same_dtype(op, self, beta)?;
+        let cols = self.shape().last();
+        if gamma.dims() != [cols] || beta.dims() != [cols] {
+            return Err(crate::shape_err!(op, "x {:?} with gamma {:?} and beta {:?}", self.dims(), gamma.dims(), beta.dims()));
+        }
+        let (y, mean, rstd) = self.storage().layer_norm(&gamma.storage(), &beta.storage(), cols, eps)?;
+        let (x, g) = (self.clone(), gamma.clone());
+        let beta_shape = beta.shape().clone();
+        record_fn(op, y, self.shape().clone(), &[self, gamma, beta], move || {
+            move |dy: &Tensor, needs: &[bool]| {
+                let (dx, dg, db) = x.storage().layer_norm_bwd(&g.storage(), &mean, &rstd, &dy.storage(), cols, needs[0], needs[1] || needs[2])?;
+                let dx = dx.map(|s| Tensor::from_storage(s, x.shape().clone())).transpose()?;
+                let dg = if needs[1] { dg.map(|s| Tensor::from_storage(s, g.shape().clone())).transpose()? } else { None };
+                let db = if needs[2] { db.map(|s| Tensor::from_storage(s, beta_shape)).transpose()? } else { None };
+                Ok(vec![dx, dg, db])
+            }
+        })
+    }
+
+    /// Softmax over the last dim.
+    pub fn softmax_last(&self) -> Result<Tensor> {
+        check_float("softmax", self)?;
+        let cols = self.shape().last();
+        let out = self.storage().softmax_last(cols)?;
+        let y = Tensor::from_storage(out.try_clone()?, self.shape().clone())?;
+        record_fn("softmax", out, self.shape().clone(), &[self], move || {
+            move |dy: &Tensor, _: &[bool]| {
+                let dx = y.storage().softmax_last_bwd(&dy.storage(), cols)?;
+                Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
+            }
+        })
+    }
+
+    /// `x / max(‖x‖₂, 1e-12)` over the last dim.
+    pub fn l2_normalize(&self) -> Result<Tensor> {
+        check_float("l2_normalize", self)?;
+        let cols = self.shape().last();
+        let (out, norms) = self.storage().l2_normalize(cols, L2_EPS)?;
+        let y = Tensor::from_storage(out.try_clone()?, self.shape().clone())?;
+        record_fn("l2_normalize", out, self.shape().clone(), &[self], move || {
+            move |dy: &Tensor, _: &[bool]| {
+                let dx = y.storage().l2_normalize_bwd(&norms, &dy.storage(), cols, L2_EPS)?;
+                Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
+            }
+        })
+    }
+}
