@@ -6,7 +6,6 @@
 //! leaves accumulate in place in a `GradStore`, which an optimizer reads and clears.
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::tensor::{GradState, TensorId};
 use crate::{Error, Result, Tensor};
@@ -29,11 +28,17 @@ thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
 }
 
-static NODES_RECORDED: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static NODES_RECORDED: Cell<usize> = const { Cell::new(0) };
+}
 
-/// How many nodes have been recorded in this process (tests use it to prove `no_grad` is free).
+/// How many graph nodes this thread has recorded (tests use it to prove `no_grad` is free).
 pub fn nodes_recorded() -> usize {
-    NODES_RECORDED.load(Ordering::Relaxed)
+    NODES_RECORDED.with(|n| n.get())
+}
+
+pub(crate) fn note_recorded() {
+    NODES_RECORDED.with(|n| n.set(n.get() + 1));
 }
 
 pub fn is_grad_enabled() -> bool {
@@ -66,16 +71,26 @@ pub(crate) fn record<B: BackwardOp + 'static>(
 ) -> Result<Tensor> {
     let shape_ok = out.len() == shape.elem_count();
     if !shape_ok {
-        return Err(Error::shape("record", format!("{} elements for shape {shape:?}", out.len())));
+        return Err(Error::shape(
+            "record",
+            format!("{} elements for shape {shape:?}", out.len()),
+        ));
     }
     let storage = std::sync::Arc::new(std::sync::RwLock::new(out));
     if is_grad_enabled() && inputs.iter().any(|t| t.is_tracked()) {
-        NODES_RECORDED.fetch_add(1, Ordering::Relaxed);
+        note_recorded();
         let node = Node {
-            inputs: inputs.iter().map(|t| t.is_tracked().then(|| (*t).clone())).collect(),
+            inputs: inputs
+                .iter()
+                .map(|t| t.is_tracked().then(|| (*t).clone()))
+                .collect(),
             op: Box::new(make_backward()),
         };
-        Ok(Tensor::build(storage, shape, GradState::Op(std::sync::Mutex::new(Some(node)))))
+        Ok(Tensor::build(
+            storage,
+            shape,
+            GradState::Op(std::sync::Mutex::new(Some(node))),
+        ))
     } else {
         Ok(Tensor::build(storage, shape, GradState::Const))
     }
@@ -178,10 +193,14 @@ impl Tensor {
         grads.insert(self.id(), seed);
         for slot in order.iter_mut().rev() {
             let Some(t) = slot.take() else { continue };
-            let GradState::Op(cell) = &t.0.grad else { continue };
+            let GradState::Op(cell) = &t.0.grad else {
+                continue;
+            };
             let node = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
             let Some(node) = node else {
-                return Err(Error::Autograd("this graph was already consumed by an earlier backward".into()));
+                return Err(Error::Autograd(
+                    "this graph was already consumed by an earlier backward".into(),
+                ));
             };
             let Some(g) = grads.remove(&t.id()) else {
                 // Not on a path to the output: nothing flows, but the node is still freed.
@@ -192,10 +211,16 @@ impl Tensor {
             let input_grads = node.op.backward(&g, &needs)?;
             drop(g);
             if input_grads.len() != node.inputs.len() {
-                return Err(Error::Autograd(format!("{name}: backward returned {} gradients for {} inputs", input_grads.len(), node.inputs.len())));
+                return Err(Error::Autograd(format!(
+                    "{name}: backward returned {} gradients for {} inputs",
+                    input_grads.len(),
+                    node.inputs.len()
+                )));
             }
             for (inp, gi) in node.inputs.into_iter().zip(input_grads) {
-                let (Some(inp), Some(gi)) = (inp, gi) else { continue };
+                let (Some(inp), Some(gi)) = (inp, gi) else {
+                    continue;
+                };
                 if gi.shape() != inp.shape() {
                     return Err(Error::Autograd(format!(
                         "{name}: gradient of shape {:?} for an input of shape {:?}",
@@ -228,12 +253,18 @@ fn topo_order(root: &Tensor) -> Result<Vec<Option<Tensor>>> {
         if !seen.insert(t.id()) {
             continue;
         }
-        let GradState::Op(cell) = &t.0.grad else { continue };
+        let GradState::Op(cell) = &t.0.grad else {
+            continue;
+        };
         let children: Vec<Tensor> = {
             let node = cell.lock().unwrap_or_else(|e| e.into_inner());
             match node.as_ref() {
                 Some(n) => n.inputs.iter().flatten().cloned().collect(),
-                None => return Err(Error::Autograd("this graph was already consumed by an earlier backward".into())),
+                None => {
+                    return Err(Error::Autograd(
+                        "this graph was already consumed by an earlier backward".into(),
+                    ))
+                }
             }
         };
         stack.push((t, true));

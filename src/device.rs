@@ -31,11 +31,12 @@ impl Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
             other => match other.strip_prefix("cuda:") {
-                Some(n) => n
-                    .parse()
-                    .map(Device::Cuda)
-                    .map_err(|_| Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))),
-                None => Err(Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))),
+                Some(n) => n.parse().map(Device::Cuda).map_err(|_| {
+                    Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
+                }),
+                None => Err(Error::Msg(format!(
+                    "bad device `{s}`: expected cpu, cuda or cuda:N"
+                ))),
             },
         }
     }

@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sd2", version, about = "SD2 deepfake detector: CLIP ViT-L/14 + LoRA + CLAM, in Rust")]
+#[command(
+    name = "sd2",
+    version,
+    about = "SD2 deepfake detector: CLIP ViT-L/14 + LoRA + CLAM, in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -30,7 +34,12 @@ fn info() {
         Ok(gpus) => {
             println!("  cuda  compiled in; tensor storage not implemented yet (CUDA backend I)");
             for g in gpus {
-                println!("        cuda:{}  {}  {:.1} GiB", g.ordinal, g.name, g.total_mem as f64 / (1u64 << 30) as f64);
+                println!(
+                    "        cuda:{}  {}  {:.1} GiB",
+                    g.ordinal,
+                    g.name,
+                    g.total_mem as f64 / (1u64 << 30) as f64
+                );
             }
         }
         Err(e) => println!("  cuda  compiled in; no usable GPU: {e}"),

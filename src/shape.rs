@@ -48,12 +48,7 @@ impl Shape {
 
     /// Number of rows when viewed as [elem_count / last, last].
     pub fn rows(&self) -> usize {
-        let l = self.last();
-        if l == 0 {
-            0
-        } else {
-            self.elem_count() / l
-        }
+        self.elem_count().checked_div(self.last()).unwrap_or(0)
     }
 
     /// Resolves a possibly negative dim index.
@@ -61,7 +56,10 @@ impl Shape {
         let r = self.rank() as isize;
         let d = if dim < 0 { dim + r } else { dim };
         if d < 0 || d >= r {
-            return Err(Error::shape(op, format!("dim {dim} out of range for shape {self:?}")));
+            return Err(Error::shape(
+                op,
+                format!("dim {dim} out of range for shape {self:?}"),
+            ));
         }
         Ok(d as usize)
     }
@@ -70,15 +68,26 @@ impl Shape {
     pub fn broadcast(op: &'static str, a: &Shape, b: &Shape) -> Result<Shape> {
         let r = a.rank().max(b.rank());
         let mut out = vec![0; r];
-        for i in 0..r {
-            let da = if i + a.rank() >= r { a.0[i + a.rank() - r] } else { 1 };
-            let db = if i + b.rank() >= r { b.0[i + b.rank() - r] } else { 1 };
-            out[i] = if da == db || db == 1 {
+        for (i, o) in out.iter_mut().enumerate() {
+            let da = if i + a.rank() >= r {
+                a.0[i + a.rank() - r]
+            } else {
+                1
+            };
+            let db = if i + b.rank() >= r {
+                b.0[i + b.rank() - r]
+            } else {
+                1
+            };
+            *o = if da == db || db == 1 {
                 da
             } else if da == 1 {
                 db
             } else {
-                return Err(Error::shape(op, format!("cannot broadcast {a:?} with {b:?}")));
+                return Err(Error::shape(
+                    op,
+                    format!("cannot broadcast {a:?} with {b:?}"),
+                ));
             };
         }
         Ok(Shape(out))

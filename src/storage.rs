@@ -2,7 +2,10 @@
 //! operands; operands on different devices are an error naming the op. The CUDA backend adds
 //! its variant here and one arm per method.
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec, UnaryOp};
+use crate::backend::{
+    AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
+    UnaryOp,
+};
 use crate::{DType, Device, Error, Result, Shape};
 
 #[derive(Debug)]
@@ -21,7 +24,11 @@ fn check_same(op: &'static str, xs: &[&Storage]) -> Result<()> {
     let d0 = xs[0].device();
     for x in &xs[1..] {
         if x.device() != d0 {
-            return Err(Error::DeviceMismatch { op, lhs: d0, rhs: x.device() });
+            return Err(Error::DeviceMismatch {
+                op,
+                lhs: d0,
+                rhs: x.device(),
+            });
         }
     }
     Ok(())
@@ -103,7 +110,14 @@ impl Storage {
         }
     }
 
-    pub fn binary(&self, rhs: &Storage, op: BinaryOp, ls: &Shape, rs: &Shape, os: &Shape) -> Result<Storage> {
+    pub fn binary(
+        &self,
+        rhs: &Storage,
+        op: BinaryOp,
+        ls: &Shape,
+        rs: &Shape,
+        os: &Shape,
+    ) -> Result<Storage> {
         check_same(op.name(), &[self, rhs])?;
         let a = self;
         cpu_all!(op.name(), a, rhs);
@@ -143,7 +157,16 @@ impl Storage {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn copy2d(&self, dst: &mut Storage, rows: usize, cols: usize, ss: usize, ds: usize, so: usize, dof: usize) -> Result<()> {
+    pub fn copy2d(
+        &self,
+        dst: &mut Storage,
+        rows: usize,
+        cols: usize,
+        ss: usize,
+        ds: usize,
+        so: usize,
+        dof: usize,
+    ) -> Result<()> {
         check_same("copy2d", &[self, dst])?;
         let src = self;
         cpu_all!("copy2d", src, dst);
@@ -164,7 +187,13 @@ impl Storage {
         Ok(Storage::Cpu(g.index_add_rows(ids, rows, cols)?))
     }
 
-    pub fn layer_norm(&self, gamma: &Storage, beta: &Storage, cols: usize, eps: f64) -> Result<(Storage, Storage, Storage)> {
+    pub fn layer_norm(
+        &self,
+        gamma: &Storage,
+        beta: &Storage,
+        cols: usize,
+        eps: f64,
+    ) -> Result<(Storage, Storage, Storage)> {
         check_same("layer_norm", &[self, gamma, beta])?;
         let x = self;
         cpu_all!("layer_norm", x, gamma, beta);
@@ -187,7 +216,11 @@ impl Storage {
         let x = self;
         cpu_all!("layer_norm_bwd", x, gamma, mean, rstd, dy);
         let (a, b, c) = x.layer_norm_bwd(gamma, mean, rstd, dy, cols, need_x, need_params)?;
-        Ok((a.map(Storage::Cpu), b.map(Storage::Cpu), c.map(Storage::Cpu)))
+        Ok((
+            a.map(Storage::Cpu),
+            b.map(Storage::Cpu),
+            c.map(Storage::Cpu),
+        ))
     }
 
     pub fn softmax_last(&self, cols: usize) -> Result<Storage> {
@@ -212,14 +245,25 @@ impl Storage {
         }
     }
 
-    pub fn l2_normalize_bwd(&self, norm: &Storage, dy: &Storage, cols: usize, eps: f64) -> Result<Storage> {
+    pub fn l2_normalize_bwd(
+        &self,
+        norm: &Storage,
+        dy: &Storage,
+        cols: usize,
+        eps: f64,
+    ) -> Result<Storage> {
         check_same("l2_normalize_bwd", &[self, norm, dy])?;
         let y = self;
         cpu_all!("l2_normalize_bwd", y, norm, dy);
         Ok(Storage::Cpu(y.l2_normalize_bwd(norm, dy, cols, eps)?))
     }
 
-    pub fn attention(&self, k: &Storage, v: &Storage, spec: AttnSpec) -> Result<(Storage, Storage)> {
+    pub fn attention(
+        &self,
+        k: &Storage,
+        v: &Storage,
+        spec: AttnSpec,
+    ) -> Result<(Storage, Storage)> {
         check_same("attention", &[self, k, v])?;
         let q = self;
         cpu_all!("attention", q, k, v);
@@ -228,7 +272,15 @@ impl Storage {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd(&self, k: &Storage, v: &Storage, o: &Storage, lse: &Storage, d_o: &Storage, spec: AttnSpec) -> Result<(Storage, Storage, Storage)> {
+    pub fn attention_bwd(
+        &self,
+        k: &Storage,
+        v: &Storage,
+        o: &Storage,
+        lse: &Storage,
+        d_o: &Storage,
+        spec: AttnSpec,
+    ) -> Result<(Storage, Storage, Storage)> {
         check_same("attention_bwd", &[self, k, v, o, lse, d_o])?;
         let q = self;
         cpu_all!("attention_bwd", q, k, v, o, lse, d_o);
@@ -236,7 +288,12 @@ impl Storage {
         Ok((Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)))
     }
 
-    pub fn cross_entropy(&self, labels: &Storage, rows: usize, cols: usize) -> Result<(Storage, Storage)> {
+    pub fn cross_entropy(
+        &self,
+        labels: &Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(Storage, Storage)> {
         check_same("cross_entropy", &[self, labels])?;
         let z = self;
         cpu_all!("cross_entropy", z, labels);
@@ -244,14 +301,30 @@ impl Storage {
         Ok((Storage::Cpu(l), Storage::Cpu(s)))
     }
 
-    pub fn cross_entropy_bwd(&self, labels: &Storage, lse: &Storage, dloss: &Storage, rows: usize, cols: usize) -> Result<Storage> {
+    pub fn cross_entropy_bwd(
+        &self,
+        labels: &Storage,
+        lse: &Storage,
+        dloss: &Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Storage> {
         check_same("cross_entropy_bwd", &[self, labels, lse, dloss])?;
         let z = self;
         cpu_all!("cross_entropy_bwd", z, labels, lse, dloss);
-        Ok(Storage::Cpu(z.cross_entropy_bwd(labels, lse, dloss, rows, cols)?))
+        Ok(Storage::Cpu(
+            z.cross_entropy_bwd(labels, lse, dloss, rows, cols)?,
+        ))
     }
 
-    pub fn sigmoid_loss(&self, d: &Storage, t: &Storage, b: &Storage, n: usize, dim: usize) -> Result<Storage> {
+    pub fn sigmoid_loss(
+        &self,
+        d: &Storage,
+        t: &Storage,
+        b: &Storage,
+        n: usize,
+        dim: usize,
+    ) -> Result<Storage> {
         check_same("sigmoid_loss", &[self, d, t, b])?;
         let f = self;
         cpu_all!("sigmoid_loss", f, d, t, b);
@@ -259,15 +332,34 @@ impl Storage {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn sigmoid_loss_bwd(&self, d: &Storage, t: &Storage, b: &Storage, dloss: &Storage, n: usize, dim: usize) -> Result<(Storage, Storage, Storage, Storage)> {
+    pub fn sigmoid_loss_bwd(
+        &self,
+        d: &Storage,
+        t: &Storage,
+        b: &Storage,
+        dloss: &Storage,
+        n: usize,
+        dim: usize,
+    ) -> Result<(Storage, Storage, Storage, Storage)> {
         check_same("sigmoid_loss_bwd", &[self, d, t, b, dloss])?;
         let f = self;
         cpu_all!("sigmoid_loss_bwd", f, d, t, b, dloss);
         let (a, bb, c, e) = f.sigmoid_loss_bwd(d, t, b, dloss, n, dim)?;
-        Ok((Storage::Cpu(a), Storage::Cpu(bb), Storage::Cpu(c), Storage::Cpu(e)))
+        Ok((
+            Storage::Cpu(a),
+            Storage::Cpu(bb),
+            Storage::Cpu(c),
+            Storage::Cpu(e),
+        ))
     }
 
-    pub fn lora_linear(&self, w: &Storage, b: Option<&Storage>, lora: Option<(&Storage, &Storage, LoraSpec)>, spec: LinearSpec) -> Result<(Storage, Option<Storage>)> {
+    pub fn lora_linear(
+        &self,
+        w: &Storage,
+        b: Option<&Storage>,
+        lora: Option<(&Storage, &Storage, LoraSpec)>,
+        spec: LinearSpec,
+    ) -> Result<(Storage, Option<Storage>)> {
         let mut all = vec![self, w];
         all.extend(b);
         if let Some((a, bm, _)) = lora {

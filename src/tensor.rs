@@ -44,7 +44,13 @@ pub struct Tensor(pub(crate) Arc<Inner>);
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor[{:?}, {}, {}]", self.shape(), self.dtype(), self.device())
+        write!(
+            f,
+            "Tensor[{:?}, {}, {}]",
+            self.shape(),
+            self.dtype(),
+            self.device()
+        )
     }
 }
 
@@ -54,7 +60,14 @@ impl Tensor {
             let s = storage.read().unwrap_or_else(|e| e.into_inner());
             (s.dtype(), s.device())
         };
-        Tensor(Arc::new(Inner { id: TensorId::next(), storage, shape, dtype, device, grad }))
+        Tensor(Arc::new(Inner {
+            id: TensorId::next(),
+            storage,
+            shape,
+            dtype,
+            device,
+            grad,
+        }))
     }
 
     /// A constant tensor over `storage`, which must hold exactly `shape`'s elements.
@@ -66,19 +79,36 @@ impl Tensor {
                 format!("{} elements cannot have shape {shape:?}", storage.len()),
             ));
         }
-        Ok(Tensor::build(Arc::new(RwLock::new(storage)), shape, GradState::Const))
+        Ok(Tensor::build(
+            Arc::new(RwLock::new(storage)),
+            shape,
+            GradState::Const,
+        ))
     }
 
-    pub fn from_vec<T: CpuElem>(data: Vec<T>, shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+    pub fn from_vec<T: CpuElem>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Tensor> {
         Tensor::from_storage(Storage::from_cpu(T::wrap(data), device)?, shape)
     }
 
-    pub fn from_slice<T: CpuElem>(data: &[T], shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+    pub fn from_slice<T: CpuElem>(
+        data: &[T],
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Tensor> {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
     /// A tensor of `dtype` from f64 values (rounded as the dtype requires).
-    pub fn from_f64(data: &[f64], shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn from_f64(
+        data: &[f64],
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let s = CpuStorage::F64(data.to_vec());
         let s = crate::backend::BackendStorage::cast(&s, dtype)?;
         Tensor::from_storage(Storage::from_cpu(s, device)?, shape)
@@ -86,10 +116,18 @@ impl Tensor {
 
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         let shape = shape.into();
-        Tensor::from_storage(Storage::from_cpu(CpuStorage::zeros(shape.elem_count(), dtype), device)?, shape)
+        Tensor::from_storage(
+            Storage::from_cpu(CpuStorage::zeros(shape.elem_count(), dtype), device)?,
+            shape,
+        )
     }
 
-    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn full(
+        value: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         Tensor::from_f64(&vec![value; shape.elem_count()], shape, dtype, device)
     }
@@ -104,18 +142,35 @@ impl Tensor {
     }
 
     /// Normal(0, std²) samples from a seeded generator.
-    pub fn randn(shape: impl Into<Shape>, std: f64, dtype: DType, device: Device, seed: u64) -> Result<Tensor> {
+    pub fn randn(
+        shape: impl Into<Shape>,
+        std: f64,
+        dtype: DType,
+        device: Device,
+        seed: u64,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let mut rng = Rng::new(seed);
-        let v: Vec<f64> = (0..shape.elem_count()).map(|_| rng.normal() * std).collect();
+        let v: Vec<f64> = (0..shape.elem_count())
+            .map(|_| rng.normal() * std)
+            .collect();
         Tensor::from_f64(&v, shape, dtype, device)
     }
 
     /// Uniform [lo, hi) samples from a seeded generator.
-    pub fn rand_uniform(shape: impl Into<Shape>, lo: f64, hi: f64, dtype: DType, device: Device, seed: u64) -> Result<Tensor> {
+    pub fn rand_uniform(
+        shape: impl Into<Shape>,
+        lo: f64,
+        hi: f64,
+        dtype: DType,
+        device: Device,
+        seed: u64,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let mut rng = Rng::new(seed);
-        let v: Vec<f64> = (0..shape.elem_count()).map(|_| lo + (hi - lo) * rng.uniform()).collect();
+        let v: Vec<f64> = (0..shape.elem_count())
+            .map(|_| lo + (hi - lo) * rng.uniform())
+            .collect();
         Tensor::from_f64(&v, shape, dtype, device)
     }
 
@@ -149,12 +204,20 @@ impl Tensor {
 
     /// A trainable leaf over the same storage: its gradients are collected by `backward`.
     pub fn into_trainable(self) -> Tensor {
-        Tensor::build(self.0.storage.clone(), self.0.shape.clone(), GradState::Leaf)
+        Tensor::build(
+            self.0.storage.clone(),
+            self.0.shape.clone(),
+            GradState::Leaf,
+        )
     }
 
     /// A constant over the same storage, cut from the graph.
     pub fn detach(&self) -> Tensor {
-        Tensor::build(self.0.storage.clone(), self.0.shape.clone(), GradState::Const)
+        Tensor::build(
+            self.0.storage.clone(),
+            self.0.shape.clone(),
+            GradState::Const,
+        )
     }
 
     pub fn is_trainable(&self) -> bool {
@@ -192,7 +255,11 @@ impl Tensor {
     /// The elements as `T`, converting the dtype when it differs.
     pub fn to_vec<T: CpuElem>(&self) -> Result<Vec<T>> {
         let s = self.to_cpu_storage()?;
-        let s = if s.dtype() == T::DTYPE { s } else { crate::backend::BackendStorage::cast(&s, T::DTYPE)? };
+        let s = if s.dtype() == T::DTYPE {
+            s
+        } else {
+            crate::backend::BackendStorage::cast(&s, T::DTYPE)?
+        };
         Ok(s.as_slice::<T>()?.to_vec())
     }
 
@@ -203,7 +270,10 @@ impl Tensor {
     /// The value of a one-element tensor.
     pub fn to_scalar(&self) -> Result<f64> {
         if self.elem_count() != 1 {
-            return Err(Error::shape("to_scalar", format!("tensor of shape {:?} is not a scalar", self.shape())));
+            return Err(Error::shape(
+                "to_scalar",
+                format!("tensor of shape {:?} is not a scalar", self.shape()),
+            ));
         }
         Ok(self.to_vec_f64()?[0])
     }

@@ -18,12 +18,16 @@ pub const COMPILED: bool = cfg!(feature = "cuda");
 pub fn probe() -> Result<Vec<GpuInfo>> {
     // SAFETY: only checks whether the shared library can be loaded.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::Cuda("libcuda not found (no NVIDIA driver on this machine)".into()));
+        return Err(Error::Cuda(
+            "libcuda not found (no NVIDIA driver on this machine)".into(),
+        ));
     }
-    let count = cudarc::driver::CudaContext::device_count().map_err(|e| Error::Cuda(format!("device count: {e}")))?;
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| Error::Cuda(format!("device count: {e}")))?;
     let mut out = vec![];
     for ordinal in 0..count.max(0) as usize {
-        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| Error::Cuda(format!("cuda:{ordinal}: {e}")))?;
+        let ctx = cudarc::driver::CudaContext::new(ordinal)
+            .map_err(|e| Error::Cuda(format!("cuda:{ordinal}: {e}")))?;
         out.push(GpuInfo {
             ordinal,
             name: ctx.name().map_err(|e| Error::Cuda(e.to_string()))?,
@@ -45,7 +49,10 @@ pub fn check_device(ordinal: usize) -> Result<()> {
     }
     let gpus = probe()?;
     if ordinal >= gpus.len() {
-        return Err(Error::Cuda(format!("cuda:{ordinal}: only {} GPU(s) visible", gpus.len())));
+        return Err(Error::Cuda(format!(
+            "cuda:{ordinal}: only {} GPU(s) visible",
+            gpus.len()
+        )));
     }
     Err(Error::Cuda(format!(
         "cuda:{ordinal}: the GPU is usable, but CUDA tensor storage is not implemented yet in this build (CUDA backend I)"

@@ -137,7 +137,14 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// dx from x, y = op(x) and dy.
     fn unary_bwd(&self, y: &Self, dy: &Self, op: UnaryOp) -> Result<Self>;
     fn affine(&self, mul: f64, add: f64) -> Result<Self>;
-    fn binary(&self, rhs: &Self, op: BinaryOp, lhs: &Shape, rhs_shape: &Shape, out: &Shape) -> Result<Self>;
+    fn binary(
+        &self,
+        rhs: &Self,
+        op: BinaryOp,
+        lhs: &Shape,
+        rhs_shape: &Shape,
+        out: &Shape,
+    ) -> Result<Self>;
     fn add_assign(&mut self, rhs: &Self) -> Result<()>;
     /// Sums `src` (of shape `src`) down to the broadcast-compatible shape `dst`.
     fn sum_to(&self, src: &Shape, dst: &Shape) -> Result<Self>;
@@ -165,7 +172,13 @@ pub trait BackendStorage: Sized + Send + Sync {
 
     // Normalisation.
     /// Returns (y, mean, rstd); statistics are f32 (f64 for f64 input).
-    fn layer_norm(&self, gamma: &Self, beta: &Self, cols: usize, eps: f64) -> Result<(Self, Self, Self)>;
+    fn layer_norm(
+        &self,
+        gamma: &Self,
+        beta: &Self,
+        cols: usize,
+        eps: f64,
+    ) -> Result<(Self, Self, Self)>;
     /// Returns (dx, dgamma, dbeta) for self = x.
     #[allow(clippy::too_many_arguments)]
     fn layer_norm_bwd(
@@ -191,17 +204,38 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)>;
     /// Returns (dq, dk, dv), recomputing the probabilities from the saved lse.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, k: &Self, v: &Self, o: &Self, lse: &Self, d_o: &Self, spec: AttnSpec)
-        -> Result<(Self, Self, Self)>;
+    fn attention_bwd(
+        &self,
+        k: &Self,
+        v: &Self,
+        o: &Self,
+        lse: &Self,
+        d_o: &Self,
+        spec: AttnSpec,
+    ) -> Result<(Self, Self, Self)>;
     /// Mean cross-entropy of [rows, cols] logits against class ids. Returns (loss [1], lse [rows]).
     fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)>;
-    fn cross_entropy_bwd(&self, labels: &Self, lse: &Self, dloss: &Self, rows: usize, cols: usize) -> Result<Self>;
+    fn cross_entropy_bwd(
+        &self,
+        labels: &Self,
+        lse: &Self,
+        dloss: &Self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self>;
     /// SigLIP loss (SD2-SPEC §4) of f [n, dim] against d [n, dim] with scalars t, b. Returns [1].
     fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self>;
     /// Returns (df, dd, dt, db).
     #[allow(clippy::too_many_arguments)]
-    fn sigmoid_loss_bwd(&self, d: &Self, t: &Self, b: &Self, dloss: &Self, n: usize, dim: usize)
-        -> Result<(Self, Self, Self, Self)>;
+    fn sigmoid_loss_bwd(
+        &self,
+        d: &Self,
+        t: &Self,
+        b: &Self,
+        dloss: &Self,
+        n: usize,
+        dim: usize,
+    ) -> Result<(Self, Self, Self, Self)>;
     /// y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ for self = x. Returns (y, S = drop(x)·Aᵀ when lora).
     fn lora_linear(
         &self,

@@ -17,11 +17,26 @@ pub struct AttnOptions {
 
 /// q [B, Sq, H·D], k and v [B, Sk, H·D] → out [B, Sq, H·D].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
-    Ok(attention_lse(q, k, v, AttnOptions { heads, causal, scale: None })?.0)
+    Ok(attention_lse(
+        q,
+        k,
+        v,
+        AttnOptions {
+            heads,
+            causal,
+            scale: None,
+        },
+    )?
+    .0)
 }
 
 /// Like `attention`, also returning the log-sum-exp [B, H, Sq] (f32; f64 for f64 inputs).
-pub fn attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, o: AttnOptions) -> Result<(Tensor, Tensor)> {
+pub fn attention_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: AttnOptions,
+) -> Result<(Tensor, Tensor)> {
     let op = "attention";
     check_float(op, q)?;
     check_same_dtype(op, q, k)?;
@@ -35,7 +50,14 @@ pub fn attention_lse(q: &Tensor, k: &Tensor, v: &Tensor, o: AttnOptions) -> Resu
         && o.heads > 0
         && qd[2] % o.heads == 0;
     if !ok {
-        return Err(crate::shape_err!(op, "q {:?}, k {:?}, v {:?} with {} heads", qd, kd, v.dims(), o.heads));
+        return Err(crate::shape_err!(
+            op,
+            "q {:?}, k {:?}, v {:?} with {} heads",
+            qd,
+            kd,
+            v.dims(),
+            o.heads
+        ));
     }
     let head_dim = qd[2] / o.heads;
     let spec = AttnSpec {

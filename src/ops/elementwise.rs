@@ -9,7 +9,9 @@ impl Tensor {
         check_same_dtype(name, self, rhs)?;
         check_float(name, self)?;
         let os = Shape::broadcast(name, self.shape(), rhs.shape())?;
-        let out = self.storage().binary(&rhs.storage(), op, self.shape(), rhs.shape(), &os)?;
+        let out = self
+            .storage()
+            .binary(&rhs.storage(), op, self.shape(), rhs.shape(), &os)?;
         let (a, b) = (self.clone(), rhs.clone());
         record_fn(name, out, os, &[self, rhs], move || {
             move |g: &Tensor, needs: &[bool]| {
@@ -126,7 +128,12 @@ impl Tensor {
         }
         let b = Shape::broadcast("sum_to", shape, self.shape())?;
         if &b != self.shape() {
-            return Err(crate::shape_err!("sum_to", "{:?} does not broadcast to {:?}", shape, self.shape()));
+            return Err(crate::shape_err!(
+                "sum_to",
+                "{:?} does not broadcast to {:?}",
+                shape,
+                self.shape()
+            ));
         }
         let out = self.storage().sum_to(self.shape(), shape)?;
         let src = self.shape().clone();
@@ -142,7 +149,12 @@ impl Tensor {
         }
         let b = Shape::broadcast("broadcast_as", self.shape(), shape)?;
         if &b != shape {
-            return Err(crate::shape_err!("broadcast_as", "{:?} does not broadcast to {:?}", self.shape(), shape));
+            return Err(crate::shape_err!(
+                "broadcast_as",
+                "{:?} does not broadcast to {:?}",
+                self.shape(),
+                shape
+            ));
         }
         let out = self.storage().broadcast_to(self.shape(), shape)?;
         let src = self.shape().clone();

@@ -19,7 +19,12 @@ impl Tensor {
         check_float(op, self)?;
         let (ad, bd) = (self.dims(), rhs.dims());
         if ad.len() < 2 || bd.len() < 2 {
-            return Err(crate::shape_err!(op, "operands must have rank ≥ 2: {:?} and {:?}", ad, bd));
+            return Err(crate::shape_err!(
+                op,
+                "operands must have rank ≥ 2: {:?} and {:?}",
+                ad,
+                bd
+            ));
         }
         let (ar, ac) = (ad[ad.len() - 2], ad[ad.len() - 1]);
         let (br, bc) = (bd[bd.len() - 2], bd[bd.len() - 1]);
@@ -39,16 +44,35 @@ impl Tensor {
             ));
         }
         let batch: usize = a_batch.iter().product();
-        let spec = MatmulSpec { batch, m, n, k, trans_a, trans_b, rhs_batched };
+        let spec = MatmulSpec {
+            batch,
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            rhs_batched,
+        };
         let out = self.storage().matmul(&rhs.storage(), spec)?;
         let mut od = a_batch.to_vec();
         od.extend([m, n]);
         let (a, b) = (self.clone(), rhs.clone());
         let nbd = a_batch.len();
+        let a_batch_v = a_batch.to_vec();
         record_fn("matmul", out, Shape::new(od), &[self, rhs], move || {
             move |g: &Tensor, needs: &[bool]| {
                 let ga = if needs[0] {
-                    Some(if trans_a { b.matmul_t(g, trans_b, true)? } else { g.matmul_t(&b, false, !trans_b)? })
+                    Some(if trans_a {
+                        // dA (stored [k, m]) = op(B)·dCᵀ; a shared B is repeated per batch first.
+                        let bb = if rhs_batched || nbd == 0 {
+                            b.clone()
+                        } else {
+                            b.broadcast_as(&Shape::new([a_batch_v.as_slice(), b.dims()].concat()))?
+                        };
+                        bb.matmul_t(g, trans_b, true)?
+                    } else {
+                        g.matmul_t(&b, false, !trans_b)?
+                    })
                 } else {
                     None
                 };
@@ -69,8 +93,13 @@ impl Tensor {
                             a2.matmul_t(&g2, true, false)?
                         }
                     } else {
-                        let per = if trans_b { g.matmul_t(&a, true, true)? } else { a.matmul_t(g, false, false)? };
-                        per.sum_to(&Shape::new([vec![1; nbd], b.dims().to_vec()].concat()))?.reshape(b.shape().clone())?
+                        let per = if trans_b {
+                            g.matmul_t(&a, true, true)?
+                        } else {
+                            a.matmul_t(g, false, false)?
+                        };
+                        per.sum_to(&Shape::new([vec![1; nbd], b.dims().to_vec()].concat()))?
+                            .reshape(b.shape().clone())?
                     })
                 } else {
                     None
@@ -100,24 +129,49 @@ pub struct Lora<'a> {
 
 /// `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one op: x is [..., in], W [out, in], b [out].
 /// Gradients flow to x, A, B (and to W, b only if they are trainable).
-pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, lora: Option<Lora<'_>>) -> Result<Tensor> {
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<Lora<'_>>,
+) -> Result<Tensor> {
     let op = "lora_linear";
     check_float(op, x)?;
     check_same_dtype(op, x, w)?;
     if w.rank() != 2 || x.rank() == 0 {
-        return Err(crate::shape_err!(op, "x {:?} · W {:?}: W must be [out, in]", x.dims(), w.dims()));
+        return Err(crate::shape_err!(
+            op,
+            "x {:?} · W {:?}: W must be [out, in]",
+            x.dims(),
+            w.dims()
+        ));
     }
     let (n, k) = (w.dims()[0], w.dims()[1]);
     if x.shape().last() != k {
-        return Err(crate::shape_err!(op, "x {:?} has last dim {} but W {:?} expects {k}", x.dims(), x.shape().last(), w.dims()));
+        return Err(crate::shape_err!(
+            op,
+            "x {:?} has last dim {} but W {:?} expects {k}",
+            x.dims(),
+            x.shape().last(),
+            w.dims()
+        ));
     }
     if let Some(b) = b {
         check_same_dtype(op, x, b)?;
         if b.dims() != [n] {
-            return Err(crate::shape_err!(op, "bias {:?} does not match W {:?}", b.dims(), w.dims()));
+            return Err(crate::shape_err!(
+                op,
+                "bias {:?} does not match W {:?}",
+                b.dims(),
+                w.dims()
+            ));
         }
     }
-    let spec = LinearSpec { m: x.shape().rows(), n, k };
+    let spec = LinearSpec {
+        m: x.shape().rows(),
+        n,
+        k,
+    };
     let lspec = match &lora {
         None => None,
         Some(l) => {
@@ -125,12 +179,26 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, lora: Option<Lora
             check_same_dtype(op, x, l.b)?;
             let r = l.a.dims().first().copied().unwrap_or(0);
             if l.a.dims() != [r, k] || l.b.dims() != [n, r] {
-                return Err(crate::shape_err!(op, "LoRA A {:?} / B {:?} do not fit W {:?}", l.a.dims(), l.b.dims(), w.dims()));
+                return Err(crate::shape_err!(
+                    op,
+                    "LoRA A {:?} / B {:?} do not fit W {:?}",
+                    l.a.dims(),
+                    l.b.dims(),
+                    w.dims()
+                ));
             }
             if !(0.0..1.0).contains(&l.dropout) {
-                return Err(Error::Msg(format!("{op}: dropout {} must be in [0, 1)", l.dropout)));
+                return Err(Error::Msg(format!(
+                    "{op}: dropout {} must be in [0, 1)",
+                    l.dropout
+                )));
             }
-            Some(LoraSpec { rank: r, scale: l.scale, dropout: l.dropout, seed: l.seed })
+            Some(LoraSpec {
+                rank: r,
+                scale: l.scale,
+                dropout: l.dropout,
+                seed: l.seed,
+            })
         }
     };
     let (y, s) = {
@@ -158,7 +226,11 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, lora: Option<Lora
     record(y, Shape::new(od), &inputs, || LinearBackward {
         x: x.clone(),
         w: w.clone(),
-        lora: lora.as_ref().zip(lspec).zip(s).map(|((l, sp), s)| (l.a.clone(), l.b.clone(), s, sp)),
+        lora: lora
+            .as_ref()
+            .zip(lspec)
+            .zip(s)
+            .map(|((l, sp), s)| (l.a.clone(), l.b.clone(), s, sp)),
         has_bias,
         spec,
     })
@@ -192,14 +264,25 @@ impl BackwardOp for LinearBackward {
         let grads = {
             let xs = self.x.storage();
             let ws = self.w.storage();
-            let la = self.lora.as_ref().map(|(a, b, s, sp)| (a.storage(), b.storage(), s, *sp));
+            let la = self
+                .lora
+                .as_ref()
+                .map(|(a, b, s, sp)| (a.storage(), b.storage(), s, *sp));
             let low = la.as_ref().map(|(a, b, s, sp)| (&**a, &**b, *s, *sp));
             xs.lora_linear_bwd(&ws, low, &g.storage(), self.spec, wants)?
         };
-        let t = |s: Option<Storage>, like: &Tensor| s.map(|s| Tensor::from_storage(s, like.shape().clone())).transpose();
+        let t = |s: Option<Storage>, like: &Tensor| {
+            s.map(|s| Tensor::from_storage(s, like.shape().clone()))
+                .transpose()
+        };
         let mut out = vec![t(grads.x, &self.x)?, t(grads.w, &self.w)?];
         if self.has_bias {
-            out.push(grads.b.map(|s| Tensor::from_storage(s, self.spec.n)).transpose()?);
+            out.push(
+                grads
+                    .b
+                    .map(|s| Tensor::from_storage(s, self.spec.n))
+                    .transpose()?,
+            );
         }
         if let Some((a, b, _, _)) = &self.lora {
             out.push(t(grads.lora_a, a)?);

@@ -18,16 +18,25 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     check_float(op, logits)?;
     check_ids(op, labels)?;
     if logits.rank() != 2 || labels.dims() != [logits.dims()[0]] {
-        return Err(crate::shape_err!(op, "logits {:?} with labels {:?}", logits.dims(), labels.dims()));
+        return Err(crate::shape_err!(
+            op,
+            "logits {:?} with labels {:?}",
+            logits.dims(),
+            labels.dims()
+        ));
     }
     let (rows, cols) = (logits.dims()[0], logits.dims()[1]);
-    let (loss, lse) = logits.storage().cross_entropy(&labels.storage(), rows, cols)?;
+    let (loss, lse) = logits
+        .storage()
+        .cross_entropy(&labels.storage(), rows, cols)?;
     let (z, y) = (logits.clone(), labels.clone());
     let sd = stat_dtype(logits);
     record_fn(op, loss, crate::Shape::scalar(), &[logits], move || {
         move |g: &Tensor, _: &[bool]| {
             let g = g.to_dtype(sd)?;
-            let dz = z.storage().cross_entropy_bwd(&y.storage(), &lse, &g.storage(), rows, cols)?;
+            let dz = z
+                .storage()
+                .cross_entropy_bwd(&y.storage(), &lse, &g.storage(), rows, cols)?;
             Ok(vec![Some(Tensor::from_storage(dz, z.shape().clone())?)])
         }
     })
@@ -41,14 +50,30 @@ pub fn sigmoid_loss(f: &Tensor, d: &Tensor, t: &Tensor, b: &Tensor) -> Result<Te
     check_float(op, f)?;
     check_same_dtype(op, f, d)?;
     if f.rank() != 2 || f.dims() != d.dims() || t.elem_count() != 1 || b.elem_count() != 1 {
-        return Err(crate::shape_err!(op, "f {:?}, d {:?}, t {:?}, b {:?}", f.dims(), d.dims(), t.dims(), b.dims()));
+        return Err(crate::shape_err!(
+            op,
+            "f {:?}, d {:?}, t {:?}, b {:?}",
+            f.dims(),
+            d.dims(),
+            t.dims(),
+            b.dims()
+        ));
     }
     let (n, dim) = (f.dims()[0], f.dims()[1]);
-    let loss = f.storage().sigmoid_loss(&d.storage(), &t.storage(), &b.storage(), n, dim)?;
+    let loss = f
+        .storage()
+        .sigmoid_loss(&d.storage(), &t.storage(), &b.storage(), n, dim)?;
     let (fc, dc, tc, bc) = (f.clone(), d.clone(), t.clone(), b.clone());
     record_fn(op, loss, crate::Shape::scalar(), &[f, d, t, b], move || {
         move |g: &Tensor, needs: &[bool]| {
-            let (df, dd, dt, db) = fc.storage().sigmoid_loss_bwd(&dc.storage(), &tc.storage(), &bc.storage(), &g.storage(), n, dim)?;
+            let (df, dd, dt, db) = fc.storage().sigmoid_loss_bwd(
+                &dc.storage(),
+                &tc.storage(),
+                &bc.storage(),
+                &g.storage(),
+                n,
+                dim,
+            )?;
             let w = |s, like: &Tensor, need: bool| -> Result<Option<Tensor>> {
                 if need {
                     Ok(Some(Tensor::from_storage(s, like.shape().clone())?))
@@ -56,7 +81,12 @@ pub fn sigmoid_loss(f: &Tensor, d: &Tensor, t: &Tensor, b: &Tensor) -> Result<Te
                     Ok(None)
                 }
             };
-            Ok(vec![w(df, &fc, needs[0])?, w(dd, &dc, needs[1])?, w(dt, &tc, needs[2])?, w(db, &bc, needs[3])?])
+            Ok(vec![
+                w(df, &fc, needs[0])?,
+                w(dd, &dc, needs[1])?,
+                w(dt, &tc, needs[2])?,
+                w(db, &bc, needs[3])?,
+            ])
         }
     })
 }

@@ -15,21 +15,31 @@ use crate::{DType, Error, Result, Tensor};
 
 pub(crate) fn check_same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dtype() != b.dtype() {
-        return Err(Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() });
+        return Err(Error::DTypeMismatch {
+            op,
+            lhs: a.dtype(),
+            rhs: b.dtype(),
+        });
     }
     Ok(())
 }
 
 pub(crate) fn check_float(op: &'static str, t: &Tensor) -> Result<()> {
     if !t.dtype().is_float() {
-        return Err(Error::UnsupportedDType { op, dtype: t.dtype() });
+        return Err(Error::UnsupportedDType {
+            op,
+            dtype: t.dtype(),
+        });
     }
     Ok(())
 }
 
 pub(crate) fn check_ids(op: &'static str, t: &Tensor) -> Result<()> {
     if !matches!(t.dtype(), DType::I64 | DType::U32) {
-        return Err(Error::shape(op, format!("ids must be i64 or u32, got {}", t.dtype())));
+        return Err(Error::shape(
+            op,
+            format!("ids must be i64 or u32, got {}", t.dtype()),
+        ));
     }
     Ok(())
 }
@@ -53,7 +63,13 @@ where
 }
 
 /// Records `out` with a closure backward.
-pub(crate) fn record_fn<F>(name: &'static str, out: crate::storage::Storage, shape: crate::Shape, inputs: &[&Tensor], f: impl FnOnce() -> F) -> Result<Tensor>
+pub(crate) fn record_fn<F>(
+    name: &'static str,
+    out: crate::storage::Storage,
+    shape: crate::Shape,
+    inputs: &[&Tensor],
+    f: impl FnOnce() -> F,
+) -> Result<Tensor>
 where
     F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 {

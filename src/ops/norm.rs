@@ -14,20 +14,54 @@ impl Tensor {
         check_same_dtype(op, self, beta)?;
         let cols = self.shape().last();
         if gamma.dims() != [cols] || beta.dims() != [cols] {
-            return Err(crate::shape_err!(op, "x {:?} with gamma {:?} and beta {:?}", self.dims(), gamma.dims(), beta.dims()));
+            return Err(crate::shape_err!(
+                op,
+                "x {:?} with gamma {:?} and beta {:?}",
+                self.dims(),
+                gamma.dims(),
+                beta.dims()
+            ));
         }
-        let (y, mean, rstd) = self.storage().layer_norm(&gamma.storage(), &beta.storage(), cols, eps)?;
+        let (y, mean, rstd) =
+            self.storage()
+                .layer_norm(&gamma.storage(), &beta.storage(), cols, eps)?;
         let (x, g) = (self.clone(), gamma.clone());
         let beta_shape = beta.shape().clone();
-        record_fn(op, y, self.shape().clone(), &[self, gamma, beta], move || {
-            move |dy: &Tensor, needs: &[bool]| {
-                let (dx, dg, db) = x.storage().layer_norm_bwd(&g.storage(), &mean, &rstd, &dy.storage(), cols, needs[0], needs[1] || needs[2])?;
-                let dx = dx.map(|s| Tensor::from_storage(s, x.shape().clone())).transpose()?;
-                let dg = if needs[1] { dg.map(|s| Tensor::from_storage(s, g.shape().clone())).transpose()? } else { None };
-                let db = if needs[2] { db.map(|s| Tensor::from_storage(s, beta_shape)).transpose()? } else { None };
-                Ok(vec![dx, dg, db])
-            }
-        })
+        record_fn(
+            op,
+            y,
+            self.shape().clone(),
+            &[self, gamma, beta],
+            move || {
+                move |dy: &Tensor, needs: &[bool]| {
+                    let (dx, dg, db) = x.storage().layer_norm_bwd(
+                        &g.storage(),
+                        &mean,
+                        &rstd,
+                        &dy.storage(),
+                        cols,
+                        needs[0],
+                        needs[1] || needs[2],
+                    )?;
+                    let dx = dx
+                        .map(|s| Tensor::from_storage(s, x.shape().clone()))
+                        .transpose()?;
+                    let dg = if needs[1] {
+                        dg.map(|s| Tensor::from_storage(s, g.shape().clone()))
+                            .transpose()?
+                    } else {
+                        None
+                    };
+                    let db = if needs[2] {
+                        db.map(|s| Tensor::from_storage(s, beta_shape))
+                            .transpose()?
+                    } else {
+                        None
+                    };
+                    Ok(vec![dx, dg, db])
+                }
+            },
+        )
     }
 
     /// Softmax over the last dim.
@@ -50,11 +84,19 @@ impl Tensor {
         let cols = self.shape().last();
         let (out, norms) = self.storage().l2_normalize(cols, L2_EPS)?;
         let y = Tensor::from_storage(out.try_clone()?, self.shape().clone())?;
-        record_fn("l2_normalize", out, self.shape().clone(), &[self], move || {
-            move |dy: &Tensor, _: &[bool]| {
-                let dx = y.storage().l2_normalize_bwd(&norms, &dy.storage(), cols, L2_EPS)?;
-                Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
-            }
-        })
+        record_fn(
+            "l2_normalize",
+            out,
+            self.shape().clone(),
+            &[self],
+            move || {
+                move |dy: &Tensor, _: &[bool]| {
+                    let dx = y
+                        .storage()
+                        .l2_normalize_bwd(&norms, &dy.storage(), cols, L2_EPS)?;
+                    Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
+                }
+            },
+        )
     }
 }

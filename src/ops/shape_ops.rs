@@ -11,16 +11,26 @@ impl Tensor {
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.elem_count() != self.elem_count() {
-            return Err(crate::shape_err!("reshape", "cannot reshape {:?} to {:?}", self.shape(), shape));
+            return Err(crate::shape_err!(
+                "reshape",
+                "cannot reshape {:?} to {:?}",
+                self.shape(),
+                shape
+            ));
         }
         if shape == *self.shape() {
             return Ok(self.clone());
         }
         let tracked = crate::autograd::is_grad_enabled() && self.is_tracked();
         if !tracked {
-            return Ok(Tensor::build(self.0.storage.clone(), shape, GradState::Const));
+            return Ok(Tensor::build(
+                self.0.storage.clone(),
+                shape,
+                GradState::Const,
+            ));
         }
         let src = self.shape().clone();
+        crate::autograd::note_recorded();
         let node = crate::autograd::Node {
             inputs: vec![Some(self.clone())],
             op: Box::new(super::FnBackward {
@@ -39,7 +49,11 @@ impl Tensor {
     pub fn flatten_from(&self, from: usize) -> Result<Tensor> {
         let d = self.dims();
         if from >= d.len() {
-            return Err(crate::shape_err!("flatten_from", "dim {from} out of range for {:?}", d));
+            return Err(crate::shape_err!(
+                "flatten_from",
+                "dim {from} out of range for {:?}",
+                d
+            ));
         }
         let mut nd = d[..from].to_vec();
         nd.push(d[from..].iter().product());
@@ -50,8 +64,17 @@ impl Tensor {
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
         let r = self.rank();
         let mut seen = vec![false; r];
-        if perm.len() != r || perm.iter().any(|p| *p >= r || std::mem::replace(&mut seen[*p], true)) {
-            return Err(crate::shape_err!("permute", "{:?} is not a permutation of the dims of {:?}", perm, self.dims()));
+        if perm.len() != r
+            || perm
+                .iter()
+                .any(|p| *p >= r || std::mem::replace(&mut seen[*p], true))
+        {
+            return Err(crate::shape_err!(
+                "permute",
+                "{:?} is not a permutation of the dims of {:?}",
+                perm,
+                self.dims()
+            ));
         }
         let od: Vec<usize> = perm.iter().map(|p| self.dims()[*p]).collect();
         let out = self.storage().permute(self.shape(), perm)?;
@@ -77,20 +100,43 @@ impl Tensor {
         let d = self.shape().resolve_dim("narrow", dim)?;
         let size = self.dims()[d];
         if start + len > size {
-            return Err(crate::shape_err!("narrow", "{start}..{} is outside dim {d} of {:?}", start + len, self.dims()));
+            return Err(crate::shape_err!(
+                "narrow",
+                "{start}..{} is outside dim {d} of {:?}",
+                start + len,
+                self.dims()
+            ));
         }
         let outer: usize = self.dims()[..d].iter().product();
         let inner: usize = self.dims()[d + 1..].iter().product();
         let mut od = self.dims().to_vec();
         od[d] = len;
-        let mut out = self.storage().zeros_like(outer * len * inner, self.dtype())?;
-        self.storage().copy2d(&mut out, outer, len * inner, size * inner, len * inner, start * inner, 0)?;
+        let mut out = self
+            .storage()
+            .zeros_like(outer * len * inner, self.dtype())?;
+        self.storage().copy2d(
+            &mut out,
+            outer,
+            len * inner,
+            size * inner,
+            len * inner,
+            start * inner,
+            0,
+        )?;
         let src = self.shape().clone();
         record_fn("narrow", out, Shape::new(od), &[self], move || {
             move |g: &Tensor, _: &[bool]| {
                 // Scatter back into zeros of the input's shape.
                 let mut dx = g.storage().zeros_like(src.elem_count(), g.dtype())?;
-                g.storage().copy2d(&mut dx, outer, len * inner, len * inner, size * inner, 0, start * inner)?;
+                g.storage().copy2d(
+                    &mut dx,
+                    outer,
+                    len * inner,
+                    len * inner,
+                    size * inner,
+                    0,
+                    start * inner,
+                )?;
                 Ok(vec![Some(Tensor::from_storage(dx, src)?)])
             }
         })
@@ -98,13 +144,25 @@ impl Tensor {
 
     /// Joins tensors along `dim`; every other dim must match.
     pub fn cat(ts: &[&Tensor], dim: isize) -> Result<Tensor> {
-        let first = ts.first().ok_or_else(|| Error::shape("cat", "no tensors"))?;
+        let first = ts
+            .first()
+            .ok_or_else(|| Error::shape("cat", "no tensors"))?;
         let d = first.shape().resolve_dim("cat", dim)?;
         for t in ts {
             super::check_same_dtype("cat", first, t)?;
-            let ok = t.rank() == first.rank() && t.dims().iter().zip(first.dims()).enumerate().all(|(i, (a, b))| i == d || a == b);
+            let ok = t.rank() == first.rank()
+                && t.dims()
+                    .iter()
+                    .zip(first.dims())
+                    .enumerate()
+                    .all(|(i, (a, b))| i == d || a == b);
             if !ok {
-                return Err(crate::shape_err!("cat", "cannot join {:?} and {:?} along dim {d}", first.dims(), t.dims()));
+                return Err(crate::shape_err!(
+                    "cat",
+                    "cannot join {:?} and {:?} along dim {d}",
+                    first.dims(),
+                    t.dims()
+                ));
             }
         }
         let outer: usize = first.dims()[..d].iter().product();
@@ -113,10 +171,20 @@ impl Tensor {
         let total: usize = sizes.iter().sum();
         let mut od = first.dims().to_vec();
         od[d] = total;
-        let mut out = first.storage().zeros_like(outer * total * inner, first.dtype())?;
+        let mut out = first
+            .storage()
+            .zeros_like(outer * total * inner, first.dtype())?;
         let mut at = 0;
         for (t, s) in ts.iter().zip(&sizes) {
-            t.storage().copy2d(&mut out, outer, s * inner, s * inner, total * inner, 0, at * inner)?;
+            t.storage().copy2d(
+                &mut out,
+                outer,
+                s * inner,
+                s * inner,
+                total * inner,
+                0,
+                at * inner,
+            )?;
             at += s;
         }
         record_fn("cat", out, Shape::new(od), ts, move || {
@@ -124,7 +192,11 @@ impl Tensor {
                 let mut at = 0;
                 let mut res = vec![];
                 for (i, s) in sizes.iter().enumerate() {
-                    res.push(if needs[i] { Some(g.narrow(d as isize, at, *s)?) } else { None });
+                    res.push(if needs[i] {
+                        Some(g.narrow(d as isize, at, *s)?)
+                    } else {
+                        None
+                    });
                     at += s;
                 }
                 Ok(res)
@@ -137,7 +209,10 @@ impl Tensor {
     pub fn index_rows(&self, ids: &Tensor) -> Result<Tensor> {
         check_ids("index_rows", ids)?;
         if self.rank() == 0 {
-            return Err(crate::shape_err!("index_rows", "cannot index rows of a scalar"));
+            return Err(crate::shape_err!(
+                "index_rows",
+                "cannot index rows of a scalar"
+            ));
         }
         let rows = self.dims()[0];
         let cols: usize = self.dims()[1..].iter().product();
@@ -156,7 +231,11 @@ impl Tensor {
     /// Embedding lookup: table [vocab, dim], ids [...] → [..., dim].
     pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
         if table.rank() != 2 {
-            return Err(crate::shape_err!("embedding", "table must be [vocab, dim], got {:?}", table.dims()));
+            return Err(crate::shape_err!(
+                "embedding",
+                "table must be [vocab, dim], got {:?}",
+                table.dims()
+            ));
         }
         table.index_rows(ids)
     }
@@ -164,13 +243,21 @@ impl Tensor {
     /// Per batch b, row `idx[b]` of `self` [B, S, D] → [B, D] (CLS and EOS pooling).
     pub fn select_rows_per_batch(&self, idx: &[usize]) -> Result<Tensor> {
         if self.rank() != 3 || idx.len() != self.dims()[0] {
-            return Err(crate::shape_err!("select_rows_per_batch", "x {:?} with {} indices", self.dims(), idx.len()));
+            return Err(crate::shape_err!(
+                "select_rows_per_batch",
+                "x {:?} with {} indices",
+                self.dims(),
+                idx.len()
+            ));
         }
         let (b, s, d) = (self.dims()[0], self.dims()[1], self.dims()[2]);
         let mut flat = Vec::with_capacity(b);
         for (bi, &i) in idx.iter().enumerate() {
             if i >= s {
-                return Err(Error::Index { op: "select_rows_per_batch", msg: format!("row {i} of batch {bi} outside 0..{s}") });
+                return Err(Error::Index {
+                    op: "select_rows_per_batch",
+                    msg: format!("row {i} of batch {bi} outside 0..{s}"),
+                });
             }
             flat.push((bi * s + i) as u32);
         }
@@ -183,9 +270,18 @@ impl Tensor {
     /// patch are dropped, as a stride-p convolution does.
     pub fn patchify(&self, p: usize) -> Result<Tensor> {
         if self.rank() != 4 || p == 0 {
-            return Err(crate::shape_err!("patchify", "expected [B, C, H, W] and p > 0, got {:?}, p={p}", self.dims()));
+            return Err(crate::shape_err!(
+                "patchify",
+                "expected [B, C, H, W] and p > 0, got {:?}, p={p}",
+                self.dims()
+            ));
         }
-        let (b, c, h, w) = (self.dims()[0], self.dims()[1], self.dims()[2], self.dims()[3]);
+        let (b, c, h, w) = (
+            self.dims()[0],
+            self.dims()[1],
+            self.dims()[2],
+            self.dims()[3],
+        );
         let (gh, gw) = (h / p, w / p);
         let mut x = self.clone();
         if gh * p != h {
@@ -203,13 +299,22 @@ impl Tensor {
     /// patchify + matmul. Returns [B, patches, D].
     pub fn patch_conv(&self, weight: &Tensor) -> Result<Tensor> {
         if weight.rank() != 4 || weight.dims()[2] != weight.dims()[3] {
-            return Err(crate::shape_err!("patch_conv", "weight must be [D, C, p, p], got {:?}", weight.dims()));
+            return Err(crate::shape_err!(
+                "patch_conv",
+                "weight must be [D, C, p, p], got {:?}",
+                weight.dims()
+            ));
         }
         let (d, c, p) = (weight.dims()[0], weight.dims()[1], weight.dims()[2]);
         if self.rank() != 4 || self.dims()[1] != c {
-            return Err(crate::shape_err!("patch_conv", "input {:?} does not have {c} channels", self.dims()));
+            return Err(crate::shape_err!(
+                "patch_conv",
+                "input {:?} does not have {c} channels",
+                self.dims()
+            ));
         }
-        self.patchify(p)?.linear(&weight.reshape((d, c * p * p))?, None)
+        self.patchify(p)?
+            .linear(&weight.reshape((d, c * p * p))?, None)
     }
 
     /// Converts the dtype (gradients are converted back).

@@ -20,8 +20,17 @@ fn head<'a, F>(q: &'a [F], k: &'a [F], v: &'a [F], s: &AttnSpec, bh: usize) -> H
     let hd = s.heads * s.head_dim;
     let qo = b * s.q_len * hd + h * s.head_dim;
     let ko = b * s.kv_len * hd + h * s.head_dim;
-    let m = |d: &'a [F], off| Mat { data: d, off, rs: hd, cs: 1 };
-    Head { q: m(q, qo), k: m(k, ko), v: m(v, ko) }
+    let m = |d: &'a [F], off| Mat {
+        data: d,
+        off,
+        rs: hd,
+        cs: 1,
+    };
+    Head {
+        q: m(q, qo),
+        k: m(k, ko),
+        v: m(v, ko),
+    }
 }
 
 /// Is key j hidden from query i?
@@ -34,7 +43,19 @@ fn masked(s: &AttnSpec, i: usize, j: usize) -> bool {
 fn scores<F: Float>(hd: &Head<'_, F>, s: &AttnSpec) -> Vec<F> {
     let (n, m) = (s.q_len, s.kv_len);
     let mut sc = vec![F::zero(); n * m];
-    gemm_into(n, m, s.head_dim, hd.q, hd.k.t(), &mut sc, 0, m, F::from_f(s.scale), false, false);
+    gemm_into(
+        n,
+        m,
+        s.head_dim,
+        hd.q,
+        hd.k.t(),
+        &mut sc,
+        0,
+        m,
+        F::from_f(s.scale),
+        false,
+        false,
+    );
     if s.causal {
         for i in 0..n {
             for j in 0..m {
@@ -66,9 +87,25 @@ pub fn forward<F: Float>(q: &[F], k: &[F], v: &[F], s: AttnSpec) -> (Vec<F>, Vec
         .map(|bh| {
             let hd = head(q, k, v, &s, bh);
             let mut p = scores(&hd, &s);
-            let lse: Vec<F> = p.chunks_mut(m.max(1)).take(n).map(|r| softmax_row(r)).collect();
+            let lse: Vec<F> = p
+                .chunks_mut(m.max(1))
+                .take(n)
+                .map(|r| softmax_row(r))
+                .collect();
             let mut o = vec![F::zero(); n * d];
-            gemm_into(n, d, m, Mat::rm(&p, m, false), hd.v, &mut o, 0, d, F::one(), false, false);
+            gemm_into(
+                n,
+                d,
+                m,
+                Mat::rm(&p, m, false),
+                hd.v,
+                &mut o,
+                0,
+                d,
+                F::one(),
+                false,
+                false,
+            );
             (o, lse)
         })
         .collect();
@@ -84,24 +121,53 @@ pub fn forward<F: Float>(q: &[F], k: &[F], v: &[F], s: AttnSpec) -> (Vec<F>, Vec
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn backward<F: Float>(q: &[F], k: &[F], v: &[F], o: &[F], lse: &[F], d_o: &[F], s: AttnSpec) -> (Vec<F>, Vec<F>, Vec<F>) {
+pub fn backward<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    o: &[F],
+    lse: &[F],
+    d_o: &[F],
+    s: AttnSpec,
+) -> (Vec<F>, Vec<F>, Vec<F>) {
     let (n, m, d) = (s.q_len, s.kv_len, s.head_dim);
     let hdim = s.heads * d;
     let per_head: Vec<(Vec<F>, Vec<F>, Vec<F>)> = (0..s.batch * s.heads)
         .into_par_iter()
         .map(|bh| {
             let hd = head(q, k, v, &s, bh);
-            let od = Mat { data: d_o, off: hd.q.off, rs: hdim, cs: 1 };
+            let od = Mat {
+                data: d_o,
+                off: hd.q.off,
+                rs: hdim,
+                cs: 1,
+            };
             // P recomputed from the saved log-sum-exp.
             let mut p = scores(&hd, &s);
             for i in 0..n {
                 let l = lse[bh * n + i];
                 for x in &mut p[i * m..(i + 1) * m] {
-                    *x = if l == F::neg_infinity() { F::zero() } else { (*x - l).exp() };
+                    *x = if l == F::neg_infinity() {
+                        F::zero()
+                    } else {
+                        (*x - l).exp()
+                    };
                 }
             }
             let mut dv = vec![F::zero(); m * d];
-            gemm_into(m, d, n, Mat::rm(&p, m, true), od, &mut dv, 0, d, F::one(), false, false);
+            gemm_into(
+                m,
+                d,
+                n,
+                Mat::rm(&p, m, true),
+                od,
+                &mut dv,
+                0,
+                d,
+                F::one(),
+                false,
+                false,
+            );
             let mut dp = vec![F::zero(); n * m];
             gemm_into(n, m, d, od, hd.v.t(), &mut dp, 0, m, F::one(), false, false);
             // dS = P ∘ (dP − rowsum(dO ∘ O)).
@@ -114,9 +180,33 @@ pub fn backward<F: Float>(q: &[F], k: &[F], v: &[F], o: &[F], lse: &[F], d_o: &[
             }
             let sc = F::from_f(s.scale);
             let mut dq = vec![F::zero(); n * d];
-            gemm_into(n, d, m, Mat::rm(&dp, m, false), hd.k, &mut dq, 0, d, sc, false, false);
+            gemm_into(
+                n,
+                d,
+                m,
+                Mat::rm(&dp, m, false),
+                hd.k,
+                &mut dq,
+                0,
+                d,
+                sc,
+                false,
+                false,
+            );
             let mut dk = vec![F::zero(); m * d];
-            gemm_into(m, d, n, Mat::rm(&dp, m, true), hd.q, &mut dk, 0, d, sc, false, false);
+            gemm_into(
+                m,
+                d,
+                n,
+                Mat::rm(&dp, m, true),
+                hd.q,
+                &mut dk,
+                0,
+                d,
+                sc,
+                false,
+                false,
+            );
             (dq, dk, dv)
         })
         .collect();

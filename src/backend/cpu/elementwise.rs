@@ -89,10 +89,10 @@ pub(crate) fn bcast_strides(s: &Shape, out: &Shape) -> Vec<usize> {
     let r = out.rank();
     let st = s.strides();
     let mut res = vec![0; r];
-    for i in 0..s.rank() {
+    for (i, (d, stride)) in s.dims().iter().zip(&st).enumerate() {
         let oi = i + r - s.rank();
-        if s.dims()[i] == out.dims()[oi] && s.dims()[i] != 1 {
-            res[oi] = st[i];
+        if *d == out.dims()[oi] && *d != 1 {
+            res[oi] = *stride;
         }
     }
     res
@@ -129,7 +129,14 @@ fn offset(mut idx: usize, dims: &[usize], strides: &[usize]) -> usize {
     off
 }
 
-pub fn binary<F: Float>(a: &[F], b: &[F], op: BinaryOp, ls: &Shape, rs: &Shape, os: &Shape) -> Vec<F> {
+pub fn binary<F: Float>(
+    a: &[F],
+    b: &[F],
+    op: BinaryOp,
+    ls: &Shape,
+    rs: &Shape,
+    os: &Shape,
+) -> Vec<F> {
     let n = os.elem_count();
     let mut out = vec![F::zero(); n];
     let (ca, cb) = (classify(ls, os), classify(rs, os));
@@ -174,7 +181,9 @@ pub fn sum_to<F: Float>(x: &[F], src: &Shape, dst: &Shape) -> Vec<F> {
                 .map(|c| {
                     let mut acc = vec![F::zero(); m];
                     for r in c * chunk..((c + 1) * chunk).min(rows) {
-                        acc.iter_mut().zip(&x[r * m..(r + 1) * m]).for_each(|(a, v)| *a += *v);
+                        acc.iter_mut()
+                            .zip(&x[r * m..(r + 1) * m])
+                            .for_each(|(a, v)| *a += *v);
                     }
                     acc
                 })

@@ -18,18 +18,35 @@ impl<'a, F> Mat<'a, F> {
     /// A row-major [rows, cols] matrix (`trans` views it transposed).
     pub fn rm(data: &'a [F], cols: usize, trans: bool) -> Self {
         if trans {
-            Mat { data, off: 0, rs: 1, cs: cols }
+            Mat {
+                data,
+                off: 0,
+                rs: 1,
+                cs: cols,
+            }
         } else {
-            Mat { data, off: 0, rs: cols, cs: 1 }
+            Mat {
+                data,
+                off: 0,
+                rs: cols,
+                cs: 1,
+            }
         }
     }
 
     pub fn at(self, off: usize) -> Self {
-        Mat { off: self.off + off, ..self }
+        Mat {
+            off: self.off + off,
+            ..self
+        }
     }
 
     pub fn t(self) -> Self {
-        Mat { rs: self.cs, cs: self.rs, ..self }
+        Mat {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
     }
 }
 
@@ -52,7 +69,10 @@ pub fn gemm_into<F: Float>(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c_off + (m - 1) * c_rs + n <= c.len(), "gemm_into: C out of bounds");
+    assert!(
+        c_off + (m - 1) * c_rs + n <= c.len(),
+        "gemm_into: C out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -106,7 +126,19 @@ pub fn matmul<F: Float>(a: &[F], b: &[F], s: MatmulSpec) -> Vec<F> {
     let bm = Mat::rm(b, if s.trans_b { s.k } else { s.n }, s.trans_b);
     let b_step = if s.rhs_batched { s.k * s.n } else { 0 };
     let one = |bi: usize, c: &mut [F], par: bool| {
-        gemm_into(s.m, s.n, s.k, am.at(bi * s.m * s.k), bm.at(bi * b_step), c, 0, s.n, F::one(), false, par)
+        gemm_into(
+            s.m,
+            s.n,
+            s.k,
+            am.at(bi * s.m * s.k),
+            bm.at(bi * b_step),
+            c,
+            0,
+            s.n,
+            F::one(),
+            false,
+            par,
+        )
     };
     if s.batch > 1 && s.m * s.n * s.k < SMALL {
         c.par_chunks_mut((s.m * s.n).max(1))

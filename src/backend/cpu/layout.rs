@@ -49,7 +49,16 @@ pub fn permute<T: Copy + Send + Sync + Default>(x: &[T], shape: &Shape, perm: &[
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn copy2d<T: Copy>(s: &[T], d: &mut [T], rows: usize, cols: usize, ss: usize, ds: usize, so: usize, dof: usize) {
+pub fn copy2d<T: Copy>(
+    s: &[T],
+    d: &mut [T],
+    rows: usize,
+    cols: usize,
+    ss: usize,
+    ds: usize,
+    so: usize,
+    dof: usize,
+) {
     for r in 0..rows {
         d[dof + r * ds..dof + r * ds + cols].copy_from_slice(&s[so + r * ss..so + r * ss + cols]);
     }
@@ -83,7 +92,10 @@ pub fn index_add_rows<F: Float>(g: &[F], ids: &[usize], rows: usize, cols: usize
             let mut acc = vec![F::zero(); rows * w];
             for (i, id) in ids.iter().enumerate() {
                 let src = &g[i * cols + c0..i * cols + c1];
-                acc[id * w..(id + 1) * w].iter_mut().zip(src).for_each(|(a, v)| *a += *v);
+                acc[id * w..(id + 1) * w]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(a, v)| *a += *v);
             }
             (b, acc)
         })

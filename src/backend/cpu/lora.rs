@@ -7,9 +7,21 @@ use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraS
 use crate::rng::dropout_keep;
 use crate::{Error, Float, Result};
 
-pub fn check(x: &CpuStorage, w: &CpuStorage, b: Option<&CpuStorage>, lora: Option<(&CpuStorage, &CpuStorage, usize)>, s: LinearSpec) -> Result<()> {
+pub fn check(
+    x: &CpuStorage,
+    w: &CpuStorage,
+    b: Option<&CpuStorage>,
+    lora: Option<(&CpuStorage, &CpuStorage, usize)>,
+    s: LinearSpec,
+) -> Result<()> {
     let bad = |what: &str, got: usize, want: usize| {
-        Err(Error::shape("lora_linear", format!("{what} has {got} elements, expected {want} (m={}, n={}, k={})", s.m, s.n, s.k)))
+        Err(Error::shape(
+            "lora_linear",
+            format!(
+                "{what} has {got} elements, expected {want} (m={}, n={}, k={})",
+                s.m, s.n, s.k
+            ),
+        ))
     };
     if x.len() != s.m * s.k {
         return bad("x", x.len(), s.m * s.k);
@@ -54,7 +66,13 @@ fn dropped<F: Float>(x: &[F], l: &LoraSpec) -> Option<Vec<F>> {
 
 type Lora<'a, F> = (&'a [F], &'a [F], LoraSpec);
 
-pub fn forward<F: Float>(x: &[F], w: &[F], b: Option<&[F]>, lora: Option<Lora<'_, F>>, s: LinearSpec) -> (Vec<F>, Option<Vec<F>>) {
+pub fn forward<F: Float>(
+    x: &[F],
+    w: &[F],
+    b: Option<&[F]>,
+    lora: Option<Lora<'_, F>>,
+    s: LinearSpec,
+) -> (Vec<F>, Option<Vec<F>>) {
     let (m, n, k) = (s.m, s.n, s.k);
     let mut y = vec![F::zero(); m * n];
     if let Some(b) = b {
@@ -62,14 +80,50 @@ pub fn forward<F: Float>(x: &[F], w: &[F], b: Option<&[F]>, lora: Option<Lora<'_
             y.par_chunks_mut(n).for_each(|r| r.copy_from_slice(b));
         }
     }
-    gemm_into(m, n, k, Mat::rm(x, k, false), Mat::rm(w, k, true), &mut y, 0, n, F::one(), b.is_some(), true);
+    gemm_into(
+        m,
+        n,
+        k,
+        Mat::rm(x, k, false),
+        Mat::rm(w, k, true),
+        &mut y,
+        0,
+        n,
+        F::one(),
+        b.is_some(),
+        true,
+    );
     let low = lora.map(|(a, bm, l)| {
         let r = l.rank;
         let xd = dropped(x, &l);
         let xs = xd.as_deref().unwrap_or(x);
         let mut sm = vec![F::zero(); m * r];
-        gemm_into(m, r, k, Mat::rm(xs, k, false), Mat::rm(a, k, true), &mut sm, 0, r, F::one(), false, true);
-        gemm_into(m, n, r, Mat::rm(&sm, r, false), Mat::rm(bm, r, true), &mut y, 0, n, F::from_f(l.scale), true, true);
+        gemm_into(
+            m,
+            r,
+            k,
+            Mat::rm(xs, k, false),
+            Mat::rm(a, k, true),
+            &mut sm,
+            0,
+            r,
+            F::one(),
+            false,
+            true,
+        );
+        gemm_into(
+            m,
+            n,
+            r,
+            Mat::rm(&sm, r, false),
+            Mat::rm(bm, r, true),
+            &mut y,
+            0,
+            n,
+            F::from_f(l.scale),
+            true,
+            true,
+        );
         sm
     });
     (y, low)
@@ -77,13 +131,38 @@ pub fn forward<F: Float>(x: &[F], w: &[F], b: Option<&[F]>, lora: Option<Lora<'_
 
 type LoraSaved<'a, F> = (&'a [F], &'a [F], &'a [F], LoraSpec);
 
-pub fn backward<F: Float>(x: &[F], w: &[F], lora: Option<LoraSaved<'_, F>>, dy: &[F], s: LinearSpec, needs: LinearNeeds) -> LinearGrads<Vec<F>> {
+pub fn backward<F: Float>(
+    x: &[F],
+    w: &[F],
+    lora: Option<LoraSaved<'_, F>>,
+    dy: &[F],
+    s: LinearSpec,
+    needs: LinearNeeds,
+) -> LinearGrads<Vec<F>> {
     let (m, n, k) = (s.m, s.n, s.k);
     let dym = Mat::rm(dy, n, false);
-    let mut g = LinearGrads { x: None, w: None, b: None, lora_a: None, lora_b: None };
+    let mut g = LinearGrads {
+        x: None,
+        w: None,
+        b: None,
+        lora_a: None,
+        lora_b: None,
+    };
     if needs.w {
         let mut dw = vec![F::zero(); n * k];
-        gemm_into(n, k, m, dym.t(), Mat::rm(x, k, false), &mut dw, 0, k, F::one(), false, true);
+        gemm_into(
+            n,
+            k,
+            m,
+            dym.t(),
+            Mat::rm(x, k, false),
+            &mut dw,
+            0,
+            k,
+            F::one(),
+            false,
+            true,
+        );
         g.w = Some(dw);
     }
     if needs.b {
@@ -92,7 +171,9 @@ pub fn backward<F: Float>(x: &[F], w: &[F], lora: Option<LoraSaved<'_, F>>, dy: 
             .map(|c| {
                 let mut acc = vec![F::zero(); n];
                 for r in c * RED_CHUNK..((c + 1) * RED_CHUNK).min(m) {
-                    acc.iter_mut().zip(&dy[r * n..(r + 1) * n]).for_each(|(a, v)| *a += *v);
+                    acc.iter_mut()
+                        .zip(&dy[r * n..(r + 1) * n])
+                        .for_each(|(a, v)| *a += *v);
                 }
                 acc
             })
@@ -105,7 +186,19 @@ pub fn backward<F: Float>(x: &[F], w: &[F], lora: Option<LoraSaved<'_, F>>, dy: 
     }
     let mut dx = needs.x.then(|| {
         let mut dx = vec![F::zero(); m * k];
-        gemm_into(m, k, n, dym, Mat::rm(w, k, false), &mut dx, 0, k, F::one(), false, true);
+        gemm_into(
+            m,
+            k,
+            n,
+            dym,
+            Mat::rm(w, k, false),
+            &mut dx,
+            0,
+            k,
+            F::one(),
+            false,
+            true,
+        );
         dx
     });
     if let Some((a, bm, sm, l)) = lora {
@@ -114,24 +207,72 @@ pub fn backward<F: Float>(x: &[F], w: &[F], lora: Option<LoraSaved<'_, F>>, dy: 
         if needs.lora_b {
             // dB = s·dYᵀ·S, [n, r].
             let mut db = vec![F::zero(); n * r];
-            gemm_into(n, r, m, dym.t(), Mat::rm(sm, r, false), &mut db, 0, r, sc, false, true);
+            gemm_into(
+                n,
+                r,
+                m,
+                dym.t(),
+                Mat::rm(sm, r, false),
+                &mut db,
+                0,
+                r,
+                sc,
+                false,
+                true,
+            );
             g.lora_b = Some(db);
         }
         if needs.lora_a || needs.x {
             // dS = s·dY·B, [m, r].
             let mut ds = vec![F::zero(); m * r];
-            gemm_into(m, r, n, dym, Mat::rm(bm, r, false), &mut ds, 0, r, sc, false, true);
+            gemm_into(
+                m,
+                r,
+                n,
+                dym,
+                Mat::rm(bm, r, false),
+                &mut ds,
+                0,
+                r,
+                sc,
+                false,
+                true,
+            );
             if needs.lora_a {
                 let xd = dropped(x, &l);
                 let xs = xd.as_deref().unwrap_or(x);
                 let mut da = vec![F::zero(); r * k];
-                gemm_into(r, k, m, Mat::rm(&ds, r, true), Mat::rm(xs, k, false), &mut da, 0, k, F::one(), false, true);
+                gemm_into(
+                    r,
+                    k,
+                    m,
+                    Mat::rm(&ds, r, true),
+                    Mat::rm(xs, k, false),
+                    &mut da,
+                    0,
+                    k,
+                    F::one(),
+                    false,
+                    true,
+                );
                 g.lora_a = Some(da);
             }
             if let Some(dx) = dx.as_mut() {
                 // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
                 let mut dxl = vec![F::zero(); m * k];
-                gemm_into(m, k, r, Mat::rm(&ds, r, false), Mat::rm(a, k, false), &mut dxl, 0, k, F::one(), false, true);
+                gemm_into(
+                    m,
+                    k,
+                    r,
+                    Mat::rm(&ds, r, false),
+                    Mat::rm(a, k, false),
+                    &mut dxl,
+                    0,
+                    k,
+                    F::one(),
+                    false,
+                    true,
+                );
                 let dxl = dropped(&dxl, &l).unwrap_or(dxl);
                 dx.par_chunks_mut(1 << 14)
                     .zip(dxl.par_chunks(1 << 14))
@@ -142,4 +283,3 @@ pub fn backward<F: Float>(x: &[F], w: &[F], lora: Option<LoraSaved<'_, F>>, dy: 
     g.x = dx.take();
     g
 }
-

@@ -20,7 +20,13 @@ pub fn cross_entropy<F: Float>(z: &[F], labels: &[usize], cols: usize) -> (f64, 
     (loss, per_row.into_iter().map(|p| p.1).collect())
 }
 
-pub fn cross_entropy_bwd<F: Float>(z: &[F], labels: &[usize], lse: &[F], g: f64, cols: usize) -> Vec<F> {
+pub fn cross_entropy_bwd<F: Float>(
+    z: &[F],
+    labels: &[usize],
+    lse: &[F],
+    g: f64,
+    cols: usize,
+) -> Vec<F> {
     let rows = labels.len();
     let scale = F::from_f(g / rows.max(1) as f64);
     let mut dz = vec![F::zero(); z.len()];
@@ -72,7 +78,15 @@ pub fn sigmoid_loss<F: Float>(f: &[F], d: &[F], t: f64, b: f64, n: usize, dim: u
 }
 
 /// Returns (df, dd, dt, db) scaled by the upstream gradient g.
-pub fn sigmoid_loss_bwd<F: Float>(f: &[F], d: &[F], t: f64, b: f64, g: f64, n: usize, dim: usize) -> (Vec<F>, Vec<F>, f64, f64) {
+pub fn sigmoid_loss_bwd<F: Float>(
+    f: &[F],
+    d: &[F],
+    t: f64,
+    b: f64,
+    g: f64,
+    n: usize,
+    dim: usize,
+) -> (Vec<F>, Vec<F>, f64, f64) {
     let s = dots(f, d, n, dim);
     // dL/dx_ij = −z σ(−z x) / n; σ(−zx) = 1/(1 + e^{zx}) saturates to 0 or 1 without NaN.
     let gx: Vec<f64> = (0..n * n)
@@ -86,15 +100,27 @@ pub fn sigmoid_loss_bwd<F: Float>(f: &[F], d: &[F], t: f64, b: f64, g: f64, n: u
     let db: f64 = gx.iter().sum();
     let mut df = vec![F::zero(); n * dim];
     let mut dd = vec![F::zero(); n * dim];
-    df.par_chunks_mut(dim.max(1)).enumerate().for_each(|(i, row)| {
-        for (k, v) in row.iter_mut().enumerate() {
-            *v = F::from_f(t * (0..n).map(|j| gx[i * n + j] * d[j * dim + k].f64()).sum::<f64>());
-        }
-    });
-    dd.par_chunks_mut(dim.max(1)).enumerate().for_each(|(j, row)| {
-        for (k, v) in row.iter_mut().enumerate() {
-            *v = F::from_f(t * (0..n).map(|i| gx[i * n + j] * f[i * dim + k].f64()).sum::<f64>());
-        }
-    });
+    df.par_chunks_mut(dim.max(1))
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = F::from_f(
+                    t * (0..n)
+                        .map(|j| gx[i * n + j] * d[j * dim + k].f64())
+                        .sum::<f64>(),
+                );
+            }
+        });
+    dd.par_chunks_mut(dim.max(1))
+        .enumerate()
+        .for_each(|(j, row)| {
+            for (k, v) in row.iter_mut().enumerate() {
+                *v = F::from_f(
+                    t * (0..n)
+                        .map(|i| gx[i * n + j] * f[i * dim + k].f64())
+                        .sum::<f64>(),
+                );
+            }
+        });
     (df, dd, dt, db)
 }

@@ -5,7 +5,10 @@
 //! number of threads (bit-reproducible CPU training).
 use half::bf16;
 
-use super::{AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec, UnaryOp};
+use super::{
+    AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
+    UnaryOp,
+};
 use crate::{DType, Device, Error, Result, Shape, WithDType};
 
 mod attention;
@@ -172,7 +175,12 @@ impl CpuStorage {
         let raw: Vec<i64> = match self {
             CpuStorage::I64(v) => v.clone(),
             CpuStorage::U32(v) => v.iter().map(|x| *x as i64).collect(),
-            other => return Err(Error::UnsupportedDType { op, dtype: other.dtype() }),
+            other => {
+                return Err(Error::UnsupportedDType {
+                    op,
+                    dtype: other.dtype(),
+                })
+            }
         };
         raw.into_iter()
             .enumerate()
@@ -192,7 +200,10 @@ impl CpuStorage {
 
 fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     if a != b {
-        return Err(Error::shape(op, format!("buffer lengths differ: {a} vs {b}")));
+        return Err(Error::shape(
+            op,
+            format!("buffer lengths differ: {a} vs {b}"),
+        ));
     }
     Ok(())
 }
@@ -200,7 +211,10 @@ fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
 /// The f32/f64 scalar of a one-element float buffer.
 fn scalar(op: &'static str, s: &CpuStorage) -> Result<f64> {
     if s.len() != 1 {
-        return Err(Error::shape(op, format!("expected one element, got {}", s.len())));
+        return Err(Error::shape(
+            op,
+            format!("expected one element, got {}", s.len()),
+        ));
     }
     Ok(s.to_f64_vec()[0])
 }
@@ -247,14 +261,28 @@ impl BackendStorage for CpuStorage {
             return Ok(self.clone());
         }
         Ok(match (self, dtype) {
-            (CpuStorage::F32(v), DType::BF16) => CpuStorage::BF16(v.iter().map(|x| bf16::from_f32(*x)).collect()),
+            (CpuStorage::F32(v), DType::BF16) => {
+                CpuStorage::BF16(v.iter().map(|x| bf16::from_f32(*x)).collect())
+            }
             (CpuStorage::BF16(v), DType::F32) => CpuStorage::F32(widen(v)),
-            (CpuStorage::F32(v), DType::F64) => CpuStorage::F64(v.iter().map(|x| *x as f64).collect()),
-            (CpuStorage::F64(v), DType::F32) => CpuStorage::F32(v.iter().map(|x| *x as f32).collect()),
-            (CpuStorage::BF16(v), DType::F64) => CpuStorage::F64(v.iter().map(|x| x.to_f64()).collect()),
-            (CpuStorage::F64(v), DType::BF16) => CpuStorage::BF16(v.iter().map(|x| bf16::from_f64(*x)).collect()),
-            (CpuStorage::I64(v), DType::U32) => CpuStorage::U32(v.iter().map(|x| *x as u32).collect()),
-            (CpuStorage::U32(v), DType::I64) => CpuStorage::I64(v.iter().map(|x| *x as i64).collect()),
+            (CpuStorage::F32(v), DType::F64) => {
+                CpuStorage::F64(v.iter().map(|x| *x as f64).collect())
+            }
+            (CpuStorage::F64(v), DType::F32) => {
+                CpuStorage::F32(v.iter().map(|x| *x as f32).collect())
+            }
+            (CpuStorage::BF16(v), DType::F64) => {
+                CpuStorage::F64(v.iter().map(|x| x.to_f64()).collect())
+            }
+            (CpuStorage::F64(v), DType::BF16) => {
+                CpuStorage::BF16(v.iter().map(|x| bf16::from_f64(*x)).collect())
+            }
+            (CpuStorage::I64(v), DType::U32) => {
+                CpuStorage::U32(v.iter().map(|x| *x as u32).collect())
+            }
+            (CpuStorage::U32(v), DType::I64) => {
+                CpuStorage::I64(v.iter().map(|x| *x as i64).collect())
+            }
             (s, d) => {
                 let f = s.to_f64_vec();
                 match d {
@@ -294,9 +322,10 @@ impl BackendStorage for CpuStorage {
         match (self, rhs) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => elementwise::add_assign(a, b),
             (CpuStorage::F64(a), CpuStorage::F64(b)) => elementwise::add_assign(a, b),
-            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x = bf16::from_f32(x.to_f32() + y.to_f32()))
-            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(b)) => a
+                .iter_mut()
+                .zip(b)
+                .for_each(|(x, y)| *x = bf16::from_f32(x.to_f32() + y.to_f32())),
             (a, b) => {
                 return Err(Error::DTypeMismatch {
                     op: "add_assign",
@@ -347,16 +376,35 @@ impl BackendStorage for CpuStorage {
         dof: usize,
     ) -> Result<()> {
         let (sl, dl) = (self.len(), dst.len());
-        let need = |off: usize, stride: usize| if rows == 0 || cols == 0 { 0 } else { off + (rows - 1) * stride + cols };
+        let need = |off: usize, stride: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                off + (rows - 1) * stride + cols
+            }
+        };
         if need(so, ss) > sl || need(dof, ds) > dl {
-            return Err(Error::shape("copy2d", format!("{rows}x{cols} block out of bounds (src {sl}, dst {dl})")));
+            return Err(Error::shape(
+                "copy2d",
+                format!("{rows}x{cols} block out of bounds (src {sl}, dst {dl})"),
+            ));
         }
         match (self, dst) {
-            (CpuStorage::F32(s), CpuStorage::F32(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
-            (CpuStorage::BF16(s), CpuStorage::BF16(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
-            (CpuStorage::F64(s), CpuStorage::F64(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
-            (CpuStorage::I64(s), CpuStorage::I64(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
-            (CpuStorage::U32(s), CpuStorage::U32(d)) => layout::copy2d(s, d, rows, cols, ss, ds, so, dof),
+            (CpuStorage::F32(s), CpuStorage::F32(d)) => {
+                layout::copy2d(s, d, rows, cols, ss, ds, so, dof)
+            }
+            (CpuStorage::BF16(s), CpuStorage::BF16(d)) => {
+                layout::copy2d(s, d, rows, cols, ss, ds, so, dof)
+            }
+            (CpuStorage::F64(s), CpuStorage::F64(d)) => {
+                layout::copy2d(s, d, rows, cols, ss, ds, so, dof)
+            }
+            (CpuStorage::I64(s), CpuStorage::I64(d)) => {
+                layout::copy2d(s, d, rows, cols, ss, ds, so, dof)
+            }
+            (CpuStorage::U32(s), CpuStorage::U32(d)) => {
+                layout::copy2d(s, d, rows, cols, ss, ds, so, dof)
+            }
             (s, d) => {
                 return Err(Error::DTypeMismatch {
                     op: "copy2d",
@@ -387,7 +435,13 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn layer_norm(&self, gamma: &Self, beta: &Self, cols: usize, eps: f64) -> Result<(Self, Self, Self)> {
+    fn layer_norm(
+        &self,
+        gamma: &Self,
+        beta: &Self,
+        cols: usize,
+        eps: f64,
+    ) -> Result<(Self, Self, Self)> {
         same_len("layer_norm", gamma.len(), cols)?;
         same_len("layer_norm", beta.len(), cols)?;
         with_float!("layer_norm", [self => x, gamma => g, beta => b], bf, {
@@ -409,7 +463,14 @@ impl BackendStorage for CpuStorage {
         if self.dtype() == DType::BF16 {
             // Statistics are f32 for bf16 tensors: run the f32 kernel and round the results.
             let (dx, dg, db) = self.cast(DType::F32)?.layer_norm_bwd(
-                &gamma.cast(DType::F32)?, mean, rstd, &dy.cast(DType::F32)?, cols, need_x, need_params)?;
+                &gamma.cast(DType::F32)?,
+                mean,
+                rstd,
+                &dy.cast(DType::F32)?,
+                cols,
+                need_x,
+                need_params,
+            )?;
             let r = |v: Option<Self>| v.map(|v| v.cast(DType::BF16)).transpose();
             return Ok((r(dx)?, r(dg)?, r(db)?));
         }
@@ -436,7 +497,10 @@ impl BackendStorage for CpuStorage {
 
     fn l2_normalize_bwd(&self, nrm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self> {
         if self.dtype() == DType::BF16 {
-            return self.cast(DType::F32)?.l2_normalize_bwd(nrm, &dy.cast(DType::F32)?, cols, eps)?.cast(DType::BF16);
+            return self
+                .cast(DType::F32)?
+                .l2_normalize_bwd(nrm, &dy.cast(DType::F32)?, cols, eps)?
+                .cast(DType::BF16);
         }
         with_float!("l2_normalize_bwd", [self => y, nrm => n, dy => dy], bf, {
             Ok(FloatOut::out(norm::l2_normalize_bwd(y, n, dy, cols, eps), bf))
@@ -450,11 +514,24 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn attention_bwd(&self, k: &Self, v: &Self, o: &Self, lse: &Self, d_o: &Self, spec: AttnSpec) -> Result<(Self, Self, Self)> {
+    fn attention_bwd(
+        &self,
+        k: &Self,
+        v: &Self,
+        o: &Self,
+        lse: &Self,
+        d_o: &Self,
+        spec: AttnSpec,
+    ) -> Result<(Self, Self, Self)> {
         if self.dtype() == DType::BF16 {
             let f = |s: &Self| s.cast(DType::F32);
-            let (dq, dk, dv) = f(self)?.attention_bwd(&f(k)?, &f(v)?, &f(o)?, lse, &f(d_o)?, spec)?;
-            return Ok((dq.cast(DType::BF16)?, dk.cast(DType::BF16)?, dv.cast(DType::BF16)?));
+            let (dq, dk, dv) =
+                f(self)?.attention_bwd(&f(k)?, &f(v)?, &f(o)?, lse, &f(d_o)?, spec)?;
+            return Ok((
+                dq.cast(DType::BF16)?,
+                dk.cast(DType::BF16)?,
+                dv.cast(DType::BF16)?,
+            ));
         }
         with_float!("attention_bwd", [self => q, k => k, v => v, o => o, lse => lse, d_o => d_o], bf, {
             let (dq, dk, dv) = attention::backward(q, k, v, o, lse, d_o, spec);
@@ -471,12 +548,22 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn cross_entropy_bwd(&self, labels_s: &Self, lse: &Self, dloss: &Self, rows: usize, cols: usize) -> Result<Self> {
+    fn cross_entropy_bwd(
+        &self,
+        labels_s: &Self,
+        lse: &Self,
+        dloss: &Self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
         let labels = labels_s.ids("cross_entropy_bwd", cols)?;
         same_len("cross_entropy_bwd", labels.len(), rows)?;
         let g = scalar("cross_entropy_bwd", dloss)?;
         if self.dtype() == DType::BF16 {
-            return self.cast(DType::F32)?.cross_entropy_bwd(labels_s, lse, dloss, rows, cols)?.cast(DType::BF16);
+            return self
+                .cast(DType::F32)?
+                .cross_entropy_bwd(labels_s, lse, dloss, rows, cols)?
+                .cast(DType::BF16);
         }
         with_float!("cross_entropy_bwd", [self => z, lse => lse], bf, {
             Ok(FloatOut::out(loss::cross_entropy_bwd(z, &labels, lse, g, cols), bf))
@@ -490,8 +577,20 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn sigmoid_loss_bwd(&self, d: &Self, t: &Self, b: &Self, dloss: &Self, n: usize, dim: usize) -> Result<(Self, Self, Self, Self)> {
-        let (tv, bv, g) = (scalar("sigmoid_loss_bwd", t)?, scalar("sigmoid_loss_bwd", b)?, scalar("sigmoid_loss_bwd", dloss)?);
+    fn sigmoid_loss_bwd(
+        &self,
+        d: &Self,
+        t: &Self,
+        b: &Self,
+        dloss: &Self,
+        n: usize,
+        dim: usize,
+    ) -> Result<(Self, Self, Self, Self)> {
+        let (tv, bv, g) = (
+            scalar("sigmoid_loss_bwd", t)?,
+            scalar("sigmoid_loss_bwd", b)?,
+            scalar("sigmoid_loss_bwd", dloss)?,
+        );
         let (tdt, bdt) = (t.dtype(), b.dtype());
         with_float!("sigmoid_loss_bwd", [self => f, d => d], bf, {
             let (df, dd, dt, db) = loss::sigmoid_loss_bwd(f, d, tv, bv, g, n, dim);
@@ -504,7 +603,13 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn lora_linear(&self, w: &Self, b: Option<&Self>, lora: Option<(&Self, &Self, LoraSpec)>, spec: LinearSpec) -> Result<(Self, Option<Self>)> {
+    fn lora_linear(
+        &self,
+        w: &Self,
+        b: Option<&Self>,
+        lora: Option<(&Self, &Self, LoraSpec)>,
+        spec: LinearSpec,
+    ) -> Result<(Self, Option<Self>)> {
         lora::check(self, w, b, lora.map(|(a, bm, s)| (a, bm, s.rank)), spec)?;
         let la = lora.map(|l| l.0);
         let lb = lora.map(|l| l.1);
@@ -519,7 +624,14 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn lora_linear_bwd(&self, w: &Self, lora: Option<(&Self, &Self, &Self, LoraSpec)>, dy: &Self, spec: LinearSpec, needs: LinearNeeds) -> Result<LinearGrads<Self>> {
+    fn lora_linear_bwd(
+        &self,
+        w: &Self,
+        lora: Option<(&Self, &Self, &Self, LoraSpec)>,
+        dy: &Self,
+        spec: LinearSpec,
+        needs: LinearNeeds,
+    ) -> Result<LinearGrads<Self>> {
         same_len("lora_linear_bwd", dy.len(), spec.m * spec.n)?;
         let la = lora.map(|l| l.0);
         let lb = lora.map(|l| l.1);
@@ -536,4 +648,3 @@ impl BackendStorage for CpuStorage {
         })
     }
 }
-

@@ -5,8 +5,14 @@ use super::RED_CHUNK;
 use crate::Float;
 
 /// Returns (y, mean, rstd) per row; statistics accumulated in F.
-pub fn layer_norm<F: Float>(x: &[F], g: &[F], b: &[F], cols: usize, eps: f64) -> (Vec<F>, Vec<F>, Vec<F>) {
-    let rows = if cols == 0 { 0 } else { x.len() / cols };
+pub fn layer_norm<F: Float>(
+    x: &[F],
+    g: &[F],
+    b: &[F],
+    cols: usize,
+    eps: f64,
+) -> (Vec<F>, Vec<F>, Vec<F>) {
+    let rows = x.len().checked_div(cols).unwrap_or(0);
     let mut y = vec![F::zero(); x.len()];
     let mut mean = vec![F::zero(); rows];
     let mut rstd = vec![F::zero(); rows];
@@ -43,27 +49,29 @@ pub fn layer_norm_bwd<F: Float>(
     need_x: bool,
     need_params: bool,
 ) -> Grads<F> {
-    let rows = if cols == 0 { 0 } else { x.len() / cols };
+    let rows = x.len().checked_div(cols).unwrap_or(0);
     let n = F::from_usize(cols).unwrap_or_else(F::one);
     let dx = need_x.then(|| {
         let mut dx = vec![F::zero(); x.len()];
-        dx.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, dx)| {
-            let (x, dy) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
-            let (mu, rs) = (mean[r], rstd[r]);
-            let mut s1 = F::zero();
-            let mut s2 = F::zero();
-            for i in 0..cols {
-                let xh = (x[i] - mu) * rs;
-                let dg = dy[i] * g[i];
-                s1 += dg;
-                s2 += dg * xh;
-            }
-            let (m1, m2) = (s1 / n, s2 / n);
-            for i in 0..cols {
-                let xh = (x[i] - mu) * rs;
-                dx[i] = (dy[i] * g[i] - m1 - xh * m2) * rs;
-            }
-        });
+        dx.par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(r, dx)| {
+                let (x, dy) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+                let (mu, rs) = (mean[r], rstd[r]);
+                let mut s1 = F::zero();
+                let mut s2 = F::zero();
+                for i in 0..cols {
+                    let xh = (x[i] - mu) * rs;
+                    let dg = dy[i] * g[i];
+                    s1 += dg;
+                    s2 += dg * xh;
+                }
+                let (m1, m2) = (s1 / n, s2 / n);
+                for i in 0..cols {
+                    let xh = (x[i] - mu) * rs;
+                    dx[i] = (dy[i] * g[i] - m1 - xh * m2) * rs;
+                }
+            });
         dx
     });
     let (dg, db) = if need_params {
@@ -141,7 +149,7 @@ pub fn softmax_bwd<F: Float>(y: &[F], dy: &[F], cols: usize) -> Vec<F> {
 
 /// y = x / max(‖x‖, eps) per row (as torch's F.normalize). Returns (y, ‖x‖).
 pub fn l2_normalize<F: Float>(x: &[F], cols: usize, eps: f64) -> (Vec<F>, Vec<F>) {
-    let rows = if cols == 0 { 0 } else { x.len() / cols };
+    let rows = x.len().checked_div(cols).unwrap_or(0);
     let mut y = vec![F::zero(); x.len()];
     let mut norms = vec![F::zero(); rows];
     if rows == 0 {

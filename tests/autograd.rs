@@ -1,0 +1,215 @@
+//! The tape: frozen weights, micro-batch accumulation, no-grad mode, a consumed graph, and
+//! thread-count-independent results.
+mod common;
+use common::{assert_close, rand64};
+use sd2::autograd::nodes_recorded;
+use sd2::ops::{self, Lora};
+use sd2::{no_grad, Device, GradStore, Result, Tensor};
+
+/// A tiny transformer-ish model: LoRA-linear → LayerNorm → causal attention → CLS row →
+/// linear head → summed cross-entropy. Returns the loss.
+struct Model {
+    w: Tensor,
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    head: Tensor,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            w: rand64(&[6, 6], 1),
+            bias: rand64(&[6], 2),
+            a: rand64(&[2, 6], 3).into_trainable(),
+            b: rand64(&[6, 2], 4).into_trainable(),
+            gamma: rand64(&[6], 5).into_trainable(),
+            beta: rand64(&[6], 6).into_trainable(),
+            head: rand64(&[3, 6], 7).into_trainable(),
+        }
+    }
+
+    fn loss(&self, x: &Tensor, labels: &[i64]) -> Result<Tensor> {
+        let lora = Lora {
+            a: &self.a,
+            b: &self.b,
+            scale: 4.0,
+            dropout: 0.0,
+            seed: 0,
+        };
+        let h = ops::lora_linear(x, &self.w, Some(&self.bias), Some(lora))?;
+        let h = h.layer_norm(&self.gamma, &self.beta, 1e-5)?;
+        let h = ops::attention(&h, &h, &h, 2, true)?;
+        let cls = h.select_rows_per_batch(&vec![x.dims()[1] - 1; x.dims()[0]])?;
+        let logits = cls.linear(&self.head, None)?;
+        let y = Tensor::from_vec(labels.to_vec(), labels.len(), Device::Cpu)?;
+        // Summed (not mean) loss, so micro-batch losses add up to the full batch's.
+        ops::cross_entropy(&logits, &y)?.scale(labels.len() as f64)
+    }
+
+    fn trainable(&self) -> Vec<&Tensor> {
+        vec![&self.a, &self.b, &self.gamma, &self.beta, &self.head]
+    }
+}
+
+#[test]
+fn frozen_weights_get_no_gradient() {
+    let m = Model::new();
+    let x = rand64(&[2, 4, 6], 10);
+    let g = m.loss(&x, &[0, 2]).unwrap().backward().unwrap();
+    assert!(g.get(&m.w).is_none(), "frozen W got a gradient");
+    assert!(g.get(&m.bias).is_none(), "frozen bias got a gradient");
+    assert!(g.get(&x).is_none(), "input data got a gradient");
+    for t in m.trainable() {
+        let gt = g.get(t).expect("trainable tensor without gradient");
+        assert_eq!(gt.dims(), t.dims());
+        assert!(gt.to_vec_f64().unwrap().iter().any(|v| *v != 0.0));
+    }
+    assert_eq!(g.len(), 5, "exactly the trainable leaves are stored");
+}
+
+#[test]
+fn accumulation_over_micro_batches_equals_one_batch() {
+    let m = Model::new();
+    let x = rand64(&[4, 5, 6], 11);
+    let labels = [0, 2, 1, 2];
+    let full = m.loss(&x, &labels).unwrap().backward().unwrap();
+    let mut acc = GradStore::new();
+    m.loss(&x.narrow(0, 0, 2).unwrap(), &labels[..2])
+        .unwrap()
+        .backward_into(&mut acc)
+        .unwrap();
+    m.loss(&x.narrow(0, 2, 2).unwrap(), &labels[2..])
+        .unwrap()
+        .backward_into(&mut acc)
+        .unwrap();
+    for (i, t) in m.trainable().into_iter().enumerate() {
+        let a = acc.get(t).unwrap().to_vec_f64().unwrap();
+        let f = full.get(t).unwrap().to_vec_f64().unwrap();
+        assert_close(&format!("accumulated grad {i}"), &a, &f, 1e-12, 1e-10);
+    }
+}
+
+#[test]
+fn accumulation_is_in_place_and_clearable() {
+    let w = rand64(&[3], 12).into_trainable();
+    let mut store = GradStore::new();
+    for _ in 0..3 {
+        w.mul(&w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward_into(&mut store)
+            .unwrap();
+    }
+    let want: Vec<f64> = w.to_vec_f64().unwrap().iter().map(|v| 6.0 * v).collect();
+    assert_close(
+        "3× d(w²)",
+        &store.get(&w).unwrap().to_vec_f64().unwrap(),
+        &want,
+        1e-12,
+        1e-12,
+    );
+    store.clear();
+    assert!(store.is_empty());
+}
+
+#[test]
+fn no_grad_records_nothing() {
+    let m = Model::new();
+    let x = rand64(&[2, 4, 6], 13);
+    let before = nodes_recorded();
+    let loss = {
+        let _g = no_grad();
+        m.loss(&x, &[1, 1]).unwrap()
+    };
+    assert_eq!(nodes_recorded(), before, "no_grad recorded graph nodes");
+    assert!(!loss.is_tracked());
+    assert!(
+        loss.backward().is_err(),
+        "backward without a graph must fail"
+    );
+    // Data-only computations record nothing either, even with gradients enabled.
+    let y = x.exp().unwrap().sum_all().unwrap();
+    assert_eq!(nodes_recorded(), before);
+    assert!(!y.is_tracked());
+    // And with gradients on, the same forward does record.
+    let _l = m.loss(&x, &[1, 1]).unwrap();
+    assert!(nodes_recorded() > before);
+}
+
+#[test]
+fn a_graph_is_consumed_by_backward() {
+    let m = Model::new();
+    let x = rand64(&[2, 4, 6], 14);
+    let loss = m.loss(&x, &[0, 1]).unwrap();
+    loss.backward().unwrap();
+    let e = loss
+        .backward()
+        .err()
+        .expect("second backward must fail")
+        .to_string();
+    assert!(e.contains("already consumed"), "{e}");
+}
+
+#[test]
+fn gradients_of_extreme_sigmoid_logits_are_finite() {
+    let f = rand64(&[5, 4], 15).l2_normalize().unwrap().into_trainable();
+    let d = rand64(&[5, 4], 16).l2_normalize().unwrap().into_trainable();
+    for (t, b) in [(1e6, 1e6), (1e6, -1e6), (1e30, 0.0), (0.0, -1e30)] {
+        let tt = common::t64(&[t], &[]).into_trainable();
+        let bb = common::t64(&[b], &[]).into_trainable();
+        let l = ops::sigmoid_loss(&f, &d, &tt, &bb).unwrap();
+        assert!(
+            l.to_scalar().unwrap().is_finite(),
+            "loss not finite for t={t}, b={b}"
+        );
+        let g = l.backward().unwrap();
+        for x in [&f, &d, &tt, &bb] {
+            assert!(
+                g.get(x)
+                    .unwrap()
+                    .to_vec_f64()
+                    .unwrap()
+                    .iter()
+                    .all(|v| v.is_finite()),
+                "non-finite grad for t={t}, b={b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let run = |threads: usize| -> Vec<Vec<f64>> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let m = Model::new();
+            // Enough rows that reductions split into several chunks.
+            let x = rand64(&[70, 5, 6], 17).to_dtype(sd2::DType::F32).unwrap();
+            let f32m = |t: &Tensor| t.to_dtype(sd2::DType::F32).unwrap();
+            let mm = Model {
+                w: f32m(&m.w),
+                bias: f32m(&m.bias),
+                a: f32m(&m.a).detach().into_trainable(),
+                b: f32m(&m.b).detach().into_trainable(),
+                gamma: f32m(&m.gamma).detach().into_trainable(),
+                beta: f32m(&m.beta).detach().into_trainable(),
+                head: f32m(&m.head).detach().into_trainable(),
+            };
+            let labels: Vec<i64> = (0..70).map(|i| i % 3).collect();
+            let g = mm.loss(&x, &labels).unwrap().backward().unwrap();
+            mm.trainable()
+                .iter()
+                .map(|t| g.get(t).unwrap().to_vec_f64().unwrap())
+                .collect()
+        })
+    };
+    let (one, two) = (run(1), run(2));
+    assert_eq!(one, two, "gradients differ between 1 and 2 threads");
+}
