@@ -61,13 +61,15 @@ pub fn no_grad() -> GradModeGuard {
     GradModeGuard(prev)
 }
 
-/// Builds an op's output, recording `make_backward()` only when it is needed. The closure
-/// (which clones whatever the backward saves) does not run at all in inference.
+/// Builds an op's output, recording `make_backward(y)` only when it is needed. The closure
+/// (which clones whatever the backward saves) does not run at all in inference. `y` is a
+/// constant view sharing the output's storage, for backward rules that need the output
+/// (softmax, attention, …) without copying it.
 pub(crate) fn record<B: BackwardOp + 'static>(
     out: crate::storage::Storage,
     shape: crate::Shape,
     inputs: &[&Tensor],
-    make_backward: impl FnOnce() -> B,
+    make_backward: impl FnOnce(&Tensor) -> B,
 ) -> Result<Tensor> {
     let shape_ok = out.len() == shape.elem_count();
     if !shape_ok {
@@ -79,12 +81,13 @@ pub(crate) fn record<B: BackwardOp + 'static>(
     let storage = std::sync::Arc::new(std::sync::RwLock::new(out));
     if is_grad_enabled() && inputs.iter().any(|t| t.is_tracked()) {
         note_recorded();
+        let view = Tensor::build(storage.clone(), shape.clone(), GradState::Const);
         let node = Node {
             inputs: inputs
                 .iter()
                 .map(|t| t.is_tracked().then(|| (*t).clone()))
                 .collect(),
-            op: Box::new(make_backward()),
+            op: Box::new(make_backward(&view)),
         };
         Ok(Tensor::build(
             storage,

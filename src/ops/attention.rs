@@ -71,12 +71,11 @@ pub fn attention_lse(
     };
     let (out, lse) = q.storage().attention(&k.storage(), &v.storage(), spec)?;
     let lse_t = Tensor::from_storage(lse, (spec.batch, spec.heads, spec.q_len))?;
-    let saved_out = Tensor::from_storage(out.try_clone()?, q.shape().clone())?;
-    let y = record(out, q.shape().clone(), &[q, k, v], || AttnBackward {
+    let y = record(out, q.shape().clone(), &[q, k, v], |y| AttnBackward {
         q: q.clone(),
         k: k.clone(),
         v: v.clone(),
-        o: saved_out,
+        o: y.clone(),
         lse: lse_t.clone(),
         spec,
     })?;

@@ -13,7 +13,7 @@ impl Tensor {
             .storage()
             .binary(&rhs.storage(), op, self.shape(), rhs.shape(), &os)?;
         let (a, b) = (self.clone(), rhs.clone());
-        record_fn(name, out, os, &[self, rhs], move || {
+        record_fn(name, out, os, &[self, rhs], move |_: &Tensor| {
             move |g: &Tensor, needs: &[bool]| {
                 let (ls, rs) = (a.shape().clone(), b.shape().clone());
                 let ga = if needs[0] {
@@ -62,17 +62,13 @@ impl Tensor {
         let out = self.storage().unary(op)?;
         let shape = self.shape().clone();
         let x = self.clone();
-        // The output is saved for exp/sqrt/sigmoid, whose derivatives are cheapest from y.
+        // exp/sqrt/sigmoid derive fastest from the output y (a view, not a copy).
         let needs_y = matches!(op, UnaryOp::Exp | UnaryOp::Sqrt | UnaryOp::Sigmoid);
-        let y_copy = if needs_y && crate::autograd::is_grad_enabled() && self.is_tracked() {
-            Some(Tensor::from_storage(out.try_clone()?, shape.clone())?)
-        } else {
-            None
-        };
-        record_fn(op.name(), out, shape, &[self], move || {
+        record_fn(op.name(), out, shape, &[self], move |y: &Tensor| {
+            let y = needs_y.then(|| y.clone());
             move |g: &Tensor, _: &[bool]| {
                 let empty;
-                let ys = match &y_copy {
+                let ys = match &y {
                     Some(y) => y.storage(),
                     None => {
                         empty = Tensor::zeros(0, x.dtype(), x.device())?;
@@ -112,9 +108,13 @@ impl Tensor {
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
         check_float("affine", self)?;
         let out = self.storage().affine(mul, add)?;
-        record_fn("affine", out, self.shape().clone(), &[self], move || {
-            move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.affine(mul, 0.0)?)])
-        })
+        record_fn(
+            "affine",
+            out,
+            self.shape().clone(),
+            &[self],
+            move |_: &Tensor| move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.affine(mul, 0.0)?)]),
+        )
     }
 
     pub fn scale(&self, s: f64) -> Result<Tensor> {
@@ -137,7 +137,7 @@ impl Tensor {
         }
         let out = self.storage().sum_to(self.shape(), shape)?;
         let src = self.shape().clone();
-        record_fn("sum_to", out, shape.clone(), &[self], move || {
+        record_fn("sum_to", out, shape.clone(), &[self], move |_: &Tensor| {
             move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.broadcast_as(&src)?)])
         })
     }
@@ -158,9 +158,13 @@ impl Tensor {
         }
         let out = self.storage().broadcast_to(self.shape(), shape)?;
         let src = self.shape().clone();
-        record_fn("broadcast_as", out, shape.clone(), &[self], move || {
-            move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.sum_to(&src)?)])
-        })
+        record_fn(
+            "broadcast_as",
+            out,
+            shape.clone(),
+            &[self],
+            move |_: &Tensor| move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.sum_to(&src)?)]),
+        )
     }
 
     /// Sum of every element, as a 0-d tensor.

@@ -59,54 +59,62 @@ impl Tensor {
         let (a, b) = (self.clone(), rhs.clone());
         let nbd = a_batch.len();
         let a_batch_v = a_batch.to_vec();
-        record_fn("matmul", out, Shape::new(od), &[self, rhs], move || {
-            move |g: &Tensor, needs: &[bool]| {
-                let ga = if needs[0] {
-                    Some(if trans_a {
-                        // dA (stored [k, m]) = op(B)·dCᵀ; a shared B is repeated per batch first.
-                        let bb = if rhs_batched || nbd == 0 {
-                            b.clone()
+        record_fn(
+            "matmul",
+            out,
+            Shape::new(od),
+            &[self, rhs],
+            move |_: &Tensor| {
+                move |g: &Tensor, needs: &[bool]| {
+                    let ga = if needs[0] {
+                        Some(if trans_a {
+                            // dA (stored [k, m]) = op(B)·dCᵀ; a shared B is repeated per batch first.
+                            let bb = if rhs_batched || nbd == 0 {
+                                b.clone()
+                            } else {
+                                b.broadcast_as(&Shape::new(
+                                    [a_batch_v.as_slice(), b.dims()].concat(),
+                                ))?
+                            };
+                            bb.matmul_t(g, trans_b, true)?
                         } else {
-                            b.broadcast_as(&Shape::new([a_batch_v.as_slice(), b.dims()].concat()))?
-                        };
-                        bb.matmul_t(g, trans_b, true)?
+                            g.matmul_t(&b, false, !trans_b)?
+                        })
                     } else {
-                        g.matmul_t(&b, false, !trans_b)?
-                    })
-                } else {
-                    None
-                };
-                let gb = if needs[1] {
-                    Some(if rhs_batched {
-                        if trans_b {
-                            g.matmul_t(&a, true, trans_a)?
+                        None
+                    };
+                    let gb = if needs[1] {
+                        Some(if rhs_batched {
+                            if trans_b {
+                                g.matmul_t(&a, true, trans_a)?
+                            } else {
+                                a.matmul_t(g, !trans_a, false)?
+                            }
+                        } else if !trans_a {
+                            // Shared rhs: fold the batch into rows, one product sums over it.
+                            let a2 = a.reshape((batch * m, k))?;
+                            let g2 = g.reshape((batch * m, n))?;
+                            if trans_b {
+                                g2.matmul_t(&a2, true, false)?
+                            } else {
+                                a2.matmul_t(&g2, true, false)?
+                            }
                         } else {
-                            a.matmul_t(g, !trans_a, false)?
-                        }
-                    } else if !trans_a {
-                        // Shared rhs: fold the batch into rows, one product sums over it.
-                        let a2 = a.reshape((batch * m, k))?;
-                        let g2 = g.reshape((batch * m, n))?;
-                        if trans_b {
-                            g2.matmul_t(&a2, true, false)?
-                        } else {
-                            a2.matmul_t(&g2, true, false)?
-                        }
+                            let per = if trans_b {
+                                g.matmul_t(&a, true, true)?
+                            } else {
+                                a.matmul_t(g, false, false)?
+                            };
+                            per.sum_to(&Shape::new([vec![1; nbd], b.dims().to_vec()].concat()))?
+                                .reshape(b.shape().clone())?
+                        })
                     } else {
-                        let per = if trans_b {
-                            g.matmul_t(&a, true, true)?
-                        } else {
-                            a.matmul_t(g, false, false)?
-                        };
-                        per.sum_to(&Shape::new([vec![1; nbd], b.dims().to_vec()].concat()))?
-                            .reshape(b.shape().clone())?
-                    })
-                } else {
-                    None
-                };
-                Ok(vec![ga, gb])
-            }
-        })
+                        None
+                    };
+                    Ok(vec![ga, gb])
+                }
+            },
+        )
     }
 
     /// `self·Wᵀ + b`, W is [out, in] (PyTorch's layout).
@@ -223,7 +231,7 @@ pub fn lora_linear(
         inputs.push(l.b);
     }
     let has_bias = b.is_some();
-    record(y, Shape::new(od), &inputs, || LinearBackward {
+    record(y, Shape::new(od), &inputs, |_| LinearBackward {
         x: x.clone(),
         w: w.clone(),
         lora: lora

@@ -31,15 +31,21 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         .cross_entropy(&labels.storage(), rows, cols)?;
     let (z, y) = (logits.clone(), labels.clone());
     let sd = stat_dtype(logits);
-    record_fn(op, loss, crate::Shape::scalar(), &[logits], move || {
-        move |g: &Tensor, _: &[bool]| {
-            let g = g.to_dtype(sd)?;
-            let dz = z
-                .storage()
-                .cross_entropy_bwd(&y.storage(), &lse, &g.storage(), rows, cols)?;
-            Ok(vec![Some(Tensor::from_storage(dz, z.shape().clone())?)])
-        }
-    })
+    record_fn(
+        op,
+        loss,
+        crate::Shape::scalar(),
+        &[logits],
+        move |_: &Tensor| {
+            move |g: &Tensor, _: &[bool]| {
+                let g = g.to_dtype(sd)?;
+                let dz =
+                    z.storage()
+                        .cross_entropy_bwd(&y.storage(), &lse, &g.storage(), rows, cols)?;
+                Ok(vec![Some(Tensor::from_storage(dz, z.shape().clone())?)])
+            }
+        },
+    )
 }
 
 /// `L = −(1/n) Σ_i Σ_j log σ(z_ij·(t·⟨f_i, d_j⟩ + b))`, z_ii = +1, z_ij = −1 otherwise, for
@@ -64,29 +70,35 @@ pub fn sigmoid_loss(f: &Tensor, d: &Tensor, t: &Tensor, b: &Tensor) -> Result<Te
         .storage()
         .sigmoid_loss(&d.storage(), &t.storage(), &b.storage(), n, dim)?;
     let (fc, dc, tc, bc) = (f.clone(), d.clone(), t.clone(), b.clone());
-    record_fn(op, loss, crate::Shape::scalar(), &[f, d, t, b], move || {
-        move |g: &Tensor, needs: &[bool]| {
-            let (df, dd, dt, db) = fc.storage().sigmoid_loss_bwd(
-                &dc.storage(),
-                &tc.storage(),
-                &bc.storage(),
-                &g.storage(),
-                n,
-                dim,
-            )?;
-            let w = |s, like: &Tensor, need: bool| -> Result<Option<Tensor>> {
-                if need {
-                    Ok(Some(Tensor::from_storage(s, like.shape().clone())?))
-                } else {
-                    Ok(None)
-                }
-            };
-            Ok(vec![
-                w(df, &fc, needs[0])?,
-                w(dd, &dc, needs[1])?,
-                w(dt, &tc, needs[2])?,
-                w(db, &bc, needs[3])?,
-            ])
-        }
-    })
+    record_fn(
+        op,
+        loss,
+        crate::Shape::scalar(),
+        &[f, d, t, b],
+        move |_: &Tensor| {
+            move |g: &Tensor, needs: &[bool]| {
+                let (df, dd, dt, db) = fc.storage().sigmoid_loss_bwd(
+                    &dc.storage(),
+                    &tc.storage(),
+                    &bc.storage(),
+                    &g.storage(),
+                    n,
+                    dim,
+                )?;
+                let w = |s, like: &Tensor, need: bool| -> Result<Option<Tensor>> {
+                    if need {
+                        Ok(Some(Tensor::from_storage(s, like.shape().clone())?))
+                    } else {
+                        Ok(None)
+                    }
+                };
+                Ok(vec![
+                    w(df, &fc, needs[0])?,
+                    w(dd, &dc, needs[1])?,
+                    w(dt, &tc, needs[2])?,
+                    w(db, &bc, needs[3])?,
+                ])
+            }
+        },
+    )
 }

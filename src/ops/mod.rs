@@ -68,10 +68,10 @@ pub(crate) fn record_fn<F>(
     out: crate::storage::Storage,
     shape: crate::Shape,
     inputs: &[&Tensor],
-    f: impl FnOnce() -> F,
+    f: impl FnOnce(&Tensor) -> F,
 ) -> Result<Tensor>
 where
     F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 {
-    crate::autograd::record(out, shape, inputs, || FnBackward { name, f: f() })
+    crate::autograd::record(out, shape, inputs, |y| FnBackward { name, f: f(y) })
 }

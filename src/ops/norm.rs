@@ -32,7 +32,7 @@ impl Tensor {
             y,
             self.shape().clone(),
             &[self, gamma, beta],
-            move || {
+            move |_: &Tensor| {
                 move |dy: &Tensor, needs: &[bool]| {
                     let (dx, dg, db) = x.storage().layer_norm_bwd(
                         &g.storage(),
@@ -69,13 +69,19 @@ impl Tensor {
         check_float("softmax", self)?;
         let cols = self.shape().last();
         let out = self.storage().softmax_last(cols)?;
-        let y = Tensor::from_storage(out.try_clone()?, self.shape().clone())?;
-        record_fn("softmax", out, self.shape().clone(), &[self], move || {
-            move |dy: &Tensor, _: &[bool]| {
-                let dx = y.storage().softmax_last_bwd(&dy.storage(), cols)?;
-                Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
-            }
-        })
+        record_fn(
+            "softmax",
+            out,
+            self.shape().clone(),
+            &[self],
+            move |y: &Tensor| {
+                let y = y.clone();
+                move |dy: &Tensor, _: &[bool]| {
+                    let dx = y.storage().softmax_last_bwd(&dy.storage(), cols)?;
+                    Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
+                }
+            },
+        )
     }
 
     /// `x / max(‖x‖₂, 1e-12)` over the last dim.
@@ -83,13 +89,13 @@ impl Tensor {
         check_float("l2_normalize", self)?;
         let cols = self.shape().last();
         let (out, norms) = self.storage().l2_normalize(cols, L2_EPS)?;
-        let y = Tensor::from_storage(out.try_clone()?, self.shape().clone())?;
         record_fn(
             "l2_normalize",
             out,
             self.shape().clone(),
             &[self],
-            move || {
+            move |y: &Tensor| {
+                let y = y.clone();
                 move |dy: &Tensor, _: &[bool]| {
                     let dx = y
                         .storage()

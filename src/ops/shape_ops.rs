@@ -82,9 +82,13 @@ impl Tensor {
         for (i, p) in perm.iter().enumerate() {
             inv[*p] = i;
         }
-        record_fn("permute", out, Shape::new(od), &[self], move || {
-            move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.permute(&inv)?)])
-        })
+        record_fn(
+            "permute",
+            out,
+            Shape::new(od),
+            &[self],
+            move |_: &Tensor| move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.permute(&inv)?)]),
+        )
     }
 
     pub fn transpose(&self, d0: isize, d1: isize) -> Result<Tensor> {
@@ -124,7 +128,7 @@ impl Tensor {
             0,
         )?;
         let src = self.shape().clone();
-        record_fn("narrow", out, Shape::new(od), &[self], move || {
+        record_fn("narrow", out, Shape::new(od), &[self], move |_: &Tensor| {
             move |g: &Tensor, _: &[bool]| {
                 // Scatter back into zeros of the input's shape.
                 let mut dx = g.storage().zeros_like(src.elem_count(), g.dtype())?;
@@ -187,7 +191,7 @@ impl Tensor {
             )?;
             at += s;
         }
-        record_fn("cat", out, Shape::new(od), ts, move || {
+        record_fn("cat", out, Shape::new(od), ts, move |_: &Tensor| {
             move |g: &Tensor, needs: &[bool]| {
                 let mut at = 0;
                 let mut res = vec![];
@@ -220,12 +224,18 @@ impl Tensor {
         let mut od = ids.dims().to_vec();
         od.extend_from_slice(&self.dims()[1..]);
         let (ids_c, src) = (ids.clone(), self.shape().clone());
-        record_fn("index_rows", out, Shape::new(od), &[self], move || {
-            move |g: &Tensor, _: &[bool]| {
-                let dx = g.storage().index_add_rows(&ids_c.storage(), rows, cols)?;
-                Ok(vec![Some(Tensor::from_storage(dx, src)?)])
-            }
-        })
+        record_fn(
+            "index_rows",
+            out,
+            Shape::new(od),
+            &[self],
+            move |_: &Tensor| {
+                move |g: &Tensor, _: &[bool]| {
+                    let dx = g.storage().index_add_rows(&ids_c.storage(), rows, cols)?;
+                    Ok(vec![Some(Tensor::from_storage(dx, src)?)])
+                }
+            },
+        )
     }
 
     /// Embedding lookup: table [vocab, dim], ids [...] → [..., dim].
@@ -324,8 +334,12 @@ impl Tensor {
         }
         let out = self.storage().cast(dtype)?;
         let src = self.dtype();
-        record_fn("to_dtype", out, self.shape().clone(), &[self], move || {
-            move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.to_dtype(src)?)])
-        })
+        record_fn(
+            "to_dtype",
+            out,
+            self.shape().clone(),
+            &[self],
+            move |_: &Tensor| move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.to_dtype(src)?)]),
+        )
     }
 }
