@@ -41,7 +41,11 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let json = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let quick = args.iter().any(|a| a == "--quick");
     let reps = if quick { 3 } else { 10 };
     let mut rows = vec![];
@@ -62,7 +66,11 @@ fn main() {
             let _g = no_grad();
             x.linear(&w, None).unwrap();
         });
-        rows.push(Row { name: format!("matmul {name} M={m}"), gflop: 2.0 * (m * n * k) as f64 / 1e9, secs });
+        rows.push(Row {
+            name: format!("matmul {name} M={m}"),
+            gflop: 2.0 * (m * n * k) as f64 / 1e9,
+            secs,
+        });
     }
 
     // LoRA-linear (rank 8, dropout off) against the plain linear of the same shape.
@@ -73,7 +81,19 @@ fn main() {
     let b = rand(&[n, r], 6);
     let secs = time(reps, || {
         let _g = no_grad();
-        ops::lora_linear(&x, &w, None, Some(Lora { a: &a, b: &b, scale: 4.0, dropout: 0.0, seed: 0 })).unwrap();
+        ops::lora_linear(
+            &x,
+            &w,
+            None,
+            Some(Lora {
+                a: &a,
+                b: &b,
+                scale: 4.0,
+                dropout: 0.0,
+                seed: 0,
+            }),
+        )
+        .unwrap();
     });
     rows.push(Row {
         name: format!("lora_linear r=8 1024x1024 M={m}"),
@@ -82,9 +102,10 @@ fn main() {
     });
 
     // Attention: vision B=2, 16 heads, 257 tokens, head_dim 64; text B=8, 12 heads, 77, causal.
-    for &(name, bsz, heads, seq, hd, causal) in
-        &[("vit", 2usize, 16usize, 257usize, 64usize, false), ("text causal", 8, 12, 77, 64, true)]
-    {
+    for &(name, bsz, heads, seq, hd, causal) in &[
+        ("vit", 2usize, 16usize, 257usize, 64usize, false),
+        ("text causal", 8, 12, 77, 64, true),
+    ] {
         let q = rand(&[bsz, seq, heads * hd], 7);
         let k = rand(&[bsz, seq, heads * hd], 8);
         let v = rand(&[bsz, seq, heads * hd], 9);
@@ -94,8 +115,16 @@ fn main() {
             let _g = no_grad();
             ops::attention(&q, &k, &v, heads, causal).unwrap();
         });
-        rows.push(Row { name: format!("attention fwd {name} B={bsz} H={heads} S={seq} D={hd}"), gflop: fwd_flop, secs });
-        let (qt, kt, vt) = (q.clone().into_trainable(), k.clone().into_trainable(), v.clone().into_trainable());
+        rows.push(Row {
+            name: format!("attention fwd {name} B={bsz} H={heads} S={seq} D={hd}"),
+            gflop: fwd_flop,
+            secs,
+        });
+        let (qt, kt, vt) = (
+            q.clone().into_trainable(),
+            k.clone().into_trainable(),
+            v.clone().into_trainable(),
+        );
         let dy = rand(&[bsz, seq, heads * hd], 10);
         let secs = time(reps, || {
             let o = ops::attention(&qt, &kt, &vt, heads, causal).unwrap();
@@ -109,15 +138,28 @@ fn main() {
         });
     }
 
-    println!("sd2 CPU reference backend, {} rayon threads, f32", rayon::current_num_threads());
+    println!(
+        "sd2 CPU reference backend, {} rayon threads, f32",
+        rayon::current_num_threads()
+    );
     println!("{:<58} {:>10} {:>10}", "op", "ms", "GFLOP/s");
     for r in &rows {
-        println!("{:<58} {:>10.2} {:>10.1}", r.name, r.secs * 1e3, r.gflop / r.secs);
+        println!(
+            "{:<58} {:>10.2} {:>10.1}",
+            r.name,
+            r.secs * 1e3,
+            r.gflop / r.secs
+        );
     }
     if let Some(path) = json {
         let body: Vec<String> = rows
             .iter()
-            .map(|r| format!("  {{\"name\": \"{}\", \"gflop\": {}, \"secs\": {}}}", r.name, r.gflop, r.secs))
+            .map(|r| {
+                format!(
+                    "  {{\"name\": \"{}\", \"gflop\": {}, \"secs\": {}}}",
+                    r.name, r.gflop, r.secs
+                )
+            })
             .collect();
         let tmp = format!("{path}.tmp");
         std::fs::write(&tmp, format!("[\n{}\n]\n", body.join(",\n"))).expect("write json");

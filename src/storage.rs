@@ -2,6 +2,7 @@
 //! operands; operands on different devices are an error naming the op. The CUDA backend adds
 //! its variant here and one arm per method.
 use crate::backend::cpu::CpuStorage;
+use crate::backend::AdamWStep;
 use crate::backend::{
     AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
     UnaryOp,
@@ -404,5 +405,24 @@ impl Storage {
             lora_a: g.lora_a.map(Storage::Cpu),
             lora_b: g.lora_b.map(Storage::Cpu),
         })
+    }
+
+    pub fn adamw_step(
+        &mut self,
+        grad: &Storage,
+        m: &mut Storage,
+        v: &mut Storage,
+        step: AdamWStep,
+    ) -> Result<()> {
+        check_same("adamw_step", &[self, grad, m, v])?;
+        let p = self;
+        cpu_all!("adamw_step", p, grad, m, v);
+        p.adamw_step(grad, m, v, step)
+    }
+
+    pub fn sum_sq(&self) -> Result<f64> {
+        match self {
+            Storage::Cpu(s) => s.sum_sq(),
+        }
     }
 }

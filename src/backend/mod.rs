@@ -118,6 +118,21 @@ pub struct LinearGrads<S> {
     pub lora_b: Option<S>,
 }
 
+/// One AdamW update (decoupled weight decay), with the bias corrections precomputed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1 − β₁ᵗ and 1 − β₂ᵗ.
+    pub bias1: f64,
+    pub bias2: f64,
+    /// Multiplies the gradient first (1/accumulated micro-batches, clipping factor).
+    pub grad_scale: f64,
+}
+
 /// A buffer on one device with one dtype, and every op the engine runs on it.
 pub trait BackendStorage: Sized + Send + Sync {
     fn dtype(&self) -> DType;
@@ -253,4 +268,16 @@ pub trait BackendStorage: Sized + Send + Sync {
         spec: LinearSpec,
         needs: LinearNeeds,
     ) -> Result<LinearGrads<Self>>;
+
+    // Optimizer.
+    /// AdamW in place on a parameter (self), with moments `m`, `v` of the same dtype.
+    fn adamw_step(
+        &mut self,
+        grad: &Self,
+        m: &mut Self,
+        v: &mut Self,
+        step: AdamWStep,
+    ) -> Result<()>;
+    /// Σ x² in f64 (gradient-norm clipping).
+    fn sum_sq(&self) -> Result<f64>;
 }

@@ -9,6 +9,7 @@ use super::{
     AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
     UnaryOp,
 };
+use crate::backend::AdamWStep;
 use crate::{DType, Device, Error, Result, Shape, WithDType};
 
 mod attention;
@@ -18,6 +19,7 @@ mod layout;
 mod lora;
 mod loss;
 mod norm;
+mod optim;
 
 /// Rows per chunk of a deterministic parallel reduction.
 pub(crate) const RED_CHUNK: usize = 64;
@@ -646,5 +648,31 @@ impl BackendStorage for CpuStorage {
             let o = |v: Option<Vec<_>>| v.map(|v| FloatOut::out(v, bf));
             Ok(LinearGrads { x: o(g.x), w: o(g.w), b: o(g.b), lora_a: o(g.lora_a), lora_b: o(g.lora_b) })
         })
+    }
+
+    fn adamw_step(&mut self, grad: &Self, m: &mut Self, v: &mut Self, st: AdamWStep) -> Result<()> {
+        same_len("adamw_step", self.len(), grad.len())?;
+        same_len("adamw_step", self.len(), m.len())?;
+        same_len("adamw_step", self.len(), v.len())?;
+        match (self, grad, m, v) {
+            (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                optim::adamw(p, g, m, v, st)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v)) => {
+                optim::adamw(p, g, m, v, st)
+            }
+            (p, g, _, _) => {
+                return Err(Error::DTypeMismatch {
+                    op: "adamw_step (f32 or f64 master weights)",
+                    lhs: p.dtype(),
+                    rhs: g.dtype(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn sum_sq(&self) -> Result<f64> {
+        with_float!("sum_sq", [self => x], _bf, { Ok(optim::sum_sq(x)) })
     }
 }

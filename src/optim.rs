@@ -1,0 +1,122 @@
+//! AdamW over trainable leaves, reading gradients from a `GradStore`. The update itself is a
+//! backend op (`adamw_step`), so parameters and moments stay on their device.
+use std::collections::HashMap;
+
+use crate::backend::AdamWStep;
+use crate::storage::Storage;
+use crate::{Error, GradStore, Result, Tensor, TensorId};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// A trainable tensor and whether weight decay applies to it (not to biases, norms, scales).
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub decay: bool,
+}
+
+impl Param {
+    pub fn new(name: impl Into<String>, tensor: Tensor, decay: bool) -> Param {
+        Param {
+            name: name.into(),
+            tensor,
+            decay,
+        }
+    }
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    steps: u64,
+    moments: HashMap<TensorId, (Storage, Storage)>,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig) -> AdamW {
+        AdamW {
+            cfg,
+            steps: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One update of every parameter that has a gradient, each gradient multiplied by
+    /// `grad_scale` first (1/micro-batches, a clipping factor).
+    pub fn step(
+        &mut self,
+        params: &[Param],
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        self.steps += 1;
+        let t = self.steps as i32;
+        for p in params {
+            if !p.tensor.is_trainable() {
+                return Err(Error::Msg(format!(
+                    "adamw: parameter `{}` is not a trainable tensor",
+                    p.name
+                )));
+            }
+            let Some(g) = grads.get(&p.tensor) else {
+                continue;
+            };
+            let step = AdamWStep {
+                lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: if p.decay { self.cfg.weight_decay } else { 0.0 },
+                bias1: 1.0 - self.cfg.beta1.powi(t),
+                bias2: 1.0 - self.cfg.beta2.powi(t),
+                grad_scale,
+            };
+            let (m, v) = match self.moments.entry(p.tensor.id()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let s = p.tensor.storage();
+                    let z = || s.zeros_like(s.len(), s.dtype());
+                    e.insert((z()?, z()?))
+                }
+            };
+            let gs = g.storage();
+            p.tensor
+                .update_storage(|ps| ps.adamw_step(&gs, m, v, step))?;
+        }
+        Ok(())
+    }
+}
+
+/// Global L2 norm of the gradients of `params`.
+pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
+    let mut s = 0.0;
+    for p in params {
+        if let Some(g) = grads.get(&p.tensor) {
+            s += g.storage().sum_sq()?;
+        }
+    }
+    Ok(s.sqrt())
+}
