@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Times the shapes of benches/cpu_ops.rs in PyTorch on the CPU (same threads, f32) and, given
-the Rust results (--ours FILE from `cargo bench --bench cpu_ops -- --json FILE`), prints the
-ratio ours/PyTorch per op (> 1 means sd2 is faster).
+the Rust results (--ours FILE ... from `cargo bench --bench cpu_ops -- --json FILE`), prints the
+ratio PyTorch time / sd2 time per op (> 1 means sd2 is faster).
 
-    python3 scripts/reference/torch_cpu_bench.py --ours target/cpu_ops.json [--threads 2]
+Runs alternate between the two sides (scripts/bench-cpu.sh); each side's time per op is the
+minimum over its runs, so machine noise hits both sides alike.
+
+    python3 scripts/reference/torch_cpu_bench.py --save target/torch_1.json
+    python3 scripts/reference/torch_cpu_bench.py --ours a.json b.json --torch target/torch_*.json
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -27,12 +32,31 @@ def timeit(fn, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ours", help="JSON written by the Rust bench")
+    ap.add_argument("--ours", nargs="*", default=[], help="JSON files written by the Rust bench")
+    ap.add_argument("--torch", nargs="*", default=[], help="earlier --save files (skips timing)")
+    ap.add_argument("--save", help="write this run's PyTorch timings here")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.torch:
+        runs = []
+        for path in args.torch:
+            with open(path) as f:
+                runs.append(json.load(f))
+        rows = [(r["name"], r["gflop"], min(run[i]["secs"] for run in runs)) for i, r in enumerate(runs[0])]
+        report(rows, args.ours, len(runs))
+        return
+    rows = time_all(args)
+    if args.save:
+        with open(args.save + ".tmp", "w") as f:
+            json.dump([{"name": n, "gflop": g, "secs": s} for n, g, s in rows], f, indent=1)
+        os.replace(args.save + ".tmp", args.save)
+    report(rows, args.ours, 1)
+
+
+def time_all(args):
     rows = []
 
     linear_shapes = [
@@ -71,12 +95,18 @@ def main():
 
         secs = timeit(step, args.reps)
         rows.append((f"attention fwd+bwd {name} B={bsz} H={heads} S={seq} D={hd}", fwd * 3.5, secs))
+    return rows
 
+
+def report(rows, ours_files, torch_runs):
     ours = {}
-    if args.ours:
-        with open(args.ours) as f:
-            ours = {r["name"]: r for r in json.load(f)}
-    print(f"PyTorch {torch.__version__} CPU, {torch.get_num_threads()} threads, f32")
+    for path in ours_files:
+        with open(path) as f:
+            for r in json.load(f):
+                if r["name"] not in ours or r["secs"] < ours[r["name"]]["secs"]:
+                    ours[r["name"]] = r
+    print(f"PyTorch {torch.__version__} CPU, {torch.get_num_threads()} threads, f32; "
+          f"best of {torch_runs} PyTorch run(s) and {len(ours_files)} sd2 run(s)")
     print(f"{'op':<58} {'torch ms':>9} {'torch GF/s':>10} {'sd2 ms':>9} {'sd2 GF/s':>9} {'sd2/torch':>9}")
     for name, gflop, secs in rows:
         o = ours.get(name)

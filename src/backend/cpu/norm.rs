@@ -112,11 +112,7 @@ pub fn softmax_row<F: Float>(row: &mut [F]) -> F {
         row.iter_mut().for_each(|v| *v = F::zero());
         return F::neg_infinity();
     }
-    let mut s = F::zero();
-    for v in row.iter_mut() {
-        *v = (*v - m).exp();
-        s += *v;
-    }
+    let s = F::exp_shift_sum(row, m);
     let inv = F::one() / s;
     row.iter_mut().for_each(|v| *v *= inv);
     m + s.ln()
