@@ -112,7 +112,10 @@ pub fn exp_f32(x: f32) -> f32 {
     let n = t - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // e^r on |r| ≤ ln2/2: Cephes' expf minimax polynomial.
-    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
     let ni = t.to_bits().wrapping_sub(0x4b40_0000);
     let scale = f32::from_bits(ni.wrapping_add(127) << 23);

@@ -213,3 +213,50 @@ fn results_do_not_depend_on_thread_count() {
     let (one, two) = (run(1), run(2));
     assert_eq!(one, two, "gradients differ between 1 and 2 threads");
 }
+
+#[test]
+fn dtype_casts_carry_gradients_back() {
+    let x = common::t64(&[0.5, -1.25, 2.0], &[3]).into_trainable();
+    let w = Tensor::from_f64(&[1.5, 2.0, -0.5], 3, sd2::DType::F32, Device::Cpu).unwrap();
+    let g = x
+        .to_dtype(sd2::DType::F32)
+        .unwrap()
+        .mul(&w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gx = g.get(&x).unwrap();
+    assert_eq!(
+        gx.dtype(),
+        sd2::DType::F64,
+        "gradient comes back in the leaf's dtype"
+    );
+    assert_close(
+        "d(cast(x)·w)/dx",
+        &gx.to_vec_f64().unwrap(),
+        &[1.5, 2.0, -0.5],
+        0.0,
+        0.0,
+    );
+    // bf16 round trip: the gradient is w rounded to bf16 precision.
+    let g = x
+        .to_dtype(sd2::DType::BF16)
+        .unwrap()
+        .to_dtype(sd2::DType::F32)
+        .unwrap()
+        .mul(&w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_close(
+        "through bf16",
+        &g.get(&x).unwrap().to_vec_f64().unwrap(),
+        &[1.5, 2.0, -0.5],
+        0.0,
+        0.0,
+    );
+}

@@ -146,12 +146,11 @@ pub fn backward<F: Float>(
             let mut p = scores(&hd, &s);
             for i in 0..n {
                 let l = lse[bh * n + i];
-                for x in &mut p[i * m..(i + 1) * m] {
-                    *x = if l == F::neg_infinity() {
-                        F::zero()
-                    } else {
-                        (*x - l).exp()
-                    };
+                let row = &mut p[i * m..(i + 1) * m];
+                if l == F::neg_infinity() {
+                    row.iter_mut().for_each(|x| *x = F::zero());
+                } else {
+                    F::exp_shift_sum(row, l);
                 }
             }
             let mut dv = vec![F::zero(); m * d];
