@@ -2,10 +2,10 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm_into, Mat};
-use super::{CpuStorage, RED_CHUNK};
+use super::CpuStorage;
 use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraSpec};
 use crate::rng::dropout_keep;
-use crate::{Error, Float, Result};
+use crate::{Error, Float, Result, Shape};
 
 pub fn check(
     x: &CpuStorage,
@@ -166,23 +166,11 @@ pub fn backward<F: Float>(
         g.w = Some(dw);
     }
     if needs.b {
-        let parts: Vec<Vec<F>> = (0..m.div_ceil(RED_CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let mut acc = vec![F::zero(); n];
-                for r in c * RED_CHUNK..((c + 1) * RED_CHUNK).min(m) {
-                    acc.iter_mut()
-                        .zip(&dy[r * n..(r + 1) * n])
-                        .for_each(|(a, v)| *a += *v);
-                }
-                acc
-            })
-            .collect();
-        let mut db = vec![F::zero(); n];
-        for p in parts {
-            db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-        }
-        g.b = Some(db);
+        g.b = Some(super::elementwise::sum_to(
+            dy,
+            &Shape::from([m, n]),
+            &Shape::from(n),
+        ));
     }
     let mut dx = needs.x.then(|| {
         let mut dx = vec![F::zero(); m * k];

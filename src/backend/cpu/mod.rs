@@ -133,6 +133,19 @@ macro_rules! with_float {
     }};
 }
 
+/// Applies a dtype-generic data-movement function to whatever the storage holds.
+macro_rules! any_dtype {
+    ($s:expr, $v:ident => $e:expr) => {
+        match $s {
+            CpuStorage::F32($v) => CpuStorage::F32($e),
+            CpuStorage::BF16($v) => CpuStorage::BF16($e),
+            CpuStorage::F64($v) => CpuStorage::F64($e),
+            CpuStorage::I64($v) => CpuStorage::I64($e),
+            CpuStorage::U32($v) => CpuStorage::U32($e),
+        }
+    };
+}
+
 impl CpuStorage {
     pub fn as_slice<T: CpuElem>(&self) -> Result<&[T]> {
         T::view(self).ok_or(Error::DTypeMismatch {
@@ -344,13 +357,7 @@ impl BackendStorage for CpuStorage {
     }
 
     fn broadcast_to(&self, src: &Shape, dst: &Shape) -> Result<Self> {
-        Ok(match self {
-            CpuStorage::F32(v) => CpuStorage::F32(layout::broadcast_to(v, src, dst)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(layout::broadcast_to(v, src, dst)),
-            CpuStorage::F64(v) => CpuStorage::F64(layout::broadcast_to(v, src, dst)),
-            CpuStorage::I64(v) => CpuStorage::I64(layout::broadcast_to(v, src, dst)),
-            CpuStorage::U32(v) => CpuStorage::U32(layout::broadcast_to(v, src, dst)),
-        })
+        Ok(any_dtype!(self, v => layout::broadcast_to(v, src, dst)))
     }
 
     fn matmul(&self, rhs: &Self, spec: MatmulSpec) -> Result<Self> {
@@ -358,13 +365,7 @@ impl BackendStorage for CpuStorage {
     }
 
     fn permute(&self, shape: &Shape, perm: &[usize]) -> Result<Self> {
-        Ok(match self {
-            CpuStorage::F32(v) => CpuStorage::F32(layout::permute(v, shape, perm)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(layout::permute(v, shape, perm)),
-            CpuStorage::F64(v) => CpuStorage::F64(layout::permute(v, shape, perm)),
-            CpuStorage::I64(v) => CpuStorage::I64(layout::permute(v, shape, perm)),
-            CpuStorage::U32(v) => CpuStorage::U32(layout::permute(v, shape, perm)),
-        })
+        Ok(any_dtype!(self, v => layout::permute(v, shape, perm)))
     }
 
     fn copy2d(
@@ -420,13 +421,7 @@ impl BackendStorage for CpuStorage {
 
     fn index_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
         let ids = ids.ids("index_rows", rows)?;
-        Ok(match self {
-            CpuStorage::F32(v) => CpuStorage::F32(layout::index_rows(v, &ids, cols)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(layout::index_rows(v, &ids, cols)),
-            CpuStorage::F64(v) => CpuStorage::F64(layout::index_rows(v, &ids, cols)),
-            CpuStorage::I64(v) => CpuStorage::I64(layout::index_rows(v, &ids, cols)),
-            CpuStorage::U32(v) => CpuStorage::U32(layout::index_rows(v, &ids, cols)),
-        })
+        Ok(any_dtype!(self, v => layout::index_rows(v, &ids, cols)))
     }
 
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
