@@ -115,7 +115,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let p = p * r * r + r + 1.0;
     let ni = t.to_bits().wrapping_sub(0x4b40_0000);
     let scale = f32::from_bits(ni.wrapping_add(127) << 23);
@@ -152,6 +152,17 @@ impl Float for f32 {
     }
 }
 
+impl Float for f64 {
+    #[inline]
+    fn from_f(v: f64) -> Self {
+        v
+    }
+    #[inline]
+    fn f64(self) -> f64 {
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -167,16 +178,5 @@ mod tests {
         assert_eq!(super::exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(super::exp_f32(-100.0), 0.0);
         assert_eq!(super::exp_f32(0.0), 1.0);
-    }
-}
-
-impl Float for f64 {
-    #[inline]
-    fn from_f(v: f64) -> Self {
-        v
-    }
-    #[inline]
-    fn f64(self) -> f64 {
-        self
     }
 }
