@@ -27,6 +27,7 @@
 //! # }
 //! ```
 pub mod autograd;
+pub mod clip;
 pub mod backend;
 pub mod demo;
 pub mod device;

@@ -16,6 +16,17 @@ struct Cli {
 enum Cmd {
     /// Print this build's backends and whether a GPU is usable.
     Info,
+    /// Tokenize texts (one per line, empty lines included) with OpenAI CLIP's BPE; prints one
+    /// JSON array of ids per line.
+    Tokenize {
+        #[arg(long)]
+        texts_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 77)]
+        context: usize,
+        /// A HuggingFace tokenizer.json to use instead of the built-in OpenAI BPE.
+        #[arg(long)]
+        tokenizer: Option<std::path::PathBuf>,
+    },
     /// The main job: synthetic data → train → evaluate (an engine demo until SD2 lands).
     Demo {
         /// Optimizer steps.
@@ -92,6 +103,29 @@ fn demo(steps: usize, batch: usize, seed: u64, device: &str) -> sd2::Result<()> 
     Ok(())
 }
 
+fn read_lines(path: &std::path::Path) -> sd2::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
+    Ok(text.lines().map(String::from).collect())
+}
+
+fn tokenize(texts_file: &std::path::Path, context: usize, tokenizer: Option<&std::path::Path>) -> sd2::Result<()> {
+    let tk = match tokenizer {
+        Some(p) => sd2::clip::ClipTokenizer::from_file(p)?,
+        None => sd2::clip::ClipTokenizer::openai()?,
+    };
+    let mut out = String::new();
+    for line in read_lines(texts_file)? {
+        let ids = tk.tokenize(&line, context)?;
+        let body: Vec<String> = ids.iter().map(|v| v.to_string()).collect();
+        out.push('[');
+        out.push_str(&body.join(", "));
+        out.push_str("]\n");
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -99,6 +133,7 @@ fn main() {
             info();
             Ok(())
         }
+        Cmd::Tokenize { texts_file, context, tokenizer } => tokenize(&texts_file, context, tokenizer.as_deref()),
         Cmd::Demo {
             steps,
             batch,
