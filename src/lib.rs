@@ -27,12 +27,13 @@
 //! # }
 //! ```
 pub mod autograd;
-pub mod clip;
 pub mod backend;
+pub mod clip;
 pub mod demo;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod io;
 pub mod ops;
 pub mod optim;
 pub mod rng;

@@ -104,11 +104,16 @@ fn demo(steps: usize, batch: usize, seed: u64, device: &str) -> sd2::Result<()> 
 }
 
 fn read_lines(path: &std::path::Path) -> sd2::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
     Ok(text.lines().map(String::from).collect())
 }
 
-fn tokenize(texts_file: &std::path::Path, context: usize, tokenizer: Option<&std::path::Path>) -> sd2::Result<()> {
+fn tokenize(
+    texts_file: &std::path::Path,
+    context: usize,
+    tokenizer: Option<&std::path::Path>,
+) -> sd2::Result<()> {
     let tk = match tokenizer {
         Some(p) => sd2::clip::ClipTokenizer::from_file(p)?,
         None => sd2::clip::ClipTokenizer::openai()?,
@@ -133,7 +138,11 @@ fn main() {
             info();
             Ok(())
         }
-        Cmd::Tokenize { texts_file, context, tokenizer } => tokenize(&texts_file, context, tokenizer.as_deref()),
+        Cmd::Tokenize {
+            texts_file,
+            context,
+            tokenizer,
+        } => tokenize(&texts_file, context, tokenizer.as_deref()),
         Cmd::Demo {
             steps,
             batch,

@@ -13,7 +13,12 @@ fn cases(file: &str) -> Vec<(String, Vec<u32>)> {
         .unwrap()
         .iter()
         .map(|c| {
-            let ids = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let ids = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
             (c["text"].as_str().unwrap().to_string(), ids)
         })
         .collect()
@@ -31,8 +36,17 @@ fn ids_match_open_clip() {
             bad.push(format!("{text:?}\n  ours {got:?}\n  open_clip {want:?}"));
         }
     }
-    println!("{} of {} sentences id-identical to open_clip", cases.len() - bad.len(), cases.len());
-    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    println!(
+        "{} of {} sentences id-identical to open_clip",
+        cases.len() - bad.len(),
+        cases.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
     // Truncation keeps EOT last.
     let long = tk.tokenize(&"word ".repeat(100), 77).unwrap();
     assert_eq!(long.len(), 77);
@@ -42,9 +56,15 @@ fn ids_match_open_clip() {
 
 #[test]
 fn hf_tokenizer_json_is_accepted() {
-    let gz = std::fs::read(format!("{}/tests/fixtures/clip_tokenizer_hf.json.gz", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let gz = std::fs::read(format!(
+        "{}/tests/fixtures/clip_tokenizer_hf.json.gz",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut json).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut json)
+        .unwrap();
     let dir = std::env::temp_dir().join(format!("sd2-tk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tokenizer.json");
@@ -61,7 +81,12 @@ fn hf_tokenizer_json_is_accepted() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
-    assert_eq!(bad, 0, "{bad} of {} differ from HF CLIPTokenizerFast", cases.len());
+    assert_eq!(
+        bad,
+        0,
+        "{bad} of {} differ from HF CLIPTokenizerFast",
+        cases.len()
+    );
 }
 
 #[test]
@@ -71,12 +96,26 @@ fn cli_prints_one_array_per_line() {
     let f = dir.join("texts.txt");
     std::fs::write(&f, "a photo of a real face\n\nhello world\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
-        .args(["tokenize", "--texts-file", f.to_str().unwrap(), "--context", "8"])
+        .args([
+            "tokenize",
+            "--texts-file",
+            f.to_str().unwrap(),
+            "--context",
+            "8",
+        ])
         .output()
         .unwrap();
     std::fs::remove_dir_all(&dir).ok();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Vec<u32>> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Vec<u32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(
         lines,
         vec![
@@ -85,7 +124,10 @@ fn cli_prints_one_array_per_line() {
             vec![49406, 3306, 1002, 49407, 0, 0, 0, 0],
         ]
     );
-    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_sd2")).args(["tokenize", "--texts-file", "/nonexistent/t.txt"]).output().unwrap();
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+        .args(["tokenize", "--texts-file", "/nonexistent/t.txt"])
+        .output()
+        .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/t.txt"));
 }

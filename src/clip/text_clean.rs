@@ -46,7 +46,11 @@ pub fn fix_text(text: &str) -> String {
 }
 
 fn fix_segment(s: &str, unescape: bool) -> String {
-    let s = if unescape { ftfy_unescape(s) } else { s.to_string() };
+    let s = if unescape {
+        ftfy_unescape(s)
+    } else {
+        s.to_string()
+    };
     let s: String = s.chars().map(c1_control).collect();
     let mut t = String::with_capacity(s.len());
     for c in s.chars() {
@@ -61,7 +65,9 @@ fn fix_segment(s: &str, unescape: bool) -> String {
             },
         }
     }
-    let t = t.replace("\r\n", "\n").replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n");
+    let t = t
+        .replace("\r\n", "\n")
+        .replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n");
     let t = remove_terminal_escapes(&t);
     let t: String = t.chars().filter(|c| !is_control(*c)).collect();
     t.nfc().collect()
@@ -98,8 +104,9 @@ fn ligature(c: char) -> Option<&'static str> {
 /// U+0080..U+009F decoded as "sloppy" Windows-1252 (undefined bytes stay as they are).
 fn c1_control(c: char) -> char {
     const CP1252: [u32; 32] = [
-        0x20AC, 0x81, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160, 0x2039, 0x0152, 0x8D, 0x017D, 0x8F, 0x90,
-        0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D, 0x017E, 0x0178,
+        0x20AC, 0x81, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160,
+        0x2039, 0x0152, 0x8D, 0x017D, 0x8F, 0x90, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013,
+        0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0x9D, 0x017E, 0x0178,
     ];
     match c as u32 {
         v @ 0x80..=0x9F => char::from_u32(CP1252[(v - 0x80) as usize]).unwrap_or(c),
@@ -246,8 +253,15 @@ fn ftfy_unescape(s: &str) -> String {
                 let lower = n.to_ascii_lowercase();
                 let mut cap = lower.clone();
                 cap[..1].make_ascii_uppercase();
-                named_entity(&cap)
-                    .or_else(|| named_entity(&lower).map(|v| if v.chars().all(char::is_alphabetic) { upper_static(v) } else { v }))
+                named_entity(&cap).or_else(|| {
+                    named_entity(&lower).map(|v| {
+                        if v.chars().all(char::is_alphabetic) {
+                            upper_static(v)
+                        } else {
+                            v
+                        }
+                    })
+                })
             } else {
                 None
             }
@@ -286,7 +300,10 @@ mod tests {
         assert_eq!(clean_lower("“Curly” ‘quotes’"), "\"curly\" 'quotes'");
         assert_eq!(clean_lower("ﬁne ＦＵＬＬ　width"), "fine full width");
         assert_eq!(clean_lower("caf\u{65}\u{301}"), "café");
-        assert_eq!(clean_lower("Tom &amp;amp; Jerry &#233; &#x41;"), "tom & jerry é a");
+        assert_eq!(
+            clean_lower("Tom &amp;amp; Jerry &#233; &#x41;"),
+            "tom & jerry é a"
+        );
         assert_eq!(clean_lower("a <b> &amp; c"), "a <b> & c");
         assert_eq!(clean_lower("\u{1b}[31mred\u{1b}[0m \u{feff}x"), "red x");
     }

@@ -23,7 +23,8 @@ pub const EOT: u32 = 49407;
 pub const CONTEXT: usize = 77;
 
 /// CLIP's pre-tokenizer pattern (open_clip's, with its two special tokens first).
-const PATTERN: &str = r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const PATTERN: &str =
+    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 pub struct ClipTokenizer {
     inner: Tokenizer,
@@ -37,7 +38,10 @@ pub struct ClipTokenizer {
 /// GPT-2's reversible byte → printable-unicode map, in open_clip's vocabulary order (the
 /// printable bytes first, then the rest shifted past U+0100).
 fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -69,14 +73,23 @@ impl ClipTokenizer {
         let lines: Vec<&str> = text.split('\n').collect();
         let n_merges = 49152 - 256 - 2;
         if lines.len() < n_merges + 1 {
-            return Err(Error::Msg(format!("tokenizer: merges file has {} lines, expected ≥ {}", lines.len(), n_merges + 1)));
+            return Err(Error::Msg(format!(
+                "tokenizer: merges file has {} lines, expected ≥ {}",
+                lines.len(),
+                n_merges + 1
+            )));
         }
         let mut merges = Vec::with_capacity(n_merges);
         for (i, l) in lines[1..=n_merges].iter().enumerate() {
             let mut it = l.split_whitespace();
             match (it.next(), it.next(), it.next()) {
                 (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-                _ => return Err(Error::Msg(format!("tokenizer: merges line {} is not a pair: {l:?}", i + 2))),
+                _ => {
+                    return Err(Error::Msg(format!(
+                        "tokenizer: merges line {} is not a pair: {l:?}",
+                        i + 2
+                    )))
+                }
             }
         }
         let bu = bytes_to_unicode();
@@ -85,32 +98,62 @@ impl ClipTokenizer {
         vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
         vocab.push("<start_of_text>".into());
         vocab.push("<end_of_text>".into());
-        let map: tokenizers::models::bpe::Vocab = vocab.into_iter().enumerate().map(|(i, v)| (v, i as u32)).collect();
+        let map: tokenizers::models::bpe::Vocab = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (v, i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(map, merges)
             .end_of_word_suffix("</w>".into())
             .build()
             .map_err(|e| tk_err("building BPE", e))?;
         let mut tk = Tokenizer::new(bpe);
-        let split = Split::new(SplitPattern::Regex(PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| tk_err("compiling the pre-tokenizer regex", e))?;
+        let split = Split::new(
+            SplitPattern::Regex(PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| tk_err("compiling the pre-tokenizer regex", e))?;
         tk.with_pre_tokenizer(Some(Sequence::new(vec![
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
         ])));
-        tk.add_special_tokens(&[AddedToken::from("<start_of_text>", true), AddedToken::from("<end_of_text>", true)]);
-        Ok(ClipTokenizer { inner: tk, sot: SOT, eot: EOT, clean: true })
+        tk.add_special_tokens(&[
+            AddedToken::from("<start_of_text>", true),
+            AddedToken::from("<end_of_text>", true),
+        ]);
+        Ok(ClipTokenizer {
+            inner: tk,
+            sot: SOT,
+            eot: EOT,
+            clean: true,
+        })
     }
 
     /// A HuggingFace `tokenizer.json` (its own normalizer applies; no open_clip cleaning).
     pub fn from_file(path: &Path) -> Result<ClipTokenizer> {
-        let inner = Tokenizer::from_file(path).map_err(|e| tk_err(&path.display().to_string(), e))?;
+        let inner =
+            Tokenizer::from_file(path).map_err(|e| tk_err(&path.display().to_string(), e))?;
         let id = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let sot = id(&["<|startoftext|>", "<start_of_text>"])
-            .ok_or_else(|| Error::Msg(format!("tokenizer: {} has no <|startoftext|> token", path.display())))?;
-        let eot = id(&["<|endoftext|>", "<end_of_text>"])
-            .ok_or_else(|| Error::Msg(format!("tokenizer: {} has no <|endoftext|> token", path.display())))?;
-        Ok(ClipTokenizer { inner, sot, eot, clean: false })
+        let sot = id(&["<|startoftext|>", "<start_of_text>"]).ok_or_else(|| {
+            Error::Msg(format!(
+                "tokenizer: {} has no <|startoftext|> token",
+                path.display()
+            ))
+        })?;
+        let eot = id(&["<|endoftext|>", "<end_of_text>"]).ok_or_else(|| {
+            Error::Msg(format!(
+                "tokenizer: {} has no <|endoftext|> token",
+                path.display()
+            ))
+        })?;
+        Ok(ClipTokenizer {
+            inner,
+            sot,
+            eot,
+            clean: false,
+        })
     }
 
     pub fn sot(&self) -> u32 {
@@ -123,15 +166,24 @@ impl ClipTokenizer {
 
     /// BPE ids of `text`, without start/end tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let t = if self.clean { clean_lower(text) } else { text.to_string() };
-        let enc = self.inner.encode(t.as_str(), false).map_err(|e| tk_err("encode", e))?;
+        let t = if self.clean {
+            clean_lower(text)
+        } else {
+            text.to_string()
+        };
+        let enc = self
+            .inner
+            .encode(t.as_str(), false)
+            .map_err(|e| tk_err("encode", e))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// `[SOT] + ids + [EOT]`, truncated to `context` keeping EOT last, padded with 0.
     pub fn tokenize(&self, text: &str, context: usize) -> Result<Vec<u32>> {
         if context < 2 {
-            return Err(Error::Msg(format!("tokenizer: context {context} cannot hold start and end tokens")));
+            return Err(Error::Msg(format!(
+                "tokenizer: context {context} cannot hold start and end tokens"
+            )));
         }
         let mut ids = Vec::with_capacity(context);
         ids.push(self.sot);

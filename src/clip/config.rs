@@ -1,0 +1,216 @@
+//! CLIP configuration, parsed from a HuggingFace `config.json` (`vision_config`, `text_config`,
+//! `projection_dim`). Missing keys default to OpenAI's ViT-L/14.
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+fn eps() -> f64 {
+    1e-5
+}
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct VisionConfig {
+    #[serde(default = "VisionConfig::d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "VisionConfig::d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "VisionConfig::d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "VisionConfig::d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "VisionConfig::d_image")]
+    pub image_size: usize,
+    #[serde(default = "VisionConfig::d_patch")]
+    pub patch_size: usize,
+    #[serde(default = "VisionConfig::d_channels")]
+    pub num_channels: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: String,
+}
+
+impl VisionConfig {
+    fn d_hidden() -> usize {
+        1024
+    }
+    fn d_inter() -> usize {
+        4096
+    }
+    fn d_heads() -> usize {
+        16
+    }
+    fn d_layers() -> usize {
+        24
+    }
+    fn d_image() -> usize {
+        224
+    }
+    fn d_patch() -> usize {
+        14
+    }
+    fn d_channels() -> usize {
+        3
+    }
+
+    /// Patches per image side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Tokens per image: patches + CLS.
+    pub fn num_positions(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct TextConfig {
+    #[serde(default = "TextConfig::d_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "TextConfig::d_inter")]
+    pub intermediate_size: usize,
+    #[serde(default = "TextConfig::d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "TextConfig::d_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "TextConfig::d_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "TextConfig::d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: String,
+}
+
+impl TextConfig {
+    fn d_hidden() -> usize {
+        768
+    }
+    fn d_inter() -> usize {
+        3072
+    }
+    fn d_heads() -> usize {
+        12
+    }
+    fn d_layers() -> usize {
+        12
+    }
+    fn d_pos() -> usize {
+        77
+    }
+    fn d_vocab() -> usize {
+        49408
+    }
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct ClipConfig {
+    #[serde(default, alias = "vision_config_dict")]
+    pub vision_config: VisionConfig,
+    #[serde(default, alias = "text_config_dict")]
+    pub text_config: TextConfig,
+    #[serde(default = "ClipConfig::d_proj")]
+    pub projection_dim: usize,
+    /// ln(1/0.07), HF's init of `logit_scale`.
+    #[serde(default = "ClipConfig::d_scale")]
+    pub logit_scale_init_value: f64,
+}
+
+impl ClipConfig {
+    fn d_proj() -> usize {
+        768
+    }
+    fn d_scale() -> f64 {
+        2.6592
+    }
+
+    /// OpenAI's ViT-L/14.
+    pub fn vit_l14() -> ClipConfig {
+        ClipConfig::default()
+    }
+
+    /// A ViT-B/16-sized vision tower with the base text tower (for benchmarks).
+    pub fn vit_b16() -> ClipConfig {
+        let mut c = ClipConfig::default();
+        c.vision_config.hidden_size = 768;
+        c.vision_config.intermediate_size = 3072;
+        c.vision_config.num_attention_heads = 12;
+        c.vision_config.num_hidden_layers = 12;
+        c.vision_config.patch_size = 16;
+        c.text_config.hidden_size = 512;
+        c.text_config.intermediate_size = 2048;
+        c.text_config.num_attention_heads = 8;
+        c.projection_dim = 512;
+        c
+    }
+
+    pub fn from_json(text: &str) -> Result<ClipConfig> {
+        let c: ClipConfig =
+            serde_json::from_str(text).map_err(|e| Error::Msg(format!("CLIP config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn from_file(path: &Path) -> Result<ClipConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        Self::from_json(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let v = &self.vision_config;
+        let t = &self.text_config;
+        let bad = |m: String| Err(Error::Msg(format!("CLIP config: {m}")));
+        for (tower, act) in [("vision", &v.hidden_act), ("text", &t.hidden_act)] {
+            if act != "quick_gelu" {
+                return bad(format!(
+                    "{tower} hidden_act {act:?} is not supported (CLIP uses quick_gelu)"
+                ));
+            }
+        }
+        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+            return bad(format!(
+                "vision hidden_size {} is not divisible by {} heads",
+                v.hidden_size, v.num_attention_heads
+            ));
+        }
+        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
+            return bad(format!(
+                "text hidden_size {} is not divisible by {} heads",
+                t.hidden_size, t.num_attention_heads
+            ));
+        }
+        if v.patch_size == 0 || v.image_size < v.patch_size {
+            return bad(format!(
+                "image_size {} and patch_size {} make no patches",
+                v.image_size, v.patch_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ClipConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults")
+    }
+}

@@ -1,0 +1,576 @@
+//! CLIP's two towers, exactly as HuggingFace's `CLIPModel` computes them (SD2-SPEC §2):
+//! pre-LN blocks with quick_gelu MLPs; vision = patch conv → [CLS; patches] + positions →
+//! `pre_layrnorm` → blocks → `post_layernorm` on CLS → `visual_projection`; text = tokens +
+//! positions → causal blocks → `final_layer_norm` → hidden state at the first EOS (first argmax
+//! of the ids) → `text_projection`.
+use std::path::Path;
+
+use super::config::{ClipConfig, TextConfig, VisionConfig};
+use crate::io::WeightStore;
+use crate::ops::{self, Lora};
+use crate::rng::mix64;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// What a tensor is, for random initialisation (loading ignores it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    Weight,
+    Bias,
+    NormWeight,
+    NormBias,
+    Embedding,
+    Scalar(u32),
+}
+
+/// Source of named weights: a safetensors store or a random initialiser.
+pub trait WeightSource {
+    fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor>;
+}
+
+/// Loads from safetensors, converting to `dtype` on `device`.
+pub struct StoreSource<'a> {
+    pub store: &'a mut WeightStore,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl WeightSource for StoreSource<'_> {
+    fn get(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<Tensor> {
+        self.store.get(name, shape, self.dtype, self.device)
+    }
+}
+
+/// Random weights (normal 0.02, LayerNorm ones/zeros), for benchmarks and tests.
+pub struct RandomSource {
+    pub dtype: DType,
+    pub device: Device,
+    pub seed: u64,
+}
+
+impl WeightSource for RandomSource {
+    fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let seed = mix64(self.seed ^ site_id(name));
+        match init {
+            Init::Weight | Init::Embedding => {
+                Tensor::randn(shape, 0.02, self.dtype, self.device, seed)
+            }
+            Init::Bias | Init::NormBias => Tensor::zeros(shape, self.dtype, self.device),
+            Init::NormWeight => Tensor::ones(shape, self.dtype, self.device),
+            Init::Scalar(bits) => {
+                Tensor::full(f32::from_bits(bits) as f64, shape, self.dtype, self.device)
+            }
+        }
+    }
+}
+
+/// A stable 64-bit id of a weight name (FNV-1a): dropout streams and random init per site.
+pub fn site_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A LoRA adapter on a linear layer (SD2-SPEC §3): `s·(drop(x)·Aᵀ)·Bᵀ`.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// Training-time context of a forward pass: `Some(seed)` turns LoRA dropout on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fwd {
+    pub dropout_seed: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+    /// Distinguishes this layer's dropout stream from every other layer's.
+    pub site: u64,
+}
+
+impl Linear {
+    pub fn load(
+        src: &mut dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        Ok(Linear {
+            weight: src.get(&format!("{name}.weight"), &[out, inp], Init::Weight)?,
+            bias: if bias {
+                Some(src.get(&format!("{name}.bias"), &[out], Init::Bias)?)
+            } else {
+                None
+            },
+            lora: None,
+            site: site_id(name),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        let lora = self.lora.as_ref().map(|l| Lora {
+            a: &l.a,
+            b: &l.b,
+            scale: l.scale,
+            dropout: if fwd.dropout_seed.is_some() {
+                l.dropout
+            } else {
+                0.0
+            },
+            seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
+        });
+        ops::lora_linear(x, &self.weight, self.bias.as_ref(), lora)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(src: &mut dyn WeightSource, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: src.get(&format!("{name}.weight"), &[dim], Init::NormWeight)?,
+            bias: src.get(&format!("{name}.bias"), &[dim], Init::NormBias)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.layer_norm(&self.weight, &self.bias, self.eps)
+    }
+}
+
+/// One pre-LN transformer block.
+#[derive(Clone, Debug)]
+pub struct EncoderLayer {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub out_proj: Linear,
+    pub layer_norm1: LayerNorm,
+    pub layer_norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub heads: usize,
+}
+
+impl EncoderLayer {
+    fn load(
+        src: &mut dyn WeightSource,
+        p: &str,
+        d: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+    ) -> Result<EncoderLayer> {
+        let lin = |src: &mut dyn WeightSource, n: &str, o, i| {
+            Linear::load(src, &format!("{p}.{n}"), o, i, true)
+        };
+        Ok(EncoderLayer {
+            q_proj: lin(src, "self_attn.q_proj", d, d)?,
+            k_proj: lin(src, "self_attn.k_proj", d, d)?,
+            v_proj: lin(src, "self_attn.v_proj", d, d)?,
+            out_proj: lin(src, "self_attn.out_proj", d, d)?,
+            layer_norm1: LayerNorm::load(src, &format!("{p}.layer_norm1"), d, eps)?,
+            layer_norm2: LayerNorm::load(src, &format!("{p}.layer_norm2"), d, eps)?,
+            fc1: lin(src, "mlp.fc1", inter, d)?,
+            fc2: lin(src, "mlp.fc2", d, inter)?,
+            heads,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, causal: bool, fwd: Fwd) -> Result<Tensor> {
+        let h = self.layer_norm1.forward(x)?;
+        let (q, k, v) = (
+            self.q_proj.forward(&h, fwd)?,
+            self.k_proj.forward(&h, fwd)?,
+            self.v_proj.forward(&h, fwd)?,
+        );
+        let a = ops::attention(&q, &k, &v, self.heads, causal)?;
+        let x = x.add(&self.out_proj.forward(&a, fwd)?)?;
+        let h = self.layer_norm2.forward(&x)?;
+        let h = self
+            .fc2
+            .forward(&self.fc1.forward(&h, fwd)?.quick_gelu()?, fwd)?;
+        x.add(&h)
+    }
+
+    /// Every linear layer of the block, by its HF name suffix.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 6] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("out_proj", &mut self.out_proj),
+            ("fc1", &mut self.fc1),
+            ("fc2", &mut self.fc2),
+        ]
+    }
+}
+
+/// What a tower returns besides its pooled output.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TowerOptions {
+    /// HF's `hidden_states`: the encoder input, then every block's output.
+    pub hidden_states: bool,
+    /// The CLS token of every block's output (CLAM's input); vision only.
+    pub layer_cls: bool,
+}
+
+pub struct TowerOutput {
+    /// Last block's output (vision) or after `final_layer_norm` (text), when hidden states are
+    /// asked for; otherwise None.
+    pub last_hidden_state: Option<Tensor>,
+    /// Post-LN CLS (vision) or final-LN EOS state (text): [B, D].
+    pub pooled: Tensor,
+    pub hidden_states: Vec<Tensor>,
+    pub layer_cls: Vec<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+pub struct VisionTower {
+    pub cfg: VisionConfig,
+    pub class_embedding: Tensor,
+    pub patch_embedding: Tensor,
+    pub position_embedding: Tensor,
+    pub pre_layrnorm: LayerNorm,
+    pub layers: Vec<EncoderLayer>,
+    pub post_layernorm: LayerNorm,
+}
+
+impl VisionTower {
+    pub fn load(src: &mut dyn WeightSource, cfg: &VisionConfig) -> Result<VisionTower> {
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let e = "vision_model.embeddings";
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let name = format!("vision_model.encoder.layers.{i}");
+                EncoderLayer::load(
+                    src,
+                    &name,
+                    d,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(VisionTower {
+            cfg: cfg.clone(),
+            class_embedding: src.get(&format!("{e}.class_embedding"), &[d], Init::Embedding)?,
+            patch_embedding: src.get(
+                &format!("{e}.patch_embedding.weight"),
+                &[d, c, p, p],
+                Init::Weight,
+            )?,
+            position_embedding: src.get(
+                &format!("{e}.position_embedding.weight"),
+                &[cfg.num_positions(), d],
+                Init::Embedding,
+            )?,
+            pre_layrnorm: LayerNorm::load(src, "vision_model.pre_layrnorm", d, cfg.layer_norm_eps)?,
+            layers,
+            post_layernorm: LayerNorm::load(
+                src,
+                "vision_model.post_layernorm",
+                d,
+                cfg.layer_norm_eps,
+            )?,
+        })
+    }
+
+    /// pixel_values [B, C, H, W] (normalized) → pooled [B, D] (+ what `opts` asks for).
+    pub fn forward(&self, pixels: &Tensor, opts: TowerOptions, fwd: Fwd) -> Result<TowerOutput> {
+        let c = &self.cfg;
+        let want = [
+            pixels.dims().first().copied().unwrap_or(0),
+            c.num_channels,
+            c.image_size,
+            c.image_size,
+        ];
+        if pixels.dims() != want {
+            return Err(Error::shape(
+                "clip vision",
+                format!(
+                    "pixel_values {:?}, expected [B, {}, {}, {}]",
+                    pixels.dims(),
+                    c.num_channels,
+                    c.image_size,
+                    c.image_size
+                ),
+            ));
+        }
+        let b = want[0];
+        let d = c.hidden_size;
+        let patches = pixels.patch_conv(&self.patch_embedding)?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as(&crate::Shape::from([b, 1, d]))?;
+        let x = Tensor::cat(&[&cls, &patches], 1)?.add(&self.position_embedding)?;
+        let mut x = self.pre_layrnorm.forward(&x)?;
+        let mut hidden = vec![];
+        let mut layer_cls = vec![];
+        if opts.hidden_states {
+            hidden.push(x.clone());
+        }
+        for layer in &self.layers {
+            x = layer.forward(&x, false, fwd)?;
+            if opts.hidden_states {
+                hidden.push(x.clone());
+            }
+            if opts.layer_cls {
+                layer_cls.push(x.select_rows_per_batch(&vec![0; b])?);
+            }
+        }
+        let cls = x.select_rows_per_batch(&vec![0; b])?;
+        Ok(TowerOutput {
+            last_hidden_state: opts.hidden_states.then_some(x),
+            pooled: self.post_layernorm.forward(&cls)?,
+            hidden_states: hidden,
+            layer_cls,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TextTower {
+    pub cfg: TextConfig,
+    pub token_embedding: Tensor,
+    pub position_embedding: Tensor,
+    pub layers: Vec<EncoderLayer>,
+    pub final_layer_norm: LayerNorm,
+}
+
+/// Per row, the first position holding the largest id (the first EOS, 49407 being the largest).
+pub fn eos_positions(ids: &[i64], rows: usize, len: usize) -> Vec<usize> {
+    (0..rows)
+        .map(|r| {
+            let row = &ids[r * len..(r + 1) * len];
+            (0..len).fold(0, |best, j| if row[j] > row[best] { j } else { best })
+        })
+        .collect()
+}
+
+impl TextTower {
+    pub fn load(src: &mut dyn WeightSource, cfg: &TextConfig) -> Result<TextTower> {
+        let d = cfg.hidden_size;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let name = format!("text_model.encoder.layers.{i}");
+                EncoderLayer::load(
+                    src,
+                    &name,
+                    d,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(TextTower {
+            cfg: cfg.clone(),
+            token_embedding: src.get(
+                "text_model.embeddings.token_embedding.weight",
+                &[cfg.vocab_size, d],
+                Init::Embedding,
+            )?,
+            position_embedding: src.get(
+                "text_model.embeddings.position_embedding.weight",
+                &[cfg.max_position_embeddings, d],
+                Init::Embedding,
+            )?,
+            layers,
+            final_layer_norm: LayerNorm::load(
+                src,
+                "text_model.final_layer_norm",
+                d,
+                cfg.layer_norm_eps,
+            )?,
+        })
+    }
+
+    /// input_ids [M, S] (i64/u32, S ≤ max positions) → pooled [M, D] at the first EOS.
+    pub fn forward(&self, ids: &Tensor, opts: TowerOptions, fwd: Fwd) -> Result<TowerOutput> {
+        if ids.rank() != 2 || ids.dims()[1] > self.cfg.max_position_embeddings || ids.dims()[1] == 0
+        {
+            return Err(Error::shape(
+                "clip text",
+                format!(
+                    "input_ids {:?}, expected [M, S] with 0 < S ≤ {}",
+                    ids.dims(),
+                    self.cfg.max_position_embeddings
+                ),
+            ));
+        }
+        let (m, s) = (ids.dims()[0], ids.dims()[1]);
+        let host: Vec<i64> = ids.to_vec::<i64>()?;
+        if let Some(bad) = host
+            .iter()
+            .find(|v| **v < 0 || **v as usize >= self.cfg.vocab_size)
+        {
+            return Err(Error::Index {
+                op: "clip text",
+                msg: format!(
+                    "token id {bad} outside the vocabulary 0..{}",
+                    self.cfg.vocab_size
+                ),
+            });
+        }
+        let x = Tensor::embedding(&self.token_embedding, ids)?;
+        let mut x = x.add(&self.position_embedding.narrow(0, 0, s)?)?;
+        let mut hidden = vec![];
+        if opts.hidden_states {
+            hidden.push(x.clone());
+        }
+        for layer in &self.layers {
+            x = layer.forward(&x, true, fwd)?;
+            if opts.hidden_states {
+                hidden.push(x.clone());
+            }
+        }
+        let eos = eos_positions(&host, m, s);
+        // LayerNorm is per token, so only the pooled rows need it unless all are asked for.
+        let (last, pooled) = if opts.hidden_states {
+            let last = self.final_layer_norm.forward(&x)?;
+            let pooled = last.select_rows_per_batch(&eos)?;
+            (Some(last), pooled)
+        } else {
+            (
+                None,
+                self.final_layer_norm
+                    .forward(&x.select_rows_per_batch(&eos)?)?,
+            )
+        };
+        Ok(TowerOutput {
+            last_hidden_state: last,
+            pooled,
+            hidden_states: hidden,
+            layer_cls: vec![],
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClipModel {
+    pub config: ClipConfig,
+    pub vision: VisionTower,
+    pub text: TextTower,
+    pub visual_projection: Linear,
+    pub text_projection: Linear,
+    /// ln of CLIP's logit scale (HF stores the log).
+    pub logit_scale: Tensor,
+}
+
+/// Stored tensors that are buffers, not weights.
+pub fn is_ignored_buffer(name: &str) -> bool {
+    name.ends_with("position_ids")
+}
+
+impl ClipModel {
+    pub fn from_source(config: &ClipConfig, src: &mut dyn WeightSource) -> Result<ClipModel> {
+        config.validate()?;
+        let p = config.projection_dim;
+        Ok(ClipModel {
+            config: config.clone(),
+            vision: VisionTower::load(src, &config.vision_config)?,
+            text: TextTower::load(src, &config.text_config)?,
+            visual_projection: Linear::load(
+                src,
+                "visual_projection",
+                p,
+                config.vision_config.hidden_size,
+                false,
+            )?,
+            text_projection: Linear::load(
+                src,
+                "text_projection",
+                p,
+                config.text_config.hidden_size,
+                false,
+            )?,
+            logit_scale: src.get(
+                "logit_scale",
+                &[],
+                Init::Scalar((config.logit_scale_init_value as f32).to_bits()),
+            )?,
+        })
+    }
+
+    /// Loads a HuggingFace CLIP folder (`config.json` + `model.safetensors` or shards). Tensors
+    /// the model does not use are an error (except `position_ids` buffers).
+    pub fn load(dir: &Path, dtype: DType, device: Device) -> Result<ClipModel> {
+        let config = ClipConfig::from_file(&dir.join("config.json"))?;
+        let mut store = WeightStore::open(dir)?;
+        let model = Self::from_source(
+            &config,
+            &mut StoreSource {
+                store: &mut store,
+                dtype,
+                device,
+            },
+        )?;
+        let extra = store.unused(is_ignored_buffer);
+        if !extra.is_empty() {
+            let shown: Vec<&str> = extra.iter().take(8).map(|s| s.as_str()).collect();
+            return Err(Error::Msg(format!(
+                "{}: {} unexpected tensor(s) for a CLIP model: {}{}",
+                dir.display(),
+                extra.len(),
+                shown.join(", "),
+                if extra.len() > 8 { ", …" } else { "" }
+            )));
+        }
+        Ok(model)
+    }
+
+    pub fn random(
+        config: &ClipConfig,
+        dtype: DType,
+        device: Device,
+        seed: u64,
+    ) -> Result<ClipModel> {
+        Self::from_source(
+            config,
+            &mut RandomSource {
+                dtype,
+                device,
+                seed,
+            },
+        )
+    }
+
+    /// Projected image embeddings [B, P] (not normalized).
+    pub fn image_embeds(&self, pixels: &Tensor) -> Result<Tensor> {
+        let out = self
+            .vision
+            .forward(pixels, TowerOptions::default(), Fwd::default())?;
+        self.visual_projection.forward(&out.pooled, Fwd::default())
+    }
+
+    /// Projected text embeddings [M, P] (not normalized).
+    pub fn text_embeds(&self, ids: &Tensor) -> Result<Tensor> {
+        let out = self
+            .text
+            .forward(ids, TowerOptions::default(), Fwd::default())?;
+        self.text_projection.forward(&out.pooled, Fwd::default())
+    }
+
+    /// `exp(logit_scale)·⟨img, txt⟩` of the normalized embeddings: [B, M].
+    pub fn logits_per_image(&self, image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
+        let i = image_embeds.l2_normalize()?;
+        let t = text_embeds.l2_normalize()?;
+        i.matmul_t(&t, false, true)?.mul(&self.logit_scale.exp()?)
+    }
+}
