@@ -10,6 +10,8 @@ use clip_common::{compare, fixture, load_map};
 use sd2::clip::{ClipModel, Fwd, TowerOptions};
 use sd2::{DType, Device, Tensor};
 
+type Edit<'a> = &'a dyn Fn(&mut Vec<(String, Tensor)>);
+
 const MODELS: [&str; 2] = ["clip_tiny_a", "clip_tiny_b"];
 
 fn check_model(name: &str, dtype: DType, tol: f64) {
@@ -174,7 +176,7 @@ fn half_precision_and_sharded_checkpoints_load() {
 fn bad_checkpoints_name_the_tensor() {
     let src = fixture("clip_tiny_a");
     let tensors = load_map(&src.join("model.safetensors"));
-    let write = |tag: &str, edit: &dyn Fn(&mut Vec<(String, Tensor)>)| -> String {
+    let write = |tag: &str, edit: Edit| -> String {
         let d = tmpdir(tag);
         std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
         let mut list: Vec<(String, Tensor)> = tensors
@@ -185,8 +187,7 @@ fn bad_checkpoints_name_the_tensor() {
         let refs: Vec<(&str, &Tensor)> = list.iter().map(|(n, t)| (n.as_str(), t)).collect();
         sd2::io::save(&d.join("model.safetensors"), &refs, None).unwrap();
         let e = ClipModel::load(&d, DType::F32, Device::Cpu)
-            .err()
-            .expect("load must fail")
+            .expect_err("load must fail")
             .to_string();
         std::fs::remove_dir_all(&d).ok();
         e
@@ -234,8 +235,7 @@ fn bad_checkpoints_name_the_tensor() {
         .replace("\"hidden_size\": 60", "\"hidden_size\": 66");
     std::fs::write(d.join("config.json"), cfg).unwrap();
     let e = ClipModel::load(&d, DType::F32, Device::Cpu)
-        .err()
-        .expect("mismatched config must fail")
+        .expect_err("mismatched config must fail")
         .to_string();
     assert!(
         e.contains("vision_model.") && e.contains("expected [66, 66]"),
