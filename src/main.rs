@@ -16,6 +16,11 @@ struct Cli {
 enum Cmd {
     /// Print this build's backends and whether a GPU is usable.
     Info,
+    /// CLIP commands.
+    Clip {
+        #[command(subcommand)]
+        cmd: ClipCmd,
+    },
     /// Tokenize texts (one per line, empty lines included) with OpenAI CLIP's BPE; prints one
     /// JSON array of ids per line.
     Tokenize {
@@ -41,6 +46,115 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ClipCmd {
+    /// Projected (not normalized) CLIP embeddings of images and/or texts, as f32 safetensors
+    /// `image_embeds` [N, P] and `text_embeds` [M, P].
+    Embed {
+        /// A HuggingFace CLIP folder (config.json + model.safetensors or shards).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Image files (PNG/JPEG/WebP), preprocessed as CLIPImageProcessor does.
+        #[arg(long, num_args = 1.., conflicts_with = "pixel_values")]
+        images: Vec<std::path::PathBuf>,
+        /// A safetensors file with one f32 tensor `pixel_values` [N, 3, H, W], already normalized.
+        #[arg(long)]
+        pixel_values: Option<std::path::PathBuf>,
+        /// Texts, one per line.
+        #[arg(long)]
+        texts_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn clip_embed(
+    model: &std::path::Path,
+    images: &[std::path::PathBuf],
+    pixel_values: Option<&std::path::Path>,
+    texts_file: Option<&std::path::Path>,
+    out: &std::path::Path,
+    device: &str,
+    batch: usize,
+) -> sd2::Result<()> {
+    use sd2::{DType, Error, Tensor};
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    if images.is_empty() && pixel_values.is_none() && texts_file.is_none() {
+        return Err(Error::Msg(
+            "clip embed: give --images, --pixel-values and/or --texts-file".into(),
+        ));
+    }
+    let clip = sd2::clip::ClipModel::load(model, DType::F32, device)?;
+    let _g = sd2::no_grad();
+    let batch = batch.max(1);
+    let mut outputs: Vec<(&str, Tensor)> = vec![];
+    let size = clip.config.vision_config.image_size;
+    let mut image_embeds = vec![];
+    if let Some(pv) = pixel_values {
+        let mut m: std::collections::HashMap<String, Tensor> =
+            sd2::io::load(pv, sd2::Device::Cpu)?.into_iter().collect();
+        let px = m
+            .remove("pixel_values")
+            .ok_or_else(|| Error::Msg(format!("{}: no tensor `pixel_values`", pv.display())))?;
+        if px.rank() != 4 {
+            return Err(Error::Msg(format!(
+                "{}: pixel_values has shape {:?}, expected [N, 3, H, W]",
+                pv.display(),
+                px.dims()
+            )));
+        }
+        let px = px.to_dtype(DType::F32)?;
+        let n = px.dims()[0];
+        for start in (0..n).step_by(batch) {
+            let chunk = px
+                .narrow(0, start, batch.min(n - start))?
+                .to_device(device)?;
+            image_embeds.push(clip.image_embeds(&chunk)?);
+        }
+    }
+    for chunk in images.chunks(batch) {
+        let decoded = chunk
+            .iter()
+            .map(|p| sd2::clip::preprocess::decode_image(p))
+            .collect::<sd2::Result<Vec<_>>>()?;
+        let px = sd2::clip::preprocess::pixel_values(&decoded, size, DType::F32, device)?;
+        image_embeds.push(clip.image_embeds(&px)?);
+    }
+    if !image_embeds.is_empty() {
+        let refs: Vec<&Tensor> = image_embeds.iter().collect();
+        outputs.push(("image_embeds", Tensor::cat(&refs, 0)?));
+    }
+    if let Some(tf) = texts_file {
+        let lines = read_lines(tf)?;
+        let tk = sd2::clip::ClipTokenizer::openai()?;
+        let ctx = clip.config.text_config.max_position_embeddings;
+        let mut parts = vec![];
+        for chunk in lines.chunks(batch.max(64)) {
+            let texts: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
+            parts.push(clip.text_embeds(&tk.tokenize_batch(&texts, ctx, device)?)?);
+        }
+        if !parts.is_empty() {
+            let refs: Vec<&Tensor> = parts.iter().collect();
+            outputs.push(("text_embeds", Tensor::cat(&refs, 0)?));
+        }
+    }
+    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
+    sd2::io::save(out, &refs, None)?;
+    for (n, t) in &outputs {
+        println!("{n} {:?}", t.dims());
+    }
+    println!("wrote {}", out.display());
+    Ok(())
 }
 
 fn info() {
@@ -138,6 +252,26 @@ fn main() {
             info();
             Ok(())
         }
+        Cmd::Clip {
+            cmd:
+                ClipCmd::Embed {
+                    model,
+                    images,
+                    pixel_values,
+                    texts_file,
+                    out,
+                    device,
+                    batch,
+                },
+        } => clip_embed(
+            &model,
+            &images,
+            pixel_values.as_deref(),
+            texts_file.as_deref(),
+            &out,
+            &device,
+            batch,
+        ),
         Cmd::Tokenize {
             texts_file,
             context,

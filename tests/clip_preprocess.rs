@@ -5,9 +5,17 @@
 mod clip_common;
 
 use clip_common::{fixture, load_map};
-use sd2::clip::preprocess::{center_crop, decode_image, preprocess, resize_bicubic, short_side_size};
+use sd2::clip::preprocess::{
+    center_crop, decode_image, preprocess, resize_bicubic, short_side_size,
+};
 
-const IMAGES: [&str; 5] = ["landscape_300x200", "portrait_200x333", "square_224", "small_97x150", "wide_517x230"];
+const IMAGES: [&str; 5] = [
+    "landscape_300x200",
+    "portrait_200x333",
+    "square_224",
+    "small_97x150",
+    "wide_517x230",
+];
 
 /// Our resized + cropped image, CHW bytes.
 fn ours_u8(name: &str, size: usize) -> Vec<f64> {
@@ -31,7 +39,11 @@ fn max_diff(key: &str, size: usize) -> (f64, f64) {
     for (k, name) in IMAGES.iter().enumerate() {
         let ours = ours_u8(name, size);
         let w = &want[k * n..(k + 1) * n];
-        let d = ours.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+        let d = ours
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
         let mean = ours.iter().zip(w).map(|(a, b)| (a - b).abs()).sum::<f64>() / n as f64;
         println!("{key} {name}: max |diff| {d} pixel units, mean {mean:.4}");
         worst = worst.max(d);
@@ -44,7 +56,10 @@ fn max_diff(key: &str, size: usize) -> (f64, f64) {
 fn matches_the_pil_backend_exactly() {
     for size in [224, 64] {
         let (worst, _) = max_diff(&format!("pil.{size}.u8"), size);
-        assert_eq!(worst, 0.0, "size {size}: PIL-backend images differ by up to {worst} pixel units");
+        assert_eq!(
+            worst, 0.0,
+            "size {size}: PIL-backend images differ by up to {worst} pixel units"
+        );
     }
 }
 
@@ -52,7 +67,10 @@ fn matches_the_pil_backend_exactly() {
 fn torchvision_backend_is_within_a_few_pixel_units() {
     let (worst, mean) = max_diff("torchvision.224.u8", 224);
     println!("torchvision backend: max {worst} pixel units, mean {mean:.4}");
-    assert!(worst <= 3.0 && mean < 0.2, "torchvision backend differs by {worst} (mean {mean})");
+    assert!(
+        worst <= 3.0 && mean < 0.2,
+        "torchvision backend differs by {worst} (mean {mean})"
+    );
 }
 
 #[test]
@@ -88,7 +106,9 @@ fn undecodable_and_oversized_images_are_errors() {
     let e = decode_image(&bad).unwrap_err().to_string();
     assert!(e.contains("not_an_image.png"), "{e}");
     // A PNG header claiming 100000 x 100000 pixels is refused before allocating.
-    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, b'I', b'H', b'D', b'R'];
+    let mut png = vec![
+        0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, b'I', b'H', b'D', b'R',
+    ];
     png.extend(100_000u32.to_be_bytes());
     png.extend(100_000u32.to_be_bytes());
     png.extend([8, 2, 0, 0, 0, 0, 0, 0, 0]);
