@@ -118,19 +118,17 @@ fn embed_pixel_values_and_images() {
 fn embed_texts_with_the_full_vocabulary() {
     // A small model with CLIP's real vocabulary, so real token ids can be embedded.
     let d = tmpdir("txt");
-    let mut cfg = ClipConfig::default();
-    cfg.vision_config = serde_json::from_str(r#"{"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 28, "patch_size": 14}"#).unwrap();
-    cfg.text_config = serde_json::from_str(r#"{"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}"#).unwrap();
-    cfg.projection_dim = 8;
-    let m = ClipModel::random(&cfg, DType::F32, Device::Cpu, 3).unwrap();
-    let named = m.named_tensors();
-    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    sd2::io::save(&d.join("model.safetensors"), &refs, None).unwrap();
     let cfg_json = serde_json::json!({
         "projection_dim": 8,
         "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 28, "patch_size": 14},
         "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}
     });
+    let cfg = ClipConfig::from_json(&cfg_json.to_string()).unwrap();
+    assert_eq!(cfg.text_config.vocab_size, 49408);
+    let m = ClipModel::random(&cfg, DType::F32, Device::Cpu, 3).unwrap();
+    let named = m.named_tensors();
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    sd2::io::save(&d.join("model.safetensors"), &refs, None).unwrap();
     std::fs::write(d.join("config.json"), cfg_json.to_string()).unwrap();
     let texts = [
         "a photo of a real face",
