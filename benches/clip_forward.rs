@@ -8,6 +8,9 @@ use std::time::Instant;
 use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer};
 use sd2::{no_grad, DType, Device, Tensor};
 
+/// (tower, GFLOP per call, the timed call).
+type Case<'a> = (&'static str, f64, Box<dyn Fn() + 'a>);
+
 /// Multiply-adds ×2 of a tower: per token 2·(4d² + 2·d·inter) per layer, plus attention
 /// 4·S·d per token per layer.
 fn tower_gflop(layers: usize, d: usize, inter: usize, tokens: usize) -> f64 {
@@ -61,7 +64,7 @@ fn main() {
         let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
         let ids = tk.tokenize_batch(&refs, 77, Device::Cpu).expect("ids");
         let t = &cfg.text_config;
-        let cases: [(&str, f64, Box<dyn Fn()>); 2] = [
+        let cases: [Case; 2] = [
             (
                 "vision",
                 batch as f64
