@@ -10,24 +10,11 @@ minimum over its runs, so machine noise hits both sides alike.
     python3 scripts/reference/torch_cpu_bench.py --ours a.json b.json --torch target/torch_*.json
 """
 import argparse
-import json
-import os
-import statistics
-import time
+
+from benchlib import load_runs, report, save, timeit
 
 import torch
 import torch.nn.functional as F
-
-
-def timeit(fn, reps):
-    fn()
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main():
@@ -40,20 +27,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    title = f"PyTorch {torch.__version__} CPU, {args.threads} threads, f32"
     if args.torch:
-        runs = []
-        for path in args.torch:
-            with open(path) as f:
-                runs.append(json.load(f))
-        rows = [(r["name"], r["gflop"], min(run[i]["secs"] for run in runs)) for i, r in enumerate(runs[0])]
-        report(rows, args.ours, len(runs))
+        report(title, load_runs(args.torch), args.ours, len(args.torch))
         return
     rows = time_all(args)
     if args.save:
-        with open(args.save + ".tmp", "w") as f:
-            json.dump([{"name": n, "gflop": g, "secs": s} for n, g, s in rows], f, indent=1)
-        os.replace(args.save + ".tmp", args.save)
-    report(rows, args.ours, 1)
+        save(rows, args.save)
+    report(title, rows, args.ours, 1)
 
 
 def time_all(args):
@@ -96,24 +77,6 @@ def time_all(args):
         secs = timeit(step, args.reps)
         rows.append((f"attention fwd+bwd {name} B={bsz} H={heads} S={seq} D={hd}", fwd * 3.5, secs))
     return rows
-
-
-def report(rows, ours_files, torch_runs):
-    ours = {}
-    for path in ours_files:
-        with open(path) as f:
-            for r in json.load(f):
-                if r["name"] not in ours or r["secs"] < ours[r["name"]]["secs"]:
-                    ours[r["name"]] = r
-    print(f"PyTorch {torch.__version__} CPU, {torch.get_num_threads()} threads, f32; "
-          f"best of {torch_runs} PyTorch run(s) and {len(ours_files)} sd2 run(s)")
-    print(f"{'op':<58} {'torch ms':>9} {'torch GF/s':>10} {'sd2 ms':>9} {'sd2 GF/s':>9} {'sd2/torch':>9}")
-    for name, gflop, secs in rows:
-        o = ours.get(name)
-        if o:
-            print(f"{name:<58} {secs*1e3:>9.2f} {gflop/secs:>10.1f} {o['secs']*1e3:>9.2f} {o['gflop']/o['secs']:>9.1f} {secs/o['secs']:>9.2f}")
-        else:
-            print(f"{name:<58} {secs*1e3:>9.2f} {gflop/secs:>10.1f}")
 
 
 if __name__ == "__main__":
