@@ -37,6 +37,7 @@ pub mod io;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod sd2;
 pub mod shape;
 pub mod storage;
 pub mod tensor;

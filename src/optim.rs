@@ -120,3 +120,8 @@ pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
     }
     Ok(s.sqrt())
 }
+
+/// torch's `clip_grad_norm_` factor: min(1, max_norm / (norm + 1e-6)).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}

@@ -22,10 +22,17 @@ pub fn load_map(path: &std::path::Path) -> HashMap<String, Tensor> {
 /// element (value, index) and the relative error.
 #[track_caller]
 pub fn compare(name: &str, got: &Tensor, want: &Tensor, rtol: f64) -> f64 {
+    compare_floor(name, got, want, rtol, 1e-30)
+}
+
+/// As `compare`, with max|b| floored at `floor` (for tensors whose true value is ~0, such as
+/// the gradient of a key bias, which softmax cancels exactly).
+#[track_caller]
+pub fn compare_floor(name: &str, got: &Tensor, want: &Tensor, rtol: f64, floor: f64) -> f64 {
     assert_eq!(got.dims(), want.dims(), "{name}: shape");
     let g = got.to_vec_f64().unwrap();
     let w = want.to_vec_f64().unwrap();
-    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let scale = w.iter().fold(0f64, |m, v| m.max(v.abs())).max(floor);
     let (mut worst, mut at) = (0f64, 0);
     for (i, (a, b)) in g.iter().zip(&w).enumerate() {
         let e = (a - b).abs();

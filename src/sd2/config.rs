@@ -1,0 +1,118 @@
+//! SD2's configuration (SD2-SPEC §3–4). Every default is the spec's; the ablation switches are
+//! `clam`, `loss_separation` and `loss_dual`.
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training.
+    pub dropout: f32,
+    /// Which linear layers of each block get an adapter (HF names).
+    pub targets: Vec<String>,
+    pub vision: bool,
+    pub text: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            alpha: 32.0,
+            dropout: 0.1,
+            targets: ["q_proj", "k_proj", "v_proj", "out_proj"]
+                .map(String::from)
+                .to_vec(),
+            vision: true,
+            text: true,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// alpha / rank (4 by default).
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// Which description sets the dual vision-language contrast L_D uses.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DualContrast {
+    Off,
+    Face,
+    FaceEnv,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Sd2Config {
+    pub lora: LoraConfig,
+    /// Cross-layer CLS attention + adapter on/off (off: the image feature is CLIP's own).
+    pub clam: bool,
+    pub clam_heads: usize,
+    pub loss_separation: bool,
+    pub loss_dual: DualContrast,
+    /// Weights of L_C, L_S, L_D.
+    pub w_c: f64,
+    pub w_s: f64,
+    pub w_d: f64,
+    /// Initial t' (t = exp t') and b of the sigmoid contrast.
+    pub t_init: f64,
+    pub b_init: f64,
+}
+
+impl Default for Sd2Config {
+    fn default() -> Self {
+        Sd2Config {
+            lora: LoraConfig::default(),
+            clam: true,
+            clam_heads: 8,
+            loss_separation: true,
+            loss_dual: DualContrast::FaceEnv,
+            w_c: 2.0,
+            w_s: 1.0,
+            w_d: 1.0,
+            t_init: 10f64.ln(),
+            b_init: -10.0,
+        }
+    }
+}
+
+impl Sd2Config {
+    pub fn validate(&self, vision_width: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::Msg(format!("SD2 config: {m}")));
+        if self.lora.rank == 0 {
+            return bad("lora.rank must be > 0".into());
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return bad(format!(
+                "lora.dropout {} must be in [0, 1)",
+                self.lora.dropout
+            ));
+        }
+        const KNOWN: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
+        if let Some(t) = self
+            .lora
+            .targets
+            .iter()
+            .find(|t| !KNOWN.contains(&t.as_str()))
+        {
+            return bad(format!(
+                "unknown LoRA target {t:?} (known: {})",
+                KNOWN.join(", ")
+            ));
+        }
+        if self.clam && (self.clam_heads == 0 || vision_width % self.clam_heads != 0) {
+            return bad(format!(
+                "CLAM width {vision_width} is not divisible by {} heads",
+                self.clam_heads
+            ));
+        }
+        Ok(())
+    }
+}

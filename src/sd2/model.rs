@@ -1,0 +1,247 @@
+//! The SD2 model: CLIP with LoRA on both towers, CLAM + adapter on the image side, type texts as
+//! class prototypes, and the three losses (SD2-SPEC §3–4):
+//! - L_C: cross-entropy of `exp(logit_scale)·⟨f_i, u_c⟩`;
+//! - L_S (`loss_separation`): ‖U Uᵀ − I‖²_F / 25;
+//! - L_D (`loss_dual`): SigLIP loss of the image features against face and environment
+//!   descriptions, with t = exp(t'), b shared by both sets.
+use super::clam::{Adapter, Clam};
+use super::config::{DualContrast, Sd2Config};
+use crate::clip::model::{Fwd, TowerOptions};
+use crate::clip::ClipModel;
+use crate::ops;
+use crate::optim::Param;
+use crate::{DType, Error, Result, Tensor};
+
+pub struct Sd2Model {
+    pub cfg: Sd2Config,
+    pub clip: ClipModel,
+    pub clam: Option<Clam>,
+    pub adapter: Option<Adapter>,
+    /// t' of the sigmoid contrast (t = exp t').
+    pub t_log: Tensor,
+    pub bias: Tensor,
+    params: Vec<Param>,
+}
+
+/// One micro-batch. Texts are token ids [rows, S] with one S for all three sets.
+pub struct Sd2Batch {
+    pub pixel_values: Tensor,
+    /// Class ids [B] (i64 or u32).
+    pub labels: Tensor,
+    /// One phrasing per class, in label order: [5, S].
+    pub type_ids: Tensor,
+    pub face_ids: Option<Tensor>,
+    pub env_ids: Option<Tensor>,
+}
+
+/// The loss terms of a step (0-d tensors); the unused ones are None.
+pub struct Losses {
+    pub total: Tensor,
+    pub l_c: Tensor,
+    pub l_s: Option<Tensor>,
+    pub l_d: Option<Tensor>,
+}
+
+impl Sd2Model {
+    /// Wraps CLIP: attaches fresh LoRA adapters, CLAM and the adapter, and makes
+    /// `logit_scale`, t' and b trainable. `seed` fixes every initialisation.
+    pub fn new(mut clip: ClipModel, cfg: Sd2Config, seed: u64) -> Result<Sd2Model> {
+        let v = clip.config.vision_config.clone();
+        cfg.validate(v.hidden_size)?;
+        let (dtype, device) = (clip.logit_scale.dtype(), clip.logit_scale.device());
+        let mut params = super::lora::attach(&mut clip, &cfg.lora, seed)?;
+        let (clam, adapter) = if cfg.clam {
+            let (c, p) = Clam::new(
+                v.num_hidden_layers,
+                v.hidden_size,
+                cfg.clam_heads,
+                dtype,
+                device,
+                seed,
+            )?;
+            params.extend(p);
+            let (a, p) = Adapter::new(
+                v.hidden_size,
+                clip.config.projection_dim,
+                dtype,
+                device,
+                seed,
+            )?;
+            params.extend(p);
+            (Some(c), Some(a))
+        } else {
+            (None, None)
+        };
+        clip.logit_scale = clip.logit_scale.detach().copy()?.into_trainable();
+        let t_log = Tensor::full(cfg.t_init, (), dtype, device)?.into_trainable();
+        let bias = Tensor::full(cfg.b_init, (), dtype, device)?.into_trainable();
+        params.push(Param::new("logit_scale", clip.logit_scale.clone(), false));
+        params.push(Param::new("loss_dual.t_log", t_log.clone(), false));
+        params.push(Param::new("loss_dual.bias", bias.clone(), false));
+        Ok(Sd2Model {
+            cfg,
+            clip,
+            clam,
+            adapter,
+            t_log,
+            bias,
+            params,
+        })
+    }
+
+    /// Every trainable tensor, in a fixed order, with its name and weight-decay flag.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Replaces the values of trainable tensors by name (checkpoints, reference fixtures).
+    /// Every given name must exist and match in shape.
+    pub fn set_params(&self, values: &[(String, Tensor)]) -> Result<()> {
+        for (name, v) in values {
+            let p = self
+                .params
+                .iter()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| Error::Msg(format!("SD2: no trainable tensor named `{name}`")))?;
+            if p.tensor.dims() != v.dims() {
+                return Err(Error::Msg(format!(
+                    "SD2: `{name}` has shape {:?}, the model expects {:?}",
+                    v.dims(),
+                    p.tensor.dims()
+                )));
+            }
+            let src = v
+                .to_dtype(p.tensor.dtype())?
+                .to_device(p.tensor.device())?
+                .to_cpu_storage()?;
+            let new = crate::storage::Storage::from_cpu(src, p.tensor.device())?;
+            p.tensor.update_storage(|s| {
+                *s = new;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The image feature f (not normalized): CLIP's projected embedding, refined by CLAM and the
+    /// adapter when CLAM is on.
+    pub fn image_features(&self, pixels: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        let opts = TowerOptions {
+            hidden_states: false,
+            layer_cls: self.clam.is_some(),
+        };
+        let vo = self.clip.vision.forward(pixels, opts, fwd)?;
+        let f_final = self.clip.visual_projection.forward(&vo.pooled, fwd)?;
+        match (&self.clam, &self.adapter) {
+            (Some(c), Some(a)) => a.forward(
+                &c.forward(&vo.layer_cls, &self.clip.vision.post_layernorm)?,
+                &f_final,
+            ),
+            _ => Ok(f_final),
+        }
+    }
+
+    /// Projected text embeddings (not normalized).
+    pub fn text_features(&self, ids: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        let out = self.clip.text.forward(ids, TowerOptions::default(), fwd)?;
+        self.clip.text_projection.forward(&out.pooled, fwd)
+    }
+
+    /// Class logits `exp(logit_scale)·⟨f̂, û_c⟩` [B, 5] against normalized class embeddings u.
+    pub fn logits(&self, f_normed: &Tensor, u_normed: &Tensor) -> Result<Tensor> {
+        f_normed
+            .matmul_t(u_normed, false, true)?
+            .mul(&self.clip.logit_scale.exp()?)
+    }
+
+    pub fn losses(&self, batch: &Sd2Batch, fwd: Fwd) -> Result<Losses> {
+        let b = batch.pixel_values.dims().first().copied().unwrap_or(0);
+        if batch.type_ids.rank() != 2 || batch.type_ids.dims()[0] != 5 {
+            return Err(Error::shape(
+                "sd2 losses",
+                format!("type_ids {:?}, expected [5, S]", batch.type_ids.dims()),
+            ));
+        }
+        let f = self
+            .image_features(&batch.pixel_values, fwd)?
+            .l2_normalize()?;
+        // All texts of the step in one pass of the text tower: types, then faces, then envs.
+        let mut texts = vec![&batch.type_ids];
+        let dual = self.cfg.loss_dual;
+        let need = |o: &Option<Tensor>, what: &str| -> Result<Tensor> {
+            let t = o.clone().ok_or_else(|| {
+                Error::Msg(format!("sd2 losses: loss_dual needs {what} descriptions"))
+            })?;
+            if t.dims().first() != Some(&b) {
+                return Err(Error::shape(
+                    "sd2 losses",
+                    format!("{what}_ids {:?} for {b} images", t.dims()),
+                ));
+            }
+            Ok(t)
+        };
+        let face = if dual != DualContrast::Off {
+            Some(need(&batch.face_ids, "face")?)
+        } else {
+            None
+        };
+        let env = if dual == DualContrast::FaceEnv {
+            Some(need(&batch.env_ids, "env")?)
+        } else {
+            None
+        };
+        texts.extend(face.iter());
+        texts.extend(env.iter());
+        let all = self
+            .text_features(&Tensor::cat(&texts, 0)?, fwd)?
+            .l2_normalize()?;
+        let u = all.narrow(0, 0, 5)?;
+        let l_c = ops::cross_entropy(&self.logits(&f, &u)?, &batch.labels)?;
+        let mut total = l_c.scale(self.cfg.w_c)?;
+        let l_s = if self.cfg.loss_separation {
+            let eye = Tensor::from_f64(&eye5(), (5, 5), u.dtype(), u.device())?;
+            let l = u
+                .matmul_t(&u, false, true)?
+                .sub(&eye)?
+                .sqr()?
+                .sum_all()?
+                .scale(1.0 / 25.0)?;
+            total = total.add(&l.scale(self.cfg.w_s)?.to_dtype(total.dtype())?)?;
+            Some(l)
+        } else {
+            None
+        };
+        let l_d = if dual != DualContrast::Off {
+            let t = self.t_log.exp()?;
+            let mut l = ops::sigmoid_loss(&f, &all.narrow(0, 5, b)?, &t, &self.bias)?;
+            if dual == DualContrast::FaceEnv {
+                l = l.add(&ops::sigmoid_loss(
+                    &f,
+                    &all.narrow(0, 5 + b, b)?,
+                    &t,
+                    &self.bias,
+                )?)?;
+            }
+            total = total.add(&l.scale(self.cfg.w_d)?)?;
+            Some(l)
+        } else {
+            None
+        };
+        Ok(Losses {
+            total,
+            l_c,
+            l_s,
+            l_d,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.clip.logit_scale.dtype()
+    }
+}
+
+fn eye5() -> Vec<f64> {
+    (0..25)
+        .map(|i| if i / 5 == i % 5 { 1.0 } else { 0.0 })
+        .collect()
+}
