@@ -8,6 +8,7 @@ use crate::optim::Param;
 use crate::rng::mix64;
 use crate::{DType, Device, Result, Tensor};
 
+#[allow(clippy::too_many_arguments)]
 fn trainable_linear(
     name: &str,
     out: usize,
