@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 
 use crate::backend::AdamWStep;
-use crate::storage::Storage;
 use crate::{Error, GradStore, Result, Tensor, TensorId};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -46,7 +45,7 @@ impl Param {
 pub struct AdamW {
     pub cfg: AdamWConfig,
     steps: u64,
-    moments: HashMap<TensorId, (Storage, Storage)>,
+    moments: HashMap<TensorId, (Tensor, Tensor)>,
 }
 
 impl AdamW {
@@ -61,6 +60,33 @@ impl AdamW {
     /// Optimizer steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The first and second moments of `param` (None before its first update).
+    pub fn moments(&self, param: &Tensor) -> Option<(&Tensor, &Tensor)> {
+        self.moments.get(&param.id()).map(|(m, v)| (m, v))
+    }
+
+    /// Restores the step count and the moments of `param` (checkpoint resume).
+    pub fn restore(&mut self, steps: u64, param: &Tensor, m: Tensor, v: Tensor) -> Result<()> {
+        if m.dims() != param.dims() || v.dims() != param.dims() {
+            return Err(Error::Msg(format!(
+                "adamw: moments {:?}/{:?} do not fit a parameter of shape {:?}",
+                m.dims(),
+                v.dims(),
+                param.dims()
+            )));
+        }
+        let conv = |t: Tensor| -> Result<Tensor> {
+            t.to_dtype(param.dtype())?.to_device(param.device())?.copy()
+        };
+        self.moments.insert(param.id(), (conv(m)?, conv(v)?));
+        self.steps = steps;
+        Ok(())
+    }
+
+    pub fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
     }
 
     /// One update of every parameter that has a gradient, each gradient multiplied by
@@ -97,14 +123,20 @@ impl AdamW {
             let (m, v) = match self.moments.entry(p.tensor.id()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let s = p.tensor.storage();
-                    let z = || s.zeros_like(s.len(), s.dtype());
+                    let z = || {
+                        Tensor::zeros(
+                            p.tensor.dims().to_vec(),
+                            p.tensor.dtype(),
+                            p.tensor.device(),
+                        )
+                    };
                     e.insert((z()?, z()?))
                 }
             };
             let gs = g.storage();
+            let (mut ms, mut vs) = (m.storage_mut(), v.storage_mut());
             p.tensor
-                .update_storage(|ps| ps.adamw_step(&gs, m, v, step))?;
+                .update_storage(|ps| ps.adamw_step(&gs, &mut ms, &mut vs, step))?;
         }
         Ok(())
     }

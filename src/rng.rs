@@ -38,6 +38,11 @@ impl Rng {
         self.state
     }
 
+    /// A generator that continues from a saved `state()`.
+    pub fn from_state(state: u64) -> Self {
+        Rng { state }
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix64(self.state)

@@ -2,7 +2,7 @@
 //! `projection_dim`). Missing keys default to OpenAI's ViT-L/14.
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -13,7 +13,7 @@ fn quick_gelu() -> String {
     "quick_gelu".into()
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct VisionConfig {
     #[serde(default = "VisionConfig::d_hidden")]
     pub hidden_size: usize,
@@ -75,7 +75,7 @@ impl Default for VisionConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TextConfig {
     #[serde(default = "TextConfig::d_hidden")]
     pub hidden_size: usize,
@@ -122,7 +122,7 @@ impl Default for TextConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ClipConfig {
     #[serde(default, alias = "vision_config_dict")]
     pub vision_config: VisionConfig,

@@ -5,6 +5,7 @@ pub mod clam;
 pub mod config;
 pub mod lora;
 pub mod model;
+pub mod train;
 pub mod type_texts;
 
 pub use config::{DualContrast, LoraConfig, Sd2Config};

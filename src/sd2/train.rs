@@ -1,0 +1,386 @@
+//! The SD2 trainer (SD2-SPEC §5): AdamW with decoupled weight decay (none on biases, norms,
+//! `logit_scale`, t', b), linear warmup then cosine, gradient accumulation of micro-batches into
+//! one optimizer step, global-norm clipping, and one seed that makes a CPU run bit-reproducible —
+//! across a checkpoint and resume too.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{Sd2Batch, Sd2Model};
+use super::type_texts::TypeTexts;
+use super::DualContrast;
+use crate::clip::model::Fwd;
+use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::optim::{clip_coefficient, grad_norm, AdamW, AdamWConfig};
+use crate::rng::{mix64, Rng};
+use crate::{Error, GradStore, Result, Tensor};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub lr: f64,
+    /// Fraction of `total_steps` spent in linear warmup.
+    pub warmup_frac: f64,
+    /// Optimizer steps of the whole run (the cosine reaches 0 there).
+    pub total_steps: usize,
+    /// Images per optimizer step, reached by accumulating micro-batches.
+    pub effective_batch: usize,
+    pub micro_batch: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip_norm: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 5e-7,
+            warmup_frac: 0.05,
+            total_steps: 1000,
+            effective_batch: 1024,
+            micro_batch: 32,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Learning rate of optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        let total = self.total_steps.max(1) as f64;
+        let warm = (self.warmup_frac * total).ceil().max(1.0);
+        let s = step as f64;
+        if s < warm {
+            self.lr * (s + 1.0) / warm
+        } else {
+            let p = ((s - warm) / (total - warm).max(1.0)).min(1.0);
+            self.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+        }
+    }
+}
+
+/// One micro-batch of training data: normalized pixels, class ids, descriptions.
+pub struct MicroBatch {
+    pub pixel_values: Tensor,
+    pub labels: Vec<usize>,
+    pub face: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// What one optimizer step did (one JSON line per step).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepLog {
+    pub step: u64,
+    pub l_c: f64,
+    pub l_s: Option<f64>,
+    pub l_d: Option<f64>,
+    pub total: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub images_per_sec: f64,
+}
+
+impl StepLog {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}
+
+pub struct Trainer {
+    pub model: Sd2Model,
+    pub cfg: TrainConfig,
+    opt: AdamW,
+    rng: Rng,
+    tokenizer: ClipTokenizer,
+    type_texts: TypeTexts,
+    step: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    format: u32,
+    step: u64,
+    rng_state: u64,
+    sd2: super::Sd2Config,
+    train: TrainConfig,
+    clip: ClipConfig,
+    /// Validation metric of this checkpoint, when one was given.
+    metric: Option<f64>,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("{}: {e}", path.display()))
+}
+
+impl Trainer {
+    pub fn new(
+        model: Sd2Model,
+        cfg: TrainConfig,
+        tokenizer: ClipTokenizer,
+        type_texts: TypeTexts,
+    ) -> Trainer {
+        let opt = AdamW::new(AdamWConfig {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            weight_decay: cfg.weight_decay,
+        });
+        let rng = Rng::new(mix64(cfg.seed ^ 0x7472_6169_6e00));
+        Trainer {
+            model,
+            cfg,
+            opt,
+            rng,
+            tokenizer,
+            type_texts,
+            step: 0,
+        }
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn ids(&self, texts: &[&str]) -> Result<Tensor> {
+        let ctx = self.model.clip.config.text_config.max_position_embeddings;
+        self.tokenizer
+            .tokenize_batch(texts, ctx, self.model.clip.logit_scale.device())
+    }
+
+    /// One optimizer step over `micro` (accumulated; each micro-batch's loss weighted by its
+    /// share of the images), one type-text phrasing per class for the whole step.
+    pub fn step(&mut self, micro: &[MicroBatch]) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let total_images: usize = micro.iter().map(|m| m.labels.len()).sum();
+        if total_images == 0 {
+            return Err(Error::Msg("train step: no images".into()));
+        }
+        let phrases = self.type_texts.sample(&mut self.rng);
+        let type_ids = self.ids(&phrases)?;
+        let dual = self.model.cfg.loss_dual;
+        let device = self.model.clip.logit_scale.device();
+        let mut grads = GradStore::new();
+        let (mut l_c, mut l_s, mut l_d, mut total) = (0.0, 0.0, 0.0, 0.0);
+        for (k, mb) in micro.iter().enumerate() {
+            let n = mb.labels.len();
+            let w = n as f64 / total_images as f64;
+            let text = |v: &[String]| -> Result<Option<Tensor>> {
+                if v.len() != n {
+                    return Err(Error::Msg(format!(
+                        "train step: {} descriptions for {n} images",
+                        v.len()
+                    )));
+                }
+                let refs: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+                Ok(Some(self.ids(&refs)?))
+            };
+            let batch = Sd2Batch {
+                pixel_values: mb.pixel_values.clone(),
+                labels: Tensor::from_vec(
+                    mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
+                    n,
+                    device,
+                )?,
+                type_ids: type_ids.clone(),
+                face_ids: if dual != DualContrast::Off {
+                    text(&mb.face)?
+                } else {
+                    None
+                },
+                env_ids: if dual == DualContrast::FaceEnv {
+                    text(&mb.env)?
+                } else {
+                    None
+                },
+            };
+            let seed =
+                mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
+            let losses = self.model.losses(
+                &batch,
+                Fwd {
+                    dropout_seed: Some(seed),
+                },
+            )?;
+            l_c += w * losses.l_c.to_scalar()?;
+            l_s += w * losses
+                .l_s
+                .as_ref()
+                .map(|t| t.to_scalar())
+                .transpose()?
+                .unwrap_or(0.0);
+            l_d += w * losses
+                .l_d
+                .as_ref()
+                .map(|t| t.to_scalar())
+                .transpose()?
+                .unwrap_or(0.0);
+            total += w * losses.total.to_scalar()?;
+            losses.total.scale(w)?.backward_into(&mut grads)?;
+        }
+        let norm = grad_norm(self.model.params(), &grads)?;
+        let lr = self.cfg.lr_at(self.step);
+        self.opt.step(
+            self.model.params(),
+            &grads,
+            lr,
+            clip_coefficient(norm, self.cfg.clip_norm),
+        )?;
+        let log = StepLog {
+            step: self.step,
+            l_c,
+            l_s: self.model.cfg.loss_separation.then_some(l_s),
+            l_d: (dual != DualContrast::Off).then_some(l_d),
+            total,
+            lr,
+            grad_norm: norm,
+            images_per_sec: total_images as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        };
+        self.step += 1;
+        Ok(log)
+    }
+
+    /// Writes a checkpoint folder atomically (a temporary folder renamed into place):
+    /// `trainable.safetensors`, `optimizer.safetensors` (AdamW moments) and `state.json`
+    /// (step, RNG state, SD2/train/CLIP configs, optional metric).
+    pub fn save(&self, dir: &Path, metric: Option<f64>) -> Result<()> {
+        let tmp = PathBuf::from(format!("{}.tmp-{}", dir.display(), std::process::id()));
+        std::fs::remove_dir_all(&tmp).ok();
+        std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+        let params = self.model.params();
+        let named: Vec<(&str, &Tensor)> = params
+            .iter()
+            .map(|p| (p.name.as_str(), &p.tensor))
+            .collect();
+        crate::io::save(&tmp.join("trainable.safetensors"), &named, None)?;
+        let mut moments: Vec<(String, Tensor)> = vec![];
+        for p in params {
+            if let Some((m, v)) = self.opt.moments(&p.tensor) {
+                moments.push((format!("m.{}", p.name), m.clone()));
+                moments.push((format!("v.{}", p.name), v.clone()));
+            }
+        }
+        let refs: Vec<(&str, &Tensor)> = moments.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        crate::io::save(&tmp.join("optimizer.safetensors"), &refs, None)?;
+        let state = State {
+            format: 1,
+            step: self.step,
+            rng_state: self.rng.state(),
+            sd2: self.model.cfg.clone(),
+            train: self.cfg.clone(),
+            clip: self.model.clip.config.clone(),
+            metric,
+        };
+        let json = serde_json::to_string_pretty(&state).map_err(|e| err(&tmp, e))?;
+        std::fs::write(tmp.join("state.json"), json).map_err(|e| err(&tmp, e))?;
+        let old = PathBuf::from(format!("{}.old-{}", dir.display(), std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| err(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| err(dir, e))?;
+        std::fs::remove_dir_all(&old).ok();
+        Ok(())
+    }
+
+    /// Saves `dir/last` and, when `metric` beats the one in `dir/best` (higher is better),
+    /// `dir/best`. Returns whether best was replaced.
+    pub fn save_with_best(&self, dir: &Path, metric: f64) -> Result<bool> {
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+        self.save(&dir.join("last"), Some(metric))?;
+        let best = dir.join("best");
+        let prev = read_state(&best).ok().and_then(|s| s.metric);
+        if prev.is_none_or(|p| metric > p) {
+            self.save(&best, Some(metric))?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Rebuilds a trainer from a checkpoint and the CLIP model it was trained on.
+    pub fn resume(
+        dir: &Path,
+        clip: ClipModel,
+        tokenizer: ClipTokenizer,
+        type_texts: TypeTexts,
+    ) -> Result<Trainer> {
+        let state = read_state(dir)?;
+        if state.clip != clip.config {
+            return Err(err(dir, "the checkpoint was trained on a CLIP model with a different config than the one given"));
+        }
+        let model = Sd2Model::new(clip, state.sd2.clone(), state.train.seed)?;
+        load_trainable(&model, &dir.join("trainable.safetensors"))?;
+        let mut t = Trainer::new(model, state.train.clone(), tokenizer, type_texts);
+        let moments: std::collections::HashMap<String, Tensor> =
+            crate::io::load(&dir.join("optimizer.safetensors"), crate::Device::Cpu)?
+                .into_iter()
+                .collect();
+        for p in t.model.params() {
+            match (
+                moments.get(&format!("m.{}", p.name)),
+                moments.get(&format!("v.{}", p.name)),
+            ) {
+                (Some(m), Some(v)) => t.opt.restore(state.step, &p.tensor, m.clone(), v.clone())?,
+                (None, None) => {}
+                _ => {
+                    return Err(err(
+                        &dir.join("optimizer.safetensors"),
+                        format!("moments of `{}` are incomplete", p.name),
+                    ))
+                }
+            }
+        }
+        t.opt.set_steps(state.step);
+        t.step = state.step;
+        t.rng = Rng::from_state(state.rng_state);
+        Ok(t)
+    }
+}
+
+fn read_state(dir: &Path) -> Result<State> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| err(&p, e))?;
+    let s: State = serde_json::from_str(&text)
+        .map_err(|e| err(&p, format!("invalid checkpoint state: {e}")))?;
+    if s.format != 1 {
+        return Err(err(&p, format!("unknown checkpoint format {}", s.format)));
+    }
+    Ok(s)
+}
+
+/// Loads every trainable tensor of `model` from a safetensors file: each must be present with
+/// its shape; names the model does not have are an error too.
+pub fn load_trainable(model: &Sd2Model, path: &Path) -> Result<()> {
+    let mut store = crate::io::WeightStore::open(path)?;
+    let mut values = vec![];
+    for p in model.params() {
+        if !store.contains(&p.name) {
+            return Err(err(path, format!("missing trainable tensor `{}`", p.name)));
+        }
+        values.push((
+            p.name.clone(),
+            store.get(
+                &p.name,
+                p.tensor.dims(),
+                p.tensor.dtype(),
+                p.tensor.device(),
+            )?,
+        ));
+    }
+    let extra = store.unused(|_| false);
+    if !extra.is_empty() {
+        return Err(err(
+            path,
+            format!("tensors this SD2 model does not have: {}", extra.join(", ")),
+        ));
+    }
+    model.set_params(&values)
+}
