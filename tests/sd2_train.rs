@@ -233,3 +233,84 @@ fn bad_checkpoints_are_clear_errors() {
     assert!(e.contains("trainable.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn ablation_switches_change_what_is_computed() {
+    use sd2::clip::Fwd;
+    use sd2::sd2::{DualContrast, Sd2Batch};
+    let tk = ClipTokenizer::openai().unwrap();
+    let mut r = Rng::new(4);
+    let mb = micro_batches(&mut r, 1, 3).remove(0);
+    let ids = |v: &[String]| {
+        let refs: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        tk.tokenize_batch(&refs, 77, Device::Cpu).unwrap()
+    };
+    let texts = TypeTexts::shipped().unwrap();
+    let batch = Sd2Batch {
+        pixel_values: mb.pixel_values.clone(),
+        labels: Tensor::from_vec(
+            mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
+            3,
+            Device::Cpu,
+        )
+        .unwrap(),
+        type_ids: tk
+            .tokenize_batch(&texts.test_phrases(), 77, Device::Cpu)
+            .unwrap(),
+        face_ids: Some(ids(&mb.face)),
+        env_ids: Some(ids(&mb.env)),
+    };
+    let run = |edit: &dyn Fn(&mut Sd2Config)| {
+        let mut c = sd2_cfg();
+        edit(&mut c);
+        let m = Sd2Model::new(tiny_clip(), c.clone(), 3).unwrap();
+        let l = m.losses(&batch, Fwd::default()).unwrap();
+        let parts = c.w_c * l.l_c.to_scalar().unwrap()
+            + l.l_s
+                .as_ref()
+                .map_or(0.0, |t| c.w_s * t.to_scalar().unwrap())
+            + l.l_d
+                .as_ref()
+                .map_or(0.0, |t| c.w_d * t.to_scalar().unwrap());
+        assert!(
+            (parts - l.total.to_scalar().unwrap()).abs() < 1e-4,
+            "total is the weighted sum of the terms"
+        );
+        (m, l)
+    };
+    let (full, l) = run(&|_| {});
+    assert!(l.l_s.is_some() && l.l_d.is_some() && full.clam.is_some());
+    let (_, l) = run(&|c| c.loss_separation = false);
+    assert!(l.l_s.is_none());
+    let (_, off) = run(&|c| c.loss_dual = DualContrast::Off);
+    assert!(off.l_d.is_none());
+    let (_, face) = run(&|c| c.loss_dual = DualContrast::Face);
+    let (_, both) = run(&|_| {});
+    assert!(
+        face.l_d.unwrap().to_scalar().unwrap() < both.l_d.unwrap().to_scalar().unwrap(),
+        "face+env adds a second term"
+    );
+    let (no_clam, _) = run(&|c| c.clam = false);
+    assert!(no_clam.clam.is_none() && no_clam.adapter.is_none());
+    assert!(no_clam
+        .params()
+        .iter()
+        .all(|p| !p.name.starts_with("clam.") && !p.name.starts_with("adapter.")));
+    assert!(no_clam.params().len() < full.params().len());
+    // At initialisation (B = 0, W2 = 0), SD2's image feature is CLIP's own.
+    let clip = tiny_clip();
+    let f0 = clip
+        .image_embeds(&batch.pixel_values)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    let f1 = full
+        .image_features(&batch.pixel_values, Fwd::default())
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    assert!(
+        f0.iter().zip(&f1).all(|(a, b)| (a - b).abs() < 1e-6),
+        "fresh SD2 must start at CLIP"
+    );
+}

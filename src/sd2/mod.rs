@@ -3,6 +3,8 @@
 //! losses (`model`), configuration (`config`).
 pub mod clam;
 pub mod config;
+pub mod detector;
+pub mod export;
 pub mod lora;
 pub mod model;
 pub mod train;

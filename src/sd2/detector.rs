@@ -1,0 +1,133 @@
+//! Inference: `Detector::load(checkpoint, clip_dir)` → `detect(&images)` → five class
+//! probabilities, the class, and `fake_score = 1 − p(REAL)` (SD2-SPEC §1). The class embeddings
+//! of the fixed test phrases are computed once and cached; LoRA can be merged into the base
+//! weights (`W + s·B·A`) so inference runs plain linear layers.
+use std::path::Path;
+
+use super::model::Sd2Model;
+use super::train::load_trainable;
+use super::type_texts::{TypeTexts, CLASSES};
+use crate::clip::model::Fwd;
+use crate::clip::preprocess::{pixel_values, RgbImage};
+use crate::clip::{ClipModel, ClipTokenizer};
+use crate::{no_grad, DType, Device, Error, Result, Tensor};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    /// softmax over REAL, FS, FR, EFS, FE.
+    pub probs: [f64; 5],
+    pub class: usize,
+    pub label: &'static str,
+    /// 1 − p(REAL).
+    pub fake_score: f64,
+}
+
+pub struct Detector {
+    pub model: Sd2Model,
+    /// Normalized class embeddings [5, P] of the test phrases.
+    class_embeds: Tensor,
+}
+
+impl Detector {
+    /// Wraps a model (e.g. straight from a trainer), encoding the class phrases once.
+    pub fn from_model(
+        model: Sd2Model,
+        tokenizer: &ClipTokenizer,
+        texts: &TypeTexts,
+    ) -> Result<Detector> {
+        let _g = no_grad();
+        let ctx = model.clip.config.text_config.max_position_embeddings;
+        let ids = tokenizer.tokenize_batch(
+            &texts.test_phrases(),
+            ctx,
+            model.clip.logit_scale.device(),
+        )?;
+        let class_embeds = model.text_features(&ids, Fwd::default())?.l2_normalize()?;
+        Ok(Detector {
+            model,
+            class_embeds,
+        })
+    }
+
+    /// A checkpoint folder written by the trainer, and the CLIP folder it was trained on.
+    pub fn load(checkpoint: &Path, clip_dir: &Path, device: Device) -> Result<Detector> {
+        let state_path = checkpoint.join("state.json");
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        let state: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        let cfg: super::Sd2Config = serde_json::from_value(state["sd2"].clone())
+            .map_err(|e| Error::Msg(format!("{}: sd2 config: {e}", state_path.display())))?;
+        let clip_cfg: crate::clip::ClipConfig = serde_json::from_value(state["clip"].clone())
+            .map_err(|e| Error::Msg(format!("{}: clip config: {e}", state_path.display())))?;
+        let clip = ClipModel::load(clip_dir, DType::F32, device)?;
+        if clip.config != clip_cfg {
+            return Err(Error::Msg(format!(
+                "{}: the checkpoint does not match the CLIP model in {}",
+                checkpoint.display(),
+                clip_dir.display()
+            )));
+        }
+        let model = Sd2Model::new(clip, cfg, 0)?;
+        load_trainable(&model, &checkpoint.join("trainable.safetensors"))?;
+        Self::from_model(model, &ClipTokenizer::openai()?, &TypeTexts::shipped()?)
+    }
+
+    /// Folds every LoRA adapter into its base weight: W ← W + s·B·A.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let _g = no_grad();
+        for layer in self
+            .model
+            .clip
+            .vision
+            .layers
+            .iter_mut()
+            .chain(self.model.clip.text.layers.iter_mut())
+        {
+            for (_, lin) in layer.linears_mut() {
+                if let Some(l) = lin.lora.take() {
+                    lin.weight = lin.weight.add(&l.b.matmul(&l.a)?.scale(l.scale)?)?.detach();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Predictions for normalized pixel values [N, 3, S, S].
+    pub fn detect_pixels(&self, pixels: &Tensor) -> Result<Vec<Prediction>> {
+        let _g = no_grad();
+        let f = self
+            .model
+            .image_features(&pixels.to_dtype(self.model.dtype())?, Fwd::default())?
+            .l2_normalize()?;
+        let p = self
+            .model
+            .logits(&f, &self.class_embeds)?
+            .softmax_last()?
+            .to_vec_f64()?;
+        Ok(p.chunks(5)
+            .map(|row| {
+                let probs = [row[0], row[1], row[2], row[3], row[4]];
+                let class = (0..5).fold(0, |b, j| if probs[j] > probs[b] { j } else { b });
+                Prediction {
+                    probs,
+                    class,
+                    label: CLASSES[class],
+                    fake_score: 1.0 - probs[0],
+                }
+            })
+            .collect())
+    }
+
+    /// Predictions for decoded RGB images (preprocessed as CLIP's image processor does).
+    pub fn detect(&self, images: &[RgbImage]) -> Result<Vec<Prediction>> {
+        let size = self.model.clip.config.vision_config.image_size;
+        let px = pixel_values(
+            images,
+            size,
+            self.model.dtype(),
+            self.model.clip.logit_scale.device(),
+        )?;
+        self.detect_pixels(&px)
+    }
+}

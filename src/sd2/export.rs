@@ -1,0 +1,65 @@
+//! Export of the LoRA adapters in peft's format (`adapter_config.json` +
+//! `adapter_model.safetensors` with peft's key names), so a PyTorch user can load them into
+//! transformers' `CLIPModel` with `PeftModel.from_pretrained`. CLAM, the adapter and the loss
+//! scalars are not part of a peft LoRA; they stay in sd2's own checkpoint.
+use std::path::Path;
+
+use super::model::Sd2Model;
+use crate::{Error, Result, Tensor};
+
+pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()> {
+    let l = &model.cfg.lora;
+    let lora: Vec<(&str, &Tensor)> = model
+        .params()
+        .iter()
+        .filter(|p| p.name.contains(".lora_"))
+        .map(|p| (p.name.as_str(), &p.tensor))
+        .collect();
+    if lora.is_empty() {
+        return Err(Error::Msg(
+            "peft export: the model has no LoRA adapters".into(),
+        ));
+    }
+    // Both towers: a list matches by module-name suffix; one tower: a regex peft full-matches.
+    let targets = if l.vision && l.text {
+        serde_json::json!(l.targets)
+    } else {
+        let tower = if l.vision {
+            "vision_model"
+        } else {
+            "text_model"
+        };
+        serde_json::json!(format!(
+            r".*{tower}\.encoder\.layers\.\d+\..*\.({})",
+            l.targets.join("|")
+        ))
+    };
+    let cfg = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": base_model,
+        "r": l.rank,
+        "lora_alpha": l.alpha,
+        "lora_dropout": l.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_rslora": false,
+        "use_dora": false
+    });
+    std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+    let tmp = dir.join(format!("adapter_config.json.tmp{}", std::process::id()));
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, dir.join("adapter_config.json"))
+        .map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+    let f32s: Vec<(&str, Tensor)> = lora
+        .iter()
+        .map(|(n, t)| Ok((*n, t.to_dtype(crate::DType::F32)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(&str, &Tensor)> = f32s.iter().map(|(n, t)| (*n, t)).collect();
+    crate::io::save(&dir.join("adapter_model.safetensors"), &refs, None)
+}

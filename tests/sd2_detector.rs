@@ -1,0 +1,206 @@
+//! Inference from a checkpoint, LoRA merging, and the peft export.
+#[path = "common/clip.rs"]
+mod clip_common;
+
+use clip_common::{compare, fixture, load_map};
+use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer, Fwd};
+use sd2::rng::Rng;
+use sd2::sd2::detector::Detector;
+use sd2::sd2::export::export_peft;
+use sd2::sd2::train::{MicroBatch, TrainConfig, Trainer};
+use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
+use sd2::{no_grad, DType, Device, Tensor};
+
+const CLIP_JSON: &str = r#"{"projection_dim": 16,
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "image_size": 28, "patch_size": 14},
+    "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}}"#;
+
+fn tmpdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sd2-det-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny CLIP with the real vocabulary, saved as a HF folder.
+fn clip_folder(dir: &std::path::Path) -> ClipModel {
+    let cfg = ClipConfig::from_json(CLIP_JSON).unwrap();
+    let m = ClipModel::random(&cfg, DType::F32, Device::Cpu, 21).unwrap();
+    let named = m.named_tensors();
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    sd2::io::save(&dir.join("model.safetensors"), &refs, None).unwrap();
+    std::fs::write(dir.join("config.json"), CLIP_JSON).unwrap();
+    m
+}
+
+fn trained(clip: ClipModel) -> Trainer {
+    let mut cfg = Sd2Config::default();
+    cfg.lora.rank = 4;
+    cfg.clam_heads = 4;
+    let model = Sd2Model::new(clip, cfg, 1).unwrap();
+    let mut t = Trainer::new(
+        model,
+        TrainConfig {
+            lr: 1e-2,
+            total_steps: 3,
+            seed: 2,
+            ..Default::default()
+        },
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    );
+    let mut r = Rng::new(3);
+    for _ in 0..3 {
+        let px: Vec<f64> = (0..4 * 3 * 28 * 28).map(|_| r.normal()).collect();
+        let mb = MicroBatch {
+            pixel_values: Tensor::from_f64(&px, (4, 3, 28, 28), DType::F32, Device::Cpu).unwrap(),
+            labels: vec![0, 1, 2, 4],
+            face: vec!["a smiling woman".into(); 4],
+            env: vec!["indoor, warm light".into(); 4],
+        };
+        t.step(&[mb]).unwrap();
+    }
+    t
+}
+
+#[test]
+fn detector_from_checkpoint_and_merged_lora() {
+    let d = tmpdir("load");
+    let clip = clip_folder(&d);
+    let t = trained(clip);
+    t.save(&d.join("ckpt"), None).unwrap();
+    let imgs: Vec<_> = ["square_224", "landscape_300x200", "small_97x150"]
+        .iter()
+        .map(|n| {
+            sd2::clip::preprocess::decode_image(&fixture("clip_images").join(format!("{n}.png")))
+                .unwrap()
+        })
+        .collect();
+    let mut det = Detector::load(&d.join("ckpt"), &d, Device::Cpu).unwrap();
+    let preds = det.detect(&imgs).unwrap();
+    assert_eq!(preds.len(), 3);
+    for p in &preds {
+        let s: f64 = p.probs.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "probabilities sum to {s}");
+        assert!((p.fake_score - (1.0 - p.probs[0])).abs() < 1e-12);
+        assert_eq!(p.label, sd2::sd2::CLASSES[p.class]);
+        println!("{p:?}");
+    }
+    // The same model straight from the trainer predicts the same.
+    let direct = Detector::from_model(
+        t.model,
+        &ClipTokenizer::openai().unwrap(),
+        &TypeTexts::shipped().unwrap(),
+    )
+    .unwrap();
+    let again = direct.detect(&imgs).unwrap();
+    for (a, b) in preds.iter().zip(&again) {
+        assert_eq!(a.probs, b.probs);
+    }
+    // LoRA merged into the weights: same predictions up to rounding.
+    det.merge_lora().unwrap();
+    assert!(det.model.clip.vision.layers[0].q_proj.lora.is_none());
+    let merged = det.detect(&imgs).unwrap();
+    for (a, b) in preds.iter().zip(&merged) {
+        for j in 0..5 {
+            assert!(
+                (a.probs[j] - b.probs[j]).abs() < 1e-5,
+                "merged {:?} vs {:?}",
+                b.probs,
+                a.probs
+            );
+        }
+    }
+    // A CLIP folder that does not match the checkpoint.
+    let other = tmpdir("other");
+    std::fs::write(
+        other.join("config.json"),
+        CLIP_JSON.replace("\"projection_dim\": 16", "\"projection_dim\": 8"),
+    )
+    .unwrap();
+    let cfg = ClipConfig::from_json(&std::fs::read_to_string(other.join("config.json")).unwrap())
+        .unwrap();
+    let m = ClipModel::random(&cfg, DType::F32, Device::Cpu, 1).unwrap();
+    let named = m.named_tensors();
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    sd2::io::save(&other.join("model.safetensors"), &refs, None).unwrap();
+    let e = Detector::load(&d.join("ckpt"), &other, Device::Cpu)
+        .err()
+        .expect("mismatch must fail")
+        .to_string();
+    assert!(e.contains("does not match"), "{e}");
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::remove_dir_all(&other).ok();
+}
+
+/// Exports the LoRA of the SD2 parity fixture (non-zero A and B) in peft format, with the
+/// embeddings sd2 computes through it. With SD2_PEFT_EXPORT_DIR set the export is kept there for
+/// `scripts/reference/peft_check.py`, which loads it with peft and compares.
+#[test]
+fn peft_export_has_peft_names_and_config() {
+    let refs = load_map(&fixture("sd2_tiny").join("reference.safetensors"));
+    let cfg: Sd2Config = serde_json::from_str(
+        &std::fs::read_to_string(fixture("sd2_tiny").join("sd2_config.json")).unwrap(),
+    )
+    .unwrap();
+    let clip = ClipModel::load(&fixture("clip_tiny_a"), DType::F32, Device::Cpu).unwrap();
+    let model = Sd2Model::new(clip, cfg, 0).unwrap();
+    let init: Vec<(String, Tensor)> = refs
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("init.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    model.set_params(&init).unwrap();
+    let dir = std::env::var("SD2_PEFT_EXPORT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| tmpdir("peft"));
+    export_peft(&model, &dir, "tests/fixtures/clip_tiny_a").unwrap();
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    assert_eq!(cfg_json["r"], 4);
+    assert_eq!(cfg_json["lora_alpha"], 16.0);
+    let saved = load_map(&dir.join("adapter_model.safetensors"));
+    // 2 towers × layers × 4 targets × (A, B).
+    assert_eq!(saved.len(), 2 * (3 + 2) * 4);
+    let key = "base_model.model.vision_model.encoder.layers.2.self_attn.out_proj.lora_B.weight";
+    compare(
+        "exported lora_B",
+        &saved[key],
+        &refs[&format!("init.{key}")],
+        1e-7,
+    );
+    // What peft must reproduce: CLIP's projected embeddings with the adapters active.
+    let _g = no_grad();
+    let px = &refs["pixel_values"];
+    let ie = model
+        .clip
+        .visual_projection
+        .forward(
+            &model
+                .clip
+                .vision
+                .forward(px, Default::default(), Fwd::default())
+                .unwrap()
+                .pooled,
+            Fwd::default(),
+        )
+        .unwrap();
+    let te = model
+        .text_features(&refs["type_ids"], Fwd::default())
+        .unwrap();
+    sd2::io::save(
+        &dir.join("sd2_check.safetensors"),
+        &[
+            ("pixel_values", px),
+            ("input_ids", &refs["type_ids"]),
+            ("image_embeds", &ie),
+            ("text_embeds", &te),
+        ],
+        None,
+    )
+    .unwrap();
+    if std::env::var("SD2_PEFT_EXPORT_DIR").is_err() {
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
