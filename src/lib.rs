@@ -33,6 +33,7 @@ pub mod demo;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod ops;
 pub mod optim;

@@ -1,0 +1,2 @@
+//! Evaluation: detection metrics (`metrics`).
+pub mod metrics;
