@@ -29,6 +29,7 @@
 pub mod autograd;
 pub mod backend;
 pub mod clip;
+pub mod data;
 pub mod demo;
 pub mod device;
 pub mod dtype;
