@@ -32,6 +32,17 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<std::path::PathBuf>,
     },
+    /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
+    Synth {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long)]
+        n: usize,
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// The main job: synthetic data → train → evaluate (an engine demo until SD2 lands).
     Demo {
         /// Optimizer steps.
@@ -245,6 +256,21 @@ fn tokenize(
     Ok(())
 }
 
+fn synth(out: &std::path::Path, n: usize, size: usize, seed: u64) -> sd2::Result<()> {
+    let t = std::time::Instant::now();
+    let m = sd2::data::synth::generate(out, n, size, seed)?;
+    let count = |s| m.items.iter().filter(|i| i.split == s).count();
+    println!(
+        "wrote {n} images ({size} px) and {} in {:.1}s: train {}, val {}, test {}",
+        m.path.display(),
+        t.elapsed().as_secs_f64(),
+        count(sd2::data::Split::Train),
+        count(sd2::data::Split::Val),
+        count(sd2::data::Split::Test)
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -272,6 +298,7 @@ fn main() {
             &device,
             batch,
         ),
+        Cmd::Synth { out, n, size, seed } => synth(&out, n, size, seed),
         Cmd::Tokenize {
             texts_file,
             context,

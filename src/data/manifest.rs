@@ -87,7 +87,8 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Manifest> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut items = vec![];
         let mut skipped = vec![];
@@ -99,16 +100,26 @@ impl Manifest {
             match parse_line(raw, dir, line, opts) {
                 Ok(item) => items.push(item),
                 Err(reason) if opts.skip_bad => skipped.push((line, reason)),
-                Err(reason) => return Err(Error::Msg(format!("{}:{line}: {reason}", path.display()))),
+                Err(reason) => {
+                    return Err(Error::Msg(format!("{}:{line}: {reason}", path.display())))
+                }
             }
         }
         for (line, reason) in &skipped {
             eprintln!("warning: {}:{line}: skipped: {reason}", path.display());
         }
         if !skipped.is_empty() {
-            eprintln!("warning: {}: skipped {} bad line(s)", path.display(), skipped.len());
+            eprintln!(
+                "warning: {}: skipped {} bad line(s)",
+                path.display(),
+                skipped.len()
+            );
         }
-        Ok(Manifest { path: path.to_path_buf(), items, skipped })
+        Ok(Manifest {
+            path: path.to_path_buf(),
+            items,
+            skipped,
+        })
     }
 
     pub fn split(&self, split: Split) -> Vec<&Item> {
@@ -128,8 +139,14 @@ impl Manifest {
     }
 }
 
-fn parse_line(raw: &str, dir: &Path, line: usize, opts: LoadOptions) -> std::result::Result<Item, String> {
-    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
+fn parse_line(
+    raw: &str,
+    dir: &Path,
+    line: usize,
+    opts: LoadOptions,
+) -> std::result::Result<Item, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| format!("invalid JSON: {e}"))?;
     for field in ["path", "label", "source", "split"] {
         match v.get(field) {
             None => return Err(format!("missing field `{field}`")),
@@ -138,8 +155,15 @@ fn parse_line(raw: &str, dir: &Path, line: usize, opts: LoadOptions) -> std::res
         }
     }
     let r: Record = serde_json::from_value(v).map_err(|e| format!("bad record: {e}"))?;
-    let label = class_id(&r.label).ok_or_else(|| format!("unknown label `{}` (expected {})", r.label, CLASSES.join("|")))?;
-    let split = Split::parse(&r.split).ok_or_else(|| format!("unknown split `{}` (expected train|val|test)", r.split))?;
+    let label = class_id(&r.label).ok_or_else(|| {
+        format!(
+            "unknown label `{}` (expected {})",
+            r.label,
+            CLASSES.join("|")
+        )
+    })?;
+    let split = Split::parse(&r.split)
+        .ok_or_else(|| format!("unknown split `{}` (expected train|val|test)", r.split))?;
     let path = dir.join(&r.path);
     if !path.is_file() {
         return Err(format!("image `{}` not found", r.path));
@@ -151,10 +175,16 @@ fn parse_line(raw: &str, dir: &Path, line: usize, opts: LoadOptions) -> std::res
             .into_dimensions()
             .map_err(|e| format!("image `{}` cannot be decoded: {e}", r.path))?;
         if w > MAX_SIDE || h > MAX_SIDE {
-            return Err(format!("image `{}` is {w}x{h}, larger than the {MAX_SIDE} px limit", r.path));
+            return Err(format!(
+                "image `{}` is {w}x{h}, larger than the {MAX_SIDE} px limit",
+                r.path
+            ));
         }
     }
-    if opts.require_descriptions && split == Split::Train && (r.face.trim().is_empty() || r.env.trim().is_empty()) {
+    if opts.require_descriptions
+        && split == Split::Train
+        && (r.face.trim().is_empty() || r.env.trim().is_empty())
+    {
         return Err("empty `face` or `env` description (needed by the dual contrast loss)".into());
     }
     Ok(Item {

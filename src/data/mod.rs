@@ -1,4 +1,5 @@
 //! Data: manifests (`manifest`) and the synthetic forgery benchmark (`synth`).
 pub mod manifest;
+pub mod synth;
 
 pub use manifest::{Item, LoadOptions, Manifest, Record, Split};
