@@ -9,6 +9,9 @@
 //! differ in background, camera (noise, colour cast) and JPEG quality; in the training sources the
 //! forgery type correlates with the background style (a shortcut), the test sources break that.
 //! Frames come in "videos" of 4 sharing identity and scene. Deterministic from the seed.
+// Pixel code indexes the three channels side by side.
+#![allow(clippy::needless_range_loop)]
+
 use std::io::Cursor;
 use std::path::Path;
 
