@@ -1,282 +1,196 @@
-//! `sd2 demo` while SD2 itself is being built: an end-to-end run of the engine on synthetic
-//! data. A tiny pre-LN transformer (a frozen input projection with a LoRA adapter, a learned
-//! CLS token, one attention + MLP block) learns to tell "real" noise sequences from four kinds
-//! of planted "forgery traces", trained with AdamW and evaluated on a held-out split.
-//! The SD2 model, data and metrics replace this when they land (issues 3–5).
+//! `sd2 demo`: the main job on a fresh machine. Synthesizes a small forgery benchmark, trains the
+//! `tiny` preset on its training sources, picks the best epoch on the validation split, and
+//! evaluates on the out-of-domain test sources. No pretrained CLIP can be downloaded here, so
+//! the tiny CLIP starts from random weights and is trained whole (`train_base`); LoRA, CLAM and
+//! the three losses are all on.
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::ops::{self, Lora};
-use crate::optim::{grad_norm, AdamW, AdamWConfig, Param};
+use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::data::loader::load_pixels;
+use crate::data::{Item, Split};
+use crate::eval::report::{self, Pred, Report};
 use crate::rng::Rng;
-use crate::{DType, Device, Result, Tensor};
+use crate::sd2::detector::{class_embeddings, predict_pixels};
+use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
+use crate::sd2::{Sd2Config, Sd2Model, TypeTexts};
+use crate::{DType, Device, Result};
 
-pub const CLASSES: [&str; 5] = ["real", "fs", "fr", "efs", "fe"];
+/// The `tiny` preset's CLIP: 64 px images, 8 px patches, 4 + 2 layers of width 64, 32-token texts.
+pub fn tiny_clip_config() -> ClipConfig {
+    ClipConfig::from_json(
+        r#"{"projection_dim": 64,
+            "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4, "image_size": 64, "patch_size": 8},
+            "text_config": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 32}}"#,
+    )
+    .expect("tiny preset config")
+}
+
+pub fn tiny_sd2_config() -> Sd2Config {
+    Sd2Config {
+        clam_heads: 4,
+        train_base: true,
+        ..Default::default()
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct DemoConfig {
-    pub steps: usize,
+    pub out: PathBuf,
+    pub images: usize,
+    pub epochs: usize,
     pub batch: usize,
-    pub seq: usize,
-    pub dim: usize,
     pub lr: f64,
     pub seed: u64,
-    pub test_size: usize,
     pub device: Device,
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
-            steps: 400,
+            out: PathBuf::from("sd2-demo"),
+            images: 4000,
+            epochs: 4,
             batch: 32,
-            seq: 12,
-            dim: 32,
-            lr: 3e-3,
+            lr: 1e-3,
             seed: 0,
-            test_size: 500,
             device: Device::Cpu,
         }
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct DemoReport {
-    pub first_loss: f64,
-    pub final_loss: f64,
-    pub test_accuracy: f64,
-    pub confusion: [[usize; 5]; 5],
+/// Predictions for `items` in batches.
+pub fn predict_items(
+    model: &Sd2Model,
+    class_u: &crate::Tensor,
+    items: &[&Item],
+    batch: usize,
+) -> Result<Vec<Pred>> {
+    let size = model.clip.config.vision_config.image_size;
+    let mut out = vec![];
+    for chunk in items.chunks(batch.max(1)) {
+        let px = load_pixels(
+            chunk,
+            size,
+            None,
+            model.dtype(),
+            model.clip.logit_scale.device(),
+        )?;
+        for (it, p) in chunk.iter().zip(predict_pixels(model, class_u, &px)?) {
+            out.push(Pred {
+                path: it.rel_path.clone(),
+                label: it.label,
+                source: it.source.clone(),
+                video: it.video.clone(),
+                fake_score: p.fake_score,
+                probs: p.probs,
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub struct DemoResult {
+    pub report: Report,
+    pub eval_dir: PathBuf,
     pub seconds: f64,
 }
 
-/// Synthetic sequences: Gaussian noise; class c > 0 adds its trace vector at 3 random positions.
-struct Data {
-    traces: Vec<Vec<f64>>,
-    seq: usize,
-    dim: usize,
-}
-
-impl Data {
-    fn new(seq: usize, dim: usize, seed: u64) -> Data {
-        let mut r = Rng::new(seed ^ 0x7472_6163);
-        let traces = (0..CLASSES.len())
-            .map(|_| {
-                let v: Vec<f64> = (0..dim).map(|_| r.normal()).collect();
-                let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-                v.iter().map(|x| 1.2 * x / n).collect()
-            })
-            .collect();
-        Data { traces, seq, dim }
-    }
-
-    fn batch(
-        &self,
-        n: usize,
-        rng: &mut Rng,
-        device: Device,
-    ) -> Result<(Tensor, Tensor, Vec<usize>)> {
-        let mut x = vec![0.0; n * self.seq * self.dim];
-        let mut labels = vec![];
-        for i in 0..n {
-            let c = rng.below(CLASSES.len());
-            labels.push(c);
-            let s = &mut x[i * self.seq * self.dim..(i + 1) * self.seq * self.dim];
-            s.iter_mut().for_each(|v| *v = 0.5 * rng.normal());
-            if c > 0 {
-                for _ in 0..3 {
-                    let p = rng.below(self.seq);
-                    for d in 0..self.dim {
-                        s[p * self.dim + d] += self.traces[c][d];
-                    }
-                }
+pub fn run(cfg: &DemoConfig, mut log: impl FnMut(&str)) -> Result<DemoResult> {
+    let t0 = Instant::now();
+    let data = cfg.out.join("data");
+    let manifest = crate::data::synth::generate(&data, cfg.images, 64, cfg.seed)?;
+    log(&format!(
+        "synthesized {} images into {} ({:.1}s)",
+        manifest.items.len(),
+        data.display(),
+        t0.elapsed().as_secs_f64()
+    ));
+    let train: Vec<&Item> = manifest.split(Split::Train);
+    let val: Vec<&Item> = manifest.split(Split::Val);
+    let test: Vec<&Item> = manifest.split(Split::Test);
+    let steps_per_epoch = train.len().div_ceil(cfg.batch);
+    let tcfg = TrainConfig {
+        lr: cfg.lr,
+        total_steps: steps_per_epoch * cfg.epochs,
+        micro_batch: cfg.batch,
+        effective_batch: cfg.batch,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let clip = ClipModel::random(&tiny_clip_config(), DType::F32, cfg.device, cfg.seed)?;
+    let model = Sd2Model::new(clip, tiny_sd2_config(), cfg.seed)?;
+    let tokenizer = ClipTokenizer::openai()?;
+    let texts = TypeTexts::shipped()?;
+    let mut trainer = Trainer::new(model, tcfg.clone(), ClipTokenizer::openai()?, texts.clone());
+    let ckpt = cfg.out.join("checkpoints");
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut rng = Rng::new(cfg.seed ^ 0xde70);
+    let t_train = Instant::now();
+    for epoch in 0..cfg.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for (k, chunk) in order.chunks(cfg.batch).enumerate() {
+            let items: Vec<&Item> = chunk.iter().map(|i| train[*i]).collect();
+            let px = load_pixels(
+                &items,
+                64,
+                Some((cfg.seed, epoch as u64)),
+                DType::F32,
+                cfg.device,
+            )?;
+            let mb = MicroBatch {
+                pixel_values: px,
+                labels: items.iter().map(|i| i.label).collect(),
+                face: items.iter().map(|i| i.face.clone()).collect(),
+                env: items.iter().map(|i| i.env.clone()).collect(),
+            };
+            let l = trainer.step(&[mb])?;
+            let done = trainer.steps() as f64;
+            if k % 25 == 0 || k + 1 == steps_per_epoch {
+                let rate = done / t_train.elapsed().as_secs_f64().max(1e-9);
+                let eta = (tcfg.total_steps as f64 - done) / rate.max(1e-9);
+                log(&format!(
+                    "epoch {}/{} step {}/{}: loss {:.4} (L_C {:.4}), {:.0} img/s, ETA {:.0}s",
+                    epoch + 1,
+                    cfg.epochs,
+                    k + 1,
+                    steps_per_epoch,
+                    l.total,
+                    l.l_c,
+                    l.images_per_sec,
+                    eta
+                ));
             }
         }
-        let ids: Vec<i64> = labels.iter().map(|c| *c as i64).collect();
-        Ok((
-            Tensor::from_f64(&x, (n, self.seq, self.dim), DType::F32, device)?,
-            Tensor::from_vec(ids, n, device)?,
-            labels,
-        ))
+        let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
+        let vp = predict_items(&trainer.model, &class_u, &val, 128)?;
+        let vr = report::report(&vp, &[]);
+        let best = trainer.save_with_best(&ckpt, vr.overall.auc)?;
+        log(&format!(
+            "epoch {}: validation AUC {:.4}{}",
+            epoch + 1,
+            vr.overall.auc,
+            if best { " (best so far)" } else { "" }
+        ));
     }
-}
-
-struct Model {
-    w_in: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    cls: Tensor,
-    pos: Tensor,
-    ln1: (Tensor, Tensor),
-    qkv: Vec<(Tensor, Tensor)>,
-    out: (Tensor, Tensor),
-    ln2: (Tensor, Tensor),
-    fc1: (Tensor, Tensor),
-    fc2: (Tensor, Tensor),
-    ln_f: (Tensor, Tensor),
-    head: Tensor,
-    params: Vec<Param>,
-}
-
-impl Model {
-    fn new(seq: usize, d: usize, seed: u64, dev: Device) -> Result<Model> {
-        let mut s = seed;
-        let mut next = || {
-            s += 1;
-            s
-        };
-        let f = DType::F32;
-        let rnd = |shape: &[usize], std: f64, seed: u64| Tensor::randn(shape, std, f, dev, seed);
-        let std = 1.0 / (d as f64).sqrt();
-        let mut params = vec![];
-        let mut p = |name: &str, t: Tensor, decay: bool| -> Tensor {
-            let t = t.into_trainable();
-            params.push(Param::new(name, t.clone(), decay));
-            t
-        };
-        let ln = |p: &mut dyn FnMut(&str, Tensor, bool) -> Tensor,
-                  name: &str|
-         -> Result<(Tensor, Tensor)> {
-            Ok((
-                p(&format!("{name}.weight"), Tensor::ones(d, f, dev)?, false),
-                p(&format!("{name}.bias"), Tensor::zeros(d, f, dev)?, false),
-            ))
-        };
-        let w_in = rnd(&[d, d], std, next())?; // frozen: the "pretrained backbone"
-        let lora_a = p("lora_A", rnd(&[4, d], std, next())?, true);
-        let lora_b = p("lora_B", Tensor::zeros((d, 4), f, dev)?, true);
-        let cls = p("cls", rnd(&[1, 1, d], 0.02, next())?, false);
-        let pos = p("pos", rnd(&[seq + 1, d], 0.02, next())?, false);
-        let ln1 = ln(&mut p, "ln1")?;
-        let mut qkv = vec![];
-        for n in ["q", "k", "v"] {
-            qkv.push((
-                p(&format!("{n}.weight"), rnd(&[d, d], std, next())?, true),
-                p(&format!("{n}.bias"), Tensor::zeros(d, f, dev)?, false),
-            ));
-        }
-        let out = (
-            p("out.weight", rnd(&[d, d], std, next())?, true),
-            p("out.bias", Tensor::zeros(d, f, dev)?, false),
-        );
-        let ln2 = ln(&mut p, "ln2")?;
-        let fc1 = (
-            p("fc1.weight", rnd(&[2 * d, d], std, next())?, true),
-            p("fc1.bias", Tensor::zeros(2 * d, f, dev)?, false),
-        );
-        let fc2 = (
-            p(
-                "fc2.weight",
-                rnd(&[d, 2 * d], std / 2f64.sqrt(), next())?,
-                true,
-            ),
-            p("fc2.bias", Tensor::zeros(d, f, dev)?, false),
-        );
-        let ln_f = ln(&mut p, "ln_f")?;
-        let head = p("head", rnd(&[CLASSES.len(), d], std, next())?, true);
-        Ok(Model {
-            w_in,
-            lora_a,
-            lora_b,
-            cls,
-            pos,
-            ln1,
-            qkv,
-            out,
-            ln2,
-            fc1,
-            fc2,
-            ln_f,
-            head,
-            params,
-        })
-    }
-
-    fn logits(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
-        let (b, d) = (x.dims()[0], x.dims()[2]);
-        let lora = Lora {
-            a: &self.lora_a,
-            b: &self.lora_b,
-            scale: 2.0,
-            dropout: if dropout_seed.is_some() { 0.1 } else { 0.0 },
-            seed: dropout_seed.unwrap_or(0),
-        };
-        let h = ops::lora_linear(x, &self.w_in, None, Some(lora))?;
-        let cls = self.cls.broadcast_as(&crate::Shape::from([b, 1, d]))?;
-        let h = Tensor::cat(&[&cls, &h], 1)?.add(&self.pos)?;
-        let a = h.layer_norm(&self.ln1.0, &self.ln1.1, 1e-5)?;
-        let qkv: Vec<Tensor> = self
-            .qkv
-            .iter()
-            .map(|(w, bb)| a.linear(w, Some(bb)))
-            .collect::<Result<_>>()?;
-        let att = ops::attention(&qkv[0], &qkv[1], &qkv[2], 4, false)?;
-        let h = h.add(&att.linear(&self.out.0, Some(&self.out.1))?)?;
-        let m = h.layer_norm(&self.ln2.0, &self.ln2.1, 1e-5)?;
-        let m = m
-            .linear(&self.fc1.0, Some(&self.fc1.1))?
-            .quick_gelu()?
-            .linear(&self.fc2.0, Some(&self.fc2.1))?;
-        let h = h.add(&m)?;
-        let cls =
-            h.select_rows_per_batch(&vec![0; b])?
-                .layer_norm(&self.ln_f.0, &self.ln_f.1, 1e-5)?;
-        cls.linear(&self.head, None)
-    }
-}
-
-/// Trains and evaluates; `log` receives one line per logged step.
-pub fn run(cfg: &DemoConfig, mut log: impl FnMut(&str)) -> Result<DemoReport> {
-    let t0 = Instant::now();
-    let data = Data::new(cfg.seq, cfg.dim, cfg.seed);
-    let model = Model::new(cfg.seq, cfg.dim, cfg.seed.wrapping_mul(1000), cfg.device)?;
-    let mut opt = AdamW::new(AdamWConfig::default());
-    let mut rng = Rng::new(cfg.seed ^ 0x5452_4149);
-    let (mut first, mut last) = (f64::NAN, f64::NAN);
-    for step in 0..cfg.steps {
-        let (x, y, _) = data.batch(cfg.batch, &mut rng, cfg.device)?;
-        let loss =
-            ops::cross_entropy(&model.logits(&x, Some(cfg.seed ^ (step as u64) << 20))?, &y)?;
-        let l = loss.to_scalar()?;
-        let grads = loss.backward()?;
-        let norm = grad_norm(&model.params, &grads)?;
-        let clip = if norm > 1.0 { 1.0 / norm } else { 1.0 };
-        // Linear warmup over the first 10% of steps, then cosine decay.
-        let warm = (cfg.steps / 10).max(1);
-        let lr = if step < warm {
-            cfg.lr * (step + 1) as f64 / warm as f64
-        } else {
-            let p = (step - warm) as f64 / (cfg.steps - warm).max(1) as f64;
-            cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-        };
-        opt.step(&model.params, &grads, lr, clip)?;
-        if step == 0 {
-            first = l;
-        }
-        last = l;
-        if step % 20 == 0 || step + 1 == cfg.steps {
-            log(&format!("{{\"step\": {step}, \"loss\": {l:.5}, \"lr\": {lr:.3e}, \"grad_norm\": {norm:.4}}}"));
-        }
-    }
-    let _g = crate::no_grad();
-    let mut test_rng = Rng::new(cfg.seed ^ 0x7465_7374);
-    let mut confusion = [[0usize; 5]; 5];
-    let mut left = cfg.test_size;
-    while left > 0 {
-        let n = left.min(256);
-        let (x, _, labels) = data.batch(n, &mut test_rng, cfg.device)?;
-        let z = model.logits(&x, None)?.to_vec_f64()?;
-        for (i, c) in labels.iter().enumerate() {
-            let row = &z[i * 5..(i + 1) * 5];
-            let pred = (0..5).fold(0, |best, j| if row[j] > row[best] { j } else { best });
-            confusion[*c][pred] += 1;
-        }
-        left -= n;
-    }
-    let correct: usize = (0..5).map(|c| confusion[c][c]).sum();
-    Ok(DemoReport {
-        first_loss: first,
-        final_loss: last,
-        test_accuracy: correct as f64 / cfg.test_size.max(1) as f64,
-        confusion,
+    // Evaluate the best epoch on the out-of-domain test split.
+    let best = crate::sd2::detector::Detector::load(&ckpt.join("best"), None, cfg.device)?;
+    let class_u = class_embeddings(&best.model, &tokenizer, &texts)?;
+    let vp = predict_items(&best.model, &class_u, &val, 128)?;
+    let tp = predict_items(&best.model, &class_u, &test, 128)?;
+    let rep = report::report(&tp, &vp);
+    let eval_dir = cfg.out.join("eval");
+    report::write(&eval_dir, &rep, &tp)?;
+    Ok(DemoResult {
+        report: rep,
+        eval_dir,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// For `sd2 demo --out`: the manifest written by the demo.
+pub fn manifest_path(out: &Path) -> PathBuf {
+    out.join("data").join("manifest.jsonl")
 }

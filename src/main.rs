@@ -43,14 +43,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// The main job: synthetic data → train → evaluate (an engine demo until SD2 lands).
+    /// The main job: synthesize a benchmark, train the tiny preset, evaluate out of domain.
     Demo {
-        /// Optimizer steps.
-        #[arg(long, default_value_t = 400)]
-        steps: usize,
-        /// Micro-batch size.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
+        /// Where the data, checkpoints and report go.
+        #[arg(long, default_value = "sd2-demo")]
+        out: std::path::PathBuf,
+        /// Images to synthesize (train/val/test together).
+        #[arg(long, default_value_t = 4000)]
+        images: usize,
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// cpu, cuda or cuda:N.
@@ -196,35 +198,33 @@ fn info() {
     }
 }
 
-fn demo(steps: usize, batch: usize, seed: u64, device: &str) -> sd2::Result<()> {
+fn demo(
+    out: &std::path::Path,
+    images: usize,
+    epochs: usize,
+    seed: u64,
+    device: &str,
+) -> sd2::Result<()> {
     let device = sd2::Device::parse(device)?;
     device.check_available()?;
     let cfg = sd2::demo::DemoConfig {
-        steps,
-        batch,
+        out: out.to_path_buf(),
+        images,
+        epochs,
         seed,
         device,
         ..Default::default()
     };
-    println!(
-        "sd2 demo (engine): tiny LoRA transformer, synthetic 5-class traces, {steps} steps × {batch}, {device}"
-    );
+    println!("sd2 demo: synthetic benchmark → tiny SD2 (random-init CLIP, trained whole) → out-of-domain test ({device})");
     let r = sd2::demo::run(&cfg, |line| println!("{line}"))?;
+    print!("{}", sd2::eval::report::table(&r.report));
     println!(
-        "loss {:.4} → {:.4}; test accuracy {:.1}% ({} samples, chance 20%); {:.1}s",
-        r.first_loss,
-        r.final_loss,
-        100.0 * r.test_accuracy,
-        cfg.test_size,
-        r.seconds
+        "test AUC {:.4}, mAUC {:.4}; {:.0}s in all; report in {}",
+        r.report.overall.auc,
+        r.report.mauc,
+        r.seconds,
+        r.eval_dir.display()
     );
-    println!(
-        "confusion (rows = truth, cols = predicted): {}",
-        sd2::demo::CLASSES.join(" ")
-    );
-    for (c, row) in r.confusion.iter().enumerate() {
-        println!("  {:>4} {:?}", sd2::demo::CLASSES[c], row);
-    }
     Ok(())
 }
 
@@ -305,11 +305,12 @@ fn main() {
             tokenizer,
         } => tokenize(&texts_file, context, tokenizer.as_deref()),
         Cmd::Demo {
-            steps,
-            batch,
+            out,
+            images,
+            epochs,
             seed,
             device,
-        } => demo(steps, batch, seed, &device),
+        } => demo(&out, images, epochs, seed, &device),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -76,7 +76,7 @@ fn detector_from_checkpoint_and_merged_lora() {
                 .unwrap()
         })
         .collect();
-    let mut det = Detector::load(&d.join("ckpt"), &d, Device::Cpu).unwrap();
+    let mut det = Detector::load(&d.join("ckpt"), Some(&d), Device::Cpu).unwrap();
     let preds = det.detect(&imgs).unwrap();
     assert_eq!(preds.len(), 3);
     for p in &preds {
@@ -124,7 +124,7 @@ fn detector_from_checkpoint_and_merged_lora() {
     let named = m.named_tensors();
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
     sd2::io::save(&other.join("model.safetensors"), &refs, None).unwrap();
-    let e = Detector::load(&d.join("ckpt"), &other, Device::Cpu)
+    let e = Detector::load(&d.join("ckpt"), Some(&other), Device::Cpu)
         .err()
         .expect("mismatch must fail")
         .to_string();

@@ -551,6 +551,81 @@ impl ClipModel {
         )
     }
 
+    /// Calls `f` on every weight with its HuggingFace name, allowing replacement (e.g. making
+    /// the base weights trainable for a from-scratch run).
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        fn lin(
+            f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+            n: &str,
+            l: &mut Linear,
+        ) -> Result<()> {
+            f(&format!("{n}.weight"), &mut l.weight)?;
+            if let Some(b) = l.bias.as_mut() {
+                f(&format!("{n}.bias"), b)?;
+            }
+            Ok(())
+        }
+        fn ln(
+            f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+            n: &str,
+            l: &mut LayerNorm,
+        ) -> Result<()> {
+            f(&format!("{n}.weight"), &mut l.weight)?;
+            f(&format!("{n}.bias"), &mut l.bias)
+        }
+        fn layers(
+            f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+            p: &str,
+            ls: &mut [EncoderLayer],
+        ) -> Result<()> {
+            for (i, l) in ls.iter_mut().enumerate() {
+                let p = format!("{p}.encoder.layers.{i}");
+                for (n, x) in [
+                    ("self_attn.q_proj", &mut l.q_proj),
+                    ("self_attn.k_proj", &mut l.k_proj),
+                    ("self_attn.v_proj", &mut l.v_proj),
+                    ("self_attn.out_proj", &mut l.out_proj),
+                    ("mlp.fc1", &mut l.fc1),
+                    ("mlp.fc2", &mut l.fc2),
+                ] {
+                    lin(f, &format!("{p}.{n}"), x)?;
+                }
+                ln(f, &format!("{p}.layer_norm1"), &mut l.layer_norm1)?;
+                ln(f, &format!("{p}.layer_norm2"), &mut l.layer_norm2)?;
+            }
+            Ok(())
+        }
+        let v = &mut self.vision;
+        f(
+            "vision_model.embeddings.class_embedding",
+            &mut v.class_embedding,
+        )?;
+        f(
+            "vision_model.embeddings.patch_embedding.weight",
+            &mut v.patch_embedding,
+        )?;
+        f(
+            "vision_model.embeddings.position_embedding.weight",
+            &mut v.position_embedding,
+        )?;
+        ln(f, "vision_model.pre_layrnorm", &mut v.pre_layrnorm)?;
+        layers(f, "vision_model", &mut v.layers)?;
+        ln(f, "vision_model.post_layernorm", &mut v.post_layernorm)?;
+        let t = &mut self.text;
+        f(
+            "text_model.embeddings.token_embedding.weight",
+            &mut t.token_embedding,
+        )?;
+        f(
+            "text_model.embeddings.position_embedding.weight",
+            &mut t.position_embedding,
+        )?;
+        layers(f, "text_model", &mut t.layers)?;
+        ln(f, "text_model.final_layer_norm", &mut t.final_layer_norm)?;
+        lin(f, "visual_projection", &mut self.visual_projection)?;
+        lin(f, "text_projection", &mut self.text_projection)
+    }
+
     /// Every weight under its HuggingFace name (for saving in the HF layout).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![];

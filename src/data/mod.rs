@@ -1,4 +1,5 @@
 //! Data: manifests (`manifest`) and the synthetic forgery benchmark (`synth`).
+pub mod loader;
 pub mod manifest;
 pub mod synth;
 

@@ -385,10 +385,10 @@ fn render(seed: u64, index: usize, size: usize) -> Result<(Vec<u8>, Record)> {
             let mut other = Face::random(&mut vr);
             other.hair = face.hair;
             let mut donor = Canvas::new(size, face.skin);
-            donor.ellipse(0.5, 0.52, 0.2, 0.25, other.skin.map(|v| v * 1.08), 1.0);
+            donor.ellipse(0.5, 0.52, 0.2, 0.25, other.skin.map(|v| v * 1.15), 1.0);
             draw_inner(&mut donor, &other, other.smile);
             let dx = (vr.uniform() as f32 - 0.5) * 0.02;
-            let mask = ellipse_mask(size, 0.5 + dx, 0.53, 0.17, 0.21, 0.25);
+            let mask = ellipse_mask(size, 0.5 + dx, 0.53, 0.17, 0.21, 0.12);
             for (i, m) in mask.iter().enumerate() {
                 let p = &mut c.px[i];
                 for k in 0..3 {
@@ -436,7 +436,7 @@ fn render(seed: u64, index: usize, size: usize) -> Result<(Vec<u8>, Record)> {
             for y in 0..size {
                 for x in 0..size {
                     let p = g.px[(y / 2).min(half - 1) * half + (x / 2).min(half - 1)];
-                    let cb = if (x + y) % 2 == 0 { 1.04 } else { 0.96 };
+                    let cb = if (x + y) % 2 == 0 { 1.08 } else { 0.92 };
                     c.px[y * size + x] = p.map(|v| v * cb);
                 }
             }

@@ -1,2 +1,3 @@
 //! Evaluation: detection metrics (`metrics`).
 pub mod metrics;
+pub mod report;

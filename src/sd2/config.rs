@@ -64,6 +64,10 @@ pub struct Sd2Config {
     /// Initial t' (t = exp t') and b of the sigmoid contrast.
     pub t_init: f64,
     pub b_init: f64,
+    /// Also train every CLIP weight (named `clip.<HF name>`). For a CLIP trained from scratch —
+    /// the `tiny` preset, since no pretrained CLIP can be downloaded — where LoRA alone on a
+    /// random base has nothing to adapt. Off for real runs (SD2-SPEC: base weights frozen).
+    pub train_base: bool,
 }
 
 impl Default for Sd2Config {
@@ -79,6 +83,7 @@ impl Default for Sd2Config {
             w_d: 1.0,
             t_init: 10f64.ln(),
             b_init: -10.0,
+            train_base: false,
         }
     }
 }

@@ -28,6 +28,47 @@ pub struct Detector {
     class_embeds: Tensor,
 }
 
+/// Normalized embeddings [5, P] of the fixed test phrase of each class.
+pub fn class_embeddings(
+    model: &Sd2Model,
+    tokenizer: &ClipTokenizer,
+    texts: &TypeTexts,
+) -> Result<Tensor> {
+    let _g = no_grad();
+    let ctx = model.clip.config.text_config.max_position_embeddings;
+    let ids =
+        tokenizer.tokenize_batch(&texts.test_phrases(), ctx, model.clip.logit_scale.device())?;
+    model.text_features(&ids, Fwd::default())?.l2_normalize()
+}
+
+/// Predictions of `model` for normalized pixels [N, 3, S, S] against class embeddings.
+pub fn predict_pixels(
+    model: &Sd2Model,
+    class_embeds: &Tensor,
+    pixels: &Tensor,
+) -> Result<Vec<Prediction>> {
+    let _g = no_grad();
+    let f = model
+        .image_features(&pixels.to_dtype(model.dtype())?, Fwd::default())?
+        .l2_normalize()?;
+    let p = model
+        .logits(&f, class_embeds)?
+        .softmax_last()?
+        .to_vec_f64()?;
+    Ok(p.chunks(5)
+        .map(|row| {
+            let probs = [row[0], row[1], row[2], row[3], row[4]];
+            let class = (0..5).fold(0, |b, j| if probs[j] > probs[b] { j } else { b });
+            Prediction {
+                probs,
+                class,
+                label: CLASSES[class],
+                fake_score: 1.0 - probs[0],
+            }
+        })
+        .collect())
+}
+
 impl Detector {
     /// Wraps a model (e.g. straight from a trainer), encoding the class phrases once.
     pub fn from_model(
@@ -35,22 +76,16 @@ impl Detector {
         tokenizer: &ClipTokenizer,
         texts: &TypeTexts,
     ) -> Result<Detector> {
-        let _g = no_grad();
-        let ctx = model.clip.config.text_config.max_position_embeddings;
-        let ids = tokenizer.tokenize_batch(
-            &texts.test_phrases(),
-            ctx,
-            model.clip.logit_scale.device(),
-        )?;
-        let class_embeds = model.text_features(&ids, Fwd::default())?.l2_normalize()?;
+        let class_embeds = class_embeddings(&model, tokenizer, texts)?;
         Ok(Detector {
             model,
             class_embeds,
         })
     }
 
-    /// A checkpoint folder written by the trainer, and the CLIP folder it was trained on.
-    pub fn load(checkpoint: &Path, clip_dir: &Path, device: Device) -> Result<Detector> {
+    /// A checkpoint folder written by the trainer, and the CLIP folder it was trained on (None
+    /// for a checkpoint that trained every CLIP weight, e.g. the `tiny` preset).
+    pub fn load(checkpoint: &Path, clip_dir: Option<&Path>, device: Device) -> Result<Detector> {
         let state_path = checkpoint.join("state.json");
         let text = std::fs::read_to_string(&state_path)
             .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
@@ -60,14 +95,26 @@ impl Detector {
             .map_err(|e| Error::Msg(format!("{}: sd2 config: {e}", state_path.display())))?;
         let clip_cfg: crate::clip::ClipConfig = serde_json::from_value(state["clip"].clone())
             .map_err(|e| Error::Msg(format!("{}: clip config: {e}", state_path.display())))?;
-        let clip = ClipModel::load(clip_dir, DType::F32, device)?;
-        if clip.config != clip_cfg {
-            return Err(Error::Msg(format!(
-                "{}: the checkpoint does not match the CLIP model in {}",
-                checkpoint.display(),
-                clip_dir.display()
-            )));
-        }
+        let clip = match clip_dir {
+            Some(dir) => {
+                let clip = ClipModel::load(dir, DType::F32, device)?;
+                if clip.config != clip_cfg {
+                    return Err(Error::Msg(format!(
+                        "{}: the checkpoint does not match the CLIP model in {}",
+                        checkpoint.display(),
+                        dir.display()
+                    )));
+                }
+                clip
+            }
+            None if cfg.train_base => ClipModel::random(&clip_cfg, DType::F32, device, 0)?,
+            None => {
+                return Err(Error::Msg(format!(
+                    "{}: this checkpoint needs the CLIP folder it was trained on",
+                    checkpoint.display()
+                )))
+            }
+        };
         let model = Sd2Model::new(clip, cfg, 0)?;
         load_trainable(&model, &checkpoint.join("trainable.safetensors"))?;
         Self::from_model(model, &ClipTokenizer::openai()?, &TypeTexts::shipped()?)
@@ -95,28 +142,7 @@ impl Detector {
 
     /// Predictions for normalized pixel values [N, 3, S, S].
     pub fn detect_pixels(&self, pixels: &Tensor) -> Result<Vec<Prediction>> {
-        let _g = no_grad();
-        let f = self
-            .model
-            .image_features(&pixels.to_dtype(self.model.dtype())?, Fwd::default())?
-            .l2_normalize()?;
-        let p = self
-            .model
-            .logits(&f, &self.class_embeds)?
-            .softmax_last()?
-            .to_vec_f64()?;
-        Ok(p.chunks(5)
-            .map(|row| {
-                let probs = [row[0], row[1], row[2], row[3], row[4]];
-                let class = (0..5).fold(0, |b, j| if probs[j] > probs[b] { j } else { b });
-                Prediction {
-                    probs,
-                    class,
-                    label: CLASSES[class],
-                    fake_score: 1.0 - probs[0],
-                }
-            })
-            .collect())
+        predict_pixels(&self.model, &self.class_embeds, pixels)
     }
 
     /// Predictions for decoded RGB images (preprocessed as CLIP's image processor does).

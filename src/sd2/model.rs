@@ -72,6 +72,16 @@ impl Sd2Model {
         } else {
             (None, None)
         };
+        if cfg.train_base {
+            clip.visit_mut(&mut |name, t| {
+                *t = t.detach().copy()?.into_trainable();
+                let decay = name.ends_with(".weight")
+                    && !name.contains("norm")
+                    && !name.contains("embedding");
+                params.push(Param::new(format!("clip.{name}"), t.clone(), decay));
+                Ok(())
+            })?;
+        }
         clip.logit_scale = clip.logit_scale.detach().copy()?.into_trainable();
         let t_log = Tensor::full(cfg.t_init, (), dtype, device)?.into_trainable();
         let bias = Tensor::full(cfg.b_init, (), dtype, device)?.into_trainable();

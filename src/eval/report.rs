@@ -1,0 +1,196 @@
+//! An evaluation report from per-image predictions (SD2-SPEC §7): overall and per-source
+//! summaries, per-type AUC (real ∪ that type), mAUC over sources, the 5-class confusion matrix;
+//! written as `metrics.json` and `predictions.jsonl`, and printed as a table.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::metrics::*;
+use crate::sd2::type_texts::CLASSES;
+use crate::{Error, Result};
+
+/// One evaluated image.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pred {
+    pub path: String,
+    #[serde(serialize_with = "label_name")]
+    pub label: usize,
+    pub source: String,
+    pub video: Option<String>,
+    pub fake_score: f64,
+    /// REAL, FS, FR, EFS, FE.
+    pub probs: [f64; 5],
+}
+
+fn label_name<S: serde::Serializer>(l: &usize, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(CLASSES.get(*l).copied().unwrap_or("?"))
+}
+
+impl Pred {
+    fn argmax(&self) -> usize {
+        (0..5).fold(0, |b, j| if self.probs[j] > self.probs[b] { j } else { b })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub n: usize,
+    pub auc: f64,
+    pub ap: f64,
+    pub eer: f64,
+    pub acc_argmax: f64,
+    pub acc_threshold: f64,
+    pub threshold: f64,
+    pub tpr_at_fpr_1pct: f64,
+    pub real_acc: f64,
+    pub fake_acc: f64,
+    pub video_auc: Option<f64>,
+    pub acc_5class: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub overall: Summary,
+    pub per_source: BTreeMap<String, Summary>,
+    pub per_type: BTreeMap<String, f64>,
+    pub mauc: f64,
+    pub confusion: Vec<Vec<usize>>,
+}
+
+pub fn summarize(p: &[&Pred], threshold: f64) -> Summary {
+    let s: Vec<f64> = p.iter().map(|x| x.fake_score).collect();
+    let f: Vec<bool> = p.iter().map(|x| x.label != 0).collect();
+    let (real_acc, fake_acc) = real_fake_accuracy(&s, &f, threshold);
+    let arg_ok = p
+        .iter()
+        .filter(|x| (x.argmax() != 0) == (x.label != 0))
+        .count();
+    let vids: Vec<Option<String>> = p.iter().map(|x| x.video.clone()).collect();
+    let (vs, vf) = per_video(&s, &f, &vids);
+    let (_, acc5) = confusion(
+        &p.iter().map(|x| x.label).collect::<Vec<_>>(),
+        &p.iter().map(|x| x.argmax()).collect::<Vec<_>>(),
+        5,
+    );
+    Summary {
+        n: p.len(),
+        auc: roc_auc(&s, &f),
+        ap: average_precision(&s, &f),
+        eer: eer(&s, &f),
+        acc_argmax: if p.is_empty() {
+            f64::NAN
+        } else {
+            arg_ok as f64 / p.len() as f64
+        },
+        acc_threshold: accuracy_at(&s, &f, threshold),
+        threshold,
+        tpr_at_fpr_1pct: tpr_at_fpr(&s, &f, 0.01),
+        real_acc,
+        fake_acc,
+        video_auc: (!vs.is_empty()).then(|| roc_auc(&vs, &vf)),
+        acc_5class: acc5,
+    }
+}
+
+/// The report on `test`, with the accuracy threshold chosen on `val` (0.5 without a val split).
+pub fn report(test: &[Pred], val: &[Pred]) -> Report {
+    let threshold = if val.is_empty() {
+        0.5
+    } else {
+        best_threshold(
+            &val.iter().map(|x| x.fake_score).collect::<Vec<_>>(),
+            &val.iter().map(|x| x.label != 0).collect::<Vec<_>>(),
+        )
+    };
+    let all: Vec<&Pred> = test.iter().collect();
+    let mut per_source = BTreeMap::new();
+    let mut sources: Vec<&str> = test.iter().map(|x| x.source.as_str()).collect();
+    sources.sort();
+    sources.dedup();
+    for s in &sources {
+        let sub: Vec<&Pred> = test.iter().filter(|x| x.source == *s).collect();
+        per_source.insert(s.to_string(), summarize(&sub, threshold));
+    }
+    let aucs: Vec<f64> = per_source
+        .values()
+        .map(|s| s.auc)
+        .filter(|a| !a.is_nan())
+        .collect();
+    let mauc = if aucs.is_empty() {
+        f64::NAN
+    } else {
+        aucs.iter().sum::<f64>() / aucs.len() as f64
+    };
+    let mut per_type = BTreeMap::new();
+    for (c, name) in CLASSES.iter().enumerate().skip(1) {
+        let sub: Vec<&Pred> = test
+            .iter()
+            .filter(|x| x.label == 0 || x.label == c)
+            .collect();
+        let s: Vec<f64> = sub.iter().map(|x| x.fake_score).collect();
+        let f: Vec<bool> = sub.iter().map(|x| x.label != 0).collect();
+        per_type.insert(name.to_string(), roc_auc(&s, &f));
+    }
+    let (conf, _) = confusion(
+        &test.iter().map(|x| x.label).collect::<Vec<_>>(),
+        &test.iter().map(|x| x.argmax()).collect::<Vec<_>>(),
+        5,
+    );
+    Report {
+        overall: summarize(&all, threshold),
+        per_source,
+        per_type,
+        mauc,
+        confusion: conf,
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+}
+
+/// `dir/metrics.json` and `dir/predictions.jsonl`.
+pub fn write(dir: &Path, report: &Report, preds: &[Pred]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+    let json = serde_json::to_string_pretty(report).map_err(|e| Error::Msg(e.to_string()))?;
+    write_atomic(&dir.join("metrics.json"), &json)?;
+    let mut lines = String::new();
+    for p in preds {
+        lines.push_str(&serde_json::to_string(p).map_err(|e| Error::Msg(e.to_string()))?);
+        lines.push('\n');
+    }
+    write_atomic(&dir.join("predictions.jsonl"), &lines)
+}
+
+/// A console table: one row per source, then the overall row and mAUC.
+pub fn table(r: &Report) -> String {
+    let mut out = format!(
+        "{:<14} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9}\n",
+        "source", "n", "AUC", "AP", "EER", "ACC@arg", "ACC@thr", "TPR@1%"
+    );
+    let row = |name: &str, s: &Summary| {
+        format!(
+            "{:<14} {:>6} {:>7.4} {:>7.4} {:>7.4} {:>8.4} {:>8.4} {:>9.4}\n",
+            name, s.n, s.auc, s.ap, s.eer, s.acc_argmax, s.acc_threshold, s.tpr_at_fpr_1pct
+        )
+    };
+    for (k, s) in &r.per_source {
+        out.push_str(&row(k, s));
+    }
+    out.push_str(&row("overall", &r.overall));
+    let types: Vec<String> = r
+        .per_type
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}"))
+        .collect();
+    out.push_str(&format!(
+        "mAUC {:.4}; per-type AUC: {}; 5-class accuracy {:.4}\n",
+        r.mauc,
+        types.join(", "),
+        r.overall.acc_5class
+    ));
+    out
+}
