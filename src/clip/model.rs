@@ -629,62 +629,12 @@ impl ClipModel {
     /// Every weight under its HuggingFace name (for saving in the HF layout).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![];
-        let lin = |out: &mut Vec<(String, Tensor)>, n: &str, l: &Linear| {
-            out.push((format!("{n}.weight"), l.weight.clone()));
-            if let Some(b) = &l.bias {
-                out.push((format!("{n}.bias"), b.clone()));
-            }
-        };
-        let ln = |out: &mut Vec<(String, Tensor)>, n: &str, l: &LayerNorm| {
-            out.push((format!("{n}.weight"), l.weight.clone()));
-            out.push((format!("{n}.bias"), l.bias.clone()));
-        };
-        let layers = |out: &mut Vec<(String, Tensor)>, p: &str, ls: &[EncoderLayer]| {
-            for (i, l) in ls.iter().enumerate() {
-                let p = format!("{p}.encoder.layers.{i}");
-                for (n, x) in [
-                    ("self_attn.q_proj", &l.q_proj),
-                    ("self_attn.k_proj", &l.k_proj),
-                    ("self_attn.v_proj", &l.v_proj),
-                    ("self_attn.out_proj", &l.out_proj),
-                    ("mlp.fc1", &l.fc1),
-                    ("mlp.fc2", &l.fc2),
-                ] {
-                    lin(out, &format!("{p}.{n}"), x);
-                }
-                ln(out, &format!("{p}.layer_norm1"), &l.layer_norm1);
-                ln(out, &format!("{p}.layer_norm2"), &l.layer_norm2);
-            }
-        };
-        let v = &self.vision;
-        out.push((
-            "vision_model.embeddings.class_embedding".into(),
-            v.class_embedding.clone(),
-        ));
-        out.push((
-            "vision_model.embeddings.patch_embedding.weight".into(),
-            v.patch_embedding.clone(),
-        ));
-        out.push((
-            "vision_model.embeddings.position_embedding.weight".into(),
-            v.position_embedding.clone(),
-        ));
-        ln(&mut out, "vision_model.pre_layrnorm", &v.pre_layrnorm);
-        layers(&mut out, "vision_model", &v.layers);
-        ln(&mut out, "vision_model.post_layernorm", &v.post_layernorm);
-        let t = &self.text;
-        out.push((
-            "text_model.embeddings.token_embedding.weight".into(),
-            t.token_embedding.clone(),
-        ));
-        out.push((
-            "text_model.embeddings.position_embedding.weight".into(),
-            t.position_embedding.clone(),
-        ));
-        layers(&mut out, "text_model", &t.layers);
-        ln(&mut out, "text_model.final_layer_norm", &t.final_layer_norm);
-        lin(&mut out, "visual_projection", &self.visual_projection);
-        lin(&mut out, "text_projection", &self.text_projection);
+        // Visiting a clone only clones tensor handles, not data.
+        let visited = self.clone().visit_mut(&mut |name, t| {
+            out.push((name.to_string(), t.clone()));
+            Ok(())
+        });
+        debug_assert!(visited.is_ok());
         out.push(("logit_scale".into(), self.logit_scale.clone()));
         out
     }
