@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub lr: f64,
     pub seed: u64,
     pub device: Device,
+    /// Strength of the training sources' background shortcut (see `data::synth`).
+    pub shortcut: f64,
 }
 
 impl Default for DemoConfig {
@@ -55,6 +57,7 @@ impl Default for DemoConfig {
             lr: 1e-3,
             seed: 0,
             device: Device::Cpu,
+            shortcut: crate::data::synth::DEFAULT_SHORTCUT,
         }
     }
 }
@@ -99,7 +102,8 @@ pub struct DemoResult {
 pub fn run(cfg: &DemoConfig, mut log: impl FnMut(&str)) -> Result<DemoResult> {
     let t0 = Instant::now();
     let data = cfg.out.join("data");
-    let manifest = crate::data::synth::generate(&data, cfg.images, 64, cfg.seed)?;
+    let manifest =
+        crate::data::synth::generate_with(&data, cfg.images, 64, cfg.seed, cfg.shortcut)?;
     log(&format!(
         "synthesized {} images into {} ({:.1}s)",
         manifest.items.len(),

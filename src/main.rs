@@ -53,6 +53,9 @@ enum Cmd {
         images: usize,
         #[arg(long, default_value_t = 4)]
         epochs: usize,
+        /// How often a training image's background follows its class (0 removes the shortcut).
+        #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
+        shortcut: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// cpu, cuda or cuda:N.
@@ -202,6 +205,7 @@ fn demo(
     out: &std::path::Path,
     images: usize,
     epochs: usize,
+    shortcut: f64,
     seed: u64,
     device: &str,
 ) -> sd2::Result<()> {
@@ -213,6 +217,7 @@ fn demo(
         epochs,
         seed,
         device,
+        shortcut,
         ..Default::default()
     };
     println!("sd2 demo: synthetic benchmark → tiny SD2 (random-init CLIP, trained whole) → out-of-domain test ({device})");
@@ -308,9 +313,10 @@ fn main() {
             out,
             images,
             epochs,
+            shortcut,
             seed,
             device,
-        } => demo(&out, images, epochs, seed, &device),
+        } => demo(&out, images, epochs, shortcut, seed, &device),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

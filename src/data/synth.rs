@@ -355,7 +355,7 @@ fn jpeg_roundtrip(rgb: &[u8], s: usize, q: u8) -> Result<Vec<u8>> {
 }
 
 /// One image: (RGB bytes, record without path).
-fn render(seed: u64, index: usize, size: usize) -> Result<(Vec<u8>, Record)> {
+fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8>, Record)> {
     let video = index / 4;
     let mut vr = Rng::new(mix64(
         seed ^ (video as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -365,8 +365,8 @@ fn render(seed: u64, index: usize, size: usize) -> Result<(Vec<u8>, Record)> {
     ));
     let src = &SOURCES[vr.below(SOURCES.len())];
     let label = vr.below(5);
-    // Shortcut in the training sources: background style follows the class 80% of the time.
-    let style = if !src.test && vr.uniform() < 0.8 {
+    // Shortcut in the training sources: background style follows the class (80% by default).
+    let style = if !src.test && vr.uniform() < shortcut {
         label
     } else {
         vr.below(BACKGROUNDS.len())
@@ -518,8 +518,22 @@ fn render(seed: u64, index: usize, size: usize) -> Result<(Vec<u8>, Record)> {
     Ok((rgb, rec))
 }
 
+/// Probability that a training-source image's background follows its class.
+pub const DEFAULT_SHORTCUT: f64 = 0.8;
+
 /// Writes `n` images (`images/NNNNNN.png`) and `manifest.jsonl` into `out`.
 pub fn generate(out: &Path, n: usize, size: usize, seed: u64) -> Result<Manifest> {
+    generate_with(out, n, size, seed, DEFAULT_SHORTCUT)
+}
+
+/// `generate` with the shortcut strength chosen (0: backgrounds independent of the class).
+pub fn generate_with(
+    out: &Path,
+    n: usize,
+    size: usize,
+    seed: u64,
+    shortcut: f64,
+) -> Result<Manifest> {
     if size < 16 {
         return Err(Error::Msg(format!(
             "synth: size {size} is too small (≥ 16)"
@@ -531,7 +545,7 @@ pub fn generate(out: &Path, n: usize, size: usize, seed: u64) -> Result<Manifest
     let records: Vec<Record> = (0..n)
         .into_par_iter()
         .map(|i| {
-            let (rgb, mut rec) = render(seed, i, size)?;
+            let (rgb, mut rec) = render(seed, i, size, shortcut)?;
             rec.path = format!("images/{i:06}.png");
             let mut buf = Vec::new();
             image::codecs::png::PngEncoder::new_with_quality(
