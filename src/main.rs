@@ -32,6 +32,38 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<std::path::PathBuf>,
     },
+    /// Evaluate a checkpoint on a manifest split: metrics.json, predictions.jsonl, a table.
+    Eval {
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        #[arg(long)]
+        manifest: std::path::PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The CLIP folder the checkpoint was trained on (not needed for the tiny preset).
+        #[arg(long)]
+        clip: Option<std::path::PathBuf>,
+        /// Skip bad manifest lines with a warning instead of failing.
+        #[arg(long)]
+        skip_bad: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Predict images: one JSON line per image (path, class, fake_score, probs).
+    Predict {
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        images: Vec<std::path::PathBuf>,
+        /// Every image file in this folder (png, jpg, jpeg, webp).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        #[arg(long)]
+        clip: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
         #[arg(long)]
@@ -276,6 +308,97 @@ fn synth(out: &std::path::Path, n: usize, size: usize, seed: u64) -> sd2::Result
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    checkpoint: &std::path::Path,
+    manifest: &std::path::Path,
+    split: &str,
+    out: &std::path::Path,
+    clip: Option<&std::path::Path>,
+    skip_bad: bool,
+    device: &str,
+) -> sd2::Result<()> {
+    use sd2::data::{LoadOptions, Manifest, Split};
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    let split = Split::parse(split)
+        .ok_or_else(|| sd2::Error::Msg(format!("--split {split}: expected train, val or test")))?;
+    let m = Manifest::load(
+        manifest,
+        LoadOptions {
+            skip_bad,
+            check_images: true,
+            require_descriptions: false,
+        },
+    )?;
+    let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
+    let tk = sd2::clip::ClipTokenizer::openai()?;
+    let class_u =
+        sd2::sd2::detector::class_embeddings(&det.model, &tk, &sd2::sd2::TypeTexts::shipped()?)?;
+    let items = m.split(split);
+    if items.is_empty() {
+        return Err(sd2::Error::Msg(format!(
+            "{}: no {split:?} items",
+            manifest.display()
+        )));
+    }
+    let preds = sd2::demo::predict_items(&det.model, &class_u, &items, 64)?;
+    let val = if split == Split::Test {
+        sd2::demo::predict_items(&det.model, &class_u, &m.split(Split::Val), 64)?
+    } else {
+        vec![]
+    };
+    let rep = sd2::eval::report::report(&preds, &val);
+    sd2::eval::report::write(out, &rep, &preds)?;
+    print!("{}", sd2::eval::report::table(&rep));
+    println!(
+        "wrote {} and {}",
+        out.join("metrics.json").display(),
+        out.join("predictions.jsonl").display()
+    );
+    Ok(())
+}
+
+fn predict(
+    checkpoint: &std::path::Path,
+    images: &[std::path::PathBuf],
+    dir: Option<&std::path::Path>,
+    clip: Option<&std::path::Path>,
+    device: &str,
+) -> sd2::Result<()> {
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    let mut paths = images.to_vec();
+    if let Some(d) = dir {
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(d)
+            .map_err(|e| sd2::Error::Msg(format!("{}: {e}", d.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                    ["png", "jpg", "jpeg", "webp"].contains(&x.to_ascii_lowercase().as_str())
+                })
+            })
+            .collect();
+        found.sort();
+        paths.extend(found);
+    }
+    if paths.is_empty() {
+        return Err(sd2::Error::Msg("predict: give image paths or --dir".into()));
+    }
+    let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
+    for chunk in paths.chunks(32) {
+        let imgs = chunk
+            .iter()
+            .map(|p| sd2::clip::preprocess::decode_image(p))
+            .collect::<sd2::Result<Vec<_>>>()?;
+        for (p, pred) in chunk.iter().zip(det.detect(&imgs)?) {
+            let line = serde_json::json!({"path": p.display().to_string(), "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs});
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -304,6 +427,36 @@ fn main() {
             batch,
         ),
         Cmd::Synth { out, n, size, seed } => synth(&out, n, size, seed),
+        Cmd::Eval {
+            checkpoint,
+            manifest,
+            split,
+            out,
+            clip,
+            skip_bad,
+            device,
+        } => eval(
+            &checkpoint,
+            &manifest,
+            &split,
+            &out,
+            clip.as_deref(),
+            skip_bad,
+            &device,
+        ),
+        Cmd::Predict {
+            checkpoint,
+            images,
+            dir,
+            clip,
+            device,
+        } => predict(
+            &checkpoint,
+            &images,
+            dir.as_deref(),
+            clip.as_deref(),
+            &device,
+        ),
         Cmd::Tokenize {
             texts_file,
             context,
