@@ -6,15 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::clip::{ClipConfig, ClipTokenizer};
 use crate::data::loader::load_pixels;
 use crate::data::{Item, Split};
 use crate::eval::report::{self, Pred, Report};
-use crate::rng::Rng;
 use crate::sd2::detector::{class_embeddings, predict_pixels};
-use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
 use crate::sd2::{Sd2Config, Sd2Model, TypeTexts};
-use crate::{DType, Device, Result};
+use crate::{Device, Result};
 
 /// The `tiny` preset's CLIP: 64 px images, 8 px patches, 4 + 2 layers of width 64, 32-token texts.
 pub fn tiny_clip_config() -> ClipConfig {
@@ -110,80 +108,26 @@ pub fn run(cfg: &DemoConfig, mut log: impl FnMut(&str)) -> Result<DemoResult> {
         data.display(),
         t0.elapsed().as_secs_f64()
     ));
-    let train: Vec<&Item> = manifest.split(Split::Train);
-    let val: Vec<&Item> = manifest.split(Split::Val);
-    let test: Vec<&Item> = manifest.split(Split::Test);
-    let steps_per_epoch = train.len().div_ceil(cfg.batch);
-    let tcfg = TrainConfig {
-        lr: cfg.lr,
-        total_steps: steps_per_epoch * cfg.epochs,
-        micro_batch: cfg.batch,
-        effective_batch: cfg.batch,
-        seed: cfg.seed,
-        ..Default::default()
-    };
-    let clip = ClipModel::random(&tiny_clip_config(), DType::F32, cfg.device, cfg.seed)?;
-    let model = Sd2Model::new(clip, tiny_sd2_config(), cfg.seed)?;
-    let tokenizer = ClipTokenizer::openai()?;
-    let texts = TypeTexts::shipped()?;
-    let mut trainer = Trainer::new(model, tcfg.clone(), ClipTokenizer::openai()?, texts.clone());
-    let ckpt = cfg.out.join("checkpoints");
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut rng = Rng::new(cfg.seed ^ 0xde70);
-    let t_train = Instant::now();
-    for epoch in 0..cfg.epochs {
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
-        }
-        for (k, chunk) in order.chunks(cfg.batch).enumerate() {
-            let items: Vec<&Item> = chunk.iter().map(|i| train[*i]).collect();
-            let px = load_pixels(
-                &items,
-                64,
-                Some((cfg.seed, epoch as u64)),
-                DType::F32,
-                cfg.device,
-            )?;
-            let mb = MicroBatch {
-                pixel_values: px,
-                labels: items.iter().map(|i| i.label).collect(),
-                face: items.iter().map(|i| i.face.clone()).collect(),
-                env: items.iter().map(|i| i.env.clone()).collect(),
-            };
-            let l = trainer.step(&[mb])?;
-            let done = trainer.steps() as f64;
-            if k % 25 == 0 || k + 1 == steps_per_epoch {
-                let rate = done / t_train.elapsed().as_secs_f64().max(1e-9);
-                let eta = (tcfg.total_steps as f64 - done) / rate.max(1e-9);
-                log(&format!(
-                    "epoch {}/{} step {}/{}: loss {:.4} (L_C {:.4}), {:.0} img/s, ETA {:.0}s",
-                    epoch + 1,
-                    cfg.epochs,
-                    k + 1,
-                    steps_per_epoch,
-                    l.total,
-                    l.l_c,
-                    l.images_per_sec,
-                    eta
-                ));
-            }
-        }
-        let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
-        let vp = predict_items(&trainer.model, &class_u, &val, 128)?;
-        let vr = report::report(&vp, &[]);
-        let best = trainer.save_with_best(&ckpt, vr.overall.auc)?;
-        log(&format!(
-            "epoch {}: validation AUC {:.4}{}",
-            epoch + 1,
-            vr.overall.auc,
-            if best { " (best so far)" } else { "" }
-        ));
-    }
+    let mut rc = crate::run::preset("tiny")?;
+    rc.manifest = manifest.path.clone();
+    rc.out = cfg.out.clone();
+    rc.epochs = cfg.epochs;
+    rc.device = cfg.device.to_string();
+    rc.train.lr = cfg.lr;
+    rc.train.micro_batch = cfg.batch;
+    rc.train.effective_batch = cfg.batch;
+    rc.train.seed = cfg.seed;
+    let outcome = crate::run::train(&rc, &mut log)?;
     // Evaluate the best epoch on the out-of-domain test split.
-    let best = crate::sd2::detector::Detector::load(&ckpt.join("best"), None, cfg.device)?;
-    let class_u = class_embeddings(&best.model, &tokenizer, &texts)?;
-    let vp = predict_items(&best.model, &class_u, &val, 128)?;
-    let tp = predict_items(&best.model, &class_u, &test, 128)?;
+    let best = crate::sd2::detector::Detector::load(&outcome.best_dir, None, cfg.device)?;
+    let class_u = class_embeddings(
+        &best.model,
+        &ClipTokenizer::openai()?,
+        &TypeTexts::shipped()?,
+    )?;
+    let m = &outcome.manifest;
+    let vp = predict_items(&best.model, &class_u, &m.split(Split::Val), 128)?;
+    let tp = predict_items(&best.model, &class_u, &m.split(Split::Test), 128)?;
     let rep = report::report(&tp, &vp);
     let eval_dir = cfg.out.join("eval");
     report::write(&eval_dir, &rep, &tp)?;

@@ -39,6 +39,7 @@ pub mod io;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod run;
 pub mod sd2;
 pub mod shape;
 pub mod storage;

@@ -32,6 +32,20 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<std::path::PathBuf>,
     },
+    /// Train SD2 from a TOML config (preset ← file ← --set key=value).
+    Train {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// tiny (random-init CLIP trained whole) or vit-l14 (needs clip = a local CLIP folder).
+        #[arg(long)]
+        preset: Option<String>,
+        /// Overrides, dotted keys: --set train.lr=1e-4 --set sd2.loss_dual=\"face\" --set epochs=2
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Print the resolved config as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
     /// Evaluate a checkpoint on a manifest split: metrics.json, predictions.jsonl, a table.
     Eval {
         #[arg(long)]
@@ -399,6 +413,29 @@ fn predict(
     Ok(())
 }
 
+fn train(
+    config: Option<&std::path::Path>,
+    preset: Option<&str>,
+    sets: &[String],
+    print_config: bool,
+) -> sd2::Result<()> {
+    let cfg = sd2::run::load_config(config, preset, sets)?;
+    if print_config {
+        print!(
+            "{}",
+            toml::to_string(&cfg).map_err(|e| sd2::Error::Msg(e.to_string()))?
+        );
+        return Ok(());
+    }
+    let o = sd2::run::train(&cfg, |l| println!("{l}"))?;
+    println!(
+        "best validation AUC {:.4}; checkpoint {}",
+        o.best_val_auc,
+        o.best_dir.display()
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -427,6 +464,12 @@ fn main() {
             batch,
         ),
         Cmd::Synth { out, n, size, seed } => synth(&out, n, size, seed),
+        Cmd::Train {
+            config,
+            preset,
+            sets,
+            print_config,
+        } => train(config.as_deref(), preset.as_deref(), &sets, print_config),
         Cmd::Eval {
             checkpoint,
             manifest,

@@ -17,7 +17,7 @@ use crate::rng::{mix64, Rng};
 use crate::{Error, GradStore, Result, Tensor};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub lr: f64,
     /// Fraction of `total_steps` spent in linear warmup.

@@ -1,0 +1,282 @@
+//! Training runs from a config (`sd2 train --config FILE.toml [--set key=value …]`): a preset
+//! gives every default, the file's tables override it, `--set` overrides both. Each epoch trains
+//! over the manifest's train split (micro-batches accumulated to the effective batch), then
+//! evaluates on its val split and keeps `checkpoints/best` by validation AUC.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clip::{ClipModel, ClipTokenizer};
+use crate::data::loader::load_pixels;
+use crate::data::{Item, LoadOptions, Manifest, Split};
+use crate::eval::report;
+use crate::rng::Rng;
+use crate::sd2::detector::class_embeddings;
+use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
+use crate::sd2::{DualContrast, Sd2Config, Sd2Model, TypeTexts};
+use crate::{DType, Device, Error, Result};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// `tiny` (random-init CLIP trained whole) or `vit-l14` (a local CLIP folder in `clip`).
+    pub preset: String,
+    pub manifest: PathBuf,
+    pub out: PathBuf,
+    #[serde(default)]
+    pub clip: Option<PathBuf>,
+    pub epochs: usize,
+    pub device: String,
+    #[serde(default)]
+    pub skip_bad: bool,
+    pub sd2: Sd2Config,
+    pub train: TrainConfig,
+}
+
+/// The preset's full configuration (manifest and out still to be given).
+pub fn preset(name: &str) -> Result<RunConfig> {
+    let (sd2, train) = match name {
+        "tiny" => (
+            crate::demo::tiny_sd2_config(),
+            TrainConfig {
+                lr: 1e-3,
+                micro_batch: 32,
+                effective_batch: 32,
+                ..Default::default()
+            },
+        ),
+        "vit-l14" => (Sd2Config::default(), TrainConfig::default()),
+        other => {
+            return Err(Error::Msg(format!(
+                "unknown preset `{other}` (tiny or vit-l14)"
+            )))
+        }
+    };
+    Ok(RunConfig {
+        preset: name.into(),
+        manifest: PathBuf::new(),
+        out: PathBuf::from("runs/sd2"),
+        clip: None,
+        epochs: 4,
+        device: "cpu".into(),
+        skip_bad: false,
+        sd2,
+        train,
+    })
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Preset ← file ← `key=value` overrides (dotted keys; values parsed as TOML, else strings).
+pub fn load_config(
+    file: Option<&Path>,
+    preset_name: Option<&str>,
+    sets: &[String],
+) -> Result<RunConfig> {
+    let file_val: Option<toml::Value> = match file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
+            Some(toml::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?)
+        }
+        None => None,
+    };
+    let name = preset_name
+        .map(String::from)
+        .or_else(|| {
+            file_val
+                .as_ref()
+                .and_then(|v| v.get("preset"))
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "tiny".into());
+    let mut val = toml::Value::try_from(preset(&name)?)
+        .map_err(|e| Error::Msg(format!("preset {name}: {e}")))?;
+    if let Some(f) = file_val {
+        merge(&mut val, f);
+    }
+    if let Some(t) = val.as_table_mut() {
+        t.insert("preset".into(), toml::Value::String(name.clone()));
+    }
+    for s in sets {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| Error::Msg(format!("--set {s}: expected key=value")))?;
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|t| t.get("v").cloned())
+            .unwrap_or_else(|| toml::Value::String(v.to_string()));
+        let mut slot = &mut val;
+        let parts: Vec<&str> = k.trim().split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let table = slot
+                .as_table_mut()
+                .ok_or_else(|| Error::Msg(format!("--set {k}: `{part}` is not inside a table")))?;
+            if i + 1 == parts.len() {
+                table.insert(part.to_string(), parsed.clone());
+                break;
+            }
+            slot = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+        }
+    }
+    let cfg: RunConfig = val
+        .try_into()
+        .map_err(|e: toml::de::Error| Error::Msg(format!("config: {e}")))?;
+    if cfg.manifest.as_os_str().is_empty() {
+        return Err(Error::Msg(
+            "config: `manifest` is required (in the file or --set manifest=PATH)".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+pub struct TrainOutcome {
+    pub best_dir: PathBuf,
+    pub best_val_auc: f64,
+    pub manifest: Manifest,
+}
+
+/// Trains per `cfg`, logging progress lines and one JSON line per optimizer step to
+/// `out/train_log.jsonl`. Returns where the best checkpoint is.
+pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome> {
+    let device = Device::parse(&cfg.device)?;
+    device.check_available()?;
+    let opts = LoadOptions {
+        skip_bad: cfg.skip_bad,
+        check_images: true,
+        require_descriptions: cfg.sd2.loss_dual != DualContrast::Off,
+    };
+    let manifest = Manifest::load(&cfg.manifest, opts)?;
+    let train: Vec<&Item> = manifest.split(Split::Train);
+    let val: Vec<&Item> = manifest.split(Split::Val);
+    if train.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no train items",
+            cfg.manifest.display()
+        )));
+    }
+    let clip = match (cfg.preset.as_str(), &cfg.clip) {
+        ("tiny", None) => ClipModel::random(
+            &crate::demo::tiny_clip_config(),
+            DType::F32,
+            device,
+            cfg.train.seed,
+        )?,
+        (_, Some(dir)) => ClipModel::load(dir, DType::F32, device)?,
+        (p, None) => return Err(Error::Msg(format!(
+            "preset {p} needs `clip` = a local CLIP folder (e.g. openai/clip-vit-large-patch14)"
+        ))),
+    };
+    let size = clip.config.vision_config.image_size;
+    let model = Sd2Model::new(clip, cfg.sd2.clone(), cfg.train.seed)?;
+    let micro = cfg.train.micro_batch.max(1);
+    let per_step = cfg.train.effective_batch.max(micro).div_ceil(micro);
+    let steps_per_epoch = train.len().div_ceil(micro * per_step);
+    let mut tcfg = cfg.train.clone();
+    tcfg.total_steps = steps_per_epoch * cfg.epochs.max(1);
+    let tokenizer = ClipTokenizer::openai()?;
+    let texts = TypeTexts::shipped()?;
+    let mut trainer = Trainer::new(model, tcfg.clone(), ClipTokenizer::openai()?, texts.clone());
+    std::fs::create_dir_all(&cfg.out)
+        .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+    let ckpt = cfg.out.join("checkpoints");
+    let mut steplog = String::new();
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut rng = Rng::new(cfg.train.seed ^ 0xde70);
+    let t0 = Instant::now();
+    let mut best_val = f64::NEG_INFINITY;
+    for epoch in 0..cfg.epochs {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        for (k, step_items) in order.chunks(micro * per_step).enumerate() {
+            let mut mbs = vec![];
+            for chunk in step_items.chunks(micro) {
+                let items: Vec<&Item> = chunk.iter().map(|i| train[*i]).collect();
+                mbs.push(MicroBatch {
+                    pixel_values: load_pixels(
+                        &items,
+                        size,
+                        Some((cfg.train.seed, epoch as u64)),
+                        DType::F32,
+                        device,
+                    )?,
+                    labels: items.iter().map(|i| i.label).collect(),
+                    face: items.iter().map(|i| i.face.clone()).collect(),
+                    env: items.iter().map(|i| i.env.clone()).collect(),
+                });
+            }
+            let l = trainer.step(&mbs)?;
+            steplog.push_str(&l.to_json());
+            steplog.push('\n');
+            if k % 25 == 0 || k + 1 == steps_per_epoch {
+                let done = trainer.steps() as f64;
+                let eta =
+                    (tcfg.total_steps as f64 - done) * t0.elapsed().as_secs_f64() / done.max(1.0);
+                log(&format!(
+                    "epoch {}/{} step {}/{}: loss {:.4} (L_C {:.4}), {:.0} img/s, ETA {:.0}s",
+                    epoch + 1,
+                    cfg.epochs,
+                    k + 1,
+                    steps_per_epoch,
+                    l.total,
+                    l.l_c,
+                    l.images_per_sec,
+                    eta
+                ));
+            }
+        }
+        let metric = if val.is_empty() {
+            f64::NAN
+        } else {
+            let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
+            report::report(
+                &crate::demo::predict_items(&trainer.model, &class_u, &val, 128)?,
+                &[],
+            )
+            .overall
+            .auc
+        };
+        // Without a val split every epoch counts as the best (the last one wins).
+        let m = if metric.is_nan() {
+            epoch as f64
+        } else {
+            metric
+        };
+        let best = trainer.save_with_best(&ckpt, m)?;
+        if best {
+            best_val = metric;
+        }
+        std::fs::write(cfg.out.join("train_log.jsonl"), &steplog)
+            .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+        log(&format!(
+            "epoch {}: validation AUC {:.4}{}",
+            epoch + 1,
+            metric,
+            if best { " (best so far)" } else { "" }
+        ));
+    }
+    Ok(TrainOutcome {
+        best_dir: ckpt.join("best"),
+        best_val_auc: best_val,
+        manifest,
+    })
+}
