@@ -181,9 +181,11 @@ pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome>
             cfg.train.seed,
         )?,
         (_, Some(dir)) => ClipModel::load(dir, DType::F32, device)?,
-        (p, None) => return Err(Error::Msg(format!(
+        (p, None) => {
+            return Err(Error::Msg(format!(
             "preset {p} needs `clip` = a local CLIP folder (e.g. openai/clip-vit-large-patch14)"
-        ))),
+        )))
+        }
     };
     let size = clip.config.vision_config.image_size;
     let model = Sd2Model::new(clip, cfg.sd2.clone(), cfg.train.seed)?;
