@@ -190,6 +190,31 @@ impl EncoderLayer {
         })
     }
 
+    /// The `n` blocks `{tower}.encoder.layers.{i}` of one tower.
+    #[allow(clippy::too_many_arguments)]
+    fn load_stack(
+        src: &mut dyn WeightSource,
+        tower: &str,
+        n: usize,
+        d: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+    ) -> Result<Vec<EncoderLayer>> {
+        (0..n)
+            .map(|i| {
+                EncoderLayer::load(
+                    src,
+                    &format!("{tower}.encoder.layers.{i}"),
+                    d,
+                    inter,
+                    heads,
+                    eps,
+                )
+            })
+            .collect()
+    }
+
     pub fn forward(&self, x: &Tensor, causal: bool, fwd: Fwd) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let (q, k, v) = (
@@ -253,19 +278,15 @@ impl VisionTower {
     pub fn load(src: &mut dyn WeightSource, cfg: &VisionConfig) -> Result<VisionTower> {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let e = "vision_model.embeddings";
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let name = format!("vision_model.encoder.layers.{i}");
-                EncoderLayer::load(
-                    src,
-                    &name,
-                    d,
-                    cfg.intermediate_size,
-                    cfg.num_attention_heads,
-                    cfg.layer_norm_eps,
-                )
-            })
-            .collect::<Result<_>>()?;
+        let layers = EncoderLayer::load_stack(
+            src,
+            "vision_model",
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+        )?;
         Ok(VisionTower {
             cfg: cfg.clone(),
             class_embedding: src.get(&format!("{e}.class_embedding"), &[d], Init::Embedding)?,
@@ -366,19 +387,15 @@ pub fn eos_positions(ids: &[i64], rows: usize, len: usize) -> Vec<usize> {
 impl TextTower {
     pub fn load(src: &mut dyn WeightSource, cfg: &TextConfig) -> Result<TextTower> {
         let d = cfg.hidden_size;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let name = format!("text_model.encoder.layers.{i}");
-                EncoderLayer::load(
-                    src,
-                    &name,
-                    d,
-                    cfg.intermediate_size,
-                    cfg.num_attention_heads,
-                    cfg.layer_norm_eps,
-                )
-            })
-            .collect::<Result<_>>()?;
+        let layers = EncoderLayer::load_stack(
+            src,
+            "text_model",
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+        )?;
         Ok(TextTower {
             cfg: cfg.clone(),
             token_embedding: src.get(
