@@ -244,6 +244,33 @@ impl EncoderLayer {
     }
 }
 
+/// Runs a stack of blocks, keeping the hidden states (input first) and each block's row-0 (CLS)
+/// token when `opts` asks for them.
+fn run_blocks(
+    layers: &[EncoderLayer],
+    mut x: Tensor,
+    causal: bool,
+    opts: TowerOptions,
+    fwd: Fwd,
+) -> Result<(Tensor, Vec<Tensor>, Vec<Tensor>)> {
+    let b = x.dims().first().copied().unwrap_or(0);
+    let mut hidden = vec![];
+    let mut layer_cls = vec![];
+    if opts.hidden_states {
+        hidden.push(x.clone());
+    }
+    for layer in layers {
+        x = layer.forward(&x, causal, fwd)?;
+        if opts.hidden_states {
+            hidden.push(x.clone());
+        }
+        if opts.layer_cls {
+            layer_cls.push(x.select_rows_per_batch(&vec![0; b])?);
+        }
+    }
+    Ok((x, hidden, layer_cls))
+}
+
 /// What a tower returns besides its pooled output.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TowerOptions {
@@ -340,21 +367,8 @@ impl VisionTower {
             .reshape((1, 1, d))?
             .broadcast_as(&crate::Shape::from([b, 1, d]))?;
         let x = Tensor::cat(&[&cls, &patches], 1)?.add(&self.position_embedding)?;
-        let mut x = self.pre_layrnorm.forward(&x)?;
-        let mut hidden = vec![];
-        let mut layer_cls = vec![];
-        if opts.hidden_states {
-            hidden.push(x.clone());
-        }
-        for layer in &self.layers {
-            x = layer.forward(&x, false, fwd)?;
-            if opts.hidden_states {
-                hidden.push(x.clone());
-            }
-            if opts.layer_cls {
-                layer_cls.push(x.select_rows_per_batch(&vec![0; b])?);
-            }
-        }
+        let x = self.pre_layrnorm.forward(&x)?;
+        let (x, hidden, layer_cls) = run_blocks(&self.layers, x, false, opts, fwd)?;
         let cls = x.select_rows_per_batch(&vec![0; b])?;
         Ok(TowerOutput {
             last_hidden_state: opts.hidden_states.then_some(x),
@@ -446,17 +460,12 @@ impl TextTower {
             });
         }
         let x = Tensor::embedding(&self.token_embedding, ids)?;
-        let mut x = x.add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let mut hidden = vec![];
-        if opts.hidden_states {
-            hidden.push(x.clone());
-        }
-        for layer in &self.layers {
-            x = layer.forward(&x, true, fwd)?;
-            if opts.hidden_states {
-                hidden.push(x.clone());
-            }
-        }
+        let x = x.add(&self.position_embedding.narrow(0, 0, s)?)?;
+        let opts = TowerOptions {
+            layer_cls: false,
+            ..opts
+        };
+        let (x, hidden, _) = run_blocks(&self.layers, x, true, opts, fwd)?;
         let eos = eos_positions(&host, m, s);
         // LayerNorm is per token, so only the pooled rows need it unless all are asked for.
         let (last, pooled) = if opts.hidden_states {
