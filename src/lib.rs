@@ -26,6 +26,7 @@
 //! # Ok(())
 //! # }
 //! ```
+pub mod ablation;
 pub mod autograd;
 pub mod backend;
 pub mod clip;

@@ -64,6 +64,10 @@ enum Cmd {
         skip_bad: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Also evaluate under degradations, e.g. `jpeg:90,70,50,30` or `blur:1,2,3`
+        /// (repeatable; applied to real and fake alike).
+        #[arg(long)]
+        perturb: Vec<String>,
     },
     /// Predict images: one JSON line per image (path, class, fake_score, probs).
     Predict {
@@ -88,6 +92,9 @@ enum Cmd {
         size: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// How often a training image's background follows its class (0 removes the shortcut).
+        #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
+        shortcut: f64,
     },
     /// The main job: synthesize a benchmark, train the tiny preset, evaluate out of domain.
     Demo {
@@ -107,6 +114,60 @@ enum Cmd {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// The paper's GenImage protocol: a logistic-regression probe on frozen image features of a
+    /// binary real/fake manifest (train split), accuracy per source on the test split.
+    Probe {
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        #[arg(long)]
+        manifest: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Inverse L2 strength, as sklearn's `LogisticRegression(C=…)`.
+        #[arg(long, default_value_t = 1.0)]
+        c: f64,
+        #[arg(long)]
+        clip: Option<std::path::PathBuf>,
+        #[arg(long)]
+        skip_bad: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// The paper's four ablation rows on the synthetic benchmark, mAUC per row.
+    Ablation {
+        #[arg(long, default_value = "sd2-ablation")]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().images)]
+        images: usize,
+        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().epochs)]
+        epochs: usize,
+        #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
+        shortcut: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// The data loader alone: images/s for plain decoding and with the train augmentations.
+    Loader {
+        #[arg(long)]
+        manifest: std::path::PathBuf,
+        /// Model input size (CLIP preprocessing target).
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// At most this many images per pass.
+        #[arg(long, default_value_t = 2048)]
+        limit: usize,
     },
 }
 
@@ -203,7 +264,7 @@ fn clip_embed(
         let mut parts = vec![];
         for chunk in lines.chunks(batch.max(64)) {
             let texts: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
-            parts.push(clip.text_embeds(&tk.tokenize_batch(&texts, ctx, device)?)?);
+            parts.push(clip.text_embeds(&tk.tokenize_batch_longest(&texts, ctx, device)?)?);
         }
         if !parts.is_empty() {
             let refs: Vec<&Tensor> = parts.iter().collect();
@@ -267,7 +328,7 @@ fn demo(
         ..Default::default()
     };
     println!("sd2 demo: synthetic benchmark → tiny SD2 (random-init CLIP, trained whole) → out-of-domain test ({device})");
-    let r = sd2::demo::run(&cfg, |line| println!("{line}"))?;
+    let r = sd2::demo::run(&cfg, &mut CliProgress::new())?;
     print!("{}", sd2::eval::report::table(&r.report));
     println!(
         "test AUC {:.4}, mAUC {:.4}; {:.0}s in all; report in {}",
@@ -277,6 +338,197 @@ fn demo(
         r.eval_dir.display()
     );
     Ok(())
+}
+
+fn probe(
+    checkpoint: &std::path::Path,
+    manifest: &std::path::Path,
+    out: &std::path::Path,
+    c: f64,
+    clip: Option<&std::path::Path>,
+    skip_bad: bool,
+    device: &str,
+) -> sd2::Result<()> {
+    use sd2::data::{LoadOptions, Manifest, Split};
+    use sd2::eval::{predict::features_items, probe};
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    let m = Manifest::load(
+        manifest,
+        LoadOptions {
+            skip_bad,
+            check_images: true,
+            require_descriptions: false,
+        },
+    )?;
+    let (train, test) = (m.split(Split::Train), m.split(Split::Test));
+    if train.is_empty() || test.is_empty() {
+        return Err(sd2::Error::Msg(format!(
+            "{}: the probe needs train and test items ({} and {})",
+            manifest.display(),
+            train.len(),
+            test.len()
+        )));
+    }
+    let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
+    let t0 = std::time::Instant::now();
+    let xtr = features_items(&det.model, &train, 64)?;
+    let ytr: Vec<bool> = train.iter().map(|i| i.label != 0).collect();
+    let fit = probe::fit(&xtr, &ytr, c)?;
+    let train_acc = xtr
+        .iter()
+        .zip(&ytr)
+        .filter(|(x, y)| (fit.decision(x) > 0.0) == **y)
+        .count() as f64
+        / xtr.len() as f64;
+    let xte = features_items(&det.model, &test, 64)?;
+    let rows: Vec<(String, Vec<f64>, bool)> = test
+        .iter()
+        .zip(xte)
+        .map(|(i, x)| (i.source.clone(), x, i.label != 0))
+        .collect();
+    let rep = probe::score(&fit, c, xtr.len(), train_acc, &rows);
+    std::fs::create_dir_all(out).map_err(|e| sd2::Error::Msg(format!("{}: {e}", out.display())))?;
+    let path = out.join("probe.json");
+    let tmp = path.with_extension("json.tmp");
+    let json = serde_json::to_string_pretty(&rep).map_err(|e| sd2::Error::Msg(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| sd2::Error::Msg(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
+    print!("{}", rep.table());
+    println!(
+        "wrote {} ({:.1}s, {} Newton iterations)",
+        path.display(),
+        t0.elapsed().as_secs_f64(),
+        fit.iterations
+    );
+    Ok(())
+}
+
+fn ablation(
+    out: &std::path::Path,
+    images: usize,
+    epochs: usize,
+    shortcut: f64,
+    seed: u64,
+    device: &str,
+) -> sd2::Result<()> {
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    let cfg = sd2::demo::DemoConfig {
+        out: out.to_path_buf(),
+        images,
+        epochs,
+        seed,
+        device,
+        shortcut,
+        ..Default::default()
+    };
+    let ab = sd2::ablation::run(&cfg, &mut CliProgress::new())?;
+    print!("{}", ab.table());
+    println!("wrote {}", out.join("ablation.json").display());
+    Ok(())
+}
+
+fn bench_loader(
+    manifest: &std::path::Path,
+    size: usize,
+    batch: usize,
+    limit: usize,
+) -> sd2::Result<()> {
+    use sd2::data::augment::AugmentConfig;
+    use sd2::data::loader::{Prefetcher, Transform};
+    use sd2::data::{Item, Manifest};
+    let m = Manifest::load(manifest, Default::default())?;
+    let items: Vec<Item> = m.items.iter().take(limit).cloned().collect();
+    if items.is_empty() {
+        return Err(sd2::Error::Msg(format!("{}: no items", manifest.display())));
+    }
+    println!(
+        "loader: {} images from {}, {} px input, batch {batch}, {} rayon threads",
+        items.len(),
+        manifest.display(),
+        size,
+        rayon::current_num_threads()
+    );
+    let cases = [
+        ("decode + preprocess", Transform::None),
+        (
+            "+ train augmentations",
+            Transform::Augment {
+                cfg: AugmentConfig::default(),
+                seed: 0,
+                epoch: 0,
+            },
+        ),
+    ];
+    for (name, t) in cases {
+        let batches: Vec<Vec<Item>> = items.chunks(batch.max(1)).map(|c| c.to_vec()).collect();
+        let t0 = std::time::Instant::now();
+        let mut n = 0;
+        for b in Prefetcher::new(batches, size, t, 2) {
+            n += b?.items.len();
+        }
+        let s = t0.elapsed().as_secs_f64();
+        println!("{name:<24} {:>8.0} images/s ({n} in {s:.2}s)", n as f64 / s);
+    }
+    Ok(())
+}
+
+/// Training progress on the terminal: a bar (images/s, ETA, loss) when stderr is a terminal,
+/// plain periodic lines otherwise (logs, CI, pipes).
+struct CliProgress {
+    bar: Option<indicatif::ProgressBar>,
+    tty: bool,
+}
+
+impl CliProgress {
+    fn new() -> CliProgress {
+        CliProgress {
+            bar: None,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+impl sd2::run::Progress for CliProgress {
+    fn line(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    fn step(&mut self, s: &sd2::run::StepProgress) -> bool {
+        if !self.tty {
+            return false;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(s.images_total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} images, {per_sec}, ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        // A new run (the ablation trains several) starts a new bar.
+        if (s.images_done as u64) < bar.position() {
+            bar.reset();
+            bar.set_length(s.images_total as u64);
+        }
+        bar.set_position(s.images_done as u64);
+        bar.set_message(format!(
+            "epoch {}/{} loss {:.3} (L_C {:.3})",
+            s.epoch, s.epochs, s.loss, s.l_c
+        ));
+        if s.images_done >= s.images_total {
+            bar.finish_and_clear();
+            self.bar = None;
+        }
+        true
+    }
 }
 
 fn read_lines(path: &std::path::Path) -> sd2::Result<Vec<String>> {
@@ -307,9 +559,15 @@ fn tokenize(
     Ok(())
 }
 
-fn synth(out: &std::path::Path, n: usize, size: usize, seed: u64) -> sd2::Result<()> {
+fn synth(
+    out: &std::path::Path,
+    n: usize,
+    size: usize,
+    seed: u64,
+    shortcut: f64,
+) -> sd2::Result<()> {
     let t = std::time::Instant::now();
-    let m = sd2::data::synth::generate(out, n, size, seed)?;
+    let m = sd2::data::synth::generate_with(out, n, size, seed, shortcut)?;
     let count = |s| m.items.iter().filter(|i| i.split == s).count();
     println!(
         "wrote {n} images ({size} px) and {} in {:.1}s: train {}, val {}, test {}",
@@ -331,8 +589,16 @@ fn eval(
     clip: Option<&std::path::Path>,
     skip_bad: bool,
     device: &str,
+    perturb: &[String],
 ) -> sd2::Result<()> {
+    use sd2::data::augment::Perturb;
+    use sd2::data::loader::Transform;
     use sd2::data::{LoadOptions, Manifest, Split};
+    // Parse before any work so a typo fails fast.
+    let mut perturbs = vec![];
+    for p in perturb {
+        perturbs.extend(Perturb::parse_list(p)?);
+    }
     let device = sd2::Device::parse(device)?;
     device.check_available()?;
     let split = Split::parse(split)
@@ -356,13 +622,34 @@ fn eval(
             manifest.display()
         )));
     }
-    let preds = sd2::demo::predict_items(&det.model, &class_u, &items, 64)?;
+    let preds =
+        sd2::eval::predict::predict_items(&det.model, &class_u, &items, 64, &Transform::None)?;
     let val = if split == Split::Test {
-        sd2::demo::predict_items(&det.model, &class_u, &m.split(Split::Val), 64)?
+        sd2::eval::predict::predict_items(
+            &det.model,
+            &class_u,
+            &m.split(Split::Val),
+            64,
+            &Transform::None,
+        )?
     } else {
         vec![]
     };
-    let rep = sd2::eval::report::report(&preds, &val);
+    let mut rep = sd2::eval::report::report(&preds, &val);
+    for p in perturbs {
+        let pp = sd2::eval::predict::predict_items(
+            &det.model,
+            &class_u,
+            &items,
+            64,
+            &Transform::Perturb(p),
+        )?;
+        rep.perturb
+            .push(sd2::eval::report::PerturbResult::from_report(
+                p.name(),
+                &sd2::eval::report::report(&pp, &val),
+            ));
+    }
     sd2::eval::report::write(out, &rep, &preds)?;
     print!("{}", sd2::eval::report::table(&rep));
     println!(
@@ -427,7 +714,7 @@ fn train(
         );
         return Ok(());
     }
-    let o = sd2::run::train(&cfg, |l| println!("{l}"))?;
+    let o = sd2::run::train(&cfg, &mut CliProgress::new())?;
     println!(
         "best validation AUC {:.4}; checkpoint {}",
         o.best_val_auc,
@@ -463,7 +750,13 @@ fn main() {
             &device,
             batch,
         ),
-        Cmd::Synth { out, n, size, seed } => synth(&out, n, size, seed),
+        Cmd::Synth {
+            out,
+            n,
+            size,
+            seed,
+            shortcut,
+        } => synth(&out, n, size, seed, shortcut),
         Cmd::Train {
             config,
             preset,
@@ -478,6 +771,7 @@ fn main() {
             clip,
             skip_bad,
             device,
+            perturb,
         } => eval(
             &checkpoint,
             &manifest,
@@ -486,7 +780,39 @@ fn main() {
             clip.as_deref(),
             skip_bad,
             &device,
+            &perturb,
         ),
+        Cmd::Probe {
+            checkpoint,
+            manifest,
+            out,
+            c,
+            clip,
+            skip_bad,
+            device,
+        } => probe(
+            &checkpoint,
+            &manifest,
+            &out,
+            c,
+            clip.as_deref(),
+            skip_bad,
+            &device,
+        ),
+        Cmd::Ablation {
+            out,
+            images,
+            epochs,
+            shortcut,
+            seed,
+            device,
+        } => ablation(&out, images, epochs, shortcut, seed, &device),
+        Cmd::Bench(BenchCmd::Loader {
+            manifest,
+            size,
+            batch,
+            limit,
+        }) => bench_loader(&manifest, size, batch, limit),
         Cmd::Predict {
             checkpoint,
             images,

@@ -8,7 +8,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::clip::{ClipModel, ClipTokenizer};
-use crate::data::loader::load_pixels;
+use crate::data::augment::AugmentConfig;
+use crate::data::loader::{Prefetcher, Transform};
 use crate::data::{Item, LoadOptions, Manifest, Split};
 use crate::eval::report;
 use crate::rng::Rng;
@@ -32,21 +33,24 @@ pub struct RunConfig {
     pub skip_bad: bool,
     pub sd2: Sd2Config,
     pub train: TrainConfig,
+    /// Train-time augmentations (SD2-SPEC §5).
+    #[serde(default)]
+    pub augment: AugmentConfig,
 }
 
 /// The preset's full configuration (manifest and out still to be given).
 pub fn preset(name: &str) -> Result<RunConfig> {
-    let (sd2, train) = match name {
+    let (sd2, train, augment) = match name {
         "tiny" => (
             crate::demo::tiny_sd2_config(),
-            TrainConfig {
-                lr: 1e-3,
-                micro_batch: 32,
-                effective_batch: 32,
-                ..Default::default()
-            },
+            crate::demo::tiny_train_config(),
+            crate::demo::tiny_augment_config(),
         ),
-        "vit-l14" => (Sd2Config::default(), TrainConfig::default()),
+        "vit-l14" => (
+            Sd2Config::default(),
+            TrainConfig::default(),
+            AugmentConfig::default(),
+        ),
         other => {
             return Err(Error::Msg(format!(
                 "unknown preset `{other}` (tiny or vit-l14)"
@@ -63,6 +67,7 @@ pub fn preset(name: &str) -> Result<RunConfig> {
         skip_bad: false,
         sd2,
         train,
+        augment,
     })
 }
 
@@ -148,6 +153,40 @@ pub fn load_config(
     Ok(cfg)
 }
 
+/// Where a run reports: lines of text and, optionally, every optimizer step (for a progress bar).
+/// Any `FnMut(&str)` is a `Progress` that only takes lines.
+pub trait Progress {
+    fn line(&mut self, text: &str);
+    /// Called after every optimizer step. Returns true when the receiver shows progress itself
+    /// (a bar), so the periodic step lines are left out.
+    fn step(&mut self, _s: &StepProgress) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(&str)> Progress for F {
+    fn line(&mut self, text: &str) {
+        self(text)
+    }
+}
+
+/// One optimizer step's progress.
+#[derive(Clone, Debug)]
+pub struct StepProgress {
+    pub epoch: usize,
+    pub epochs: usize,
+    /// Step within the epoch (1-based) and steps per epoch.
+    pub step: usize,
+    pub steps: usize,
+    /// Images trained on so far in the run, and in the whole run.
+    pub images_done: usize,
+    pub images_total: usize,
+    pub loss: f64,
+    pub l_c: f64,
+    pub images_per_sec: f64,
+    pub eta_s: f64,
+}
+
 pub struct TrainOutcome {
     pub best_dir: PathBuf,
     pub best_val_auc: f64,
@@ -156,7 +195,7 @@ pub struct TrainOutcome {
 
 /// Trains per `cfg`, logging progress lines and one JSON line per optimizer step to
 /// `out/train_log.jsonl`. Returns where the best checkpoint is.
-pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome> {
+pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcome> {
     let device = Device::parse(&cfg.device)?;
     device.check_available()?;
     let opts = LoadOptions {
@@ -205,22 +244,35 @@ pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome>
     let mut rng = Rng::new(cfg.train.seed ^ 0xde70);
     let t0 = Instant::now();
     let mut best_val = f64::NEG_INFINITY;
+    let mut images_done = 0usize;
     for epoch in 0..cfg.epochs {
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
         }
+        // Micro-batches in step order, decoded ahead of the model on a background thread.
+        let batches: Vec<Vec<Item>> = order
+            .chunks(micro)
+            .map(|c| c.iter().map(|i| train[*i].clone()).collect())
+            .collect();
+        let mut loader = Prefetcher::new(
+            batches,
+            size,
+            Transform::Augment {
+                cfg: cfg.augment.clone(),
+                seed: cfg.train.seed,
+                epoch: epoch as u64,
+            },
+            2 * per_step,
+        );
         for (k, step_items) in order.chunks(micro * per_step).enumerate() {
             let mut mbs = vec![];
-            for chunk in step_items.chunks(micro) {
-                let items: Vec<&Item> = chunk.iter().map(|i| train[*i]).collect();
+            for _ in step_items.chunks(micro) {
+                let loaded = loader
+                    .next()
+                    .ok_or_else(|| Error::Msg("loader stopped early".into()))??;
+                let (items, pixel_values) = loaded.into_parts(size, DType::F32, device)?;
                 mbs.push(MicroBatch {
-                    pixel_values: load_pixels(
-                        &items,
-                        size,
-                        Some((cfg.train.seed, epoch as u64)),
-                        DType::F32,
-                        device,
-                    )?,
+                    pixel_values,
                     labels: items.iter().map(|i| i.label).collect(),
                     face: items.iter().map(|i| i.face.clone()).collect(),
                     env: items.iter().map(|i| i.env.clone()).collect(),
@@ -229,11 +281,23 @@ pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome>
             let l = trainer.step(&mbs)?;
             steplog.push_str(&l.to_json());
             steplog.push('\n');
-            if k % 25 == 0 || k + 1 == steps_per_epoch {
-                let done = trainer.steps() as f64;
-                let eta =
-                    (tcfg.total_steps as f64 - done) * t0.elapsed().as_secs_f64() / done.max(1.0);
-                log(&format!(
+            images_done += step_items.len();
+            let done = trainer.steps() as f64;
+            let eta = (tcfg.total_steps as f64 - done) * t0.elapsed().as_secs_f64() / done.max(1.0);
+            let shown = progress.step(&StepProgress {
+                epoch: epoch + 1,
+                epochs: cfg.epochs,
+                step: k + 1,
+                steps: steps_per_epoch,
+                images_done,
+                images_total: train.len() * cfg.epochs,
+                loss: l.total,
+                l_c: l.l_c,
+                images_per_sec: images_done as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                eta_s: eta,
+            });
+            if !shown && (k % 25 == 0 || k + 1 == steps_per_epoch) {
+                progress.line(&format!(
                     "epoch {}/{} step {}/{}: loss {:.4} (L_C {:.4}), {:.0} img/s, ETA {:.0}s",
                     epoch + 1,
                     cfg.epochs,
@@ -251,7 +315,13 @@ pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome>
         } else {
             let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
             report::report(
-                &crate::demo::predict_items(&trainer.model, &class_u, &val, 128)?,
+                &crate::eval::predict::predict_items(
+                    &trainer.model,
+                    &class_u,
+                    &val,
+                    128,
+                    &Transform::None,
+                )?,
                 &[],
             )
             .overall
@@ -269,7 +339,7 @@ pub fn train(cfg: &RunConfig, mut log: impl FnMut(&str)) -> Result<TrainOutcome>
         }
         std::fs::write(cfg.out.join("train_log.jsonl"), &steplog)
             .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
-        log(&format!(
+        progress.line(&format!(
             "epoch {}: validation AUC {:.4}{}",
             epoch + 1,
             metric,

@@ -131,3 +131,37 @@ fn cli_prints_one_array_per_line() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/t.txt"));
 }
+
+/// Trimming a batch to its longest text leaves every text embedding unchanged (causal mask,
+/// pooling at EOT), and the width is the longest text's, not the context.
+#[test]
+fn longest_padding_gives_the_same_embeddings() {
+    use sd2::{DType, Device};
+    let cfg = sd2::demo::tiny_clip_config();
+    let clip = sd2::clip::ClipModel::random(&cfg, DType::F32, Device::Cpu, 7).unwrap();
+    let tk = ClipTokenizer::openai().unwrap();
+    let texts = [
+        "a photo",
+        "an older person with long grey hair, smiling",
+        "x",
+    ];
+    let ctx = cfg.text_config.max_position_embeddings;
+    let full = tk.tokenize_batch(&texts, ctx, Device::Cpu).unwrap();
+    let short = tk.tokenize_batch_longest(&texts, ctx, Device::Cpu).unwrap();
+    let longest = texts
+        .iter()
+        .map(|t| tk.encode(t).unwrap().len() + 2)
+        .max()
+        .unwrap();
+    assert_eq!(short.dims(), &[3, longest]);
+    assert!(longest < ctx);
+    let a = clip.text_embeds(&full).unwrap().to_vec::<f32>().unwrap();
+    let b = clip.text_embeds(&short).unwrap().to_vec::<f32>().unwrap();
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    println!("text_embeds full vs longest: worst abs diff {worst:e} (tol 1e-6)");
+    assert!(worst <= 1e-6, "worst {worst}");
+}

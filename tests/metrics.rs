@@ -66,6 +66,23 @@ fn matches_sklearn() {
                 "{name}: tpr"
             );
         }
+        if let Some(prec) = c["precision"].as_array() {
+            let (p, r) = pr_curve(&scores, &fake);
+            let wp: Vec<f64> = prec.iter().map(num).collect();
+            let wr: Vec<f64> = c["recall"].as_array().unwrap().iter().map(num).collect();
+            assert_eq!(p.len(), wp.len(), "{name}: PR points");
+            let worst = p
+                .iter()
+                .zip(&wp)
+                .chain(r.iter().zip(&wr))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            println!(
+                "{name} PR curve: worst |diff| {worst:e} over {} points",
+                p.len()
+            );
+            assert!(worst < 1e-12, "{name}: PR curve");
+        }
     }
     let c = &v["confusion"];
     let truth: Vec<usize> = c["truth"]
@@ -117,4 +134,52 @@ fn thresholds_videos_and_edge_cases() {
     assert!((vs[0] - 0.2).abs() < 1e-12 && (vs[1] - 0.625).abs() < 1e-12);
     assert!(roc_auc(&[], &[]).is_nan() && accuracy_at(&[], &[], 0.5).is_nan());
     assert!(eer(&[0.4], &[true]).is_nan());
+}
+
+/// The linear probe's logistic regression lands on sklearn's optimum (C = 1 and 0.1), with the
+/// objective's gradient ≈ 0 there.
+#[test]
+fn probe_matches_sklearn_logistic_regression() {
+    use sd2::eval::probe::{fit, objective_grad};
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/metrics_cases.json"
+    ))
+    .unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let lr = &v["logreg"];
+    let x: Vec<Vec<f64>> = lr["x"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(num).collect())
+        .collect();
+    let y: Vec<bool> = lr["y"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_i64() == Some(1))
+        .collect();
+    for f in lr["fits"].as_array().unwrap() {
+        let c = num(&f["c"]);
+        let m = fit(&x, &y, c).unwrap();
+        let want: Vec<f64> = f["coef"].as_array().unwrap().iter().map(num).collect();
+        let mut worst = (m.b - num(&f["intercept"])).abs();
+        for (a, b) in m.w.iter().zip(&want) {
+            worst = worst.max((a - b).abs());
+        }
+        let g = objective_grad(&m, &x, &y, c)
+            .iter()
+            .map(|v| v.abs())
+            .fold(0.0, f64::max);
+        println!(
+            "C={c}: worst |w - sklearn| {worst:e} (tol 1e-6), max |grad| {g:e}, {} iterations",
+            m.iterations
+        );
+        assert!(worst < 1e-6, "C={c}: {worst}");
+        assert!(g < 1e-8, "C={c}: gradient {g}");
+    }
+    // One class only: a clear error, not a panic.
+    let err = fit(&x, &vec![true; x.len()], 1.0).unwrap_err().to_string();
+    assert!(err.contains("both real and fake"), "{err}");
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/metrics_cases.json: detection metrics computed by scikit-learn
-(roc_auc_score, average_precision_score, roc_curve(drop_intermediate=False), confusion_matrix)
+(roc_auc_score, average_precision_score, roc_curve(drop_intermediate=False), precision_recall_curve,
+confusion_matrix, and LogisticRegression for the linear probe)
 on score/label sets with ties, perfect and reversed separation, all-tied scores and single-class
 inputs (where sklearn raises, the expected value is null: sd2 returns NaN). EER and TPR@1%FPR
 are computed here from sklearn's ROC curve with the definitions documented in
@@ -13,7 +14,9 @@ import os
 
 import numpy as np
 import sklearn
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score,
+                             roc_curve)
 
 OUT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "fixtures",
                                     "metrics_cases.json"))
@@ -36,6 +39,11 @@ def case(name, scores, labels):
     two = len(set(labels.tolist())) == 2
     c["auc"] = float(roc_auc_score(labels, scores)) if two else None
     c["ap"] = float(average_precision_score(labels, scores)) if labels.sum() > 0 else None
+    if labels.sum() > 0:
+        prec, rec, _ = precision_recall_curve(labels, scores)
+        c["precision"], c["recall"] = prec.tolist(), rec.tolist()
+    else:
+        c["precision"] = c["recall"] = None
     if two:
         fpr, tpr, thr = roc_curve(labels, scores, drop_intermediate=False)
         c["fpr"], c["tpr"] = fpr.tolist(), tpr.tolist()
@@ -67,8 +75,17 @@ def main():
     conf = {"truth": truth.tolist(), "pred": pred.tolist(),
             "matrix": confusion_matrix(truth, pred, labels=list(range(5))).tolist(),
             "accuracy": float((truth == pred).mean())}
+    # The linear probe: L2 logistic regression on overlapping classes (C=1 and C=0.1).
+    x = rng.normal(size=(240, 6))
+    y = (x @ np.array([1.0, -2.0, 0.5, 0.0, 0.3, 1.5]) + 0.4 + rng.normal(size=240) > 0).astype(int)
+    probes = []
+    for c in (1.0, 0.1):
+        m = LogisticRegression(C=c, tol=1e-12, max_iter=100000).fit(x, y)
+        probes.append({"c": c, "coef": m.coef_[0].tolist(), "intercept": float(m.intercept_[0])})
+    logreg = {"x": x.tolist(), "y": y.tolist(), "fits": probes}
     with open(OUT, "w") as f:
-        json.dump({"source": f"scikit-learn {sklearn.__version__}", "cases": cases, "confusion": conf}, f)
+        json.dump({"source": f"scikit-learn {sklearn.__version__}", "cases": cases, "confusion": conf,
+                   "logreg": logreg}, f)
     print(len(cases), "cases written")
 
 

@@ -205,4 +205,33 @@ impl ClipTokenizer {
         }
         Tensor::from_vec(all, (texts.len(), context), device)
     }
+
+    /// Like `tokenize_batch`, but only as wide as the longest text (≤ `context`). The text tower
+    /// is causal and pools at the EOT token, so the padding after the last EOT cannot change an
+    /// embedding; dropping it saves most of the text tower's work on short descriptions.
+    pub fn tokenize_batch_longest(
+        &self,
+        texts: &[&str],
+        context: usize,
+        device: Device,
+    ) -> Result<Tensor> {
+        let rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| self.tokenize(t, context))
+            .collect::<Result<_>>()?;
+        let width = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .position(|&v| v == self.eot)
+                    .map_or(context, |p| p + 1)
+            })
+            .max()
+            .unwrap_or(2);
+        let all: Vec<i64> = rows
+            .iter()
+            .flat_map(|r| r[..width].iter().map(|&v| v as i64))
+            .collect();
+        Tensor::from_vec(all, (texts.len(), width), device)
+    }
 }

@@ -1,63 +1,142 @@
-//! Turning manifest items into model input: parallel decode (rayon) and CLIP preprocessing,
-//! with train-time augmentations deterministic per (seed, epoch, index).
+//! Turning manifest items into model input: parallel decode (rayon), train-time augmentation
+//! (deterministic per seed, epoch and manifest line) and CLIP preprocessing, with a bounded
+//! prefetch queue so the next batches are decoded while the model trains on this one.
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+
 use rayon::prelude::*;
 
+use super::augment::{self, AugmentConfig, Perturb};
 use super::manifest::Item;
-use crate::clip::preprocess::{decode_image, preprocess, RgbImage};
-use crate::rng::{mix64, Rng};
+use crate::clip::preprocess::{decode_image, preprocess};
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// Train-time augmentation of one image (SD2-SPEC §5, the subset implemented so far): horizontal
-/// flip (p 0.5) and brightness/contrast ±0.1 (p 0.5).
-pub fn augment(img: &mut RgbImage, seed: u64, epoch: u64, index: u64) {
-    let mut r = Rng::new(mix64(
-        seed ^ mix64(epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ index),
-    ));
-    let (w, h) = (img.width, img.height);
-    if r.uniform() < 0.5 {
-        for y in 0..h {
-            for x in 0..w / 2 {
-                for c in 0..3 {
-                    img.data
-                        .swap((y * w + x) * 3 + c, (y * w + (w - 1 - x)) * 3 + c);
-                }
-            }
-        }
-    }
-    if r.uniform() < 0.5 {
-        let b = (r.uniform() * 0.2 - 0.1) as f32;
-        let k = 1.0 + (r.uniform() * 0.2 - 0.1) as f32;
-        let mean = img.data.iter().map(|v| *v as f32).sum::<f32>() / img.data.len().max(1) as f32;
-        for v in img.data.iter_mut() {
-            *v = ((*v as f32 - mean) * k + mean + b * 255.0)
-                .clamp(0.0, 255.0)
-                .round() as u8;
-        }
-    }
+/// What happens to each image between decoding and preprocessing.
+#[derive(Clone, Debug, Default)]
+pub enum Transform {
+    #[default]
+    None,
+    /// Training: augmentations seeded by (seed, epoch, manifest line).
+    Augment {
+        cfg: AugmentConfig,
+        seed: u64,
+        epoch: u64,
+    },
+    /// Evaluation under a degradation.
+    Perturb(Perturb),
 }
 
-/// Pixel values [N, 3, size, size] for `items`; `augment` is Some((seed, epoch)) in training.
-/// A decode failure names the manifest line.
-pub fn load_pixels(
-    items: &[&Item],
-    size: usize,
-    augment_with: Option<(u64, u64)>,
-    dtype: DType,
-    device: Device,
-) -> Result<Tensor> {
+/// Normalized pixels [N·3·size·size] (host memory) for `items`. A decode failure names the
+/// manifest line.
+pub fn load_host(items: &[Item], size: usize, t: &Transform) -> Result<Vec<f32>> {
     let parts: Vec<Vec<f32>> = items
         .par_iter()
         .map(|it| {
-            let mut img = decode_image(&it.path)
-                .map_err(|e| Error::Msg(format!("manifest line {}: {e}", it.line)))?;
-            if let Some((seed, epoch)) = augment_with {
-                augment(&mut img, seed, epoch, it.line as u64);
+            let line = |e: Error| Error::Msg(format!("manifest line {}: {e}", it.line));
+            let mut img = decode_image(&it.path).map_err(line)?;
+            match t {
+                Transform::None => {}
+                Transform::Augment { cfg, seed, epoch } => {
+                    let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
+                    augment::augment(&mut img, cfg, &mut r).map_err(line)?;
+                }
+                Transform::Perturb(p) => p.apply(&mut img).map_err(line)?,
             }
             Ok(preprocess(&img, size))
         })
         .collect::<Result<_>>()?;
-    let flat: Vec<f32> = parts.into_iter().flatten().collect();
-    Tensor::from_vec(flat, (items.len(), 3, size, size), Device::Cpu)?
+    Ok(parts.into_iter().flatten().collect())
+}
+
+fn to_tensor(
+    flat: Vec<f32>,
+    n: usize,
+    size: usize,
+    dtype: DType,
+    device: Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(flat, (n, 3, size, size), Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)
+}
+
+/// Pixel values [N, 3, size, size] for `items`.
+pub fn load_pixels(
+    items: &[&Item],
+    size: usize,
+    t: &Transform,
+    dtype: DType,
+    device: Device,
+) -> Result<Tensor> {
+    let owned: Vec<Item> = items.iter().map(|i| (*i).clone()).collect();
+    to_tensor(
+        load_host(&owned, size, t)?,
+        items.len(),
+        size,
+        dtype,
+        device,
+    )
+}
+
+/// One decoded batch from the prefetcher.
+pub struct Loaded {
+    pub items: Vec<Item>,
+    pub pixels: Vec<f32>,
+}
+
+impl Loaded {
+    /// The items and their pixels as a [N, 3, size, size] tensor.
+    pub fn into_parts(
+        self,
+        size: usize,
+        dtype: DType,
+        device: Device,
+    ) -> Result<(Vec<Item>, Tensor)> {
+        let n = self.items.len();
+        Ok((self.items, to_tensor(self.pixels, n, size, dtype, device)?))
+    }
+}
+
+/// Decodes a fixed sequence of batches on a background thread, at most `depth` batches ahead.
+/// Dropping it stops the thread after the batch in progress.
+pub struct Prefetcher {
+    rx: Option<Receiver<Result<Loaded>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    pub fn new(batches: Vec<Vec<Item>>, size: usize, t: Transform, depth: usize) -> Prefetcher {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let handle = std::thread::spawn(move || {
+            for items in batches {
+                let r = load_host(&items, size, &t).map(|pixels| Loaded { items, pixels });
+                let failed = r.is_err();
+                // A closed channel means the consumer is gone: stop quietly.
+                if tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Prefetcher {
+            rx: Some(rx),
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Iterator for Prefetcher {
+    type Item = Result<Loaded>;
+    fn next(&mut self) -> Option<Result<Loaded>> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        // Closing the receiver makes the producer's next send fail, so it exits.
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }

@@ -1,4 +1,6 @@
-//! Data: manifests (`manifest`) and the synthetic forgery benchmark (`synth`).
+//! Data: manifests (`manifest`), loading with augmentation (`loader`, `augment`) and the
+//! synthetic forgery benchmark (`synth`).
+pub mod augment;
 pub mod loader;
 pub mod manifest;
 pub mod synth;

@@ -1,14 +1,20 @@
 //! A synthetic forgery benchmark with known truth (`sd2 synth`). Real images are procedurally
-//! drawn faces on backgrounds; the four forgery types leave traces like the real mechanisms:
-//! - FS: the inner face of another identity blended in with a feathered seam and a colour mismatch;
+//! drawn faces on backgrounds, "captured" by a camera (lighting, colour cast, sensor noise) and
+//! JPEG-compressed. Forgeries are made the way real pipelines make them: the captured image is
+//! manipulated afterwards, so the manipulated pixels lack the camera's noise, are resampled when
+//! put in place and do not quite match the surrounding light:
+//! - FS: the inner face of another identity (own skin tone and lighting) blended in with a
+//!   feathered seam;
 //! - FR: the same identity with the mouth/eye region re-rendered, locally warped and resampled;
-//! - EFS: the whole image from a "generator": half resolution, checkerboard upsampling, over-smooth;
-//! - FE: one attribute (hair colour, glasses, lip colour) edited inside a soft mask.
+//! - EFS: the whole image from a "generator": half resolution, checkerboard upsampling,
+//!   over-smooth, no sensor noise;
+//! - FE: one attribute (hair colour, glasses, lip colour) re-synthesized inside a soft mask.
 //!
 //! Every image gets a face and an environment description written from its parameters. Sources
-//! differ in background, camera (noise, colour cast) and JPEG quality; in the training sources the
-//! forgery type correlates with the background style (a shortcut), the test sources break that.
-//! Frames come in "videos" of 4 sharing identity and scene. Deterministic from the seed.
+//! differ in background, camera (noise, colour cast) and JPEG quality; three quarters of the
+//! videos come from the three training sources, where the forgery type correlates with the
+//! background style (a shortcut); the two test sources break that. Frames come in "videos" of 4
+//! sharing identity and scene. Deterministic from the seed.
 // Pixel code indexes the three channels side by side.
 #![allow(clippy::needless_range_loop)]
 
@@ -234,6 +240,22 @@ impl Canvas {
     }
 }
 
+/// The colour/brightness mismatch of a re-rendered region with its surroundings: a gain of
+/// 1 ± (0.04–0.10) shared by the channels, plus a per-channel tint of up to ±0.02.
+fn mismatch(r: &mut Rng) -> [f32; 3] {
+    let g = 0.04 + 0.06 * r.uniform() as f32;
+    let g = if r.uniform() < 0.5 { 1.0 - g } else { 1.0 + g };
+    [0, 1, 2].map(|_| g + 0.04 * (r.uniform() as f32 - 0.5))
+}
+
+fn tint(c: &mut Canvas, t: [f32; 3]) {
+    for p in c.px.iter_mut() {
+        for k in 0..3 {
+            p[k] *= t[k];
+        }
+    }
+}
+
 /// A soft elliptical mask.
 fn ellipse_mask(s: usize, cx: f32, cy: f32, rx: f32, ry: f32, feather: f32) -> Vec<f32> {
     let sf = s as f32;
@@ -363,9 +385,15 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
     let mut fr = Rng::new(mix64(
         seed ^ 0xf00d ^ (index as u64).wrapping_mul(0xd1b5_4a32_d192_ed03),
     ));
-    let src = &SOURCES[vr.below(SOURCES.len())];
+    // Three quarters of the videos come from the training sources, a quarter from the test ones.
+    let src = if vr.uniform() < 0.75 {
+        &SOURCES[vr.below(3)]
+    } else {
+        &SOURCES[3 + vr.below(2)]
+    };
     let label = vr.below(5);
-    // Shortcut in the training sources: background style follows the class (80% by default).
+    // Shortcut in the training sources: background style follows the class (`shortcut`, 50% by
+    // default; otherwise uniform, so 60% of training images share their class's background).
     let style = if !src.test && vr.uniform() < shortcut {
         label
     } else {
@@ -377,28 +405,70 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
     let mut bg_rng = Rng::new(vr.next_u64());
     background(&mut c, style, &mut bg_rng);
     let mut described = face.clone();
+    // The camera: lighting gradient and colour cast, then sensor noise. Real images and the
+    // untouched parts of FS/FR/FE are captured; the manipulated pixels are rendered afterwards by
+    // a "generator" that imitates the lighting but carries no sensor noise, and are resampled
+    // when put in place — the noise inconsistency real face-forgery pipelines leave behind.
+    let light = 0.85 + 0.3 * vr.uniform() as f32;
+    let dir = vr.uniform() as f32 - 0.5;
+    let lit = |c: &mut Canvas| {
+        let n = c.s;
+        for y in 0..n {
+            for x in 0..n {
+                let l = light * (1.0 + dir * 0.3 * (x as f32 / n as f32 - 0.5));
+                let p = &mut c.px[y * n + x];
+                for k in 0..3 {
+                    p[k] *= l * src.cast[k];
+                }
+            }
+        }
+    };
+    let capture = |c: &mut Canvas, r: &mut Rng| {
+        lit(c);
+        for p in c.px.iter_mut() {
+            for v in p.iter_mut() {
+                *v += src.noise * r.normal() as f32;
+            }
+        }
+    };
+    let blend = |c: &mut Canvas, other: &Canvas, mask: &[f32]| {
+        for (i, m) in mask.iter().enumerate() {
+            let p = &mut c.px[i];
+            for k in 0..3 {
+                p[k] = p[k] * (1.0 - m) + other.px[i][k] * m;
+            }
+        }
+    };
+    let all = vec![1.0; size * size];
     match label {
-        0 => draw_face(&mut c, &face, expr),
+        0 => {
+            draw_face(&mut c, &face, expr);
+            capture(&mut c, &mut fr);
+        }
         1 => {
-            // FS: another identity's inner face with its own skin tone, feathered in, offset.
+            // FS: another identity's inner face with its own skin tone and lighting, resampled
+            // into place and feathered in, slightly offset.
             draw_face(&mut c, &face, expr);
             let mut other = Face::random(&mut vr);
             other.hair = face.hair;
             let mut donor = Canvas::new(size, face.skin);
             donor.ellipse(0.5, 0.52, 0.2, 0.25, other.skin.map(|v| v * 1.15), 1.0);
             draw_inner(&mut donor, &other, other.smile);
+            capture(&mut c, &mut fr);
+            lit(&mut donor);
+            let tone = 0.92 + 0.16 * vr.uniform() as f32;
+            for p in donor.px.iter_mut() {
+                *p = p.map(|v| v * tone);
+            }
+            donor.blur_region(&all, 1);
             let dx = (vr.uniform() as f32 - 0.5) * 0.02;
             let mask = ellipse_mask(size, 0.5 + dx, 0.53, 0.17, 0.21, 0.12);
-            for (i, m) in mask.iter().enumerate() {
-                let p = &mut c.px[i];
-                for k in 0..3 {
-                    p[k] = p[k] * (1.0 - m) + donor.px[i][k] * m;
-                }
-            }
+            blend(&mut c, &donor, &mask);
             described.skin = other.skin;
         }
         2 => {
-            // FR: same identity, expression re-rendered in the mouth/eye region, warped and blurred.
+            // FR: same identity, expression re-rendered in the mouth/eye region, warped and
+            // resampled.
             draw_face(&mut c, &face, expr);
             let new_expr = -face.smile + (vr.uniform() as f32 - 0.5) * 0.06;
             let mut re = Canvas {
@@ -406,33 +476,35 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
                 px: c.px.clone(),
             };
             draw_inner(&mut re, &face, new_expr);
-            let mask = ellipse_mask(size, 0.5, 0.6, 0.14, 0.1, 0.3);
+            capture(&mut c, &mut fr);
+            lit(&mut re);
+            tint(&mut re, mismatch(&mut vr));
             let s = size as f32;
+            let mut warped = Canvas {
+                s: size,
+                px: re.px.clone(),
+            };
             for y in 0..size {
                 for x in 0..size {
-                    let m = mask[y * size + x];
-                    if m > 0.0 {
-                        let wx = (x as f32 + 1.2 * (y as f32 / s * 25.0).sin()).clamp(0.0, s - 1.0)
-                            as usize;
-                        let (src, dst) = (re.px[y * size + wx], &mut c.px[y * size + x]);
-                        for k in 0..3 {
-                            dst[k] = src[k] * m + dst[k] * (1.0 - m);
-                        }
-                    }
+                    let wx =
+                        (x as f32 + 1.2 * (y as f32 / s * 25.0).sin()).clamp(0.0, s - 1.0) as usize;
+                    warped.px[y * size + x] = re.px[y * size + wx];
                 }
             }
-            c.blur_region(&mask, 1);
+            warped.blur_region(&all, 1);
+            let mask = ellipse_mask(size, 0.5, 0.56, 0.24, 0.2, 0.3);
+            blend(&mut c, &warped, &mask);
             described.smile = new_expr;
         }
         3 => {
-            // EFS: rendered at half resolution, upsampled with a checkerboard, over-smooth.
+            // EFS: the whole image from a generator: half resolution, checkerboard upsampling,
+            // over-smooth, no sensor noise.
             let half = (size / 2).max(1);
             let mut g = Canvas::new(half, [0.5; 3]);
             let mut bg2 = Rng::new(bg_rng.next_u64());
             background(&mut g, style, &mut bg2);
             draw_face(&mut g, &face, expr);
-            let full = vec![1.0; half * half];
-            g.blur_region(&full, 1);
+            g.blur_region(&vec![1.0; half * half], 1);
             for y in 0..size {
                 for x in 0..size {
                     let p = g.px[(y / 2).min(half - 1) * half + (x / 2).min(half - 1)];
@@ -440,49 +512,37 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
                     c.px[y * size + x] = p.map(|v| v * cb);
                 }
             }
+            lit(&mut c);
         }
         _ => {
-            // FE: one attribute edited inside a soft mask.
+            // FE: one attribute re-synthesized inside a soft mask.
             draw_face(&mut c, &face, expr);
+            capture(&mut c, &mut fr);
             let edit = vr.below(3);
             let mut edited = face.clone();
             let mask = match edit {
                 0 => {
                     edited.hair = (face.hair + 1 + vr.below(4)) % HAIR.len();
-                    ellipse_mask(size, 0.5, 0.34, 0.26, 0.14, 0.3)
+                    ellipse_mask(size, 0.5, 0.34, 0.3, 0.18, 0.3)
                 }
                 1 => {
                     edited.glasses = !face.glasses;
-                    ellipse_mask(size, 0.5, 0.47, 0.3, 0.09, 0.3)
+                    ellipse_mask(size, 0.5, 0.47, 0.32, 0.12, 0.3)
                 }
                 _ => {
                     edited.lip = [0.85, 0.1 + 0.3 * vr.uniform() as f32, 0.5];
-                    ellipse_mask(size, 0.5, 0.66, 0.12, 0.05, 0.4)
+                    ellipse_mask(size, 0.5, 0.65, 0.18, 0.1, 0.4)
                 }
             };
             let mut e = Canvas::new(size, [0.5; 3]);
             let mut bg3 = Rng::new(mix64(bg_rng.state()));
             background(&mut e, style, &mut bg3);
             draw_face(&mut e, &edited, expr);
-            for (i, m) in mask.iter().enumerate() {
-                let p = &mut c.px[i];
-                for k in 0..3 {
-                    p[k] = p[k] * (1.0 - m) + e.px[i][k] * m;
-                }
-            }
+            lit(&mut e);
+            tint(&mut e, mismatch(&mut vr));
+            e.blur_region(&all, 1);
+            blend(&mut c, &e, &mask);
             described = edited;
-        }
-    }
-    // Camera: lighting gradient, colour cast, sensor noise; then JPEG.
-    let light = 0.85 + 0.3 * vr.uniform() as f32;
-    let dir = vr.uniform() as f32 - 0.5;
-    for y in 0..size {
-        for x in 0..size {
-            let l = light * (1.0 + dir * 0.3 * (x as f32 / size as f32 - 0.5));
-            let p = &mut c.px[y * size + x];
-            for k in 0..3 {
-                p[k] = p[k] * l * src.cast[k] + src.noise * fr.normal() as f32;
-            }
         }
     }
     let q = src.jpeg.0 + (fr.uniform() * (src.jpeg.1 - src.jpeg.0) as f64) as u8;
@@ -519,7 +579,7 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
 }
 
 /// Probability that a training-source image's background follows its class.
-pub const DEFAULT_SHORTCUT: f64 = 0.8;
+pub const DEFAULT_SHORTCUT: f64 = 0.5;
 
 /// Writes `n` images (`images/NNNNNN.png`) and `manifest.jsonl` into `out`.
 pub fn generate(out: &Path, n: usize, size: usize, seed: u64) -> Result<Manifest> {

@@ -38,6 +38,36 @@ pub fn roc_curve(scores: &[f64], fake: &[bool]) -> (Vec<f64>, Vec<f64>, Vec<f64>
     (fpr, tpr, thr)
 }
 
+/// Precision–recall curve as sklearn's `precision_recall_curve` (≥ 1.3, `drop_intermediate`
+/// off): one point per distinct score, in increasing score order, then the (recall 0,
+/// precision 1) end point. Returns (precision, recall).
+/// Empty without positives.
+pub fn pr_curve(scores: &[f64], fake: &[bool]) -> (Vec<f64>, Vec<f64>) {
+    let (p, _) = counts(fake);
+    if p == 0 {
+        return (vec![], vec![]);
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
+    let (mut prec, mut rec) = (vec![], vec![]);
+    let (mut tp, mut seen, mut i) = (0usize, 0usize, 0);
+    while i < idx.len() {
+        let s = scores[idx[i]];
+        while i < idx.len() && scores[idx[i]] == s {
+            tp += fake[idx[i]] as usize;
+            seen += 1;
+            i += 1;
+        }
+        prec.push(tp as f64 / seen as f64);
+        rec.push(tp as f64 / p as f64);
+    }
+    prec.reverse();
+    rec.reverse();
+    prec.push(1.0);
+    rec.push(0.0);
+    (prec, rec)
+}
+
 fn counts(fake: &[bool]) -> (usize, usize) {
     let p = fake.iter().filter(|f| **f).count();
     (p, fake.len() - p)

@@ -1,3 +1,7 @@
-//! Evaluation: detection metrics (`metrics`).
+//! Evaluation: detection metrics (`metrics`), scoring a manifest (`predict`), reports and
+//! plots (`report`).
 pub mod metrics;
+pub mod plot;
+pub mod predict;
+pub mod probe;
 pub mod report;

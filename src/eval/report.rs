@@ -56,6 +56,32 @@ pub struct Report {
     pub per_type: BTreeMap<String, f64>,
     pub mauc: f64,
     pub confusion: Vec<Vec<usize>>,
+    /// `sd2 eval --perturb`: the same test set under each degradation, in the order given.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub perturb: Vec<PerturbResult>,
+}
+
+/// The headline numbers under one degradation (the threshold is still the clean validation one).
+#[derive(Clone, Debug, Serialize)]
+pub struct PerturbResult {
+    /// `jpeg:70`, `blur:2`, …
+    pub name: String,
+    pub auc: f64,
+    pub ap: f64,
+    pub mauc: f64,
+    pub acc_threshold: f64,
+}
+
+impl PerturbResult {
+    pub fn from_report(name: String, r: &Report) -> PerturbResult {
+        PerturbResult {
+            name,
+            auc: r.overall.auc,
+            ap: r.overall.ap,
+            mauc: r.mauc,
+            acc_threshold: r.overall.acc_threshold,
+        }
+    }
 }
 
 pub fn summarize(p: &[&Pred], threshold: f64) -> Summary {
@@ -143,6 +169,7 @@ pub fn report(test: &[Pred], val: &[Pred]) -> Report {
         per_type,
         mauc,
         confusion: conf,
+        perturb: vec![],
     }
 }
 
@@ -152,7 +179,8 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
 }
 
-/// `dir/metrics.json` and `dir/predictions.jsonl`.
+/// `dir/metrics.json`, `dir/predictions.jsonl` and the figures `roc.png`, `pr.png`,
+/// `confusion.png`.
 pub fn write(dir: &Path, report: &Report, preds: &[Pred]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
     let json = serde_json::to_string_pretty(report).map_err(|e| Error::Msg(e.to_string()))?;
@@ -162,7 +190,10 @@ pub fn write(dir: &Path, report: &Report, preds: &[Pred]) -> Result<()> {
         lines.push_str(&serde_json::to_string(p).map_err(|e| Error::Msg(e.to_string()))?);
         lines.push('\n');
     }
-    write_atomic(&dir.join("predictions.jsonl"), &lines)
+    write_atomic(&dir.join("predictions.jsonl"), &lines)?;
+    super::plot::roc_png(&dir.join("roc.png"), preds)?;
+    super::plot::pr_png(&dir.join("pr.png"), preds)?;
+    super::plot::confusion_png(&dir.join("confusion.png"), &report.confusion)
 }
 
 /// A console table: one row per source, then the overall row and mAUC.
@@ -192,5 +223,17 @@ pub fn table(r: &Report) -> String {
         types.join(", "),
         r.overall.acc_5class
     ));
+    if !r.perturb.is_empty() {
+        out.push_str(&format!(
+            "{:<14} {:>7} {:>7} {:>7} {:>8}\n",
+            "perturbation", "AUC", "AP", "mAUC", "ACC@thr"
+        ));
+        for p in &r.perturb {
+            out.push_str(&format!(
+                "{:<14} {:>7.4} {:>7.4} {:>7.4} {:>8.4}\n",
+                p.name, p.auc, p.ap, p.mauc, p.acc_threshold
+            ));
+        }
+    }
     out
 }

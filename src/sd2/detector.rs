@@ -36,8 +36,11 @@ pub fn class_embeddings(
 ) -> Result<Tensor> {
     let _g = no_grad();
     let ctx = model.clip.config.text_config.max_position_embeddings;
-    let ids =
-        tokenizer.tokenize_batch(&texts.test_phrases(), ctx, model.clip.logit_scale.device())?;
+    let ids = tokenizer.tokenize_batch_longest(
+        &texts.test_phrases(),
+        ctx,
+        model.clip.logit_scale.device(),
+    )?;
     model.text_features(&ids, Fwd::default())?.l2_normalize()
 }
 

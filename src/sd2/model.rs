@@ -202,8 +202,10 @@ impl Sd2Model {
         };
         texts.extend(face.iter());
         texts.extend(env.iter());
+        let texts = pad_ids_to_common_width(&texts)?;
+        let refs: Vec<&Tensor> = texts.iter().collect();
         let all = self
-            .text_features(&Tensor::cat(&texts, 0)?, fwd)?
+            .text_features(&Tensor::cat(&refs, 0)?, fwd)?
             .l2_normalize()?;
         let u = all.narrow(0, 0, 5)?;
         let l_c = ops::cross_entropy(&self.logits(&f, &u)?, &batch.labels)?;
@@ -253,5 +255,32 @@ impl Sd2Model {
 fn eye5() -> Vec<f64> {
     (0..25)
         .map(|i| if i / 5 == i % 5 { 1.0 } else { 0.0 })
+        .collect()
+}
+
+/// Token-id batches of different widths (each trimmed to its longest text) padded with 0 to the
+/// widest, so they run through the text tower as one batch. Padding after EOT changes nothing
+/// (causal mask, pooling at EOT).
+fn pad_ids_to_common_width(ids: &[&Tensor]) -> Result<Vec<Tensor>> {
+    if let Some(t) = ids.iter().find(|t| t.rank() != 2) {
+        return Err(Error::shape(
+            "sd2 losses",
+            format!("token ids {:?}, expected [N, S]", t.dims()),
+        ));
+    }
+    let width = ids.iter().map(|t| t.dims()[1]).max().unwrap_or(0);
+    ids.iter()
+        .map(|t| {
+            let (m, w) = (t.dims()[0], t.dims()[1]);
+            if w == width {
+                return Ok((*t).clone());
+            }
+            let host = t.to_vec::<i64>()?;
+            let mut out = vec![0i64; m * width];
+            for r in 0..m {
+                out[r * width..r * width + w].copy_from_slice(&host[r * w..(r + 1) * w]);
+            }
+            Tensor::from_vec(out, (m, width), t.device())
+        })
         .collect()
 }

@@ -33,6 +33,10 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub clip_norm: f64,
     pub seed: u64,
+    /// Draw one of each class's training phrasings per step (SD2); false uses the fixed test
+    /// phrase throughout — for a text tower trained from scratch (the `tiny` preset), which has
+    /// no paraphrase knowledge to start from.
+    pub sample_type_texts: bool,
 }
 
 impl Default for TrainConfig {
@@ -49,6 +53,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             clip_norm: 1.0,
             seed: 0,
+            sample_type_texts: true,
         }
     }
 }
@@ -154,7 +159,7 @@ impl Trainer {
     fn ids(&self, texts: &[&str]) -> Result<Tensor> {
         let ctx = self.model.clip.config.text_config.max_position_embeddings;
         self.tokenizer
-            .tokenize_batch(texts, ctx, self.model.clip.logit_scale.device())
+            .tokenize_batch_longest(texts, ctx, self.model.clip.logit_scale.device())
     }
 
     /// One optimizer step over `micro` (accumulated; each micro-batch's loss weighted by its
@@ -165,7 +170,11 @@ impl Trainer {
         if total_images == 0 {
             return Err(Error::Msg("train step: no images".into()));
         }
-        let phrases = self.type_texts.sample(&mut self.rng);
+        let phrases = if self.cfg.sample_type_texts {
+            self.type_texts.sample(&mut self.rng)
+        } else {
+            self.type_texts.test_phrases()
+        };
         let type_ids = self.ids(&phrases)?;
         let dual = self.model.cfg.loss_dual;
         let device = self.model.clip.logit_scale.device();

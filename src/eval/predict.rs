@@ -1,0 +1,61 @@
+//! Scoring manifest items with a model, batch by batch, with decoding prefetched.
+use crate::data::loader::{Prefetcher, Transform};
+use crate::data::Item;
+use crate::eval::report::Pred;
+use crate::sd2::detector::predict_pixels;
+use crate::sd2::Sd2Model;
+use crate::{Result, Tensor};
+
+/// Predictions for `items` (in order) against class embeddings `class_u`, each image first
+/// passed through `transform` (`Transform::Perturb` for degraded evaluation).
+pub fn predict_items(
+    model: &Sd2Model,
+    class_u: &Tensor,
+    items: &[&Item],
+    batch: usize,
+    transform: &Transform,
+) -> Result<Vec<Pred>> {
+    let size = model.clip.config.vision_config.image_size;
+    let device = model.clip.logit_scale.device();
+    let batches: Vec<Vec<Item>> = items
+        .chunks(batch.max(1))
+        .map(|c| c.iter().map(|i| (*i).clone()).collect())
+        .collect();
+    let mut out = Vec::with_capacity(items.len());
+    for loaded in Prefetcher::new(batches, size, transform.clone(), 2) {
+        let (chunk, px) = loaded?.into_parts(size, model.dtype(), device)?;
+        for (it, p) in chunk.iter().zip(predict_pixels(model, class_u, &px)?) {
+            out.push(Pred {
+                path: it.rel_path.clone(),
+                label: it.label,
+                source: it.source.clone(),
+                video: it.video.clone(),
+                fake_score: p.fake_score,
+                probs: p.probs,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// L2-normalized SD2 image features (the vector compared with the class texts) of `items`.
+pub fn features_items(model: &Sd2Model, items: &[&Item], batch: usize) -> Result<Vec<Vec<f64>>> {
+    let _g = crate::no_grad();
+    let size = model.clip.config.vision_config.image_size;
+    let device = model.clip.logit_scale.device();
+    let batches: Vec<Vec<Item>> = items
+        .chunks(batch.max(1))
+        .map(|c| c.iter().map(|i| (*i).clone()).collect())
+        .collect();
+    let mut out = Vec::with_capacity(items.len());
+    for loaded in Prefetcher::new(batches, size, Transform::None, 2) {
+        let (chunk, px) = loaded?.into_parts(size, model.dtype(), device)?;
+        let f = model
+            .image_features(&px, crate::clip::model::Fwd::default())?
+            .l2_normalize()?;
+        let p = f.dims()[1];
+        let host = f.to_dtype(crate::DType::F64)?.to_vec::<f64>()?;
+        out.extend(host.chunks(p).take(chunk.len()).map(|r| r.to_vec()));
+    }
+    Ok(out)
+}
