@@ -73,8 +73,8 @@ impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
             out: PathBuf::from("sd2-demo"),
-            images: 10000,
-            epochs: 4,
+            images: 12000,
+            epochs: 6,
             batch: 32,
             lr: 1e-3,
             seed: 0,

@@ -102,9 +102,9 @@ enum Cmd {
         #[arg(long, default_value = "sd2-demo")]
         out: std::path::PathBuf,
         /// Images to synthesize (train/val/test together).
-        #[arg(long, default_value_t = 4000)]
+        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().images)]
         images: usize,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().epochs)]
         epochs: usize,
         /// How often a training image's background follows its class (0 removes the shortcut).
         #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
@@ -149,6 +149,9 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// The CUDA kernels in this build: per kernel and architecture, registers, shared memory,
+    /// stack and spills from ptxas (feature `cuda`), and which run in the simulator (`cuda-sim`).
+    Kernels,
     /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s).
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -531,6 +534,47 @@ impl sd2::run::Progress for CliProgress {
     }
 }
 
+fn kernels() -> sd2::Result<()> {
+    let res = sd2::backend::cuda::kernel_resources();
+    #[cfg(feature = "cuda-sim")]
+    let simulated = sd2::backend::cuda::sim::kernel_names();
+    #[cfg(not(feature = "cuda-sim"))]
+    let simulated: Vec<String> = vec![];
+    if res.is_empty() {
+        println!("no compiled kernels in this build (build with --features cuda and nvcc 13.0: scripts/install-cuda-toolchain.sh)");
+    } else {
+        println!(
+            "{:<14} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
+            "file", "kernel", "arch", "regs", "smem B", "stack", "spill-", "spill+", "sim"
+        );
+        for k in &res {
+            println!(
+                "{:<14} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
+                k.file,
+                k.kernel,
+                k.arch,
+                k.registers,
+                k.shared_bytes,
+                k.stack_bytes,
+                k.spill_stores,
+                k.spill_loads,
+                if simulated.contains(&k.kernel) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+        }
+    }
+    if !simulated.is_empty() {
+        println!(
+            "simulated on the CPU (feature cuda-sim): {}",
+            simulated.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn read_lines(path: &std::path::Path) -> sd2::Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
@@ -807,6 +851,7 @@ fn main() {
             seed,
             device,
         } => ablation(&out, images, epochs, shortcut, seed, &device),
+        Cmd::Kernels => kernels(),
         Cmd::Bench(BenchCmd::Loader {
             manifest,
             size,

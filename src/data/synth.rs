@@ -8,7 +8,8 @@
 //! - FR: the same identity with the mouth/eye region re-rendered, locally warped and resampled;
 //! - EFS: the whole image from a "generator": half resolution, checkerboard upsampling,
 //!   over-smooth, no sensor noise;
-//! - FE: one attribute (hair colour, glasses, lip colour) re-synthesized inside a soft mask.
+//! - FE: one attribute (hair colour, glasses, lip colour) re-synthesized at half resolution
+//!   inside a soft mask.
 //!
 //! Every image gets a face and an environment description written from its parameters. Sources
 //! differ in background, camera (noise, colour cast) and JPEG quality; three quarters of the
@@ -248,12 +249,37 @@ fn mismatch(r: &mut Rng) -> [f32; 3] {
     [0, 1, 2].map(|_| g + 0.04 * (r.uniform() as f32 - 0.5))
 }
 
+/// Applies a `mismatch` gain, with an offset of the same sign so dark regions shift too.
 fn tint(c: &mut Canvas, t: [f32; 3]) {
     for p in c.px.iter_mut() {
         for k in 0..3 {
-            p[k] *= t[k];
+            p[k] = p[k] * t[k] + 0.3 * (t[k] - 1.0);
         }
     }
+}
+
+/// An editor working at half resolution: 2×2 blocks averaged, then smoothed back up.
+fn half_res(c: &mut Canvas) {
+    let s = c.s;
+    for y in (0..s).step_by(2) {
+        for x in (0..s).step_by(2) {
+            let cells: Vec<usize> = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                .iter()
+                .filter(|(dy, dx)| y + dy < s && x + dx < s)
+                .map(|(dy, dx)| (y + dy) * s + x + dx)
+                .collect();
+            let mut m = [0.0f32; 3];
+            for &i in &cells {
+                for k in 0..3 {
+                    m[k] += c.px[i][k] / cells.len() as f32;
+                }
+            }
+            for &i in &cells {
+                c.px[i] = m;
+            }
+        }
+    }
+    c.blur_region(&vec![1.0; s * s], 1);
 }
 
 /// A soft elliptical mask.
@@ -523,15 +549,15 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
             let mask = match edit {
                 0 => {
                     edited.hair = (face.hair + 1 + vr.below(4)) % HAIR.len();
-                    ellipse_mask(size, 0.5, 0.34, 0.3, 0.18, 0.3)
+                    ellipse_mask(size, 0.5, 0.34, 0.34, 0.22, 0.3)
                 }
                 1 => {
                     edited.glasses = !face.glasses;
-                    ellipse_mask(size, 0.5, 0.47, 0.32, 0.12, 0.3)
+                    ellipse_mask(size, 0.5, 0.47, 0.34, 0.15, 0.3)
                 }
                 _ => {
                     edited.lip = [0.85, 0.1 + 0.3 * vr.uniform() as f32, 0.5];
-                    ellipse_mask(size, 0.5, 0.65, 0.18, 0.1, 0.4)
+                    ellipse_mask(size, 0.5, 0.65, 0.22, 0.13, 0.4)
                 }
             };
             let mut e = Canvas::new(size, [0.5; 3]);
@@ -540,7 +566,7 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
             draw_face(&mut e, &edited, expr);
             lit(&mut e);
             tint(&mut e, mismatch(&mut vr));
-            e.blur_region(&all, 1);
+            half_res(&mut e);
             blend(&mut c, &e, &mask);
             described = edited;
         }

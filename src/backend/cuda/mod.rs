@@ -1,0 +1,180 @@
+//! The CUDA device runtime. Tensors on `Device::Cuda` arrive with the CUDA backend issue; this
+//! module already owns the probing that must happen before cudarc is touched (cudarc panics when
+//! libcuda is missing), so `sd2 info` can say whether a GPU is usable.
+use crate::{Error, Result};
+
+/// What the driver reports about one GPU.
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub total_mem: usize,
+}
+
+/// Whether this build has the CUDA runtime compiled in.
+pub const COMPILED: bool = cfg!(feature = "cuda");
+
+#[cfg(feature = "cuda")]
+pub fn probe() -> Result<Vec<GpuInfo>> {
+    // SAFETY: only checks whether the shared library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Cuda(
+            "libcuda not found (no NVIDIA driver on this machine)".into(),
+        ));
+    }
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| Error::Cuda(format!("device count: {e}")))?;
+    let mut out = vec![];
+    for ordinal in 0..count.max(0) as usize {
+        let ctx = cudarc::driver::CudaContext::new(ordinal)
+            .map_err(|e| Error::Cuda(format!("cuda:{ordinal}: {e}")))?;
+        out.push(GpuInfo {
+            ordinal,
+            name: ctx.name().map_err(|e| Error::Cuda(e.to_string()))?,
+            total_mem: ctx.total_mem().map_err(|e| Error::Cuda(e.to_string()))?,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn probe() -> Result<Vec<GpuInfo>> {
+    Err(Error::CudaNotCompiled(0))
+}
+
+/// Checks that `cuda:ordinal` can hold tensors in this build.
+pub fn check_device(ordinal: usize) -> Result<()> {
+    if !COMPILED {
+        return Err(Error::CudaNotCompiled(ordinal));
+    }
+    let gpus = probe()?;
+    if ordinal >= gpus.len() {
+        return Err(Error::Cuda(format!(
+            "cuda:{ordinal}: only {} GPU(s) visible",
+            gpus.len()
+        )));
+    }
+    Err(Error::Cuda(format!(
+        "cuda:{ordinal}: the GPU is usable, but CUDA tensor storage is not implemented yet in this build (CUDA backend I)"
+    )))
+}
+
+#[cfg(feature = "cuda-sim")]
+pub mod sim;
+
+/// The compiled kernels (feature `cuda`): one fatbin per `kernels/*.cu` and its `ptxas -v`
+/// report.
+#[cfg(feature = "cuda")]
+pub mod compiled {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// One kernel's resources as ptxas reported them for one architecture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelResources {
+    pub file: String,
+    pub kernel: String,
+    pub arch: String,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+/// Parses `nvcc -Xptxas -v` output (the "Compiling entry function" / "Used N registers" lines).
+pub fn parse_ptxas(file: &str, report: &str) -> Vec<KernelResources> {
+    let num_before = |s: &str, unit: &str| -> u32 {
+        s.find(unit)
+            .and_then(|i| s[..i].split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out = vec![];
+    let mut cur: Option<KernelResources> = None;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            if let Some(k) = cur.take() {
+                out.push(k);
+            }
+            let kernel = rest.split('\'').next().unwrap_or("").to_string();
+            let arch = line
+                .split("for '")
+                .nth(1)
+                .and_then(|s| s.split('\'').next())
+                .unwrap_or("")
+                .to_string();
+            cur = Some(KernelResources {
+                file: file.to_string(),
+                kernel,
+                arch,
+                registers: 0,
+                shared_bytes: 0,
+                stack_bytes: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+            });
+        } else if let Some(k) = cur.as_mut() {
+            if line.contains("stack frame") {
+                k.stack_bytes = num_before(line, "bytes stack frame");
+                k.spill_stores = num_before(line, "bytes spill stores");
+                k.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                k.registers = num_before(line, "registers");
+                k.shared_bytes = num_before(line, "bytes smem");
+            }
+        }
+    }
+    out.extend(cur);
+    out
+}
+
+/// Every compiled kernel's resources (empty without the `cuda` feature).
+pub fn kernel_resources() -> Vec<KernelResources> {
+    #[cfg(feature = "cuda")]
+    {
+        compiled::KERNELS
+            .iter()
+            .flat_map(|(file, _, report)| parse_ptxas(file, report))
+            .collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        vec![]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ptxas_report_is_parsed() {
+        let report = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'layernorm_fwd_f32' for 'sm_90a'\n\
+ptxas info    : Function properties for layernorm_fwd_f32\n\
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+ptxas info    : Used 40 registers, used 1 barriers, 128 bytes smem\n\
+ptxas info    : Compiling entry function 'column_sum_f32' for 'sm_90a'\n\
+ptxas info    : Function properties for column_sum_f32\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 12 registers, used 0 barriers\n";
+        let k = super::parse_ptxas("layernorm", report);
+        assert_eq!(k.len(), 2);
+        assert_eq!(
+            (
+                k[0].kernel.as_str(),
+                k[0].arch.as_str(),
+                k[0].registers,
+                k[0].shared_bytes
+            ),
+            ("layernorm_fwd_f32", "sm_90a", 40, 128)
+        );
+        assert_eq!(
+            (k[0].stack_bytes, k[0].spill_stores, k[0].spill_loads),
+            (16, 8, 4)
+        );
+        assert_eq!(
+            (k[1].kernel.as_str(), k[1].registers, k[1].shared_bytes),
+            ("column_sum_f32", 12, 0)
+        );
+    }
+}
