@@ -425,3 +425,504 @@ fn sigmoid_loss_matches_cpu() {
         check(&format!("{name} db"), &[db_got], &want.4, 2e-5);
     }
 }
+
+fn cfg1(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid: (blocks, 1, 1),
+        block: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Sums `parts` in order with the kernel used everywhere for cross-block reductions.
+fn column_sum(parts: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; n];
+    unsafe {
+        launch(
+            "column_sum_f32",
+            cfg1((n as u32).div_ceil(32), 32),
+            &[
+                Arg::ptr(parts.as_ptr()),
+                Arg::mut_ptr(out.as_mut_ptr()),
+                Arg::I32((parts.len() / n) as i32),
+                Arg::I32(n as i32),
+            ],
+        )
+        .unwrap();
+    }
+    out
+}
+
+#[test]
+fn l2norm_matches_cpu() {
+    let (rows, cols) = (13usize, 77usize);
+    let mut x = randn(rows * cols, 31);
+    // One all-zero row exercises the clamped (eps) branch.
+    x[2 * cols..3 * cols].iter_mut().for_each(|v| *v = 0.0);
+    let dy = randn(rows * cols, 32);
+    let xt = t(&x, &[rows, cols]).into_trainable();
+    let y = xt.l2_normalize().unwrap();
+    let g = y
+        .mul(&t(&dy, &[rows, cols]))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (want_y, want_dx) = (host(&y), host(g.get(&xt).unwrap()));
+    let (mut got_y, mut norm, mut got_dx) = (
+        vec![f32::NAN; rows * cols],
+        vec![f32::NAN; rows],
+        vec![f32::NAN; rows * cols],
+    );
+    unsafe {
+        launch(
+            "l2norm_fwd_f32",
+            cfg1(4, 64),
+            &[
+                Arg::ptr(x.as_ptr()),
+                Arg::mut_ptr(got_y.as_mut_ptr()),
+                Arg::mut_ptr(norm.as_mut_ptr()),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::F32(1e-12),
+            ],
+        )
+        .unwrap();
+        launch(
+            "l2norm_bwd_f32",
+            cfg1(5, 32),
+            &[
+                Arg::ptr(got_y.as_ptr()),
+                Arg::ptr(norm.as_ptr()),
+                Arg::ptr(dy.as_ptr()),
+                Arg::mut_ptr(got_dx.as_mut_ptr()),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::F32(1e-12),
+            ],
+        )
+        .unwrap();
+    }
+    check("l2norm y", &got_y, &want_y, 1e-6);
+    // The zero row's gradient is dy / eps (1e12-scale): compare relative to magnitude.
+    check("l2norm dx", &got_dx, &want_dx, 1e-5);
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    for &(rows, cols) in &[(37usize, 5usize), (9, 77)] {
+        let z: Vec<f32> = randn(rows * cols, 41).iter().map(|v| 4.0 * v).collect();
+        let labels: Vec<i64> = (0..rows).map(|r| ((r * 7 + 3) % cols) as i64).collect();
+        let zt = t(&z, &[rows, cols]).into_trainable();
+        let lt = Tensor::from_vec(labels.clone(), rows, Device::Cpu).unwrap();
+        let loss = sd2::ops::loss::cross_entropy(&zt, &lt).unwrap();
+        let g = loss.scale(0.7).unwrap().backward().unwrap();
+        let (want_loss, want_dz) = (host(&loss), host(g.get(&zt).unwrap()));
+        let (mut part, mut lse, mut dz) = (
+            vec![f32::NAN; rows],
+            vec![f32::NAN; rows],
+            vec![f32::NAN; rows * cols],
+        );
+        let dloss = 0.7f32;
+        unsafe {
+            launch(
+                "cross_entropy_fwd_f32",
+                cfg1(3, 64),
+                &[
+                    Arg::ptr(z.as_ptr()),
+                    Arg::ptr(labels.as_ptr()),
+                    Arg::mut_ptr(part.as_mut_ptr()),
+                    Arg::mut_ptr(lse.as_mut_ptr()),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )
+            .unwrap();
+            launch(
+                "cross_entropy_bwd_f32",
+                cfg1(4, 64),
+                &[
+                    Arg::ptr(z.as_ptr()),
+                    Arg::ptr(labels.as_ptr()),
+                    Arg::ptr(lse.as_ptr()),
+                    Arg::ptr(&dloss as *const f32),
+                    Arg::mut_ptr(dz.as_mut_ptr()),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )
+            .unwrap();
+        }
+        let name = format!("cross-entropy {rows}x{cols}");
+        check(
+            &format!("{name} loss"),
+            &column_sum(&part, 1),
+            &want_loss,
+            1e-6,
+        );
+        check(&format!("{name} dz"), &dz, &want_dz, 1e-6);
+    }
+}
+
+/// Mirrors `struct AdamwChunk` in kernels/adamw.cu.
+#[repr(C)]
+struct AdamwChunk {
+    p: *mut f32,
+    g: *const f32,
+    m: *mut f32,
+    v: *mut f32,
+    begin: i64,
+    end: i64,
+    weight_decay: f32,
+    pad: f32,
+}
+
+#[test]
+fn adamw_multi_tensor_and_grad_norm_match_cpu() {
+    use sd2::backend::AdamWStep;
+    // Two tensors (one with weight decay), the larger split into pieces with a tail.
+    let sizes = [1000usize, 37];
+    let decay = [0.01f32, 0.0];
+    let mut p: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| randn(n, 50 + k as u64))
+        .collect();
+    let g: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| randn(n, 60 + k as u64))
+        .collect();
+    let mut m: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| randn(n, 70 + k as u64).iter().map(|v| 0.1 * v).collect())
+        .collect();
+    let mut v: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            randn(n, 80 + k as u64)
+                .iter()
+                .map(|x| 0.01 * x * x)
+                .collect()
+        })
+        .collect();
+    let step = |wd: f32| AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: wd as f64,
+        bias1: 1.0 - 0.9f64.powi(3),
+        bias2: 1.0 - 0.999f64.powi(3),
+        grad_scale: 0.5,
+    };
+    let mut want: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = vec![];
+    for k in 0..2 {
+        let (mut pp, mut mm, mut vv) = (p[k].clone(), m[k].clone(), v[k].clone());
+        sd2::backend::cpu::optim::adamw(&mut pp, &g[k], &mut mm, &mut vv, step(decay[k]));
+        want.push((pp, mm, vv));
+    }
+    let want_sq: f64 = g.iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum();
+    let mut chunks = vec![];
+    for k in 0..2 {
+        let mut b = 0;
+        while b < sizes[k] {
+            let e = (b + 300).min(sizes[k]);
+            chunks.push(AdamwChunk {
+                p: p[k].as_mut_ptr(),
+                g: g[k].as_ptr(),
+                m: m[k].as_mut_ptr(),
+                v: v[k].as_mut_ptr(),
+                begin: b as i64,
+                end: e as i64,
+                weight_decay: decay[k],
+                pad: 0.0,
+            });
+            b = e;
+        }
+    }
+    let mut parts = vec![f32::NAN; chunks.len()];
+    let s = step(0.0);
+    unsafe {
+        launch(
+            "sum_sq_multi_f32",
+            cfg1(2, 64),
+            &[
+                Arg::ptr(chunks.as_ptr()),
+                Arg::I32(chunks.len() as i32),
+                Arg::mut_ptr(parts.as_mut_ptr()),
+            ],
+        )
+        .unwrap();
+        launch(
+            "adamw_multi_f32",
+            cfg1(3, 64),
+            &[
+                Arg::ptr(chunks.as_ptr()),
+                Arg::I32(chunks.len() as i32),
+                Arg::F32(s.lr as f32),
+                Arg::F32(s.beta1 as f32),
+                Arg::F32(s.beta2 as f32),
+                Arg::F32(s.eps as f32),
+                Arg::F32(s.bias1 as f32),
+                Arg::F32(s.bias2 as f32),
+                Arg::F32(s.grad_scale as f32),
+            ],
+        )
+        .unwrap();
+    }
+    let got_sq: f64 = parts.iter().map(|x| *x as f64).sum();
+    check(
+        "grad sum of squares",
+        &[got_sq as f32],
+        &[want_sq as f32],
+        1e-6,
+    );
+    for k in 0..2 {
+        check(&format!("adamw tensor {k} p"), &p[k], &want[k].0, 1e-6);
+        check(&format!("adamw tensor {k} m"), &m[k], &want[k].1, 1e-6);
+        check(&format!("adamw tensor {k} v"), &v[k], &want[k].2, 1e-6);
+    }
+}
+
+#[test]
+fn gather_scatter_patchify_and_casts_match_cpu() {
+    // Embedding gather and its gradient (deterministic scatter-add, repeated ids).
+    let (vocab, cols, n) = (11usize, 24usize, 9usize);
+    let table = randn(vocab * cols, 90);
+    let ids: Vec<i64> = vec![3, 0, 10, 3, 7, 3, 1, 10, 5];
+    let tt = t(&table, &[vocab, cols]).into_trainable();
+    let it = Tensor::from_vec(ids.clone(), n, Device::Cpu).unwrap();
+    let e = Tensor::embedding(&tt, &it).unwrap();
+    let dy = randn(n * cols, 91);
+    let g = e
+        .mul(&t(&dy, &[n, cols]))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (mut rows, mut dtable) = (vec![f32::NAN; n * cols], vec![0.0f32; vocab * cols]);
+    unsafe {
+        launch(
+            "index_rows_f32",
+            cfg1(2, 32),
+            &[
+                Arg::ptr(table.as_ptr()),
+                Arg::ptr(ids.as_ptr()),
+                Arg::mut_ptr(rows.as_mut_ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(cols as i32),
+            ],
+        )
+        .unwrap();
+        launch(
+            "index_add_rows_f32",
+            cfg1(1, 32),
+            &[
+                Arg::ptr(dy.as_ptr()),
+                Arg::ptr(ids.as_ptr()),
+                Arg::mut_ptr(dtable.as_mut_ptr()),
+                Arg::I32(n as i32),
+                Arg::I32(cols as i32),
+            ],
+        )
+        .unwrap();
+    }
+    check("embedding gather", &rows, &host(&e), 0.0);
+    check(
+        "embedding scatter-add",
+        &dtable,
+        &host(g.get(&tt).unwrap()),
+        1e-6,
+    );
+    // Patchify with trailing pixels dropped (H = 19, W = 17, p = 4).
+    let (b, c, h, w, p) = (2usize, 3usize, 19usize, 17usize, 4usize);
+    let x = randn(b * c * h * w, 92);
+    let want = host(&t(&x, &[b, c, h, w]).patchify(p).unwrap());
+    let mut got = vec![f32::NAN; want.len()];
+    unsafe {
+        launch(
+            "patchify_f32",
+            cfg1(3, 64),
+            &[
+                Arg::ptr(x.as_ptr()),
+                Arg::mut_ptr(got.as_mut_ptr()),
+                Arg::I32(b as i32),
+                Arg::I32(c as i32),
+                Arg::I32(h as i32),
+                Arg::I32(w as i32),
+                Arg::I32(p as i32),
+            ],
+        )
+        .unwrap();
+    }
+    check("patchify", &got, &want, 0.0);
+    // Casts round to nearest even, as `half` does; specials survive.
+    let mut vals = randn(100, 93);
+    vals.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        -f32::INFINITY,
+        1e-40,
+        3.0e38,
+        1.0 + 1.0 / 256.0,
+    ]);
+    let mut bf = vec![half::bf16::from_bits(0xffff); vals.len()];
+    let mut back = vec![f32::NAN; vals.len()];
+    unsafe {
+        launch(
+            "cast_f32_bf16",
+            cfg1(1, 64),
+            &[
+                Arg::ptr(vals.as_ptr()),
+                Arg::mut_ptr(bf.as_mut_ptr()),
+                Arg::U64(vals.len() as u64),
+            ],
+        )
+        .unwrap();
+        launch(
+            "cast_bf16_f32",
+            cfg1(1, 64),
+            &[
+                Arg::ptr(bf.as_ptr()),
+                Arg::mut_ptr(back.as_mut_ptr()),
+                Arg::U64(vals.len() as u64),
+            ],
+        )
+        .unwrap();
+    }
+    let want_bits: Vec<u16> = vals
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_bits())
+        .collect();
+    let got_bits: Vec<u16> = bf.iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got_bits, want_bits, "f32 → bf16 bits");
+    assert!(back
+        .iter()
+        .zip(&bf)
+        .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()));
+}
+
+/// CLAM's attention (24 tokens × 8 heads of 128, as in ViT-L/14) and small causal/cross shapes:
+/// out, lse, dq, dk, dv against the CPU attention op.
+#[test]
+fn clam_attention_matches_cpu() {
+    use sd2::ops::attention::{attention_lse, AttnOptions};
+    for &(b, heads, sq, skv, d, causal) in &[
+        (3usize, 8usize, 24usize, 24usize, 128usize, false),
+        (2, 3, 5, 5, 24, true),
+        (2, 2, 7, 13, 16, true),
+    ] {
+        let width = heads * d;
+        let q = randn(b * sq * width, 101);
+        let k = randn(b * skv * width, 102);
+        let v = randn(b * skv * width, 103);
+        let dout = randn(b * sq * width, 104);
+        let (qt, kt, vt) = (
+            t(&q, &[b, sq, width]).into_trainable(),
+            t(&k, &[b, skv, width]).into_trainable(),
+            t(&v, &[b, skv, width]).into_trainable(),
+        );
+        let scale = 1.0 / (d as f64).sqrt();
+        let (o, lse) = attention_lse(
+            &qt,
+            &kt,
+            &vt,
+            AttnOptions {
+                heads,
+                causal,
+                scale: None,
+            },
+        )
+        .unwrap();
+        let g = o
+            .mul(&t(&dout, &[b, sq, width]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = [
+            host(&o),
+            host(&lse),
+            host(g.get(&qt).unwrap()),
+            host(g.get(&kt).unwrap()),
+            host(g.get(&vt).unwrap()),
+        ];
+        let mut got_o = vec![f32::NAN; b * sq * width];
+        let mut got_lse = vec![f32::NAN; b * heads * sq];
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; b * sq * width],
+            vec![f32::NAN; b * skv * width],
+            vec![f32::NAN; b * skv * width],
+        );
+        let fwd_smem = ((sq + 2 * skv) * d + sq * skv) * 4;
+        let bwd_smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
+        let dims = [
+            Arg::I32(b as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(sq as i32),
+            Arg::I32(skv as i32),
+            Arg::I32(d as i32),
+            Arg::I32(causal as i32),
+            Arg::F32(scale as f32),
+        ];
+        unsafe {
+            let mut args = vec![
+                Arg::ptr(q.as_ptr()),
+                Arg::ptr(k.as_ptr()),
+                Arg::ptr(v.as_ptr()),
+                Arg::mut_ptr(got_o.as_mut_ptr()),
+                Arg::mut_ptr(got_lse.as_mut_ptr()),
+            ];
+            args.extend(dims);
+            launch(
+                "clam_attention_fwd_f32",
+                LaunchConfig {
+                    grid: (5, 1, 1),
+                    block: (128, 1, 1),
+                    shared_mem_bytes: fwd_smem as u32,
+                },
+                &args,
+            )
+            .unwrap();
+            let mut args = vec![
+                Arg::ptr(q.as_ptr()),
+                Arg::ptr(k.as_ptr()),
+                Arg::ptr(v.as_ptr()),
+                Arg::ptr(got_o.as_ptr()),
+                Arg::ptr(got_lse.as_ptr()),
+                Arg::ptr(dout.as_ptr()),
+                Arg::mut_ptr(dq.as_mut_ptr()),
+                Arg::mut_ptr(dk.as_mut_ptr()),
+                Arg::mut_ptr(dv.as_mut_ptr()),
+            ];
+            args.extend(dims);
+            launch(
+                "clam_attention_bwd_f32",
+                LaunchConfig {
+                    grid: (4, 1, 1),
+                    block: (96, 1, 1),
+                    shared_mem_bytes: bwd_smem as u32,
+                },
+                &args,
+            )
+            .unwrap();
+        }
+        let name = format!("attention b{b} h{heads} sq{sq} skv{skv} d{d} causal {causal}");
+        for (what, got, want) in [
+            ("out", &got_o, &want[0]),
+            ("lse", &got_lse, &want[1]),
+            ("dq", &dq, &want[2]),
+            ("dk", &dk, &want[3]),
+            ("dv", &dv, &want[4]),
+        ] {
+            check(&format!("{name} {what}"), got, want, 2e-5);
+        }
+    }
+}

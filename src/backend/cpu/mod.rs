@@ -19,7 +19,7 @@ mod layout;
 mod lora;
 mod loss;
 mod norm;
-mod optim;
+pub mod optim;
 
 /// Rows per chunk of a deterministic parallel reduction.
 pub(crate) const RED_CHUNK: usize = 64;
