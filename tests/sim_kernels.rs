@@ -926,3 +926,150 @@ fn clam_attention_matches_cpu() {
         }
     }
 }
+
+/// Flash attention (head dim 64) at the towers' sequence lengths — vision 257 non-causal, text 77
+/// causal — plus 5 and a cross shape (7 queries, 13 keys, causal): out, lse, dq, dk, dv against
+/// the CPU attention op.
+#[test]
+fn flash_attention_matches_cpu() {
+    use sd2::ops::attention::{attention_lse, AttnOptions};
+    let d = 64usize;
+    for &(b, heads, sq, skv, causal) in &[
+        (3usize, 2usize, 257usize, 257usize, false),
+        (3, 2, 77, 77, true),
+        (2, 1, 5, 5, false),
+        (2, 2, 7, 13, true),
+    ] {
+        let width = heads * d;
+        let q = randn(b * sq * width, 201);
+        let k = randn(b * skv * width, 202);
+        let v = randn(b * skv * width, 203);
+        let dout = randn(b * sq * width, 204);
+        let (qt, kt, vt) = (
+            t(&q, &[b, sq, width]).into_trainable(),
+            t(&k, &[b, skv, width]).into_trainable(),
+            t(&v, &[b, skv, width]).into_trainable(),
+        );
+        let (o, lse) = attention_lse(
+            &qt,
+            &kt,
+            &vt,
+            AttnOptions {
+                heads,
+                causal,
+                scale: None,
+            },
+        )
+        .unwrap();
+        let g = o
+            .mul(&t(&dout, &[b, sq, width]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want = [
+            host(&o),
+            host(&lse),
+            host(g.get(&qt).unwrap()),
+            host(g.get(&kt).unwrap()),
+            host(g.get(&vt).unwrap()),
+        ];
+        let scale = 1.0 / (d as f32).sqrt();
+        let bh = (b * heads) as u32;
+        let mut got_o = vec![f32::NAN; b * sq * width];
+        let mut got_lse = vec![f32::NAN; b * heads * sq];
+        let mut delta = vec![f32::NAN; b * heads * sq];
+        let (mut dq, mut dk, mut dv) = (
+            vec![f32::NAN; b * sq * width],
+            vec![f32::NAN; b * skv * width],
+            vec![f32::NAN; b * skv * width],
+        );
+        let tail = [
+            Arg::I32(heads as i32),
+            Arg::I32(sq as i32),
+            Arg::I32(skv as i32),
+            Arg::I32(causal as i32),
+            Arg::F32(scale),
+        ];
+        unsafe {
+            let mut a = vec![
+                Arg::ptr(q.as_ptr()),
+                Arg::ptr(k.as_ptr()),
+                Arg::ptr(v.as_ptr()),
+                Arg::mut_ptr(got_o.as_mut_ptr()),
+                Arg::mut_ptr(got_lse.as_mut_ptr()),
+            ];
+            a.extend(tail);
+            launch(
+                "flash_fwd_d64_f32",
+                LaunchConfig {
+                    grid: ((sq as u32).div_ceil(64), bh, 1),
+                    block: (64, 1, 1),
+                    shared_mem_bytes: (2 * 64 * d * 4) as u32,
+                },
+                &a,
+            )
+            .unwrap();
+            launch(
+                "flash_delta_f32",
+                cfg1(3, 64),
+                &[
+                    Arg::ptr(got_o.as_ptr()),
+                    Arg::ptr(dout.as_ptr()),
+                    Arg::mut_ptr(delta.as_mut_ptr()),
+                    Arg::I32(b as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(sq as i32),
+                    Arg::I32(d as i32),
+                ],
+            )
+            .unwrap();
+            let common = [
+                Arg::ptr(q.as_ptr()),
+                Arg::ptr(k.as_ptr()),
+                Arg::ptr(v.as_ptr()),
+                Arg::ptr(got_lse.as_ptr()),
+                Arg::ptr(delta.as_ptr()),
+                Arg::ptr(dout.as_ptr()),
+            ];
+            let mut a = common.to_vec();
+            a.push(Arg::mut_ptr(dq.as_mut_ptr()));
+            a.extend(tail);
+            launch(
+                "flash_dq_d64_f32",
+                LaunchConfig {
+                    grid: ((sq as u32).div_ceil(32), bh, 1),
+                    block: (32, 1, 1),
+                    shared_mem_bytes: ((2 * 32 * (d + 1) + 2 * 32 * d) * 4) as u32,
+                },
+                &a,
+            )
+            .unwrap();
+            let mut a = common.to_vec();
+            a.push(Arg::mut_ptr(dk.as_mut_ptr()));
+            a.push(Arg::mut_ptr(dv.as_mut_ptr()));
+            a.extend(tail);
+            launch(
+                "flash_dkdv_d64_f32",
+                LaunchConfig {
+                    grid: ((skv as u32).div_ceil(32), bh, 1),
+                    block: (32, 1, 1),
+                    shared_mem_bytes: ((2 * 32 * (d + 1) + 2 * 32 * d + 2 * 32) * 4) as u32,
+                },
+                &a,
+            )
+            .unwrap();
+        }
+        let name = format!("flash b{b} h{heads} sq{sq} skv{skv} causal {causal}");
+        for (what, got, want) in [
+            ("out", &got_o, &want[0]),
+            ("lse", &got_lse, &want[1]),
+            ("dq", &dq, &want[2]),
+            ("dk", &dk, &want[3]),
+            ("dv", &dv, &want[4]),
+        ] {
+            check(&format!("{name} {what}"), got, want, 3e-5);
+        }
+    }
+}

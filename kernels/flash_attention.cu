@@ -1,0 +1,254 @@
+// Flash attention for the CLIP towers (head dim 64; vision seq 257 non-causal, text seq 77
+// causal; any length): the n×n probabilities never reach global memory. Layout as the engine's
+// attention op: q [B, Sq, H·D], k/v [B, Skv, H·D], out like q, lse [B, H, Sq] (f32, saved for
+// the backward). Causal: query i sees keys j ≤ i + (Skv − Sq).
+//
+// Variant 1 (this file): CUDA cores in f32, one thread per query row (forward, dQ) or key row
+// (dK/dV), K/V (or Q/dO) tiles staged in shared memory, online softmax per key. Simple and
+// exact; the tensor-core variant (mma.sync through kernels/include wrappers) comes next and is
+// validated against this one.
+//   forward:  grid (⌈Sq/64⌉, B·H), 64 threads, smem 2·64·D floats (32 KB at D = 64)
+//   delta:    D_i = ⟨dO_i, O_i⟩, one warp per row
+//   dq:       grid (⌈Sq/32⌉, B·H), 32 threads, smem (2·32·(D+1) + 2·32·D) floats
+//   dkdv:     grid (⌈Skv/32⌉, B·H), 32 threads, smem (2·32·(D+1) + 2·32·D + 2·32) floats
+#include "sd2_common.cuh"
+
+namespace fa {
+constexpr int kBq = 64, kBk = 64;  // forward tiles
+constexpr int kB = 32;             // backward tiles
+
+template <typename T>
+__device__ __forceinline__ const T* row(const T* base, int b, int s, int i, int heads, int h,
+                                        int d) {
+  return base + ((size_t)b * s + i) * heads * d + (size_t)h * d;
+}
+
+__device__ __forceinline__ bool visible(int i, int j, int sq, int skv, int causal) {
+  return !causal || j <= i + (skv - sq);
+}
+}  // namespace fa
+
+template <typename T, int D>
+__device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, T* __restrict__ out, float* __restrict__ lse,
+                          int heads, int sq, int skv, int causal, float scale) {
+  float* Ks = dynamic_smem<float>();
+  float* Vs = Ks + fa::kBk * D;
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int i = blockIdx.x * fa::kBq + threadIdx.x;
+  const bool valid = i < sq;
+  float qr[D], acc[D];
+  const T* qp = fa::row(q, b, sq, valid ? i : 0, heads, h, D);
+#pragma unroll
+  for (int c = 0; c < D; ++c) {
+    qr[c] = valid ? to_f32(qp[c]) * scale : 0.0f;
+    acc[c] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  for (int kt = 0; kt < skv; kt += fa::kBk) {
+    for (int e = threadIdx.x; e < fa::kBk * D; e += blockDim.x) {
+      const int jj = e / D, c = e % D, j = kt + jj;
+      Ks[e] = j < skv ? to_f32(fa::row(k, b, skv, j, heads, h, D)[c]) : 0.0f;
+      Vs[e] = j < skv ? to_f32(fa::row(v, b, skv, j, heads, h, D)[c]) : 0.0f;
+    }
+    __syncthreads();
+    const int n = min(fa::kBk, skv - kt);
+    for (int jj = 0; jj < n; ++jj) {
+      if (!valid || !fa::visible(i, kt + jj, sq, skv, causal)) continue;
+      float s = 0.0f;
+#pragma unroll
+      for (int c = 0; c < D; ++c) s += qr[c] * Ks[jj * D + c];
+      const float mn = fmaxf(m, s);
+      const float corr = __expf(m - mn), p = __expf(s - mn);
+      l = l * corr + p;
+#pragma unroll
+      for (int c = 0; c < D; ++c) acc[c] = acc[c] * corr + p * Vs[jj * D + c];
+      m = mn;
+    }
+    __syncthreads();
+  }
+  if (valid) {
+    const float inv = 1.0f / l;
+    T* op = const_cast<T*>(fa::row(out, b, sq, i, heads, h, D));
+#pragma unroll
+    for (int c = 0; c < D; ++c) op[c] = from_f32<T>(acc[c] * inv);
+    lse[(size_t)bh * sq + i] = m + __logf(l);
+  }
+}
+
+// delta[b, h, i] = ⟨dO_i, O_i⟩ (f32). One warp per (b, h, i); grid-stride.
+template <typename T>
+__device__ void flash_delta(const T* __restrict__ o, const T* __restrict__ dout,
+                            float* __restrict__ delta, int batch, int heads, int sq, int d) {
+  const int lane = threadIdx.x & 31;
+  const long long rows = (long long)batch * heads * sq;
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5);
+  for (long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows;
+       r += warps) {
+    const int i = int(r % sq), bh = int(r / sq), b = bh / heads, h = bh % heads;
+    const T* op = fa::row(o, b, sq, i, heads, h, d);
+    const T* dp = fa::row(dout, b, sq, i, heads, h, d);
+    float s = 0.0f;
+    for (int c = lane; c < d; c += 32) s += to_f32(op[c]) * to_f32(dp[c]);
+    s = warp_sum(s);
+    if (lane == 0) delta[r] = s;
+  }
+}
+
+// dQ_i = scale Σ_j P_ij (dP_ij − D_i) K_j, P recomputed from lse.
+template <typename T, int D>
+__device__ void flash_dq(const T* __restrict__ q, const T* __restrict__ k,
+                         const T* __restrict__ v, const float* __restrict__ lse,
+                         const float* __restrict__ delta, const T* __restrict__ dout,
+                         T* __restrict__ dq, int heads, int sq, int skv, int causal,
+                         float scale) {
+  float* Qs = dynamic_smem<float>();            // [kB][D + 1], own rows
+  float* dOs = Qs + fa::kB * (D + 1);           // [kB][D + 1]
+  float* Ks = dOs + fa::kB * (D + 1);           // [kB][D]
+  float* Vs = Ks + fa::kB * D;                  // [kB][D]
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int i = blockIdx.x * fa::kB + threadIdx.x;
+  const bool valid = i < sq;
+  float* qi = Qs + threadIdx.x * (D + 1);
+  float* doi = dOs + threadIdx.x * (D + 1);
+  const T* qp = fa::row(q, b, sq, valid ? i : 0, heads, h, D);
+  const T* dp = fa::row(dout, b, sq, valid ? i : 0, heads, h, D);
+  for (int c = 0; c < D; ++c) {
+    qi[c] = valid ? to_f32(qp[c]) : 0.0f;
+    doi[c] = valid ? to_f32(dp[c]) : 0.0f;
+  }
+  const float li = valid ? lse[(size_t)bh * sq + i] : 0.0f;
+  const float di = valid ? delta[(size_t)bh * sq + i] : 0.0f;
+  float acc[D];
+#pragma unroll
+  for (int c = 0; c < D; ++c) acc[c] = 0.0f;
+  for (int kt = 0; kt < skv; kt += fa::kB) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < fa::kB * D; e += blockDim.x) {
+      const int jj = e / D, c = e % D, j = kt + jj;
+      Ks[e] = j < skv ? to_f32(fa::row(k, b, skv, j, heads, h, D)[c]) : 0.0f;
+      Vs[e] = j < skv ? to_f32(fa::row(v, b, skv, j, heads, h, D)[c]) : 0.0f;
+    }
+    __syncthreads();
+    const int n = min(fa::kB, skv - kt);
+    for (int jj = 0; jj < n; ++jj) {
+      if (!valid || !fa::visible(i, kt + jj, sq, skv, causal)) continue;
+      float s = 0.0f, dpv = 0.0f;
+      for (int c = 0; c < D; ++c) {
+        s += qi[c] * Ks[jj * D + c];
+        dpv += doi[c] * Vs[jj * D + c];
+      }
+      const float ds = __expf(s * scale - li) * (dpv - di);
+#pragma unroll
+      for (int c = 0; c < D; ++c) acc[c] += ds * Ks[jj * D + c];
+    }
+  }
+  if (valid) {
+    T* out = const_cast<T*>(fa::row(dq, b, sq, i, heads, h, D));
+#pragma unroll
+    for (int c = 0; c < D; ++c) out[c] = from_f32<T>(acc[c] * scale);
+  }
+}
+
+// dV_j = Σ_i P_ij dO_i;  dK_j = scale Σ_i P_ij (dP_ij − D_i) Q_i.
+template <typename T, int D>
+__device__ void flash_dkdv(const T* __restrict__ q, const T* __restrict__ k,
+                           const T* __restrict__ v, const float* __restrict__ lse,
+                           const float* __restrict__ delta, const T* __restrict__ dout,
+                           T* __restrict__ dk, T* __restrict__ dv, int heads, int sq, int skv,
+                           int causal, float scale) {
+  float* Ksm = dynamic_smem<float>();           // [kB][D + 1], own rows
+  float* Vsm = Ksm + fa::kB * (D + 1);          // [kB][D + 1]
+  float* Qs = Vsm + fa::kB * (D + 1);           // [kB][D]
+  float* dOs = Qs + fa::kB * D;                 // [kB][D]
+  float* Ls = dOs + fa::kB * D;                 // [kB] lse
+  float* Ds = Ls + fa::kB;                      // [kB] delta
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int j = blockIdx.x * fa::kB + threadIdx.x;
+  const bool valid = j < skv;
+  float* kj = Ksm + threadIdx.x * (D + 1);
+  float* vj = Vsm + threadIdx.x * (D + 1);
+  const T* kp = fa::row(k, b, skv, valid ? j : 0, heads, h, D);
+  const T* vp = fa::row(v, b, skv, valid ? j : 0, heads, h, D);
+  for (int c = 0; c < D; ++c) {
+    kj[c] = valid ? to_f32(kp[c]) : 0.0f;
+    vj[c] = valid ? to_f32(vp[c]) : 0.0f;
+  }
+  float gk[D], gv[D];
+#pragma unroll
+  for (int c = 0; c < D; ++c) {
+    gk[c] = 0.0f;
+    gv[c] = 0.0f;
+  }
+  for (int qt = 0; qt < sq; qt += fa::kB) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < fa::kB * D; e += blockDim.x) {
+      const int ii = e / D, c = e % D, i = qt + ii;
+      Qs[e] = i < sq ? to_f32(fa::row(q, b, sq, i, heads, h, D)[c]) : 0.0f;
+      dOs[e] = i < sq ? to_f32(fa::row(dout, b, sq, i, heads, h, D)[c]) : 0.0f;
+    }
+    for (int ii = threadIdx.x; ii < fa::kB; ii += blockDim.x) {
+      const int i = qt + ii;
+      Ls[ii] = i < sq ? lse[(size_t)bh * sq + i] : 0.0f;
+      Ds[ii] = i < sq ? delta[(size_t)bh * sq + i] : 0.0f;
+    }
+    __syncthreads();
+    const int n = min(fa::kB, sq - qt);
+    for (int ii = 0; ii < n; ++ii) {
+      if (!valid || !fa::visible(qt + ii, j, sq, skv, causal)) continue;
+      float s = 0.0f, dpv = 0.0f;
+      for (int c = 0; c < D; ++c) {
+        s += Qs[ii * D + c] * kj[c];
+        dpv += dOs[ii * D + c] * vj[c];
+      }
+      const float p = __expf(s * scale - Ls[ii]);
+      const float ds = p * (dpv - Ds[ii]);
+#pragma unroll
+      for (int c = 0; c < D; ++c) {
+        gv[c] += p * dOs[ii * D + c];
+        gk[c] += ds * Qs[ii * D + c];
+      }
+    }
+  }
+  if (valid) {
+    T* ko = const_cast<T*>(fa::row(dk, b, skv, j, heads, h, D));
+    T* vo = const_cast<T*>(fa::row(dv, b, skv, j, heads, h, D));
+#pragma unroll
+    for (int c = 0; c < D; ++c) {
+      ko[c] = from_f32<T>(gk[c] * scale);
+      vo[c] = from_f32<T>(gv[c]);
+    }
+  }
+}
+
+#define SD2_FLASH(T, SUF, D)                                                                   \
+  extern "C" __global__ void __launch_bounds__(64) flash_fwd_d##D##_##SUF(                     \
+      const T* q, const T* k, const T* v, T* out, float* lse, int heads, int sq, int skv,      \
+      int causal, float scale) {                                                               \
+    flash_fwd<T, D>(q, k, v, out, lse, heads, sq, skv, causal, scale);                         \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(flash_fwd_d##D##_##SUF)                                                  \
+  extern "C" __global__ void __launch_bounds__(32) flash_dq_d##D##_##SUF(                      \
+      const T* q, const T* k, const T* v, const float* lse, const float* delta,                \
+      const T* dout, T* dq, int heads, int sq, int skv, int causal, float scale) {             \
+    flash_dq<T, D>(q, k, v, lse, delta, dout, dq, heads, sq, skv, causal, scale);              \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(flash_dq_d##D##_##SUF)                                                   \
+  extern "C" __global__ void __launch_bounds__(32) flash_dkdv_d##D##_##SUF(                    \
+      const T* q, const T* k, const T* v, const float* lse, const float* delta,                \
+      const T* dout, T* dk, T* dv, int heads, int sq, int skv, int causal, float scale) {      \
+    flash_dkdv<T, D>(q, k, v, lse, delta, dout, dk, dv, heads, sq, skv, causal, scale);        \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(flash_dkdv_d##D##_##SUF)
+
+#define SD2_FLASH_DELTA(T, SUF)                                                                \
+  extern "C" __global__ void flash_delta_##SUF(const T* o, const T* dout, float* delta,        \
+                                               int batch, int heads, int sq, int d) {          \
+    flash_delta<T>(o, dout, delta, batch, heads, sq, d);                                       \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(flash_delta_##SUF)
+
+SD2_FLASH(float, f32, 64)
+SD2_FLASH(bf16, bf16, 64)
+SD2_FLASH_DELTA(float, f32)
+SD2_FLASH_DELTA(bf16, bf16)
