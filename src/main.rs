@@ -311,6 +311,28 @@ fn info() {
     }
 }
 
+/// The demo's (and the ablation's) settings from the command line, on a checked device.
+fn demo_config(
+    out: &std::path::Path,
+    images: usize,
+    epochs: usize,
+    shortcut: f64,
+    seed: u64,
+    device: &str,
+) -> sd2::Result<sd2::demo::DemoConfig> {
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    Ok(sd2::demo::DemoConfig {
+        out: out.to_path_buf(),
+        images,
+        epochs,
+        seed,
+        device,
+        shortcut,
+        ..Default::default()
+    })
+}
+
 fn demo(
     out: &std::path::Path,
     images: usize,
@@ -319,17 +341,8 @@ fn demo(
     seed: u64,
     device: &str,
 ) -> sd2::Result<()> {
-    let device = sd2::Device::parse(device)?;
-    device.check_available()?;
-    let cfg = sd2::demo::DemoConfig {
-        out: out.to_path_buf(),
-        images,
-        epochs,
-        seed,
-        device,
-        shortcut,
-        ..Default::default()
-    };
+    let cfg = demo_config(out, images, epochs, shortcut, seed, device)?;
+    let device = cfg.device;
     println!("sd2 demo: synthetic benchmark → tiny SD2 (random-init CLIP, trained whole) → out-of-domain test ({device})");
     let r = sd2::demo::run(&cfg, &mut CliProgress::new())?;
     print!("{}", sd2::eval::report::table(&r.report));
@@ -416,17 +429,7 @@ fn ablation(
     seed: u64,
     device: &str,
 ) -> sd2::Result<()> {
-    let device = sd2::Device::parse(device)?;
-    device.check_available()?;
-    let cfg = sd2::demo::DemoConfig {
-        out: out.to_path_buf(),
-        images,
-        epochs,
-        seed,
-        device,
-        shortcut,
-        ..Default::default()
-    };
+    let cfg = demo_config(out, images, epochs, shortcut, seed, device)?;
     let ab = sd2::ablation::run(&cfg, &mut CliProgress::new())?;
     print!("{}", ab.table());
     println!("wrote {}", out.join("ablation.json").display());

@@ -106,7 +106,7 @@ fn layernorm_fused_residual_matches_cpu() {
             let (mut mean, mut rstd) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
             let mut dg_part = vec![f32::NAN; blocks as usize * n];
             let mut db_part = vec![f32::NAN; blocks as usize * n];
-            let (mut dg, mut db) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            let (dg, db);
             let cfg = LaunchConfig {
                 grid: (blocks, 1, 1),
                 block: (threads, 1, 1),
@@ -171,24 +171,9 @@ fn layernorm_fused_residual_matches_cpu() {
                             ],
                         )
                         .unwrap();
-                        for (part, out) in [(&dg_part, &mut dg), (&db_part, &mut db)] {
-                            launch(
-                                "column_sum_f32",
-                                LaunchConfig {
-                                    grid: ((n as u32).div_ceil(64), 1, 1),
-                                    block: (64, 1, 1),
-                                    shared_mem_bytes: 0,
-                                },
-                                &[
-                                    Arg::ptr(part.as_ptr()),
-                                    Arg::mut_ptr(out.as_mut_ptr()),
-                                    Arg::I32(blocks as i32),
-                                    Arg::I32(n as i32),
-                                ],
-                            )
-                            .unwrap();
-                        }
                     }
+                    dg = column_sum(&dg_part, n);
+                    db = column_sum(&db_part, n);
                     got_y = $back(&y);
                     got_v = $back(&v);
                     got_dx = $back(&dx);
@@ -236,7 +221,6 @@ fn bias_quick_gelu_matches_cpu() {
     let mut got_y = vec![f32::NAN; rows * n];
     let mut got_dx = vec![f32::NAN; rows * n];
     let mut part = vec![f32::NAN; blocks as usize * n];
-    let mut got_db = vec![f32::NAN; n];
     unsafe {
         launch(
             "bias_quick_gelu_fwd_f32",
@@ -272,22 +256,8 @@ fn bias_quick_gelu_matches_cpu() {
             ],
         )
         .unwrap();
-        launch(
-            "column_sum_f32",
-            LaunchConfig {
-                grid: (1, 1, 1),
-                block: (64, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                Arg::ptr(part.as_ptr()),
-                Arg::mut_ptr(got_db.as_mut_ptr()),
-                Arg::I32(blocks as i32),
-                Arg::I32(n as i32),
-            ],
-        )
-        .unwrap();
     }
+    let got_db = column_sum(&part, n);
     check("bias+quick_gelu y", &got_y, &want_y, 1e-5);
     check("bias+quick_gelu dx", &got_dx, &want_dx, 1e-5);
     check("bias+quick_gelu db", &got_db, &want_db, 1e-5);
@@ -390,23 +360,9 @@ fn sigmoid_loss_matches_cpu() {
                     ],
                 )
                 .unwrap();
-                for (k, s) in sums.iter_mut().enumerate() {
-                    launch(
-                        "column_sum_f32",
-                        LaunchConfig {
-                            grid: (1, 1, 1),
-                            block: (32, 1, 1),
-                            shared_mem_bytes: 0,
-                        },
-                        &[
-                            Arg::ptr(parts[k * n..].as_ptr()),
-                            Arg::mut_ptr(s as *mut f32),
-                            Arg::I32(n as i32),
-                            Arg::I32(1),
-                        ],
-                    )
-                    .unwrap();
-                }
+            }
+            for (k, s) in sums.iter_mut().enumerate() {
+                *s = column_sum(&parts[k * n..(k + 1) * n], 1)[0];
             }
             (grad, sums[0], sums[1], sums[2])
         };

@@ -6,6 +6,16 @@ use crate::sd2::detector::predict_pixels;
 use crate::sd2::Sd2Model;
 use crate::{Result, Tensor};
 
+/// `items` decoded batch by batch (through `transform`) on the prefetch thread, in order.
+fn batches(model: &Sd2Model, items: &[&Item], batch: usize, transform: Transform) -> Prefetcher {
+    let size = model.clip.config.vision_config.image_size;
+    let batches: Vec<Vec<Item>> = items
+        .chunks(batch.max(1))
+        .map(|c| c.iter().map(|i| (*i).clone()).collect())
+        .collect();
+    Prefetcher::new(batches, size, transform, 2)
+}
+
 /// Predictions for `items` (in order) against class embeddings `class_u`, each image first
 /// passed through `transform` (`Transform::Perturb` for degraded evaluation).
 pub fn predict_items(
@@ -17,12 +27,8 @@ pub fn predict_items(
 ) -> Result<Vec<Pred>> {
     let size = model.clip.config.vision_config.image_size;
     let device = model.clip.logit_scale.device();
-    let batches: Vec<Vec<Item>> = items
-        .chunks(batch.max(1))
-        .map(|c| c.iter().map(|i| (*i).clone()).collect())
-        .collect();
     let mut out = Vec::with_capacity(items.len());
-    for loaded in Prefetcher::new(batches, size, transform.clone(), 2) {
+    for loaded in batches(model, items, batch, transform.clone()) {
         let (chunk, px) = loaded?.into_parts(size, model.dtype(), device)?;
         for (it, p) in chunk.iter().zip(predict_pixels(model, class_u, &px)?) {
             out.push(Pred {
@@ -43,12 +49,8 @@ pub fn features_items(model: &Sd2Model, items: &[&Item], batch: usize) -> Result
     let _g = crate::no_grad();
     let size = model.clip.config.vision_config.image_size;
     let device = model.clip.logit_scale.device();
-    let batches: Vec<Vec<Item>> = items
-        .chunks(batch.max(1))
-        .map(|c| c.iter().map(|i| (*i).clone()).collect())
-        .collect();
     let mut out = Vec::with_capacity(items.len());
-    for loaded in Prefetcher::new(batches, size, Transform::None, 2) {
+    for loaded in batches(model, items, batch, Transform::None) {
         let (chunk, px) = loaded?.into_parts(size, model.dtype(), device)?;
         let f = model
             .image_features(&px, crate::clip::model::Fwd::default())?
