@@ -59,6 +59,7 @@ pub fn check_device(ordinal: usize) -> Result<()> {
     )))
 }
 
+pub mod alloc;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 
