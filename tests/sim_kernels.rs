@@ -764,11 +764,53 @@ fn gather_scatter_patchify_and_casts_match_cpu() {
         .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()));
 }
 
+/// out, lse, dq, dk, dv of the CPU attention op for q [b, sq, width], k/v [b, skv, width] and
+/// the upstream gradient dout.
+fn attention_reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    [b, sq, skv, width, heads]: [usize; 5],
+    causal: bool,
+) -> [Vec<f32>; 5] {
+    use sd2::ops::attention::{attention_lse, AttnOptions};
+    let (qt, kt, vt) = (
+        t(q, &[b, sq, width]).into_trainable(),
+        t(k, &[b, skv, width]).into_trainable(),
+        t(v, &[b, skv, width]).into_trainable(),
+    );
+    let (o, lse) = attention_lse(
+        &qt,
+        &kt,
+        &vt,
+        AttnOptions {
+            heads,
+            causal,
+            scale: None,
+        },
+    )
+    .unwrap();
+    let g = o
+        .mul(&t(dout, &[b, sq, width]))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    [
+        host(&o),
+        host(&lse),
+        host(g.get(&qt).unwrap()),
+        host(g.get(&kt).unwrap()),
+        host(g.get(&vt).unwrap()),
+    ]
+}
+
 /// CLAM's attention (24 tokens × 8 heads of 128, as in ViT-L/14) and small causal/cross shapes:
 /// out, lse, dq, dk, dv against the CPU attention op (f32; CLAM's shape also in bf16 storage).
 #[test]
 fn clam_attention_matches_cpu() {
-    use sd2::ops::attention::{attention_lse, AttnOptions};
     for &(b, heads, sq, skv, d, causal, bf) in &[
         (3usize, 8usize, 24usize, 24usize, 128usize, false, false),
         (2, 3, 5, 5, 24, true, false),
@@ -781,37 +823,7 @@ fn clam_attention_matches_cpu() {
         let k = round(randn(b * skv * width, 102));
         let v = round(randn(b * skv * width, 103));
         let dout = round(randn(b * sq * width, 104));
-        let (qt, kt, vt) = (
-            t(&q, &[b, sq, width]).into_trainable(),
-            t(&k, &[b, skv, width]).into_trainable(),
-            t(&v, &[b, skv, width]).into_trainable(),
-        );
-        let scale = 1.0 / (d as f64).sqrt();
-        let (o, lse) = attention_lse(
-            &qt,
-            &kt,
-            &vt,
-            AttnOptions {
-                heads,
-                causal,
-                scale: None,
-            },
-        )
-        .unwrap();
-        let g = o
-            .mul(&t(&dout, &[b, sq, width]))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let want = [
-            host(&o),
-            host(&lse),
-            host(g.get(&qt).unwrap()),
-            host(g.get(&kt).unwrap()),
-            host(g.get(&vt).unwrap()),
-        ];
+        let want = attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
         let (qb, kb, vb, dob) = (
             Buf::new(&q, bf),
             Buf::new(&k, bf),
@@ -835,7 +847,7 @@ fn clam_attention_matches_cpu() {
             Arg::I32(skv as i32),
             Arg::I32(d as i32),
             Arg::I32(causal as i32),
-            Arg::F32(scale as f32),
+            Arg::F32(1.0 / (d as f32).sqrt()),
         ];
         unsafe {
             let mut args = vec![
@@ -937,7 +949,6 @@ impl Buf {
 /// with the reference fed the same bf16-rounded inputs.
 #[test]
 fn flash_attention_matches_cpu() {
-    use sd2::ops::attention::{attention_lse, AttnOptions};
     let d = 64usize;
     for &(b, heads, sq, skv, causal, bf) in &[
         (3usize, 2usize, 257usize, 257usize, false, false),
@@ -953,36 +964,7 @@ fn flash_attention_matches_cpu() {
         let k = round(randn(b * skv * width, 202));
         let v = round(randn(b * skv * width, 203));
         let dout = round(randn(b * sq * width, 204));
-        let (qt, kt, vt) = (
-            t(&q, &[b, sq, width]).into_trainable(),
-            t(&k, &[b, skv, width]).into_trainable(),
-            t(&v, &[b, skv, width]).into_trainable(),
-        );
-        let (o, lse) = attention_lse(
-            &qt,
-            &kt,
-            &vt,
-            AttnOptions {
-                heads,
-                causal,
-                scale: None,
-            },
-        )
-        .unwrap();
-        let g = o
-            .mul(&t(&dout, &[b, sq, width]))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let want = [
-            host(&o),
-            host(&lse),
-            host(g.get(&qt).unwrap()),
-            host(g.get(&kt).unwrap()),
-            host(g.get(&vt).unwrap()),
-        ];
+        let want = attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
         let scale = 1.0 / (d as f32).sqrt();
         let bh = (b * heads) as u32;
         let (qb, kb, vb, dob) = (
