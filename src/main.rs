@@ -547,12 +547,12 @@ fn kernels() -> sd2::Result<()> {
         println!("no compiled kernels in this build (build with --features cuda and nvcc 13.0: scripts/install-cuda-toolchain.sh)");
     } else {
         println!(
-            "{:<14} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
+            "{:<16} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
             "file", "kernel", "arch", "regs", "smem B", "stack", "spill-", "spill+", "sim"
         );
         for k in &res {
             println!(
-                "{:<14} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
+                "{:<16} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
                 k.file,
                 k.kernel,
                 k.arch,
