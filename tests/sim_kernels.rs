@@ -293,10 +293,11 @@ fn simulator_reports_bad_launches_and_lists_kernels() {
 /// against the CPU op, at odd sizes (n = 5, 37; dim = 72, 200) and extreme logits (t = 60).
 #[test]
 fn sigmoid_loss_matches_cpu() {
-    for &(n, dim, t_val, b_val, threads) in &[
-        (5usize, 72usize, 10.0f32, -10.0f32, 64u32),
-        (37, 200, 3.0, -1.5, 128),
-        (37, 72, 60.0, -5.0, 96),
+    for &(n, dim, t_val, b_val, threads, bf) in &[
+        (5usize, 72usize, 10.0f32, -10.0f32, 64u32, false),
+        (37, 200, 3.0, -1.5, 128, false),
+        (37, 72, 60.0, -5.0, 96, false),
+        (37, 200, 10.0, -10.0, 128, true),
     ] {
         // Normalized rows, as SD2 feeds the loss; a few pairs made similar so some logits are
         // positive off the diagonal.
@@ -308,12 +309,14 @@ fn sigmoid_loss_matches_cpu() {
                 })
                 .collect()
         };
+        let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
         let f = norm(randn(n * dim, 21));
         let mut draw = randn(n * dim, 22);
         for (k, v) in draw.iter_mut().enumerate() {
             *v += 0.8 * f[k];
         }
-        let d = norm(draw);
+        // bf16 storage: the reference sees the same rounded embeddings.
+        let (f, d) = (round(f), round(norm(draw)));
         let ft = t(&f, &[n, dim]).into_trainable();
         let dt_ = t(&d, &[n, dim]).into_trainable();
         let tt = Tensor::from_vec(vec![t_val], (), Device::Cpu)
@@ -336,22 +339,24 @@ fn sigmoid_loss_matches_cpu() {
             block: (threads, 1, 1),
             shared_mem_bytes: ((1 + threads as usize / 32) * dim * 4) as u32,
         };
+        let suffix = if bf { "bf16" } else { "f32" };
         let run = |a: &[f32], c: &[f32]| -> (Vec<f32>, f32, f32, f32) {
-            let mut grad = vec![f32::NAN; n * dim];
+            let (a, c) = (Buf::new(a, bf), Buf::new(c, bf));
+            let mut grad = Buf::poisoned(n * dim, bf);
             let mut parts = vec![f32::NAN; 3 * n];
             let mut sums = [f32::NAN; 3];
             unsafe {
                 let (l, rest) = parts.split_at_mut(n);
                 let (dtp, dbp) = rest.split_at_mut(n);
                 launch(
-                    "sigmoid_loss_rows_f32",
+                    &format!("sigmoid_loss_rows_{suffix}"),
                     cfg,
                     &[
-                        Arg::ptr(a.as_ptr()),
-                        Arg::ptr(c.as_ptr()),
+                        a.arg(),
+                        c.arg(),
                         Arg::ptr(&t_val as *const f32),
                         Arg::ptr(&b_val as *const f32),
-                        Arg::mut_ptr(grad.as_mut_ptr()),
+                        grad.arg_mut(),
                         Arg::mut_ptr(l.as_mut_ptr()),
                         Arg::mut_ptr(dtp.as_mut_ptr()),
                         Arg::mut_ptr(dbp.as_mut_ptr()),
@@ -364,19 +369,21 @@ fn sigmoid_loss_matches_cpu() {
             for (k, s) in sums.iter_mut().enumerate() {
                 *s = column_sum(&parts[k * n..(k + 1) * n], 1)[0];
             }
-            (grad, sums[0], sums[1], sums[2])
+            (grad.get(), sums[0], sums[1], sums[2])
         };
         let (df, loss_got, dt_got, db_got) = run(&f, &d);
         let (dd, loss_again, _, _) = run(&d, &f);
-        let name = format!("sigmoid loss n {n} dim {dim} t {t_val}");
+        let name = format!("sigmoid loss {suffix} n {n} dim {dim} t {t_val}");
+        // Scalars accumulate in f32 in both; bf16 rounds each stored gradient once.
+        let tol_g = if bf { 2e-3 } else { 2e-5 };
         check(
             &format!("{name} loss"),
             &[loss_got, loss_again],
             &[want.0[0], want.0[0]],
             2e-5,
         );
-        check(&format!("{name} df"), &df, &want.1, 2e-5);
-        check(&format!("{name} dd"), &dd, &want.2, 2e-5);
+        check(&format!("{name} df"), &df, &want.1, tol_g);
+        check(&format!("{name} dd"), &dd, &want.2, tol_g);
         check(&format!("{name} dt"), &[dt_got], &want.3, 2e-5);
         check(&format!("{name} db"), &[db_got], &want.4, 2e-5);
     }
