@@ -72,10 +72,7 @@ pub fn run(cfg: &DemoConfig, progress: &mut dyn Progress) -> Result<Ablation> {
         paper_order_reproduced,
     };
     let json = serde_json::to_string_pretty(&ab).map_err(|e| Error::Msg(e.to_string()))?;
-    let path = cfg.out.join("ablation.json");
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    crate::io::write_atomic(&cfg.out.join("ablation.json"), json)?;
     Ok(ab)
 }
 

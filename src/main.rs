@@ -406,11 +406,8 @@ fn probe(
     let rep = probe::score(&fit, c, xtr.len(), train_acc, &rows);
     std::fs::create_dir_all(out).map_err(|e| sd2::Error::Msg(format!("{}: {e}", out.display())))?;
     let path = out.join("probe.json");
-    let tmp = path.with_extension("json.tmp");
     let json = serde_json::to_string_pretty(&rep).map_err(|e| sd2::Error::Msg(e.to_string()))?;
-    std::fs::write(&tmp, json).map_err(|e| sd2::Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
+    sd2::io::write_atomic(&path, json)?;
     print!("{}", rep.table());
     println!(
         "wrote {} ({:.1}s, {} Newton iterations)",

@@ -60,24 +60,6 @@ fn to_tensor(
         .to_device(device)
 }
 
-/// Pixel values [N, 3, size, size] for `items`.
-pub fn load_pixels(
-    items: &[&Item],
-    size: usize,
-    t: &Transform,
-    dtype: DType,
-    device: Device,
-) -> Result<Tensor> {
-    let owned: Vec<Item> = items.iter().map(|i| (*i).clone()).collect();
-    to_tensor(
-        load_host(&owned, size, t)?,
-        items.len(),
-        size,
-        dtype,
-        device,
-    )
-}
-
 /// One decoded batch from the prefetcher.
 pub struct Loaded {
     pub items: Vec<Item>,

@@ -133,9 +133,7 @@ impl Manifest {
             out.push_str(&serde_json::to_string(r).map_err(|e| Error::Msg(e.to_string()))?);
             out.push('\n');
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, out).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+        crate::io::write_atomic(path, out)
     }
 }
 

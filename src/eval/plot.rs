@@ -40,19 +40,14 @@ fn perr(path: &Path, e: impl std::fmt::Debug) -> Error {
     Error::Msg(format!("{}: plot: {e:?}", path.display()))
 }
 
-/// Encodes an RGB buffer as PNG next to `path`, then renames it into place.
+/// Encodes an RGB buffer as PNG and writes it atomically.
 fn save_png(path: &Path, buf: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    image::save_buffer_with_format(
-        &tmp,
-        buf,
-        W,
-        H,
-        image::ExtendedColorType::Rgb8,
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    use image::ImageEncoder;
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(buf, W, H, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Msg(format!("{}: png: {e}", path.display())))?;
+    crate::io::write_atomic(path, png)
 }
 
 /// Groups `preds` as (name, scores, is-fake): "overall" first, then each source.

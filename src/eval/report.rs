@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::metrics::*;
+use crate::io::write_atomic;
 use crate::sd2::type_texts::CLASSES;
 use crate::{Error, Result};
 
@@ -171,12 +172,6 @@ pub fn report(test: &[Pred], val: &[Pred]) -> Report {
         confusion: conf,
         perturb: vec![],
     }
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
 }
 
 /// `dir/metrics.json`, `dir/predictions.jsonl` and the figures `roc.png`, `pr.png`,

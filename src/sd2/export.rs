@@ -51,11 +51,8 @@ pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()>
         "use_dora": false
     });
     std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
-    let tmp = dir.join(format!("adapter_config.json.tmp{}", std::process::id()));
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    std::fs::write(&tmp, text).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, dir.join("adapter_config.json"))
-        .map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+    crate::io::write_atomic(&dir.join("adapter_config.json"), text)?;
     let f32s: Vec<(&str, Tensor)> = lora
         .iter()
         .map(|(n, t)| Ok((*n, t.to_dtype(crate::DType::F32)?)))
