@@ -26,6 +26,19 @@ __device__ __forceinline__ const T* row(const T* base, int b, int s, int i, int 
 __device__ __forceinline__ bool visible(int i, int j, int sq, int skv, int causal) {
   return !causal || j <= i + (skv - sq);
 }
+
+// Rows [start, start + rows) of two [B, s, H·D] tensors' head h into shared memory as f32
+// [rows][D], zero past the sequence end (the block cooperates).
+template <typename T, int D>
+__device__ __forceinline__ void load_tile2(const T* __restrict__ a, const T* __restrict__ c,
+                                           float* as, float* cs, int b, int s, int start,
+                                           int rows, int heads, int h) {
+  for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+    const int r = start + e / D, col = e % D;
+    as[e] = r < s ? to_f32(row(a, b, s, r, heads, h, D)[col]) : 0.0f;
+    cs[e] = r < s ? to_f32(row(c, b, s, r, heads, h, D)[col]) : 0.0f;
+  }
+}
 }  // namespace fa
 
 template <typename T, int D>
@@ -46,11 +59,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
   }
   float m = -INFINITY, l = 0.0f;
   for (int kt = 0; kt < skv; kt += fa::kBk) {
-    for (int e = threadIdx.x; e < fa::kBk * D; e += blockDim.x) {
-      const int jj = e / D, c = e % D, j = kt + jj;
-      Ks[e] = j < skv ? to_f32(fa::row(k, b, skv, j, heads, h, D)[c]) : 0.0f;
-      Vs[e] = j < skv ? to_f32(fa::row(v, b, skv, j, heads, h, D)[c]) : 0.0f;
-    }
+    fa::load_tile2<T, D>(k, v, Ks, Vs, b, skv, kt, fa::kBk, heads, h);
     __syncthreads();
     const int n = min(fa::kBk, skv - kt);
     for (int jj = 0; jj < n; ++jj) {
@@ -124,11 +133,7 @@ __device__ void flash_dq(const T* __restrict__ q, const T* __restrict__ k,
   for (int c = 0; c < D; ++c) acc[c] = 0.0f;
   for (int kt = 0; kt < skv; kt += fa::kB) {
     __syncthreads();
-    for (int e = threadIdx.x; e < fa::kB * D; e += blockDim.x) {
-      const int jj = e / D, c = e % D, j = kt + jj;
-      Ks[e] = j < skv ? to_f32(fa::row(k, b, skv, j, heads, h, D)[c]) : 0.0f;
-      Vs[e] = j < skv ? to_f32(fa::row(v, b, skv, j, heads, h, D)[c]) : 0.0f;
-    }
+    fa::load_tile2<T, D>(k, v, Ks, Vs, b, skv, kt, fa::kB, heads, h);
     __syncthreads();
     const int n = min(fa::kB, skv - kt);
     for (int jj = 0; jj < n; ++jj) {
@@ -182,11 +187,7 @@ __device__ void flash_dkdv(const T* __restrict__ q, const T* __restrict__ k,
   }
   for (int qt = 0; qt < sq; qt += fa::kB) {
     __syncthreads();
-    for (int e = threadIdx.x; e < fa::kB * D; e += blockDim.x) {
-      const int ii = e / D, c = e % D, i = qt + ii;
-      Qs[e] = i < sq ? to_f32(fa::row(q, b, sq, i, heads, h, D)[c]) : 0.0f;
-      dOs[e] = i < sq ? to_f32(fa::row(dout, b, sq, i, heads, h, D)[c]) : 0.0f;
-    }
+    fa::load_tile2<T, D>(q, dout, Qs, dOs, b, sq, qt, fa::kB, heads, h);
     for (int ii = threadIdx.x; ii < fa::kB; ii += blockDim.x) {
       const int i = qt + ii;
       Ls[ii] = i < sq ? lse[(size_t)bh * sq + i] : 0.0f;

@@ -101,19 +101,8 @@ enum Cmd {
         /// Where the data, checkpoints and report go.
         #[arg(long, default_value = "sd2-demo")]
         out: std::path::PathBuf,
-        /// Images to synthesize (train/val/test together).
-        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().images)]
-        images: usize,
-        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().epochs)]
-        epochs: usize,
-        /// How often a training image's background follows its class (0 removes the shortcut).
-        #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
-        shortcut: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        run: DemoArgs,
     },
     /// The paper's GenImage protocol: a logistic-regression probe on frozen image features of a
     /// binary real/fake manifest (train split), accuracy per source on the test split.
@@ -138,16 +127,8 @@ enum Cmd {
     Ablation {
         #[arg(long, default_value = "sd2-ablation")]
         out: std::path::PathBuf,
-        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().images)]
-        images: usize,
-        #[arg(long, default_value_t = sd2::demo::DemoConfig::default().epochs)]
-        epochs: usize,
-        #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
-        shortcut: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[command(flatten)]
+        run: DemoArgs,
     },
     /// The CUDA kernels in this build: per kernel and architecture, registers, shared memory,
     /// stack and spills from ptxas (feature `cuda`), and which run in the simulator (`cuda-sim`).
@@ -155,6 +136,24 @@ enum Cmd {
     /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s).
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+/// The synthetic benchmark and training settings shared by `sd2 demo` and `sd2 ablation`.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Images to synthesize (train/val/test together).
+    #[arg(long, default_value_t = sd2::demo::DemoConfig::default().images)]
+    images: usize,
+    #[arg(long, default_value_t = sd2::demo::DemoConfig::default().epochs)]
+    epochs: usize,
+    /// How often a training image's background follows its class (0 removes the shortcut).
+    #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
+    shortcut: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -312,36 +311,22 @@ fn info() {
 }
 
 /// The demo's (and the ablation's) settings from the command line, on a checked device.
-fn demo_config(
-    out: &std::path::Path,
-    images: usize,
-    epochs: usize,
-    shortcut: f64,
-    seed: u64,
-    device: &str,
-) -> sd2::Result<sd2::demo::DemoConfig> {
-    let device = sd2::Device::parse(device)?;
+fn demo_config(out: &std::path::Path, a: &DemoArgs) -> sd2::Result<sd2::demo::DemoConfig> {
+    let device = sd2::Device::parse(&a.device)?;
     device.check_available()?;
     Ok(sd2::demo::DemoConfig {
         out: out.to_path_buf(),
-        images,
-        epochs,
-        seed,
+        images: a.images,
+        epochs: a.epochs,
+        seed: a.seed,
         device,
-        shortcut,
+        shortcut: a.shortcut,
         ..Default::default()
     })
 }
 
-fn demo(
-    out: &std::path::Path,
-    images: usize,
-    epochs: usize,
-    shortcut: f64,
-    seed: u64,
-    device: &str,
-) -> sd2::Result<()> {
-    let cfg = demo_config(out, images, epochs, shortcut, seed, device)?;
+fn demo(out: &std::path::Path, args: &DemoArgs) -> sd2::Result<()> {
+    let cfg = demo_config(out, args)?;
     let device = cfg.device;
     println!("sd2 demo: synthetic benchmark → tiny SD2 (random-init CLIP, trained whole) → out-of-domain test ({device})");
     let r = sd2::demo::run(&cfg, &mut CliProgress::new())?;
@@ -418,15 +403,8 @@ fn probe(
     Ok(())
 }
 
-fn ablation(
-    out: &std::path::Path,
-    images: usize,
-    epochs: usize,
-    shortcut: f64,
-    seed: u64,
-    device: &str,
-) -> sd2::Result<()> {
-    let cfg = demo_config(out, images, epochs, shortcut, seed, device)?;
+fn ablation(out: &std::path::Path, args: &DemoArgs) -> sd2::Result<()> {
+    let cfg = demo_config(out, args)?;
     let ab = sd2::ablation::run(&cfg, &mut CliProgress::new())?;
     print!("{}", ab.table());
     println!("wrote {}", out.join("ablation.json").display());
@@ -843,14 +821,7 @@ fn main() {
             skip_bad,
             &device,
         ),
-        Cmd::Ablation {
-            out,
-            images,
-            epochs,
-            shortcut,
-            seed,
-            device,
-        } => ablation(&out, images, epochs, shortcut, seed, &device),
+        Cmd::Ablation { out, run } => ablation(&out, &run),
         Cmd::Kernels => kernels(),
         Cmd::Bench(BenchCmd::Loader {
             manifest,
@@ -876,14 +847,7 @@ fn main() {
             context,
             tokenizer,
         } => tokenize(&texts_file, context, tokenizer.as_deref()),
-        Cmd::Demo {
-            out,
-            images,
-            epochs,
-            shortcut,
-            seed,
-            device,
-        } => demo(&out, images, epochs, shortcut, seed, &device),
+        Cmd::Demo { out, run } => demo(&out, &run),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

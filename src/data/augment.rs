@@ -180,30 +180,33 @@ pub fn gaussian_blur(img: &mut RgbImage, sigma: f64) {
         .collect();
     let sum: f32 = k.iter().sum();
     k.iter_mut().for_each(|v| *v /= sum);
-    let (w, h) = (img.width as isize, img.height as isize);
+    let (w, h) = (img.width, img.height);
     let src: Vec<f32> = img.data.iter().map(|v| *v as f32).collect();
     let mut tmp = vec![0f32; src.len()];
-    for y in 0..h {
-        for x in 0..w {
-            for c in 0..3 {
-                let mut acc = 0.0;
-                for (j, kv) in k.iter().enumerate() {
-                    let xx = (x + j as isize - r).clamp(0, w - 1);
-                    acc += kv * src[((y * w + xx) * 3) as usize + c];
-                }
-                tmp[((y * w + x) * 3) as usize + c] = acc;
-            }
-        }
+    blur_pass(&src, &mut tmp, &k, [w, h], true);
+    let mut out = vec![0f32; src.len()];
+    blur_pass(&tmp, &mut out, &k, [w, h], false);
+    for (d, v) in img.data.iter_mut().zip(out) {
+        *d = v.round().clamp(0.0, 255.0) as u8;
     }
+}
+
+/// One 1-D pass of the separable blur over an RGB image [h, w, 3] (border repeated): along x
+/// when `horizontal`, along y otherwise.
+fn blur_pass(src: &[f32], dst: &mut [f32], k: &[f32], [w, h]: [usize; 2], horizontal: bool) {
+    let r = (k.len() / 2) as isize;
+    let (len, stride) = if horizontal { (w, 3) } else { (h, 3 * w) };
     for y in 0..h {
         for x in 0..w {
+            let pos = if horizontal { x } else { y } as isize;
+            let base = (y * w + x) * 3 - pos as usize * stride;
             for c in 0..3 {
                 let mut acc = 0.0;
                 for (j, kv) in k.iter().enumerate() {
-                    let yy = (y + j as isize - r).clamp(0, h - 1);
-                    acc += kv * tmp[((yy * w + x) * 3) as usize + c];
+                    let t = (pos + j as isize - r).clamp(0, len as isize - 1) as usize;
+                    acc += kv * src[base + t * stride + c];
                 }
-                img.data[((y * w + x) * 3) as usize + c] = acc.round().clamp(0.0, 255.0) as u8;
+                dst[(y * w + x) * 3 + c] = acc;
             }
         }
     }
