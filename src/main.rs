@@ -133,7 +133,8 @@ enum Cmd {
     /// The CUDA kernels in this build: per kernel and architecture, registers, shared memory,
     /// stack and spills from ptxas (feature `cuda`), and which run in the simulator (`cuda-sim`).
     Kernels,
-    /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s).
+    /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s);
+    /// `sd2 bench flash` (flash attention on the GPU).
     #[command(subcommand)]
     Bench(BenchCmd),
 }
@@ -170,6 +171,21 @@ enum BenchCmd {
         /// At most this many images per pass.
         #[arg(long, default_value_t = 2048)]
         limit: usize,
+    },
+    /// Flash attention kernels on the GPU (bf16, head dim 64): ms and TFLOP/s, forward and
+    /// backward, at the vision/text tower shapes and one long sequence (feature `cuda`).
+    Flash {
+        /// Sequences per tower shape (the long shape uses 4).
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 30)]
+        iters: usize,
+        /// Also write the timings as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
 }
 
@@ -454,6 +470,59 @@ fn bench_loader(
         println!("{name:<24} {:>8.0} images/s ({n} in {s:.2}s)", n as f64 / s);
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn bench_flash(
+    batch: usize,
+    warmup: usize,
+    iters: usize,
+    json: Option<&std::path::Path>,
+) -> sd2::Result<()> {
+    use sd2::backend::cuda::{bench, gpu::Gpu};
+    let gpu = Gpu::global()?;
+    println!(
+        "flash attention (bf16, d 64) on {} ({} SMs), median of {iters} after {warmup} warm-up",
+        gpu.name, gpu.multiprocessors
+    );
+    let t = bench::flash_attention(&gpu, &bench::AttnShape::defaults(batch), warmup, iters)?;
+    println!(
+        "{:<8} {:>6} {:>5} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8}",
+        "shape", "batch", "heads", "seq", "causal", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s"
+    );
+    for r in &t {
+        let s = &r.shape;
+        println!(
+            "{:<8} {:>6} {:>5} {:>6} {:>6} {:>9.3} {:>8.1} {:>9.3} {:>8.1}",
+            s.name,
+            s.batch,
+            s.heads,
+            s.seq,
+            s.causal,
+            r.fwd_ms,
+            r.fwd_tflops,
+            r.bwd_ms,
+            r.bwd_tflops
+        );
+    }
+    if let Some(p) = json {
+        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash variant 1", "timings": t });
+        sd2::io::write_atomic(
+            p,
+            serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_flash(
+    _batch: usize,
+    _warmup: usize,
+    _iters: usize,
+    _json: Option<&std::path::Path>,
+) -> sd2::Result<()> {
+    Err(sd2::Error::CudaNotCompiled(0))
 }
 
 /// Training progress on the terminal: a bar (images/s, ETA, loss) when stderr is a terminal,
@@ -829,6 +898,12 @@ fn main() {
             batch,
             limit,
         }) => bench_loader(&manifest, size, batch, limit),
+        Cmd::Bench(BenchCmd::Flash {
+            batch,
+            warmup,
+            iters,
+            json,
+        }) => bench_flash(batch, warmup, iters.max(1), json.as_deref()),
         Cmd::Predict {
             checkpoint,
             images,

@@ -1,10 +1,36 @@
-//! Every kernel of `kernels/*.cu` run in the kernel simulator (feature `cuda-sim`) against the
-//! CPU reference backend, at small odd sizes with tails, f32 and bf16 storage. Outputs are
-//! poisoned (NaN) before each launch so an unwritten element fails. Each check prints its worst
-//! error (value, index, tolerance).
-#![cfg(feature = "cuda-sim")]
-use sd2::backend::cuda::sim::{launch, Arg, LaunchConfig};
+//! Every kernel of `kernels/*.cu` against the CPU reference backend, at small odd sizes with
+//! tails, f32 and bf16 storage — on every kernel backend here: the simulator (feature
+//! `cuda-sim`, so CI checks each kernel's logic without a GPU) and the GPU (feature `cuda`, when
+//! one is present; `SD2_KERNEL_BACKENDS=gpu` makes its absence a failure). Outputs are poisoned
+//! (NaN) before each launch so an unwritten element fails. Each check prints its worst error
+//! (value, index, tolerance) and the backend.
+#![cfg(any(feature = "cuda-sim", feature = "cuda"))]
+use std::cell::Cell;
+
+use sd2::backend::cuda::flash;
+use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::{DType, Device, Tensor};
+
+thread_local! {
+    static BACKEND: Cell<&'static str> = const { Cell::new("?") };
+}
+
+/// The kernel backends to test on; prints why any is skipped.
+fn runners() -> Vec<Runner> {
+    let (run, skipped) = Runner::available().expect("kernel backends");
+    for s in skipped {
+        println!("skipped kernel backend {s}");
+    }
+    run
+}
+
+/// Runs `f` once per kernel backend, tagging its checks with the backend's name.
+fn each_backend(mut f: impl FnMut(&Runner)) {
+    for r in runners() {
+        BACKEND.with(|b| b.set(r.name()));
+        f(&r);
+    }
+}
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
     let mut r = sd2::rng::Rng::new(seed);
@@ -36,11 +62,12 @@ fn check(name: &str, got: &[f32], want: &[f32], tol: f32) {
             at = i;
         }
     }
+    let backend = BACKEND.with(|b| b.get());
     println!(
-        "{name}: worst rel err {worst:.3e} at {at} (got {}, want {}), tol {tol:e}",
+        "[{backend}] {name}: worst rel err {worst:.3e} at {at} (got {}, want {}), tol {tol:e}",
         got[at], want[at]
     );
-    assert!(worst <= tol, "{name}: {worst} > {tol}");
+    assert!(worst <= tol, "[{backend}] {name}: {worst} > {tol}");
 }
 
 fn t(v: &[f32], shape: &[usize]) -> Tensor {
@@ -88,183 +115,190 @@ fn layernorm_reference(
 
 #[test]
 fn layernorm_fused_residual_matches_cpu() {
-    for &(rows, n, threads, blocks) in &[
-        (37usize, 72usize, 32u32, 5u32),
-        (5, 1024, 128, 8),
-        (3, 5, 32, 3),
-    ] {
-        let (x, res) = (randn(rows * n, 1), randn(rows * n, 2));
-        let g: Vec<f32> = randn(n, 3).iter().map(|v| 1.0 + 0.3 * v).collect();
-        let b = randn(n, 4);
-        let (dy, dsum) = (randn(rows * n, 5), randn(rows * n, 6));
-        for bf in [false, true] {
-            // bf16 runs see bf16-rounded inputs; the reference gets the same rounded values.
-            let r = |v: &Vec<f32>| if bf { bf16_round(v) } else { v.clone() };
-            let (x, res, g, b, dy, dsum) = (r(&x), r(&res), r(&g), r(&b), r(&dy), r(&dsum));
-            let (want_y, want_v, want_dx, want_dg, want_db) =
-                layernorm_reference(&x, &res, &g, &b, &dy, &dsum, rows, n);
-            let (mut mean, mut rstd) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
-            let mut dg_part = vec![f32::NAN; blocks as usize * n];
-            let mut db_part = vec![f32::NAN; blocks as usize * n];
-            let (dg, db);
-            let cfg = LaunchConfig {
-                grid: (blocks, 1, 1),
-                block: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (got_y, got_v, got_dx);
-            let tag = if bf { "bf16" } else { "f32" };
-            macro_rules! run {
-                ($ty:ty, $conv:expr, $back:expr) => {{
-                    let (xs, rs, gs, bs, dys, dss): (
-                        Vec<$ty>,
-                        Vec<$ty>,
-                        Vec<$ty>,
-                        Vec<$ty>,
-                        Vec<$ty>,
-                        Vec<$ty>,
-                    ) = (
-                        $conv(&x),
-                        $conv(&res),
-                        $conv(&g),
-                        $conv(&b),
-                        $conv(&dy),
-                        $conv(&dsum),
-                    );
-                    let mut y: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
-                    let mut v: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
-                    let mut dx: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
-                    unsafe {
-                        launch(
-                            &format!("layernorm_fwd_{tag}"),
-                            cfg,
-                            &[
-                                Arg::ptr(xs.as_ptr()),
-                                Arg::ptr(rs.as_ptr()),
-                                Arg::ptr(gs.as_ptr()),
-                                Arg::ptr(bs.as_ptr()),
-                                Arg::mut_ptr(v.as_mut_ptr()),
-                                Arg::mut_ptr(y.as_mut_ptr()),
-                                Arg::mut_ptr(mean.as_mut_ptr()),
-                                Arg::mut_ptr(rstd.as_mut_ptr()),
-                                Arg::I32(rows as i32),
-                                Arg::I32(n as i32),
-                                Arg::F32(1e-5),
-                            ],
-                        )
-                        .unwrap();
-                        launch(
-                            &format!("layernorm_bwd_{tag}"),
-                            cfg,
-                            &[
-                                Arg::ptr(dys.as_ptr()),
-                                Arg::ptr(v.as_ptr()),
-                                Arg::ptr(gs.as_ptr()),
-                                Arg::ptr(mean.as_ptr()),
-                                Arg::ptr(rstd.as_ptr()),
-                                Arg::ptr(dss.as_ptr()),
-                                Arg::mut_ptr(dx.as_mut_ptr()),
-                                Arg::mut_ptr(dg_part.as_mut_ptr()),
-                                Arg::mut_ptr(db_part.as_mut_ptr()),
-                                Arg::I32(rows as i32),
-                                Arg::I32(n as i32),
-                            ],
-                        )
-                        .unwrap();
-                    }
-                    dg = column_sum(&dg_part, n);
-                    db = column_sum(&db_part, n);
-                    got_y = $back(&y);
-                    got_v = $back(&v);
-                    got_dx = $back(&dx);
-                }};
+    each_backend(|r| {
+        for &(rows, n, threads, blocks) in &[
+            (37usize, 72usize, 32u32, 5u32),
+            (5, 1024, 128, 8),
+            (3, 5, 32, 3),
+        ] {
+            let (x, res) = (randn(rows * n, 1), randn(rows * n, 2));
+            let g: Vec<f32> = randn(n, 3).iter().map(|v| 1.0 + 0.3 * v).collect();
+            let b = randn(n, 4);
+            let (dy, dsum) = (randn(rows * n, 5), randn(rows * n, 6));
+            for bf in [false, true] {
+                // bf16 runs see bf16-rounded inputs; the reference gets the same rounded values.
+                let rnd = |v: &Vec<f32>| if bf { bf16_round(v) } else { v.clone() };
+                let (x, res, g, b, dy, dsum) =
+                    (rnd(&x), rnd(&res), rnd(&g), rnd(&b), rnd(&dy), rnd(&dsum));
+                let (want_y, want_v, want_dx, want_dg, want_db) =
+                    layernorm_reference(&x, &res, &g, &b, &dy, &dsum, rows, n);
+                let (mut mean, mut rstd) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+                let mut dg_part = vec![f32::NAN; blocks as usize * n];
+                let mut db_part = vec![f32::NAN; blocks as usize * n];
+                let (dg, db);
+                let cfg = LaunchConfig {
+                    grid: (blocks, 1, 1),
+                    block: (threads, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (got_y, got_v, got_dx);
+                let tag = if bf { "bf16" } else { "f32" };
+                macro_rules! run {
+                    ($ty:ty, $conv:expr, $back:expr) => {{
+                        let (xs, rs, gs, bs, dys, dss): (
+                            Vec<$ty>,
+                            Vec<$ty>,
+                            Vec<$ty>,
+                            Vec<$ty>,
+                            Vec<$ty>,
+                            Vec<$ty>,
+                        ) = (
+                            $conv(&x),
+                            $conv(&res),
+                            $conv(&g),
+                            $conv(&b),
+                            $conv(&dy),
+                            $conv(&dsum),
+                        );
+                        let mut y: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
+                        let mut v: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
+                        let mut dx: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
+                        unsafe {
+                            r.launch(
+                                &format!("layernorm_fwd_{tag}"),
+                                cfg,
+                                &mut [
+                                    KArg::input(&xs),
+                                    KArg::input(&rs),
+                                    KArg::input(&gs),
+                                    KArg::input(&bs),
+                                    KArg::output(&mut v),
+                                    KArg::output(&mut y),
+                                    KArg::output(&mut mean),
+                                    KArg::output(&mut rstd),
+                                    KArg::I32(rows as i32),
+                                    KArg::I32(n as i32),
+                                    KArg::F32(1e-5),
+                                ],
+                            )
+                            .unwrap();
+                            r.launch(
+                                &format!("layernorm_bwd_{tag}"),
+                                cfg,
+                                &mut [
+                                    KArg::input(&dys),
+                                    KArg::input(&v),
+                                    KArg::input(&gs),
+                                    KArg::input(&mean),
+                                    KArg::input(&rstd),
+                                    KArg::input(&dss),
+                                    KArg::output(&mut dx),
+                                    KArg::output(&mut dg_part),
+                                    KArg::output(&mut db_part),
+                                    KArg::I32(rows as i32),
+                                    KArg::I32(n as i32),
+                                ],
+                            )
+                            .unwrap();
+                        }
+                        dg = column_sum(r, &dg_part, n);
+                        db = column_sum(r, &db_part, n);
+                        got_y = $back(&y);
+                        got_v = $back(&v);
+                        got_dx = $back(&dx);
+                    }};
+                }
+                if bf {
+                    run!(half::bf16, to_bf16, from_bf16);
+                } else {
+                    run!(f32, |v: &Vec<f32>| v.clone(), |v: &Vec<f32>| v.clone());
+                }
+                // f32: accumulation-order noise only; bf16: one rounding of each stored output
+                // (and of v, which the backward reads back).
+                let (tol, tol_g) = if bf { (8e-3, 3e-2) } else { (2e-5, 2e-5) };
+                let name = format!("layernorm {tag} rows {rows} n {n}");
+                check(&format!("{name} y"), &got_y, &want_y, tol);
+                check(&format!("{name} v = x + res"), &got_v, &want_v, tol);
+                check(&format!("{name} dx"), &got_dx, &want_dx, tol_g);
+                check(&format!("{name} dgamma"), &dg, &want_dg, tol_g);
+                check(&format!("{name} dbeta"), &db, &want_db, tol_g);
             }
-            if bf {
-                run!(half::bf16, to_bf16, from_bf16);
-            } else {
-                run!(f32, |v: &Vec<f32>| v.clone(), |v: &Vec<f32>| v.clone());
-            }
-            // f32: accumulation-order noise only; bf16: one rounding of each stored output
-            // (and of v, which the backward reads back).
-            let (tol, tol_g) = if bf { (8e-3, 3e-2) } else { (2e-5, 2e-5) };
-            let name = format!("layernorm {tag} rows {rows} n {n}");
-            check(&format!("{name} y"), &got_y, &want_y, tol);
-            check(&format!("{name} v = x + res"), &got_v, &want_v, tol);
-            check(&format!("{name} dx"), &got_dx, &want_dx, tol_g);
-            check(&format!("{name} dgamma"), &dg, &want_dg, tol_g);
-            check(&format!("{name} dbeta"), &db, &want_db, tol_g);
         }
-    }
+    });
 }
 
 #[test]
 fn bias_quick_gelu_matches_cpu() {
-    let (rows, n, blocks) = (37usize, 40usize, 6u32);
-    let x = randn(rows * n, 11);
-    let b = randn(n, 12);
-    let dy = randn(rows * n, 13);
-    let xt = t(&x, &[rows, n]).into_trainable();
-    let bt = t(&b, &[n]).into_trainable();
-    let y = xt.add(&bt).unwrap().quick_gelu().unwrap();
-    let grads = y
-        .mul(&t(&dy, &[rows, n]))
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let (want_y, want_dx, want_db) = (
-        host(&y),
-        host(grads.get(&xt).unwrap()),
-        host(grads.get(&bt).unwrap()),
-    );
-    let mut got_y = vec![f32::NAN; rows * n];
-    let mut got_dx = vec![f32::NAN; rows * n];
-    let mut part = vec![f32::NAN; blocks as usize * n];
-    unsafe {
-        launch(
-            "bias_quick_gelu_fwd_f32",
-            LaunchConfig {
-                grid: (7, 1, 1),
-                block: (64, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                Arg::ptr(x.as_ptr()),
-                Arg::ptr(b.as_ptr()),
-                Arg::mut_ptr(got_y.as_mut_ptr()),
-                Arg::I32(rows as i32),
-                Arg::I32(n as i32),
-            ],
-        )
-        .unwrap();
-        launch(
-            "bias_quick_gelu_bwd_f32",
-            LaunchConfig {
-                grid: (blocks, 1, 1),
-                block: (32, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &[
-                Arg::ptr(x.as_ptr()),
-                Arg::ptr(b.as_ptr()),
-                Arg::ptr(dy.as_ptr()),
-                Arg::mut_ptr(got_dx.as_mut_ptr()),
-                Arg::mut_ptr(part.as_mut_ptr()),
-                Arg::I32(rows as i32),
-                Arg::I32(n as i32),
-            ],
-        )
-        .unwrap();
-    }
-    let got_db = column_sum(&part, n);
-    check("bias+quick_gelu y", &got_y, &want_y, 1e-5);
-    check("bias+quick_gelu dx", &got_dx, &want_dx, 1e-5);
-    check("bias+quick_gelu db", &got_db, &want_db, 1e-5);
+    each_backend(|r| {
+        let (rows, n, blocks) = (37usize, 40usize, 6u32);
+        let x = randn(rows * n, 11);
+        let b = randn(n, 12);
+        let dy = randn(rows * n, 13);
+        let xt = t(&x, &[rows, n]).into_trainable();
+        let bt = t(&b, &[n]).into_trainable();
+        let y = xt.add(&bt).unwrap().quick_gelu().unwrap();
+        let grads = y
+            .mul(&t(&dy, &[rows, n]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (want_y, want_dx, want_db) = (
+            host(&y),
+            host(grads.get(&xt).unwrap()),
+            host(grads.get(&bt).unwrap()),
+        );
+        let mut got_y = vec![f32::NAN; rows * n];
+        let mut got_dx = vec![f32::NAN; rows * n];
+        let mut part = vec![f32::NAN; blocks as usize * n];
+        unsafe {
+            r.launch(
+                "bias_quick_gelu_fwd_f32",
+                LaunchConfig {
+                    grid: (7, 1, 1),
+                    block: (64, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &mut [
+                    KArg::input(&x),
+                    KArg::input(&b),
+                    KArg::output(&mut got_y),
+                    KArg::I32(rows as i32),
+                    KArg::I32(n as i32),
+                ],
+            )
+            .unwrap();
+            r.launch(
+                "bias_quick_gelu_bwd_f32",
+                LaunchConfig {
+                    grid: (blocks, 1, 1),
+                    block: (32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &mut [
+                    KArg::input(&x),
+                    KArg::input(&b),
+                    KArg::input(&dy),
+                    KArg::output(&mut got_dx),
+                    KArg::output(&mut part),
+                    KArg::I32(rows as i32),
+                    KArg::I32(n as i32),
+                ],
+            )
+            .unwrap();
+        }
+        let got_db = column_sum(r, &part, n);
+        check("bias+quick_gelu y", &got_y, &want_y, 1e-5);
+        check("bias+quick_gelu dx", &got_dx, &want_dx, 1e-5);
+        check("bias+quick_gelu db", &got_db, &want_db, 1e-5);
+    });
 }
 
+#[cfg(feature = "cuda-sim")]
 #[test]
 fn simulator_reports_bad_launches_and_lists_kernels() {
+    use sd2::backend::cuda::sim::launch;
     let names = sd2::backend::cuda::sim::kernel_names();
     for k in [
         "layernorm_fwd_f32",
@@ -289,104 +323,138 @@ fn simulator_reports_bad_launches_and_lists_kernels() {
     assert!(e.contains("no_such_kernel"), "{e}");
 }
 
+/// Unknown kernels and impossible launches are errors naming the kernel, on every backend.
+#[test]
+fn bad_launches_are_clear_errors_on_every_backend() {
+    each_backend(|r| {
+        let e = unsafe { r.launch("no_such_kernel", cfg1(1, 32), &mut []) }
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no_such_kernel"), "[{}] {e}", r.name());
+        let mut out = vec![f32::NAN; 4];
+        let e = unsafe {
+            r.launch(
+                "column_sum_f32",
+                cfg1(1, 2048),
+                &mut [
+                    KArg::input(&[1.0f32; 4]),
+                    KArg::output(&mut out),
+                    KArg::I32(1),
+                    KArg::I32(4),
+                ],
+            )
+        }
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("column_sum_f32") || e.contains("2048"),
+            "[{}] {e}",
+            r.name()
+        );
+        println!("[{}] bad launch: {e}", r.name());
+    });
+}
+
 /// The fused sigmoid contrastive loss: loss, ∂f, ∂d (same kernel, inputs swapped), ∂t, ∂b
 /// against the CPU op, at odd sizes (n = 5, 37; dim = 72, 200) and extreme logits (t = 60).
 #[test]
 fn sigmoid_loss_matches_cpu() {
-    for &(n, dim, t_val, b_val, threads, bf) in &[
-        (5usize, 72usize, 10.0f32, -10.0f32, 64u32, false),
-        (37, 200, 3.0, -1.5, 128, false),
-        (37, 72, 60.0, -5.0, 96, false),
-        (37, 200, 10.0, -10.0, 128, true),
-    ] {
-        // Normalized rows, as SD2 feeds the loss; a few pairs made similar so some logits are
-        // positive off the diagonal.
-        let norm = |v: Vec<f32>| -> Vec<f32> {
-            v.chunks(dim)
-                .flat_map(|r| {
-                    let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
-                    r.iter().map(move |x| x / s).collect::<Vec<_>>()
-                })
-                .collect()
-        };
-        let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
-        let f = norm(randn(n * dim, 21));
-        let mut draw = randn(n * dim, 22);
-        for (k, v) in draw.iter_mut().enumerate() {
-            *v += 0.8 * f[k];
+    each_backend(|r| {
+        for &(n, dim, t_val, b_val, threads, bf) in &[
+            (5usize, 72usize, 10.0f32, -10.0f32, 64u32, false),
+            (37, 200, 3.0, -1.5, 128, false),
+            (37, 72, 60.0, -5.0, 96, false),
+            (37, 200, 10.0, -10.0, 128, true),
+        ] {
+            // Normalized rows, as SD2 feeds the loss; a few pairs made similar so some logits are
+            // positive off the diagonal.
+            let norm = |v: Vec<f32>| -> Vec<f32> {
+                v.chunks(dim)
+                    .flat_map(|r| {
+                        let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+                        r.iter().map(move |x| x / s).collect::<Vec<_>>()
+                    })
+                    .collect()
+            };
+            let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
+            let f = norm(randn(n * dim, 21));
+            let mut draw = randn(n * dim, 22);
+            for (k, v) in draw.iter_mut().enumerate() {
+                *v += 0.8 * f[k];
+            }
+            // bf16 storage: the reference sees the same rounded embeddings.
+            let (f, d) = (round(f), round(norm(draw)));
+            let ft = t(&f, &[n, dim]).into_trainable();
+            let dt_ = t(&d, &[n, dim]).into_trainable();
+            let tt = Tensor::from_vec(vec![t_val], (), Device::Cpu)
+                .unwrap()
+                .into_trainable();
+            let bt = Tensor::from_vec(vec![b_val], (), Device::Cpu)
+                .unwrap()
+                .into_trainable();
+            let loss = sd2::ops::loss::sigmoid_loss(&ft, &dt_, &tt, &bt).unwrap();
+            let grads = loss.backward().unwrap();
+            let want = (
+                host(&loss),
+                host(grads.get(&ft).unwrap()),
+                host(grads.get(&dt_).unwrap()),
+                host(grads.get(&tt).unwrap()),
+                host(grads.get(&bt).unwrap()),
+            );
+            let cfg = LaunchConfig {
+                grid: (7, 1, 1),
+                block: (threads, 1, 1),
+                shared_mem_bytes: ((1 + threads as usize / 32) * dim * 4) as u32,
+            };
+            let suffix = if bf { "bf16" } else { "f32" };
+            let run = |a: &[f32], c: &[f32]| -> (Vec<f32>, f32, f32, f32) {
+                let (a, c) = (Buf::new(a, bf), Buf::new(c, bf));
+                let mut grad = Buf::poisoned(n * dim, bf);
+                let mut parts = vec![f32::NAN; 3 * n];
+                let mut sums = [f32::NAN; 3];
+                unsafe {
+                    let (l, rest) = parts.split_at_mut(n);
+                    let (dtp, dbp) = rest.split_at_mut(n);
+                    r.launch(
+                        &format!("sigmoid_loss_rows_{suffix}"),
+                        cfg,
+                        &mut [
+                            a.arg(),
+                            c.arg(),
+                            KArg::scalar(&t_val),
+                            KArg::scalar(&b_val),
+                            grad.arg_mut(),
+                            KArg::output(l),
+                            KArg::output(dtp),
+                            KArg::output(dbp),
+                            KArg::I32(n as i32),
+                            KArg::I32(dim as i32),
+                        ],
+                    )
+                    .unwrap();
+                }
+                for (k, s) in sums.iter_mut().enumerate() {
+                    *s = column_sum(r, &parts[k * n..(k + 1) * n], 1)[0];
+                }
+                (grad.get(), sums[0], sums[1], sums[2])
+            };
+            let (df, loss_got, dt_got, db_got) = run(&f, &d);
+            let (dd, loss_again, _, _) = run(&d, &f);
+            let name = format!("sigmoid loss {suffix} n {n} dim {dim} t {t_val}");
+            // Scalars accumulate in f32 in both; bf16 rounds each stored gradient once.
+            let tol_g = if bf { 2e-3 } else { 2e-5 };
+            check(
+                &format!("{name} loss"),
+                &[loss_got, loss_again],
+                &[want.0[0], want.0[0]],
+                2e-5,
+            );
+            check(&format!("{name} df"), &df, &want.1, tol_g);
+            check(&format!("{name} dd"), &dd, &want.2, tol_g);
+            check(&format!("{name} dt"), &[dt_got], &want.3, 2e-5);
+            check(&format!("{name} db"), &[db_got], &want.4, 2e-5);
         }
-        // bf16 storage: the reference sees the same rounded embeddings.
-        let (f, d) = (round(f), round(norm(draw)));
-        let ft = t(&f, &[n, dim]).into_trainable();
-        let dt_ = t(&d, &[n, dim]).into_trainable();
-        let tt = Tensor::from_vec(vec![t_val], (), Device::Cpu)
-            .unwrap()
-            .into_trainable();
-        let bt = Tensor::from_vec(vec![b_val], (), Device::Cpu)
-            .unwrap()
-            .into_trainable();
-        let loss = sd2::ops::loss::sigmoid_loss(&ft, &dt_, &tt, &bt).unwrap();
-        let grads = loss.backward().unwrap();
-        let want = (
-            host(&loss),
-            host(grads.get(&ft).unwrap()),
-            host(grads.get(&dt_).unwrap()),
-            host(grads.get(&tt).unwrap()),
-            host(grads.get(&bt).unwrap()),
-        );
-        let cfg = LaunchConfig {
-            grid: (7, 1, 1),
-            block: (threads, 1, 1),
-            shared_mem_bytes: ((1 + threads as usize / 32) * dim * 4) as u32,
-        };
-        let suffix = if bf { "bf16" } else { "f32" };
-        let run = |a: &[f32], c: &[f32]| -> (Vec<f32>, f32, f32, f32) {
-            let (a, c) = (Buf::new(a, bf), Buf::new(c, bf));
-            let mut grad = Buf::poisoned(n * dim, bf);
-            let mut parts = vec![f32::NAN; 3 * n];
-            let mut sums = [f32::NAN; 3];
-            unsafe {
-                let (l, rest) = parts.split_at_mut(n);
-                let (dtp, dbp) = rest.split_at_mut(n);
-                launch(
-                    &format!("sigmoid_loss_rows_{suffix}"),
-                    cfg,
-                    &[
-                        a.arg(),
-                        c.arg(),
-                        Arg::ptr(&t_val as *const f32),
-                        Arg::ptr(&b_val as *const f32),
-                        grad.arg_mut(),
-                        Arg::mut_ptr(l.as_mut_ptr()),
-                        Arg::mut_ptr(dtp.as_mut_ptr()),
-                        Arg::mut_ptr(dbp.as_mut_ptr()),
-                        Arg::I32(n as i32),
-                        Arg::I32(dim as i32),
-                    ],
-                )
-                .unwrap();
-            }
-            for (k, s) in sums.iter_mut().enumerate() {
-                *s = column_sum(&parts[k * n..(k + 1) * n], 1)[0];
-            }
-            (grad.get(), sums[0], sums[1], sums[2])
-        };
-        let (df, loss_got, dt_got, db_got) = run(&f, &d);
-        let (dd, loss_again, _, _) = run(&d, &f);
-        let name = format!("sigmoid loss {suffix} n {n} dim {dim} t {t_val}");
-        // Scalars accumulate in f32 in both; bf16 rounds each stored gradient once.
-        let tol_g = if bf { 2e-3 } else { 2e-5 };
-        check(
-            &format!("{name} loss"),
-            &[loss_got, loss_again],
-            &[want.0[0], want.0[0]],
-            2e-5,
-        );
-        check(&format!("{name} df"), &df, &want.1, tol_g);
-        check(&format!("{name} dd"), &dd, &want.2, tol_g);
-        check(&format!("{name} dt"), &[dt_got], &want.3, 2e-5);
-        check(&format!("{name} db"), &[db_got], &want.4, 2e-5);
-    }
+    });
 }
 
 fn cfg1(blocks: u32, threads: u32) -> LaunchConfig {
@@ -398,17 +466,17 @@ fn cfg1(blocks: u32, threads: u32) -> LaunchConfig {
 }
 
 /// Sums `parts` in order with the kernel used everywhere for cross-block reductions.
-fn column_sum(parts: &[f32], n: usize) -> Vec<f32> {
+fn column_sum(r: &Runner, parts: &[f32], n: usize) -> Vec<f32> {
     let mut out = vec![f32::NAN; n];
     unsafe {
-        launch(
+        r.launch(
             "column_sum_f32",
             cfg1((n as u32).div_ceil(32), 32),
-            &[
-                Arg::ptr(parts.as_ptr()),
-                Arg::mut_ptr(out.as_mut_ptr()),
-                Arg::I32((parts.len() / n) as i32),
-                Arg::I32(n as i32),
+            &mut [
+                KArg::input(&parts),
+                KArg::output(&mut out),
+                KArg::I32((parts.len() / n) as i32),
+                KArg::I32(n as i32),
             ],
         )
         .unwrap();
@@ -418,123 +486,128 @@ fn column_sum(parts: &[f32], n: usize) -> Vec<f32> {
 
 #[test]
 fn l2norm_matches_cpu() {
-    let (rows, cols) = (13usize, 77usize);
-    let mut x = randn(rows * cols, 31);
-    // One all-zero row exercises the clamped (eps) branch.
-    x[2 * cols..3 * cols].iter_mut().for_each(|v| *v = 0.0);
-    let dy = randn(rows * cols, 32);
-    let xt = t(&x, &[rows, cols]).into_trainable();
-    let y = xt.l2_normalize().unwrap();
-    let g = y
-        .mul(&t(&dy, &[rows, cols]))
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let (want_y, want_dx) = (host(&y), host(g.get(&xt).unwrap()));
-    let (mut got_y, mut norm, mut got_dx) = (
-        vec![f32::NAN; rows * cols],
-        vec![f32::NAN; rows],
-        vec![f32::NAN; rows * cols],
-    );
-    unsafe {
-        launch(
-            "l2norm_fwd_f32",
-            cfg1(4, 64),
-            &[
-                Arg::ptr(x.as_ptr()),
-                Arg::mut_ptr(got_y.as_mut_ptr()),
-                Arg::mut_ptr(norm.as_mut_ptr()),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::F32(1e-12),
-            ],
-        )
-        .unwrap();
-        launch(
-            "l2norm_bwd_f32",
-            cfg1(5, 32),
-            &[
-                Arg::ptr(got_y.as_ptr()),
-                Arg::ptr(norm.as_ptr()),
-                Arg::ptr(dy.as_ptr()),
-                Arg::mut_ptr(got_dx.as_mut_ptr()),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::F32(1e-12),
-            ],
-        )
-        .unwrap();
-    }
-    check("l2norm y", &got_y, &want_y, 1e-6);
-    // The zero row's gradient is dy / eps (1e12-scale): compare relative to magnitude.
-    check("l2norm dx", &got_dx, &want_dx, 1e-5);
-}
-
-#[test]
-fn cross_entropy_matches_cpu() {
-    for &(rows, cols) in &[(37usize, 5usize), (9, 77)] {
-        let z: Vec<f32> = randn(rows * cols, 41).iter().map(|v| 4.0 * v).collect();
-        let labels: Vec<i64> = (0..rows).map(|r| ((r * 7 + 3) % cols) as i64).collect();
-        let zt = t(&z, &[rows, cols]).into_trainable();
-        let lt = Tensor::from_vec(labels.clone(), rows, Device::Cpu).unwrap();
-        let loss = sd2::ops::loss::cross_entropy(&zt, &lt).unwrap();
-        let g = loss.scale(0.7).unwrap().backward().unwrap();
-        let (want_loss, want_dz) = (host(&loss), host(g.get(&zt).unwrap()));
-        let (mut part, mut lse, mut dz) = (
-            vec![f32::NAN; rows],
+    each_backend(|r| {
+        let (rows, cols) = (13usize, 77usize);
+        let mut x = randn(rows * cols, 31);
+        // One all-zero row exercises the clamped (eps) branch.
+        x[2 * cols..3 * cols].iter_mut().for_each(|v| *v = 0.0);
+        let dy = randn(rows * cols, 32);
+        let xt = t(&x, &[rows, cols]).into_trainable();
+        let y = xt.l2_normalize().unwrap();
+        let g = y
+            .mul(&t(&dy, &[rows, cols]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (want_y, want_dx) = (host(&y), host(g.get(&xt).unwrap()));
+        let (mut got_y, mut norm, mut got_dx) = (
+            vec![f32::NAN; rows * cols],
             vec![f32::NAN; rows],
             vec![f32::NAN; rows * cols],
         );
-        let dloss = 0.7f32;
         unsafe {
-            launch(
-                "cross_entropy_fwd_f32",
-                cfg1(3, 64),
-                &[
-                    Arg::ptr(z.as_ptr()),
-                    Arg::ptr(labels.as_ptr()),
-                    Arg::mut_ptr(part.as_mut_ptr()),
-                    Arg::mut_ptr(lse.as_mut_ptr()),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+            r.launch(
+                "l2norm_fwd_f32",
+                cfg1(4, 64),
+                &mut [
+                    KArg::input(&x),
+                    KArg::output(&mut got_y),
+                    KArg::output(&mut norm),
+                    KArg::I32(rows as i32),
+                    KArg::I32(cols as i32),
+                    KArg::F32(1e-12),
                 ],
             )
             .unwrap();
-            launch(
-                "cross_entropy_bwd_f32",
-                cfg1(4, 64),
-                &[
-                    Arg::ptr(z.as_ptr()),
-                    Arg::ptr(labels.as_ptr()),
-                    Arg::ptr(lse.as_ptr()),
-                    Arg::ptr(&dloss as *const f32),
-                    Arg::mut_ptr(dz.as_mut_ptr()),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+            r.launch(
+                "l2norm_bwd_f32",
+                cfg1(5, 32),
+                &mut [
+                    KArg::input(&got_y),
+                    KArg::input(&norm),
+                    KArg::input(&dy),
+                    KArg::output(&mut got_dx),
+                    KArg::I32(rows as i32),
+                    KArg::I32(cols as i32),
+                    KArg::F32(1e-12),
                 ],
             )
             .unwrap();
         }
-        let name = format!("cross-entropy {rows}x{cols}");
-        check(
-            &format!("{name} loss"),
-            &column_sum(&part, 1),
-            &want_loss,
-            1e-6,
-        );
-        check(&format!("{name} dz"), &dz, &want_dz, 1e-6);
-    }
+        check("l2norm y", &got_y, &want_y, 1e-6);
+        // The zero row's gradient is dy / eps (1e12-scale): compare relative to magnitude.
+        check("l2norm dx", &got_dx, &want_dx, 1e-5);
+    });
 }
 
-/// Mirrors `struct AdamwChunk` in kernels/adamw.cu.
+#[test]
+fn cross_entropy_matches_cpu() {
+    each_backend(|r| {
+        for &(rows, cols) in &[(37usize, 5usize), (9, 77)] {
+            let z: Vec<f32> = randn(rows * cols, 41).iter().map(|v| 4.0 * v).collect();
+            let labels: Vec<i64> = (0..rows).map(|r| ((r * 7 + 3) % cols) as i64).collect();
+            let zt = t(&z, &[rows, cols]).into_trainable();
+            let lt = Tensor::from_vec(labels.clone(), rows, Device::Cpu).unwrap();
+            let loss = sd2::ops::loss::cross_entropy(&zt, &lt).unwrap();
+            let g = loss.scale(0.7).unwrap().backward().unwrap();
+            let (want_loss, want_dz) = (host(&loss), host(g.get(&zt).unwrap()));
+            let (mut part, mut lse, mut dz) = (
+                vec![f32::NAN; rows],
+                vec![f32::NAN; rows],
+                vec![f32::NAN; rows * cols],
+            );
+            let dloss = 0.7f32;
+            unsafe {
+                r.launch(
+                    "cross_entropy_fwd_f32",
+                    cfg1(3, 64),
+                    &mut [
+                        KArg::input(&z),
+                        KArg::input(&labels),
+                        KArg::output(&mut part),
+                        KArg::output(&mut lse),
+                        KArg::I32(rows as i32),
+                        KArg::I32(cols as i32),
+                    ],
+                )
+                .unwrap();
+                r.launch(
+                    "cross_entropy_bwd_f32",
+                    cfg1(4, 64),
+                    &mut [
+                        KArg::input(&z),
+                        KArg::input(&labels),
+                        KArg::input(&lse),
+                        KArg::scalar(&dloss),
+                        KArg::output(&mut dz),
+                        KArg::I32(rows as i32),
+                        KArg::I32(cols as i32),
+                    ],
+                )
+                .unwrap();
+            }
+            let name = format!("cross-entropy {rows}x{cols}");
+            check(
+                &format!("{name} loss"),
+                &column_sum(r, &part, 1),
+                &want_loss,
+                1e-6,
+            );
+            check(&format!("{name} dz"), &dz, &want_dz, 1e-6);
+        }
+    });
+}
+
+/// Mirrors `struct AdamwChunk` in kernels/adamw.cu (pointers as the runner's addresses).
 #[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct AdamwChunk {
-    p: *mut f32,
-    g: *const f32,
-    m: *mut f32,
-    v: *mut f32,
+    p: u64,
+    g: u64,
+    m: u64,
+    v: u64,
     begin: i64,
     end: i64,
     weight_decay: f32,
@@ -543,232 +616,244 @@ struct AdamwChunk {
 
 #[test]
 fn adamw_multi_tensor_and_grad_norm_match_cpu() {
-    use sd2::backend::AdamWStep;
-    // Two tensors (one with weight decay), the larger split into pieces with a tail.
-    let sizes = [1000usize, 37];
-    let decay = [0.01f32, 0.0];
-    let mut p: Vec<Vec<f32>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| randn(n, 50 + k as u64))
-        .collect();
-    let g: Vec<Vec<f32>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| randn(n, 60 + k as u64))
-        .collect();
-    let mut m: Vec<Vec<f32>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| randn(n, 70 + k as u64).iter().map(|v| 0.1 * v).collect())
-        .collect();
-    let mut v: Vec<Vec<f32>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| {
-            randn(n, 80 + k as u64)
-                .iter()
-                .map(|x| 0.01 * x * x)
-                .collect()
-        })
-        .collect();
-    let step = |wd: f32| AdamWStep {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: wd as f64,
-        bias1: 1.0 - 0.9f64.powi(3),
-        bias2: 1.0 - 0.999f64.powi(3),
-        grad_scale: 0.5,
-    };
-    let mut want: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = vec![];
-    for k in 0..2 {
-        let (mut pp, mut mm, mut vv) = (p[k].clone(), m[k].clone(), v[k].clone());
-        sd2::backend::cpu::optim::adamw(&mut pp, &g[k], &mut mm, &mut vv, step(decay[k]));
-        want.push((pp, mm, vv));
-    }
-    let want_sq: f64 = g.iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum();
-    let mut chunks = vec![];
-    for k in 0..2 {
-        let mut b = 0;
-        while b < sizes[k] {
-            let e = (b + 300).min(sizes[k]);
-            chunks.push(AdamwChunk {
-                p: p[k].as_mut_ptr(),
-                g: g[k].as_ptr(),
-                m: m[k].as_mut_ptr(),
-                v: v[k].as_mut_ptr(),
-                begin: b as i64,
-                end: e as i64,
-                weight_decay: decay[k],
-                pad: 0.0,
-            });
-            b = e;
+    each_backend(|r| {
+        use sd2::backend::AdamWStep;
+        // Two tensors (one with weight decay), the larger split into pieces with a tail.
+        let sizes = [1000usize, 37];
+        let decay = [0.01f32, 0.0];
+        let mut p: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| randn(n, 50 + k as u64))
+            .collect();
+        let g: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| randn(n, 60 + k as u64))
+            .collect();
+        let mut m: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| randn(n, 70 + k as u64).iter().map(|v| 0.1 * v).collect())
+            .collect();
+        let mut v: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                randn(n, 80 + k as u64)
+                    .iter()
+                    .map(|x| 0.01 * x * x)
+                    .collect()
+            })
+            .collect();
+        let step = |wd: f32| AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: wd as f64,
+            bias1: 1.0 - 0.9f64.powi(3),
+            bias2: 1.0 - 0.999f64.powi(3),
+            grad_scale: 0.5,
+        };
+        let mut want: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = vec![];
+        for k in 0..2 {
+            let (mut pp, mut mm, mut vv) = (p[k].clone(), m[k].clone(), v[k].clone());
+            sd2::backend::cpu::optim::adamw(&mut pp, &g[k], &mut mm, &mut vv, step(decay[k]));
+            want.push((pp, mm, vv));
         }
-    }
-    let mut parts = vec![f32::NAN; chunks.len()];
-    let s = step(0.0);
-    unsafe {
-        launch(
-            "sum_sq_multi_f32",
-            cfg1(2, 64),
-            &[
-                Arg::ptr(chunks.as_ptr()),
-                Arg::I32(chunks.len() as i32),
-                Arg::mut_ptr(parts.as_mut_ptr()),
-            ],
-        )
-        .unwrap();
-        launch(
-            "adamw_multi_f32",
-            cfg1(3, 64),
-            &[
-                Arg::ptr(chunks.as_ptr()),
-                Arg::I32(chunks.len() as i32),
-                Arg::F32(s.lr as f32),
-                Arg::F32(s.beta1 as f32),
-                Arg::F32(s.beta2 as f32),
-                Arg::F32(s.eps as f32),
-                Arg::F32(s.bias1 as f32),
-                Arg::F32(s.bias2 as f32),
-                Arg::F32(s.grad_scale as f32),
-            ],
-        )
-        .unwrap();
-    }
-    let got_sq: f64 = parts.iter().map(|x| *x as f64).sum();
-    check(
-        "grad sum of squares",
-        &[got_sq as f32],
-        &[want_sq as f32],
-        1e-6,
-    );
-    for k in 0..2 {
-        check(&format!("adamw tensor {k} p"), &p[k], &want[k].0, 1e-6);
-        check(&format!("adamw tensor {k} m"), &m[k], &want[k].1, 1e-6);
-        check(&format!("adamw tensor {k} v"), &v[k], &want[k].2, 1e-6);
-    }
+        let want_sq: f64 = g.iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum();
+        // The kernel reaches the tensors through the table: they live in the runner's memory.
+        let put = |v: &[Vec<f32>]| -> Vec<_> { v.iter().map(|x| r.buffer(x).unwrap()).collect() };
+        let (pb, gb, mb, vb) = (put(&p), put(&g), put(&m), put(&v));
+        let mut chunks = vec![];
+        for k in 0..2 {
+            let mut b = 0;
+            while b < sizes[k] {
+                let e = (b + 300).min(sizes[k]);
+                chunks.push(AdamwChunk {
+                    p: pb[k].addr(),
+                    g: gb[k].addr(),
+                    m: mb[k].addr(),
+                    v: vb[k].addr(),
+                    begin: b as i64,
+                    end: e as i64,
+                    weight_decay: decay[k],
+                    pad: 0.0,
+                });
+                b = e;
+            }
+        }
+        let mut parts = vec![f32::NAN; chunks.len()];
+        let s = step(0.0);
+        unsafe {
+            r.launch(
+                "sum_sq_multi_f32",
+                cfg1(2, 64),
+                &mut [
+                    KArg::input(&chunks),
+                    KArg::I32(chunks.len() as i32),
+                    KArg::output(&mut parts),
+                ],
+            )
+            .unwrap();
+            r.launch(
+                "adamw_multi_f32",
+                cfg1(3, 64),
+                &mut [
+                    KArg::input(&chunks),
+                    KArg::I32(chunks.len() as i32),
+                    KArg::F32(s.lr as f32),
+                    KArg::F32(s.beta1 as f32),
+                    KArg::F32(s.beta2 as f32),
+                    KArg::F32(s.eps as f32),
+                    KArg::F32(s.bias1 as f32),
+                    KArg::F32(s.bias2 as f32),
+                    KArg::F32(s.grad_scale as f32),
+                ],
+            )
+            .unwrap();
+        }
+        for k in 0..2 {
+            p[k] = r.read(&pb[k]).unwrap();
+            m[k] = r.read(&mb[k]).unwrap();
+            v[k] = r.read(&vb[k]).unwrap();
+        }
+        let got_sq: f64 = parts.iter().map(|x| *x as f64).sum();
+        check(
+            "grad sum of squares",
+            &[got_sq as f32],
+            &[want_sq as f32],
+            1e-6,
+        );
+        for k in 0..2 {
+            check(&format!("adamw tensor {k} p"), &p[k], &want[k].0, 1e-6);
+            check(&format!("adamw tensor {k} m"), &m[k], &want[k].1, 1e-6);
+            check(&format!("adamw tensor {k} v"), &v[k], &want[k].2, 1e-6);
+        }
+    });
 }
 
 #[test]
 fn gather_scatter_patchify_and_casts_match_cpu() {
-    // Embedding gather and its gradient (deterministic scatter-add, repeated ids).
-    let (vocab, cols, n) = (11usize, 24usize, 9usize);
-    let table = randn(vocab * cols, 90);
-    let ids: Vec<i64> = vec![3, 0, 10, 3, 7, 3, 1, 10, 5];
-    let tt = t(&table, &[vocab, cols]).into_trainable();
-    let it = Tensor::from_vec(ids.clone(), n, Device::Cpu).unwrap();
-    let e = Tensor::embedding(&tt, &it).unwrap();
-    let dy = randn(n * cols, 91);
-    let g = e
-        .mul(&t(&dy, &[n, cols]))
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let (mut rows, mut dtable) = (vec![f32::NAN; n * cols], vec![0.0f32; vocab * cols]);
-    unsafe {
-        launch(
-            "index_rows_f32",
-            cfg1(2, 32),
-            &[
-                Arg::ptr(table.as_ptr()),
-                Arg::ptr(ids.as_ptr()),
-                Arg::mut_ptr(rows.as_mut_ptr()),
-                Arg::I32(n as i32),
-                Arg::I32(cols as i32),
-            ],
-        )
-        .unwrap();
-        launch(
-            "index_add_rows_f32",
-            cfg1(1, 32),
-            &[
-                Arg::ptr(dy.as_ptr()),
-                Arg::ptr(ids.as_ptr()),
-                Arg::mut_ptr(dtable.as_mut_ptr()),
-                Arg::I32(n as i32),
-                Arg::I32(cols as i32),
-            ],
-        )
-        .unwrap();
-    }
-    check("embedding gather", &rows, &host(&e), 0.0);
-    check(
-        "embedding scatter-add",
-        &dtable,
-        &host(g.get(&tt).unwrap()),
-        1e-6,
-    );
-    // Patchify with trailing pixels dropped (H = 19, W = 17, p = 4).
-    let (b, c, h, w, p) = (2usize, 3usize, 19usize, 17usize, 4usize);
-    let x = randn(b * c * h * w, 92);
-    let want = host(&t(&x, &[b, c, h, w]).patchify(p).unwrap());
-    let mut got = vec![f32::NAN; want.len()];
-    unsafe {
-        launch(
-            "patchify_f32",
-            cfg1(3, 64),
-            &[
-                Arg::ptr(x.as_ptr()),
-                Arg::mut_ptr(got.as_mut_ptr()),
-                Arg::I32(b as i32),
-                Arg::I32(c as i32),
-                Arg::I32(h as i32),
-                Arg::I32(w as i32),
-                Arg::I32(p as i32),
-            ],
-        )
-        .unwrap();
-    }
-    check("patchify", &got, &want, 0.0);
-    // Casts round to nearest even, as `half` does; specials survive.
-    let mut vals = randn(100, 93);
-    vals.extend([
-        0.0,
-        -0.0,
-        f32::INFINITY,
-        -f32::INFINITY,
-        1e-40,
-        3.0e38,
-        1.0 + 1.0 / 256.0,
-    ]);
-    let mut bf = vec![half::bf16::from_bits(0xffff); vals.len()];
-    let mut back = vec![f32::NAN; vals.len()];
-    unsafe {
-        launch(
-            "cast_f32_bf16",
-            cfg1(1, 64),
-            &[
-                Arg::ptr(vals.as_ptr()),
-                Arg::mut_ptr(bf.as_mut_ptr()),
-                Arg::U64(vals.len() as u64),
-            ],
-        )
-        .unwrap();
-        launch(
-            "cast_bf16_f32",
-            cfg1(1, 64),
-            &[
-                Arg::ptr(bf.as_ptr()),
-                Arg::mut_ptr(back.as_mut_ptr()),
-                Arg::U64(vals.len() as u64),
-            ],
-        )
-        .unwrap();
-    }
-    let want_bits: Vec<u16> = vals
-        .iter()
-        .map(|v| half::bf16::from_f32(*v).to_bits())
-        .collect();
-    let got_bits: Vec<u16> = bf.iter().map(|v| v.to_bits()).collect();
-    assert_eq!(got_bits, want_bits, "f32 → bf16 bits");
-    assert!(back
-        .iter()
-        .zip(&bf)
-        .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()));
+    each_backend(|r| {
+        // Embedding gather and its gradient (deterministic scatter-add, repeated ids).
+        let (vocab, cols, n) = (11usize, 24usize, 9usize);
+        let table = randn(vocab * cols, 90);
+        let ids: Vec<i64> = vec![3, 0, 10, 3, 7, 3, 1, 10, 5];
+        let tt = t(&table, &[vocab, cols]).into_trainable();
+        let it = Tensor::from_vec(ids.clone(), n, Device::Cpu).unwrap();
+        let e = Tensor::embedding(&tt, &it).unwrap();
+        let dy = randn(n * cols, 91);
+        let g = e
+            .mul(&t(&dy, &[n, cols]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let (mut rows, mut dtable) = (vec![f32::NAN; n * cols], vec![0.0f32; vocab * cols]);
+        unsafe {
+            r.launch(
+                "index_rows_f32",
+                cfg1(2, 32),
+                &mut [
+                    KArg::input(&table),
+                    KArg::input(&ids),
+                    KArg::output(&mut rows),
+                    KArg::I32(n as i32),
+                    KArg::I32(cols as i32),
+                ],
+            )
+            .unwrap();
+            r.launch(
+                "index_add_rows_f32",
+                cfg1(1, 32),
+                &mut [
+                    KArg::input(&dy),
+                    KArg::input(&ids),
+                    KArg::output(&mut dtable),
+                    KArg::I32(n as i32),
+                    KArg::I32(cols as i32),
+                ],
+            )
+            .unwrap();
+        }
+        check("embedding gather", &rows, &host(&e), 0.0);
+        check(
+            "embedding scatter-add",
+            &dtable,
+            &host(g.get(&tt).unwrap()),
+            1e-6,
+        );
+        // Patchify with trailing pixels dropped (H = 19, W = 17, p = 4).
+        let (b, c, h, w, p) = (2usize, 3usize, 19usize, 17usize, 4usize);
+        let x = randn(b * c * h * w, 92);
+        let want = host(&t(&x, &[b, c, h, w]).patchify(p).unwrap());
+        let mut got = vec![f32::NAN; want.len()];
+        unsafe {
+            r.launch(
+                "patchify_f32",
+                cfg1(3, 64),
+                &mut [
+                    KArg::input(&x),
+                    KArg::output(&mut got),
+                    KArg::I32(b as i32),
+                    KArg::I32(c as i32),
+                    KArg::I32(h as i32),
+                    KArg::I32(w as i32),
+                    KArg::I32(p as i32),
+                ],
+            )
+            .unwrap();
+        }
+        check("patchify", &got, &want, 0.0);
+        // Casts round to nearest even, as `half` does; specials survive.
+        let mut vals = randn(100, 93);
+        vals.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            -f32::INFINITY,
+            1e-40,
+            3.0e38,
+            1.0 + 1.0 / 256.0,
+        ]);
+        let mut bf = vec![half::bf16::from_bits(0xffff); vals.len()];
+        let mut back = vec![f32::NAN; vals.len()];
+        unsafe {
+            r.launch(
+                "cast_f32_bf16",
+                cfg1(1, 64),
+                &mut [
+                    KArg::input(&vals),
+                    KArg::output(&mut bf),
+                    KArg::U64(vals.len() as u64),
+                ],
+            )
+            .unwrap();
+            r.launch(
+                "cast_bf16_f32",
+                cfg1(1, 64),
+                &mut [
+                    KArg::input(&bf),
+                    KArg::output(&mut back),
+                    KArg::U64(vals.len() as u64),
+                ],
+            )
+            .unwrap();
+        }
+        let want_bits: Vec<u16> = vals
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        let got_bits: Vec<u16> = bf.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got_bits, want_bits, "f32 → bf16 bits");
+        assert!(back
+            .iter()
+            .zip(&bf)
+            .all(|(a, b)| a.to_bits() == b.to_f32().to_bits()));
+    });
 }
 
 /// out, lse, dq, dk, dv of the CPU attention op for q [b, sq, width], k/v [b, skv, width] and
@@ -818,98 +903,103 @@ fn attention_reference(
 /// out, lse, dq, dk, dv against the CPU attention op (f32; CLAM's shape also in bf16 storage).
 #[test]
 fn clam_attention_matches_cpu() {
-    for &(b, heads, sq, skv, d, causal, bf) in &[
-        (3usize, 8usize, 24usize, 24usize, 128usize, false, false),
-        (2, 3, 5, 5, 24, true, false),
-        (2, 2, 7, 13, 16, true, false),
-        (2, 8, 24, 24, 128, false, true),
-    ] {
-        let width = heads * d;
-        let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
-        let q = round(randn(b * sq * width, 101));
-        let k = round(randn(b * skv * width, 102));
-        let v = round(randn(b * skv * width, 103));
-        let dout = round(randn(b * sq * width, 104));
-        let want = attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
-        let (qb, kb, vb, dob) = (
-            Buf::new(&q, bf),
-            Buf::new(&k, bf),
-            Buf::new(&v, bf),
-            Buf::new(&dout, bf),
-        );
-        let mut got_o = Buf::poisoned(b * sq * width, bf);
-        let mut got_lse = vec![f32::NAN; b * heads * sq];
-        let (mut dq, mut dk, mut dv) = (
-            Buf::poisoned(b * sq * width, bf),
-            Buf::poisoned(b * skv * width, bf),
-            Buf::poisoned(b * skv * width, bf),
-        );
-        let suffix = if bf { "bf16" } else { "f32" };
-        let fwd_smem = ((sq + 2 * skv) * d + sq * skv) * 4;
-        let bwd_smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
-        let dims = [
-            Arg::I32(b as i32),
-            Arg::I32(heads as i32),
-            Arg::I32(sq as i32),
-            Arg::I32(skv as i32),
-            Arg::I32(d as i32),
-            Arg::I32(causal as i32),
-            Arg::F32(1.0 / (d as f32).sqrt()),
-        ];
-        unsafe {
-            let mut args = vec![
-                qb.arg(),
-                kb.arg(),
-                vb.arg(),
-                got_o.arg_mut(),
-                Arg::mut_ptr(got_lse.as_mut_ptr()),
-            ];
-            args.extend(dims);
-            launch(
-                &format!("clam_attention_fwd_{suffix}"),
-                LaunchConfig {
-                    grid: (5, 1, 1),
-                    block: (128, 1, 1),
-                    shared_mem_bytes: fwd_smem as u32,
-                },
-                &args,
-            )
-            .unwrap();
-            let mut args = vec![
-                qb.arg(),
-                kb.arg(),
-                vb.arg(),
-                got_o.arg(),
-                Arg::ptr(got_lse.as_ptr()),
-                dob.arg(),
-                dq.arg_mut(),
-                dk.arg_mut(),
-                dv.arg_mut(),
-            ];
-            args.extend(dims);
-            launch(
-                &format!("clam_attention_bwd_{suffix}"),
-                LaunchConfig {
-                    grid: (4, 1, 1),
-                    block: (96, 1, 1),
-                    shared_mem_bytes: bwd_smem as u32,
-                },
-                &args,
-            )
-            .unwrap();
-        }
-        let tol = if bf { 1e-2 } else { 2e-5 };
-        let name = format!("attention {suffix} b{b} h{heads} sq{sq} skv{skv} d{d} causal {causal}");
-        for (what, got, want) in [
-            ("out", got_o.get(), &want[0]),
-            ("lse", got_lse.clone(), &want[1]),
-            ("dq", dq.get(), &want[2]),
-            ("dk", dk.get(), &want[3]),
-            ("dv", dv.get(), &want[4]),
+    each_backend(|r| {
+        for &(b, heads, sq, skv, d, causal, bf) in &[
+            (3usize, 8usize, 24usize, 24usize, 128usize, false, false),
+            (2, 3, 5, 5, 24, true, false),
+            (2, 2, 7, 13, 16, true, false),
+            (2, 8, 24, 24, 128, false, true),
         ] {
-            check(&format!("{name} {what}"), &got, want, tol);
+            let width = heads * d;
+            let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
+            let q = round(randn(b * sq * width, 101));
+            let k = round(randn(b * skv * width, 102));
+            let v = round(randn(b * skv * width, 103));
+            let dout = round(randn(b * sq * width, 104));
+            let want = attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
+            let (qb, kb, vb, dob) = (
+                Buf::new(&q, bf),
+                Buf::new(&k, bf),
+                Buf::new(&v, bf),
+                Buf::new(&dout, bf),
+            );
+            let mut got_o = Buf::poisoned(b * sq * width, bf);
+            let mut got_lse = vec![f32::NAN; b * heads * sq];
+            let (mut dq, mut dk, mut dv) = (
+                Buf::poisoned(b * sq * width, bf),
+                Buf::poisoned(b * skv * width, bf),
+                Buf::poisoned(b * skv * width, bf),
+            );
+            let suffix = if bf { "bf16" } else { "f32" };
+            let fwd_smem = ((sq + 2 * skv) * d + sq * skv) * 4;
+            let bwd_smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
+            let dims = || {
+                [
+                    KArg::I32(b as i32),
+                    KArg::I32(heads as i32),
+                    KArg::I32(sq as i32),
+                    KArg::I32(skv as i32),
+                    KArg::I32(d as i32),
+                    KArg::I32(causal as i32),
+                    KArg::F32(1.0 / (d as f32).sqrt()),
+                ]
+            };
+            unsafe {
+                let mut args = vec![
+                    qb.arg(),
+                    kb.arg(),
+                    vb.arg(),
+                    got_o.arg_mut(),
+                    KArg::output(&mut got_lse),
+                ];
+                args.extend(dims());
+                r.launch(
+                    &format!("clam_attention_fwd_{suffix}"),
+                    LaunchConfig {
+                        grid: (5, 1, 1),
+                        block: (128, 1, 1),
+                        shared_mem_bytes: fwd_smem as u32,
+                    },
+                    &mut args,
+                )
+                .unwrap();
+                let mut args = vec![
+                    qb.arg(),
+                    kb.arg(),
+                    vb.arg(),
+                    got_o.arg(),
+                    KArg::input(&got_lse),
+                    dob.arg(),
+                    dq.arg_mut(),
+                    dk.arg_mut(),
+                    dv.arg_mut(),
+                ];
+                args.extend(dims());
+                r.launch(
+                    &format!("clam_attention_bwd_{suffix}"),
+                    LaunchConfig {
+                        grid: (4, 1, 1),
+                        block: (96, 1, 1),
+                        shared_mem_bytes: bwd_smem as u32,
+                    },
+                    &mut args,
+                )
+                .unwrap();
+            }
+            let tol = if bf { 1e-2 } else { 2e-5 };
+            let name =
+                format!("attention {suffix} b{b} h{heads} sq{sq} skv{skv} d{d} causal {causal}");
+            for (what, got, want) in [
+                ("out", got_o.get(), &want[0]),
+                ("lse", got_lse.clone(), &want[1]),
+                ("dq", dq.get(), &want[2]),
+                ("dk", dk.get(), &want[3]),
+                ("dv", dv.get(), &want[4]),
+            ] {
+                check(&format!("{name} {what}"), &got, want, tol);
+            }
         }
-    }
+    });
 }
 
 /// A kernel buffer with f32 or bf16 storage.
@@ -930,16 +1020,16 @@ impl Buf {
     fn poisoned(n: usize, bf: bool) -> Buf {
         Buf::new(&vec![f32::NAN; n], bf)
     }
-    fn arg(&self) -> Arg {
+    fn arg(&self) -> KArg<'_> {
         match self {
-            Buf::F(v) => Arg::ptr(v.as_ptr()),
-            Buf::B(v) => Arg::ptr(v.as_ptr()),
+            Buf::F(v) => KArg::input(v),
+            Buf::B(v) => KArg::input(v),
         }
     }
-    fn arg_mut(&mut self) -> Arg {
+    fn arg_mut(&mut self) -> KArg<'_> {
         match self {
-            Buf::F(v) => Arg::mut_ptr(v.as_mut_ptr()),
-            Buf::B(v) => Arg::mut_ptr(v.as_mut_ptr()),
+            Buf::F(v) => KArg::output(v),
+            Buf::B(v) => KArg::output(v),
         }
     }
     fn get(&self) -> Vec<f32> {
@@ -956,127 +1046,121 @@ impl Buf {
 /// with the reference fed the same bf16-rounded inputs.
 #[test]
 fn flash_attention_matches_cpu() {
-    let d = 64usize;
-    for &(b, heads, sq, skv, causal, bf) in &[
-        (3usize, 2usize, 257usize, 257usize, false, false),
-        (3, 2, 77, 77, true, false),
-        (2, 1, 5, 5, false, false),
-        (2, 2, 7, 13, true, false),
-        (2, 2, 77, 77, true, true),
-        (2, 2, 7, 13, true, true),
-    ] {
-        let width = heads * d;
-        let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
-        let q = round(randn(b * sq * width, 201));
-        let k = round(randn(b * skv * width, 202));
-        let v = round(randn(b * skv * width, 203));
-        let dout = round(randn(b * sq * width, 204));
-        let want = attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
-        let scale = 1.0 / (d as f32).sqrt();
-        let bh = (b * heads) as u32;
-        let (qb, kb, vb, dob) = (
-            Buf::new(&q, bf),
-            Buf::new(&k, bf),
-            Buf::new(&v, bf),
-            Buf::new(&dout, bf),
-        );
-        let mut got_o = Buf::poisoned(b * sq * width, bf);
-        let mut got_lse = vec![f32::NAN; b * heads * sq];
-        let mut delta = vec![f32::NAN; b * heads * sq];
-        let (mut dq, mut dk, mut dv) = (
-            Buf::poisoned(b * sq * width, bf),
-            Buf::poisoned(b * skv * width, bf),
-            Buf::poisoned(b * skv * width, bf),
-        );
-        let suffix = if bf { "bf16" } else { "f32" };
-        let tail = [
-            Arg::I32(heads as i32),
-            Arg::I32(sq as i32),
-            Arg::I32(skv as i32),
-            Arg::I32(causal as i32),
-            Arg::F32(scale),
-        ];
-        unsafe {
-            let mut a = vec![
-                qb.arg(),
-                kb.arg(),
-                vb.arg(),
-                got_o.arg_mut(),
-                Arg::mut_ptr(got_lse.as_mut_ptr()),
-            ];
-            a.extend(tail);
-            launch(
-                &format!("flash_fwd_d64_{suffix}"),
-                LaunchConfig {
-                    grid: ((sq as u32).div_ceil(64), bh, 1),
-                    block: (64, 1, 1),
-                    shared_mem_bytes: (2 * 64 * d * 4) as u32,
-                },
-                &a,
-            )
-            .unwrap();
-            launch(
-                &format!("flash_delta_{suffix}"),
-                cfg1(3, 64),
-                &[
-                    got_o.arg(),
-                    dob.arg(),
-                    Arg::mut_ptr(delta.as_mut_ptr()),
-                    Arg::I32(b as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(sq as i32),
-                    Arg::I32(d as i32),
-                ],
-            )
-            .unwrap();
-            let common = [
-                qb.arg(),
-                kb.arg(),
-                vb.arg(),
-                Arg::ptr(got_lse.as_ptr()),
-                Arg::ptr(delta.as_ptr()),
-                dob.arg(),
-            ];
-            let mut a = common.to_vec();
-            a.push(dq.arg_mut());
-            a.extend(tail);
-            launch(
-                &format!("flash_dq_d64_{suffix}"),
-                LaunchConfig {
-                    grid: ((sq as u32).div_ceil(32), bh, 1),
-                    block: (32, 1, 1),
-                    shared_mem_bytes: ((2 * 32 * (d + 1) + 2 * 32 * d) * 4) as u32,
-                },
-                &a,
-            )
-            .unwrap();
-            let mut a = common.to_vec();
-            a.push(dk.arg_mut());
-            a.push(dv.arg_mut());
-            a.extend(tail);
-            launch(
-                &format!("flash_dkdv_d64_{suffix}"),
-                LaunchConfig {
-                    grid: ((skv as u32).div_ceil(32), bh, 1),
-                    block: (32, 1, 1),
-                    shared_mem_bytes: ((2 * 32 * (d + 1) + 2 * 32 * d + 2 * 32) * 4) as u32,
-                },
-                &a,
-            )
-            .unwrap();
-        }
-        // bf16: each stored output rounded once (2^-8 relative), and the backward reads the
-        // rounded O for D_i.
-        let tol = if bf { 1e-2 } else { 3e-5 };
-        let name = format!("flash {suffix} b{b} h{heads} sq{sq} skv{skv} causal {causal}");
-        for (what, got, want) in [
-            ("out", got_o.get(), &want[0]),
-            ("lse", got_lse.clone(), &want[1]),
-            ("dq", dq.get(), &want[2]),
-            ("dk", dk.get(), &want[3]),
-            ("dv", dv.get(), &want[4]),
+    each_backend(|r| {
+        let d = 64usize;
+        for &(b, heads, sq, skv, causal, bf) in &[
+            (3usize, 2usize, 257usize, 257usize, false, false),
+            (3, 2, 77, 77, true, false),
+            (2, 1, 5, 5, false, false),
+            (2, 2, 7, 13, true, false),
+            (2, 2, 77, 77, true, true),
+            (2, 2, 7, 13, true, true),
         ] {
-            check(&format!("{name} {what}"), &got, want, tol);
+            let width = heads * d;
+            let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
+            let q = round(randn(b * sq * width, 201));
+            let k = round(randn(b * skv * width, 202));
+            let v = round(randn(b * skv * width, 203));
+            let dout = round(randn(b * sq * width, 204));
+            let want = attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
+            let scale = 1.0 / (d as f32).sqrt();
+            let bh = b * heads;
+            let (qb, kb, vb, dob) = (
+                Buf::new(&q, bf),
+                Buf::new(&k, bf),
+                Buf::new(&v, bf),
+                Buf::new(&dout, bf),
+            );
+            let mut got_o = Buf::poisoned(b * sq * width, bf);
+            let mut got_lse = vec![f32::NAN; b * heads * sq];
+            let mut delta = vec![f32::NAN; b * heads * sq];
+            let (mut dq, mut dk, mut dv) = (
+                Buf::poisoned(b * sq * width, bf),
+                Buf::poisoned(b * skv * width, bf),
+                Buf::poisoned(b * skv * width, bf),
+            );
+            let suffix = if bf { "bf16" } else { "f32" };
+            let tail = || {
+                [
+                    KArg::I32(heads as i32),
+                    KArg::I32(sq as i32),
+                    KArg::I32(skv as i32),
+                    KArg::I32(causal as i32),
+                    KArg::F32(scale),
+                ]
+            };
+            unsafe {
+                let mut a = vec![
+                    qb.arg(),
+                    kb.arg(),
+                    vb.arg(),
+                    got_o.arg_mut(),
+                    KArg::output(&mut got_lse),
+                ];
+                a.extend(tail());
+                r.launch(
+                    &format!("flash_fwd_d64_{suffix}"),
+                    flash::fwd_config(bh, sq, d),
+                    &mut a,
+                )
+                .unwrap();
+                r.launch(
+                    &format!("flash_delta_{suffix}"),
+                    flash::delta_config(b * heads * sq),
+                    &mut [
+                        got_o.arg(),
+                        dob.arg(),
+                        KArg::output(&mut delta),
+                        KArg::I32(b as i32),
+                        KArg::I32(heads as i32),
+                        KArg::I32(sq as i32),
+                        KArg::I32(d as i32),
+                    ],
+                )
+                .unwrap();
+                let common = || {
+                    [
+                        qb.arg(),
+                        kb.arg(),
+                        vb.arg(),
+                        KArg::input(&got_lse),
+                        KArg::input(&delta),
+                        dob.arg(),
+                    ]
+                };
+                let mut a = Vec::from(common());
+                a.push(dq.arg_mut());
+                a.extend(tail());
+                r.launch(
+                    &format!("flash_dq_d64_{suffix}"),
+                    flash::dq_config(bh, sq, d),
+                    &mut a,
+                )
+                .unwrap();
+                let mut a = Vec::from(common());
+                a.push(dk.arg_mut());
+                a.push(dv.arg_mut());
+                a.extend(tail());
+                r.launch(
+                    &format!("flash_dkdv_d64_{suffix}"),
+                    flash::dkdv_config(bh, skv, d),
+                    &mut a,
+                )
+                .unwrap();
+            }
+            // bf16: each stored output rounded once (2^-8 relative), and the backward reads the
+            // rounded O for D_i.
+            let tol = if bf { 1e-2 } else { 3e-5 };
+            let name = format!("flash {suffix} b{b} h{heads} sq{sq} skv{skv} causal {causal}");
+            for (what, got, want) in [
+                ("out", got_o.get(), &want[0]),
+                ("lse", got_lse.clone(), &want[1]),
+                ("dq", dq.get(), &want[2]),
+                ("dk", dk.get(), &want[3]),
+                ("dv", dv.get(), &want[4]),
+            ] {
+                check(&format!("{name} {what}"), &got, want, tol);
+            }
         }
-    }
+    });
 }

@@ -1,6 +1,6 @@
-//! The CUDA device runtime. Tensors on `Device::Cuda` arrive with the CUDA backend issue; this
-//! module already owns the probing that must happen before cudarc is touched (cudarc panics when
-//! libcuda is missing), so `sd2 info` can say whether a GPU is usable.
+//! The CUDA side: the GPU runtime (`gpu`, feature `cuda`), the kernel simulator (`sim`, feature
+//! `cuda-sim`), one launch API over both (`launch::Runner`), the caching allocator, and the
+//! compiled kernels' resource reports. Tensor storage on `Device::Cuda` is not wired yet.
 use crate::{Error, Result};
 
 /// What the driver reports about one GPU.
@@ -16,25 +16,27 @@ pub const COMPILED: bool = cfg!(feature = "cuda");
 
 #[cfg(feature = "cuda")]
 pub fn probe() -> Result<Vec<GpuInfo>> {
-    // SAFETY: only checks whether the shared library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(Error::Cuda(
-            "libcuda not found (no NVIDIA driver on this machine)".into(),
-        ));
-    }
-    let count = cudarc::driver::CudaContext::device_count()
-        .map_err(|e| Error::Cuda(format!("device count: {e}")))?;
-    let mut out = vec![];
-    for ordinal in 0..count.max(0) as usize {
-        let ctx = cudarc::driver::CudaContext::new(ordinal)
-            .map_err(|e| Error::Cuda(format!("cuda:{ordinal}: {e}")))?;
-        out.push(GpuInfo {
-            ordinal,
-            name: ctx.name().map_err(|e| Error::Cuda(e.to_string()))?,
-            total_mem: ctx.total_mem().map_err(|e| Error::Cuda(e.to_string()))?,
-        });
-    }
-    Ok(out)
+    let first = gpu::Gpu::get(0);
+    let count = match &first {
+        Ok(_) => cudarc::driver::CudaContext::device_count()
+            .map_err(|e| Error::Cuda(format!("device count: {e}")))?
+            .max(0) as usize,
+        Err(e) if e.to_string().contains("only 0 GPU") => return Ok(vec![]),
+        Err(e) => return Err(Error::Cuda(e.to_string())),
+    };
+    (0..count)
+        .map(|ordinal| {
+            let g = gpu::Gpu::get(ordinal)?;
+            Ok(GpuInfo {
+                ordinal,
+                name: g.name.clone(),
+                total_mem: g
+                    .context()
+                    .total_mem()
+                    .map_err(|e| Error::Cuda(e.to_string()))?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -60,8 +62,26 @@ pub fn check_device(ordinal: usize) -> Result<()> {
 }
 
 pub mod alloc;
+#[cfg(feature = "cuda")]
+pub mod bench;
+pub mod flash;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod launch;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
+
+/// Whether a usable GPU is present in this build and machine (never panics).
+pub fn gpu_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::gpu_available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
 
 /// The compiled kernels (feature `cuda`): one fatbin per `kernels/*.cu` and its `ptxas -v`
 /// report.

@@ -5,6 +5,7 @@
 //! serialized (a kernel's `__shared__` arrays are process-wide statics in the simulation).
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
+pub use super::launch::{Arg, LaunchConfig};
 use crate::{Error, Result};
 
 extern "C" {
@@ -25,71 +26,14 @@ extern "C" {
     fn sd2_sim_kernel_name(i: c_int) -> *const c_char;
 }
 
-/// Grid, block and dynamic shared memory of a launch (as cudarc's `LaunchConfig`).
-#[derive(Clone, Copy, Debug)]
-pub struct LaunchConfig {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    pub shared_mem_bytes: u32,
-}
-
-/// One kernel argument, passed by value as in `cuLaunchKernel`.
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    Ptr(*mut c_void),
-    I32(i32),
-    F32(f32),
-    U64(u64),
-}
-
-impl Arg {
-    pub fn ptr<T>(p: *const T) -> Arg {
-        Arg::Ptr(p as *mut c_void)
-    }
-    pub fn mut_ptr<T>(p: *mut T) -> Arg {
-        Arg::Ptr(p as *mut c_void)
-    }
-    /// A null pointer (an optional input the kernel skips).
-    pub fn null() -> Arg {
-        Arg::Ptr(std::ptr::null_mut())
-    }
-}
-
-#[repr(C)]
-union Slot {
-    p: *mut c_void,
-    i: i32,
-    f: f32,
-    u: u64,
-}
-
 /// Runs kernel `name` in the simulator.
 ///
 /// # Safety
 /// Every pointer argument must point to host memory at least as large as the kernel reads or
 /// writes for this launch, as for a real launch; the simulator does not check bounds.
 pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let mut slots: Vec<Slot> = args
-        .iter()
-        .map(|a| match *a {
-            Arg::Ptr(p) => Slot { p },
-            Arg::I32(i) => {
-                let mut s = Slot { u: 0 };
-                s.i = i;
-                s
-            }
-            Arg::F32(f) => {
-                let mut s = Slot { u: 0 };
-                s.f = f;
-                s
-            }
-            Arg::U64(u) => Slot { u },
-        })
-        .collect();
-    let mut ptrs: Vec<*mut c_void> = slots
-        .iter_mut()
-        .map(|s| s as *mut Slot as *mut c_void)
-        .collect();
+    let mut slots = super::launch::marshal(args);
+    let mut ptrs = super::launch::param_ptrs(&mut slots);
     let cname = CString::new(name).map_err(|_| Error::Msg(format!("kernel name {name:?}")))?;
     let mut err = vec![0u8; 512];
     let rc = sd2_sim_launch(

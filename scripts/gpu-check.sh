@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# GPU checks in one lease (../shared/GPU.md). Two halves:
+#   scripts/gpu-check.sh bundle   here: build with --features cuda, copy stripped executables and
+#                                 this script into .device/ (gitignored, carried by the device tool)
+#   bash .device/gpu-check.sh     on the GPU machine: (1) kernel parity on the GPU against the CPU
+#                                 reference (the simulator tests, SD2_KERNEL_BACKENDS=gpu: fresh
+#                                 inputs, poisoned outputs), (2) compute-sanitizer memcheck and
+#                                 (3) racecheck on the same small sizes, (4) flash attention
+#                                 timings beside PyTorch SDPA on the same shapes; a table last.
+#                                 Logs under $OUT.
+set -uo pipefail
+
+if [ "${1:-}" = bundle ]; then
+    set -e
+    cd "$(dirname "$0")/.."
+    cargo build --release --features cuda --bin sd2
+    exe=$(cargo test --release --features cuda --test sim_kernels --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])' | tail -1)
+    rm -rf .device && mkdir -p .device
+    strip -o .device/sd2 target/release/sd2
+    strip -o .device/sim_kernels "$exe"
+    cp scripts/gpu-check.sh scripts/bench/sdpa_attention.py .device/
+    echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >.device/COMMIT
+    du -sh .device
+    echo "now: device run, carry [.device], command: bash .device/gpu-check.sh"
+    exit 0
+fi
+
+D=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-/tmp/sd2-gpu-check}
+mkdir -p "$OUT"
+export PATH=/usr/local/cuda/bin:$PATH
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export SD2_KERNEL_BACKENDS=gpu RUST_BACKTRACE=1
+status=()
+step() { # name rc
+    status+=("$(printf '%-22s %s' "$1" "$([ "$2" = 0 ] && echo ok || echo "FAILED (rc $2)")")")
+}
+
+echo "== sd2 $(cat "$D/COMMIT" 2>/dev/null) on $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+    --format=csv | tee "$OUT/gpu.txt"
+
+echo "== 1. kernel parity on the GPU (vs the CPU reference)"
+timeout 180 "$D/sim_kernels" --test-threads=1 --nocapture >"$OUT/parity.log" 2>&1
+rc=$?
+step "parity" $rc
+grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$OUT/parity.log" | grep -v "^test .* ok$" | tail -70
+
+for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool"
+    timeout 170 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+        "$D/sim_kernels" --test-threads=1 >"$OUT/$tool.log" 2>&1
+    rc=$?
+    step "$tool" $rc
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|test result|panicked" "$OUT/$tool.log" | tail -8
+done
+
+echo "== flash attention timings: sd2 vs PyTorch SDPA (same shapes, same lease)"
+timeout 150 "$D/sd2" bench flash --json "$OUT/flash_sd2.json"
+step "sd2 bench flash" $?
+PYTHONUNBUFFERED=1 timeout 150 python3 "$D/sdpa_attention.py" --json "$OUT/flash_sdpa.json"
+step "sdpa baseline" $?
+
+echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
+printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
+python3 - "$OUT/flash_sd2.json" "$OUT/flash_sdpa.json" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+try:
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
+except Exception as e:
+    print("no timing table:", e); sys.exit()
+print(f"{a['device']}  torch {b['torch']}  sdpa backends {b['backends']}")
+print(f"{'shape':<7} {'sd2 fwd ms':>10} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} {'ratio':>6} | "
+      f"{'sd2 bwd ms':>10} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} {'ratio':>6}")
+for x, y in zip(a["timings"], b["timings"]):
+    print(f"{x['shape']['name']:<7} {x['fwd_ms']:>10.3f} {x['fwd_tflops']:>6.1f} {y['fwd_ms']:>8.3f} "
+          f"{y['fwd_tflops']:>6.1f} {x['fwd_ms'] / y['fwd_ms']:>6.1f} | {x['bwd_ms']:>10.3f} "
+          f"{x['bwd_tflops']:>6.1f} {y['bwd_ms']:>8.3f} {y['bwd_tflops']:>6.1f} {x['bwd_ms'] / y['bwd_ms']:>6.1f}")
+print("ratio = sd2 time / SDPA time (lower is better for sd2)")
+PY

@@ -1,0 +1,52 @@
+//! Launch geometry of `kernels/flash_attention.cu` (variant 1), in one place for the tests, the
+//! benchmark and the ops: q [B, Sq, H·D], k/v [B, Skv, H·D], lse/delta [B, H, Sq] f32.
+use super::launch::LaunchConfig;
+
+/// The head dimension the compiled flash kernels take.
+pub const HEAD_DIM: usize = 64;
+
+/// Forward: one thread per query row, 64-row tiles, K/V tiles of 64 rows in f32 smem.
+pub fn fwd_config(batch_heads: usize, sq: usize, d: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: ((sq as u32).div_ceil(64), batch_heads as u32, 1),
+        block: (64, 1, 1),
+        shared_mem_bytes: (2 * 64 * d * 4) as u32,
+    }
+}
+
+/// D_i = ⟨dO_i, O_i⟩: one warp per row, grid-stride.
+pub fn delta_config(rows: usize) -> LaunchConfig {
+    LaunchConfig::linear((rows as u32).div_ceil(8).clamp(1, 65_535), 256)
+}
+
+/// dQ: one thread per query row, 32-row tiles.
+pub fn dq_config(batch_heads: usize, sq: usize, d: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: ((sq as u32).div_ceil(32), batch_heads as u32, 1),
+        block: (32, 1, 1),
+        shared_mem_bytes: ((2 * 32 * (d + 1) + 2 * 32 * d) * 4) as u32,
+    }
+}
+
+/// dK, dV: one thread per key row, 32-row tiles.
+pub fn dkdv_config(batch_heads: usize, skv: usize, d: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: ((skv as u32).div_ceil(32), batch_heads as u32, 1),
+        block: (32, 1, 1),
+        shared_mem_bytes: ((2 * 32 * (d + 1) + 2 * 32 * d + 2 * 32) * 4) as u32,
+    }
+}
+
+/// Matrix-multiply FLOPs of attention's forward (QKᵀ and PV, 2 flops per multiply-add), with
+/// only the visible (i, j) pairs counted when causal; the backward is 2.5× (FlashAttention's
+/// convention: five products, one of them the recomputed QKᵀ).
+pub fn fwd_flops(batch_heads: usize, sq: usize, skv: usize, d: usize, causal: bool) -> f64 {
+    let pairs: f64 = if causal {
+        (0..sq)
+            .map(|i| (i + 1 + skv.saturating_sub(sq)).min(skv) as f64)
+            .sum()
+    } else {
+        (sq * skv) as f64
+    };
+    4.0 * batch_heads as f64 * pairs * d as f64
+}

@@ -1,0 +1,345 @@
+//! The GPU runtime (feature `cuda`): one context and stream per device, the embedded fatbins
+//! loaded on first use (`cuModuleLoadData`, so the driver picks the sm_90a cubin or JIT-compiles
+//! the compute_80 PTX), kernels launched by name, device memory through the caching allocator,
+//! CUDA-event timing. Every driver failure becomes an `Error::Cuda` naming what was attempted;
+//! nothing here panics when there is no GPU or no driver.
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use super::alloc::{AllocStats, CachingAllocator, StreamAlloc};
+use super::launch::{marshal, param_ptrs, Arg, LaunchConfig};
+use crate::{Error, Result};
+
+/// Shared memory a block may use without opting in (`cuFuncSetAttribute`).
+const DEFAULT_SMEM: u32 = 48 * 1024;
+
+struct Function {
+    f: sys::CUfunction,
+    /// The dynamic shared memory limit set on it so far.
+    smem_limit: u32,
+}
+
+/// One GPU: context, stream, loaded modules, allocator.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    alloc: Mutex<CachingAllocator<StreamAlloc>>,
+    modules: Mutex<HashMap<usize, sys::CUmodule>>,
+    functions: Mutex<HashMap<String, Function>>,
+    /// Kernel name → index into `compiled::KERNELS`.
+    kernel_file: HashMap<String, usize>,
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub smem_optin: u32,
+}
+
+// SAFETY: the raw module/function handles are plain driver handles, valid in any thread once
+// the context is bound (every method binds it); the maps holding them are behind mutexes.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+fn drv(what: impl std::fmt::Display) -> impl FnOnce(result::DriverError) -> Error {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Gpu {
+    /// The GPU `cuda:ordinal`, created once per process.
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
+        static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let map = GPUS.get_or_init(Default::default);
+        let mut map = lock(map);
+        if let Some(g) = map.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        // cudarc panics on a missing or incomplete driver library; nothing may panic here.
+        let g = std::panic::catch_unwind(|| Gpu::new(ordinal)).map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::Cuda(format!("cuda:{ordinal}: driver library failed: {msg}"))
+        })??;
+        let g = Arc::new(g);
+        map.insert(ordinal, g.clone());
+        Ok(g)
+    }
+
+    /// `cuda:0`.
+    pub fn global() -> Result<Arc<Gpu>> {
+        Gpu::get(0)
+    }
+
+    fn new(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: only checks whether the shared library can be loaded.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "libcuda not found (no NVIDIA driver on this machine)".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(drv("cuDeviceGetCount"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Cuda(format!(
+                "cuda:{ordinal}: only {count} GPU(s) visible"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv(format!("cuda:{ordinal}: context")))?;
+        let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let attr = |a| ctx.attribute(a).map_err(drv("cuDeviceGetAttribute"));
+        use sys::CUdevice_attribute as A;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(drv("compute capability"))?;
+        let name = ctx.name().map_err(drv("device name"))?;
+        if compute_capability.0 < 8 {
+            return Err(Error::Cuda(format!(
+                "cuda:{ordinal} ({name}) has compute capability {}.{}; sd2's kernels need 8.0 or newer",
+                compute_capability.0, compute_capability.1
+            )));
+        }
+        let mut kernel_file = HashMap::new();
+        for (i, (file, _, report)) in super::compiled::KERNELS.iter().enumerate() {
+            for k in super::parse_ptxas(file, report) {
+                kernel_file.insert(k.kernel, i);
+            }
+        }
+        Ok(Gpu {
+            multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+            smem_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32,
+            alloc: Mutex::new(CachingAllocator::new(StreamAlloc {
+                ctx: ctx.clone(),
+                stream: stream.clone(),
+            })),
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            kernel_file,
+            ordinal,
+            name,
+            compute_capability,
+        })
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(drv("bind context"))
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Names of every kernel compiled into this build.
+    pub fn kernel_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.kernel_file.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Loads (once) the module holding `name` and returns the function with its current
+    /// dynamic shared-memory limit.
+    fn function(&self, name: &str) -> Result<(sys::CUfunction, u32)> {
+        if let Some(f) = lock(&self.functions).get(name) {
+            return Ok((f.f, f.smem_limit));
+        }
+        let file = *self.kernel_file.get(name).ok_or_else(|| {
+            Error::Cuda(format!(
+                "no kernel named `{name}` in this build's kernels/*.cu"
+            ))
+        })?;
+        self.bind()?;
+        let module = {
+            let mut modules = lock(&self.modules);
+            match modules.get(&file) {
+                Some(m) => *m,
+                None => {
+                    let (fname, image, _) = super::compiled::KERNELS[file];
+                    // The driver reads the fatbin in place; it must outlive the call only.
+                    let m = unsafe { result::module::load_data(image.as_ptr().cast()) }
+                        .map_err(drv(format!("load module kernels/{fname}.cu")))?;
+                    modules.insert(file, m);
+                    m
+                }
+            }
+        };
+        let cname = CString::new(name).map_err(|_| Error::Cuda(format!("kernel name {name:?}")))?;
+        // SAFETY: the module is loaded and never unloaded while the process runs.
+        let f = unsafe { result::module::get_function(module, cname) }
+            .map_err(drv(format!("cuModuleGetFunction({name})")))?;
+        lock(&self.functions).insert(
+            name.to_string(),
+            Function {
+                f,
+                smem_limit: DEFAULT_SMEM,
+            },
+        );
+        Ok((f, DEFAULT_SMEM))
+    }
+
+    /// Launches kernel `name` on this GPU's stream (asynchronously). Raises the kernel's
+    /// dynamic shared-memory limit when the launch needs more than the default 48 KB.
+    ///
+    /// # Safety
+    /// Pointer arguments must be device addresses of allocations large enough for what the
+    /// kernel reads and writes with this grid; the argument list must match the kernel.
+    pub unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let (f, limit) = self.function(name)?;
+        self.bind()?;
+        if cfg.shared_mem_bytes > limit {
+            if cfg.shared_mem_bytes > self.smem_optin {
+                return Err(Error::Cuda(format!(
+                    "kernel {name}: {} bytes of dynamic shared memory asked, {} ({}) allows at most {}",
+                    cfg.shared_mem_bytes, self.name, self.ordinal, self.smem_optin
+                )));
+            }
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .map_err(drv(format!("kernel {name}: raise dynamic shared memory")))?;
+            if let Some(e) = lock(&self.functions).get_mut(name) {
+                e.smem_limit = cfg.shared_mem_bytes;
+            }
+        }
+        let mut slots = marshal(args);
+        let mut ptrs = param_ptrs(&mut slots);
+        result::launch_kernel(
+            f,
+            cfg.grid,
+            cfg.block,
+            cfg.shared_mem_bytes,
+            self.stream.cu_stream(),
+            &mut ptrs,
+        )
+        .map_err(drv(format!(
+            "launch {name} grid {:?} block {:?} smem {}",
+            cfg.grid, cfg.block, cfg.shared_mem_bytes
+        )))
+    }
+
+    /// Waits for all work on this GPU's stream; asynchronous kernel faults surface here.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(drv("stream synchronize"))
+    }
+
+    /// `bytes` of uninitialized device memory from the caching allocator.
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DeviceBuffer> {
+        let ptr = lock(&self.alloc).alloc(bytes.max(1))?;
+        Ok(DeviceBuffer {
+            gpu: self.clone(),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// A device copy of `host` (complete when this returns).
+    pub fn upload(self: &Arc<Self>, host: &[u8]) -> Result<DeviceBuffer> {
+        let buf = self.alloc(host.len())?;
+        if !host.is_empty() {
+            self.bind()?;
+            // SAFETY: `buf` holds at least host.len() bytes; synchronized before `host` can go.
+            unsafe { result::memcpy_htod_async(buf.ptr, host, self.stream.cu_stream()) }
+                .map_err(drv(format!("copy {} bytes to the GPU", host.len())))?;
+            self.synchronize()?;
+        }
+        Ok(buf)
+    }
+
+    pub fn alloc_stats(&self) -> AllocStats {
+        lock(&self.alloc).stats()
+    }
+
+    /// Returns cached blocks to the driver.
+    pub fn empty_cache(&self) {
+        lock(&self.alloc).empty_cache();
+    }
+
+    /// Milliseconds of GPU time `f`'s launches take on this stream (CUDA events around it).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        use sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = self
+            .ctx
+            .new_event(Some(CU_EVENT_DEFAULT))
+            .map_err(drv("cuEventCreate"))?;
+        let end = self
+            .ctx
+            .new_event(Some(CU_EVENT_DEFAULT))
+            .map_err(drv("cuEventCreate"))?;
+        start.record(&self.stream).map_err(drv("cuEventRecord"))?;
+        f()?;
+        end.record(&self.stream).map_err(drv("cuEventRecord"))?;
+        start.elapsed_ms(&end).map_err(drv("cuEventElapsedTime"))
+    }
+}
+
+/// Device memory from a GPU's caching allocator, returned to it on drop.
+pub struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Copies the first `dst.len()` bytes to the host, after all queued work on the stream.
+    pub fn download(&self, dst: &mut [u8]) -> Result<()> {
+        if dst.len() > self.bytes {
+            return Err(Error::Cuda(format!(
+                "download of {} bytes from a {}-byte buffer",
+                dst.len(),
+                self.bytes
+            )));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        // SAFETY: the buffer holds at least dst.len() bytes; synchronized before returning.
+        unsafe { result::memcpy_dtoh_async(dst, self.ptr, self.gpu.stream.cu_stream()) }
+            .map_err(drv(format!("copy {} bytes from the GPU", dst.len())))?;
+        self.gpu.synchronize()
+    }
+
+    /// Overwrites the whole buffer with `byte` (stream-ordered).
+    pub fn fill_bytes(&self, byte: u8) -> Result<()> {
+        self.gpu.bind()?;
+        // SAFETY: within the allocation.
+        unsafe { result::memset_d8_async(self.ptr, byte, self.bytes, self.gpu.stream.cu_stream()) }
+            .map_err(drv("cuMemsetD8Async"))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // Stream-ordered reuse: later work on the same stream runs after earlier readers.
+        let _ = lock(&self.gpu.alloc).free(self.ptr);
+    }
+}
+
+/// Whether a usable GPU is present (never panics).
+pub fn gpu_available() -> bool {
+    Gpu::global().is_ok()
+}
