@@ -18,7 +18,8 @@ if [ "${1:-}" = bundle ]; then
         python3 -c 'import sys, json
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"] == "sim_kernels":
         print(m["executable"])' | tail -1)
     rm -rf .device && mkdir -p .device
     strip -o .device/sd2 target/release/sd2
