@@ -5,9 +5,10 @@
 #   bash .device/gpu-check.sh     on the GPU machine: (1) kernel parity on the GPU against the CPU
 #                                 reference (the simulator tests, SD2_KERNEL_BACKENDS=gpu: fresh
 #                                 inputs, poisoned outputs), (2) compute-sanitizer memcheck and
-#                                 (3) racecheck on the same small sizes, (4) flash attention
+#                                 (3) racecheck, synccheck, initcheck on the same small sizes,
+#                                 (4) flash attention
 #                                 timings beside PyTorch SDPA on the same shapes; a table last.
-#                                 Logs under $OUT.
+#                                 Logs under $OUT (8 files: the device tool's limit).
 set -uo pipefail
 
 if [ "${1:-}" = bundle ]; then
@@ -44,7 +45,7 @@ step() { # name rc
 
 echo "== sd2 $(cat "$D/COMMIT" 2>/dev/null) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
-    --format=csv | tee "$OUT/gpu.txt"
+    --format=csv | tee "$OUT/summary.txt"
 
 echo "== 1. kernel parity on the GPU (vs the CPU reference)"
 timeout 180 "$D/sim_kernels" --test-threads=1 --nocapture >"$OUT/parity.log" 2>&1
@@ -52,10 +53,11 @@ rc=$?
 step "parity" $rc
 grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$OUT/parity.log" | grep -v "^test .* ok$" | tail -70
 
-for tool in memcheck racecheck; do
+# The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
+for tool in memcheck racecheck synccheck initcheck; do
     echo "== compute-sanitizer $tool"
     timeout 170 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-        "$D/sim_kernels" --test-threads=1 >"$OUT/$tool.log" 2>&1
+        "$D/sim_kernels" --test-threads=1 --skip bad_launches >"$OUT/$tool.log" 2>&1
     rc=$?
     step "$tool" $rc
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|test result|panicked" "$OUT/$tool.log" | tail -8
@@ -68,7 +70,7 @@ PYTHONUNBUFFERED=1 timeout 150 python3 "$D/sdpa_attention.py" --json "$OUT/flash
 step "sdpa baseline" $?
 
 echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
-printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
+printf '%s\n' "${status[@]}" | tee -a "$OUT/summary.txt"
 python3 - "$OUT/flash_sd2.json" "$OUT/flash_sdpa.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 try:

@@ -473,7 +473,7 @@ fn column_sum(r: &Runner, parts: &[f32], n: usize) -> Vec<f32> {
             "column_sum_f32",
             cfg1((n as u32).div_ceil(32), 32),
             &mut [
-                KArg::input(&parts),
+                KArg::input(parts),
                 KArg::output(&mut out),
                 KArg::I32((parts.len() / n) as i32),
                 KArg::I32(n as i32),
