@@ -9,6 +9,10 @@ pub enum Device {
 }
 
 impl Device {
+    /// `cuda:sim`: CUDA tensors whose kernels run in the kernel simulator on the CPU (feature
+    /// `cuda-sim`) — slow, for testing the CUDA storage and kernels without a GPU.
+    pub const CUDA_SIM: Device = Device::Cuda(usize::MAX);
+
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }
@@ -25,11 +29,12 @@ impl Device {
         }
     }
 
-    /// Parses `cpu`, `cuda` or `cuda:N`.
+    /// Parses `cpu`, `cuda`, `cuda:N` or `cuda:sim`.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            "cuda:sim" => Ok(Device::CUDA_SIM),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => n.parse().map(Device::Cuda).map_err(|_| {
                     Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
@@ -46,6 +51,7 @@ impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(usize::MAX) => write!(f, "cuda:sim"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }

@@ -1,7 +1,9 @@
 //! `Storage`: a buffer on some backend. Each method dispatches to the backend that holds the
-//! operands; operands on different devices are an error naming the op. The CUDA backend adds
-//! its variant here and one arm per method.
+//! operands (`on_backend!`: the same body for every backend); operands on different devices are
+//! an error naming the op.
 use crate::backend::cpu::CpuStorage;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::cuda::storage::CudaStorage;
 use crate::backend::AdamWStep;
 use crate::backend::{
     AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
@@ -12,13 +14,8 @@ use crate::{DType, Device, Error, Result, Shape};
 #[derive(Debug)]
 pub enum Storage {
     Cpu(CpuStorage),
-}
-
-/// Unwraps operands that must share a backend, or errors with the op name.
-macro_rules! cpu_all {
-    ($op:expr, $($s:ident),+) => {
-        $(let $s = match $s { Storage::Cpu(s) => s, };)+
-    };
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    Cuda(CudaStorage),
 }
 
 fn check_same(op: &'static str, xs: &[&Storage]) -> Result<()> {
@@ -35,10 +32,49 @@ fn check_same(op: &'static str, xs: &[&Storage]) -> Result<()> {
     Ok(())
 }
 
+fn mismatch(op: &'static str, a: &Storage, b: &Storage) -> Error {
+    Error::DeviceMismatch {
+        op,
+        lhs: a.device(),
+        rhs: b.device(),
+    }
+}
+
+/// Runs `$body` with every named operand (`&Storage`, or `?name` for `Option<&Storage>`)
+/// rebound to the backend storage of the first operand's backend, and `$W` the constructor that
+/// wraps that backend's results back into a `Storage`.
+macro_rules! on_backend {
+    ($op:expr, $first:ident, [$($s:ident),*], [$(?$o:ident),*], |$W:ident| $body:expr) => {{
+        #[allow(unreachable_patterns)]
+        match $first {
+            Storage::Cpu(inner) => {
+                let $W = Storage::Cpu;
+                let _ = &$W;
+                $(let $s = match $s { Storage::Cpu(x) => x, other => return Err(mismatch($op, $first, other)) };)*
+                $(let $o = match $o { None => None, Some(Storage::Cpu(x)) => Some(x), Some(other) => return Err(mismatch($op, $first, other)) };)*
+                let $first = inner;
+                $body
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Storage::Cuda(inner) => {
+                let $W = Storage::Cuda;
+                let _ = &$W;
+                $(let $s = match $s { Storage::Cuda(x) => x, other => return Err(mismatch($op, $first, other)) };)*
+                $(let $o = match $o { None => None, Some(Storage::Cuda(x)) => Some(x), Some(other) => return Err(mismatch($op, $first, other)) };)*
+                let $first = inner;
+                $body
+            }
+        }
+    }};
+}
+
 impl Storage {
     pub fn from_cpu(s: CpuStorage, device: Device) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(s)),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Device::Cuda(i) => Ok(Storage::Cuda(CudaStorage::from_cpu(&s, i)?)),
+            #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
             Device::Cuda(i) => {
                 Device::Cuda(i).check_available()?;
                 Err(Error::CudaNotCompiled(i))
@@ -49,18 +85,24 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(s) => s.device(),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Storage::Cuda(s) => s.device(),
         }
     }
 
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(s) => s.len(),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            Storage::Cuda(s) => s.len(),
         }
     }
 
@@ -69,46 +111,41 @@ impl Storage {
     }
 
     pub fn to_cpu(&self) -> Result<CpuStorage> {
-        match self {
-            Storage::Cpu(s) => s.to_cpu(),
-        }
+        let x = self;
+        on_backend!("to_cpu", x, [], [], |_w| x.to_cpu())
     }
 
     pub fn zeros_like(&self, len: usize, dtype: DType) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.zeros_like(len, dtype)?)),
-        }
+        let x = self;
+        on_backend!("zeros", x, [], [], |w| Ok(w(x.zeros_like(len, dtype)?)))
     }
 
     pub fn try_clone(&self) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.try_clone()?)),
-        }
+        let x = self;
+        on_backend!("clone", x, [], [], |w| Ok(w(x.try_clone()?)))
     }
 
     pub fn cast(&self, dtype: DType) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.cast(dtype)?)),
-        }
+        let x = self;
+        on_backend!("cast", x, [], [], |w| Ok(w(x.cast(dtype)?)))
     }
 
     pub fn unary(&self, op: UnaryOp) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.unary(op)?)),
-        }
+        let x = self;
+        on_backend!(op.name(), x, [], [], |w| Ok(w(x.unary(op)?)))
     }
 
     pub fn unary_bwd(&self, y: &Storage, dy: &Storage, op: UnaryOp) -> Result<Storage> {
         check_same(op.name(), &[self, y, dy])?;
         let x = self;
-        cpu_all!(op.name(), x, y, dy);
-        Ok(Storage::Cpu(x.unary_bwd(y, dy, op)?))
+        on_backend!(op.name(), x, [y, dy], [], |w| Ok(
+            w(x.unary_bwd(y, dy, op)?)
+        ))
     }
 
     pub fn affine(&self, mul: f64, add: f64) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.affine(mul, add)?)),
-        }
+        let x = self;
+        on_backend!("affine", x, [], [], |w| Ok(w(x.affine(mul, add)?)))
     }
 
     pub fn binary(
@@ -121,40 +158,43 @@ impl Storage {
     ) -> Result<Storage> {
         check_same(op.name(), &[self, rhs])?;
         let a = self;
-        cpu_all!(op.name(), a, rhs);
-        Ok(Storage::Cpu(a.binary(rhs, op, ls, rs, os)?))
+        on_backend!(op.name(), a, [rhs], [], |w| Ok(w(
+            a.binary(rhs, op, ls, rs, os)?
+        )))
     }
 
     pub fn add_assign(&mut self, rhs: &Storage) -> Result<()> {
         check_same("add_assign", &[self, rhs])?;
-        let a = self;
-        cpu_all!("add_assign", a, rhs);
-        a.add_assign(rhs)
+        match (self, rhs) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a.add_assign(b),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.add_assign(b),
+            #[allow(unreachable_patterns)]
+            (a, b) => Err(mismatch("add_assign", a, b)),
+        }
     }
 
     pub fn sum_to(&self, src: &Shape, dst: &Shape) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.sum_to(src, dst)?)),
-        }
+        let x = self;
+        on_backend!("sum_to", x, [], [], |w| Ok(w(x.sum_to(src, dst)?)))
     }
 
     pub fn broadcast_to(&self, src: &Shape, dst: &Shape) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.broadcast_to(src, dst)?)),
-        }
+        let x = self;
+        on_backend!("broadcast_to", x, [], [], |w| Ok(w(
+            x.broadcast_to(src, dst)?
+        )))
     }
 
     pub fn matmul(&self, rhs: &Storage, spec: MatmulSpec) -> Result<Storage> {
         check_same("matmul", &[self, rhs])?;
         let a = self;
-        cpu_all!("matmul", a, rhs);
-        Ok(Storage::Cpu(a.matmul(rhs, spec)?))
+        on_backend!("matmul", a, [rhs], [], |w| Ok(w(a.matmul(rhs, spec)?)))
     }
 
     pub fn permute(&self, shape: &Shape, perm: &[usize]) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.permute(shape, perm)?)),
-        }
+        let x = self;
+        on_backend!("permute", x, [], [], |w| Ok(w(x.permute(shape, perm)?)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -169,23 +209,29 @@ impl Storage {
         dof: usize,
     ) -> Result<()> {
         check_same("copy2d", &[self, dst])?;
-        let src = self;
-        cpu_all!("copy2d", src, dst);
-        src.copy2d(dst, rows, cols, ss, ds, so, dof)
+        match (self, dst) {
+            (Storage::Cpu(a), Storage::Cpu(b)) => a.copy2d(b, rows, cols, ss, ds, so, dof),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            (Storage::Cuda(a), Storage::Cuda(b)) => a.copy2d(b, rows, cols, ss, ds, so, dof),
+            #[allow(unreachable_patterns)]
+            (a, b) => Err(mismatch("copy2d", a, b)),
+        }
     }
 
     pub fn index_rows(&self, ids: &Storage, rows: usize, cols: usize) -> Result<Storage> {
         check_same("index_rows", &[self, ids])?;
         let x = self;
-        cpu_all!("index_rows", x, ids);
-        Ok(Storage::Cpu(x.index_rows(ids, rows, cols)?))
+        on_backend!("index_rows", x, [ids], [], |w| Ok(w(
+            x.index_rows(ids, rows, cols)?
+        )))
     }
 
     pub fn index_add_rows(&self, ids: &Storage, rows: usize, cols: usize) -> Result<Storage> {
         check_same("index_add_rows", &[self, ids])?;
         let g = self;
-        cpu_all!("index_add_rows", g, ids);
-        Ok(Storage::Cpu(g.index_add_rows(ids, rows, cols)?))
+        on_backend!("index_add_rows", g, [ids], [], |w| Ok(w(
+            g.index_add_rows(ids, rows, cols)?
+        )))
     }
 
     pub fn layer_norm(
@@ -197,9 +243,10 @@ impl Storage {
     ) -> Result<(Storage, Storage, Storage)> {
         check_same("layer_norm", &[self, gamma, beta])?;
         let x = self;
-        cpu_all!("layer_norm", x, gamma, beta);
-        let (y, m, r) = x.layer_norm(gamma, beta, cols, eps)?;
-        Ok((Storage::Cpu(y), Storage::Cpu(m), Storage::Cpu(r)))
+        on_backend!("layer_norm", x, [gamma, beta], [], |w| {
+            let (y, m, r) = x.layer_norm(gamma, beta, cols, eps)?;
+            Ok((w(y), w(m), w(r)))
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -215,35 +262,31 @@ impl Storage {
     ) -> Result<(Option<Storage>, Option<Storage>, Option<Storage>)> {
         check_same("layer_norm_bwd", &[self, gamma, mean, rstd, dy])?;
         let x = self;
-        cpu_all!("layer_norm_bwd", x, gamma, mean, rstd, dy);
-        let (a, b, c) = x.layer_norm_bwd(gamma, mean, rstd, dy, cols, need_x, need_params)?;
-        Ok((
-            a.map(Storage::Cpu),
-            b.map(Storage::Cpu),
-            c.map(Storage::Cpu),
-        ))
+        on_backend!("layer_norm_bwd", x, [gamma, mean, rstd, dy], [], |w| {
+            let (a, b, c) = x.layer_norm_bwd(gamma, mean, rstd, dy, cols, need_x, need_params)?;
+            Ok((a.map(w), b.map(w), c.map(w)))
+        })
     }
 
     pub fn softmax_last(&self, cols: usize) -> Result<Storage> {
-        match self {
-            Storage::Cpu(s) => Ok(Storage::Cpu(s.softmax_last(cols)?)),
-        }
+        let x = self;
+        on_backend!("softmax", x, [], [], |w| Ok(w(x.softmax_last(cols)?)))
     }
 
     pub fn softmax_last_bwd(&self, dy: &Storage, cols: usize) -> Result<Storage> {
         check_same("softmax_bwd", &[self, dy])?;
         let y = self;
-        cpu_all!("softmax_bwd", y, dy);
-        Ok(Storage::Cpu(y.softmax_last_bwd(dy, cols)?))
+        on_backend!("softmax_bwd", y, [dy], [], |w| Ok(w(
+            y.softmax_last_bwd(dy, cols)?
+        )))
     }
 
     pub fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Storage, Storage)> {
-        match self {
-            Storage::Cpu(s) => {
-                let (y, n) = s.l2_normalize(cols, eps)?;
-                Ok((Storage::Cpu(y), Storage::Cpu(n)))
-            }
-        }
+        let x = self;
+        on_backend!("l2_normalize", x, [], [], |w| {
+            let (y, n) = x.l2_normalize(cols, eps)?;
+            Ok((w(y), w(n)))
+        })
     }
 
     pub fn l2_normalize_bwd(
@@ -255,8 +298,9 @@ impl Storage {
     ) -> Result<Storage> {
         check_same("l2_normalize_bwd", &[self, norm, dy])?;
         let y = self;
-        cpu_all!("l2_normalize_bwd", y, norm, dy);
-        Ok(Storage::Cpu(y.l2_normalize_bwd(norm, dy, cols, eps)?))
+        on_backend!("l2_normalize_bwd", y, [norm, dy], [], |w| Ok(w(
+            y.l2_normalize_bwd(norm, dy, cols, eps)?
+        )))
     }
 
     pub fn attention(
@@ -267,9 +311,10 @@ impl Storage {
     ) -> Result<(Storage, Storage)> {
         check_same("attention", &[self, k, v])?;
         let q = self;
-        cpu_all!("attention", q, k, v);
-        let (o, l) = q.attention(k, v, spec)?;
-        Ok((Storage::Cpu(o), Storage::Cpu(l)))
+        on_backend!("attention", q, [k, v], [], |w| {
+            let (o, l) = q.attention(k, v, spec)?;
+            Ok((w(o), w(l)))
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -284,9 +329,10 @@ impl Storage {
     ) -> Result<(Storage, Storage, Storage)> {
         check_same("attention_bwd", &[self, k, v, o, lse, d_o])?;
         let q = self;
-        cpu_all!("attention_bwd", q, k, v, o, lse, d_o);
-        let (a, b, c) = q.attention_bwd(k, v, o, lse, d_o, spec)?;
-        Ok((Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)))
+        on_backend!("attention_bwd", q, [k, v, o, lse, d_o], [], |w| {
+            let (a, b, c) = q.attention_bwd(k, v, o, lse, d_o, spec)?;
+            Ok((w(a), w(b), w(c)))
+        })
     }
 
     pub fn cross_entropy(
@@ -297,9 +343,10 @@ impl Storage {
     ) -> Result<(Storage, Storage)> {
         check_same("cross_entropy", &[self, labels])?;
         let z = self;
-        cpu_all!("cross_entropy", z, labels);
-        let (l, s) = z.cross_entropy(labels, rows, cols)?;
-        Ok((Storage::Cpu(l), Storage::Cpu(s)))
+        on_backend!("cross_entropy", z, [labels], [], |w| {
+            let (l, s) = z.cross_entropy(labels, rows, cols)?;
+            Ok((w(l), w(s)))
+        })
     }
 
     pub fn cross_entropy_bwd(
@@ -312,10 +359,9 @@ impl Storage {
     ) -> Result<Storage> {
         check_same("cross_entropy_bwd", &[self, labels, lse, dloss])?;
         let z = self;
-        cpu_all!("cross_entropy_bwd", z, labels, lse, dloss);
-        Ok(Storage::Cpu(
-            z.cross_entropy_bwd(labels, lse, dloss, rows, cols)?,
-        ))
+        on_backend!("cross_entropy_bwd", z, [labels, lse, dloss], [], |w| Ok(w(
+            z.cross_entropy_bwd(labels, lse, dloss, rows, cols)?
+        )))
     }
 
     pub fn sigmoid_loss(
@@ -328,8 +374,9 @@ impl Storage {
     ) -> Result<Storage> {
         check_same("sigmoid_loss", &[self, d, t, b])?;
         let f = self;
-        cpu_all!("sigmoid_loss", f, d, t, b);
-        Ok(Storage::Cpu(f.sigmoid_loss(d, t, b, n, dim)?))
+        on_backend!("sigmoid_loss", f, [d, t, b], [], |w| Ok(w(
+            f.sigmoid_loss(d, t, b, n, dim)?
+        )))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -344,14 +391,10 @@ impl Storage {
     ) -> Result<(Storage, Storage, Storage, Storage)> {
         check_same("sigmoid_loss_bwd", &[self, d, t, b, dloss])?;
         let f = self;
-        cpu_all!("sigmoid_loss_bwd", f, d, t, b, dloss);
-        let (a, bb, c, e) = f.sigmoid_loss_bwd(d, t, b, dloss, n, dim)?;
-        Ok((
-            Storage::Cpu(a),
-            Storage::Cpu(bb),
-            Storage::Cpu(c),
-            Storage::Cpu(e),
-        ))
+        on_backend!("sigmoid_loss_bwd", f, [d, t, b, dloss], [], |w| {
+            let (a, bb, c, e) = f.sigmoid_loss_bwd(d, t, b, dloss, n, dim)?;
+            Ok((w(a), w(bb), w(c), w(e)))
+        })
     }
 
     pub fn lora_linear(
@@ -367,16 +410,17 @@ impl Storage {
             all.extend([a, bm]);
         }
         check_same("lora_linear", &all)?;
-        let (x, w) = (self, w);
-        cpu_all!("lora_linear", x, w);
-        let b = b.map(|b| match b {
-            Storage::Cpu(b) => b,
-        });
-        let lora = lora.map(|(a, bm, s)| match (a, bm) {
-            (Storage::Cpu(a), Storage::Cpu(bm)) => (a, bm, s),
-        });
-        let (y, s) = x.lora_linear(w, b, lora, spec)?;
-        Ok((Storage::Cpu(y), s.map(Storage::Cpu)))
+        let x = self;
+        let ls = lora.map(|l| l.2);
+        let (la, lb) = (lora.map(|l| l.0), lora.map(|l| l.1));
+        on_backend!("lora_linear", x, [w], [?b, ?la, ?lb], |wrap| {
+            let lora = match (la, lb, ls) {
+                (Some(a), Some(bm), Some(s)) => Some((a, bm, s)),
+                _ => None,
+            };
+            let (y, s) = x.lora_linear(w, b, lora, spec)?;
+            Ok((wrap(y), s.map(wrap)))
+        })
     }
 
     pub fn lora_linear_bwd(
@@ -392,18 +436,22 @@ impl Storage {
             all.extend([a, bm, s]);
         }
         check_same("lora_linear_bwd", &all)?;
-        let (x, w, dy) = (self, w, dy);
-        cpu_all!("lora_linear_bwd", x, w, dy);
-        let lora = lora.map(|(a, bm, s, sp)| match (a, bm, s) {
-            (Storage::Cpu(a), Storage::Cpu(bm), Storage::Cpu(s)) => (a, bm, s, sp),
-        });
-        let g = x.lora_linear_bwd(w, lora, dy, spec, needs)?;
-        Ok(LinearGrads {
-            x: g.x.map(Storage::Cpu),
-            w: g.w.map(Storage::Cpu),
-            b: g.b.map(Storage::Cpu),
-            lora_a: g.lora_a.map(Storage::Cpu),
-            lora_b: g.lora_b.map(Storage::Cpu),
+        let x = self;
+        let sp = lora.map(|l| l.3);
+        let (la, lb, ls) = (lora.map(|l| l.0), lora.map(|l| l.1), lora.map(|l| l.2));
+        on_backend!("lora_linear_bwd", x, [w, dy], [?la, ?lb, ?ls], |wrap| {
+            let lora = match (la, lb, ls, sp) {
+                (Some(a), Some(bm), Some(s), Some(sp)) => Some((a, bm, s, sp)),
+                _ => None,
+            };
+            let g = x.lora_linear_bwd(w, lora, dy, spec, needs)?;
+            Ok(LinearGrads {
+                x: g.x.map(wrap),
+                w: g.w.map(wrap),
+                b: g.b.map(wrap),
+                lora_a: g.lora_a.map(wrap),
+                lora_b: g.lora_b.map(wrap),
+            })
         })
     }
 
@@ -415,14 +463,21 @@ impl Storage {
         step: AdamWStep,
     ) -> Result<()> {
         check_same("adamw_step", &[self, grad, m, v])?;
-        let p = self;
-        cpu_all!("adamw_step", p, grad, m, v);
-        p.adamw_step(grad, m, v, step)
+        match (self, grad, m, v) {
+            (Storage::Cpu(p), Storage::Cpu(g), Storage::Cpu(m), Storage::Cpu(v)) => {
+                p.adamw_step(g, m, v, step)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) => {
+                p.adamw_step(g, m, v, step)
+            }
+            #[allow(unreachable_patterns)]
+            (p, g, _, _) => Err(mismatch("adamw_step", p, g)),
+        }
     }
 
     pub fn sum_sq(&self) -> Result<f64> {
-        match self {
-            Storage::Cpu(s) => s.sum_sq(),
-        }
+        let x = self;
+        on_backend!("sum_sq", x, [], [], |_w| x.sum_sq())
     }
 }

@@ -158,6 +158,14 @@ macro_rules! backend_tests {
                 super::$name(sd2::Device::Cpu);
             })+
         }
+        // The CUDA storage with every kernel run by the simulator: CI's check of the GPU path.
+        #[cfg(feature = "cuda-sim")]
+        mod cuda_sim {
+            $(#[test]
+            fn $name() {
+                super::$name(sd2::Device::CUDA_SIM);
+            })+
+        }
         #[cfg(feature = "cuda")]
         mod cuda {
             $(#[test]

@@ -13,7 +13,7 @@ use crate::backend::AdamWStep;
 use crate::{DType, Device, Error, Result, Shape, WithDType};
 
 mod attention;
-mod elementwise;
+pub(crate) mod elementwise;
 pub mod gemm;
 mod layout;
 mod lora;
@@ -224,6 +224,15 @@ fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
 }
 
 /// The f32/f64 scalar of a one-element float buffer.
+/// Loss scalars and saved statistics: f64 for f64 inputs, else f32.
+fn stat_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 fn scalar(op: &'static str, s: &CpuStorage) -> Result<f64> {
     if s.len() != 1 {
         return Err(Error::shape(
@@ -541,7 +550,8 @@ impl BackendStorage for CpuStorage {
         same_len("cross_entropy", labels.len(), rows)?;
         with_float!("cross_entropy", [self => z], bf, {
             let (loss, lse) = loss::cross_entropy(z, &labels, cols);
-            Ok((FloatOut::out(vec![loss], false), FloatOut::out(lse, false)))
+            // The loss scalar in the statistics dtype (f32; f64 for f64), as on every backend.
+            Ok((FloatOut::out(vec![loss], false).cast(stat_dtype(self.dtype()))?, FloatOut::out(lse, false)))
         })
     }
 
@@ -570,7 +580,7 @@ impl BackendStorage for CpuStorage {
     fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self> {
         let (t, b) = (scalar("sigmoid_loss", t)?, scalar("sigmoid_loss", b)?);
         with_float!("sigmoid_loss", [self => f, d => d], bf, {
-            Ok(FloatOut::out(vec![loss::sigmoid_loss(f, d, t, b, n, dim)], false))
+            Ok(FloatOut::out(vec![loss::sigmoid_loss(f, d, t, b, n, dim)], false).cast(stat_dtype(self.dtype()))?)
         })
     }
 

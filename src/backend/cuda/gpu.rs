@@ -259,6 +259,30 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// A device copy of `bytes` bytes at `src` (stream-ordered).
+    pub fn copy(self: &Arc<Self>, src: u64, bytes: usize) -> Result<DeviceBuffer> {
+        let buf = self.alloc(bytes)?;
+        if bytes > 0 {
+            self.bind()?;
+            // SAFETY: both ranges are live allocations of at least `bytes`.
+            unsafe { result::memcpy_dtod_async(buf.ptr, src, bytes, self.stream.cu_stream()) }
+                .map_err(drv(format!("copy {bytes} bytes on the GPU")))?;
+        }
+        Ok(buf)
+    }
+
+    /// Copies `dst.len()` bytes from device address `src` after all queued work.
+    pub fn download_ptr(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the caller passes a live allocation of at least dst.len() bytes.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(drv(format!("copy {} bytes from the GPU", dst.len())))?;
+        self.synchronize()
+    }
+
     pub fn alloc_stats(&self) -> AllocStats {
         lock(&self.alloc).stats()
     }

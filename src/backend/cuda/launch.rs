@@ -104,11 +104,13 @@ impl<'a> KArg<'a> {
     }
 }
 
-/// Memory owned by a runner: host words for the simulator, a device allocation on the GPU.
+/// Memory owned by a runner: host words for the simulator, a device allocation on the GPU; or
+/// a non-owning view of another buffer's memory (an in-place output).
 pub enum Buffer {
     Host(Vec<u128>, usize),
     #[cfg(feature = "cuda")]
     Device(super::gpu::DeviceBuffer),
+    Alias(u64, usize),
 }
 
 impl Buffer {
@@ -118,6 +120,7 @@ impl Buffer {
             Buffer::Host(v, _) => v.as_ptr() as u64,
             #[cfg(feature = "cuda")]
             Buffer::Device(d) => d.ptr(),
+            Buffer::Alias(a, _) => *a,
         }
     }
     pub fn bytes(&self) -> usize {
@@ -125,6 +128,7 @@ impl Buffer {
             Buffer::Host(_, n) => *n,
             #[cfg(feature = "cuda")]
             Buffer::Device(d) => d.bytes(),
+            Buffer::Alias(_, n) => *n,
         }
     }
 }
@@ -219,14 +223,78 @@ impl Runner {
         let n = buf.bytes() / std::mem::size_of::<T>();
         let mut out = vec![T::zeroed(); n];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-        match buf {
-            Buffer::Host(words, len) => {
+        match (buf, self) {
+            (Buffer::Host(words, len), _) => {
                 dst.copy_from_slice(&bytemuck::cast_slice::<u128, u8>(words)[..*len])
             }
             #[cfg(feature = "cuda")]
-            Buffer::Device(d) => d.download(dst)?,
+            (Buffer::Device(d), _) => d.download(dst)?,
+            #[cfg(feature = "cuda-sim")]
+            (Buffer::Alias(a, len), Runner::Sim) => {
+                // SAFETY: an alias of a live host buffer of `len` bytes of this runner.
+                dst.copy_from_slice(unsafe { std::slice::from_raw_parts(*a as *const u8, *len) })
+            }
+            #[cfg(feature = "cuda")]
+            (Buffer::Alias(a, _), Runner::Gpu(g)) => g.download_ptr(*a, dst)?,
         }
         Ok(out)
+    }
+
+    /// `bytes` of memory: uninitialized on the GPU, zeroed in the simulator.
+    pub fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => Ok(Buffer::Host(vec![0u128; bytes.div_ceil(16)], bytes)),
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => Ok(Buffer::Device(g.alloc(bytes)?)),
+        }
+    }
+
+    /// `bytes` of zeroed memory.
+    pub fn zeros(&self, bytes: usize) -> Result<Buffer> {
+        let b = self.alloc(bytes)?;
+        #[cfg(feature = "cuda")]
+        if let Buffer::Device(d) = &b {
+            d.fill_bytes(0)?;
+        }
+        Ok(b)
+    }
+
+    /// A copy of `buf` in this runner's memory (stream-ordered on the GPU).
+    pub fn copy(&self, buf: &Buffer) -> Result<Buffer> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => {
+                let v: Vec<u8> = self.read(buf)?;
+                self.buffer(&v)
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => Ok(Buffer::Device(g.copy(buf.addr(), buf.bytes())?)),
+        }
+    }
+
+    /// Launches with raw arguments (addresses already in this runner's memory); asynchronous
+    /// on the GPU.
+    ///
+    /// # Safety
+    /// As `gpu::Gpu::launch` / `sim::launch`.
+    pub unsafe fn launch_raw(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => super::sim::launch(name, cfg, args),
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => g.launch(name, cfg, args),
+        }
+    }
+
+    /// Waits for queued work (a no-op in the simulator, which runs launches synchronously).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => Ok(()),
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => g.synchronize(),
+        }
     }
 
     /// Launches kernel `name`, staging `In`/`Out` slices through this runner's memory, and

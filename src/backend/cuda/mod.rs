@@ -44,21 +44,16 @@ pub fn probe() -> Result<Vec<GpuInfo>> {
     Err(Error::CudaNotCompiled(0))
 }
 
-/// Checks that `cuda:ordinal` can hold tensors in this build.
+/// Checks that `cuda:ordinal` (or `cuda:sim`) can hold tensors in this build and machine.
 pub fn check_device(ordinal: usize) -> Result<()> {
-    if !COMPILED {
-        return Err(Error::CudaNotCompiled(ordinal));
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    {
+        storage::runner_for(ordinal).map(|_| ())
     }
-    let gpus = probe()?;
-    if ordinal >= gpus.len() {
-        return Err(Error::Cuda(format!(
-            "cuda:{ordinal}: only {} GPU(s) visible",
-            gpus.len()
-        )));
+    #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+    {
+        Err(Error::CudaNotCompiled(ordinal))
     }
-    Err(Error::Cuda(format!(
-        "cuda:{ordinal}: the GPU is usable, but CUDA tensor storage is not implemented yet in this build (CUDA backend I)"
-    )))
 }
 
 pub mod alloc;
@@ -70,6 +65,8 @@ pub mod gpu;
 pub mod launch;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub mod storage;
 
 /// Whether a usable GPU is present in this build and machine (never panics).
 pub fn gpu_available() -> bool {

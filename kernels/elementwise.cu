@@ -1,0 +1,173 @@
+// Elementwise and layout kernels behind the CUDA tensor storage: unary ops and their
+// derivatives, affine, binary ops with numpy broadcasting, strided gathers (broadcast_to and
+// permute), sum-to-shape reductions, 2-D copies. Shapes reach the kernels as up to 6 dims with
+// per-operand element strides (0 on broadcast dims), in scalar arguments.
+#include "sd2_common.cuh"
+
+#define SD2_MAX_RANK 6
+
+namespace ew {
+// Unary op codes, as `backend::UnaryOp` (src/backend/cuda/storage.rs keeps them in step).
+enum { NEG = 0, EXP = 1, LOG = 2, SQR = 3, SQRT = 4, QUICK_GELU = 5, SIGMOID = 6 };
+enum { ADD = 0, SUB = 1, MUL = 2, DIV = 3 };
+
+__device__ __forceinline__ float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float apply(float x, int op) {
+  switch (op) {
+    case NEG: return -x;
+    case EXP: return expf(x);
+    case LOG: return logf(x);
+    case SQR: return x * x;
+    case SQRT: return sqrtf(x);
+    case QUICK_GELU: return x * sigm(1.702f * x);
+    default: return sigm(x);
+  }
+}
+
+__device__ __forceinline__ float deriv(float x, float y, int op) {
+  switch (op) {
+    case NEG: return -1.0f;
+    case EXP: return y;
+    case LOG: return 1.0f / x;
+    case SQR: return 2.0f * x;
+    case SQRT: return 0.5f / y;
+    case QUICK_GELU: {
+      const float s = sigm(1.702f * x);
+      return s + 1.702f * x * s * (1.0f - s);
+    }
+    default: return y * (1.0f - y);
+  }
+}
+
+__device__ __forceinline__ float bin(float a, float b, int op) {
+  switch (op) {
+    case ADD: return a + b;
+    case SUB: return a - b;
+    case MUL: return a * b;
+    default: return a / b;
+  }
+}
+
+// crate::rng::uniform_at: SplitMix64's finalizer over (seed, index), 24 bits → [0, 1). The
+// dropout mask is a function of (seed, element index) alone, so the backward regenerates it.
+__device__ __forceinline__ float uniform_at(unsigned long long seed, unsigned long long idx) {
+  unsigned long long z = seed ^ (idx * 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+// Element offset of linear index i of a tensor with dims `d` under strides `s`.
+__device__ __forceinline__ long long offset(long long i, int rank, const long long* d,
+                                            const long long* s) {
+  long long off = 0;
+  for (int k = rank - 1; k >= 0; --k) {
+    off += (i % d[k]) * s[k];
+    i /= d[k];
+  }
+  return off;
+}
+
+#define SD2_GRID_STRIDE(i, n)                                                     \
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+       i += (long long)gridDim.x * blockDim.x)
+}  // namespace ew
+
+#define SD2_DIMS_PARAMS(p) long long p##0, long long p##1, long long p##2, long long p##3, \
+                           long long p##4, long long p##5
+#define SD2_DIMS_ARRAY(p) {p##0, p##1, p##2, p##3, p##4, p##5}
+
+#define SD2_EW(T, SUF)                                                                     \
+  extern "C" __global__ void unary_##SUF(const T* x, T* y, int op, long long n) {          \
+    SD2_GRID_STRIDE(i, n) y[i] = from_f32<T>(ew::apply(to_f32(x[i]), op));                 \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(unary_##SUF)                                                         \
+  /* y may be null (ops whose derivative needs only x). */                                 \
+  extern "C" __global__ void unary_bwd_##SUF(const T* x, const T* y, const T* dy, T* dx,   \
+                                             int op, long long n) {                        \
+    SD2_GRID_STRIDE(i, n) {                                                                \
+      const float yi = y ? to_f32(y[i]) : 0.0f;                                            \
+      dx[i] = from_f32<T>(to_f32(dy[i]) * ew::deriv(to_f32(x[i]), yi, op));                \
+    }                                                                                      \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(unary_bwd_##SUF)                                                     \
+  extern "C" __global__ void affine_##SUF(const T* x, T* y, float mul, float add,          \
+                                          long long n) {                                   \
+    SD2_GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(x[i]) * mul + add);                    \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(affine_##SUF)                                                        \
+  /* Inverted dropout: y = x / (1 − p) where uniform_at(seed, i) ≥ p, else 0. */            \
+  extern "C" __global__ void dropout_##SUF(const T* x, T* y, long long n, float p,         \
+                                           unsigned long long seed) {                      \
+    const float keep = 1.0f / (1.0f - p);                                                  \
+    SD2_GRID_STRIDE(i, n)                                                                  \
+    y[i] = from_f32<T>(ew::uniform_at(seed, (unsigned long long)i) >= p ? to_f32(x[i]) * keep \
+                                                                        : 0.0f);           \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(dropout_##SUF)                                                       \
+  /* out[i] = a[offset_a(i)] op b[offset_b(i)] over out's dims; out may alias a (in place). */ \
+  extern "C" __global__ void binary_##SUF(const T* a, const T* b, T* out, int op,          \
+                                          long long n, int rank, SD2_DIMS_PARAMS(d),       \
+                                          SD2_DIMS_PARAMS(sa), SD2_DIMS_PARAMS(sb)) {      \
+    const long long dims[SD2_MAX_RANK] = SD2_DIMS_ARRAY(d);                                \
+    const long long stra[SD2_MAX_RANK] = SD2_DIMS_ARRAY(sa);                               \
+    const long long strb[SD2_MAX_RANK] = SD2_DIMS_ARRAY(sb);                               \
+    SD2_GRID_STRIDE(i, n) {                                                                \
+      const float x = to_f32(a[ew::offset(i, rank, dims, stra)]);                          \
+      const float y = to_f32(b[ew::offset(i, rank, dims, strb)]);                          \
+      out[i] = from_f32<T>(ew::bin(x, y, op));                                             \
+    }                                                                                      \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(binary_##SUF)                                                        \
+  /* dst[j] = Σ src over the reduced dims: `kd`/`ks` are dst's dims and their src strides, \
+     `rd`/`rs` the reduced dims and strides. One block per dst element (grid-stride). */   \
+  extern "C" __global__ void sum_to_##SUF(const T* src, T* dst, long long n_dst,           \
+                                          long long n_red, int krank, SD2_DIMS_PARAMS(kd), \
+                                          SD2_DIMS_PARAMS(ks), int rrank,                  \
+                                          SD2_DIMS_PARAMS(rd), SD2_DIMS_PARAMS(rs)) {      \
+    __shared__ float scratch[32];                                                          \
+    const long long kdim[SD2_MAX_RANK] = SD2_DIMS_ARRAY(kd);                               \
+    const long long kstr[SD2_MAX_RANK] = SD2_DIMS_ARRAY(ks);                               \
+    const long long rdim[SD2_MAX_RANK] = SD2_DIMS_ARRAY(rd);                               \
+    const long long rstr[SD2_MAX_RANK] = SD2_DIMS_ARRAY(rs);                               \
+    for (long long j = blockIdx.x; j < n_dst; j += gridDim.x) {                            \
+      const long long base = ew::offset(j, krank, kdim, kstr);                             \
+      float s = 0.0f;                                                                      \
+      for (long long r = threadIdx.x; r < n_red; r += blockDim.x)                          \
+        s += to_f32(src[base + ew::offset(r, rrank, rdim, rstr)]);                         \
+      s = block_sum(s, scratch);                                                           \
+      if (threadIdx.x == 0) dst[j] = from_f32<T>(s);                                       \
+    }                                                                                      \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(sum_to_##SUF)
+
+SD2_EW(float, f32)
+SD2_EW(bf16, bf16)
+
+// Layout kernels move bytes, whatever the element type: one entry per element width.
+#define SD2_LAYOUT(T, SUF)                                                                 \
+  /* dst[i] = src[offset(i)] over dst's dims: broadcast_to (stride 0 on broadcast dims)    \
+     and permute (src strides permuted). */                                                \
+  extern "C" __global__ void gather_strided_##SUF(const T* src, T* dst, long long n,       \
+                                                  int rank, SD2_DIMS_PARAMS(d),            \
+                                                  SD2_DIMS_PARAMS(s)) {                    \
+    const long long dims[SD2_MAX_RANK] = SD2_DIMS_ARRAY(d);                                \
+    const long long str[SD2_MAX_RANK] = SD2_DIMS_ARRAY(s);                                 \
+    SD2_GRID_STRIDE(i, n) dst[i] = src[ew::offset(i, rank, dims, str)];                    \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(gather_strided_##SUF)                                                \
+  extern "C" __global__ void copy2d_##SUF(const T* src, T* dst, long long rows,            \
+                                          long long cols, long long ss, long long ds,      \
+                                          long long so, long long dof) {                   \
+    SD2_GRID_STRIDE(i, rows * cols) {                                                      \
+      const long long r = i / cols, c = i % cols;                                          \
+      dst[dof + r * ds + c] = src[so + r * ss + c];                                        \
+    }                                                                                      \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(copy2d_##SUF)
+
+SD2_LAYOUT(unsigned short, b2)
+SD2_LAYOUT(unsigned int, b4)
+SD2_LAYOUT(unsigned long long, b8)

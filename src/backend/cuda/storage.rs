@@ -1,0 +1,1398 @@
+//! Tensor storage on `Device::Cuda`: a buffer in a kernel backend's memory (a GPU, or the kernel
+//! simulator for `cuda:sim`, so CI runs the engine's own tests through every kernel) and
+//! each engine op as launches of `kernels/*.cu`. f32 and bf16 compute (f32 math inside every
+//! kernel); i64/u32 hold ids and labels; f64 stays on the CPU. Launches are asynchronous on the
+//! GPU's stream: errors a kernel raises surface at the next copy to the host.
+use super::flash;
+use super::launch::{Arg, Buffer, LaunchConfig, Runner};
+use crate::backend::cpu::CpuStorage;
+use crate::backend::{
+    AdamWStep, AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec,
+    MatmulSpec, UnaryOp,
+};
+use crate::{DType, Device, Error, Result, Shape};
+
+/// Most dims a shape may have in the elementwise/layout kernels.
+const MAX_RANK: usize = 6;
+
+pub struct CudaStorage {
+    buf: Buffer,
+    dtype: DType,
+    len: usize,
+    runner: Runner,
+    ordinal: usize,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage(cuda:{} via {}, {} × {})",
+            self.ordinal,
+            self.runner.name(),
+            self.len,
+            self.dtype
+        )
+    }
+}
+
+/// The kernel backend behind `cuda:ordinal`: the simulator for `Device::CUDA_SIM`
+/// (`cuda:sim`, a testing aid: slow), else the GPU.
+pub fn runner_for(ordinal: usize) -> Result<Runner> {
+    if Device::Cuda(ordinal) == Device::CUDA_SIM {
+        #[cfg(feature = "cuda-sim")]
+        return Ok(Runner::Sim);
+        #[cfg(not(feature = "cuda-sim"))]
+        return Err(Error::Cuda(
+            "cuda:sim needs the kernel simulator (feature `cuda-sim`)".into(),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Runner::Gpu(super::gpu::Gpu::get(ordinal)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err(Error::CudaNotCompiled(ordinal))
+    }
+}
+
+fn blocks_for(n: usize) -> u32 {
+    (n.div_ceil(256)).clamp(1, 1024) as u32
+}
+
+fn ew(n: usize) -> LaunchConfig {
+    LaunchConfig::linear(blocks_for(n), 256)
+}
+
+/// Rows per launch for the one-block-per-row kernels (they grid-stride).
+fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig::linear(rows.clamp(1, 4096) as u32, threads)
+}
+
+fn dims_args(v: &[usize]) -> Vec<Arg> {
+    (0..MAX_RANK)
+        .map(|i| Arg::U64(v.get(i).copied().unwrap_or(1) as u64))
+        .collect()
+}
+
+fn rank_ok(op: &'static str, s: &Shape) -> Result<()> {
+    if s.rank() > MAX_RANK {
+        return Err(Error::shape(
+            op,
+            format!("{s:?} has more than {MAX_RANK} dims (the CUDA kernels' limit)"),
+        ));
+    }
+    Ok(())
+}
+
+fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::shape(op, format!("lengths {a} and {b} differ")));
+    }
+    Ok(())
+}
+
+impl CudaStorage {
+    pub fn from_cpu(s: &CpuStorage, ordinal: usize) -> Result<CudaStorage> {
+        let runner = runner_for(ordinal)?;
+        let (buf, dtype, len) = match s {
+            CpuStorage::F32(v) => (runner.buffer(v)?, DType::F32, v.len()),
+            CpuStorage::BF16(v) => (runner.buffer(v)?, DType::BF16, v.len()),
+            CpuStorage::I64(v) => (runner.buffer(v)?, DType::I64, v.len()),
+            CpuStorage::U32(v) => (runner.buffer(v)?, DType::U32, v.len()),
+            CpuStorage::F64(_) => {
+                return Err(Error::UnsupportedDType {
+                    op: "to cuda (f64 stays on the CPU; cast to f32 or bf16 first)",
+                    dtype: DType::F64,
+                })
+            }
+        };
+        Ok(CudaStorage {
+            buf,
+            dtype,
+            len,
+            runner,
+            ordinal,
+        })
+    }
+
+    pub fn runner(&self) -> &Runner {
+        &self.runner
+    }
+
+    fn ptr(&self) -> Arg {
+        Arg::U64(self.buf.addr())
+    }
+
+    /// An uninitialized buffer (zeroed in the simulator) on the same device.
+    fn empty(&self, len: usize, dtype: DType) -> Result<CudaStorage> {
+        Ok(CudaStorage {
+            buf: self.runner.alloc(len * dtype.size_in_bytes())?,
+            dtype,
+            len,
+            runner: self.runner.clone(),
+            ordinal: self.ordinal,
+        })
+    }
+
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        // SAFETY: every caller sizes its buffers for the launch from the same lengths it passes.
+        unsafe { self.runner.launch_raw(name, cfg, args) }
+    }
+
+    /// "f32" or "bf16": the kernel suffix for a float storage.
+    fn sfx(&self, op: &'static str) -> Result<&'static str> {
+        match self.dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            dtype => Err(Error::UnsupportedDType { op, dtype }),
+        }
+    }
+
+    fn same_dtype(&self, op: &'static str, other: &CudaStorage) -> Result<()> {
+        if self.dtype != other.dtype {
+            return Err(Error::DTypeMismatch {
+                op,
+                lhs: self.dtype,
+                rhs: other.dtype,
+            });
+        }
+        Ok(())
+    }
+
+    /// A one-element f32 view for kernels that read scalars through a pointer.
+    fn scalar_f32(&self, op: &'static str) -> Result<CudaStorage> {
+        if self.len != 1 {
+            return Err(Error::shape(
+                op,
+                format!("expected one element, got {}", self.len),
+            ));
+        }
+        self.cast(DType::F32)
+    }
+
+    /// Ids as i64 on the device, bounds-checked on the host first (a bad id must be an error,
+    /// not an illegal address).
+    fn ids_i64(&self, op: &'static str, bound: usize) -> Result<CudaStorage> {
+        let ids = self.to_cpu()?.ids(op, bound)?;
+        let v: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
+        Ok(CudaStorage {
+            buf: self.runner.buffer(&v)?,
+            dtype: DType::I64,
+            len: v.len(),
+            runner: self.runner.clone(),
+            ordinal: self.ordinal,
+        })
+    }
+
+    /// Sums per-block partials [parts, n] → [n] (f32) in a fixed order.
+    fn column_sum(&self, parts: usize, n: usize) -> Result<CudaStorage> {
+        let out = self.empty(n, DType::F32)?;
+        self.launch(
+            "column_sum_f32",
+            LaunchConfig::linear((n as u32).div_ceil(128).max(1), 128),
+            &[
+                self.ptr(),
+                out.ptr(),
+                Arg::I32(parts as i32),
+                Arg::I32(n as i32),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn gather_strided(&self, dims: &[usize], strides: &[usize]) -> Result<CudaStorage> {
+        let n: usize = dims.iter().product();
+        let out = self.empty(n, self.dtype)?;
+        let w = match self.dtype.size_in_bytes() {
+            2 => "b2",
+            4 => "b4",
+            _ => "b8",
+        };
+        let mut a = vec![
+            self.ptr(),
+            out.ptr(),
+            Arg::U64(n as u64),
+            Arg::I32(dims.len() as i32),
+        ];
+        a.extend(dims_args(dims));
+        a.extend(dims_args(strides));
+        if n > 0 {
+            self.launch(&format!("gather_strided_{w}"), ew(n), &a)?;
+        }
+        Ok(out)
+    }
+
+    fn matmul_raw(
+        &self,
+        rhs: &CudaStorage,
+        spec: MatmulSpec,
+        out: &CudaStorage,
+        sfx: &str,
+    ) -> Result<()> {
+        let MatmulSpec { batch, m, n, k, .. } = spec;
+        if batch > 65_535 {
+            return Err(Error::shape(
+                "matmul",
+                format!("batch {batch} > 65535 (grid z)"),
+            ));
+        }
+        if batch * m * n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &format!("gemm_simt_{sfx}"),
+            LaunchConfig {
+                grid: (
+                    (n as u32).div_ceil(64),
+                    (m as u32).div_ceil(64),
+                    batch as u32,
+                ),
+                block: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                self.ptr(),
+                rhs.ptr(),
+                out.ptr(),
+                Arg::I32(m as i32),
+                Arg::I32(n as i32),
+                Arg::I32(k as i32),
+                Arg::I32(spec.trans_a as i32),
+                Arg::I32(spec.trans_b as i32),
+                Arg::U64((m * k) as u64),
+                Arg::U64(if spec.rhs_batched { k * n } else { 0 } as u64),
+                Arg::U64((m * n) as u64),
+            ],
+        )
+    }
+
+    fn mm(&self, rhs: &CudaStorage, spec: MatmulSpec) -> Result<CudaStorage> {
+        let sfx = self.sfx("matmul")?;
+        self.same_dtype("matmul", rhs)?;
+        let out = self.empty(spec.batch * spec.m * spec.n, self.dtype)?;
+        if spec.k == 0 {
+            return self.zeros_like(out.len, self.dtype);
+        }
+        self.matmul_raw(rhs, spec, &out, sfx)?;
+        Ok(out)
+    }
+
+    fn elementwise_binary(
+        &self,
+        rhs: &CudaStorage,
+        op: BinaryOp,
+        out: &CudaStorage,
+        ls: &Shape,
+        rs: &Shape,
+        os: &Shape,
+    ) -> Result<()> {
+        let sfx = self.sfx(op.name())?;
+        self.same_dtype(op.name(), rhs)?;
+        for s in [ls, rs, os] {
+            rank_ok(op.name(), s)?;
+        }
+        use crate::backend::cpu::elementwise::bcast_strides;
+        let n = os.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let code = match op {
+            BinaryOp::Add => 0,
+            BinaryOp::Sub => 1,
+            BinaryOp::Mul => 2,
+            BinaryOp::Div => 3,
+        };
+        let mut a = vec![
+            self.ptr(),
+            rhs.ptr(),
+            out.ptr(),
+            Arg::I32(code),
+            Arg::U64(n as u64),
+            Arg::I32(os.rank() as i32),
+        ];
+        a.extend(dims_args(os.dims()));
+        a.extend(dims_args(&bcast_strides(ls, os)));
+        a.extend(dims_args(&bcast_strides(rs, os)));
+        self.launch(&format!("binary_{sfx}"), ew(n), &a)
+    }
+
+    /// `kernels/adamw.cu`'s chunk table over this tensor (pieces of 64 Ki elements, one block
+    /// each), in this runner's memory: (table, chunks).
+    fn chunk_table(&self, g: u64, m: u64, v: u64, wd: f32) -> Result<(Buffer, usize)> {
+        const PIECE: usize = 1 << 16;
+        let mut words = vec![];
+        let mut begin = 0;
+        while begin < self.len {
+            let end = (begin + PIECE).min(self.len);
+            words.extend([
+                self.buf.addr(),
+                g,
+                m,
+                v,
+                begin as u64,
+                end as u64,
+                wd.to_bits() as u64,
+            ]);
+            begin = end;
+        }
+        let chunks = words.len() / 7;
+        Ok((self.runner.buffer(&words)?, chunks))
+    }
+}
+
+fn unary_code(op: UnaryOp) -> i32 {
+    match op {
+        UnaryOp::Neg => 0,
+        UnaryOp::Exp => 1,
+        UnaryOp::Log => 2,
+        UnaryOp::Sqr => 3,
+        UnaryOp::Sqrt => 4,
+        UnaryOp::QuickGelu => 5,
+        UnaryOp::Sigmoid => 6,
+    }
+}
+
+impl BackendStorage for CudaStorage {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn to_cpu(&self) -> Result<CpuStorage> {
+        Ok(match self.dtype {
+            DType::F32 => CpuStorage::F32(self.runner.read(&self.buf)?[..self.len].to_vec()),
+            DType::BF16 => CpuStorage::BF16(self.runner.read(&self.buf)?[..self.len].to_vec()),
+            DType::I64 => CpuStorage::I64(self.runner.read(&self.buf)?[..self.len].to_vec()),
+            DType::U32 => CpuStorage::U32(self.runner.read(&self.buf)?[..self.len].to_vec()),
+            DType::F64 => {
+                return Err(Error::UnsupportedDType {
+                    op: "to_cpu",
+                    dtype: DType::F64,
+                })
+            }
+        })
+    }
+
+    fn zeros_like(&self, len: usize, dtype: DType) -> Result<Self> {
+        if dtype == DType::F64 {
+            return Err(Error::UnsupportedDType {
+                op: "zeros on cuda",
+                dtype,
+            });
+        }
+        Ok(CudaStorage {
+            buf: self.runner.zeros(len * dtype.size_in_bytes())?,
+            dtype,
+            len,
+            runner: self.runner.clone(),
+            ordinal: self.ordinal,
+        })
+    }
+
+    fn try_clone(&self) -> Result<Self> {
+        Ok(CudaStorage {
+            buf: self.runner.copy(&self.buf)?,
+            dtype: self.dtype,
+            len: self.len,
+            runner: self.runner.clone(),
+            ordinal: self.ordinal,
+        })
+    }
+
+    fn cast(&self, dtype: DType) -> Result<Self> {
+        if dtype == self.dtype {
+            return self.try_clone();
+        }
+        let name = match (self.dtype, dtype) {
+            (DType::F32, DType::BF16) => "cast_f32_bf16",
+            (DType::BF16, DType::F32) => "cast_bf16_f32",
+            (from, to) => {
+                return Err(Error::Cuda(format!(
+                    "cast {from} → {to} has no CUDA kernel (f32 ↔ bf16 only)"
+                )))
+            }
+        };
+        let out = self.empty(self.len, dtype)?;
+        if self.len > 0 {
+            self.launch(
+                name,
+                ew(self.len),
+                &[self.ptr(), out.ptr(), Arg::U64(self.len as u64)],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn unary(&self, op: UnaryOp) -> Result<Self> {
+        let sfx = self.sfx(op.name())?;
+        let out = self.empty(self.len, self.dtype)?;
+        if self.len > 0 {
+            self.launch(
+                &format!("unary_{sfx}"),
+                ew(self.len),
+                &[
+                    self.ptr(),
+                    out.ptr(),
+                    Arg::I32(unary_code(op)),
+                    Arg::U64(self.len as u64),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn unary_bwd(&self, y: &Self, dy: &Self, op: UnaryOp) -> Result<Self> {
+        let sfx = self.sfx(op.name())?;
+        self.same_dtype(op.name(), dy)?;
+        same_len(op.name(), self.len, dy.len)?;
+        let out = self.empty(self.len, self.dtype)?;
+        let y_arg = if y.len == self.len {
+            self.same_dtype(op.name(), y)?;
+            y.ptr()
+        } else {
+            Arg::null()
+        };
+        if self.len > 0 {
+            self.launch(
+                &format!("unary_bwd_{sfx}"),
+                ew(self.len),
+                &[
+                    self.ptr(),
+                    y_arg,
+                    dy.ptr(),
+                    out.ptr(),
+                    Arg::I32(unary_code(op)),
+                    Arg::U64(self.len as u64),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn affine(&self, mul: f64, add: f64) -> Result<Self> {
+        let sfx = self.sfx("affine")?;
+        let out = self.empty(self.len, self.dtype)?;
+        if self.len > 0 {
+            self.launch(
+                &format!("affine_{sfx}"),
+                ew(self.len),
+                &[
+                    self.ptr(),
+                    out.ptr(),
+                    Arg::F32(mul as f32),
+                    Arg::F32(add as f32),
+                    Arg::U64(self.len as u64),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn binary(&self, rhs: &Self, op: BinaryOp, ls: &Shape, rs: &Shape, os: &Shape) -> Result<Self> {
+        let out = self.empty(os.elem_count(), self.dtype)?;
+        self.elementwise_binary(rhs, op, &out, ls, rs, os)?;
+        Ok(out)
+    }
+
+    fn add_assign(&mut self, rhs: &Self) -> Result<()> {
+        same_len("add_assign", self.len, rhs.len)?;
+        let s = Shape::from(vec![self.len]);
+        // In place: each element is read before it is written, by the same thread.
+        let out = CudaStorage {
+            buf: Buffer::Alias(self.buf.addr(), self.buf.bytes()),
+            dtype: self.dtype,
+            len: self.len,
+            runner: self.runner.clone(),
+            ordinal: self.ordinal,
+        };
+        self.elementwise_binary(rhs, BinaryOp::Add, &out, &s, &s, &s)
+    }
+
+    fn sum_to(&self, src: &Shape, dst: &Shape) -> Result<Self> {
+        let sfx = self.sfx("sum_to")?;
+        rank_ok("sum_to", src)?;
+        let (r, dr) = (src.rank(), dst.rank());
+        if dr > r {
+            return Err(Error::shape("sum_to", format!("{src:?} → {dst:?}")));
+        }
+        let st = src.strides();
+        let (mut kd, mut ks, mut rd, mut rs) = (vec![], vec![], vec![], vec![]);
+        for k in 0..r {
+            let d = src.dims()[k];
+            let kept = k >= r - dr && dst.dims()[k - (r - dr)] == d;
+            if kept {
+                kd.push(d);
+                ks.push(st[k]);
+            } else {
+                if k >= r - dr && dst.dims()[k - (r - dr)] != 1 {
+                    return Err(Error::shape("sum_to", format!("{src:?} → {dst:?}")));
+                }
+                rd.push(d);
+                rs.push(st[k]);
+            }
+        }
+        let (n_dst, n_red) = (dst.elem_count(), rd.iter().product::<usize>());
+        if kd.iter().product::<usize>() != n_dst {
+            return Err(Error::shape("sum_to", format!("{src:?} → {dst:?}")));
+        }
+        let out = self.empty(n_dst, self.dtype)?;
+        if n_dst == 0 {
+            return Ok(out);
+        }
+        let mut a = vec![
+            self.ptr(),
+            out.ptr(),
+            Arg::U64(n_dst as u64),
+            Arg::U64(n_red as u64),
+            Arg::I32(kd.len() as i32),
+        ];
+        a.extend(dims_args(&kd));
+        a.extend(dims_args(&ks));
+        a.push(Arg::I32(rd.len() as i32));
+        a.extend(dims_args(&rd));
+        a.extend(dims_args(&rs));
+        self.launch(&format!("sum_to_{sfx}"), rows_cfg(n_dst, 256), &a)?;
+        Ok(out)
+    }
+
+    fn broadcast_to(&self, src: &Shape, dst: &Shape) -> Result<Self> {
+        rank_ok("broadcast_to", dst)?;
+        let strides = crate::backend::cpu::elementwise::bcast_strides(src, dst);
+        self.gather_strided(dst.dims(), &strides)
+    }
+
+    fn matmul(&self, rhs: &Self, spec: MatmulSpec) -> Result<Self> {
+        self.mm(rhs, spec)
+    }
+
+    fn permute(&self, shape: &Shape, perm: &[usize]) -> Result<Self> {
+        rank_ok("permute", shape)?;
+        let st = shape.strides();
+        let dims: Vec<usize> = perm.iter().map(|&p| shape.dims()[p]).collect();
+        let strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+        self.gather_strided(&dims, &strides)
+    }
+
+    fn copy2d(
+        &self,
+        dst: &mut Self,
+        rows: usize,
+        cols: usize,
+        ss: usize,
+        ds: usize,
+        so: usize,
+        dof: usize,
+    ) -> Result<()> {
+        if self.dtype != dst.dtype {
+            return Err(Error::DTypeMismatch {
+                op: "copy2d",
+                lhs: self.dtype,
+                rhs: dst.dtype,
+            });
+        }
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let last = |off: usize, stride: usize| off + (rows - 1) * stride + cols;
+        if last(so, ss) > self.len || last(dof, ds) > dst.len {
+            return Err(Error::shape(
+                "copy2d",
+                format!("{rows}×{cols} block out of bounds"),
+            ));
+        }
+        let w = match self.dtype.size_in_bytes() {
+            2 => "b2",
+            4 => "b4",
+            _ => "b8",
+        };
+        self.launch(
+            &format!("copy2d_{w}"),
+            ew(rows * cols),
+            &[
+                self.ptr(),
+                dst.ptr(),
+                Arg::U64(rows as u64),
+                Arg::U64(cols as u64),
+                Arg::U64(ss as u64),
+                Arg::U64(ds as u64),
+                Arg::U64(so as u64),
+                Arg::U64(dof as u64),
+            ],
+        )
+    }
+
+    fn index_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
+        let sfx = self.sfx("index_rows")?;
+        same_len("index_rows", self.len, rows * cols)?;
+        let ids = ids.ids_i64("index_rows", rows)?;
+        let out = self.empty(ids.len * cols, self.dtype)?;
+        if ids.len > 0 {
+            self.launch(
+                &format!("index_rows_{sfx}"),
+                rows_cfg(ids.len, 128),
+                &[
+                    self.ptr(),
+                    ids.ptr(),
+                    out.ptr(),
+                    Arg::I32(ids.len as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
+        let ids = ids.ids_i64("index_add_rows", rows)?;
+        same_len("index_add_rows", self.len, ids.len * cols)?;
+        let g = self.cast(DType::F32)?;
+        let out = self.zeros_like(rows * cols, DType::F32)?;
+        if ids.len > 0 && cols > 0 {
+            self.launch(
+                "index_add_rows_f32",
+                LaunchConfig::linear((cols as u32).div_ceil(128), 128),
+                &[
+                    g.ptr(),
+                    ids.ptr(),
+                    out.ptr(),
+                    Arg::I32(ids.len as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )?;
+        }
+        out.cast(self.dtype)
+    }
+
+    fn layer_norm(
+        &self,
+        gamma: &Self,
+        beta: &Self,
+        cols: usize,
+        eps: f64,
+    ) -> Result<(Self, Self, Self)> {
+        let sfx = self.sfx("layer_norm")?;
+        same_len("layer_norm", gamma.len, cols)?;
+        same_len("layer_norm", beta.len, cols)?;
+        self.same_dtype("layer_norm", gamma)?;
+        self.same_dtype("layer_norm", beta)?;
+        let rows = self.len / cols.max(1);
+        let y = self.empty(self.len, self.dtype)?;
+        let (mean, rstd) = (self.empty(rows, DType::F32)?, self.empty(rows, DType::F32)?);
+        if rows > 0 {
+            self.launch(
+                &format!("layernorm_fwd_{sfx}"),
+                rows_cfg(rows, 256),
+                &[
+                    self.ptr(),
+                    Arg::null(),
+                    gamma.ptr(),
+                    beta.ptr(),
+                    Arg::null(),
+                    y.ptr(),
+                    mean.ptr(),
+                    rstd.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                    Arg::F32(eps as f32),
+                ],
+            )?;
+        }
+        Ok((y, mean, rstd))
+    }
+
+    fn layer_norm_bwd(
+        &self,
+        gamma: &Self,
+        mean: &Self,
+        rstd: &Self,
+        dy: &Self,
+        cols: usize,
+        need_x: bool,
+        need_params: bool,
+    ) -> Result<(Option<Self>, Option<Self>, Option<Self>)> {
+        let sfx = self.sfx("layer_norm_bwd")?;
+        self.same_dtype("layer_norm_bwd", dy)?;
+        let rows = self.len / cols.max(1);
+        let blocks = rows.clamp(1, 256);
+        let dx = self.empty(self.len, self.dtype)?;
+        let (dgp, dbp) = (
+            self.empty(blocks * cols, DType::F32)?,
+            self.empty(blocks * cols, DType::F32)?,
+        );
+        if rows > 0 {
+            self.launch(
+                &format!("layernorm_bwd_{sfx}"),
+                LaunchConfig::linear(blocks as u32, 256),
+                &[
+                    dy.ptr(),
+                    self.ptr(),
+                    gamma.ptr(),
+                    mean.ptr(),
+                    rstd.ptr(),
+                    Arg::null(),
+                    dx.ptr(),
+                    dgp.ptr(),
+                    dbp.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )?;
+        }
+        let (dg, db) = if need_params {
+            let (dg, db) = if rows > 0 {
+                (dgp.column_sum(blocks, cols)?, dbp.column_sum(blocks, cols)?)
+            } else {
+                (
+                    self.zeros_like(cols, DType::F32)?,
+                    self.zeros_like(cols, DType::F32)?,
+                )
+            };
+            (Some(dg.cast(self.dtype)?), Some(db.cast(self.dtype)?))
+        } else {
+            (None, None)
+        };
+        Ok((need_x.then_some(dx), dg, db))
+    }
+
+    fn softmax_last(&self, cols: usize) -> Result<Self> {
+        let sfx = self.sfx("softmax")?;
+        let rows = self.len / cols.max(1);
+        let y = self.empty(self.len, self.dtype)?;
+        if rows > 0 {
+            self.launch(
+                &format!("softmax_fwd_{sfx}"),
+                rows_cfg(rows, 128),
+                &[
+                    self.ptr(),
+                    y.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self> {
+        let sfx = self.sfx("softmax_bwd")?;
+        self.same_dtype("softmax_bwd", dy)?;
+        let rows = self.len / cols.max(1);
+        let dx = self.empty(self.len, self.dtype)?;
+        if rows > 0 {
+            self.launch(
+                &format!("softmax_bwd_{sfx}"),
+                rows_cfg(rows, 128),
+                &[
+                    self.ptr(),
+                    dy.ptr(),
+                    dx.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Self, Self)> {
+        let sfx = self.sfx("l2_normalize")?;
+        let rows = self.len / cols.max(1);
+        let y = self.empty(self.len, self.dtype)?;
+        let norm = self.empty(rows, DType::F32)?;
+        if rows > 0 {
+            self.launch(
+                &format!("l2norm_fwd_{sfx}"),
+                rows_cfg(rows, 128),
+                &[
+                    self.ptr(),
+                    y.ptr(),
+                    norm.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                    Arg::F32(eps as f32),
+                ],
+            )?;
+        }
+        Ok((y, norm))
+    }
+
+    fn l2_normalize_bwd(&self, norm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self> {
+        let sfx = self.sfx("l2_normalize_bwd")?;
+        self.same_dtype("l2_normalize_bwd", dy)?;
+        let rows = self.len / cols.max(1);
+        let dx = self.empty(self.len, self.dtype)?;
+        if rows > 0 {
+            self.launch(
+                &format!("l2norm_bwd_{sfx}"),
+                rows_cfg(rows, 128),
+                &[
+                    self.ptr(),
+                    norm.ptr(),
+                    dy.ptr(),
+                    dx.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                    Arg::F32(eps as f32),
+                ],
+            )?;
+        }
+        Ok(dx)
+    }
+
+    fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
+        let sfx = self.sfx("attention")?;
+        self.same_dtype("attention", k)?;
+        self.same_dtype("attention", v)?;
+        let AttnSpec {
+            batch: b,
+            heads: h,
+            q_len: sq,
+            kv_len: skv,
+            head_dim: d,
+            causal,
+            scale,
+        } = spec;
+        let out = self.empty(b * sq * h * d, self.dtype)?;
+        let lse = self.empty(b * h * sq, DType::F32)?;
+        if b * h * sq == 0 {
+            return Ok((out, lse));
+        }
+        let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
+        let kind = attn_kind(spec)?;
+        let mut a = vec![self.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()];
+        match kind {
+            AttnKind::Flash => {
+                a.extend([
+                    Arg::I32(h as i32),
+                    Arg::I32(sq as i32),
+                    Arg::I32(skv as i32),
+                ]);
+                a.extend(tail);
+                self.launch(
+                    &format!("flash_fwd_d64_{sfx}"),
+                    flash::fwd_config(b * h, sq, d),
+                    &a,
+                )?;
+            }
+            AttnKind::Whole => {
+                a.extend([
+                    Arg::I32(b as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(sq as i32),
+                    Arg::I32(skv as i32),
+                    Arg::I32(d as i32),
+                ]);
+                a.extend(tail);
+                let smem = ((sq + 2 * skv) * d + sq * skv) * 4;
+                self.launch(
+                    &format!("clam_attention_fwd_{sfx}"),
+                    LaunchConfig {
+                        grid: ((b * h).min(4096) as u32, 1, 1),
+                        block: (128, 1, 1),
+                        shared_mem_bytes: smem as u32,
+                    },
+                    &a,
+                )?;
+            }
+        }
+        Ok((out, lse))
+    }
+
+    fn attention_bwd(
+        &self,
+        k: &Self,
+        v: &Self,
+        o: &Self,
+        lse: &Self,
+        d_o: &Self,
+        spec: AttnSpec,
+    ) -> Result<(Self, Self, Self)> {
+        let sfx = self.sfx("attention_bwd")?;
+        let AttnSpec {
+            batch: b,
+            heads: h,
+            q_len: sq,
+            kv_len: skv,
+            head_dim: d,
+            causal,
+            scale,
+        } = spec;
+        let dq = self.empty(b * sq * h * d, self.dtype)?;
+        let (dk, dv) = (
+            self.empty(b * skv * h * d, self.dtype)?,
+            self.empty(b * skv * h * d, self.dtype)?,
+        );
+        if b * h * sq == 0 {
+            return Ok((dq, dk, dv));
+        }
+        let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
+        match attn_kind(spec)? {
+            AttnKind::Flash => {
+                let delta = self.empty(b * h * sq, DType::F32)?;
+                self.launch(
+                    &format!("flash_delta_{sfx}"),
+                    flash::delta_config(b * h * sq),
+                    &[
+                        o.ptr(),
+                        d_o.ptr(),
+                        delta.ptr(),
+                        Arg::I32(b as i32),
+                        Arg::I32(h as i32),
+                        Arg::I32(sq as i32),
+                        Arg::I32(d as i32),
+                    ],
+                )?;
+                let dims = [
+                    Arg::I32(h as i32),
+                    Arg::I32(sq as i32),
+                    Arg::I32(skv as i32),
+                ];
+                let common = [
+                    self.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                    lse.ptr(),
+                    delta.ptr(),
+                    d_o.ptr(),
+                ];
+                let mut a = common.to_vec();
+                a.push(dq.ptr());
+                a.extend(dims);
+                a.extend(tail);
+                self.launch(
+                    &format!("flash_dq_d64_{sfx}"),
+                    flash::dq_config(b * h, sq, d),
+                    &a,
+                )?;
+                let mut a = common.to_vec();
+                a.extend([dk.ptr(), dv.ptr()]);
+                a.extend(dims);
+                a.extend(tail);
+                self.launch(
+                    &format!("flash_dkdv_d64_{sfx}"),
+                    flash::dkdv_config(b * h, skv, d),
+                    &a,
+                )?;
+            }
+            AttnKind::Whole => {
+                let mut a = vec![
+                    self.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                    o.ptr(),
+                    lse.ptr(),
+                    d_o.ptr(),
+                    dq.ptr(),
+                    dk.ptr(),
+                    dv.ptr(),
+                    Arg::I32(b as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(sq as i32),
+                    Arg::I32(skv as i32),
+                    Arg::I32(d as i32),
+                ];
+                a.extend(tail);
+                let smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
+                self.launch(
+                    &format!("clam_attention_bwd_{sfx}"),
+                    LaunchConfig {
+                        grid: ((b * h).min(4096) as u32, 1, 1),
+                        block: (128, 1, 1),
+                        shared_mem_bytes: smem as u32,
+                    },
+                    &a,
+                )?;
+            }
+        }
+        Ok((dq, dk, dv))
+    }
+
+    fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)> {
+        let sfx = self.sfx("cross_entropy")?;
+        let labels = labels.ids_i64("cross_entropy", cols)?;
+        same_len("cross_entropy", labels.len, rows)?;
+        let (part, lse) = (self.empty(rows, DType::F32)?, self.empty(rows, DType::F32)?);
+        if rows == 0 {
+            return Ok((self.zeros_like(1, DType::F32)?, lse));
+        }
+        self.launch(
+            &format!("cross_entropy_fwd_{sfx}"),
+            rows_cfg(rows.div_ceil(4), 128),
+            &[
+                self.ptr(),
+                labels.ptr(),
+                part.ptr(),
+                lse.ptr(),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+            ],
+        )?;
+        Ok((part.column_sum(rows, 1)?, lse))
+    }
+
+    fn cross_entropy_bwd(
+        &self,
+        labels: &Self,
+        lse: &Self,
+        dloss: &Self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        let sfx = self.sfx("cross_entropy_bwd")?;
+        let labels = labels.ids_i64("cross_entropy_bwd", cols)?;
+        let g = dloss.scalar_f32("cross_entropy_bwd")?;
+        let dz = self.empty(self.len, self.dtype)?;
+        if rows > 0 {
+            self.launch(
+                &format!("cross_entropy_bwd_{sfx}"),
+                ew(rows * cols),
+                &[
+                    self.ptr(),
+                    labels.ptr(),
+                    lse.ptr(),
+                    g.ptr(),
+                    dz.ptr(),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                ],
+            )?;
+        }
+        Ok(dz)
+    }
+
+    fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self> {
+        let (loss, _, _, _, _) = sigmoid_rows(self, d, t, b, n, dim)?;
+        Ok(loss)
+    }
+
+    fn sigmoid_loss_bwd(
+        &self,
+        d: &Self,
+        t: &Self,
+        b: &Self,
+        dloss: &Self,
+        n: usize,
+        dim: usize,
+    ) -> Result<(Self, Self, Self, Self)> {
+        // ∂f from (f, d), ∂d from the same kernel with the inputs swapped; both carry the
+        // upstream gradient 1, so scale by dloss afterwards.
+        let (_, df, dt, db, _) = sigmoid_rows(self, d, t, b, n, dim)?;
+        let (_, dd, _, _, _) = sigmoid_rows(d, self, t, b, n, dim)?;
+        let g = dloss.scalar_f32("sigmoid_loss_bwd")?.to_cpu()?.to_f64_vec()[0];
+        let sc = |s: CudaStorage| s.affine(g, 0.0);
+        let (dt, db) = (sc(dt)?, sc(db)?);
+        Ok((sc(df)?, sc(dd)?, dt.cast(t.dtype)?, db.cast(b.dtype)?))
+    }
+
+    fn lora_linear(
+        &self,
+        w: &Self,
+        b: Option<&Self>,
+        lora: Option<(&Self, &Self, LoraSpec)>,
+        spec: LinearSpec,
+    ) -> Result<(Self, Option<Self>)> {
+        let LinearSpec { m, n, k } = spec;
+        same_len("lora_linear x", self.len, m * k)?;
+        same_len("lora_linear W", w.len, n * k)?;
+        let mmspec = |m, n, k, trans_b| MatmulSpec {
+            batch: 1,
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+            rhs_batched: false,
+        };
+        let y = self.mm(w, mmspec(m, n, k, true))?;
+        let ys = Shape::from(vec![m, n]);
+        if let Some(b) = b {
+            same_len("lora_linear bias", b.len, n)?;
+            y.elementwise_binary(
+                b,
+                BinaryOp::Add,
+                &y.alias(),
+                &ys,
+                &Shape::from(vec![n]),
+                &ys,
+            )?;
+        }
+        let mut saved = None;
+        if let Some((la, lb, ls)) = lora {
+            same_len("lora_linear A", la.len, ls.rank * k)?;
+            same_len("lora_linear B", lb.len, n * ls.rank)?;
+            let xd = self.dropped(&ls)?;
+            let s = xd
+                .as_ref()
+                .unwrap_or(self)
+                .mm(la, mmspec(m, ls.rank, k, true))?;
+            let low = s
+                .mm(lb, mmspec(m, n, ls.rank, true))?
+                .affine(ls.scale, 0.0)?;
+            y.elementwise_binary(&low, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
+            saved = Some(s);
+        }
+        Ok((y, saved))
+    }
+
+    fn lora_linear_bwd(
+        &self,
+        w: &Self,
+        lora: Option<(&Self, &Self, &Self, LoraSpec)>,
+        dy: &Self,
+        spec: LinearSpec,
+        needs: LinearNeeds,
+    ) -> Result<LinearGrads<Self>> {
+        let LinearSpec { m, n, k } = spec;
+        let mm = |a: &CudaStorage, b: &CudaStorage, m, n, k, ta, tb| {
+            a.mm(
+                b,
+                MatmulSpec {
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    trans_a: ta,
+                    trans_b: tb,
+                    rhs_batched: false,
+                },
+            )
+        };
+        let mut gx = if needs.x {
+            Some(mm(dy, w, m, k, n, false, false)?)
+        } else {
+            None
+        };
+        let gw = if needs.w {
+            Some(mm(dy, self, n, k, m, true, false)?)
+        } else {
+            None
+        };
+        let gb = if needs.b {
+            Some(dy.sum_to(&Shape::from(vec![m, n]), &Shape::from(vec![n]))?)
+        } else {
+            None
+        };
+        let (mut ga, mut gbm) = (None, None);
+        if let Some((la, lb, s, ls)) = lora {
+            let r = ls.rank;
+            // dS = s·dy·B  [m, r]
+            let ds = mm(dy, lb, m, r, n, false, false)?.affine(ls.scale, 0.0)?;
+            if needs.lora_b {
+                gbm = Some(mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?);
+            }
+            if needs.lora_a {
+                let xd = self.dropped(&ls)?;
+                ga = Some(mm(&ds, xd.as_ref().unwrap_or(self), r, k, m, true, false)?);
+            }
+            if let Some(gx) = gx.as_mut() {
+                // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
+                let extra = mm(&ds, la, m, k, r, false, false)?;
+                let extra = extra.dropped(&ls)?.unwrap_or(extra);
+                let xs = Shape::from(vec![m, k]);
+                gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
+            }
+        }
+        Ok(LinearGrads {
+            x: gx,
+            w: gw,
+            b: gb,
+            lora_a: ga,
+            lora_b: gbm,
+        })
+    }
+
+    fn adamw_step(
+        &mut self,
+        grad: &Self,
+        m: &mut Self,
+        v: &mut Self,
+        step: AdamWStep,
+    ) -> Result<()> {
+        for (what, s) in [("grad", &*grad), ("m", &*m), ("v", &*v)] {
+            if s.dtype != DType::F32 || s.len != self.len {
+                return Err(Error::Cuda(format!(
+                    "adamw on cuda: {what} must be f32 like the parameter, {} elements (got {} × {})",
+                    self.len, s.len, s.dtype
+                )));
+            }
+        }
+        if self.dtype != DType::F32 {
+            return Err(Error::UnsupportedDType {
+                op: "adamw_step on cuda (f32 master weights)",
+                dtype: self.dtype,
+            });
+        }
+        let (table, chunks) = self.chunk_table(
+            grad.buf.addr(),
+            m.buf.addr(),
+            v.buf.addr(),
+            step.weight_decay as f32,
+        )?;
+        if chunks == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "adamw_multi_f32",
+            LaunchConfig::linear(chunks.min(4096) as u32, 256),
+            &[
+                Arg::U64(table.addr()),
+                Arg::I32(chunks as i32),
+                Arg::F32(step.lr as f32),
+                Arg::F32(step.beta1 as f32),
+                Arg::F32(step.beta2 as f32),
+                Arg::F32(step.eps as f32),
+                Arg::F32(step.bias1 as f32),
+                Arg::F32(step.bias2 as f32),
+                Arg::F32(step.grad_scale as f32),
+            ],
+        )?;
+        // The table must outlive the launch: wait before it is freed.
+        self.runner.synchronize()
+    }
+
+    fn sum_sq(&self) -> Result<f64> {
+        let x = self.cast(DType::F32)?;
+        // sum_sq_multi reads the gradient slot of each chunk.
+        let (table, chunks) = x.chunk_table(x.buf.addr(), 0, 0, 0.0)?;
+        if chunks == 0 {
+            return Ok(0.0);
+        }
+        let part = self.empty(chunks, DType::F32)?;
+        self.launch(
+            "sum_sq_multi_f32",
+            LaunchConfig::linear(chunks.min(4096) as u32, 256),
+            &[Arg::U64(table.addr()), Arg::I32(chunks as i32), part.ptr()],
+        )?;
+        let v: Vec<f32> = self.runner.read(&part.buf)?;
+        Ok(v[..chunks].iter().map(|x| *x as f64).sum())
+    }
+}
+
+impl CudaStorage {
+    /// drop(x) with inverted scaling (the CPU's mask: `crate::rng::dropout_keep`); None when
+    /// dropout is off.
+    fn dropped(&self, l: &LoraSpec) -> Result<Option<CudaStorage>> {
+        if l.dropout <= 0.0 {
+            return Ok(None);
+        }
+        let sfx = self.sfx("lora dropout")?;
+        let out = self.empty(self.len, self.dtype)?;
+        if self.len > 0 {
+            self.launch(
+                &format!("dropout_{sfx}"),
+                ew(self.len),
+                &[
+                    self.ptr(),
+                    out.ptr(),
+                    Arg::U64(self.len as u64),
+                    Arg::F32(l.dropout),
+                    Arg::U64(l.seed),
+                ],
+            )?;
+        }
+        Ok(Some(out))
+    }
+
+    /// A non-owning view of the same memory (an in-place output).
+    fn alias(&self) -> CudaStorage {
+        CudaStorage {
+            buf: Buffer::Alias(self.buf.addr(), self.buf.bytes()),
+            dtype: self.dtype,
+            len: self.len,
+            runner: self.runner.clone(),
+            ordinal: self.ordinal,
+        }
+    }
+}
+
+enum AttnKind {
+    /// Flash attention (head dim 64, any length).
+    Flash,
+    /// The whole attention in one block's shared memory (CLAM-sized: kv ≤ 64).
+    Whole,
+}
+
+fn attn_kind(spec: AttnSpec) -> Result<AttnKind> {
+    if spec.head_dim == flash::HEAD_DIM {
+        return Ok(AttnKind::Flash);
+    }
+    let smem =
+        ((2 * spec.q_len + 2 * spec.kv_len) * spec.head_dim + 2 * spec.q_len * spec.kv_len) * 4;
+    if spec.kv_len <= 64 && smem <= 227 * 1024 {
+        return Ok(AttnKind::Whole);
+    }
+    Err(Error::Cuda(format!(
+        "attention with head dim {} and {} keys has no CUDA kernel (flash: head dim 64; whole-sequence: ≤ 64 keys)",
+        spec.head_dim, spec.kv_len
+    )))
+}
+
+/// The fused SigLIP kernel on (f, d): (loss [1], ∂f, ∂t [1], ∂b [1], per-row loss parts).
+fn sigmoid_rows(
+    f: &CudaStorage,
+    d: &CudaStorage,
+    t: &CudaStorage,
+    b: &CudaStorage,
+    n: usize,
+    dim: usize,
+) -> Result<(
+    CudaStorage,
+    CudaStorage,
+    CudaStorage,
+    CudaStorage,
+    CudaStorage,
+)> {
+    let sfx = f.sfx("sigmoid_loss")?;
+    f.same_dtype("sigmoid_loss", d)?;
+    same_len("sigmoid_loss f", f.len, n * dim)?;
+    same_len("sigmoid_loss d", d.len, n * dim)?;
+    let (tf, bf) = (
+        t.scalar_f32("sigmoid_loss t")?,
+        b.scalar_f32("sigmoid_loss b")?,
+    );
+    let grad = f.empty(n * dim, f.dtype)?;
+    let parts = f.empty(3 * n, DType::F32)?;
+    let threads = 128usize;
+    let off = |k: usize| Arg::U64(parts.buf.addr() + (k * n * 4) as u64);
+    if n > 0 {
+        f.launch(
+            &format!("sigmoid_loss_rows_{sfx}"),
+            LaunchConfig {
+                grid: (n.min(4096) as u32, 1, 1),
+                block: (threads as u32, 1, 1),
+                shared_mem_bytes: ((1 + threads / 32) * dim * 4) as u32,
+            },
+            &[
+                f.ptr(),
+                d.ptr(),
+                tf.ptr(),
+                bf.ptr(),
+                grad.ptr(),
+                off(0),
+                off(1),
+                off(2),
+                Arg::I32(n as i32),
+                Arg::I32(dim as i32),
+            ],
+        )?;
+    }
+    // [3, n] partials → per-quantity sums (column_sum over a transposed view: sum each row).
+    let sums = parts.sum_to(&Shape::from(vec![3, n]), &Shape::from(vec![3, 1]))?;
+    let pick = |k: usize| -> Result<CudaStorage> {
+        let mut o = f.empty(1, DType::F32)?;
+        sums.copy2d(&mut o, 1, 1, 1, 1, k, 0)?;
+        Ok(o)
+    };
+    // Keep `tf`/`bf` alive until the launch is ordered before their release (stream order).
+    let _ = (&tf, &bf);
+    Ok((pick(0)?, grad, pick(1)?, pick(2)?, parts))
+}

@@ -1,0 +1,315 @@
+//! Gradients on every backend against the CPU reference: the same small graphs (every op family
+//! with a backward rule, and an AdamW step) built on the CPU and on each other device — the
+//! CUDA storage run by the kernel simulator (`cuda:sim`, every `cargo test`) and a GPU
+//! (`cuda:0`, feature `cuda`, when one is present). f32; each gradient's worst error printed.
+mod common;
+use common::assert_close;
+use sd2::ops::{self, attention::AttnOptions, loss, Lora};
+use sd2::{DType, Device, Tensor};
+
+const ATOL: f64 = 2e-5;
+const RTOL: f64 = 2e-4;
+
+fn input(dev: Device, shape: &[usize], seed: u64) -> Tensor {
+    Tensor::from_f64(
+        &common::values(shape.iter().product(), seed),
+        shape,
+        DType::F32,
+        dev,
+    )
+    .unwrap()
+    .into_trainable()
+}
+
+/// Loss = Σ out·w (fixed random w, so every output element carries a distinct upstream
+/// gradient) and the gradient of each input.
+fn grads(
+    dev: Device,
+    shapes: &[&[usize]],
+    build: &dyn Fn(Device, &[Tensor]) -> Tensor,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let xs: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| input(dev, s, 100 + i as u64))
+        .collect();
+    let out = build(dev, &xs);
+    let w = Tensor::from_f64(
+        &common::values(out.elem_count(), 7),
+        out.dims(),
+        DType::F32,
+        dev,
+    )
+    .unwrap();
+    let loss = out.mul(&w).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    let gs = xs
+        .iter()
+        .map(|x| match g.get(x) {
+            Some(t) => t.to_vec_f64().unwrap(),
+            None => vec![0.0; x.elem_count()],
+        })
+        .collect();
+    (out.to_vec_f64().unwrap(), gs)
+}
+
+fn compare(
+    name: &str,
+    dev: Device,
+    shapes: &[&[usize]],
+    build: &dyn Fn(Device, &[Tensor]) -> Tensor,
+) {
+    let (want_out, want) = grads(Device::Cpu, shapes, build);
+    let (got_out, got) = grads(dev, shapes, build);
+    assert_close(
+        &format!("[{dev}] {name} out"),
+        &got_out,
+        &want_out,
+        ATOL,
+        RTOL,
+    );
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("[{dev}] {name} d input {i}"), g, w, ATOL, RTOL);
+    }
+}
+
+fn elementwise(dev: Device) {
+    compare("elementwise", dev, &[&[3, 4], &[4]], &|_, x| {
+        let (a, b) = (&x[0], &x[1]);
+        let p = a.add(b).unwrap().mul(a).unwrap().quick_gelu().unwrap();
+        let q = a
+            .sub(b)
+            .unwrap()
+            .sigmoid()
+            .unwrap()
+            .div(&a.sqr().unwrap().affine(1.0, 1.0).unwrap())
+            .unwrap();
+        let r = a
+            .sqr()
+            .unwrap()
+            .affine(1.0, 2.0)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .log()
+            .unwrap();
+        let s = a.neg().unwrap().scale(0.5).unwrap().exp().unwrap();
+        p.add(&q).unwrap().add(&r).unwrap().add(&s).unwrap()
+    });
+}
+
+fn reductions_and_layout(dev: Device) {
+    compare("reductions/layout", dev, &[&[2, 3, 4], &[3, 1]], &|_, x| {
+        let (a, c) = (&x[0], &x[1]);
+        let s = a.sum_dim(2, true).unwrap().mul(c).unwrap(); // [2,3,1]
+        let m = a.mean_dim(0, false).unwrap(); // [3,4]
+        let t = a.permute(&[2, 0, 1]).unwrap().narrow(0, 1, 2).unwrap(); // [2,2,3]
+        let cat = Tensor::cat(&[&t, &t.scale(2.0).unwrap()], 1).unwrap(); // [2,4,3]
+        let b = m.broadcast_as(&[2, 3, 4].as_slice().into()).unwrap();
+        let y = a.add(&s).unwrap().mul(&b).unwrap();
+        y.sum_all()
+            .unwrap()
+            .add(&cat.sum_all().unwrap())
+            .unwrap()
+            .reshape(vec![1usize])
+            .unwrap()
+    });
+}
+
+fn matmul(dev: Device) {
+    compare("batched matmul", dev, &[&[2, 3, 5], &[2, 5, 4]], &|_, x| {
+        x[0].matmul(&x[1]).unwrap()
+    });
+    compare("matmul_t", dev, &[&[5, 3], &[4, 5]], &|_, x| {
+        x[0].matmul_t(&x[1], true, true).unwrap()
+    });
+    compare(
+        "matmul shared rhs",
+        dev,
+        &[&[2, 67, 70], &[70, 65]],
+        &|_, x| x[0].matmul(&x[1]).unwrap(),
+    );
+}
+
+fn norms(dev: Device) {
+    compare("layer_norm", dev, &[&[5, 8], &[8], &[8]], &|_, x| {
+        x[0].layer_norm(&x[1], &x[2], 1e-5).unwrap()
+    });
+    compare("softmax + l2", dev, &[&[4, 7]], &|_, x| {
+        x[0].scale(3.0)
+            .unwrap()
+            .softmax_last()
+            .unwrap()
+            .add(&x[0].l2_normalize().unwrap())
+            .unwrap()
+    });
+}
+
+fn attention(dev: Device) {
+    // Head dim 64 runs flash attention on CUDA; 16 runs the whole-sequence (CLAM) kernel.
+    for (d, sq, skv, causal) in [
+        (64usize, 9usize, 9usize, false),
+        (64, 7, 13, true),
+        (16, 5, 5, true),
+    ] {
+        let heads = 2;
+        compare(
+            &format!("attention d{d} sq{sq} skv{skv} causal {causal}"),
+            dev,
+            &[
+                &[2, sq, heads * d],
+                &[2, skv, heads * d],
+                &[2, skv, heads * d],
+            ],
+            &|_, x| {
+                ops::attention::attention_lse(
+                    &x[0].scale(0.5).unwrap(),
+                    &x[1],
+                    &x[2],
+                    AttnOptions {
+                        heads,
+                        causal,
+                        scale: None,
+                    },
+                )
+                .unwrap()
+                .0
+            },
+        );
+    }
+}
+
+fn losses(dev: Device) {
+    compare("cross_entropy", dev, &[&[6, 5]], &|dev, x| {
+        let labels = Tensor::from_vec(vec![0i64, 4, 2, 2, 1, 3], 6, dev).unwrap();
+        loss::cross_entropy(&x[0].scale(3.0).unwrap(), &labels)
+            .unwrap()
+            .reshape(vec![1usize])
+            .unwrap()
+    });
+    compare(
+        "sigmoid_loss",
+        dev,
+        &[&[5, 6], &[5, 6], &[1], &[1]],
+        &|_, x| {
+            let (f, d) = (x[0].l2_normalize().unwrap(), x[1].l2_normalize().unwrap());
+            let t = x[2].affine(1.0, 2.0).unwrap().exp().unwrap();
+            loss::sigmoid_loss(&f, &d, &t, &x[3])
+                .unwrap()
+                .reshape(vec![1usize])
+                .unwrap()
+        },
+    );
+}
+
+fn lora(dev: Device) {
+    compare(
+        "lora_linear (dropout)",
+        dev,
+        &[&[4, 6], &[5, 6], &[5], &[3, 6], &[5, 3]],
+        &|_, x| {
+            let l = Lora {
+                a: &x[3],
+                b: &x[4],
+                scale: 2.0,
+                dropout: 0.25,
+                seed: 11,
+            };
+            ops::lora_linear(&x[0], &x[1], Some(&x[2]), Some(l)).unwrap()
+        },
+    );
+}
+
+fn embedding_and_patches(dev: Device) {
+    compare("embedding", dev, &[&[7, 4]], &|dev, x| {
+        let ids = Tensor::from_vec(vec![3u32, 0, 6, 3, 3], 5, dev).unwrap();
+        Tensor::embedding(&x[0], &ids).unwrap()
+    });
+    compare(
+        "patch_conv",
+        dev,
+        &[&[2, 3, 9, 8], &[5, 3, 4, 4]],
+        &|_, x| x[0].patch_conv(&x[1]).unwrap(),
+    );
+}
+
+fn adamw(dev: Device) {
+    use sd2::optim::{grad_norm, AdamW, AdamWConfig, Param};
+    let run = |dev: Device| -> (Vec<f64>, f64) {
+        let p = input(dev, &[70_000], 5);
+        let q = input(dev, &[3, 4], 6);
+        let params = vec![
+            Param::new("p", p.clone(), true),
+            Param::new("q", q.clone(), false),
+        ];
+        let mut opt = AdamW::new(AdamWConfig::default());
+        let mut norm = 0.0;
+        for _ in 0..2 {
+            let loss = p
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .add(&q.exp().unwrap().sum_all().unwrap())
+                .unwrap();
+            let g = loss.backward().unwrap();
+            norm = grad_norm(&params, &g).unwrap();
+            opt.step(&params, &g, 1e-2, 0.5).unwrap();
+        }
+        let mut v = p.to_vec_f64().unwrap();
+        v.extend(q.to_vec_f64().unwrap());
+        (v, norm)
+    };
+    let (want, want_norm) = run(Device::Cpu);
+    let (got, got_norm) = run(dev);
+    assert_close(
+        &format!("[{dev}] adamw params after 2 steps"),
+        &got,
+        &want,
+        1e-6,
+        1e-5,
+    );
+    assert_close(
+        &format!("[{dev}] grad norm"),
+        &[got_norm],
+        &[want_norm],
+        1e-6,
+        1e-5,
+    );
+}
+
+macro_rules! on_devices {
+    ($($name:ident),+ $(,)?) => {
+        #[cfg(feature = "cuda-sim")]
+        mod cuda_sim {
+            $(#[test]
+            fn $name() {
+                super::$name(sd2::Device::CUDA_SIM);
+            })+
+        }
+        #[cfg(feature = "cuda")]
+        mod cuda {
+            $(#[test]
+            fn $name() {
+                let dev = sd2::Device::Cuda(0);
+                if let Err(e) = dev.check_available() {
+                    println!("skipped on cuda:0: {e}");
+                    return;
+                }
+                super::$name(dev);
+            })+
+        }
+    };
+}
+
+on_devices!(
+    elementwise,
+    reductions_and_layout,
+    matmul,
+    norms,
+    attention,
+    losses,
+    lora,
+    embedding_and_patches,
+    adamw,
+);
