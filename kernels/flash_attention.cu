@@ -251,5 +251,10 @@ __device__ void flash_dkdv(const T* __restrict__ q, const T* __restrict__ k,
 
 SD2_FLASH(float, f32, 64)
 SD2_FLASH(bf16, bf16, 64)
+// Smaller heads (test-sized and tiny models).
+SD2_FLASH(float, f32, 16)
+SD2_FLASH(bf16, bf16, 16)
+SD2_FLASH(float, f32, 32)
+SD2_FLASH(bf16, bf16, 32)
 SD2_FLASH_DELTA(float, f32)
 SD2_FLASH_DELTA(bf16, bf16)

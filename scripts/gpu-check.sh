@@ -6,7 +6,8 @@
 #                                 reference (the simulator tests, SD2_KERNEL_BACKENDS=gpu: fresh
 #                                 inputs, poisoned outputs), (2) compute-sanitizer memcheck and
 #                                 (3) racecheck, synccheck, initcheck on the same small sizes,
-#                                 (4) flash attention
+#                                 (also over the engine's tests on cuda:0), a short `sd2 demo`
+#                                 on the GPU and the CPU, (4) flash attention
 #                                 timings beside PyTorch SDPA on the same shapes; a table last.
 #                                 Logs under $OUT (8 files: the device tool's limit).
 set -uo pipefail
@@ -15,16 +16,19 @@ if [ "${1:-}" = bundle ]; then
     set -e
     cd "$(dirname "$0")/.."
     cargo build --release --features cuda --bin sd2
-    exe=$(cargo test --release --features cuda --test sim_kernels --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import sys, json
+    rm -rf .device && mkdir -p .device
+    strip -o .device/sd2 target/release/sd2
+    # The kernel tests and the engine's device-generic tests (forward, backward + AdamW).
+    for t in sim_kernels ops_forward backward_backends; do
+        exe=$(cargo test --release --features cuda --test $t --no-run --message-format=json 2>/dev/null |
+            T=$t python3 -c 'import sys, json, os
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") \
-            and m["target"]["name"] == "sim_kernels":
+            and m["target"]["name"] == os.environ["T"]:
         print(m["executable"])' | tail -1)
-    rm -rf .device && mkdir -p .device
-    strip -o .device/sd2 target/release/sd2
-    strip -o .device/sim_kernels "$exe"
+        strip -o .device/$t "$exe"
+    done
     cp scripts/gpu-check.sh scripts/bench/sdpa_attention.py .device/
     echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >.device/COMMIT
     du -sh .device
@@ -53,21 +57,47 @@ rc=$?
 step "parity" $rc
 grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$OUT/parity.log" | grep -v "^test .* ok$" | tail -70
 
-# The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
-for tool in memcheck racecheck synccheck initcheck; do
-    echo "== compute-sanitizer $tool"
-    timeout 170 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-        "$D/sim_kernels" --test-threads=1 --skip bad_launches >"$OUT/$tool.log" 2>&1
+echo "== 2. the engine's tests on cuda:0 (CUDA tensor storage vs the CPU reference)"
+for t in ops_forward backward_backends; do
+    timeout 120 "$D/$t" --test-threads=1 --nocapture cuda:: >>"$OUT/engine.log" 2>&1
     rc=$?
-    step "$tool" $rc
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|test result|panicked" "$OUT/$tool.log" | tail -8
+    step "engine $t" $rc
+    grep -E "^test |test result|panicked|skipped" "$OUT/engine.log" | grep -v " ok$" | tail -12
 done
 
-echo "== flash attention timings: sd2 vs PyTorch SDPA (same shapes, same lease)"
-timeout 150 "$D/sd2" bench flash --json "$OUT/flash_sd2.json"
-step "sd2 bench flash" $?
-PYTHONUNBUFFERED=1 timeout 150 python3 "$D/sdpa_attention.py" --json "$OUT/flash_sdpa.json"
-step "sdpa baseline" $?
+# The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
+for tool in memcheck racecheck synccheck initcheck; do
+    echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
+    for t in sim_kernels backward_backends; do
+        filter=$([ $t = sim_kernels ] && echo "--skip bad_launches" || echo "cuda::")
+        timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+            "$D/$t" --test-threads=1 $filter >"$OUT/one.log" 2>&1
+        rc=$?
+        cat "$OUT/one.log" >>"$OUT/sanitizer.log"
+        step "$tool $t" $rc
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|panicked" "$OUT/one.log" | tail -3
+    done
+done
+rm -f "$OUT/one.log"
+
+echo "== 3. end to end: sd2 demo (synthetic data, tiny SD2, train + eval) on cuda:0 and on the CPU"
+for dev in cuda cpu; do
+    t0=$(date +%s.%N)
+    timeout 150 "$D/sd2" demo --device $dev --images 3000 --epochs 2 --out /tmp/demo-$dev \
+        >>"$OUT/demo.log" 2>&1
+    rc=$?
+    echo "demo $dev wall $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/demo.log"
+    step "demo $dev" $rc
+    grep -E "AUC|wall|error" "$OUT/demo.log" | tail -4
+done
+
+if [ -z "${SKIP_FLASH_BENCH:-}" ]; then
+    echo "== flash attention timings: sd2 vs PyTorch SDPA (same shapes, same lease)"
+    timeout 150 "$D/sd2" bench flash --json "$OUT/flash_sd2.json"
+    step "sd2 bench flash" $?
+    PYTHONUNBUFFERED=1 timeout 150 python3 "$D/sdpa_attention.py" --json "$OUT/flash_sdpa.json"
+    step "sdpa baseline" $?
+fi
 
 echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
 printf '%s\n' "${status[@]}" | tee -a "$OUT/summary.txt"

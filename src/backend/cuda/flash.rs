@@ -2,8 +2,11 @@
 //! benchmark and the ops: q [B, Sq, H·D], k/v [B, Skv, H·D], lse/delta [B, H, Sq] f32.
 use super::launch::LaunchConfig;
 
-/// The head dimension the compiled flash kernels take.
+/// The head dimension of the CLIP towers (the timed flash kernels).
 pub const HEAD_DIM: usize = 64;
+
+/// Head dimensions with compiled flash kernels (`flash_*_d{D}_*`).
+pub const HEAD_DIMS: [usize; 3] = [16, 32, 64];
 
 /// Forward: one thread per query row, 64-row tiles, K/V tiles of 64 rows in f32 smem.
 pub fn fwd_config(batch_heads: usize, sq: usize, d: usize) -> LaunchConfig {

@@ -526,18 +526,17 @@ impl BackendStorage for CudaStorage {
         }
         let st = src.strides();
         let (mut kd, mut ks, mut rd, mut rs) = (vec![], vec![], vec![], vec![]);
-        for k in 0..r {
-            let d = src.dims()[k];
+        for (k, (&d, &stride)) in src.dims().iter().zip(&st).enumerate() {
             let kept = k >= r - dr && dst.dims()[k - (r - dr)] == d;
             if kept {
                 kd.push(d);
-                ks.push(st[k]);
+                ks.push(stride);
             } else {
                 if k >= r - dr && dst.dims()[k - (r - dr)] != 1 {
                     return Err(Error::shape("sum_to", format!("{src:?} → {dst:?}")));
                 }
                 rd.push(d);
-                rs.push(st[k]);
+                rs.push(stride);
             }
         }
         let (n_dst, n_red) = (dst.elem_count(), rd.iter().product::<usize>());
@@ -878,7 +877,7 @@ impl BackendStorage for CudaStorage {
                 ]);
                 a.extend(tail);
                 self.launch(
-                    &format!("flash_fwd_d64_{sfx}"),
+                    &format!("flash_fwd_d{d}_{sfx}"),
                     flash::fwd_config(b * h, sq, d),
                     &a,
                 )?;
@@ -969,7 +968,7 @@ impl BackendStorage for CudaStorage {
                 a.extend(dims);
                 a.extend(tail);
                 self.launch(
-                    &format!("flash_dq_d64_{sfx}"),
+                    &format!("flash_dq_d{d}_{sfx}"),
                     flash::dq_config(b * h, sq, d),
                     &a,
                 )?;
@@ -978,7 +977,7 @@ impl BackendStorage for CudaStorage {
                 a.extend(dims);
                 a.extend(tail);
                 self.launch(
-                    &format!("flash_dkdv_d64_{sfx}"),
+                    &format!("flash_dkdv_d{d}_{sfx}"),
                     flash::dkdv_config(b * h, skv, d),
                     &a,
                 )?;
@@ -1217,7 +1216,7 @@ impl BackendStorage for CudaStorage {
         v: &mut Self,
         step: AdamWStep,
     ) -> Result<()> {
-        for (what, s) in [("grad", &*grad), ("m", &*m), ("v", &*v)] {
+        for (what, s) in [("grad", grad), ("m", &*m), ("v", &*v)] {
             if s.dtype != DType::F32 || s.len != self.len {
                 return Err(Error::Cuda(format!(
                     "adamw on cuda: {what} must be f32 like the parameter, {} elements (got {} × {})",
@@ -1322,7 +1321,7 @@ enum AttnKind {
 }
 
 fn attn_kind(spec: AttnSpec) -> Result<AttnKind> {
-    if spec.head_dim == flash::HEAD_DIM {
+    if flash::HEAD_DIMS.contains(&spec.head_dim) {
         return Ok(AttnKind::Flash);
     }
     let smem =
@@ -1331,7 +1330,7 @@ fn attn_kind(spec: AttnSpec) -> Result<AttnKind> {
         return Ok(AttnKind::Whole);
     }
     Err(Error::Cuda(format!(
-        "attention with head dim {} and {} keys has no CUDA kernel (flash: head dim 64; whole-sequence: ≤ 64 keys)",
+        "attention with head dim {} and {} keys has no CUDA kernel (flash: head dim 16, 32 or 64; whole-sequence: ≤ 64 keys)",
         spec.head_dim, spec.kv_len
     )))
 }
