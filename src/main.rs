@@ -305,6 +305,9 @@ fn info() {
         "  cpu   reference backend: f32/bf16/f64, gemm crate, rayon ({} threads)",
         rayon::current_num_threads()
     );
+    if cfg!(feature = "cuda-sim") {
+        println!("  cuda:sim  CUDA tensors with every kernel run by the CPU kernel simulator (slow; tests)");
+    }
     if !sd2::backend::cuda::COMPILED {
         println!("  cuda  not compiled in (rebuild with `--features cuda`)");
         return;
@@ -312,7 +315,7 @@ fn info() {
     match sd2::backend::cuda::probe() {
         Ok(gpus) if gpus.is_empty() => println!("  cuda  compiled in; no GPU visible"),
         Ok(gpus) => {
-            println!("  cuda  compiled in; tensor storage not implemented yet (CUDA backend I)");
+            println!("  cuda  compiled in: f32/bf16 tensors, kernels from kernels/*.cu");
             for g in gpus {
                 println!(
                     "        cuda:{}  {}  {:.1} GiB",
