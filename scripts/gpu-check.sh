@@ -41,6 +41,11 @@ OUT=${OUT:-/tmp/sd2-gpu-check}
 mkdir -p "$OUT"
 export PATH=/usr/local/cuda/bin:$PATH
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# cuBLAS (plain matmuls) may live only in the Python wheels here.
+NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
+CUBLAS=$( (find "$NV/nvidia" /usr/local/cuda/lib64 -name "libcublas.so*" 2>/dev/null || true) | head -1)
+[ -n "$CUBLAS" ] && export LD_LIBRARY_PATH=$(dirname "$CUBLAS"):$LD_LIBRARY_PATH
+echo "cublas: ${CUBLAS:-not found}"
 export SD2_KERNEL_BACKENDS=gpu RUST_BACKTRACE=1
 status=()
 step() { # name rc
@@ -64,6 +69,10 @@ for t in ops_forward backward_backends; do
     step "engine $t" $rc
     grep -E "^test |test result|panicked|skipped" "$OUT/engine.log" | grep -v " ok$" | tail -12
 done
+# The same matmul gradients through the SIMT GEMM kernel instead of cuBLAS.
+SD2_GEMM=simt timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::matmul \
+    >>"$OUT/engine.log" 2>&1
+step "engine matmul (simt)" $?
 
 # The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
 for tool in memcheck racecheck synccheck initcheck; do
@@ -90,6 +99,10 @@ for dev in cuda cpu; do
     step "demo $dev" $rc
     grep -E "AUC|wall|error" "$OUT/demo.log" | tail -4
 done
+
+echo "== plain GEMM: cuBLAS vs the SIMT kernel (ViT-L/14 linear shapes, batch 64)"
+timeout 150 "$D/sd2" bench gemm --json "$OUT/gemm.json"
+step "sd2 bench gemm" $?
 
 if [ -z "${SKIP_FLASH_BENCH:-}" ]; then
     echo "== flash attention timings: sd2 vs PyTorch SDPA (same shapes, same lease)"

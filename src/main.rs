@@ -134,7 +134,7 @@ enum Cmd {
     /// stack and spills from ptxas (feature `cuda`), and which run in the simulator (`cuda-sim`).
     Kernels,
     /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s);
-    /// `sd2 bench flash` (flash attention on the GPU).
+    /// `sd2 bench flash` (flash attention on the GPU); `sd2 bench gemm` (cuBLAS vs SIMT GEMM).
     #[command(subcommand)]
     Bench(BenchCmd),
 }
@@ -184,6 +184,19 @@ enum BenchCmd {
         #[arg(long, default_value_t = 30)]
         iters: usize,
         /// Also write the timings as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Plain GEMMs on the GPU at ViT-L/14's linear-layer shapes: cuBLAS vs the SIMT kernel
+    /// (bf16 and f32; feature `cuda`).
+    Gemm {
+        /// Images per batch (m = batch × 257 tokens).
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
@@ -516,6 +529,66 @@ fn bench_flash(
         )?;
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn bench_gemm(
+    batch: usize,
+    warmup: usize,
+    iters: usize,
+    json: Option<&std::path::Path>,
+) -> sd2::Result<()> {
+    use sd2::backend::cuda::{bench, gpu::Gpu};
+    let gpu = Gpu::global()?;
+    println!(
+        "plain GEMM, C = A·Wᵀ, on {}: cuBLAS {} vs the SIMT kernel, median of {iters}",
+        gpu.name,
+        if gpu.has_cublas() {
+            "(loaded)"
+        } else {
+            "(not loadable here)"
+        }
+    );
+    let t = bench::gemm(&gpu, &bench::GemmShape::defaults(batch), warmup, iters)?;
+    println!(
+        "{:<14} {:>6} {:>5} {:>5} {:>5} {:>10} {:>8} {:>9} {:>8} {:>10}",
+        "shape", "m", "n", "k", "dtype", "cublas ms", "TFLOP/s", "simt ms", "TFLOP/s", "rel diff"
+    );
+    for r in &t {
+        let s = &r.shape;
+        let o = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+        println!(
+            "{:<14} {:>6} {:>5} {:>5} {:>5} {:>10} {:>8} {:>9.3} {:>8.1} {:>10}",
+            s.name,
+            s.m,
+            s.n,
+            s.k,
+            r.dtype,
+            o(r.cublas_ms, 3),
+            o(r.cublas_tflops, 1),
+            r.simt_ms,
+            r.simt_tflops,
+            r.max_rel_diff.map_or("-".into(), |v| format!("{v:.1e}"))
+        );
+    }
+    if let Some(p) = json {
+        let body = serde_json::json!({ "device": gpu.name, "timings": t });
+        sd2::io::write_atomic(
+            p,
+            serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_gemm(
+    _batch: usize,
+    _warmup: usize,
+    _iters: usize,
+    _json: Option<&std::path::Path>,
+) -> sd2::Result<()> {
+    Err(sd2::Error::CudaNotCompiled(0))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -907,6 +980,12 @@ fn main() {
             iters,
             json,
         }) => bench_flash(batch, warmup, iters.max(1), json.as_deref()),
+        Cmd::Bench(BenchCmd::Gemm {
+            batch,
+            warmup,
+            iters,
+            json,
+        }) => bench_gemm(batch, warmup, iters.max(1), json.as_deref()),
         Cmd::Predict {
             checkpoint,
             images,

@@ -170,3 +170,167 @@ pub fn flash_attention(
     }
     Ok(out)
 }
+
+/// One plain matrix product shape: C [m, n] = A [m, k] · Wᵀ (W [n, k]), as a linear layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmShape {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl GemmShape {
+    /// ViT-L/14's linear layers at a batch of `batch` images (257 tokens each).
+    pub fn defaults(batch: usize) -> Vec<GemmShape> {
+        let m = batch * 257;
+        let s = |name: &str, n, k| GemmShape {
+            name: name.into(),
+            m,
+            n,
+            k,
+        };
+        vec![
+            s("qkv/out proj", 1024, 1024),
+            s("mlp fc1", 4096, 1024),
+            s("mlp fc2", 1024, 4096),
+        ]
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmTiming {
+    pub shape: GemmShape,
+    pub dtype: String,
+    pub cublas_ms: Option<f64>,
+    pub simt_ms: f64,
+    pub cublas_tflops: Option<f64>,
+    pub simt_tflops: f64,
+    /// max |simt − cublas| / max |cublas| on the timed output (a large-size parity check).
+    pub max_rel_diff: Option<f64>,
+}
+
+/// Times the plain GEMM paths of the CUDA storage: cuBLAS (when loadable) and the SIMT kernel.
+pub fn gemm(
+    gpu: &Arc<Gpu>,
+    shapes: &[GemmShape],
+    warmup: usize,
+    iters: usize,
+) -> Result<Vec<GemmTiming>> {
+    use super::gpu::GemmArgs;
+    let mut out = vec![];
+    for (i, s) in shapes.iter().enumerate() {
+        for bf in [true, false] {
+            let esz = if bf { 2 } else { 4 };
+            let rand = |n: usize, seed: u64| -> Result<DeviceBuffer> {
+                if bf {
+                    random_bf16(gpu, n, seed)
+                } else {
+                    let mut r = crate::rng::Rng::new(seed);
+                    let v: Vec<f32> = (0..n).map(|_| r.normal() as f32).collect();
+                    gpu.upload(bytemuck::cast_slice(&v))
+                }
+            };
+            let a = rand(s.m * s.k, 10 * i as u64 + 1)?;
+            let w = rand(s.n * s.k, 10 * i as u64 + 2)?;
+            let (c1, c2) = (gpu.alloc(esz * s.m * s.n)?, gpu.alloc(esz * s.m * s.n)?);
+            let args = |c: &DeviceBuffer| GemmArgs {
+                a: a.ptr(),
+                b: w.ptr(),
+                c: c.ptr(),
+                batch: 1,
+                m: s.m,
+                n: s.n,
+                k: s.k,
+                trans_a: false,
+                trans_b: true,
+                rhs_batched: false,
+                bf16: bf,
+            };
+            let simt = || -> Result<()> {
+                let cfg = super::launch::LaunchConfig {
+                    grid: ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), 1),
+                    block: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let p = |b: &DeviceBuffer| Arg::U64(b.ptr());
+                // SAFETY: buffers sized for this product above.
+                unsafe {
+                    gpu.launch(
+                        if bf {
+                            "gemm_simt_bf16"
+                        } else {
+                            "gemm_simt_f32"
+                        },
+                        cfg,
+                        &[
+                            p(&a),
+                            p(&w),
+                            p(&c2),
+                            Arg::I32(s.m as i32),
+                            Arg::I32(s.n as i32),
+                            Arg::I32(s.k as i32),
+                            Arg::I32(0),
+                            Arg::I32(1),
+                            Arg::U64((s.m * s.k) as u64),
+                            Arg::U64(0),
+                            Arg::U64((s.m * s.n) as u64),
+                        ],
+                    )
+                }
+            };
+            let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+                for _ in 0..warmup {
+                    f()?;
+                }
+                let mut t = vec![];
+                for _ in 0..iters {
+                    t.push(gpu.time_ms(f)? as f64);
+                }
+                Ok(median(t).0)
+            };
+            let simt_ms = time(&simt)?;
+            let has = gpu.has_cublas();
+            let cublas_ms = if has {
+                // SAFETY: as above.
+                Some(time(&|| unsafe { gpu.gemm(args(&c1)).map(|_| ()) })?)
+            } else {
+                None
+            };
+            gpu.synchronize()?;
+            let max_rel_diff = if has {
+                let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
+                    if bf {
+                        let mut v = vec![half::bf16::ZERO; s.m * s.n];
+                        b.download(bytemuck::cast_slice_mut(&mut v))?;
+                        Ok(v.iter().map(|x| x.to_f32()).collect())
+                    } else {
+                        let mut v = vec![0f32; s.m * s.n];
+                        b.download(bytemuck::cast_slice_mut(&mut v))?;
+                        Ok(v)
+                    }
+                };
+                let (x, y) = (read(&c1)?, read(&c2)?);
+                let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let diff = x
+                    .iter()
+                    .zip(&y)
+                    .fold(0f64, |m, (p, q)| m.max((p - q).abs() as f64));
+                Some(diff / scale.max(1e-30))
+            } else {
+                None
+            };
+            let flops = 2.0 * (s.m * s.n * s.k) as f64;
+            out.push(GemmTiming {
+                shape: s.clone(),
+                dtype: if bf { "bf16" } else { "f32" }.into(),
+                cublas_ms,
+                simt_ms,
+                cublas_tflops: cublas_ms.map(|t| flops / (t * 1e9)),
+                simt_tflops: flops / (simt_ms * 1e9),
+                max_rel_diff,
+            });
+        }
+    }
+    Ok(out)
+}

@@ -31,6 +31,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<String, Function>>,
     /// Kernel name → index into `compiled::KERNELS`.
     kernel_file: HashMap<String, usize>,
+    cublas: Mutex<Option<Cublas>>,
+    cublas_failed: std::sync::atomic::AtomicBool,
     pub ordinal: usize,
     pub name: String,
     pub compute_capability: (i32, i32),
@@ -124,6 +126,8 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             kernel_file,
+            cublas: Mutex::new(None),
+            cublas_failed: Default::default(),
             ordinal,
             name,
             compute_capability,
@@ -366,4 +370,146 @@ impl Drop for DeviceBuffer {
 /// Whether a usable GPU is present (never panics).
 pub fn gpu_available() -> bool {
     Gpu::global().is_ok()
+}
+
+/// cuBLAS on this GPU's stream, for plain matrix products (until the tensor-core GEMM of
+/// "CUDA backend II"). Loaded on first use; absent (None) when libcublas cannot be loaded —
+/// the SIMT GEMM kernel then serves, so nothing depends on it being installed.
+pub struct Cublas {
+    handle: cudarc::cublas::sys::cublasHandle_t,
+}
+
+// SAFETY: the handle is used only under the GPU's bound context, one call at a time (calls go
+// through `Gpu::gemm`, which holds the handle's mutex).
+unsafe impl Send for Cublas {}
+
+/// Row-major `C[b] = op(A[b])·op(B[b])` for `Gpu::gemm` (dtype: f32 or bf16; f32 accumulate).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmArgs {
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// false: one B for every batch.
+    pub rhs_batched: bool,
+    pub bf16: bool,
+}
+
+impl Gpu {
+    /// The cuBLAS handle, created on first use; None (with the reason, once, on stderr) when
+    /// the library is missing or `SD2_GEMM=simt` asks for the SIMT kernel.
+    fn cublas(&self) -> Option<std::sync::MutexGuard<'_, Option<Cublas>>> {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        if std::env::var("SD2_GEMM").is_ok_and(|v| v == "simt") {
+            return None;
+        }
+        let mut g = lock(&self.cublas);
+        if g.is_none()
+            && !self
+                .cublas_failed
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let made = std::panic::catch_unwind(|| -> std::result::Result<Cublas, String> {
+                // SAFETY: only checks whether the shared library can be loaded.
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return Err("libcublas not found".into());
+                }
+                self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+                let handle =
+                    cudarc::cublas::result::create_handle().map_err(|e| format!("{e:?}"))?;
+                // SAFETY: a fresh handle and this GPU's live stream.
+                unsafe {
+                    cudarc::cublas::result::set_stream(handle, self.stream.cu_stream() as _)
+                        .map_err(|e| format!("{e:?}"))?;
+                }
+                Ok(Cublas { handle })
+            })
+            .unwrap_or_else(|_| Err("cuBLAS library failed to load".into()));
+            match made {
+                Ok(c) => *g = Some(c),
+                Err(e) => {
+                    self.cublas_failed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    WARNED.call_once(|| {
+                        eprintln!(
+                            "sd2: cuBLAS unavailable ({e}); plain matmuls use the SIMT GEMM kernel"
+                        )
+                    });
+                }
+            }
+        }
+        g.is_some().then_some(g)
+    }
+
+    /// Whether plain matmuls go through cuBLAS here.
+    pub fn has_cublas(&self) -> bool {
+        self.cublas().is_some()
+    }
+
+    /// A row-major batched GEMM through cuBLAS; Ok(false) when cuBLAS is unavailable (the caller
+    /// runs the SIMT kernel). Pure f32 compute (no TF32), for parity with the CPU reference.
+    ///
+    /// # Safety
+    /// The addresses must be device allocations sized for the product.
+    pub unsafe fn gemm(&self, g: GemmArgs) -> Result<bool> {
+        use cudarc::cublas::sys::{
+            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t as Op, cudaDataType,
+        };
+        let Some(guard) = self.cublas() else {
+            return Ok(false);
+        };
+        let Some(h) = guard.as_ref() else {
+            return Ok(false);
+        };
+        self.bind()?;
+        let ty = if g.bf16 {
+            cudaDataType::CUDA_R_16BF
+        } else {
+            cudaDataType::CUDA_R_32F
+        };
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands.
+        let (op_b, ldb_) = if g.trans_b {
+            (Op::CUBLAS_OP_T, g.k)
+        } else {
+            (Op::CUBLAS_OP_N, g.n)
+        };
+        let (op_a, lda_) = if g.trans_a {
+            (Op::CUBLAS_OP_T, g.m)
+        } else {
+            (Op::CUBLAS_OP_N, g.k)
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            h.handle,
+            op_b,
+            op_a,
+            g.n as i32,
+            g.m as i32,
+            g.k as i32,
+            &alpha as *const f32 as *const _,
+            g.b as *const _,
+            ty,
+            ldb_ as i32,
+            if g.rhs_batched { (g.k * g.n) as i64 } else { 0 },
+            g.a as *const _,
+            ty,
+            lda_ as i32,
+            (g.m * g.k) as i64,
+            &beta as *const f32 as *const _,
+            g.c as *mut _,
+            ty,
+            g.n as i32,
+            (g.m * g.n) as i64,
+            g.batch as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        )
+        .map_err(|e| Error::Cuda(format!("cublasGemmStridedBatchedEx {g:?}: {e:?}")))?;
+        Ok(true)
+    }
 }

@@ -241,6 +241,26 @@ impl CudaStorage {
         if batch * m * n == 0 {
             return Ok(());
         }
+        #[cfg(feature = "cuda")]
+        if let Runner::Gpu(g) = &self.runner {
+            let args = super::gpu::GemmArgs {
+                a: self.buf.addr(),
+                b: rhs.buf.addr(),
+                c: out.buf.addr(),
+                batch,
+                m,
+                n,
+                k,
+                trans_a: spec.trans_a,
+                trans_b: spec.trans_b,
+                rhs_batched: spec.rhs_batched,
+                bf16: self.dtype == DType::BF16,
+            };
+            // SAFETY: the three buffers are sized for this product by the caller.
+            if unsafe { g.gemm(args)? } {
+                return Ok(());
+            }
+        }
         self.launch(
             &format!("gemm_simt_{sfx}"),
             LaunchConfig {
