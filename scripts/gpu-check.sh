@@ -121,11 +121,12 @@ try:
 except Exception as e:
     print("no timing table:", e); sys.exit()
 print(f"{a['device']}  torch {b['torch']}  sdpa backends {b['backends']}")
-print(f"{'shape':<7} {'sd2 fwd ms':>10} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} {'ratio':>6} | "
-      f"{'sd2 bwd ms':>10} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} {'ratio':>6}")
+print(f"{'shape':<7} {'v1 fwd ms':>9} {'TF/s':>6} {'v2 fwd ms':>9} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} "
+      f"{'v2/sdpa':>7} | {'v1 bwd ms':>9} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} {'ratio':>6}")
 for x, y in zip(a["timings"], b["timings"]):
-    print(f"{x['shape']['name']:<7} {x['fwd_ms']:>10.3f} {x['fwd_tflops']:>6.1f} {y['fwd_ms']:>8.3f} "
-          f"{y['fwd_tflops']:>6.1f} {x['fwd_ms'] / y['fwd_ms']:>6.1f} | {x['bwd_ms']:>10.3f} "
+    print(f"{x['shape']['name']:<7} {x['fwd_ms']:>9.3f} {x['fwd_tflops']:>6.1f} {x['fwd_tc_ms']:>9.3f} "
+          f"{x['fwd_tc_tflops']:>6.1f} {y['fwd_ms']:>8.3f} {y['fwd_tflops']:>6.1f} "
+          f"{x['fwd_tc_ms'] / y['fwd_ms']:>7.2f} | {x['bwd_ms']:>9.3f} "
           f"{x['bwd_tflops']:>6.1f} {y['bwd_ms']:>8.3f} {y['bwd_tflops']:>6.1f} {x['bwd_ms'] / y['bwd_ms']:>6.1f}")
 print("ratio = sd2 time / SDPA time (lower is better for sd2)")
 PY

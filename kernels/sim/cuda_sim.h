@@ -61,6 +61,7 @@ unsigned warp_ballot(bool p);
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 #define __constant__ static const
 

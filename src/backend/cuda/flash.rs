@@ -53,3 +53,13 @@ pub fn fwd_flops(batch_heads: usize, sq: usize, skv: usize, d: usize, causal: bo
     };
     4.0 * batch_heads as f64 * pairs * d as f64
 }
+
+/// Variant 2 forward (tensor cores, bf16, head dim 64): 4 warps × 16 query rows per block,
+/// static shared memory.
+pub fn fwd_tc_config(batch_heads: usize, sq: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: ((sq as u32).div_ceil(64), batch_heads as u32, 1),
+        block: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

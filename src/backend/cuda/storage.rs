@@ -896,11 +896,16 @@ impl BackendStorage for CudaStorage {
                     Arg::I32(skv as i32),
                 ]);
                 a.extend(tail);
-                self.launch(
-                    &format!("flash_fwd_d{d}_{sfx}"),
-                    flash::fwd_config(b * h, sq, d),
-                    &a,
-                )?;
+                if sfx == "bf16" && d == flash::HEAD_DIM {
+                    // Variant 2: tensor cores (the towers' shape, bf16).
+                    self.launch("flash_fwd_tc_d64_bf16", flash::fwd_tc_config(b * h, sq), &a)?;
+                } else {
+                    self.launch(
+                        &format!("flash_fwd_d{d}_{sfx}"),
+                        flash::fwd_config(b * h, sq, d),
+                        &a,
+                    )?;
+                }
             }
             AttnKind::Whole => {
                 a.extend([
