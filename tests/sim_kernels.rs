@@ -1165,18 +1165,26 @@ fn flash_attention_matches_cpu() {
     });
 }
 
-/// Flash attention variant 2 (tensor cores through the mma wrappers; the simulator emulates
-/// the fragments lane by lane): out and lse against the CPU attention op on bf16 inputs — one
+/// Flash attention variants 2 and 3 (tensor cores through the mma/ldmatrix wrappers; the
+/// simulator emulates the fragments lane by lane): out and lse against the CPU attention op on bf16 inputs — one
 /// key tile with a tail (77 causal), several tiles with tails (130), a causal cross shape.
 #[test]
 fn flash_attention_tensor_core_forward_matches_cpu() {
     each_backend(|r| {
         let d = 64usize;
-        for &(b, heads, sq, skv, causal) in &[
-            (2usize, 2usize, 77usize, 77usize, true),
-            (2, 1, 130, 130, false),
-            (1, 2, 7, 13, true),
-        ] {
+        for (kernel, &(b, heads, sq, skv, causal)) in
+            ["flash_fwd_tc_d64_bf16", "flash_fwd_tc3_d64_bf16"]
+                .into_iter()
+                .flat_map(|k| {
+                    [
+                        (2usize, 2usize, 77usize, 77usize, true),
+                        (2, 1, 130, 130, false),
+                        (1, 2, 7, 13, true),
+                    ]
+                    .iter()
+                    .map(move |s| (k, s))
+                })
+        {
             let width = heads * d;
             let q = bf16_round(&randn(b * sq * width, 301));
             let k = bf16_round(&randn(b * skv * width, 302));
@@ -1188,7 +1196,7 @@ fn flash_attention_tensor_core_forward_matches_cpu() {
             let mut lse = vec![f32::NAN; b * heads * sq];
             unsafe {
                 r.launch(
-                    "flash_fwd_tc_d64_bf16",
+                    kernel,
                     flash::fwd_tc_config(b * heads, sq),
                     &mut [
                         KArg::input(&qb),
@@ -1205,8 +1213,7 @@ fn flash_attention_tensor_core_forward_matches_cpu() {
                 )
                 .unwrap();
             }
-            let name =
-                format!("flash v2 (tensor cores) b{b} h{heads} sq{sq} skv{skv} causal {causal}");
+            let name = format!("{kernel} b{b} h{heads} sq{sq} skv{skv} causal {causal}");
             // P is rounded to bf16 before P·V, and O is stored in bf16.
             check(&format!("{name} out"), &from_bf16(&o), &want[0], 1.5e-2);
             check(&format!("{name} lse"), &lse, &want[1], 1e-5);

@@ -77,3 +77,52 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: four 8×8 bf16 matrices from shared memory.
+// Lane i passes the address of row i % 8 of matrix i / 8 (16 contiguous bytes). Without .trans,
+// r[j] of lane l holds matrix j's [l/4][2(l%4) .. +1]; with .trans, [2(l%4)][l/4] and
+// [2(l%4)+1][l/4] (the fragment of the transposed matrix).
+#ifdef SD2_SIM
+template <bool kTrans>
+__device__ __forceinline__ void sim_ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  static const unsigned short* post[32][32];
+  const unsigned lin = sim::current->linear, w = lin >> 5, me = lin & 31u;
+  post[w][me] = static_cast<const unsigned short*>(row);
+  __syncwarp();
+  const int g = int(me) >> 2, t = int(me) & 3;
+  for (int j = 0; j < 4; ++j) {
+    unsigned short e0, e1;
+    if (kTrans) {
+      e0 = post[w][j * 8 + 2 * t][g];
+      e1 = post[w][j * 8 + 2 * t + 1][g];
+    } else {
+      e0 = post[w][j * 8 + g][2 * t];
+      e1 = post[w][j * 8 + g][2 * t + 1];
+    }
+    r[j] = uint32_t(e0) | (uint32_t(e1) << 16);
+  }
+  __syncwarp();
+}
+#endif
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef SD2_SIM
+  sim_ldmatrix_x4<false>(r, row);
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#ifdef SD2_SIM
+  sim_ldmatrix_x4<true>(r, row);
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}

@@ -150,6 +150,12 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return std::min(1.0f, std::max(0.0f, x)); }
 
+// --- vector types used for 16-byte accesses ---
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 // --- bf16 and half: storage types with the CUDA conversion functions (round to nearest even) ---
 struct __nv_bfloat16 {
   uint16_t bits;

@@ -43,6 +43,11 @@ impl AttnShape {
 #[derive(Clone, Debug, Serialize)]
 pub struct AttnTiming {
     pub shape: AttnShape,
+    /// Variant 3 forward (tensor cores, ldmatrix, 16-byte staging).
+    pub fwd_tc3_ms: f64,
+    pub fwd_tc3_tflops: f64,
+    /// max |O_v3 − O_v1| / max |O_v1|.
+    pub fwd_tc3_rel_diff: f64,
     /// Variant 2 forward (tensor cores).
     pub fwd_tc_ms: f64,
     pub fwd_tc_tflops: f64,
@@ -157,40 +162,62 @@ pub fn flash_attention(
             // SAFETY: as above.
             unsafe { gpu.launch("flash_fwd_tc_d64_bf16", flash::fwd_tc_config(bh, s.seq), &a) }
         };
+        let o3 = gpu.alloc(2 * n)?;
+        o3.fill_bytes(0xff)?;
+        let fwd_tc3 = || -> Result<()> {
+            let mut a = vec![p(&q), p(&kk), p(&v), p(&o3), p(&lse2)];
+            a.extend(tail);
+            // SAFETY: as above.
+            unsafe {
+                gpu.launch(
+                    "flash_fwd_tc3_d64_bf16",
+                    flash::fwd_tc_config(bh, s.seq),
+                    &a,
+                )
+            }
+        };
         for _ in 0..warmup {
             fwd()?;
             fwd_tc()?;
+            fwd_tc3()?;
             bwd()?;
         }
         gpu.synchronize()?;
-        let (mut tf, mut tb, mut t2) = (vec![], vec![], vec![]);
+        let (mut tf, mut tb, mut t2, mut t3) = (vec![], vec![], vec![], vec![]);
         for _ in 0..iters {
             tf.push(gpu.time_ms(fwd)? as f64);
             t2.push(gpu.time_ms(fwd_tc)? as f64);
+            t3.push(gpu.time_ms(fwd_tc3)? as f64);
             tb.push(gpu.time_ms(bwd)? as f64);
         }
         gpu.synchronize()?;
+        finite_bf16(&o3, &format!("flash v3 {} out", s.name))?;
         finite_bf16(&o2, &format!("flash v2 {} out", s.name))?;
         let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
             let mut v = vec![half::bf16::ZERO; n];
             b.download(bytemuck::cast_slice_mut(&mut v))?;
             Ok(v.iter().map(|x| x.to_f32()).collect())
         };
-        let (x1, x2) = (read(&o)?, read(&o2)?);
+        let x1 = read(&o)?;
         let scale = x1.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-        let fwd_tc_rel_diff = x1
-            .iter()
-            .zip(&x2)
-            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
-            / scale.max(1e-30);
+        let rel = |x: &[f32]| {
+            x1.iter()
+                .zip(x)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
+                / scale.max(1e-30)
+        };
+        let (fwd_tc_rel_diff, fwd_tc3_rel_diff) = (rel(&read(&o2)?), rel(&read(&o3)?));
         for (b, what) in [(&o, "out"), (&dq, "dq"), (&dk, "dk"), (&dv, "dv")] {
             finite_bf16(b, &format!("flash {} {what}", s.name))?;
         }
         let flops = flash::fwd_flops(bh, s.seq, s.seq, d, s.causal);
-        let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc_ms, _)) =
-            (median(tf), median(tb), median(t2));
+        let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc_ms, _), (fwd_tc3_ms, _)) =
+            (median(tf), median(tb), median(t2), median(t3));
         out.push(AttnTiming {
             shape: s.clone(),
+            fwd_tc3_ms,
+            fwd_tc3_tflops: flops / (fwd_tc3_ms * 1e9),
+            fwd_tc3_rel_diff,
             fwd_tc_ms,
             fwd_tc_tflops: flops / (fwd_tc_ms * 1e9),
             fwd_tc_rel_diff,

@@ -897,8 +897,12 @@ impl BackendStorage for CudaStorage {
                 ]);
                 a.extend(tail);
                 if sfx == "bf16" && d == flash::HEAD_DIM {
-                    // Variant 2: tensor cores (the towers' shape, bf16).
-                    self.launch("flash_fwd_tc_d64_bf16", flash::fwd_tc_config(b * h, sq), &a)?;
+                    // Variant 3: tensor cores (the towers' shape, bf16).
+                    self.launch(
+                        "flash_fwd_tc3_d64_bf16",
+                        flash::fwd_tc_config(b * h, sq),
+                        &a,
+                    )?;
                 } else {
                     self.launch(
                         &format!("flash_fwd_d{d}_{sfx}"),
