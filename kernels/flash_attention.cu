@@ -538,3 +538,144 @@ extern "C" __global__ void __launch_bounds__(128)
   }
 }
 SD2_REGISTER_KERNEL(flash_fwd_tc3_d64_bf16)
+// ---------------------------------------------------------------------------------------------
+// Variant 4: variant 3 with the K/V tiles double-buffered through cp.async, so the next tile's
+// loads are in flight while the tensor cores work on this one (36 KB static shared memory).
+// Same geometry, layout and arithmetic as variant 3.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    flash_fwd_tc4_d64_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                           const bf16* __restrict__ v, bf16* __restrict__ out,
+                           float* __restrict__ lse, int heads, int sq, int skv, int causal,
+                           float scale) {
+  using namespace fa2;
+  __shared__ __align__(16) bf16 Ks[2][kKeys][kD + kPad];
+  __shared__ __align__(16) bf16 Vs[2][kKeys][kD + kPad];
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * kRows + warp * 16;
+  const int rows[2] = {row0 + g, row0 + g + 8};
+  const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units
+
+  uint32_t qa[4][4];
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int col = kc * 16 + half * 8 + 2 * t;
+      qa[kc][half * 2 + 0] = load_pair(q, b, sq, rows[0], heads, h, col);
+      qa[kc][half * 2 + 1] = load_pair(q, b, sq, rows[1], heads, h, col);
+    }
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[j][i] = 0.0f;
+
+  const int kv_end =
+      causal ? min(skv, int(blockIdx.x) * kRows + kRows - 1 + (skv - sq) + 1) : skv;
+  // Tile `it` goes to stage it % 2; keys past skv are zero-filled (nothing read).
+  auto stage_tile = [&](int st, int k0) {
+    for (int e = threadIdx.x; e < kKeys * kD / 8; e += blockDim.x) {
+      const int key = e / (kD / 8), c = (e % (kD / 8)) * 8;
+      const bool ok = k0 + key < skv;
+      const int kr = ok ? k0 + key : 0;
+      cp_async_16(&Ks[st][key][c], fa::row(k, b, skv, kr, heads, h, kD) + c, ok);
+      cp_async_16(&Vs[st][key][c], fa::row(v, b, skv, kr, heads, h, kD) + c, ok);
+    }
+  };
+  const int tiles = (kv_end + kKeys - 1) / kKeys;
+  if (tiles > 0) stage_tile(0, 0);
+  cp_async_commit();
+  for (int it = 0; it < tiles; ++it) {
+    const int st = it & 1, k0 = it * kKeys;
+    // The other stage was last read in iteration it − 1, which ended at a barrier.
+    if (it + 1 < tiles) stage_tile(st ^ 1, k0 + kKeys);
+    cp_async_commit();
+    cp_async_wait<1>();  // all but the newest group: tile `it` has landed
+    __syncthreads();
+
+    float s[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
+#pragma unroll
+      for (int kc2 = 0; kc2 < 2; ++kc2) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, &Ks[st][j * 8 + (lane & 7)][kc2 * 32 + (lane >> 3) * 8]);
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        mma_m16n8k16_bf16(s[j], qa[2 * kc2], b0);
+        mma_m16n8k16_bf16(s[j], qa[2 * kc2 + 1], b1);
+      }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int key = k0 + j * 8 + 2 * t + c;
+          const bool ok = key < skv && fa::visible(rows[r], key, sq, skv, causal);
+          const float x = ok ? s[j][r * 2 + c] * scale2 : -INFINITY;
+          s[j][r * 2 + c] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
+      l[r] *= alpha;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        o[j][r * 2] *= alpha;
+        o[j][r * 2 + 1] *= alpha;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float p = m_new == -INFINITY ? 0.0f : exp2f(s[j][r * 2 + c] - m_new);
+          s[j][r * 2 + c] = p;
+          l[r] += p;
+        }
+      }
+      m[r] = m_new;
+    }
+
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      const uint32_t pa[4] = {pack_bf16x2(s[2 * kc][0], s[2 * kc][1]),
+                              pack_bf16x2(s[2 * kc][2], s[2 * kc][3]),
+                              pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                              pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (int jd2 = 0; jd2 < 4; ++jd2) {
+        uint32_t vb[4];
+        const int mi = lane >> 3;
+        ldmatrix_x4_trans(vb,
+                          &Vs[st][kc * 16 + (mi & 1) * 8 + (lane & 7)][jd2 * 16 + (mi >> 1) * 8]);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        mma_m16n8k16_bf16(o[2 * jd2], pa, b0);
+        mma_m16n8k16_bf16(o[2 * jd2 + 1], pa, b1);
+      }
+    }
+    __syncthreads();  // stage `st` is refilled in iteration it + 1
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int i = rows[r];
+    if (i >= sq) continue;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    bf16* orow = out + ((size_t)b * sq + i) * heads * kD + (size_t)h * kD;
+#pragma unroll
+    for (int jd = 0; jd < 8; ++jd)
+      *reinterpret_cast<uint32_t*>(orow + jd * 8 + 2 * t) =
+          pack_bf16x2(o[jd][r * 2] * inv, o[jd][r * 2 + 1] * inv);
+    if (t == 0) lse[(size_t)bh * sq + i] = m[r] * 0.6931471805599453f + logf(l[r]);
+  }
+}
+SD2_REGISTER_KERNEL(flash_fwd_tc4_d64_bf16)

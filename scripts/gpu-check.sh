@@ -121,12 +121,14 @@ try:
 except Exception as e:
     print("no timing table:", e); sys.exit()
 print(f"{a['device']}  torch {b['torch']}  sdpa backends {b['backends']}")
-print(f"{'shape':<7} {'v1 fwd ms':>9} {'v2 fwd ms':>9} {'v3 fwd ms':>9} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} "
-      f"{'v3/sdpa':>7} {'v3 diff':>8} | {'v1 bwd ms':>9} {'TF/s':>6} {'sdpa ms':>8} {'TF/s':>6} {'ratio':>6}")
+print(f"{'shape':<7} {'v1 fwd ms':>9} {'v2 fwd ms':>9} {'v3 fwd ms':>9} {'v4 fwd ms':>9} {'TF/s':>6} "
+      f"{'sdpa ms':>8} {'TF/s':>6} {'v3/sdpa':>7} {'v4/sdpa':>7} {'v4 diff':>8} | {'v1 bwd ms':>9} {'TF/s':>6} "
+      f"{'sdpa ms':>8} {'TF/s':>6} {'ratio':>6}")
 for x, y in zip(a["timings"], b["timings"]):
     print(f"{x['shape']['name']:<7} {x['fwd_ms']:>9.3f} {x['fwd_tc_ms']:>9.3f} {x['fwd_tc3_ms']:>9.3f} "
-          f"{x['fwd_tc3_tflops']:>6.1f} {y['fwd_ms']:>8.3f} {y['fwd_tflops']:>6.1f} "
-          f"{x['fwd_tc3_ms'] / y['fwd_ms']:>7.2f} {x['fwd_tc3_rel_diff']:>8.1e} | {x['bwd_ms']:>9.3f} "
+          f"{x['fwd_tc4_ms']:>9.3f} {x['fwd_tc4_tflops']:>6.1f} {y['fwd_ms']:>8.3f} {y['fwd_tflops']:>6.1f} "
+          f"{x['fwd_tc3_ms'] / y['fwd_ms']:>7.2f} {x['fwd_tc4_ms'] / y['fwd_ms']:>7.2f} "
+          f"{x['fwd_tc4_rel_diff']:>8.1e} | {x['bwd_ms']:>9.3f} "
           f"{x['bwd_tflops']:>6.1f} {y['bwd_ms']:>8.3f} {y['bwd_tflops']:>6.1f} {x['bwd_ms'] / y['bwd_ms']:>6.1f}")
 print("ratio = sd2 time / SDPA time (lower is better for sd2)")
 PY

@@ -522,7 +522,7 @@ fn bench_flash(
         );
     }
     if let Some(p) = json {
-        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores) and v2 forward (tensor cores)", "timings": t });
+        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v2-v4 forward (tensor cores)", "timings": t });
         sd2::io::write_atomic(
             p,
             serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,

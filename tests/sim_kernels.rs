@@ -1165,26 +1165,28 @@ fn flash_attention_matches_cpu() {
     });
 }
 
-/// Flash attention variants 2 and 3 (tensor cores through the mma/ldmatrix wrappers; the
+/// Flash attention variants 2–4 (tensor cores through the mma/ldmatrix/cp.async wrappers; the
 /// simulator emulates the fragments lane by lane): out and lse against the CPU attention op on bf16 inputs — one
 /// key tile with a tail (77 causal), several tiles with tails (130), a causal cross shape.
 #[test]
 fn flash_attention_tensor_core_forward_matches_cpu() {
     each_backend(|r| {
         let d = 64usize;
-        for (kernel, &(b, heads, sq, skv, causal)) in
-            ["flash_fwd_tc_d64_bf16", "flash_fwd_tc3_d64_bf16"]
-                .into_iter()
-                .flat_map(|k| {
-                    [
-                        (2usize, 2usize, 77usize, 77usize, true),
-                        (2, 1, 130, 130, false),
-                        (1, 2, 7, 13, true),
-                    ]
-                    .iter()
-                    .map(move |s| (k, s))
-                })
-        {
+        for (kernel, &(b, heads, sq, skv, causal)) in [
+            "flash_fwd_tc_d64_bf16",
+            "flash_fwd_tc3_d64_bf16",
+            "flash_fwd_tc4_d64_bf16",
+        ]
+        .into_iter()
+        .flat_map(|k| {
+            [
+                (2usize, 2usize, 77usize, 77usize, true),
+                (2, 1, 130, 130, false),
+                (1, 2, 7, 13, true),
+            ]
+            .iter()
+            .map(move |s| (k, s))
+        }) {
             let width = heads * d;
             let q = bf16_round(&randn(b * sq * width, 301));
             let k = bf16_round(&randn(b * skv * width, 302));

@@ -126,3 +126,35 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(a));
 #endif
 }
+
+// cp.async: 16 bytes global → shared without passing through registers, completed in groups.
+// `valid` false fills the 16 bytes with zeros (src-size 0) and reads nothing. In the simulator
+// the copy happens at once, so commit/wait are no-ops (and a missing wait cannot show there:
+// compute-sanitizer racecheck on the GPU covers it).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#ifdef SD2_SIM
+  if (valid) {
+    std::memcpy(smem, gmem, 16);
+  } else {
+    std::memset(smem, 0, 16);
+  }
+#else
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem),
+               "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef SD2_SIM
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `kPending` committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef SD2_SIM
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}

@@ -43,6 +43,10 @@ impl AttnShape {
 #[derive(Clone, Debug, Serialize)]
 pub struct AttnTiming {
     pub shape: AttnShape,
+    /// Variant 4 forward (variant 3 + cp.async double buffering).
+    pub fwd_tc4_ms: f64,
+    pub fwd_tc4_tflops: f64,
+    pub fwd_tc4_rel_diff: f64,
     /// Variant 3 forward (tensor cores, ldmatrix, 16-byte staging).
     pub fwd_tc3_ms: f64,
     pub fwd_tc3_tflops: f64,
@@ -176,21 +180,38 @@ pub fn flash_attention(
                 )
             }
         };
+        let o4 = gpu.alloc(2 * n)?;
+        o4.fill_bytes(0xff)?;
+        let fwd_tc4 = || -> Result<()> {
+            let mut a = vec![p(&q), p(&kk), p(&v), p(&o4), p(&lse2)];
+            a.extend(tail);
+            // SAFETY: as above.
+            unsafe {
+                gpu.launch(
+                    "flash_fwd_tc4_d64_bf16",
+                    flash::fwd_tc_config(bh, s.seq),
+                    &a,
+                )
+            }
+        };
         for _ in 0..warmup {
             fwd()?;
             fwd_tc()?;
             fwd_tc3()?;
+            fwd_tc4()?;
             bwd()?;
         }
         gpu.synchronize()?;
-        let (mut tf, mut tb, mut t2, mut t3) = (vec![], vec![], vec![], vec![]);
+        let (mut tf, mut tb, mut t2, mut t3, mut t4) = (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..iters {
             tf.push(gpu.time_ms(fwd)? as f64);
             t2.push(gpu.time_ms(fwd_tc)? as f64);
             t3.push(gpu.time_ms(fwd_tc3)? as f64);
+            t4.push(gpu.time_ms(fwd_tc4)? as f64);
             tb.push(gpu.time_ms(bwd)? as f64);
         }
         gpu.synchronize()?;
+        finite_bf16(&o4, &format!("flash v4 {} out", s.name))?;
         finite_bf16(&o3, &format!("flash v3 {} out", s.name))?;
         finite_bf16(&o2, &format!("flash v2 {} out", s.name))?;
         let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
@@ -206,15 +227,19 @@ pub fn flash_attention(
                 .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
                 / scale.max(1e-30)
         };
-        let (fwd_tc_rel_diff, fwd_tc3_rel_diff) = (rel(&read(&o2)?), rel(&read(&o3)?));
+        let (fwd_tc_rel_diff, fwd_tc3_rel_diff, fwd_tc4_rel_diff) =
+            (rel(&read(&o2)?), rel(&read(&o3)?), rel(&read(&o4)?));
         for (b, what) in [(&o, "out"), (&dq, "dq"), (&dk, "dk"), (&dv, "dv")] {
             finite_bf16(b, &format!("flash {} {what}", s.name))?;
         }
         let flops = flash::fwd_flops(bh, s.seq, s.seq, d, s.causal);
-        let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc_ms, _), (fwd_tc3_ms, _)) =
-            (median(tf), median(tb), median(t2), median(t3));
+        let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc_ms, _), (fwd_tc3_ms, _), (fwd_tc4_ms, _)) =
+            (median(tf), median(tb), median(t2), median(t3), median(t4));
         out.push(AttnTiming {
             shape: s.clone(),
+            fwd_tc4_ms,
+            fwd_tc4_tflops: flops / (fwd_tc4_ms * 1e9),
+            fwd_tc4_rel_diff,
             fwd_tc3_ms,
             fwd_tc3_tflops: flops / (fwd_tc3_ms * 1e9),
             fwd_tc3_rel_diff,
