@@ -151,6 +151,7 @@ fn attention(dev: Device) {
     for (d, sq, skv, causal) in [
         (64usize, 9usize, 9usize, false),
         (64, 7, 13, true),
+        (64, 5, 150, false),
         (16, 5, 5, true),
     ] {
         let heads = 2;

@@ -897,12 +897,15 @@ impl BackendStorage for CudaStorage {
                 ]);
                 a.extend(tail);
                 if sfx == "bf16" && d == flash::HEAD_DIM {
-                    // Variant 3: tensor cores (the towers' shape, bf16).
-                    self.launch(
-                        "flash_fwd_tc3_d64_bf16",
-                        flash::fwd_tc_config(b * h, sq),
-                        &a,
-                    )?;
+                    // Tensor cores (the towers' shape, bf16): v4's double buffering pays from
+                    // a few key tiles on (H200: vision 257 keys 0.210 vs 0.239 ms), v3 is
+                    // faster on the text tower's 77 (0.031 vs 0.034 ms); BENCHMARKS.md.
+                    let kernel = if skv > 128 {
+                        "flash_fwd_tc4_d64_bf16"
+                    } else {
+                        "flash_fwd_tc3_d64_bf16"
+                    };
+                    self.launch(kernel, flash::fwd_tc_config(b * h, sq), &a)?;
                 } else {
                     self.launch(
                         &format!("flash_fwd_d{d}_{sfx}"),
