@@ -10,6 +10,8 @@
 #                                 on the GPU and the CPU, (4) flash attention
 #                                 timings beside PyTorch SDPA on the same shapes; a table last.
 #                                 Logs under $OUT (8 files: the device tool's limit).
+#                                 QUICK=1: kernel parity, sanitizers on the kernel tests, and
+#                                 the LoRA GEMM benchmark only.
 set -uo pipefail
 
 if [ "${1:-}" = bundle ]; then
@@ -62,6 +64,7 @@ rc=$?
 step "parity" $rc
 grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$OUT/parity.log" | grep -v "^test .* ok$" | tail -70
 
+if [ -z "${QUICK:-}" ]; then
 echo "== 2. the engine's tests on cuda:0 (CUDA tensor storage vs the CPU reference)"
 for t in ops_forward backward_backends; do
     timeout 120 "$D/$t" --test-threads=1 --nocapture cuda:: >>"$OUT/engine.log" 2>&1
@@ -73,11 +76,12 @@ done
 SD2_GEMM=simt timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::matmul \
     >>"$OUT/engine.log" 2>&1
 step "engine matmul (simt)" $?
+fi  # QUICK
 
 # The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
 for tool in memcheck racecheck synccheck initcheck; do
     echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
-    for t in sim_kernels backward_backends; do
+    for t in sim_kernels ${QUICK:+}${QUICK:-backward_backends}; do
         filter=$([ $t = sim_kernels ] && echo "--skip bad_launches" || echo "cuda::")
         timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
             "$D/$t" --test-threads=1 $filter >"$OUT/one.log" 2>&1
@@ -89,22 +93,30 @@ for tool in memcheck racecheck synccheck initcheck; do
 done
 rm -f "$OUT/one.log"
 
+if [ -z "${QUICK:-}" ]; then
 echo "== 3. end to end: sd2 demo (synthetic data, tiny SD2, train + eval) on cuda:0 and on the CPU"
 for dev in cuda cpu; do
     t0=$(date +%s.%N)
     timeout 150 "$D/sd2" demo --device $dev --images 3000 --epochs 2 --out /tmp/demo-$dev \
-        >>"$OUT/demo.log" 2>&1
+        >>"$OUT/engine.log" 2>&1
     rc=$?
-    echo "demo $dev wall $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/demo.log"
+    echo "demo $dev wall $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$OUT/engine.log"
     step "demo $dev" $rc
-    grep -E "AUC|wall|error" "$OUT/demo.log" | tail -4
+    grep -E "AUC|wall|error" "$OUT/engine.log" | tail -4
 done
+fi  # QUICK
 
+echo "== LoRA-linear GEMM: sd2 fused vs cuBLAS plain and 3-GEMM (CLIP projection shapes)"
+timeout 150 "$D/sd2" bench lora --json "$OUT/lora.json"
+step "sd2 bench lora" $?
+
+if [ -z "${QUICK:-}" ]; then
 echo "== plain GEMM: cuBLAS vs the SIMT kernel (ViT-L/14 linear shapes, batch 64)"
 timeout 150 "$D/sd2" bench gemm --json "$OUT/gemm.json"
 step "sd2 bench gemm" $?
+fi
 
-if [ -z "${SKIP_FLASH_BENCH:-}" ]; then
+if [ -z "${SKIP_FLASH_BENCH:-}${QUICK:-}" ]; then
     echo "== flash attention timings: sd2 vs PyTorch SDPA (same shapes, same lease)"
     timeout 150 "$D/sd2" bench flash --json "$OUT/flash_sd2.json"
     step "sd2 bench flash" $?

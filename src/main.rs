@@ -187,6 +187,16 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// The fused LoRA-linear GEMM on the GPU (bf16, rank 8) against cuBLAS plain and PEFT's
+    /// 3-GEMM structure on cuBLAS, at the CLIP towers' projection shapes (feature `cuda`).
+    Lora {
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Plain GEMMs on the GPU at ViT-L/14's linear-layer shapes: cuBLAS vs the SIMT kernel
     /// (bf16 and f32; feature `cuda`).
     Gemm {
@@ -579,6 +589,68 @@ fn bench_gemm(
         )?;
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd2::Result<()> {
+    use sd2::backend::cuda::{bench, gpu::Gpu};
+    let gpu = Gpu::global()?;
+    println!(
+        "LoRA-linear forward, bf16, rank 8, on {}: sd2 fused vs cuBLAS, median of {iters}",
+        gpu.name
+    );
+    let t = bench::lora(&gpu, &bench::LoraShape::defaults(), warmup, iters)?;
+    println!(
+        "{:<9} {:>6} {:>5} {:>5} {:>9} {:>7} {:>11} {:>7} {:>11} {:>8} {:>8} {:>9}",
+        "shape",
+        "m",
+        "n",
+        "k",
+        "fused ms",
+        "TF/s",
+        "cublas ms",
+        "TF/s",
+        "3-gemm ms",
+        "f/plain",
+        "3g/f",
+        "rel diff"
+    );
+    for r in &t {
+        let s = &r.shape;
+        let o = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+        println!(
+            "{:<9} {:>6} {:>5} {:>5} {:>9.3} {:>7.1} {:>11} {:>7} {:>11} {:>8} {:>8} {:>9}",
+            s.name,
+            s.m,
+            s.n,
+            s.k,
+            r.fused_ms,
+            r.fused_tflops,
+            o(r.cublas_plain_ms),
+            r.cublas_plain_tflops
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            o(r.cublas_3gemm_ms),
+            r.cublas_plain_ms
+                .map_or("-".into(), |p| format!("{:.2}", r.fused_ms / p)),
+            r.cublas_3gemm_ms
+                .map_or("-".into(), |p| format!("{:.2}", p / r.fused_ms)),
+            r.max_rel_diff.map_or("-".into(), |v| format!("{v:.1e}"))
+        );
+    }
+    println!("f/plain = fused time / cuBLAS plain time (goal ≤ 1.05); 3g/f = 3-GEMM time / fused time (goal ≥ 1.3)");
+    if let Some(p) = json {
+        let body = serde_json::json!({ "device": gpu.name, "timings": t });
+        sd2::io::write_atomic(
+            p,
+            serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_lora(_warmup: usize, _iters: usize, _json: Option<&std::path::Path>) -> sd2::Result<()> {
+    Err(sd2::Error::CudaNotCompiled(0))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -980,6 +1052,11 @@ fn main() {
             iters,
             json,
         }) => bench_flash(batch, warmup, iters.max(1), json.as_deref()),
+        Cmd::Bench(BenchCmd::Lora {
+            warmup,
+            iters,
+            json,
+        }) => bench_lora(warmup, iters.max(1), json.as_deref()),
         Cmd::Bench(BenchCmd::Gemm {
             batch,
             warmup,

@@ -331,6 +331,8 @@ pub fn gemm(
                 trans_b: true,
                 rhs_batched: false,
                 bf16: bf,
+                alpha: 1.0,
+                beta: 0.0,
             };
             let simt = || -> Result<()> {
                 let cfg = super::launch::LaunchConfig {
@@ -416,6 +418,212 @@ pub fn gemm(
                 max_rel_diff,
             });
         }
+    }
+    Ok(out)
+}
+
+/// One LoRA-linear shape: Y [m, n] = X [m, k]·Wᵀ + b + s·(X·Aᵀ)·Bᵀ, rank r.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoraShape {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+}
+
+impl LoraShape {
+    /// The projections of ViT-L/14 (batch 128, 257 tokens) and of the text tower (batch 256,
+    /// 77 tokens), SD2's rank 8 (CUDA backend II's table).
+    pub fn defaults() -> Vec<LoraShape> {
+        let s = |name: &str, m, n, k| LoraShape {
+            name: name.into(),
+            m,
+            n,
+            k,
+            r: 8,
+        };
+        let (mv, mt) = (128 * 257, 256 * 77);
+        vec![
+            s("vit qkv", mv, 3072, 1024),
+            s("vit out", mv, 1024, 1024),
+            s("vit fc1", mv, 4096, 1024),
+            s("vit fc2", mv, 1024, 4096),
+            s("text qkv", mt, 2304, 768),
+            s("text out", mt, 768, 768),
+            s("text fc1", mt, 3072, 768),
+            s("text fc2", mt, 768, 3072),
+        ]
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoraTiming {
+    pub shape: LoraShape,
+    /// sd2: S = X·Aᵀ (the same kernel, n = r) + the fused Y kernel.
+    pub fused_ms: f64,
+    /// cuBLAS X·Wᵀ alone (no LoRA, no bias): the floor the fused kernel is held to.
+    pub cublas_plain_ms: Option<f64>,
+    /// PEFT's structure on cuBLAS: S = X·Aᵀ, Y = X·Wᵀ, Y += s·S·Bᵀ (beta = 1; PEFT adds in a
+    /// separate kernel, so this is a lower bound for it).
+    pub cublas_3gemm_ms: Option<f64>,
+    pub fused_tflops: f64,
+    pub cublas_plain_tflops: Option<f64>,
+    /// max |fused − 3-GEMM| / max |3-GEMM| on Y (validation before timing).
+    pub max_rel_diff: Option<f64>,
+}
+
+/// Times the LoRA-linear forward: the fused kernel against cuBLAS (plain and 3-GEMM), bf16.
+pub fn lora(
+    gpu: &Arc<Gpu>,
+    shapes: &[LoraShape],
+    warmup: usize,
+    iters: usize,
+) -> Result<Vec<LoraTiming>> {
+    use super::gpu::GemmArgs;
+    let mut out = vec![];
+    for (i, s) in shapes.iter().enumerate() {
+        let seed = 100 * i as u64;
+        let x = random_bf16(gpu, s.m * s.k, seed + 1)?;
+        let w = random_bf16(gpu, s.n * s.k, seed + 2)?;
+        let a = random_bf16(gpu, s.r * s.k, seed + 3)?;
+        let bl = random_bf16(gpu, s.n * s.r, seed + 4)?;
+        let (sl, y1, y2) = (
+            gpu.alloc(2 * s.m * s.r)?,
+            gpu.alloc(2 * s.m * s.n)?,
+            gpu.alloc(2 * s.m * s.n)?,
+        );
+        let scale = 4.0f32;
+        let p = |b: &DeviceBuffer| Arg::U64(b.ptr());
+        let cfg = |n: usize| super::launch::LaunchConfig {
+            grid: ((n as u32).div_ceil(64), (s.m as u32).div_ceil(64), 1),
+            block: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let fused = || -> Result<()> {
+            // SAFETY: every buffer is sized for this shape above.
+            unsafe {
+                gpu.launch(
+                    "lora_gemm_fwd_bf16",
+                    cfg(s.r),
+                    &[
+                        p(&x),
+                        p(&a),
+                        Arg::null(),
+                        Arg::null(),
+                        Arg::null(),
+                        Arg::null(),
+                        p(&sl),
+                        Arg::I32(s.m as i32),
+                        Arg::I32(s.r as i32),
+                        Arg::I32(s.k as i32),
+                        Arg::I32(0),
+                        Arg::F32(1.0),
+                        Arg::I32(0),
+                    ],
+                )?;
+                gpu.launch(
+                    "lora_gemm_fwd_bf16",
+                    cfg(s.n),
+                    &[
+                        p(&x),
+                        p(&w),
+                        Arg::null(),
+                        p(&sl),
+                        p(&bl),
+                        Arg::null(),
+                        p(&y1),
+                        Arg::I32(s.m as i32),
+                        Arg::I32(s.n as i32),
+                        Arg::I32(s.k as i32),
+                        Arg::I32(s.r as i32),
+                        Arg::F32(scale),
+                        Arg::I32(0),
+                    ],
+                )
+            }
+        };
+        let gemm =
+            |a_: &DeviceBuffer, b_: &DeviceBuffer, c: &DeviceBuffer, n, k, alpha, beta| GemmArgs {
+                a: a_.ptr(),
+                b: b_.ptr(),
+                c: c.ptr(),
+                batch: 1,
+                m: s.m,
+                n,
+                k,
+                trans_a: false,
+                trans_b: true,
+                rhs_batched: false,
+                bf16: true,
+                alpha,
+                beta,
+            };
+        let s2 = gpu.alloc(2 * s.m * s.r)?;
+        // SAFETY (both closures): buffers sized above.
+        let plain = || unsafe { gpu.gemm(gemm(&x, &w, &y2, s.n, s.k, 1.0, 0.0)).map(|_| ()) };
+        let three = || -> Result<()> {
+            unsafe {
+                gpu.gemm(gemm(&x, &a, &s2, s.r, s.k, 1.0, 0.0))?;
+                gpu.gemm(gemm(&x, &w, &y2, s.n, s.k, 1.0, 0.0))?;
+                gpu.gemm(gemm(&s2, &bl, &y2, s.n, s.r, scale, 1.0))?;
+            }
+            Ok(())
+        };
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            for _ in 0..warmup {
+                f()?;
+            }
+            let mut t = vec![];
+            for _ in 0..iters {
+                t.push(gpu.time_ms(f)? as f64);
+            }
+            Ok(median(t).0)
+        };
+        // Validate before timing: fused against the 3-GEMM result.
+        fused()?;
+        let has = gpu.has_cublas();
+        let max_rel_diff = if has {
+            three()?;
+            gpu.synchronize()?;
+            let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
+                let mut v = vec![half::bf16::ZERO; s.m * s.n];
+                b.download(bytemuck::cast_slice_mut(&mut v))?;
+                Ok(v.iter().map(|x| x.to_f32()).collect())
+            };
+            let (f, c) = (read(&y1)?, read(&y2)?);
+            let sc = c.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let d = f
+                .iter()
+                .zip(&c)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+            let rel = d / sc.max(1e-30);
+            if rel.is_nan() || rel >= 2e-2 {
+                return Err(Error::Cuda(format!(
+                    "lora gemm {}: fused differs from cuBLAS by {rel:.2e} (relative to max |Y|)",
+                    s.name
+                )));
+            }
+            Some(rel)
+        } else {
+            None
+        };
+        let fused_ms = time(&fused)?;
+        let (cublas_plain_ms, cublas_3gemm_ms) = if has {
+            (Some(time(&plain)?), Some(time(&three)?))
+        } else {
+            (None, None)
+        };
+        let flops = 2.0 * (s.m * s.n * s.k) as f64;
+        out.push(LoraTiming {
+            shape: s.clone(),
+            fused_ms,
+            cublas_plain_ms,
+            cublas_3gemm_ms,
+            fused_tflops: flops / (fused_ms * 1e9),
+            cublas_plain_tflops: cublas_plain_ms.map(|t| flops / (t * 1e9)),
+            max_rel_diff,
+        });
     }
     Ok(out)
 }

@@ -398,6 +398,9 @@ pub struct GemmArgs {
     /// false: one B for every batch.
     pub rhs_batched: bool,
     pub bf16: bool,
+    /// C = alpha·op(A)·op(B) + beta·C (1 and 0 for a plain product).
+    pub alpha: f32,
+    pub beta: f32,
 }
 
 impl Gpu {
@@ -483,7 +486,7 @@ impl Gpu {
         } else {
             (Op::CUBLAS_OP_N, g.k)
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (g.alpha, g.beta);
         cudarc::cublas::result::gemm_strided_batched_ex(
             h.handle,
             op_b,

@@ -255,6 +255,8 @@ impl CudaStorage {
                 trans_b: spec.trans_b,
                 rhs_batched: spec.rhs_batched,
                 bf16: self.dtype == DType::BF16,
+                alpha: 1.0,
+                beta: 0.0,
             };
             // SAFETY: the three buffers are sized for this product by the caller.
             if unsafe { g.gemm(args)? } {
