@@ -81,7 +81,7 @@ fi  # QUICK
 # The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
 for tool in memcheck racecheck synccheck initcheck; do
     echo "== compute-sanitizer $tool" | tee -a "$OUT/sanitizer.log"
-    for t in sim_kernels ${QUICK:+}${QUICK:-backward_backends}; do
+    for t in sim_kernels $([ -z "${QUICK:-}" ] && echo backward_backends); do
         filter=$([ $t = sim_kernels ] && echo "--skip bad_launches" || echo "cuda::")
         timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
             "$D/$t" --test-threads=1 $filter >"$OUT/one.log" 2>&1
