@@ -570,12 +570,16 @@ pub fn lora(
             }
             Ok(())
         };
+        // L2 flushed between timed repeats (a 256 MiB write, outside the events), so every
+        // repeat reads X and W from HBM as a training step does.
+        let flush = gpu.alloc(256 << 20)?;
         let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
             for _ in 0..warmup {
                 f()?;
             }
             let mut t = vec![];
-            for _ in 0..iters {
+            for i in 0..iters {
+                flush.fill_bytes(i as u8)?;
                 t.push(gpu.time_ms(f)? as f64);
             }
             Ok(median(t).0)
