@@ -406,25 +406,14 @@ extern "C" __global__ void __launch_bounds__(128)
 SD2_REGISTER_KERNEL(flash_fwd_tc_d64_bf16)
 
 // ---------------------------------------------------------------------------------------------
-// Variant 3: variant 2 with the tile traffic rebuilt — K and V staged with 16-byte loads, both
-// kept [key][d] (no scalar transpose of V), B fragments fetched four at a time with ldmatrix
-// (ldmatrix.trans for V), and the softmax in base 2 with the scale folded in (one FFMA + ex2 per
-// score). Same geometry, layout and results (within bf16 rounding) as variant 2.
-extern "C" __global__ void __launch_bounds__(128)
-    flash_fwd_tc3_d64_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                           const bf16* __restrict__ v, bf16* __restrict__ out,
-                           float* __restrict__ lse, int heads, int sq, int skv, int causal,
-                           float scale) {
-  using namespace fa2;
-  __shared__ __align__(16) bf16 Ks[kKeys][kD + kPad];
-  __shared__ __align__(16) bf16 Vs[kKeys][kD + kPad];
-  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * kRows + warp * 16;
-  const int rows[2] = {row0 + g, row0 + g + 8};
-  const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units
+// Variants 3 and 4 share everything but the tile staging: the Q fragments, one key tile's work
+// for a warp's 16 rows (S = QKᵀ with ldmatrix, base-2 online softmax, O += P·V with
+// ldmatrix.trans), and the normalised store.
+namespace fa2 {
+typedef bf16 Tile[kKeys][kD + kPad];
 
-  uint32_t qa[4][4];
+__device__ __forceinline__ void load_q(uint32_t (&qa)[4][4], const bf16* __restrict__ q, int b,
+                                       int sq, const int (&rows)[2], int heads, int h, int t) {
 #pragma unroll
   for (int kc = 0; kc < 4; ++kc)
 #pragma unroll
@@ -433,95 +422,83 @@ extern "C" __global__ void __launch_bounds__(128)
       qa[kc][half * 2 + 0] = load_pair(q, b, sq, rows[0], heads, h, col);
       qa[kc][half * 2 + 1] = load_pair(q, b, sq, rows[1], heads, h, col);
     }
+}
 
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[8][4];
+__device__ __forceinline__ void tile_step(const Tile& Ks, const Tile& Vs,
+                                          const uint32_t (&qa)[4][4], float (&o)[8][4],
+                                          float (&m)[2], float (&l)[2], const int (&rows)[2],
+                                          int k0, int sq, int skv, int causal, float scale2) {
+  const int lane = threadIdx.x & 31, t = lane & 3;
+  float s[8][4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < 8; ++j) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) o[j][i] = 0.0f;
-
-  const int kv_end =
-      causal ? min(skv, int(blockIdx.x) * kRows + kRows - 1 + (skv - sq) + 1) : skv;
-  for (int k0 = 0; k0 < kv_end; k0 += kKeys) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < kKeys * kD / 8; e += blockDim.x) {
-      const int key = e / (kD / 8), c = (e % (kD / 8)) * 8;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (k0 + key < skv) {
-        kv = *reinterpret_cast<const uint4*>(fa::row(k, b, skv, k0 + key, heads, h, kD) + c);
-        vv = *reinterpret_cast<const uint4*>(fa::row(v, b, skv, k0 + key, heads, h, kD) + c);
-      }
-      *reinterpret_cast<uint4*>(&Ks[key][c]) = kv;
-      *reinterpret_cast<uint4*>(&Vs[key][c]) = vv;
-    }
-    __syncthreads();
-
-    float s[8][4];
+    for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-#pragma unroll
-      for (int kc2 = 0; kc2 < 2; ++kc2) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, &Ks[j * 8 + (lane & 7)][kc2 * 32 + (lane >> 3) * 8]);
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        mma_m16n8k16_bf16(s[j], qa[2 * kc2], b0);
-        mma_m16n8k16_bf16(s[j], qa[2 * kc2 + 1], b1);
-      }
-    }
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int key = k0 + j * 8 + 2 * t + c;
-          const bool ok = key < skv && fa::visible(rows[r], key, sq, skv, causal);
-          const float x = ok ? s[j][r * 2 + c] * scale2 : -INFINITY;
-          s[j][r * 2 + c] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
-      l[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        o[j][r * 2] *= alpha;
-        o[j][r * 2 + 1] *= alpha;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float p = m_new == -INFINITY ? 0.0f : exp2f(s[j][r * 2 + c] - m_new);
-          s[j][r * 2 + c] = p;
-          l[r] += p;
-        }
-      }
-      m[r] = m_new;
-    }
-
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      const uint32_t pa[4] = {pack_bf16x2(s[2 * kc][0], s[2 * kc][1]),
-                              pack_bf16x2(s[2 * kc][2], s[2 * kc][3]),
-                              pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                              pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int jd2 = 0; jd2 < 4; ++jd2) {
-        uint32_t vb[4];
-        const int mi = lane >> 3;
-        ldmatrix_x4_trans(vb, &Vs[kc * 16 + (mi & 1) * 8 + (lane & 7)][jd2 * 16 + (mi >> 1) * 8]);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        mma_m16n8k16_bf16(o[2 * jd2], pa, b0);
-        mma_m16n8k16_bf16(o[2 * jd2 + 1], pa, b1);
-      }
+    for (int kc2 = 0; kc2 < 2; ++kc2) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, &Ks[j * 8 + (lane & 7)][kc2 * 32 + (lane >> 3) * 8]);
+      const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+      mma_m16n8k16_bf16(s[j], qa[2 * kc2], b0);
+      mma_m16n8k16_bf16(s[j], qa[2 * kc2 + 1], b1);
     }
   }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int key = k0 + j * 8 + 2 * t + c;
+        const bool ok = key < skv && fa::visible(rows[r], key, sq, skv, causal);
+        const float x = ok ? s[j][r * 2 + c] * scale2 : -INFINITY;
+        s[j][r * 2 + c] = x;
+        mx = fmaxf(mx, x);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[r], mx);
+    // All keys so far masked: nothing to add, nothing to rescale.
+    const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
+    l[r] *= alpha;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      o[j][r * 2] *= alpha;
+      o[j][r * 2 + 1] *= alpha;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float p = m_new == -INFINITY ? 0.0f : exp2f(s[j][r * 2 + c] - m_new);
+        s[j][r * 2 + c] = p;
+        l[r] += p;
+      }
+    }
+    m[r] = m_new;
+  }
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) {
+    const uint32_t pa[4] = {pack_bf16x2(s[2 * kc][0], s[2 * kc][1]),
+                            pack_bf16x2(s[2 * kc][2], s[2 * kc][3]),
+                            pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                            pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+    for (int jd2 = 0; jd2 < 4; ++jd2) {
+      uint32_t vb[4];
+      const int mi = lane >> 3;
+      ldmatrix_x4_trans(vb, &Vs[kc * 16 + (mi & 1) * 8 + (lane & 7)][jd2 * 16 + (mi >> 1) * 8]);
+      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+      mma_m16n8k16_bf16(o[2 * jd2], pa, b0);
+      mma_m16n8k16_bf16(o[2 * jd2 + 1], pa, b1);
+    }
+  }
+}
 
+// O = acc / l (bf16) and lse = m·ln2 + ln l for the warp's two rows per thread (m in log2 units).
+__device__ __forceinline__ void store_rows(bf16* __restrict__ out, float* __restrict__ lse,
+                                           float (&o)[8][4], const float (&m)[2], float (&l)[2],
+                                           const int (&rows)[2], int b, int h, int heads,
+                                           int sq, int bh) {
+  const int t = threadIdx.x & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -537,44 +514,68 @@ extern "C" __global__ void __launch_bounds__(128)
     if (t == 0) lse[(size_t)bh * sq + i] = m[r] * 0.6931471805599453f + logf(l[r]);
   }
 }
+}  // namespace fa2
+
+// Common prologue of variants 3 and 4: block coordinates, the warp's rows, Q fragments, state.
+#define SD2_FA2_PROLOGUE                                                                      \
+  using namespace fa2;                                                                        \
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;                                  \
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;        \
+  const int row0 = blockIdx.x * kRows + warp * 16;                                            \
+  const int rows[2] = {row0 + g, row0 + g + 8};                                               \
+  const float scale2 = scale * 1.4426950408889634f; /* scores in log2 units */                \
+  uint32_t qa[4][4];                                                                          \
+  load_q(qa, q, b, sq, rows, heads, h, t);                                                    \
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};                                   \
+  float o[8][4];                                                                              \
+  _Pragma("unroll") for (int j = 0; j < 8; ++j) _Pragma("unroll") for (int i = 0; i < 4; ++i) \
+      o[j][i] = 0.0f;                                                                         \
+  /* Keys past the last one any row of this block may see are skipped. */                     \
+  const int kv_end =                                                                          \
+      causal ? min(skv, int(blockIdx.x) * kRows + kRows - 1 + (skv - sq) + 1) : skv;
+
+// ---------------------------------------------------------------------------------------------
+// Variant 3: variant 2 with the tile traffic rebuilt — K and V staged with 16-byte loads, both
+// kept [key][d] (no scalar transpose of V), B fragments fetched four at a time with ldmatrix
+// (ldmatrix.trans for V), and the softmax in base 2 with the scale folded in (one FFMA + ex2 per
+// score). Same geometry, layout and results (within bf16 rounding) as variant 2.
+extern "C" __global__ void __launch_bounds__(128)
+    flash_fwd_tc3_d64_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                           const bf16* __restrict__ v, bf16* __restrict__ out,
+                           float* __restrict__ lse, int heads, int sq, int skv, int causal,
+                           float scale) {
+  SD2_FA2_PROLOGUE
+  __shared__ __align__(16) Tile Ks, Vs;
+  for (int k0 = 0; k0 < kv_end; k0 += kKeys) {
+    __syncthreads();  // the previous tile is consumed
+    for (int e = threadIdx.x; e < kKeys * kD / 8; e += blockDim.x) {
+      const int key = e / (kD / 8), c = (e % (kD / 8)) * 8;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (k0 + key < skv) {
+        kv = *reinterpret_cast<const uint4*>(fa::row(k, b, skv, k0 + key, heads, h, kD) + c);
+        vv = *reinterpret_cast<const uint4*>(fa::row(v, b, skv, k0 + key, heads, h, kD) + c);
+      }
+      *reinterpret_cast<uint4*>(&Ks[key][c]) = kv;
+      *reinterpret_cast<uint4*>(&Vs[key][c]) = vv;
+    }
+    __syncthreads();
+    tile_step(Ks, Vs, qa, o, m, l, rows, k0, sq, skv, causal, scale2);
+  }
+  store_rows(out, lse, o, m, l, rows, b, h, heads, sq, bh);
+}
 SD2_REGISTER_KERNEL(flash_fwd_tc3_d64_bf16)
+
 // ---------------------------------------------------------------------------------------------
 // Variant 4: variant 3 with the K/V tiles double-buffered through cp.async, so the next tile's
-// loads are in flight while the tensor cores work on this one (36 KB static shared memory).
-// Same geometry, layout and arithmetic as variant 3.
+// loads are in flight while the tensor cores work on this one (36 KB static shared memory;
+// bounds (128, 2): with the default ptxas capped it at 128 registers and spilled).
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_fwd_tc4_d64_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
                            const bf16* __restrict__ v, bf16* __restrict__ out,
                            float* __restrict__ lse, int heads, int sq, int skv, int causal,
                            float scale) {
-  using namespace fa2;
-  __shared__ __align__(16) bf16 Ks[2][kKeys][kD + kPad];
-  __shared__ __align__(16) bf16 Vs[2][kKeys][kD + kPad];
-  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * kRows + warp * 16;
-  const int rows[2] = {row0 + g, row0 + g + 8};
-  const float scale2 = scale * 1.4426950408889634f;  // scores in log2 units
-
-  uint32_t qa[4][4];
-#pragma unroll
-  for (int kc = 0; kc < 4; ++kc)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int col = kc * 16 + half * 8 + 2 * t;
-      qa[kc][half * 2 + 0] = load_pair(q, b, sq, rows[0], heads, h, col);
-      qa[kc][half * 2 + 1] = load_pair(q, b, sq, rows[1], heads, h, col);
-    }
-
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[j][i] = 0.0f;
-
-  const int kv_end =
-      causal ? min(skv, int(blockIdx.x) * kRows + kRows - 1 + (skv - sq) + 1) : skv;
+  SD2_FA2_PROLOGUE
+  __shared__ __align__(16) Tile Ks[2], Vs[2];
   // Tile `it` goes to stage it % 2; keys past skv are zero-filled (nothing read).
   auto stage_tile = [&](int st, int k0) {
     for (int e = threadIdx.x; e < kKeys * kD / 8; e += blockDim.x) {
@@ -595,87 +596,9 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     cp_async_commit();
     cp_async_wait<1>();  // all but the newest group: tile `it` has landed
     __syncthreads();
-
-    float s[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-#pragma unroll
-      for (int kc2 = 0; kc2 < 2; ++kc2) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, &Ks[st][j * 8 + (lane & 7)][kc2 * 32 + (lane >> 3) * 8]);
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        mma_m16n8k16_bf16(s[j], qa[2 * kc2], b0);
-        mma_m16n8k16_bf16(s[j], qa[2 * kc2 + 1], b1);
-      }
-    }
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int key = k0 + j * 8 + 2 * t + c;
-          const bool ok = key < skv && fa::visible(rows[r], key, sq, skv, causal);
-          const float x = ok ? s[j][r * 2 + c] * scale2 : -INFINITY;
-          s[j][r * 2 + c] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float alpha = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
-      l[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        o[j][r * 2] *= alpha;
-        o[j][r * 2 + 1] *= alpha;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float p = m_new == -INFINITY ? 0.0f : exp2f(s[j][r * 2 + c] - m_new);
-          s[j][r * 2 + c] = p;
-          l[r] += p;
-        }
-      }
-      m[r] = m_new;
-    }
-
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      const uint32_t pa[4] = {pack_bf16x2(s[2 * kc][0], s[2 * kc][1]),
-                              pack_bf16x2(s[2 * kc][2], s[2 * kc][3]),
-                              pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                              pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int jd2 = 0; jd2 < 4; ++jd2) {
-        uint32_t vb[4];
-        const int mi = lane >> 3;
-        ldmatrix_x4_trans(vb,
-                          &Vs[st][kc * 16 + (mi & 1) * 8 + (lane & 7)][jd2 * 16 + (mi >> 1) * 8]);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        mma_m16n8k16_bf16(o[2 * jd2], pa, b0);
-        mma_m16n8k16_bf16(o[2 * jd2 + 1], pa, b1);
-      }
-    }
+    tile_step(Ks[st], Vs[st], qa, o, m, l, rows, k0, sq, skv, causal, scale2);
     __syncthreads();  // stage `st` is refilled in iteration it + 1
   }
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int i = rows[r];
-    if (i >= sq) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    bf16* orow = out + ((size_t)b * sq + i) * heads * kD + (size_t)h * kD;
-#pragma unroll
-    for (int jd = 0; jd < 8; ++jd)
-      *reinterpret_cast<uint32_t*>(orow + jd * 8 + 2 * t) =
-          pack_bf16x2(o[jd][r * 2] * inv, o[jd][r * 2 + 1] * inv);
-    if (t == 0) lse[(size_t)bh * sq + i] = m[r] * 0.6931471805599453f + logf(l[r]);
-  }
+  store_rows(out, lse, o, m, l, rows, b, h, heads, sq, bh);
 }
 SD2_REGISTER_KERNEL(flash_fwd_tc4_d64_bf16)
