@@ -98,6 +98,12 @@ __device__ __forceinline__ long long offset(long long i, int rank, const long lo
     SD2_GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(x[i]) * mul + add);                    \
   }                                                                                        \
   SD2_REGISTER_KERNEL(affine_##SUF)                                                        \
+  /* y = x · (*s): an upstream gradient that stays on the device (no host round trip). */   \
+  extern "C" __global__ void scale_by_##SUF(const T* x, const float* s, T* y, long long n) {\
+    const float f = *s;                                                                    \
+    SD2_GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(x[i]) * f);                            \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(scale_by_##SUF)                                                      \
   /* Inverted dropout: y = x / (1 − p) where uniform_at(seed, i) ≥ p, else 0. */            \
   extern "C" __global__ void dropout_##SUF(const T* x, T* y, long long n, float p,         \
                                            unsigned long long seed) {                      \

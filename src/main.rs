@@ -498,6 +498,13 @@ fn bench_loader(
     Ok(())
 }
 
+/// A benchmark's results as pretty JSON, written atomically.
+#[cfg(feature = "cuda")]
+fn write_json(path: &std::path::Path, body: &serde_json::Value) -> sd2::Result<()> {
+    let bytes = serde_json::to_vec_pretty(body).map_err(|e| sd2::Error::Msg(e.to_string()))?;
+    sd2::io::write_atomic(path, bytes)
+}
+
 #[cfg(feature = "cuda")]
 fn bench_flash(
     batch: usize,
@@ -533,10 +540,7 @@ fn bench_flash(
     }
     if let Some(p) = json {
         let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v2-v4 forward (tensor cores)", "timings": t });
-        sd2::io::write_atomic(
-            p,
-            serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,
-        )?;
+        write_json(p, &body)?;
     }
     Ok(())
 }
@@ -583,10 +587,7 @@ fn bench_gemm(
     }
     if let Some(p) = json {
         let body = serde_json::json!({ "device": gpu.name, "timings": t });
-        sd2::io::write_atomic(
-            p,
-            serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,
-        )?;
+        write_json(p, &body)?;
     }
     Ok(())
 }
@@ -640,10 +641,7 @@ fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd
     println!("f/plain = fused time / cuBLAS plain time (goal ≤ 1.05); 3g/f = 3-GEMM time / fused time (goal ≥ 1.3)");
     if let Some(p) = json {
         let body = serde_json::json!({ "device": gpu.name, "timings": t });
-        sd2::io::write_atomic(
-            p,
-            serde_json::to_vec_pretty(&body).map_err(|e| sd2::Error::Msg(e.to_string()))?,
-        )?;
+        write_json(p, &body)?;
     }
     Ok(())
 }

@@ -341,14 +341,7 @@ impl DeviceBuffer {
                 self.bytes
             )));
         }
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.gpu.bind()?;
-        // SAFETY: the buffer holds at least dst.len() bytes; synchronized before returning.
-        unsafe { result::memcpy_dtoh_async(dst, self.ptr, self.gpu.stream.cu_stream()) }
-            .map_err(drv(format!("copy {} bytes from the GPU", dst.len())))?;
-        self.gpu.synchronize()
+        self.gpu.download_ptr(self.ptr, dst)
     }
 
     /// Overwrites the whole buffer with `byte` (stream-ordered).

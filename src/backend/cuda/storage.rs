@@ -169,7 +169,39 @@ impl CudaStorage {
                 format!("expected one element, got {}", self.len),
             ));
         }
-        self.cast(DType::F32)
+        self.as_f32()
+    }
+
+    /// This storage converted to `dtype`, consuming it (no copy when it already is).
+    fn into_dtype(self, dtype: DType) -> Result<CudaStorage> {
+        if self.dtype == dtype {
+            Ok(self)
+        } else {
+            self.cast(dtype)
+        }
+    }
+
+    /// This storage as f32: a non-owning view when it already is (no copy), else a cast.
+    fn as_f32(&self) -> Result<CudaStorage> {
+        if self.dtype == DType::F32 {
+            Ok(self.alias())
+        } else {
+            self.cast(DType::F32)
+        }
+    }
+
+    /// x · g for a one-element f32 `g` on the device.
+    fn scale_by(&self, g: &CudaStorage) -> Result<CudaStorage> {
+        let sfx = self.sfx("scale")?;
+        let out = self.empty(self.len, self.dtype)?;
+        if self.len > 0 {
+            self.launch(
+                &format!("scale_by_{sfx}"),
+                ew(self.len),
+                &[self.ptr(), g.ptr(), out.ptr(), Arg::U64(self.len as u64)],
+            )?;
+        }
+        Ok(out)
     }
 
     /// Ids as i64 on the device, bounds-checked on the host first (a bad id must be an error,
@@ -675,7 +707,7 @@ impl BackendStorage for CudaStorage {
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
         let ids = ids.ids_i64("index_add_rows", rows)?;
         same_len("index_add_rows", self.len, ids.len * cols)?;
-        let g = self.cast(DType::F32)?;
+        let g = self.as_f32()?;
         let out = self.zeros_like(rows * cols, DType::F32)?;
         if ids.len > 0 && cols > 0 {
             self.launch(
@@ -690,7 +722,7 @@ impl BackendStorage for CudaStorage {
                 ],
             )?;
         }
-        out.cast(self.dtype)
+        out.into_dtype(self.dtype)
     }
 
     fn layer_norm(
@@ -777,7 +809,10 @@ impl BackendStorage for CudaStorage {
                     self.zeros_like(cols, DType::F32)?,
                 )
             };
-            (Some(dg.cast(self.dtype)?), Some(db.cast(self.dtype)?))
+            (
+                Some(dg.into_dtype(self.dtype)?),
+                Some(db.into_dtype(self.dtype)?),
+            )
         } else {
             (None, None)
         };
@@ -1120,10 +1155,14 @@ impl BackendStorage for CudaStorage {
         // upstream gradient 1, so scale by dloss afterwards.
         let (_, df, dt, db, _) = sigmoid_rows(self, d, t, b, n, dim)?;
         let (_, dd, _, _, _) = sigmoid_rows(d, self, t, b, n, dim)?;
-        let g = dloss.scalar_f32("sigmoid_loss_bwd")?.to_cpu()?.to_f64_vec()[0];
-        let sc = |s: CudaStorage| s.affine(g, 0.0);
-        let (dt, db) = (sc(dt)?, sc(db)?);
-        Ok((sc(df)?, sc(dd)?, dt.cast(t.dtype)?, db.cast(b.dtype)?))
+        let g = dloss.scalar_f32("sigmoid_loss_bwd")?;
+        let (dt, db) = (dt.scale_by(&g)?, db.scale_by(&g)?);
+        Ok((
+            df.scale_by(&g)?,
+            dd.scale_by(&g)?,
+            dt.into_dtype(t.dtype)?,
+            db.into_dtype(b.dtype)?,
+        ))
     }
 
     fn lora_linear(
@@ -1287,13 +1326,13 @@ impl BackendStorage for CudaStorage {
                 Arg::F32(step.bias2 as f32),
                 Arg::F32(step.grad_scale as f32),
             ],
-        )?;
-        // The table must outlive the launch: wait before it is freed.
-        self.runner.synchronize()
+        )
+        // The table goes back to the caching allocator; any reuse is ordered after this launch
+        // on the same stream, so no wait is needed.
     }
 
     fn sum_sq(&self) -> Result<f64> {
-        let x = self.cast(DType::F32)?;
+        let x = self.as_f32()?;
         // sum_sq_multi reads the gradient slot of each chunk.
         let (table, chunks) = x.chunk_table(x.buf.addr(), 0, 0, 0.0)?;
         if chunks == 0 {
