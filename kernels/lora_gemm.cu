@@ -166,3 +166,188 @@ extern "C" __global__ void __launch_bounds__(128)
   lora_gemm<true>(x, w, nullptr, s_low, lb, nullptr, y, M, N, K, R, scale, lg::EPI_NONE);
 }
 SD2_REGISTER_KERNEL(lora_gemm_bwd_bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Variant 2: the same product, shaped for throughput. 128×128 block tile, 8 warps of 64×32,
+// k-steps of 32 in a 4-stage cp.async ring (the loads of tile t+3 fly while tile t is
+// multiplied), one barrier per k-step. The LoRA tiles and the X·Wᵀ tiles form one sequence of
+// k-tiles, so the pipeline does not drain between them; the accumulator is scaled by s after
+// the last LoRA tile. Operands whose rows are not 16-byte multiples (depth % 8 ≠ 0) take plain
+// element loads into the same ring (correct, slower). Rows padded by 16 bytes: ldmatrix and the
+// 16-byte stores hit 8 distinct bank groups.
+//   grid (⌈N/128⌉, ⌈M/128⌉), 256 threads, 81920 bytes of dynamic shared memory.
+namespace lg2 {
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kPad = 8;
+constexpr int kRowA = kBK + kPad;         // [rows][k] tiles: X/S, and W/B for the forward
+constexpr int kRowT = kBN + kPad;         // [k][cols] tiles: depth-major B for the backward
+constexpr int kTileA = kBM * kRowA;       // elements per stage
+constexpr int kTileB = kBN * kRowA;       // ≥ kBK * kRowT (4352 ≤ 5120)
+constexpr int kSmemBytes = kStages * (kTileA + kTileB) * 2;
+static_assert(kBK * kRowT <= kTileB, "depth-major tile must fit the B stage");
+
+// cp.async needs 16-byte aligned sources (a tensor view may start mid-allocation). The
+// simulator copies with memcpy, so it always takes the cp.async path.
+__device__ __forceinline__ bool aligned16(const void* p) {
+#ifdef SD2_SIM
+  (void)p;
+  return true;
+#else
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+#endif
+}
+
+// One 16-byte chunk (8 elements) of a row-major [rows, ld] matrix: cp.async when the row allows,
+// element loads otherwise; zero past the matrix.
+__device__ __forceinline__ void chunk(bf16* dst, const bf16* __restrict__ src, int rows, int ld,
+                                      int r, int c, bool vec) {
+  if (vec) {
+    const bool ok = r < rows && c < ld;  // ld % 8 == 0: a chunk is all in or all out
+    cp_async_16(dst, ok ? src + (size_t)r * ld + c : src, ok);
+  } else {
+    for (int i = 0; i < 8; ++i)
+      dst[i] = (r < rows && c + i < ld) ? src[(size_t)r * ld + c + i] : __float2bfloat16(0.0f);
+  }
+}
+}  // namespace lg2
+
+template <bool kBT>
+__device__ void lora_gemm2(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                           const bf16* __restrict__ bias, const bf16* __restrict__ s_low,
+                           const bf16* __restrict__ lb, const bf16* __restrict__ res,
+                           bf16* __restrict__ y, int M, int N, int K, int R, float scale,
+                           int epilogue) {
+  using namespace lg2;
+  bf16* smem = dynamic_smem<bf16>();
+  bf16* As = smem;                         // [kStages][kBM][kRowA]
+  bf16* Bs = smem + kStages * kTileA;      // [kStages][kBN][kRowA] or [kStages][kBK][kRowT]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int wm = warp >> 2, wn = warp & 3;  // 2 × 4 warps, 64 × 32 each
+  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  const int n_low = R > 0 ? (R + kBK - 1) / kBK : 0;
+  const int n_tiles = n_low + (K + kBK - 1) / kBK;
+  const bool vec_low = (R % 8) == 0 && (kBT ? (N % 8) == 0 : true) && aligned16(s_low) &&
+                       aligned16(lb);
+  const bool vec_main = (K % 8) == 0 && (kBT ? (N % 8) == 0 : true) && aligned16(x) &&
+                        aligned16(w);
+
+  // Issues the loads of k-tile `kt` into stage `st`.
+  auto load = [&](int kt, int st) {
+    const bool low = kt < n_low;
+    const bf16* A = low ? s_low : x;
+    const bf16* B = low ? lb : w;
+    const int depth = low ? R : K;
+    const int k0 = (low ? kt : kt - n_low) * kBK;
+    const bool vec = low ? vec_low : vec_main;
+    bf16* a = As + st * kTileA;
+    bf16* b = Bs + st * kTileB;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // 128 rows × 4 chunks = 512 chunks, 2 per thread
+      const int e = tid + i * 256, r = e >> 2, c = (e & 3) * 8;
+      chunk(a + r * kRowA + c, A, M, depth, m0 + r, k0 + c, vec);
+      if (kBT) {
+        // [kBK][kBN]: 32 rows × 16 chunks
+        const int kr = e >> 4, nc = (e & 15) * 8;
+        chunk(b + kr * kRowT + nc, B, depth, N, k0 + kr, n0 + nc, vec);
+      } else {
+        chunk(b + r * kRowA + c, B, N, depth, n0 + r, k0 + c, vec);
+      }
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[a][b][i] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_tiles) load(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < n_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile kt landed for everyone; stage (kt-1) % kStages is free
+    if (kt + kStages - 1 < n_tiles) load(kt + kStages - 1, (kt + kStages - 1) % kStages);
+    cp_async_commit();
+    const bf16* a = As + (kt % kStages) * kTileA;
+    const bf16* b = Bs + (kt % kStages) * kTileB;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t af[4][4];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+        ldmatrix_x4(af[mi], a + (wm * 64 + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kRowA +
+                                kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int nj2 = 0; nj2 < 2; ++nj2) {
+        uint32_t bq[4];
+        if (kBT)
+          ldmatrix_x4_trans(bq, b + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * kRowT + wn * 32 +
+                                    nj2 * 16 + (lane >> 4) * 8);
+        else
+          ldmatrix_x4(bq, b + (wn * 32 + nj2 * 16 + (lane & 7) + (lane >> 4) * 8) * kRowA + kk +
+                              ((lane >> 3) & 1) * 8);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+          mma_m16n8k16_bf16(acc[mi][nj2 * 2], af[mi], b0);
+          mma_m16n8k16_bf16(acc[mi][nj2 * 2 + 1], af[mi], b1);
+        }
+      }
+    }
+    if (kt == n_low - 1) {
+#pragma unroll
+      for (int a2 = 0; a2 < 4; ++a2)
+#pragma unroll
+        for (int b2 = 0; b2 < 4; ++b2)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[a2][b2][i] *= scale;
+    }
+  }
+  cp_async_wait<0>();
+
+  const bool pair = (N % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * 64 + mi * 16 + g + h * 8;
+        const int col = n0 + wn * 32 + nj * 8 + 2 * t;
+        if (row >= M || col >= N) continue;
+        float v[2] = {acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1]};
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (col + j >= N) continue;
+          if (epilogue != lg::EPI_NONE) v[j] += to_f32(bias[col + j]);
+          if (epilogue == lg::EPI_BIAS_GELU) v[j] = lg::quick_gelu(v[j]);
+          if (epilogue == lg::EPI_BIAS_RESIDUAL) v[j] += to_f32(res[(size_t)row * N + col + j]);
+        }
+        bf16* out = y + (size_t)row * N + col;
+        if (pair) {
+          *reinterpret_cast<uint32_t*>(out) = pack_bf16x2(v[0], v[1]);
+        } else {
+          out[0] = from_f32<bf16>(v[0]);
+          if (col + 1 < N) out[1] = from_f32<bf16>(v[1]);
+        }
+      }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    lora_gemm2_fwd_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* s_low,
+                        const bf16* lb, const bf16* res, bf16* y, int M, int N, int K, int R,
+                        float scale, int epilogue) {
+  lora_gemm2<false>(x, w, bias, s_low, lb, res, y, M, N, K, R, scale, epilogue);
+}
+SD2_REGISTER_KERNEL(lora_gemm2_fwd_bf16)
+
+extern "C" __global__ void __launch_bounds__(256)
+    lora_gemm2_bwd_bf16(const bf16* x, const bf16* w, const bf16* s_low, const bf16* lb,
+                        bf16* y, int M, int N, int K, int R, float scale) {
+  lora_gemm2<true>(x, w, nullptr, s_low, lb, nullptr, y, M, N, K, R, scale, lg::EPI_NONE);
+}
+SD2_REGISTER_KERNEL(lora_gemm2_bwd_bf16)

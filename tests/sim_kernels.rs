@@ -7,7 +7,7 @@
 #![cfg(any(feature = "cuda-sim", feature = "cuda"))]
 use std::cell::Cell;
 
-use sd2::backend::cuda::flash;
+use sd2::backend::cuda::{flash, lora_gemm};
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::{DType, Device, Tensor};
 
@@ -1229,14 +1229,20 @@ fn flash_attention_tensor_core_forward_matches_cpu() {
 #[test]
 fn lora_gemm_forward_matches_reference() {
     each_backend(|r| {
-        for &(m, n, k, rank, epi) in &[
-            (37usize, 40usize, 72usize, 8usize, 0i32),
-            (37, 40, 72, 8, 1),
-            (37, 40, 72, 8, 2),
-            (37, 40, 72, 8, 3),
-            (70, 67, 37, 5, 1),
-            (33, 65, 96, 0, 2),
-        ] {
+        for (v, &(m, n, k, rank, epi)) in lora_gemm::VARIANTS.iter().flat_map(|v| {
+            [
+                (37usize, 40usize, 72usize, 8usize, 0i32),
+                (37, 40, 72, 8, 1),
+                (37, 40, 72, 8, 2),
+                (37, 40, 72, 8, 3),
+                (70, 67, 37, 5, 1),
+                (33, 65, 96, 0, 2),
+                // more k-tiles than pipeline stages, several blocks each way
+                (130, 136, 200, 16, 3),
+            ]
+            .iter()
+            .map(move |s| (v, s))
+        }) {
             let round = |v: Vec<f32>| bf16_round(&v);
             let x = round(randn(m * k, 401));
             let w = round(randn(n * k, 402).iter().map(|v| v * 0.2).collect());
@@ -1280,12 +1286,8 @@ fn lora_gemm_forward_matches_reference() {
             );
             unsafe {
                 r.launch(
-                    "lora_gemm_fwd_bf16",
-                    LaunchConfig {
-                        grid: ((n as u32).div_ceil(64), (m as u32).div_ceil(64), 1),
-                        block: (128, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
+                    v.fwd,
+                    v.config(m, n),
                     &mut [
                         KArg::input(&xb),
                         KArg::input(&wb),
@@ -1314,7 +1316,7 @@ fn lora_gemm_forward_matches_reference() {
             }
             // One bf16 rounding of the output, plus f32 accumulation order.
             check(
-                &format!("lora gemm m{m} n{n} k{k} r{rank} epilogue {epi}"),
+                &format!("lora gemm {} m{m} n{n} k{k} r{rank} epilogue {epi}", v.name),
                 &from_bf16(&y),
                 &want,
                 8e-3,
@@ -1328,24 +1330,28 @@ fn lora_gemm_forward_matches_reference() {
 #[test]
 fn lora_gemm_backward_dx_matches_reference() {
     each_backend(|r| {
-        for &(m, n, k, rank) in &[(37usize, 40usize, 72usize, 8usize), (70, 37, 67, 5)] {
+        for (v, &(m, n, k, rank)) in lora_gemm::VARIANTS.iter().flat_map(|v| {
+            [
+                (37usize, 40usize, 72usize, 8usize),
+                (70, 37, 67, 5),
+                (130, 200, 136, 16),
+            ]
+            .iter()
+            .map(move |s| (v, s))
+        }) {
             let round = |v: Vec<f32>| bf16_round(&v);
             let dy = round(randn(m * n, 501));
             let w = round(randn(n * k, 502).iter().map(|v| v * 0.2).collect());
             let a = round(randn(rank * k, 503).iter().map(|v| v * 0.3).collect());
             let bl = round(randn(n * rank, 504).iter().map(|v| v * 0.3).collect());
             let scale = 2.0f32;
-            let cfg = |out: usize| LaunchConfig {
-                grid: ((out as u32).div_ceil(64), (m as u32).div_ceil(64), 1),
-                block: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = |out: usize| v.config(m, out);
             let (dyb, wb, ab, bb) = (to_bf16(&dy), to_bf16(&w), to_bf16(&a), to_bf16(&bl));
             let mut ds = to_bf16(&vec![f32::NAN; m * rank]);
             let mut dx = to_bf16(&vec![f32::NAN; m * k]);
             unsafe {
                 r.launch(
-                    "lora_gemm_bwd_bf16",
+                    v.bwd,
                     cfg(rank),
                     &mut [
                         KArg::input(&dyb),
@@ -1362,7 +1368,7 @@ fn lora_gemm_backward_dx_matches_reference() {
                 )
                 .unwrap();
                 r.launch(
-                    "lora_gemm_bwd_bf16",
+                    v.bwd,
                     cfg(k),
                     &mut [
                         KArg::input(&dyb),
@@ -1398,7 +1404,7 @@ fn lora_gemm_backward_dx_matches_reference() {
                     want_dx[i * k + j] = (main + scale as f64 * low) as f32;
                 }
             }
-            let name = format!("lora gemm backward m{m} n{n} k{k} r{rank}");
+            let name = format!("lora gemm backward {} m{m} n{n} k{k} r{rank}", v.name);
             check(&format!("{name} dS = dY·B"), &dsf, &want_ds, 8e-3);
             check(
                 &format!("{name} dX = dY·W + s·dS·A"),

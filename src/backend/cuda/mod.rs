@@ -63,6 +63,7 @@ pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod launch;
+pub mod lora_gemm;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]

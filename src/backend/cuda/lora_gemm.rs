@@ -1,0 +1,68 @@
+//! Launch geometry of `kernels/lora_gemm.cu`, in one place for the tests, the benchmark and the
+//! storage: the LoRA-linear GEMM variants and their epilogue codes.
+use super::launch::LaunchConfig;
+
+/// Fused epilogue after `X·Wᵀ + s·S·Bᵀ` (the kernels' `epilogue` argument).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    None = 0,
+    Bias = 1,
+    /// bias, then quick_gelu (CLIP's fc1)
+    BiasGelu = 2,
+    /// bias, then + a residual [M, N] (out_proj, fc2)
+    BiasResidual = 3,
+}
+
+/// One `mma.sync` variant: its kernels and block geometry (same arguments for every variant).
+#[derive(Clone, Copy, Debug)]
+pub struct Variant {
+    pub name: &'static str,
+    /// `(x, w, bias, s_low, lb, res, y, M, N, K, R, scale, epilogue)`
+    pub fwd: &'static str,
+    /// `(x, w, s_low, lb, y, M, N, K, R, scale)`, depth-major B operands
+    pub bwd: &'static str,
+    pub tile_m: u32,
+    pub tile_n: u32,
+    pub threads: u32,
+    pub smem: u32,
+}
+
+impl Variant {
+    /// The launch for an output of `m` rows × `n` columns.
+    pub fn config(&self, m: usize, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid: (
+                (n as u32).div_ceil(self.tile_n),
+                (m as u32).div_ceil(self.tile_m),
+                1,
+            ),
+            block: (self.threads, 1, 1),
+            shared_mem_bytes: self.smem,
+        }
+    }
+}
+
+/// v1: 64×64 tiles, 4 warps, one shared-memory stage (the readable reference).
+pub const V1: Variant = Variant {
+    name: "v1 mma 64x64",
+    fwd: "lora_gemm_fwd_bf16",
+    bwd: "lora_gemm_bwd_bf16",
+    tile_m: 64,
+    tile_n: 64,
+    threads: 128,
+    smem: 0,
+};
+
+/// v2: 128×128 tiles, 8 warps, a 4-stage cp.async ring (the default off Hopper).
+pub const V2: Variant = Variant {
+    name: "v2 mma 128x128 cp.async x4",
+    fwd: "lora_gemm2_fwd_bf16",
+    bwd: "lora_gemm2_bwd_bf16",
+    tile_m: 128,
+    tile_n: 128,
+    threads: 256,
+    smem: 4 * (128 * 40 + 128 * 40) * 2,
+};
+
+/// The `mma.sync` variants, oldest first.
+pub const VARIANTS: [Variant; 2] = [V1, V2];
