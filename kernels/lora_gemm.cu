@@ -13,7 +13,7 @@
 // (16-byte loads when the rows allow, element loads with zero fill at every tail), fragments by
 // ldmatrix. Any M, N, K, r. W is [N, K] and B is [N, r], row-major (nn.Linear's layout).
 //   grid (⌈N/64⌉, ⌈M/64⌉), 128 threads, 15 KB static shared memory.
-#include "sd2_mma.cuh"
+#include "sd2_hopper.cuh"
 
 namespace lg {
 constexpr int kBM = 64, kBN = 64, kBK = 32, kPad = 8;
@@ -182,7 +182,6 @@ constexpr int kRowA = kBK + kPad;         // [rows][k] tiles: X/S, and W/B for t
 constexpr int kRowT = kBN + kPad;         // [k][cols] tiles: depth-major B for the backward
 constexpr int kTileA = kBM * kRowA;       // elements per stage
 constexpr int kTileB = kBN * kRowA;       // ≥ kBK * kRowT (4352 ≤ 5120)
-constexpr int kSmemBytes = kStages * (kTileA + kTileB) * 2;
 static_assert(kBK * kRowT <= kTileB, "depth-major tile must fit the B stage");
 
 // cp.async needs 16-byte aligned sources (a tensor view may start mid-allocation). The
@@ -351,3 +350,139 @@ extern "C" __global__ void __launch_bounds__(256)
   lora_gemm2<true>(x, w, nullptr, s_low, lb, nullptr, y, M, N, K, R, scale, lg::EPI_NONE);
 }
 SD2_REGISTER_KERNEL(lora_gemm2_bwd_bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Variant 3 (Hopper, sm_90a): wgmma fed by TMA, warp-specialized. 384 threads = 3 warpgroups:
+// warpgroup 0 is the producer (one thread issues the TMA loads of each k-tile into a 4-stage
+// ring and waits for a stage to be released before refilling it; the warpgroup gives its
+// registers away with setmaxnreg), warpgroups 1 and 2 are consumers, each computing 64 rows ×
+// 256 columns with wgmma m64n256k16 (128 f32 accumulators per thread), one wgmma group kept in
+// flight while the next stage is issued. Block tile 128 × 256, k-tiles of 64 (128-byte rows,
+// 128-byte swizzle), 48 KB per stage.
+//
+// LoRA: the first k-tile is (S, B) — TMA zero-fills columns r..63 — of which one k-step (r ≤ 16,
+// the rank padded to 16) is issued, so rank 8 costs 1/64 of a K = 1024 GEMM; the accumulator is
+// scaled by s before the X·Wᵀ tiles. No wgmma sits under a data-dependent branch (ptxas would
+// serialize every wgmma: warning C7520). Tails in M, N, K are TMA's zero fill plus a
+// bounds-checked epilogue. Needs (checked by the host): K % 8 == 0, r ∈ {0, 8, 16} (16-byte row
+// strides for TMA), 16-byte aligned X, W, S, B.
+//   grid (⌈N/256⌉, ⌈M/128⌉), 384 threads, 197696 bytes of dynamic shared memory.
+namespace lg3 {
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kTileA = kBM * kBK * 2, kTileB = kBN * kBK * 2, kStageBytes = kTileA + kTileB;
+// dynamic shared memory: kStages · kStageBytes + the 2·kStages barriers + 1024 for alignment
+constexpr int kConsumerWarps = 8;
+}  // namespace lg3
+
+extern "C" __global__ void __launch_bounds__(384, 1)
+    lora_gemm3_fwd_bf16(const __grid_constant__ TmaDesc tm_x, const __grid_constant__ TmaDesc tm_w,
+                        const __grid_constant__ TmaDesc tm_s, const __grid_constant__ TmaDesc tm_b,
+                        const bf16* bias, const bf16* res, bf16* y, int M, int N, int K, int R,
+                        float scale, int epilogue) {
+#ifdef SD2_HOPPER
+  using namespace lg3;
+  unsigned char* raw = dynamic_smem<unsigned char>();
+  unsigned char* base = raw + ((1024 - (smem_u32(raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(base + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+  const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
+  const int n_low = R > 0 ? 1 : 0;
+  const int n_tiles = n_low + (K + kBK - 1) / kBK;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], kConsumerWarps);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<40>();
+    if (tid == 0) {
+      for (int kt = 0; kt < n_tiles; ++kt) {
+        const int st = kt % kStages, round = kt / kStages;
+        if (round > 0) mbar_wait(&empty[st], (round - 1) & 1);
+        unsigned char* a = base + st * kStageBytes;
+        mbar_arrive_expect_tx(&full[st], kStageBytes);
+        if (kt < n_low) {
+          tma_load_2d(a, &tm_s, 0, m0, &full[st]);
+          tma_load_2d(a + kTileA, &tm_b, 0, n0, &full[st]);
+        } else {
+          const int k0 = (kt - n_low) * kBK;
+          tma_load_2d(a, &tm_x, k0, m0, &full[st]);
+          tma_load_2d(a + kTileA, &tm_w, k0, n0, &full[st]);
+        }
+      }
+    }
+  } else {
+    setmaxnreg_inc<232>();
+    const int cw = wg - 1;  // rows m0 + 64·cw …
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    int kt = 0;
+    if (n_low) {
+      // The LoRA tile: one k-step (r ≤ 16), complete before the accumulator is scaled by s.
+      mbar_wait(&full[0], 0);
+      const unsigned char* a = base + cw * 64 * 128;
+      wgmma_fence();
+      wgmma_m64n256k16_bf16(acc, wgmma_desc(a), wgmma_desc(base + kTileA), 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < 128; ++i) acc[i] *= scale;
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[0]);
+      kt = 1;
+    }
+    int prev = -1;  // the stage whose wgmma group may still be in flight
+    for (; kt < n_tiles; ++kt) {
+      const int st = kt % kStages;
+      mbar_wait(&full[st], (kt / kStages) & 1);
+      const unsigned char* a = base + st * kStageBytes + cw * 64 * 128;
+      const unsigned char* b = base + st * kStageBytes + kTileA;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk)
+        wgmma_m64n256k16_bf16(acc, wgmma_desc(a + kk * 32), wgmma_desc(b + kk * 32), 1);
+      wgmma_commit();
+      wgmma_wait<1>();  // the group of tile kt - 1 is done: its stage can be refilled
+      if (prev >= 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[prev]);
+      }
+      prev = st;
+    }
+    wgmma_wait<0>();
+
+    const int q = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
+    const bool pair = (N % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + cw * 64 + q * 16 + g + h * 8;
+        const int col = n0 + 8 * j + 2 * t;
+        if (row >= M || col >= N) continue;
+        float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (col + e >= N) continue;
+          if (epilogue != lg::EPI_NONE) v[e] += to_f32(bias[col + e]);
+          if (epilogue == lg::EPI_BIAS_GELU) v[e] = lg::quick_gelu(v[e]);
+          if (epilogue == lg::EPI_BIAS_RESIDUAL) v[e] += to_f32(res[(size_t)row * N + col + e]);
+        }
+        bf16* out = y + (size_t)row * N + col;
+        if (pair) {
+          *reinterpret_cast<uint32_t*>(out) = pack_bf16x2(v[0], v[1]);
+        } else {
+          out[0] = from_f32<bf16>(v[0]);
+          if (col + 1 < N) out[1] = from_f32<bf16>(v[1]);
+        }
+      }
+  }
+#endif
+}
+SD2_REGISTER_KERNEL(lora_gemm3_fwd_bf16)

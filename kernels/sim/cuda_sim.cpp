@@ -34,6 +34,7 @@ Trampoline g_kernel = nullptr;
 void** g_args = nullptr;
 std::vector<uint64_t> g_xchg;
 std::vector<unsigned char> g_vote;
+bool g_spun = false;  // the fiber that just ran gave way in sim::yield
 
 std::map<std::string, Trampoline>& registry() {
   static std::map<std::string, Trampoline> r;
@@ -46,6 +47,10 @@ void fiber_main() {
   f.done = true;
   swapcontext(&f.ctx, &g_sched);
 }
+
+// Consecutive scheduler rounds in which every live thread only spun (sim::yield) before the
+// block is declared stuck: an mbarrier that never completes.
+constexpr long kMaxSpinRounds = 1L << 16;
 
 void wait_at(int kind) {
   Fiber& f = (*g_fibers)[g_cur];
@@ -70,13 +75,21 @@ std::string run_block() {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  long spins = 0;
   for (;;) {
+    bool progressed = false, spun = false;
     for (unsigned i = 0; i < n; ++i) {
       Fiber& f = fs[i];
       if (f.done || f.wait != RUNNING) continue;
       g_cur = i;
       current = &f.st;
+      g_spun = false;
       swapcontext(&g_sched, &f.ctx);
+      if (g_spun && !f.done && f.wait == RUNNING) {
+        spun = true;
+      } else {
+        progressed = true;
+      }
     }
     // Every live thread now waits at a barrier (or all are done).
     bool all_done = true, all_block = true, released = false;
@@ -93,6 +106,12 @@ std::string run_block() {
       }
     }
     if (released) continue;
+    if (spun) {
+      spins = progressed ? 0 : spins + 1;
+      if (spins > kMaxSpinRounds)
+        return "deadlock: threads spin on an mbarrier (or flag) that never completes";
+      continue;
+    }
     for (unsigned i = 0; i < n; ++i) {
       if (fs[i].done) continue;
       all_done = false;
@@ -110,6 +129,10 @@ std::string run_block() {
 }  // namespace
 
 void syncthreads() { wait_at(AT_BLOCK); }
+void yield() {
+  g_spun = true;
+  wait_at(RUNNING);
+}
 void syncwarp() { wait_at(AT_WARP); }
 
 uint64_t warp_exchange(uint64_t mine, unsigned src_lane) {
@@ -205,13 +228,15 @@ int sd2_sim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsi
   if (gx == 0 || gy == 0 || gz == 0) return fail("empty grid");
   std::vector<sim::Fiber> fibers(n);
   for (auto& f : fibers) f.stack.resize(sim::kStack);
-  std::vector<unsigned char> shared(smem + 16);
+  // 1024-aligned, as Hopper's 128-byte swizzle patterns (TMA, wgmma) assume of their tiles.
+  std::vector<unsigned char> shared_raw(smem + 1024 + 16);
+  unsigned char* shared_base = shared_raw.data() + ((1024 - (reinterpret_cast<uintptr_t>(shared_raw.data()) & 1023)) & 1023);
   sim::g_fibers = &fibers;
   sim::g_kernel = it->second;
   sim::g_args = args;
   sim::g_xchg.assign(n, 0);
   sim::g_vote.assign(n, 0);
-  sim::dynamic_smem = shared.data();
+  sim::dynamic_smem = shared_base;
   sim::block.bdim = dim3(bx, by, bz);
   sim::block.gdim = dim3(gx, gy, gz);
   sim::block.nthreads = n;
@@ -220,7 +245,7 @@ int sd2_sim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsi
     for (unsigned y = 0; y < gy && e.empty(); ++y)
       for (unsigned x = 0; x < gx && e.empty(); ++x) {
         sim::block.bid = dim3(x, y, z);
-        std::fill(shared.begin(), shared.end(), 0xA5);  // poison: unwritten reads show up
+        std::fill(shared_raw.begin(), shared_raw.end(), 0xA5);  // poison: unwritten reads show up
         e = sim::run_block();
       }
   sim::current = nullptr;

@@ -42,6 +42,9 @@ extern unsigned char* dynamic_smem;
 // call it (the runtime reports a deadlock otherwise).
 void syncthreads();
 void syncwarp();
+// Gives the other threads of the block a turn (a spin-wait on an mbarrier); the runtime reports
+// a deadlock when every live thread only spins for millions of rounds.
+void yield();
 // Warp exchange: every lane of the warp publishes 8 bytes, then reads lane `src`'s.
 uint64_t warp_exchange(uint64_t mine, unsigned src_lane);
 bool warp_vote_any(bool p);
@@ -64,6 +67,8 @@ unsigned warp_ballot(bool p);
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static
 #define __constant__ static const
+#define __grid_constant__
+
 
 inline void __syncthreads() { sim::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { sim::syncwarp(); }

@@ -235,6 +235,50 @@ impl Gpu {
         )))
     }
 
+    /// A TMA descriptor (`cuTensorMapEncodeTiled`) of the row-major bf16 matrix at `addr`:
+    /// 128-byte swizzle, zeros past the tensor, L2 promotion of 256 bytes.
+    pub fn tensor_map(
+        &self,
+        addr: u64,
+        m: super::launch::TileMap,
+    ) -> Result<super::launch::TensorMap> {
+        m.check(addr)?;
+        self.bind()?;
+        let dims = [m.cols as u64, m.rows as u64];
+        let strides = [2 * m.cols as u64];
+        let boxes = [m.box_cols as u32, m.box_rows as u32];
+        let elem = [1u32, 1];
+        let mut out = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        // SAFETY: every array has the rank's length (2; strides rank − 1), `out` is a writable
+        // CUtensorMap; the address was checked for alignment above.
+        let rc = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                out.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                addr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Cuda(format!(
+                "cuTensorMapEncodeTiled [{}, {}] box {}×{}: {rc:?}",
+                m.rows, m.cols, m.box_rows, m.box_cols
+            )));
+        }
+        // SAFETY: zero-initialized above, then written by the driver.
+        Ok(super::launch::TensorMap(
+            unsafe { out.assume_init() }.opaque,
+        ))
+    }
+
     /// Waits for all work on this GPU's stream; asynchronous kernel faults surface here.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(drv("stream synchronize"))

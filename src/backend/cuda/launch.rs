@@ -27,6 +27,68 @@ impl LaunchConfig {
     }
 }
 
+/// A TMA descriptor passed by value (`const __grid_constant__ TmaDesc` in
+/// `kernels/include/sd2_hopper.cuh`): on the GPU the 128 bytes `cuTensorMapEncodeTiled` writes,
+/// in the simulator the fields the simulator's TMA reads (see `TensorMap::sim_2d`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(128))]
+pub struct TensorMap(pub [u64; 16]);
+
+/// A 2-D bf16 tile map: row-major [rows, cols] at an address, boxes of `box_rows` × `box_cols`
+/// (box_cols · 2 = 128 bytes: the 128-byte swizzle span), zeros past the tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileMap {
+    pub rows: usize,
+    pub cols: usize,
+    pub box_rows: usize,
+    pub box_cols: usize,
+}
+
+impl TileMap {
+    /// What TMA accepts (CUDA driver API, cuTensorMapEncodeTiled): a 16-byte aligned address,
+    /// a row stride that is a multiple of 16 bytes, boxes of 1..=256 per dimension whose inner
+    /// extent is the 128-byte swizzle span.
+    pub fn check(&self, addr: u64) -> Result<()> {
+        let TileMap {
+            rows,
+            cols,
+            box_rows,
+            box_cols,
+        } = *self;
+        if addr % 16 != 0
+            || cols == 0
+            || rows == 0
+            || (cols * 2) % 16 != 0
+            || box_cols * 2 != 128
+            || !(1..=256).contains(&box_rows)
+            || rows > (1 << 31)
+        {
+            return Err(Error::Cuda(format!(
+                "tensor map of a [{rows}, {cols}] bf16 matrix at {addr:#x}, box {box_rows}×{box_cols}: \
+                 TMA needs a 16-byte aligned address, rows of a multiple of 16 bytes and 64-column boxes"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl TensorMap {
+    /// The simulator's descriptor: [address, cols, rows, row stride bytes, box cols, box rows].
+    pub fn sim_2d(addr: u64, m: TileMap) -> Result<TensorMap> {
+        m.check(addr)?;
+        let mut w = [0u64; 16];
+        w[..6].copy_from_slice(&[
+            addr,
+            m.cols as u64,
+            m.rows as u64,
+            2 * m.cols as u64,
+            m.box_cols as u64,
+            m.box_rows as u64,
+        ]);
+        Ok(TensorMap(w))
+    }
+}
+
 /// One kernel argument, passed by value as in `cuLaunchKernel`.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
@@ -34,6 +96,7 @@ pub enum Arg {
     I32(i32),
     F32(f32),
     U64(u64),
+    Map(TensorMap),
 }
 
 impl Arg {
@@ -49,12 +112,13 @@ impl Arg {
     }
 }
 
-/// One argument's storage in the parameter array: every kernel parameter we use is ≤ 8 bytes,
-/// and the callee reads only its own size from the front (little-endian).
-#[repr(C)]
+/// One argument's storage in the parameter array: a scalar or pointer (the callee reads only
+/// its own size from the front, little-endian) or a 128-byte TMA descriptor.
+#[repr(C, align(128))]
 pub(crate) union Slot {
     p: *mut c_void,
     u: u64,
+    map: [u64; 16],
 }
 
 pub(crate) fn marshal(args: &[Arg]) -> Vec<Slot> {
@@ -66,6 +130,7 @@ pub(crate) fn marshal(args: &[Arg]) -> Vec<Slot> {
                 u: f.to_bits() as u64,
             },
             Arg::U64(u) => Slot { u },
+            Arg::Map(m) => Slot { map: m.0 },
         })
         .collect()
 }
@@ -89,6 +154,9 @@ pub enum KArg<'a> {
     F32(f32),
     U64(u64),
     Null,
+    /// A host matrix staged like `In` and passed as a TMA descriptor of it (made by the GPU's
+    /// encoder, or the simulator's fields).
+    Tma(&'a [u8], TileMap),
 }
 
 impl<'a> KArg<'a> {
@@ -287,6 +355,27 @@ impl Runner {
         }
     }
 
+    /// Whether this runner runs the Hopper (sm_90a) kernels: the simulator does, and a GPU of
+    /// compute capability 9.0 (the cubins are built for sm_90a exactly).
+    pub fn has_hopper(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => true,
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => g.compute_capability == (9, 0),
+        }
+    }
+
+    /// A TMA descriptor of the bf16 matrix at `addr` (in this runner's memory).
+    pub fn tensor_map(&self, addr: u64, map: TileMap) -> Result<TensorMap> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => TensorMap::sim_2d(addr, map),
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => g.tensor_map(addr, map),
+        }
+    }
+
     /// Waits for queued work (a no-op in the simulator, which runs launches synchronously).
     pub fn synchronize(&self) -> Result<()> {
         match self {
@@ -307,9 +396,9 @@ impl Runner {
         match self {
             #[cfg(feature = "cuda-sim")]
             Runner::Sim => {
-                let raw: Vec<Arg> = args
-                    .iter_mut()
-                    .map(|a| match a {
+                let mut raw = Vec::with_capacity(args.len());
+                for a in args.iter_mut() {
+                    raw.push(match a {
                         KArg::In(s) => Arg::ptr(s.as_ptr()),
                         KArg::Out(s) => Arg::mut_ptr(s.as_mut_ptr()),
                         KArg::Buf(b) => Arg::U64(b.addr()),
@@ -317,8 +406,9 @@ impl Runner {
                         KArg::F32(v) => Arg::F32(*v),
                         KArg::U64(v) => Arg::U64(*v),
                         KArg::Null => Arg::null(),
-                    })
-                    .collect();
+                        KArg::Tma(s, m) => Arg::Map(TensorMap::sim_2d(s.as_ptr() as u64, *m)?),
+                    });
+                }
                 super::sim::launch(name, cfg, &raw)
             }
             #[cfg(feature = "cuda")]
@@ -340,6 +430,10 @@ impl Runner {
                         KArg::F32(v) => Arg::F32(*v),
                         KArg::U64(v) => Arg::U64(*v),
                         KArg::Null => Arg::null(),
+                        KArg::Tma(s, m) => {
+                            staged.push(g.upload(s)?);
+                            Arg::Map(g.tensor_map(staged[staged.len() - 1].ptr(), *m)?)
+                        }
                     });
                 }
                 g.launch(name, cfg, &raw)?;
@@ -348,7 +442,7 @@ impl Runner {
                 let mut k = 0;
                 for a in args.iter_mut() {
                     match a {
-                        KArg::In(_) => k += 1,
+                        KArg::In(_) | KArg::Tma(..) => k += 1,
                         KArg::Out(s) => {
                             staged[k].download(s)?;
                             k += 1;

@@ -66,3 +66,49 @@ pub const V2: Variant = Variant {
 
 /// The `mma.sync` variants, oldest first.
 pub const VARIANTS: [Variant; 2] = [V1, V2];
+
+/// v3 (Hopper, sm_90a): wgmma fed by TMA, one producer and two consumer warpgroups, 128×256
+/// tiles, a 4-stage ring of 48 KB. Arguments `(map X, map W, map S, map B, bias, res, y, M, N,
+/// K, R, scale, epilogue)`, the maps from [`hopper_maps`]; forward only.
+pub mod hopper {
+    use super::super::launch::{LaunchConfig, TileMap};
+
+    pub const NAME: &str = "v3 wgmma+TMA 128x256 x4";
+    pub const KERNEL: &str = "lora_gemm3_fwd_bf16";
+    pub const TILE_M: usize = 128;
+    pub const TILE_N: usize = 256;
+    const STAGES: u32 = 4;
+    const STAGE_BYTES: u32 = ((TILE_M + TILE_N) * 64 * 2) as u32;
+    pub const SMEM: u32 = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
+
+    pub fn config(m: usize, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid: (n.div_ceil(TILE_N) as u32, m.div_ceil(TILE_M) as u32, 1),
+            block: (384, 1, 1),
+            shared_mem_bytes: SMEM,
+        }
+    }
+
+    /// Whether the shape fits TMA's rules (16-byte row strides) and the single LoRA k-step
+    /// (the rank padded to 16).
+    pub fn supports(k: usize, r: usize) -> bool {
+        k % 8 == 0 && k > 0 && matches!(r, 0 | 8 | 16)
+    }
+
+    /// The tile maps of X [m, k], W [n, k], S [m, r], B [n, r] (S, B: those of X, W when r = 0,
+    /// never read then).
+    pub fn maps(m: usize, n: usize, k: usize, r: usize) -> [TileMap; 4] {
+        let map = |rows, cols, box_rows| TileMap {
+            rows,
+            cols,
+            box_rows,
+            box_cols: 64,
+        };
+        let (x, w) = (map(m, k, TILE_M), map(n, k, TILE_N));
+        if r == 0 {
+            [x, w, x, w]
+        } else {
+            [x, w, map(m, r, TILE_M), map(n, r, TILE_N)]
+        }
+    }
+}
