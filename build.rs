@@ -153,6 +153,8 @@ fn build_sim(files: &[PathBuf]) {
         .opt_level(2)
         .warnings(false)
         .flag("-Wno-unknown-pragmas")
+        // TmaDesc (128-byte aligned, by value): GCC's note on an ABI change from GCC 4.6.
+        .flag("-Wno-psabi")
         .flag("-x")
         .flag("c++")
         .flag("-include")

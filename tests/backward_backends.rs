@@ -11,9 +11,19 @@ use sd2::{DType, Device, Tensor};
 const ATOL: f64 = 2e-5;
 const RTOL: f64 = 2e-4;
 
-fn input(dev: Device, dtype: DType, shape: &[usize], seed: u64) -> Tensor {
+/// `v` as bf16 values (for an f64 reference on exactly the bf16 inputs), or as given.
+fn maybe_bf16(v: Vec<f64>, round: bool) -> Vec<f64> {
+    if !round {
+        return v;
+    }
+    v.into_iter()
+        .map(|x| half::bf16::from_f64(x).to_f64())
+        .collect()
+}
+
+fn input(dev: Device, dtype: DType, shape: &[usize], seed: u64, round: bool) -> Tensor {
     Tensor::from_f64(
-        &common::values(shape.iter().product(), seed),
+        &maybe_bf16(common::values(shape.iter().product(), seed), round),
         shape,
         dtype,
         dev,
@@ -23,21 +33,23 @@ fn input(dev: Device, dtype: DType, shape: &[usize], seed: u64) -> Tensor {
 }
 
 /// Loss = Σ out·w (fixed random w, so every output element carries a distinct upstream
-/// gradient) and the gradient of each input.
+/// gradient) and the gradient of each input. `round`: inputs and w take bf16 values (for an
+/// f64 reference of a bf16 run).
 fn grads(
     dev: Device,
     dtype: DType,
     shapes: &[&[usize]],
     build: &dyn Fn(Device, &[Tensor]) -> Tensor,
+    round: bool,
 ) -> (Vec<f64>, Vec<Vec<f64>>) {
     let xs: Vec<Tensor> = shapes
         .iter()
         .enumerate()
-        .map(|(i, s)| input(dev, dtype, s, 100 + i as u64))
+        .map(|(i, s)| input(dev, dtype, s, 100 + i as u64, round))
         .collect();
     let out = build(dev, &xs);
     let w = Tensor::from_f64(
-        &common::values(out.elem_count(), 7),
+        &maybe_bf16(common::values(out.elem_count(), 7), round),
         out.dims(),
         out.dtype(),
         dev,
@@ -64,13 +76,69 @@ fn compare(
     // bf16: inputs are exact in both; each stored result is rounded once per op on both sides,
     // but fused kernels round fewer intermediates than the CPU's op-by-op path.
     for (dtype, atol, rtol) in [(DType::F32, ATOL, RTOL), (DType::BF16, 3e-2, 3e-2)] {
-        let (want_out, want) = grads(Device::Cpu, dtype, shapes, build);
-        let (got_out, got) = grads(dev, dtype, shapes, build);
+        let (want_out, want) = grads(Device::Cpu, dtype, shapes, build, false);
+        let (got_out, got) = grads(dev, dtype, shapes, build, false);
         let tag = format!("[{dev} {dtype}] {name}");
         assert_close(&format!("{tag} out"), &got_out, &want_out, atol, rtol);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_close(&format!("{tag} d input {i}"), g, w, atol, rtol);
         }
+    }
+}
+
+/// As `compare`, for graphs whose CUDA path fuses what the CPU rounds op by op (the LoRA GEMM
+/// kernels): bf16 results against an f64 reference on the same bf16 inputs, where the fused
+/// kernel must be within bf16 tolerance of the truth (the CPU's bf16 path printed beside it).
+fn compare_fused(
+    name: &str,
+    dev: Device,
+    shapes: &[&[usize]],
+    build: &dyn Fn(Device, &[Tensor]) -> Tensor,
+) {
+    let (want_out, want) = grads(Device::Cpu, DType::F32, shapes, build, false);
+    let (got_out, got) = grads(dev, DType::F32, shapes, build, false);
+    assert_close(
+        &format!("[{dev} f32] {name} out"),
+        &got_out,
+        &want_out,
+        ATOL,
+        RTOL,
+    );
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_close(&format!("[{dev} f32] {name} d input {i}"), g, w, ATOL, RTOL);
+    }
+    let (want_out, want) = grads(Device::Cpu, DType::F64, shapes, build, true);
+    let (cpu_out, cpu) = grads(Device::Cpu, DType::BF16, shapes, build, true);
+    let (got_out, got) = grads(dev, DType::BF16, shapes, build, true);
+    // Intermediates (dS, each GEMM's terms) are rounded to bf16 at the size of the tensor's
+    // largest elements, so a small element can carry their rounding: the absolute tolerance
+    // is two bf16 steps of the largest |value|.
+    let atol = |w: &[f64]| (8e-3 * w.iter().fold(0f64, |m, v| m.max(v.abs()))).max(3e-2);
+    let rtol = 3e-2;
+    let tag = format!("[{dev} bf16 vs f64] {name}");
+    assert_close(
+        &format!("[cpu bf16 vs f64] {name} out"),
+        &cpu_out,
+        &want_out,
+        1.0,
+        1.0,
+    );
+    assert_close(
+        &format!("{tag} out"),
+        &got_out,
+        &want_out,
+        atol(&want_out),
+        rtol,
+    );
+    for (i, ((g, c), w)) in got.iter().zip(&cpu).zip(&want).enumerate() {
+        assert_close(
+            &format!("[cpu bf16 vs f64] {name} d input {i}"),
+            c,
+            w,
+            1.0,
+            1.0,
+        );
+        assert_close(&format!("{tag} d input {i}"), g, w, atol(w), rtol);
     }
 }
 
@@ -220,6 +288,29 @@ fn lora(dev: Device) {
             ops::lora_linear(&x[0], &x[1], Some(&x[2]), Some(l)).unwrap()
         },
     );
+    // No dropout, K and r multiples of 8: bf16 takes the fused kernels for Y (the Hopper one
+    // where the device has it: always in the simulator) and for dX = dY·W + s·dS·A.
+    compare_fused(
+        "lora_linear (fused shapes)",
+        dev,
+        &[&[9, 16], &[12, 16], &[12], &[8, 16], &[12, 8]],
+        &|_, x| {
+            let l = Lora {
+                a: &x[3],
+                b: &x[4],
+                scale: 4.0,
+                dropout: 0.0,
+                seed: 0,
+            };
+            ops::lora_linear(&x[0], &x[1], Some(&x[2]), Some(l)).unwrap()
+        },
+    );
+    compare_fused(
+        "linear (fused, no LoRA)",
+        dev,
+        &[&[7, 24], &[10, 24]],
+        &|_, x| x[0].linear(&x[1], None).unwrap(),
+    );
 }
 
 fn embedding_and_patches(dev: Device) {
@@ -238,8 +329,8 @@ fn embedding_and_patches(dev: Device) {
 fn adamw(dev: Device) {
     use sd2::optim::{grad_norm, AdamW, AdamWConfig, Param};
     let run = |dev: Device| -> (Vec<f64>, f64) {
-        let p = input(dev, DType::F32, &[70_000], 5);
-        let q = input(dev, DType::F32, &[3, 4], 6);
+        let p = input(dev, DType::F32, &[70_000], 5, false);
+        let q = input(dev, DType::F32, &[3, 4], 6, false);
         let params = vec![
             Param::new("p", p.clone(), true),
             Param::new("q", q.clone(), false),

@@ -1184,35 +1184,73 @@ impl BackendStorage for CudaStorage {
             trans_b,
             rhs_batched: false,
         };
-        let y = self.mm(w, mmspec(m, n, k, true))?;
-        let ys = Shape::from(vec![m, n]);
         if let Some(b) = b {
             same_len("lora_linear bias", b.len, n)?;
-            y.elementwise_binary(
-                b,
-                BinaryOp::Add,
-                &y.alias(),
-                &ys,
-                &Shape::from(vec![n]),
-                &ys,
-            )?;
         }
-        let mut saved = None;
+        let mut s_low = None;
         if let Some((la, lb, ls)) = lora {
             same_len("lora_linear A", la.len, ls.rank * k)?;
             same_len("lora_linear B", lb.len, n * ls.rank)?;
             let xd = self.dropped(&ls)?;
-            let s = xd
-                .as_ref()
-                .unwrap_or(self)
-                .mm(la, mmspec(m, ls.rank, k, true))?;
-            let low = s
-                .mm(lb, mmspec(m, n, ls.rank, true))?
-                .affine(ls.scale, 0.0)?;
-            y.elementwise_binary(&low, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
-            saved = Some(s);
+            s_low = Some(
+                xd.as_ref()
+                    .unwrap_or(self)
+                    .mm(la, mmspec(m, ls.rank, k, true))?,
+            );
         }
-        Ok((y, saved))
+        let low = lora.zip(s_low.as_ref()).map(|((_, lb, ls), s)| (s, lb, ls));
+        let ys = Shape::from(vec![m, n]);
+        // PEFT's structure on cuBLAS: X·Wᵀ, + b, + s·S·Bᵀ (each rounded to the storage type).
+        let cublas = || -> Result<CudaStorage> {
+            let y = self.mm(w, mmspec(m, n, k, true))?;
+            if let Some(b) = b {
+                y.elementwise_binary(
+                    b,
+                    BinaryOp::Add,
+                    &y.alias(),
+                    &ys,
+                    &Shape::from(vec![n]),
+                    &ys,
+                )?;
+            }
+            if let Some((s, lb, ls)) = low {
+                let lowy = s
+                    .mm(lb, mmspec(m, n, ls.rank, true))?
+                    .affine(ls.scale, 0.0)?;
+                y.elementwise_binary(&lowy, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
+            }
+            Ok(y)
+        };
+        let y = if self.dtype == DType::BF16 {
+            let r = low.map_or(0, |l| l.2.rank);
+            let key = storage_lora::LoraKey {
+                forward: true,
+                m,
+                n,
+                k,
+                r,
+                bias: b.is_some(),
+            };
+            let run = |p: storage_lora::LoraPath| match p {
+                storage_lora::LoraPath::Cublas => cublas(),
+                p => self.lora_fused_fwd(
+                    p,
+                    w,
+                    b,
+                    low.map(|(s, lb, _)| (s, lb)),
+                    low.map_or(1.0, |l| l.2.scale as f32),
+                    (m, n, k, r),
+                ),
+            };
+            let mut ops = vec![self, w];
+            if let Some((s, lb, _)) = low {
+                ops.extend([s, lb]);
+            }
+            run(self.lora_choose(key, &ops, &run)?)?
+        } else {
+            cublas()?
+        };
+        Ok((y, s_low))
     }
 
     fn lora_linear_bwd(
@@ -1238,11 +1276,53 @@ impl BackendStorage for CudaStorage {
                 },
             )
         };
-        let mut gx = if needs.x {
-            Some(mm(dy, w, m, k, n, false, false)?)
-        } else {
-            None
+        // dX = dY·W (+ s·dS·A fused when the LoRA input has no dropout), by the path chosen for
+        // the shape (storage_lora); the dropout case adds drop(dS·A) below.
+        let fused_low = lora.filter(|l| l.3.dropout <= 0.0);
+        let ds_of = |(lb, ls): (&CudaStorage, LoraSpec)| -> Result<CudaStorage> {
+            mm(dy, lb, m, ls.rank, n, false, false)?.affine(ls.scale, 0.0)
         };
+        let ds = match lora {
+            Some((_, lb, _, ls)) => Some(ds_of((lb, ls))?),
+            None => None,
+        };
+        let mut gx = if !needs.x {
+            None
+        } else if dy.dtype == DType::BF16 {
+            let low = fused_low
+                .zip(ds.as_ref())
+                .map(|((la, _, _, ls), ds)| (ds, la, ls));
+            let r = low.map_or(0, |l| l.2.rank);
+            let key = storage_lora::LoraKey {
+                forward: false,
+                m,
+                n,
+                k,
+                r,
+                bias: false,
+            };
+            let xs = Shape::from(vec![m, k]);
+            let run = |p: storage_lora::LoraPath| match p {
+                storage_lora::LoraPath::Cublas => {
+                    let gx = mm(dy, w, m, k, n, false, false)?;
+                    if let Some((ds, la, ls)) = low {
+                        let extra = mm(ds, la, m, k, ls.rank, false, false)?;
+                        gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
+                    }
+                    Ok(gx)
+                }
+                p => dy.lora_fused_dx(p, w, low.map(|(ds, la, _)| (ds, la)), 1.0, (m, n, k, r)),
+            };
+            let mut ops = vec![dy, w];
+            if let Some((ds, la, _)) = low {
+                ops.extend([ds, la]);
+            }
+            Some(run(dy.lora_choose(key, &ops, &run)?)?)
+        } else {
+            Some(mm(dy, w, m, k, n, false, false)?)
+        };
+        // Whether dS·A still has to be added to dX (f32, or LoRA dropout).
+        let add_low_to_gx = dy.dtype != DType::BF16 || fused_low.is_none();
         let gw = if needs.w {
             Some(mm(dy, self, n, k, m, true, false)?)
         } else {
@@ -1254,20 +1334,18 @@ impl BackendStorage for CudaStorage {
             None
         };
         let (mut ga, mut gbm) = (None, None);
-        if let Some((la, lb, s, ls)) = lora {
+        if let (Some((la, _, s, ls)), Some(ds)) = (lora, ds.as_ref()) {
             let r = ls.rank;
-            // dS = s·dy·B  [m, r]
-            let ds = mm(dy, lb, m, r, n, false, false)?.affine(ls.scale, 0.0)?;
             if needs.lora_b {
                 gbm = Some(mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?);
             }
             if needs.lora_a {
                 let xd = self.dropped(&ls)?;
-                ga = Some(mm(&ds, xd.as_ref().unwrap_or(self), r, k, m, true, false)?);
+                ga = Some(mm(ds, xd.as_ref().unwrap_or(self), r, k, m, true, false)?);
             }
-            if let Some(gx) = gx.as_mut() {
+            if let (Some(gx), true) = (gx.as_mut(), add_low_to_gx) {
                 // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
-                let extra = mm(&ds, la, m, k, r, false, false)?;
+                let extra = mm(ds, la, m, k, r, false, false)?;
                 let extra = extra.dropped(&ls)?.unwrap_or(extra);
                 let xs = Shape::from(vec![m, k]);
                 gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
@@ -1385,6 +1463,10 @@ impl CudaStorage {
         }
     }
 }
+
+#[path = "storage_lora.rs"]
+mod storage_lora;
+pub use storage_lora::{lora_choices, LoraPath};
 
 enum AttnKind {
     /// Flash attention (head dim 64, any length).

@@ -1,0 +1,327 @@
+//! The LoRA-linear on CUDA storage: which GEMM path computes it — the fused kernels of
+//! `kernels/lora_gemm.cu` or cuBLAS (PEFT's three GEMMs and adds) — chosen per shape at run
+//! time, and the fused kernels' launches.
+//!
+//! `SD2_LORA_GEMM` picks the policy: `auto` (default), `cublas`, `fused` (the best fused
+//! variant for the shape), `v1`, `v2`, `v3` (that variant where it supports the shape, else the
+//! next fused one). Under `auto` on a GPU, the first call of each shape runs every candidate
+//! once, drops any whose output differs from cuBLAS's (printing why: a kernel not yet verified
+//! on this GPU stays harmless), times the rest (CUDA events, median of 5) and keeps the fastest
+//! for the process. The simulator (`cuda:sim`) always runs the fused kernels, so every engine
+//! test exercises them.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::super::lora_gemm::{self, hopper, Epilogue};
+use super::*;
+
+/// One way to compute a LoRA-linear product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoraPath {
+    Cublas,
+    V1,
+    V2,
+    /// Hopper (sm_90a): forward only.
+    V3,
+}
+
+impl LoraPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraPath::Cublas => "cuBLAS",
+            LoraPath::V1 => lora_gemm::V1.name,
+            LoraPath::V2 => lora_gemm::V2.name,
+            LoraPath::V3 => hopper::NAME,
+        }
+    }
+    fn variant(self) -> Option<lora_gemm::Variant> {
+        match self {
+            LoraPath::V1 => Some(lora_gemm::V1),
+            LoraPath::V2 => Some(lora_gemm::V2),
+            _ => None,
+        }
+    }
+}
+
+/// The shape a choice is cached under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct LoraKey {
+    pub forward: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+    pub bias: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Policy {
+    Auto,
+    Only(LoraPath),
+    Fused,
+}
+
+fn policy() -> Result<Policy> {
+    match std::env::var("SD2_LORA_GEMM").as_deref().map(str::trim) {
+        Err(_) | Ok("") | Ok("auto") => Ok(Policy::Auto),
+        Ok("cublas") => Ok(Policy::Only(LoraPath::Cublas)),
+        Ok("fused") => Ok(Policy::Fused),
+        Ok("v1") => Ok(Policy::Only(LoraPath::V1)),
+        Ok("v2") => Ok(Policy::Only(LoraPath::V2)),
+        Ok("v3") => Ok(Policy::Only(LoraPath::V3)),
+        Ok(other) => Err(Error::Msg(format!(
+            "SD2_LORA_GEMM={other}: expected auto, cublas, fused, v1, v2 or v3"
+        ))),
+    }
+}
+
+type Choices = HashMap<(usize, LoraKey), LoraPath>;
+static CHOICES: Mutex<Option<Choices>> = Mutex::new(None);
+
+/// The paths chosen so far in this process: ((ordinal, shape), path), for reports.
+pub fn lora_choices() -> Vec<(usize, String, &'static str)> {
+    let g = CHOICES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut v: Vec<_> = g
+        .iter()
+        .flatten()
+        .map(|((o, k), p)| {
+            (
+                *o,
+                format!(
+                    "{} m{} n{} k{} r{}{}",
+                    if k.forward { "fwd" } else { "bwd dX" },
+                    k.m,
+                    k.n,
+                    k.k,
+                    k.r,
+                    if k.bias { " +bias" } else { "" }
+                ),
+                p.name(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn aligned(s: &CudaStorage) -> bool {
+    s.buf.addr() % 16 == 0
+}
+
+impl CudaStorage {
+    /// The fused candidates for a shape, fastest-expected first.
+    fn lora_candidates(&self, key: &LoraKey, operands: &[&CudaStorage]) -> Vec<LoraPath> {
+        let mut c = vec![];
+        if key.forward
+            && self.runner.has_hopper()
+            && hopper::supports(key.k, key.r)
+            && operands.iter().all(|s| aligned(s))
+        {
+            c.push(LoraPath::V3);
+        }
+        c.extend([LoraPath::V2, LoraPath::V1]);
+        c
+    }
+
+    /// The path for `key`: forced by `SD2_LORA_GEMM`, cached, or measured now with `run`
+    /// (which computes the product by the given path and returns it).
+    pub(super) fn lora_choose(
+        &self,
+        key: LoraKey,
+        operands: &[&CudaStorage],
+        run: &dyn Fn(LoraPath) -> Result<CudaStorage>,
+    ) -> Result<LoraPath> {
+        let cands = self.lora_candidates(&key, operands);
+        match policy()? {
+            Policy::Only(LoraPath::Cublas) => return Ok(LoraPath::Cublas),
+            Policy::Only(p) => {
+                let at = cands.iter().position(|c| *c == p).unwrap_or(0);
+                return Ok(cands[at]);
+            }
+            Policy::Fused => return Ok(cands[0]),
+            Policy::Auto => {}
+        }
+        #[cfg(feature = "cuda")]
+        if let Runner::Gpu(g) = &self.runner {
+            let ck = (self.ordinal, key);
+            if let Some(p) = CHOICES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .get(&ck)
+            {
+                return Ok(*p);
+            }
+            let p = measure(g, &key, &cands, run)?;
+            CHOICES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(ck, p);
+            return Ok(p);
+        }
+        // The simulator: the fused kernels, always.
+        let _ = run;
+        Ok(cands[0])
+    }
+
+    /// y = x·Wᵀ (+ b) + scale·S·Bᵀ by a fused kernel (`low` = (S [m, r], B [n, r])).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn lora_fused_fwd(
+        &self,
+        path: LoraPath,
+        w: &CudaStorage,
+        bias: Option<&CudaStorage>,
+        low: Option<(&CudaStorage, &CudaStorage)>,
+        scale: f32,
+        (m, n, k, r): (usize, usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        let y = self.empty(m * n, DType::BF16)?;
+        if m * n == 0 {
+            return Ok(y);
+        }
+        let epi = if bias.is_some() {
+            Epilogue::Bias
+        } else {
+            Epilogue::None
+        } as i32;
+        let r = if low.is_some() { r } else { 0 };
+        let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
+        let tail = [
+            opt(bias),
+            Arg::null(),
+            y.ptr(),
+            Arg::I32(m as i32),
+            Arg::I32(n as i32),
+            Arg::I32(k as i32),
+            Arg::I32(r as i32),
+            Arg::F32(scale),
+            Arg::I32(epi),
+        ];
+        if path == LoraPath::V3 {
+            let [mx, mw, ms, mb] = hopper::maps(m, n, k, r);
+            let (s, b) = low.unwrap_or((self, w));
+            let tm = |st: &CudaStorage, map| -> Result<Arg> {
+                Ok(Arg::Map(self.runner.tensor_map(st.buf.addr(), map)?))
+            };
+            let mut args = vec![tm(self, mx)?, tm(w, mw)?, tm(s, ms)?, tm(b, mb)?];
+            args.extend(tail);
+            self.launch(hopper::KERNEL, hopper::config(m, n), &args)?;
+            return Ok(y);
+        }
+        let v = path.variant().ok_or_else(|| {
+            Error::Cuda(format!("lora gemm: {} is not a fused path", path.name()))
+        })?;
+        let mut args = vec![
+            self.ptr(),
+            w.ptr(),
+            tail[0],
+            opt(low.map(|l| l.0)),
+            opt(low.map(|l| l.1)),
+        ];
+        args.extend_from_slice(&tail[1..]);
+        self.launch(v.fwd, v.config(m, n), &args)?;
+        Ok(y)
+    }
+
+    /// dX = dY·W + scale·dS·A by a fused kernel (self = dY [m, n], W [n, k], dS [m, r],
+    /// A [r, k]); without `low`, dX = dY·W.
+    pub(super) fn lora_fused_dx(
+        &self,
+        path: LoraPath,
+        w: &CudaStorage,
+        low: Option<(&CudaStorage, &CudaStorage)>,
+        scale: f32,
+        (m, n, k, r): (usize, usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        let v = path.variant().ok_or_else(|| {
+            Error::Cuda(format!(
+                "lora gemm backward: {} has no dX kernel",
+                path.name()
+            ))
+        })?;
+        let dx = self.empty(m * k, DType::BF16)?;
+        if m * k == 0 {
+            return Ok(dx);
+        }
+        let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
+        self.launch(
+            v.bwd,
+            v.config(m, k),
+            &[
+                self.ptr(),
+                w.ptr(),
+                opt(low.map(|l| l.0)),
+                opt(low.map(|l| l.1)),
+                dx.ptr(),
+                Arg::I32(m as i32),
+                Arg::I32(k as i32),
+                Arg::I32(n as i32),
+                Arg::I32(if low.is_some() { r as i32 } else { 0 }),
+                Arg::F32(scale),
+            ],
+        )?;
+        Ok(dx)
+    }
+}
+
+/// Runs cuBLAS and every candidate once, drops candidates that disagree with cuBLAS, times the
+/// rest and returns the fastest.
+#[cfg(feature = "cuda")]
+fn measure(
+    g: &std::sync::Arc<super::super::gpu::Gpu>,
+    key: &LoraKey,
+    cands: &[LoraPath],
+    run: &dyn Fn(LoraPath) -> Result<CudaStorage>,
+) -> Result<LoraPath> {
+    if !g.has_cublas() {
+        // Without cuBLAS the "cuBLAS" path is the SIMT GEMM: the fused kernels win.
+        return Ok(cands[0]);
+    }
+    let read = |s: &CudaStorage| -> Result<Vec<f32>> {
+        Ok(match s.to_cpu()? {
+            crate::backend::cpu::CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            crate::backend::cpu::CpuStorage::F32(v) => v,
+            other => {
+                return Err(Error::Cuda(format!(
+                    "lora gemm check: unexpected {}",
+                    other.dtype()
+                )))
+            }
+        })
+    };
+    let want = read(&run(LoraPath::Cublas)?)?;
+    let peak = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let time = |p: LoraPath| -> Result<f64> {
+        run(p)?; // warm-up
+        let mut t = vec![];
+        for _ in 0..5 {
+            t.push(g.time_ms(|| run(p).map(drop))? as f64);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[2])
+    };
+    let mut best = (LoraPath::Cublas, time(LoraPath::Cublas)?);
+    for &p in cands {
+        let got = read(&run(p)?)?;
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let rel = diff / peak;
+        if rel.is_nan() || rel >= 2e-2 {
+            eprintln!(
+                "sd2: lora gemm {} differs from cuBLAS by {rel:.2e} (relative to max |Y|) at {key:?} \
+                 on {}: not used",
+                p.name(),
+                g.name
+            );
+            continue;
+        }
+        let t = time(p)?;
+        if t < best.1 {
+            best = (p, t);
+        }
+    }
+    Ok(best.0)
+}
