@@ -11,7 +11,8 @@
 #                                 timings beside PyTorch SDPA on the same shapes; a table last.
 #                                 Logs under $OUT (8 files: the device tool's limit).
 #                                 QUICK=1: kernel parity, sanitizers on the kernel tests, and
-#                                 the LoRA GEMM benchmark only.
+#                                 the LoRA GEMM benchmark only. LORA_ONLY=1: kernel parity of
+#                                 the LoRA GEMMs, the engine's LoRA tests and the LoRA table.
 set -uo pipefail
 
 if [ "${1:-}" = bundle ]; then
@@ -58,6 +59,30 @@ echo "== sd2 $(cat "$D/COMMIT" 2>/dev/null) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
     --format=csv | tee "$OUT/summary.txt"
 
+if [ -n "${LORA_ONLY:-}" ]; then
+    echo "== LoRA GEMM parity on the GPU (v1, v2 mma.sync; v3 wgmma+TMA) vs the f64 reference"
+    timeout 120 "$D/sim_kernels" --test-threads=1 --nocapture lora >"$OUT/parity.log" 2>&1
+    step "lora parity" $?
+    grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$OUT/parity.log" | tail -40
+    for v in v3 v2; do
+        SD2_LORA_GEMM=$v timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::lora \
+            >>"$OUT/engine.log" 2>&1
+        step "engine lora ($v)" $?
+    done
+    grep -E "cuda:0 bf16 vs f64|panicked" "$OUT/engine.log" | tail -14
+    for tool in memcheck racecheck synccheck; do
+        timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+            "$D/sim_kernels" --test-threads=1 lora >>"$OUT/sanitizer.log" 2>&1
+        step "$tool lora" $?
+    done
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -4
+    timeout 240 "$D/sd2" bench lora --json "$OUT/lora.json"
+    step "sd2 bench lora" $?
+    echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
+    printf '%s\n' "${status[@]}" | tee -a "$OUT/summary.txt"
+    exit 0
+fi
+
 echo "== 1. kernel parity on the GPU (vs the CPU reference)"
 timeout 180 "$D/sim_kernels" --test-threads=1 --nocapture >"$OUT/parity.log" 2>&1
 rc=$?
@@ -76,6 +101,13 @@ done
 SD2_GEMM=simt timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::matmul \
     >>"$OUT/engine.log" 2>&1
 step "engine matmul (simt)" $?
+# The LoRA-linear through each fused kernel (auto may pick cuBLAS on this GPU).
+for v in v3 v2; do
+    SD2_LORA_GEMM=$v timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::lora \
+        >>"$OUT/engine.log" 2>&1
+    step "engine lora ($v)" $?
+done
+grep -E "fused|panicked" "$OUT/engine.log" | tail -8
 fi  # QUICK
 
 # The bad-launch tests make an invalid launch on purpose; the sanitizer would count it.
@@ -106,13 +138,13 @@ for dev in cuda cpu; do
 done
 fi  # QUICK
 
+if [ -n "${QUICK:-}" ]; then
 echo "== LoRA-linear GEMM: sd2 fused vs cuBLAS plain and 3-GEMM (CLIP projection shapes)"
-timeout 150 "$D/sd2" bench lora --json "$OUT/lora.json"
+timeout 200 "$D/sd2" bench lora --json "$OUT/lora.json"
 step "sd2 bench lora" $?
-
-if [ -z "${QUICK:-}" ]; then
-echo "== plain GEMM: cuBLAS vs the SIMT kernel (ViT-L/14 linear shapes, batch 64)"
-timeout 150 "$D/sd2" bench gemm --json "$OUT/gemm.json"
+else
+echo "== GEMM: cuBLAS vs the SIMT kernel, then the LoRA-linear table (fused vs cuBLAS)"
+timeout 240 "$D/sd2" bench gemm --json "$OUT/gemm.json"
 step "sd2 bench gemm" $?
 fi
 

@@ -134,7 +134,8 @@ enum Cmd {
     /// stack and spills from ptxas (feature `cuda`), and which run in the simulator (`cuda-sim`).
     Kernels,
     /// Benchmarks: `sd2 bench loader --manifest M` (decode + augment + preprocess, images/s);
-    /// `sd2 bench flash` (flash attention on the GPU); `sd2 bench gemm` (cuBLAS vs SIMT GEMM).
+    /// `sd2 bench flash` (flash attention on the GPU); `sd2 bench gemm` (cuBLAS vs SIMT GEMM, then
+    /// the fused LoRA GEMM vs cuBLAS); `sd2 bench lora` (the LoRA table alone).
     #[command(subcommand)]
     Bench(BenchCmd),
 }
@@ -197,12 +198,15 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
-    /// Plain GEMMs on the GPU at ViT-L/14's linear-layer shapes: cuBLAS vs the SIMT kernel
-    /// (bf16 and f32; feature `cuda`).
+    /// GEMMs on the GPU: plain GEMMs at ViT-L/14's linear-layer shapes (cuBLAS vs the SIMT
+    /// kernel, bf16 and f32), then the LoRA-linear table of `sd2 bench lora` (feature `cuda`).
     Gemm {
-        /// Images per batch (m = batch × 257 tokens).
+        /// Images per batch of the plain table (m = batch × 257 tokens).
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Only the plain-GEMM table.
+        #[arg(long)]
+        plain_only: bool,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         #[arg(long, default_value_t = 20)]
@@ -548,6 +552,7 @@ fn bench_flash(
 #[cfg(feature = "cuda")]
 fn bench_gemm(
     batch: usize,
+    plain_only: bool,
     warmup: usize,
     iters: usize,
     json: Option<&std::path::Path>,
@@ -585,8 +590,16 @@ fn bench_gemm(
             r.max_rel_diff.map_or("-".into(), |v| format!("{v:.1e}"))
         );
     }
+    let lora = if plain_only {
+        vec![]
+    } else {
+        println!();
+        let l = bench::lora(&gpu, &bench::LoraShape::defaults(), warmup, iters)?;
+        print!("{}", bench::lora_table(&gpu.name, &l));
+        l
+    };
     if let Some(p) = json {
-        let body = serde_json::json!({ "device": gpu.name, "timings": t });
+        let body = serde_json::json!({ "device": gpu.name, "timings": t, "lora": lora });
         write_json(p, &body)?;
     }
     Ok(())
@@ -601,44 +614,7 @@ fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd
         gpu.name
     );
     let t = bench::lora(&gpu, &bench::LoraShape::defaults(), warmup, iters)?;
-    println!(
-        "{:<9} {:>6} {:>5} {:>5} {:>9} {:>7} {:>11} {:>7} {:>11} {:>8} {:>8} {:>9}",
-        "shape",
-        "m",
-        "n",
-        "k",
-        "fused ms",
-        "TF/s",
-        "cublas ms",
-        "TF/s",
-        "3-gemm ms",
-        "f/plain",
-        "3g/f",
-        "rel diff"
-    );
-    for r in &t {
-        let s = &r.shape;
-        let o = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
-        println!(
-            "{:<9} {:>6} {:>5} {:>5} {:>9.3} {:>7.1} {:>11} {:>7} {:>11} {:>8} {:>8} {:>9}",
-            s.name,
-            s.m,
-            s.n,
-            s.k,
-            r.fused_ms,
-            r.fused_tflops,
-            o(r.cublas_plain_ms),
-            r.cublas_plain_tflops
-                .map_or("-".into(), |v| format!("{v:.1}")),
-            o(r.cublas_3gemm_ms),
-            r.cublas_plain_ms
-                .map_or("-".into(), |p| format!("{:.2}", r.fused_ms / p)),
-            r.cublas_3gemm_ms
-                .map_or("-".into(), |p| format!("{:.2}", p / r.fused_ms)),
-            r.max_rel_diff.map_or("-".into(), |v| format!("{v:.1e}"))
-        );
-    }
-    println!("f/plain = fused time / cuBLAS plain time (goal ≤ 1.05); 3g/f = 3-GEMM time / fused time (goal ≥ 1.3)");
+    print!("{}", bench::lora_table(&gpu.name, &t));
     if let Some(p) = json {
         let body = serde_json::json!({ "device": gpu.name, "timings": t });
         write_json(p, &body)?;
@@ -654,6 +630,7 @@ fn bench_lora(_warmup: usize, _iters: usize, _json: Option<&std::path::Path>) ->
 #[cfg(not(feature = "cuda"))]
 fn bench_gemm(
     _batch: usize,
+    _plain_only: bool,
     _warmup: usize,
     _iters: usize,
     _json: Option<&std::path::Path>,
@@ -1057,10 +1034,11 @@ fn main() {
         }) => bench_lora(warmup, iters.max(1), json.as_deref()),
         Cmd::Bench(BenchCmd::Gemm {
             batch,
+            plain_only,
             warmup,
             iters,
             json,
-        }) => bench_gemm(batch, warmup, iters.max(1), json.as_deref()),
+        }) => bench_gemm(batch, plain_only, warmup, iters.max(1), json.as_deref()),
         Cmd::Predict {
             checkpoint,
             images,

@@ -433,8 +433,8 @@ pub struct LoraShape {
 }
 
 impl LoraShape {
-    /// The projections of ViT-L/14 (batch 128, 257 tokens) and of the text tower (batch 256,
-    /// 77 tokens), SD2's rank 8 (CUDA backend II's table).
+    /// The projections of ViT-L/14 (batch 128 and 256, 257 tokens) and of the text tower
+    /// (batch 256, 77 tokens), SD2's rank 8 (CUDA backend II's table).
     pub fn defaults() -> Vec<LoraShape> {
         let s = |name: &str, m, n, k| LoraShape {
             name: name.into(),
@@ -443,12 +443,16 @@ impl LoraShape {
             k,
             r: 8,
         };
-        let (mv, mt) = (128 * 257, 256 * 77);
+        let (mv, mv2, mt) = (128 * 257, 256 * 257, 256 * 77);
         vec![
             s("vit qkv", mv, 3072, 1024),
             s("vit out", mv, 1024, 1024),
             s("vit fc1", mv, 4096, 1024),
             s("vit fc2", mv, 1024, 4096),
+            s("v256 qkv", mv2, 3072, 1024),
+            s("v256 out", mv2, 1024, 1024),
+            s("v256 fc1", mv2, 4096, 1024),
+            s("v256 fc2", mv2, 1024, 4096),
             s("text qkv", mt, 2304, 768),
             s("text out", mt, 768, 768),
             s("text fc1", mt, 3072, 768),
@@ -457,23 +461,44 @@ impl LoraShape {
     }
 }
 
+/// One fused kernel's forward on a shape (Y only, S given).
+#[derive(Clone, Debug, Serialize)]
+pub struct VariantTiming {
+    pub variant: String,
+    /// None when the variant does not support the shape or this GPU, or failed validation.
+    pub ms: Option<f64>,
+    pub tflops: Option<f64>,
+    /// max |Y − Y_cuBLAS 3-GEMM| / max |Y_cuBLAS 3-GEMM|, validated before timing.
+    pub rel_diff: Option<f64>,
+    /// Why it was not timed.
+    pub note: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct LoraTiming {
     pub shape: LoraShape,
-    /// sd2: S = X·Aᵀ (the same kernel, n = r) + the fused Y kernel.
-    pub fused_ms: f64,
+    /// The fused Y kernels alone (S = X·Aᵀ given).
+    pub variants: Vec<VariantTiming>,
+    /// sd2's forward: S = X·Aᵀ (cuBLAS, n = r) + the fastest valid fused kernel.
+    pub fused_variant: Option<String>,
+    pub fused_ms: Option<f64>,
+    pub fused_tflops: Option<f64>,
     /// cuBLAS X·Wᵀ alone (no LoRA, no bias): the floor the fused kernel is held to.
     pub cublas_plain_ms: Option<f64>,
+    pub cublas_plain_tflops: Option<f64>,
     /// PEFT's structure on cuBLAS: S = X·Aᵀ, Y = X·Wᵀ, Y += s·S·Bᵀ (beta = 1; PEFT adds in a
     /// separate kernel, so this is a lower bound for it).
     pub cublas_3gemm_ms: Option<f64>,
-    pub fused_tflops: f64,
-    pub cublas_plain_tflops: Option<f64>,
-    /// max |fused − 3-GEMM| / max |3-GEMM| on Y (validation before timing).
-    pub max_rel_diff: Option<f64>,
+    /// Backward dX = dY·W + s·(dY·B)·A: sd2 = dS on cuBLAS + the fused v2 kernel; cuBLAS plain
+    /// dY·W; PEFT's three GEMMs (dS, dY·W, += dS·A).
+    pub dx_fused_ms: Option<f64>,
+    pub dx_cublas_plain_ms: Option<f64>,
+    pub dx_cublas_3gemm_ms: Option<f64>,
+    pub dx_rel_diff: Option<f64>,
 }
 
-/// Times the LoRA-linear forward: the fused kernel against cuBLAS (plain and 3-GEMM), bf16.
+/// Times the LoRA-linear forward (every fused variant, sd2's path, cuBLAS plain and 3-GEMM)
+/// and the backward dX, bf16, each validated against cuBLAS before it is timed.
 pub fn lora(
     gpu: &Arc<Gpu>,
     shapes: &[LoraShape],
@@ -481,153 +506,335 @@ pub fn lora(
     iters: usize,
 ) -> Result<Vec<LoraTiming>> {
     use super::gpu::GemmArgs;
+    use super::lora_gemm::{hopper, V1, V2};
+    if !gpu.has_cublas() {
+        return Err(Error::Cuda(
+            "sd2 bench lora compares against cuBLAS, which is not loadable here".into(),
+        ));
+    }
+    // L2 flushed between timed repeats (a 256 MiB write, outside the events), so every
+    // repeat reads X and W from HBM as a training step does.
+    let flush = gpu.alloc(256 << 20)?;
+    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let mut t = vec![];
+        for i in 0..iters {
+            flush.fill_bytes(i as u8)?;
+            t.push(gpu.time_ms(f)? as f64);
+        }
+        Ok(median(t).0)
+    };
+    let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
+        let mut v = vec![half::bf16::ZERO; b.bytes() / 2];
+        gpu.synchronize()?;
+        b.download(bytemuck::cast_slice_mut(&mut v))?;
+        Ok(v.iter().map(|x| x.to_f32()).collect())
+    };
+    let rel = |got: &[f32], want: &[f32]| -> f64 {
+        let sc = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let d = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+        if d.is_nan() {
+            f64::NAN
+        } else {
+            d / sc.max(1e-30)
+        }
+    };
     let mut out = vec![];
     for (i, s) in shapes.iter().enumerate() {
         let seed = 100 * i as u64;
-        let x = random_bf16(gpu, s.m * s.k, seed + 1)?;
-        let w = random_bf16(gpu, s.n * s.k, seed + 2)?;
-        let a = random_bf16(gpu, s.r * s.k, seed + 3)?;
-        let bl = random_bf16(gpu, s.n * s.r, seed + 4)?;
-        let (sl, y1, y2) = (
-            gpu.alloc(2 * s.m * s.r)?,
-            gpu.alloc(2 * s.m * s.n)?,
-            gpu.alloc(2 * s.m * s.n)?,
-        );
+        let (m, n, k, r) = (s.m, s.n, s.k, s.r);
+        let x = random_bf16(gpu, m * k, seed + 1)?;
+        let w = random_bf16(gpu, n * k, seed + 2)?;
+        let a = random_bf16(gpu, r * k, seed + 3)?;
+        let bl = random_bf16(gpu, n * r, seed + 4)?;
+        let dy = random_bf16(gpu, m * n, seed + 5)?;
+        let (sl, ds) = (gpu.alloc(2 * m * r)?, gpu.alloc(2 * m * r)?);
+        let (y1, y2) = (gpu.alloc(2 * m * n)?, gpu.alloc(2 * m * n)?);
+        let (dx1, dx2) = (gpu.alloc(2 * m * k)?, gpu.alloc(2 * m * k)?);
         let scale = 4.0f32;
         let p = |b: &DeviceBuffer| Arg::U64(b.ptr());
-        let cfg = |n: usize| super::launch::LaunchConfig {
-            grid: ((n as u32).div_ceil(64), (s.m as u32).div_ceil(64), 1),
-            block: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let fused = || -> Result<()> {
-            // SAFETY: every buffer is sized for this shape above.
+        #[allow(clippy::too_many_arguments)]
+        let gemm =
+            |a_: &DeviceBuffer, b_: &DeviceBuffer, c: &DeviceBuffer, n, k, trans_b, alpha, beta| {
+                GemmArgs {
+                    a: a_.ptr(),
+                    b: b_.ptr(),
+                    c: c.ptr(),
+                    batch: 1,
+                    m,
+                    n,
+                    k,
+                    trans_a: false,
+                    trans_b,
+                    rhs_batched: false,
+                    bf16: true,
+                    alpha,
+                    beta,
+                }
+            };
+        // SAFETY (every closure below): the buffers are sized for this shape above.
+        let s_of_x = || unsafe { gpu.gemm(gemm(&x, &a, &sl, r, k, true, 1.0, 0.0)).map(drop) };
+        let plain = || unsafe { gpu.gemm(gemm(&x, &w, &y2, n, k, true, 1.0, 0.0)).map(drop) };
+        let three = || -> Result<()> {
             unsafe {
+                gpu.gemm(gemm(&x, &a, &sl, r, k, true, 1.0, 0.0))?;
+                gpu.gemm(gemm(&x, &w, &y2, n, k, true, 1.0, 0.0))?;
+                gpu.gemm(gemm(&sl, &bl, &y2, n, r, true, scale, 1.0))?;
+            }
+            Ok(())
+        };
+        let (px, pw, psl, pbl, py1) = (p(&x), p(&w), p(&sl), p(&bl), p(&y1));
+        let mma = |v: super::lora_gemm::Variant| {
+            move || unsafe {
                 gpu.launch(
-                    "lora_gemm_fwd_bf16",
-                    cfg(s.r),
+                    v.fwd,
+                    v.config(m, n),
                     &[
-                        p(&x),
-                        p(&a),
+                        px,
+                        pw,
                         Arg::null(),
+                        psl,
+                        pbl,
                         Arg::null(),
-                        Arg::null(),
-                        Arg::null(),
-                        p(&sl),
-                        Arg::I32(s.m as i32),
-                        Arg::I32(s.r as i32),
-                        Arg::I32(s.k as i32),
-                        Arg::I32(0),
-                        Arg::F32(1.0),
-                        Arg::I32(0),
-                    ],
-                )?;
-                gpu.launch(
-                    "lora_gemm_fwd_bf16",
-                    cfg(s.n),
-                    &[
-                        p(&x),
-                        p(&w),
-                        Arg::null(),
-                        p(&sl),
-                        p(&bl),
-                        Arg::null(),
-                        p(&y1),
-                        Arg::I32(s.m as i32),
-                        Arg::I32(s.n as i32),
-                        Arg::I32(s.k as i32),
-                        Arg::I32(s.r as i32),
+                        py1,
+                        Arg::I32(m as i32),
+                        Arg::I32(n as i32),
+                        Arg::I32(k as i32),
+                        Arg::I32(r as i32),
                         Arg::F32(scale),
                         Arg::I32(0),
                     ],
                 )
             }
         };
-        let gemm =
-            |a_: &DeviceBuffer, b_: &DeviceBuffer, c: &DeviceBuffer, n, k, alpha, beta| GemmArgs {
-                a: a_.ptr(),
-                b: b_.ptr(),
-                c: c.ptr(),
-                batch: 1,
-                m: s.m,
-                n,
-                k,
-                trans_a: false,
-                trans_b: true,
-                rhs_batched: false,
-                bf16: true,
-                alpha,
-                beta,
-            };
-        let s2 = gpu.alloc(2 * s.m * s.r)?;
-        // SAFETY (both closures): buffers sized above.
-        let plain = || unsafe { gpu.gemm(gemm(&x, &w, &y2, s.n, s.k, 1.0, 0.0)).map(|_| ()) };
-        let three = || -> Result<()> {
-            unsafe {
-                gpu.gemm(gemm(&x, &a, &s2, s.r, s.k, 1.0, 0.0))?;
-                gpu.gemm(gemm(&x, &w, &y2, s.n, s.k, 1.0, 0.0))?;
-                gpu.gemm(gemm(&s2, &bl, &y2, s.n, s.r, scale, 1.0))?;
-            }
-            Ok(())
+        let hopper_ok = gpu.compute_capability == (9, 0) && hopper::supports(k, r);
+        let maps = hopper::maps(m, n, k, r);
+        let tm = |b: &DeviceBuffer, i: usize| -> Result<Arg> {
+            Ok(Arg::Map(gpu.tensor_map(b.ptr(), maps[i])?))
         };
-        // L2 flushed between timed repeats (a 256 MiB write, outside the events), so every
-        // repeat reads X and W from HBM as a training step does.
-        let flush = gpu.alloc(256 << 20)?;
-        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
-            for _ in 0..warmup {
-                f()?;
-            }
-            let mut t = vec![];
-            for i in 0..iters {
-                flush.fill_bytes(i as u8)?;
-                t.push(gpu.time_ms(f)? as f64);
-            }
-            Ok(median(t).0)
-        };
-        // Validate before timing: fused against the 3-GEMM result.
-        fused()?;
-        let has = gpu.has_cublas();
-        let max_rel_diff = if has {
-            three()?;
-            gpu.synchronize()?;
-            let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
-                let mut v = vec![half::bf16::ZERO; s.m * s.n];
-                b.download(bytemuck::cast_slice_mut(&mut v))?;
-                Ok(v.iter().map(|x| x.to_f32()).collect())
-            };
-            let (f, c) = (read(&y1)?, read(&y2)?);
-            let sc = c.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-            let d = f
-                .iter()
-                .zip(&c)
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
-            let rel = d / sc.max(1e-30);
-            if rel.is_nan() || rel >= 2e-2 {
-                return Err(Error::Cuda(format!(
-                    "lora gemm {}: fused differs from cuBLAS by {rel:.2e} (relative to max |Y|)",
-                    s.name
-                )));
-            }
-            Some(rel)
+        let hopper_args = if hopper_ok {
+            Some(vec![
+                tm(&x, 0)?,
+                tm(&w, 1)?,
+                tm(&sl, 2)?,
+                tm(&bl, 3)?,
+                Arg::null(),
+                Arg::null(),
+                p(&y1),
+                Arg::I32(m as i32),
+                Arg::I32(n as i32),
+                Arg::I32(k as i32),
+                Arg::I32(r as i32),
+                Arg::F32(scale),
+                Arg::I32(0),
+            ])
         } else {
             None
         };
-        let fused_ms = time(&fused)?;
-        let (cublas_plain_ms, cublas_3gemm_ms) = if has {
-            (Some(time(&plain)?), Some(time(&three)?))
-        } else {
-            (None, None)
+        let wg = || -> Result<()> {
+            match &hopper_args {
+                Some(args) => unsafe { gpu.launch(hopper::KERNEL, hopper::config(m, n), args) },
+                None => Err(Error::Cuda("no Hopper kernel here".into())),
+            }
         };
-        let flops = 2.0 * (s.m * s.n * s.k) as f64;
+        // The reference: cuBLAS 3-GEMM (also leaves S in `sl` for the fused kernels).
+        three()?;
+        let want = read(&y2)?;
+        let mut variants = vec![];
+        let (v1, v2) = (mma(V1), mma(V2));
+        type Launch<'a> = &'a dyn Fn() -> Result<()>;
+        let kernels: [(&str, Launch, Option<&str>); 3] = [
+            (V1.name, &v1, None),
+            (V2.name, &v2, None),
+            (
+                hopper::NAME,
+                &wg,
+                (!hopper_ok).then_some("needs compute capability 9.0, K % 8 = 0, r ∈ {0, 8, 16}"),
+            ),
+        ];
+        let mut best: Option<(usize, f64)> = None;
+        for (vi, (name, f, skip)) in kernels.iter().enumerate() {
+            let mut t = VariantTiming {
+                variant: name.to_string(),
+                ms: None,
+                tflops: None,
+                rel_diff: None,
+                note: skip.map(str::to_string),
+            };
+            if skip.is_none() {
+                y1.fill_bytes(0xff)?; // NaN: an unwritten element fails validation
+                f()?;
+                let d = rel(&read(&y1)?, &want);
+                t.rel_diff = Some(d);
+                if d.is_nan() || d >= 2e-2 {
+                    t.note = Some(format!("differs from cuBLAS by {d:.2e}: not timed"));
+                } else {
+                    let ms = time(*f)?;
+                    t.ms = Some(ms);
+                    t.tflops = Some(2.0 * (m * n * (k + r)) as f64 / (ms * 1e9));
+                    if best.is_none_or(|(_, b)| ms < b) {
+                        best = Some((vi, ms));
+                    }
+                }
+            }
+            variants.push(t);
+        }
+        let fused_variant = best.map(|(vi, _)| kernels[vi].0.to_string());
+        let fused_ms = match best {
+            Some((vi, _)) => {
+                let f = kernels[vi].1;
+                Some(time(&|| {
+                    s_of_x()?;
+                    f()
+                })?)
+            }
+            None => None,
+        };
+        let cublas_plain_ms = time(&plain)?;
+        let cublas_3gemm_ms = time(&three)?;
+
+        // Backward dX, dS = s·dY·B on cuBLAS for both sides.
+        let dsg = || unsafe {
+            gpu.gemm(gemm(&dy, &bl, &ds, r, n, false, scale, 0.0))
+                .map(drop)
+        };
+        let dx_fused = || -> Result<()> {
+            dsg()?;
+            unsafe {
+                gpu.launch(
+                    V2.bwd,
+                    V2.config(m, k),
+                    &[
+                        p(&dy),
+                        p(&w),
+                        p(&ds),
+                        p(&a),
+                        p(&dx1),
+                        Arg::I32(m as i32),
+                        Arg::I32(k as i32),
+                        Arg::I32(n as i32),
+                        Arg::I32(r as i32),
+                        Arg::F32(1.0),
+                    ],
+                )
+            }
+        };
+        let dx_plain = || unsafe {
+            gpu.gemm(gemm(&dy, &w, &dx2, k, n, false, 1.0, 0.0))
+                .map(drop)
+        };
+        let dx_three = || -> Result<()> {
+            dsg()?;
+            unsafe {
+                gpu.gemm(gemm(&dy, &w, &dx2, k, n, false, 1.0, 0.0))?;
+                gpu.gemm(gemm(&ds, &a, &dx2, k, r, false, 1.0, 1.0))?;
+            }
+            Ok(())
+        };
+        dx_three()?;
+        let want_dx = read(&dx2)?;
+        dx1.fill_bytes(0xff)?;
+        dx_fused()?;
+        let dx_rel_diff = rel(&read(&dx1)?, &want_dx);
+        let dx_fused_ms = if dx_rel_diff < 2e-2 {
+            Some(time(&dx_fused)?)
+        } else {
+            None
+        };
+        let flops = 2.0 * (m * n * k) as f64;
         out.push(LoraTiming {
             shape: s.clone(),
+            variants,
+            fused_variant,
             fused_ms,
-            cublas_plain_ms,
-            cublas_3gemm_ms,
-            fused_tflops: flops / (fused_ms * 1e9),
-            cublas_plain_tflops: cublas_plain_ms.map(|t| flops / (t * 1e9)),
-            max_rel_diff,
+            fused_tflops: fused_ms.map(|t| flops / (t * 1e9)),
+            cublas_plain_ms: Some(cublas_plain_ms),
+            cublas_plain_tflops: Some(flops / (cublas_plain_ms * 1e9)),
+            cublas_3gemm_ms: Some(cublas_3gemm_ms),
+            dx_fused_ms,
+            dx_cublas_plain_ms: Some(time(&dx_plain)?),
+            dx_cublas_3gemm_ms: Some(time(&dx_three)?),
+            dx_rel_diff: Some(dx_rel_diff),
         });
     }
     Ok(out)
+}
+
+/// The LoRA table as printed by `sd2 bench lora` and `cargo bench --bench lora_gemm`.
+pub fn lora_table(device: &str, t: &[LoraTiming]) -> String {
+    use std::fmt::Write;
+    let o = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| o(a.zip(b).map(|(a, b)| a / b), 2);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "LoRA-linear, bf16, on {device}: TFLOP/s of the fused Y kernels (S given), then sd2's \
+         forward (S + fastest kernel) against cuBLAS; backward dX"
+    );
+    let names: Vec<String> = t
+        .first()
+        .map(|r| r.variants.iter().map(|v| v.variant.clone()).collect())
+        .unwrap_or_default();
+    let _ = write!(s, "{:<9} {:>6} {:>5} {:>5}", "shape", "m", "n", "k");
+    for n in &names {
+        let _ = write!(s, " {:>8}", n.split_whitespace().next().unwrap_or(""));
+    }
+    let _ = writeln!(
+        s,
+        " {:>7} {:>8} {:>8} {:>7} {:>8} {:>6} {:>6} | {:>8} {:>8} {:>8} {:>6} {:>6}",
+        "cuBLAS",
+        "fused ms",
+        "plain ms",
+        "3g ms",
+        "fastest",
+        "f/pl",
+        "3g/f",
+        "dX ms",
+        "dY·W ms",
+        "3g ms",
+        "f/pl",
+        "3g/f"
+    );
+    for r in t {
+        let sh = &r.shape;
+        let _ = write!(s, "{:<9} {:>6} {:>5} {:>5}", sh.name, sh.m, sh.n, sh.k);
+        for v in &r.variants {
+            let _ = write!(s, " {:>8}", o(v.tflops, 1));
+        }
+        let _ = writeln!(
+            s,
+            " {:>7} {:>8} {:>8} {:>7} {:>8} {:>6} {:>6} | {:>8} {:>8} {:>8} {:>6} {:>6}",
+            o(r.cublas_plain_tflops, 1),
+            o(r.fused_ms, 3),
+            o(r.cublas_plain_ms, 3),
+            o(r.cublas_3gemm_ms, 3),
+            r.fused_variant
+                .as_deref()
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("-"),
+            ratio(r.fused_ms, r.cublas_plain_ms),
+            ratio(r.cublas_3gemm_ms, r.fused_ms),
+            o(r.dx_fused_ms, 3),
+            o(r.dx_cublas_plain_ms, 3),
+            o(r.dx_cublas_3gemm_ms, 3),
+            ratio(r.dx_fused_ms, r.dx_cublas_plain_ms),
+            ratio(r.dx_cublas_3gemm_ms, r.dx_fused_ms),
+        );
+        for v in &r.variants {
+            if let Some(n) = &v.note {
+                let _ = writeln!(s, "    {}: {n}", v.variant);
+            }
+        }
+    }
+    let _ = writeln!(
+        s,
+        "f/pl = sd2 time / cuBLAS plain GEMM time (goal ≤ 1.05); 3g/f = PEFT 3-GEMM time / sd2 \
+         time (goal ≥ 1.3); variant columns in TFLOP/s (cuBLAS: plain GEMM)"
+    );
+    s
 }
