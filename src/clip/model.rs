@@ -259,7 +259,10 @@ fn run_blocks(
     if opts.hidden_states {
         hidden.push(x.clone());
     }
-    for layer in layers {
+    for (i, layer) in layers.iter().enumerate() {
+        let _r = crate::backend::cuda::profile::range_with(|| {
+            format!("{} layer {i}", if causal { "text" } else { "vision" })
+        });
         x = layer.forward(&x, causal, fwd)?;
         if opts.hidden_states {
             hidden.push(x.clone());

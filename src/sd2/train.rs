@@ -214,6 +214,7 @@ impl Trainer {
             };
             let seed =
                 mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
+            let fwd_range = crate::backend::cuda::profile::range_with(|| format!("forward {k}"));
             let losses = self.model.losses(
                 &batch,
                 Fwd {
@@ -234,8 +235,11 @@ impl Trainer {
                 .transpose()?
                 .unwrap_or(0.0);
             total += w * losses.total.to_scalar()?;
+            drop(fwd_range);
+            let _bwd = crate::backend::cuda::profile::range_with(|| format!("backward {k}"));
             losses.total.scale(w)?.backward_into(&mut grads)?;
         }
+        let _opt = crate::backend::cuda::profile::range("grad norm + AdamW");
         let norm = grad_norm(self.model.params(), &grads)?;
         let lr = self.cfg.lr_at(self.step);
         self.opt.step(

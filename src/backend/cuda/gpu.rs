@@ -221,18 +221,30 @@ impl Gpu {
         }
         let mut slots = marshal(args);
         let mut ptrs = param_ptrs(&mut slots);
-        result::launch_kernel(
-            f,
-            cfg.grid,
-            cfg.block,
-            cfg.shared_mem_bytes,
-            self.stream.cu_stream(),
-            &mut ptrs,
-        )
-        .map_err(drv(format!(
-            "launch {name} grid {:?} block {:?} smem {}",
-            cfg.grid, cfg.block, cfg.shared_mem_bytes
-        )))
+        super::profile::launch(name, || {
+            result::launch_kernel(
+                f,
+                cfg.grid,
+                cfg.block,
+                cfg.shared_mem_bytes,
+                self.stream.cu_stream(),
+                &mut ptrs,
+            )
+            .map_err(drv(format!(
+                "launch {name} grid {:?} block {:?} smem {}",
+                cfg.grid, cfg.block, cfg.shared_mem_bytes
+            )))
+        })
+    }
+
+    /// A CUDA event recorded on this GPU's stream now (the profiler's marks).
+    pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
+        let e = self
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv("cuEventCreate"))?;
+        e.record(&self.stream).map_err(drv("cuEventRecord"))?;
+        Ok(e)
     }
 
     /// A TMA descriptor (`cuTensorMapEncodeTiled`) of the row-major bf16 matrix at `addr`:
@@ -524,32 +536,43 @@ impl Gpu {
             (Op::CUBLAS_OP_N, g.k)
         };
         let (alpha, beta) = (g.alpha, g.beta);
-        cudarc::cublas::result::gemm_strided_batched_ex(
-            h.handle,
-            op_b,
-            op_a,
-            g.n as i32,
-            g.m as i32,
-            g.k as i32,
-            &alpha as *const f32 as *const _,
-            g.b as *const _,
-            ty,
-            ldb_ as i32,
-            if g.rhs_batched { (g.k * g.n) as i64 } else { 0 },
-            g.a as *const _,
-            ty,
-            lda_ as i32,
-            (g.m * g.k) as i64,
-            &beta as *const f32 as *const _,
-            g.c as *mut _,
-            ty,
-            g.n as i32,
-            (g.m * g.n) as i64,
-            g.batch as i32,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-        )
-        .map_err(|e| Error::Cuda(format!("cublasGemmStridedBatchedEx {g:?}: {e:?}")))?;
+        let el = if g.bf16 { 2.0 } else { 4.0 };
+        let (bm, n, k) = ((g.batch * g.m) as f64, g.n as f64, g.k as f64);
+        let b_elems = if g.rhs_batched { g.batch as f64 } else { 1.0 } * k * n;
+        super::profile::set_work(2.0 * bm * n * k, el * (bm * k + b_elems + bm * n));
+        let name = if g.bf16 {
+            "cublas_gemm_bf16"
+        } else {
+            "cublas_gemm_f32"
+        };
+        super::profile::launch(name, || {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                h.handle,
+                op_b,
+                op_a,
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                &alpha as *const f32 as *const _,
+                g.b as *const _,
+                ty,
+                ldb_ as i32,
+                if g.rhs_batched { (g.k * g.n) as i64 } else { 0 },
+                g.a as *const _,
+                ty,
+                lda_ as i32,
+                (g.m * g.k) as i64,
+                &beta as *const f32 as *const _,
+                g.c as *mut _,
+                ty,
+                g.n as i32,
+                (g.m * g.n) as i64,
+                g.batch as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+            .map_err(|e| Error::Cuda(format!("cublasGemmStridedBatchedEx {g:?}: {e:?}")))
+        })?;
         Ok(true)
     }
 }

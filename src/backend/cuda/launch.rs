@@ -114,6 +114,7 @@ impl Arg {
 
 /// One argument's storage in the parameter array: a scalar or pointer (the callee reads only
 /// its own size from the front, little-endian) or a 128-byte TMA descriptor.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 #[repr(C, align(128))]
 pub(crate) union Slot {
     p: *mut c_void,
@@ -121,6 +122,7 @@ pub(crate) union Slot {
     map: [u64; 16],
 }
 
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub(crate) fn marshal(args: &[Arg]) -> Vec<Slot> {
     args.iter()
         .map(|a| match *a {
@@ -135,6 +137,7 @@ pub(crate) fn marshal(args: &[Arg]) -> Vec<Slot> {
         .collect()
 }
 
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub(crate) fn param_ptrs(slots: &mut [Slot]) -> Vec<*mut c_void> {
     slots
         .iter_mut()

@@ -64,6 +64,7 @@ pub mod flash;
 pub mod gpu;
 pub mod launch;
 pub mod lora_gemm;
+pub mod profile;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]

@@ -36,26 +36,28 @@ pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> 
     let mut ptrs = super::launch::param_ptrs(&mut slots);
     let cname = CString::new(name).map_err(|_| Error::Msg(format!("kernel name {name:?}")))?;
     let mut err = vec![0u8; 512];
-    let rc = sd2_sim_launch(
-        cname.as_ptr(),
-        cfg.grid.0,
-        cfg.grid.1,
-        cfg.grid.2,
-        cfg.block.0,
-        cfg.block.1,
-        cfg.block.2,
-        cfg.shared_mem_bytes as usize,
-        ptrs.as_mut_ptr(),
-        err.as_mut_ptr() as *mut c_char,
-        err.len(),
-    );
-    if rc != 0 {
-        let msg = CStr::from_bytes_until_nul(&err)
-            .map(|c| c.to_string_lossy().to_string())
-            .unwrap_or_default();
-        return Err(Error::Msg(format!("simulated launch: {msg}")));
-    }
-    Ok(())
+    super::profile::launch(name, || {
+        let rc = sd2_sim_launch(
+            cname.as_ptr(),
+            cfg.grid.0,
+            cfg.grid.1,
+            cfg.grid.2,
+            cfg.block.0,
+            cfg.block.1,
+            cfg.block.2,
+            cfg.shared_mem_bytes as usize,
+            ptrs.as_mut_ptr(),
+            err.as_mut_ptr() as *mut c_char,
+            err.len(),
+        );
+        if rc != 0 {
+            let msg = CStr::from_bytes_until_nul(&err)
+                .map(|c| c.to_string_lossy().to_string())
+                .unwrap_or_default();
+            return Err(Error::Msg(format!("simulated launch: {msg}")));
+        }
+        Ok(())
+    })
 }
 
 /// Names of every kernel the simulator has (all `extern "C" __global__` entry points).

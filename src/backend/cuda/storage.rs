@@ -3,7 +3,7 @@
 //! each engine op as launches of `kernels/*.cu`. f32 and bf16 compute (f32 math inside every
 //! kernel); i64/u32 hold ids and labels; f64 stays on the CPU. Launches are asynchronous on the
 //! GPU's stream: errors a kernel raises surface at the next copy to the host.
-use super::flash;
+use super::{flash, profile};
 use super::launch::{Arg, Buffer, LaunchConfig, Runner};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{
@@ -925,6 +925,12 @@ impl BackendStorage for CudaStorage {
         let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
         let kind = attn_kind(spec)?;
         let mut a = vec![self.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()];
+        let el = self.dtype.size_in_bytes() as f64;
+        let qo = (b * h * sq * d) as f64;
+        profile::set_work(
+            flash::fwd_flops(b * h, sq, skv, d, causal),
+            el * (2.0 * qo + 2.0 * (b * h * skv * d) as f64) + 4.0 * (b * h * sq) as f64,
+        );
         match kind {
             AttnKind::Flash => {
                 a.extend([

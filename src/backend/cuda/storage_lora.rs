@@ -198,6 +198,11 @@ impl CudaStorage {
             Arg::F32(scale),
             Arg::I32(epi),
         ];
+        let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
+        super::super::profile::set_work(
+            2.0 * mf * nf * (kf + rf),
+            2.0 * (mf * kf + nf * kf + mf * rf + nf * rf + mf * nf),
+        );
         if path == LoraPath::V3 {
             let [mx, mw, ms, mb] = hopper::maps(m, n, k, r);
             let (s, b) = low.unwrap_or((self, w));
@@ -245,6 +250,11 @@ impl CudaStorage {
             return Ok(dx);
         }
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
+        let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
+        super::super::profile::set_work(
+            2.0 * mf * kf * (nf + rf),
+            2.0 * (mf * nf + nf * kf + mf * rf + rf * kf + mf * kf),
+        );
         self.launch(
             v.bwd,
             v.config(m, k),

@@ -1,0 +1,371 @@
+//! The kernel profiler: every launch (kernels and cuBLAS GEMMs) between `start` and `stop`
+//! timed on the device (a CUDA event before and after each; wall clock in the simulator, which
+//! runs launches synchronously), named ranges (`range("vision layer 3")`, NVTX-style, nested)
+//! around model phases, and what a launcher says about its work (`set_work`: FLOPs and bytes)
+//! for a per-kernel efficiency column. `Profile::table` aggregates by kernel name;
+//! `Profile::chrome_trace` writes the Chrome/Perfetto trace format (`chrome://tracing`,
+//! ui.perfetto.dev). Off by default: one relaxed atomic load per launch.
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::{Error, Result};
+
+static ON: AtomicBool = AtomicBool::new(false);
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+thread_local! {
+    static WORK: Cell<Option<(f64, f64)>> = const { Cell::new(None) };
+}
+
+/// A point in device time.
+pub enum Mark {
+    /// The simulator (and host-side ranges when no GPU is profiled).
+    Host(Instant),
+    #[cfg(feature = "cuda")]
+    Gpu(cudarc::driver::CudaEvent),
+}
+
+struct Rec {
+    name: String,
+    start: Mark,
+    end: Option<Mark>,
+    depth: usize,
+    work: Option<(f64, f64)>,
+}
+
+struct State {
+    #[cfg(feature = "cuda")]
+    gpu: Option<std::sync::Arc<super::gpu::Gpu>>,
+    t0: Mark,
+    kernels: Vec<Rec>,
+    ranges: Vec<Rec>,
+    open: Vec<usize>,
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether launches are being recorded.
+pub fn enabled() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// A mark now on the profiled device.
+fn mark(st: &State) -> Result<Mark> {
+    #[cfg(feature = "cuda")]
+    if let Some(g) = &st.gpu {
+        return Ok(Mark::Gpu(g.event()?));
+    }
+    let _ = st;
+    Ok(Mark::Host(Instant::now()))
+}
+
+/// Starts recording launches on `runner`'s device (clearing any earlier recording).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub fn start(runner: &super::launch::Runner) -> Result<()> {
+    let mut g = lock();
+    let mut st = State {
+        #[cfg(feature = "cuda")]
+        gpu: match runner {
+            super::launch::Runner::Gpu(g) => Some(g.clone()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        },
+        t0: Mark::Host(Instant::now()),
+        kernels: vec![],
+        ranges: vec![],
+        open: vec![],
+    };
+    let _ = runner;
+    st.t0 = mark(&st)?;
+    *g = Some(st);
+    ON.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Attaches (FLOPs, bytes moved) to the next launch this thread records.
+pub fn set_work(flops: f64, bytes: f64) {
+    if enabled() {
+        WORK.with(|w| w.set(Some((flops, bytes))));
+    }
+}
+
+/// Records one launch: `f` runs between two marks (the GPU runtime and the simulator call it).
+pub fn launch<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !enabled() {
+        return f();
+    }
+    let start = {
+        let g = lock();
+        match g.as_ref() {
+            Some(st) => Some(mark(st)?),
+            None => None,
+        }
+    };
+    let out = f()?;
+    let mut g = lock();
+    if let (Some(st), Some(start)) = (g.as_mut(), start) {
+        let end = mark(st)?;
+        let work = WORK.with(|w| w.take());
+        let depth = st.open.len();
+        st.kernels.push(Rec {
+            name: name.to_string(),
+            start,
+            end: Some(end),
+            depth,
+            work,
+        });
+    }
+    Ok(out)
+}
+
+/// A named range, closed when dropped (nested ranges nest in the trace).
+pub struct Range {
+    index: Option<usize>,
+}
+
+/// Opens a range (a no-op when the profiler is off).
+pub fn range(name: impl Into<String>) -> Range {
+    range_with(|| name.into())
+}
+
+/// Opens a range whose name is only built when the profiler is on (per-layer names in hot
+/// loops cost nothing otherwise).
+pub fn range_with(name: impl FnOnce() -> String) -> Range {
+    if !enabled() {
+        return Range { index: None };
+    }
+    let mut g = lock();
+    let Some(st) = g.as_mut() else {
+        return Range { index: None };
+    };
+    let Ok(start) = mark(st) else {
+        return Range { index: None };
+    };
+    let depth = st.open.len();
+    st.ranges.push(Rec {
+        name: name(),
+        start,
+        end: None,
+        depth,
+        work: None,
+    });
+    let i = st.ranges.len() - 1;
+    st.open.push(i);
+    Range { index: Some(i) }
+}
+
+impl Drop for Range {
+    fn drop(&mut self) {
+        let Some(i) = self.index else { return };
+        let mut g = lock();
+        if let Some(st) = g.as_mut() {
+            if let Ok(end) = mark(st) {
+                if let Some(r) = st.ranges.get_mut(i) {
+                    r.end = Some(end);
+                }
+            }
+            st.open.retain(|&j| j != i);
+        }
+    }
+}
+
+/// One timed span, in milliseconds from the start of the recording.
+#[derive(Clone, Debug, Serialize)]
+pub struct Span {
+    pub name: String,
+    pub start_ms: f64,
+    pub dur_ms: f64,
+    pub depth: usize,
+    pub flops: Option<f64>,
+    pub bytes: Option<f64>,
+}
+
+/// Per-kernel totals.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelStat {
+    pub name: String,
+    pub calls: usize,
+    pub total_ms: f64,
+    /// Share of the recording's summed kernel time.
+    pub share: f64,
+    pub tflops: Option<f64>,
+    pub gbps: Option<f64>,
+}
+
+/// What `stop` returns.
+#[derive(Clone, Debug, Serialize)]
+pub struct Profile {
+    pub device: String,
+    pub kernels: Vec<Span>,
+    pub ranges: Vec<Span>,
+}
+
+/// Stops recording; waits for the device and resolves every mark.
+pub fn stop() -> Result<Profile> {
+    ON.store(false, Ordering::Relaxed);
+    let st = lock()
+        .take()
+        .ok_or_else(|| Error::Msg("profiler: stop without start".into()))?;
+    #[cfg(feature = "cuda")]
+    if let Some(g) = &st.gpu {
+        g.synchronize()?;
+    }
+    let at = |m: &Mark| -> Result<f64> {
+        Ok(match (&st.t0, m) {
+            (Mark::Host(a), Mark::Host(b)) => b.duration_since(*a).as_secs_f64() * 1e3,
+            #[cfg(feature = "cuda")]
+            (Mark::Gpu(a), Mark::Gpu(b)) => a
+                .elapsed_ms(b)
+                .map_err(|e| Error::Cuda(format!("profiler: event time: {e}")))?
+                as f64,
+            #[cfg(feature = "cuda")]
+            _ => return Err(Error::Msg("profiler: marks from two clocks".into())),
+        })
+    };
+    let spans = |v: &[Rec]| -> Result<Vec<Span>> {
+        v.iter()
+            .filter_map(|r| r.end.as_ref().map(|e| (r, e)))
+            .map(|(r, e)| {
+                let s = at(&r.start)?;
+                Ok(Span {
+                    name: r.name.clone(),
+                    start_ms: s,
+                    dur_ms: (at(e)? - s).max(0.0),
+                    depth: r.depth,
+                    flops: r.work.map(|w| w.0),
+                    bytes: r.work.map(|w| w.1),
+                })
+            })
+            .collect()
+    };
+    #[cfg(feature = "cuda")]
+    let device = st
+        .gpu
+        .as_ref()
+        .map_or("cuda:sim (simulator, wall clock)".to_string(), |g| {
+            g.name.clone()
+        });
+    #[cfg(not(feature = "cuda"))]
+    let device = "cuda:sim (simulator, wall clock)".to_string();
+    Ok(Profile {
+        device,
+        kernels: spans(&st.kernels)?,
+        ranges: spans(&st.ranges)?,
+    })
+}
+
+impl Profile {
+    /// Summed kernel time (ms).
+    pub fn kernel_ms(&self) -> f64 {
+        self.kernels.iter().map(|k| k.dur_ms).sum()
+    }
+
+    /// Per kernel name: calls, total, share of all kernel time, TFLOP/s and GB/s where the
+    /// launcher said its work; largest total first.
+    pub fn by_kernel(&self) -> Vec<KernelStat> {
+        let mut m: std::collections::BTreeMap<&str, (usize, f64, f64, f64, bool)> =
+            Default::default();
+        for k in &self.kernels {
+            let e = m.entry(&k.name).or_insert((0, 0.0, 0.0, 0.0, true));
+            e.0 += 1;
+            e.1 += k.dur_ms;
+            match (k.flops, k.bytes) {
+                (Some(f), Some(b)) => {
+                    e.2 += f;
+                    e.3 += b;
+                }
+                _ => e.4 = false,
+            }
+        }
+        let total = self.kernel_ms().max(1e-12);
+        let mut v: Vec<KernelStat> = m
+            .into_iter()
+            .map(|(name, (calls, ms, fl, by, known))| KernelStat {
+                name: name.to_string(),
+                calls,
+                total_ms: ms,
+                share: ms / total,
+                tflops: (known && fl > 0.0 && ms > 0.0).then(|| fl / (ms * 1e9)),
+                gbps: (known && by > 0.0 && ms > 0.0).then(|| by / (ms * 1e6)),
+            })
+            .collect();
+        v.sort_by(|a, b| b.total_ms.total_cmp(&a.total_ms));
+        v
+    }
+
+    /// The per-kernel table (the `top` largest; 0 = all).
+    pub fn table(&self, top: usize) -> String {
+        use std::fmt::Write;
+        let stats = self.by_kernel();
+        let n = if top == 0 { stats.len() } else { top };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<34} {:>6} {:>10} {:>7} {:>8} {:>8}",
+            "kernel", "calls", "total ms", "%", "TFLOP/s", "GB/s"
+        );
+        let o = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        for k in stats.iter().take(n) {
+            let _ = writeln!(
+                s,
+                "{:<34} {:>6} {:>10.3} {:>6.1}% {:>8} {:>8}",
+                k.name,
+                k.calls,
+                k.total_ms,
+                100.0 * k.share,
+                o(k.tflops),
+                o(k.gbps)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{} launches, {:.3} ms of kernel time on {}",
+            self.kernels.len(),
+            self.kernel_ms(),
+            self.device
+        );
+        s
+    }
+
+    /// The Chrome trace-event format: ranges on track 0 (nested by time), kernels on track 1.
+    pub fn chrome_trace(&self) -> serde_json::Value {
+        let ev = |s: &Span, cat: &str, tid: u32| {
+            let mut args = serde_json::Map::new();
+            if let Some(f) = s.flops {
+                args.insert("flops".into(), f.into());
+            }
+            if let Some(b) = s.bytes {
+                args.insert("bytes".into(), b.into());
+            }
+            serde_json::json!({
+                "name": s.name, "cat": cat, "ph": "X", "pid": 0, "tid": tid,
+                "ts": s.start_ms * 1e3, "dur": s.dur_ms * 1e3, "args": args,
+            })
+        };
+        let mut events: Vec<serde_json::Value> = vec![
+            serde_json::json!({"name": "thread_name", "ph": "M", "pid": 0, "tid": 0,
+                "args": {"name": "ranges"}}),
+            serde_json::json!({"name": "thread_name", "ph": "M", "pid": 0, "tid": 1,
+                "args": {"name": format!("kernels ({})", self.device)}}),
+        ];
+        events.extend(self.ranges.iter().map(|r| ev(r, "range", 0)));
+        events.extend(self.kernels.iter().map(|k| ev(k, "kernel", 1)));
+        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+    }
+
+    /// Writes the Chrome trace to `path` (temp file, then rename).
+    pub fn write_trace(&self, path: &std::path::Path) -> Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let body = serde_json::to_vec(&self.chrome_trace())
+            .map_err(|e| Error::Msg(format!("trace json: {e}")))?;
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
