@@ -156,6 +156,16 @@ if [ -z "${SKIP_FLASH_BENCH:-}${QUICK:-}" ]; then
     step "sdpa baseline" $?
 fi
 
+if [ -z "${QUICK:-}" ]; then
+    echo "== SD2 at ViT-L/14 size, random weights (f32 today): train step and inference, profiled"
+    timeout 240 "$D/sd2" bench train --preset vit-l14 --device cuda --batch 16 --steps 3 \
+        --trace "$OUT/train_trace.json" --top 12 2>&1 | tee -a "$OUT/engine.log"
+    step "sd2 bench train" ${PIPESTATUS[0]}
+    timeout 120 "$D/sd2" bench infer --preset vit-l14 --device cuda --batch 64 --steps 5 \
+        --top 8 2>&1 | tee -a "$OUT/engine.log"
+    step "sd2 bench infer" ${PIPESTATUS[0]}
+fi
+
 echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
 printf '%s\n' "${status[@]}" | tee -a "$OUT/summary.txt"
 python3 - "$OUT/flash_sd2.json" "$OUT/flash_sdpa.json" <<'PY' | tee -a "$OUT/summary.txt"

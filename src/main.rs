@@ -158,6 +158,31 @@ struct DemoArgs {
     device: String,
 }
 
+#[derive(clap::Args)]
+struct ModelBenchArgs {
+    /// tiny or vit-l14.
+    #[arg(long, default_value = "vit-l14")]
+    preset: String,
+    /// cpu, cuda, cuda:N or cuda:sim.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Images per step (train) or per forward (infer).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Chrome/Perfetto trace of one profiled step (CUDA devices).
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
+    /// Kernels in the table (0 = all).
+    #[arg(long, default_value_t = 15)]
+    top: usize,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// The data loader alone: images/s for plain decoding and with the train augmentations.
@@ -197,6 +222,18 @@ enum BenchCmd {
         iters: usize,
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+    },
+    /// SD2 training steps with random weights (one micro-batch per step, two descriptions per
+    /// image): images/s, model FLOP utilisation, peak device memory, and on CUDA devices the
+    /// per-kernel table of one profiled step (`--trace` writes it as a Chrome/Perfetto trace).
+    Train {
+        #[command(flatten)]
+        m: ModelBenchArgs,
+    },
+    /// SD2 inference with random weights (class texts encoded once): as `train`, per batch.
+    Infer {
+        #[command(flatten)]
+        m: ModelBenchArgs,
     },
     /// GEMMs on the GPU: plain GEMMs at ViT-L/14's linear-layer shapes (cuBLAS vs the SIMT
     /// kernel, bf16 and f32), then the LoRA-linear table of `sd2 bench lora` (feature `cuda`).
@@ -503,7 +540,6 @@ fn bench_loader(
 }
 
 /// A benchmark's results as pretty JSON, written atomically.
-#[cfg(feature = "cuda")]
 fn write_json(path: &std::path::Path, body: &serde_json::Value) -> sd2::Result<()> {
     let bytes = serde_json::to_vec_pretty(body).map_err(|e| sd2::Error::Msg(e.to_string()))?;
     sd2::io::write_atomic(path, bytes)
@@ -618,6 +654,31 @@ fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd
     if let Some(p) = json {
         let body = serde_json::json!({ "device": gpu.name, "timings": t });
         write_json(p, &body)?;
+    }
+    Ok(())
+}
+
+fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
+    let device = sd2::Device::parse(&m.device)?;
+    let r = sd2::sd2::bench::run(&sd2::sd2::bench::BenchConfig {
+        preset: m.preset,
+        device,
+        batch: m.batch,
+        steps: m.steps.max(1),
+        warmup: m.warmup,
+        train,
+        trace: m.trace.clone(),
+        seed: 0,
+    })?;
+    print!("{}", r.report(m.top));
+    if let Some(p) = &m.trace {
+        if r.profile.is_some() {
+            println!("trace: {}", p.display());
+        }
+    }
+    if let Some(p) = m.json {
+        let body = serde_json::to_value(&r).map_err(|e| sd2::Error::Msg(e.to_string()))?;
+        write_json(&p, &body)?;
     }
     Ok(())
 }
@@ -1032,6 +1093,8 @@ fn main() {
             iters,
             json,
         }) => bench_lora(warmup, iters.max(1), json.as_deref()),
+        Cmd::Bench(BenchCmd::Train { m }) => bench_model(m, true),
+        Cmd::Bench(BenchCmd::Infer { m }) => bench_model(m, false),
         Cmd::Bench(BenchCmd::Gemm {
             batch,
             plain_only,

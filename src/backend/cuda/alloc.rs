@@ -58,6 +58,11 @@ impl<R: RawAlloc> CachingAllocator<R> {
         self.stats
     }
 
+    /// Starts a new peak measurement from what is in use now.
+    pub fn reset_peak(&mut self) {
+        self.stats.peak_in_use = self.stats.in_use;
+    }
+
     /// A block of at least `bytes`: a cached block of the same class if there is one, else from
     /// the driver; on out-of-memory the cache is released and the driver asked once more.
     pub fn alloc(&mut self, bytes: usize) -> Result<u64> {

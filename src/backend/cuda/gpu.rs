@@ -347,6 +347,11 @@ impl Gpu {
         lock(&self.alloc).stats()
     }
 
+    /// Starts a new peak-memory measurement (`alloc_stats().peak_in_use`).
+    pub fn reset_peak(&self) {
+        lock(&self.alloc).reset_peak();
+    }
+
     /// Returns cached blocks to the driver.
     pub fn empty_cache(&self) {
         lock(&self.alloc).empty_cache();

@@ -361,11 +361,8 @@ impl Profile {
 
     /// Writes the Chrome trace to `path` (temp file, then rename).
     pub fn write_trace(&self, path: &std::path::Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec(&self.chrome_trace())
             .map_err(|e| Error::Msg(format!("trace json: {e}")))?;
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        crate::io::write_atomic(path, body)
     }
 }

@@ -3,8 +3,8 @@
 //! each engine op as launches of `kernels/*.cu`. f32 and bf16 compute (f32 math inside every
 //! kernel); i64/u32 hold ids and labels; f64 stays on the CPU. Launches are asynchronous on the
 //! GPU's stream: errors a kernel raises surface at the next copy to the host.
-use super::{flash, profile};
 use super::launch::{Arg, Buffer, LaunchConfig, Runner};
+use super::{flash, profile};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{
     AdamWStep, AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec,
@@ -295,6 +295,10 @@ impl CudaStorage {
                 return Ok(());
             }
         }
+        let el = self.dtype.size_in_bytes() as f64;
+        let (bm, nf, kf) = ((batch * m) as f64, n as f64, k as f64);
+        let b_elems = if spec.rhs_batched { batch as f64 } else { 1.0 } * kf * nf;
+        profile::set_work(2.0 * bm * nf * kf, el * (bm * kf + b_elems + bm * nf));
         self.launch(
             &format!("gemm_simt_{sfx}"),
             LaunchConfig {

@@ -1,0 +1,362 @@
+//! `sd2 bench train|infer`: SD2 training steps or inference batches with random weights on
+//! any device — images/s, model FLOP utilisation (FLOPs counted from the config), peak device
+//! memory, and, for one extra step, the per-kernel table and a Chrome trace (GPU and
+//! simulator: `backend::cuda::profile`).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::detector::{class_embeddings, predict_pixels};
+use super::train::{MicroBatch, TrainConfig, Trainer};
+use super::{Sd2Config, Sd2Model, TypeTexts};
+use crate::backend::cuda::profile::{self, Profile};
+use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::{DType, Device, Error, Result, Tensor};
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// `tiny` or `vit-l14` (random weights).
+    pub preset: String,
+    pub device: Device,
+    /// Training: one micro-batch per step; inference: images per forward.
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub train: bool,
+    /// Write a Chrome/Perfetto trace of one extra step here (CUDA devices).
+    pub trace: Option<PathBuf>,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub preset: String,
+    pub device: String,
+    pub dtype: String,
+    pub train: bool,
+    pub batch: usize,
+    pub steps: usize,
+    /// Median wall time of a step (train) or forward (infer), device work included.
+    pub step_ms: f64,
+    pub images_per_s: f64,
+    pub gflop_per_image: f64,
+    /// Model FLOPs per second achieved (TFLOP/s).
+    pub model_tflops: f64,
+    /// model_tflops / the device's dense peak for the dtype, where known.
+    pub mfu: Option<f64>,
+    /// Peak bytes in use on the device's caching allocator during the timed steps (GPU).
+    pub peak_device_bytes: Option<usize>,
+    /// The profiled extra step (CUDA devices).
+    pub profile: Option<Profile>,
+}
+
+/// FLOPs of one tower forward per sequence, as (linear layers, attention, patch embedding):
+/// 2·in·out per token for every linear layer, 4·S·d per token for QKᵀ and PV (all key
+/// positions — causal masking not subtracted).
+fn tower_flops(
+    d: usize,
+    inter: usize,
+    layers: usize,
+    tokens: usize,
+    patch_in: usize,
+) -> (f64, f64, f64) {
+    let lt = (layers * tokens) as f64;
+    (
+        lt * 2.0 * (4 * d * d + 2 * d * inter) as f64,
+        lt * 4.0 * (tokens * d) as f64,
+        2.0 * (tokens.saturating_sub(1) * patch_in * d) as f64,
+    )
+}
+
+/// Model FLOPs per image: inference = the vision tower + projection (class texts are cached);
+/// a training step adds the text tower for `descriptions` texts per image and the five class
+/// texts shared by the batch. Backward: frozen weights need only dX (1× the linear layers'
+/// forward; LoRA's dA, dB are ~1% more), attention 2× its forward (dQ, dK, dV, dP), the patch
+/// embedding none (pixels need no gradient).
+pub fn flops_per_image(clip: &ClipConfig, train: bool, descriptions: usize, batch: usize) -> f64 {
+    let v = &clip.vision_config;
+    let t = &clip.text_config;
+    let (vl, va, vp) = tower_flops(
+        v.hidden_size,
+        v.intermediate_size,
+        v.num_hidden_layers,
+        v.num_positions(),
+        3 * v.patch_size * v.patch_size,
+    );
+    let vproj = 2.0 * (v.hidden_size * clip.projection_dim) as f64;
+    if !train {
+        return vl + va + vp + vproj;
+    }
+    let (tl, ta, _) = tower_flops(
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+        t.max_position_embeddings,
+        0,
+    );
+    let tproj = 2.0 * (t.hidden_size * clip.projection_dim) as f64;
+    let texts = descriptions as f64 + 5.0 / batch.max(1) as f64;
+    let step = |lin: f64, attn: f64| 2.0 * lin + 3.0 * attn;
+    step(vl + vproj, va) + vp + texts * step(tl + tproj, ta)
+}
+
+/// Dense peak TFLOP/s of the GPUs we measure on (SXM parts; NVIDIA's data sheets, no sparsity).
+fn peak_tflops(device_name: &str, dtype: DType) -> Option<f64> {
+    let hopper = device_name.contains("H100") || device_name.contains("H200");
+    match (hopper, dtype) {
+        (true, DType::BF16) => Some(989.4),
+        (true, DType::F32) => Some(66.9),
+        _ => None,
+    }
+}
+
+fn clip_config(preset: &str) -> Result<(ClipConfig, Sd2Config)> {
+    match preset {
+        "tiny" => Ok((
+            crate::demo::tiny_clip_config(),
+            crate::demo::tiny_sd2_config(),
+        )),
+        "vit-l14" => Ok((ClipConfig::vit_l14(), Sd2Config::default())),
+        other => Err(Error::Msg(format!(
+            "bench: unknown preset `{other}` (tiny or vit-l14)"
+        ))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_of(device: Device) -> Option<std::sync::Arc<crate::backend::cuda::gpu::Gpu>> {
+    match device {
+        Device::Cuda(o) if device != Device::CUDA_SIM => {
+            crate::backend::cuda::gpu::Gpu::get(o).ok()
+        }
+        _ => None,
+    }
+}
+
+/// Waits for the device (a read of one element: every backend's queue drains before it).
+fn sync(t: &Tensor) -> Result<()> {
+    t.to_vec_f64().map(drop)
+}
+
+/// Runs the benchmark.
+pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
+    if cfg.batch == 0 || cfg.steps == 0 {
+        return Err(Error::Msg("bench: --batch and --steps must be ≥ 1".into()));
+    }
+    cfg.device.check_available()?;
+    let (clip_cfg, sd2_cfg) = clip_config(&cfg.preset)?;
+    let dtype = DType::F32;
+    let clip = ClipModel::random(&clip_cfg, dtype, cfg.device, cfg.seed)?;
+    let model = Sd2Model::new(clip, sd2_cfg, cfg.seed)?;
+    let size = clip_cfg.vision_config.image_size;
+    let mut rng = crate::rng::Rng::new(cfg.seed ^ 0xbe7c);
+    let pixels: Vec<f64> = (0..cfg.batch * 3 * size * size)
+        .map(|_| rng.normal())
+        .collect();
+    let pixels = Tensor::from_f64(&pixels, (cfg.batch, 3, size, size), dtype, cfg.device)?;
+    let tokenizer = ClipTokenizer::openai()?;
+    let texts = TypeTexts::shipped()?;
+
+    #[cfg(feature = "cuda")]
+    let gpu = gpu_of(cfg.device);
+    let reset_peak = || {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &gpu {
+            g.reset_peak();
+        }
+    };
+    let peak = || -> Option<usize> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &gpu {
+            return Some(g.alloc_stats().peak_in_use);
+        }
+        None
+    };
+
+    let mut times = vec![];
+    let mut profiled = None;
+    let profiling = cfg.device.is_cuda();
+    if cfg.train {
+        let tcfg = TrainConfig {
+            micro_batch: cfg.batch,
+            effective_batch: cfg.batch,
+            total_steps: cfg.warmup + cfg.steps + 1,
+            seed: cfg.seed,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(model, tcfg, tokenizer, texts);
+        let face = |i: usize| {
+            format!(
+                "a face with {} skin and short hair, photo {i}",
+                ["pale", "dark", "tan"][i % 3]
+            )
+        };
+        let env = |i: usize| {
+            format!(
+                "an indoor scene with {} light, photo {i}",
+                ["warm", "cold"][i % 2]
+            )
+        };
+        let mb = MicroBatch {
+            pixel_values: pixels.clone(),
+            labels: (0..cfg.batch).map(|i| i % 5).collect(),
+            face: (0..cfg.batch).map(face).collect(),
+            env: (0..cfg.batch).map(env).collect(),
+        };
+        for i in 0..cfg.warmup + cfg.steps {
+            if i == cfg.warmup {
+                reset_peak();
+            }
+            let t0 = Instant::now();
+            trainer.step(std::slice::from_ref(&mb))?;
+            sync(&trainer.model.clip.logit_scale)?;
+            if i >= cfg.warmup {
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let peak_bytes = peak();
+        if profiling {
+            profile::start(&crate::backend::cuda::storage::runner_for(cuda_ordinal(
+                cfg.device,
+            ))?)?;
+            let r = trainer.step(std::slice::from_ref(&mb));
+            let p = profile::stop();
+            r?;
+            profiled = Some(p?);
+        }
+        return finish(cfg, &clip_cfg, dtype, times, peak_bytes, profiled);
+    }
+    let class_u = class_embeddings(&model, &tokenizer, &texts)?;
+    for i in 0..cfg.warmup + cfg.steps {
+        if i == cfg.warmup {
+            reset_peak();
+        }
+        let t0 = Instant::now();
+        predict_pixels(&model, &class_u, &pixels)?; // reads the probabilities: synchronizes
+        if i >= cfg.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let peak_bytes = peak();
+    if profiling {
+        profile::start(&crate::backend::cuda::storage::runner_for(cuda_ordinal(
+            cfg.device,
+        ))?)?;
+        let r = predict_pixels(&model, &class_u, &pixels);
+        let p = profile::stop();
+        r?;
+        profiled = Some(p?);
+    }
+    finish(cfg, &clip_cfg, dtype, times, peak_bytes, profiled)
+}
+
+fn cuda_ordinal(d: Device) -> usize {
+    match d {
+        Device::Cuda(o) => o,
+        _ => 0,
+    }
+}
+
+fn finish(
+    cfg: &BenchConfig,
+    clip: &ClipConfig,
+    dtype: DType,
+    mut times: Vec<f64>,
+    peak_device_bytes: Option<usize>,
+    profile: Option<Profile>,
+) -> Result<BenchResult> {
+    times.sort_by(f64::total_cmp);
+    let step_ms = times[times.len() / 2];
+    let images_per_s = cfg.batch as f64 / (step_ms / 1e3);
+    let gflop = flops_per_image(clip, cfg.train, 2, cfg.batch) / 1e9;
+    let model_tflops = gflop * images_per_s / 1e3;
+    let device = match (&profile, cfg.device) {
+        (Some(p), _) => p.device.clone(),
+        (None, d) => d.to_string(),
+    };
+    if let (Some(p), Some(path)) = (&profile, &cfg.trace) {
+        p.write_trace(path)?;
+    }
+    Ok(BenchResult {
+        preset: cfg.preset.clone(),
+        mfu: peak_tflops(&device, dtype).map(|pk| model_tflops / pk),
+        device,
+        dtype: dtype.to_string(),
+        train: cfg.train,
+        batch: cfg.batch,
+        steps: cfg.steps,
+        step_ms,
+        images_per_s,
+        gflop_per_image: gflop,
+        model_tflops,
+        peak_device_bytes,
+        profile,
+    })
+}
+
+impl BenchResult {
+    /// The report `sd2 bench train|infer` prints: throughput, then the top kernels.
+    pub fn report(&self, top: usize) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "sd2 bench {} — preset {}, {} on {}, batch {}, median of {} {}",
+            if self.train { "train" } else { "infer" },
+            self.preset,
+            self.dtype,
+            self.device,
+            self.batch,
+            self.steps,
+            if self.train { "steps" } else { "batches" }
+        );
+        let _ = writeln!(
+            s,
+            "{:.2} ms per {} = {:.1} images/s; {:.4} GFLOP/image → {:.3} TFLOP/s model{}",
+            self.step_ms,
+            if self.train { "step" } else { "batch" },
+            self.images_per_s,
+            self.gflop_per_image,
+            self.model_tflops,
+            self.mfu
+                .map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m))
+        );
+        if let Some(b) = self.peak_device_bytes {
+            let _ = writeln!(
+                s,
+                "peak device memory: {:.2} GiB",
+                b as f64 / (1u64 << 30) as f64
+            );
+        }
+        if let Some(p) = &self.profile {
+            let _ = writeln!(
+                s,
+                "one profiled {}:",
+                if self.train { "step" } else { "batch" }
+            );
+            s.push_str(&p.table(top));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vit_l14_flops_match_the_issue_estimates() {
+        // Issue "SD2 end to end on the GPU": ≈ 162 GFLOP per image for inference, ≈ 393 for a
+        // train step with two descriptions.
+        let c = ClipConfig::vit_l14();
+        let inf = flops_per_image(&c, false, 2, 128) / 1e9;
+        assert!((inf - 162.0).abs() < 2.0, "inference {inf:.1} GFLOP");
+        let train = flops_per_image(&c, true, 2, 128) / 1e9;
+        assert!(
+            (train - 393.0).abs() / 393.0 < 0.05,
+            "train {train:.1} GFLOP"
+        );
+        println!("vit-l14: inference {inf:.1}, train step {train:.1} GFLOP per image");
+    }
+}
