@@ -362,8 +362,9 @@ SD2_REGISTER_KERNEL(lora_gemm2_bwd_bf16)
 //
 // LoRA: the first k-tile is (S, B) — TMA zero-fills columns r..63 — of which one k-step (r ≤ 16,
 // the rank padded to 16) is issued, so rank 8 costs 1/64 of a K = 1024 GEMM; the accumulator is
-// scaled by s before the X·Wᵀ tiles. No wgmma sits under a data-dependent branch (ptxas would
-// serialize every wgmma: warning C7520). Tails in M, N, K are TMA's zero fill plus a
+// scaled by s before the X·Wᵀ tiles. No wgmma sits under a data-dependent branch inside a
+// k-tile (an `if (kk < steps)` there made ptxas serialize every wgmma: info C7520); the LoRA
+// tile is its own block under the kernel-uniform `if (R > 0)`, which ptxas accepts. Tails in M, N, K are TMA's zero fill plus a
 // bounds-checked epilogue. Needs (checked by the host): K % 8 == 0, r ∈ {0, 8, 16} (16-byte row
 // strides for TMA), 16-byte aligned X, W, S, B.
 //   grid (⌈N/256⌉, ⌈M/128⌉), 384 threads, 197696 bytes of dynamic shared memory.
@@ -427,10 +428,12 @@ extern "C" __global__ void __launch_bounds__(384, 1)
       // The LoRA tile: one k-step (r ≤ 16), complete before the accumulator is scaled by s.
       mbar_wait(&full[0], 0);
       const unsigned char* a = base + cw * 64 * 128;
+      wgmma_fence_acc(acc);
       wgmma_fence();
       wgmma_m64n256k16_bf16(acc, wgmma_desc(a), wgmma_desc(base + kTileA), 0);
       wgmma_commit();
       wgmma_wait<0>();
+      wgmma_fence_acc(acc);
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] *= scale;
       __syncwarp();
@@ -443,12 +446,14 @@ extern "C" __global__ void __launch_bounds__(384, 1)
       mbar_wait(&full[st], (kt / kStages) & 1);
       const unsigned char* a = base + st * kStageBytes + cw * 64 * 128;
       const unsigned char* b = base + st * kStageBytes + kTileA;
+      wgmma_fence_acc(acc);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk)
         wgmma_m64n256k16_bf16(acc, wgmma_desc(a + kk * 32), wgmma_desc(b + kk * 32), 1);
       wgmma_commit();
       wgmma_wait<1>();  // the group of tile kt - 1 is done: its stage can be refilled
+      wgmma_fence_acc(acc);
       if (prev >= 0) {
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty[prev]);
@@ -456,6 +461,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
       prev = st;
     }
     wgmma_wait<0>();
+    wgmma_fence_acc(acc);
 
     const int q = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
     const bool pair = (N % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0;

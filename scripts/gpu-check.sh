@@ -22,7 +22,7 @@ if [ "${1:-}" = bundle ]; then
     rm -rf .device && mkdir -p .device
     strip -o .device/sd2 target/release/sd2
     # The kernel tests and the engine's device-generic tests (forward, backward + AdamW).
-    for t in sim_kernels ops_forward backward_backends; do
+    for t in sim_kernels ops_forward backward_backends mixed_precision; do
         exe=$(cargo test --release --features cuda --test $t --no-run --message-format=json 2>/dev/null |
             T=$t python3 -c 'import sys, json, os
 for l in sys.stdin:
@@ -101,6 +101,11 @@ done
 SD2_GEMM=simt timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::matmul \
     >>"$OUT/engine.log" 2>&1
 step "engine matmul (simt)" $?
+# bf16 mixed precision: one SD2 step on cuda:0 against the CPU's bf16 step (losses, every
+# trainable gradient), then 20 steps on both whose loss curves must agree.
+timeout 150 "$D/mixed_precision" --test-threads=1 --nocapture gpu >>"$OUT/engine.log" 2>&1
+step "bf16 step cuda vs cpu" $?
+grep -E "cuda:0 vs cpu loss|loss curve|skipped|panicked" "$OUT/engine.log" | tail -8
 # The LoRA-linear through each fused kernel (auto may pick cuBLAS on this GPU).
 for v in v3 v2; do
     SD2_LORA_GEMM=$v timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::lora \
@@ -157,8 +162,8 @@ if [ -z "${SKIP_FLASH_BENCH:-}${QUICK:-}" ]; then
 fi
 
 if [ -z "${QUICK:-}" ]; then
-    echo "== SD2 at ViT-L/14 size, random weights (f32 today): train step and inference, profiled"
-    timeout 240 "$D/sd2" bench train --preset vit-l14 --device cuda --batch 16 --steps 3 \
+    echo "== SD2 at ViT-L/14 size, random weights, bf16 + f32 masters: train step and inference, profiled"
+    timeout 240 "$D/sd2" bench train --preset vit-l14 --device cuda --batch 32 --steps 3 \
         --trace "$OUT/train_trace.json" --top 12 2>&1 | tee -a "$OUT/engine.log"
     step "sd2 bench train" ${PIPESTATUS[0]}
     timeout 120 "$D/sd2" bench infer --preset vit-l14 --device cuda --batch 64 --steps 5 \

@@ -173,6 +173,9 @@ struct ModelBenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// f32, or bf16 (bf16 activations and frozen CLIP weights, f32 trainable masters).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
     /// Chrome/Perfetto trace of one profiled step (CUDA devices).
     #[arg(long)]
     trace: Option<std::path::PathBuf>,
@@ -667,6 +670,15 @@ fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
         steps: m.steps.max(1),
         warmup: m.warmup,
         train,
+        dtype: match m.dtype.as_str() {
+            "f32" => sd2::DType::F32,
+            "bf16" => sd2::DType::BF16,
+            other => {
+                return Err(sd2::Error::Msg(format!(
+                    "--dtype {other}: expected f32 or bf16"
+                )))
+            }
+        },
         trace: m.trace.clone(),
         seed: 0,
     })?;

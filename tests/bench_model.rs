@@ -1,7 +1,7 @@
 //! `sd2 bench train|infer` end to end on the CPU with the tiny preset: the numbers it reports
 //! are consistent with each other and with the FLOP count of the config.
 use sd2::sd2::bench::{flops_per_image, run, BenchConfig};
-use sd2::Device;
+use sd2::{DType, Device};
 
 #[test]
 fn bench_train_and_infer_report_consistent_numbers() {
@@ -13,6 +13,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
             steps: 2,
             warmup: 1,
             train,
+            dtype: DType::F32,
             trace: None,
             seed: 3,
         };
@@ -39,6 +40,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
         steps: 1,
         warmup: 0,
         train: false,
+        dtype: DType::F32,
         trace: None,
         seed: 0,
     };

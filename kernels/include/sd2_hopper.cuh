@@ -177,6 +177,19 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
+// Pins the accumulator registers in program order around wgmma issue and wait: wait_group
+// names no registers, so without this the compiler could move an accumulator read or write
+// (the LoRA scaling, the epilogue) across it. (CUTLASS's warpgroup_fence_operand.)
+template <int kN>
+__device__ __forceinline__ void wgmma_fence_acc(float (&d)[kN]) {
+#ifndef SD2_SIM
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+#endif
+}
+
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
 #ifndef SD2_SIM

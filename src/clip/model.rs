@@ -115,18 +115,32 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
-        let lora = self.lora.as_ref().map(|l| Lora {
-            a: &l.a,
-            b: &l.b,
-            scale: l.scale,
-            dropout: if fwd.dropout_seed.is_some() {
-                l.dropout
-            } else {
-                0.0
-            },
-            seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
-        });
-        ops::lora_linear(x, &self.weight, self.bias.as_ref(), lora)
+        // Mixed precision: trainable tensors are f32 masters, cast here to the activations'
+        // dtype (the cast's backward returns their gradients in f32); a no-op otherwise.
+        let dt = x.dtype();
+        let weight = self.weight.to_dtype(dt)?;
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
+        let low = self
+            .lora
+            .as_ref()
+            .map(|l| Ok::<_, crate::Error>((l.a.to_dtype(dt)?, l.b.to_dtype(dt)?)))
+            .transpose()?;
+        let lora = self
+            .lora
+            .as_ref()
+            .zip(low.as_ref())
+            .map(|(l, (a, b))| Lora {
+                a,
+                b,
+                scale: l.scale,
+                dropout: if fwd.dropout_seed.is_some() {
+                    l.dropout
+                } else {
+                    0.0
+                },
+                seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
+            });
+        ops::lora_linear(x, &weight, bias.as_ref(), lora)
     }
 }
 

@@ -24,6 +24,8 @@ pub struct BenchConfig {
     pub steps: usize,
     pub warmup: usize,
     pub train: bool,
+    /// Activations and frozen weights: f32, or bf16 (trainable tensors stay f32 masters).
+    pub dtype: DType,
     /// Write a Chrome/Perfetto trace of one extra step here (CUDA devices).
     pub trace: Option<PathBuf>,
     pub seed: u64,
@@ -146,7 +148,15 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     }
     cfg.device.check_available()?;
     let (clip_cfg, sd2_cfg) = clip_config(&cfg.preset)?;
-    let dtype = DType::F32;
+    let dtype = cfg.dtype;
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::Msg(format!("bench: dtype {dtype} (f32 or bf16)")));
+    }
+    let mut sd2_cfg = sd2_cfg;
+    if dtype == DType::BF16 {
+        // bf16 trains the adapters on a frozen CLIP (the tiny preset trains CLIP whole in f32).
+        sd2_cfg.train_base = false;
+    }
     let clip = ClipModel::random(&clip_cfg, dtype, cfg.device, cfg.seed)?;
     let model = Sd2Model::new(clip, sd2_cfg, cfg.seed)?;
     let size = clip_cfg.vision_config.image_size;

@@ -43,6 +43,11 @@ fn trainable_linear(
     })
 }
 
+/// The activations' dtype (the layer embedding is an f32 master under mixed precision).
+fn layer_cls_dtype(layer_cls: &[Tensor]) -> DType {
+    layer_cls.first().map_or(DType::F32, |t| t.dtype())
+}
+
 #[derive(Clone, Debug)]
 pub struct Clam {
     /// [L, D], one learned embedding per vision block.
@@ -111,7 +116,7 @@ impl Clam {
         let refs: Vec<&Tensor> = rows.iter().collect();
         let x = post_layernorm
             .forward(&Tensor::cat(&refs, 1)?)?
-            .add(&self.layer_embedding)?;
+            .add(&self.layer_embedding.to_dtype(layer_cls_dtype(layer_cls))?)?;
         let f = Fwd::default();
         let (q, k, v) = (
             self.q_proj.forward(&x, f)?,

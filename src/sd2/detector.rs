@@ -41,7 +41,10 @@ pub fn class_embeddings(
         ctx,
         model.clip.logit_scale.device(),
     )?;
-    model.text_features(&ids, Fwd::default())?.l2_normalize()
+    model
+        .text_features(&ids, Fwd::default())?
+        .to_dtype(model.master_dtype())?
+        .l2_normalize()
 }
 
 /// Predictions of `model` for normalized pixels [N, 3, S, S] against class embeddings.
@@ -53,6 +56,7 @@ pub fn predict_pixels(
     let _g = no_grad();
     let f = model
         .image_features(&pixels.to_dtype(model.dtype())?, Fwd::default())?
+        .to_dtype(model.master_dtype())?
         .l2_normalize()?;
     let p = model
         .logits(&f, class_embeds)?
@@ -136,7 +140,11 @@ impl Detector {
         {
             for (_, lin) in layer.linears_mut() {
                 if let Some(l) = lin.lora.take() {
-                    lin.weight = lin.weight.add(&l.b.matmul(&l.a)?.scale(l.scale)?)?.detach();
+                    let delta = l.b.matmul(&l.a)?.scale(l.scale)?;
+                    lin.weight = lin
+                        .weight
+                        .add(&delta.to_dtype(lin.weight.dtype())?)?
+                        .detach();
                 }
             }
         }

@@ -24,9 +24,14 @@ pub fn peft_key(path: &str, which: &str) -> String {
 }
 
 /// Attaches fresh adapters and returns them as trainable parameters (A then B per layer).
-pub fn attach(clip: &mut ClipModel, cfg: &LoraConfig, seed: u64) -> Result<Vec<Param>> {
+pub fn attach(
+    clip: &mut ClipModel,
+    cfg: &LoraConfig,
+    seed: u64,
+    dtype: crate::DType,
+) -> Result<Vec<Param>> {
     let mut params = vec![];
-    let (dtype, device) = (clip.logit_scale.dtype(), clip.logit_scale.device());
+    let device = clip.logit_scale.device();
     let towers = [
         ("vision_model", cfg.vision, &mut clip.vision.layers),
         ("text_model", cfg.text, &mut clip.text.layers),

@@ -21,6 +21,8 @@ pub struct Sd2Model {
     pub t_log: Tensor,
     pub bias: Tensor,
     params: Vec<Param>,
+    /// Activations and frozen CLIP weights (the CLIP model's dtype).
+    compute: DType,
 }
 
 /// One micro-batch. Texts are token ids [rows, S] with one S for all three sets.
@@ -45,11 +47,24 @@ pub struct Losses {
 impl Sd2Model {
     /// Wraps CLIP: attaches fresh LoRA adapters, CLAM and the adapter, and makes
     /// `logit_scale`, t' and b trainable. `seed` fixes every initialisation.
+    ///
+    /// Mixed precision: with a bf16 CLIP, activations and the frozen CLIP weights stay bf16 while
+    /// every trainable tensor (LoRA, CLAM, adapter, logit scale, t', b) is an f32 master, cast
+    /// to bf16 where it is used; features are cast to f32 before normalization, so logits,
+    /// softmax statistics and the three losses are f32. Training every CLIP weight
+    /// (`train_base`) needs an f32 or f64 CLIP.
     pub fn new(mut clip: ClipModel, cfg: Sd2Config, seed: u64) -> Result<Sd2Model> {
         let v = clip.config.vision_config.clone();
         cfg.validate(v.hidden_size)?;
-        let (dtype, device) = (clip.logit_scale.dtype(), clip.logit_scale.device());
-        let mut params = super::lora::attach(&mut clip, &cfg.lora, seed)?;
+        let (compute, device) = (clip.logit_scale.dtype(), clip.logit_scale.device());
+        let dtype = master_dtype(compute);
+        if cfg.train_base && dtype != compute {
+            return Err(Error::Msg(format!(
+                "sd2: train_base trains every CLIP weight, which needs f32 (or f64) weights; this \
+                 CLIP is {compute} (bf16 trains LoRA, CLAM and the adapter with f32 masters)"
+            )));
+        }
+        let mut params = super::lora::attach(&mut clip, &cfg.lora, seed, dtype)?;
         let (clam, adapter) = if cfg.clam {
             let (c, p) = Clam::new(
                 v.num_hidden_layers,
@@ -82,7 +97,12 @@ impl Sd2Model {
                 Ok(())
             })?;
         }
-        clip.logit_scale = clip.logit_scale.detach().copy()?.into_trainable();
+        clip.logit_scale = clip
+            .logit_scale
+            .to_dtype(dtype)?
+            .detach()
+            .copy()?
+            .into_trainable();
         let t_log = Tensor::full(cfg.t_init, (), dtype, device)?.into_trainable();
         let bias = Tensor::full(cfg.b_init, (), dtype, device)?.into_trainable();
         params.push(Param::new("logit_scale", clip.logit_scale.clone(), false));
@@ -96,6 +116,7 @@ impl Sd2Model {
             t_log,
             bias,
             params,
+            compute,
         })
     }
 
@@ -172,8 +193,10 @@ impl Sd2Model {
                 format!("type_ids {:?}, expected [5, S]", batch.type_ids.dims()),
             ));
         }
+        let master = self.master_dtype();
         let f = self
-            .image_features(&batch.pixel_values, fwd)?
+            .image_features(&batch.pixel_values.to_dtype(self.compute)?, fwd)?
+            .to_dtype(master)?
             .l2_normalize()?;
         // All texts of the step in one pass of the text tower: types, then faces, then envs.
         let mut texts = vec![&batch.type_ids];
@@ -206,6 +229,7 @@ impl Sd2Model {
         let refs: Vec<&Tensor> = texts.iter().collect();
         let all = self
             .text_features(&Tensor::cat(&refs, 0)?, fwd)?
+            .to_dtype(master)?
             .l2_normalize()?;
         let u = all.narrow(0, 0, 5)?;
         let l_c = ops::cross_entropy(&self.logits(&f, &u)?, &batch.labels)?;
@@ -247,8 +271,23 @@ impl Sd2Model {
         })
     }
 
+    /// The dtype of activations and frozen CLIP weights (pixels go in as this).
     pub fn dtype(&self) -> DType {
-        self.clip.logit_scale.dtype()
+        self.compute
+    }
+
+    /// The dtype of trainable tensors, features after the towers, logits and losses: f32 for
+    /// a bf16 model, else the model's dtype.
+    pub fn master_dtype(&self) -> DType {
+        master_dtype(self.compute)
+    }
+}
+
+fn master_dtype(compute: DType) -> DType {
+    if compute == DType::BF16 {
+        DType::F32
+    } else {
+        compute
     }
 }
 
