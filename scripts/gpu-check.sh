@@ -32,7 +32,7 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)
         strip -o .device/$t "$exe"
     done
-    cp scripts/gpu-check.sh scripts/bench/sdpa_attention.py .device/
+    cp scripts/gpu-check.sh scripts/bench/sdpa_attention.py scripts/reference/sd2_torch_bench.py .device/
     echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >.device/COMMIT
     du -sh .device
     echo "now: device run, carry [.device], command: bash .device/gpu-check.sh"
@@ -169,6 +169,10 @@ if [ -z "${QUICK:-}" ]; then
     timeout 120 "$D/sd2" bench infer --preset vit-l14 --device cuda --batch 64 --steps 5 \
         --top 8 2>&1 | tee -a "$OUT/engine.log"
     step "sd2 bench infer" ${PIPESTATUS[0]}
+    echo "== the same SD2 in PyTorch (HF CLIP + peft, bf16 autocast, SDPA): eager and torch.compile"
+    PYTHONUNBUFFERED=1 timeout 300 python3 "$D/sd2_torch_bench.py" --preset vit-l14 --batch 32 \
+        --infer-batch 64 --steps 3 --warmup 2 2>&1 | grep -v Warning | tee -a "$OUT/engine.log"
+    step "torch sd2 baseline" ${PIPESTATUS[0]}
 fi
 
 echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
