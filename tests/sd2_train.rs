@@ -314,3 +314,17 @@ fn ablation_switches_change_what_is_computed() {
         "fresh SD2 must start at CLIP"
     );
 }
+
+#[test]
+fn mismatched_descriptions_are_clear_errors() {
+    let mut t = trainer(2);
+    let mut rng = Rng::new(5);
+    let mut mb = micro_batches(&mut rng, 1, 3);
+    mb[0].env.pop();
+    let e = t
+        .step(&mb)
+        .expect_err("2 env descriptions for 3 images")
+        .to_string();
+    assert!(e.contains("2 env descriptions for 3 images"), "{e}");
+    assert_eq!(t.steps(), 0, "a failed step changes nothing");
+}

@@ -175,24 +175,37 @@ impl Trainer {
         } else {
             self.type_texts.test_phrases()
         };
-        let type_ids = self.ids(&phrases)?;
         let dual = self.model.cfg.loss_dual;
         let device = self.model.clip.logit_scale.device();
         let mut grads = GradStore::new();
-        let (mut l_c, mut l_s, mut l_d, mut total) = (0.0, 0.0, 0.0, 0.0);
+        // Weighted loss terms stay on the device ([total, L_C, L_S, L_D] per micro-batch) and
+        // are read once, after the last backward: no host round trip inside the step.
+        let mut terms: Vec<Tensor> = vec![];
         for (k, mb) in micro.iter().enumerate() {
             let n = mb.labels.len();
             let w = n as f64 / total_images as f64;
-            let text = |v: &[String]| -> Result<Option<Tensor>> {
-                if v.len() != n {
+            for (v, what) in [(&mb.face, "face"), (&mb.env, "env")] {
+                let used = match what {
+                    "face" => dual != DualContrast::Off,
+                    _ => dual == DualContrast::FaceEnv,
+                };
+                if used && v.len() != n {
                     return Err(Error::Msg(format!(
-                        "train step: {} descriptions for {n} images",
+                        "train step: {} {what} descriptions for {n} images",
                         v.len()
                     )));
                 }
-                let refs: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
-                Ok(Some(self.ids(&refs)?))
-            };
+            }
+            // Class phrases and descriptions tokenized together on the host: one width, one
+            // upload, and the model needs no padding (which would read ids back).
+            let mut texts: Vec<&str> = phrases.to_vec();
+            if dual != DualContrast::Off {
+                texts.extend(mb.face.iter().map(|s| s.as_str()));
+            }
+            if dual == DualContrast::FaceEnv {
+                texts.extend(mb.env.iter().map(|s| s.as_str()));
+            }
+            let ids = self.ids(&texts)?;
             let batch = Sd2Batch {
                 pixel_values: mb.pixel_values.clone(),
                 labels: Tensor::from_vec(
@@ -200,14 +213,14 @@ impl Trainer {
                     n,
                     device,
                 )?,
-                type_ids: type_ids.clone(),
+                type_ids: ids.narrow(0, 0, 5)?,
                 face_ids: if dual != DualContrast::Off {
-                    text(&mb.face)?
+                    Some(ids.narrow(0, 5, n)?)
                 } else {
                     None
                 },
                 env_ids: if dual == DualContrast::FaceEnv {
-                    text(&mb.env)?
+                    Some(ids.narrow(0, 5 + n, n)?)
                 } else {
                     None
                 },
@@ -221,24 +234,28 @@ impl Trainer {
                     dropout_seed: Some(seed),
                 },
             )?;
-            l_c += w * losses.l_c.to_scalar()?;
-            l_s += w * losses
-                .l_s
-                .as_ref()
-                .map(|t| t.to_scalar())
-                .transpose()?
-                .unwrap_or(0.0);
-            l_d += w * losses
-                .l_d
-                .as_ref()
-                .map(|t| t.to_scalar())
-                .transpose()?
-                .unwrap_or(0.0);
-            total += w * losses.total.to_scalar()?;
+            let zero = || Tensor::zeros((), losses.total.dtype(), device);
+            let row = [
+                losses.total.detach(),
+                losses.l_c.detach(),
+                losses.l_s.as_ref().map_or_else(zero, |t| Ok(t.detach()))?,
+                losses.l_d.as_ref().map_or_else(zero, |t| Ok(t.detach()))?,
+            ];
+            for t in row {
+                terms.push(
+                    t.to_dtype(losses.total.dtype())?
+                        .scale(w)?
+                        .reshape(1usize)?,
+                );
+            }
             drop(fwd_range);
             let _bwd = crate::backend::cuda::profile::range_with(|| format!("backward {k}"));
             losses.total.scale(w)?.backward_into(&mut grads)?;
         }
+        let refs: Vec<&Tensor> = terms.iter().collect();
+        let host = Tensor::cat(&refs, 0)?.to_vec_f64()?;
+        let sum = |j: usize| host.iter().skip(j).step_by(4).sum::<f64>();
+        let (total, l_c, l_s, l_d) = (sum(0), sum(1), sum(2), sum(3));
         let _opt = crate::backend::cuda::profile::range("grad norm + AdamW");
         let norm = grad_norm(self.model.params(), &grads)?;
         let lr = self.cfg.lr_at(self.step);
