@@ -166,7 +166,7 @@ struct ModelBenchArgs {
     /// cpu, cuda, cuda:N or cuda:sim.
     #[arg(long, default_value = "cuda")]
     device: String,
-    /// Images per step (train) or per forward (infer).
+    /// Images per step (train; 0 = the largest that fits the GPU) or per forward (infer).
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long, default_value_t = 5)]

@@ -228,14 +228,31 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
     };
     let size = clip.config.vision_config.image_size;
     let model = Sd2Model::new(clip, cfg.sd2.clone(), cfg.train.seed)?;
-    let micro = cfg.train.micro_batch.max(1);
-    let per_step = cfg.train.effective_batch.max(micro).div_ceil(micro);
-    let steps_per_epoch = train.len().div_ceil(micro * per_step);
-    let mut tcfg = cfg.train.clone();
-    tcfg.total_steps = steps_per_epoch * cfg.epochs.max(1);
     let tokenizer = ClipTokenizer::openai()?;
     let texts = TypeTexts::shipped()?;
+    let mut tcfg = cfg.train.clone();
     let mut trainer = Trainer::new(model, tcfg.clone(), ClipTokenizer::openai()?, texts.clone());
+    // micro_batch = 0: the largest that fits the GPU's memory (the effective batch elsewhere).
+    let micro = match cfg.train.micro_batch {
+        0 => {
+            let cap = cfg.train.effective_batch.max(1);
+            match trainer.auto_micro_batch(size, cap)? {
+                Some(b) => {
+                    progress.line(&format!(
+                        "micro-batch {b}: the largest that fits {device}'s free memory (cap {cap})"
+                    ));
+                    b
+                }
+                None => cap,
+            }
+        }
+        m => m,
+    };
+    let per_step = cfg.train.effective_batch.max(micro).div_ceil(micro);
+    let steps_per_epoch = train.len().div_ceil(micro * per_step);
+    tcfg.micro_batch = micro;
+    tcfg.total_steps = steps_per_epoch * cfg.epochs.max(1);
+    trainer.cfg = tcfg.clone();
     std::fs::create_dir_all(&cfg.out)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
     let ckpt = cfg.out.join("checkpoints");

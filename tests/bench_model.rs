@@ -46,4 +46,19 @@ fn bench_train_and_infer_report_consistent_numbers() {
     };
     let e = run(&bad).expect_err("unknown preset").to_string();
     assert!(e.contains("vit-h"), "{e}");
+    // batch 0 = the largest micro-batch that fits a GPU: refused on the CPU, and for inference
+    let auto = |train| BenchConfig {
+        preset: "tiny".into(),
+        batch: 0,
+        train,
+        ..bad.clone()
+    };
+    let e = run(&auto(true))
+        .expect_err("auto batch on the CPU")
+        .to_string();
+    assert!(e.contains("needs a GPU"), "{e}");
+    let e = run(&auto(false))
+        .expect_err("auto batch for inference")
+        .to_string();
+    assert!(e.contains("training only"), "{e}");
 }

@@ -126,25 +126,31 @@ fn clip_config(preset: &str) -> Result<(ClipConfig, Sd2Config)> {
     }
 }
 
-#[cfg(feature = "cuda")]
-fn gpu_of(device: Device) -> Option<std::sync::Arc<crate::backend::cuda::gpu::Gpu>> {
-    match device {
-        Device::Cuda(o) if device != Device::CUDA_SIM => {
-            crate::backend::cuda::gpu::Gpu::get(o).ok()
-        }
-        _ => None,
-    }
-}
-
 /// Waits for the device (a read of one element: every backend's queue drains before it).
 fn sync(t: &Tensor) -> Result<()> {
     t.to_vec_f64().map(drop)
 }
 
-/// Runs the benchmark.
+/// Random pixels [batch, 3, size, size].
+fn random_pixels(
+    batch: usize,
+    size: usize,
+    dtype: DType,
+    device: Device,
+    seed: u64,
+) -> Result<Tensor> {
+    let mut rng = crate::rng::Rng::new(seed ^ 0xbe7c);
+    let v: Vec<f64> = (0..batch * 3 * size * size).map(|_| rng.normal()).collect();
+    Tensor::from_f64(&v, (batch, 3, size, size), dtype, device)
+}
+
+/// Runs the benchmark. Training with `batch` 0 takes the largest micro-batch that fits the
+/// GPU's free memory (`Trainer::auto_micro_batch`).
 pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
-    if cfg.batch == 0 || cfg.steps == 0 {
-        return Err(Error::Msg("bench: --batch and --steps must be ≥ 1".into()));
+    if cfg.steps == 0 || (cfg.batch == 0 && !cfg.train) {
+        return Err(Error::Msg(
+            "bench: --steps must be ≥ 1, and --batch ≥ 1 (0 = automatic, training only)".into(),
+        ));
     }
     cfg.device.check_available()?;
     let (clip_cfg, sd2_cfg) = clip_config(&cfg.preset)?;
@@ -160,42 +166,38 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let clip = ClipModel::random(&clip_cfg, dtype, cfg.device, cfg.seed)?;
     let model = Sd2Model::new(clip, sd2_cfg, cfg.seed)?;
     let size = clip_cfg.vision_config.image_size;
-    let mut rng = crate::rng::Rng::new(cfg.seed ^ 0xbe7c);
-    let pixels: Vec<f64> = (0..cfg.batch * 3 * size * size)
-        .map(|_| rng.normal())
-        .collect();
-    let pixels = Tensor::from_f64(&pixels, (cfg.batch, 3, size, size), dtype, cfg.device)?;
     let tokenizer = ClipTokenizer::openai()?;
     let texts = TypeTexts::shipped()?;
-
-    #[cfg(feature = "cuda")]
-    let gpu = gpu_of(cfg.device);
-    let reset_peak = || {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &gpu {
-            g.reset_peak();
-        }
+    let peak = || crate::backend::cuda::device_memory(cfg.device).map(|m| m.peak);
+    let profiling = cfg.device.is_cuda();
+    let start_profile = || {
+        profile::start(&crate::backend::cuda::storage::runner_for(cuda_ordinal(
+            cfg.device,
+        ))?)
     };
-    let peak = || -> Option<usize> {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &gpu {
-            return Some(g.alloc_stats().peak_in_use);
-        }
-        None
-    };
-
     let mut times = vec![];
     let mut profiled = None;
-    let profiling = cfg.device.is_cuda();
     if cfg.train {
-        let tcfg = TrainConfig {
-            micro_batch: cfg.batch,
-            effective_batch: cfg.batch,
+        let mut tcfg = TrainConfig {
+            micro_batch: cfg.batch.max(1),
+            effective_batch: cfg.batch.max(1),
             total_steps: cfg.warmup + cfg.steps + 1,
             seed: cfg.seed,
             ..Default::default()
         };
-        let mut trainer = Trainer::new(model, tcfg, tokenizer, texts);
+        let mut trainer = Trainer::new(model, tcfg.clone(), tokenizer, texts);
+        let batch = match cfg.batch {
+            0 => trainer.auto_micro_batch(size, 4096)?.ok_or_else(|| {
+                Error::Msg(format!(
+                    "bench: --batch 0 needs a GPU device, not {}",
+                    cfg.device
+                ))
+            })?,
+            b => b,
+        };
+        tcfg.micro_batch = batch;
+        tcfg.effective_batch = batch;
+        trainer.cfg = tcfg;
         let face = |i: usize| {
             format!(
                 "a face with {} skin and short hair, photo {i}",
@@ -209,14 +211,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
             )
         };
         let mb = MicroBatch {
-            pixel_values: pixels.clone(),
-            labels: (0..cfg.batch).map(|i| i % 5).collect(),
-            face: (0..cfg.batch).map(face).collect(),
-            env: (0..cfg.batch).map(env).collect(),
+            pixel_values: random_pixels(batch, size, dtype, cfg.device, cfg.seed)?,
+            labels: (0..batch).map(|i| i % 5).collect(),
+            face: (0..batch).map(face).collect(),
+            env: (0..batch).map(env).collect(),
         };
         for i in 0..cfg.warmup + cfg.steps {
             if i == cfg.warmup {
-                reset_peak();
+                crate::backend::cuda::reset_peak(cfg.device);
             }
             let t0 = Instant::now();
             trainer.step(std::slice::from_ref(&mb))?;
@@ -227,20 +229,19 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         }
         let peak_bytes = peak();
         if profiling {
-            profile::start(&crate::backend::cuda::storage::runner_for(cuda_ordinal(
-                cfg.device,
-            ))?)?;
+            start_profile()?;
             let r = trainer.step(std::slice::from_ref(&mb));
             let p = profile::stop();
             r?;
             profiled = Some(p?);
         }
-        return finish(cfg, &clip_cfg, dtype, times, peak_bytes, profiled);
+        return finish(cfg, batch, &clip_cfg, dtype, times, peak_bytes, profiled);
     }
+    let pixels = random_pixels(cfg.batch, size, dtype, cfg.device, cfg.seed)?;
     let class_u = class_embeddings(&model, &tokenizer, &texts)?;
     for i in 0..cfg.warmup + cfg.steps {
         if i == cfg.warmup {
-            reset_peak();
+            crate::backend::cuda::reset_peak(cfg.device);
         }
         let t0 = Instant::now();
         predict_pixels(&model, &class_u, &pixels)?; // reads the probabilities: synchronizes
@@ -250,15 +251,15 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     }
     let peak_bytes = peak();
     if profiling {
-        profile::start(&crate::backend::cuda::storage::runner_for(cuda_ordinal(
-            cfg.device,
-        ))?)?;
+        start_profile()?;
         let r = predict_pixels(&model, &class_u, &pixels);
         let p = profile::stop();
         r?;
         profiled = Some(p?);
     }
-    finish(cfg, &clip_cfg, dtype, times, peak_bytes, profiled)
+    finish(
+        cfg, cfg.batch, &clip_cfg, dtype, times, peak_bytes, profiled,
+    )
 }
 
 fn cuda_ordinal(d: Device) -> usize {
@@ -270,6 +271,7 @@ fn cuda_ordinal(d: Device) -> usize {
 
 fn finish(
     cfg: &BenchConfig,
+    batch: usize,
     clip: &ClipConfig,
     dtype: DType,
     mut times: Vec<f64>,
@@ -278,8 +280,8 @@ fn finish(
 ) -> Result<BenchResult> {
     times.sort_by(f64::total_cmp);
     let step_ms = times[times.len() / 2];
-    let images_per_s = cfg.batch as f64 / (step_ms / 1e3);
-    let gflop = flops_per_image(clip, cfg.train, 2, cfg.batch) / 1e9;
+    let images_per_s = batch as f64 / (step_ms / 1e3);
+    let gflop = flops_per_image(clip, cfg.train, 2, batch) / 1e9;
     let model_tflops = gflop * images_per_s / 1e3;
     let device = match (&profile, cfg.device) {
         (Some(p), _) => p.device.clone(),
@@ -294,7 +296,7 @@ fn finish(
         device,
         dtype: dtype.to_string(),
         train: cfg.train,
-        batch: cfg.batch,
+        batch,
         steps: cfg.steps,
         step_ms,
         images_per_s,

@@ -162,6 +162,69 @@ impl Trainer {
             .tokenize_batch_longest(texts, ctx, self.model.clip.logit_scale.device())
     }
 
+    /// The largest micro-batch that fits the device's memory (GPU; None elsewhere), at most
+    /// `max`: forward + backward (no optimizer step, nothing changes) at 2 and 4 random
+    /// images of `size` px with descriptions, a linear fit of the peak bytes, 90% of what
+    /// tensors could occupy; rounded down to a multiple of 8 from 8 on.
+    pub fn auto_micro_batch(&self, size: usize, max: usize) -> Result<Option<usize>> {
+        let device = self.model.clip.logit_scale.device();
+        let Some(mem) = crate::backend::cuda::device_memory(device) else {
+            return Ok(None);
+        };
+        let usable = mem.usable();
+        let probe = |b: usize| -> Result<usize> {
+            let mut rng = Rng::new(0x9e37 + b as u64);
+            let px: Vec<f64> = (0..b * 3 * size * size).map(|_| rng.normal()).collect();
+            let descriptions: Vec<String> = (0..b)
+                .map(|i| format!("a face and a room, photo {i}"))
+                .collect();
+            let mb = MicroBatch {
+                pixel_values: Tensor::from_f64(
+                    &px,
+                    (b, 3, size, size),
+                    self.model.dtype(),
+                    device,
+                )?,
+                labels: (0..b).map(|i| i % 5).collect(),
+                face: descriptions.clone(),
+                env: descriptions,
+            };
+            crate::backend::cuda::reset_peak(device);
+            let mut texts: Vec<&str> = self.type_texts.test_phrases().to_vec();
+            texts.extend(mb.face.iter().map(|s| s.as_str()));
+            texts.extend(mb.env.iter().map(|s| s.as_str()));
+            let ids = self.ids(&texts)?;
+            let batch = Sd2Batch {
+                pixel_values: mb.pixel_values.clone(),
+                labels: Tensor::from_vec(
+                    mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
+                    b,
+                    device,
+                )?,
+                type_ids: ids.narrow(0, 0, 5)?,
+                face_ids: Some(ids.narrow(0, 5, b)?),
+                env_ids: Some(ids.narrow(0, 5 + b, b)?),
+            };
+            let losses = self.model.losses(
+                &batch,
+                Fwd {
+                    dropout_seed: Some(1),
+                },
+            )?;
+            let grads = losses.total.backward()?;
+            drop(grads);
+            losses.total.to_scalar()?; // waits for the device
+            Ok(crate::backend::cuda::device_memory(device).map_or(0, |m| m.peak))
+        };
+        let (p2, p4) = (probe(2)?, probe(4)?);
+        Ok(Some(fit_micro_batch(
+            (2, p2),
+            (4, p4),
+            usable * 9 / 10,
+            max,
+        )))
+    }
+
     /// One optimizer step over `micro` (accumulated; each micro-batch's loss weighted by its
     /// share of the images), one type-text phrasing per class for the whole step.
     pub fn step(&mut self, micro: &[MicroBatch]) -> Result<StepLog> {
@@ -413,4 +476,47 @@ pub fn load_trainable(model: &Sd2Model, path: &Path) -> Result<()> {
         ));
     }
     model.set_params(&values)
+}
+
+/// The micro-batch whose peak memory, on the line through two probes (batch, peak bytes),
+/// stays within `budget`; clamped to 1..=max, and a multiple of 8 from 8 on.
+pub fn fit_micro_batch(a: (usize, usize), b: (usize, usize), budget: usize, max: usize) -> usize {
+    let max = max.max(1);
+    let per = (b.1 as f64 - a.1 as f64) / (b.0 as f64 - a.0 as f64).max(1.0);
+    if per <= 0.0 {
+        return max;
+    }
+    let base = a.1 as f64 - per * a.0 as f64;
+    let n = ((budget as f64 - base) / per).floor();
+    let n = if n.is_finite() && n >= 1.0 {
+        n as usize
+    } else {
+        1
+    };
+    let n = n.min(max);
+    if n >= 8 {
+        n / 8 * 8
+    } else {
+        n
+    }
+}
+
+#[cfg(test)]
+mod micro_batch_tests {
+    use super::fit_micro_batch;
+
+    #[test]
+    fn fits_the_line_through_two_probes() {
+        const G: usize = 1 << 30;
+        // 10 GiB of weights, 0.5 GiB per image, a 70 GiB budget: 120 images.
+        let (p2, p4) = (10 * G + G, 10 * G + 2 * G);
+        assert_eq!(fit_micro_batch((2, p2), (4, p4), 70 * G, 1024), 120);
+        // capped by the effective batch, rounded to a multiple of 8
+        assert_eq!(fit_micro_batch((2, p2), (4, p4), 70 * G, 100), 96);
+        assert_eq!(fit_micro_batch((2, p2), (4, p4), 70 * G, 5), 5);
+        // nothing fits beyond the probes' base: 1
+        assert_eq!(fit_micro_batch((2, p2), (4, p4), 10 * G, 64), 1);
+        // flat measurements (memory does not grow): the cap
+        assert_eq!(fit_micro_batch((2, p2), (4, p2), 70 * G, 64), 64);
+    }
 }

@@ -347,6 +347,13 @@ impl Gpu {
         lock(&self.alloc).stats()
     }
 
+    /// (free, total) device memory as the driver reports it (the caching allocator's cached
+    /// blocks are not free there).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        result::mem_get_info().map_err(drv("cuMemGetInfo"))
+    }
+
     /// Starts a new peak-memory measurement (`alloc_stats().peak_in_use`).
     pub fn reset_peak(&self) {
         lock(&self.alloc).reset_peak();

@@ -70,6 +70,56 @@ pub mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod storage;
 
+/// Device memory of a GPU device as this process sees it: bytes in use by tensors, the peak in
+/// use since the last `reset_peak`, bytes cached by the allocator, and bytes the driver has
+/// free. None for the CPU, the simulator, or a build without feature `cuda`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub in_use: usize,
+    pub peak: usize,
+    pub cached: usize,
+    pub driver_free: usize,
+}
+
+impl DeviceMemory {
+    /// What tensors could occupy: in use now + cached + free on the device.
+    pub fn usable(&self) -> usize {
+        self.in_use + self.cached + self.driver_free
+    }
+}
+
+pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
+    #[cfg(feature = "cuda")]
+    if let crate::Device::Cuda(o) = device {
+        if device != crate::Device::CUDA_SIM {
+            let g = gpu::Gpu::get(o).ok()?;
+            let s = g.alloc_stats();
+            let (free, _) = g.mem_info().ok()?;
+            return Some(DeviceMemory {
+                in_use: s.in_use,
+                peak: s.peak_in_use,
+                cached: s.cached,
+                driver_free: free,
+            });
+        }
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new peak measurement on a GPU device (a no-op elsewhere).
+pub fn reset_peak(device: crate::Device) {
+    #[cfg(feature = "cuda")]
+    if let crate::Device::Cuda(o) = device {
+        if device != crate::Device::CUDA_SIM {
+            if let Ok(g) = gpu::Gpu::get(o) {
+                g.reset_peak();
+            }
+        }
+    }
+    let _ = device;
+}
+
 /// Whether a usable GPU is present in this build and machine (never panics).
 pub fn gpu_available() -> bool {
     #[cfg(feature = "cuda")]
