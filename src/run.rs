@@ -29,6 +29,10 @@ pub struct RunConfig {
     pub clip: Option<PathBuf>,
     pub epochs: usize,
     pub device: String,
+    /// `f32`, or `bf16`: bf16 activations and frozen CLIP weights with f32 masters of every
+    /// trainable tensor (needs `sd2.train_base = false`).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
     #[serde(default)]
     pub skip_bad: bool,
     pub sd2: Sd2Config,
@@ -36,6 +40,19 @@ pub struct RunConfig {
     /// Train-time augmentations (SD2-SPEC §5).
     #[serde(default)]
     pub augment: AugmentConfig,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+/// The compute dtype a run config names.
+pub fn compute_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::Msg(format!("dtype `{other}`: expected f32 or bf16"))),
+    }
 }
 
 /// The preset's full configuration (manifest and out still to be given).
@@ -64,6 +81,7 @@ pub fn preset(name: &str) -> Result<RunConfig> {
         clip: None,
         epochs: 4,
         device: "cpu".into(),
+        dtype: default_dtype(),
         skip_bad: false,
         sd2,
         train,
@@ -198,6 +216,7 @@ pub struct TrainOutcome {
 pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcome> {
     let device = Device::parse(&cfg.device)?;
     device.check_available()?;
+    let dtype = compute_dtype(&cfg.dtype)?;
     let opts = LoadOptions {
         skip_bad: cfg.skip_bad,
         check_images: true,
@@ -215,11 +234,11 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
     let clip = match (cfg.preset.as_str(), &cfg.clip) {
         ("tiny", None) => ClipModel::random(
             &crate::demo::tiny_clip_config(),
-            DType::F32,
+            dtype,
             device,
             cfg.train.seed,
         )?,
-        (_, Some(dir)) => ClipModel::load(dir, DType::F32, device)?,
+        (_, Some(dir)) => ClipModel::load(dir, dtype, device)?,
         (p, None) => {
             return Err(Error::Msg(format!(
             "preset {p} needs `clip` = a local CLIP folder (e.g. openai/clip-vit-large-patch14)"
@@ -287,7 +306,7 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
                 let loaded = loader
                     .next()
                     .ok_or_else(|| Error::Msg("loader stopped early".into()))??;
-                let (items, pixel_values) = loaded.into_parts(size, DType::F32, device)?;
+                let (items, pixel_values) = loaded.into_parts(size, dtype, device)?;
                 mbs.push(MicroBatch {
                     pixel_values,
                     labels: items.iter().map(|i| i.label).collect(),
