@@ -150,7 +150,12 @@ impl CudaStorage {
                 .get_or_insert_with(HashMap::new)
                 .get(&ck)
             {
-                return Ok(*p);
+                // The shape's choice, unless this call's operands rule it out (v3 needs 16-byte
+                // aligned operands; a view of the same shape may not be): then cuBLAS.
+                if *p == LoraPath::Cublas || cands.contains(p) {
+                    return Ok(*p);
+                }
+                return Ok(LoraPath::Cublas);
             }
             let p = measure(g, &key, &cands, run)?;
             CHOICES
