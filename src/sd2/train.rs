@@ -162,6 +162,41 @@ impl Trainer {
             .tokenize_batch_longest(texts, ctx, self.model.clip.logit_scale.device())
     }
 
+    /// The model's batch for a micro-batch: class phrases and the descriptions the losses use
+    /// tokenized together on the host (one width, one upload; the model then needs no padding,
+    /// which would read ids back).
+    fn sd2_batch(&self, mb: &MicroBatch, phrases: &[&str]) -> Result<Sd2Batch> {
+        let (n, dual) = (mb.labels.len(), self.model.cfg.loss_dual);
+        let device = self.model.clip.logit_scale.device();
+        let (face, env) = (dual != DualContrast::Off, dual == DualContrast::FaceEnv);
+        let mut texts: Vec<&str> = phrases.to_vec();
+        for (v, what, used) in [(&mb.face, "face", face), (&mb.env, "env", env)] {
+            if !used {
+                continue;
+            }
+            if v.len() != n {
+                return Err(Error::Msg(format!(
+                    "train step: {} {what} descriptions for {n} images",
+                    v.len()
+                )));
+            }
+            texts.extend(v.iter().map(|s| s.as_str()));
+        }
+        let ids = self.ids(&texts)?;
+        let p = phrases.len();
+        Ok(Sd2Batch {
+            pixel_values: mb.pixel_values.clone(),
+            labels: Tensor::from_vec(
+                mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
+                n,
+                device,
+            )?,
+            type_ids: ids.narrow(0, 0, p)?,
+            face_ids: face.then(|| ids.narrow(0, p, n)).transpose()?,
+            env_ids: env.then(|| ids.narrow(0, p + n, n)).transpose()?,
+        })
+    }
+
     /// The largest micro-batch that fits the device's memory (GPU; None elsewhere), at most
     /// `max`: forward + backward (no optimizer step, nothing changes) at 2 and 4 random
     /// images of `size` px with descriptions, a linear fit of the peak bytes, 90% of what
@@ -190,21 +225,7 @@ impl Trainer {
                 env: descriptions,
             };
             crate::backend::cuda::reset_peak(device);
-            let mut texts: Vec<&str> = self.type_texts.test_phrases().to_vec();
-            texts.extend(mb.face.iter().map(|s| s.as_str()));
-            texts.extend(mb.env.iter().map(|s| s.as_str()));
-            let ids = self.ids(&texts)?;
-            let batch = Sd2Batch {
-                pixel_values: mb.pixel_values.clone(),
-                labels: Tensor::from_vec(
-                    mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
-                    b,
-                    device,
-                )?,
-                type_ids: ids.narrow(0, 0, 5)?,
-                face_ids: Some(ids.narrow(0, 5, b)?),
-                env_ids: Some(ids.narrow(0, 5 + b, b)?),
-            };
+            let batch = self.sd2_batch(&mb, &self.type_texts.test_phrases())?;
             let losses = self.model.losses(
                 &batch,
                 Fwd {
@@ -247,47 +268,7 @@ impl Trainer {
         for (k, mb) in micro.iter().enumerate() {
             let n = mb.labels.len();
             let w = n as f64 / total_images as f64;
-            for (v, what) in [(&mb.face, "face"), (&mb.env, "env")] {
-                let used = match what {
-                    "face" => dual != DualContrast::Off,
-                    _ => dual == DualContrast::FaceEnv,
-                };
-                if used && v.len() != n {
-                    return Err(Error::Msg(format!(
-                        "train step: {} {what} descriptions for {n} images",
-                        v.len()
-                    )));
-                }
-            }
-            // Class phrases and descriptions tokenized together on the host: one width, one
-            // upload, and the model needs no padding (which would read ids back).
-            let mut texts: Vec<&str> = phrases.to_vec();
-            if dual != DualContrast::Off {
-                texts.extend(mb.face.iter().map(|s| s.as_str()));
-            }
-            if dual == DualContrast::FaceEnv {
-                texts.extend(mb.env.iter().map(|s| s.as_str()));
-            }
-            let ids = self.ids(&texts)?;
-            let batch = Sd2Batch {
-                pixel_values: mb.pixel_values.clone(),
-                labels: Tensor::from_vec(
-                    mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
-                    n,
-                    device,
-                )?,
-                type_ids: ids.narrow(0, 0, 5)?,
-                face_ids: if dual != DualContrast::Off {
-                    Some(ids.narrow(0, 5, n)?)
-                } else {
-                    None
-                },
-                env_ids: if dual == DualContrast::FaceEnv {
-                    Some(ids.narrow(0, 5 + n, n)?)
-                } else {
-                    None
-                },
-            };
+            let batch = self.sd2_batch(mb, &phrases)?;
             let seed =
                 mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
             let fwd_range = crate::backend::cuda::profile::range_with(|| format!("forward {k}"));

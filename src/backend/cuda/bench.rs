@@ -160,40 +160,20 @@ pub fn flash_attention(
         let o2 = gpu.alloc(2 * n)?;
         let lse2 = gpu.alloc(4 * bh * s.seq)?;
         o2.fill_bytes(0xff)?;
-        let fwd_tc = || -> Result<()> {
-            let mut a = vec![p(&q), p(&kk), p(&v), p(&o2), p(&lse2)];
+        // Variants 2–4 (tensor cores) share arguments; each writes its own output.
+        let tc = |kernel: &'static str, out: &DeviceBuffer| {
+            let mut a = vec![p(&q), p(&kk), p(&v), p(out), p(&lse2)];
             a.extend(tail);
             // SAFETY: as above.
-            unsafe { gpu.launch("flash_fwd_tc_d64_bf16", flash::fwd_tc_config(bh, s.seq), &a) }
+            move || unsafe { gpu.launch(kernel, flash::fwd_tc_config(bh, s.seq), &a) }
         };
+        let fwd_tc = tc("flash_fwd_tc_d64_bf16", &o2);
         let o3 = gpu.alloc(2 * n)?;
         o3.fill_bytes(0xff)?;
-        let fwd_tc3 = || -> Result<()> {
-            let mut a = vec![p(&q), p(&kk), p(&v), p(&o3), p(&lse2)];
-            a.extend(tail);
-            // SAFETY: as above.
-            unsafe {
-                gpu.launch(
-                    "flash_fwd_tc3_d64_bf16",
-                    flash::fwd_tc_config(bh, s.seq),
-                    &a,
-                )
-            }
-        };
+        let fwd_tc3 = tc("flash_fwd_tc3_d64_bf16", &o3);
         let o4 = gpu.alloc(2 * n)?;
         o4.fill_bytes(0xff)?;
-        let fwd_tc4 = || -> Result<()> {
-            let mut a = vec![p(&q), p(&kk), p(&v), p(&o4), p(&lse2)];
-            a.extend(tail);
-            // SAFETY: as above.
-            unsafe {
-                gpu.launch(
-                    "flash_fwd_tc4_d64_bf16",
-                    flash::fwd_tc_config(bh, s.seq),
-                    &a,
-                )
-            }
-        };
+        let fwd_tc4 = tc("flash_fwd_tc4_d64_bf16", &o4);
         for _ in 0..warmup {
             fwd()?;
             fwd_tc()?;
@@ -205,9 +185,9 @@ pub fn flash_attention(
         let (mut tf, mut tb, mut t2, mut t3, mut t4) = (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..iters {
             tf.push(gpu.time_ms(fwd)? as f64);
-            t2.push(gpu.time_ms(fwd_tc)? as f64);
-            t3.push(gpu.time_ms(fwd_tc3)? as f64);
-            t4.push(gpu.time_ms(fwd_tc4)? as f64);
+            t2.push(gpu.time_ms(&fwd_tc)? as f64);
+            t3.push(gpu.time_ms(&fwd_tc3)? as f64);
+            t4.push(gpu.time_ms(&fwd_tc4)? as f64);
             tb.push(gpu.time_ms(bwd)? as f64);
         }
         gpu.synchronize()?;

@@ -61,7 +61,15 @@ enum Policy {
     Fused,
 }
 
+/// `SD2_LORA_GEMM`, read once per process (every linear layer asks).
 fn policy() -> Result<Policy> {
+    static P: std::sync::OnceLock<std::result::Result<Policy, String>> = std::sync::OnceLock::new();
+    P.get_or_init(|| read_policy().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::Msg)
+}
+
+fn read_policy() -> Result<Policy> {
     match std::env::var("SD2_LORA_GEMM").as_deref().map(str::trim) {
         Err(_) | Ok("") | Ok("auto") => Ok(Policy::Auto),
         Ok("cublas") => Ok(Policy::Only(LoraPath::Cublas)),
