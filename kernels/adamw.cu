@@ -16,7 +16,11 @@ struct AdamwChunk {
 
 extern "C" __global__ void adamw_multi_f32(const AdamwChunk* __restrict__ chunks, int num_chunks,
                                            float lr, float beta1, float beta2, float eps,
-                                           float bias1, float bias2, float grad_scale) {
+                                           float bias1, float bias2, float grad_scale,
+                                           const float* __restrict__ scale_ptr) {
+  // scale_ptr (nullable): a factor computed on the device (`grad_clip_f32`'s coefficient), so
+  // clipping needs no host round trip.
+  if (scale_ptr != nullptr) grad_scale *= *scale_ptr;
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const AdamwChunk k = chunks[c];
     for (long long i = k.begin + threadIdx.x; i < k.end; i += blockDim.x) {
@@ -46,3 +50,22 @@ extern "C" __global__ void sum_sq_multi_f32(const AdamwChunk* __restrict__ chunk
   }
 }
 SD2_REGISTER_KERNEL(sum_sq_multi_f32)
+
+// One block: out[0] = ‖g‖ = √(Σ part) (summed in double, in order per thread), out[1] = torch's
+// clip_grad_norm_ factor min(1, max_norm / (‖g‖ + 1e-6)).
+extern "C" __global__ void grad_clip_f32(const float* __restrict__ part, int num_parts,
+                                         float max_norm, float* __restrict__ out) {
+  __shared__ double scratch[1024];
+  double s = 0.0;
+  for (int i = threadIdx.x; i < num_parts; i += blockDim.x) s += (double)part[i];
+  scratch[threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int i = 0; i < (int)blockDim.x; ++i) t += scratch[i];
+    const double norm = sqrt(t);
+    out[0] = (float)norm;
+    out[1] = (float)fmin(1.0, (double)max_norm / (norm + 1e-6));
+  }
+}
+SD2_REGISTER_KERNEL(grad_clip_f32)

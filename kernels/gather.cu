@@ -75,3 +75,34 @@ SD2_REGISTER_KERNEL(index_add_rows_f32)
 
 SD2_GATHER(float, f32)
 SD2_GATHER(bf16, bf16)
+
+// ids (i64 or u32) → i64 for the index kernels, checked against [0, bound) on the device so
+// the host never waits to check them: a bad id becomes 0 (never an illegal address) and the
+// first one is recorded in err = [count, op, position, id, bound]; the host reports it at its
+// next read from the device.
+template <typename T>
+__device__ void ids_checked(const T* __restrict__ ids, long long n, long long bound, int op,
+                            int64_t* __restrict__ out, unsigned long long* __restrict__ err) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    long long v = (long long)ids[i];
+    if (v < 0 || v >= bound) {
+      if (atomicAdd(&err[0], 1ULL) == 0ULL) {
+        err[1] = (unsigned long long)op;
+        err[2] = (unsigned long long)i;
+        err[3] = (unsigned long long)v;
+        err[4] = (unsigned long long)bound;
+      }
+      v = 0;
+    }
+    out[i] = v;
+  }
+}
+#define SD2_IDS_CHECKED(SUF, T)                                                                  \
+  extern "C" __global__ void ids_checked_##SUF(const T* ids, long long n, long long bound,      \
+                                               int op, int64_t* out, unsigned long long* err) { \
+    ids_checked<T>(ids, n, bound, op, out, err);                                                 \
+  }                                                                                              \
+  SD2_REGISTER_KERNEL(ids_checked_##SUF)
+SD2_IDS_CHECKED(i64, int64_t)
+SD2_IDS_CHECKED(u32, uint32_t)

@@ -61,6 +61,13 @@ pub fn no_grad() -> GradModeGuard {
     GradModeGuard(prev)
 }
 
+/// Enables recording on this thread until the guard is dropped (recomputation inside a
+/// backward pass, which otherwise runs without recording).
+pub(crate) fn enable_grad() -> GradModeGuard {
+    let prev = GRAD_ENABLED.with(|g| g.replace(true));
+    GradModeGuard(prev)
+}
+
 /// Builds an op's output, recording `make_backward(y)` only when it is needed. The closure
 /// (which clones whatever the backward saves) does not run at all in inference. `y` is a
 /// constant view sharing the output's storage, for backward rules that need the output
@@ -78,7 +85,21 @@ pub(crate) fn record<B: BackwardOp + 'static>(
             format!("{} elements for shape {shape:?}", out.len()),
         ));
     }
-    let storage = std::sync::Arc::new(std::sync::RwLock::new(out));
+    record_shared(
+        std::sync::Arc::new(std::sync::RwLock::new(out)),
+        shape,
+        inputs,
+        make_backward,
+    )
+}
+
+/// `record` over storage that already exists (shared, not copied).
+fn record_shared<B: BackwardOp + 'static>(
+    storage: std::sync::Arc<std::sync::RwLock<crate::storage::Storage>>,
+    shape: crate::Shape,
+    inputs: &[&Tensor],
+    make_backward: impl FnOnce(&Tensor) -> B,
+) -> Result<Tensor> {
     if is_grad_enabled() && inputs.iter().any(|t| t.is_tracked()) {
         note_recorded();
         let view = Tensor::build(storage.clone(), shape.clone(), GradState::Const);
@@ -180,8 +201,20 @@ impl Tensor {
     /// Backpropagates and accumulates leaf gradients into `store` (micro-batch accumulation).
     /// The graph is consumed: a second backward through the same ops is an error.
     pub fn backward_into(&self, store: &mut GradStore) -> Result<()> {
-        let _guard = no_grad();
         let seed = Tensor::ones(self.shape().clone(), self.dtype(), self.device())?;
+        self.backward_seeded(seed, store)
+    }
+
+    /// `backward_into` from a given gradient of this tensor (its shape).
+    pub fn backward_seeded(&self, seed: Tensor, store: &mut GradStore) -> Result<()> {
+        let _guard = no_grad();
+        if seed.shape() != self.shape() {
+            return Err(Error::Autograd(format!(
+                "backward seed of shape {:?} for a tensor of shape {:?}",
+                seed.shape(),
+                self.shape()
+            )));
+        }
         match &self.0.grad {
             GradState::Const => {
                 return Err(Error::Autograd(
@@ -278,4 +311,90 @@ fn topo_order(root: &Tensor) -> Result<Vec<Option<Tensor>>> {
         }
     }
     Ok(order)
+}
+
+/// Activation recomputation ("gradient checkpointing"): `f(inputs)` runs without recording,
+/// so none of its intermediate activations are kept; the backward pass runs `f` again with
+/// recording and backpropagates through that copy. Costs one more forward of `f`; saves all
+/// of `f`'s activations but its inputs. `f` must be deterministic (dropout seeded, as
+/// `Fwd::dropout_seed` makes it) and `params` must list every trainable tensor `f` reads
+/// besides `inputs`: their gradients come out of the recomputed graph (a trainable tensor
+/// missing from the list is an error at backward, not a silently lost gradient).
+pub fn checkpoint<F>(inputs: &[&Tensor], params: &[Tensor], f: F) -> Result<Tensor>
+where
+    F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+    let tracked = owned.iter().chain(params).any(|t| t.is_tracked());
+    if !is_grad_enabled() || !tracked {
+        return f(&owned);
+    }
+    let y = {
+        let _g = no_grad();
+        f(&owned)?
+    };
+    let saved: Vec<Tensor> = owned.iter().map(|t| t.detach()).collect();
+    let all: Vec<&Tensor> = inputs.iter().copied().chain(params.iter()).collect();
+    record_shared(y.0.storage.clone(), y.shape().clone(), &all, |_| {
+        Checkpoint {
+            f: Box::new(f),
+            saved,
+            params: params.to_vec(),
+        }
+    })
+}
+
+/// The function a checkpoint recomputes.
+type Recompute = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync>;
+
+struct Checkpoint {
+    f: Recompute,
+    saved: Vec<Tensor>,
+    params: Vec<Tensor>,
+}
+
+impl BackwardOp for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let _g = enable_grad();
+        let n = self.saved.len();
+        // Fresh leaves over the saved inputs' storage: their gradients are the inputs'.
+        let leaves: Vec<Tensor> = self
+            .saved
+            .iter()
+            .zip(needs)
+            .map(|(t, need)| {
+                if *need {
+                    t.detach().into_trainable()
+                } else {
+                    t.detach()
+                }
+            })
+            .collect();
+        let y = (self.f)(&leaves)?;
+        let mut store = GradStore::new();
+        if y.is_tracked() {
+            y.backward_seeded(grad.clone(), &mut store)?;
+        }
+        let mut out: Vec<Option<Tensor>> = leaves
+            .iter()
+            .zip(needs)
+            .map(|(l, need)| if *need { store.remove(l) } else { None })
+            .collect();
+        for (p, need) in self.params.iter().zip(&needs[n..]) {
+            let g = store.remove(p);
+            out.push(if *need { g } else { None });
+        }
+        if !store.is_empty() {
+            return Err(Error::Autograd(format!(
+                "checkpoint: the recomputed function read {} trainable tensor(s) not passed as \
+                 `params`; their gradients would be lost",
+                store.len()
+            )));
+        }
+        Ok(out)
+    }
 }

@@ -46,7 +46,7 @@ pub mod shape;
 pub mod storage;
 pub mod tensor;
 
-pub use autograd::{no_grad, GradStore};
+pub use autograd::{checkpoint, no_grad, GradStore};
 pub use device::Device;
 pub use dtype::{DType, Float, WithDType};
 pub use error::{Error, Result};

@@ -142,6 +142,121 @@ impl AdamW {
     }
 }
 
+/// The global gradient norm of a step, where it was computed.
+pub enum GradNorm {
+    Host(f64),
+    /// [‖g‖, clipping factor] (f32) on the device: read it with the step's other metrics, so
+    /// the step itself never waits for the device.
+    Device(Tensor),
+}
+
+impl AdamW {
+    /// Clips the gradients to global norm `max_norm` (torch's `clip_grad_norm_` factor) and
+    /// updates every parameter that has a gradient. When every such parameter and gradient is
+    /// f32 on one CUDA device this is three launches (norm, factor, one multi-tensor AdamW) and
+    /// no host sync; elsewhere the norm is computed on the host first.
+    pub fn step_clipped(
+        &mut self,
+        params: &[Param],
+        grads: &GradStore,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<GradNorm> {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        if let Some(n) = self.step_fused(params, grads, lr, max_norm)? {
+            return Ok(GradNorm::Device(n));
+        }
+        let norm = grad_norm(params, grads)?;
+        self.step(params, grads, lr, clip_coefficient(norm, max_norm))?;
+        Ok(GradNorm::Host(norm))
+    }
+
+    /// `step_clipped` on one CUDA device; None (nothing done) when the parameters are not all
+    /// f32 CUDA tensors there.
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn step_fused(
+        &mut self,
+        params: &[Param],
+        grads: &GradStore,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<Option<Tensor>> {
+        use crate::backend::cuda::storage::storage_optim::{adamw_clipped, FusedParam};
+        use crate::storage::Storage;
+        let mut with = vec![];
+        for p in params {
+            if !p.tensor.is_trainable() {
+                return Err(Error::Msg(format!(
+                    "adamw: parameter `{}` is not a trainable tensor",
+                    p.name
+                )));
+            }
+            if let Some(g) = grads.get(&p.tensor) {
+                with.push((p, g));
+            }
+        }
+        let Some(device) = with.first().map(|(p, _)| p.tensor.device()) else {
+            return Ok(None);
+        };
+        let fits = |t: &Tensor| t.device() == device && t.dtype() == crate::DType::F32;
+        if !device.is_cuda() || !with.iter().all(|(p, g)| fits(&p.tensor) && fits(g)) {
+            return Ok(None);
+        }
+        for (p, _) in &with {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.moments.entry(p.tensor.id())
+            {
+                let z = || Tensor::zeros(p.tensor.dims().to_vec(), crate::DType::F32, device);
+                e.insert((z()?, z()?));
+            }
+        }
+        self.steps += 1;
+        let t = self.steps as i32;
+        let step = AdamWStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: 0.0,
+            bias1: 1.0 - self.cfg.beta1.powi(t),
+            bias2: 1.0 - self.cfg.beta2.powi(t),
+            grad_scale: 1.0,
+        };
+        // Write guards on what the kernels update, read guards on the gradients.
+        let mut guards = vec![];
+        for (p, g) in &with {
+            let (m, v) = &self.moments[&p.tensor.id()];
+            guards.push((
+                p.tensor.storage_mut(),
+                g.storage(),
+                m.storage_mut(),
+                v.storage_mut(),
+                if p.decay { self.cfg.weight_decay } else { 0.0 },
+            ));
+        }
+        let mut fused = vec![];
+        for (p, g, m, v, wd) in &guards {
+            let (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) =
+                (&**p, &**g, &**m, &**v)
+            else {
+                return Err(Error::Msg(
+                    "adamw: a CUDA tensor without CUDA storage".into(),
+                ));
+            };
+            fused.push(FusedParam {
+                p,
+                g,
+                m,
+                v,
+                weight_decay: *wd as f32,
+            });
+        }
+        let out = adamw_clipped(&fused, step, max_norm)?;
+        drop(fused);
+        drop(guards);
+        Ok(Some(Tensor::from_storage(Storage::Cuda(out), 2usize)?))
+    }
+}
+
 /// Global L2 norm of the gradients of `params`.
 pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
     let mut s = 0.0;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clip::{ClipModel, ClipTokenizer};
 use crate::data::augment::AugmentConfig;
-use crate::data::loader::{Prefetcher, Transform};
+use crate::data::loader::{DeviceBatches, Prefetcher, Transform};
 use crate::data::{Item, LoadOptions, Manifest, Split};
 use crate::eval::report;
 use crate::rng::Rng;
@@ -290,7 +290,7 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
             .chunks(micro)
             .map(|c| c.iter().map(|i| train[*i].clone()).collect())
             .collect();
-        let mut loader = Prefetcher::new(
+        let loader = Prefetcher::new(
             batches,
             size,
             Transform::Augment {
@@ -300,13 +300,14 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
             },
             2 * per_step,
         );
+        // One step's micro-batches copying ahead: step k+1's data moves while step k computes.
+        let mut loader = DeviceBatches::new(loader, per_step, size, dtype, device);
         for (k, step_items) in order.chunks(micro * per_step).enumerate() {
             let mut mbs = vec![];
             for _ in step_items.chunks(micro) {
-                let loaded = loader
+                let (items, pixel_values) = loader
                     .next()
                     .ok_or_else(|| Error::Msg("loader stopped early".into()))??;
-                let (items, pixel_values) = loaded.into_parts(size, dtype, device)?;
                 mbs.push(MicroBatch {
                     pixel_values,
                     labels: items.iter().map(|i| i.label).collect(),

@@ -260,3 +260,62 @@ fn dtype_casts_carry_gradients_back() {
         0.0,
     );
 }
+
+/// Activation recomputation: a checkpointed block gives the same loss and gradients (inputs
+/// and declared parameters) as the recorded one, records one node instead of the block's, and
+/// refuses a parameter it was not told about.
+#[test]
+fn checkpoint_recomputes_the_same_gradients() {
+    let x = rand64(&[4, 6], 20).into_trainable();
+    let (w, gamma) = (
+        rand64(&[6, 6], 21).into_trainable(),
+        rand64(&[6], 22).into_trainable(),
+    );
+    let beta = rand64(&[6], 23);
+    let block = {
+        let (w, gamma, beta) = (w.clone(), gamma.clone(), beta.clone());
+        move |xs: &[Tensor]| -> Result<Tensor> {
+            xs[0]
+                .linear(&w, None)?
+                .quick_gelu()?
+                .layer_norm(&gamma, &beta, 1e-5)?
+                .mul(&xs[0])
+        }
+    };
+    let loss = |y: Tensor| y.sqr().unwrap().sum_all().unwrap();
+    let n0 = nodes_recorded();
+    let plain = loss(block(std::slice::from_ref(&x)).unwrap());
+    let n_plain = nodes_recorded() - n0;
+    let g_plain = plain.backward().unwrap();
+    let n1 = nodes_recorded();
+    let y = sd2::checkpoint(&[&x], &[w.clone(), gamma.clone()], block.clone()).unwrap();
+    let n_ckpt = nodes_recorded() - n1;
+    let ck = loss(y);
+    assert_close(
+        "checkpointed loss",
+        &[ck.to_scalar().unwrap()],
+        &[plain.to_scalar().unwrap()],
+        1e-12,
+        1e-12,
+    );
+    let g_ck = ck.backward().unwrap();
+    for (name, t) in [("x", &x), ("w", &w), ("gamma", &gamma)] {
+        let (a, b) = (
+            g_ck.get(t).unwrap().to_vec_f64().unwrap(),
+            g_plain.get(t).unwrap().to_vec_f64().unwrap(),
+        );
+        assert_close(&format!("d{name}"), &a, &b, 1e-12, 1e-12);
+    }
+    // the block's ops recorded once (plus the loss's two), the checkpoint as one node
+    assert!(n_plain >= 5, "{n_plain} nodes without recomputation");
+    assert_eq!(n_ckpt, 1, "one node for the checkpointed block");
+
+    // gamma read but not declared: an error at backward, not a lost gradient
+    let y = sd2::checkpoint(&[&x], std::slice::from_ref(&w), block).unwrap();
+    let e = loss(y)
+        .backward()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("not passed as `params`"), "{e}");
+}

@@ -16,6 +16,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
             dtype: DType::F32,
             trace: None,
             seed: 3,
+            recompute: train,
         };
         let r = run(&cfg).unwrap();
         println!("{}", r.report(5));
@@ -43,6 +44,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
         dtype: DType::F32,
         trace: None,
         seed: 0,
+        recompute: false,
     };
     let e = run(&bad).expect_err("unknown preset").to_string();
     assert!(e.contains("vit-h"), "{e}");

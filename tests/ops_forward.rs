@@ -315,6 +315,14 @@ fn losses(dev: Device) {
         &[(2f64.ln() - (2.0f64 / 3.0).ln()) / 2.0],
         TOL,
     );
+    let e = ops::cross_entropy(&z, &ids(dev, &[0, 2]))
+        .and_then(|l| l.to_scalar())
+        .expect_err("label 2 of 2 classes must fail")
+        .to_string();
+    assert!(
+        e.contains("cross_entropy") && e.contains("outside 0..2"),
+        "{e}"
+    );
     // Sigmoid loss, n = 2 orthonormal pairs: ⟨f_i, d_j⟩ = δ_ij.
     let f = t(dev, &[1., 0., 0., 1.], &[2, 2]);
     let tt = t(dev, &[10.], &[]);
@@ -355,9 +363,21 @@ fn gather_and_layout(dev: Device) {
         &[20., 21., 0., 1., 20., 21., 10., 11.],
         TOL,
     );
+    // id 3 of 3 rows fails: at the op on the CPU, at the next read on CUDA storage (checked on
+    // the device, so the host never waits for the check); the read after that is clean.
+    let e = Tensor::embedding(&table, &ids(dev, &[1, 3]))
+        .and_then(|e| e.to_vec_f64())
+        .expect_err("id 3 of 3 rows must fail")
+        .to_string();
     assert!(
-        Tensor::embedding(&table, &ids(dev, &[3])).is_err(),
-        "id 3 of 3 rows must fail"
+        e.contains("index_rows") && e.contains("id 3 at position 1 is outside 0..3"),
+        "{e}"
+    );
+    assert_tensor(
+        "after a bad id",
+        &table.narrow(0, 1, 1).unwrap(),
+        &[10., 11.],
+        TOL,
     );
     let h = t(
         dev,

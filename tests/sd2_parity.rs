@@ -36,6 +36,7 @@ fn run(dtype: DType, loss_tol: f64, grad_tol: f64, param_tol: f64) {
         type_ids: refs["type_ids"].clone(),
         face_ids: Some(refs["face_ids"].clone()),
         env_ids: Some(refs["env_ids"].clone()),
+        host_ids: None,
     };
     let tag = |s: &str| format!("{dtype}/{s}");
     let l = model.losses(&batch, Fwd::default()).unwrap();

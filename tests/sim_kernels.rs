@@ -656,13 +656,17 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
             bias2: 1.0 - 0.999f64.powi(3),
             grad_scale: 0.5,
         };
+        let want_sq: f64 = g.iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum();
+        let clipped = |wd: f32| AdamWStep {
+            grad_scale: 0.5 * sd2::optim::clip_coefficient(want_sq.sqrt(), 0.5 * want_sq.sqrt()),
+            ..step(wd)
+        };
         let mut want: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = vec![];
         for k in 0..2 {
             let (mut pp, mut mm, mut vv) = (p[k].clone(), m[k].clone(), v[k].clone());
-            sd2::backend::cpu::optim::adamw(&mut pp, &g[k], &mut mm, &mut vv, step(decay[k]));
+            sd2::backend::cpu::optim::adamw(&mut pp, &g[k], &mut mm, &mut vv, clipped(decay[k]));
             want.push((pp, mm, vv));
         }
-        let want_sq: f64 = g.iter().flatten().map(|x| (*x as f64) * (*x as f64)).sum();
         // The kernel reaches the tensors through the table: they live in the runner's memory.
         let put = |v: &[Vec<f32>]| -> Vec<_> { v.iter().map(|x| r.buffer(x).unwrap()).collect() };
         let (pb, gb, mb, vb) = (put(&p), put(&g), put(&m), put(&v));
@@ -685,7 +689,10 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
             }
         }
         let mut parts = vec![f32::NAN; chunks.len()];
+        let mut clip = [f32::NAN; 2];
         let s = step(0.0);
+        // Clipping at half the norm: the device coefficient ≈ 0.5 scales every gradient.
+        let max_norm = 0.5 * want_sq.sqrt();
         unsafe {
             r.launch(
                 "sum_sq_multi_f32",
@@ -694,6 +701,17 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
                     KArg::input(&chunks),
                     KArg::I32(chunks.len() as i32),
                     KArg::output(&mut parts),
+                ],
+            )
+            .unwrap();
+            r.launch(
+                "grad_clip_f32",
+                cfg1(1, 64),
+                &mut [
+                    KArg::input(&parts),
+                    KArg::I32(parts.len() as i32),
+                    KArg::F32(max_norm as f32),
+                    KArg::output(&mut clip),
                 ],
             )
             .unwrap();
@@ -710,6 +728,7 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
                     KArg::F32(s.bias1 as f32),
                     KArg::F32(s.bias2 as f32),
                     KArg::F32(s.grad_scale as f32),
+                    KArg::input(&clip[1..]),
                 ],
             )
             .unwrap();
@@ -726,6 +745,14 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
             &[want_sq as f32],
             1e-6,
         );
+        let coef = sd2::optim::clip_coefficient(want_sq.sqrt(), max_norm);
+        check(
+            "grad norm, clip coefficient",
+            &clip,
+            &[want_sq.sqrt() as f32, coef as f32],
+            1e-6,
+        );
+        assert!(coef < 0.51, "the test must clip: coefficient {coef}");
         for k in 0..2 {
             check(&format!("adamw tensor {k} p"), &p[k], &want[k].0, 1e-6);
             check(&format!("adamw tensor {k} m"), &m[k], &want[k].1, 1e-6);

@@ -79,10 +79,13 @@ pub struct LoraAdapter {
     pub dropout: f32,
 }
 
-/// Training-time context of a forward pass: `Some(seed)` turns LoRA dropout on.
+/// Training-time context of a forward pass: `Some(seed)` turns LoRA dropout on;
+/// `recompute` keeps only each encoder block's input for backward and runs the block again
+/// there (activation recomputation: about a third more compute, a fraction of the memory).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fwd {
     pub dropout_seed: Option<u64>,
+    pub recompute: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -245,6 +248,42 @@ impl EncoderLayer {
         x.add(&h)
     }
 
+    /// The block's trainable tensors (LoRA factors; every weight with `train_base`).
+    pub fn trainables(&self) -> Vec<Tensor> {
+        let lin = [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ];
+        let mut v: Vec<Tensor> = vec![];
+        for l in lin {
+            v.push(l.weight.clone());
+            v.extend(l.bias.iter().cloned());
+            if let Some(a) = &l.lora {
+                v.extend([a.a.clone(), a.b.clone()]);
+            }
+        }
+        for n in [&self.layer_norm1, &self.layer_norm2] {
+            v.extend([n.weight.clone(), n.bias.clone()]);
+        }
+        v.retain(|t| t.is_trainable());
+        v
+    }
+
+    /// `forward`, recomputed in backward when `fwd.recompute` (only `x` is kept).
+    pub fn forward_maybe_recomputed(&self, x: &Tensor, causal: bool, fwd: Fwd) -> Result<Tensor> {
+        if !fwd.recompute {
+            return self.forward(x, causal, fwd);
+        }
+        let layer = self.clone();
+        crate::autograd::checkpoint(&[x], &self.trainables(), move |xs| {
+            layer.forward(&xs[0], causal, fwd)
+        })
+    }
+
     /// Every linear layer of the block, by its HF name suffix.
     pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 6] {
         [
@@ -277,7 +316,7 @@ fn run_blocks(
         let _r = crate::backend::cuda::profile::range_with(|| {
             format!("{} layer {i}", if causal { "text" } else { "vision" })
         });
-        x = layer.forward(&x, causal, fwd)?;
+        x = layer.forward_maybe_recomputed(&x, causal, fwd)?;
         if opts.hidden_states {
             hidden.push(x.clone());
         }
@@ -451,6 +490,19 @@ impl TextTower {
 
     /// input_ids [M, S] (i64/u32, S ≤ max positions) → pooled [M, D] at the first EOS.
     pub fn forward(&self, ids: &Tensor, opts: TowerOptions, fwd: Fwd) -> Result<TowerOutput> {
+        self.forward_with_host(ids, None, opts, fwd)
+    }
+
+    /// `forward` with the ids' host copy when the caller has one (it tokenized them): the
+    /// vocabulary check and the EOS positions then need no read-back from the device, which
+    /// would wait for every queued kernel.
+    pub fn forward_with_host(
+        &self,
+        ids: &Tensor,
+        host: Option<&[i64]>,
+        opts: TowerOptions,
+        fwd: Fwd,
+    ) -> Result<TowerOutput> {
         if ids.rank() != 2 || ids.dims()[1] > self.cfg.max_position_embeddings || ids.dims()[1] == 0
         {
             return Err(Error::shape(
@@ -463,7 +515,20 @@ impl TextTower {
             ));
         }
         let (m, s) = (ids.dims()[0], ids.dims()[1]);
-        let host: Vec<i64> = ids.to_vec::<i64>()?;
+        let read;
+        let host: &[i64] = match host {
+            Some(h) if h.len() == m * s => h,
+            Some(h) => {
+                return Err(Error::shape(
+                    "clip text",
+                    format!("{} host ids for input_ids {:?}", h.len(), ids.dims()),
+                ))
+            }
+            None => {
+                read = ids.to_vec::<i64>()?;
+                &read
+            }
+        };
         if let Some(bad) = host
             .iter()
             .find(|v| **v < 0 || **v as usize >= self.cfg.vocab_size)
@@ -483,7 +548,7 @@ impl TextTower {
             ..opts
         };
         let (x, hidden, _) = run_blocks(&self.layers, x, true, opts, fwd)?;
-        let eos = eos_positions(&host, m, s);
+        let eos = eos_positions(host, m, s);
         // LayerNorm is per token, so only the pooled rows need it unless all are asked for.
         let (last, pooled) = if opts.hidden_states {
             let last = self.final_layer_norm.forward(&x)?;

@@ -215,6 +215,16 @@ impl ClipTokenizer {
         context: usize,
         device: Device,
     ) -> Result<Tensor> {
+        let (all, width) = self.tokenize_batch_longest_host(texts, context)?;
+        Tensor::from_vec(all, (texts.len(), width), device)
+    }
+
+    /// `tokenize_batch_longest` on the host: the ids row-major and the common width.
+    pub fn tokenize_batch_longest_host(
+        &self,
+        texts: &[&str],
+        context: usize,
+    ) -> Result<(Vec<i64>, usize)> {
         let rows: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| self.tokenize(t, context))
@@ -232,6 +242,6 @@ impl ClipTokenizer {
             .iter()
             .flat_map(|r| r[..width].iter().map(|&v| v as i64))
             .collect();
-        Tensor::from_vec(all, (texts.len(), width), device)
+        Ok((all, width))
     }
 }

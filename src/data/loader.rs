@@ -1,6 +1,8 @@
 //! Turning manifest items into model input: parallel decode (rayon), train-time augmentation
 //! (deterministic per seed, epoch and manifest line) and CLIP preprocessing, with a bounded
-//! prefetch queue so the next batches are decoded while the model trains on this one.
+//! prefetch queue so the next batches are decoded while the model trains on this one, and
+//! (`DeviceBatches`) copied to the GPU while it computes.
+use std::collections::VecDeque;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::thread::JoinHandle;
 
@@ -8,6 +10,7 @@ use rayon::prelude::*;
 
 use super::augment::{self, AugmentConfig, Perturb};
 use super::manifest::Item;
+use crate::backend::cuda::Upload;
 use crate::clip::preprocess::{decode_image, preprocess};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -48,16 +51,16 @@ pub fn load_host(items: &[Item], size: usize, t: &Transform) -> Result<Vec<f32>>
     Ok(parts.into_iter().flatten().collect())
 }
 
-fn to_tensor(
-    flat: Vec<f32>,
-    n: usize,
-    size: usize,
-    dtype: DType,
-    device: Device,
-) -> Result<Tensor> {
-    Tensor::from_vec(flat, (n, 3, size, size), Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(device)
+/// The pixels as a host tensor of `dtype` (bf16 rounded in parallel).
+fn host_tensor(flat: Vec<f32>, n: usize, size: usize, dtype: DType) -> Result<Tensor> {
+    let shape = (n, 3, size, size);
+    match dtype {
+        DType::BF16 => {
+            let v: Vec<half::bf16> = flat.par_iter().map(|x| half::bf16::from_f32(*x)).collect();
+            Tensor::from_vec(v, shape, Device::Cpu)
+        }
+        _ => Tensor::from_vec(flat, shape, Device::Cpu)?.to_dtype(dtype),
+    }
 }
 
 /// One decoded batch from the prefetcher.
@@ -75,7 +78,71 @@ impl Loaded {
         device: Device,
     ) -> Result<(Vec<Item>, Tensor)> {
         let n = self.items.len();
-        Ok((self.items, to_tensor(self.pixels, n, size, dtype, device)?))
+        let t = host_tensor(self.pixels, n, size, dtype)?.to_device(device)?;
+        Ok((self.items, t))
+    }
+
+    /// As `into_parts`, the copy to a GPU started on its copy stream and not waited for.
+    pub fn upload(self, size: usize, dtype: DType, device: Device) -> Result<(Vec<Item>, Upload)> {
+        let n = self.items.len();
+        let t = host_tensor(self.pixels, n, size, dtype)?.to_device_async(device)?;
+        Ok((self.items, t))
+    }
+}
+
+/// Batches from a `Prefetcher` as device tensors, `ahead` batches already copying: when a
+/// batch is handed out, the ones after it have been staged (pinned memory, the GPU's copy
+/// stream), so their copies overlap the kernels the caller queues for this one. A training
+/// step of k micro-batches uses `ahead = k`: the next step's data moves during this step.
+pub struct DeviceBatches {
+    loader: Prefetcher,
+    staged: VecDeque<(Vec<Item>, Upload)>,
+    ahead: usize,
+    size: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl DeviceBatches {
+    pub fn new(
+        loader: Prefetcher,
+        ahead: usize,
+        size: usize,
+        dtype: DType,
+        device: Device,
+    ) -> DeviceBatches {
+        DeviceBatches {
+            loader,
+            staged: VecDeque::new(),
+            ahead: ahead.max(1),
+            size,
+            dtype,
+            device,
+        }
+    }
+
+    /// Stages batches until `ahead` are in flight (fewer at the end); false when none are left.
+    fn fill(&mut self) -> Result<()> {
+        while self.staged.len() <= self.ahead {
+            match self.loader.next() {
+                Some(l) => self
+                    .staged
+                    .push_back(l?.upload(self.size, self.dtype, self.device)?),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Iterator for DeviceBatches {
+    type Item = Result<(Vec<Item>, Tensor)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Err(e) = self.fill() {
+            return Some(Err(e));
+        }
+        let (items, up) = self.staged.pop_front()?;
+        Some(up.wait().map(|t| (items, t)))
     }
 }
 

@@ -1,19 +1,26 @@
 //! Scoring manifest items with a model, batch by batch, with decoding prefetched.
-use crate::data::loader::{Prefetcher, Transform};
+use crate::data::loader::{DeviceBatches, Prefetcher, Transform};
 use crate::data::Item;
 use crate::eval::report::Pred;
 use crate::sd2::detector::predict_pixels;
 use crate::sd2::Sd2Model;
 use crate::{Result, Tensor};
 
-/// `items` decoded batch by batch (through `transform`) on the prefetch thread, in order.
-fn batches(model: &Sd2Model, items: &[&Item], batch: usize, transform: Transform) -> Prefetcher {
+/// `items` decoded batch by batch (through `transform`) on the prefetch thread, in order, and
+/// on the model's device (the next batch copying while this one computes).
+fn batches(model: &Sd2Model, items: &[&Item], batch: usize, transform: Transform) -> DeviceBatches {
     let size = model.clip.config.vision_config.image_size;
     let batches: Vec<Vec<Item>> = items
         .chunks(batch.max(1))
         .map(|c| c.iter().map(|i| (*i).clone()).collect())
         .collect();
-    Prefetcher::new(batches, size, transform, 2)
+    DeviceBatches::new(
+        Prefetcher::new(batches, size, transform, 2),
+        1,
+        size,
+        model.dtype(),
+        model.clip.logit_scale.device(),
+    )
 }
 
 /// Predictions for `items` (in order) against class embeddings `class_u`, each image first
@@ -25,11 +32,9 @@ pub fn predict_items(
     batch: usize,
     transform: &Transform,
 ) -> Result<Vec<Pred>> {
-    let size = model.clip.config.vision_config.image_size;
-    let device = model.clip.logit_scale.device();
     let mut out = Vec::with_capacity(items.len());
     for loaded in batches(model, items, batch, transform.clone()) {
-        let (chunk, px) = loaded?.into_parts(size, model.dtype(), device)?;
+        let (chunk, px) = loaded?;
         for (it, p) in chunk.iter().zip(predict_pixels(model, class_u, &px)?) {
             out.push(Pred {
                 path: it.rel_path.clone(),
@@ -47,11 +52,9 @@ pub fn predict_items(
 /// L2-normalized SD2 image features (the vector compared with the class texts) of `items`.
 pub fn features_items(model: &Sd2Model, items: &[&Item], batch: usize) -> Result<Vec<Vec<f64>>> {
     let _g = crate::no_grad();
-    let size = model.clip.config.vision_config.image_size;
-    let device = model.clip.logit_scale.device();
     let mut out = Vec::with_capacity(items.len());
     for loaded in batches(model, items, batch, Transform::None) {
-        let (chunk, px) = loaded?.into_parts(size, model.dtype(), device)?;
+        let (chunk, px) = loaded?;
         let f = model
             .image_features(&px, crate::clip::model::Fwd::default())?
             .l2_normalize()?;

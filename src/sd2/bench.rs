@@ -29,6 +29,9 @@ pub struct BenchConfig {
     /// Write a Chrome/Perfetto trace of one extra step here (CUDA devices).
     pub trace: Option<PathBuf>,
     pub seed: u64,
+    /// Training: recompute each encoder block's activations in backward (`TrainConfig::recompute`;
+    /// MFU still counts model FLOPs only).
+    pub recompute: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -183,6 +186,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
             effective_batch: cfg.batch.max(1),
             total_steps: cfg.warmup + cfg.steps + 1,
             seed: cfg.seed,
+            recompute: cfg.recompute,
             ..Default::default()
         };
         let mut trainer = Trainer::new(model, tcfg.clone(), tokenizer, texts);

@@ -34,6 +34,9 @@ pub struct Sd2Batch {
     pub type_ids: Tensor,
     pub face_ids: Option<Tensor>,
     pub env_ids: Option<Tensor>,
+    /// The ids the losses use (types, then faces, then envs when used), row-major on the host,
+    /// when the caller tokenized them: the text tower then reads nothing back from the device.
+    pub host_ids: Option<Vec<i64>>,
 }
 
 /// The loss terms of a step (0-d tensors); the unused ones are None.
@@ -174,7 +177,20 @@ impl Sd2Model {
 
     /// Projected text embeddings (not normalized).
     pub fn text_features(&self, ids: &Tensor, fwd: Fwd) -> Result<Tensor> {
-        let out = self.clip.text.forward(ids, TowerOptions::default(), fwd)?;
+        self.text_features_with_host(ids, None, fwd)
+    }
+
+    /// `text_features` given the ids' host copy too (no read-back).
+    pub fn text_features_with_host(
+        &self,
+        ids: &Tensor,
+        host: Option<&[i64]>,
+        fwd: Fwd,
+    ) -> Result<Tensor> {
+        let out = self
+            .clip
+            .text
+            .forward_with_host(ids, host, TowerOptions::default(), fwd)?;
         self.clip.text_projection.forward(&out.pooled, fwd)
     }
 
@@ -225,10 +241,15 @@ impl Sd2Model {
         };
         texts.extend(face.iter());
         texts.extend(env.iter());
+        // Host ids are only usable when no padding rewrites them.
+        let same_width = texts
+            .iter()
+            .all(|t| t.dims().get(1) == texts[0].dims().get(1));
+        let host = batch.host_ids.as_deref().filter(|_| same_width);
         let texts = pad_ids_to_common_width(&texts)?;
         let refs: Vec<&Tensor> = texts.iter().collect();
         let all = self
-            .text_features(&Tensor::cat(&refs, 0)?, fwd)?
+            .text_features_with_host(&Tensor::cat(&refs, 0)?, host, fwd)?
             .to_dtype(master)?
             .l2_normalize()?;
         let u = all.narrow(0, 0, 5)?;

@@ -1,13 +1,15 @@
 //! The GPU runtime (feature `cuda`): one context and stream per device, the embedded fatbins
 //! loaded on first use (`cuModuleLoadData`, so the driver picks the sm_90a cubin or JIT-compiles
 //! the compute_80 PTX), kernels launched by name, device memory through the caching allocator,
-//! CUDA-event timing. Every driver failure becomes an `Error::Cuda` naming what was attempted;
+//! CUDA-event timing. Host→device copies go through pinned staging buffers and never wait for
+//! the stream (`upload`); `stage` copies on a second stream so a batch uploads while the
+//! previous step computes. Every driver failure becomes an `Error::Cuda` naming what was attempted;
 //! nothing here panics when there is no GPU or no driver.
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{result, sys, CudaContext, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
 use super::alloc::{AllocStats, CachingAllocator, StreamAlloc};
 use super::launch::{marshal, param_ptrs, Arg, LaunchConfig};
@@ -22,10 +24,36 @@ struct Function {
     smem_limit: u32,
 }
 
+/// Pinned host memory the staging ring may hold in all; beyond it an upload waits for an older
+/// copy to finish (or, for one larger than every slot, copies from pageable memory and waits).
+const PINNED_LIMIT: usize = 1 << 30;
+
+/// A page-locked host buffer that a stream copies from; `done` is recorded after its last copy,
+/// so the slot is rewritten only once that copy has finished.
+struct PinnedSlot {
+    ptr: *mut u8,
+    cap: usize,
+    done: CudaEvent,
+}
+
+impl Drop for PinnedSlot {
+    fn drop(&mut self) {
+        // The copy must not read freed memory.
+        let _ = self.done.synchronize();
+        // SAFETY: allocated by cuMemHostAlloc, freed once.
+        let _ = unsafe { result::free_host(self.ptr.cast()) };
+    }
+}
+
 /// One GPU: context, stream, loaded modules, allocator.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Host→device copies of prefetched batches (`stage`), beside the compute stream.
+    copy_stream: Arc<CudaStream>,
+    pinned: Mutex<Vec<PinnedSlot>>,
+    /// `ids_checked_*`'s error record (5 × u64, zeroed), allocated on first use, never freed.
+    id_errors: Mutex<Option<u64>>,
     alloc: Mutex<CachingAllocator<StreamAlloc>>,
     modules: Mutex<HashMap<usize, sys::CUmodule>>,
     functions: Mutex<HashMap<String, Function>>,
@@ -96,6 +124,9 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(drv(format!("cuda:{ordinal}: context")))?;
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(drv("cuStreamCreate (copy stream)"))?;
         let attr = |a| ctx.attribute(a).map_err(drv("cuDeviceGetAttribute"));
         use sys::CUdevice_attribute as A;
         let compute_capability = ctx
@@ -123,6 +154,9 @@ impl Gpu {
             })),
             ctx,
             stream,
+            copy_stream,
+            pinned: Mutex::new(vec![]),
+            id_errors: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             kernel_file,
@@ -291,8 +325,45 @@ impl Gpu {
         ))
     }
 
+    /// The address of the id-error record of `ids_checked_*` (zeroed on first use).
+    pub fn id_errors(&self) -> Result<u64> {
+        let mut rec = lock(&self.id_errors);
+        if let Some(a) = *rec {
+            return Ok(a);
+        }
+        let a = lock(&self.alloc).alloc(40)?;
+        self.bind()?;
+        // SAFETY: a fresh 40-byte allocation.
+        unsafe { result::memset_d8_async(a, 0, 40, self.stream.cu_stream()) }
+            .map_err(drv("cuMemsetD8Async"))?;
+        *rec = Some(a);
+        Ok(a)
+    }
+
+    /// Reads and clears the id-error record (after the stream has caught up: a read).
+    pub fn take_id_errors(&self) -> Result<[u64; 5]> {
+        let Some(a) = *lock(&self.id_errors) else {
+            return Ok([0; 5]);
+        };
+        let mut rec = [0u64; 5];
+        self.bind()?;
+        // SAFETY: the record holds 40 bytes; the copy is waited for below.
+        unsafe { result::memcpy_dtoh_async(&mut rec, a, self.stream.cu_stream()) }
+            .map_err(drv("read the id-error record"))?;
+        self.stream
+            .synchronize()
+            .map_err(drv("stream synchronize"))?;
+        if rec[0] != 0 {
+            // SAFETY: as above.
+            unsafe { result::memset_d8_async(a, 0, 40, self.stream.cu_stream()) }
+                .map_err(drv("cuMemsetD8Async"))?;
+        }
+        Ok(rec)
+    }
+
     /// Waits for all work on this GPU's stream; asynchronous kernel faults surface here.
     pub fn synchronize(&self) -> Result<()> {
+        super::launch::note_host_sync();
         self.stream.synchronize().map_err(drv("stream synchronize"))
     }
 
@@ -306,17 +377,116 @@ impl Gpu {
         })
     }
 
-    /// A device copy of `host` (complete when this returns).
+    fn new_event(&self) -> Result<CudaEvent> {
+        self.ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(drv("cuEventCreate"))
+    }
+
+    /// A pinned slot of at least `len` bytes whose last copy has finished, out of the ring
+    /// (returned with `put_slot`). None when the ring is full and no slot is that large.
+    fn take_slot(&self, len: usize) -> Result<Option<PinnedSlot>> {
+        let mut ring = lock(&self.pinned);
+        let fits = |s: &PinnedSlot| s.cap >= len;
+        // The smallest free slot that fits; else wait for the smallest busy one that fits
+        // when a new one would pass the limit.
+        let mut best: Option<usize> = None;
+        for (i, s) in ring.iter().enumerate() {
+            if fits(s) && s.done.is_complete() && best.is_none_or(|b| ring[b].cap > s.cap) {
+                best = Some(i);
+            }
+        }
+        if let Some(i) = best {
+            return Ok(Some(ring.swap_remove(i)));
+        }
+        let cap = len.next_power_of_two().max(1 << 16);
+        let held: usize = ring.iter().map(|s| s.cap).sum();
+        if held + cap > PINNED_LIMIT {
+            let Some(i) = (0..ring.len())
+                .filter(|i| fits(&ring[*i]))
+                .min_by_key(|i| ring[*i].cap)
+            else {
+                return Ok(None);
+            };
+            let slot = ring.swap_remove(i);
+            drop(ring);
+            slot.done
+                .synchronize()
+                .map_err(drv("wait for a staging copy"))?;
+            return Ok(Some(slot));
+        }
+        drop(ring);
+        self.bind()?;
+        // SAFETY: a plain page-locked allocation; freed by PinnedSlot::drop.
+        let ptr = unsafe { result::malloc_host(cap, 0) }
+            .map_err(drv(format!("cuMemHostAlloc({cap} bytes)")))?;
+        Ok(Some(PinnedSlot {
+            ptr: ptr.cast(),
+            cap,
+            done: self.new_event()?,
+        }))
+    }
+
+    fn put_slot(&self, slot: PinnedSlot) {
+        lock(&self.pinned).push(slot);
+    }
+
+    /// Copies `host` into `dst` on `stream` through a pinned slot: the host may reuse `host`
+    /// as soon as this returns, and nothing waits for the stream. Falls back to a pageable copy
+    /// that waits (counted as a host sync) when no pinned slot can be had.
+    fn copy_in(&self, dst: u64, host: &[u8], stream: &CudaStream) -> Result<()> {
+        let what = || format!("copy {} bytes to the GPU", host.len());
+        self.bind()?;
+        let Some(slot) = self.take_slot(host.len())? else {
+            // SAFETY: `dst` holds host.len() bytes; synchronized before `host` can go.
+            unsafe { result::memcpy_htod_async(dst, host, stream.cu_stream()) }
+                .map_err(drv(what()))?;
+            super::launch::note_host_sync();
+            return stream.synchronize().map_err(drv(what()));
+        };
+        // SAFETY: the slot holds cap ≥ host.len() bytes and no copy reads it any more.
+        let pinned = unsafe { std::slice::from_raw_parts_mut(slot.ptr, host.len()) };
+        pinned.copy_from_slice(host);
+        // SAFETY: `dst` holds host.len() bytes; the slot stays untouched until `done`.
+        let r = unsafe { result::memcpy_htod_async(dst, &*pinned, stream.cu_stream()) }
+            .map_err(drv(what()))
+            .and_then(|_| slot.done.record(stream).map_err(drv("cuEventRecord")));
+        self.put_slot(slot);
+        r
+    }
+
+    /// A device copy of `host`, ordered on the compute stream before any later launch; the
+    /// host does not wait for it.
     pub fn upload(self: &Arc<Self>, host: &[u8]) -> Result<DeviceBuffer> {
         let buf = self.alloc(host.len())?;
         if !host.is_empty() {
-            self.bind()?;
-            // SAFETY: `buf` holds at least host.len() bytes; synchronized before `host` can go.
-            unsafe { result::memcpy_htod_async(buf.ptr, host, self.stream.cu_stream()) }
-                .map_err(drv(format!("copy {} bytes to the GPU", host.len())))?;
-            self.synchronize()?;
+            self.copy_in(buf.ptr, host, &self.stream)?;
         }
         Ok(buf)
+    }
+
+    /// Starts copying `host` to the GPU on the copy stream, overlapping whatever the compute
+    /// stream runs meanwhile; `Staged::finish` orders the compute stream after the copy.
+    /// The copy itself waits for the compute work queued so far (the memory may be a block
+    /// that queued work still reads), so stage batch k+1 before queuing step k.
+    pub fn stage(self: &Arc<Self>, host: &[u8]) -> Result<Staged> {
+        let buf = self.alloc(host.len())?;
+        let ready = self.new_event()?;
+        if !host.is_empty() {
+            let fence = self.new_event()?;
+            fence.record(&self.stream).map_err(drv("cuEventRecord"))?;
+            self.copy_stream
+                .wait(&fence)
+                .map_err(drv("cuStreamWaitEvent"))?;
+            self.copy_in(buf.ptr, host, &self.copy_stream)?;
+        }
+        ready
+            .record(&self.copy_stream)
+            .map_err(drv("cuEventRecord"))?;
+        Ok(Staged {
+            buf: Some(buf),
+            ready,
+        })
     }
 
     /// A device copy of `bytes` bytes at `src` (stream-ordered).
@@ -379,6 +549,36 @@ impl Gpu {
         f()?;
         end.record(&self.stream).map_err(drv("cuEventRecord"))?;
         start.elapsed_ms(&end).map_err(drv("cuEventElapsedTime"))
+    }
+}
+
+/// A buffer being filled on the copy stream (`Gpu::stage`).
+pub struct Staged {
+    buf: Option<DeviceBuffer>,
+    ready: CudaEvent,
+}
+
+impl Staged {
+    /// The buffer, with the compute stream ordered after its copy (the host does not wait).
+    pub fn finish(mut self) -> Result<DeviceBuffer> {
+        let buf = self.buf.take();
+        let gpu = buf.as_ref().map(|b| b.gpu.clone());
+        if let (Some(b), Some(g)) = (buf, gpu) {
+            g.stream
+                .wait(&self.ready)
+                .map_err(drv("cuStreamWaitEvent"))?;
+            return Ok(b);
+        }
+        Err(Error::Cuda("staged upload finished twice".into()))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // An unfinished copy must end before its memory goes back to the compute stream's pool.
+        if let Some(b) = &self.buf {
+            let _ = b.gpu.stream.wait(&self.ready);
+        }
     }
 }
 

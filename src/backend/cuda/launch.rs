@@ -175,6 +175,63 @@ impl<'a> KArg<'a> {
     }
 }
 
+static HOST_SYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts a point where the host waits for a kernel backend (a read-back or a stream
+/// synchronize), on any runner: the simulator counts what a GPU would wait for, so tests can
+/// assert how often a training step syncs.
+/// `SD2_TRACE_SYNCS=1` prints a backtrace at each one (finding a sync in a hot loop).
+pub fn note_host_sync() {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *TRACE.get_or_init(|| std::env::var_os("SD2_TRACE_SYNCS").is_some()) {
+        eprintln!(
+            "host sync at {}",
+            std::backtrace::Backtrace::force_capture()
+        );
+    }
+    HOST_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The ops whose ids `ids_checked_*` checks on the device, by the code the kernel records.
+pub const ID_CHECK_OPS: [&str; 4] = [
+    "index_rows",
+    "index_add_rows",
+    "cross_entropy",
+    "cross_entropy_bwd",
+];
+
+#[cfg(feature = "cuda-sim")]
+thread_local! {
+    /// The simulator's id-error record (`ids_checked_*`'s `err`), one per thread: simulated
+    /// launches finish inside the launching call, so a bad id is reported to the thread whose
+    /// op had it, even with tests running side by side. (A GPU has one record per device.)
+    static SIM_ID_ERRORS: [std::sync::atomic::AtomicU64; 5] =
+        const { [const { std::sync::atomic::AtomicU64::new(0) }; 5] };
+}
+
+/// The error an id-error record [count, op, position, id, bound] stands for (None if clean).
+pub fn id_error(rec: [u64; 5]) -> Option<Error> {
+    if rec[0] == 0 {
+        return None;
+    }
+    Some(Error::Index {
+        op: ID_CHECK_OPS.get(rec[1] as usize).copied().unwrap_or("ids"),
+        msg: format!(
+            "id {} at position {} is outside 0..{} ({} bad id{} in all; found on the device)",
+            rec[3] as i64,
+            rec[2],
+            rec[4],
+            rec[0],
+            if rec[0] == 1 { "" } else { "s" }
+        ),
+    })
+}
+
+/// Host syncs so far in this process (`note_host_sync`).
+pub fn host_syncs() -> usize {
+    HOST_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Memory owned by a runner: host words for the simulator, a device allocation on the GPU; or
 /// a non-owning view of another buffer's memory (an in-place output).
 pub enum Buffer {
@@ -294,6 +351,10 @@ impl Runner {
         let n = buf.bytes() / std::mem::size_of::<T>();
         let mut out = vec![T::zeroed(); n];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        #[cfg(feature = "cuda-sim")]
+        if matches!(self, Runner::Sim) {
+            note_host_sync();
+        }
         match (buf, self) {
             (Buffer::Host(words, len), _) => {
                 dst.copy_from_slice(&bytemuck::cast_slice::<u128, u8>(words)[..*len])
@@ -308,7 +369,37 @@ impl Runner {
             #[cfg(feature = "cuda")]
             (Buffer::Alias(a, _), Runner::Gpu(g)) => g.download_ptr(*a, dst)?,
         }
+        self.check_ids()?;
         Ok(out)
+    }
+
+    /// The address of this runner's id-error record (zeroed; made on first use).
+    pub fn id_errors(&self) -> Result<u64> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => Ok(SIM_ID_ERRORS.with(|r| r.as_ptr() as u64)),
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => g.id_errors(),
+        }
+    }
+
+    /// Reports (and clears) a bad id the device found since the last check. Called after
+    /// every read, when the device has caught up anyway.
+    fn check_ids(&self) -> Result<()> {
+        let rec: [u64; 5] = match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => SIM_ID_ERRORS.with(|r| {
+                use std::sync::atomic::Ordering::Relaxed;
+                if r[0].load(Relaxed) == 0 {
+                    [0; 5]
+                } else {
+                    std::array::from_fn(|i| r[i].swap(0, Relaxed))
+                }
+            }),
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => g.take_id_errors()?,
+        };
+        id_error(rec).map_or(Ok(()), Err)
     }
 
     /// `bytes` of memory: uninitialized on the GPU, zeroed in the simulator.
@@ -383,10 +474,11 @@ impl Runner {
     pub fn synchronize(&self) -> Result<()> {
         match self {
             #[cfg(feature = "cuda-sim")]
-            Runner::Sim => Ok(()),
+            Runner::Sim => note_host_sync(),
             #[cfg(feature = "cuda")]
-            Runner::Gpu(g) => g.synchronize(),
+            Runner::Gpu(g) => g.synchronize()?,
         }
+        self.check_ids()
     }
 
     /// Launches kernel `name`, staging `In`/`Out` slices through this runner's memory, and

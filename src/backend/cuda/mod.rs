@@ -70,6 +70,85 @@ pub mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub mod storage;
 
+/// A host tensor on its way to a device (`Tensor::to_device_async`): on a GPU the copy runs on
+/// the copy stream from pinned memory while the compute stream works; elsewhere it is done.
+pub struct Upload {
+    inner: UploadInner,
+}
+
+enum UploadInner {
+    Ready(crate::Tensor),
+    #[cfg(feature = "cuda")]
+    Copying {
+        staged: gpu::Staged,
+        shape: crate::Shape,
+        dtype: crate::DType,
+        len: usize,
+    },
+}
+
+impl Upload {
+    /// The tensor; later launches on its device run after the copy (the host does not wait).
+    pub fn wait(self) -> crate::Result<crate::Tensor> {
+        match self.inner {
+            UploadInner::Ready(t) => Ok(t),
+            #[cfg(feature = "cuda")]
+            UploadInner::Copying {
+                staged,
+                shape,
+                dtype,
+                len,
+            } => crate::Tensor::from_storage(
+                crate::storage::Storage::Cuda(storage::CudaStorage::from_device(
+                    staged.finish()?,
+                    dtype,
+                    len,
+                )),
+                shape,
+            ),
+        }
+    }
+}
+
+impl crate::Tensor {
+    /// Starts copying this tensor to `device` and returns at once on a GPU (pinned staging, the
+    /// copy stream); `Upload::wait` gives the tensor. Stage batch k+1 before queuing step k so
+    /// its copy overlaps step k's kernels. Elsewhere the same as `to_device`.
+    pub fn to_device_async(&self, device: crate::Device) -> crate::Result<Upload> {
+        #[cfg(feature = "cuda")]
+        if let crate::Device::Cuda(o) = device {
+            if device != crate::Device::CUDA_SIM && self.device() == crate::Device::Cpu {
+                use crate::backend::cpu::CpuStorage;
+                let host = self.to_cpu_storage()?;
+                let bytes: &[u8] = match &host {
+                    CpuStorage::F32(v) => bytemuck::cast_slice(v),
+                    CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+                    CpuStorage::I64(v) => bytemuck::cast_slice(v),
+                    CpuStorage::U32(v) => bytemuck::cast_slice(v),
+                    CpuStorage::F64(_) => {
+                        return Err(crate::Error::UnsupportedDType {
+                            op: "to cuda (f64 stays on the CPU; cast to f32 or bf16 first)",
+                            dtype: crate::DType::F64,
+                        })
+                    }
+                };
+                let staged = gpu::Gpu::get(o)?.stage(bytes)?;
+                return Ok(Upload {
+                    inner: UploadInner::Copying {
+                        staged,
+                        shape: self.shape().clone(),
+                        dtype: self.dtype(),
+                        len: self.elem_count(),
+                    },
+                });
+            }
+        }
+        Ok(Upload {
+            inner: UploadInner::Ready(self.to_device(device)?),
+        })
+    }
+}
+
 /// Device memory of a GPU device as this process sees it: bytes in use by tensors, the peak in
 /// use since the last `reset_peak`, bytes cached by the allocator, and bytes the driver has
 /// free. None for the CPU, the simulator, or a build without feature `cuda`.

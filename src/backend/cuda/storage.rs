@@ -121,6 +121,23 @@ impl CudaStorage {
         &self.runner
     }
 
+    /// A storage over a GPU buffer already holding `len` elements of `dtype`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_device(
+        buf: super::gpu::DeviceBuffer,
+        dtype: DType,
+        len: usize,
+    ) -> CudaStorage {
+        let gpu = buf.gpu().clone();
+        CudaStorage {
+            ordinal: gpu.ordinal,
+            runner: Runner::Gpu(gpu),
+            buf: Buffer::Device(buf),
+            dtype,
+            len,
+        }
+    }
+
     fn ptr(&self) -> Arg {
         Arg::U64(self.buf.addr())
     }
@@ -204,18 +221,36 @@ impl CudaStorage {
         Ok(out)
     }
 
-    /// Ids as i64 on the device, bounds-checked on the host first (a bad id must be an error,
-    /// not an illegal address).
+    /// Ids as i64 on the device, bounds-checked there (`ids_checked_*`): a bad id is replaced
+    /// by 0 and reported as an error naming `op` at the next read from the device, so the
+    /// check never makes the host wait.
     fn ids_i64(&self, op: &'static str, bound: usize) -> Result<CudaStorage> {
-        let ids = self.to_cpu()?.ids(op, bound)?;
-        let v: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
-        Ok(CudaStorage {
-            buf: self.runner.buffer(&v)?,
-            dtype: DType::I64,
-            len: v.len(),
-            runner: self.runner.clone(),
-            ordinal: self.ordinal,
-        })
+        let code = super::launch::ID_CHECK_OPS
+            .iter()
+            .position(|o| *o == op)
+            .ok_or_else(|| Error::Cuda(format!("ids_i64: unknown op {op}")))?;
+        let sfx = match self.dtype {
+            DType::I64 => "i64",
+            DType::U32 => "u32",
+            dtype => return Err(Error::UnsupportedDType { op, dtype }),
+        };
+        let out = self.empty(self.len, DType::I64)?;
+        if self.len > 0 {
+            let err = self.runner.id_errors()?;
+            self.launch(
+                &format!("ids_checked_{sfx}"),
+                ew(self.len),
+                &[
+                    self.ptr(),
+                    Arg::U64(self.len as u64),
+                    Arg::U64(bound as u64),
+                    Arg::I32(code as i32),
+                    out.ptr(),
+                    Arg::U64(err),
+                ],
+            )?;
+        }
+        Ok(out)
     }
 
     /// Sums per-block partials [parts, n] → [n] (f32) in a fixed order.
@@ -1416,6 +1451,7 @@ impl BackendStorage for CudaStorage {
                 Arg::F32(step.bias1 as f32),
                 Arg::F32(step.bias2 as f32),
                 Arg::F32(step.grad_scale as f32),
+                Arg::null(),
             ],
         )
         // The table goes back to the caching allocator; any reuse is ordered after this launch
@@ -1479,6 +1515,8 @@ impl CudaStorage {
 
 #[path = "storage_lora.rs"]
 mod storage_lora;
+#[path = "storage_optim.rs"]
+pub mod storage_optim;
 pub use storage_lora::{lora_choices, LoraPath};
 
 enum AttnKind {

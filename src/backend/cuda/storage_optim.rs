@@ -1,0 +1,101 @@
+//! The whole optimizer step of a training step on CUDA storage in three launches and no host
+//! sync: the squared gradient norm over every trainable tensor (`sum_sq_multi_f32`), the norm
+//! and torch's clipping factor on the device (`grad_clip_f32`), and one multi-tensor AdamW that
+//! reads the factor through a pointer (`adamw_multi_f32`). The norm stays on the device until
+//! the step's metrics are read.
+use super::*;
+
+/// One trainable tensor's buffers (f32, `len` elements each) and its weight decay.
+pub struct FusedParam<'a> {
+    pub p: &'a CudaStorage,
+    pub g: &'a CudaStorage,
+    pub m: &'a CudaStorage,
+    pub v: &'a CudaStorage,
+    pub weight_decay: f32,
+}
+
+/// The chunk table of `kernels/adamw.cu` over every tensor (pieces of 64 Ki elements).
+fn table(params: &[FusedParam]) -> Vec<u64> {
+    const PIECE: usize = 1 << 16;
+    let mut words = vec![];
+    for f in params {
+        let mut begin = 0;
+        while begin < f.p.len {
+            let end = (begin + PIECE).min(f.p.len);
+            words.extend([
+                f.p.buf.addr(),
+                f.g.buf.addr(),
+                f.m.buf.addr(),
+                f.v.buf.addr(),
+                begin as u64,
+                end as u64,
+                f.weight_decay.to_bits() as u64,
+            ]);
+            begin = end;
+        }
+    }
+    words
+}
+
+/// Clips the gradients of `params` to global norm `max_norm` (the factor
+/// min(1, max_norm/(‖g‖+1e-6)) folded into `step.grad_scale`) and applies one AdamW update to
+/// each. Returns [‖g‖ before clipping, the factor] as a two-element f32 storage on the device.
+pub fn adamw_clipped(params: &[FusedParam], step: AdamWStep, max_norm: f64) -> Result<CudaStorage> {
+    let first = params
+        .first()
+        .ok_or_else(|| Error::Msg("adamw: no parameters".into()))?
+        .p;
+    for (i, f) in params.iter().enumerate() {
+        for (what, s) in [("parameter", f.p), ("grad", f.g), ("m", f.m), ("v", f.v)] {
+            if s.dtype != DType::F32 || s.len != f.p.len || s.ordinal != first.ordinal {
+                return Err(Error::Cuda(format!(
+                    "fused adamw: {what} of parameter {i} is {} × {} on cuda:{}; every buffer \
+                     must be f32 with the parameter's {} elements on cuda:{}",
+                    s.len, s.dtype, s.ordinal, f.p.len, first.ordinal
+                )));
+            }
+        }
+    }
+    let words = table(params);
+    let chunks = words.len() / 7;
+    if chunks == 0 {
+        return first.zeros_like(2, DType::F32);
+    }
+    let out = first.empty(2, DType::F32)?;
+    let tab = first.runner.buffer(&words)?;
+    let part = first.empty(chunks, DType::F32)?;
+    let grid = LaunchConfig::linear(chunks.min(4096) as u32, 256);
+    first.launch(
+        "sum_sq_multi_f32",
+        grid,
+        &[Arg::U64(tab.addr()), Arg::I32(chunks as i32), part.ptr()],
+    )?;
+    first.launch(
+        "grad_clip_f32",
+        LaunchConfig::linear(1, 256),
+        &[
+            part.ptr(),
+            Arg::I32(chunks as i32),
+            Arg::F32(max_norm as f32),
+            out.ptr(),
+        ],
+    )?;
+    first.launch(
+        "adamw_multi_f32",
+        grid,
+        &[
+            Arg::U64(tab.addr()),
+            Arg::I32(chunks as i32),
+            Arg::F32(step.lr as f32),
+            Arg::F32(step.beta1 as f32),
+            Arg::F32(step.beta2 as f32),
+            Arg::F32(step.eps as f32),
+            Arg::F32(step.bias1 as f32),
+            Arg::F32(step.bias2 as f32),
+            Arg::F32(step.grad_scale as f32),
+            Arg::U64(out.buf.addr() + 4),
+        ],
+    )?;
+    // The table and partial sums go back to the caching allocator; reuse is stream-ordered.
+    Ok(out)
+}
