@@ -13,6 +13,12 @@
 #                                 QUICK=1: kernel parity, sanitizers on the kernel tests, and
 #                                 the LoRA GEMM benchmark only. LORA_ONLY=1: kernel parity of
 #                                 the LoRA GEMMs, the engine's LoRA tests and the LoRA table.
+#                                 SD2_ONLY=1 (~8 min, issue "SD2 end to end on the GPU"): the
+#                                 bf16 step on cuda:0 vs the CPU (+ one host sync per step, 20-
+#                                 step curves), `sd2 bench train` at micro-batch 128 (and with
+#                                 --recompute, and the auto batch), `sd2 bench infer` at 256,
+#                                 the PyTorch SD2 eager + torch.compile at the same sizes, a
+#                                 short demo on cuda; sd2_vs_torch.txt compares the goals.
 set -uo pipefail
 
 if [ "${1:-}" = bundle ]; then
@@ -78,6 +84,65 @@ if [ -n "${LORA_ONLY:-}" ]; then
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -4
     timeout 240 "$D/sd2" bench lora --json "$OUT/lora.json"
     step "sd2 bench lora" $?
+    echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
+    printf '%s\n' "${status[@]}" | tee -a "$OUT/summary.txt"
+    exit 0
+fi
+
+if [ -n "${SD2_ONLY:-}" ]; then
+    echo "== SD2 bf16 step on cuda:0 vs the CPU: losses, every gradient, host syncs, 20-step curves"
+    timeout 150 "$D/mixed_precision" --test-threads=1 --nocapture gpu >"$OUT/engine.log" 2>&1
+    step "bf16 step cuda vs cpu" $?
+    grep -E "vs cpu loss|loss curve|host syncs|cosine|skipped|panicked" "$OUT/engine.log" | tail -10
+    echo "== sd2 bench train/infer, ViT-L/14, random weights, bf16 + f32 masters"
+    timeout 200 "$D/sd2" bench train --preset vit-l14 --device cuda --batch 128 --steps 5 \
+        --warmup 2 --trace "$OUT/train_trace.json" --top 12 --json "$OUT/sd2_train.json" \
+        2>&1 | tee -a "$OUT/engine.log"
+    step "sd2 bench train 128" ${PIPESTATUS[0]}
+    timeout 150 "$D/sd2" bench train --preset vit-l14 --device cuda --batch 128 --steps 3 \
+        --warmup 1 --recompute --top 5 --json "$OUT/sd2_train_recompute.json" 2>&1 |
+        grep -E "images/s|peak|MFU|error" | tee -a "$OUT/engine.log"
+    step "sd2 bench train recompute" ${PIPESTATUS[0]}
+    timeout 120 "$D/sd2" bench infer --preset vit-l14 --device cuda --batch 256 --steps 5 \
+        --top 8 --json "$OUT/sd2_infer.json" 2>&1 | tee -a "$OUT/engine.log"
+    step "sd2 bench infer 256" ${PIPESTATUS[0]}
+    echo "== the same SD2 in PyTorch (HF CLIP + peft, bf16 autocast, SDPA): eager and torch.compile"
+    PYTHONUNBUFFERED=1 timeout 300 python3 "$D/sd2_torch_bench.py" --preset vit-l14 --batch 128 \
+        --infer-batch 256 --steps 5 --warmup 2 --json "$OUT/torch.json" 2>&1 | grep -v Warning |
+        tee -a "$OUT/engine.log"
+    step "torch sd2 baseline" ${PIPESTATUS[0]}
+    timeout 60 "$D/sd2" demo --device cuda --images 1200 --epochs 1 --out /tmp/demo-cuda \
+        2>&1 | grep -E "AUC|error|img/s" | tail -4 | tee -a "$OUT/engine.log"
+    step "demo cuda" ${PIPESTATUS[0]}
+    python3 - "$OUT" <<'PY' | tee "$OUT/sd2_vs_torch.txt"
+import json, os, sys
+d = sys.argv[1]
+def load(n):
+    try:
+        return json.load(open(os.path.join(d, n)))
+    except Exception as e:
+        print(f"{n}: {e}")
+        return None
+tr, rc, inf, tb = (load(n) for n in ("sd2_train.json", "sd2_train_recompute.json", "sd2_infer.json", "torch.json"))
+rows = {r["what"]: r for r in (tb or {}).get("rows", [])}
+def line(name, r, ips, peak):
+    print(f"{name:<26} batch {r.get('batch', '?'):>4}  {ips:9.1f} img/s  peak {peak / 2**30 if peak else float('nan'):6.2f} GiB")
+for name, r in (("sd2 train", tr), ("sd2 train --recompute", rc), ("sd2 infer", inf)):
+    if r:
+        line(name, r, r["images_per_s"], r.get("peak_device_bytes"))
+for k, r in rows.items():
+    line("torch " + k, r, r["images_per_s"], r.get("peak_bytes"))
+def ratio(a, b):
+    return a / b if a and b else float("nan")
+if tr:
+    e, c = rows.get("train eager"), rows.get("train torch.compile")
+    print(f"train: {tr['images_per_s']:.0f} img/s (goal >= 1400); vs eager {ratio(tr['images_per_s'], e and e['images_per_s']):.2f}x (goal >= 1.6); "
+          f"vs compile {ratio(tr['images_per_s'], c and c['images_per_s']):.2f}x (goal >= 1.2); "
+          f"peak mem vs eager {ratio(tr.get('peak_device_bytes'), e and e['peak_bytes']):.2f}x (goal <= 0.7)")
+if inf:
+    c = rows.get("infer torch.compile")
+    print(f"infer: {inf['images_per_s']:.0f} img/s (goal >= 3900); vs compile {ratio(inf['images_per_s'], c and c['images_per_s']):.2f}x (goal >= 1.3)")
+PY
     echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
     printf '%s\n' "${status[@]}" | tee -a "$OUT/summary.txt"
     exit 0

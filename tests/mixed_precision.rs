@@ -291,6 +291,24 @@ fn bf16_step_on_the_gpu_matches_the_cpu() {
 #[cfg(feature = "cuda-sim")]
 #[test]
 fn bf16_train_step_on_cuda_syncs_once_and_matches_the_cpu() {
+    syncs_once_and_matches_the_cpu(Device::CUDA_SIM);
+}
+
+/// The same on a GPU (skipped without one). A first step runs untimed: choosing a LoRA GEMM
+/// per shape times candidates there, which waits for the device.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_bf16_train_step_syncs_once_and_matches_the_cpu() {
+    let dev = Device::Cuda(0);
+    if let Err(e) = dev.check_available() {
+        println!("skipped on cuda:0: {e}");
+        return;
+    }
+    syncs_once_and_matches_the_cpu(dev);
+}
+
+#[cfg(any(feature = "cuda-sim", feature = "cuda"))]
+fn syncs_once_and_matches_the_cpu(cuda: Device) {
     use sd2::backend::cuda::launch::host_syncs;
     let run = |device: Device| -> ((f64, f64), usize, Vec<f64>) {
         let cfg = TrainConfig {
@@ -327,6 +345,16 @@ fn bf16_train_step_on_cuda_syncs_once_and_matches_the_cpu() {
                 }
             })
             .collect();
+        if device == Device::Cuda(0) {
+            // warm-up on a copy: the model's parameters must start where the CPU's do
+            let mut w = Trainer::new(
+                model(DType::BF16, device),
+                t.cfg.clone(),
+                ClipTokenizer::openai().unwrap(),
+                TypeTexts::shipped().unwrap(),
+            );
+            w.step(&mbs).unwrap();
+        }
         let syncs = host_syncs();
         let l = t.step(&mbs).unwrap();
         let syncs = host_syncs() - syncs;
@@ -339,9 +367,9 @@ fn bf16_train_step_on_cuda_syncs_once_and_matches_the_cpu() {
         let update = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         ((l.total, l.grad_norm), syncs, update)
     };
-    let ((ls, ns), syncs, us) = run(Device::CUDA_SIM);
+    let ((ls, ns), syncs, us) = run(cuda);
     let ((lc, nc), _, uc) = run(Device::Cpu);
-    println!("cuda:sim loss {ls}, grad norm {ns}; cpu {lc}, {nc}; host syncs in the step: {syncs}");
+    println!("{cuda} loss {ls}, grad norm {ns}; cpu {lc}, {nc}; host syncs in the step: {syncs}");
     assert_eq!(syncs, 1, "host syncs per optimizer step");
     check("loss", &[ls], &[lc], 2e-2);
     check("grad norm", &[ns], &[nc], 6e-2);
@@ -351,6 +379,6 @@ fn bf16_train_step_on_cuda_syncs_once_and_matches_the_cpu() {
     let dot: f64 = us.iter().zip(&uc).map(|(a, b)| a * b).sum();
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let cos = dot / (norm(&us) * norm(&uc)).max(1e-30);
-    println!("cosine of the parameter updates (cuda:sim vs cpu): {cos:.4}");
+    println!("cosine of the parameter updates ({cuda} vs cpu): {cos:.4}");
     assert!(cos > 0.9, "parameter updates point apart: cosine {cos}");
 }
