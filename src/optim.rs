@@ -184,7 +184,14 @@ impl AdamW {
         use crate::backend::cuda::storage::storage_optim::{adamw_clipped, FusedParam};
         use crate::storage::Storage;
         let mut with = vec![];
+        let mut seen = std::collections::HashSet::new();
         for p in params {
+            if !seen.insert(p.tensor.id()) {
+                return Err(Error::Msg(format!(
+                    "adamw: parameter `{}` is listed twice",
+                    p.name
+                )));
+            }
             if !p.tensor.is_trainable() {
                 return Err(Error::Msg(format!(
                     "adamw: parameter `{}` is not a trainable tensor",
@@ -209,8 +216,7 @@ impl AdamW {
                 e.insert((z()?, z()?));
             }
         }
-        self.steps += 1;
-        let t = self.steps as i32;
+        let t = (self.steps + 1) as i32;
         let step = AdamWStep {
             lr,
             beta1: self.cfg.beta1,
@@ -253,6 +259,7 @@ impl AdamW {
         let out = adamw_clipped(&fused, step, max_norm)?;
         drop(fused);
         drop(guards);
+        self.steps += 1;
         Ok(Some(Tensor::from_storage(Storage::Cuda(out), 2usize)?))
     }
 }

@@ -373,3 +373,61 @@ fn recomputation_trains_the_same() {
     println!("recomputed vs recorded: losses/norms worst rel {wl:.2e}, params worst rel {wp:.2e}");
     assert!(wl < 1e-6 && wp < 1e-6, "{wl:e} {wp:e}");
 }
+
+/// The trainer encodes the five class phrases once per optimizer step and backpropagates the
+/// summed gradient of û through the text tower once; that is the same gradient as running
+/// every micro-batch's full loss (phrases included) and accumulating — checked through the
+/// step's gradient norm, with LoRA dropout off so both see the same masks.
+#[test]
+fn class_texts_once_per_step_give_the_accumulated_gradient() {
+    use sd2::clip::Fwd;
+    use sd2::sd2::Sd2Batch;
+    let mut cfg = sd2_cfg();
+    cfg.lora.dropout = 0.0;
+    let tcfg = TrainConfig {
+        sample_type_texts: false,
+        ..train_cfg(1)
+    };
+    let mut data = Rng::new(21);
+    let mbs = micro_batches(&mut data, 3, 2);
+    let texts = TypeTexts::shipped().unwrap();
+    let mut t = Trainer::new(
+        Sd2Model::new(tiny_clip(), cfg.clone(), 3).unwrap(),
+        tcfg,
+        ClipTokenizer::openai().unwrap(),
+        texts.clone(),
+    );
+    let norm_trainer = t.step(&mbs).unwrap().grad_norm;
+
+    let m = Sd2Model::new(tiny_clip(), cfg, 3).unwrap();
+    let tk = ClipTokenizer::openai().unwrap();
+    let ids = |v: &[&str]| tk.tokenize_batch_longest(v, 77, Device::Cpu).unwrap();
+    let mut grads = sd2::GradStore::new();
+    for mb in &mbs {
+        let batch = Sd2Batch {
+            pixel_values: mb.pixel_values.clone(),
+            labels: Tensor::from_vec(
+                mb.labels.iter().map(|l| *l as i64).collect::<Vec<_>>(),
+                mb.labels.len(),
+                Device::Cpu,
+            )
+            .unwrap(),
+            type_ids: ids(&texts.test_phrases()),
+            face_ids: Some(ids(&mb.face.iter().map(|x| x.as_str()).collect::<Vec<_>>())),
+            env_ids: Some(ids(&mb.env.iter().map(|x| x.as_str()).collect::<Vec<_>>())),
+            host_ids: None,
+        };
+        let l = m.losses(&batch, Fwd::default()).unwrap();
+        l.total
+            .scale(1.0 / mbs.len() as f64)
+            .unwrap()
+            .backward_into(&mut grads)
+            .unwrap();
+    }
+    let norm_full = sd2::optim::grad_norm(m.params(), &grads).unwrap();
+    println!("grad norm: trainer {norm_trainer}, per-micro-batch full losses {norm_full}");
+    assert!(
+        (norm_trainer - norm_full).abs() <= 1e-6 * norm_full,
+        "{norm_trainer} vs {norm_full}"
+    );
+}

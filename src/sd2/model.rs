@@ -202,8 +202,45 @@ impl Sd2Model {
     }
 
     pub fn losses(&self, batch: &Sd2Batch, fwd: Fwd) -> Result<Losses> {
+        self.losses_inner(batch, None, fwd)
+    }
+
+    /// The normalized class embeddings û [5, P] (master dtype) of one phrasing per class
+    /// (`type_ids` [5, S]; `host`: the same ids on the host, sparing a read-back).
+    pub fn class_features(
+        &self,
+        type_ids: &Tensor,
+        host: Option<&[i64]>,
+        fwd: Fwd,
+    ) -> Result<Tensor> {
+        if type_ids.rank() != 2 || type_ids.dims()[0] != 5 {
+            return Err(Error::shape(
+                "sd2 class features",
+                format!("type_ids {:?}, expected [5, S]", type_ids.dims()),
+            ));
+        }
+        self.text_features_with_host(type_ids, host, fwd)?
+            .to_dtype(self.master_dtype())?
+            .l2_normalize()
+    }
+
+    /// `losses` against class embeddings computed once for several micro-batches
+    /// (`class_features`; the trainer passes a fresh leaf over them per micro-batch and
+    /// backpropagates the summed gradient through the text tower once per step).
+    /// `batch.type_ids` is not read; `batch.host_ids` covers the descriptions only.
+    pub fn losses_given_classes(&self, batch: &Sd2Batch, u: &Tensor, fwd: Fwd) -> Result<Losses> {
+        if u.rank() != 2 || u.dims()[0] != 5 {
+            return Err(Error::shape(
+                "sd2 losses",
+                format!("class embeddings {:?}, expected [5, P]", u.dims()),
+            ));
+        }
+        self.losses_inner(batch, Some(u), fwd)
+    }
+
+    fn losses_inner(&self, batch: &Sd2Batch, classes: Option<&Tensor>, fwd: Fwd) -> Result<Losses> {
         let b = batch.pixel_values.dims().first().copied().unwrap_or(0);
-        if batch.type_ids.rank() != 2 || batch.type_ids.dims()[0] != 5 {
+        if classes.is_none() && (batch.type_ids.rank() != 2 || batch.type_ids.dims()[0] != 5) {
             return Err(Error::shape(
                 "sd2 losses",
                 format!("type_ids {:?}, expected [5, S]", batch.type_ids.dims()),
@@ -214,8 +251,11 @@ impl Sd2Model {
             .image_features(&batch.pixel_values.to_dtype(self.compute)?, fwd)?
             .to_dtype(master)?
             .l2_normalize()?;
-        // All texts of the step in one pass of the text tower: types, then faces, then envs.
-        let mut texts = vec![&batch.type_ids];
+        // All texts in one pass of the text tower: types (unless given), then faces, then envs.
+        let mut texts = vec![];
+        if classes.is_none() {
+            texts.push(&batch.type_ids);
+        }
         let dual = self.cfg.loss_dual;
         let need = |o: &Option<Tensor>, what: &str| -> Result<Tensor> {
             let t = o.clone().ok_or_else(|| {
@@ -246,13 +286,28 @@ impl Sd2Model {
             .iter()
             .all(|t| t.dims().get(1) == texts[0].dims().get(1));
         let host = batch.host_ids.as_deref().filter(|_| same_width);
-        let texts = pad_ids_to_common_width(&texts)?;
-        let refs: Vec<&Tensor> = texts.iter().collect();
-        let all = self
-            .text_features_with_host(&Tensor::cat(&refs, 0)?, host, fwd)?
-            .to_dtype(master)?
-            .l2_normalize()?;
-        let u = all.narrow(0, 0, 5)?;
+        let all = if texts.is_empty() {
+            None
+        } else {
+            let texts = pad_ids_to_common_width(&texts)?;
+            let refs: Vec<&Tensor> = texts.iter().collect();
+            Some(
+                self.text_features_with_host(&Tensor::cat(&refs, 0)?, host, fwd)?
+                    .to_dtype(master)?
+                    .l2_normalize()?,
+            )
+        };
+        // Description rows start after the class rows when those went through the tower too.
+        let (u, desc) = match (classes, &all) {
+            (Some(u), _) => (u.clone(), 0),
+            (None, Some(all)) => (all.narrow(0, 0, 5)?, 5),
+            (None, None) => return Err(Error::Msg("sd2 losses: no class texts".into())),
+        };
+        let descriptions = |k: usize| -> Result<Tensor> {
+            all.as_ref()
+                .ok_or_else(|| Error::Msg("sd2 losses: no description features".into()))?
+                .narrow(0, desc + k * b, b)
+        };
         let l_c = ops::cross_entropy(&self.logits(&f, &u)?, &batch.labels)?;
         let mut total = l_c.scale(self.cfg.w_c)?;
         let l_s = if self.cfg.loss_separation {
@@ -270,14 +325,9 @@ impl Sd2Model {
         };
         let l_d = if dual != DualContrast::Off {
             let t = self.t_log.exp()?;
-            let mut l = ops::sigmoid_loss(&f, &all.narrow(0, 5, b)?, &t, &self.bias)?;
+            let mut l = ops::sigmoid_loss(&f, &descriptions(0)?, &t, &self.bias)?;
             if dual == DualContrast::FaceEnv {
-                l = l.add(&ops::sigmoid_loss(
-                    &f,
-                    &all.narrow(0, 5 + b, b)?,
-                    &t,
-                    &self.bias,
-                )?)?;
+                l = l.add(&ops::sigmoid_loss(&f, &descriptions(1)?, &t, &self.bias)?)?;
             }
             total = total.add(&l.scale(self.cfg.w_d)?)?;
             Some(l)

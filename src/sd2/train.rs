@@ -164,6 +164,28 @@ impl Trainer {
     /// tokenized together on the host (one width, one upload; the model then needs no padding,
     /// which would read ids back).
     fn sd2_batch(&self, mb: &MicroBatch, phrases: &[&str]) -> Result<Sd2Batch> {
+        self.batch_with(mb, phrases, None)
+    }
+
+    /// Class ids [5, S] (and their host copy) of one phrasing per class.
+    fn class_ids(&self, phrases: &[&str]) -> Result<(Tensor, Vec<i64>)> {
+        let ctx = self.model.clip.config.text_config.max_position_embeddings;
+        let (host, width) = self.tokenizer.tokenize_batch_longest_host(phrases, ctx)?;
+        let device = self.model.clip.logit_scale.device();
+        Ok((
+            Tensor::from_vec(host.clone(), (phrases.len(), width), device)?,
+            host,
+        ))
+    }
+
+    /// `sd2_batch` with `phrases` tokenized in front of the descriptions, or (`type_ids`
+    /// given, `phrases` empty) the descriptions alone for `Sd2Model::losses_given_classes`.
+    fn batch_with(
+        &self,
+        mb: &MicroBatch,
+        phrases: &[&str],
+        type_ids: Option<&Tensor>,
+    ) -> Result<Sd2Batch> {
         let (n, dual) = (mb.labels.len(), self.model.cfg.loss_dual);
         let device = self.model.clip.logit_scale.device();
         let (face, env) = (dual != DualContrast::Off, dual == DualContrast::FaceEnv);
@@ -181,8 +203,17 @@ impl Trainer {
             texts.extend(v.iter().map(|s| s.as_str()));
         }
         let ctx = self.model.clip.config.text_config.max_position_embeddings;
-        let (host_ids, width) = self.tokenizer.tokenize_batch_longest_host(&texts, ctx)?;
-        let ids = Tensor::from_vec(host_ids.clone(), (texts.len(), width), device)?;
+        let (host_ids, ids) = if texts.is_empty() {
+            (None, None)
+        } else {
+            let (host, width) = self.tokenizer.tokenize_batch_longest_host(&texts, ctx)?;
+            let ids = Tensor::from_vec(host.clone(), (texts.len(), width), device)?;
+            (Some(host), Some(ids))
+        };
+        let ids = || {
+            ids.clone()
+                .ok_or_else(|| Error::Msg("train step: no texts to tokenize".into()))
+        };
         let p = phrases.len();
         Ok(Sd2Batch {
             pixel_values: mb.pixel_values.clone(),
@@ -191,10 +222,13 @@ impl Trainer {
                 n,
                 device,
             )?,
-            type_ids: ids.narrow(0, 0, p)?,
-            face_ids: face.then(|| ids.narrow(0, p, n)).transpose()?,
-            env_ids: env.then(|| ids.narrow(0, p + n, n)).transpose()?,
-            host_ids: Some(host_ids),
+            type_ids: match type_ids {
+                Some(t) => t.clone(),
+                None => ids()?.narrow(0, 0, p)?,
+            },
+            face_ids: face.then(|| ids()?.narrow(0, p, n)).transpose()?,
+            env_ids: env.then(|| ids()?.narrow(0, p + n, n)).transpose()?,
+            host_ids,
         })
     }
 
@@ -267,15 +301,31 @@ impl Trainer {
         // Weighted loss terms stay on the device ([total, L_C, L_S, L_D] per micro-batch) and
         // are read once, after the last backward: no host round trip inside the step.
         let mut terms: Vec<Tensor> = vec![];
+        // The five class phrases go through the text tower once per step: each micro-batch
+        // sees a fresh leaf over û, and the summed gradient flows back through the tower once.
+        let class_range = crate::backend::cuda::profile::range("class texts");
+        let (class_ids, class_host) = self.class_ids(&phrases)?;
+        let u = self.model.class_features(
+            &class_ids,
+            Some(&class_host),
+            Fwd {
+                dropout_seed: Some(mix64(self.cfg.seed ^ mix64(self.step) ^ 0x636c_6173)),
+                recompute: self.cfg.recompute,
+            },
+        )?;
+        drop(class_range);
+        let mut du: Option<Tensor> = None;
         for (k, mb) in micro.iter().enumerate() {
             let n = mb.labels.len();
             let w = n as f64 / total_images as f64;
-            let batch = self.sd2_batch(mb, &phrases)?;
+            let batch = self.batch_with(mb, &[], Some(&class_ids))?;
             let seed =
                 mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
             let fwd_range = crate::backend::cuda::profile::range_with(|| format!("forward {k}"));
-            let losses = self.model.losses(
+            let u_leaf = u.detach().into_trainable();
+            let losses = self.model.losses_given_classes(
                 &batch,
+                &u_leaf,
                 Fwd {
                     dropout_seed: Some(seed),
                     recompute: self.cfg.recompute,
@@ -298,6 +348,16 @@ impl Trainer {
             drop(fwd_range);
             let _bwd = crate::backend::cuda::profile::range_with(|| format!("backward {k}"));
             losses.total.scale(w)?.backward_into(&mut grads)?;
+            if let Some(g) = grads.remove(&u_leaf) {
+                du = Some(match du {
+                    None => g,
+                    Some(d) => d.add(&g)?,
+                });
+            }
+        }
+        if let (Some(du), true) = (du, u.is_tracked()) {
+            let _r = crate::backend::cuda::profile::range("backward class texts");
+            u.backward_seeded(du, &mut grads)?;
         }
         let opt_range = crate::backend::cuda::profile::range("grad norm + AdamW");
         let lr = self.cfg.lr_at(self.step);

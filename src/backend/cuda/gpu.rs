@@ -45,6 +45,11 @@ impl Drop for PinnedSlot {
     }
 }
 
+thread_local! {
+    /// Per thread, per GPU ordinal: the address of `ids_checked_*`'s error record.
+    static ID_ERRORS: std::cell::RefCell<HashMap<usize, u64>> = Default::default();
+}
+
 /// One GPU: context, stream, loaded modules, allocator.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
@@ -52,8 +57,6 @@ pub struct Gpu {
     /// Host→device copies of prefetched batches (`stage`), beside the compute stream.
     copy_stream: Arc<CudaStream>,
     pinned: Mutex<Vec<PinnedSlot>>,
-    /// `ids_checked_*`'s error record (5 × u64, zeroed), allocated on first use, never freed.
-    id_errors: Mutex<Option<u64>>,
     alloc: Mutex<CachingAllocator<StreamAlloc>>,
     modules: Mutex<HashMap<usize, sys::CUmodule>>,
     functions: Mutex<HashMap<String, Function>>,
@@ -156,7 +159,6 @@ impl Gpu {
             stream,
             copy_stream,
             pinned: Mutex::new(vec![]),
-            id_errors: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             kernel_file,
@@ -325,10 +327,11 @@ impl Gpu {
         ))
     }
 
-    /// The address of the id-error record of `ids_checked_*` (zeroed on first use).
+    /// The address of this thread's id-error record of `ids_checked_*` on this GPU (zeroed
+    /// on first use, never freed): one per thread, so a bad id is reported to the thread whose
+    /// op had it, as in the simulator.
     pub fn id_errors(&self) -> Result<u64> {
-        let mut rec = lock(&self.id_errors);
-        if let Some(a) = *rec {
+        if let Some(a) = ID_ERRORS.with(|m| m.borrow().get(&self.ordinal).copied()) {
             return Ok(a);
         }
         let a = lock(&self.alloc).alloc(40)?;
@@ -336,13 +339,14 @@ impl Gpu {
         // SAFETY: a fresh 40-byte allocation.
         unsafe { result::memset_d8_async(a, 0, 40, self.stream.cu_stream()) }
             .map_err(drv("cuMemsetD8Async"))?;
-        *rec = Some(a);
+        ID_ERRORS.with(|m| m.borrow_mut().insert(self.ordinal, a));
         Ok(a)
     }
 
-    /// Reads and clears the id-error record (after the stream has caught up: a read).
+    /// Reads and clears this thread's id-error record (after the stream has caught up: a
+    /// read).
     pub fn take_id_errors(&self) -> Result<[u64; 5]> {
-        let Some(a) = *lock(&self.id_errors) else {
+        let Some(a) = ID_ERRORS.with(|m| m.borrow().get(&self.ordinal).copied()) else {
             return Ok([0; 5]);
         };
         let mut rec = [0u64; 5];
@@ -410,9 +414,12 @@ impl Gpu {
             };
             let slot = ring.swap_remove(i);
             drop(ring);
-            slot.done
-                .synchronize()
-                .map_err(drv("wait for a staging copy"))?;
+            super::launch::note_host_sync();
+            if let Err(e) = slot.done.synchronize() {
+                // Never hand out a slot a copy may still read.
+                std::mem::forget(slot);
+                return Err(drv("wait for a staging copy")(e));
+            }
             return Ok(Some(slot));
         }
         drop(ring);
@@ -448,11 +455,16 @@ impl Gpu {
         let pinned = unsafe { std::slice::from_raw_parts_mut(slot.ptr, host.len()) };
         pinned.copy_from_slice(host);
         // SAFETY: `dst` holds host.len() bytes; the slot stays untouched until `done`.
-        let r = unsafe { result::memcpy_htod_async(dst, &*pinned, stream.cu_stream()) }
-            .map_err(drv(what()))
-            .and_then(|_| slot.done.record(stream).map_err(drv("cuEventRecord")));
+        unsafe { result::memcpy_htod_async(dst, &*pinned, stream.cu_stream()) }
+            .map_err(drv(what()))?;
+        if let Err(e) = slot.done.record(stream) {
+            // The queued copy still reads the slot: wait for it before the slot can be reused.
+            let _ = stream.synchronize();
+            self.put_slot(slot);
+            return Err(drv("cuEventRecord")(e));
+        }
         self.put_slot(slot);
-        r
+        Ok(())
     }
 
     /// A device copy of `host`, ordered on the compute stream before any later launch; the
@@ -470,23 +482,27 @@ impl Gpu {
     /// The copy itself waits for the compute work queued so far (the memory may be a block
     /// that queued work still reads), so stage batch k+1 before queuing step k.
     pub fn stage(self: &Arc<Self>, host: &[u8]) -> Result<Staged> {
-        let buf = self.alloc(host.len())?;
         let ready = self.new_event()?;
+        // Built first: on any error below its Drop keeps the block from the pool until the
+        // copy stream is done with it.
+        let staged = Staged {
+            buf: Some(self.alloc(host.len())?),
+            ready,
+        };
+        let ptr = staged.buf.as_ref().map_or(0, |b| b.ptr);
         if !host.is_empty() {
             let fence = self.new_event()?;
             fence.record(&self.stream).map_err(drv("cuEventRecord"))?;
             self.copy_stream
                 .wait(&fence)
                 .map_err(drv("cuStreamWaitEvent"))?;
-            self.copy_in(buf.ptr, host, &self.copy_stream)?;
+            self.copy_in(ptr, host, &self.copy_stream)?;
         }
-        ready
+        staged
+            .ready
             .record(&self.copy_stream)
             .map_err(drv("cuEventRecord"))?;
-        Ok(Staged {
-            buf: Some(buf),
-            ready,
-        })
+        Ok(staged)
     }
 
     /// A device copy of `bytes` bytes at `src` (stream-ordered).
@@ -561,15 +577,18 @@ pub struct Staged {
 impl Staged {
     /// The buffer, with the compute stream ordered after its copy (the host does not wait).
     pub fn finish(mut self) -> Result<DeviceBuffer> {
-        let buf = self.buf.take();
-        let gpu = buf.as_ref().map(|b| b.gpu.clone());
-        if let (Some(b), Some(g)) = (buf, gpu) {
-            g.stream
-                .wait(&self.ready)
-                .map_err(drv("cuStreamWaitEvent"))?;
-            return Ok(b);
-        }
-        Err(Error::Cuda("staged upload finished twice".into()))
+        let gpu = self
+            .buf
+            .as_ref()
+            .map(|b| b.gpu.clone())
+            .ok_or_else(|| Error::Cuda("staged upload finished twice".into()))?;
+        // On failure `self` drops with the buffer still inside: Drop orders or waits.
+        gpu.stream
+            .wait(&self.ready)
+            .map_err(drv("cuStreamWaitEvent"))?;
+        self.buf
+            .take()
+            .ok_or_else(|| Error::Cuda("staged upload finished twice".into()))
     }
 }
 
@@ -577,7 +596,9 @@ impl Drop for Staged {
     fn drop(&mut self) {
         // An unfinished copy must end before its memory goes back to the compute stream's pool.
         if let Some(b) = &self.buf {
-            let _ = b.gpu.stream.wait(&self.ready);
+            if b.gpu.stream.wait(&self.ready).is_err() {
+                let _ = b.gpu.copy_stream.synchronize();
+            }
         }
     }
 }

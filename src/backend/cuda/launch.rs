@@ -175,10 +175,12 @@ impl<'a> KArg<'a> {
     }
 }
 
-static HOST_SYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static HOST_SYNCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// Counts a point where the host waits for a kernel backend (a read-back or a stream
-/// synchronize), on any runner: the simulator counts what a GPU would wait for, so tests can
+/// synchronize), on any runner, for the calling thread: the simulator counts what a GPU would wait for, so tests can
 /// assert how often a training step syncs.
 /// `SD2_TRACE_SYNCS=1` prints a backtrace at each one (finding a sync in a hot loop).
 pub fn note_host_sync() {
@@ -189,7 +191,7 @@ pub fn note_host_sync() {
             std::backtrace::Backtrace::force_capture()
         );
     }
-    HOST_SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    HOST_SYNCS.with(|n| n.set(n.get() + 1));
 }
 
 /// The ops whose ids `ids_checked_*` checks on the device, by the code the kernel records.
@@ -227,9 +229,10 @@ pub fn id_error(rec: [u64; 5]) -> Option<Error> {
     })
 }
 
-/// Host syncs so far in this process (`note_host_sync`).
+/// Host syncs so far on this thread (`note_host_sync`; per thread, so tests running side by
+/// side do not count each other's).
 pub fn host_syncs() -> usize {
-    HOST_SYNCS.load(std::sync::atomic::Ordering::Relaxed)
+    HOST_SYNCS.with(|n| n.get())
 }
 
 /// Memory owned by a runner: host words for the simulator, a device allocation on the GPU; or

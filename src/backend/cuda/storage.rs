@@ -234,6 +234,13 @@ impl CudaStorage {
             DType::U32 => "u32",
             dtype => return Err(Error::UnsupportedDType { op, dtype }),
         };
+        if bound == 0 && self.len > 0 {
+            // Nothing to clamp a bad id to: every id is bad.
+            return Err(Error::Index {
+                op,
+                msg: format!("{} ids into an empty range 0..0", self.len),
+            });
+        }
         let out = self.empty(self.len, DType::I64)?;
         if self.len > 0 {
             let err = self.runner.id_errors()?;
