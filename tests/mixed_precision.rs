@@ -98,6 +98,15 @@ fn step(m: &Sd2Model, device: Device) -> (Vec<f64>, Vec<(String, Vec<f64>)>) {
     (losses, grads)
 }
 
+fn bf16_trainer(device: Device, cfg: TrainConfig) -> Trainer {
+    Trainer::new(
+        model(DType::BF16, device),
+        cfg,
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    )
+}
+
 /// Worst |got − want| relative to the tensor's largest |want| (bf16 rounds at that scale).
 fn check(name: &str, got: &[f64], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{name}");
@@ -258,12 +267,7 @@ fn bf16_step_on_the_gpu_matches_the_cpu() {
             total_steps: 20,
             ..Default::default()
         };
-        let mut t = Trainer::new(
-            model(DType::BF16, device),
-            cfg,
-            ClipTokenizer::openai().unwrap(),
-            TypeTexts::shipped().unwrap(),
-        );
+        let mut t = bf16_trainer(device, cfg);
         let (face, env): (Vec<String>, Vec<String>) = (0..B).map(texts).unzip();
         let mb = MicroBatch {
             pixel_values: pixels(device),
@@ -321,12 +325,7 @@ fn syncs_once_and_matches_the_cpu(cuda: Device) {
             clip_norm: 0.05,
             ..Default::default()
         };
-        let mut t = Trainer::new(
-            model(DType::BF16, device),
-            cfg,
-            ClipTokenizer::openai().unwrap(),
-            TypeTexts::shipped().unwrap(),
-        );
+        let mut t = bf16_trainer(device, cfg);
         let before: Vec<f64> = t
             .model
             .params()
@@ -347,12 +346,7 @@ fn syncs_once_and_matches_the_cpu(cuda: Device) {
             .collect();
         if device == Device::Cuda(0) {
             // warm-up on a copy: the model's parameters must start where the CPU's do
-            let mut w = Trainer::new(
-                model(DType::BF16, device),
-                t.cfg.clone(),
-                ClipTokenizer::openai().unwrap(),
-                TypeTexts::shipped().unwrap(),
-            );
+            let mut w = bf16_trainer(device, t.cfg.clone());
             w.step(&mbs).unwrap();
         }
         let syncs = host_syncs();

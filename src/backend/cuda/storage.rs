@@ -1445,22 +1445,7 @@ impl BackendStorage for CudaStorage {
         if chunks == 0 {
             return Ok(());
         }
-        self.launch(
-            "adamw_multi_f32",
-            LaunchConfig::linear(chunks.min(4096) as u32, 256),
-            &[
-                Arg::U64(table.addr()),
-                Arg::I32(chunks as i32),
-                Arg::F32(step.lr as f32),
-                Arg::F32(step.beta1 as f32),
-                Arg::F32(step.beta2 as f32),
-                Arg::F32(step.eps as f32),
-                Arg::F32(step.bias1 as f32),
-                Arg::F32(step.bias2 as f32),
-                Arg::F32(step.grad_scale as f32),
-                Arg::null(),
-            ],
-        )
+        storage_optim::launch_adamw(self, &table, chunks, &step, Arg::null())
         // The table goes back to the caching allocator; any reuse is ordered after this launch
         // on the same stream, so no wait is needed.
     }

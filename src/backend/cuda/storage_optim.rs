@@ -80,11 +80,25 @@ pub fn adamw_clipped(params: &[FusedParam], step: AdamWStep, max_norm: f64) -> R
             out.ptr(),
         ],
     )?;
-    first.launch(
+    launch_adamw(first, &tab, chunks, &step, Arg::U64(out.buf.addr() + 4))?;
+    // The table and partial sums go back to the caching allocator; reuse is stream-ordered.
+    Ok(out)
+}
+
+/// `adamw_multi_f32` over `chunks` pieces of `table`, gradients scaled by `step.grad_scale`
+/// and by the f32 at `scale` (a device pointer, or null).
+pub(super) fn launch_adamw(
+    on: &CudaStorage,
+    table: &Buffer,
+    chunks: usize,
+    step: &AdamWStep,
+    scale: Arg,
+) -> Result<()> {
+    on.launch(
         "adamw_multi_f32",
-        grid,
+        LaunchConfig::linear(chunks.min(4096) as u32, 256),
         &[
-            Arg::U64(tab.addr()),
+            Arg::U64(table.addr()),
             Arg::I32(chunks as i32),
             Arg::F32(step.lr as f32),
             Arg::F32(step.beta1 as f32),
@@ -93,9 +107,7 @@ pub fn adamw_clipped(params: &[FusedParam], step: AdamWStep, max_norm: f64) -> R
             Arg::F32(step.bias1 as f32),
             Arg::F32(step.bias2 as f32),
             Arg::F32(step.grad_scale as f32),
-            Arg::U64(out.buf.addr() + 4),
+            scale,
         ],
-    )?;
-    // The table and partial sums go back to the caching allocator; reuse is stream-ordered.
-    Ok(out)
+    )
 }
