@@ -63,6 +63,7 @@ pub fn no_grad() -> GradModeGuard {
 
 /// Enables recording on this thread until the guard is dropped (recomputation inside a
 /// backward pass, which otherwise runs without recording).
+#[must_use = "recording stops again when the guard is dropped"]
 pub(crate) fn enable_grad() -> GradModeGuard {
     let prev = GRAD_ENABLED.with(|g| g.replace(true));
     GradModeGuard(prev)
@@ -208,11 +209,18 @@ impl Tensor {
     /// `backward_into` from a given gradient of this tensor (its shape).
     pub fn backward_seeded(&self, seed: Tensor, store: &mut GradStore) -> Result<()> {
         let _guard = no_grad();
-        if seed.shape() != self.shape() {
+        if seed.shape() != self.shape()
+            || seed.dtype() != self.dtype()
+            || seed.device() != self.device()
+        {
             return Err(Error::Autograd(format!(
-                "backward seed of shape {:?} for a tensor of shape {:?}",
+                "backward seed {:?} {} on {} for a tensor {:?} {} on {}",
                 seed.shape(),
-                self.shape()
+                seed.dtype(),
+                seed.device(),
+                self.shape(),
+                self.dtype(),
+                self.device()
             )));
         }
         match &self.0.grad {
@@ -319,11 +327,20 @@ fn topo_order(root: &Tensor) -> Result<Vec<Option<Tensor>>> {
 /// of `f`'s activations but its inputs. `f` must be deterministic (dropout seeded, as
 /// `Fwd::dropout_seed` makes it) and `params` must list every trainable tensor `f` reads
 /// besides `inputs`: their gradients come out of the recomputed graph (a trainable tensor
-/// missing from the list is an error at backward, not a silently lost gradient).
+/// missing from the list is an error at backward, not a silently lost gradient). Besides its
+/// inputs, `f` may read only constants and trainable leaves (the recomputation must not walk
+/// into the outer graph).
 pub fn checkpoint<F>(inputs: &[&Tensor], params: &[Tensor], f: F) -> Result<Tensor>
 where
     F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
 {
+    if params.iter().any(|p| p.is_tracked() && !p.is_trainable()) {
+        return Err(Error::Autograd(
+            "checkpoint: `params` must be trainable leaves or constants, not op outputs (pass \
+             those as inputs)"
+                .into(),
+        ));
+    }
     let owned: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
     let tracked = owned.iter().chain(params).any(|t| t.is_tracked());
     if !is_grad_enabled() || !tracked {

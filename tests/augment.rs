@@ -170,3 +170,66 @@ fn prefetcher_keeps_order_and_names_bad_lines() {
     assert!(err.contains("manifest line 14"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `DeviceBatches` (the staged uploads of `sd2 train` / predict): batches in order, paired
+/// with their pixels, and a bad file's error in its own batch's place — after every batch
+/// before it, even with several batches staged ahead. Run on the CPU and on `cuda:sim`.
+#[test]
+fn device_batches_keep_order_and_report_errors_in_place() {
+    use sd2::data::loader::{load_host, DeviceBatches, Prefetcher, Transform};
+    use sd2::data::{synth, Item};
+    use sd2::{DType, Device};
+    let d = std::env::temp_dir().join(format!("sd2-devbatches-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = synth::generate(&d, 30, 32, 7).unwrap();
+    let batches: Vec<Vec<Item>> = m.items.chunks(4).map(|c| c.to_vec()).collect();
+    let mut devices = vec![Device::Cpu];
+    if cfg!(feature = "cuda-sim") {
+        devices.push(Device::CUDA_SIM);
+    }
+    for dev in devices {
+        let staged = |ahead| {
+            DeviceBatches::new(
+                Prefetcher::new(batches.clone(), 32, Transform::None, 2),
+                ahead,
+                32,
+                DType::F32,
+                dev,
+            )
+        };
+        let (mut lines, mut n) = (vec![], 0);
+        for (k, b) in staged(3).enumerate() {
+            let (items, px) = b.unwrap();
+            assert_eq!(px.device(), dev);
+            assert_eq!(px.dims(), &[items.len(), 3, 32, 32]);
+            let want = load_host(&batches[k], 32, &Transform::None).unwrap();
+            let got: Vec<f32> = px.to_vec().unwrap();
+            assert_eq!(got, want, "{dev}: batch {k} pixels");
+            lines.extend(items.iter().map(|i| i.line));
+            n += 1;
+        }
+        assert_eq!((n, lines), (8, (1..=30).collect::<Vec<_>>()), "{dev}");
+    }
+    // Batch 5 (lines 21–24) breaks; with 3 staged ahead its error still comes 6th.
+    std::fs::write(&batches[5][2].path, b"not a png").unwrap();
+    let got: Vec<Result<usize, String>> = DeviceBatches::new(
+        Prefetcher::new(batches.clone(), 32, Transform::None, 2),
+        3,
+        32,
+        DType::F32,
+        Device::Cpu,
+    )
+    .map(|b| b.map(|(items, _)| items[0].line).map_err(|e| e.to_string()))
+    .collect();
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert_eq!(
+        got[..5]
+            .iter()
+            .map(|r| r.clone().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 5, 9, 13, 17]
+    );
+    let e = got[5].clone().unwrap_err();
+    assert!(e.contains("manifest line 23"), "{e}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -319,3 +319,27 @@ fn checkpoint_recomputes_the_same_gradients() {
         .unwrap_or_default();
     assert!(e.contains("not passed as `params`"), "{e}");
 }
+
+/// A checkpoint whose params include an op output is refused up front (its recomputation
+/// would walk into the outer graph); grad mode is back on after a failing recomputation.
+#[test]
+fn checkpoint_refuses_op_outputs_as_params_and_restores_grad_mode() {
+    let w = rand64(&[3, 3], 30).into_trainable();
+    let x = rand64(&[2, 3], 31);
+    let derived = w.scale(2.0).unwrap();
+    let e = sd2::checkpoint(&[&x], std::slice::from_ref(&derived), |xs: &[Tensor]| {
+        Ok(xs[0].clone())
+    })
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("trainable leaves"), "{e}");
+    let xt = x.clone().into_trainable();
+    let y = sd2::checkpoint(&[&xt], &[], {
+        let w = w.clone();
+        move |xs: &[Tensor]| xs[0].linear(&w, None)
+    })
+    .unwrap();
+    assert!(y.sum_all().unwrap().backward().is_err(), "undeclared w");
+    assert!(sd2::autograd::is_grad_enabled());
+}

@@ -96,7 +96,9 @@ impl Loaded {
 /// step of k micro-batches uses `ahead = k`: the next step's data moves during this step.
 pub struct DeviceBatches {
     loader: Prefetcher,
-    staged: VecDeque<(Vec<Item>, Upload)>,
+    /// Batches in order; a failure takes its batch's place and ends the filling.
+    staged: VecDeque<Result<(Vec<Item>, Upload)>>,
+    failed: bool,
     ahead: usize,
     size: usize,
     dtype: DType,
@@ -114,6 +116,7 @@ impl DeviceBatches {
         DeviceBatches {
             loader,
             staged: VecDeque::new(),
+            failed: false,
             ahead: ahead.max(1),
             size,
             dtype,
@@ -121,28 +124,28 @@ impl DeviceBatches {
         }
     }
 
-    /// Stages batches until `ahead` are in flight (fewer at the end); false when none are left.
-    fn fill(&mut self) -> Result<()> {
-        while self.staged.len() <= self.ahead {
-            match self.loader.next() {
-                Some(l) => self
-                    .staged
-                    .push_back(l?.upload(self.size, self.dtype, self.device)?),
-                None => break,
-            }
+    /// Stages batches until the one to hand out and `ahead` more are queued (fewer at the end,
+    /// none after a failure).
+    fn fill(&mut self) {
+        while !self.failed && self.staged.len() <= self.ahead {
+            let Some(l) = self.loader.next() else { break };
+            let r = l.and_then(|l| l.upload(self.size, self.dtype, self.device));
+            self.failed = r.is_err();
+            self.staged.push_back(r);
         }
-        Ok(())
     }
 }
 
 impl Iterator for DeviceBatches {
     type Item = Result<(Vec<Item>, Tensor)>;
     fn next(&mut self) -> Option<Self::Item> {
-        if let Err(e) = self.fill() {
-            return Some(Err(e));
-        }
-        let (items, up) = self.staged.pop_front()?;
-        Some(up.wait().map(|t| (items, t)))
+        self.fill();
+        // An error comes out in its batch's place, after every batch before it.
+        Some(
+            self.staged
+                .pop_front()?
+                .and_then(|(items, up)| up.wait().map(|t| (items, t))),
+        )
     }
 }
 

@@ -34,8 +34,10 @@ pub struct Sd2Batch {
     pub type_ids: Tensor,
     pub face_ids: Option<Tensor>,
     pub env_ids: Option<Tensor>,
-    /// The ids the losses use (types, then faces, then envs when used), row-major on the host,
-    /// when the caller tokenized them: the text tower then reads nothing back from the device.
+    /// The ids that go through the text tower (types unless `losses_given_classes` is used,
+    /// then faces, then envs when used), row-major on the host, when the caller tokenized
+    /// them: the text tower then reads nothing back from the device. Ignored when the id sets
+    /// differ in width (padding rewrites them); a length that does not match is an error.
     pub host_ids: Option<Vec<i64>>,
 }
 

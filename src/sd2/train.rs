@@ -322,7 +322,12 @@ impl Trainer {
             let seed =
                 mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
             let fwd_range = crate::backend::cuda::profile::range_with(|| format!("forward {k}"));
-            let u_leaf = u.detach().into_trainable();
+            // A leaf only when gradients can flow on into the text tower.
+            let u_leaf = if u.is_tracked() {
+                u.detach().into_trainable()
+            } else {
+                u.clone()
+            };
             let losses = self.model.losses_given_classes(
                 &batch,
                 &u_leaf,
@@ -348,7 +353,11 @@ impl Trainer {
             drop(fwd_range);
             let _bwd = crate::backend::cuda::profile::range_with(|| format!("backward {k}"));
             losses.total.scale(w)?.backward_into(&mut grads)?;
-            if let Some(g) = grads.remove(&u_leaf) {
+            if let Some(g) = u_leaf
+                .is_trainable()
+                .then(|| grads.remove(&u_leaf))
+                .flatten()
+            {
                 du = Some(match du {
                     None => g,
                     Some(d) => d.add(&g)?,
