@@ -255,7 +255,8 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
     let micro = match cfg.train.micro_batch {
         0 => {
             let cap = cfg.train.effective_batch.max(1);
-            match trainer.auto_micro_batch(size, cap)? {
+            // DeviceBatches keeps the next step's micro-batches on the device too.
+            match trainer.auto_micro_batch(size, cap, cap)? {
                 Some(b) => {
                     progress.line(&format!(
                         "micro-batch {b}: the largest that fits {device}'s free memory (cap {cap})"

@@ -191,7 +191,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         };
         let mut trainer = Trainer::new(model, tcfg.clone(), tokenizer, texts);
         let batch = match cfg.batch {
-            0 => trainer.auto_micro_batch(size, 4096)?.ok_or_else(|| {
+            // The bench reuses one device batch: nothing is staged.
+            0 => trainer.auto_micro_batch(size, 4096, 0)?.ok_or_else(|| {
                 Error::Msg(format!(
                     "bench: --batch 0 needs a GPU device, not {}",
                     cfg.device

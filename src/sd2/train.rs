@@ -235,8 +235,15 @@ impl Trainer {
     /// The largest micro-batch that fits the device's memory (GPU; None elsewhere), at most
     /// `max`: forward + backward (no optimizer step, nothing changes) at 2 and 4 random
     /// images of `size` px with descriptions, a linear fit of the peak bytes, 90% of what
-    /// tensors could occupy; rounded down to a multiple of 8 from 8 on.
-    pub fn auto_micro_batch(&self, size: usize, max: usize) -> Result<Option<usize>> {
+    /// tensors could occupy; rounded down to a multiple of 8 from 8 on. `staged` images' pixels
+    /// beyond the micro-batch also live on the device meanwhile (`DeviceBatches` copying the
+    /// next step: about one effective batch plus one micro-batch), so they are set aside.
+    pub fn auto_micro_batch(
+        &self,
+        size: usize,
+        max: usize,
+        staged: usize,
+    ) -> Result<Option<usize>> {
         let device = self.model.clip.logit_scale.device();
         let Some(mem) = crate::backend::cuda::device_memory(device) else {
             return Ok(None);
@@ -274,10 +281,13 @@ impl Trainer {
             Ok(crate::backend::cuda::device_memory(device).map_or(0, |m| m.peak))
         };
         let (p2, p4) = (probe(2)?, probe(4)?);
+        // The staged copy of the next step: `staged` images plus one more micro-batch, which
+        // the per-image slope covers by counting each image's pixels twice.
+        let image = 3 * size * size * self.model.dtype().size_in_bytes();
         Ok(Some(fit_micro_batch(
-            (2, p2),
-            (4, p4),
-            usable * 9 / 10,
+            (2, p2 + 2 * image),
+            (4, p4 + 4 * image),
+            (usable * 9 / 10).saturating_sub(staged * image),
             max,
         )))
     }
