@@ -211,6 +211,13 @@ thread_local! {
         const { [const { std::sync::atomic::AtomicU64::new(0) }; 5] };
 }
 
+thread_local! {
+    /// Per runner (`Runner::pending_bit`): whether this thread launched an id check there
+    /// since its last look at the record; reads with none in between skip the (on a GPU,
+    /// second) read of the record.
+    static ID_CHECK_PENDING: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// The error an id-error record [count, op, position, id, bound] stands for (None if clean).
 pub fn id_error(rec: [u64; 5]) -> Option<Error> {
     if rec[0] == 0 {
@@ -378,6 +385,8 @@ impl Runner {
 
     /// The address of this runner's id-error record (zeroed; made on first use).
     pub fn id_errors(&self) -> Result<u64> {
+        let bit = self.pending_bit();
+        ID_CHECK_PENDING.with(|p| p.set(p.get() | bit));
         match self {
             #[cfg(feature = "cuda-sim")]
             Runner::Sim => Ok(SIM_ID_ERRORS.with(|r| r.as_ptr() as u64)),
@@ -388,7 +397,20 @@ impl Runner {
 
     /// Reports (and clears) a bad id the device found since the last check. Called after
     /// every read, when the device has caught up anyway.
+    fn pending_bit(&self) -> u64 {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => 1,
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => 2u64 << g.ordinal.min(62),
+        }
+    }
+
     fn check_ids(&self) -> Result<()> {
+        let bit = self.pending_bit();
+        if ID_CHECK_PENDING.with(|p| p.replace(p.get() & !bit)) & bit == 0 {
+            return Ok(());
+        }
         let rec: [u64; 5] = match self {
             #[cfg(feature = "cuda-sim")]
             Runner::Sim => SIM_ID_ERRORS.with(|r| {

@@ -119,16 +119,18 @@ impl crate::Tensor {
         if let crate::Device::Cuda(o) = device {
             if device != crate::Device::CUDA_SIM && self.device() == crate::Device::Cpu {
                 use crate::backend::cpu::CpuStorage;
-                let host = self.to_cpu_storage()?;
-                let bytes: &[u8] = match &host {
-                    CpuStorage::F32(v) => bytemuck::cast_slice(v),
-                    CpuStorage::BF16(v) => bytemuck::cast_slice(v),
-                    CpuStorage::I64(v) => bytemuck::cast_slice(v),
-                    CpuStorage::U32(v) => bytemuck::cast_slice(v),
-                    CpuStorage::F64(_) => {
+                use crate::storage::Storage;
+                // Read in place: the pinned staging copy is the only copy.
+                let guard = self.storage();
+                let bytes: &[u8] = match &*guard {
+                    Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(v),
+                    Storage::Cpu(CpuStorage::BF16(v)) => bytemuck::cast_slice(v),
+                    Storage::Cpu(CpuStorage::I64(v)) => bytemuck::cast_slice(v),
+                    Storage::Cpu(CpuStorage::U32(v)) => bytemuck::cast_slice(v),
+                    _ => {
                         return Err(crate::Error::UnsupportedDType {
                             op: "to cuda (f64 stays on the CPU; cast to f32 or bf16 first)",
-                            dtype: crate::DType::F64,
+                            dtype: self.dtype(),
                         })
                     }
                 };

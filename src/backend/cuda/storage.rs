@@ -418,11 +418,18 @@ impl CudaStorage {
         self.launch(&format!("binary_{sfx}"), ew(n), &a)
     }
 
-    /// `kernels/adamw.cu`'s chunk table over this tensor (pieces of 64 Ki elements, one block
-    /// each), in this runner's memory: (table, chunks).
+    /// `kernels/adamw.cu`'s chunk table over this tensor, in this runner's memory:
+    /// (table, chunks).
     fn chunk_table(&self, g: u64, m: u64, v: u64, wd: f32) -> Result<(Buffer, usize)> {
-        const PIECE: usize = 1 << 16;
         let mut words = vec![];
+        self.push_chunks(&mut words, g, m, v, wd);
+        Ok((self.runner.buffer(&words)?, words.len() / 7))
+    }
+
+    /// Appends this tensor's rows of `kernels/adamw.cu`'s chunk table (`AdamwChunk`: p, g, m,
+    /// v, begin, end, weight decay; pieces of 64 Ki elements, one block each).
+    fn push_chunks(&self, words: &mut Vec<u64>, g: u64, m: u64, v: u64, wd: f32) {
+        const PIECE: usize = 1 << 16;
         let mut begin = 0;
         while begin < self.len {
             let end = (begin + PIECE).min(self.len);
@@ -437,8 +444,6 @@ impl CudaStorage {
             ]);
             begin = end;
         }
-        let chunks = words.len() / 7;
-        Ok((self.runner.buffer(&words)?, chunks))
     }
 }
 

@@ -14,25 +14,17 @@ pub struct FusedParam<'a> {
     pub weight_decay: f32,
 }
 
-/// The chunk table of `kernels/adamw.cu` over every tensor (pieces of 64 Ki elements).
+/// The chunk table of `kernels/adamw.cu` over every tensor.
 fn table(params: &[FusedParam]) -> Vec<u64> {
-    const PIECE: usize = 1 << 16;
     let mut words = vec![];
     for f in params {
-        let mut begin = 0;
-        while begin < f.p.len {
-            let end = (begin + PIECE).min(f.p.len);
-            words.extend([
-                f.p.buf.addr(),
-                f.g.buf.addr(),
-                f.m.buf.addr(),
-                f.v.buf.addr(),
-                begin as u64,
-                end as u64,
-                f.weight_decay.to_bits() as u64,
-            ]);
-            begin = end;
-        }
+        f.p.push_chunks(
+            &mut words,
+            f.g.buf.addr(),
+            f.m.buf.addr(),
+            f.v.buf.addr(),
+            f.weight_decay,
+        );
     }
     words
 }
