@@ -602,3 +602,317 @@ extern "C" __global__ void __launch_bounds__(128, 2)
   store_rows(out, lse, o, m, l, rows, b, h, heads, sq, bh);
 }
 SD2_REGISTER_KERNEL(flash_fwd_tc4_d64_bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Backward on tensor cores (FlashAttention-2's algorithm, mma.sync m16n8k16 bf16, f32
+// accumulate), head dims 16/32/64, bf16 storage. Deterministic: no atomics. Two kernels:
+//   dq:   blocks own 64 query rows (4 warps × 16) and stream K/V tiles of 64 keys;
+//         dQ = scale·dS·K accumulated in registers. Also computes D_i = ⟨dO_i, O_i⟩ for its rows
+//         from the dO fragments it holds anyway, and writes it for the dkdv kernel (the separate
+//         delta pass of variant 1 is folded in).
+//   dkdv: blocks own 64 keys (4 warps × 16) and stream Q/dO tiles of 64 queries;
+//         the warp computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ directly (keys as the MMA's rows), so
+//         dV += Pᵀ·dO and dK += scale·dSᵀ·Q take Pᵀ and dSᵀ straight from the accumulators.
+// dQ's recomputation of S and dP (two products more than an atomic dQ) is the price of results
+// that do not depend on scheduling. P and dS are rounded to bf16 before they multiply (as
+// FlashAttention does); the softmax uses the forward's lse, in base 2. kStages = 2
+// double-buffers the streamed tiles with cp.async; kStages = 1 waits for each tile.
+//   grid (⌈len/64⌉, B·H), 128 threads, static shared memory (≤ 38 KB at D = 64).
+namespace fab {
+constexpr int kRows = 64, kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D>
+using Tile = bf16[kRows][D + kPad];
+
+// A fragments of rows `rows` (the warp's 16 rows, two per thread) of a [B, s, H·D] tensor, head h.
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t (&a)[D / 16][4], const bf16* __restrict__ x,
+                                       int b, int s, const int (&rows)[2], int heads, int h,
+                                       int t) {
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int col = kc * 16 + half * 8 + 2 * t;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        a[kc][half * 2 + r] = 0u;
+        if (rows[r] < s)
+          a[kc][half * 2 + r] = *reinterpret_cast<const uint32_t*>(
+              fa::row(x, b, s, rows[r], heads, h, D) + col);
+      }
+    }
+}
+
+// c[8][4] (16 × 64) += A (16 × D) · Tᵀ for a tile T [64][D] (rows of T are the n index).
+template <int D>
+__device__ __forceinline__ void mma_abt(float (&c)[8][4], const uint32_t (&a)[D / 16][4],
+                                        const Tile<D>& T) {
+  const int lane = threadIdx.x & 31;
+  if constexpr (D >= 32) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int kc2 = 0; kc2 < D / 32; ++kc2) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, &T[j * 8 + (lane & 7)][kc2 * 32 + (lane >> 3) * 8]);
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        mma_m16n8k16_bf16(c[j], a[2 * kc2], b0);
+        mma_m16n8k16_bf16(c[j], a[2 * kc2 + 1], b1);
+      }
+  } else {
+    // D = 16: one ldmatrix.x4 covers two n-groups of 8 rows × the 16 columns.
+#pragma unroll
+    for (int j2 = 0; j2 < 4; ++j2) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, &T[j2 * 16 + ((lane >> 4) & 1) * 8 + (lane & 7)][((lane >> 3) & 1) * 8]);
+      const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+      mma_m16n8k16_bf16(c[2 * j2], a[0], b0);
+      mma_m16n8k16_bf16(c[2 * j2 + 1], a[0], b1);
+    }
+  }
+}
+
+// c[D/8][4] (16 × D) += P (16 × 64, the f32 accumulators p[8][4], rounded to bf16) · T [64][D].
+template <int D>
+__device__ __forceinline__ void mma_pt(float (&c)[D / 8][4], const float (&p)[8][4],
+                                       const Tile<D>& T) {
+  const int lane = threadIdx.x & 31, mi = lane >> 3;
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) {
+    const uint32_t pa[4] = {pack_bf16x2(p[2 * kc][0], p[2 * kc][1]),
+                            pack_bf16x2(p[2 * kc][2], p[2 * kc][3]),
+                            pack_bf16x2(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                            pack_bf16x2(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+#pragma unroll
+    for (int jd2 = 0; jd2 < D / 16; ++jd2) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, &T[kc * 16 + (mi & 1) * 8 + (lane & 7)][jd2 * 16 + (mi >> 1) * 8]);
+      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+      mma_m16n8k16_bf16(c[2 * jd2], pa, b0);
+      mma_m16n8k16_bf16(c[2 * jd2 + 1], pa, b1);
+    }
+  }
+}
+
+// Rows [r0, r0 + 64) of two [B, s, H·D] tensors' head h into tiles (cp.async, zero past s).
+template <int D>
+__device__ __forceinline__ void stage2(Tile<D>& A, Tile<D>& C, const bf16* __restrict__ a,
+                                       const bf16* __restrict__ c, int b, int s, int r0,
+                                       int heads, int h) {
+  for (int e = threadIdx.x; e < kRows * D / 8; e += blockDim.x) {
+    const int r = e / (D / 8), col = (e % (D / 8)) * 8;
+    const bool ok = r0 + r < s;
+    const int rr = ok ? r0 + r : 0;
+    cp_async_16(&A[r][col], fa::row(a, b, s, rr, heads, h, D) + col, ok);
+    cp_async_16(&C[r][col], fa::row(c, b, s, rr, heads, h, D) + col, ok);
+  }
+}
+
+// Stores acc · mul (16 × D accumulators) to rows `rows` of a [B, s, H·D] tensor, head h.
+template <int D>
+__device__ __forceinline__ void store_acc(bf16* __restrict__ y, const float (&acc)[D / 8][4],
+                                          float mul, int b, int s, const int (&rows)[2],
+                                          int heads, int h, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= s) continue;
+    bf16* yr = y + ((size_t)b * s + rows[r]) * heads * D + (size_t)h * D;
+#pragma unroll
+    for (int jd = 0; jd < D / 8; ++jd)
+      *reinterpret_cast<uint32_t*>(yr + jd * 8 + 2 * t) =
+          pack_bf16x2(acc[jd][r * 2] * mul, acc[jd][r * 2 + 1] * mul);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&x)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[j][i] = 0.0f;
+}
+}  // namespace fab
+
+template <int D, int kStages>
+__device__ void flash_bwd_dq_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                const bf16* __restrict__ v, const bf16* __restrict__ o,
+                                const float* __restrict__ lse, const bf16* __restrict__ dout,
+                                float* __restrict__ delta, bf16* __restrict__ dq, int heads,
+                                int sq, int skv, int causal, float scale) {
+  using namespace fab;
+  __shared__ __align__(16) Tile<D> Ks[kStages], Vs[kStages];
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int row0 = blockIdx.x * kRows + warp * 16;
+  const int rows[2] = {row0 + g, row0 + g + 8};
+  const float scale2 = scale * kLog2e;
+  uint32_t qa[D / 16][4], da[D / 16][4], oa[D / 16][4];
+  load_a<D>(qa, q, b, sq, rows, heads, h, t);
+  load_a<D>(da, dout, b, sq, rows, heads, h, t);
+  load_a<D>(oa, o, b, sq, rows, heads, h, t);
+  // D_i from the fragments: each thread holds D/4 of its two rows' columns.
+  float di[2] = {0.0f, 0.0f}, li[2];
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const uint32_t x = oa[kc][reg], y = da[kc][reg];
+      di[reg & 1] += bf16x2_lo(x) * bf16x2_lo(y) + bf16x2_hi(x) * bf16x2_hi(y);
+    }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    di[r] += __shfl_xor_sync(0xffffffffu, di[r], 1);
+    di[r] += __shfl_xor_sync(0xffffffffu, di[r], 2);
+    li[r] = rows[r] < sq ? lse[(size_t)bh * sq + rows[r]] * kLog2e : 0.0f;
+    if (t == 0 && rows[r] < sq) delta[(size_t)bh * sq + rows[r]] = di[r];
+  }
+  float acc[D / 8][4];
+  zero(acc);
+  const int kv_end =
+      causal ? min(skv, int(blockIdx.x) * kRows + kRows - 1 + (skv - sq) + 1) : skv;
+  const int tiles = kv_end > 0 ? (kv_end + kRows - 1) / kRows : 0;
+  if (kStages == 2 && tiles > 0) stage2<D>(Ks[0], Vs[0], k, v, b, skv, 0, heads, h);
+  cp_async_commit();
+  for (int it = 0; it < tiles; ++it) {
+    const int st = kStages == 2 ? it & 1 : 0, k0 = it * kRows;
+    if (kStages == 2) {
+      // The other stage was last read in iteration it − 1, which ended at a barrier.
+      if (it + 1 < tiles) stage2<D>(Ks[st ^ 1], Vs[st ^ 1], k, v, b, skv, k0 + kRows, heads, h);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      stage2<D>(Ks[0], Vs[0], k, v, b, skv, k0, heads, h);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    float s[8][4], dp[8][4];
+    zero(s);
+    zero(dp);
+    mma_abt<D>(s, qa, Ks[st]);
+    mma_abt<D>(dp, da, Vs[st]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int key = k0 + j * 8 + 2 * t + c;
+          const bool ok = key < skv && rows[r] < sq && fa::visible(rows[r], key, sq, skv, causal);
+          const float p = ok ? exp2f(s[j][r * 2 + c] * scale2 - li[r]) : 0.0f;
+          s[j][r * 2 + c] = p * (dp[j][r * 2 + c] - di[r]);  // dS
+        }
+    mma_pt<D>(acc, s, Ks[st]);
+    __syncthreads();  // this stage is refilled next
+  }
+  store_acc<D>(dq, acc, scale, b, sq, rows, heads, h, t);
+}
+
+template <int D, int kStages>
+__device__ void flash_bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                  const bf16* __restrict__ v, const float* __restrict__ lse,
+                                  const float* __restrict__ delta, const bf16* __restrict__ dout,
+                                  bf16* __restrict__ dk, bf16* __restrict__ dv, int heads,
+                                  int sq, int skv, int causal, float scale) {
+  using namespace fab;
+  __shared__ __align__(16) Tile<D> Qs[kStages], dOs[kStages];
+  __shared__ float Ls[kStages][kRows], Ds[kStages][kRows];
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+  const int key0 = blockIdx.x * kRows;
+  const int keys[2] = {key0 + warp * 16 + g, key0 + warp * 16 + g + 8};
+  const float scale2 = scale * kLog2e;
+  uint32_t ka[D / 16][4], va[D / 16][4];
+  load_a<D>(ka, k, b, skv, keys, heads, h, t);
+  load_a<D>(va, v, b, skv, keys, heads, h, t);
+  float gk[D / 8][4], gv[D / 8][4];
+  zero(gk);
+  zero(gv);
+  // Queries before the first that sees this block's first key are skipped (causal).
+  const int q_begin = causal ? max(0, key0 - (skv - sq)) / kRows * kRows : 0;
+  const int tiles = q_begin < sq ? (sq - q_begin + kRows - 1) / kRows : 0;
+  auto stage = [&](int st, int q0) {
+    stage2<D>(Qs[st], dOs[st], q, dout, b, sq, q0, heads, h);
+    for (int i = threadIdx.x; i < kRows; i += blockDim.x) {
+      const bool ok = q0 + i < sq;
+      Ls[st][i] = ok ? lse[(size_t)bh * sq + q0 + i] * kLog2e : 0.0f;
+      Ds[st][i] = ok ? delta[(size_t)bh * sq + q0 + i] : 0.0f;
+    }
+  };
+  if (kStages == 2 && tiles > 0) stage(0, q_begin);
+  cp_async_commit();
+  for (int it = 0; it < tiles; ++it) {
+    const int st = kStages == 2 ? it & 1 : 0, q0 = q_begin + it * kRows;
+    if (kStages == 2) {
+      if (it + 1 < tiles) stage(st ^ 1, q0 + kRows);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      stage(0, q0);
+      cp_async_commit();
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    // Sᵀ, then Pᵀ in place (rows = the warp's keys, columns = the tile's queries); dV first,
+    // so that dPᵀ's accumulators are live only after it (fewer registers at the peak).
+    float s[8][4];
+    zero(s);
+    mma_abt<D>(s, ka, Qs[st]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int iq = j * 8 + 2 * t + c, i = q0 + iq;
+        const float l2 = Ls[st][iq];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool ok = keys[r] < skv && i < sq && fa::visible(i, keys[r], sq, skv, causal);
+          s[j][r * 2 + c] = ok ? exp2f(s[j][r * 2 + c] * scale2 - l2) : 0.0f;
+        }
+      }
+    mma_pt<D>(gv, s, dOs[st]);
+    float dp[8][4];
+    zero(dp);
+    mma_abt<D>(dp, va, dOs[st]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float dd = Ds[st][j * 8 + 2 * t + c];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) dp[j][r * 2 + c] = s[j][r * 2 + c] * (dp[j][r * 2 + c] - dd);
+      }
+    mma_pt<D>(gk, dp, Qs[st]);  // dSᵀ·Q
+    __syncthreads();  // this stage is refilled next
+  }
+  store_acc<D>(dk, gk, scale, b, skv, keys, heads, h, t);
+  store_acc<D>(dv, gv, 1.0f, b, skv, keys, heads, h, t);
+}
+
+// Backward variant 2 (kStages 1) and 3 (kStages 2).
+#define SD2_FLASH_BWD_TC(V, STAGES, D)                                                          \
+  extern "C" __global__ void __launch_bounds__(128) flash_bwd_dq_tc##V##_d##D##_bf16(           \
+      const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,            \
+      const bf16* dout, float* delta, bf16* dq, int heads, int sq, int skv, int causal,        \
+      float scale) {                                                                           \
+    flash_bwd_dq_tc<D, STAGES>(q, k, v, o, lse, dout, delta, dq, heads, sq, skv, causal,       \
+                               scale);                                                         \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(flash_bwd_dq_tc##V##_d##D##_bf16)                                        \
+  extern "C" __global__ void __launch_bounds__(128) flash_bwd_dkdv_tc##V##_d##D##_bf16(         \
+      const bf16* q, const bf16* k, const bf16* v, const float* lse, const float* delta,       \
+      const bf16* dout, bf16* dk, bf16* dv, int heads, int sq, int skv, int causal,            \
+      float scale) {                                                                           \
+    flash_bwd_dkdv_tc<D, STAGES>(q, k, v, lse, delta, dout, dk, dv, heads, sq, skv, causal,    \
+                                 scale);                                                       \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(flash_bwd_dkdv_tc##V##_d##D##_bf16)
+
+SD2_FLASH_BWD_TC(2, 1, 64)
+SD2_FLASH_BWD_TC(3, 2, 64)
+SD2_FLASH_BWD_TC(2, 1, 32)
+SD2_FLASH_BWD_TC(3, 2, 32)
+SD2_FLASH_BWD_TC(2, 1, 16)
+SD2_FLASH_BWD_TC(3, 2, 16)

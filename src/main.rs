@@ -566,26 +566,43 @@ fn bench_flash(
     );
     let t = bench::flash_attention(&gpu, &bench::AttnShape::defaults(batch), warmup, iters)?;
     println!(
-        "{:<8} {:>6} {:>5} {:>6} {:>6} {:>9} {:>8} {:>9} {:>8}",
-        "shape", "batch", "heads", "seq", "causal", "fwd ms", "TFLOP/s", "bwd ms", "TFLOP/s"
+        "{:<8} {:>6} {:>5} {:>5} {:>6} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "shape",
+        "batch",
+        "heads",
+        "seq",
+        "causal",
+        "fwd v1",
+        "fwd v3",
+        "fwd v4",
+        "bwd v1",
+        "bwd v2",
+        "bwd v3",
+        "TFLOP/s",
+        "diff v3"
     );
     for r in &t {
         let s = &r.shape;
         println!(
-            "{:<8} {:>6} {:>5} {:>6} {:>6} {:>9.3} {:>8.1} {:>9.3} {:>8.1}",
+            "{:<8} {:>6} {:>5} {:>5} {:>6} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} {:>8.1} {:>8.1e}",
             s.name,
             s.batch,
             s.heads,
             s.seq,
             s.causal,
             r.fwd_ms,
-            r.fwd_tflops,
+            r.fwd_tc3_ms,
+            r.fwd_tc4_ms,
             r.bwd_ms,
-            r.bwd_tflops
+            r.bwd_tc2_ms,
+            r.bwd_tc3_ms,
+            r.bwd_tc3_tflops,
+            r.bwd_tc3_rel_diff
         );
     }
+    println!("(ms; TFLOP/s and diff = max |dX_v3 − dX_v1| / max |dX_v1| of backward variant 3)");
     if let Some(p) = json {
-        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v2-v4 forward (tensor cores)", "timings": t });
+        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v2-v4 forward and v2-v3 backward (tensor cores)", "timings": t });
         write_json(p, &body)?;
     }
     Ok(())

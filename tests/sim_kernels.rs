@@ -1250,6 +1250,122 @@ fn flash_attention_tensor_core_forward_matches_cpu() {
     });
 }
 
+/// The tensor-core flash backward (variants 2 and 3, head dims 64, 32, 16, bf16 storage):
+/// dQ, the row deltas D_i it writes, dK and dV against the CPU attention op on the same
+/// bf16-valued inputs (O and lse from the reference) — 5, 77 causal, 7×13 causal, 150 and 257
+/// keys at head dim 64, tails and causal shapes at 32 and 16. Each launch runs twice on fresh
+/// poisoned outputs and must give the same bits (no atomics: no scheduling dependence).
+#[test]
+fn flash_attention_tensor_core_backward_matches_cpu() {
+    each_backend(|r| {
+        let shapes: &[(usize, usize, usize, usize, usize, bool)] = &[
+            (64, 2, 2, 5, 5, false),
+            (64, 2, 2, 77, 77, true),
+            (64, 2, 2, 7, 13, true),
+            (64, 1, 2, 150, 150, false),
+            (64, 1, 1, 257, 257, false),
+            (32, 2, 2, 77, 77, true),
+            (32, 1, 2, 70, 70, false),
+            (16, 2, 4, 7, 13, true),
+            (16, 2, 4, 65, 65, false),
+        ];
+        for variant in flash::BWD_TC_VARIANTS {
+            for &(d, b, heads, sq, skv, causal) in shapes {
+                let width = heads * d;
+                let seed = 400 + sq as u64;
+                let q = bf16_round(&randn(b * sq * width, seed));
+                let k = bf16_round(&randn(b * skv * width, seed + 1));
+                let v = bf16_round(&randn(b * skv * width, seed + 2));
+                let dout = bf16_round(&randn(b * sq * width, seed + 3));
+                let want =
+                    attention_reference(&q, &k, &v, &dout, [b, sq, skv, width, heads], causal);
+                let o = bf16_round(&want[0]);
+                // D_i = ⟨dO_i, O_i⟩ over the head's columns, from the bf16 O the kernel reads.
+                let mut want_delta = vec![0.0f32; b * heads * sq];
+                for bi in 0..b {
+                    for h in 0..heads {
+                        for i in 0..sq {
+                            let at = (bi * sq + i) * width + h * d;
+                            want_delta[(bi * heads + h) * sq + i] =
+                                (0..d).map(|c| o[at + c] * dout[at + c]).sum();
+                        }
+                    }
+                }
+                let (qb, kb, vb, ob, dob) = (
+                    to_bf16(&q),
+                    to_bf16(&k),
+                    to_bf16(&v),
+                    to_bf16(&o),
+                    to_bf16(&dout),
+                );
+                let (dq_kernel, dkdv_kernel) = flash::bwd_tc_kernels(variant, d);
+                let tail = || {
+                    [
+                        KArg::I32(heads as i32),
+                        KArg::I32(sq as i32),
+                        KArg::I32(skv as i32),
+                        KArg::I32(causal as i32),
+                        KArg::F32(1.0 / (d as f32).sqrt()),
+                    ]
+                };
+                let run = || {
+                    let mut delta = vec![f32::NAN; b * heads * sq];
+                    let mut dq = to_bf16(&vec![f32::NAN; b * sq * width]);
+                    let mut dk = to_bf16(&vec![f32::NAN; b * skv * width]);
+                    let mut dv = to_bf16(&vec![f32::NAN; b * skv * width]);
+                    unsafe {
+                        let mut a = vec![
+                            KArg::input(&qb),
+                            KArg::input(&kb),
+                            KArg::input(&vb),
+                            KArg::input(&ob),
+                            KArg::input(&want[1]),
+                            KArg::input(&dob),
+                            KArg::output(&mut delta),
+                            KArg::output(&mut dq),
+                        ];
+                        a.extend(tail());
+                        r.launch(&dq_kernel, flash::bwd_tc_config(b * heads, sq), &mut a)
+                            .unwrap();
+                        let mut a = vec![
+                            KArg::input(&qb),
+                            KArg::input(&kb),
+                            KArg::input(&vb),
+                            KArg::input(&want[1]),
+                            KArg::input(&delta),
+                            KArg::input(&dob),
+                            KArg::output(&mut dk),
+                            KArg::output(&mut dv),
+                        ];
+                        a.extend(tail());
+                        r.launch(&dkdv_kernel, flash::bwd_tc_config(b * heads, skv), &mut a)
+                            .unwrap();
+                    }
+                    (delta, from_bf16(&dq), from_bf16(&dk), from_bf16(&dv))
+                };
+                let first = run();
+                let again = run();
+                let name =
+                    format!("bwd tc{variant} d{d} b{b} h{heads} sq{sq} skv{skv} causal {causal}");
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                for (what, x, y) in [
+                    ("delta", &first.0, &again.0),
+                    ("dq", &first.1, &again.1),
+                    ("dk", &first.2, &again.2),
+                    ("dv", &first.3, &again.3),
+                ] {
+                    assert_eq!(bits(x), bits(y), "{name} {what}: two runs differ");
+                }
+                check(&format!("{name} delta"), &first.0, &want_delta, 1e-5);
+                // P and dS are rounded to bf16 before they multiply; outputs stored in bf16.
+                check(&format!("{name} dq"), &first.1, &want[2], 1e-2);
+                check(&format!("{name} dk"), &first.2, &want[3], 1e-2);
+                check(&format!("{name} dv"), &first.3, &want[4], 1e-2);
+            }
+        }
+    });
+}
+
 /// f64 reference of the LoRA GEMM forward on bf16-valued inputs: X·Wᵀ + s·S·Bᵀ, then the
 /// epilogue (0 none, 1 bias, 2 bias + quick_gelu, 3 bias + residual).
 #[allow(clippy::too_many_arguments)]

@@ -23,6 +23,28 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
          (uint32_t(bf16_bits(__float2bfloat16(hi))) << 16);
 }
 
+// The two bf16 halves of a .b32 fragment register, widened to f32 (exact).
+__device__ __forceinline__ float bf16x2_lo(uint32_t r) {
+#ifdef SD2_SIM
+  const uint32_t u = r << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(r << 16);
+#endif
+}
+__device__ __forceinline__ float bf16x2_hi(uint32_t r) {
+#ifdef SD2_SIM
+  const uint32_t u = r & 0xffff0000u;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#else
+  return __uint_as_float(r & 0xffff0000u);
+#endif
+}
+
 // d += A·B for one warp: m16n8k16, bf16 inputs, f32 accumulate.
 __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
                                                   const uint32_t (&b)[2]) {

@@ -57,6 +57,15 @@ pub struct AttnTiming {
     pub fwd_tc_tflops: f64,
     /// max |O_v2 − O_v1| / max |O_v1| on the timed shape (a large-size parity check).
     pub fwd_tc_rel_diff: f64,
+    /// Tensor-core backward variants 2 and 3 (dQ + deltas, then dK/dV): ms, TFLOP/s (2.5×
+    /// the forward's FLOPs, the same convention as variant 1 and SDPA), and
+    /// max |dX_v − dX_v1| / max |dX_v1| over dQ, dK, dV.
+    pub bwd_tc2_ms: f64,
+    pub bwd_tc2_tflops: f64,
+    pub bwd_tc2_rel_diff: f64,
+    pub bwd_tc3_ms: f64,
+    pub bwd_tc3_tflops: f64,
+    pub bwd_tc3_rel_diff: f64,
     /// Variant 1 (CUDA cores).
     pub fwd_ms: f64,
     pub bwd_ms: f64,
@@ -90,7 +99,8 @@ fn finite_bf16(buf: &DeviceBuffer, what: &str) -> Result<()> {
     }
 }
 
-/// Times the bf16 flash attention kernels (forward; backward = delta + dQ + dK/dV).
+/// Times the bf16 flash attention kernels: forward variants 1–4, backward variant 1 (delta +
+/// dQ + dK/dV) and the tensor-core backward variants 2 and 3 (dQ with deltas + dK/dV).
 pub fn flash_attention(
     gpu: &Arc<Gpu>,
     shapes: &[AttnShape],
@@ -157,6 +167,37 @@ pub fn flash_attention(
                 gpu.launch("flash_dkdv_d64_bf16", flash::dkdv_config(bh, s.seq, d), &a)
             }
         };
+        // Tensor-core backward variants, on variant 1's O and lse; each writes its own outputs.
+        let bwd_bufs = |_: u32| -> Result<[DeviceBuffer; 4]> {
+            let b = [
+                gpu.alloc(4 * bh * s.seq)?,
+                gpu.alloc(2 * n)?,
+                gpu.alloc(2 * n)?,
+                gpu.alloc(2 * n)?,
+            ];
+            for x in &b {
+                x.fill_bytes(0xff)?;
+            }
+            Ok(b)
+        };
+        let (g2, g3) = (bwd_bufs(2)?, bwd_bufs(3)?);
+        let bwd_tc = |variant: u32, g: &[DeviceBuffer; 4]| {
+            let (dq_kernel, dkdv_kernel) = flash::bwd_tc_kernels(variant, d);
+            let mut a1 = vec![p(&q), p(&kk), p(&v), p(&o), p(&lse), p(&dout), p(&g[0])];
+            a1.push(p(&g[1]));
+            a1.extend(tail);
+            let mut a2 = vec![p(&q), p(&kk), p(&v), p(&lse), p(&g[0]), p(&dout)];
+            a2.extend([p(&g[2]), p(&g[3])]);
+            a2.extend(tail);
+            move || -> Result<()> {
+                // SAFETY: every buffer is sized for this shape above.
+                unsafe {
+                    gpu.launch(&dq_kernel, flash::bwd_tc_config(bh, s.seq), &a1)?;
+                    gpu.launch(&dkdv_kernel, flash::bwd_tc_config(bh, s.seq), &a2)
+                }
+            }
+        };
+        let (bwd_tc2, bwd_tc3) = (bwd_tc(2, &g2), bwd_tc(3, &g3));
         let o2 = gpu.alloc(2 * n)?;
         let lse2 = gpu.alloc(4 * bh * s.seq)?;
         o2.fill_bytes(0xff)?;
@@ -180,15 +221,20 @@ pub fn flash_attention(
             fwd_tc3()?;
             fwd_tc4()?;
             bwd()?;
+            bwd_tc2()?;
+            bwd_tc3()?;
         }
         gpu.synchronize()?;
         let (mut tf, mut tb, mut t2, mut t3, mut t4) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut tb2, mut tb3) = (vec![], vec![]);
         for _ in 0..iters {
             tf.push(gpu.time_ms(fwd)? as f64);
             t2.push(gpu.time_ms(&fwd_tc)? as f64);
             t3.push(gpu.time_ms(&fwd_tc3)? as f64);
             t4.push(gpu.time_ms(&fwd_tc4)? as f64);
             tb.push(gpu.time_ms(bwd)? as f64);
+            tb2.push(gpu.time_ms(&bwd_tc2)? as f64);
+            tb3.push(gpu.time_ms(&bwd_tc3)? as f64);
         }
         gpu.synchronize()?;
         finite_bf16(&o4, &format!("flash v4 {} out", s.name))?;
@@ -212,6 +258,28 @@ pub fn flash_attention(
         for (b, what) in [(&o, "out"), (&dq, "dq"), (&dk, "dk"), (&dv, "dv")] {
             finite_bf16(b, &format!("flash {} {what}", s.name))?;
         }
+        // Backward parity at the timed size: worst over dQ, dK, dV against variant 1.
+        let (v1_grads, v1_max) = {
+            let g = [read(&dq)?, read(&dk)?, read(&dv)?];
+            let m = g.iter().flatten().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            (g, m.max(1e-30))
+        };
+        let bwd_rel = |g: &[DeviceBuffer; 4], what: &str| -> Result<f64> {
+            let mut worst = 0f64;
+            for (i, b) in g[1..].iter().enumerate() {
+                finite_bf16(b, &format!("flash {what} {}", s.name))?;
+                let x = read(b)?;
+                let e = v1_grads[i]
+                    .iter()
+                    .zip(&x)
+                    .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+                worst = worst.max(e / v1_max);
+            }
+            Ok(worst)
+        };
+        let (bwd_tc2_rel_diff, bwd_tc3_rel_diff) =
+            (bwd_rel(&g2, "bwd v2")?, bwd_rel(&g3, "bwd v3")?);
+        let ((bwd_tc2_ms, _), (bwd_tc3_ms, _)) = (median(tb2), median(tb3));
         let flops = flash::fwd_flops(bh, s.seq, s.seq, d, s.causal);
         let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc_ms, _), (fwd_tc3_ms, _), (fwd_tc4_ms, _)) =
             (median(tf), median(tb), median(t2), median(t3), median(t4));
@@ -226,6 +294,12 @@ pub fn flash_attention(
             fwd_tc_ms,
             fwd_tc_tflops: flops / (fwd_tc_ms * 1e9),
             fwd_tc_rel_diff,
+            bwd_tc2_ms,
+            bwd_tc2_tflops: 2.5 * flops / (bwd_tc2_ms * 1e9),
+            bwd_tc2_rel_diff,
+            bwd_tc3_ms,
+            bwd_tc3_tflops: 2.5 * flops / (bwd_tc3_ms * 1e9),
+            bwd_tc3_rel_diff,
             fwd_ms,
             bwd_ms,
             fwd_tflops: flops / (fwd_ms * 1e9),

@@ -63,3 +63,39 @@ pub fn fwd_tc_config(batch_heads: usize, sq: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+/// Head dimensions of the tensor-core backward (`flash_bwd_{dq,dkdv}_tc{V}_d{D}_bf16`).
+pub const BWD_TC_HEAD_DIMS: [usize; 3] = [16, 32, 64];
+
+/// Numbered variants of the tensor-core backward: 2 waits for each streamed tile, 3
+/// double-buffers them with `cp.async` (variant 1 is the CUDA-core `flash_dq`/`flash_dkdv`).
+pub const BWD_TC_VARIANTS: [u32; 2] = [2, 3];
+
+/// The (dQ + row-delta, dK/dV) kernel names of tensor-core backward `variant` at head dim `d`.
+///
+/// The dQ kernel takes `(q, k, v, o, lse, dout, delta_out, dq, heads, sq, skv, causal, scale)`
+/// and writes D_i = ⟨dO_i, O_i⟩ for the dK/dV kernel, which takes variant 1's arguments
+/// `(q, k, v, lse, delta, dout, dk, dv, heads, sq, skv, causal, scale)`; run them in that order.
+pub fn bwd_tc_kernels(variant: u32, d: usize) -> (String, String) {
+    (
+        format!("flash_bwd_dq_tc{variant}_d{d}_bf16"),
+        format!("flash_bwd_dkdv_tc{variant}_d{d}_bf16"),
+    )
+}
+
+/// The tensor-core backward variant the CUDA storage runs for `len` streamed rows (keys for dQ,
+/// queries for dK/dV): double buffering where there are several tiles to overlap, as in the
+/// forward (v4 above 128 keys); to be settled by `sd2 bench flash` on a GPU.
+pub fn bwd_tc_variant(len: usize) -> u32 {
+    if len > 128 {
+        3
+    } else {
+        2
+    }
+}
+
+/// Tensor-core backward: 4 warps × 16 rows (queries for dQ, keys for dK/dV) per block,
+/// static shared memory; `rows` is the length the block owns (sq for dQ, skv for dK/dV).
+pub fn bwd_tc_config(batch_heads: usize, rows: usize) -> LaunchConfig {
+    fwd_tc_config(batch_heads, rows)
+}

@@ -1064,6 +1064,43 @@ impl BackendStorage for CudaStorage {
         }
         let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
         match attn_kind(spec)? {
+            AttnKind::Flash if sfx == "bf16" && flash::BWD_TC_HEAD_DIMS.contains(&d) => {
+                // Tensor cores: dQ (which also writes the row deltas) then dK/dV, no atomics.
+                let delta = self.empty(b * h * sq, DType::F32)?;
+                let dims = [
+                    Arg::I32(h as i32),
+                    Arg::I32(sq as i32),
+                    Arg::I32(skv as i32),
+                ];
+                let mut a = vec![
+                    self.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                    o.ptr(),
+                    lse.ptr(),
+                    d_o.ptr(),
+                    delta.ptr(),
+                    dq.ptr(),
+                ];
+                a.extend(dims);
+                a.extend(tail);
+                let (dq_kernel, _) = flash::bwd_tc_kernels(flash::bwd_tc_variant(skv), d);
+                self.launch(&dq_kernel, flash::bwd_tc_config(b * h, sq), &a)?;
+                let mut a = vec![
+                    self.ptr(),
+                    k.ptr(),
+                    v.ptr(),
+                    lse.ptr(),
+                    delta.ptr(),
+                    d_o.ptr(),
+                    dk.ptr(),
+                    dv.ptr(),
+                ];
+                a.extend(dims);
+                a.extend(tail);
+                let (_, dkdv_kernel) = flash::bwd_tc_kernels(flash::bwd_tc_variant(sq), d);
+                self.launch(&dkdv_kernel, flash::bwd_tc_config(b * h, skv), &a)?;
+            }
             AttnKind::Flash => {
                 let delta = self.empty(b * h * sq, DType::F32)?;
                 self.launch(
@@ -1261,8 +1298,9 @@ impl BackendStorage for CudaStorage {
         let low = lora.zip(s_low.as_ref()).map(|((_, lb, ls), s)| (s, lb, ls));
         let ys = Shape::from(vec![m, n]);
         // PEFT's structure on cuBLAS: X·Wᵀ, + b, + s·S·Bᵀ (each rounded to the storage type).
-        let cublas = || -> Result<CudaStorage> {
-            let y = self.mm(w, mmspec(m, n, k, true))?;
+        type Low<'a> = Option<(&'a CudaStorage, &'a CudaStorage, LoraSpec)>;
+        let cublas = |x: &CudaStorage, w: &CudaStorage, low: Low| -> Result<CudaStorage> {
+            let y = x.mm(w, mmspec(m, n, k, true))?;
             if let Some(b) = b {
                 y.elementwise_binary(
                     b,
@@ -1291,24 +1329,29 @@ impl BackendStorage for CudaStorage {
                 r,
                 bias: b.is_some(),
             };
-            let run = |p: storage_lora::LoraPath| match p {
-                storage_lora::LoraPath::Cublas => cublas(),
-                p => self.lora_fused_fwd(
-                    p,
-                    w,
-                    b,
-                    low.map(|(s, lb, _)| (s, lb)),
-                    low.map_or(1.0, |l| l.2.scale as f32),
-                    (m, n, k, r),
-                ),
+            // ops = [x, W, (S, B)]: the call's own, or random ones of the same shapes while
+            // the path for the shape is being chosen.
+            let run = |p: storage_lora::LoraPath, ops: &[&CudaStorage]| {
+                let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
+                match p {
+                    storage_lora::LoraPath::Cublas => cublas(ops[0], ops[1], low),
+                    p => ops[0].lora_fused_fwd(
+                        p,
+                        ops[1],
+                        b,
+                        low.map(|(s, lb, _)| (s, lb)),
+                        low.map_or(1.0, |l| l.2.scale as f32),
+                        (m, n, k, r),
+                    ),
+                }
             };
             let mut ops = vec![self, w];
             if let Some((s, lb, _)) = low {
                 ops.extend([s, lb]);
             }
-            run(self.lora_choose(key, &ops, &run)?)?
+            run(self.lora_choose(key, &ops, &run)?, &ops)?
         } else {
-            cublas()?
+            cublas(self, w, low)?
         };
         Ok((y, s_low))
     }
@@ -1362,22 +1405,34 @@ impl BackendStorage for CudaStorage {
                 bias: false,
             };
             let xs = Shape::from(vec![m, k]);
-            let run = |p: storage_lora::LoraPath| match p {
-                storage_lora::LoraPath::Cublas => {
-                    let gx = mm(dy, w, m, k, n, false, false)?;
-                    if let Some((ds, la, ls)) = low {
-                        let extra = mm(ds, la, m, k, ls.rank, false, false)?;
-                        gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
+            // ops = [dY, W, (dS, A)], as in the forward.
+            let run = |p: storage_lora::LoraPath, ops: &[&CudaStorage]| {
+                let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
+                let (dy, w) = (ops[0], ops[1]);
+                match p {
+                    storage_lora::LoraPath::Cublas => {
+                        let gx = mm(dy, w, m, k, n, false, false)?;
+                        if let Some((ds, la, ls)) = low {
+                            let extra = mm(ds, la, m, k, ls.rank, false, false)?;
+                            gx.elementwise_binary(
+                                &extra,
+                                BinaryOp::Add,
+                                &gx.alias(),
+                                &xs,
+                                &xs,
+                                &xs,
+                            )?;
+                        }
+                        Ok(gx)
                     }
-                    Ok(gx)
+                    p => dy.lora_fused_dx(p, w, low.map(|(ds, la, _)| (ds, la)), 1.0, (m, n, k, r)),
                 }
-                p => dy.lora_fused_dx(p, w, low.map(|(ds, la, _)| (ds, la)), 1.0, (m, n, k, r)),
             };
             let mut ops = vec![dy, w];
             if let Some((ds, la, _)) = low {
                 ops.extend([ds, la]);
             }
-            Some(run(dy.lora_choose(key, &ops, &run)?)?)
+            Some(run(dy.lora_choose(key, &ops, &run)?, &ops)?)
         } else {
             Some(mm(dy, w, m, k, n, false, false)?)
         };

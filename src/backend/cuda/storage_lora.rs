@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use super::super::lora_gemm::{self, hopper, Epilogue};
 use super::*;
+use crate::backend::cpu::CpuStorage;
 
 /// One way to compute a LoRA-linear product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -132,12 +133,13 @@ impl CudaStorage {
     }
 
     /// The path for `key`: forced by `SD2_LORA_GEMM`, cached, or measured now with `run`
-    /// (which computes the product by the given path and returns it).
+    /// (which computes the product by the given path on the given operands — in the order of
+    /// `operands`: x or dY, W, then S and B or dS and A — and returns it).
     pub(super) fn lora_choose(
         &self,
         key: LoraKey,
         operands: &[&CudaStorage],
-        run: &dyn Fn(LoraPath) -> Result<CudaStorage>,
+        run: &LoraRun,
     ) -> Result<LoraPath> {
         let cands = self.lora_candidates(&key, operands);
         match policy()? {
@@ -165,7 +167,7 @@ impl CudaStorage {
                 }
                 return Ok(LoraPath::Cublas);
             }
-            let p = measure(g, &key, &cands, run)?;
+            let p = measure(g, &key, &cands, operands, run)?;
             CHOICES
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -288,23 +290,65 @@ impl CudaStorage {
     }
 }
 
-/// Runs cuBLAS and every candidate once, drops candidates that disagree with cuBLAS, times the
-/// rest and returns the fastest.
-#[cfg(feature = "cuda")]
-fn measure(
-    g: &std::sync::Arc<super::super::gpu::Gpu>,
+/// Computes a LoRA-linear product by a path on operands given in `lora_choose`'s order.
+pub(super) type LoraRun<'a> = dyn Fn(LoraPath, &[&CudaStorage]) -> Result<CudaStorage> + 'a;
+
+/// Random operands of the same shapes and dtypes as `operands` (x or dY, W, then S and B or dS
+/// and A), scaled so that the main and the low-rank terms are of similar size: a fused kernel
+/// that gets either wrong differs from cuBLAS by a good fraction of max |Y|. The call's own
+/// operands cannot serve — LoRA B is zero until the first optimizer step, which would hide a
+/// wrong low-rank tile.
+pub(super) fn probe_operands(key: &LoraKey, operands: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+    let depth = if key.forward { key.k } else { key.n };
+    operands
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let gain = match i {
+                1 => 1.0 / (depth.max(1) as f32).sqrt(),
+                2 => 1.0 / (key.r.max(1) as f32).sqrt(),
+                _ => 1.0,
+            };
+            // splitmix64 of the index: uniform in [-1, 1), fast enough for 30 M elements.
+            let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1);
+            let val = |j: usize| {
+                let mut z = seed.wrapping_add((j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * gain
+            };
+            let host = match op.dtype {
+                DType::BF16 => {
+                    CpuStorage::BF16((0..op.len).map(|j| half::bf16::from_f32(val(j))).collect())
+                }
+                DType::F32 => CpuStorage::F32((0..op.len).map(val).collect()),
+                other => {
+                    return Err(Error::Cuda(format!(
+                        "lora gemm check: operand {i} has dtype {other}"
+                    )))
+                }
+            };
+            CudaStorage::from_cpu(&host, op.ordinal)
+        })
+        .collect()
+}
+
+/// Each candidate's verdict on random operands (`probe_operands`) against the cuBLAS path:
+/// `Ok(())` when its result agrees to 2e-2 of max |Y|, else why not — a launch or encode error
+/// included (a candidate that cannot run is not used; it never fails the product).
+pub(super) fn screen(
     key: &LoraKey,
     cands: &[LoraPath],
-    run: &dyn Fn(LoraPath) -> Result<CudaStorage>,
-) -> Result<LoraPath> {
-    if !g.has_cublas() {
-        // Without cuBLAS the "cuBLAS" path is the SIMT GEMM: the fused kernels win.
-        return Ok(cands[0]);
-    }
+    operands: &[&CudaStorage],
+    run: &LoraRun,
+) -> Result<Vec<(LoraPath, std::result::Result<(), String>)>> {
+    let probe = probe_operands(key, operands)?;
+    let probe: Vec<&CudaStorage> = probe.iter().collect();
     let read = |s: &CudaStorage| -> Result<Vec<f32>> {
         Ok(match s.to_cpu()? {
-            crate::backend::cpu::CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            crate::backend::cpu::CpuStorage::F32(v) => v,
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CpuStorage::F32(v) => v,
             other => {
                 return Err(Error::Cuda(format!(
                     "lora gemm check: unexpected {}",
@@ -313,38 +357,178 @@ fn measure(
             }
         })
     };
-    let want = read(&run(LoraPath::Cublas)?)?;
+    let want = read(&run(LoraPath::Cublas, &probe)?)?;
     let peak = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    Ok(cands
+        .iter()
+        .map(|&p| {
+            let verdict = match run(p, &probe).and_then(|y| read(&y)) {
+                Err(e) => Err(format!("failed to run ({e})")),
+                Ok(got) if got.len() != want.len() => {
+                    Err(format!("{} outputs, cuBLAS {}", got.len(), want.len()))
+                }
+                Ok(got) => {
+                    let diff = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    let rel = diff / peak;
+                    if rel.is_nan() || rel >= 2e-2 {
+                        Err(format!(
+                            "differs from cuBLAS by {rel:.2e} (relative to max |Y|) on random operands"
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+            (p, verdict)
+        })
+        .collect())
+}
+
+/// Screens the candidates on random operands (`screen`), times cuBLAS and those that pass
+/// (CUDA events, median of 5) and returns the fastest. A candidate that fails to run or to
+/// agree is reported and not used.
+#[cfg(feature = "cuda")]
+fn measure(
+    g: &std::sync::Arc<super::super::gpu::Gpu>,
+    key: &LoraKey,
+    cands: &[LoraPath],
+    operands: &[&CudaStorage],
+    run: &LoraRun,
+) -> Result<LoraPath> {
+    if !g.has_cublas() {
+        // Without cuBLAS the "cuBLAS" path is the SIMT GEMM: the fused kernels win.
+        return Ok(cands[0]);
+    }
+    let verdicts = screen(key, cands, operands, run)?;
     let time = |p: LoraPath| -> Result<f64> {
-        run(p)?; // warm-up
+        run(p, operands)?; // warm-up
         let mut t = vec![];
         for _ in 0..5 {
-            t.push(g.time_ms(|| run(p).map(drop))? as f64);
+            t.push(g.time_ms(|| run(p, operands).map(drop))? as f64);
         }
         t.sort_by(f64::total_cmp);
         Ok(t[2])
     };
     let mut best = (LoraPath::Cublas, time(LoraPath::Cublas)?);
-    for &p in cands {
-        let got = read(&run(p)?)?;
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        let rel = diff / peak;
-        if rel.is_nan() || rel >= 2e-2 {
-            eprintln!(
-                "sd2: lora gemm {} differs from cuBLAS by {rel:.2e} (relative to max |Y|) at {key:?} \
-                 on {}: not used",
+    for (p, verdict) in verdicts {
+        let t = verdict.and_then(|()| time(p).map_err(|e| format!("failed to run ({e})")));
+        match t {
+            Ok(t) if t < best.1 => best = (p, t),
+            Ok(_) => {}
+            Err(why) => eprintln!(
+                "sd2: lora gemm {} {why} at {key:?} on {}: not used",
                 p.name(),
                 g.name
-            );
-            continue;
-        }
-        let t = time(p)?;
-        if t < best.1 {
-            best = (p, t);
+            ),
         }
     }
     Ok(best.0)
+}
+
+#[cfg(all(test, feature = "cuda-sim"))]
+mod tests {
+    use super::*;
+    use crate::backend::MatmulSpec;
+
+    fn sim(v: &[f32]) -> CudaStorage {
+        let h = v.iter().map(|x| half::bf16::from_f32(*x)).collect();
+        CudaStorage::from_cpu(&CpuStorage::BF16(h), usize::MAX).unwrap()
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n).map(|_| r.normal() as f32).collect()
+    }
+
+    fn host(s: &CudaStorage) -> Vec<f32> {
+        match s.to_cpu().unwrap() {
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            other => panic!("unexpected {}", other.dtype()),
+        }
+    }
+
+    /// The step-0 blind spot: with B = 0 (a fresh adapter) a kernel that drops the low-rank
+    /// term agrees with cuBLAS on the call's operands; the screen runs random operands, so it
+    /// is rejected there. A candidate that fails to launch is "not used", not an error.
+    #[test]
+    fn screen_uses_random_operands_and_drops_wrong_or_failing_candidates() {
+        let (m, n, k, r, scale) = (37, 24, 40, 8, 4.0f32);
+        let key = LoraKey {
+            forward: true,
+            m,
+            n,
+            k,
+            r,
+            bias: false,
+        };
+        let (x, w, s) = (
+            sim(&values(m * k, 1)),
+            sim(&values(n * k, 2)),
+            sim(&values(m * r, 3)),
+        );
+        let b = sim(&vec![0.0; n * r]);
+        let spec = |n, k| MatmulSpec {
+            batch: 1,
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: true,
+            rhs_batched: false,
+        };
+        let run = |p: LoraPath, ops: &[&CudaStorage]| -> Result<CudaStorage> {
+            match p {
+                // PEFT's structure: X·Wᵀ + s·(S·Bᵀ).
+                LoraPath::Cublas => {
+                    let y = ops[0].mm(ops[1], spec(n, k))?;
+                    let low = ops[2].mm(ops[3], spec(n, r))?.affine(scale as f64, 0.0)?;
+                    let ys = Shape::from(vec![m, n]);
+                    y.binary(&low, BinaryOp::Add, &ys, &ys, &ys)
+                }
+                LoraPath::V2 => ops[0].lora_fused_fwd(
+                    LoraPath::V2,
+                    ops[1],
+                    None,
+                    Some((ops[2], ops[3])),
+                    scale,
+                    (m, n, k, r),
+                ),
+                // A kernel with a broken low-rank tile: it leaves the LoRA term out.
+                LoraPath::V1 => {
+                    ops[0].lora_fused_fwd(LoraPath::V1, ops[1], None, None, scale, (m, n, k, r))
+                }
+                LoraPath::V3 => Err(Error::Cuda("tensor map encode failed (test)".into())),
+            }
+        };
+        let call = [&x, &w, &s, &b];
+        let (y_ref, y_bad) = (
+            host(&run(LoraPath::Cublas, &call).unwrap()),
+            host(&run(LoraPath::V1, &call).unwrap()),
+        );
+        let worst = y_ref
+            .iter()
+            .zip(&y_bad)
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        assert!(
+            worst < 1e-2,
+            "B = 0 should hide the broken tile on the call's operands: {worst}"
+        );
+        let cands = [LoraPath::V3, LoraPath::V2, LoraPath::V1];
+        let verdicts = screen(&key, &cands, &call, &run).unwrap();
+        for (p, v) in &verdicts {
+            println!("{}: {v:?}", p.name());
+        }
+        assert_eq!(verdicts.len(), 3);
+        assert!(matches!(&verdicts[0], (LoraPath::V3, Err(e)) if e.contains("failed to run")));
+        assert!(matches!(&verdicts[1], (LoraPath::V2, Ok(()))));
+        assert!(matches!(&verdicts[2], (LoraPath::V1, Err(e)) if e.contains("differs")));
+        // The probe operands are non-zero where the call's B is zero.
+        let probe = probe_operands(&key, &call).unwrap();
+        let pb = host(&probe[3]);
+        assert_eq!(pb.len(), n * r);
+        assert!(pb.iter().filter(|v| **v != 0.0).count() > n * r / 2);
+    }
 }
