@@ -6,6 +6,7 @@ its output (dQ, dK, dV), graph retained. FLOPs counted as sd2 counts them (causa
 only; backward 2.5x forward). Also reports which SDPA backends are enabled."""
 import argparse
 import json
+import os
 import statistics
 
 import torch
@@ -67,14 +68,16 @@ def main():
                         bwd_tflops=2.5 * fl / (bwd_ms * 1e9), fwd_spread=spread))
         print(f"sdpa {s['name']:<7} fwd {fwd_ms:8.3f} ms {fl / (fwd_ms * 1e9):7.1f} TFLOP/s   "
               f"bwd {bwd_ms:8.3f} ms {2.5 * fl / (bwd_ms * 1e9):7.1f} TFLOP/s", flush=True)
-    body = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                backends=dict(flash=torch.backends.cuda.flash_sdp_enabled(),
-                              mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
-                              cudnn=torch.backends.cuda.cudnn_sdp_enabled()),
-                timings=out)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(body, f, indent=1)
+        # Written after every shape: a run cut short still leaves the shapes it finished.
+        body = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                    backends=dict(flash=torch.backends.cuda.flash_sdp_enabled(),
+                                  mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled(),
+                                  cudnn=torch.backends.cuda.cudnn_sdp_enabled()),
+                    timings=out)
+        if a.json:
+            with open(a.json + ".tmp", "w") as f:
+                json.dump(body, f, indent=1)
+            os.replace(a.json + ".tmp", a.json)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Needs only torch, transformers and peft (present on the device machine).
 """
 import argparse
 import json
+import os
 import math
 import statistics
 import time
@@ -184,10 +185,21 @@ def main():
         rows.append(r)
         mem = f", peak {peak / 2**30:.2f} GiB" if peak else ""
         print(f"{what:<22} batch {batch:>4}: {ms:9.2f} ms = {r['images_per_s']:9.1f} images/s{mem}", flush=True)
+        save()  # after every row: a run cut short by a time limit still leaves its numbers
 
+    def save():
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"device": device_name, "torch": torch.__version__, "preset": args.preset, "rows": rows},
+                          f, indent=2)
+            os.replace(tmp, args.json)
+
+    # Eager rows first, then torch.compile (its compile time is the least predictable): a run
+    # cut short by a time limit keeps the eager numbers of both modes.
+    jobs = []
     if args.mode in ("train", "both"):
         data = inputs(model, args.preset, args.batch, args.text_len, args.device)
-        model.train()
 
         def step(loss_fn):
             def run():
@@ -198,27 +210,29 @@ def main():
                 opt.step()
             return run
 
-        record("train eager", args.batch, *timed(step(model.losses), args.steps, args.warmup, args.device))
-        if not args.no_compile:
-            record("train torch.compile", args.batch,
-                   *timed(step(torch.compile(model.losses)), args.steps, args.warmup, args.device))
+        def train(compiled):
+            model.train()
+            fn = torch.compile(model.losses) if compiled else model.losses
+            record("train torch.compile" if compiled else "train eager", args.batch,
+                   *timed(step(fn), args.steps, args.warmup, args.device))
+        jobs.append(train)
     if args.mode in ("infer", "both"):
-        model.eval()
         px, _, type_ids, _, _ = inputs(model, args.preset, args.infer_batch, args.text_len, args.device)
-        with torch.no_grad():
-            with torch.autocast(px.device.type, dtype=torch.bfloat16):
-                u = F.normalize(model.text_features(type_ids).float(), dim=-1)
-            infer = lambda fn: (lambda: fn(px, u))
+
+        def infer(compiled):
+            model.eval()
+            with torch.no_grad():
+                with torch.autocast(px.device.type, dtype=torch.bfloat16):
+                    u = F.normalize(model.text_features(type_ids).float(), dim=-1)
+            fn = torch.compile(model.predict) if compiled else model.predict
             with torch.inference_mode():
-                record("infer eager", args.infer_batch, *timed(infer(model.predict), args.steps, args.warmup,
-                                                                 args.device))
-                if not args.no_compile:
-                    record("infer torch.compile", args.infer_batch,
-                           *timed(infer(torch.compile(model.predict)), args.steps, args.warmup, args.device))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name, "torch": torch.__version__, "preset": args.preset, "rows": rows}, f,
-                      indent=2)
+                record("infer torch.compile" if compiled else "infer eager", args.infer_batch,
+                       *timed(lambda: fn(px, u), args.steps, args.warmup, args.device))
+        jobs.append(infer)
+    for compiled in ([False] if args.no_compile else [False, True]):
+        for job in jobs:
+            job(compiled)
+    save()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,28 @@ pub fn bwd_tc_variant(len: usize) -> u32 {
     }
 }
 
+/// `SD2_FLASH_BWD`, read once per process: `auto` (default: tensor cores for bf16 at head
+/// dims 16/32/64, variant by `bwd_tc_variant`), `v1` (the CUDA-core kernels everywhere: the
+/// reference, and the fallback if a GPU check finds the tensor-core backward wrong), `v2`, `v3`.
+/// `Ok(None)` = auto, `Ok(Some(v))` = variant v.
+pub fn bwd_policy() -> crate::Result<Option<u32>> {
+    static P: std::sync::OnceLock<std::result::Result<Option<u32>, String>> =
+        std::sync::OnceLock::new();
+    P.get_or_init(
+        || match std::env::var("SD2_FLASH_BWD").as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("auto") => Ok(None),
+            Ok("v1") => Ok(Some(1)),
+            Ok("v2") => Ok(Some(2)),
+            Ok("v3") => Ok(Some(3)),
+            Ok(other) => Err(format!(
+                "SD2_FLASH_BWD={other}: expected auto, v1, v2 or v3"
+            )),
+        },
+    )
+    .clone()
+    .map_err(crate::Error::Msg)
+}
+
 /// Tensor-core backward: 4 warps × 16 rows (queries for dQ, keys for dK/dV) per block,
 /// static shared memory; `rows` is the length the block owns (sq for dQ, skv for dK/dV).
 pub fn bwd_tc_config(batch_heads: usize, rows: usize) -> LaunchConfig {

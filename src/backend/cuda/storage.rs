@@ -1064,8 +1064,14 @@ impl BackendStorage for CudaStorage {
         }
         let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
         match attn_kind(spec)? {
-            AttnKind::Flash if sfx == "bf16" && flash::BWD_TC_HEAD_DIMS.contains(&d) => {
+            AttnKind::Flash
+                if sfx == "bf16"
+                    && flash::BWD_TC_HEAD_DIMS.contains(&d)
+                    && flash::bwd_policy()? != Some(1) =>
+            {
                 // Tensor cores: dQ (which also writes the row deltas) then dK/dV, no atomics.
+                let pick =
+                    |len| flash::bwd_policy().map(|p| p.unwrap_or(flash::bwd_tc_variant(len)));
                 let delta = self.empty(b * h * sq, DType::F32)?;
                 let dims = [
                     Arg::I32(h as i32),
@@ -1084,7 +1090,7 @@ impl BackendStorage for CudaStorage {
                 ];
                 a.extend(dims);
                 a.extend(tail);
-                let (dq_kernel, _) = flash::bwd_tc_kernels(flash::bwd_tc_variant(skv), d);
+                let (dq_kernel, _) = flash::bwd_tc_kernels(pick(skv)?, d);
                 self.launch(&dq_kernel, flash::bwd_tc_config(b * h, sq), &a)?;
                 let mut a = vec![
                     self.ptr(),
@@ -1098,7 +1104,7 @@ impl BackendStorage for CudaStorage {
                 ];
                 a.extend(dims);
                 a.extend(tail);
-                let (_, dkdv_kernel) = flash::bwd_tc_kernels(flash::bwd_tc_variant(sq), d);
+                let (_, dkdv_kernel) = flash::bwd_tc_kernels(pick(sq)?, d);
                 self.launch(&dkdv_kernel, flash::bwd_tc_config(b * h, skv), &a)?;
             }
             AttnKind::Flash => {
