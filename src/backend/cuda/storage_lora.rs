@@ -298,6 +298,7 @@ pub(super) type LoraRun<'a> = dyn Fn(LoraPath, &[&CudaStorage]) -> Result<CudaSt
 /// that gets either wrong differs from cuBLAS by a good fraction of max |Y|. The call's own
 /// operands cannot serve — LoRA B is zero until the first optimizer step, which would hide a
 /// wrong low-rank tile.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // measure (GPU) and the tests
 pub(super) fn probe_operands(key: &LoraKey, operands: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
     let depth = if key.forward { key.k } else { key.n };
     operands
@@ -337,6 +338,7 @@ pub(super) fn probe_operands(key: &LoraKey, operands: &[&CudaStorage]) -> Result
 /// Each candidate's verdict on random operands (`probe_operands`) against the cuBLAS path:
 /// `Ok(())` when its result agrees to 2e-2 of max |Y|, else why not — a launch or encode error
 /// included (a candidate that cannot run is not used; it never fails the product).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(super) fn screen(
     key: &LoraKey,
     cands: &[LoraPath],
