@@ -801,7 +801,9 @@ __device__ void flash_bwd_dq_tc(const bf16* __restrict__ q, const bf16* __restri
         for (int c = 0; c < 2; ++c) {
           const int key = k0 + j * 8 + 2 * t + c;
           const bool ok = key < skv && rows[r] < sq && fa::visible(rows[r], key, sq, skv, causal);
-          const float p = ok ? exp2f(s[j][r * 2 + c] * scale2 - li[r]) : 0.0f;
+          // exp2 unconditionally, then select: a predicated exp2 compiles to two MUFU paths.
+          const float e = exp2f(s[j][r * 2 + c] * scale2 - li[r]);
+          const float p = ok ? e : 0.0f;
           s[j][r * 2 + c] = p * (dp[j][r * 2 + c] - di[r]);  // dS
         }
     mma_pt<D>(acc, s, Ks[st]);
@@ -869,7 +871,8 @@ __device__ void flash_bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __rest
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool ok = keys[r] < skv && i < sq && fa::visible(i, keys[r], sq, skv, causal);
-          s[j][r * 2 + c] = ok ? exp2f(s[j][r * 2 + c] * scale2 - l2) : 0.0f;
+          const float e = exp2f(s[j][r * 2 + c] * scale2 - l2);
+          s[j][r * 2 + c] = ok ? e : 0.0f;
         }
       }
     mma_pt<D>(gv, s, dOs[st]);

@@ -49,6 +49,9 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)
         strip -o .device/$t "$exe"
     done
+    # Compressed (the fatbins compress ~3x): the carry limit is 64 MiB with the working tree.
+    gzip -9 .device/sd2 .device/sim_kernels .device/ops_forward .device/backward_backends \
+        .device/mixed_precision
     cp scripts/gpu-check.sh scripts/bench/sdpa_attention.py scripts/reference/sd2_torch_bench.py .device/
     echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >.device/COMMIT
     du -sh .device
@@ -59,6 +62,14 @@ fi
 D=$(cd "$(dirname "$0")" && pwd)
 OUT=${OUT:-/tmp/sd2-gpu-check}
 mkdir -p "$OUT"
+# The executables: gzipped in the bundle, unpacked once here (X); plain ones are used in place.
+X=$D
+if ls "$D"/*.gz >/dev/null 2>&1; then
+    X=$(mktemp -d /tmp/sd2-bin.XXXXXX)
+    for f in "$D"/*.gz; do
+        gunzip -c "$f" >"$X/$(basename "$f" .gz)" && chmod +x "$X/$(basename "$f" .gz)"
+    done
+fi
 export PATH=/usr/local/cuda/bin:$PATH
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 # cuBLAS (plain matmuls) may live only in the Python wheels here.
@@ -129,22 +140,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 
 if [ -n "${LORA_ONLY:-}" ]; then
     echo "== LoRA GEMM parity on the GPU (v1, v2 mma.sync; v3 wgmma+TMA) vs the f64 reference"
-    timeout 120 "$D/sim_kernels" --test-threads=1 --nocapture lora >"$W/parity.log" 2>&1
+    timeout 120 "$X/sim_kernels" --test-threads=1 --nocapture lora >"$W/parity.log" 2>&1
     step "lora parity" $?
     grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$W/parity.log" | tail -40
     for v in v3 v2; do
-        SD2_LORA_GEMM=$v timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::lora \
+        SD2_LORA_GEMM=$v timeout 60 "$X/backward_backends" --test-threads=1 --nocapture cuda::lora \
             >>"$W/engine.log" 2>&1
         step "engine lora ($v)" $?
     done
     grep -E "cuda:0 bf16 vs f64|panicked" "$W/engine.log" | tail -14
     for tool in memcheck racecheck synccheck; do
         timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-            "$D/sim_kernels" --test-threads=1 lora >>"$W/sanitizer.log" 2>&1
+            "$X/sim_kernels" --test-threads=1 lora >>"$W/sanitizer.log" 2>&1
         step "$tool lora" $?
     done
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$W/sanitizer.log" | tail -4
-    timeout 240 "$D/sd2" bench lora --json "$W/lora.json"
+    timeout 240 "$X/sd2" bench lora --json "$W/lora.json"
     step "sd2 bench lora" $?
     echo "== summary ($(cat "$D/COMMIT" 2>/dev/null))"
     printf '%s\n' "${status[@]}"
@@ -186,40 +197,40 @@ PY
     }
     # Parity first, so the first process to meet the LoRA v3 kernel (and the tensor-core flash
     # backward) on this GPU is a short one; a failure switches that piece to its fallback.
-    if ! run_step "lora parity (v1-v3)" 30 parity.log "$D/sim_kernels" --test-threads=1 --nocapture lora; then
+    if ! run_step "lora parity (v1-v3)" 30 parity.log "$X/sim_kernels" --test-threads=1 --nocapture lora; then
         export SD2_LORA_GEMM=cublas
         echo "LoRA GEMM parity failed: the benches below run SD2_LORA_GEMM=cublas" | tee -a "$OUT/summary.txt"
     fi
-    if ! run_step "flash bwd parity (tc)" 30 parity.log "$D/sim_kernels" --test-threads=1 --nocapture \
+    if ! run_step "flash bwd parity (tc)" 30 parity.log "$X/sim_kernels" --test-threads=1 --nocapture \
         flash_attention_tensor_core; then
         export SD2_FLASH_BWD=v1
         echo "flash parity failed: the benches below run SD2_FLASH_BWD=v1" | tee -a "$OUT/summary.txt"
     fi
     grep -E "^\[gpu\].*(v3|bwd tc3 d64 b1 h1 sq257)|test result|panicked" "$W/parity.log" | tail -14
     echo "== sd2 bench train/infer, ViT-L/14, random weights, bf16 + f32 masters"
-    run_step "sd2 bench train 128" 90 engine.log "$D/sd2" bench train --preset vit-l14 --device cuda \
+    run_step "sd2 bench train 128" 90 engine.log "$X/sd2" bench train --preset vit-l14 --device cuda \
         --batch 128 --steps 5 --warmup 2 --trace "$W/train_trace.json" --top 12 --json "$W/sd2_train.json"
     grep -A14 -E "images/s" "$W/engine.log" | tail -22
     compare
     run_step "torch sd2 (eager, compile)" 160 torch.log env PYTHONUNBUFFERED=1 python3 "$D/sd2_torch_bench.py" \
         --preset vit-l14 --batch 128 --infer-batch 256 --steps 5 --warmup 2 --json "$W/torch.json"
     compare
-    run_step "sd2 bench infer 256" 40 engine.log "$D/sd2" bench infer --preset vit-l14 --device cuda \
+    run_step "sd2 bench infer 256" 40 engine.log "$X/sd2" bench infer --preset vit-l14 --device cuda \
         --batch 256 --steps 5 --top 8 --json "$W/sd2_infer.json"
     compare
-    run_step "sd2 bench flash 128" 30 flash.log "$D/sd2" bench flash --batch 128 --warmup 3 --iters 20 \
+    run_step "sd2 bench flash 128" 30 flash.log "$X/sd2" bench flash --batch 128 --warmup 3 --iters 20 \
         --json "$W/flash_sd2.json"
     run_step "sdpa baseline 128" 30 flash.log env PYTHONUNBUFFERED=1 python3 "$D/sdpa_attention.py" \
         --batch 128 --warmup 3 --iters 20 --json "$W/flash_sdpa.json"
     flash_table "$W/flash_sd2.json" "$W/flash_sdpa.json" >"$OUT/flash.txt" 2>&1
     cat "$OUT/flash.txt"
-    run_step "bf16 step cuda vs cpu" 50 step.log "$D/mixed_precision" --test-threads=1 --nocapture gpu
+    run_step "bf16 step cuda vs cpu" 50 step.log "$X/mixed_precision" --test-threads=1 --nocapture gpu
     grep -E "vs cpu loss|loss curve|host syncs|cosine|skipped|panicked" "$W/step.log" | tail -10
     # While time is left: the memory option and the demo.
-    run_step "sd2 bench train recompute" 50 engine.log "$D/sd2" bench train --preset vit-l14 --device cuda \
+    run_step "sd2 bench train recompute" 50 engine.log "$X/sd2" bench train --preset vit-l14 --device cuda \
         --batch 128 --steps 3 --warmup 1 --recompute --top 5 --json "$W/sd2_train_recompute.json"
     compare >/dev/null
-    run_step "demo cuda" 30 demo.log "$D/sd2" demo --device cuda --images 1200 --epochs 1 --out /tmp/demo-cuda
+    run_step "demo cuda" 30 demo.log "$X/sd2" demo --device cuda --images 1200 --epochs 1 --out /tmp/demo-cuda
     grep -E "AUC|error" "$W/demo.log" | tail -3
     pack
     echo "== summary ($(cat "$D/COMMIT" 2>/dev/null)), $(( $(date +%s) - T0 )) s"
@@ -229,7 +240,7 @@ PY
 fi
 
 echo "== 1. kernel parity on the GPU (vs the CPU reference)"
-timeout 180 "$D/sim_kernels" --test-threads=1 --nocapture >"$W/parity.log" 2>&1
+timeout 180 "$X/sim_kernels" --test-threads=1 --nocapture >"$W/parity.log" 2>&1
 rc=$?
 step "parity" $rc
 grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$W/parity.log" | grep -v "^test .* ok$" | tail -70
@@ -237,23 +248,23 @@ grep -E "^\[gpu\]|^test |test result|panicked|skipped" "$W/parity.log" | grep -v
 if [ -z "${QUICK:-}" ]; then
 echo "== 2. the engine's tests on cuda:0 (CUDA tensor storage vs the CPU reference)"
 for t in ops_forward backward_backends; do
-    timeout 120 "$D/$t" --test-threads=1 --nocapture cuda:: >>"$W/engine.log" 2>&1
+    timeout 120 "$X/$t" --test-threads=1 --nocapture cuda:: >>"$W/engine.log" 2>&1
     rc=$?
     step "engine $t" $rc
     grep -E "^test |test result|panicked|skipped" "$W/engine.log" | grep -v " ok$" | tail -12
 done
 # The same matmul gradients through the SIMT GEMM kernel instead of cuBLAS.
-SD2_GEMM=simt timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::matmul \
+SD2_GEMM=simt timeout 60 "$X/backward_backends" --test-threads=1 --nocapture cuda::matmul \
     >>"$W/engine.log" 2>&1
 step "engine matmul (simt)" $?
 # bf16 mixed precision: one SD2 step on cuda:0 against the CPU's bf16 step (losses, every
 # trainable gradient), then 20 steps on both whose loss curves must agree.
-timeout 150 "$D/mixed_precision" --test-threads=1 --nocapture gpu >>"$W/engine.log" 2>&1
+timeout 150 "$X/mixed_precision" --test-threads=1 --nocapture gpu >>"$W/engine.log" 2>&1
 step "bf16 step cuda vs cpu" $?
 grep -E "cuda:0 vs cpu loss|loss curve|skipped|panicked" "$W/engine.log" | tail -8
 # The LoRA-linear through each fused kernel (auto may pick cuBLAS on this GPU).
 for v in v3 v2; do
-    SD2_LORA_GEMM=$v timeout 60 "$D/backward_backends" --test-threads=1 --nocapture cuda::lora \
+    SD2_LORA_GEMM=$v timeout 60 "$X/backward_backends" --test-threads=1 --nocapture cuda::lora \
         >>"$W/engine.log" 2>&1
     step "engine lora ($v)" $?
 done
@@ -266,7 +277,7 @@ for tool in memcheck racecheck synccheck initcheck; do
     for t in sim_kernels $([ -z "${QUICK:-}" ] && echo backward_backends); do
         filter=$([ $t = sim_kernels ] && echo "--skip bad_launches" || echo "cuda::")
         timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-            "$D/$t" --test-threads=1 $filter >"$W/one.log" 2>&1
+            "$X/$t" --test-threads=1 $filter >"$W/one.log" 2>&1
         rc=$?
         cat "$W/one.log" >>"$W/sanitizer.log"
         step "$tool $t" $rc
@@ -279,7 +290,7 @@ if [ -z "${QUICK:-}" ]; then
 echo "== 3. end to end: sd2 demo (synthetic data, tiny SD2, train + eval) on cuda:0 and on the CPU"
 for dev in cuda cpu; do
     t0=$(date +%s.%N)
-    timeout 150 "$D/sd2" demo --device $dev --images 3000 --epochs 2 --out /tmp/demo-$dev \
+    timeout 150 "$X/sd2" demo --device $dev --images 3000 --epochs 2 --out /tmp/demo-$dev \
         >>"$W/engine.log" 2>&1
     rc=$?
     echo "demo $dev wall $(python3 -c "import time; print(round(time.time() - $t0, 1))") s" | tee -a "$W/engine.log"
@@ -290,17 +301,17 @@ fi  # QUICK
 
 if [ -n "${QUICK:-}" ]; then
 echo "== LoRA-linear GEMM: sd2 fused vs cuBLAS plain and 3-GEMM (CLIP projection shapes)"
-timeout 200 "$D/sd2" bench lora --json "$W/lora.json"
+timeout 200 "$X/sd2" bench lora --json "$W/lora.json"
 step "sd2 bench lora" $?
 else
 echo "== GEMM: cuBLAS vs the SIMT kernel, then the LoRA-linear table (fused vs cuBLAS)"
-timeout 240 "$D/sd2" bench gemm --json "$W/gemm.json"
+timeout 240 "$X/sd2" bench gemm --json "$W/gemm.json"
 step "sd2 bench gemm" $?
 fi
 
 if [ -z "${SKIP_FLASH_BENCH:-}${QUICK:-}" ]; then
     echo "== flash attention timings: sd2 vs PyTorch SDPA (same shapes, same lease)"
-    timeout 150 "$D/sd2" bench flash --json "$W/flash_sd2.json"
+    timeout 150 "$X/sd2" bench flash --json "$W/flash_sd2.json"
     step "sd2 bench flash" $?
     PYTHONUNBUFFERED=1 timeout 150 python3 "$D/sdpa_attention.py" --json "$W/flash_sdpa.json"
     step "sdpa baseline" $?
@@ -308,10 +319,10 @@ fi
 
 if [ -z "${QUICK:-}" ]; then
     echo "== SD2 at ViT-L/14 size, random weights, bf16 + f32 masters: train step and inference, profiled"
-    timeout 240 "$D/sd2" bench train --preset vit-l14 --device cuda --batch 32 --steps 3 \
+    timeout 240 "$X/sd2" bench train --preset vit-l14 --device cuda --batch 32 --steps 3 \
         --trace "$W/train_trace.json" --top 12 2>&1 | tee -a "$W/engine.log"
     step "sd2 bench train" ${PIPESTATUS[0]}
-    timeout 120 "$D/sd2" bench infer --preset vit-l14 --device cuda --batch 64 --steps 5 \
+    timeout 120 "$X/sd2" bench infer --preset vit-l14 --device cuda --batch 64 --steps 5 \
         --top 8 2>&1 | tee -a "$W/engine.log"
     step "sd2 bench infer" ${PIPESTATUS[0]}
     echo "== the same SD2 in PyTorch (HF CLIP + peft, bf16 autocast, SDPA): eager and torch.compile"

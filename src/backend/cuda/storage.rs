@@ -1090,6 +1090,23 @@ impl BackendStorage for CudaStorage {
                 ];
                 a.extend(dims);
                 a.extend(tail);
+                // Work per kernel for the profiler: dQ recomputes S and dP and forms dS·K (3
+                // products), dK/dV recomputes S and dP and forms Pᵀ·dO and dSᵀ·Q (4); a product
+                // is half the forward's FLOPs.
+                let (fwd_fl, el) = if profile::enabled() {
+                    (
+                        flash::fwd_flops(b * h, sq, skv, d, causal),
+                        self.dtype.size_in_bytes() as f64,
+                    )
+                } else {
+                    (0.0, 0.0)
+                };
+                let (qo, kv, rows) = (
+                    (b * h * sq * d) as f64,
+                    (b * h * skv * d) as f64,
+                    (b * h * sq) as f64,
+                );
+                profile::set_work(1.5 * fwd_fl, el * (4.0 * qo + 2.0 * kv) + 8.0 * rows);
                 let (dq_kernel, _) = flash::bwd_tc_kernels(pick(skv)?, d);
                 self.launch(&dq_kernel, flash::bwd_tc_config(b * h, sq), &a)?;
                 let mut a = vec![
@@ -1104,6 +1121,7 @@ impl BackendStorage for CudaStorage {
                 ];
                 a.extend(dims);
                 a.extend(tail);
+                profile::set_work(2.0 * fwd_fl, el * (2.0 * qo + 4.0 * kv) + 8.0 * rows);
                 let (_, dkdv_kernel) = flash::bwd_tc_kernels(pick(sq)?, d);
                 self.launch(&dkdv_kernel, flash::bwd_tc_config(b * h, skv), &a)?;
             }
