@@ -77,7 +77,7 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k,
     __syncthreads();
   }
   if (valid) {
-    const float inv = 1.0f / l;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // a row that sees no key: O = 0
     T* op = const_cast<T*>(fa::row(out, b, sq, i, heads, h, D));
 #pragma unroll
     for (int c = 0; c < D; ++c) op[c] = from_f32<T>(acc[c] * inv);
@@ -777,7 +777,7 @@ __device__ void flash_bwd_dq_tc(const bf16* __restrict__ q, const bf16* __restri
   cp_async_commit();
   for (int it = 0; it < tiles; ++it) {
     const int st = kStages == 2 ? it & 1 : 0, k0 = it * kRows;
-    if (kStages == 2) {
+    if constexpr (kStages == 2) {
       // The other stage was last read in iteration it − 1, which ended at a barrier.
       if (it + 1 < tiles) stage2<D>(Ks[st ^ 1], Vs[st ^ 1], k, v, b, skv, k0 + kRows, heads, h);
       cp_async_commit();
@@ -802,9 +802,10 @@ __device__ void flash_bwd_dq_tc(const bf16* __restrict__ q, const bf16* __restri
           const int key = k0 + j * 8 + 2 * t + c;
           const bool ok = key < skv && rows[r] < sq && fa::visible(rows[r], key, sq, skv, causal);
           // exp2 unconditionally, then select: a predicated exp2 compiles to two MUFU paths.
+          // Selected after the product, so a masked pair adds nothing even where D_i is not
+          // finite.
           const float e = exp2f(s[j][r * 2 + c] * scale2 - li[r]);
-          const float p = ok ? e : 0.0f;
-          s[j][r * 2 + c] = p * (dp[j][r * 2 + c] - di[r]);  // dS
+          s[j][r * 2 + c] = ok ? e * (dp[j][r * 2 + c] - di[r]) : 0.0f;  // dS
         }
     mma_pt<D>(acc, s, Ks[st]);
     __syncthreads();  // this stage is refilled next
@@ -847,7 +848,7 @@ __device__ void flash_bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __rest
   cp_async_commit();
   for (int it = 0; it < tiles; ++it) {
     const int st = kStages == 2 ? it & 1 : 0, q0 = q_begin + it * kRows;
-    if (kStages == 2) {
+    if constexpr (kStages == 2) {
       if (it + 1 < tiles) stage(st ^ 1, q0 + kRows);
       cp_async_commit();
       cp_async_wait<1>();
@@ -862,6 +863,7 @@ __device__ void flash_bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __rest
     float s[8][4];
     zero(s);
     mma_abt<D>(s, ka, Qs[st]);
+    uint32_t vis = 0u;  // bit (j·4 + c·2 + r): the pair is visible (reused for dSᵀ below)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -871,6 +873,7 @@ __device__ void flash_bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __rest
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const bool ok = keys[r] < skv && i < sq && fa::visible(i, keys[r], sq, skv, causal);
+          vis |= uint32_t(ok) << (j * 4 + c * 2 + r);
           const float e = exp2f(s[j][r * 2 + c] * scale2 - l2);
           s[j][r * 2 + c] = ok ? e : 0.0f;
         }
@@ -885,7 +888,12 @@ __device__ void flash_bwd_dkdv_tc(const bf16* __restrict__ q, const bf16* __rest
       for (int c = 0; c < 2; ++c) {
         const float dd = Ds[st][j * 8 + 2 * t + c];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) dp[j][r * 2 + c] = s[j][r * 2 + c] * (dp[j][r * 2 + c] - dd);
+        for (int r = 0; r < 2; ++r) {
+          // Selected after the product: a masked pair adds nothing even where D_i is not
+          // finite (a query that sees no key).
+          const bool ok = (vis >> (j * 4 + c * 2 + r)) & 1u;
+          dp[j][r * 2 + c] = ok ? s[j][r * 2 + c] * (dp[j][r * 2 + c] - dd) : 0.0f;
+        }
       }
     mma_pt<D>(gk, dp, Qs[st]);  // dSᵀ·Q
     __syncthreads();  // this stage is refilled next

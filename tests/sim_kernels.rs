@@ -313,7 +313,13 @@ fn simulator_reports_bad_launches_and_lists_kernels() {
         block: (2048, 1, 1),
         shared_mem_bytes: 0,
     };
-    let e = unsafe { launch("column_sum_f32", cfg, &[]) }
+    let args = [
+        sd2::backend::cuda::launch::Arg::null(),
+        sd2::backend::cuda::launch::Arg::null(),
+        sd2::backend::cuda::launch::Arg::I32(1),
+        sd2::backend::cuda::launch::Arg::I32(4),
+    ];
+    let e = unsafe { launch("column_sum_f32", cfg, &args) }
         .unwrap_err()
         .to_string();
     assert!(e.contains("2048 threads"), "{e}");
@@ -321,6 +327,57 @@ fn simulator_reports_bad_launches_and_lists_kernels() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no_such_kernel"), "{e}");
+}
+
+/// Every launch is checked against the kernel's C++ parameter list, which the simulator's
+/// registration records from the declaration: a missing argument or one of the wrong kind is an
+/// error naming the kernel and the argument — on every backend, before anything is launched.
+#[cfg(feature = "cuda-sim")]
+#[test]
+fn launch_arguments_are_checked_against_the_kernel_signature() {
+    use sd2::backend::cuda::sim::kernel_signature;
+    let sig = |k: &str| kernel_signature(k).unwrap_or_else(|| panic!("{k}: no signature"));
+    assert_eq!(sig("flash_bwd_dq_tc2_d64_bf16"), "ppppppppiiiif");
+    assert_eq!(sig("flash_fwd_tc4_d64_bf16"), "pppppiiiif");
+    assert!(sig("lora_gemm3_fwd_bf16").starts_with("TTTT"));
+    assert!(kernel_signature("no_such_kernel").is_none());
+    let good = || {
+        let mut a: Vec<KArg> = (0..8).map(|_| KArg::Null).collect();
+        a.extend([
+            KArg::I32(1),
+            KArg::I32(5),
+            KArg::I32(5),
+            KArg::I32(0),
+            KArg::F32(0.125),
+        ]);
+        a
+    };
+    each_backend(|r| {
+        let cfg = flash::bwd_tc_config(1, 5);
+        let mut a = good();
+        a.pop();
+        let e = unsafe { r.launch("flash_bwd_dq_tc2_d64_bf16", cfg, &mut a) }
+            .unwrap_err()
+            .to_string();
+        println!("[{}] {e}", r.name());
+        assert!(
+            e.contains("flash_bwd_dq_tc2_d64_bf16") && e.contains("12 arguments, declared with 13"),
+            "{e}"
+        );
+        let mut a = good();
+        a[9] = KArg::F32(5.0); // sq as a float
+        let e = unsafe { r.launch("flash_bwd_dq_tc2_d64_bf16", cfg, &mut a) }
+            .unwrap_err()
+            .to_string();
+        println!("[{}] {e}", r.name());
+        assert!(e.contains("argument 9 is f32"), "{e}");
+        let mut a = good();
+        a[2] = KArg::I32(0); // a pointer passed as an int
+        let e = unsafe { r.launch("flash_bwd_dq_tc2_d64_bf16", cfg, &mut a) }
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("argument 2 is i32"), "{e}");
+    });
 }
 
 /// Unknown kernels and impossible launches are errors naming the kernel, on every backend.
@@ -1268,6 +1325,9 @@ fn flash_attention_tensor_core_backward_matches_cpu() {
             (32, 1, 2, 70, 70, false),
             (16, 2, 4, 7, 13, true),
             (16, 2, 4, 65, 65, false),
+            // More queries than keys, causal: the first rows see no key (O = 0, lse = −∞).
+            (16, 1, 2, 13, 7, true),
+            (64, 1, 2, 70, 7, true),
         ];
         for variant in flash::BWD_TC_VARIANTS {
             for &(d, b, heads, sq, skv, causal) in shapes {

@@ -36,8 +36,12 @@ std::vector<uint64_t> g_xchg;
 std::vector<unsigned char> g_vote;
 bool g_spun = false;  // the fiber that just ran gave way in sim::yield
 
-std::map<std::string, Trampoline>& registry() {
-  static std::map<std::string, Trampoline> r;
+struct Entry {
+  Trampoline t;
+  const char* sig;
+};
+std::map<std::string, Entry>& registry() {
+  static std::map<std::string, Entry> r;
   return r;
 }
 
@@ -167,7 +171,9 @@ bool warp_vote_all(bool p) {
 }
 unsigned warp_ballot(bool p) { return vote_bits(p); }
 
-void register_kernel(const char* name, Trampoline t) { registry()[name] = t; }
+void register_kernel(const char* name, Trampoline t, const char* sig) {
+  registry()[name] = Entry{t, sig};
+}
 }  // namespace sim
 
 float sim_half_to_float(uint16_t h) {
@@ -232,7 +238,7 @@ int sd2_sim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsi
   std::vector<unsigned char> shared_raw(smem + 1024 + 16);
   unsigned char* shared_base = shared_raw.data() + ((1024 - (reinterpret_cast<uintptr_t>(shared_raw.data()) & 1023)) & 1023);
   sim::g_fibers = &fibers;
-  sim::g_kernel = it->second;
+  sim::g_kernel = it->second.t;
   sim::g_args = args;
   sim::g_xchg.assign(n, 0);
   sim::g_vote.assign(n, 0);
@@ -256,6 +262,12 @@ int sd2_sim_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsi
 }
 
 int sd2_sim_kernel_count() { return int(sim::registry().size()); }
+
+// The parameter signature `kernel` was registered with (see sim::sig_char), or null.
+const char* sd2_sim_kernel_signature(const char* kernel) {
+  auto it = sim::registry().find(kernel);
+  return it == sim::registry().end() ? nullptr : it->second.sig;
+}
 
 const char* sd2_sim_kernel_name(int i) {
   auto it = sim::registry().begin();

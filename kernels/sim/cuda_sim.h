@@ -199,7 +199,26 @@ inline __half __float2half(float f) {
 // --- registration: the runtime finds a kernel by name and unpacks cuLaunchKernel-style args ---
 namespace sim {
 using Trampoline = void (*)(void** args);
-void register_kernel(const char* name, Trampoline t);
+// `sig`: one character per parameter — p pointer, i 4-byte integer, q 8-byte integer, f float,
+// d double, T a struct by value (a TMA descriptor), ? anything else — checked against every
+// launch's arguments (src/backend/cuda/launch.rs, check_signature).
+void register_kernel(const char* name, Trampoline t, const char* sig);
+template <typename T>
+constexpr char sig_char() {
+  using U = typename std::remove_cv<T>::type;
+  if (std::is_pointer<U>::value) return 'p';
+  if (std::is_same<U, float>::value) return 'f';
+  if (std::is_same<U, double>::value) return 'd';
+  if (std::is_integral<U>::value && sizeof(U) == 4) return 'i';
+  if (std::is_integral<U>::value && sizeof(U) == 8) return 'q';
+  if (std::is_class<U>::value) return 'T';
+  return '?';
+}
+template <typename... A>
+inline const char* signature(void (*)(A...)) {
+  static const char s[] = {sig_char<A>()..., '\0'};
+  return s;
+}
 template <typename... A, std::size_t... I>
 inline void call_unpacked(void (*k)(A...), void** args, std::index_sequence<I...>) {
   k(*static_cast<typename std::remove_reference<A>::type*>(args[I])...);
@@ -209,7 +228,7 @@ inline void call(void (*k)(A...), void** args) {
   call_unpacked(k, args, std::index_sequence_for<A...>{});
 }
 struct Registrar {
-  Registrar(const char* name, Trampoline t) { register_kernel(name, t); }
+  Registrar(const char* name, Trampoline t, const char* sig) { register_kernel(name, t, sig); }
 };
 }  // namespace sim
 
@@ -217,6 +236,5 @@ struct Registrar {
 #define SD2_SIM_CAT(a, b) SD2_SIM_CAT2(a, b)
 // Registers `kernel` under its own name (an extern "C" kernel, as cudarc loads them by name).
 #define SD2_REGISTER_KERNEL(kernel)                                                  \
-  static sim::Registrar SD2_SIM_CAT(sd2_sim_reg_, kernel)(#kernel, [](void** a) { \
-    sim::call(&kernel, a);                                                           \
-  });
+  static sim::Registrar SD2_SIM_CAT(sd2_sim_reg_, kernel)(                         \
+      #kernel, [](void** a) { sim::call(&kernel, a); }, sim::signature(&kernel));

@@ -236,6 +236,7 @@ impl Gpu {
     /// Pointer arguments must be device addresses of allocations large enough for what the
     /// kernel reads and writes with this grid; the argument list must match the kernel.
     pub unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        super::launch::check_signature(name, args)?;
         let (f, limit) = self.function(name)?;
         self.bind()?;
         if cfg.shared_mem_bytes > limit {

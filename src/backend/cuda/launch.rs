@@ -137,6 +137,58 @@ pub(crate) fn marshal(args: &[Arg]) -> Vec<Slot> {
         .collect()
 }
 
+/// Checks a launch's arguments against the kernel's C++ parameter list (count and kind of each,
+/// recorded by the simulator's registration from the declaration itself): a wrong count or
+/// order is an error naming the kernel and the parameter, never memory corruption. Runs for
+/// simulated and GPU launches alike whenever the build has `cuda-sim` (the default); a kernel
+/// the simulator does not know is not checked.
+pub fn check_signature(name: &str, args: &[Arg]) -> Result<()> {
+    #[cfg(feature = "cuda-sim")]
+    if let Some(sig) = super::sim::kernel_signature(name) {
+        return match_signature(name, &sig, args);
+    }
+    let _ = (name, args);
+    Ok(())
+}
+
+/// `args` against signature `sig` (see `sim::kernel_signature`): `Ptr` takes a pointer, `U64` a
+/// pointer or an 8-byte integer, `I32` a 4-byte integer, `F32` a float, `Map` a struct.
+pub fn match_signature(name: &str, sig: &str, args: &[Arg]) -> Result<()> {
+    let kind = |a: &Arg| match a {
+        Arg::Ptr(_) => ("pointer", "p"),
+        Arg::U64(_) => ("u64", "pq"),
+        Arg::I32(_) => ("i32", "i"),
+        Arg::F32(_) => ("f32", "f"),
+        Arg::Map(_) => ("tensor map", "T"),
+    };
+    let want = |c: char| match c {
+        'p' => "a pointer",
+        'i' => "a 4-byte integer",
+        'q' => "an 8-byte integer",
+        'f' => "a float",
+        'd' => "a double",
+        'T' => "a struct",
+        _ => "an unsupported type",
+    };
+    if sig.len() != args.len() {
+        return Err(Error::Cuda(format!(
+            "kernel {name}: launched with {} arguments, declared with {} ({sig})",
+            args.len(),
+            sig.len()
+        )));
+    }
+    for (i, (c, a)) in sig.chars().zip(args).enumerate() {
+        let (got, fits) = kind(a);
+        if !fits.contains(c) {
+            return Err(Error::Cuda(format!(
+                "kernel {name}: argument {i} is {got}, parameter {i} is {} (signature {sig})",
+                want(c)
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub(crate) fn param_ptrs(slots: &mut [Slot]) -> Vec<*mut c_void> {
     slots

@@ -22,6 +22,7 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn sd2_sim_kernel_signature(name: *const c_char) -> *const c_char;
     fn sd2_sim_kernel_count() -> c_int;
     fn sd2_sim_kernel_name(i: c_int) -> *const c_char;
 }
@@ -32,6 +33,7 @@ extern "C" {
 /// Every pointer argument must point to host memory at least as large as the kernel reads or
 /// writes for this launch, as for a real launch; the simulator does not check bounds.
 pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    super::launch::check_signature(name, args)?;
     let mut slots = super::launch::marshal(args);
     let mut ptrs = super::launch::param_ptrs(&mut slots);
     let cname = CString::new(name).map_err(|_| Error::Msg(format!("kernel name {name:?}")))?;
@@ -70,5 +72,17 @@ pub fn kernel_names() -> Vec<String> {
                 (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().to_string())
             })
             .collect()
+    }
+}
+
+/// The parameter signature kernel `name` was compiled with: one character per parameter (p
+/// pointer, i 4-byte integer, q 8-byte integer, f float, d double, T a struct by value such as a
+/// TMA descriptor, ? other), from the C++ declaration itself; `None` for an unknown name.
+pub fn kernel_signature(name: &str) -> Option<String> {
+    let cname = CString::new(name).ok()?;
+    // SAFETY: the runtime returns null or a pointer to a static string of the registry.
+    unsafe {
+        let p = sd2_sim_kernel_signature(cname.as_ptr());
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().to_string())
     }
 }

@@ -1062,6 +1062,10 @@ impl BackendStorage for CudaStorage {
         if b * h * sq == 0 {
             return Ok((dq, dk, dv));
         }
+        if skv == 0 {
+            // No keys: nothing depends on Q (and no grid of key blocks to launch).
+            return Ok((self.zeros_like(b * sq * h * d, self.dtype)?, dk, dv));
+        }
         let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
         match attn_kind(spec)? {
             AttnKind::Flash
