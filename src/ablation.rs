@@ -72,7 +72,7 @@ pub fn run(cfg: &DemoConfig, progress: &mut dyn Progress) -> Result<Ablation> {
         paper_order_reproduced,
     };
     let json = serde_json::to_string_pretty(&ab).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::io::write_atomic(&cfg.out.join("ablation.json"), json)?;
+    crate::fs::write_atomic(&cfg.out.join("ablation.json"), json)?;
     Ok(ab)
 }
 

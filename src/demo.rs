@@ -6,55 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::clip::{ClipConfig, ClipTokenizer};
-use crate::data::augment::AugmentConfig;
+use crate::clip::ClipTokenizer;
 use crate::data::loader::Transform;
 use crate::data::Split;
 use crate::eval::predict::predict_items;
 use crate::eval::report::{self, Report};
 use crate::run::{Progress, RunConfig};
 use crate::sd2::detector::class_embeddings;
-use crate::sd2::train::TrainConfig;
-use crate::sd2::{Sd2Config, TypeTexts};
+use crate::sd2::TypeTexts;
 use crate::{Device, Result};
-
-/// The `tiny` preset's CLIP: 64 px images, 8 px patches, 4 + 2 layers of width 64, 32-token texts.
-pub fn tiny_clip_config() -> ClipConfig {
-    ClipConfig::from_json(
-        r#"{"projection_dim": 64,
-            "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4, "image_size": 64, "patch_size": 8},
-            "text_config": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 32}}"#,
-    )
-    .expect("tiny preset config")
-}
-
-pub fn tiny_sd2_config() -> Sd2Config {
-    Sd2Config {
-        clam_heads: 4,
-        train_base: true,
-        ..Default::default()
-    }
-}
-
-/// The `tiny` preset's optimizer settings: a from-scratch model needs a far larger learning rate
-/// than LoRA on a pretrained CLIP, and the fixed class phrasing (a random text tower knows no
-/// paraphrases; drawing from ≥ 9 per class kept L_C at ln 5 for whole runs).
-pub fn tiny_train_config() -> TrainConfig {
-    TrainConfig {
-        lr: 1e-3,
-        micro_batch: 32,
-        effective_batch: 32,
-        sample_type_texts: false,
-        ..Default::default()
-    }
-}
-
-/// The `tiny` preset's augmentations: flip and brightness/contrast only. At 64 px the spec's
-/// resampling augmentations (rotation, resize, blur, JPEG) smear the few-pixel forgery traces
-/// the tiny model has to find within the demo's budget; they stay on for `vit-l14`.
-pub fn tiny_augment_config() -> AugmentConfig {
-    AugmentConfig::light()
-}
 
 #[derive(Clone, Debug)]
 pub struct DemoConfig {

@@ -309,17 +309,6 @@ fn encode(t: &Tensor) -> Result<Owned> {
     })
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename, so a reader
-/// never sees a half-written file (the temporary is removed if the rename fails).
-pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        std::fs::remove_file(&tmp).ok();
-        io_err(path, e)
-    })
-}
-
 /// Writes named tensors (with optional string metadata) atomically: temp file, then rename.
 pub fn save(
     path: &Path,

@@ -36,15 +36,18 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod eval;
+pub mod fs;
 pub mod io;
 pub mod ops;
 pub mod optim;
+pub mod presets;
 pub mod rng;
 pub mod run;
 pub mod sd2;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod upload;
 
 pub use autograd::{checkpoint, no_grad, GradStore};
 pub use device::Device;

@@ -481,7 +481,7 @@ fn probe(
     std::fs::create_dir_all(out).map_err(|e| sd2::Error::Msg(format!("{}: {e}", out.display())))?;
     let path = out.join("probe.json");
     let json = serde_json::to_string_pretty(&rep).map_err(|e| sd2::Error::Msg(e.to_string()))?;
-    sd2::io::write_atomic(&path, json)?;
+    sd2::fs::write_atomic(&path, json)?;
     print!("{}", rep.table());
     println!(
         "wrote {} ({:.1}s, {} Newton iterations)",
@@ -548,7 +548,7 @@ fn bench_loader(
 /// A benchmark's results as pretty JSON, written atomically.
 fn write_json(path: &std::path::Path, body: &serde_json::Value) -> sd2::Result<()> {
     let bytes = serde_json::to_vec_pretty(body).map_err(|e| sd2::Error::Msg(e.to_string()))?;
-    sd2::io::write_atomic(path, bytes)
+    sd2::fs::write_atomic(path, bytes)
 }
 
 #[cfg(feature = "cuda")]

@@ -57,23 +57,12 @@ pub fn compute_dtype(name: &str) -> Result<DType> {
 
 /// The preset's full configuration (manifest and out still to be given).
 pub fn preset(name: &str) -> Result<RunConfig> {
-    let (sd2, train, augment) = match name {
-        "tiny" => (
-            crate::demo::tiny_sd2_config(),
-            crate::demo::tiny_train_config(),
-            crate::demo::tiny_augment_config(),
-        ),
-        "vit-l14" => (
-            Sd2Config::default(),
-            TrainConfig::default(),
-            AugmentConfig::default(),
-        ),
-        other => {
-            return Err(Error::Msg(format!(
-                "unknown preset `{other}` (tiny or vit-l14)"
-            )))
-        }
-    };
+    let crate::presets::Preset {
+        sd2,
+        train,
+        augment,
+        ..
+    } = crate::presets::get(name)?;
     Ok(RunConfig {
         preset: name.into(),
         manifest: PathBuf::new(),
@@ -233,7 +222,7 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
     }
     let clip = match (cfg.preset.as_str(), &cfg.clip) {
         ("tiny", None) => ClipModel::random(
-            &crate::demo::tiny_clip_config(),
+            &crate::presets::tiny_clip_config(),
             dtype,
             device,
             cfg.train.seed,

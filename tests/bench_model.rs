@@ -20,7 +20,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
         };
         let r = run(&cfg).unwrap();
         println!("{}", r.report(5));
-        let clip = sd2::demo::tiny_clip_config();
+        let clip = sd2::presets::tiny_clip_config();
         let gflop = flops_per_image(&clip, train, 2, 4) / 1e9;
         assert!((r.gflop_per_image - gflop).abs() < 1e-12);
         assert!(r.step_ms > 0.0);
@@ -28,8 +28,8 @@ fn bench_train_and_infer_report_consistent_numbers() {
         assert!((r.model_tflops - gflop * r.images_per_s / 1e3).abs() < 1e-9);
         assert!(r.mfu.is_none() && r.peak_device_bytes.is_none() && r.profile.is_none());
     }
-    let train = flops_per_image(&sd2::demo::tiny_clip_config(), true, 2, 4);
-    let infer = flops_per_image(&sd2::demo::tiny_clip_config(), false, 2, 4);
+    let train = flops_per_image(&sd2::presets::tiny_clip_config(), true, 2, 4);
+    let infer = flops_per_image(&sd2::presets::tiny_clip_config(), false, 2, 4);
     assert!(
         train > 2.0 * infer,
         "a train step costs more than two forwards of the vision tower"

@@ -137,7 +137,7 @@ fn cli_prints_one_array_per_line() {
 #[test]
 fn longest_padding_gives_the_same_embeddings() {
     use sd2::{DType, Device};
-    let cfg = sd2::demo::tiny_clip_config();
+    let cfg = sd2::presets::tiny_clip_config();
     let clip = sd2::clip::ClipModel::random(&cfg, DType::F32, Device::Cpu, 7).unwrap();
     let tk = ClipTokenizer::openai().unwrap();
     let texts = [

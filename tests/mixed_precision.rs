@@ -13,7 +13,7 @@ use sd2::{DType, Device, Tensor};
 const B: usize = 6;
 
 fn model(dtype: DType, device: Device) -> Sd2Model {
-    let clip = ClipModel::random(&sd2::demo::tiny_clip_config(), dtype, device, 5).unwrap();
+    let clip = ClipModel::random(&sd2::presets::tiny_clip_config(), dtype, device, 5).unwrap();
     let cfg = Sd2Config {
         clam_heads: 4,
         train_base: false,
@@ -226,9 +226,14 @@ fn bf16_training_steps_update_f32_masters() {
 
 #[test]
 fn bf16_refuses_train_base() {
-    let clip =
-        ClipModel::random(&sd2::demo::tiny_clip_config(), DType::BF16, Device::Cpu, 1).unwrap();
-    let e = Sd2Model::new(clip, sd2::demo::tiny_sd2_config(), 1)
+    let clip = ClipModel::random(
+        &sd2::presets::tiny_clip_config(),
+        DType::BF16,
+        Device::Cpu,
+        1,
+    )
+    .unwrap();
+    let e = Sd2Model::new(clip, sd2::presets::tiny_sd2_config(), 1)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 
 use super::augment::{self, AugmentConfig, Perturb};
 use super::manifest::Item;
-use crate::backend::cuda::Upload;
 use crate::clip::preprocess::{decode_image, preprocess};
+use crate::upload::Upload;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// What happens to each image between decoding and preprocessing.

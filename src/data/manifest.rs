@@ -133,7 +133,7 @@ impl Manifest {
             out.push_str(&serde_json::to_string(r).map_err(|e| Error::Msg(e.to_string()))?);
             out.push('\n');
         }
-        crate::io::write_atomic(path, out)
+        crate::fs::write_atomic(path, out)
     }
 }
 

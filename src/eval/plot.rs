@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 
 use super::metrics::{pr_curve, roc_curve};
-use super::report::Pred;
+use super::predict::Pred;
 use crate::sd2::type_texts::CLASSES;
 use crate::{Error, Result};
 
@@ -47,7 +47,7 @@ fn save_png(path: &Path, buf: &[u8]) -> Result<()> {
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(buf, W, H, image::ExtendedColorType::Rgb8)
         .map_err(|e| Error::Msg(format!("{}: png: {e}", path.display())))?;
-    crate::io::write_atomic(path, png)
+    crate::fs::write_atomic(path, png)
 }
 
 /// Groups `preds` as (name, scores, is-fake): "overall" first, then each source.

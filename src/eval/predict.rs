@@ -1,10 +1,35 @@
 //! Scoring manifest items with a model, batch by batch, with decoding prefetched.
 use crate::data::loader::{DeviceBatches, Prefetcher, Transform};
 use crate::data::Item;
-use crate::eval::report::Pred;
 use crate::sd2::detector::predict_pixels;
+use crate::sd2::type_texts::CLASSES;
 use crate::sd2::Sd2Model;
 use crate::{Result, Tensor};
+use serde::Serialize;
+
+/// One evaluated image.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pred {
+    pub path: String,
+    #[serde(serialize_with = "label_name")]
+    pub label: usize,
+    pub source: String,
+    pub video: Option<String>,
+    pub fake_score: f64,
+    /// REAL, FS, FR, EFS, FE.
+    pub probs: [f64; 5],
+}
+
+fn label_name<S: serde::Serializer>(l: &usize, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(CLASSES.get(*l).copied().unwrap_or("?"))
+}
+
+impl Pred {
+    /// The most probable class.
+    pub fn argmax(&self) -> usize {
+        (0..5).fold(0, |b, j| if self.probs[j] > self.probs[b] { j } else { b })
+    }
+}
 
 /// `items` decoded batch by batch (through `transform`) on the prefetch thread, in order, and
 /// on the model's device (the next batch copying while this one computes).

@@ -7,32 +7,10 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::metrics::*;
-use crate::io::write_atomic;
+use super::predict::Pred;
+use crate::fs::write_atomic;
 use crate::sd2::type_texts::CLASSES;
 use crate::{Error, Result};
-
-/// One evaluated image.
-#[derive(Clone, Debug, Serialize)]
-pub struct Pred {
-    pub path: String,
-    #[serde(serialize_with = "label_name")]
-    pub label: usize,
-    pub source: String,
-    pub video: Option<String>,
-    pub fake_score: f64,
-    /// REAL, FS, FR, EFS, FE.
-    pub probs: [f64; 5],
-}
-
-fn label_name<S: serde::Serializer>(l: &usize, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(CLASSES.get(*l).copied().unwrap_or("?"))
-}
-
-impl Pred {
-    fn argmax(&self) -> usize {
-        (0..5).fold(0, |b, j| if self.probs[j] > self.probs[b] { j } else { b })
-    }
-}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {

@@ -117,16 +117,8 @@ fn peak_tflops(device_name: &str, dtype: DType) -> Option<f64> {
 }
 
 fn clip_config(preset: &str) -> Result<(ClipConfig, Sd2Config)> {
-    match preset {
-        "tiny" => Ok((
-            crate::demo::tiny_clip_config(),
-            crate::demo::tiny_sd2_config(),
-        )),
-        "vit-l14" => Ok((ClipConfig::vit_l14(), Sd2Config::default())),
-        other => Err(Error::Msg(format!(
-            "bench: unknown preset `{other}` (tiny or vit-l14)"
-        ))),
-    }
+    let p = crate::presets::get(preset)?;
+    Ok((p.clip, p.sd2))
 }
 
 /// Waits for the device (a read of one element: every backend's queue drains before it).

@@ -52,7 +52,7 @@ pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()>
     });
     std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::io::write_atomic(&dir.join("adapter_config.json"), text)?;
+    crate::fs::write_atomic(&dir.join("adapter_config.json"), text)?;
     let f32s: Vec<(&str, Tensor)> = lora
         .iter()
         .map(|(n, t)| Ok((*n, t.to_dtype(crate::DType::F32)?)))

@@ -363,6 +363,6 @@ impl Profile {
     pub fn write_trace(&self, path: &std::path::Path) -> Result<()> {
         let body = serde_json::to_vec(&self.chrome_trace())
             .map_err(|e| Error::Msg(format!("trace json: {e}")))?;
-        crate::io::write_atomic(path, body)
+        crate::fs::write_atomic(path, body)
     }
 }
