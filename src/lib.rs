@@ -41,6 +41,7 @@ pub mod io;
 pub mod ops;
 pub mod optim;
 pub mod presets;
+pub mod profile;
 pub mod rng;
 pub mod run;
 pub mod sd2;

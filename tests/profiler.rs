@@ -2,7 +2,8 @@
 //! the work their launchers declare, ranges nesting around them, the per-kernel table and the
 //! Chrome trace.
 #![cfg(feature = "cuda-sim")]
-use sd2::backend::cuda::{profile, storage::runner_for};
+use sd2::backend::cuda::storage::runner_for;
+use sd2::profile;
 use sd2::{DType, Device, Tensor};
 
 #[test]
@@ -11,7 +12,7 @@ fn profiler_records_launches_ranges_and_work() {
     let runner = runner_for(usize::MAX).unwrap();
     let x = Tensor::from_f64(&vec![0.5; 9 * 16], (9, 16), DType::BF16, dev).unwrap();
     let w = Tensor::from_f64(&vec![0.25; 12 * 16], (12, 16), DType::BF16, dev).unwrap();
-    profile::start(&runner).unwrap();
+    profile::start(runner.clock()).unwrap();
     let y = {
         let _layer = profile::range("layer 0");
         let y = {

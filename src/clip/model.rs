@@ -313,7 +313,7 @@ fn run_blocks(
         hidden.push(x.clone());
     }
     for (i, layer) in layers.iter().enumerate() {
-        let _r = crate::backend::cuda::profile::range_with(|| {
+        let _r = crate::profile::range_with(|| {
             format!("{} layer {i}", if causal { "text" } else { "vision" })
         });
         x = layer.forward_maybe_recomputed(&x, causal, fwd)?;

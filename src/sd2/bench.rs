@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::detector::{class_embeddings, predict_pixels};
 use super::train::{MicroBatch, TrainConfig, Trainer};
 use super::{Sd2Config, Sd2Model, TypeTexts};
-use crate::backend::cuda::profile::{self, Profile};
 use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::profile::{self, Profile};
 use crate::{DType, Device, Error, Result, Tensor};
 
 #[derive(Clone, Debug)]
@@ -165,10 +165,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     let texts = TypeTexts::shipped()?;
     let peak = || crate::backend::cuda::device_memory(cfg.device).map(|m| m.peak);
     let profiling = cfg.device.is_cuda();
-    let start_profile = || {
-        profile::start(&crate::backend::cuda::storage::runner_for(cuda_ordinal(
-            cfg.device,
-        ))?)
+    let start_profile = || -> Result<()> {
+        #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+        return profile::start(
+            crate::backend::cuda::storage::runner_for(cuda_ordinal(cfg.device))?.clock(),
+        );
+        #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+        profile::start(None)
     };
     let mut times = vec![];
     let mut profiled = None;
@@ -259,6 +262,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     )
 }
 
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn cuda_ordinal(d: Device) -> usize {
     match d {
         Device::Cuda(o) => o,

@@ -313,7 +313,7 @@ impl Trainer {
         let mut terms: Vec<Tensor> = vec![];
         // The five class phrases go through the text tower once per step: each micro-batch
         // sees a fresh leaf over û, and the summed gradient flows back through the tower once.
-        let class_range = crate::backend::cuda::profile::range("class texts");
+        let class_range = crate::profile::range("class texts");
         let (class_ids, class_host) = self.class_ids(&phrases)?;
         let u = self.model.class_features(
             &class_ids,
@@ -331,7 +331,7 @@ impl Trainer {
             let batch = self.batch_with(mb, &[], Some(&class_ids))?;
             let seed =
                 mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
-            let fwd_range = crate::backend::cuda::profile::range_with(|| format!("forward {k}"));
+            let fwd_range = crate::profile::range_with(|| format!("forward {k}"));
             // A leaf only when gradients can flow on into the text tower.
             let u_leaf = if u.is_tracked() {
                 u.detach().into_trainable()
@@ -361,7 +361,7 @@ impl Trainer {
                 );
             }
             drop(fwd_range);
-            let _bwd = crate::backend::cuda::profile::range_with(|| format!("backward {k}"));
+            let _bwd = crate::profile::range_with(|| format!("backward {k}"));
             losses.total.scale(w)?.backward_into(&mut grads)?;
             if let Some(g) = u_leaf
                 .is_trainable()
@@ -375,10 +375,10 @@ impl Trainer {
             }
         }
         if let (Some(du), true) = (du, u.is_tracked()) {
-            let _r = crate::backend::cuda::profile::range("backward class texts");
+            let _r = crate::profile::range("backward class texts");
             u.backward_seeded(du, &mut grads)?;
         }
-        let opt_range = crate::backend::cuda::profile::range("grad norm + AdamW");
+        let opt_range = crate::profile::range("grad norm + AdamW");
         let lr = self.cfg.lr_at(self.step);
         let norm = self
             .opt

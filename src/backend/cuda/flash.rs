@@ -1,6 +1,6 @@
 //! Launch geometry of `kernels/flash_attention.cu` (variant 1), in one place for the tests, the
 //! benchmark and the ops: q [B, Sq, H·D], k/v [B, Skv, H·D], lse/delta [B, H, Sq] f32.
-use super::launch::LaunchConfig;
+use super::abi::LaunchConfig;
 
 /// The head dimension of the CLIP towers (the timed flash kernels).
 pub const HEAD_DIM: usize = 64;

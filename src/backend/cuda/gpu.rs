@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream};
 
+use super::abi::{marshal, param_ptrs, Arg, LaunchConfig};
 use super::alloc::{AllocStats, CachingAllocator, StreamAlloc};
-use super::launch::{marshal, param_ptrs, Arg, LaunchConfig};
 use crate::{Error, Result};
 
 /// Shared memory a block may use without opting in (`cuFuncSetAttribute`).
@@ -236,7 +236,8 @@ impl Gpu {
     /// Pointer arguments must be device addresses of allocations large enough for what the
     /// kernel reads and writes with this grid; the argument list must match the kernel.
     pub unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        super::launch::check_signature(name, args)?;
+        #[cfg(feature = "cuda-sim")]
+        super::sim::check_signature(name, args)?;
         let (f, limit) = self.function(name)?;
         self.bind()?;
         if cfg.shared_mem_bytes > limit {
@@ -258,7 +259,7 @@ impl Gpu {
         }
         let mut slots = marshal(args);
         let mut ptrs = param_ptrs(&mut slots);
-        super::profile::launch(name, || {
+        crate::profile::launch(name, || {
             result::launch_kernel(
                 f,
                 cfg.grid,
@@ -275,6 +276,11 @@ impl Gpu {
     }
 
     /// A CUDA event recorded on this GPU's stream now (the profiler's marks).
+    /// This GPU's clock for the profiler (`crate::profile::start`).
+    pub fn clock(self: &Arc<Self>) -> Arc<dyn crate::profile::DeviceClock> {
+        Arc::new(GpuClock(self.clone()))
+    }
+
     pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
         let e = self
             .ctx
@@ -286,11 +292,7 @@ impl Gpu {
 
     /// A TMA descriptor (`cuTensorMapEncodeTiled`) of the row-major bf16 matrix at `addr`:
     /// 128-byte swizzle, zeros past the tensor, L2 promotion of 256 bytes.
-    pub fn tensor_map(
-        &self,
-        addr: u64,
-        m: super::launch::TileMap,
-    ) -> Result<super::launch::TensorMap> {
+    pub fn tensor_map(&self, addr: u64, m: super::abi::TileMap) -> Result<super::abi::TensorMap> {
         m.check(addr)?;
         self.bind()?;
         let dims = [m.cols as u64, m.rows as u64];
@@ -323,9 +325,7 @@ impl Gpu {
             )));
         }
         // SAFETY: zero-initialized above, then written by the driver.
-        Ok(super::launch::TensorMap(
-            unsafe { out.assume_init() }.opaque,
-        ))
+        Ok(super::abi::TensorMap(unsafe { out.assume_init() }.opaque))
     }
 
     /// The address of this thread's id-error record of `ids_checked_*` on this GPU (zeroed
@@ -368,7 +368,7 @@ impl Gpu {
 
     /// Waits for all work on this GPU's stream; asynchronous kernel faults surface here.
     pub fn synchronize(&self) -> Result<()> {
-        super::launch::note_host_sync();
+        super::abi::note_host_sync();
         self.stream.synchronize().map_err(drv("stream synchronize"))
     }
 
@@ -415,7 +415,7 @@ impl Gpu {
             };
             let slot = ring.swap_remove(i);
             drop(ring);
-            super::launch::note_host_sync();
+            super::abi::note_host_sync();
             if let Err(e) = slot.done.synchronize() {
                 // Never hand out a slot a copy may still read.
                 std::mem::forget(slot);
@@ -449,7 +449,7 @@ impl Gpu {
             // SAFETY: `dst` holds host.len() bytes; synchronized before `host` can go.
             unsafe { result::memcpy_htod_async(dst, host, stream.cu_stream()) }
                 .map_err(drv(what()))?;
-            super::launch::note_host_sync();
+            super::abi::note_host_sync();
             return stream.synchronize().map_err(drv(what()));
         };
         // SAFETY: the slot holds cap ≥ host.len() bytes and no copy reads it any more.
@@ -773,13 +773,13 @@ impl Gpu {
         let el = if g.bf16 { 2.0 } else { 4.0 };
         let (bm, n, k) = ((g.batch * g.m) as f64, g.n as f64, g.k as f64);
         let b_elems = if g.rhs_batched { g.batch as f64 } else { 1.0 } * k * n;
-        super::profile::set_work(2.0 * bm * n * k, el * (bm * k + b_elems + bm * n));
+        crate::profile::set_work(2.0 * bm * n * k, el * (bm * k + b_elems + bm * n));
         let name = if g.bf16 {
             "cublas_gemm_bf16"
         } else {
             "cublas_gemm_f32"
         };
-        super::profile::launch(name, || {
+        crate::profile::launch(name, || {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 h.handle,
                 op_b,
@@ -808,5 +808,37 @@ impl Gpu {
             .map_err(|e| Error::Cuda(format!("cublasGemmStridedBatchedEx {g:?}: {e:?}")))
         })?;
         Ok(true)
+    }
+}
+
+/// A GPU's compute stream as the profiler's clock: marks are CUDA events on it.
+struct GpuClock(Arc<Gpu>);
+
+struct GpuMark(cudarc::driver::CudaEvent);
+
+impl crate::profile::DeviceClock for GpuClock {
+    fn mark(&self) -> Result<Box<dyn crate::profile::DeviceMark>> {
+        Ok(Box::new(GpuMark(self.0.event()?)))
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.0.synchronize()
+    }
+    fn device_name(&self) -> String {
+        self.0.name.clone()
+    }
+}
+
+impl crate::profile::DeviceMark for GpuMark {
+    fn ms_since(&self, earlier: &dyn crate::profile::DeviceMark) -> Result<f64> {
+        let e = earlier
+            .as_any()
+            .downcast_ref::<GpuMark>()
+            .ok_or_else(|| Error::Msg("profiler: marks from two clocks".into()))?;
+        Ok(e.0
+            .elapsed_ms(&self.0)
+            .map_err(|e| Error::Cuda(format!("profiler: event time: {e}")))? as f64)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

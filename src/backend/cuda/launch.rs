@@ -2,200 +2,14 @@
 //! argument list. `Arg` is the raw form (pointers already in the right memory); `Runner` +
 //! `KArg` stage host slices for you, so a test or a profiling script is written once and runs on
 //! every kernel backend this build and machine have.
-use std::ffi::c_void;
 
 use bytemuck::Pod;
 
+pub use super::abi::{
+    host_syncs, match_signature, note_host_sync, Arg, LaunchConfig, TensorMap, TileMap,
+};
+#[allow(unused_imports)] // Result: only the runner (a cuda feature) returns one
 use crate::{Error, Result};
-
-/// Grid, block and dynamic shared memory of a launch (as cudarc's `LaunchConfig`).
-#[derive(Clone, Copy, Debug)]
-pub struct LaunchConfig {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    pub shared_mem_bytes: u32,
-}
-
-impl LaunchConfig {
-    /// A 1-D launch of `blocks` × `threads`, no dynamic shared memory.
-    pub fn linear(blocks: u32, threads: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid: (blocks, 1, 1),
-            block: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-}
-
-/// A TMA descriptor passed by value (`const __grid_constant__ TmaDesc` in
-/// `kernels/include/sd2_hopper.cuh`): on the GPU the 128 bytes `cuTensorMapEncodeTiled` writes,
-/// in the simulator the fields the simulator's TMA reads (see `TensorMap::sim_2d`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(C, align(128))]
-pub struct TensorMap(pub [u64; 16]);
-
-/// A 2-D bf16 tile map: row-major [rows, cols] at an address, boxes of `box_rows` × `box_cols`
-/// (box_cols · 2 = 128 bytes: the 128-byte swizzle span), zeros past the tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TileMap {
-    pub rows: usize,
-    pub cols: usize,
-    pub box_rows: usize,
-    pub box_cols: usize,
-}
-
-impl TileMap {
-    /// What TMA accepts (CUDA driver API, cuTensorMapEncodeTiled): a 16-byte aligned address,
-    /// a row stride that is a multiple of 16 bytes, boxes of 1..=256 per dimension whose inner
-    /// extent is the 128-byte swizzle span.
-    pub fn check(&self, addr: u64) -> Result<()> {
-        let TileMap {
-            rows,
-            cols,
-            box_rows,
-            box_cols,
-        } = *self;
-        if addr % 16 != 0
-            || cols == 0
-            || rows == 0
-            || (cols * 2) % 16 != 0
-            || box_cols * 2 != 128
-            || !(1..=256).contains(&box_rows)
-            || rows > (1 << 31)
-        {
-            return Err(Error::Cuda(format!(
-                "tensor map of a [{rows}, {cols}] bf16 matrix at {addr:#x}, box {box_rows}×{box_cols}: \
-                 TMA needs a 16-byte aligned address, rows of a multiple of 16 bytes and 64-column boxes"
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl TensorMap {
-    /// The simulator's descriptor: [address, cols, rows, row stride bytes, box cols, box rows].
-    pub fn sim_2d(addr: u64, m: TileMap) -> Result<TensorMap> {
-        m.check(addr)?;
-        let mut w = [0u64; 16];
-        w[..6].copy_from_slice(&[
-            addr,
-            m.cols as u64,
-            m.rows as u64,
-            2 * m.cols as u64,
-            m.box_cols as u64,
-            m.box_rows as u64,
-        ]);
-        Ok(TensorMap(w))
-    }
-}
-
-/// One kernel argument, passed by value as in `cuLaunchKernel`.
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    Ptr(*mut c_void),
-    I32(i32),
-    F32(f32),
-    U64(u64),
-    Map(TensorMap),
-}
-
-impl Arg {
-    pub fn ptr<T>(p: *const T) -> Arg {
-        Arg::Ptr(p as *mut c_void)
-    }
-    pub fn mut_ptr<T>(p: *mut T) -> Arg {
-        Arg::Ptr(p as *mut c_void)
-    }
-    /// A null pointer (an optional input the kernel skips).
-    pub fn null() -> Arg {
-        Arg::Ptr(std::ptr::null_mut())
-    }
-}
-
-/// One argument's storage in the parameter array: a scalar or pointer (the callee reads only
-/// its own size from the front, little-endian) or a 128-byte TMA descriptor.
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-#[repr(C, align(128))]
-pub(crate) union Slot {
-    p: *mut c_void,
-    u: u64,
-    map: [u64; 16],
-}
-
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-pub(crate) fn marshal(args: &[Arg]) -> Vec<Slot> {
-    args.iter()
-        .map(|a| match *a {
-            Arg::Ptr(p) => Slot { p },
-            Arg::I32(i) => Slot { u: i as u32 as u64 },
-            Arg::F32(f) => Slot {
-                u: f.to_bits() as u64,
-            },
-            Arg::U64(u) => Slot { u },
-            Arg::Map(m) => Slot { map: m.0 },
-        })
-        .collect()
-}
-
-/// Checks a launch's arguments against the kernel's C++ parameter list (count and kind of each,
-/// recorded by the simulator's registration from the declaration itself): a wrong count or
-/// order is an error naming the kernel and the parameter, never memory corruption. Runs for
-/// simulated and GPU launches alike whenever the build has `cuda-sim` (the default); a kernel
-/// the simulator does not know is not checked.
-pub fn check_signature(name: &str, args: &[Arg]) -> Result<()> {
-    #[cfg(feature = "cuda-sim")]
-    if let Some(sig) = super::sim::kernel_signature(name) {
-        return match_signature(name, &sig, args);
-    }
-    let _ = (name, args);
-    Ok(())
-}
-
-/// `args` against signature `sig` (see `sim::kernel_signature`): `Ptr` takes a pointer, `U64` a
-/// pointer or an 8-byte integer, `I32` a 4-byte integer, `F32` a float, `Map` a struct.
-pub fn match_signature(name: &str, sig: &str, args: &[Arg]) -> Result<()> {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => ("pointer", "p"),
-        Arg::U64(_) => ("u64", "pq"),
-        Arg::I32(_) => ("i32", "i"),
-        Arg::F32(_) => ("f32", "f"),
-        Arg::Map(_) => ("tensor map", "T"),
-    };
-    let want = |c: char| match c {
-        'p' => "a pointer",
-        'i' => "a 4-byte integer",
-        'q' => "an 8-byte integer",
-        'f' => "a float",
-        'd' => "a double",
-        'T' => "a struct",
-        _ => "an unsupported type",
-    };
-    if sig.len() != args.len() {
-        return Err(Error::Cuda(format!(
-            "kernel {name}: launched with {} arguments, declared with {} ({sig})",
-            args.len(),
-            sig.len()
-        )));
-    }
-    for (i, (c, a)) in sig.chars().zip(args).enumerate() {
-        let (got, fits) = kind(a);
-        if !fits.contains(c) {
-            return Err(Error::Cuda(format!(
-                "kernel {name}: argument {i} is {got}, parameter {i} is {} (signature {sig})",
-                want(c)
-            )));
-        }
-    }
-    Ok(())
-}
-
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-pub(crate) fn param_ptrs(slots: &mut [Slot]) -> Vec<*mut c_void> {
-    slots
-        .iter_mut()
-        .map(|s| s as *mut Slot as *mut c_void)
-        .collect()
-}
 
 /// A kernel argument for `Runner::launch`: host slices are copied to the runner's memory before
 /// the launch (`In`, `Out`) and back after it (`Out`), so outputs poisoned on the host arrive
@@ -225,25 +39,6 @@ impl<'a> KArg<'a> {
     pub fn scalar<T: Pod>(v: &'a T) -> KArg<'a> {
         KArg::In(bytemuck::bytes_of(v))
     }
-}
-
-thread_local! {
-    static HOST_SYNCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Counts a point where the host waits for a kernel backend (a read-back or a stream
-/// synchronize), on any runner, for the calling thread: the simulator counts what a GPU would wait for, so tests can
-/// assert how often a training step syncs.
-/// `SD2_TRACE_SYNCS=1` prints a backtrace at each one (finding a sync in a hot loop).
-pub fn note_host_sync() {
-    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *TRACE.get_or_init(|| std::env::var_os("SD2_TRACE_SYNCS").is_some()) {
-        eprintln!(
-            "host sync at {}",
-            std::backtrace::Backtrace::force_capture()
-        );
-    }
-    HOST_SYNCS.with(|n| n.set(n.get() + 1));
 }
 
 /// The ops whose ids `ids_checked_*` checks on the device, by the code the kernel records.
@@ -286,12 +81,6 @@ pub fn id_error(rec: [u64; 5]) -> Option<Error> {
             if rec[0] == 1 { "" } else { "s" }
         ),
     })
-}
-
-/// Host syncs so far on this thread (`note_host_sync`; per thread, so tests running side by
-/// side do not count each other's).
-pub fn host_syncs() -> usize {
-    HOST_SYNCS.with(|n| n.get())
 }
 
 /// Memory owned by a runner: host words for the simulator, a device allocation on the GPU; or
@@ -523,6 +312,17 @@ impl Runner {
             Runner::Sim => super::sim::launch(name, cfg, args),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.launch(name, cfg, args),
+        }
+    }
+
+    /// The clock the profiler times this runner's launches by: a GPU's CUDA events; `None`
+    /// (the host's wall clock) for the simulator, which runs launches synchronously.
+    pub fn clock(&self) -> Option<std::sync::Arc<dyn crate::profile::DeviceClock>> {
+        match self {
+            #[cfg(feature = "cuda-sim")]
+            Runner::Sim => None,
+            #[cfg(feature = "cuda")]
+            Runner::Gpu(g) => Some(g.clock()),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Launch geometry of `kernels/lora_gemm.cu`, in one place for the tests, the benchmark and the
 //! storage: the LoRA-linear GEMM variants and their epilogue codes.
-use super::launch::LaunchConfig;
+use super::abi::LaunchConfig;
 
 /// Fused epilogue after `X·Wᵀ + s·S·Bᵀ` (the kernels' `epilogue` argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub const VARIANTS: [Variant; 2] = [V1, V2];
 /// tiles, a 4-stage ring of 48 KB. Arguments `(map X, map W, map S, map B, bias, res, y, M, N,
 /// K, R, scale, epilogue)`, the maps from [`hopper_maps`]; forward only.
 pub mod hopper {
-    use super::super::launch::{LaunchConfig, TileMap};
+    use super::super::abi::{LaunchConfig, TileMap};
 
     pub const NAME: &str = "v3 wgmma+TMA 128x256 x4";
     pub const KERNEL: &str = "lora_gemm3_fwd_bf16";

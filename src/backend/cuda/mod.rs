@@ -56,6 +56,7 @@ pub fn check_device(ordinal: usize) -> Result<()> {
     }
 }
 
+pub mod abi;
 pub mod alloc;
 #[cfg(feature = "cuda")]
 pub mod bench;
@@ -64,7 +65,6 @@ pub mod flash;
 pub mod gpu;
 pub mod launch;
 pub mod lora_gemm;
-pub mod profile;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]

@@ -5,7 +5,7 @@
 //! serialized (a kernel's `__shared__` arrays are process-wide statics in the simulation).
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
-pub use super::launch::{Arg, LaunchConfig};
+pub use super::abi::{Arg, LaunchConfig};
 use crate::{Error, Result};
 
 extern "C" {
@@ -33,12 +33,12 @@ extern "C" {
 /// Every pointer argument must point to host memory at least as large as the kernel reads or
 /// writes for this launch, as for a real launch; the simulator does not check bounds.
 pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    super::launch::check_signature(name, args)?;
-    let mut slots = super::launch::marshal(args);
-    let mut ptrs = super::launch::param_ptrs(&mut slots);
+    check_signature(name, args)?;
+    let mut slots = super::abi::marshal(args);
+    let mut ptrs = super::abi::param_ptrs(&mut slots);
     let cname = CString::new(name).map_err(|_| Error::Msg(format!("kernel name {name:?}")))?;
     let mut err = vec![0u8; 512];
-    super::profile::launch(name, || {
+    crate::profile::launch(name, || {
         let rc = sd2_sim_launch(
             cname.as_ptr(),
             cfg.grid.0,
@@ -84,5 +84,17 @@ pub fn kernel_signature(name: &str) -> Option<String> {
     unsafe {
         let p = sd2_sim_kernel_signature(cname.as_ptr());
         (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().to_string())
+    }
+}
+
+/// Checks a launch's arguments against the kernel's C++ parameter list (count and kind of each,
+/// recorded by the simulator's registration from the declaration itself): a wrong count or
+/// order is an error naming the kernel and the parameter, never memory corruption. Runs for
+/// simulated and GPU launches alike whenever the build has `cuda-sim` (the default); a kernel
+/// the simulator does not know is not checked.
+pub fn check_signature(name: &str, args: &[Arg]) -> Result<()> {
+    match kernel_signature(name) {
+        Some(sig) => super::abi::match_signature(name, &sig, args),
+        None => Ok(()),
     }
 }

@@ -3,13 +3,14 @@
 //! each engine op as launches of `kernels/*.cu`. f32 and bf16 compute (f32 math inside every
 //! kernel); i64/u32 hold ids and labels; f64 stays on the CPU. Launches are asynchronous on the
 //! GPU's stream: errors a kernel raises surface at the next copy to the host.
+use super::flash;
 use super::launch::{Arg, Buffer, LaunchConfig, Runner};
-use super::{flash, profile};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{
     AdamWStep, AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec,
     MatmulSpec, UnaryOp,
 };
+use crate::profile;
 use crate::{DType, Device, Error, Result, Shape};
 
 /// Most dims a shape may have in the elementwise/layout kernels.

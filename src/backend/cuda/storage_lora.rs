@@ -214,7 +214,7 @@ impl CudaStorage {
             Arg::I32(epi),
         ];
         let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
-        super::super::profile::set_work(
+        crate::profile::set_work(
             2.0 * mf * nf * (kf + rf),
             2.0 * (mf * kf + nf * kf + mf * rf + nf * rf + mf * nf),
         );
@@ -266,7 +266,7 @@ impl CudaStorage {
         }
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
         let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
-        super::super::profile::set_work(
+        crate::profile::set_work(
             2.0 * mf * kf * (nf + rf),
             2.0 * (mf * nf + nf * kf + mf * rf + rf * kf + mf * kf),
         );

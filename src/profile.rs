@@ -5,6 +5,9 @@
 //! for a per-kernel efficiency column. `Profile::table` aggregates by kernel name;
 //! `Profile::chrome_trace` writes the Chrome/Perfetto trace format (`chrome://tracing`,
 //! ui.perfetto.dev). Off by default: one relaxed atomic load per launch.
+//!
+//! Backend-neutral: a device plugs its clock in (`DeviceClock`; the CUDA runtime's events), and
+//! without one launches and ranges are timed by the host's wall clock (the simulator).
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -21,12 +24,30 @@ thread_local! {
     static WORK: Cell<Option<(f64, f64)>> = const { Cell::new(None) };
 }
 
+/// A device's clock as the profiler reads it: marks queued in the device's order.
+pub trait DeviceClock: Send + Sync {
+    /// A mark recorded now in the device's queue.
+    fn mark(&self) -> Result<Box<dyn DeviceMark>>;
+    /// Waits for everything queued, so every mark can be read.
+    fn synchronize(&self) -> Result<()>;
+    /// The device's name, for the report.
+    fn device_name(&self) -> String;
+}
+
+/// A mark of a `DeviceClock`.
+pub trait DeviceMark: Send {
+    /// Milliseconds from `earlier` (a mark of the same clock) to this one.
+    fn ms_since(&self, earlier: &dyn DeviceMark) -> Result<f64>;
+    /// For the clock's own downcast in `ms_since`.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// A point in device time.
 pub enum Mark {
-    /// The simulator (and host-side ranges when no GPU is profiled).
+    /// The host's clock (the simulator, which runs launches synchronously).
     Host(Instant),
-    #[cfg(feature = "cuda")]
-    Gpu(cudarc::driver::CudaEvent),
+    /// A device clock's mark.
+    Device(Box<dyn DeviceMark>),
 }
 
 struct Rec {
@@ -38,8 +59,7 @@ struct Rec {
 }
 
 struct State {
-    #[cfg(feature = "cuda")]
-    gpu: Option<std::sync::Arc<super::gpu::Gpu>>,
+    clock: Option<std::sync::Arc<dyn DeviceClock>>,
     t0: Mark,
     kernels: Vec<Rec>,
     ranges: Vec<Rec>,
@@ -57,31 +77,23 @@ pub fn enabled() -> bool {
 
 /// A mark now on the profiled device.
 fn mark(st: &State) -> Result<Mark> {
-    #[cfg(feature = "cuda")]
-    if let Some(g) = &st.gpu {
-        return Ok(Mark::Gpu(g.event()?));
+    match &st.clock {
+        Some(c) => Ok(Mark::Device(c.mark()?)),
+        None => Ok(Mark::Host(Instant::now())),
     }
-    let _ = st;
-    Ok(Mark::Host(Instant::now()))
 }
 
-/// Starts recording launches on `runner`'s device (clearing any earlier recording).
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-pub fn start(runner: &super::launch::Runner) -> Result<()> {
+/// Starts recording launches (clearing any earlier recording), timed by `clock` — a device's
+/// (`Runner::clock` in the CUDA runtime) or, with `None`, the host's wall clock.
+pub fn start(clock: Option<std::sync::Arc<dyn DeviceClock>>) -> Result<()> {
     let mut g = lock();
     let mut st = State {
-        #[cfg(feature = "cuda")]
-        gpu: match runner {
-            super::launch::Runner::Gpu(g) => Some(g.clone()),
-            #[allow(unreachable_patterns)]
-            _ => None,
-        },
+        clock,
         t0: Mark::Host(Instant::now()),
         kernels: vec![],
         ranges: vec![],
         open: vec![],
     };
-    let _ = runner;
     st.t0 = mark(&st)?;
     *g = Some(st);
     ON.store(true, Ordering::Relaxed);
@@ -212,19 +224,13 @@ pub fn stop() -> Result<Profile> {
     let st = lock()
         .take()
         .ok_or_else(|| Error::Msg("profiler: stop without start".into()))?;
-    #[cfg(feature = "cuda")]
-    if let Some(g) = &st.gpu {
-        g.synchronize()?;
+    if let Some(c) = &st.clock {
+        c.synchronize()?;
     }
     let at = |m: &Mark| -> Result<f64> {
         Ok(match (&st.t0, m) {
             (Mark::Host(a), Mark::Host(b)) => b.duration_since(*a).as_secs_f64() * 1e3,
-            #[cfg(feature = "cuda")]
-            (Mark::Gpu(a), Mark::Gpu(b)) => a
-                .elapsed_ms(b)
-                .map_err(|e| Error::Cuda(format!("profiler: event time: {e}")))?
-                as f64,
-            #[cfg(feature = "cuda")]
+            (Mark::Device(a), Mark::Device(b)) => b.ms_since(a.as_ref())?,
             _ => return Err(Error::Msg("profiler: marks from two clocks".into())),
         })
     };
@@ -244,15 +250,10 @@ pub fn stop() -> Result<Profile> {
             })
             .collect()
     };
-    #[cfg(feature = "cuda")]
-    let device = st
-        .gpu
-        .as_ref()
-        .map_or("cuda:sim (simulator, wall clock)".to_string(), |g| {
-            g.name.clone()
-        });
-    #[cfg(not(feature = "cuda"))]
-    let device = "cuda:sim (simulator, wall clock)".to_string();
+    let device = st.clock.as_ref().map_or(
+        "host wall clock (the simulator runs launches synchronously)".to_string(),
+        |c| c.device_name(),
+    );
     Ok(Profile {
         device,
         kernels: spans(&st.kernels)?,
