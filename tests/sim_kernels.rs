@@ -341,6 +341,11 @@ fn launch_arguments_are_checked_against_the_kernel_signature() {
     assert_eq!(sig("flash_fwd_tc4_d64_bf16"), "pppppiiiif");
     assert!(sig("lora_gemm3_fwd_bf16").starts_with("TTTT"));
     assert!(kernel_signature("no_such_kernel").is_none());
+    // Sizes become 4-byte parameters only when they fit.
+    use sd2::backend::cuda::abi::Arg;
+    assert!(matches!(Arg::int(77usize), Ok(Arg::I32(77))));
+    let e = Arg::int(3_000_000_000usize).unwrap_err().to_string();
+    assert!(e.contains("3000000000") && e.contains("32-bit"), "{e}");
     let good = || {
         let mut a: Vec<KArg> = (0..8).map(|_| KArg::Null).collect();
         a.extend([

@@ -104,6 +104,18 @@ impl Arg {
     pub fn mut_ptr<T>(p: *mut T) -> Arg {
         Arg::Ptr(p as *mut c_void)
     }
+    /// A 4-byte integer parameter from a size, count or flag, checked: a value that does not
+    /// fit in an `i32` is an error (wrapped, it would index out of bounds on the device).
+    pub fn int<T>(v: T) -> Result<Arg>
+    where
+        T: TryInto<i32> + Copy + std::fmt::Display,
+    {
+        v.try_into().map(Arg::I32).map_err(|_| {
+            Error::Cuda(format!(
+                "launch argument {v} does not fit a 32-bit kernel parameter (split the work)"
+            ))
+        })
+    }
     /// A null pointer (an optional input the kernel skips).
     pub fn null() -> Arg {
         Arg::Ptr(std::ptr::null_mut())

@@ -252,7 +252,7 @@ impl CudaStorage {
                     self.ptr(),
                     Arg::U64(self.len as u64),
                     Arg::U64(bound as u64),
-                    Arg::I32(code as i32),
+                    Arg::int(code)?,
                     out.ptr(),
                     Arg::U64(err),
                 ],
@@ -267,12 +267,7 @@ impl CudaStorage {
         self.launch(
             "column_sum_f32",
             LaunchConfig::linear((n as u32).div_ceil(128).max(1), 128),
-            &[
-                self.ptr(),
-                out.ptr(),
-                Arg::I32(parts as i32),
-                Arg::I32(n as i32),
-            ],
+            &[self.ptr(), out.ptr(), Arg::int(parts)?, Arg::int(n)?],
         )?;
         Ok(out)
     }
@@ -289,7 +284,7 @@ impl CudaStorage {
             self.ptr(),
             out.ptr(),
             Arg::U64(n as u64),
-            Arg::I32(dims.len() as i32),
+            Arg::int(dims.len())?,
         ];
         a.extend(dims_args(dims));
         a.extend(dims_args(strides));
@@ -357,11 +352,11 @@ impl CudaStorage {
                 self.ptr(),
                 rhs.ptr(),
                 out.ptr(),
-                Arg::I32(m as i32),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-                Arg::I32(spec.trans_a as i32),
-                Arg::I32(spec.trans_b as i32),
+                Arg::int(m)?,
+                Arg::int(n)?,
+                Arg::int(k)?,
+                Arg::int(spec.trans_a)?,
+                Arg::int(spec.trans_b)?,
                 Arg::U64((m * k) as u64),
                 Arg::U64(if spec.rhs_batched { k * n } else { 0 } as u64),
                 Arg::U64((m * n) as u64),
@@ -411,7 +406,7 @@ impl CudaStorage {
             out.ptr(),
             Arg::I32(code),
             Arg::U64(n as u64),
-            Arg::I32(os.rank() as i32),
+            Arg::int(os.rank())?,
         ];
         a.extend(dims_args(os.dims()));
         a.extend(dims_args(&bcast_strides(ls, os)));
@@ -658,11 +653,11 @@ impl BackendStorage for CudaStorage {
             out.ptr(),
             Arg::U64(n_dst as u64),
             Arg::U64(n_red as u64),
-            Arg::I32(kd.len() as i32),
+            Arg::int(kd.len())?,
         ];
         a.extend(dims_args(&kd));
         a.extend(dims_args(&ks));
-        a.push(Arg::I32(rd.len() as i32));
+        a.push(Arg::int(rd.len())?);
         a.extend(dims_args(&rd));
         a.extend(dims_args(&rs));
         self.launch(&format!("sum_to_{sfx}"), rows_cfg(n_dst, 256), &a)?;
@@ -748,8 +743,8 @@ impl BackendStorage for CudaStorage {
                     self.ptr(),
                     ids.ptr(),
                     out.ptr(),
-                    Arg::I32(ids.len as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(ids.len)?,
+                    Arg::int(cols)?,
                 ],
             )?;
         }
@@ -769,8 +764,8 @@ impl BackendStorage for CudaStorage {
                     g.ptr(),
                     ids.ptr(),
                     out.ptr(),
-                    Arg::I32(ids.len as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(ids.len)?,
+                    Arg::int(cols)?,
                 ],
             )?;
         }
@@ -805,8 +800,8 @@ impl BackendStorage for CudaStorage {
                     y.ptr(),
                     mean.ptr(),
                     rstd.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
                     Arg::F32(eps as f32),
                 ],
             )?;
@@ -847,8 +842,8 @@ impl BackendStorage for CudaStorage {
                     dx.ptr(),
                     dgp.ptr(),
                     dbp.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
                 ],
             )?;
         }
@@ -879,12 +874,7 @@ impl BackendStorage for CudaStorage {
             self.launch(
                 &format!("softmax_fwd_{sfx}"),
                 rows_cfg(rows, 128),
-                &[
-                    self.ptr(),
-                    y.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
-                ],
+                &[self.ptr(), y.ptr(), Arg::int(rows)?, Arg::int(cols)?],
             )?;
         }
         Ok(y)
@@ -903,8 +893,8 @@ impl BackendStorage for CudaStorage {
                     self.ptr(),
                     dy.ptr(),
                     dx.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
                 ],
             )?;
         }
@@ -924,8 +914,8 @@ impl BackendStorage for CudaStorage {
                     self.ptr(),
                     y.ptr(),
                     norm.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
                     Arg::F32(eps as f32),
                 ],
             )?;
@@ -947,8 +937,8 @@ impl BackendStorage for CudaStorage {
                     norm.ptr(),
                     dy.ptr(),
                     dx.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
                     Arg::F32(eps as f32),
                 ],
             )?;
@@ -974,7 +964,7 @@ impl BackendStorage for CudaStorage {
         if b * h * sq == 0 {
             return Ok((out, lse));
         }
-        let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
+        let tail = [Arg::int(causal)?, Arg::F32(scale as f32)];
         let kind = attn_kind(spec)?;
         let mut a = vec![self.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()];
         if profile::enabled() {
@@ -988,11 +978,7 @@ impl BackendStorage for CudaStorage {
         }
         match kind {
             AttnKind::Flash => {
-                a.extend([
-                    Arg::I32(h as i32),
-                    Arg::I32(sq as i32),
-                    Arg::I32(skv as i32),
-                ]);
+                a.extend([Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?]);
                 a.extend(tail);
                 if sfx == "bf16" && d == flash::HEAD_DIM {
                     // Tensor cores (the towers' shape, bf16): v4's double buffering pays from
@@ -1014,11 +1000,11 @@ impl BackendStorage for CudaStorage {
             }
             AttnKind::Whole => {
                 a.extend([
-                    Arg::I32(b as i32),
-                    Arg::I32(h as i32),
-                    Arg::I32(sq as i32),
-                    Arg::I32(skv as i32),
-                    Arg::I32(d as i32),
+                    Arg::int(b)?,
+                    Arg::int(h)?,
+                    Arg::int(sq)?,
+                    Arg::int(skv)?,
+                    Arg::int(d)?,
                 ]);
                 a.extend(tail);
                 let smem = ((sq + 2 * skv) * d + sq * skv) * 4;
@@ -1067,7 +1053,7 @@ impl BackendStorage for CudaStorage {
             // No keys: nothing depends on Q (and no grid of key blocks to launch).
             return Ok((self.zeros_like(b * sq * h * d, self.dtype)?, dk, dv));
         }
-        let tail = [Arg::I32(causal as i32), Arg::F32(scale as f32)];
+        let tail = [Arg::int(causal)?, Arg::F32(scale as f32)];
         match attn_kind(spec)? {
             AttnKind::Flash
                 if sfx == "bf16"
@@ -1078,11 +1064,7 @@ impl BackendStorage for CudaStorage {
                 let pick =
                     |len| flash::bwd_policy().map(|p| p.unwrap_or(flash::bwd_tc_variant(len)));
                 let delta = self.empty(b * h * sq, DType::F32)?;
-                let dims = [
-                    Arg::I32(h as i32),
-                    Arg::I32(sq as i32),
-                    Arg::I32(skv as i32),
-                ];
+                let dims = [Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?];
                 let mut a = vec![
                     self.ptr(),
                     k.ptr(),
@@ -1139,17 +1121,13 @@ impl BackendStorage for CudaStorage {
                         o.ptr(),
                         d_o.ptr(),
                         delta.ptr(),
-                        Arg::I32(b as i32),
-                        Arg::I32(h as i32),
-                        Arg::I32(sq as i32),
-                        Arg::I32(d as i32),
+                        Arg::int(b)?,
+                        Arg::int(h)?,
+                        Arg::int(sq)?,
+                        Arg::int(d)?,
                     ],
                 )?;
-                let dims = [
-                    Arg::I32(h as i32),
-                    Arg::I32(sq as i32),
-                    Arg::I32(skv as i32),
-                ];
+                let dims = [Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?];
                 let common = [
                     self.ptr(),
                     k.ptr(),
@@ -1188,11 +1166,11 @@ impl BackendStorage for CudaStorage {
                     dq.ptr(),
                     dk.ptr(),
                     dv.ptr(),
-                    Arg::I32(b as i32),
-                    Arg::I32(h as i32),
-                    Arg::I32(sq as i32),
-                    Arg::I32(skv as i32),
-                    Arg::I32(d as i32),
+                    Arg::int(b)?,
+                    Arg::int(h)?,
+                    Arg::int(sq)?,
+                    Arg::int(skv)?,
+                    Arg::int(d)?,
                 ];
                 a.extend(tail);
                 let smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
@@ -1226,8 +1204,8 @@ impl BackendStorage for CudaStorage {
                 labels.ptr(),
                 part.ptr(),
                 lse.ptr(),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
+                Arg::int(rows)?,
+                Arg::int(cols)?,
             ],
         )?;
         Ok((part.column_sum(rows, 1)?, lse))
@@ -1255,8 +1233,8 @@ impl BackendStorage for CudaStorage {
                     lse.ptr(),
                     g.ptr(),
                     dz.ptr(),
-                    Arg::I32(rows as i32),
-                    Arg::I32(cols as i32),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
                 ],
             )?;
         }
@@ -1550,7 +1528,7 @@ impl BackendStorage for CudaStorage {
         self.launch(
             "sum_sq_multi_f32",
             LaunchConfig::linear(chunks.min(4096) as u32, 256),
-            &[Arg::U64(table.addr()), Arg::I32(chunks as i32), part.ptr()],
+            &[Arg::U64(table.addr()), Arg::int(chunks)?, part.ptr()],
         )?;
         let v: Vec<f32> = self.runner.read(&part.buf)?;
         Ok(v[..chunks].iter().map(|x| *x as f64).sum())
@@ -1666,8 +1644,8 @@ fn sigmoid_rows(
                 off(0),
                 off(1),
                 off(2),
-                Arg::I32(n as i32),
-                Arg::I32(dim as i32),
+                Arg::int(n)?,
+                Arg::int(dim)?,
             ],
         )?;
     }

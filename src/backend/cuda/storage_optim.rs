@@ -60,14 +60,14 @@ pub fn adamw_clipped(params: &[FusedParam], step: AdamWStep, max_norm: f64) -> R
     first.launch(
         "sum_sq_multi_f32",
         grid,
-        &[Arg::U64(tab.addr()), Arg::I32(chunks as i32), part.ptr()],
+        &[Arg::U64(tab.addr()), Arg::int(chunks)?, part.ptr()],
     )?;
     first.launch(
         "grad_clip_f32",
         LaunchConfig::linear(1, 256),
         &[
             part.ptr(),
-            Arg::I32(chunks as i32),
+            Arg::int(chunks)?,
             Arg::F32(max_norm as f32),
             out.ptr(),
         ],
@@ -91,7 +91,7 @@ pub(super) fn launch_adamw(
         LaunchConfig::linear(chunks.min(4096) as u32, 256),
         &[
             Arg::U64(table.addr()),
-            Arg::I32(chunks as i32),
+            Arg::int(chunks)?,
             Arg::F32(step.lr as f32),
             Arg::F32(step.beta1 as f32),
             Arg::F32(step.beta2 as f32),
