@@ -5,20 +5,45 @@ use crate::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Cpu,
+    /// GPU `N` (`cuda:N`).
     Cuda(usize),
+    /// `cuda:sim`: CUDA tensors whose kernels run in the kernel simulator on the CPU (feature
+    /// `cuda-sim`) — slow, for testing the CUDA storage and kernels without a GPU.
+    CudaSim,
 }
 
 impl Device {
-    /// `cuda:sim`: CUDA tensors whose kernels run in the kernel simulator on the CPU (feature
-    /// `cuda-sim`) — slow, for testing the CUDA storage and kernels without a GPU.
-    pub const CUDA_SIM: Device = Device::Cuda(usize::MAX);
+    /// The simulator device (`Device::CudaSim`), under its older name.
+    pub const CUDA_SIM: Device = Device::CudaSim;
+
+    /// The CUDA runtime's ordinal for the simulator: its storages carry one like a GPU's.
+    pub const SIM_ORDINAL: usize = usize::MAX;
+
+    /// The CUDA runtime's ordinal: N for `cuda:N`, `SIM_ORDINAL` for `cuda:sim`, None for the
+    /// CPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(n) => Some(*n),
+            Device::CudaSim => Some(Device::SIM_ORDINAL),
+        }
+    }
+
+    /// The device of a CUDA storage with runtime ordinal `o`.
+    pub fn from_cuda_ordinal(o: usize) -> Device {
+        if o == Device::SIM_ORDINAL {
+            Device::CudaSim
+        } else {
+            Device::Cuda(o)
+        }
+    }
 
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }
 
     pub fn is_cuda(&self) -> bool {
-        matches!(self, Device::Cuda(_))
+        matches!(self, Device::Cuda(_) | Device::CudaSim)
     }
 
     /// Checks that this device can hold tensors in this build and on this machine.
@@ -26,6 +51,7 @@ impl Device {
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(ordinal) => crate::backend::cuda::check_device(*ordinal),
+            Device::CudaSim => crate::backend::cuda::check_device(Device::SIM_ORDINAL),
         }
     }
 
@@ -36,9 +62,14 @@ impl Device {
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
             "cuda:sim" => Ok(Device::CUDA_SIM),
             other => match other.strip_prefix("cuda:") {
-                Some(n) => n.parse().map(Device::Cuda).map_err(|_| {
-                    Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
-                }),
+                Some(n) => n
+                    .parse()
+                    .ok()
+                    .filter(|n| *n != Device::SIM_ORDINAL)
+                    .map(Device::Cuda)
+                    .ok_or_else(|| {
+                        Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
+                    }),
                 None => Err(Error::Msg(format!(
                     "bad device `{s}`: expected cpu, cuda or cuda:N"
                 ))),
@@ -51,7 +82,7 @@ impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
-            Device::Cuda(usize::MAX) => write!(f, "cuda:sim"),
+            Device::CudaSim => write!(f, "cuda:sim"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }

@@ -73,11 +73,16 @@ impl Storage {
         match device {
             Device::Cpu => Ok(Storage::Cpu(s)),
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-            Device::Cuda(i) => Ok(Storage::Cuda(CudaStorage::from_cpu(&s, i)?)),
+            Device::Cuda(_) | Device::CudaSim => {
+                let o = device.cuda_ordinal().unwrap_or(Device::SIM_ORDINAL);
+                Ok(Storage::Cuda(CudaStorage::from_cpu(&s, o)?))
+            }
             #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-            Device::Cuda(i) => {
-                Device::Cuda(i).check_available()?;
-                Err(Error::CudaNotCompiled(i))
+            Device::Cuda(_) | Device::CudaSim => {
+                device.check_available()?;
+                Err(Error::CudaNotCompiled(
+                    device.cuda_ordinal().unwrap_or(Device::SIM_ORDINAL),
+                ))
             }
         }
     }

@@ -49,7 +49,7 @@ impl crate::Tensor {
     pub fn to_device_async(&self, device: crate::Device) -> crate::Result<Upload> {
         #[cfg(feature = "cuda")]
         if let crate::Device::Cuda(o) = device {
-            if device != crate::Device::CUDA_SIM && self.device() == crate::Device::Cpu {
+            if self.device() == crate::Device::Cpu {
                 use crate::backend::cpu::CpuStorage;
                 use crate::storage::Storage;
                 // Read in place: the pinned staging copy is the only copy.

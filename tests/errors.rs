@@ -77,6 +77,11 @@ fn dtype_errors_name_the_op() {
 fn devices_parse_and_cuda_is_reported() {
     assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
     assert_eq!(Device::parse("cuda:1").unwrap(), Device::Cuda(1));
+    // The simulator is its own device, named and parsed as such.
+    assert_eq!(Device::parse("cuda:sim").unwrap(), Device::CudaSim);
+    assert_eq!(Device::CudaSim.to_string(), "cuda:sim");
+    assert!(Device::CudaSim.is_cuda());
+    assert!(Device::parse(&format!("cuda:{}", usize::MAX)).is_err());
     assert!(Device::parse("tpu").is_err());
     let r = Tensor::zeros(3, DType::F32, Device::Cuda(0));
     if !cfg!(feature = "cuda") {

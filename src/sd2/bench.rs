@@ -264,10 +264,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
 
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn cuda_ordinal(d: Device) -> usize {
-    match d {
-        Device::Cuda(o) => o,
-        _ => 0,
-    }
+    d.cuda_ordinal().unwrap_or(0)
 }
 
 fn finish(

@@ -91,17 +91,15 @@ impl DeviceMemory {
 pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
     #[cfg(feature = "cuda")]
     if let crate::Device::Cuda(o) = device {
-        if device != crate::Device::CUDA_SIM {
-            let g = gpu::Gpu::get(o).ok()?;
-            let s = g.alloc_stats();
-            let (free, _) = g.mem_info().ok()?;
-            return Some(DeviceMemory {
-                in_use: s.in_use,
-                peak: s.peak_in_use,
-                cached: s.cached,
-                driver_free: free,
-            });
-        }
+        let g = gpu::Gpu::get(o).ok()?;
+        let s = g.alloc_stats();
+        let (free, _) = g.mem_info().ok()?;
+        return Some(DeviceMemory {
+            in_use: s.in_use,
+            peak: s.peak_in_use,
+            cached: s.cached,
+            driver_free: free,
+        });
     }
     let _ = device;
     None
@@ -111,10 +109,8 @@ pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
 pub fn reset_peak(device: crate::Device) {
     #[cfg(feature = "cuda")]
     if let crate::Device::Cuda(o) = device {
-        if device != crate::Device::CUDA_SIM {
-            if let Ok(g) = gpu::Gpu::get(o) {
-                g.reset_peak();
-            }
+        if let Ok(g) = gpu::Gpu::get(o) {
+            g.reset_peak();
         }
     }
     let _ = device;

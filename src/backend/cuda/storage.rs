@@ -40,7 +40,7 @@ impl std::fmt::Debug for CudaStorage {
 /// The kernel backend behind `cuda:ordinal`: the simulator for `Device::CUDA_SIM`
 /// (`cuda:sim`, a testing aid: slow), else the GPU.
 pub fn runner_for(ordinal: usize) -> Result<Runner> {
-    if Device::Cuda(ordinal) == Device::CUDA_SIM {
+    if ordinal == Device::SIM_ORDINAL {
         #[cfg(feature = "cuda-sim")]
         return Ok(Runner::Sim);
         #[cfg(not(feature = "cuda-sim"))]
@@ -461,7 +461,7 @@ impl BackendStorage for CudaStorage {
     }
 
     fn device(&self) -> Device {
-        Device::Cuda(self.ordinal)
+        Device::from_cuda_ordinal(self.ordinal)
     }
 
     fn len(&self) -> usize {

@@ -437,7 +437,7 @@ mod tests {
 
     fn sim(v: &[f32]) -> CudaStorage {
         let h = v.iter().map(|x| half::bf16::from_f32(*x)).collect();
-        CudaStorage::from_cpu(&CpuStorage::BF16(h), usize::MAX).unwrap()
+        CudaStorage::from_cpu(&CpuStorage::BF16(h), Device::SIM_ORDINAL).unwrap()
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
