@@ -181,8 +181,7 @@ impl AdamW {
         lr: f64,
         max_norm: f64,
     ) -> Result<Option<Tensor>> {
-        use crate::backend::cuda::storage::storage_optim::{adamw_clipped, FusedParam};
-        use crate::storage::Storage;
+        use crate::storage::{adamw_clipped_fused, FusedAdamW};
         let mut with = vec![];
         let mut seen = std::collections::HashSet::new();
         for p in params {
@@ -239,28 +238,21 @@ impl AdamW {
                 if p.decay { self.cfg.weight_decay } else { 0.0 },
             ));
         }
-        let mut fused = vec![];
-        for (p, g, m, v, wd) in &guards {
-            let (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) =
-                (&**p, &**g, &**m, &**v)
-            else {
-                return Err(Error::Msg(
-                    "adamw: a CUDA tensor without CUDA storage".into(),
-                ));
-            };
-            fused.push(FusedParam {
+        let fused: Vec<FusedAdamW> = guards
+            .iter()
+            .map(|(p, g, m, v, wd)| FusedAdamW {
                 p,
                 g,
                 m,
                 v,
                 weight_decay: *wd as f32,
-            });
-        }
-        let out = adamw_clipped(&fused, step, max_norm)?;
+            })
+            .collect();
+        let out = adamw_clipped_fused(&fused, step, max_norm)?;
         drop(fused);
         drop(guards);
         self.steps += 1;
-        Ok(Some(Tensor::from_storage(Storage::Cuda(out), 2usize)?))
+        Ok(Some(Tensor::from_storage(out, 2usize)?))
     }
 }
 

@@ -486,3 +486,44 @@ impl Storage {
         on_backend!("sum_sq", x, [], [], |_w| x.sum_sq())
     }
 }
+
+/// One tensor of a fused multi-tensor optimizer step: parameter, gradient, first and second
+/// moments (f32, same length, same device) and its weight decay.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub struct FusedAdamW<'a> {
+    pub p: &'a Storage,
+    pub g: &'a Storage,
+    pub m: &'a Storage,
+    pub v: &'a Storage,
+    pub weight_decay: f32,
+}
+
+/// The global gradient norm, torch's clipping factor and AdamW over every tensor as one
+/// device-side sequence (no host sync); returns [norm before clipping, factor] as a two-element
+/// f32 storage. CUDA storage only (the CPU steps tensor by tensor).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub fn adamw_clipped_fused(
+    params: &[FusedAdamW],
+    step: AdamWStep,
+    max_norm: f64,
+) -> Result<Storage> {
+    use crate::backend::cuda::storage::storage_optim::{adamw_clipped, FusedParam};
+    let mut fused = vec![];
+    for f in params {
+        let (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) =
+            (f.p, f.g, f.m, f.v)
+        else {
+            return Err(Error::Msg(
+                "adamw: the fused step needs every tensor on one CUDA device".into(),
+            ));
+        };
+        fused.push(FusedParam {
+            p,
+            g,
+            m,
+            v,
+            weight_decay: f.weight_decay,
+        });
+    }
+    Ok(Storage::Cuda(adamw_clipped(&fused, step, max_norm)?))
+}
