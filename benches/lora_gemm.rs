@@ -7,7 +7,8 @@
 
 #[cfg(feature = "cuda")]
 fn run() -> sd2::Result<()> {
-    use sd2::backend::cuda::{bench, gpu::Gpu};
+    use sd2::backend::cuda::gpu::Gpu;
+    use sd2::bench::kernels as bench;
     if !sd2::backend::cuda::gpu_available() {
         println!("lora_gemm: no GPU here (skipped)");
         return Ok(());

@@ -29,6 +29,7 @@
 pub mod ablation;
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod clip;
 pub mod data;
 pub mod demo;

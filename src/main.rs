@@ -506,42 +506,13 @@ fn bench_loader(
     batch: usize,
     limit: usize,
 ) -> sd2::Result<()> {
-    use sd2::data::augment::AugmentConfig;
-    use sd2::data::loader::{Prefetcher, Transform};
-    use sd2::data::{Item, Manifest};
-    let m = Manifest::load(manifest, Default::default())?;
-    let items: Vec<Item> = m.items.iter().take(limit).cloned().collect();
-    if items.is_empty() {
-        return Err(sd2::Error::Msg(format!("{}: no items", manifest.display())));
-    }
     println!(
-        "loader: {} images from {}, {} px input, batch {batch}, {} rayon threads",
-        items.len(),
+        "loader: up to {limit} images from {}, {size} px input, batch {batch}, {} rayon threads",
         manifest.display(),
-        size,
         rayon::current_num_threads()
     );
-    let cases = [
-        ("decode + preprocess", Transform::None),
-        (
-            "+ train augmentations",
-            Transform::Augment {
-                cfg: AugmentConfig::default(),
-                seed: 0,
-                epoch: 0,
-            },
-        ),
-    ];
-    for (name, t) in cases {
-        let batches: Vec<Vec<Item>> = items.chunks(batch.max(1)).map(|c| c.to_vec()).collect();
-        let t0 = std::time::Instant::now();
-        let mut n = 0;
-        for b in Prefetcher::new(batches, size, t, 2) {
-            n += b?.items.len();
-        }
-        let s = t0.elapsed().as_secs_f64();
-        println!("{name:<24} {:>8.0} images/s ({n} in {s:.2}s)", n as f64 / s);
-    }
+    let t = sd2::bench::loader::run(manifest, size, batch, limit)?;
+    print!("{}", sd2::bench::loader::table(&t));
     Ok(())
 }
 
@@ -558,49 +529,15 @@ fn bench_flash(
     iters: usize,
     json: Option<&std::path::Path>,
 ) -> sd2::Result<()> {
-    use sd2::backend::cuda::{bench, gpu::Gpu};
+    use sd2::backend::cuda::gpu::Gpu;
+    use sd2::bench::kernels as bench;
     let gpu = Gpu::global()?;
     println!(
         "flash attention (bf16, d 64) on {} ({} SMs), median of {iters} after {warmup} warm-up",
         gpu.name, gpu.multiprocessors
     );
     let t = bench::flash_attention(&gpu, &bench::AttnShape::defaults(batch), warmup, iters)?;
-    println!(
-        "{:<8} {:>6} {:>5} {:>5} {:>6} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "shape",
-        "batch",
-        "heads",
-        "seq",
-        "causal",
-        "fwd v1",
-        "fwd v3",
-        "fwd v4",
-        "bwd v1",
-        "bwd v2",
-        "bwd v3",
-        "TFLOP/s",
-        "diff v3"
-    );
-    for r in &t {
-        let s = &r.shape;
-        println!(
-            "{:<8} {:>6} {:>5} {:>5} {:>6} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} {:>8.1} {:>8.1e}",
-            s.name,
-            s.batch,
-            s.heads,
-            s.seq,
-            s.causal,
-            r.fwd_ms,
-            r.fwd_tc3_ms,
-            r.fwd_tc4_ms,
-            r.bwd_ms,
-            r.bwd_tc2_ms,
-            r.bwd_tc3_ms,
-            r.bwd_tc3_tflops,
-            r.bwd_tc3_rel_diff
-        );
-    }
-    println!("(ms; TFLOP/s and diff = max |dX_v3 − dX_v1| / max |dX_v1| of backward variant 3)");
+    print!("{}", bench::flash_table(&t));
     if let Some(p) = json {
         let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v2-v4 forward and v2-v3 backward (tensor cores)", "timings": t });
         write_json(p, &body)?;
@@ -616,7 +553,8 @@ fn bench_gemm(
     iters: usize,
     json: Option<&std::path::Path>,
 ) -> sd2::Result<()> {
-    use sd2::backend::cuda::{bench, gpu::Gpu};
+    use sd2::backend::cuda::gpu::Gpu;
+    use sd2::bench::kernels as bench;
     let gpu = Gpu::global()?;
     println!(
         "plain GEMM, C = A·Wᵀ, on {}: cuBLAS {} vs the SIMT kernel, median of {iters}",
@@ -628,27 +566,7 @@ fn bench_gemm(
         }
     );
     let t = bench::gemm(&gpu, &bench::GemmShape::defaults(batch), warmup, iters)?;
-    println!(
-        "{:<14} {:>6} {:>5} {:>5} {:>5} {:>10} {:>8} {:>9} {:>8} {:>10}",
-        "shape", "m", "n", "k", "dtype", "cublas ms", "TFLOP/s", "simt ms", "TFLOP/s", "rel diff"
-    );
-    for r in &t {
-        let s = &r.shape;
-        let o = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
-        println!(
-            "{:<14} {:>6} {:>5} {:>5} {:>5} {:>10} {:>8} {:>9.3} {:>8.1} {:>10}",
-            s.name,
-            s.m,
-            s.n,
-            s.k,
-            r.dtype,
-            o(r.cublas_ms, 3),
-            o(r.cublas_tflops, 1),
-            r.simt_ms,
-            r.simt_tflops,
-            r.max_rel_diff.map_or("-".into(), |v| format!("{v:.1e}"))
-        );
-    }
+    print!("{}", bench::gemm_table(&t));
     let lora = if plain_only {
         vec![]
     } else {
@@ -666,7 +584,8 @@ fn bench_gemm(
 
 #[cfg(feature = "cuda")]
 fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd2::Result<()> {
-    use sd2::backend::cuda::{bench, gpu::Gpu};
+    use sd2::backend::cuda::gpu::Gpu;
+    use sd2::bench::kernels as bench;
     let gpu = Gpu::global()?;
     println!(
         "LoRA-linear forward, bf16, rank 8, on {}: sd2 fused vs cuBLAS, median of {iters}",
@@ -683,7 +602,7 @@ fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd
 
 fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
     let device = sd2::Device::parse(&m.device)?;
-    let r = sd2::sd2::bench::run(&sd2::sd2::bench::BenchConfig {
+    let r = sd2::bench::model::run(&sd2::bench::model::BenchConfig {
         preset: m.preset,
         device,
         batch: m.batch,

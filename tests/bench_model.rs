@@ -1,6 +1,6 @@
 //! `sd2 bench train|infer` end to end on the CPU with the tiny preset: the numbers it reports
 //! are consistent with each other and with the FLOP count of the config.
-use sd2::sd2::bench::{flops_per_image, run, BenchConfig};
+use sd2::bench::model::{flops_per_image, run, BenchConfig};
 use sd2::{DType, Device};
 
 #[test]

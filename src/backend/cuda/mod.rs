@@ -58,8 +58,6 @@ pub fn check_device(ordinal: usize) -> Result<()> {
 
 pub mod abi;
 pub mod alloc;
-#[cfg(feature = "cuda")]
-pub mod bench;
 pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod gpu;

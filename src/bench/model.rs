@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::detector::{class_embeddings, predict_pixels};
-use super::train::{MicroBatch, TrainConfig, Trainer};
-use super::{Sd2Config, Sd2Model, TypeTexts};
 use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
 use crate::profile::{self, Profile};
+use crate::sd2::detector::{class_embeddings, predict_pixels};
+use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
+use crate::sd2::{Sd2Config, Sd2Model, TypeTexts};
 use crate::{DType, Device, Error, Result, Tensor};
 
 #[derive(Clone, Debug)]

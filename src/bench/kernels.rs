@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::flash;
-use super::gpu::{DeviceBuffer, Gpu};
-use super::launch::Arg;
+use crate::backend::cuda::flash;
+use crate::backend::cuda::gpu::{DeviceBuffer, Gpu};
+use crate::backend::cuda::launch::Arg;
 use crate::{Error, Result};
 
 /// One attention shape: batch × heads sequences of `seq` tokens, head dim 64.
@@ -356,7 +356,7 @@ pub fn gemm(
     warmup: usize,
     iters: usize,
 ) -> Result<Vec<GemmTiming>> {
-    use super::gpu::GemmArgs;
+    use crate::backend::cuda::gpu::GemmArgs;
     let mut out = vec![];
     for (i, s) in shapes.iter().enumerate() {
         for bf in [true, false] {
@@ -389,7 +389,7 @@ pub fn gemm(
                 beta: 0.0,
             };
             let simt = || -> Result<()> {
-                let cfg = super::launch::LaunchConfig {
+                let cfg = crate::backend::cuda::launch::LaunchConfig {
                     grid: ((s.n as u32).div_ceil(64), (s.m as u32).div_ceil(64), 1),
                     block: (256, 1, 1),
                     shared_mem_bytes: 0,
@@ -560,8 +560,8 @@ pub fn lora(
     warmup: usize,
     iters: usize,
 ) -> Result<Vec<LoraTiming>> {
-    use super::gpu::GemmArgs;
-    use super::lora_gemm::{hopper, V1, V2};
+    use crate::backend::cuda::gpu::GemmArgs;
+    use crate::backend::cuda::lora_gemm::{hopper, V1, V2};
     if !gpu.has_cublas() {
         return Err(Error::Cuda(
             "sd2 bench lora compares against cuBLAS, which is not loadable here".into(),
@@ -644,7 +644,7 @@ pub fn lora(
             Ok(())
         };
         let (px, pw, psl, pbl, py1) = (p(&x), p(&w), p(&sl), p(&bl), p(&y1));
-        let mma = |v: super::lora_gemm::Variant| {
+        let mma = |v: crate::backend::cuda::lora_gemm::Variant| {
             move || unsafe {
                 gpu.launch(
                     v.fwd,
@@ -898,4 +898,82 @@ pub fn lora_table(device: &str, t: &[LoraTiming]) -> String {
          sd2's forward (S + kernel), PEFT's 3 GEMMs"
     );
     s
+}
+
+/// `flash_attention`'s timings as a table (ms; TFLOP/s and the gradient difference of backward
+/// variant 3).
+pub fn flash_table(t: &[AttnTiming]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:>6} {:>5} {:>5} {:>6} | {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "shape",
+        "batch",
+        "heads",
+        "seq",
+        "causal",
+        "fwd v1",
+        "fwd v3",
+        "fwd v4",
+        "bwd v1",
+        "bwd v2",
+        "bwd v3",
+        "TFLOP/s",
+        "diff v3"
+    );
+    for r in t {
+        let s = &r.shape;
+        let _ = writeln!(out,
+            "{:<8} {:>6} {:>5} {:>5} {:>6} | {:>8.3} {:>8.3} {:>8.3} | {:>8.3} {:>8.3} {:>8.3} {:>8.1} {:>8.1e}",
+            s.name,
+            s.batch,
+            s.heads,
+            s.seq,
+            s.causal,
+            r.fwd_ms,
+            r.fwd_tc3_ms,
+            r.fwd_tc4_ms,
+            r.bwd_ms,
+            r.bwd_tc2_ms,
+            r.bwd_tc3_ms,
+            r.bwd_tc3_tflops,
+            r.bwd_tc3_rel_diff
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(ms; TFLOP/s and diff = max |dX_v3 − dX_v1| / max |dX_v1| of backward variant 3)"
+    );
+    out
+}
+
+/// `gemm`'s timings as a table.
+pub fn gemm_table(t: &[GemmTiming]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:>6} {:>5} {:>5} {:>5} {:>10} {:>8} {:>9} {:>8} {:>10}",
+        "shape", "m", "n", "k", "dtype", "cublas ms", "TFLOP/s", "simt ms", "TFLOP/s", "rel diff"
+    );
+    for r in t {
+        let s = &r.shape;
+        let o = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+        let _ = writeln!(
+            out,
+            "{:<14} {:>6} {:>5} {:>5} {:>5} {:>10} {:>8} {:>9.3} {:>8.1} {:>10}",
+            s.name,
+            s.m,
+            s.n,
+            s.k,
+            r.dtype,
+            o(r.cublas_ms, 3),
+            o(r.cublas_tflops, 1),
+            r.simt_ms,
+            r.simt_tflops,
+            r.max_rel_diff.map_or("-".into(), |v| format!("{v:.1e}"))
+        );
+    }
+    out
 }
