@@ -286,28 +286,6 @@ impl Storage {
         )))
     }
 
-    pub fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Storage, Storage)> {
-        let x = self;
-        on_backend!("l2_normalize", x, [], [], |w| {
-            let (y, n) = x.l2_normalize(cols, eps)?;
-            Ok((w(y), w(n)))
-        })
-    }
-
-    pub fn l2_normalize_bwd(
-        &self,
-        norm: &Storage,
-        dy: &Storage,
-        cols: usize,
-        eps: f64,
-    ) -> Result<Storage> {
-        check_same("l2_normalize_bwd", &[self, norm, dy])?;
-        let y = self;
-        on_backend!("l2_normalize_bwd", y, [norm, dy], [], |w| Ok(w(
-            y.l2_normalize_bwd(norm, dy, cols, eps)?
-        )))
-    }
-
     pub fn attention(
         &self,
         k: &Storage,

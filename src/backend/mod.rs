@@ -209,10 +209,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn softmax_last(&self, cols: usize) -> Result<Self>;
     /// dx from y = softmax(x) (self) and dy.
     fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self>;
-    /// Returns (y, norm) with y = x / max(‖x‖, eps) per row.
-    fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Self, Self)>;
-    /// dx from y (self), the saved norms and dy.
-    fn l2_normalize_bwd(&self, norm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self>;
 
     // Fused ops.
     /// Returns (out, lse).

@@ -1,7 +1,9 @@
 //! Differentiable ops on `Tensor`: shape checks, the backend call, and the backward rule.
-//! One file per family; the fused SD2 ops (`lora`, `attention`, `loss`) have their own files.
+//! One file per family; the fused SD2 ops (`lora`, `attention`, `loss`) have their own files,
+//! and `fused/` holds fused ops as whole units (CPU reference, CUDA launch, backward rule).
 pub mod attention;
 pub mod elementwise;
+pub mod fused;
 pub mod linear;
 pub mod loss;
 pub mod norm;

@@ -1,9 +1,6 @@
-//! LayerNorm, softmax and L2 normalisation over the last dim.
+//! LayerNorm and softmax over the last dim (L2 normalisation: `ops::fused::l2_normalize`).
 use super::{check_float, check_same_dtype, record_fn};
 use crate::{Result, Tensor};
-
-/// The clamp of `l2_normalize`, as torch's `F.normalize`.
-pub const L2_EPS: f64 = 1e-12;
 
 impl Tensor {
     /// LayerNorm over the last dim with affine `gamma`, `beta` ([dim]).
@@ -78,28 +75,6 @@ impl Tensor {
                 let y = y.clone();
                 move |dy: &Tensor, _: &[bool]| {
                     let dx = y.storage().softmax_last_bwd(&dy.storage(), cols)?;
-                    Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
-                }
-            },
-        )
-    }
-
-    /// `x / max(‖x‖₂, 1e-12)` over the last dim.
-    pub fn l2_normalize(&self) -> Result<Tensor> {
-        check_float("l2_normalize", self)?;
-        let cols = self.shape().last();
-        let (out, norms) = self.storage().l2_normalize(cols, L2_EPS)?;
-        record_fn(
-            "l2_normalize",
-            out,
-            self.shape().clone(),
-            &[self],
-            move |y: &Tensor| {
-                let y = y.clone();
-                move |dy: &Tensor, _: &[bool]| {
-                    let dx = y
-                        .storage()
-                        .l2_normalize_bwd(&norms, &dy.storage(), cols, L2_EPS)?;
                     Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
                 }
             },

@@ -494,25 +494,6 @@ impl BackendStorage for CpuStorage {
         with_float!("softmax_bwd", [self => y, dy => dy], bf, { Ok(FloatOut::out(norm::softmax_bwd(y, dy, cols), bf)) })
     }
 
-    fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Self, Self)> {
-        with_float!("l2_normalize", [self => x], bf, {
-            let (y, n) = norm::l2_normalize(x, cols, eps);
-            Ok((FloatOut::out(y, bf), FloatOut::out(n, false)))
-        })
-    }
-
-    fn l2_normalize_bwd(&self, nrm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self> {
-        if self.dtype() == DType::BF16 {
-            return self
-                .cast(DType::F32)?
-                .l2_normalize_bwd(nrm, &dy.cast(DType::F32)?, cols, eps)?
-                .cast(DType::BF16);
-        }
-        with_float!("l2_normalize_bwd", [self => y, nrm => n, dy => dy], bf, {
-            Ok(FloatOut::out(norm::l2_normalize_bwd(y, n, dy, cols, eps), bf))
-        })
-    }
-
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
         with_float!("attention", [self => q, k => k, v => v], bf, {
             let (o, lse) = attention::forward(q, k, v, spec);

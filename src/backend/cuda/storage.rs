@@ -18,8 +18,8 @@ const MAX_RANK: usize = 6;
 
 pub struct CudaStorage {
     buf: Buffer,
-    dtype: DType,
-    len: usize,
+    pub(crate) dtype: DType,
+    pub(crate) len: usize,
     runner: Runner,
     ordinal: usize,
 }
@@ -67,7 +67,7 @@ fn ew(n: usize) -> LaunchConfig {
 }
 
 /// Rows per launch for the one-block-per-row kernels (they grid-stride).
-fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
+pub(crate) fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig::linear(rows.clamp(1, 4096) as u32, threads)
 }
 
@@ -139,12 +139,12 @@ impl CudaStorage {
         }
     }
 
-    fn ptr(&self) -> Arg {
+    pub(crate) fn ptr(&self) -> Arg {
         Arg::U64(self.buf.addr())
     }
 
     /// An uninitialized buffer (zeroed in the simulator) on the same device.
-    fn empty(&self, len: usize, dtype: DType) -> Result<CudaStorage> {
+    pub(crate) fn empty(&self, len: usize, dtype: DType) -> Result<CudaStorage> {
         Ok(CudaStorage {
             buf: self.runner.alloc(len * dtype.size_in_bytes())?,
             dtype,
@@ -154,13 +154,13 @@ impl CudaStorage {
         })
     }
 
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    pub(crate) fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         // SAFETY: every caller sizes its buffers for the launch from the same lengths it passes.
         unsafe { self.runner.launch_raw(name, cfg, args) }
     }
 
     /// "f32" or "bf16": the kernel suffix for a float storage.
-    fn sfx(&self, op: &'static str) -> Result<&'static str> {
+    pub(crate) fn sfx(&self, op: &'static str) -> Result<&'static str> {
         match self.dtype {
             DType::F32 => Ok("f32"),
             DType::BF16 => Ok("bf16"),
@@ -168,7 +168,7 @@ impl CudaStorage {
         }
     }
 
-    fn same_dtype(&self, op: &'static str, other: &CudaStorage) -> Result<()> {
+    pub(crate) fn same_dtype(&self, op: &'static str, other: &CudaStorage) -> Result<()> {
         if self.dtype != other.dtype {
             return Err(Error::DTypeMismatch {
                 op,
@@ -895,51 +895,6 @@ impl BackendStorage for CudaStorage {
                     dx.ptr(),
                     Arg::int(rows)?,
                     Arg::int(cols)?,
-                ],
-            )?;
-        }
-        Ok(dx)
-    }
-
-    fn l2_normalize(&self, cols: usize, eps: f64) -> Result<(Self, Self)> {
-        let sfx = self.sfx("l2_normalize")?;
-        let rows = self.len / cols.max(1);
-        let y = self.empty(self.len, self.dtype)?;
-        let norm = self.empty(rows, DType::F32)?;
-        if rows > 0 {
-            self.launch(
-                &format!("l2norm_fwd_{sfx}"),
-                rows_cfg(rows, 128),
-                &[
-                    self.ptr(),
-                    y.ptr(),
-                    norm.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                    Arg::F32(eps as f32),
-                ],
-            )?;
-        }
-        Ok((y, norm))
-    }
-
-    fn l2_normalize_bwd(&self, norm: &Self, dy: &Self, cols: usize, eps: f64) -> Result<Self> {
-        let sfx = self.sfx("l2_normalize_bwd")?;
-        self.same_dtype("l2_normalize_bwd", dy)?;
-        let rows = self.len / cols.max(1);
-        let dx = self.empty(self.len, self.dtype)?;
-        if rows > 0 {
-            self.launch(
-                &format!("l2norm_bwd_{sfx}"),
-                rows_cfg(rows, 128),
-                &[
-                    self.ptr(),
-                    norm.ptr(),
-                    dy.ptr(),
-                    dx.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                    Arg::F32(eps as f32),
                 ],
             )?;
         }

@@ -1,0 +1,176 @@
+//! L2 normalisation over the last dim, `x / max(‖x‖₂, eps)` (torch's `F.normalize`), as one
+//! fused unit: the CPU reference, the CUDA launch of `kernels/l2norm.cu` and the backward rule.
+//! The forward saves the per-row norm (f32 for bf16 storage); the backward uses it and the
+//! output, and takes the clamped branch (y = x / eps, linear) where the norm is below eps.
+use rayon::prelude::*;
+
+use super::{cpu_float, FloatFn, FusedKernel};
+use crate::backend::cpu::CpuStorage;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::cuda::{abi::Arg, storage::CudaStorage};
+use crate::backend::BackendStorage;
+use crate::ops::{check_float, record_fn};
+use crate::{DType, Float, Result, Tensor};
+
+/// The clamp of `l2_normalize`, as torch's `F.normalize`.
+pub const L2_EPS: f64 = 1e-12;
+
+impl Tensor {
+    /// `x / max(‖x‖₂, 1e-12)` over the last dim.
+    pub fn l2_normalize(&self) -> Result<Tensor> {
+        check_float(Forward::NAME, self)?;
+        let cols = self.shape().last();
+        let fwd = Forward { cols, eps: L2_EPS };
+        let [out, norms]: [_; 2] = super::run(&fwd, &[&self.storage()])?
+            .try_into()
+            .map_err(|_| crate::Error::Msg("l2_normalize: expected 2 outputs".into()))?;
+        record_fn(
+            Forward::NAME,
+            out,
+            self.shape().clone(),
+            &[self],
+            move |y: &Tensor| {
+                let y = y.clone();
+                move |dy: &Tensor, _: &[bool]| {
+                    let bwd = Backward { cols, eps: L2_EPS };
+                    let dx = super::run(&bwd, &[&y.storage(), &norms, &dy.storage()])?
+                        .pop()
+                        .ok_or_else(|| crate::Error::Msg("l2_normalize_bwd: no output".into()))?;
+                    Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
+                }
+            },
+        )
+    }
+}
+
+/// (y, ‖x‖ per row) from x [rows, cols].
+pub struct Forward {
+    pub cols: usize,
+    pub eps: f64,
+}
+
+/// dx from (y, ‖x‖, dy).
+pub struct Backward {
+    pub cols: usize,
+    pub eps: f64,
+}
+
+impl FloatFn for Forward {
+    fn call<F: Float>(&self, inputs: &[&[F]]) -> Vec<Vec<F>> {
+        let (x, cols) = (inputs[0], self.cols);
+        let rows = x.len().checked_div(cols).unwrap_or(0);
+        let mut y = vec![F::zero(); x.len()];
+        let mut norms = vec![F::zero(); rows];
+        if rows > 0 {
+            y.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols))
+                .zip(norms.par_iter_mut())
+                .for_each(|((y, x), n)| {
+                    let nr = x.iter().map(|v| *v * *v).sum::<F>().sqrt();
+                    let inv = F::one() / nr.max(F::from_f(self.eps));
+                    y.iter_mut().zip(x).for_each(|(y, x)| *y = *x * inv);
+                    *n = nr;
+                });
+        }
+        vec![y, norms]
+    }
+}
+
+impl FloatFn for Backward {
+    fn call<F: Float>(&self, inputs: &[&[F]]) -> Vec<Vec<F>> {
+        let (y, norms, dy, cols) = (inputs[0], inputs[1], inputs[2], self.cols);
+        let mut dx = vec![F::zero(); y.len()];
+        if cols == 0 {
+            return vec![dx];
+        }
+        let e = F::from_f(self.eps);
+        dx.par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
+            let (y, dy) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+            let n = norms[r];
+            if n > e {
+                let dot: F = y.iter().zip(dy).map(|(a, b)| *a * *b).sum();
+                for i in 0..cols {
+                    dx[i] = (dy[i] - y[i] * dot) / n;
+                }
+            } else {
+                // Clamped branch: y = x / eps is linear in x.
+                for i in 0..cols {
+                    dx[i] = dy[i] / e;
+                }
+            }
+        });
+        vec![dx]
+    }
+}
+
+impl FusedKernel for Forward {
+    const NAME: &'static str = "l2_normalize";
+
+    fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        // bf16: y rounded back, the norms kept in f32.
+        cpu_float(Self::NAME, self, inputs, &[true, false])
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+        let x = inputs[0];
+        let sfx = x.sfx(Self::NAME)?;
+        let rows = x.len / self.cols.max(1);
+        let y = x.empty(x.len, x.dtype)?;
+        let norm = x.empty(rows, DType::F32)?;
+        if rows > 0 {
+            x.launch(
+                &format!("l2norm_fwd_{sfx}"),
+                crate::backend::cuda::storage::rows_cfg(rows, 128),
+                &[
+                    x.ptr(),
+                    y.ptr(),
+                    norm.ptr(),
+                    Arg::int(rows)?,
+                    Arg::int(self.cols)?,
+                    Arg::F32(self.eps as f32),
+                ],
+            )?;
+        }
+        Ok(vec![y, norm])
+    }
+}
+
+impl FusedKernel for Backward {
+    const NAME: &'static str = "l2_normalize_bwd";
+
+    fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        // bf16 y and dy with f32 norms: computed in f32, dx rounded back to bf16.
+        if inputs[0].dtype() == DType::BF16 {
+            let (y, dy) = (inputs[0].cast(DType::F32)?, inputs[2].cast(DType::F32)?);
+            let dx = cpu_float(Self::NAME, self, &[&y, inputs[1], &dy], &[])?;
+            return dx.iter().map(|d| d.cast(DType::BF16)).collect();
+        }
+        cpu_float(Self::NAME, self, inputs, &[])
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+        let (y, norm, dy) = (inputs[0], inputs[1], inputs[2]);
+        let sfx = y.sfx(Self::NAME)?;
+        y.same_dtype(Self::NAME, dy)?;
+        let rows = y.len / self.cols.max(1);
+        let dx = y.empty(y.len, y.dtype)?;
+        if rows > 0 {
+            y.launch(
+                &format!("l2norm_bwd_{sfx}"),
+                crate::backend::cuda::storage::rows_cfg(rows, 128),
+                &[
+                    y.ptr(),
+                    norm.ptr(),
+                    dy.ptr(),
+                    dx.ptr(),
+                    Arg::int(rows)?,
+                    Arg::int(self.cols)?,
+                    Arg::F32(self.eps as f32),
+                ],
+            )?;
+        }
+        Ok(vec![dx])
+    }
+}
