@@ -273,19 +273,6 @@ impl Storage {
         })
     }
 
-    pub fn softmax_last(&self, cols: usize) -> Result<Storage> {
-        let x = self;
-        on_backend!("softmax", x, [], [], |w| Ok(w(x.softmax_last(cols)?)))
-    }
-
-    pub fn softmax_last_bwd(&self, dy: &Storage, cols: usize) -> Result<Storage> {
-        check_same("softmax_bwd", &[self, dy])?;
-        let y = self;
-        on_backend!("softmax_bwd", y, [dy], [], |w| Ok(w(
-            y.softmax_last_bwd(dy, cols)?
-        )))
-    }
-
     pub fn attention(
         &self,
         k: &Storage,

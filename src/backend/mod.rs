@@ -206,9 +206,6 @@ pub trait BackendStorage: Sized + Send + Sync {
         need_x: bool,
         need_params: bool,
     ) -> Result<(Option<Self>, Option<Self>, Option<Self>)>;
-    fn softmax_last(&self, cols: usize) -> Result<Self>;
-    /// dx from y = softmax(x) (self) and dy.
-    fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self>;
 
     // Fused ops.
     /// Returns (out, lse).

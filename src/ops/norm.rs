@@ -1,4 +1,4 @@
-//! LayerNorm and softmax over the last dim (L2 normalisation: `ops::fused::l2_normalize`).
+//! LayerNorm over the last dim (softmax and L2 normalisation: `ops::fused`).
 use super::{check_float, check_same_dtype, record_fn};
 use crate::{Result, Tensor};
 
@@ -56,26 +56,6 @@ impl Tensor {
                         None
                     };
                     Ok(vec![dx, dg, db])
-                }
-            },
-        )
-    }
-
-    /// Softmax over the last dim.
-    pub fn softmax_last(&self) -> Result<Tensor> {
-        check_float("softmax", self)?;
-        let cols = self.shape().last();
-        let out = self.storage().softmax_last(cols)?;
-        record_fn(
-            "softmax",
-            out,
-            self.shape().clone(),
-            &[self],
-            move |y: &Tensor| {
-                let y = y.clone();
-                move |dy: &Tensor, _: &[bool]| {
-                    let dx = y.storage().softmax_last_bwd(&dy.storage(), cols)?;
-                    Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
                 }
             },
         )

@@ -18,7 +18,7 @@ pub mod gemm;
 mod layout;
 mod lora;
 mod loss;
-mod norm;
+pub(crate) mod norm;
 pub mod optim;
 
 /// Rows per chunk of a deterministic parallel reduction.
@@ -484,14 +484,6 @@ impl BackendStorage for CpuStorage {
             let (dx, dg, db) = norm::layer_norm_bwd(x, g, m, r, dy, cols, need_x, need_params);
             Ok((dx.map(|v| FloatOut::out(v, bf)), dg.map(|v| FloatOut::out(v, bf)), db.map(|v| FloatOut::out(v, bf))))
         })
-    }
-
-    fn softmax_last(&self, cols: usize) -> Result<Self> {
-        with_float!("softmax", [self => x], bf, { Ok(FloatOut::out(norm::softmax(x, cols), bf)) })
-    }
-
-    fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self> {
-        with_float!("softmax_bwd", [self => y, dy => dy], bf, { Ok(FloatOut::out(norm::softmax_bwd(y, dy, cols), bf)) })
     }
 
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {

@@ -117,28 +117,3 @@ pub fn softmax_row<F: Float>(row: &mut [F]) -> F {
     row.iter_mut().for_each(|v| *v *= inv);
     m + s.ln()
 }
-
-pub fn softmax<F: Float>(x: &[F], cols: usize) -> Vec<F> {
-    let mut y = x.to_vec();
-    if cols > 0 {
-        y.par_chunks_mut(cols).for_each(|r| {
-            softmax_row(r);
-        });
-    }
-    y
-}
-
-pub fn softmax_bwd<F: Float>(y: &[F], dy: &[F], cols: usize) -> Vec<F> {
-    let mut dx = vec![F::zero(); y.len()];
-    if cols == 0 {
-        return dx;
-    }
-    dx.par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
-        let (y, dy) = (&y[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
-        let dot: F = y.iter().zip(dy).map(|(a, b)| *a * *b).sum();
-        for i in 0..cols {
-            dx[i] = y[i] * (dy[i] - dot);
-        }
-    });
-    dx
-}

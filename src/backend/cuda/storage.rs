@@ -866,41 +866,6 @@ impl BackendStorage for CudaStorage {
         Ok((need_x.then_some(dx), dg, db))
     }
 
-    fn softmax_last(&self, cols: usize) -> Result<Self> {
-        let sfx = self.sfx("softmax")?;
-        let rows = self.len / cols.max(1);
-        let y = self.empty(self.len, self.dtype)?;
-        if rows > 0 {
-            self.launch(
-                &format!("softmax_fwd_{sfx}"),
-                rows_cfg(rows, 128),
-                &[self.ptr(), y.ptr(), Arg::int(rows)?, Arg::int(cols)?],
-            )?;
-        }
-        Ok(y)
-    }
-
-    fn softmax_last_bwd(&self, dy: &Self, cols: usize) -> Result<Self> {
-        let sfx = self.sfx("softmax_bwd")?;
-        self.same_dtype("softmax_bwd", dy)?;
-        let rows = self.len / cols.max(1);
-        let dx = self.empty(self.len, self.dtype)?;
-        if rows > 0 {
-            self.launch(
-                &format!("softmax_bwd_{sfx}"),
-                rows_cfg(rows, 128),
-                &[
-                    self.ptr(),
-                    dy.ptr(),
-                    dx.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                ],
-            )?;
-        }
-        Ok(dx)
-    }
-
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
         let sfx = self.sfx("attention")?;
         self.same_dtype("attention", k)?;

@@ -33,9 +33,7 @@ impl Tensor {
                 let y = y.clone();
                 move |dy: &Tensor, _: &[bool]| {
                     let bwd = Backward { cols, eps: L2_EPS };
-                    let dx = super::run(&bwd, &[&y.storage(), &norms, &dy.storage()])?
-                        .pop()
-                        .ok_or_else(|| crate::Error::Msg("l2_normalize_bwd: no output".into()))?;
+                    let dx = super::run_one(&bwd, &[&y.storage(), &norms, &dy.storage()])?;
                     Ok(vec![Some(Tensor::from_storage(dx, y.shape().clone())?)])
                 }
             },

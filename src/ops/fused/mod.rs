@@ -4,6 +4,7 @@
 //! dispatch and the CPU backend stay as they are. `run` dispatches a `FusedKernel` on the
 //! storage its inputs live on.
 pub mod l2_normalize;
+pub mod softmax;
 
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
@@ -60,6 +61,14 @@ pub fn run<K: FusedKernel>(k: &K, inputs: &[&Storage]) -> Result<Vec<Storage>> {
             Ok(k.cuda(&xs)?.into_iter().map(Storage::Cuda).collect())
         }
     }
+}
+
+/// `run` for a kernel with one output.
+pub fn run_one<K: FusedKernel>(k: &K, inputs: &[&Storage]) -> Result<Storage> {
+    run(k, inputs)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Msg(format!("{}: no output", K::NAME)))
 }
 
 /// A CPU reference written once for every float type (`Float`: f32 and f64).
