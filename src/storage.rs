@@ -239,40 +239,6 @@ impl Storage {
         )))
     }
 
-    pub fn layer_norm(
-        &self,
-        gamma: &Storage,
-        beta: &Storage,
-        cols: usize,
-        eps: f64,
-    ) -> Result<(Storage, Storage, Storage)> {
-        check_same("layer_norm", &[self, gamma, beta])?;
-        let x = self;
-        on_backend!("layer_norm", x, [gamma, beta], [], |w| {
-            let (y, m, r) = x.layer_norm(gamma, beta, cols, eps)?;
-            Ok((w(y), w(m), w(r)))
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn layer_norm_bwd(
-        &self,
-        gamma: &Storage,
-        mean: &Storage,
-        rstd: &Storage,
-        dy: &Storage,
-        cols: usize,
-        need_x: bool,
-        need_params: bool,
-    ) -> Result<(Option<Storage>, Option<Storage>, Option<Storage>)> {
-        check_same("layer_norm_bwd", &[self, gamma, mean, rstd, dy])?;
-        let x = self;
-        on_backend!("layer_norm_bwd", x, [gamma, mean, rstd, dy], [], |w| {
-            let (a, b, c) = x.layer_norm_bwd(gamma, mean, rstd, dy, cols, need_x, need_params)?;
-            Ok((a.map(w), b.map(w), c.map(w)))
-        })
-    }
-
     pub fn attention(
         &self,
         k: &Storage,

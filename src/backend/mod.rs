@@ -185,28 +185,6 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// out = zeros([rows, cols]); out[ids[i], :] += self[i, :].
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
 
-    // Normalisation.
-    /// Returns (y, mean, rstd); statistics are f32 (f64 for f64 input).
-    fn layer_norm(
-        &self,
-        gamma: &Self,
-        beta: &Self,
-        cols: usize,
-        eps: f64,
-    ) -> Result<(Self, Self, Self)>;
-    /// Returns (dx, dgamma, dbeta) for self = x.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_norm_bwd(
-        &self,
-        gamma: &Self,
-        mean: &Self,
-        rstd: &Self,
-        dy: &Self,
-        cols: usize,
-        need_x: bool,
-        need_params: bool,
-    ) -> Result<(Option<Self>, Option<Self>, Option<Self>)>;
-
     // Fused ops.
     /// Returns (out, lse).
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)>;

@@ -6,7 +6,6 @@ pub mod elementwise;
 pub mod fused;
 pub mod linear;
 pub mod loss;
-pub mod norm;
 pub mod shape_ops;
 
 pub use attention::attention;

@@ -441,51 +441,6 @@ impl BackendStorage for CpuStorage {
         })
     }
 
-    fn layer_norm(
-        &self,
-        gamma: &Self,
-        beta: &Self,
-        cols: usize,
-        eps: f64,
-    ) -> Result<(Self, Self, Self)> {
-        same_len("layer_norm", gamma.len(), cols)?;
-        same_len("layer_norm", beta.len(), cols)?;
-        with_float!("layer_norm", [self => x, gamma => g, beta => b], bf, {
-            let (y, mean, rstd) = norm::layer_norm(x, g, b, cols, eps);
-            Ok((FloatOut::out(y, bf), FloatOut::out(mean, false), FloatOut::out(rstd, false)))
-        })
-    }
-
-    fn layer_norm_bwd(
-        &self,
-        gamma: &Self,
-        mean: &Self,
-        rstd: &Self,
-        dy: &Self,
-        cols: usize,
-        need_x: bool,
-        need_params: bool,
-    ) -> Result<(Option<Self>, Option<Self>, Option<Self>)> {
-        if self.dtype() == DType::BF16 {
-            // Statistics are f32 for bf16 tensors: run the f32 kernel and round the results.
-            let (dx, dg, db) = self.cast(DType::F32)?.layer_norm_bwd(
-                &gamma.cast(DType::F32)?,
-                mean,
-                rstd,
-                &dy.cast(DType::F32)?,
-                cols,
-                need_x,
-                need_params,
-            )?;
-            let r = |v: Option<Self>| v.map(|v| v.cast(DType::BF16)).transpose();
-            return Ok((r(dx)?, r(dg)?, r(db)?));
-        }
-        with_float!("layer_norm_bwd", [self => x, gamma => g, dy => dy, mean => m, rstd => r], bf, {
-            let (dx, dg, db) = norm::layer_norm_bwd(x, g, m, r, dy, cols, need_x, need_params);
-            Ok((dx.map(|v| FloatOut::out(v, bf)), dg.map(|v| FloatOut::out(v, bf)), db.map(|v| FloatOut::out(v, bf))))
-        })
-    }
-
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
         with_float!("attention", [self => q, k => k, v => v], bf, {
             let (o, lse) = attention::forward(q, k, v, spec);

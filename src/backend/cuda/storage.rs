@@ -191,7 +191,7 @@ impl CudaStorage {
     }
 
     /// This storage converted to `dtype`, consuming it (no copy when it already is).
-    fn into_dtype(self, dtype: DType) -> Result<CudaStorage> {
+    pub(crate) fn into_dtype(self, dtype: DType) -> Result<CudaStorage> {
         if self.dtype == dtype {
             Ok(self)
         } else {
@@ -262,7 +262,7 @@ impl CudaStorage {
     }
 
     /// Sums per-block partials [parts, n] → [n] (f32) in a fixed order.
-    fn column_sum(&self, parts: usize, n: usize) -> Result<CudaStorage> {
+    pub(crate) fn column_sum(&self, parts: usize, n: usize) -> Result<CudaStorage> {
         let out = self.empty(n, DType::F32)?;
         self.launch(
             "column_sum_f32",
@@ -770,100 +770,6 @@ impl BackendStorage for CudaStorage {
             )?;
         }
         out.into_dtype(self.dtype)
-    }
-
-    fn layer_norm(
-        &self,
-        gamma: &Self,
-        beta: &Self,
-        cols: usize,
-        eps: f64,
-    ) -> Result<(Self, Self, Self)> {
-        let sfx = self.sfx("layer_norm")?;
-        same_len("layer_norm", gamma.len, cols)?;
-        same_len("layer_norm", beta.len, cols)?;
-        self.same_dtype("layer_norm", gamma)?;
-        self.same_dtype("layer_norm", beta)?;
-        let rows = self.len / cols.max(1);
-        let y = self.empty(self.len, self.dtype)?;
-        let (mean, rstd) = (self.empty(rows, DType::F32)?, self.empty(rows, DType::F32)?);
-        if rows > 0 {
-            self.launch(
-                &format!("layernorm_fwd_{sfx}"),
-                rows_cfg(rows, 256),
-                &[
-                    self.ptr(),
-                    Arg::null(),
-                    gamma.ptr(),
-                    beta.ptr(),
-                    Arg::null(),
-                    y.ptr(),
-                    mean.ptr(),
-                    rstd.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                    Arg::F32(eps as f32),
-                ],
-            )?;
-        }
-        Ok((y, mean, rstd))
-    }
-
-    fn layer_norm_bwd(
-        &self,
-        gamma: &Self,
-        mean: &Self,
-        rstd: &Self,
-        dy: &Self,
-        cols: usize,
-        need_x: bool,
-        need_params: bool,
-    ) -> Result<(Option<Self>, Option<Self>, Option<Self>)> {
-        let sfx = self.sfx("layer_norm_bwd")?;
-        self.same_dtype("layer_norm_bwd", dy)?;
-        let rows = self.len / cols.max(1);
-        let blocks = rows.clamp(1, 256);
-        let dx = self.empty(self.len, self.dtype)?;
-        let (dgp, dbp) = (
-            self.empty(blocks * cols, DType::F32)?,
-            self.empty(blocks * cols, DType::F32)?,
-        );
-        if rows > 0 {
-            self.launch(
-                &format!("layernorm_bwd_{sfx}"),
-                LaunchConfig::linear(blocks as u32, 256),
-                &[
-                    dy.ptr(),
-                    self.ptr(),
-                    gamma.ptr(),
-                    mean.ptr(),
-                    rstd.ptr(),
-                    Arg::null(),
-                    dx.ptr(),
-                    dgp.ptr(),
-                    dbp.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                ],
-            )?;
-        }
-        let (dg, db) = if need_params {
-            let (dg, db) = if rows > 0 {
-                (dgp.column_sum(blocks, cols)?, dbp.column_sum(blocks, cols)?)
-            } else {
-                (
-                    self.zeros_like(cols, DType::F32)?,
-                    self.zeros_like(cols, DType::F32)?,
-                )
-            };
-            (
-                Some(dg.into_dtype(self.dtype)?),
-                Some(db.into_dtype(self.dtype)?),
-            )
-        } else {
-            (None, None)
-        };
-        Ok((need_x.then_some(dx), dg, db))
     }
 
     fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {

@@ -4,6 +4,7 @@
 //! dispatch and the CPU backend stay as they are. `run` dispatches a `FusedKernel` on the
 //! storage its inputs live on.
 pub mod l2_normalize;
+pub mod layer_norm;
 pub mod softmax;
 
 use crate::backend::cpu::CpuStorage;

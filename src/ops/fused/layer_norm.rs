@@ -1,0 +1,328 @@
+//! LayerNorm over the last dim with affine γ, β as one fused unit: the CPU reference, the
+//! CUDA launches of `kernels/layernorm.cu` (forward saves mean and 1/σ, f32 for bf16 storage;
+//! backward writes dx and per-block dγ/dβ partials reduced in a fixed order, so results do not
+//! depend on scheduling) and the backward rule, which computes dγ/dβ only when asked.
+use rayon::prelude::*;
+
+use super::{cpu_float, FloatFn, FusedKernel};
+use crate::backend::cpu::{CpuStorage, RED_CHUNK};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::cuda::{
+    abi::{Arg, LaunchConfig},
+    storage::CudaStorage,
+};
+use crate::backend::BackendStorage;
+use crate::ops::{check_float, check_same_dtype, record_fn};
+use crate::{DType, Error, Float, Result, Tensor};
+
+impl Tensor {
+    /// LayerNorm over the last dim with affine `gamma`, `beta` ([dim]).
+    pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+        let op = "layer_norm";
+        check_float(op, self)?;
+        check_same_dtype(op, self, gamma)?;
+        check_same_dtype(op, self, beta)?;
+        let cols = self.shape().last();
+        if gamma.dims() != [cols] || beta.dims() != [cols] {
+            return Err(crate::shape_err!(
+                op,
+                "x {:?} with gamma {:?} and beta {:?}",
+                self.dims(),
+                gamma.dims(),
+                beta.dims()
+            ));
+        }
+        let fwd = Forward { cols, eps };
+        let [y, mean, rstd]: [_; 3] =
+            super::run(&fwd, &[&self.storage(), &gamma.storage(), &beta.storage()])?
+                .try_into()
+                .map_err(|_| crate::Error::Msg("layer_norm: expected 3 outputs".into()))?;
+        let (x, g) = (self.clone(), gamma.clone());
+        let beta_shape = beta.shape().clone();
+        record_fn(
+            op,
+            y,
+            self.shape().clone(),
+            &[self, gamma, beta],
+            move |_: &Tensor| {
+                move |dy: &Tensor, needs: &[bool]| {
+                    let bwd = Backward {
+                        cols,
+                        need_x: needs[0],
+                        need_params: needs[1] || needs[2],
+                    };
+                    let inputs = [&x.storage(), &g.storage(), &mean, &rstd, &dy.storage()];
+                    let mut outs = super::run(&bwd, &inputs)?.into_iter();
+                    let dx = if bwd.need_x { outs.next() } else { None };
+                    let (dg, db) = if bwd.need_params {
+                        (outs.next(), outs.next())
+                    } else {
+                        (None, None)
+                    };
+                    let dx = dx
+                        .map(|s| Tensor::from_storage(s, x.shape().clone()))
+                        .transpose()?;
+                    let dg = if needs[1] {
+                        dg.map(|s| Tensor::from_storage(s, g.shape().clone()))
+                            .transpose()?
+                    } else {
+                        None
+                    };
+                    let db = if needs[2] {
+                        db.map(|s| Tensor::from_storage(s, beta_shape))
+                            .transpose()?
+                    } else {
+                        None
+                    };
+                    Ok(vec![dx, dg, db])
+                }
+            },
+        )
+    }
+}
+
+/// (y, mean, rstd) from (x, γ, β).
+pub struct Forward {
+    pub cols: usize,
+    pub eps: f64,
+}
+
+/// From (x, γ, mean, rstd, dy): dx when `need_x`, then dγ and dβ when `need_params`.
+pub struct Backward {
+    pub cols: usize,
+    pub need_x: bool,
+    pub need_params: bool,
+}
+
+fn param_lens(op: &'static str, cols: usize, lens: [usize; 2]) -> Result<()> {
+    if lens.iter().any(|l| *l != cols) {
+        return Err(Error::shape(
+            op,
+            format!("gamma/beta of {lens:?} elements for rows of {cols}"),
+        ));
+    }
+    Ok(())
+}
+
+impl FloatFn for Forward {
+    fn call<F: Float>(&self, inputs: &[&[F]]) -> Vec<Vec<F>> {
+        let (y, m, r) = layer_norm(inputs[0], inputs[1], inputs[2], self.cols, self.eps);
+        vec![y, m, r]
+    }
+}
+
+impl FloatFn for Backward {
+    fn call<F: Float>(&self, inputs: &[&[F]]) -> Vec<Vec<F>> {
+        let (x, g, m, r, dy) = (inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]);
+        let (dx, dg, db) = layer_norm_bwd(x, g, m, r, dy, self.cols, self.need_x, self.need_params);
+        dx.into_iter().chain(dg).chain(db).collect()
+    }
+}
+
+impl FusedKernel for Forward {
+    const NAME: &'static str = "layer_norm";
+
+    fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        param_lens(Self::NAME, self.cols, [inputs[1].len(), inputs[2].len()])?;
+        // bf16: y rounded back; the statistics stay f32.
+        cpu_float(Self::NAME, self, inputs, &[true, false, false])
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+        let (x, gamma, beta) = (inputs[0], inputs[1], inputs[2]);
+        let sfx = x.sfx(Self::NAME)?;
+        param_lens(Self::NAME, self.cols, [gamma.len, beta.len])?;
+        x.same_dtype(Self::NAME, gamma)?;
+        x.same_dtype(Self::NAME, beta)?;
+        let rows = x.len / self.cols.max(1);
+        let y = x.empty(x.len, x.dtype)?;
+        let (mean, rstd) = (x.empty(rows, DType::F32)?, x.empty(rows, DType::F32)?);
+        if rows > 0 {
+            x.launch(
+                &format!("layernorm_fwd_{sfx}"),
+                crate::backend::cuda::storage::rows_cfg(rows, 256),
+                &[
+                    x.ptr(),
+                    Arg::null(),
+                    gamma.ptr(),
+                    beta.ptr(),
+                    Arg::null(),
+                    y.ptr(),
+                    mean.ptr(),
+                    rstd.ptr(),
+                    Arg::int(rows)?,
+                    Arg::int(self.cols)?,
+                    Arg::F32(self.eps as f32),
+                ],
+            )?;
+        }
+        Ok(vec![y, mean, rstd])
+    }
+}
+
+impl FusedKernel for Backward {
+    const NAME: &'static str = "layer_norm_bwd";
+
+    fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        if inputs[0].dtype() == DType::BF16 {
+            // Statistics are f32 for bf16 tensors: run in f32 and round the results.
+            let f = |s: &CpuStorage| s.cast(DType::F32);
+            let (x, g, dy) = (f(inputs[0])?, f(inputs[1])?, f(inputs[4])?);
+            let out = cpu_float(Self::NAME, self, &[&x, &g, inputs[2], inputs[3], &dy], &[])?;
+            return out.iter().map(|s| s.cast(DType::BF16)).collect();
+        }
+        cpu_float(Self::NAME, self, inputs, &[])
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+        let (x, gamma, mean, rstd, dy) = (inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]);
+        let sfx = x.sfx(Self::NAME)?;
+        x.same_dtype(Self::NAME, dy)?;
+        let cols = self.cols;
+        let rows = x.len / cols.max(1);
+        let blocks = rows.clamp(1, 256);
+        let dx = x.empty(x.len, x.dtype)?;
+        let (dgp, dbp) = (
+            x.empty(blocks * cols, DType::F32)?,
+            x.empty(blocks * cols, DType::F32)?,
+        );
+        if rows > 0 {
+            x.launch(
+                &format!("layernorm_bwd_{sfx}"),
+                LaunchConfig::linear(blocks as u32, 256),
+                &[
+                    dy.ptr(),
+                    x.ptr(),
+                    gamma.ptr(),
+                    mean.ptr(),
+                    rstd.ptr(),
+                    Arg::null(),
+                    dx.ptr(),
+                    dgp.ptr(),
+                    dbp.ptr(),
+                    Arg::int(rows)?,
+                    Arg::int(cols)?,
+                ],
+            )?;
+        }
+        let mut out = vec![];
+        if self.need_x {
+            out.push(dx);
+        }
+        if self.need_params {
+            let (dg, db) = if rows > 0 {
+                (dgp.column_sum(blocks, cols)?, dbp.column_sum(blocks, cols)?)
+            } else {
+                (
+                    x.zeros_like(cols, DType::F32)?,
+                    x.zeros_like(cols, DType::F32)?,
+                )
+            };
+            out.push(dg.into_dtype(x.dtype)?);
+            out.push(db.into_dtype(x.dtype)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Returns (y, mean, rstd) per row; statistics accumulated in F.
+pub fn layer_norm<F: Float>(
+    x: &[F],
+    g: &[F],
+    b: &[F],
+    cols: usize,
+    eps: f64,
+) -> (Vec<F>, Vec<F>, Vec<F>) {
+    let rows = x.len().checked_div(cols).unwrap_or(0);
+    let mut y = vec![F::zero(); x.len()];
+    let mut mean = vec![F::zero(); rows];
+    let mut rstd = vec![F::zero(); rows];
+    if rows == 0 {
+        return (y, mean, rstd);
+    }
+    let n = F::from_usize(cols).unwrap_or_else(F::one);
+    y.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .for_each(|((y, x), (m, r))| {
+            let mu = x.iter().copied().sum::<F>() / n;
+            let var = x.iter().map(|v| (*v - mu) * (*v - mu)).sum::<F>() / n;
+            let rs = F::one() / (var + F::from_f(eps)).sqrt();
+            for i in 0..cols {
+                y[i] = (x[i] - mu) * rs * g[i] + b[i];
+            }
+            *m = mu;
+            *r = rs;
+        });
+    (y, mean, rstd)
+}
+
+type Grads<F> = (Option<Vec<F>>, Option<Vec<F>>, Option<Vec<F>>);
+
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_bwd<F: Float>(
+    x: &[F],
+    g: &[F],
+    mean: &[F],
+    rstd: &[F],
+    dy: &[F],
+    cols: usize,
+    need_x: bool,
+    need_params: bool,
+) -> Grads<F> {
+    let rows = x.len().checked_div(cols).unwrap_or(0);
+    let n = F::from_usize(cols).unwrap_or_else(F::one);
+    let dx = need_x.then(|| {
+        let mut dx = vec![F::zero(); x.len()];
+        dx.par_chunks_mut(cols.max(1))
+            .enumerate()
+            .for_each(|(r, dx)| {
+                let (x, dy) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols]);
+                let (mu, rs) = (mean[r], rstd[r]);
+                let mut s1 = F::zero();
+                let mut s2 = F::zero();
+                for i in 0..cols {
+                    let xh = (x[i] - mu) * rs;
+                    let dg = dy[i] * g[i];
+                    s1 += dg;
+                    s2 += dg * xh;
+                }
+                let (m1, m2) = (s1 / n, s2 / n);
+                for i in 0..cols {
+                    let xh = (x[i] - mu) * rs;
+                    dx[i] = (dy[i] * g[i] - m1 - xh * m2) * rs;
+                }
+            });
+        dx
+    });
+    let (dg, db) = if need_params {
+        // Column sums over rows, in fixed row chunks summed in order.
+        let parts: Vec<(Vec<F>, Vec<F>)> = (0..rows.div_ceil(RED_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let mut dg = vec![F::zero(); cols];
+                let mut db = vec![F::zero(); cols];
+                for r in c * RED_CHUNK..((c + 1) * RED_CHUNK).min(rows) {
+                    for i in 0..cols {
+                        let d = dy[r * cols + i];
+                        dg[i] += d * (x[r * cols + i] - mean[r]) * rstd[r];
+                        db[i] += d;
+                    }
+                }
+                (dg, db)
+            })
+            .collect();
+        let mut dg = vec![F::zero(); cols];
+        let mut db = vec![F::zero(); cols];
+        for (pg, pb) in parts {
+            dg.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        (Some(dg), Some(db))
+    } else {
+        (None, None)
+    };
+    (dx, dg, db)
+}
