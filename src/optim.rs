@@ -181,7 +181,8 @@ impl AdamW {
         lr: f64,
         max_norm: f64,
     ) -> Result<Option<Tensor>> {
-        use crate::storage::{adamw_clipped_fused, FusedAdamW};
+        use crate::backend::FusedParam;
+        use crate::storage::adamw_clipped_fused;
         let mut with = vec![];
         let mut seen = std::collections::HashSet::new();
         for p in params {
@@ -238,13 +239,13 @@ impl AdamW {
                 if p.decay { self.cfg.weight_decay } else { 0.0 },
             ));
         }
-        let fused: Vec<FusedAdamW> = guards
+        let fused: Vec<FusedParam<crate::storage::Storage>> = guards
             .iter()
-            .map(|(p, g, m, v, wd)| FusedAdamW {
-                p,
-                g,
-                m,
-                v,
+            .map(|(p, g, m, v, wd)| FusedParam {
+                p: &**p,
+                g: &**g,
+                m: &**m,
+                v: &**v,
                 weight_decay: *wd as f32,
             })
             .collect();

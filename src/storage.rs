@@ -418,27 +418,16 @@ impl Storage {
     }
 }
 
-/// One tensor of a fused multi-tensor optimizer step: parameter, gradient, first and second
-/// moments (f32, same length, same device) and its weight decay.
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-pub struct FusedAdamW<'a> {
-    pub p: &'a Storage,
-    pub g: &'a Storage,
-    pub m: &'a Storage,
-    pub v: &'a Storage,
-    pub weight_decay: f32,
-}
-
 /// The global gradient norm, torch's clipping factor and AdamW over every tensor as one
 /// device-side sequence (no host sync); returns [norm before clipping, factor] as a two-element
 /// f32 storage. CUDA storage only (the CPU steps tensor by tensor).
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 pub fn adamw_clipped_fused(
-    params: &[FusedAdamW],
+    params: &[crate::backend::FusedParam<Storage>],
     step: AdamWStep,
     max_norm: f64,
 ) -> Result<Storage> {
-    use crate::backend::cuda::storage::storage_optim::{adamw_clipped, FusedParam};
+    use crate::backend::cuda::storage::storage_optim::adamw_clipped;
     let mut fused = vec![];
     for f in params {
         let (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) =
@@ -448,7 +437,7 @@ pub fn adamw_clipped_fused(
                 "adamw: the fused step needs every tensor on one CUDA device".into(),
             ));
         };
-        fused.push(FusedParam {
+        fused.push(crate::backend::FusedParam {
             p,
             g,
             m,

@@ -133,6 +133,16 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
+/// One tensor of a fused multi-tensor optimizer step over storage `S`: parameter, gradient,
+/// first and second moments (f32, same length, one device) and its weight decay.
+pub struct FusedParam<'a, S> {
+    pub p: &'a S,
+    pub g: &'a S,
+    pub m: &'a S,
+    pub v: &'a S,
+    pub weight_decay: f32,
+}
+
 /// A buffer on one device with one dtype, and every op the engine runs on it.
 pub trait BackendStorage: Sized + Send + Sync {
     fn dtype(&self) -> DType;

@@ -22,6 +22,9 @@ struct Function {
     f: sys::CUfunction,
     /// The dynamic shared memory limit set on it so far.
     smem_limit: u32,
+    /// Its C++ parameter kinds (from the simulator's registry; none without `cuda-sim`),
+    /// looked up once so every launch is checked without a lookup.
+    sig: Option<&'static str>,
 }
 
 /// Pinned host memory the staging ring may hold in all; beyond it an upload waits for an older
@@ -191,9 +194,9 @@ impl Gpu {
 
     /// Loads (once) the module holding `name` and returns the function with its current
     /// dynamic shared-memory limit.
-    fn function(&self, name: &str) -> Result<(sys::CUfunction, u32)> {
+    fn function(&self, name: &str) -> Result<(sys::CUfunction, u32, Option<&'static str>)> {
         if let Some(f) = lock(&self.functions).get(name) {
-            return Ok((f.f, f.smem_limit));
+            return Ok((f.f, f.smem_limit, f.sig));
         }
         let file = *self.kernel_file.get(name).ok_or_else(|| {
             Error::Cuda(format!(
@@ -224,9 +227,10 @@ impl Gpu {
             Function {
                 f,
                 smem_limit: DEFAULT_SMEM,
+                sig: signature(name),
             },
         );
-        Ok((f, DEFAULT_SMEM))
+        Ok((f, DEFAULT_SMEM, signature(name)))
     }
 
     /// Launches kernel `name` on this GPU's stream (asynchronously). Raises the kernel's
@@ -236,9 +240,10 @@ impl Gpu {
     /// Pointer arguments must be device addresses of allocations large enough for what the
     /// kernel reads and writes with this grid; the argument list must match the kernel.
     pub unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        #[cfg(feature = "cuda-sim")]
-        super::sim::check_signature(name, args)?;
-        let (f, limit) = self.function(name)?;
+        let (f, limit, sig) = self.function(name)?;
+        if let Some(sig) = sig {
+            super::abi::match_signature(name, sig, args)?;
+        }
         self.bind()?;
         if cfg.shared_mem_bytes > limit {
             if cfg.shared_mem_bytes > self.smem_optin {
@@ -808,6 +813,17 @@ impl Gpu {
             .map_err(|e| Error::Cuda(format!("cublasGemmStridedBatchedEx {g:?}: {e:?}")))
         })?;
         Ok(true)
+    }
+}
+
+/// Kernel `name`'s parameter kinds, where the build has the simulator's registry.
+fn signature(name: &str) -> Option<&'static str> {
+    #[cfg(feature = "cuda-sim")]
+    return super::sim::kernel_signature(name);
+    #[cfg(not(feature = "cuda-sim"))]
+    {
+        let _ = name;
+        None
     }
 }
 

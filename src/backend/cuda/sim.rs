@@ -78,23 +78,27 @@ pub fn kernel_names() -> Vec<String> {
 /// The parameter signature kernel `name` was compiled with: one character per parameter (p
 /// pointer, i 4-byte integer, q 8-byte integer, f float, d double, T a struct by value such as a
 /// TMA descriptor, ? other), from the C++ declaration itself; `None` for an unknown name.
-pub fn kernel_signature(name: &str) -> Option<String> {
+pub fn kernel_signature(name: &str) -> Option<&'static str> {
     let cname = CString::new(name).ok()?;
-    // SAFETY: the runtime returns null or a pointer to a static string of the registry.
+    // SAFETY: the runtime returns null or a pointer to a static, NUL-terminated ASCII string
+    // of the registry, which lives as long as the process.
     unsafe {
         let p = sd2_sim_kernel_signature(cname.as_ptr());
-        (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().to_string())
+        (!p.is_null())
+            .then(|| CStr::from_ptr(p).to_str().ok())
+            .flatten()
     }
 }
 
 /// Checks a launch's arguments against the kernel's C++ parameter list (count and kind of each,
 /// recorded by the simulator's registration from the declaration itself): a wrong count or
 /// order is an error naming the kernel and the parameter, never memory corruption. Runs for
-/// simulated and GPU launches alike whenever the build has `cuda-sim` (the default); a kernel
+/// simulated launches; a GPU looks the signature up once per kernel (`Gpu::launch`) whenever the
+/// build has `cuda-sim` (the default). A kernel
 /// the simulator does not know is not checked.
 pub fn check_signature(name: &str, args: &[Arg]) -> Result<()> {
     match kernel_signature(name) {
-        Some(sig) => super::abi::match_signature(name, &sig, args),
+        Some(sig) => super::abi::match_signature(name, sig, args),
         None => Ok(()),
     }
 }

@@ -880,6 +880,7 @@ impl BackendStorage for CudaStorage {
             return Ok((self.zeros_like(b * sq * h * d, self.dtype)?, dk, dv));
         }
         let tail = [Arg::int(causal)?, Arg::F32(scale as f32)];
+        let dims = [Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?];
         match attn_kind(spec)? {
             AttnKind::Flash
                 if sfx == "bf16"
@@ -890,7 +891,6 @@ impl BackendStorage for CudaStorage {
                 let pick =
                     |len| flash::bwd_policy().map(|p| p.unwrap_or(flash::bwd_tc_variant(len)));
                 let delta = self.empty(b * h * sq, DType::F32)?;
-                let dims = [Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?];
                 let mut a = vec![
                     self.ptr(),
                     k.ptr(),
@@ -953,7 +953,6 @@ impl BackendStorage for CudaStorage {
                         Arg::int(d)?,
                     ],
                 )?;
-                let dims = [Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?];
                 let common = [
                     self.ptr(),
                     k.ptr(),

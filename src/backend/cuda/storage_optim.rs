@@ -5,14 +5,8 @@
 //! the step's metrics are read.
 use super::*;
 
-/// One trainable tensor's buffers (f32, `len` elements each) and its weight decay.
-pub struct FusedParam<'a> {
-    pub p: &'a CudaStorage,
-    pub g: &'a CudaStorage,
-    pub m: &'a CudaStorage,
-    pub v: &'a CudaStorage,
-    pub weight_decay: f32,
-}
+/// One trainable tensor's buffers on CUDA storage.
+pub type FusedParam<'a> = crate::backend::FusedParam<'a, CudaStorage>;
 
 /// The chunk table of `kernels/adamw.cu` over every tensor.
 fn table(params: &[FusedParam]) -> Vec<u64> {

@@ -4,13 +4,16 @@
 //! output, and takes the clamped branch (y = x / eps, linear) where the norm is below eps.
 use rayon::prelude::*;
 
-use super::{cpu_float, FloatFn, FusedKernel};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use super::launch_rows;
+use super::{cpu_float, cpu_float_bf16_via_f32, FloatFn, FusedKernel};
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::{abi::Arg, storage::CudaStorage};
-use crate::backend::BackendStorage;
 use crate::ops::{check_float, record_fn};
-use crate::{DType, Float, Result, Tensor};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::DType;
+use crate::{Float, Result, Tensor};
 
 /// The clamp of `l2_normalize`, as torch's `F.normalize`.
 pub const L2_EPS: f64 = 1e-12;
@@ -112,24 +115,23 @@ impl FusedKernel for Forward {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
         let x = inputs[0];
-        let sfx = x.sfx(Self::NAME)?;
         let rows = x.len / self.cols.max(1);
         let y = x.empty(x.len, x.dtype)?;
         let norm = x.empty(rows, DType::F32)?;
-        if rows > 0 {
-            x.launch(
-                &format!("l2norm_fwd_{sfx}"),
-                crate::backend::cuda::storage::rows_cfg(rows, 128),
-                &[
-                    x.ptr(),
-                    y.ptr(),
-                    norm.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(self.cols)?,
-                    Arg::F32(self.eps as f32),
-                ],
-            )?;
-        }
+        let args = [x.ptr(), y.ptr(), norm.ptr()];
+        let dims = [
+            Arg::int(rows)?,
+            Arg::int(self.cols)?,
+            Arg::F32(self.eps as f32),
+        ];
+        launch_rows(
+            x,
+            Self::NAME,
+            "l2norm_fwd",
+            rows,
+            128,
+            &[&args[..], &dims].concat(),
+        )?;
         Ok(vec![y, norm])
     }
 }
@@ -139,36 +141,29 @@ impl FusedKernel for Backward {
 
     fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
         // bf16 y and dy with f32 norms: computed in f32, dx rounded back to bf16.
-        if inputs[0].dtype() == DType::BF16 {
-            let (y, dy) = (inputs[0].cast(DType::F32)?, inputs[2].cast(DType::F32)?);
-            let dx = cpu_float(Self::NAME, self, &[&y, inputs[1], &dy], &[])?;
-            return dx.iter().map(|d| d.cast(DType::BF16)).collect();
-        }
-        cpu_float(Self::NAME, self, inputs, &[])
+        cpu_float_bf16_via_f32(Self::NAME, self, inputs)
     }
 
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
         let (y, norm, dy) = (inputs[0], inputs[1], inputs[2]);
-        let sfx = y.sfx(Self::NAME)?;
         y.same_dtype(Self::NAME, dy)?;
         let rows = y.len / self.cols.max(1);
         let dx = y.empty(y.len, y.dtype)?;
-        if rows > 0 {
-            y.launch(
-                &format!("l2norm_bwd_{sfx}"),
-                crate::backend::cuda::storage::rows_cfg(rows, 128),
-                &[
-                    y.ptr(),
-                    norm.ptr(),
-                    dy.ptr(),
-                    dx.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(self.cols)?,
-                    Arg::F32(self.eps as f32),
-                ],
-            )?;
-        }
+        let args = [y.ptr(), norm.ptr(), dy.ptr(), dx.ptr()];
+        let dims = [
+            Arg::int(rows)?,
+            Arg::int(self.cols)?,
+            Arg::F32(self.eps as f32),
+        ];
+        launch_rows(
+            y,
+            Self::NAME,
+            "l2norm_bwd",
+            rows,
+            128,
+            &[&args[..], &dims].concat(),
+        )?;
         Ok(vec![dx])
     }
 }

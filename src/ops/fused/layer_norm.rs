@@ -4,7 +4,9 @@
 //! depend on scheduling) and the backward rule, which computes dγ/dβ only when asked.
 use rayon::prelude::*;
 
-use super::{cpu_float, FloatFn, FusedKernel};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use super::launch_rows;
+use super::{cpu_float, cpu_float_bf16_via_f32, FloatFn, FusedKernel};
 use crate::backend::cpu::{CpuStorage, RED_CHUNK};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::{
@@ -13,7 +15,9 @@ use crate::backend::cuda::{
 };
 use crate::backend::BackendStorage;
 use crate::ops::{check_float, check_same_dtype, record_fn};
-use crate::{DType, Error, Float, Result, Tensor};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::DType;
+use crate::{Error, Float, Result, Tensor};
 
 impl Tensor {
     /// LayerNorm over the last dim with affine `gamma`, `beta` ([dim]).
@@ -131,32 +135,26 @@ impl FusedKernel for Forward {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
         let (x, gamma, beta) = (inputs[0], inputs[1], inputs[2]);
-        let sfx = x.sfx(Self::NAME)?;
         param_lens(Self::NAME, self.cols, [gamma.len, beta.len])?;
         x.same_dtype(Self::NAME, gamma)?;
         x.same_dtype(Self::NAME, beta)?;
         let rows = x.len / self.cols.max(1);
         let y = x.empty(x.len, x.dtype)?;
         let (mean, rstd) = (x.empty(rows, DType::F32)?, x.empty(rows, DType::F32)?);
-        if rows > 0 {
-            x.launch(
-                &format!("layernorm_fwd_{sfx}"),
-                crate::backend::cuda::storage::rows_cfg(rows, 256),
-                &[
-                    x.ptr(),
-                    Arg::null(),
-                    gamma.ptr(),
-                    beta.ptr(),
-                    Arg::null(),
-                    y.ptr(),
-                    mean.ptr(),
-                    rstd.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(self.cols)?,
-                    Arg::F32(self.eps as f32),
-                ],
-            )?;
-        }
+        let args = [
+            x.ptr(),
+            Arg::null(), // no residual
+            gamma.ptr(),
+            beta.ptr(),
+            Arg::null(), // no pre-norm sum out
+            y.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            Arg::int(rows)?,
+            Arg::int(self.cols)?,
+            Arg::F32(self.eps as f32),
+        ];
+        launch_rows(x, Self::NAME, "layernorm_fwd", rows, 256, &args)?;
         Ok(vec![y, mean, rstd])
     }
 }
@@ -165,14 +163,8 @@ impl FusedKernel for Backward {
     const NAME: &'static str = "layer_norm_bwd";
 
     fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
-        if inputs[0].dtype() == DType::BF16 {
-            // Statistics are f32 for bf16 tensors: run in f32 and round the results.
-            let f = |s: &CpuStorage| s.cast(DType::F32);
-            let (x, g, dy) = (f(inputs[0])?, f(inputs[1])?, f(inputs[4])?);
-            let out = cpu_float(Self::NAME, self, &[&x, &g, inputs[2], inputs[3], &dy], &[])?;
-            return out.iter().map(|s| s.cast(DType::BF16)).collect();
-        }
-        cpu_float(Self::NAME, self, inputs, &[])
+        // Statistics are f32 for bf16 tensors: run in f32 and round the results.
+        cpu_float_bf16_via_f32(Self::NAME, self, inputs)
     }
 
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]

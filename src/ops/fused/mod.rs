@@ -72,6 +72,49 @@ pub fn run_one<K: FusedKernel>(k: &K, inputs: &[&Storage]) -> Result<Storage> {
         .ok_or_else(|| Error::Msg(format!("{}: no output", K::NAME)))
 }
 
+/// `cpu_float` for a backward whose bf16 tensors come with f32 statistics: bf16 inputs are
+/// computed in f32 and every output is rounded back to bf16 (f32 and f64 run as they are).
+pub fn cpu_float_bf16_via_f32(
+    name: &'static str,
+    f: &impl FloatFn,
+    inputs: &[&CpuStorage],
+) -> Result<Vec<CpuStorage>> {
+    if inputs.first().map(|s| s.dtype()) != Some(DType::BF16) {
+        return cpu_float(name, f, inputs, &[]);
+    }
+    let wide: Vec<CpuStorage> = inputs
+        .iter()
+        .map(|s| s.cast(DType::F32))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&CpuStorage> = wide.iter().collect();
+    cpu_float(name, f, &refs, &[])?
+        .iter()
+        .map(|s| s.cast(DType::BF16))
+        .collect()
+}
+
+/// Launches the row kernel `{stem}_{f32|bf16}` (for `x`'s dtype) over `rows` rows, one block
+/// of `threads` per row, when there are any rows.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub fn launch_rows(
+    x: &CudaStorage,
+    op: &'static str,
+    stem: &str,
+    rows: usize,
+    threads: u32,
+    args: &[crate::backend::cuda::abi::Arg],
+) -> Result<()> {
+    let sfx = x.sfx(op)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    x.launch(
+        &format!("{stem}_{sfx}"),
+        crate::backend::cuda::storage::rows_cfg(rows, threads),
+        args,
+    )
+}
+
 /// A CPU reference written once for every float type (`Float`: f32 and f64).
 pub trait FloatFn {
     /// Outputs from inputs viewed as `&[F]`.

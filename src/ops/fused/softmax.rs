@@ -3,6 +3,8 @@
 //! A fully masked row (all −∞) is defined as zeros.
 use rayon::prelude::*;
 
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use super::launch_rows;
 use super::{cpu_float, FloatFn, FusedKernel};
 use crate::backend::cpu::norm::softmax_row;
 use crate::backend::cpu::CpuStorage;
@@ -83,16 +85,10 @@ impl FusedKernel for Forward {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
         let x = inputs[0];
-        let sfx = x.sfx(Self::NAME)?;
         let rows = x.len / self.cols.max(1);
         let y = x.empty(x.len, x.dtype)?;
-        if rows > 0 {
-            x.launch(
-                &format!("softmax_fwd_{sfx}"),
-                crate::backend::cuda::storage::rows_cfg(rows, 128),
-                &[x.ptr(), y.ptr(), Arg::int(rows)?, Arg::int(self.cols)?],
-            )?;
-        }
+        let args = [x.ptr(), y.ptr(), Arg::int(rows)?, Arg::int(self.cols)?];
+        launch_rows(x, Self::NAME, "softmax_fwd", rows, 128, &args)?;
         Ok(vec![y])
     }
 }
@@ -107,23 +103,17 @@ impl FusedKernel for Backward {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
         let (y, dy) = (inputs[0], inputs[1]);
-        let sfx = y.sfx(Self::NAME)?;
         y.same_dtype(Self::NAME, dy)?;
         let rows = y.len / self.cols.max(1);
         let dx = y.empty(y.len, y.dtype)?;
-        if rows > 0 {
-            y.launch(
-                &format!("softmax_bwd_{sfx}"),
-                crate::backend::cuda::storage::rows_cfg(rows, 128),
-                &[
-                    y.ptr(),
-                    dy.ptr(),
-                    dx.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(self.cols)?,
-                ],
-            )?;
-        }
+        let args = [
+            y.ptr(),
+            dy.ptr(),
+            dx.ptr(),
+            Arg::int(rows)?,
+            Arg::int(self.cols)?,
+        ];
+        launch_rows(y, Self::NAME, "softmax_bwd", rows, 128, &args)?;
         Ok(vec![dx])
     }
 }
