@@ -260,14 +260,15 @@ SD2_FLASH_DELTA(float, f32)
 SD2_FLASH_DELTA(bf16, bf16)
 
 // ---------------------------------------------------------------------------------------------
-// Variant 2: forward on tensor cores (mma.sync m16n8k16 bf16, f32 accumulate), head dim 64, bf16.
+// Forward on tensor cores (mma.sync m16n8k16 bf16, f32 accumulate), head dim 64, bf16: the
+// shared pieces of variants 3 and 4. (Variant 2, the first of them, staged tiles with 4-byte
+// loads; variant 3 replaced it and it was removed — its H200 numbers are in BENCHMARKS.md.)
 // FlashAttention-2's split: a block of 4 warps takes 64 query rows, 16 per warp, and walks the
-// keys in tiles of 64 staged in shared memory (K as [key][d], V transposed to [d][key] so both
-// B-operand fragments are single 32-bit loads; rows padded by 16 bytes: conflict-free). S = QKᵀ
-// stays in registers; its accumulator fragments are exactly the A fragments of P for P·V. P is
+// keys in tiles of 64 staged in shared memory (rows padded by 16 bytes). S = QKᵀ stays in
+// registers; its accumulator fragments are exactly the A fragments of P for P·V. P is
 // rounded to bf16 for the second product (as FlashAttention does); the softmax statistics and
 // O accumulate in f32. Same layout, lse and causal rule as variant 1, validated against it.
-//   grid (⌈Sq/64⌉, B·H), 128 threads, 18 KB static shared memory.
+//   grid (⌈Sq/64⌉, B·H), 128 threads, static shared memory.
 #include "sd2_mma.cuh"
 
 namespace fa2 {
@@ -280,130 +281,6 @@ __device__ __forceinline__ uint32_t load_pair(const bf16* base, int b, int s, in
 }
 }  // namespace fa2
 
-extern "C" __global__ void __launch_bounds__(128)
-    flash_fwd_tc_d64_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                          const bf16* __restrict__ v, bf16* __restrict__ out,
-                          float* __restrict__ lse, int heads, int sq, int skv, int causal,
-                          float scale) {
-  using namespace fa2;
-  __shared__ __align__(16) bf16 Ks[kKeys][kD + kPad];
-  __shared__ __align__(16) bf16 Vt[kD][kKeys + kPad];
-  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int row0 = blockIdx.x * kRows + warp * 16;
-  const int rows[2] = {row0 + g, row0 + g + 8};
-
-  uint32_t qa[4][4];
-#pragma unroll
-  for (int kc = 0; kc < 4; ++kc)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int col = kc * 16 + half * 8 + 2 * t;
-      qa[kc][half * 2 + 0] = load_pair(q, b, sq, rows[0], heads, h, col);
-      qa[kc][half * 2 + 1] = load_pair(q, b, sq, rows[1], heads, h, col);
-    }
-
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[8][4];
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[j][i] = 0.0f;
-
-  // Keys past the last one any row of this block may see are skipped.
-  const int kv_end =
-      causal ? min(skv, int(blockIdx.x) * kRows + kRows - 1 + (skv - sq) + 1) : skv;
-  for (int k0 = 0; k0 < kv_end; k0 += kKeys) {
-    __syncthreads();  // the previous tile is consumed
-    for (int e = threadIdx.x * 2; e < kKeys * kD; e += blockDim.x * 2) {
-      const int key = e / kD, d = e % kD;
-      const uint32_t kp = load_pair(k, b, skv, k0 + key, heads, h, d);
-      const uint32_t vp = load_pair(v, b, skv, k0 + key, heads, h, d);
-      *reinterpret_cast<uint32_t*>(&Ks[key][d]) = kp;
-      reinterpret_cast<unsigned short*>(&Vt[d][key])[0] = (unsigned short)(vp & 0xffffu);
-      reinterpret_cast<unsigned short*>(&Vt[d + 1][key])[0] = (unsigned short)(vp >> 16);
-    }
-    __syncthreads();
-
-    float s[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[j][i] = 0.0f;
-#pragma unroll
-      for (int kc = 0; kc < 4; ++kc) {
-        const uint32_t bf[2] = {
-            *reinterpret_cast<const uint32_t*>(&Ks[j * 8 + g][kc * 16 + 2 * t]),
-            *reinterpret_cast<const uint32_t*>(&Ks[j * 8 + g][kc * 16 + 8 + 2 * t])};
-        mma_m16n8k16_bf16(s[j], qa[kc], bf);
-      }
-    }
-
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int key = k0 + j * 8 + 2 * t + c;
-          const bool ok = key < skv && fa::visible(rows[r], key, sq, skv, causal);
-          const float x = ok ? s[j][r * 2 + c] * scale : -INFINITY;
-          s[j][r * 2 + c] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      // All keys so far masked: nothing to add, nothing to rescale.
-      const float alpha = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);
-      l[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        o[j][r * 2] *= alpha;
-        o[j][r * 2 + 1] *= alpha;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float p = m_new == -INFINITY ? 0.0f : expf(s[j][r * 2 + c] - m_new);
-          s[j][r * 2 + c] = p;
-          l[r] += p;
-        }
-      }
-      m[r] = m_new;
-    }
-
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      const uint32_t pa[4] = {pack_bf16x2(s[2 * kc][0], s[2 * kc][1]),
-                              pack_bf16x2(s[2 * kc][2], s[2 * kc][3]),
-                              pack_bf16x2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                              pack_bf16x2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
-#pragma unroll
-      for (int jd = 0; jd < 8; ++jd) {
-        const uint32_t bf[2] = {
-            *reinterpret_cast<const uint32_t*>(&Vt[jd * 8 + g][kc * 16 + 2 * t]),
-            *reinterpret_cast<const uint32_t*>(&Vt[jd * 8 + g][kc * 16 + 8 + 2 * t])};
-        mma_m16n8k16_bf16(o[jd], pa, bf);
-      }
-    }
-  }
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    const int i = rows[r];
-    if (i >= sq) continue;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    bf16* orow = out + ((size_t)b * sq + i) * heads * kD + (size_t)h * kD;
-#pragma unroll
-    for (int jd = 0; jd < 8; ++jd)
-      *reinterpret_cast<uint32_t*>(orow + jd * 8 + 2 * t) =
-          pack_bf16x2(o[jd][r * 2] * inv, o[jd][r * 2 + 1] * inv);
-    if (t == 0) lse[(size_t)bh * sq + i] = m[r] + logf(l[r]);
-  }
-}
-SD2_REGISTER_KERNEL(flash_fwd_tc_d64_bf16)
 
 // ---------------------------------------------------------------------------------------------
 // Variants 3 and 4 share everything but the tile staging: the Q fragments, one key tile's work

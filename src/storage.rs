@@ -6,8 +6,7 @@ use crate::backend::cpu::CpuStorage;
 use crate::backend::cuda::storage::CudaStorage;
 use crate::backend::AdamWStep;
 use crate::backend::{
-    AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
-    UnaryOp,
+    BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec, UnaryOp,
 };
 use crate::{DType, Device, Error, Result, Shape};
 
@@ -237,100 +236,6 @@ impl Storage {
         on_backend!("index_add_rows", g, [ids], [], |w| Ok(w(
             g.index_add_rows(ids, rows, cols)?
         )))
-    }
-
-    pub fn attention(
-        &self,
-        k: &Storage,
-        v: &Storage,
-        spec: AttnSpec,
-    ) -> Result<(Storage, Storage)> {
-        check_same("attention", &[self, k, v])?;
-        let q = self;
-        on_backend!("attention", q, [k, v], [], |w| {
-            let (o, l) = q.attention(k, v, spec)?;
-            Ok((w(o), w(l)))
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd(
-        &self,
-        k: &Storage,
-        v: &Storage,
-        o: &Storage,
-        lse: &Storage,
-        d_o: &Storage,
-        spec: AttnSpec,
-    ) -> Result<(Storage, Storage, Storage)> {
-        check_same("attention_bwd", &[self, k, v, o, lse, d_o])?;
-        let q = self;
-        on_backend!("attention_bwd", q, [k, v, o, lse, d_o], [], |w| {
-            let (a, b, c) = q.attention_bwd(k, v, o, lse, d_o, spec)?;
-            Ok((w(a), w(b), w(c)))
-        })
-    }
-
-    pub fn cross_entropy(
-        &self,
-        labels: &Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<(Storage, Storage)> {
-        check_same("cross_entropy", &[self, labels])?;
-        let z = self;
-        on_backend!("cross_entropy", z, [labels], [], |w| {
-            let (l, s) = z.cross_entropy(labels, rows, cols)?;
-            Ok((w(l), w(s)))
-        })
-    }
-
-    pub fn cross_entropy_bwd(
-        &self,
-        labels: &Storage,
-        lse: &Storage,
-        dloss: &Storage,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Storage> {
-        check_same("cross_entropy_bwd", &[self, labels, lse, dloss])?;
-        let z = self;
-        on_backend!("cross_entropy_bwd", z, [labels, lse, dloss], [], |w| Ok(w(
-            z.cross_entropy_bwd(labels, lse, dloss, rows, cols)?
-        )))
-    }
-
-    pub fn sigmoid_loss(
-        &self,
-        d: &Storage,
-        t: &Storage,
-        b: &Storage,
-        n: usize,
-        dim: usize,
-    ) -> Result<Storage> {
-        check_same("sigmoid_loss", &[self, d, t, b])?;
-        let f = self;
-        on_backend!("sigmoid_loss", f, [d, t, b], [], |w| Ok(w(
-            f.sigmoid_loss(d, t, b, n, dim)?
-        )))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn sigmoid_loss_bwd(
-        &self,
-        d: &Storage,
-        t: &Storage,
-        b: &Storage,
-        dloss: &Storage,
-        n: usize,
-        dim: usize,
-    ) -> Result<(Storage, Storage, Storage, Storage)> {
-        check_same("sigmoid_loss_bwd", &[self, d, t, b, dloss])?;
-        let f = self;
-        on_backend!("sigmoid_loss_bwd", f, [d, t, b, dloss], [], |w| {
-            let (a, bb, c, e) = f.sigmoid_loss_bwd(d, t, b, dloss, n, dim)?;
-            Ok((w(a), w(bb), w(c), w(e)))
-        })
     }
 
     pub fn lora_linear(

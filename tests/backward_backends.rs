@@ -5,7 +5,7 @@
 //! bf16 (which rounds each op's output as the kernels do); each worst error printed.
 mod common;
 use common::assert_close;
-use sd2::ops::{self, attention::AttnOptions, loss, Lora};
+use sd2::ops::{self, AttnOptions, Lora};
 use sd2::{DType, Device, Tensor};
 
 const ATOL: f64 = 2e-5;
@@ -232,7 +232,7 @@ fn attention(dev: Device) {
                 &[2, skv, heads * d],
             ],
             &|_, x| {
-                ops::attention::attention_lse(
+                ops::attention_lse(
                     &x[0].scale(0.5).unwrap(),
                     &x[1],
                     &x[2],
@@ -252,7 +252,7 @@ fn attention(dev: Device) {
 fn losses(dev: Device) {
     compare("cross_entropy", dev, &[&[6, 5]], &|dev, x| {
         let labels = Tensor::from_vec(vec![0i64, 4, 2, 2, 1, 3], 6, dev).unwrap();
-        loss::cross_entropy(&x[0].scale(3.0).unwrap(), &labels)
+        ops::cross_entropy(&x[0].scale(3.0).unwrap(), &labels)
             .unwrap()
             .reshape(vec![1usize])
             .unwrap()
@@ -264,7 +264,7 @@ fn losses(dev: Device) {
         &|_, x| {
             let (f, d) = (x[0].l2_normalize().unwrap(), x[1].l2_normalize().unwrap());
             let t = x[2].affine(1.0, 2.0).unwrap().exp().unwrap();
-            loss::sigmoid_loss(&f, &d, &t, &x[3])
+            ops::sigmoid_loss(&f, &d, &t, &x[3])
                 .unwrap()
                 .reshape(vec![1usize])
                 .unwrap()

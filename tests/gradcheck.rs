@@ -2,7 +2,7 @@
 #![allow(clippy::cloned_ref_to_slice_refs)]
 mod common;
 use common::{gradcheck, rand64, t64, values};
-use sd2::ops::{self, attention::AttnOptions, Lora};
+use sd2::ops::{self, AttnOptions, Lora};
 use sd2::{Device, Shape, Tensor};
 
 const TOL: f64 = 1e-6;
@@ -330,7 +330,7 @@ fn attention() {
             &format!("attention 5x7 causal={causal}"),
             &ins,
             |v| {
-                Ok(ops::attention::attention_lse(
+                Ok(ops::attention_lse(
                     &v[0],
                     &v[1],
                     &v[2],

@@ -2,7 +2,7 @@
 //! backend (`backend_tests!`).
 mod common;
 use common::{assert_close, assert_tensor};
-use sd2::ops::{self, attention::AttnOptions, Lora};
+use sd2::ops::{self, AttnOptions, Lora};
 use sd2::{DType, Device, Tensor};
 
 const TOL: f64 = 1e-5;
@@ -274,7 +274,7 @@ fn attention(dev: Device) {
     // Hand-computed weights: q = [√2·ln3, 0] against k: scores (scaled by 1/√2) ln3 and 0 → 3/4, 1/4.
     let l3 = 2f64.sqrt() * 3f64.ln();
     let q2 = t(dev, &[l3, 0.], &[1, 1, 2]);
-    let (o, lse) = ops::attention::attention_lse(
+    let (o, lse) = ops::attention_lse(
         &q2,
         &k,
         &v,

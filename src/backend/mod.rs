@@ -195,43 +195,7 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// out = zeros([rows, cols]); out[ids[i], :] += self[i, :].
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
 
-    // Fused ops.
-    /// Returns (out, lse).
-    fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)>;
-    /// Returns (dq, dk, dv), recomputing the probabilities from the saved lse.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(
-        &self,
-        k: &Self,
-        v: &Self,
-        o: &Self,
-        lse: &Self,
-        d_o: &Self,
-        spec: AttnSpec,
-    ) -> Result<(Self, Self, Self)>;
-    /// Mean cross-entropy of [rows, cols] logits against class ids. Returns (loss [1], lse [rows]).
-    fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)>;
-    fn cross_entropy_bwd(
-        &self,
-        labels: &Self,
-        lse: &Self,
-        dloss: &Self,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self>;
-    /// SigLIP loss (SD2-SPEC §4) of f [n, dim] against d [n, dim] with scalars t, b. Returns [1].
-    fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self>;
-    /// Returns (df, dd, dt, db).
-    #[allow(clippy::too_many_arguments)]
-    fn sigmoid_loss_bwd(
-        &self,
-        d: &Self,
-        t: &Self,
-        b: &Self,
-        dloss: &Self,
-        n: usize,
-        dim: usize,
-    ) -> Result<(Self, Self, Self, Self)>;
+    // Fused ops still on the trait (the others are units in `ops::fused`).
     /// y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ for self = x. Returns (y, S = drop(x)·Aᵀ when lora).
     fn lora_linear(
         &self,

@@ -1,16 +1,15 @@
 //! Differentiable ops on `Tensor`: shape checks, the backend call, and the backward rule.
-//! One file per family; the fused SD2 ops (`lora`, `attention`, `loss`) have their own files,
-//! and `fused/` holds fused ops as whole units (CPU reference, CUDA launch, backward rule).
-pub mod attention;
+//! One file per family; `fused/` holds the fused ops as whole units (CPU reference, CUDA
+//! launch, backward rule): attention, the losses, the norms, softmax.
 pub mod elementwise;
 pub mod fused;
 pub mod linear;
-pub mod loss;
 pub mod shape_ops;
 
-pub use attention::attention;
+pub use fused::attention::{attention, attention_lse, AttnOptions};
+pub use fused::cross_entropy::cross_entropy;
+pub use fused::sigmoid_loss::sigmoid_loss;
 pub use linear::{lora_linear, Lora};
-pub use loss::{cross_entropy, sigmoid_loss};
 
 use crate::{DType, Error, Result, Tensor};
 

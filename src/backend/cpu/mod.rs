@@ -6,18 +6,15 @@
 use half::bf16;
 
 use super::{
-    AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec,
-    UnaryOp,
+    BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec, UnaryOp,
 };
 use crate::backend::AdamWStep;
 use crate::{DType, Device, Error, Result, Shape, WithDType};
 
-mod attention;
 pub(crate) mod elementwise;
 pub mod gemm;
 mod layout;
 mod lora;
-mod loss;
 pub(crate) mod norm;
 pub mod optim;
 
@@ -223,24 +220,17 @@ fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     Ok(())
 }
 
-/// The f32/f64 scalar of a one-element float buffer.
-/// Loss scalars and saved statistics: f64 for f64 inputs, else f32.
-fn stat_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
+impl CpuStorage {
+    /// The value of a one-element buffer of any dtype (a loss scalar, an upstream gradient).
+    pub(crate) fn scalar(&self, op: &'static str) -> Result<f64> {
+        if self.len() != 1 {
+            return Err(Error::shape(
+                op,
+                format!("expected one element, got {}", self.len()),
+            ));
+        }
+        Ok(self.to_f64_vec()[0])
     }
-}
-
-fn scalar(op: &'static str, s: &CpuStorage) -> Result<f64> {
-    if s.len() != 1 {
-        return Err(Error::shape(
-            op,
-            format!("expected one element, got {}", s.len()),
-        ));
-    }
-    Ok(s.to_f64_vec()[0])
 }
 
 impl BackendStorage for CpuStorage {
@@ -438,103 +428,6 @@ impl BackendStorage for CpuStorage {
         same_len("index_add_rows", self.len(), ids.len() * cols)?;
         with_float!("index_add_rows", [self => g], bf, {
             Ok(FloatOut::out(layout::index_add_rows(g, &ids, rows, cols), bf))
-        })
-    }
-
-    fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
-        with_float!("attention", [self => q, k => k, v => v], bf, {
-            let (o, lse) = attention::forward(q, k, v, spec);
-            Ok((FloatOut::out(o, bf), FloatOut::out(lse, false)))
-        })
-    }
-
-    fn attention_bwd(
-        &self,
-        k: &Self,
-        v: &Self,
-        o: &Self,
-        lse: &Self,
-        d_o: &Self,
-        spec: AttnSpec,
-    ) -> Result<(Self, Self, Self)> {
-        if self.dtype() == DType::BF16 {
-            let f = |s: &Self| s.cast(DType::F32);
-            let (dq, dk, dv) =
-                f(self)?.attention_bwd(&f(k)?, &f(v)?, &f(o)?, lse, &f(d_o)?, spec)?;
-            return Ok((
-                dq.cast(DType::BF16)?,
-                dk.cast(DType::BF16)?,
-                dv.cast(DType::BF16)?,
-            ));
-        }
-        with_float!("attention_bwd", [self => q, k => k, v => v, o => o, lse => lse, d_o => d_o], bf, {
-            let (dq, dk, dv) = attention::backward(q, k, v, o, lse, d_o, spec);
-            Ok((FloatOut::out(dq, bf), FloatOut::out(dk, bf), FloatOut::out(dv, bf)))
-        })
-    }
-
-    fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)> {
-        let labels = labels.ids("cross_entropy", cols)?;
-        same_len("cross_entropy", labels.len(), rows)?;
-        with_float!("cross_entropy", [self => z], bf, {
-            let (loss, lse) = loss::cross_entropy(z, &labels, cols);
-            // The loss scalar in the statistics dtype (f32; f64 for f64), as on every backend.
-            Ok((FloatOut::out(vec![loss], false).cast(stat_dtype(self.dtype()))?, FloatOut::out(lse, false)))
-        })
-    }
-
-    fn cross_entropy_bwd(
-        &self,
-        labels_s: &Self,
-        lse: &Self,
-        dloss: &Self,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self> {
-        let labels = labels_s.ids("cross_entropy_bwd", cols)?;
-        same_len("cross_entropy_bwd", labels.len(), rows)?;
-        let g = scalar("cross_entropy_bwd", dloss)?;
-        if self.dtype() == DType::BF16 {
-            return self
-                .cast(DType::F32)?
-                .cross_entropy_bwd(labels_s, lse, dloss, rows, cols)?
-                .cast(DType::BF16);
-        }
-        with_float!("cross_entropy_bwd", [self => z, lse => lse], bf, {
-            Ok(FloatOut::out(loss::cross_entropy_bwd(z, &labels, lse, g, cols), bf))
-        })
-    }
-
-    fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self> {
-        let (t, b) = (scalar("sigmoid_loss", t)?, scalar("sigmoid_loss", b)?);
-        with_float!("sigmoid_loss", [self => f, d => d], bf, {
-            Ok(FloatOut::out(vec![loss::sigmoid_loss(f, d, t, b, n, dim)], false).cast(stat_dtype(self.dtype()))?)
-        })
-    }
-
-    fn sigmoid_loss_bwd(
-        &self,
-        d: &Self,
-        t: &Self,
-        b: &Self,
-        dloss: &Self,
-        n: usize,
-        dim: usize,
-    ) -> Result<(Self, Self, Self, Self)> {
-        let (tv, bv, g) = (
-            scalar("sigmoid_loss_bwd", t)?,
-            scalar("sigmoid_loss_bwd", b)?,
-            scalar("sigmoid_loss_bwd", dloss)?,
-        );
-        let (tdt, bdt) = (t.dtype(), b.dtype());
-        with_float!("sigmoid_loss_bwd", [self => f, d => d], bf, {
-            let (df, dd, dt, db) = loss::sigmoid_loss_bwd(f, d, tv, bv, g, n, dim);
-            Ok((
-                FloatOut::out(df, bf),
-                FloatOut::out(dd, bf),
-                FloatOut::out(vec![dt], false).cast(tdt)?,
-                FloatOut::out(vec![db], false).cast(bdt)?,
-            ))
         })
     }
 

@@ -8,8 +8,19 @@ use bytemuck::Pod;
 pub use super::abi::{
     host_syncs, match_signature, note_host_sync, Arg, LaunchConfig, TensorMap, TileMap,
 };
+pub use super::kernels::{Grid, Kernel, Param};
 #[allow(unused_imports)] // Result: only the runner (a cuda feature) returns one
 use crate::{Error, Result};
+
+/// A declared parameter as a raw argument.
+pub fn raw_arg(p: Param<Arg>) -> Arg {
+    match p {
+        Param::Mem(a) => a,
+        Param::I32(v) => Arg::I32(v),
+        Param::U64(v) => Arg::U64(v),
+        Param::F32(v) => Arg::F32(v),
+    }
+}
 
 /// A kernel argument for `Runner::launch`: host slices are copied to the runner's memory before
 /// the launch (`In`, `Out`) and back after it (`Out`), so outputs poisoned on the host arrive
@@ -356,6 +367,41 @@ impl Runner {
             Runner::Gpu(g) => g.synchronize()?,
         }
         self.check_ids()
+    }
+
+    /// Launches declared kernel `name` (one of `K::NAMES`) with raw arguments; asynchronous
+    /// on the GPU.
+    ///
+    /// # Safety
+    /// As `launch_raw`: every buffer must be as large as the kernel reads or writes.
+    pub unsafe fn run<K: Kernel<Arg>>(&self, name: &str, cfg: LaunchConfig, k: K) -> Result<()> {
+        K::check_name(name)?;
+        let args: Vec<Arg> = k.params()?.into_iter().map(raw_arg).collect();
+        self.launch_raw(name, cfg, &args)
+    }
+
+    /// Launches declared kernel `name` with host slices staged as `launch` does, and waits.
+    ///
+    /// # Safety
+    /// As `launch`.
+    pub unsafe fn run_staged<'a, K: Kernel<KArg<'a>>>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        k: K,
+    ) -> Result<()> {
+        K::check_name(name)?;
+        let mut args: Vec<KArg<'a>> = k
+            .params()?
+            .into_iter()
+            .map(|p| match p {
+                Param::Mem(a) => a,
+                Param::I32(v) => KArg::I32(v),
+                Param::U64(v) => KArg::U64(v),
+                Param::F32(v) => KArg::F32(v),
+            })
+            .collect();
+        self.launch(name, cfg, &mut args)
     }
 
     /// Launches kernel `name`, staging `In`/`Out` slices through this runner's memory, and

@@ -61,6 +61,7 @@ pub mod alloc;
 pub mod flash;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod kernels;
 pub mod launch;
 pub mod lora_gemm;
 #[cfg(feature = "cuda-sim")]

@@ -3,18 +3,18 @@
 //! each engine op as launches of `kernels/*.cu`. f32 and bf16 compute (f32 math inside every
 //! kernel); i64/u32 hold ids and labels; f64 stays on the CPU. Launches are asynchronous on the
 //! GPU's stream: errors a kernel raises surface at the next copy to the host.
-use super::flash;
-use super::launch::{Arg, Buffer, LaunchConfig, Runner};
+use super::kernels as kn;
+use super::launch::{Arg, Buffer, Grid, Kernel, LaunchConfig, Runner};
 use crate::backend::cpu::CpuStorage;
 use crate::backend::{
-    AdamWStep, AttnSpec, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec,
+    AdamWStep, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec,
     MatmulSpec, UnaryOp,
 };
 use crate::profile;
 use crate::{DType, Device, Error, Result, Shape};
 
 /// Most dims a shape may have in the elementwise/layout kernels.
-const MAX_RANK: usize = 6;
+const MAX_RANK: usize = kn::MAX_RANK;
 
 pub struct CudaStorage {
     buf: Buffer,
@@ -56,25 +56,6 @@ pub fn runner_for(ordinal: usize) -> Result<Runner> {
     {
         Err(Error::CudaNotCompiled(ordinal))
     }
-}
-
-fn blocks_for(n: usize) -> u32 {
-    (n.div_ceil(256)).clamp(1, 1024) as u32
-}
-
-fn ew(n: usize) -> LaunchConfig {
-    LaunchConfig::linear(blocks_for(n), 256)
-}
-
-/// Rows per launch for the one-block-per-row kernels (they grid-stride).
-pub(crate) fn rows_cfg(rows: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig::linear(rows.clamp(1, 4096) as u32, threads)
-}
-
-fn dims_args(v: &[usize]) -> Vec<Arg> {
-    (0..MAX_RANK)
-        .map(|i| Arg::U64(v.get(i).copied().unwrap_or(1) as u64))
-        .collect()
 }
 
 fn rank_ok(op: &'static str, s: &Shape) -> Result<()> {
@@ -143,6 +124,11 @@ impl CudaStorage {
         Arg::U64(self.buf.addr())
     }
 
+    /// The address of element `offset` (in elements of this storage's dtype).
+    pub(crate) fn ptr_at(&self, offset: usize) -> Arg {
+        Arg::U64(self.buf.addr() + (offset * self.dtype.size_in_bytes()) as u64)
+    }
+
     /// An uninitialized buffer (zeroed in the simulator) on the same device.
     pub(crate) fn empty(&self, len: usize, dtype: DType) -> Result<CudaStorage> {
         Ok(CudaStorage {
@@ -154,9 +140,16 @@ impl CudaStorage {
         })
     }
 
-    pub(crate) fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    /// Launches declared kernel `name` (`backend::cuda::kernels`) on this storage's device.
+    pub(crate) fn run<K: Kernel<Arg>>(&self, name: &str, cfg: LaunchConfig, k: K) -> Result<()> {
         // SAFETY: every caller sizes its buffers for the launch from the same lengths it passes.
-        unsafe { self.runner.launch_raw(name, cfg, args) }
+        unsafe { self.runner.run(name, cfg, k) }
+    }
+
+    /// `run` with the geometry the declaration gives.
+    pub(crate) fn run_grid<K: Kernel<Arg> + Grid>(&self, name: &str, k: K) -> Result<()> {
+        let cfg = k.grid();
+        self.run(name, cfg, k)
     }
 
     /// "f32" or "bf16": the kernel suffix for a float storage.
@@ -180,7 +173,7 @@ impl CudaStorage {
     }
 
     /// A one-element f32 view for kernels that read scalars through a pointer.
-    fn scalar_f32(&self, op: &'static str) -> Result<CudaStorage> {
+    pub(crate) fn scalar_f32(&self, op: &'static str) -> Result<CudaStorage> {
         if self.len != 1 {
             return Err(Error::shape(
                 op,
@@ -209,14 +202,18 @@ impl CudaStorage {
     }
 
     /// x · g for a one-element f32 `g` on the device.
-    fn scale_by(&self, g: &CudaStorage) -> Result<CudaStorage> {
+    pub(crate) fn scale_by(&self, g: &CudaStorage) -> Result<CudaStorage> {
         let sfx = self.sfx("scale")?;
         let out = self.empty(self.len, self.dtype)?;
         if self.len > 0 {
-            self.launch(
+            self.run_grid(
                 &format!("scale_by_{sfx}"),
-                ew(self.len),
-                &[self.ptr(), g.ptr(), out.ptr(), Arg::U64(self.len as u64)],
+                kn::ScaleBy {
+                    x: self.ptr(),
+                    s: g.ptr(),
+                    y: out.ptr(),
+                    n: self.len,
+                },
             )?;
         }
         Ok(out)
@@ -225,7 +222,7 @@ impl CudaStorage {
     /// Ids as i64 on the device, bounds-checked there (`ids_checked_*`): a bad id is replaced
     /// by 0 and reported as an error naming `op` at the next read from the device, so the
     /// check never makes the host wait.
-    fn ids_i64(&self, op: &'static str, bound: usize) -> Result<CudaStorage> {
+    pub(crate) fn ids_i64(&self, op: &'static str, bound: usize) -> Result<CudaStorage> {
         let code = super::launch::ID_CHECK_OPS
             .iter()
             .position(|o| *o == op)
@@ -245,17 +242,16 @@ impl CudaStorage {
         let out = self.empty(self.len, DType::I64)?;
         if self.len > 0 {
             let err = self.runner.id_errors()?;
-            self.launch(
+            self.run_grid(
                 &format!("ids_checked_{sfx}"),
-                ew(self.len),
-                &[
-                    self.ptr(),
-                    Arg::U64(self.len as u64),
-                    Arg::U64(bound as u64),
-                    Arg::int(code)?,
-                    out.ptr(),
-                    Arg::U64(err),
-                ],
+                kn::IdsChecked {
+                    ids: self.ptr(),
+                    n: self.len,
+                    bound,
+                    op: code as i32,
+                    out: out.ptr(),
+                    err: Arg::U64(err),
+                },
             )?;
         }
         Ok(out)
@@ -264,10 +260,14 @@ impl CudaStorage {
     /// Sums per-block partials [parts, n] → [n] (f32) in a fixed order.
     pub(crate) fn column_sum(&self, parts: usize, n: usize) -> Result<CudaStorage> {
         let out = self.empty(n, DType::F32)?;
-        self.launch(
+        self.run_grid(
             "column_sum_f32",
-            LaunchConfig::linear((n as u32).div_ceil(128).max(1), 128),
-            &[self.ptr(), out.ptr(), Arg::int(parts)?, Arg::int(n)?],
+            kn::ColumnSum {
+                part: self.ptr(),
+                out: out.ptr(),
+                parts,
+                n,
+            },
         )?;
         Ok(out)
     }
@@ -280,16 +280,18 @@ impl CudaStorage {
             4 => "b4",
             _ => "b8",
         };
-        let mut a = vec![
-            self.ptr(),
-            out.ptr(),
-            Arg::U64(n as u64),
-            Arg::int(dims.len())?,
-        ];
-        a.extend(dims_args(dims));
-        a.extend(dims_args(strides));
         if n > 0 {
-            self.launch(&format!("gather_strided_{w}"), ew(n), &a)?;
+            self.run_grid(
+                &format!("gather_strided_{w}"),
+                kn::GatherStrided {
+                    src: self.ptr(),
+                    dst: out.ptr(),
+                    n,
+                    rank: dims.len(),
+                    dims: dims.to_vec(),
+                    strides: strides.to_vec(),
+                },
+            )?;
         }
         Ok(out)
     }
@@ -337,7 +339,7 @@ impl CudaStorage {
         let (bm, nf, kf) = ((batch * m) as f64, n as f64, k as f64);
         let b_elems = if spec.rhs_batched { batch as f64 } else { 1.0 } * kf * nf;
         profile::set_work(2.0 * bm * nf * kf, el * (bm * kf + b_elems + bm * nf));
-        self.launch(
+        self.run(
             &format!("gemm_simt_{sfx}"),
             LaunchConfig {
                 grid: (
@@ -348,19 +350,19 @@ impl CudaStorage {
                 block: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
-            &[
-                self.ptr(),
-                rhs.ptr(),
-                out.ptr(),
-                Arg::int(m)?,
-                Arg::int(n)?,
-                Arg::int(k)?,
-                Arg::int(spec.trans_a)?,
-                Arg::int(spec.trans_b)?,
-                Arg::U64((m * k) as u64),
-                Arg::U64(if spec.rhs_batched { k * n } else { 0 } as u64),
-                Arg::U64((m * n) as u64),
-            ],
+            kn::GemmSimt {
+                a: self.ptr(),
+                b: rhs.ptr(),
+                c: out.ptr(),
+                m,
+                n,
+                k,
+                trans_a: spec.trans_a,
+                trans_b: spec.trans_b,
+                stride_a: m * k,
+                stride_b: if spec.rhs_batched { k * n } else { 0 },
+                stride_c: m * n,
+            },
         )
     }
 
@@ -400,18 +402,20 @@ impl CudaStorage {
             BinaryOp::Mul => 2,
             BinaryOp::Div => 3,
         };
-        let mut a = vec![
-            self.ptr(),
-            rhs.ptr(),
-            out.ptr(),
-            Arg::I32(code),
-            Arg::U64(n as u64),
-            Arg::int(os.rank())?,
-        ];
-        a.extend(dims_args(os.dims()));
-        a.extend(dims_args(&bcast_strides(ls, os)));
-        a.extend(dims_args(&bcast_strides(rs, os)));
-        self.launch(&format!("binary_{sfx}"), ew(n), &a)
+        self.run_grid(
+            &format!("binary_{sfx}"),
+            kn::Binary {
+                a: self.ptr(),
+                b: rhs.ptr(),
+                out: out.ptr(),
+                op: code,
+                n,
+                rank: os.rank(),
+                dims: os.dims().to_vec(),
+                stride_a: bcast_strides(ls, os),
+                stride_b: bcast_strides(rs, os),
+            },
+        )
     }
 
     /// `kernels/adamw.cu`'s chunk table over this tensor, in this runner's memory:
@@ -524,10 +528,13 @@ impl BackendStorage for CudaStorage {
         };
         let out = self.empty(self.len, dtype)?;
         if self.len > 0 {
-            self.launch(
+            self.run_grid(
                 name,
-                ew(self.len),
-                &[self.ptr(), out.ptr(), Arg::U64(self.len as u64)],
+                kn::Cast {
+                    x: self.ptr(),
+                    y: out.ptr(),
+                    n: self.len,
+                },
             )?;
         }
         Ok(out)
@@ -537,15 +544,14 @@ impl BackendStorage for CudaStorage {
         let sfx = self.sfx(op.name())?;
         let out = self.empty(self.len, self.dtype)?;
         if self.len > 0 {
-            self.launch(
+            self.run_grid(
                 &format!("unary_{sfx}"),
-                ew(self.len),
-                &[
-                    self.ptr(),
-                    out.ptr(),
-                    Arg::I32(unary_code(op)),
-                    Arg::U64(self.len as u64),
-                ],
+                kn::Unary {
+                    x: self.ptr(),
+                    y: out.ptr(),
+                    op: unary_code(op),
+                    n: self.len,
+                },
             )?;
         }
         Ok(out)
@@ -563,17 +569,16 @@ impl BackendStorage for CudaStorage {
             Arg::null()
         };
         if self.len > 0 {
-            self.launch(
+            self.run_grid(
                 &format!("unary_bwd_{sfx}"),
-                ew(self.len),
-                &[
-                    self.ptr(),
-                    y_arg,
-                    dy.ptr(),
-                    out.ptr(),
-                    Arg::I32(unary_code(op)),
-                    Arg::U64(self.len as u64),
-                ],
+                kn::UnaryBwd {
+                    x: self.ptr(),
+                    y: y_arg,
+                    dy: dy.ptr(),
+                    dx: out.ptr(),
+                    op: unary_code(op),
+                    n: self.len,
+                },
             )?;
         }
         Ok(out)
@@ -583,16 +588,15 @@ impl BackendStorage for CudaStorage {
         let sfx = self.sfx("affine")?;
         let out = self.empty(self.len, self.dtype)?;
         if self.len > 0 {
-            self.launch(
+            self.run_grid(
                 &format!("affine_{sfx}"),
-                ew(self.len),
-                &[
-                    self.ptr(),
-                    out.ptr(),
-                    Arg::F32(mul as f32),
-                    Arg::F32(add as f32),
-                    Arg::U64(self.len as u64),
-                ],
+                kn::Affine {
+                    x: self.ptr(),
+                    y: out.ptr(),
+                    mul: mul as f32,
+                    add: add as f32,
+                    n: self.len,
+                },
             )?;
         }
         Ok(out)
@@ -648,19 +652,21 @@ impl BackendStorage for CudaStorage {
         if n_dst == 0 {
             return Ok(out);
         }
-        let mut a = vec![
-            self.ptr(),
-            out.ptr(),
-            Arg::U64(n_dst as u64),
-            Arg::U64(n_red as u64),
-            Arg::int(kd.len())?,
-        ];
-        a.extend(dims_args(&kd));
-        a.extend(dims_args(&ks));
-        a.push(Arg::int(rd.len())?);
-        a.extend(dims_args(&rd));
-        a.extend(dims_args(&rs));
-        self.launch(&format!("sum_to_{sfx}"), rows_cfg(n_dst, 256), &a)?;
+        self.run_grid(
+            &format!("sum_to_{sfx}"),
+            kn::SumTo {
+                src: self.ptr(),
+                dst: out.ptr(),
+                n_dst,
+                n_red,
+                krank: kd.len(),
+                kd,
+                ks,
+                rrank: rd.len(),
+                rd,
+                rs,
+            },
+        )?;
         Ok(out)
     }
 
@@ -714,19 +720,18 @@ impl BackendStorage for CudaStorage {
             4 => "b4",
             _ => "b8",
         };
-        self.launch(
+        self.run_grid(
             &format!("copy2d_{w}"),
-            ew(rows * cols),
-            &[
-                self.ptr(),
-                dst.ptr(),
-                Arg::U64(rows as u64),
-                Arg::U64(cols as u64),
-                Arg::U64(ss as u64),
-                Arg::U64(ds as u64),
-                Arg::U64(so as u64),
-                Arg::U64(dof as u64),
-            ],
+            kn::Copy2d {
+                src: self.ptr(),
+                dst: dst.ptr(),
+                rows,
+                cols,
+                src_stride: ss,
+                dst_stride: ds,
+                src_offset: so,
+                dst_offset: dof,
+            },
         )
     }
 
@@ -736,16 +741,15 @@ impl BackendStorage for CudaStorage {
         let ids = ids.ids_i64("index_rows", rows)?;
         let out = self.empty(ids.len * cols, self.dtype)?;
         if ids.len > 0 {
-            self.launch(
+            self.run_grid(
                 &format!("index_rows_{sfx}"),
-                rows_cfg(ids.len, 128),
-                &[
-                    self.ptr(),
-                    ids.ptr(),
-                    out.ptr(),
-                    Arg::int(ids.len)?,
-                    Arg::int(cols)?,
-                ],
+                kn::IndexRows {
+                    table: self.ptr(),
+                    ids: ids.ptr(),
+                    out: out.ptr(),
+                    n: ids.len,
+                    cols,
+                },
             )?;
         }
         Ok(out)
@@ -757,341 +761,18 @@ impl BackendStorage for CudaStorage {
         let g = self.as_f32()?;
         let out = self.zeros_like(rows * cols, DType::F32)?;
         if ids.len > 0 && cols > 0 {
-            self.launch(
+            self.run_grid(
                 "index_add_rows_f32",
-                LaunchConfig::linear((cols as u32).div_ceil(128), 128),
-                &[
-                    g.ptr(),
-                    ids.ptr(),
-                    out.ptr(),
-                    Arg::int(ids.len)?,
-                    Arg::int(cols)?,
-                ],
+                kn::IndexAddRows {
+                    src: g.ptr(),
+                    ids: ids.ptr(),
+                    out: out.ptr(),
+                    n: ids.len,
+                    cols,
+                },
             )?;
         }
         out.into_dtype(self.dtype)
-    }
-
-    fn attention(&self, k: &Self, v: &Self, spec: AttnSpec) -> Result<(Self, Self)> {
-        let sfx = self.sfx("attention")?;
-        self.same_dtype("attention", k)?;
-        self.same_dtype("attention", v)?;
-        let AttnSpec {
-            batch: b,
-            heads: h,
-            q_len: sq,
-            kv_len: skv,
-            head_dim: d,
-            causal,
-            scale,
-        } = spec;
-        let out = self.empty(b * sq * h * d, self.dtype)?;
-        let lse = self.empty(b * h * sq, DType::F32)?;
-        if b * h * sq == 0 {
-            return Ok((out, lse));
-        }
-        let tail = [Arg::int(causal)?, Arg::F32(scale as f32)];
-        let kind = attn_kind(spec)?;
-        let mut a = vec![self.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr()];
-        if profile::enabled() {
-            // fwd_flops walks the causal rows: only when someone is profiling
-            let el = self.dtype.size_in_bytes() as f64;
-            let qo = (b * h * sq * d) as f64;
-            profile::set_work(
-                flash::fwd_flops(b * h, sq, skv, d, causal),
-                el * (2.0 * qo + 2.0 * (b * h * skv * d) as f64) + 4.0 * (b * h * sq) as f64,
-            );
-        }
-        match kind {
-            AttnKind::Flash => {
-                a.extend([Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?]);
-                a.extend(tail);
-                if sfx == "bf16" && d == flash::HEAD_DIM {
-                    // Tensor cores (the towers' shape, bf16): v4's double buffering pays from
-                    // a few key tiles on (H200: vision 257 keys 0.210 vs 0.239 ms), v3 is
-                    // faster on the text tower's 77 (0.031 vs 0.034 ms); BENCHMARKS.md.
-                    let kernel = if skv > 128 {
-                        "flash_fwd_tc4_d64_bf16"
-                    } else {
-                        "flash_fwd_tc3_d64_bf16"
-                    };
-                    self.launch(kernel, flash::fwd_tc_config(b * h, sq), &a)?;
-                } else {
-                    self.launch(
-                        &format!("flash_fwd_d{d}_{sfx}"),
-                        flash::fwd_config(b * h, sq, d),
-                        &a,
-                    )?;
-                }
-            }
-            AttnKind::Whole => {
-                a.extend([
-                    Arg::int(b)?,
-                    Arg::int(h)?,
-                    Arg::int(sq)?,
-                    Arg::int(skv)?,
-                    Arg::int(d)?,
-                ]);
-                a.extend(tail);
-                let smem = ((sq + 2 * skv) * d + sq * skv) * 4;
-                self.launch(
-                    &format!("clam_attention_fwd_{sfx}"),
-                    LaunchConfig {
-                        grid: ((b * h).min(4096) as u32, 1, 1),
-                        block: (128, 1, 1),
-                        shared_mem_bytes: smem as u32,
-                    },
-                    &a,
-                )?;
-            }
-        }
-        Ok((out, lse))
-    }
-
-    fn attention_bwd(
-        &self,
-        k: &Self,
-        v: &Self,
-        o: &Self,
-        lse: &Self,
-        d_o: &Self,
-        spec: AttnSpec,
-    ) -> Result<(Self, Self, Self)> {
-        let sfx = self.sfx("attention_bwd")?;
-        let AttnSpec {
-            batch: b,
-            heads: h,
-            q_len: sq,
-            kv_len: skv,
-            head_dim: d,
-            causal,
-            scale,
-        } = spec;
-        let dq = self.empty(b * sq * h * d, self.dtype)?;
-        let (dk, dv) = (
-            self.empty(b * skv * h * d, self.dtype)?,
-            self.empty(b * skv * h * d, self.dtype)?,
-        );
-        if b * h * sq == 0 {
-            return Ok((dq, dk, dv));
-        }
-        if skv == 0 {
-            // No keys: nothing depends on Q (and no grid of key blocks to launch).
-            return Ok((self.zeros_like(b * sq * h * d, self.dtype)?, dk, dv));
-        }
-        let tail = [Arg::int(causal)?, Arg::F32(scale as f32)];
-        let dims = [Arg::int(h)?, Arg::int(sq)?, Arg::int(skv)?];
-        match attn_kind(spec)? {
-            AttnKind::Flash
-                if sfx == "bf16"
-                    && flash::BWD_TC_HEAD_DIMS.contains(&d)
-                    && flash::bwd_policy()? != Some(1) =>
-            {
-                // Tensor cores: dQ (which also writes the row deltas) then dK/dV, no atomics.
-                let pick =
-                    |len| flash::bwd_policy().map(|p| p.unwrap_or(flash::bwd_tc_variant(len)));
-                let delta = self.empty(b * h * sq, DType::F32)?;
-                let mut a = vec![
-                    self.ptr(),
-                    k.ptr(),
-                    v.ptr(),
-                    o.ptr(),
-                    lse.ptr(),
-                    d_o.ptr(),
-                    delta.ptr(),
-                    dq.ptr(),
-                ];
-                a.extend(dims);
-                a.extend(tail);
-                // Work per kernel for the profiler: dQ recomputes S and dP and forms dS·K (3
-                // products), dK/dV recomputes S and dP and forms Pᵀ·dO and dSᵀ·Q (4); a product
-                // is half the forward's FLOPs.
-                let (fwd_fl, el) = if profile::enabled() {
-                    (
-                        flash::fwd_flops(b * h, sq, skv, d, causal),
-                        self.dtype.size_in_bytes() as f64,
-                    )
-                } else {
-                    (0.0, 0.0)
-                };
-                let (qo, kv, rows) = (
-                    (b * h * sq * d) as f64,
-                    (b * h * skv * d) as f64,
-                    (b * h * sq) as f64,
-                );
-                profile::set_work(1.5 * fwd_fl, el * (4.0 * qo + 2.0 * kv) + 8.0 * rows);
-                let (dq_kernel, _) = flash::bwd_tc_kernels(pick(skv)?, d);
-                self.launch(&dq_kernel, flash::bwd_tc_config(b * h, sq), &a)?;
-                let mut a = vec![
-                    self.ptr(),
-                    k.ptr(),
-                    v.ptr(),
-                    lse.ptr(),
-                    delta.ptr(),
-                    d_o.ptr(),
-                    dk.ptr(),
-                    dv.ptr(),
-                ];
-                a.extend(dims);
-                a.extend(tail);
-                profile::set_work(2.0 * fwd_fl, el * (2.0 * qo + 4.0 * kv) + 8.0 * rows);
-                let (_, dkdv_kernel) = flash::bwd_tc_kernels(pick(sq)?, d);
-                self.launch(&dkdv_kernel, flash::bwd_tc_config(b * h, skv), &a)?;
-            }
-            AttnKind::Flash => {
-                let delta = self.empty(b * h * sq, DType::F32)?;
-                self.launch(
-                    &format!("flash_delta_{sfx}"),
-                    flash::delta_config(b * h * sq),
-                    &[
-                        o.ptr(),
-                        d_o.ptr(),
-                        delta.ptr(),
-                        Arg::int(b)?,
-                        Arg::int(h)?,
-                        Arg::int(sq)?,
-                        Arg::int(d)?,
-                    ],
-                )?;
-                let common = [
-                    self.ptr(),
-                    k.ptr(),
-                    v.ptr(),
-                    lse.ptr(),
-                    delta.ptr(),
-                    d_o.ptr(),
-                ];
-                let mut a = common.to_vec();
-                a.push(dq.ptr());
-                a.extend(dims);
-                a.extend(tail);
-                self.launch(
-                    &format!("flash_dq_d{d}_{sfx}"),
-                    flash::dq_config(b * h, sq, d),
-                    &a,
-                )?;
-                let mut a = common.to_vec();
-                a.extend([dk.ptr(), dv.ptr()]);
-                a.extend(dims);
-                a.extend(tail);
-                self.launch(
-                    &format!("flash_dkdv_d{d}_{sfx}"),
-                    flash::dkdv_config(b * h, skv, d),
-                    &a,
-                )?;
-            }
-            AttnKind::Whole => {
-                let mut a = vec![
-                    self.ptr(),
-                    k.ptr(),
-                    v.ptr(),
-                    o.ptr(),
-                    lse.ptr(),
-                    d_o.ptr(),
-                    dq.ptr(),
-                    dk.ptr(),
-                    dv.ptr(),
-                    Arg::int(b)?,
-                    Arg::int(h)?,
-                    Arg::int(sq)?,
-                    Arg::int(skv)?,
-                    Arg::int(d)?,
-                ];
-                a.extend(tail);
-                let smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
-                self.launch(
-                    &format!("clam_attention_bwd_{sfx}"),
-                    LaunchConfig {
-                        grid: ((b * h).min(4096) as u32, 1, 1),
-                        block: (128, 1, 1),
-                        shared_mem_bytes: smem as u32,
-                    },
-                    &a,
-                )?;
-            }
-        }
-        Ok((dq, dk, dv))
-    }
-
-    fn cross_entropy(&self, labels: &Self, rows: usize, cols: usize) -> Result<(Self, Self)> {
-        let sfx = self.sfx("cross_entropy")?;
-        let labels = labels.ids_i64("cross_entropy", cols)?;
-        same_len("cross_entropy", labels.len, rows)?;
-        let (part, lse) = (self.empty(rows, DType::F32)?, self.empty(rows, DType::F32)?);
-        if rows == 0 {
-            return Ok((self.zeros_like(1, DType::F32)?, lse));
-        }
-        self.launch(
-            &format!("cross_entropy_fwd_{sfx}"),
-            rows_cfg(rows.div_ceil(4), 128),
-            &[
-                self.ptr(),
-                labels.ptr(),
-                part.ptr(),
-                lse.ptr(),
-                Arg::int(rows)?,
-                Arg::int(cols)?,
-            ],
-        )?;
-        Ok((part.column_sum(rows, 1)?, lse))
-    }
-
-    fn cross_entropy_bwd(
-        &self,
-        labels: &Self,
-        lse: &Self,
-        dloss: &Self,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self> {
-        let sfx = self.sfx("cross_entropy_bwd")?;
-        let labels = labels.ids_i64("cross_entropy_bwd", cols)?;
-        let g = dloss.scalar_f32("cross_entropy_bwd")?;
-        let dz = self.empty(self.len, self.dtype)?;
-        if rows > 0 {
-            self.launch(
-                &format!("cross_entropy_bwd_{sfx}"),
-                ew(rows * cols),
-                &[
-                    self.ptr(),
-                    labels.ptr(),
-                    lse.ptr(),
-                    g.ptr(),
-                    dz.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                ],
-            )?;
-        }
-        Ok(dz)
-    }
-
-    fn sigmoid_loss(&self, d: &Self, t: &Self, b: &Self, n: usize, dim: usize) -> Result<Self> {
-        let (loss, _, _, _, _) = sigmoid_rows(self, d, t, b, n, dim)?;
-        Ok(loss)
-    }
-
-    fn sigmoid_loss_bwd(
-        &self,
-        d: &Self,
-        t: &Self,
-        b: &Self,
-        dloss: &Self,
-        n: usize,
-        dim: usize,
-    ) -> Result<(Self, Self, Self, Self)> {
-        // ∂f from (f, d), ∂d from the same kernel with the inputs swapped; both carry the
-        // upstream gradient 1, so scale by dloss afterwards.
-        let (_, df, dt, db, _) = sigmoid_rows(self, d, t, b, n, dim)?;
-        let (_, dd, _, _, _) = sigmoid_rows(d, self, t, b, n, dim)?;
-        let g = dloss.scalar_f32("sigmoid_loss_bwd")?;
-        let (dt, db) = (dt.scale_by(&g)?, db.scale_by(&g)?);
-        Ok((
-            df.scale_by(&g)?,
-            dd.scale_by(&g)?,
-            dt.into_dtype(t.dtype)?,
-            db.into_dtype(b.dtype)?,
-        ))
     }
 
     fn lora_linear(
@@ -1350,10 +1031,13 @@ impl BackendStorage for CudaStorage {
             return Ok(0.0);
         }
         let part = self.empty(chunks, DType::F32)?;
-        self.launch(
+        self.run_grid(
             "sum_sq_multi_f32",
-            LaunchConfig::linear(chunks.min(4096) as u32, 256),
-            &[Arg::U64(table.addr()), Arg::int(chunks)?, part.ptr()],
+            kn::SumSqMulti {
+                chunks: Arg::U64(table.addr()),
+                num_chunks: chunks,
+                part: part.ptr(),
+            },
         )?;
         let v: Vec<f32> = self.runner.read(&part.buf)?;
         Ok(v[..chunks].iter().map(|x| *x as f64).sum())
@@ -1370,16 +1054,15 @@ impl CudaStorage {
         let sfx = self.sfx("lora dropout")?;
         let out = self.empty(self.len, self.dtype)?;
         if self.len > 0 {
-            self.launch(
+            self.run_grid(
                 &format!("dropout_{sfx}"),
-                ew(self.len),
-                &[
-                    self.ptr(),
-                    out.ptr(),
-                    Arg::U64(self.len as u64),
-                    Arg::F32(l.dropout),
-                    Arg::U64(l.seed),
-                ],
+                kn::Dropout {
+                    x: self.ptr(),
+                    y: out.ptr(),
+                    n: self.len,
+                    p: l.dropout,
+                    seed: l.seed,
+                },
             )?;
         }
         Ok(Some(out))
@@ -1402,86 +1085,3 @@ mod storage_lora;
 #[path = "storage_optim.rs"]
 pub mod storage_optim;
 pub use storage_lora::{lora_choices, LoraPath};
-
-enum AttnKind {
-    /// Flash attention (head dim 64, any length).
-    Flash,
-    /// The whole attention in one block's shared memory (CLAM-sized: kv ≤ 64).
-    Whole,
-}
-
-fn attn_kind(spec: AttnSpec) -> Result<AttnKind> {
-    if flash::HEAD_DIMS.contains(&spec.head_dim) {
-        return Ok(AttnKind::Flash);
-    }
-    let smem =
-        ((2 * spec.q_len + 2 * spec.kv_len) * spec.head_dim + 2 * spec.q_len * spec.kv_len) * 4;
-    if spec.kv_len <= 64 && smem <= 227 * 1024 {
-        return Ok(AttnKind::Whole);
-    }
-    Err(Error::Cuda(format!(
-        "attention with head dim {} and {} keys has no CUDA kernel (flash: head dim 16, 32 or 64; whole-sequence: ≤ 64 keys)",
-        spec.head_dim, spec.kv_len
-    )))
-}
-
-/// The fused SigLIP kernel on (f, d): (loss [1], ∂f, ∂t [1], ∂b [1], per-row loss parts).
-fn sigmoid_rows(
-    f: &CudaStorage,
-    d: &CudaStorage,
-    t: &CudaStorage,
-    b: &CudaStorage,
-    n: usize,
-    dim: usize,
-) -> Result<(
-    CudaStorage,
-    CudaStorage,
-    CudaStorage,
-    CudaStorage,
-    CudaStorage,
-)> {
-    let sfx = f.sfx("sigmoid_loss")?;
-    f.same_dtype("sigmoid_loss", d)?;
-    same_len("sigmoid_loss f", f.len, n * dim)?;
-    same_len("sigmoid_loss d", d.len, n * dim)?;
-    let (tf, bf) = (
-        t.scalar_f32("sigmoid_loss t")?,
-        b.scalar_f32("sigmoid_loss b")?,
-    );
-    let grad = f.empty(n * dim, f.dtype)?;
-    let parts = f.empty(3 * n, DType::F32)?;
-    let threads = 128usize;
-    let off = |k: usize| Arg::U64(parts.buf.addr() + (k * n * 4) as u64);
-    if n > 0 {
-        f.launch(
-            &format!("sigmoid_loss_rows_{sfx}"),
-            LaunchConfig {
-                grid: (n.min(4096) as u32, 1, 1),
-                block: (threads as u32, 1, 1),
-                shared_mem_bytes: ((1 + threads / 32) * dim * 4) as u32,
-            },
-            &[
-                f.ptr(),
-                d.ptr(),
-                tf.ptr(),
-                bf.ptr(),
-                grad.ptr(),
-                off(0),
-                off(1),
-                off(2),
-                Arg::int(n)?,
-                Arg::int(dim)?,
-            ],
-        )?;
-    }
-    // [3, n] partials → per-quantity sums (column_sum over a transposed view: sum each row).
-    let sums = parts.sum_to(&Shape::from(vec![3, n]), &Shape::from(vec![3, 1]))?;
-    let pick = |k: usize| -> Result<CudaStorage> {
-        let mut o = f.empty(1, DType::F32)?;
-        sums.copy2d(&mut o, 1, 1, 1, 1, k, 0)?;
-        Ok(o)
-    };
-    // Keep `tf`/`bf` alive until the launch is ordered before their release (stream order).
-    let _ = (&tf, &bf);
-    Ok((pick(0)?, grad, pick(1)?, pick(2)?, parts))
-}

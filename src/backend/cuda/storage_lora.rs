@@ -202,17 +202,6 @@ impl CudaStorage {
         } as i32;
         let r = if low.is_some() { r } else { 0 };
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
-        let tail = [
-            opt(bias),
-            Arg::null(),
-            y.ptr(),
-            Arg::int(m)?,
-            Arg::int(n)?,
-            Arg::int(k)?,
-            Arg::int(r)?,
-            Arg::F32(scale),
-            Arg::I32(epi),
-        ];
         let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
         crate::profile::set_work(
             2.0 * mf * nf * (kf + rf),
@@ -224,23 +213,43 @@ impl CudaStorage {
             let tm = |st: &CudaStorage, map| -> Result<Arg> {
                 Ok(Arg::Map(self.runner.tensor_map(st.buf.addr(), map)?))
             };
-            let mut args = vec![tm(self, mx)?, tm(w, mw)?, tm(s, ms)?, tm(b, mb)?];
-            args.extend(tail);
-            self.launch(hopper::KERNEL, hopper::config(m, n), &args)?;
+            let args = kn::LoraGemm3Fwd {
+                tm_x: tm(self, mx)?,
+                tm_w: tm(w, mw)?,
+                tm_s: tm(s, ms)?,
+                tm_b: tm(b, mb)?,
+                bias: opt(bias),
+                res: Arg::null(),
+                y: y.ptr(),
+                m,
+                n,
+                k,
+                r,
+                scale,
+                epilogue: epi,
+            };
+            self.run(hopper::KERNEL, hopper::config(m, n), args)?;
             return Ok(y);
         }
         let v = path.variant().ok_or_else(|| {
             Error::Cuda(format!("lora gemm: {} is not a fused path", path.name()))
         })?;
-        let mut args = vec![
-            self.ptr(),
-            w.ptr(),
-            tail[0],
-            opt(low.map(|l| l.0)),
-            opt(low.map(|l| l.1)),
-        ];
-        args.extend_from_slice(&tail[1..]);
-        self.launch(v.fwd, v.config(m, n), &args)?;
+        let args = kn::LoraGemmFwd {
+            x: self.ptr(),
+            w: w.ptr(),
+            bias: opt(bias),
+            s_low: opt(low.map(|l| l.0)),
+            lb: opt(low.map(|l| l.1)),
+            res: Arg::null(),
+            y: y.ptr(),
+            m,
+            n,
+            k,
+            r,
+            scale,
+            epilogue: epi,
+        };
+        self.run(v.fwd, v.config(m, n), args)?;
         Ok(y)
     }
 
@@ -270,21 +279,22 @@ impl CudaStorage {
             2.0 * mf * kf * (nf + rf),
             2.0 * (mf * nf + nf * kf + mf * rf + rf * kf + mf * kf),
         );
-        self.launch(
+        // The output is [m, k] and the contraction runs over n.
+        self.run(
             v.bwd,
             v.config(m, k),
-            &[
-                self.ptr(),
-                w.ptr(),
-                opt(low.map(|l| l.0)),
-                opt(low.map(|l| l.1)),
-                dx.ptr(),
-                Arg::int(m)?,
-                Arg::int(k)?,
-                Arg::int(n)?,
-                Arg::I32(if low.is_some() { r as i32 } else { 0 }),
-                Arg::F32(scale),
-            ],
+            kn::LoraGemmBwd {
+                x: self.ptr(),
+                w: w.ptr(),
+                s_low: opt(low.map(|l| l.0)),
+                lb: opt(low.map(|l| l.1)),
+                y: dx.ptr(),
+                m,
+                n: k,
+                k: n,
+                r: if low.is_some() { r } else { 0 },
+                scale,
+            },
         )?;
         Ok(dx)
     }

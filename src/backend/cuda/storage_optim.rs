@@ -50,21 +50,22 @@ pub fn adamw_clipped(params: &[FusedParam], step: AdamWStep, max_norm: f64) -> R
     let out = first.empty(2, DType::F32)?;
     let tab = first.runner.buffer(&words)?;
     let part = first.empty(chunks, DType::F32)?;
-    let grid = LaunchConfig::linear(chunks.min(4096) as u32, 256);
-    first.launch(
+    first.run_grid(
         "sum_sq_multi_f32",
-        grid,
-        &[Arg::U64(tab.addr()), Arg::int(chunks)?, part.ptr()],
+        kn::SumSqMulti {
+            chunks: Arg::U64(tab.addr()),
+            num_chunks: chunks,
+            part: part.ptr(),
+        },
     )?;
-    first.launch(
+    first.run_grid(
         "grad_clip_f32",
-        LaunchConfig::linear(1, 256),
-        &[
-            part.ptr(),
-            Arg::int(chunks)?,
-            Arg::F32(max_norm as f32),
-            out.ptr(),
-        ],
+        kn::GradClip {
+            part: part.ptr(),
+            num_parts: chunks,
+            max_norm: max_norm as f32,
+            out: out.ptr(),
+        },
     )?;
     launch_adamw(first, &tab, chunks, &step, Arg::U64(out.buf.addr() + 4))?;
     // The table and partial sums go back to the caching allocator; reuse is stream-ordered.
@@ -80,20 +81,19 @@ pub(super) fn launch_adamw(
     step: &AdamWStep,
     scale: Arg,
 ) -> Result<()> {
-    on.launch(
+    on.run_grid(
         "adamw_multi_f32",
-        LaunchConfig::linear(chunks.min(4096) as u32, 256),
-        &[
-            Arg::U64(table.addr()),
-            Arg::int(chunks)?,
-            Arg::F32(step.lr as f32),
-            Arg::F32(step.beta1 as f32),
-            Arg::F32(step.beta2 as f32),
-            Arg::F32(step.eps as f32),
-            Arg::F32(step.bias1 as f32),
-            Arg::F32(step.bias2 as f32),
-            Arg::F32(step.grad_scale as f32),
-            scale,
-        ],
+        kn::AdamwMulti {
+            chunks: Arg::U64(table.addr()),
+            num_chunks: chunks,
+            lr: step.lr as f32,
+            beta1: step.beta1 as f32,
+            beta2: step.beta2 as f32,
+            eps: step.eps as f32,
+            bias1: step.bias1 as f32,
+            bias2: step.bias2 as f32,
+            grad_scale: step.grad_scale as f32,
+            scale_ptr: scale,
+        },
     )
 }

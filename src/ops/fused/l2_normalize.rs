@@ -4,12 +4,10 @@
 //! output, and takes the clamped branch (y = x / eps, linear) where the norm is below eps.
 use rayon::prelude::*;
 
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use super::launch_rows;
 use super::{cpu_float, cpu_float_bf16_via_f32, FloatFn, FusedKernel};
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use crate::backend::cuda::{abi::Arg, storage::CudaStorage};
+use crate::backend::cuda::{kernels as kn, storage::CudaStorage};
 use crate::ops::{check_float, record_fn};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::DType;
@@ -118,20 +116,18 @@ impl FusedKernel for Forward {
         let rows = x.len / self.cols.max(1);
         let y = x.empty(x.len, x.dtype)?;
         let norm = x.empty(rows, DType::F32)?;
-        let args = [x.ptr(), y.ptr(), norm.ptr()];
-        let dims = [
-            Arg::int(rows)?,
-            Arg::int(self.cols)?,
-            Arg::F32(self.eps as f32),
-        ];
-        launch_rows(
-            x,
-            Self::NAME,
-            "l2norm_fwd",
-            rows,
-            128,
-            &[&args[..], &dims].concat(),
-        )?;
+        let name = format!("l2norm_fwd_{}", x.sfx(Self::NAME)?);
+        if rows > 0 {
+            let k = kn::L2NormFwd {
+                x: x.ptr(),
+                y: y.ptr(),
+                norm: norm.ptr(),
+                rows,
+                cols: self.cols,
+                eps: self.eps as f32,
+            };
+            x.run_grid(&name, k)?;
+        }
         Ok(vec![y, norm])
     }
 }
@@ -150,20 +146,19 @@ impl FusedKernel for Backward {
         y.same_dtype(Self::NAME, dy)?;
         let rows = y.len / self.cols.max(1);
         let dx = y.empty(y.len, y.dtype)?;
-        let args = [y.ptr(), norm.ptr(), dy.ptr(), dx.ptr()];
-        let dims = [
-            Arg::int(rows)?,
-            Arg::int(self.cols)?,
-            Arg::F32(self.eps as f32),
-        ];
-        launch_rows(
-            y,
-            Self::NAME,
-            "l2norm_bwd",
-            rows,
-            128,
-            &[&args[..], &dims].concat(),
-        )?;
+        let name = format!("l2norm_bwd_{}", y.sfx(Self::NAME)?);
+        if rows > 0 {
+            let k = kn::L2NormBwd {
+                y: y.ptr(),
+                norm: norm.ptr(),
+                dy: dy.ptr(),
+                dx: dx.ptr(),
+                rows,
+                cols: self.cols,
+                eps: self.eps as f32,
+            };
+            y.run_grid(&name, k)?;
+        }
         Ok(vec![dx])
     }
 }

@@ -4,13 +4,12 @@
 //! depend on scheduling) and the backward rule, which computes dγ/dβ only when asked.
 use rayon::prelude::*;
 
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use super::launch_rows;
 use super::{cpu_float, cpu_float_bf16_via_f32, FloatFn, FusedKernel};
 use crate::backend::cpu::{CpuStorage, RED_CHUNK};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::{
     abi::{Arg, LaunchConfig},
+    kernels as kn,
     storage::CudaStorage,
 };
 use crate::backend::BackendStorage;
@@ -141,20 +140,23 @@ impl FusedKernel for Forward {
         let rows = x.len / self.cols.max(1);
         let y = x.empty(x.len, x.dtype)?;
         let (mean, rstd) = (x.empty(rows, DType::F32)?, x.empty(rows, DType::F32)?);
-        let args = [
-            x.ptr(),
-            Arg::null(), // no residual
-            gamma.ptr(),
-            beta.ptr(),
-            Arg::null(), // no pre-norm sum out
-            y.ptr(),
-            mean.ptr(),
-            rstd.ptr(),
-            Arg::int(rows)?,
-            Arg::int(self.cols)?,
-            Arg::F32(self.eps as f32),
-        ];
-        launch_rows(x, Self::NAME, "layernorm_fwd", rows, 256, &args)?;
+        let name = format!("layernorm_fwd_{}", x.sfx(Self::NAME)?);
+        if rows > 0 {
+            let k = kn::LayerNormFwd {
+                x: x.ptr(),
+                res: Arg::null(), // no residual
+                gamma: gamma.ptr(),
+                beta: beta.ptr(),
+                sum_out: Arg::null(), // no pre-norm sum out
+                y: y.ptr(),
+                mean: mean.ptr(),
+                rstd: rstd.ptr(),
+                rows,
+                n: self.cols,
+                eps: self.eps as f32,
+            };
+            x.run_grid(&name, k)?;
+        }
         Ok(vec![y, mean, rstd])
     }
 }
@@ -181,22 +183,23 @@ impl FusedKernel for Backward {
             x.empty(blocks * cols, DType::F32)?,
         );
         if rows > 0 {
-            x.launch(
+            // One block per partial row of dγ/dβ.
+            x.run(
                 &format!("layernorm_bwd_{sfx}"),
                 LaunchConfig::linear(blocks as u32, 256),
-                &[
-                    dy.ptr(),
-                    x.ptr(),
-                    gamma.ptr(),
-                    mean.ptr(),
-                    rstd.ptr(),
-                    Arg::null(),
-                    dx.ptr(),
-                    dgp.ptr(),
-                    dbp.ptr(),
-                    Arg::int(rows)?,
-                    Arg::int(cols)?,
-                ],
+                kn::LayerNormBwd {
+                    dy: dy.ptr(),
+                    x: x.ptr(),
+                    gamma: gamma.ptr(),
+                    mean: mean.ptr(),
+                    rstd: rstd.ptr(),
+                    dsum: Arg::null(),
+                    dx: dx.ptr(),
+                    dgamma_part: dgp.ptr(),
+                    dbeta_part: dbp.ptr(),
+                    rows,
+                    n: cols,
+                },
             )?;
         }
         let mut out = vec![];

@@ -3,8 +3,11 @@
 //! pattern), writing its kernel in `kernels/` and its tests — the backend trait, the storage
 //! dispatch and the CPU backend stay as they are. `run` dispatches a `FusedKernel` on the
 //! storage its inputs live on.
+pub mod attention;
+pub mod cross_entropy;
 pub mod l2_normalize;
 pub mod layer_norm;
+pub mod sigmoid_loss;
 pub mod softmax;
 
 use crate::backend::cpu::CpuStorage;
@@ -91,28 +94,6 @@ pub fn cpu_float_bf16_via_f32(
         .iter()
         .map(|s| s.cast(DType::BF16))
         .collect()
-}
-
-/// Launches the row kernel `{stem}_{f32|bf16}` (for `x`'s dtype) over `rows` rows, one block
-/// of `threads` per row, when there are any rows.
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-pub fn launch_rows(
-    x: &CudaStorage,
-    op: &'static str,
-    stem: &str,
-    rows: usize,
-    threads: u32,
-    args: &[crate::backend::cuda::abi::Arg],
-) -> Result<()> {
-    let sfx = x.sfx(op)?;
-    if rows == 0 {
-        return Ok(());
-    }
-    x.launch(
-        &format!("{stem}_{sfx}"),
-        crate::backend::cuda::storage::rows_cfg(rows, threads),
-        args,
-    )
 }
 
 /// A CPU reference written once for every float type (`Float`: f32 and f64).

@@ -3,13 +3,11 @@
 //! A fully masked row (all −∞) is defined as zeros.
 use rayon::prelude::*;
 
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use super::launch_rows;
 use super::{cpu_float, FloatFn, FusedKernel};
 use crate::backend::cpu::norm::softmax_row;
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use crate::backend::cuda::{abi::Arg, storage::CudaStorage};
+use crate::backend::cuda::{kernels as kn, storage::CudaStorage};
 use crate::ops::{check_float, record_fn};
 use crate::{Float, Result, Tensor};
 
@@ -87,8 +85,16 @@ impl FusedKernel for Forward {
         let x = inputs[0];
         let rows = x.len / self.cols.max(1);
         let y = x.empty(x.len, x.dtype)?;
-        let args = [x.ptr(), y.ptr(), Arg::int(rows)?, Arg::int(self.cols)?];
-        launch_rows(x, Self::NAME, "softmax_fwd", rows, 128, &args)?;
+        let name = format!("softmax_fwd_{}", x.sfx(Self::NAME)?);
+        if rows > 0 {
+            let k = kn::SoftmaxFwd {
+                x: x.ptr(),
+                y: y.ptr(),
+                rows,
+                cols: self.cols,
+            };
+            x.run_grid(&name, k)?;
+        }
         Ok(vec![y])
     }
 }
@@ -106,14 +112,17 @@ impl FusedKernel for Backward {
         y.same_dtype(Self::NAME, dy)?;
         let rows = y.len / self.cols.max(1);
         let dx = y.empty(y.len, y.dtype)?;
-        let args = [
-            y.ptr(),
-            dy.ptr(),
-            dx.ptr(),
-            Arg::int(rows)?,
-            Arg::int(self.cols)?,
-        ];
-        launch_rows(y, Self::NAME, "softmax_bwd", rows, 128, &args)?;
+        let name = format!("softmax_bwd_{}", y.sfx(Self::NAME)?);
+        if rows > 0 {
+            let k = kn::SoftmaxBwd {
+                y: y.ptr(),
+                dy: dy.ptr(),
+                dx: dx.ptr(),
+                rows,
+                cols: self.cols,
+            };
+            y.run_grid(&name, k)?;
+        }
         Ok(vec![dx])
     }
 }
