@@ -1,8 +1,10 @@
-//! AdamW over trainable leaves, reading gradients from a `GradStore`. The update itself is a
-//! backend op (`adamw_step`), so parameters and moments stay on their device.
+//! AdamW over trainable leaves, reading gradients from a `GradStore`. The update itself is the
+//! fused unit `ops::fused::adamw` (per tensor, or every tensor at once on CUDA), so parameters
+//! and moments stay on their device.
 use std::collections::HashMap;
 
 use crate::backend::AdamWStep;
+use crate::ops::fused::adamw;
 use crate::{Error, GradStore, Result, Tensor, TensorId};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -136,7 +138,7 @@ impl AdamW {
             let gs = g.storage();
             let (mut ms, mut vs) = (m.storage_mut(), v.storage_mut());
             p.tensor
-                .update_storage(|ps| ps.adamw_step(&gs, &mut ms, &mut vs, step))?;
+                .update_storage(|ps| adamw::step(ps, &gs, &mut ms, &mut vs, step))?;
         }
         Ok(())
     }
@@ -181,8 +183,7 @@ impl AdamW {
         lr: f64,
         max_norm: f64,
     ) -> Result<Option<Tensor>> {
-        use crate::backend::FusedParam;
-        use crate::storage::adamw_clipped_fused;
+        use adamw::FusedParam;
         let mut with = vec![];
         let mut seen = std::collections::HashSet::new();
         for p in params {
@@ -249,7 +250,7 @@ impl AdamW {
                 weight_decay: *wd as f32,
             })
             .collect();
-        let out = adamw_clipped_fused(&fused, step, max_norm)?;
+        let out = adamw::step_clipped(&fused, step, max_norm)?;
         drop(fused);
         drop(guards);
         self.steps += 1;
@@ -262,7 +263,7 @@ pub fn grad_norm(params: &[Param], grads: &GradStore) -> Result<f64> {
     let mut s = 0.0;
     for p in params {
         if let Some(g) = grads.get(&p.tensor) {
-            s += g.storage().sum_sq()?;
+            s += adamw::sum_sq(&g.storage())?;
         }
     }
     Ok(s.sqrt())

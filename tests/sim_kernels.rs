@@ -7,6 +7,12 @@
 #![cfg(any(feature = "cuda-sim", feature = "cuda"))]
 use std::cell::Cell;
 
+use sd2::backend::cuda::kernels::{
+    AdamwMulti, BiasQuickGeluBwd, BiasQuickGeluFwd, Cast, ClamAttentionBwd, ClamAttentionFwd,
+    ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq, FlashDelta, FlashDkdv, FlashDq,
+    FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd, L2NormFwd, LayerNormBwd, LayerNormFwd,
+    LoraGemm3Fwd, LoraGemmBwd, LoraGemmFwd, Patchify, SigmoidLossRows, SumSqMulti,
+};
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::backend::cuda::{flash, lora_gemm};
 use sd2::{DType, Device, Tensor};
@@ -164,40 +170,40 @@ fn layernorm_fused_residual_matches_cpu() {
                         let mut v: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
                         let mut dx: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
                         unsafe {
-                            r.launch(
+                            r.run_staged(
                                 &format!("layernorm_fwd_{tag}"),
                                 cfg,
-                                &mut [
-                                    KArg::input(&xs),
-                                    KArg::input(&rs),
-                                    KArg::input(&gs),
-                                    KArg::input(&bs),
-                                    KArg::output(&mut v),
-                                    KArg::output(&mut y),
-                                    KArg::output(&mut mean),
-                                    KArg::output(&mut rstd),
-                                    KArg::I32(rows as i32),
-                                    KArg::I32(n as i32),
-                                    KArg::F32(1e-5),
-                                ],
+                                LayerNormFwd {
+                                    x: KArg::input(&xs),
+                                    res: KArg::input(&rs),
+                                    gamma: KArg::input(&gs),
+                                    beta: KArg::input(&bs),
+                                    sum_out: KArg::output(&mut v),
+                                    y: KArg::output(&mut y),
+                                    mean: KArg::output(&mut mean),
+                                    rstd: KArg::output(&mut rstd),
+                                    rows,
+                                    n,
+                                    eps: 1e-5,
+                                },
                             )
                             .unwrap();
-                            r.launch(
+                            r.run_staged(
                                 &format!("layernorm_bwd_{tag}"),
                                 cfg,
-                                &mut [
-                                    KArg::input(&dys),
-                                    KArg::input(&v),
-                                    KArg::input(&gs),
-                                    KArg::input(&mean),
-                                    KArg::input(&rstd),
-                                    KArg::input(&dss),
-                                    KArg::output(&mut dx),
-                                    KArg::output(&mut dg_part),
-                                    KArg::output(&mut db_part),
-                                    KArg::I32(rows as i32),
-                                    KArg::I32(n as i32),
-                                ],
+                                LayerNormBwd {
+                                    dy: KArg::input(&dys),
+                                    x: KArg::input(&v),
+                                    gamma: KArg::input(&gs),
+                                    mean: KArg::input(&mean),
+                                    rstd: KArg::input(&rstd),
+                                    dsum: KArg::input(&dss),
+                                    dx: KArg::output(&mut dx),
+                                    dgamma_part: KArg::output(&mut dg_part),
+                                    dbeta_part: KArg::output(&mut db_part),
+                                    rows,
+                                    n,
+                                },
                             )
                             .unwrap();
                         }
@@ -253,38 +259,38 @@ fn bias_quick_gelu_matches_cpu() {
         let mut got_dx = vec![f32::NAN; rows * n];
         let mut part = vec![f32::NAN; blocks as usize * n];
         unsafe {
-            r.launch(
+            r.run_staged(
                 "bias_quick_gelu_fwd_f32",
                 LaunchConfig {
                     grid: (7, 1, 1),
                     block: (64, 1, 1),
                     shared_mem_bytes: 0,
                 },
-                &mut [
-                    KArg::input(&x),
-                    KArg::input(&b),
-                    KArg::output(&mut got_y),
-                    KArg::I32(rows as i32),
-                    KArg::I32(n as i32),
-                ],
+                BiasQuickGeluFwd {
+                    x: KArg::input(&x),
+                    b: KArg::input(&b),
+                    y: KArg::output(&mut got_y),
+                    rows,
+                    n,
+                },
             )
             .unwrap();
-            r.launch(
+            r.run_staged(
                 "bias_quick_gelu_bwd_f32",
                 LaunchConfig {
                     grid: (blocks, 1, 1),
                     block: (32, 1, 1),
                     shared_mem_bytes: 0,
                 },
-                &mut [
-                    KArg::input(&x),
-                    KArg::input(&b),
-                    KArg::input(&dy),
-                    KArg::output(&mut got_dx),
-                    KArg::output(&mut part),
-                    KArg::I32(rows as i32),
-                    KArg::I32(n as i32),
-                ],
+                BiasQuickGeluBwd {
+                    x: KArg::input(&x),
+                    b: KArg::input(&b),
+                    dy: KArg::input(&dy),
+                    dx: KArg::output(&mut got_dx),
+                    db_part: KArg::output(&mut part),
+                    rows,
+                    n,
+                },
             )
             .unwrap();
         }
@@ -313,6 +319,8 @@ fn simulator_reports_bad_launches_and_lists_kernels() {
         block: (2048, 1, 1),
         shared_mem_bytes: 0,
     };
+    // The simulator's own raw entry point (`sim::launch` with `Arg`s), not a `Runner`: it stays
+    // untyped, as it is what this test checks.
     let args = [
         sd2::backend::cuda::launch::Arg::null(),
         sd2::backend::cuda::launch::Arg::null(),
@@ -346,6 +354,8 @@ fn launch_arguments_are_checked_against_the_kernel_signature() {
     assert!(matches!(Arg::int(77usize), Ok(Arg::I32(77))));
     let e = Arg::int(3_000_000_000usize).unwrap_err().to_string();
     assert!(e.contains("3000000000") && e.contains("32-bit"), "{e}");
+    // Deliberately malformed argument lists through the untyped `Runner::launch`: the typed
+    // structs could not express them, and the raw path's signature check is what is tested.
     let good = || {
         let mut a: Vec<KArg> = (0..8).map(|_| KArg::Null).collect();
         a.extend([
@@ -389,21 +399,22 @@ fn launch_arguments_are_checked_against_the_kernel_signature() {
 #[test]
 fn bad_launches_are_clear_errors_on_every_backend() {
     each_backend(|r| {
+        // An undeclared kernel has no typed struct: the untyped launch is the path under test.
         let e = unsafe { r.launch("no_such_kernel", cfg1(1, 32), &mut []) }
             .unwrap_err()
             .to_string();
         assert!(e.contains("no_such_kernel"), "[{}] {e}", r.name());
         let mut out = vec![f32::NAN; 4];
         let e = unsafe {
-            r.launch(
+            r.run_staged(
                 "column_sum_f32",
                 cfg1(1, 2048),
-                &mut [
-                    KArg::input(&[1.0f32; 4]),
-                    KArg::output(&mut out),
-                    KArg::I32(1),
-                    KArg::I32(4),
-                ],
+                ColumnSum {
+                    part: KArg::input(&[1.0f32; 4]),
+                    out: KArg::output(&mut out),
+                    parts: 1,
+                    n: 4,
+                },
             )
         }
         .unwrap_err()
@@ -477,21 +488,21 @@ fn sigmoid_loss_matches_cpu() {
                 unsafe {
                     let (l, rest) = parts.split_at_mut(n);
                     let (dtp, dbp) = rest.split_at_mut(n);
-                    r.launch(
+                    r.run_staged(
                         &format!("sigmoid_loss_rows_{suffix}"),
                         cfg,
-                        &mut [
-                            a.arg(),
-                            c.arg(),
-                            KArg::scalar(&t_val),
-                            KArg::scalar(&b_val),
-                            grad.arg_mut(),
-                            KArg::output(l),
-                            KArg::output(dtp),
-                            KArg::output(dbp),
-                            KArg::I32(n as i32),
-                            KArg::I32(dim as i32),
-                        ],
+                        SigmoidLossRows {
+                            f: a.arg(),
+                            d: c.arg(),
+                            t: KArg::scalar(&t_val),
+                            b: KArg::scalar(&b_val),
+                            grad: grad.arg_mut(),
+                            loss_part: KArg::output(l),
+                            dt_part: KArg::output(dtp),
+                            db_part: KArg::output(dbp),
+                            n,
+                            dim,
+                        },
                     )
                     .unwrap();
                 }
@@ -531,15 +542,15 @@ fn cfg1(blocks: u32, threads: u32) -> LaunchConfig {
 fn column_sum(r: &Runner, parts: &[f32], n: usize) -> Vec<f32> {
     let mut out = vec![f32::NAN; n];
     unsafe {
-        r.launch(
+        r.run_staged(
             "column_sum_f32",
             cfg1((n as u32).div_ceil(32), 32),
-            &mut [
-                KArg::input(parts),
-                KArg::output(&mut out),
-                KArg::I32((parts.len() / n) as i32),
-                KArg::I32(n as i32),
-            ],
+            ColumnSum {
+                part: KArg::input(parts),
+                out: KArg::output(&mut out),
+                parts: parts.len() / n,
+                n,
+            },
         )
         .unwrap();
     }
@@ -570,31 +581,31 @@ fn l2norm_matches_cpu() {
             vec![f32::NAN; rows * cols],
         );
         unsafe {
-            r.launch(
+            r.run_staged(
                 "l2norm_fwd_f32",
                 cfg1(4, 64),
-                &mut [
-                    KArg::input(&x),
-                    KArg::output(&mut got_y),
-                    KArg::output(&mut norm),
-                    KArg::I32(rows as i32),
-                    KArg::I32(cols as i32),
-                    KArg::F32(1e-12),
-                ],
+                L2NormFwd {
+                    x: KArg::input(&x),
+                    y: KArg::output(&mut got_y),
+                    norm: KArg::output(&mut norm),
+                    rows,
+                    cols,
+                    eps: 1e-12,
+                },
             )
             .unwrap();
-            r.launch(
+            r.run_staged(
                 "l2norm_bwd_f32",
                 cfg1(5, 32),
-                &mut [
-                    KArg::input(&got_y),
-                    KArg::input(&norm),
-                    KArg::input(&dy),
-                    KArg::output(&mut got_dx),
-                    KArg::I32(rows as i32),
-                    KArg::I32(cols as i32),
-                    KArg::F32(1e-12),
-                ],
+                L2NormBwd {
+                    y: KArg::input(&got_y),
+                    norm: KArg::input(&norm),
+                    dy: KArg::input(&dy),
+                    dx: KArg::output(&mut got_dx),
+                    rows,
+                    cols,
+                    eps: 1e-12,
+                },
             )
             .unwrap();
         }
@@ -622,31 +633,31 @@ fn cross_entropy_matches_cpu() {
             );
             let dloss = 0.7f32;
             unsafe {
-                r.launch(
+                r.run_staged(
                     "cross_entropy_fwd_f32",
                     cfg1(3, 64),
-                    &mut [
-                        KArg::input(&z),
-                        KArg::input(&labels),
-                        KArg::output(&mut part),
-                        KArg::output(&mut lse),
-                        KArg::I32(rows as i32),
-                        KArg::I32(cols as i32),
-                    ],
+                    CrossEntropyFwd {
+                        z: KArg::input(&z),
+                        labels: KArg::input(&labels),
+                        loss_part: KArg::output(&mut part),
+                        lse: KArg::output(&mut lse),
+                        rows,
+                        cols,
+                    },
                 )
                 .unwrap();
-                r.launch(
+                r.run_staged(
                     "cross_entropy_bwd_f32",
                     cfg1(4, 64),
-                    &mut [
-                        KArg::input(&z),
-                        KArg::input(&labels),
-                        KArg::input(&lse),
-                        KArg::scalar(&dloss),
-                        KArg::output(&mut dz),
-                        KArg::I32(rows as i32),
-                        KArg::I32(cols as i32),
-                    ],
+                    CrossEntropyBwd {
+                        z: KArg::input(&z),
+                        labels: KArg::input(&labels),
+                        lse: KArg::input(&lse),
+                        dloss: KArg::scalar(&dloss),
+                        dz: KArg::output(&mut dz),
+                        rows,
+                        cols,
+                    },
                 )
                 .unwrap();
             }
@@ -726,7 +737,7 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
         let mut want: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = vec![];
         for k in 0..2 {
             let (mut pp, mut mm, mut vv) = (p[k].clone(), m[k].clone(), v[k].clone());
-            sd2::backend::cpu::optim::adamw(&mut pp, &g[k], &mut mm, &mut vv, clipped(decay[k]));
+            sd2::ops::fused::adamw::adamw(&mut pp, &g[k], &mut mm, &mut vv, clipped(decay[k]));
             want.push((pp, mm, vv));
         }
         // The kernel reaches the tensors through the table: they live in the runner's memory.
@@ -756,42 +767,42 @@ fn adamw_multi_tensor_and_grad_norm_match_cpu() {
         // Clipping at half the norm: the device coefficient ≈ 0.5 scales every gradient.
         let max_norm = 0.5 * want_sq.sqrt();
         unsafe {
-            r.launch(
+            r.run_staged(
                 "sum_sq_multi_f32",
                 cfg1(2, 64),
-                &mut [
-                    KArg::input(&chunks),
-                    KArg::I32(chunks.len() as i32),
-                    KArg::output(&mut parts),
-                ],
+                SumSqMulti {
+                    chunks: KArg::input(&chunks),
+                    num_chunks: chunks.len(),
+                    part: KArg::output(&mut parts),
+                },
             )
             .unwrap();
-            r.launch(
+            r.run_staged(
                 "grad_clip_f32",
                 cfg1(1, 64),
-                &mut [
-                    KArg::input(&parts),
-                    KArg::I32(parts.len() as i32),
-                    KArg::F32(max_norm as f32),
-                    KArg::output(&mut clip),
-                ],
+                GradClip {
+                    part: KArg::input(&parts),
+                    num_parts: parts.len(),
+                    max_norm: max_norm as f32,
+                    out: KArg::output(&mut clip),
+                },
             )
             .unwrap();
-            r.launch(
+            r.run_staged(
                 "adamw_multi_f32",
                 cfg1(3, 64),
-                &mut [
-                    KArg::input(&chunks),
-                    KArg::I32(chunks.len() as i32),
-                    KArg::F32(s.lr as f32),
-                    KArg::F32(s.beta1 as f32),
-                    KArg::F32(s.beta2 as f32),
-                    KArg::F32(s.eps as f32),
-                    KArg::F32(s.bias1 as f32),
-                    KArg::F32(s.bias2 as f32),
-                    KArg::F32(s.grad_scale as f32),
-                    KArg::input(&clip[1..]),
-                ],
+                AdamwMulti {
+                    chunks: KArg::input(&chunks),
+                    num_chunks: chunks.len(),
+                    lr: s.lr as f32,
+                    beta1: s.beta1 as f32,
+                    beta2: s.beta2 as f32,
+                    eps: s.eps as f32,
+                    bias1: s.bias1 as f32,
+                    bias2: s.bias2 as f32,
+                    grad_scale: s.grad_scale as f32,
+                    scale_ptr: KArg::input(&clip[1..]),
+                },
             )
             .unwrap();
         }
@@ -843,28 +854,28 @@ fn gather_scatter_patchify_and_casts_match_cpu() {
             .unwrap();
         let (mut rows, mut dtable) = (vec![f32::NAN; n * cols], vec![0.0f32; vocab * cols]);
         unsafe {
-            r.launch(
+            r.run_staged(
                 "index_rows_f32",
                 cfg1(2, 32),
-                &mut [
-                    KArg::input(&table),
-                    KArg::input(&ids),
-                    KArg::output(&mut rows),
-                    KArg::I32(n as i32),
-                    KArg::I32(cols as i32),
-                ],
+                IndexRows {
+                    table: KArg::input(&table),
+                    ids: KArg::input(&ids),
+                    out: KArg::output(&mut rows),
+                    n,
+                    cols,
+                },
             )
             .unwrap();
-            r.launch(
+            r.run_staged(
                 "index_add_rows_f32",
                 cfg1(1, 32),
-                &mut [
-                    KArg::input(&dy),
-                    KArg::input(&ids),
-                    KArg::output(&mut dtable),
-                    KArg::I32(n as i32),
-                    KArg::I32(cols as i32),
-                ],
+                IndexAddRows {
+                    src: KArg::input(&dy),
+                    ids: KArg::input(&ids),
+                    out: KArg::output(&mut dtable),
+                    n,
+                    cols,
+                },
             )
             .unwrap();
         }
@@ -881,18 +892,18 @@ fn gather_scatter_patchify_and_casts_match_cpu() {
         let want = host(&t(&x, &[b, c, h, w]).patchify(p).unwrap());
         let mut got = vec![f32::NAN; want.len()];
         unsafe {
-            r.launch(
+            r.run_staged(
                 "patchify_f32",
                 cfg1(3, 64),
-                &mut [
-                    KArg::input(&x),
-                    KArg::output(&mut got),
-                    KArg::I32(b as i32),
-                    KArg::I32(c as i32),
-                    KArg::I32(h as i32),
-                    KArg::I32(w as i32),
-                    KArg::I32(p as i32),
-                ],
+                Patchify {
+                    x: KArg::input(&x),
+                    out: KArg::output(&mut got),
+                    b,
+                    c,
+                    h,
+                    w,
+                    p,
+                },
             )
             .unwrap();
         }
@@ -911,24 +922,24 @@ fn gather_scatter_patchify_and_casts_match_cpu() {
         let mut bf = vec![half::bf16::from_bits(0xffff); vals.len()];
         let mut back = vec![f32::NAN; vals.len()];
         unsafe {
-            r.launch(
+            r.run_staged(
                 "cast_f32_bf16",
                 cfg1(1, 64),
-                &mut [
-                    KArg::input(&vals),
-                    KArg::output(&mut bf),
-                    KArg::U64(vals.len() as u64),
-                ],
+                Cast {
+                    x: KArg::input(&vals),
+                    y: KArg::output(&mut bf),
+                    n: vals.len(),
+                },
             )
             .unwrap();
-            r.launch(
+            r.run_staged(
                 "cast_bf16_f32",
                 cfg1(1, 64),
-                &mut [
-                    KArg::input(&bf),
-                    KArg::output(&mut back),
-                    KArg::U64(vals.len() as u64),
-                ],
+                Cast {
+                    x: KArg::input(&bf),
+                    y: KArg::output(&mut back),
+                    n: vals.len(),
+                },
             )
             .unwrap();
         }
@@ -1022,56 +1033,56 @@ fn clam_attention_matches_cpu() {
             let suffix = if bf { "bf16" } else { "f32" };
             let fwd_smem = ((sq + 2 * skv) * d + sq * skv) * 4;
             let bwd_smem = ((2 * sq + 2 * skv) * d + 2 * sq * skv) * 4;
-            let dims = || {
-                [
-                    KArg::I32(b as i32),
-                    KArg::I32(heads as i32),
-                    KArg::I32(sq as i32),
-                    KArg::I32(skv as i32),
-                    KArg::I32(d as i32),
-                    KArg::I32(causal as i32),
-                    KArg::F32(1.0 / (d as f32).sqrt()),
-                ]
-            };
+            let scale = 1.0 / (d as f32).sqrt();
             unsafe {
-                let mut args = vec![
-                    qb.arg(),
-                    kb.arg(),
-                    vb.arg(),
-                    got_o.arg_mut(),
-                    KArg::output(&mut got_lse),
-                ];
-                args.extend(dims());
-                r.launch(
+                r.run_staged(
                     &format!("clam_attention_fwd_{suffix}"),
                     LaunchConfig {
                         grid: (5, 1, 1),
                         block: (128, 1, 1),
                         shared_mem_bytes: fwd_smem as u32,
                     },
-                    &mut args,
+                    ClamAttentionFwd {
+                        q: qb.arg(),
+                        k: kb.arg(),
+                        v: vb.arg(),
+                        out: got_o.arg_mut(),
+                        lse: KArg::output(&mut got_lse),
+                        batch: b,
+                        heads,
+                        sq,
+                        skv,
+                        d,
+                        causal,
+                        scale,
+                    },
                 )
                 .unwrap();
-                let mut args = vec![
-                    qb.arg(),
-                    kb.arg(),
-                    vb.arg(),
-                    got_o.arg(),
-                    KArg::input(&got_lse),
-                    dob.arg(),
-                    dq.arg_mut(),
-                    dk.arg_mut(),
-                    dv.arg_mut(),
-                ];
-                args.extend(dims());
-                r.launch(
+                r.run_staged(
                     &format!("clam_attention_bwd_{suffix}"),
                     LaunchConfig {
                         grid: (4, 1, 1),
                         block: (96, 1, 1),
                         shared_mem_bytes: bwd_smem as u32,
                     },
-                    &mut args,
+                    ClamAttentionBwd {
+                        q: qb.arg(),
+                        k: kb.arg(),
+                        v: vb.arg(),
+                        o: got_o.arg(),
+                        lse: KArg::input(&got_lse),
+                        dout: dob.arg(),
+                        dq: dq.arg_mut(),
+                        dk: dk.arg_mut(),
+                        dv: dv.arg_mut(),
+                        batch: b,
+                        heads,
+                        sq,
+                        skv,
+                        d,
+                        causal,
+                        scale,
+                    },
                 )
                 .unwrap();
             }
@@ -1169,71 +1180,75 @@ fn flash_attention_matches_cpu() {
                 Buf::poisoned(b * skv * width, bf),
             );
             let suffix = if bf { "bf16" } else { "f32" };
-            let tail = || {
-                [
-                    KArg::I32(heads as i32),
-                    KArg::I32(sq as i32),
-                    KArg::I32(skv as i32),
-                    KArg::I32(causal as i32),
-                    KArg::F32(scale),
-                ]
-            };
             unsafe {
-                let mut a = vec![
-                    qb.arg(),
-                    kb.arg(),
-                    vb.arg(),
-                    got_o.arg_mut(),
-                    KArg::output(&mut got_lse),
-                ];
-                a.extend(tail());
-                r.launch(
+                r.run_staged(
                     &format!("flash_fwd_d64_{suffix}"),
                     flash::fwd_config(bh, sq, d),
-                    &mut a,
+                    FlashFwd {
+                        q: qb.arg(),
+                        k: kb.arg(),
+                        v: vb.arg(),
+                        out: got_o.arg_mut(),
+                        lse: KArg::output(&mut got_lse),
+                        heads,
+                        sq,
+                        skv,
+                        causal,
+                        scale,
+                    },
                 )
                 .unwrap();
-                r.launch(
+                r.run_staged(
                     &format!("flash_delta_{suffix}"),
                     flash::delta_config(b * heads * sq),
-                    &mut [
-                        got_o.arg(),
-                        dob.arg(),
-                        KArg::output(&mut delta),
-                        KArg::I32(b as i32),
-                        KArg::I32(heads as i32),
-                        KArg::I32(sq as i32),
-                        KArg::I32(d as i32),
-                    ],
+                    FlashDelta {
+                        o: got_o.arg(),
+                        dout: dob.arg(),
+                        delta: KArg::output(&mut delta),
+                        batch: b,
+                        heads,
+                        sq,
+                        d,
+                    },
                 )
                 .unwrap();
-                let common = || {
-                    [
-                        qb.arg(),
-                        kb.arg(),
-                        vb.arg(),
-                        KArg::input(&got_lse),
-                        KArg::input(&delta),
-                        dob.arg(),
-                    ]
-                };
-                let mut a = Vec::from(common());
-                a.push(dq.arg_mut());
-                a.extend(tail());
-                r.launch(
+                r.run_staged(
                     &format!("flash_dq_d64_{suffix}"),
                     flash::dq_config(bh, sq, d),
-                    &mut a,
+                    FlashDq {
+                        q: qb.arg(),
+                        k: kb.arg(),
+                        v: vb.arg(),
+                        lse: KArg::input(&got_lse),
+                        delta: KArg::input(&delta),
+                        dout: dob.arg(),
+                        dq: dq.arg_mut(),
+                        heads,
+                        sq,
+                        skv,
+                        causal,
+                        scale,
+                    },
                 )
                 .unwrap();
-                let mut a = Vec::from(common());
-                a.push(dk.arg_mut());
-                a.push(dv.arg_mut());
-                a.extend(tail());
-                r.launch(
+                r.run_staged(
                     &format!("flash_dkdv_d64_{suffix}"),
                     flash::dkdv_config(bh, skv, d),
-                    &mut a,
+                    FlashDkdv {
+                        q: qb.arg(),
+                        k: kb.arg(),
+                        v: vb.arg(),
+                        lse: KArg::input(&got_lse),
+                        delta: KArg::input(&delta),
+                        dout: dob.arg(),
+                        dk: dk.arg_mut(),
+                        dv: dv.arg_mut(),
+                        heads,
+                        sq,
+                        skv,
+                        causal,
+                        scale,
+                    },
                 )
                 .unwrap();
             }
@@ -1284,21 +1299,21 @@ fn flash_attention_tensor_core_forward_matches_cpu() {
             let mut o = to_bf16(&vec![f32::NAN; b * sq * width]);
             let mut lse = vec![f32::NAN; b * heads * sq];
             unsafe {
-                r.launch(
+                r.run_staged(
                     kernel,
                     flash::fwd_tc_config(b * heads, sq),
-                    &mut [
-                        KArg::input(&qb),
-                        KArg::input(&kb),
-                        KArg::input(&vb),
-                        KArg::output(&mut o),
-                        KArg::output(&mut lse),
-                        KArg::I32(heads as i32),
-                        KArg::I32(sq as i32),
-                        KArg::I32(skv as i32),
-                        KArg::I32(causal as i32),
-                        KArg::F32(1.0 / (d as f32).sqrt()),
-                    ],
+                    FlashFwd {
+                        q: KArg::input(&qb),
+                        k: KArg::input(&kb),
+                        v: KArg::input(&vb),
+                        out: KArg::output(&mut o),
+                        lse: KArg::output(&mut lse),
+                        heads,
+                        sq,
+                        skv,
+                        causal,
+                        scale: 1.0 / (d as f32).sqrt(),
+                    },
                 )
                 .unwrap();
             }
@@ -1362,47 +1377,53 @@ fn flash_attention_tensor_core_backward_matches_cpu() {
                     to_bf16(&dout),
                 );
                 let (dq_kernel, dkdv_kernel) = flash::bwd_tc_kernels(variant, d);
-                let tail = || {
-                    [
-                        KArg::I32(heads as i32),
-                        KArg::I32(sq as i32),
-                        KArg::I32(skv as i32),
-                        KArg::I32(causal as i32),
-                        KArg::F32(1.0 / (d as f32).sqrt()),
-                    ]
-                };
+                let scale = 1.0 / (d as f32).sqrt();
                 let run = || {
                     let mut delta = vec![f32::NAN; b * heads * sq];
                     let mut dq = to_bf16(&vec![f32::NAN; b * sq * width]);
                     let mut dk = to_bf16(&vec![f32::NAN; b * skv * width]);
                     let mut dv = to_bf16(&vec![f32::NAN; b * skv * width]);
                     unsafe {
-                        let mut a = vec![
-                            KArg::input(&qb),
-                            KArg::input(&kb),
-                            KArg::input(&vb),
-                            KArg::input(&ob),
-                            KArg::input(&want[1]),
-                            KArg::input(&dob),
-                            KArg::output(&mut delta),
-                            KArg::output(&mut dq),
-                        ];
-                        a.extend(tail());
-                        r.launch(&dq_kernel, flash::bwd_tc_config(b * heads, sq), &mut a)
-                            .unwrap();
-                        let mut a = vec![
-                            KArg::input(&qb),
-                            KArg::input(&kb),
-                            KArg::input(&vb),
-                            KArg::input(&want[1]),
-                            KArg::input(&delta),
-                            KArg::input(&dob),
-                            KArg::output(&mut dk),
-                            KArg::output(&mut dv),
-                        ];
-                        a.extend(tail());
-                        r.launch(&dkdv_kernel, flash::bwd_tc_config(b * heads, skv), &mut a)
-                            .unwrap();
+                        r.run_staged(
+                            &dq_kernel,
+                            flash::bwd_tc_config(b * heads, sq),
+                            FlashBwdDq {
+                                q: KArg::input(&qb),
+                                k: KArg::input(&kb),
+                                v: KArg::input(&vb),
+                                o: KArg::input(&ob),
+                                lse: KArg::input(&want[1]),
+                                dout: KArg::input(&dob),
+                                delta: KArg::output(&mut delta),
+                                dq: KArg::output(&mut dq),
+                                heads,
+                                sq,
+                                skv,
+                                causal,
+                                scale,
+                            },
+                        )
+                        .unwrap();
+                        r.run_staged(
+                            &dkdv_kernel,
+                            flash::bwd_tc_config(b * heads, skv),
+                            FlashDkdv {
+                                q: KArg::input(&qb),
+                                k: KArg::input(&kb),
+                                v: KArg::input(&vb),
+                                lse: KArg::input(&want[1]),
+                                delta: KArg::input(&delta),
+                                dout: KArg::input(&dob),
+                                dk: KArg::output(&mut dk),
+                                dv: KArg::output(&mut dv),
+                                heads,
+                                sq,
+                                skv,
+                                causal,
+                                scale,
+                            },
+                        )
+                        .unwrap();
                     }
                     (delta, from_bf16(&dq), from_bf16(&dk), from_bf16(&dv))
                 };
@@ -1507,32 +1528,32 @@ fn lora_gemm_forward_matches_reference() {
                 to_bf16(&res),
             );
             unsafe {
-                r.launch(
+                r.run_staged(
                     v.fwd,
                     v.config(m, n),
-                    &mut [
-                        KArg::input(&xb),
-                        KArg::input(&wb),
-                        KArg::input(&bb),
-                        if rank > 0 {
+                    LoraGemmFwd {
+                        x: KArg::input(&xb),
+                        w: KArg::input(&wb),
+                        bias: KArg::input(&bb),
+                        s_low: if rank > 0 {
                             KArg::input(&sb)
                         } else {
                             KArg::Null
                         },
-                        if rank > 0 {
+                        lb: if rank > 0 {
                             KArg::input(&lb)
                         } else {
                             KArg::Null
                         },
-                        KArg::input(&rb),
-                        KArg::output(&mut y),
-                        KArg::I32(m as i32),
-                        KArg::I32(n as i32),
-                        KArg::I32(k as i32),
-                        KArg::I32(rank as i32),
-                        KArg::F32(scale),
-                        KArg::I32(epi),
-                    ],
+                        res: KArg::input(&rb),
+                        y: KArg::output(&mut y),
+                        m,
+                        n,
+                        k,
+                        r: rank,
+                        scale,
+                        epilogue: epi,
+                    },
                 )
                 .unwrap();
             }
@@ -1601,24 +1622,24 @@ fn lora_gemm_hopper_forward_matches_reference() {
                 (xs.clone(), ws.clone())
             };
             unsafe {
-                r.launch(
+                r.run_staged(
                     hopper::KERNEL,
                     hopper::config(m, n),
-                    &mut [
-                        KArg::Tma(&xs, maps[0]),
-                        KArg::Tma(&ws, maps[1]),
-                        KArg::Tma(&ss, maps[2]),
-                        KArg::Tma(&ls, maps[3]),
-                        KArg::input(&bb),
-                        KArg::input(&rb),
-                        KArg::output(&mut y),
-                        KArg::I32(m as i32),
-                        KArg::I32(n as i32),
-                        KArg::I32(k as i32),
-                        KArg::I32(rank as i32),
-                        KArg::F32(scale),
-                        KArg::I32(epi),
-                    ],
+                    LoraGemm3Fwd {
+                        tm_x: KArg::Tma(&xs, maps[0]),
+                        tm_w: KArg::Tma(&ws, maps[1]),
+                        tm_s: KArg::Tma(&ss, maps[2]),
+                        tm_b: KArg::Tma(&ls, maps[3]),
+                        bias: KArg::input(&bb),
+                        res: KArg::input(&rb),
+                        y: KArg::output(&mut y),
+                        m,
+                        n,
+                        k,
+                        r: rank,
+                        scale,
+                        epilogue: epi,
+                    },
                 )
                 .unwrap();
             }
@@ -1660,38 +1681,38 @@ fn lora_gemm_backward_dx_matches_reference() {
             let mut ds = to_bf16(&vec![f32::NAN; m * rank]);
             let mut dx = to_bf16(&vec![f32::NAN; m * k]);
             unsafe {
-                r.launch(
+                r.run_staged(
                     v.bwd,
                     cfg(rank),
-                    &mut [
-                        KArg::input(&dyb),
-                        KArg::input(&bb),
-                        KArg::Null,
-                        KArg::Null,
-                        KArg::output(&mut ds),
-                        KArg::I32(m as i32),
-                        KArg::I32(rank as i32),
-                        KArg::I32(n as i32),
-                        KArg::I32(0),
-                        KArg::F32(1.0),
-                    ],
+                    LoraGemmBwd {
+                        x: KArg::input(&dyb),
+                        w: KArg::input(&bb),
+                        s_low: KArg::Null,
+                        lb: KArg::Null,
+                        y: KArg::output(&mut ds),
+                        m,
+                        n: rank,
+                        k: n,
+                        r: 0,
+                        scale: 1.0,
+                    },
                 )
                 .unwrap();
-                r.launch(
+                r.run_staged(
                     v.bwd,
                     cfg(k),
-                    &mut [
-                        KArg::input(&dyb),
-                        KArg::input(&wb),
-                        KArg::input(&ds),
-                        KArg::input(&ab),
-                        KArg::output(&mut dx),
-                        KArg::I32(m as i32),
-                        KArg::I32(k as i32),
-                        KArg::I32(n as i32),
-                        KArg::I32(rank as i32),
-                        KArg::F32(scale),
-                    ],
+                    LoraGemmBwd {
+                        x: KArg::input(&dyb),
+                        w: KArg::input(&wb),
+                        s_low: KArg::input(&ds),
+                        lb: KArg::input(&ab),
+                        y: KArg::output(&mut dx),
+                        m,
+                        n: k,
+                        k: n,
+                        r: rank,
+                        scale,
+                    },
                 )
                 .unwrap();
             }

@@ -194,35 +194,4 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn index_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
     /// out = zeros([rows, cols]); out[ids[i], :] += self[i, :].
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
-
-    // Fused ops still on the trait (the others are units in `ops::fused`).
-    /// y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ for self = x. Returns (y, S = drop(x)·Aᵀ when lora).
-    fn lora_linear(
-        &self,
-        w: &Self,
-        b: Option<&Self>,
-        lora: Option<(&Self, &Self, LoraSpec)>,
-        spec: LinearSpec,
-    ) -> Result<(Self, Option<Self>)>;
-    #[allow(clippy::too_many_arguments)]
-    fn lora_linear_bwd(
-        &self,
-        w: &Self,
-        lora: Option<(&Self, &Self, &Self, LoraSpec)>,
-        dy: &Self,
-        spec: LinearSpec,
-        needs: LinearNeeds,
-    ) -> Result<LinearGrads<Self>>;
-
-    // Optimizer.
-    /// AdamW in place on a parameter (self), with moments `m`, `v` of the same dtype.
-    fn adamw_step(
-        &mut self,
-        grad: &Self,
-        m: &mut Self,
-        v: &mut Self,
-        step: AdamWStep,
-    ) -> Result<()>;
-    /// Σ x² in f64 (gradient-norm clipping).
-    fn sum_sq(&self) -> Result<f64>;
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::backend::cuda::flash;
 use crate::backend::cuda::gpu::{DeviceBuffer, Gpu};
+use crate::backend::cuda::kernels as kn;
 use crate::backend::cuda::launch::Arg;
 use crate::{Error, Result};
 
@@ -50,13 +51,8 @@ pub struct AttnTiming {
     /// Variant 3 forward (tensor cores, ldmatrix, 16-byte staging).
     pub fwd_tc3_ms: f64,
     pub fwd_tc3_tflops: f64,
-    /// max |O_v3 − O_v1| / max |O_v1|.
+    /// max |O_v3 − O_v1| / max |O_v1| on the timed shape (a large-size parity check).
     pub fwd_tc3_rel_diff: f64,
-    /// Variant 2 forward (tensor cores).
-    pub fwd_tc_ms: f64,
-    pub fwd_tc_tflops: f64,
-    /// max |O_v2 − O_v1| / max |O_v1| on the timed shape (a large-size parity check).
-    pub fwd_tc_rel_diff: f64,
     /// Tensor-core backward variants 2 and 3 (dQ + deltas, then dK/dV): ms, TFLOP/s (2.5×
     /// the forward's FLOPs, the same convention as variant 1 and SDPA), and
     /// max |dX_v − dX_v1| / max |dX_v1| over dQ, dK, dV.
@@ -99,7 +95,7 @@ fn finite_bf16(buf: &DeviceBuffer, what: &str) -> Result<()> {
     }
 }
 
-/// Times the bf16 flash attention kernels: forward variants 1–4, backward variant 1 (delta +
+/// Times the bf16 flash attention kernels: forward variants 1, 3 and 4, backward variant 1 (delta +
 /// dQ + dK/dV) and the tensor-core backward variants 2 and 3 (dQ with deltas + dK/dV).
 pub fn flash_attention(
     gpu: &Arc<Gpu>,
@@ -129,45 +125,76 @@ pub fn flash_attention(
             b.fill_bytes(0xff)?; // NaN in bf16 and f32
         }
         let scale = 1.0 / (d as f32).sqrt();
-        let tail = [
-            Arg::int(s.heads)?,
-            Arg::int(s.seq)?,
-            Arg::int(s.seq)?,
-            Arg::int(s.causal)?,
-            Arg::F32(scale),
-        ];
         let p = |b: &DeviceBuffer| Arg::U64(b.ptr());
+        let (heads, sq, skv, causal) = (s.heads, s.seq, s.seq, s.causal);
         let fwd = || -> Result<()> {
-            let mut a = vec![p(&q), p(&kk), p(&v), p(&o), p(&lse)];
-            a.extend(tail);
+            let k = kn::FlashFwd {
+                q: p(&q),
+                k: p(&kk),
+                v: p(&v),
+                out: p(&o),
+                lse: p(&lse),
+                heads,
+                sq,
+                skv,
+                causal,
+                scale,
+            };
             // SAFETY: every buffer is sized for this shape above.
-            unsafe { gpu.launch("flash_fwd_d64_bf16", flash::fwd_config(bh, s.seq, d), &a) }
+            unsafe { gpu.run("flash_fwd_d64_bf16", flash::fwd_config(bh, s.seq, d), k) }
         };
         let bwd = || -> Result<()> {
+            let delta_k = kn::FlashDelta {
+                o: p(&o),
+                dout: p(&dout),
+                delta: p(&delta),
+                batch: s.batch,
+                heads,
+                sq,
+                d,
+            };
+            let dq_k = kn::FlashDq {
+                q: p(&q),
+                k: p(&kk),
+                v: p(&v),
+                lse: p(&lse),
+                delta: p(&delta),
+                dout: p(&dout),
+                dq: p(&dq),
+                heads,
+                sq,
+                skv,
+                causal,
+                scale,
+            };
+            let dkdv_k = kn::FlashDkdv {
+                q: p(&q),
+                k: p(&kk),
+                v: p(&v),
+                lse: p(&lse),
+                delta: p(&delta),
+                dout: p(&dout),
+                dk: p(&dk),
+                dv: p(&dv),
+                heads,
+                sq,
+                skv,
+                causal,
+                scale,
+            };
+            // SAFETY: as above.
             unsafe {
-                gpu.launch(
-                    "flash_delta_bf16",
-                    flash::delta_config(bh * s.seq),
-                    &[
-                        p(&o),
-                        p(&dout),
-                        p(&delta),
-                        Arg::int(s.batch)?,
-                        Arg::int(s.heads)?,
-                        Arg::int(s.seq)?,
-                        Arg::int(d)?,
-                    ],
-                )?;
-                let mut a = vec![p(&q), p(&kk), p(&v), p(&lse), p(&delta), p(&dout), p(&dq)];
-                a.extend(tail);
-                gpu.launch("flash_dq_d64_bf16", flash::dq_config(bh, s.seq, d), &a)?;
-                let mut a = vec![p(&q), p(&kk), p(&v), p(&lse), p(&delta), p(&dout)];
-                a.extend([p(&dk), p(&dv)]);
-                a.extend(tail);
-                gpu.launch("flash_dkdv_d64_bf16", flash::dkdv_config(bh, s.seq, d), &a)
+                gpu.run("flash_delta_bf16", flash::delta_config(bh * s.seq), delta_k)?;
+                gpu.run("flash_dq_d64_bf16", flash::dq_config(bh, s.seq, d), dq_k)?;
+                gpu.run(
+                    "flash_dkdv_d64_bf16",
+                    flash::dkdv_config(bh, s.seq, d),
+                    dkdv_k,
+                )
             }
         };
-        // Tensor-core backward variants, on variant 1's O and lse; each writes its own outputs.
+        // Tensor-core backward variants, on variant 1's O and lse; each writes its own outputs
+        // [delta, dq, dk, dv].
         let bwd_bufs = |_: u32| -> Result<[DeviceBuffer; 4]> {
             let b = [
                 gpu.alloc(4 * bh * s.seq)?,
@@ -183,32 +210,68 @@ pub fn flash_attention(
         let (g2, g3) = (bwd_bufs(2)?, bwd_bufs(3)?);
         let bwd_tc = |variant: u32, g: &[DeviceBuffer; 4]| {
             let (dq_kernel, dkdv_kernel) = flash::bwd_tc_kernels(variant, d);
-            let mut a1 = vec![p(&q), p(&kk), p(&v), p(&o), p(&lse), p(&dout), p(&g[0])];
-            a1.push(p(&g[1]));
-            a1.extend(tail);
-            let mut a2 = vec![p(&q), p(&kk), p(&v), p(&lse), p(&g[0]), p(&dout)];
-            a2.extend([p(&g[2]), p(&g[3])]);
-            a2.extend(tail);
+            let (delta, dq, dk, dv) = (p(&g[0]), p(&g[1]), p(&g[2]), p(&g[3]));
+            let (q, kk, v, o, lse, dout) = (p(&q), p(&kk), p(&v), p(&o), p(&lse), p(&dout));
             move || -> Result<()> {
+                let dq_k = kn::FlashBwdDq {
+                    q,
+                    k: kk,
+                    v,
+                    o,
+                    lse,
+                    dout,
+                    delta,
+                    dq,
+                    heads,
+                    sq,
+                    skv,
+                    causal,
+                    scale,
+                };
+                let dkdv_k = kn::FlashDkdv {
+                    q,
+                    k: kk,
+                    v,
+                    lse,
+                    delta,
+                    dout,
+                    dk,
+                    dv,
+                    heads,
+                    sq,
+                    skv,
+                    causal,
+                    scale,
+                };
                 // SAFETY: every buffer is sized for this shape above.
                 unsafe {
-                    gpu.launch(&dq_kernel, flash::bwd_tc_config(bh, s.seq), &a1)?;
-                    gpu.launch(&dkdv_kernel, flash::bwd_tc_config(bh, s.seq), &a2)
+                    gpu.run(&dq_kernel, flash::bwd_tc_config(bh, s.seq), dq_k)?;
+                    gpu.run(&dkdv_kernel, flash::bwd_tc_config(bh, s.seq), dkdv_k)
                 }
             }
         };
         let (bwd_tc2, bwd_tc3) = (bwd_tc(2, &g2), bwd_tc(3, &g3));
-        let o2 = gpu.alloc(2 * n)?;
         let lse2 = gpu.alloc(4 * bh * s.seq)?;
-        o2.fill_bytes(0xff)?;
-        // Variants 2–4 (tensor cores) share arguments; each writes its own output.
+        // Forward variants 3 and 4 (tensor cores) share arguments; each writes its own output.
         let tc = |kernel: &'static str, out: &DeviceBuffer| {
-            let mut a = vec![p(&q), p(&kk), p(&v), p(out), p(&lse2)];
-            a.extend(tail);
-            // SAFETY: as above.
-            move || unsafe { gpu.launch(kernel, flash::fwd_tc_config(bh, s.seq), &a) }
+            let (q, kk, v, out, lse) = (p(&q), p(&kk), p(&v), p(out), p(&lse2));
+            move || {
+                let k = kn::FlashFwd {
+                    q,
+                    k: kk,
+                    v,
+                    out,
+                    lse,
+                    heads,
+                    sq,
+                    skv,
+                    causal,
+                    scale,
+                };
+                // SAFETY: as above.
+                unsafe { gpu.run(kernel, flash::fwd_tc_config(bh, s.seq), k) }
+            }
         };
-        let fwd_tc = tc("flash_fwd_tc_d64_bf16", &o2);
         let o3 = gpu.alloc(2 * n)?;
         o3.fill_bytes(0xff)?;
         let fwd_tc3 = tc("flash_fwd_tc3_d64_bf16", &o3);
@@ -217,7 +280,6 @@ pub fn flash_attention(
         let fwd_tc4 = tc("flash_fwd_tc4_d64_bf16", &o4);
         for _ in 0..warmup {
             fwd()?;
-            fwd_tc()?;
             fwd_tc3()?;
             fwd_tc4()?;
             bwd()?;
@@ -225,13 +287,12 @@ pub fn flash_attention(
             bwd_tc3()?;
         }
         gpu.synchronize()?;
-        let (mut tf, mut tb, mut t2, mut t3, mut t4) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut tf, mut tb, mut t3, mut t4) = (vec![], vec![], vec![], vec![]);
         let (mut tb2, mut tb3) = (vec![], vec![]);
         for _ in 0..iters {
             tf.push(gpu.time_ms(fwd)? as f64);
-            t2.push(gpu.time_ms(&fwd_tc)? as f64);
-            t3.push(gpu.time_ms(&fwd_tc3)? as f64);
-            t4.push(gpu.time_ms(&fwd_tc4)? as f64);
+            t3.push(gpu.time_ms(fwd_tc3)? as f64);
+            t4.push(gpu.time_ms(fwd_tc4)? as f64);
             tb.push(gpu.time_ms(bwd)? as f64);
             tb2.push(gpu.time_ms(&bwd_tc2)? as f64);
             tb3.push(gpu.time_ms(&bwd_tc3)? as f64);
@@ -239,7 +300,6 @@ pub fn flash_attention(
         gpu.synchronize()?;
         finite_bf16(&o4, &format!("flash v4 {} out", s.name))?;
         finite_bf16(&o3, &format!("flash v3 {} out", s.name))?;
-        finite_bf16(&o2, &format!("flash v2 {} out", s.name))?;
         let read = |b: &DeviceBuffer| -> Result<Vec<f32>> {
             let mut v = vec![half::bf16::ZERO; n];
             b.download(bytemuck::cast_slice_mut(&mut v))?;
@@ -253,8 +313,7 @@ pub fn flash_attention(
                 .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
                 / scale.max(1e-30)
         };
-        let (fwd_tc_rel_diff, fwd_tc3_rel_diff, fwd_tc4_rel_diff) =
-            (rel(&read(&o2)?), rel(&read(&o3)?), rel(&read(&o4)?));
+        let (fwd_tc3_rel_diff, fwd_tc4_rel_diff) = (rel(&read(&o3)?), rel(&read(&o4)?));
         for (b, what) in [(&o, "out"), (&dq, "dq"), (&dk, "dk"), (&dv, "dv")] {
             finite_bf16(b, &format!("flash {} {what}", s.name))?;
         }
@@ -281,8 +340,8 @@ pub fn flash_attention(
             (bwd_rel(&g2, "bwd v2")?, bwd_rel(&g3, "bwd v3")?);
         let ((bwd_tc2_ms, _), (bwd_tc3_ms, _)) = (median(tb2), median(tb3));
         let flops = flash::fwd_flops(bh, s.seq, s.seq, d, s.causal);
-        let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc_ms, _), (fwd_tc3_ms, _), (fwd_tc4_ms, _)) =
-            (median(tf), median(tb), median(t2), median(t3), median(t4));
+        let ((fwd_ms, fwd_spread), (bwd_ms, _), (fwd_tc3_ms, _), (fwd_tc4_ms, _)) =
+            (median(tf), median(tb), median(t3), median(t4));
         out.push(AttnTiming {
             shape: s.clone(),
             fwd_tc4_ms,
@@ -291,9 +350,6 @@ pub fn flash_attention(
             fwd_tc3_ms,
             fwd_tc3_tflops: flops / (fwd_tc3_ms * 1e9),
             fwd_tc3_rel_diff,
-            fwd_tc_ms,
-            fwd_tc_tflops: flops / (fwd_tc_ms * 1e9),
-            fwd_tc_rel_diff,
             bwd_tc2_ms,
             bwd_tc2_tflops: 2.5 * flops / (bwd_tc2_ms * 1e9),
             bwd_tc2_rel_diff,
@@ -397,26 +453,26 @@ pub fn gemm(
                 let p = |b: &DeviceBuffer| Arg::U64(b.ptr());
                 // SAFETY: buffers sized for this product above.
                 unsafe {
-                    gpu.launch(
+                    gpu.run(
                         if bf {
                             "gemm_simt_bf16"
                         } else {
                             "gemm_simt_f32"
                         },
                         cfg,
-                        &[
-                            p(&a),
-                            p(&w),
-                            p(&c2),
-                            Arg::int(s.m)?,
-                            Arg::int(s.n)?,
-                            Arg::int(s.k)?,
-                            Arg::I32(0),
-                            Arg::I32(1),
-                            Arg::U64((s.m * s.k) as u64),
-                            Arg::U64(0),
-                            Arg::U64((s.m * s.n) as u64),
-                        ],
+                        kn::GemmSimt {
+                            a: p(&a),
+                            b: p(&w),
+                            c: p(&c2),
+                            m: s.m,
+                            n: s.n,
+                            k: s.k,
+                            trans_a: false,
+                            trans_b: true,
+                            stride_a: s.m * s.k,
+                            stride_b: 0,
+                            stride_c: s.m * s.n,
+                        },
                     )
                 }
             };
@@ -646,24 +702,24 @@ pub fn lora(
         let (px, pw, psl, pbl, py1) = (p(&x), p(&w), p(&sl), p(&bl), p(&y1));
         let mma = |v: crate::backend::cuda::lora_gemm::Variant| {
             move || unsafe {
-                gpu.launch(
+                gpu.run(
                     v.fwd,
                     v.config(m, n),
-                    &[
-                        px,
-                        pw,
-                        Arg::null(),
-                        psl,
-                        pbl,
-                        Arg::null(),
-                        py1,
-                        Arg::int(m)?,
-                        Arg::int(n)?,
-                        Arg::int(k)?,
-                        Arg::int(r)?,
-                        Arg::F32(scale),
-                        Arg::I32(0),
-                    ],
+                    kn::LoraGemmFwd {
+                        x: px,
+                        w: pw,
+                        bias: Arg::null(),
+                        s_low: psl,
+                        lb: pbl,
+                        res: Arg::null(),
+                        y: py1,
+                        m,
+                        n,
+                        k,
+                        r,
+                        scale,
+                        epilogue: 0,
+                    },
                 )
             }
         };
@@ -672,30 +728,31 @@ pub fn lora(
         let tm = |b: &DeviceBuffer, i: usize| -> Result<Arg> {
             Ok(Arg::Map(gpu.tensor_map(b.ptr(), maps[i])?))
         };
-        let hopper_args = if hopper_ok {
-            Some(vec![
-                tm(&x, 0)?,
-                tm(&w, 1)?,
-                tm(&sl, 2)?,
-                tm(&bl, 3)?,
-                Arg::null(),
-                Arg::null(),
-                p(&y1),
-                Arg::int(m)?,
-                Arg::int(n)?,
-                Arg::int(k)?,
-                Arg::int(r)?,
-                Arg::F32(scale),
-                Arg::I32(0),
-            ])
+        let hopper_maps = if hopper_ok {
+            Some([tm(&x, 0)?, tm(&w, 1)?, tm(&sl, 2)?, tm(&bl, 3)?])
         } else {
             None
         };
         let wg = || -> Result<()> {
-            match &hopper_args {
-                Some(args) => unsafe { gpu.launch(hopper::KERNEL, hopper::config(m, n), args) },
-                None => Err(Error::Cuda("no Hopper kernel here".into())),
-            }
+            let Some([tm_x, tm_w, tm_s, tm_b]) = hopper_maps else {
+                return Err(Error::Cuda("no Hopper kernel here".into()));
+            };
+            let k3 = kn::LoraGemm3Fwd {
+                tm_x,
+                tm_w,
+                tm_s,
+                tm_b,
+                bias: Arg::null(),
+                res: Arg::null(),
+                y: p(&y1),
+                m,
+                n,
+                k,
+                r,
+                scale,
+                epilogue: 0,
+            };
+            unsafe { gpu.run(hopper::KERNEL, hopper::config(m, n), k3) }
         };
         // The reference: cuBLAS 3-GEMM (also leaves S in `sl` for the fused kernels).
         three()?;
@@ -761,21 +818,22 @@ pub fn lora(
         let dx_fused = || -> Result<()> {
             dsg()?;
             unsafe {
-                gpu.launch(
+                // The output is [m, k] and the contraction runs over n.
+                gpu.run(
                     V2.bwd,
                     V2.config(m, k),
-                    &[
-                        p(&dy),
-                        p(&w),
-                        p(&ds),
-                        p(&a),
-                        p(&dx1),
-                        Arg::int(m)?,
-                        Arg::int(k)?,
-                        Arg::int(n)?,
-                        Arg::int(r)?,
-                        Arg::F32(1.0),
-                    ],
+                    kn::LoraGemmBwd {
+                        x: p(&dy),
+                        w: p(&w),
+                        s_low: p(&ds),
+                        lb: p(&a),
+                        y: p(&dx1),
+                        m,
+                        n: k,
+                        k: n,
+                        r,
+                        scale: 1.0,
+                    },
                 )
             }
         };

@@ -1,6 +1,6 @@
 //! Differentiable ops on `Tensor`: shape checks, the backend call, and the backward rule.
 //! One file per family; `fused/` holds the fused ops as whole units (CPU reference, CUDA
-//! launch, backward rule): attention, the losses, the norms, softmax.
+//! launch, backward rule): attention, LoRA-linear, the losses, the norms, softmax.
 pub mod elementwise;
 pub mod fused;
 pub mod linear;
@@ -8,8 +8,8 @@ pub mod shape_ops;
 
 pub use fused::attention::{attention, attention_lse, AttnOptions};
 pub use fused::cross_entropy::cross_entropy;
+pub use fused::lora_linear::{lora_linear, Lora};
 pub use fused::sigmoid_loss::sigmoid_loss;
-pub use linear::{lora_linear, Lora};
 
 use crate::{DType, Error, Result, Tensor};
 

@@ -5,18 +5,13 @@
 //! number of threads (bit-reproducible CPU training).
 use half::bf16;
 
-use super::{
-    BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, MatmulSpec, UnaryOp,
-};
-use crate::backend::AdamWStep;
+use super::{BackendStorage, BinaryOp, MatmulSpec, UnaryOp};
 use crate::{DType, Device, Error, Result, Shape, WithDType};
 
 pub(crate) mod elementwise;
 pub mod gemm;
 mod layout;
-mod lora;
 pub(crate) mod norm;
-pub mod optim;
 
 /// Rows per chunk of a deterministic parallel reduction.
 pub(crate) const RED_CHUNK: usize = 64;
@@ -429,76 +424,5 @@ impl BackendStorage for CpuStorage {
         with_float!("index_add_rows", [self => g], bf, {
             Ok(FloatOut::out(layout::index_add_rows(g, &ids, rows, cols), bf))
         })
-    }
-
-    fn lora_linear(
-        &self,
-        w: &Self,
-        b: Option<&Self>,
-        lora: Option<(&Self, &Self, LoraSpec)>,
-        spec: LinearSpec,
-    ) -> Result<(Self, Option<Self>)> {
-        lora::check(self, w, b, lora.map(|(a, bm, s)| (a, bm, s.rank)), spec)?;
-        let la = lora.map(|l| l.0);
-        let lb = lora.map(|l| l.1);
-        let ls = lora.map(|l| l.2);
-        with_float!("lora_linear", [self => x, w => w; ?b = b, ?la = la, ?lb = lb], bf, {
-            let low = match (la, lb, ls) {
-                (Some(a), Some(bm), Some(s)) => Some((a, bm, s)),
-                _ => None,
-            };
-            let (y, s) = lora::forward(x, w, b, low, spec);
-            Ok((FloatOut::out(y, bf), s.map(|s| FloatOut::out(s, bf))))
-        })
-    }
-
-    fn lora_linear_bwd(
-        &self,
-        w: &Self,
-        lora: Option<(&Self, &Self, &Self, LoraSpec)>,
-        dy: &Self,
-        spec: LinearSpec,
-        needs: LinearNeeds,
-    ) -> Result<LinearGrads<Self>> {
-        same_len("lora_linear_bwd", dy.len(), spec.m * spec.n)?;
-        let la = lora.map(|l| l.0);
-        let lb = lora.map(|l| l.1);
-        let ls = lora.map(|l| l.2);
-        let sp = lora.map(|l| l.3);
-        with_float!("lora_linear_bwd", [self => x, w => w, dy => dy; ?la = la, ?lb = lb, ?ls = ls], bf, {
-            let low = match (la, lb, ls, sp) {
-                (Some(a), Some(bm), Some(s), Some(sp)) => Some((a, bm, s, sp)),
-                _ => None,
-            };
-            let g = lora::backward(x, w, low, dy, spec, needs);
-            let o = |v: Option<Vec<_>>| v.map(|v| FloatOut::out(v, bf));
-            Ok(LinearGrads { x: o(g.x), w: o(g.w), b: o(g.b), lora_a: o(g.lora_a), lora_b: o(g.lora_b) })
-        })
-    }
-
-    fn adamw_step(&mut self, grad: &Self, m: &mut Self, v: &mut Self, st: AdamWStep) -> Result<()> {
-        same_len("adamw_step", self.len(), grad.len())?;
-        same_len("adamw_step", self.len(), m.len())?;
-        same_len("adamw_step", self.len(), v.len())?;
-        match (self, grad, m, v) {
-            (CpuStorage::F32(p), CpuStorage::F32(g), CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                optim::adamw(p, g, m, v, st)
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(g), CpuStorage::F64(m), CpuStorage::F64(v)) => {
-                optim::adamw(p, g, m, v, st)
-            }
-            (p, g, _, _) => {
-                return Err(Error::DTypeMismatch {
-                    op: "adamw_step (f32 or f64 master weights)",
-                    lhs: p.dtype(),
-                    rhs: g.dtype(),
-                })
-            }
-        }
-        Ok(())
-    }
-
-    fn sum_sq(&self) -> Result<f64> {
-        with_float!("sum_sq", [self => x], _bf, { Ok(optim::sum_sq(x)) })
     }
 }

@@ -233,6 +233,25 @@ impl Gpu {
         Ok((f, DEFAULT_SMEM, signature(name)))
     }
 
+    /// Launches declared kernel `name` (`backend::cuda::kernels`) on this GPU's stream.
+    ///
+    /// # Safety
+    /// As `launch`.
+    pub unsafe fn run<K: super::kernels::Kernel<Arg>>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        k: K,
+    ) -> Result<()> {
+        K::check_name(name)?;
+        let args: Vec<Arg> = k
+            .params()?
+            .into_iter()
+            .map(super::kernels::Param::into_arg)
+            .collect();
+        self.launch(name, cfg, &args)
+    }
+
     /// Launches kernel `name` on this GPU's stream (asynchronously). Raises the kernel's
     /// dynamic shared-memory limit when the launch needs more than the default 48 KB.
     ///

@@ -12,7 +12,7 @@
 //! checked into a C++ `int`), `flag` a `bool` passed as `int`, `code` an `i32` enum code, `len`
 //! a size passed as `long long` (`usize`), `u64` a raw 64-bit value, `f32` a float, `dims` up
 //! to `MAX_RANK` sizes or strides (`Vec<usize>`, padded with 1s) passed as `long long`s.
-use super::abi::LaunchConfig;
+use super::abi::{Arg, LaunchConfig};
 use crate::{Error, Result};
 
 /// Most dims a shape may have in the elementwise/layout kernels (`SD2_MAX_RANK`).
@@ -29,6 +29,18 @@ pub enum Param<P> {
     U64(u64),
     /// A C++ `float`.
     F32(f32),
+}
+
+impl Param<Arg> {
+    /// The raw launch argument.
+    pub fn into_arg(self) -> Arg {
+        match self {
+            Param::Mem(a) => a,
+            Param::I32(v) => Arg::I32(v),
+            Param::U64(v) => Arg::U64(v),
+            Param::F32(v) => Arg::F32(v),
+        }
+    }
 }
 
 /// A declared kernel family (see the module docs), with pointer arguments of type `P`.

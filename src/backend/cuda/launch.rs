@@ -12,16 +12,6 @@ pub use super::kernels::{Grid, Kernel, Param};
 #[allow(unused_imports)] // Result: only the runner (a cuda feature) returns one
 use crate::{Error, Result};
 
-/// A declared parameter as a raw argument.
-pub fn raw_arg(p: Param<Arg>) -> Arg {
-    match p {
-        Param::Mem(a) => a,
-        Param::I32(v) => Arg::I32(v),
-        Param::U64(v) => Arg::U64(v),
-        Param::F32(v) => Arg::F32(v),
-    }
-}
-
 /// A kernel argument for `Runner::launch`: host slices are copied to the runner's memory before
 /// the launch (`In`, `Out`) and back after it (`Out`), so outputs poisoned on the host arrive
 /// poisoned on the device.
@@ -376,7 +366,7 @@ impl Runner {
     /// As `launch_raw`: every buffer must be as large as the kernel reads or writes.
     pub unsafe fn run<K: Kernel<Arg>>(&self, name: &str, cfg: LaunchConfig, k: K) -> Result<()> {
         K::check_name(name)?;
-        let args: Vec<Arg> = k.params()?.into_iter().map(raw_arg).collect();
+        let args: Vec<Arg> = k.params()?.into_iter().map(Param::into_arg).collect();
         self.launch_raw(name, cfg, &args)
     }
 

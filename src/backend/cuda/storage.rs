@@ -6,10 +6,7 @@
 use super::kernels as kn;
 use super::launch::{Arg, Buffer, Grid, Kernel, LaunchConfig, Runner};
 use crate::backend::cpu::CpuStorage;
-use crate::backend::{
-    AdamWStep, BackendStorage, BinaryOp, LinearGrads, LinearNeeds, LinearSpec, LoraSpec,
-    MatmulSpec, UnaryOp,
-};
+use crate::backend::{BackendStorage, BinaryOp, LoraSpec, MatmulSpec, UnaryOp};
 use crate::profile;
 use crate::{DType, Device, Error, Result, Shape};
 
@@ -124,6 +121,11 @@ impl CudaStorage {
         Arg::U64(self.buf.addr())
     }
 
+    /// The device address of the first element.
+    pub(crate) fn addr(&self) -> u64 {
+        self.buf.addr()
+    }
+
     /// The address of element `offset` (in elements of this storage's dtype).
     pub(crate) fn ptr_at(&self, offset: usize) -> Arg {
         Arg::U64(self.buf.addr() + (offset * self.dtype.size_in_bytes()) as u64)
@@ -193,7 +195,7 @@ impl CudaStorage {
     }
 
     /// This storage as f32: a non-owning view when it already is (no copy), else a cast.
-    fn as_f32(&self) -> Result<CudaStorage> {
+    pub(crate) fn as_f32(&self) -> Result<CudaStorage> {
         if self.dtype == DType::F32 {
             Ok(self.alias())
         } else {
@@ -366,7 +368,7 @@ impl CudaStorage {
         )
     }
 
-    fn mm(&self, rhs: &CudaStorage, spec: MatmulSpec) -> Result<CudaStorage> {
+    pub(crate) fn mm(&self, rhs: &CudaStorage, spec: MatmulSpec) -> Result<CudaStorage> {
         let sfx = self.sfx("matmul")?;
         self.same_dtype("matmul", rhs)?;
         let out = self.empty(spec.batch * spec.m * spec.n, self.dtype)?;
@@ -377,7 +379,7 @@ impl CudaStorage {
         Ok(out)
     }
 
-    fn elementwise_binary(
+    pub(crate) fn elementwise_binary(
         &self,
         rhs: &CudaStorage,
         op: BinaryOp,
@@ -416,34 +418,6 @@ impl CudaStorage {
                 stride_b: bcast_strides(rs, os),
             },
         )
-    }
-
-    /// `kernels/adamw.cu`'s chunk table over this tensor, in this runner's memory:
-    /// (table, chunks).
-    fn chunk_table(&self, g: u64, m: u64, v: u64, wd: f32) -> Result<(Buffer, usize)> {
-        let mut words = vec![];
-        self.push_chunks(&mut words, g, m, v, wd);
-        Ok((self.runner.buffer(&words)?, words.len() / 7))
-    }
-
-    /// Appends this tensor's rows of `kernels/adamw.cu`'s chunk table (`AdamwChunk`: p, g, m,
-    /// v, begin, end, weight decay; pieces of 64 Ki elements, one block each).
-    fn push_chunks(&self, words: &mut Vec<u64>, g: u64, m: u64, v: u64, wd: f32) {
-        const PIECE: usize = 1 << 16;
-        let mut begin = 0;
-        while begin < self.len {
-            let end = (begin + PIECE).min(self.len);
-            words.extend([
-                self.buf.addr(),
-                g,
-                m,
-                v,
-                begin as u64,
-                end as u64,
-                wd.to_bits() as u64,
-            ]);
-            begin = end;
-        }
     }
 }
 
@@ -774,280 +748,12 @@ impl BackendStorage for CudaStorage {
         }
         out.into_dtype(self.dtype)
     }
-
-    fn lora_linear(
-        &self,
-        w: &Self,
-        b: Option<&Self>,
-        lora: Option<(&Self, &Self, LoraSpec)>,
-        spec: LinearSpec,
-    ) -> Result<(Self, Option<Self>)> {
-        let LinearSpec { m, n, k } = spec;
-        same_len("lora_linear x", self.len, m * k)?;
-        same_len("lora_linear W", w.len, n * k)?;
-        let mmspec = |m, n, k, trans_b| MatmulSpec {
-            batch: 1,
-            m,
-            n,
-            k,
-            trans_a: false,
-            trans_b,
-            rhs_batched: false,
-        };
-        if let Some(b) = b {
-            same_len("lora_linear bias", b.len, n)?;
-        }
-        let mut s_low = None;
-        if let Some((la, lb, ls)) = lora {
-            same_len("lora_linear A", la.len, ls.rank * k)?;
-            same_len("lora_linear B", lb.len, n * ls.rank)?;
-            let xd = self.dropped(&ls)?;
-            s_low = Some(
-                xd.as_ref()
-                    .unwrap_or(self)
-                    .mm(la, mmspec(m, ls.rank, k, true))?,
-            );
-        }
-        let low = lora.zip(s_low.as_ref()).map(|((_, lb, ls), s)| (s, lb, ls));
-        let ys = Shape::from(vec![m, n]);
-        // PEFT's structure on cuBLAS: X·Wᵀ, + b, + s·S·Bᵀ (each rounded to the storage type).
-        type Low<'a> = Option<(&'a CudaStorage, &'a CudaStorage, LoraSpec)>;
-        let cublas = |x: &CudaStorage, w: &CudaStorage, low: Low| -> Result<CudaStorage> {
-            let y = x.mm(w, mmspec(m, n, k, true))?;
-            if let Some(b) = b {
-                y.elementwise_binary(
-                    b,
-                    BinaryOp::Add,
-                    &y.alias(),
-                    &ys,
-                    &Shape::from(vec![n]),
-                    &ys,
-                )?;
-            }
-            if let Some((s, lb, ls)) = low {
-                let lowy = s
-                    .mm(lb, mmspec(m, n, ls.rank, true))?
-                    .affine(ls.scale, 0.0)?;
-                y.elementwise_binary(&lowy, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
-            }
-            Ok(y)
-        };
-        let y = if self.dtype == DType::BF16 {
-            let r = low.map_or(0, |l| l.2.rank);
-            let key = storage_lora::LoraKey {
-                forward: true,
-                m,
-                n,
-                k,
-                r,
-                bias: b.is_some(),
-            };
-            // ops = [x, W, (S, B)]: the call's own, or random ones of the same shapes while
-            // the path for the shape is being chosen.
-            let run = |p: storage_lora::LoraPath, ops: &[&CudaStorage]| {
-                let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
-                match p {
-                    storage_lora::LoraPath::Cublas => cublas(ops[0], ops[1], low),
-                    p => ops[0].lora_fused_fwd(
-                        p,
-                        ops[1],
-                        b,
-                        low.map(|(s, lb, _)| (s, lb)),
-                        low.map_or(1.0, |l| l.2.scale as f32),
-                        (m, n, k, r),
-                    ),
-                }
-            };
-            let mut ops = vec![self, w];
-            if let Some((s, lb, _)) = low {
-                ops.extend([s, lb]);
-            }
-            run(self.lora_choose(key, &ops, &run)?, &ops)?
-        } else {
-            cublas(self, w, low)?
-        };
-        Ok((y, s_low))
-    }
-
-    fn lora_linear_bwd(
-        &self,
-        w: &Self,
-        lora: Option<(&Self, &Self, &Self, LoraSpec)>,
-        dy: &Self,
-        spec: LinearSpec,
-        needs: LinearNeeds,
-    ) -> Result<LinearGrads<Self>> {
-        let LinearSpec { m, n, k } = spec;
-        let mm = |a: &CudaStorage, b: &CudaStorage, m, n, k, ta, tb| {
-            a.mm(
-                b,
-                MatmulSpec {
-                    batch: 1,
-                    m,
-                    n,
-                    k,
-                    trans_a: ta,
-                    trans_b: tb,
-                    rhs_batched: false,
-                },
-            )
-        };
-        // dX = dY·W (+ s·dS·A fused when the LoRA input has no dropout), by the path chosen for
-        // the shape (storage_lora); the dropout case adds drop(dS·A) below.
-        let fused_low = lora.filter(|l| l.3.dropout <= 0.0);
-        let ds_of = |(lb, ls): (&CudaStorage, LoraSpec)| -> Result<CudaStorage> {
-            mm(dy, lb, m, ls.rank, n, false, false)?.affine(ls.scale, 0.0)
-        };
-        let ds = match lora {
-            Some((_, lb, _, ls)) => Some(ds_of((lb, ls))?),
-            None => None,
-        };
-        let mut gx = if !needs.x {
-            None
-        } else if dy.dtype == DType::BF16 {
-            let low = fused_low
-                .zip(ds.as_ref())
-                .map(|((la, _, _, ls), ds)| (ds, la, ls));
-            let r = low.map_or(0, |l| l.2.rank);
-            let key = storage_lora::LoraKey {
-                forward: false,
-                m,
-                n,
-                k,
-                r,
-                bias: false,
-            };
-            let xs = Shape::from(vec![m, k]);
-            // ops = [dY, W, (dS, A)], as in the forward.
-            let run = |p: storage_lora::LoraPath, ops: &[&CudaStorage]| {
-                let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
-                let (dy, w) = (ops[0], ops[1]);
-                match p {
-                    storage_lora::LoraPath::Cublas => {
-                        let gx = mm(dy, w, m, k, n, false, false)?;
-                        if let Some((ds, la, ls)) = low {
-                            let extra = mm(ds, la, m, k, ls.rank, false, false)?;
-                            gx.elementwise_binary(
-                                &extra,
-                                BinaryOp::Add,
-                                &gx.alias(),
-                                &xs,
-                                &xs,
-                                &xs,
-                            )?;
-                        }
-                        Ok(gx)
-                    }
-                    p => dy.lora_fused_dx(p, w, low.map(|(ds, la, _)| (ds, la)), 1.0, (m, n, k, r)),
-                }
-            };
-            let mut ops = vec![dy, w];
-            if let Some((ds, la, _)) = low {
-                ops.extend([ds, la]);
-            }
-            Some(run(dy.lora_choose(key, &ops, &run)?, &ops)?)
-        } else {
-            Some(mm(dy, w, m, k, n, false, false)?)
-        };
-        // Whether dS·A still has to be added to dX (f32, or LoRA dropout).
-        let add_low_to_gx = dy.dtype != DType::BF16 || fused_low.is_none();
-        let gw = if needs.w {
-            Some(mm(dy, self, n, k, m, true, false)?)
-        } else {
-            None
-        };
-        let gb = if needs.b {
-            Some(dy.sum_to(&Shape::from(vec![m, n]), &Shape::from(vec![n]))?)
-        } else {
-            None
-        };
-        let (mut ga, mut gbm) = (None, None);
-        if let (Some((la, _, s, ls)), Some(ds)) = (lora, ds.as_ref()) {
-            let r = ls.rank;
-            if needs.lora_b {
-                gbm = Some(mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?);
-            }
-            if needs.lora_a {
-                let xd = self.dropped(&ls)?;
-                ga = Some(mm(ds, xd.as_ref().unwrap_or(self), r, k, m, true, false)?);
-            }
-            if let (Some(gx), true) = (gx.as_mut(), add_low_to_gx) {
-                // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
-                let extra = mm(ds, la, m, k, r, false, false)?;
-                let extra = extra.dropped(&ls)?.unwrap_or(extra);
-                let xs = Shape::from(vec![m, k]);
-                gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
-            }
-        }
-        Ok(LinearGrads {
-            x: gx,
-            w: gw,
-            b: gb,
-            lora_a: ga,
-            lora_b: gbm,
-        })
-    }
-
-    fn adamw_step(
-        &mut self,
-        grad: &Self,
-        m: &mut Self,
-        v: &mut Self,
-        step: AdamWStep,
-    ) -> Result<()> {
-        for (what, s) in [("grad", grad), ("m", &*m), ("v", &*v)] {
-            if s.dtype != DType::F32 || s.len != self.len {
-                return Err(Error::Cuda(format!(
-                    "adamw on cuda: {what} must be f32 like the parameter, {} elements (got {} × {})",
-                    self.len, s.len, s.dtype
-                )));
-            }
-        }
-        if self.dtype != DType::F32 {
-            return Err(Error::UnsupportedDType {
-                op: "adamw_step on cuda (f32 master weights)",
-                dtype: self.dtype,
-            });
-        }
-        let (table, chunks) = self.chunk_table(
-            grad.buf.addr(),
-            m.buf.addr(),
-            v.buf.addr(),
-            step.weight_decay as f32,
-        )?;
-        if chunks == 0 {
-            return Ok(());
-        }
-        storage_optim::launch_adamw(self, &table, chunks, &step, Arg::null())
-        // The table goes back to the caching allocator; any reuse is ordered after this launch
-        // on the same stream, so no wait is needed.
-    }
-
-    fn sum_sq(&self) -> Result<f64> {
-        let x = self.as_f32()?;
-        // sum_sq_multi reads the gradient slot of each chunk.
-        let (table, chunks) = x.chunk_table(x.buf.addr(), 0, 0, 0.0)?;
-        if chunks == 0 {
-            return Ok(0.0);
-        }
-        let part = self.empty(chunks, DType::F32)?;
-        self.run_grid(
-            "sum_sq_multi_f32",
-            kn::SumSqMulti {
-                chunks: Arg::U64(table.addr()),
-                num_chunks: chunks,
-                part: part.ptr(),
-            },
-        )?;
-        let v: Vec<f32> = self.runner.read(&part.buf)?;
-        Ok(v[..chunks].iter().map(|x| *x as f64).sum())
-    }
 }
 
 impl CudaStorage {
     /// drop(x) with inverted scaling (the CPU's mask: `crate::rng::dropout_keep`); None when
     /// dropout is off.
-    fn dropped(&self, l: &LoraSpec) -> Result<Option<CudaStorage>> {
+    pub(crate) fn dropped(&self, l: &LoraSpec) -> Result<Option<CudaStorage>> {
         if l.dropout <= 0.0 {
             return Ok(None);
         }
@@ -1069,7 +775,7 @@ impl CudaStorage {
     }
 
     /// A non-owning view of the same memory (an in-place output).
-    fn alias(&self) -> CudaStorage {
+    pub(crate) fn alias(&self) -> CudaStorage {
         CudaStorage {
             buf: Buffer::Alias(self.buf.addr(), self.buf.bytes()),
             dtype: self.dtype,
@@ -1082,6 +788,5 @@ impl CudaStorage {
 
 #[path = "storage_lora.rs"]
 mod storage_lora;
-#[path = "storage_optim.rs"]
-pub mod storage_optim;
+pub(crate) use storage_lora::LoraKey;
 pub use storage_lora::{lora_choices, LoraPath};

@@ -46,7 +46,7 @@ impl LoraPath {
 
 /// The shape a choice is cached under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(super) struct LoraKey {
+pub(crate) struct LoraKey {
     pub forward: bool,
     pub m: usize,
     pub n: usize,
@@ -135,7 +135,7 @@ impl CudaStorage {
     /// The path for `key`: forced by `SD2_LORA_GEMM`, cached, or measured now with `run`
     /// (which computes the product by the given path on the given operands — in the order of
     /// `operands`: x or dY, W, then S and B or dS and A — and returns it).
-    pub(super) fn lora_choose(
+    pub(crate) fn lora_choose(
         &self,
         key: LoraKey,
         operands: &[&CudaStorage],
@@ -182,7 +182,7 @@ impl CudaStorage {
 
     /// y = x·Wᵀ (+ b) + scale·S·Bᵀ by a fused kernel (`low` = (S [m, r], B [n, r])).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn lora_fused_fwd(
+    pub(crate) fn lora_fused_fwd(
         &self,
         path: LoraPath,
         w: &CudaStorage,
@@ -255,7 +255,7 @@ impl CudaStorage {
 
     /// dX = dY·W + scale·dS·A by a fused kernel (self = dY [m, n], W [n, k], dS [m, r],
     /// A [r, k]); without `low`, dX = dY·W.
-    pub(super) fn lora_fused_dx(
+    pub(crate) fn lora_fused_dx(
         &self,
         path: LoraPath,
         w: &CudaStorage,

@@ -3,10 +3,12 @@
 //! pattern), writing its kernel in `kernels/` and its tests — the backend trait, the storage
 //! dispatch and the CPU backend stay as they are. `run` dispatches a `FusedKernel` on the
 //! storage its inputs live on.
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod l2_normalize;
 pub mod layer_norm;
+pub mod lora_linear;
 pub mod sigmoid_loss;
 pub mod softmax;
 

@@ -1,0 +1,781 @@
+//! The (LoRA-)linear layer `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one fused unit: the shape
+//! checks and backward rule on `Tensor`, the CPU reference (the definition the fused LoRA GEMM
+//! kernels are tested against), and the CUDA side — PEFT's structure on cuBLAS for f32, and for
+//! bf16 the path `backend::cuda::storage_lora` chose for the shape (cuBLAS, or a kernel of
+//! `kernels/lora_gemm.cu` with the low-rank term and bias fused into the GEMM).
+use rayon::prelude::*;
+
+use super::{cpu_float, FloatFn, FusedKernel};
+use crate::autograd::{record, BackwardOp};
+use crate::backend::cpu::gemm::{gemm_into, Mat};
+use crate::backend::cpu::CpuStorage;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::cuda::storage::{CudaStorage, LoraKey, LoraPath};
+use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraSpec};
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::{BinaryOp, MatmulSpec};
+use crate::ops::{check_float, check_same_dtype};
+use crate::rng::dropout_keep;
+use crate::storage::Storage;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::DType;
+use crate::{Error, Float, Result, Shape, Tensor};
+
+/// The low-rank branch of a LoRA-linear: `scale·(drop(x)·Aᵀ)·Bᵀ` with A [rank, in], B [out, rank].
+#[derive(Clone)]
+pub struct Lora<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+    /// Dropout probability on the LoRA input; 0 at inference.
+    pub dropout: f32,
+    /// Seed of the dropout mask (a counter-based hash: backward regenerates it).
+    pub seed: u64,
+}
+
+/// `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one op: x is [..., in], W [out, in], b [out].
+/// Gradients flow to x, A, B (and to W, b only if they are trainable).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<Lora<'_>>,
+) -> Result<Tensor> {
+    let op = Forward::NAME;
+    check_float(op, x)?;
+    check_same_dtype(op, x, w)?;
+    if w.rank() != 2 || x.rank() == 0 {
+        return Err(crate::shape_err!(
+            op,
+            "x {:?} · W {:?}: W must be [out, in]",
+            x.dims(),
+            w.dims()
+        ));
+    }
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    if x.shape().last() != k {
+        return Err(crate::shape_err!(
+            op,
+            "x {:?} has last dim {} but W {:?} expects {k}",
+            x.dims(),
+            x.shape().last(),
+            w.dims()
+        ));
+    }
+    if let Some(b) = b {
+        check_same_dtype(op, x, b)?;
+        if b.dims() != [n] {
+            return Err(crate::shape_err!(
+                op,
+                "bias {:?} does not match W {:?}",
+                b.dims(),
+                w.dims()
+            ));
+        }
+    }
+    let spec = LinearSpec {
+        m: x.shape().rows(),
+        n,
+        k,
+    };
+    let lspec = match &lora {
+        None => None,
+        Some(l) => {
+            check_same_dtype(op, x, l.a)?;
+            check_same_dtype(op, x, l.b)?;
+            let r = l.a.dims().first().copied().unwrap_or(0);
+            if l.a.dims() != [r, k] || l.b.dims() != [n, r] {
+                return Err(crate::shape_err!(
+                    op,
+                    "LoRA A {:?} / B {:?} do not fit W {:?}",
+                    l.a.dims(),
+                    l.b.dims(),
+                    w.dims()
+                ));
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return Err(Error::Msg(format!(
+                    "{op}: dropout {} must be in [0, 1)",
+                    l.dropout
+                )));
+            }
+            Some(LoraSpec {
+                rank: r,
+                scale: l.scale,
+                dropout: l.dropout,
+                seed: l.seed,
+            })
+        }
+    };
+    let mut inputs = vec![x, w];
+    if let Some(b) = b {
+        inputs.push(b);
+    }
+    if let Some(l) = &lora {
+        inputs.push(l.a);
+        inputs.push(l.b);
+    }
+    let fwd = Forward {
+        spec,
+        bias: b.is_some(),
+        lora: lspec,
+    };
+    let mut outs = {
+        let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
+        let st: Vec<&Storage> = guards.iter().map(|g| &**g).collect();
+        super::run(&fwd, &st)?.into_iter()
+    };
+    let y = outs
+        .next()
+        .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?;
+    let s = outs.next();
+    let mut od = x.dims().to_vec();
+    *od.last_mut().expect("rank ≥ 1") = n;
+    let has_bias = b.is_some();
+    record(y, Shape::new(od), &inputs, |_| LinearBackward {
+        x: x.clone(),
+        w: w.clone(),
+        lora: lora
+            .as_ref()
+            .zip(lspec)
+            .zip(s)
+            .map(|((l, sp), s)| (l.a.clone(), l.b.clone(), s, sp)),
+        has_bias,
+        spec,
+    })
+}
+
+struct LinearBackward {
+    x: Tensor,
+    w: Tensor,
+    /// (A, B, S = drop(x)·Aᵀ, spec).
+    lora: Option<(Tensor, Tensor, Storage, LoraSpec)>,
+    has_bias: bool,
+    spec: LinearSpec,
+}
+
+impl BackwardOp for LinearBackward {
+    fn name(&self) -> &'static str {
+        Forward::NAME
+    }
+
+    fn backward(self: Box<Self>, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let bi = if self.has_bias { Some(2) } else { None };
+        let li = if self.has_bias { 3 } else { 2 };
+        let need = |i: usize| needs.get(i).copied().unwrap_or(false);
+        let wants = LinearNeeds {
+            x: need(0),
+            w: need(1),
+            b: bi.map(need).unwrap_or(false),
+            lora_a: self.lora.is_some() && need(li),
+            lora_b: self.lora.is_some() && need(li + 1),
+        };
+        let bwd = Backward {
+            spec: self.spec,
+            lora: self.lora.as_ref().map(|l| l.3),
+            needs: wants,
+        };
+        let mut grads = {
+            let (xs, ws, gs) = (self.x.storage(), self.w.storage(), g.storage());
+            let la = self
+                .lora
+                .as_ref()
+                .map(|(a, b, _, _)| (a.storage(), b.storage()));
+            let mut st: Vec<&Storage> = vec![&xs, &ws, &gs];
+            if let (Some((a, b)), Some((_, _, s, _))) = (&la, &self.lora) {
+                st.extend([&**a, &**b, s]);
+            }
+            super::run(&bwd, &st)?.into_iter()
+        };
+        // The outputs come in LinearGrads order, only those asked for.
+        let mut take = |wanted: bool, shape: &Shape| -> Result<Option<Tensor>> {
+            if !wanted {
+                return Ok(None);
+            }
+            let s = grads
+                .next()
+                .ok_or_else(|| Error::Msg("lora_linear_bwd: missing gradient".into()))?;
+            Ok(Some(Tensor::from_storage(s, shape.clone())?))
+        };
+        let mut out = vec![
+            take(wants.x, self.x.shape())?,
+            take(wants.w, self.w.shape())?,
+        ];
+        if self.has_bias {
+            out.push(take(wants.b, &Shape::from(self.spec.n))?);
+        }
+        if let Some((a, b, _, _)) = &self.lora {
+            out.push(take(wants.lora_a, a.shape())?);
+            out.push(take(wants.lora_b, b.shape())?);
+        }
+        Ok(out)
+    }
+}
+
+/// (y, S = drop(x)·Aᵀ when there is a LoRA branch) from (x, W, [b], [A, B]).
+pub struct Forward {
+    pub spec: LinearSpec,
+    pub bias: bool,
+    pub lora: Option<LoraSpec>,
+}
+
+/// The gradients asked for by `needs`, in `LinearGrads` order (x, W, b, A, B), from
+/// (x, W, dy, [A, B, S]).
+pub struct Backward {
+    pub spec: LinearSpec,
+    pub lora: Option<LoraSpec>,
+    pub needs: LinearNeeds,
+}
+
+impl FloatFn for Forward {
+    fn call<F: Float>(&self, x: &[&[F]]) -> Vec<Vec<F>> {
+        let b = self.bias.then(|| x[2]);
+        let li = 2 + self.bias as usize;
+        let low = self.lora.map(|l| (x[li], x[li + 1], l));
+        let (y, s) = forward(x[0], x[1], b, low, self.spec);
+        std::iter::once(y).chain(s).collect()
+    }
+}
+
+impl FloatFn for Backward {
+    fn call<F: Float>(&self, x: &[&[F]]) -> Vec<Vec<F>> {
+        let low = self.lora.map(|l| (x[3], x[4], x[5], l));
+        flatten(backward(x[0], x[1], low, x[2], self.spec, self.needs))
+    }
+}
+
+/// The gradients present, in field order.
+fn flatten<S>(g: LinearGrads<S>) -> Vec<S> {
+    [g.x, g.w, g.b, g.lora_a, g.lora_b]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+impl FusedKernel for Forward {
+    const NAME: &'static str = "lora_linear";
+
+    fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        let b = self.bias.then(|| inputs[2]);
+        let li = 2 + self.bias as usize;
+        let low = self.lora.map(|l| (inputs[li], inputs[li + 1], l.rank));
+        check(inputs[0], inputs[1], b, low, self.spec)?;
+        cpu_float(Self::NAME, self, inputs, &[])
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+        let b = self.bias.then(|| inputs[2]);
+        let li = 2 + self.bias as usize;
+        let low = self.lora.map(|l| (inputs[li], inputs[li + 1], l));
+        let (y, s) = cuda_forward(inputs[0], inputs[1], b, low, self.spec)?;
+        Ok(std::iter::once(y).chain(s).collect())
+    }
+}
+
+impl FusedKernel for Backward {
+    const NAME: &'static str = "lora_linear_bwd";
+
+    fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        let want = self.spec.m * self.spec.n;
+        if inputs[2].len() != want {
+            return Err(Error::shape(
+                Self::NAME,
+                format!("dy has {} elements, expected {want}", inputs[2].len()),
+            ));
+        }
+        cpu_float(Self::NAME, self, inputs, &[])
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
+        let low = self.lora.map(|l| (inputs[3], inputs[4], inputs[5], l));
+        let g = cuda_backward(inputs[0], inputs[1], low, inputs[2], self.spec, self.needs)?;
+        Ok(flatten(g))
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::shape(op, format!("lengths {a} and {b} differ")));
+    }
+    Ok(())
+}
+
+// The CUDA side.
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn cuda_forward(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    b: Option<&CudaStorage>,
+    lora: Option<(&CudaStorage, &CudaStorage, LoraSpec)>,
+    spec: LinearSpec,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let LinearSpec { m, n, k } = spec;
+    same_len("lora_linear x", x.len, m * k)?;
+    same_len("lora_linear W", w.len, n * k)?;
+    let mmspec = |m, n, k, trans_b| MatmulSpec {
+        batch: 1,
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b,
+        rhs_batched: false,
+    };
+    if let Some(b) = b {
+        same_len("lora_linear bias", b.len, n)?;
+    }
+    let mut s_low = None;
+    if let Some((la, lb, ls)) = lora {
+        same_len("lora_linear A", la.len, ls.rank * k)?;
+        same_len("lora_linear B", lb.len, n * ls.rank)?;
+        let xd = x.dropped(&ls)?;
+        s_low = Some(
+            xd.as_ref()
+                .unwrap_or(x)
+                .mm(la, mmspec(m, ls.rank, k, true))?,
+        );
+    }
+    let low = lora.zip(s_low.as_ref()).map(|((_, lb, ls), s)| (s, lb, ls));
+    let ys = Shape::from(vec![m, n]);
+    // PEFT's structure on cuBLAS: X·Wᵀ, + b, + s·S·Bᵀ (each rounded to the storage type).
+    type Low<'a> = Option<(&'a CudaStorage, &'a CudaStorage, LoraSpec)>;
+    let cublas = |x: &CudaStorage, w: &CudaStorage, low: Low| -> Result<CudaStorage> {
+        let y = x.mm(w, mmspec(m, n, k, true))?;
+        if let Some(b) = b {
+            y.elementwise_binary(
+                b,
+                BinaryOp::Add,
+                &y.alias(),
+                &ys,
+                &Shape::from(vec![n]),
+                &ys,
+            )?;
+        }
+        if let Some((s, lb, ls)) = low {
+            let lowy = s
+                .mm(lb, mmspec(m, n, ls.rank, true))?
+                .affine(ls.scale, 0.0)?;
+            y.elementwise_binary(&lowy, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
+        }
+        Ok(y)
+    };
+    let y = if x.dtype == DType::BF16 {
+        let r = low.map_or(0, |l| l.2.rank);
+        let key = LoraKey {
+            forward: true,
+            m,
+            n,
+            k,
+            r,
+            bias: b.is_some(),
+        };
+        // ops = [x, W, (S, B)]: the call's own, or random ones of the same shapes while
+        // the path for the shape is being chosen.
+        let run = |p: LoraPath, ops: &[&CudaStorage]| {
+            let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
+            match p {
+                LoraPath::Cublas => cublas(ops[0], ops[1], low),
+                p => ops[0].lora_fused_fwd(
+                    p,
+                    ops[1],
+                    b,
+                    low.map(|(s, lb, _)| (s, lb)),
+                    low.map_or(1.0, |l| l.2.scale as f32),
+                    (m, n, k, r),
+                ),
+            }
+        };
+        let mut ops = vec![x, w];
+        if let Some((s, lb, _)) = low {
+            ops.extend([s, lb]);
+        }
+        run(x.lora_choose(key, &ops, &run)?, &ops)?
+    } else {
+        cublas(x, w, low)?
+    };
+    Ok((y, s_low))
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn cuda_backward(
+    x: &CudaStorage,
+    w: &CudaStorage,
+    lora: Option<(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)>,
+    dy: &CudaStorage,
+    spec: LinearSpec,
+    needs: LinearNeeds,
+) -> Result<LinearGrads<CudaStorage>> {
+    let LinearSpec { m, n, k } = spec;
+    let mm = |a: &CudaStorage, b: &CudaStorage, m, n, k, ta, tb| {
+        a.mm(
+            b,
+            MatmulSpec {
+                batch: 1,
+                m,
+                n,
+                k,
+                trans_a: ta,
+                trans_b: tb,
+                rhs_batched: false,
+            },
+        )
+    };
+    // dX = dY·W (+ s·dS·A fused when the LoRA input has no dropout), by the path chosen for
+    // the shape (storage_lora); the dropout case adds drop(dS·A) below.
+    let fused_low = lora.filter(|l| l.3.dropout <= 0.0);
+    let ds_of = |(lb, ls): (&CudaStorage, LoraSpec)| -> Result<CudaStorage> {
+        mm(dy, lb, m, ls.rank, n, false, false)?.affine(ls.scale, 0.0)
+    };
+    let ds = match lora {
+        Some((_, lb, _, ls)) => Some(ds_of((lb, ls))?),
+        None => None,
+    };
+    let mut gx = if !needs.x {
+        None
+    } else if dy.dtype == DType::BF16 {
+        let low = fused_low
+            .zip(ds.as_ref())
+            .map(|((la, _, _, ls), ds)| (ds, la, ls));
+        let r = low.map_or(0, |l| l.2.rank);
+        let key = LoraKey {
+            forward: false,
+            m,
+            n,
+            k,
+            r,
+            bias: false,
+        };
+        let xs = Shape::from(vec![m, k]);
+        // ops = [dY, W, (dS, A)], as in the forward.
+        let run = |p: LoraPath, ops: &[&CudaStorage]| {
+            let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
+            let (dy, w) = (ops[0], ops[1]);
+            match p {
+                LoraPath::Cublas => {
+                    let gx = mm(dy, w, m, k, n, false, false)?;
+                    if let Some((ds, la, ls)) = low {
+                        let extra = mm(ds, la, m, k, ls.rank, false, false)?;
+                        gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
+                    }
+                    Ok(gx)
+                }
+                p => dy.lora_fused_dx(p, w, low.map(|(ds, la, _)| (ds, la)), 1.0, (m, n, k, r)),
+            }
+        };
+        let mut ops = vec![dy, w];
+        if let Some((ds, la, _)) = low {
+            ops.extend([ds, la]);
+        }
+        Some(run(dy.lora_choose(key, &ops, &run)?, &ops)?)
+    } else {
+        Some(mm(dy, w, m, k, n, false, false)?)
+    };
+    // Whether dS·A still has to be added to dX (f32, or LoRA dropout).
+    let add_low_to_gx = dy.dtype != DType::BF16 || fused_low.is_none();
+    let gw = if needs.w {
+        Some(mm(dy, x, n, k, m, true, false)?)
+    } else {
+        None
+    };
+    let gb = if needs.b {
+        Some(dy.sum_to(&Shape::from(vec![m, n]), &Shape::from(vec![n]))?)
+    } else {
+        None
+    };
+    let (mut ga, mut gbm) = (None, None);
+    if let (Some((la, _, s, ls)), Some(ds)) = (lora, ds.as_ref()) {
+        let r = ls.rank;
+        if needs.lora_b {
+            gbm = Some(mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?);
+        }
+        if needs.lora_a {
+            let xd = x.dropped(&ls)?;
+            ga = Some(mm(ds, xd.as_ref().unwrap_or(x), r, k, m, true, false)?);
+        }
+        if let (Some(gx), true) = (gx.as_mut(), add_low_to_gx) {
+            // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
+            let extra = mm(ds, la, m, k, r, false, false)?;
+            let extra = extra.dropped(&ls)?.unwrap_or(extra);
+            let xs = Shape::from(vec![m, k]);
+            gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
+        }
+    }
+    Ok(LinearGrads {
+        x: gx,
+        w: gw,
+        b: gb,
+        lora_a: ga,
+        lora_b: gbm,
+    })
+}
+
+// The CPU reference.
+
+fn check(
+    x: &CpuStorage,
+    w: &CpuStorage,
+    b: Option<&CpuStorage>,
+    lora: Option<(&CpuStorage, &CpuStorage, usize)>,
+    s: LinearSpec,
+) -> Result<()> {
+    let bad = |what: &str, got: usize, want: usize| {
+        Err(Error::shape(
+            "lora_linear",
+            format!(
+                "{what} has {got} elements, expected {want} (m={}, n={}, k={})",
+                s.m, s.n, s.k
+            ),
+        ))
+    };
+    if x.len() != s.m * s.k {
+        return bad("x", x.len(), s.m * s.k);
+    }
+    if w.len() != s.n * s.k {
+        return bad("weight", w.len(), s.n * s.k);
+    }
+    if let Some(b) = b {
+        if b.len() != s.n {
+            return bad("bias", b.len(), s.n);
+        }
+    }
+    if let Some((a, bm, r)) = lora {
+        if a.len() != r * s.k {
+            return bad("lora_A", a.len(), r * s.k);
+        }
+        if bm.len() != s.n * r {
+            return bad("lora_B", bm.len(), s.n * r);
+        }
+    }
+    Ok(())
+}
+
+/// drop(x) with inverted scaling; None when dropout is off (use x itself).
+fn dropped<F: Float>(x: &[F], l: &LoraSpec) -> Option<Vec<F>> {
+    if l.dropout <= 0.0 {
+        return None;
+    }
+    let keep = F::from_f(1.0 / (1.0 - l.dropout as f64));
+    let mut out = vec![F::zero(); x.len()];
+    out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
+        let base = c << 14;
+        for (i, o) in o.iter_mut().enumerate() {
+            let j = base + i;
+            if dropout_keep(l.seed, j as u64, l.dropout) {
+                *o = x[j] * keep;
+            }
+        }
+    });
+    Some(out)
+}
+
+type LowRank<'a, F> = (&'a [F], &'a [F], LoraSpec);
+
+pub fn forward<F: Float>(
+    x: &[F],
+    w: &[F],
+    b: Option<&[F]>,
+    lora: Option<LowRank<'_, F>>,
+    s: LinearSpec,
+) -> (Vec<F>, Option<Vec<F>>) {
+    let (m, n, k) = (s.m, s.n, s.k);
+    let mut y = vec![F::zero(); m * n];
+    if let Some(b) = b {
+        if n > 0 {
+            y.par_chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+        }
+    }
+    gemm_into(
+        m,
+        n,
+        k,
+        Mat::rm(x, k, false),
+        Mat::rm(w, k, true),
+        &mut y,
+        0,
+        n,
+        F::one(),
+        b.is_some(),
+        true,
+    );
+    let low = lora.map(|(a, bm, l)| {
+        let r = l.rank;
+        let xd = dropped(x, &l);
+        let xs = xd.as_deref().unwrap_or(x);
+        let mut sm = vec![F::zero(); m * r];
+        gemm_into(
+            m,
+            r,
+            k,
+            Mat::rm(xs, k, false),
+            Mat::rm(a, k, true),
+            &mut sm,
+            0,
+            r,
+            F::one(),
+            false,
+            true,
+        );
+        gemm_into(
+            m,
+            n,
+            r,
+            Mat::rm(&sm, r, false),
+            Mat::rm(bm, r, true),
+            &mut y,
+            0,
+            n,
+            F::from_f(l.scale),
+            true,
+            true,
+        );
+        sm
+    });
+    (y, low)
+}
+
+type LoraSaved<'a, F> = (&'a [F], &'a [F], &'a [F], LoraSpec);
+
+pub fn backward<F: Float>(
+    x: &[F],
+    w: &[F],
+    lora: Option<LoraSaved<'_, F>>,
+    dy: &[F],
+    s: LinearSpec,
+    needs: LinearNeeds,
+) -> LinearGrads<Vec<F>> {
+    let (m, n, k) = (s.m, s.n, s.k);
+    let dym = Mat::rm(dy, n, false);
+    let mut g = LinearGrads {
+        x: None,
+        w: None,
+        b: None,
+        lora_a: None,
+        lora_b: None,
+    };
+    if needs.w {
+        let mut dw = vec![F::zero(); n * k];
+        gemm_into(
+            n,
+            k,
+            m,
+            dym.t(),
+            Mat::rm(x, k, false),
+            &mut dw,
+            0,
+            k,
+            F::one(),
+            false,
+            true,
+        );
+        g.w = Some(dw);
+    }
+    if needs.b {
+        g.b = Some(crate::backend::cpu::elementwise::sum_to(
+            dy,
+            &Shape::from([m, n]),
+            &Shape::from(n),
+        ));
+    }
+    let mut dx = needs.x.then(|| {
+        let mut dx = vec![F::zero(); m * k];
+        gemm_into(
+            m,
+            k,
+            n,
+            dym,
+            Mat::rm(w, k, false),
+            &mut dx,
+            0,
+            k,
+            F::one(),
+            false,
+            true,
+        );
+        dx
+    });
+    if let Some((a, bm, sm, l)) = lora {
+        let r = l.rank;
+        let sc = F::from_f(l.scale);
+        if needs.lora_b {
+            // dB = s·dYᵀ·S, [n, r].
+            let mut db = vec![F::zero(); n * r];
+            gemm_into(
+                n,
+                r,
+                m,
+                dym.t(),
+                Mat::rm(sm, r, false),
+                &mut db,
+                0,
+                r,
+                sc,
+                false,
+                true,
+            );
+            g.lora_b = Some(db);
+        }
+        if needs.lora_a || needs.x {
+            // dS = s·dY·B, [m, r].
+            let mut ds = vec![F::zero(); m * r];
+            gemm_into(
+                m,
+                r,
+                n,
+                dym,
+                Mat::rm(bm, r, false),
+                &mut ds,
+                0,
+                r,
+                sc,
+                false,
+                true,
+            );
+            if needs.lora_a {
+                let xd = dropped(x, &l);
+                let xs = xd.as_deref().unwrap_or(x);
+                let mut da = vec![F::zero(); r * k];
+                gemm_into(
+                    r,
+                    k,
+                    m,
+                    Mat::rm(&ds, r, true),
+                    Mat::rm(xs, k, false),
+                    &mut da,
+                    0,
+                    k,
+                    F::one(),
+                    false,
+                    true,
+                );
+                g.lora_a = Some(da);
+            }
+            if let Some(dx) = dx.as_mut() {
+                // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
+                let mut dxl = vec![F::zero(); m * k];
+                gemm_into(
+                    m,
+                    k,
+                    r,
+                    Mat::rm(&ds, r, false),
+                    Mat::rm(a, k, false),
+                    &mut dxl,
+                    0,
+                    k,
+                    F::one(),
+                    false,
+                    true,
+                );
+                let dxl = dropped(&dxl, &l).unwrap_or(dxl);
+                dx.par_chunks_mut(1 << 14)
+                    .zip(dxl.par_chunks(1 << 14))
+                    .for_each(|(d, v)| d.iter_mut().zip(v).for_each(|(d, v)| *d += *v));
+            }
+        }
+    }
+    g.x = dx.take();
+    g
+}
