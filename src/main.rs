@@ -288,115 +288,16 @@ enum ClipCmd {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn clip_embed(
-    model: &std::path::Path,
-    images: &[std::path::PathBuf],
-    pixel_values: Option<&std::path::Path>,
-    texts_file: Option<&std::path::Path>,
-    out: &std::path::Path,
-    device: &str,
-    batch: usize,
-) -> sd2::Result<()> {
-    use sd2::{DType, Error, Tensor};
-    let device = sd2::Device::parse(device)?;
-    device.check_available()?;
-    if images.is_empty() && pixel_values.is_none() && texts_file.is_none() {
-        return Err(Error::Msg(
-            "clip embed: give --images, --pixel-values and/or --texts-file".into(),
-        ));
+fn clip_embed(r: sd2::clip::embed::EmbedRequest) -> sd2::Result<()> {
+    for (name, dims) in sd2::clip::embed::run(&r)? {
+        println!("{name} {dims:?}");
     }
-    let clip = sd2::clip::ClipModel::load(model, DType::F32, device)?;
-    let _g = sd2::no_grad();
-    let batch = batch.max(1);
-    let mut outputs: Vec<(&str, Tensor)> = vec![];
-    let size = clip.config.vision_config.image_size;
-    let mut image_embeds = vec![];
-    if let Some(pv) = pixel_values {
-        let mut m: std::collections::HashMap<String, Tensor> =
-            sd2::io::load(pv, sd2::Device::Cpu)?.into_iter().collect();
-        let px = m
-            .remove("pixel_values")
-            .ok_or_else(|| Error::Msg(format!("{}: no tensor `pixel_values`", pv.display())))?;
-        if px.rank() != 4 {
-            return Err(Error::Msg(format!(
-                "{}: pixel_values has shape {:?}, expected [N, 3, H, W]",
-                pv.display(),
-                px.dims()
-            )));
-        }
-        let px = px.to_dtype(DType::F32)?;
-        let n = px.dims()[0];
-        for start in (0..n).step_by(batch) {
-            let chunk = px
-                .narrow(0, start, batch.min(n - start))?
-                .to_device(device)?;
-            image_embeds.push(clip.image_embeds(&chunk)?);
-        }
-    }
-    for chunk in images.chunks(batch) {
-        let decoded = chunk
-            .iter()
-            .map(|p| sd2::clip::preprocess::decode_image(p))
-            .collect::<sd2::Result<Vec<_>>>()?;
-        let px = sd2::clip::preprocess::pixel_values(&decoded, size, DType::F32, device)?;
-        image_embeds.push(clip.image_embeds(&px)?);
-    }
-    if !image_embeds.is_empty() {
-        let refs: Vec<&Tensor> = image_embeds.iter().collect();
-        outputs.push(("image_embeds", Tensor::cat(&refs, 0)?));
-    }
-    if let Some(tf) = texts_file {
-        let lines = read_lines(tf)?;
-        let tk = sd2::clip::ClipTokenizer::openai()?;
-        let ctx = clip.config.text_config.max_position_embeddings;
-        let mut parts = vec![];
-        for chunk in lines.chunks(batch.max(64)) {
-            let texts: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
-            parts.push(clip.text_embeds(&tk.tokenize_batch_longest(&texts, ctx, device)?)?);
-        }
-        if !parts.is_empty() {
-            let refs: Vec<&Tensor> = parts.iter().collect();
-            outputs.push(("text_embeds", Tensor::cat(&refs, 0)?));
-        }
-    }
-    let refs: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (*n, t)).collect();
-    sd2::io::save(out, &refs, None)?;
-    for (n, t) in &outputs {
-        println!("{n} {:?}", t.dims());
-    }
-    println!("wrote {}", out.display());
+    println!("wrote {}", r.out.display());
     Ok(())
 }
 
 fn info() {
-    println!("sd2 {}", env!("CARGO_PKG_VERSION"));
-    println!("backends:");
-    println!(
-        "  cpu   reference backend: f32/bf16/f64, gemm crate, rayon ({} threads)",
-        rayon::current_num_threads()
-    );
-    if cfg!(feature = "cuda-sim") {
-        println!("  cuda:sim  CUDA tensors with every kernel run by the CPU kernel simulator (slow; tests)");
-    }
-    if !sd2::backend::cuda::COMPILED {
-        println!("  cuda  not compiled in (rebuild with `--features cuda`)");
-        return;
-    }
-    match sd2::backend::cuda::probe() {
-        Ok(gpus) if gpus.is_empty() => println!("  cuda  compiled in; no GPU visible"),
-        Ok(gpus) => {
-            println!("  cuda  compiled in: f32/bf16 tensors, kernels from kernels/*.cu");
-            for g in gpus {
-                println!(
-                    "        cuda:{}  {}  {:.1} GiB",
-                    g.ordinal,
-                    g.name,
-                    g.total_mem as f64 / (1u64 << 30) as f64
-                );
-            }
-        }
-        Err(e) => println!("  cuda  compiled in; no usable GPU: {e}"),
-    }
+    print!("{}", sd2::backend::cuda::backends_summary());
 }
 
 /// The demo's (and the ablation's) settings from the command line, on a checked device.
@@ -430,64 +331,14 @@ fn demo(out: &std::path::Path, args: &DemoArgs) -> sd2::Result<()> {
     Ok(())
 }
 
-fn probe(
-    checkpoint: &std::path::Path,
-    manifest: &std::path::Path,
-    out: &std::path::Path,
-    c: f64,
-    clip: Option<&std::path::Path>,
-    skip_bad: bool,
-    device: &str,
-) -> sd2::Result<()> {
-    use sd2::data::{LoadOptions, Manifest, Split};
-    use sd2::eval::{predict::features_items, probe};
-    let device = sd2::Device::parse(device)?;
-    device.check_available()?;
-    let m = Manifest::load(
-        manifest,
-        LoadOptions {
-            skip_bad,
-            check_images: true,
-            require_descriptions: false,
-        },
-    )?;
-    let (train, test) = (m.split(Split::Train), m.split(Split::Test));
-    if train.is_empty() || test.is_empty() {
-        return Err(sd2::Error::Msg(format!(
-            "{}: the probe needs train and test items ({} and {})",
-            manifest.display(),
-            train.len(),
-            test.len()
-        )));
-    }
-    let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
-    let t0 = std::time::Instant::now();
-    let xtr = features_items(&det.model, &train, 64)?;
-    let ytr: Vec<bool> = train.iter().map(|i| i.label != 0).collect();
-    let fit = probe::fit(&xtr, &ytr, c)?;
-    let train_acc = xtr
-        .iter()
-        .zip(&ytr)
-        .filter(|(x, y)| (fit.decision(x) > 0.0) == **y)
-        .count() as f64
-        / xtr.len() as f64;
-    let xte = features_items(&det.model, &test, 64)?;
-    let rows: Vec<(String, Vec<f64>, bool)> = test
-        .iter()
-        .zip(xte)
-        .map(|(i, x)| (i.source.clone(), x, i.label != 0))
-        .collect();
-    let rep = probe::score(&fit, c, xtr.len(), train_acc, &rows);
-    std::fs::create_dir_all(out).map_err(|e| sd2::Error::Msg(format!("{}: {e}", out.display())))?;
-    let path = out.join("probe.json");
-    let json = serde_json::to_string_pretty(&rep).map_err(|e| sd2::Error::Msg(e.to_string()))?;
-    sd2::fs::write_atomic(&path, json)?;
-    print!("{}", rep.table());
+fn probe(r: sd2::eval::probe::ProbeRequest) -> sd2::Result<()> {
+    let run = sd2::eval::probe::run(&r)?;
+    print!("{}", run.report.table());
     println!(
         "wrote {} ({:.1}s, {} Newton iterations)",
-        path.display(),
-        t0.elapsed().as_secs_f64(),
-        fit.iterations
+        run.path.display(),
+        run.seconds,
+        run.iterations
     );
     Ok(())
 }
@@ -717,53 +568,6 @@ impl sd2::run::Progress for CliProgress {
     }
 }
 
-fn kernels() -> sd2::Result<()> {
-    let res = sd2::backend::cuda::kernel_resources();
-    #[cfg(feature = "cuda-sim")]
-    let simulated = sd2::backend::cuda::sim::kernel_names();
-    #[cfg(not(feature = "cuda-sim"))]
-    let simulated: Vec<String> = vec![];
-    if res.is_empty() {
-        println!("no compiled kernels in this build (build with --features cuda and nvcc 13.0: scripts/install-cuda-toolchain.sh)");
-    } else {
-        println!(
-            "{:<16} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
-            "file", "kernel", "arch", "regs", "smem B", "stack", "spill-", "spill+", "sim"
-        );
-        for k in &res {
-            println!(
-                "{:<16} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
-                k.file,
-                k.kernel,
-                k.arch,
-                k.registers,
-                k.shared_bytes,
-                k.stack_bytes,
-                k.spill_stores,
-                k.spill_loads,
-                if simulated.contains(&k.kernel) {
-                    "yes"
-                } else {
-                    "no"
-                }
-            );
-        }
-    }
-    if !simulated.is_empty() {
-        println!(
-            "simulated on the CPU (feature cuda-sim): {}",
-            simulated.join(", ")
-        );
-    }
-    Ok(())
-}
-
-fn read_lines(path: &std::path::Path) -> sd2::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| sd2::Error::Msg(format!("{}: {e}", path.display())))?;
-    Ok(text.lines().map(String::from).collect())
-}
-
 fn tokenize(
     texts_file: &std::path::Path,
     context: usize,
@@ -773,14 +577,7 @@ fn tokenize(
         Some(p) => sd2::clip::ClipTokenizer::from_file(p)?,
         None => sd2::clip::ClipTokenizer::openai()?,
     };
-    let mut out = String::new();
-    for line in read_lines(texts_file)? {
-        let ids = tk.tokenize(&line, context)?;
-        let body: Vec<String> = ids.iter().map(|v| v.to_string()).collect();
-        out.push('[');
-        out.push_str(&body.join(", "));
-        out.push_str("]\n");
-    }
+    let out = tk.ids_lines(&sd2::fs::read_lines(texts_file)?, context)?;
     use std::io::Write;
     std::io::stdout().write_all(out.as_bytes())?;
     Ok(())
@@ -807,84 +604,46 @@ fn synth(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn eval(
-    checkpoint: &std::path::Path,
-    manifest: &std::path::Path,
-    split: &str,
-    out: &std::path::Path,
-    clip: Option<&std::path::Path>,
-    skip_bad: bool,
-    device: &str,
-    perturb: &[String],
-) -> sd2::Result<()> {
-    use sd2::data::augment::Perturb;
-    use sd2::data::loader::Transform;
-    use sd2::data::{LoadOptions, Manifest, Split};
-    // Parse before any work so a typo fails fast.
-    let mut perturbs = vec![];
-    for p in perturb {
-        perturbs.extend(Perturb::parse_list(p)?);
-    }
-    let device = sd2::Device::parse(device)?;
-    device.check_available()?;
-    let split = Split::parse(split)
-        .ok_or_else(|| sd2::Error::Msg(format!("--split {split}: expected train, val or test")))?;
-    let m = Manifest::load(
-        manifest,
-        LoadOptions {
-            skip_bad,
-            check_images: true,
-            require_descriptions: false,
-        },
-    )?;
-    let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
-    let tk = sd2::clip::ClipTokenizer::openai()?;
-    let class_u =
-        sd2::sd2::detector::class_embeddings(&det.model, &tk, &sd2::sd2::TypeTexts::shipped()?)?;
-    let items = m.split(split);
-    if items.is_empty() {
-        return Err(sd2::Error::Msg(format!(
-            "{}: no {split:?} items",
-            manifest.display()
-        )));
-    }
-    let preds =
-        sd2::eval::predict::predict_items(&det.model, &class_u, &items, 64, &Transform::None)?;
-    let val = if split == Split::Test {
-        sd2::eval::predict::predict_items(
-            &det.model,
-            &class_u,
-            &m.split(Split::Val),
-            64,
-            &Transform::None,
-        )?
-    } else {
-        vec![]
-    };
-    let mut rep = sd2::eval::report::report(&preds, &val);
-    for p in perturbs {
-        let pp = sd2::eval::predict::predict_items(
-            &det.model,
-            &class_u,
-            &items,
-            64,
-            &Transform::Perturb(p),
-        )?;
-        rep.perturb
-            .push(sd2::eval::report::PerturbResult::from_report(
-                p.name(),
-                &sd2::eval::report::report(&pp, &val),
-            ));
-    }
-    sd2::eval::report::write(out, &rep, &preds)?;
+fn eval(r: sd2::eval::evaluate::EvalRequest) -> sd2::Result<()> {
+    let rep = sd2::eval::evaluate::run(&r)?;
     print!("{}", sd2::eval::report::table(&rep));
     println!(
         "wrote {} and {}",
-        out.join("metrics.json").display(),
-        out.join("predictions.jsonl").display()
+        r.out.join("metrics.json").display(),
+        r.out.join("predictions.jsonl").display()
     );
     Ok(())
+}
+
+/// `sd2 eval`'s arguments checked (perturbations and the split parsed before any work, so a
+/// typo fails fast).
+#[allow(clippy::too_many_arguments)]
+fn eval_request(
+    checkpoint: std::path::PathBuf,
+    manifest: std::path::PathBuf,
+    split: &str,
+    out: std::path::PathBuf,
+    clip: Option<std::path::PathBuf>,
+    skip_bad: bool,
+    device: &str,
+    perturb: &[String],
+) -> sd2::Result<sd2::eval::evaluate::EvalRequest> {
+    let mut perturbs = vec![];
+    for p in perturb {
+        perturbs.extend(sd2::data::augment::Perturb::parse_list(p)?);
+    }
+    let split = sd2::data::Split::parse(split)
+        .ok_or_else(|| sd2::Error::Msg(format!("--split {split}: expected train, val or test")))?;
+    Ok(sd2::eval::evaluate::EvalRequest {
+        checkpoint,
+        manifest,
+        split,
+        out,
+        clip,
+        skip_bad,
+        device: sd2::Device::parse(device)?,
+        perturb: perturbs,
+    })
 }
 
 fn predict(
@@ -898,33 +657,16 @@ fn predict(
     device.check_available()?;
     let mut paths = images.to_vec();
     if let Some(d) = dir {
-        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(d)
-            .map_err(|e| sd2::Error::Msg(format!("{}: {e}", d.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
-                    ["png", "jpg", "jpeg", "webp"].contains(&x.to_ascii_lowercase().as_str())
-                })
-            })
-            .collect();
-        found.sort();
-        paths.extend(found);
+        paths.extend(sd2::fs::image_files(d)?);
     }
     if paths.is_empty() {
         return Err(sd2::Error::Msg("predict: give image paths or --dir".into()));
     }
     let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
-    for chunk in paths.chunks(32) {
-        let imgs = chunk
-            .iter()
-            .map(|p| sd2::clip::preprocess::decode_image(p))
-            .collect::<sd2::Result<Vec<_>>>()?;
-        for (p, pred) in chunk.iter().zip(det.detect(&imgs)?) {
-            let line = serde_json::json!({"path": p.display().to_string(), "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs});
-            println!("{line}");
-        }
-    }
-    Ok(())
+    det.detect_files(&paths, 32, |p, pred| {
+        let line = serde_json::json!({"path": p.display().to_string(), "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs});
+        println!("{line}");
+    })
 }
 
 fn train(
@@ -968,15 +710,17 @@ fn main() {
                     device,
                     batch,
                 },
-        } => clip_embed(
-            &model,
-            &images,
-            pixel_values.as_deref(),
-            texts_file.as_deref(),
-            &out,
-            &device,
-            batch,
-        ),
+        } => sd2::Device::parse(&device).and_then(|device| {
+            clip_embed(sd2::clip::embed::EmbedRequest {
+                model,
+                images,
+                pixel_values,
+                texts_file,
+                out,
+                device,
+                batch,
+            })
+        }),
         Cmd::Synth {
             out,
             n,
@@ -999,16 +743,10 @@ fn main() {
             skip_bad,
             device,
             perturb,
-        } => eval(
-            &checkpoint,
-            &manifest,
-            &split,
-            &out,
-            clip.as_deref(),
-            skip_bad,
-            &device,
-            &perturb,
-        ),
+        } => eval_request(
+            checkpoint, manifest, &split, out, clip, skip_bad, &device, &perturb,
+        )
+        .and_then(eval),
         Cmd::Probe {
             checkpoint,
             manifest,
@@ -1017,17 +755,22 @@ fn main() {
             clip,
             skip_bad,
             device,
-        } => probe(
-            &checkpoint,
-            &manifest,
-            &out,
-            c,
-            clip.as_deref(),
-            skip_bad,
-            &device,
-        ),
+        } => sd2::Device::parse(&device).and_then(|device| {
+            probe(sd2::eval::probe::ProbeRequest {
+                checkpoint,
+                manifest,
+                out,
+                c,
+                clip,
+                skip_bad,
+                device,
+            })
+        }),
         Cmd::Ablation { out, run } => ablation(&out, &run),
-        Cmd::Kernels => kernels(),
+        Cmd::Kernels => {
+            print!("{}", sd2::backend::cuda::resources_table());
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Loader {
             manifest,
             size,

@@ -1,6 +1,7 @@
 //! CLIP (HuggingFace layout) on the engine: config, both towers, weights, tokenizer and image
 //! preprocessing. SD2-SPEC §2.
 pub mod config;
+pub mod embed;
 pub mod model;
 pub mod preprocess;
 pub mod text_clean;

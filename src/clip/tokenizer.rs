@@ -197,6 +197,20 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// Each line's `tokenize` ids as a bracketed list, one line per text (`sd2 tokenize`, for
+    /// comparing with open_clip's tokenizer).
+    pub fn ids_lines(&self, lines: &[String], context: usize) -> Result<String> {
+        let mut out = String::new();
+        for line in lines {
+            let ids = self.tokenize(line, context)?;
+            let body: Vec<String> = ids.iter().map(|v| v.to_string()).collect();
+            out.push('[');
+            out.push_str(&body.join(", "));
+            out.push_str("]\n");
+        }
+        Ok(out)
+    }
+
     /// A batch as an i64 tensor [N, context].
     pub fn tokenize_batch(&self, texts: &[&str], context: usize, device: Device) -> Result<Tensor> {
         let mut all = Vec::with_capacity(texts.len() * context);

@@ -1,5 +1,6 @@
 //! Evaluation: detection metrics (`metrics`), scoring a manifest (`predict`), reports and
-//! plots (`report`).
+//! plots (`report`), the `sd2 eval` command (`evaluate`) and the linear probe (`probe`).
+pub mod evaluate;
 pub mod metrics;
 pub mod plot;
 pub mod predict;

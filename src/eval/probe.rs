@@ -280,3 +280,82 @@ impl ProbeReport {
         out
     }
 }
+
+/// What `run` probes: a checkpoint's features on a binary manifest with train and test items.
+#[derive(Clone, Debug)]
+pub struct ProbeRequest {
+    pub checkpoint: std::path::PathBuf,
+    pub manifest: std::path::PathBuf,
+    /// The directory `probe.json` goes to.
+    pub out: std::path::PathBuf,
+    /// sklearn's inverse regularization strength.
+    pub c: f64,
+    /// The CLIP directory, when the checkpoint does not carry the towers.
+    pub clip: Option<std::path::PathBuf>,
+    pub skip_bad: bool,
+    pub device: crate::Device,
+}
+
+/// The outcome of `run`.
+#[derive(Clone, Debug)]
+pub struct ProbeRun {
+    pub report: ProbeReport,
+    /// Where the report was written.
+    pub path: std::path::PathBuf,
+    pub seconds: f64,
+    /// Newton iterations of the fit.
+    pub iterations: usize,
+}
+
+/// `sd2 probe`: features of the train split, the fit, the test split scored, `probe.json`
+/// written atomically.
+pub fn run(r: &ProbeRequest) -> Result<ProbeRun> {
+    use crate::data::{LoadOptions, Manifest, Split};
+    use crate::eval::predict::features_items;
+    r.device.check_available()?;
+    let m = Manifest::load(
+        &r.manifest,
+        LoadOptions {
+            skip_bad: r.skip_bad,
+            check_images: true,
+            require_descriptions: false,
+        },
+    )?;
+    let (train, test) = (m.split(Split::Train), m.split(Split::Test));
+    if train.is_empty() || test.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: the probe needs train and test items ({} and {})",
+            r.manifest.display(),
+            train.len(),
+            test.len()
+        )));
+    }
+    let det = crate::sd2::detector::Detector::load(&r.checkpoint, r.clip.as_deref(), r.device)?;
+    let t0 = std::time::Instant::now();
+    let xtr = features_items(&det.model, &train, 64)?;
+    let ytr: Vec<bool> = train.iter().map(|i| i.label != 0).collect();
+    let model = fit(&xtr, &ytr, r.c)?;
+    let train_acc = xtr
+        .iter()
+        .zip(&ytr)
+        .filter(|(x, y)| (model.decision(x) > 0.0) == **y)
+        .count() as f64
+        / xtr.len() as f64;
+    let xte = features_items(&det.model, &test, 64)?;
+    let rows: Vec<(String, Vec<f64>, bool)> = test
+        .iter()
+        .zip(xte)
+        .map(|(i, x)| (i.source.clone(), x, i.label != 0))
+        .collect();
+    let report = score(&model, r.c, xtr.len(), train_acc, &rows);
+    std::fs::create_dir_all(&r.out).map_err(|e| Error::Msg(format!("{}: {e}", r.out.display())))?;
+    let path = r.out.join("probe.json");
+    let json = serde_json::to_string_pretty(&report).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::fs::write_atomic(&path, json)?;
+    Ok(ProbeRun {
+        report,
+        path,
+        seconds: t0.elapsed().as_secs_f64(),
+        iterations: model.iterations,
+    })
+}

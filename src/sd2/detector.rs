@@ -167,4 +167,25 @@ impl Detector {
         )?;
         self.detect_pixels(&px)
     }
+
+    /// Predictions for image files, decoded and scored `chunk` at a time; `each` gets every
+    /// path with its prediction in order (a caller can stream them). A file that fails to
+    /// decode is an error naming it.
+    pub fn detect_files(
+        &self,
+        paths: &[std::path::PathBuf],
+        chunk: usize,
+        mut each: impl FnMut(&Path, Prediction),
+    ) -> Result<()> {
+        for group in paths.chunks(chunk.max(1)) {
+            let imgs = group
+                .iter()
+                .map(|p| crate::clip::preprocess::decode_image(p))
+                .collect::<Result<Vec<_>>>()?;
+            for (p, pred) in group.iter().zip(self.detect(&imgs)?) {
+                each(p, pred);
+            }
+        }
+        Ok(())
+    }
 }

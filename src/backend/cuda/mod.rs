@@ -209,6 +209,91 @@ pub fn kernel_resources() -> Vec<KernelResources> {
     }
 }
 
+/// `sd2 kernels`: every compiled kernel's registers, shared memory, stack and spills (from
+/// ptxas), and which kernels the simulator runs.
+pub fn resources_table() -> String {
+    use std::fmt::Write;
+    let res = kernel_resources();
+    #[cfg(feature = "cuda-sim")]
+    let simulated = sim::kernel_names();
+    #[cfg(not(feature = "cuda-sim"))]
+    let simulated: Vec<String> = vec![];
+    let mut out = String::new();
+    if res.is_empty() {
+        out.push_str("no compiled kernels in this build (build with --features cuda and nvcc 13.0: scripts/install-cuda-toolchain.sh)\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
+            "file", "kernel", "arch", "regs", "smem B", "stack", "spill-", "spill+", "sim"
+        );
+        for k in &res {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<28} {:<8} {:>5} {:>7} {:>6} {:>7} {:>7} {:>4}",
+                k.file,
+                k.kernel,
+                k.arch,
+                k.registers,
+                k.shared_bytes,
+                k.stack_bytes,
+                k.spill_stores,
+                k.spill_loads,
+                if simulated.contains(&k.kernel) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+        }
+    }
+    if !simulated.is_empty() {
+        let _ = writeln!(
+            out,
+            "simulated on the CPU (feature cuda-sim): {}",
+            simulated.join(", ")
+        );
+    }
+    out
+}
+
+/// `sd2 info`: the version, and the backends this build and machine have.
+pub fn backends_summary() -> String {
+    use std::fmt::Write;
+    let mut out = format!("sd2 {}\nbackends:\n", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "  cpu   reference backend: f32/bf16/f64, gemm crate, rayon ({} threads)",
+        rayon::current_num_threads()
+    );
+    if cfg!(feature = "cuda-sim") {
+        out.push_str("  cuda:sim  CUDA tensors with every kernel run by the CPU kernel simulator (slow; tests)\n");
+    }
+    if !COMPILED {
+        out.push_str("  cuda  not compiled in (rebuild with `--features cuda`)\n");
+        return out;
+    }
+    match probe() {
+        Ok(gpus) if gpus.is_empty() => out.push_str("  cuda  compiled in; no GPU visible\n"),
+        Ok(gpus) => {
+            out.push_str("  cuda  compiled in: f32/bf16 tensors, kernels from kernels/*.cu\n");
+            for g in gpus {
+                let _ = writeln!(
+                    out,
+                    "        cuda:{}  {}  {:.1} GiB",
+                    g.ordinal,
+                    g.name,
+                    g.total_mem as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  cuda  compiled in; no usable GPU: {e}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
