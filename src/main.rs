@@ -390,7 +390,7 @@ fn bench_flash(
     let t = bench::flash_attention(&gpu, &bench::AttnShape::defaults(batch), warmup, iters)?;
     print!("{}", bench::flash_table(&t));
     if let Some(p) = json {
-        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v2-v4 forward and v2-v3 backward (tensor cores)", "timings": t });
+        let body = serde_json::json!({ "device": gpu.name, "kernel": "sd2 flash v1 (CUDA cores), v3-v4 forward and v2-v3 backward (tensor cores)", "timings": t });
         write_json(p, &body)?;
     }
     Ok(())
