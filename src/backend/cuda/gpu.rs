@@ -243,12 +243,7 @@ impl Gpu {
         cfg: LaunchConfig,
         k: K,
     ) -> Result<()> {
-        K::check_name(name)?;
-        let args: Vec<Arg> = k
-            .params()?
-            .into_iter()
-            .map(super::kernels::Param::into_arg)
-            .collect();
+        let args = super::kernels::raw_args(name, k)?;
         self.launch(name, cfg, &args)
     }
 

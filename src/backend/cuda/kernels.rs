@@ -43,6 +43,12 @@ impl Param<Arg> {
     }
 }
 
+/// `k`'s parameters as raw launch arguments, once `name` is checked to be one of its kernels.
+pub fn raw_args<K: Kernel<Arg>>(name: &str, k: K) -> Result<Vec<Arg>> {
+    K::check_name(name)?;
+    Ok(k.params()?.into_iter().map(Param::into_arg).collect())
+}
+
 /// A declared kernel family (see the module docs), with pointer arguments of type `P`.
 pub trait Kernel<P>: Sized {
     /// The declaration's name, for errors.

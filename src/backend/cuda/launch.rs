@@ -365,8 +365,7 @@ impl Runner {
     /// # Safety
     /// As `launch_raw`: every buffer must be as large as the kernel reads or writes.
     pub unsafe fn run<K: Kernel<Arg>>(&self, name: &str, cfg: LaunchConfig, k: K) -> Result<()> {
-        K::check_name(name)?;
-        let args: Vec<Arg> = k.params()?.into_iter().map(Param::into_arg).collect();
+        let args = super::kernels::raw_args(name, k)?;
         self.launch_raw(name, cfg, &args)
     }
 

@@ -261,15 +261,7 @@ fn cuda_sum_sq(x: &CudaStorage) -> Result<f64> {
         return Ok(0.0);
     }
     let table = x.runner().buffer(&words)?;
-    let part = x.empty(chunks, DType::F32)?;
-    x.run_grid(
-        "sum_sq_multi_f32",
-        kn::SumSqMulti {
-            chunks: Arg::U64(table.addr()),
-            num_chunks: chunks,
-            part: part.ptr(),
-        },
-    )?;
+    let part = sum_sq_parts(&x, Arg::U64(table.addr()), chunks)?;
     Ok(part.to_cpu()?.to_f64_vec().iter().sum())
 }
 
@@ -311,15 +303,7 @@ fn cuda_step_clipped(
     }
     let out = first.empty(2, DType::F32)?;
     let table = first.runner().buffer(&words)?;
-    let part = first.empty(chunks, DType::F32)?;
-    first.run_grid(
-        "sum_sq_multi_f32",
-        kn::SumSqMulti {
-            chunks: Arg::U64(table.addr()),
-            num_chunks: chunks,
-            part: part.ptr(),
-        },
-    )?;
+    let part = sum_sq_parts(first, Arg::U64(table.addr()), chunks)?;
     first.run_grid(
         "grad_clip_f32",
         kn::GradClip {
@@ -332,6 +316,21 @@ fn cuda_step_clipped(
     launch_adamw(first, Arg::U64(table.addr()), chunks, &s, out.ptr_at(1))?;
     // The table and partial sums go back to the caching allocator; reuse is stream-ordered.
     Ok(out)
+}
+
+/// Σg² of each of the `chunks` rows of `table` (f32, on `on`'s device).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn sum_sq_parts(on: &CudaStorage, table: Arg, chunks: usize) -> Result<CudaStorage> {
+    let part = on.empty(chunks, DType::F32)?;
+    on.run_grid(
+        "sum_sq_multi_f32",
+        kn::SumSqMulti {
+            chunks: table,
+            num_chunks: chunks,
+            part: part.ptr(),
+        },
+    )?;
+    Ok(part)
 }
 
 /// `adamw_multi_f32` over `chunks` rows of `table`, gradients scaled by `step.grad_scale` and
