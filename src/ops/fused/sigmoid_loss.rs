@@ -86,7 +86,8 @@ struct Ref {
 }
 
 struct FwdRef(Ref);
-struct BwdRef(Ref);
+/// The backward reference; ∂t and ∂b stay f64 (`scalars`) until cast to t's and b's dtypes.
+struct BwdRef(Ref, std::cell::Cell<(f64, f64)>);
 
 impl FloatFn for FwdRef {
     fn call<F: Float>(&self, x: &[&[F]]) -> Vec<Vec<F>> {
@@ -99,7 +100,8 @@ impl FloatFn for BwdRef {
     fn call<F: Float>(&self, x: &[&[F]]) -> Vec<Vec<F>> {
         let r = &self.0;
         let (df, dd, dt, db) = backward(x[0], x[1], r.t, r.b, r.g, r.n, r.dim);
-        vec![df, dd, vec![F::from_f(dt)], vec![F::from_f(db)]]
+        self.1.set((dt, db));
+        vec![df, dd]
     }
 }
 
@@ -155,18 +157,27 @@ impl FusedKernel for Backward {
             self.dim,
         )?;
         let (tdt, bdt) = (inputs[2].dtype(), inputs[3].dtype());
-        let r = BwdRef(Ref {
-            t: inputs[2].scalar(Self::NAME)?,
-            b: inputs[3].scalar(Self::NAME)?,
-            g: inputs[4].scalar(Self::NAME)?,
-            n: self.n,
-            dim: self.dim,
-        });
-        let out = cpu_float(Self::NAME, &r, &inputs[..2], &[true, true, false, false])?;
-        let [df, dd, dt, db]: [CpuStorage; 4] = out
+        let r = BwdRef(
+            Ref {
+                t: inputs[2].scalar(Self::NAME)?,
+                b: inputs[3].scalar(Self::NAME)?,
+                g: inputs[4].scalar(Self::NAME)?,
+                n: self.n,
+                dim: self.dim,
+            },
+            std::cell::Cell::new((0.0, 0.0)),
+        );
+        let out = cpu_float(Self::NAME, &r, &inputs[..2], &[true, true])?;
+        let [df, dd]: [CpuStorage; 2] = out
             .try_into()
-            .map_err(|_| Error::Msg("sigmoid_loss_bwd: expected 4 outputs".into()))?;
-        Ok(vec![df, dd, dt.cast(tdt)?, db.cast(bdt)?])
+            .map_err(|_| Error::Msg("sigmoid_loss_bwd: expected 2 outputs".into()))?;
+        let (dt, db) = r.1.get();
+        Ok(vec![
+            df,
+            dd,
+            CpuStorage::F64(vec![dt]).cast(tdt)?,
+            CpuStorage::F64(vec![db]).cast(bdt)?,
+        ])
     }
 
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
