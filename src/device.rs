@@ -10,6 +10,10 @@ pub enum Device {
     /// `cuda:sim`: CUDA tensors whose kernels run in the kernel simulator on the CPU (feature
     /// `cuda-sim`) — slow, for testing the CUDA storage and kernels without a GPU.
     CudaSim,
+    /// `cuda:plan`: CUDA tensors whose kernels are recorded, never run — memory is virtual and
+    /// reads return zeros. A step on it lists the launches a GPU would run, with their bytes
+    /// and FLOPs (the launch plan, `sd2 bench train --plan`); its numbers mean nothing.
+    CudaPlan,
 }
 
 impl Device {
@@ -19,6 +23,9 @@ impl Device {
     /// The CUDA runtime's ordinal for the simulator: its storages carry one like a GPU's.
     pub const SIM_ORDINAL: usize = usize::MAX;
 
+    /// The CUDA runtime's ordinal for the launch-plan recorder (`Device::CudaPlan`).
+    pub const PLAN_ORDINAL: usize = usize::MAX - 1;
+
     /// The CUDA runtime's ordinal: N for `cuda:N`, `SIM_ORDINAL` for `cuda:sim`, None for the
     /// CPU.
     pub fn cuda_ordinal(&self) -> Option<usize> {
@@ -26,6 +33,7 @@ impl Device {
             Device::Cpu => None,
             Device::Cuda(n) => Some(*n),
             Device::CudaSim => Some(Device::SIM_ORDINAL),
+            Device::CudaPlan => Some(Device::PLAN_ORDINAL),
         }
     }
 
@@ -33,6 +41,8 @@ impl Device {
     pub fn from_cuda_ordinal(o: usize) -> Device {
         if o == Device::SIM_ORDINAL {
             Device::CudaSim
+        } else if o == Device::PLAN_ORDINAL {
+            Device::CudaPlan
         } else {
             Device::Cuda(o)
         }
@@ -43,7 +53,7 @@ impl Device {
     }
 
     pub fn is_cuda(&self) -> bool {
-        matches!(self, Device::Cuda(_) | Device::CudaSim)
+        matches!(self, Device::Cuda(_) | Device::CudaSim | Device::CudaPlan)
     }
 
     /// Checks that this device can hold tensors in this build and on this machine.
@@ -52,20 +62,22 @@ impl Device {
             Device::Cpu => Ok(()),
             Device::Cuda(ordinal) => crate::backend::cuda::check_device(*ordinal),
             Device::CudaSim => crate::backend::cuda::check_device(Device::SIM_ORDINAL),
+            Device::CudaPlan => crate::backend::cuda::check_device(Device::PLAN_ORDINAL),
         }
     }
 
-    /// Parses `cpu`, `cuda`, `cuda:N` or `cuda:sim`.
+    /// Parses `cpu`, `cuda`, `cuda:N`, `cuda:sim` or `cuda:plan`.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim() {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
             "cuda:sim" => Ok(Device::CUDA_SIM),
+            "cuda:plan" => Ok(Device::CudaPlan),
             other => match other.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse()
                     .ok()
-                    .filter(|n| *n != Device::SIM_ORDINAL)
+                    .filter(|n| *n < Device::PLAN_ORDINAL)
                     .map(Device::Cuda)
                     .ok_or_else(|| {
                         Error::Msg(format!("bad device `{s}`: expected cpu, cuda or cuda:N"))
@@ -83,6 +95,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => write!(f, "cpu"),
             Device::CudaSim => write!(f, "cuda:sim"),
+            Device::CudaPlan => write!(f, "cuda:plan"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }

@@ -187,6 +187,10 @@ struct ModelBenchArgs {
     /// Training: recompute each encoder block in backward (less memory, ~1/3 more compute).
     #[arg(long)]
     recompute: bool,
+    /// Record one step on `cuda:plan` instead of timing it: launches, bytes and FLOPs by op
+    /// class and the roofline bound on an H100/H200 (no GPU needed; --device is ignored).
+    #[arg(long)]
+    plan: bool,
 }
 
 #[derive(Subcommand)]
@@ -452,8 +456,12 @@ fn bench_lora(warmup: usize, iters: usize, json: Option<&std::path::Path>) -> sd
 }
 
 fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
-    let device = sd2::Device::parse(&m.device)?;
-    let r = sd2::bench::model::run(&sd2::bench::model::BenchConfig {
+    let device = if m.plan {
+        sd2::Device::CudaPlan
+    } else {
+        sd2::Device::parse(&m.device)?
+    };
+    let cfg = sd2::bench::model::BenchConfig {
         preset: m.preset,
         device,
         batch: m.batch,
@@ -472,7 +480,17 @@ fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
         trace: m.trace.clone(),
         seed: 0,
         recompute: m.recompute,
-    })?;
+    };
+    if m.plan {
+        let p = sd2::bench::plan::run(&cfg)?;
+        print!("{}", p.table());
+        if let Some(path) = m.json {
+            let body = serde_json::to_value(&p).map_err(|e| sd2::Error::Msg(e.to_string()))?;
+            write_json(&path, &body)?;
+        }
+        return Ok(());
+    }
+    let r = sd2::bench::model::run(&cfg)?;
     print!("{}", r.report(m.top));
     if let Some(p) = &m.trace {
         if r.profile.is_some() {

@@ -107,6 +107,17 @@ pub fn set_work(flops: f64, bytes: f64) {
     }
 }
 
+/// `set_work`, unless the launch already has work attached (a plan recorder's fallback).
+pub fn set_default_work(flops: f64, bytes: f64) {
+    if enabled() {
+        WORK.with(|w| {
+            if w.get().is_none() {
+                w.set(Some((flops, bytes)))
+            }
+        });
+    }
+}
+
 /// Records one launch: `f` runs between two marks (the GPU runtime and the simulator call it).
 pub fn launch<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     if !enabled() {

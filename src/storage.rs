@@ -69,12 +69,12 @@ impl Storage {
         match device {
             Device::Cpu => Ok(Storage::Cpu(s)),
             #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-            Device::Cuda(_) | Device::CudaSim => {
+            Device::Cuda(_) | Device::CudaSim | Device::CudaPlan => {
                 let o = device.cuda_ordinal().unwrap_or(Device::SIM_ORDINAL);
                 Ok(Storage::Cuda(CudaStorage::from_cpu(&s, o)?))
             }
             #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
-            Device::Cuda(_) | Device::CudaSim => {
+            Device::Cuda(_) | Device::CudaSim | Device::CudaPlan => {
                 device.check_available()?;
                 Err(Error::CudaNotCompiled(
                     device.cuda_ordinal().unwrap_or(Device::SIM_ORDINAL),

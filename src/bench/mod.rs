@@ -6,6 +6,8 @@
 //! - `model`: SD2 train steps and inference at a preset's size on any device, with FLOPs per
 //!   image, MFU, peak memory and a profiled step.
 //! - `loader`: the data loader's images/s, decode and augmentations.
+//! - `plan`: the launch plan of one step (launches, bytes, FLOPs by op class, roofline bound)
+//!   recorded on `cuda:plan` without a GPU.
 //!
 //! The `sd2 bench …` commands print their tables; `benches/` holds the CPU comparisons with
 //! PyTorch and a `cargo bench` entry for the LoRA table.
@@ -13,3 +15,4 @@
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod plan;

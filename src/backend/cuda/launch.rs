@@ -91,6 +91,9 @@ pub enum Buffer {
     #[cfg(feature = "cuda")]
     Device(super::gpu::DeviceBuffer),
     Alias(u64, usize),
+    /// Virtual memory of the launch-plan recorder (`Runner::Plan`).
+    #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
+    Virtual(super::plan::VirtualBuffer),
 }
 
 impl Buffer {
@@ -101,6 +104,8 @@ impl Buffer {
             #[cfg(feature = "cuda")]
             Buffer::Device(d) => d.ptr(),
             Buffer::Alias(a, _) => *a,
+            #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
+            Buffer::Virtual(v) => v.addr(),
         }
     }
     pub fn bytes(&self) -> usize {
@@ -109,6 +114,8 @@ impl Buffer {
             #[cfg(feature = "cuda")]
             Buffer::Device(d) => d.bytes(),
             Buffer::Alias(_, n) => *n,
+            #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
+            Buffer::Virtual(v) => v.bytes(),
         }
     }
 }
@@ -121,6 +128,8 @@ pub enum Runner {
     Sim,
     #[cfg(feature = "cuda")]
     Gpu(std::sync::Arc<super::gpu::Gpu>),
+    /// The launch-plan recorder (`cuda:plan`, `backend::cuda::plan`): records, runs nothing.
+    Plan,
 }
 
 #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
@@ -147,6 +156,7 @@ impl Runner {
             Runner::Sim => "sim",
             #[cfg(feature = "cuda")]
             Runner::Gpu(_) => "gpu",
+            Runner::Plan => "plan",
         }
     }
 
@@ -195,6 +205,9 @@ impl Runner {
             }
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => Ok(Buffer::Device(g.upload(bytes)?)),
+            Runner::Plan => Ok(Buffer::Virtual(super::plan::VirtualBuffer::new(
+                bytes.len(),
+            ))),
         }
     }
 
@@ -206,6 +219,11 @@ impl Runner {
         #[cfg(feature = "cuda-sim")]
         if matches!(self, Runner::Sim) {
             note_host_sync();
+        }
+        if matches!(self, Runner::Plan) {
+            // Nothing ran: zeros (a GPU would wait here).
+            note_host_sync();
+            return Ok(out);
         }
         match (buf, self) {
             (Buffer::Host(words, len), _) => {
@@ -220,6 +238,8 @@ impl Runner {
             }
             #[cfg(feature = "cuda")]
             (Buffer::Alias(a, _), Runner::Gpu(g)) => g.download_ptr(*a, dst)?,
+            #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
+            (Buffer::Virtual(_), _) | (_, Runner::Plan) => {}
         }
         self.check_ids()?;
         Ok(out)
@@ -234,6 +254,8 @@ impl Runner {
             Runner::Sim => Ok(SIM_ID_ERRORS.with(|r| r.as_ptr() as u64)),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.id_errors(),
+            // Nothing runs, so nothing writes it: any address will do.
+            Runner::Plan => Ok(0),
         }
     }
 
@@ -244,7 +266,8 @@ impl Runner {
             #[cfg(feature = "cuda-sim")]
             Runner::Sim => 1,
             #[cfg(feature = "cuda")]
-            Runner::Gpu(g) => 2u64 << g.ordinal.min(62),
+            Runner::Gpu(g) => 2u64 << g.ordinal.min(61),
+            Runner::Plan => 1 << 63,
         }
     }
 
@@ -265,6 +288,7 @@ impl Runner {
             }),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.take_id_errors()?,
+            Runner::Plan => [0; 5],
         };
         id_error(rec).map_or(Ok(()), Err)
     }
@@ -276,6 +300,7 @@ impl Runner {
             Runner::Sim => Ok(Buffer::Host(vec![0u128; bytes.div_ceil(16)], bytes)),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => Ok(Buffer::Device(g.alloc(bytes)?)),
+            Runner::Plan => Ok(Buffer::Virtual(super::plan::VirtualBuffer::new(bytes))),
         }
     }
 
@@ -299,6 +324,13 @@ impl Runner {
             }
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => Ok(Buffer::Device(g.copy(buf.addr(), buf.bytes())?)),
+            Runner::Plan => {
+                let out = super::plan::VirtualBuffer::new(buf.bytes());
+                let args = [Arg::U64(buf.addr()), Arg::U64(out.addr())];
+                crate::profile::set_work(0.0, 2.0 * buf.bytes() as f64);
+                record("memcpy (device to device)", &args)?;
+                Ok(Buffer::Virtual(out))
+            }
         }
     }
 
@@ -313,6 +345,12 @@ impl Runner {
             Runner::Sim => super::sim::launch(name, cfg, args),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.launch(name, cfg, args),
+            Runner::Plan => {
+                #[cfg(feature = "cuda-sim")]
+                super::sim::check_signature(name, args)?;
+                let _ = cfg;
+                record(name, args)
+            }
         }
     }
 
@@ -324,6 +362,7 @@ impl Runner {
             Runner::Sim => None,
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => Some(g.clock()),
+            Runner::Plan => None,
         }
     }
 
@@ -335,6 +374,8 @@ impl Runner {
             Runner::Sim => true,
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.compute_capability == (9, 0),
+            // Plans are for the Hopper GPUs we measure on.
+            Runner::Plan => true,
         }
     }
 
@@ -345,6 +386,7 @@ impl Runner {
             Runner::Sim => TensorMap::sim_2d(addr, map),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.tensor_map(addr, map),
+            Runner::Plan => TensorMap::sim_2d(addr, map),
         }
     }
 
@@ -355,6 +397,7 @@ impl Runner {
             Runner::Sim => note_host_sync(),
             #[cfg(feature = "cuda")]
             Runner::Gpu(g) => g.synchronize()?,
+            Runner::Plan => note_host_sync(),
         }
         self.check_ids()
     }
@@ -401,6 +444,9 @@ impl Runner {
     /// writes for this grid, and the argument list must match the kernel's parameters.
     pub unsafe fn launch(&self, name: &str, cfg: LaunchConfig, args: &mut [KArg]) -> Result<()> {
         match self {
+            Runner::Plan => Err(Error::Cuda(format!(
+                "kernel {name}: the launch-plan recorder runs nothing, so it cannot stage host slices"
+            ))),
             #[cfg(feature = "cuda-sim")]
             Runner::Sim => {
                 let mut raw = Vec::with_capacity(args.len());
@@ -461,4 +507,14 @@ impl Runner {
             }
         }
     }
+}
+
+/// Records a launch on the plan runner with the profiler: its declared work, or else the bytes
+/// of the allocations its arguments point into.
+#[cfg(any(feature = "cuda-sim", feature = "cuda"))]
+fn record(name: &str, args: &[Arg]) -> Result<()> {
+    crate::profile::launch(name, || {
+        crate::profile::set_default_work(0.0, super::plan::bytes_touched(args));
+        Ok(())
+    })
 }

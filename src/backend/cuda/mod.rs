@@ -64,6 +64,8 @@ pub mod gpu;
 pub mod kernels;
 pub mod launch;
 pub mod lora_gemm;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub mod plan;
 #[cfg(feature = "cuda-sim")]
 pub mod sim;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
@@ -71,7 +73,8 @@ pub mod storage;
 
 /// Device memory of a GPU device as this process sees it: bytes in use by tensors, the peak in
 /// use since the last `reset_peak`, bytes cached by the allocator, and bytes the driver has
-/// free. None for the CPU, the simulator, or a build without feature `cuda`.
+/// free. None for the CPU, the simulator, or a build without feature `cuda`; for `cuda:plan`, its
+/// virtual memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
     pub in_use: usize,
@@ -88,6 +91,16 @@ impl DeviceMemory {
 }
 
 pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    if device == crate::Device::CudaPlan {
+        let (in_use, peak) = plan::memory();
+        return Some(DeviceMemory {
+            in_use,
+            peak,
+            cached: 0,
+            driver_free: usize::MAX,
+        });
+    }
     #[cfg(feature = "cuda")]
     if let crate::Device::Cuda(o) = device {
         let g = gpu::Gpu::get(o).ok()?;
@@ -106,6 +119,10 @@ pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
 
 /// Starts a new peak measurement on a GPU device (a no-op elsewhere).
 pub fn reset_peak(device: crate::Device) {
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    if device == crate::Device::CudaPlan {
+        plan::reset_peak();
+    }
     #[cfg(feature = "cuda")]
     if let crate::Device::Cuda(o) = device {
         if let Ok(g) = gpu::Gpu::get(o) {

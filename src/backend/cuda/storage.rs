@@ -37,6 +37,9 @@ impl std::fmt::Debug for CudaStorage {
 /// The kernel backend behind `cuda:ordinal`: the simulator for `Device::CUDA_SIM`
 /// (`cuda:sim`, a testing aid: slow), else the GPU.
 pub fn runner_for(ordinal: usize) -> Result<Runner> {
+    if ordinal == Device::PLAN_ORDINAL {
+        return Ok(Runner::Plan);
+    }
     if ordinal == Device::SIM_ORDINAL {
         #[cfg(feature = "cuda-sim")]
         return Ok(Runner::Sim);

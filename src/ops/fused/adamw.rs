@@ -245,6 +245,8 @@ fn cuda_step(
         return Ok(());
     }
     let table = p.runner().buffer(&words)?;
+    // Reads p, g, m, v and writes p, m, v (f32).
+    crate::profile::set_work(0.0, 28.0 * p.len as f64);
     // The table goes back to the caching allocator; any reuse is ordered after this launch on
     // the same stream, so no wait is needed.
     launch_adamw(p, Arg::U64(table.addr()), chunks, &s, Arg::null())
@@ -261,6 +263,7 @@ fn cuda_sum_sq(x: &CudaStorage) -> Result<f64> {
         return Ok(0.0);
     }
     let table = x.runner().buffer(&words)?;
+    crate::profile::set_work(0.0, 4.0 * x.len as f64);
     let part = sum_sq_parts(&x, Arg::U64(table.addr()), chunks)?;
     Ok(part.to_cpu()?.to_f64_vec().iter().sum())
 }
@@ -303,6 +306,8 @@ fn cuda_step_clipped(
     }
     let out = first.empty(2, DType::F32)?;
     let table = first.runner().buffer(&words)?;
+    let elems: usize = params.iter().map(|f| f.p.len).sum();
+    crate::profile::set_work(0.0, 4.0 * elems as f64);
     let part = sum_sq_parts(first, Arg::U64(table.addr()), chunks)?;
     first.run_grid(
         "grad_clip_f32",
@@ -313,6 +318,7 @@ fn cuda_step_clipped(
             out: out.ptr(),
         },
     )?;
+    crate::profile::set_work(0.0, 28.0 * elems as f64);
     launch_adamw(first, Arg::U64(table.addr()), chunks, &s, out.ptr_at(1))?;
     // The table and partial sums go back to the caching allocator; reuse is stream-ordered.
     Ok(out)

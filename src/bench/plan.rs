@@ -1,0 +1,294 @@
+//! The launch plan of one SD2 step (`sd2 bench train|infer --plan`): the step run on
+//! `cuda:plan`, where every launch is recorded with its FLOPs and bytes and nothing executes
+//! (`backend::cuda::plan`), summed by op class, with a roofline bound per GPU:
+//! Σ over launches of max(FLOPs / peak, bytes / bandwidth). It counts what our kernel choices
+//! move — how many launches, how many bytes — between GPU runs, in seconds on any machine; it is
+//! a lower bound on the step's time, never a measurement of it.
+use serde::Serialize;
+
+use super::model::{self, BenchConfig};
+use crate::profile::Profile;
+use crate::{Device, Result};
+
+/// A GPU's dense bf16 peak and HBM bandwidth (SXM parts, NVIDIA's data sheets).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Gpu {
+    pub name: &'static str,
+    pub tflops: f64,
+    pub tb_per_s: f64,
+}
+
+/// The GPUs the goals are stated on.
+pub const GPUS: [Gpu; 2] = [
+    Gpu {
+        name: "H100 SXM",
+        tflops: 989.4,
+        tb_per_s: 3.35,
+    },
+    Gpu {
+        name: "H200",
+        tflops: 989.4,
+        tb_per_s: 4.8,
+    },
+];
+
+/// Launches of one op class.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassTotal {
+    pub class: &'static str,
+    pub launches: usize,
+    pub bytes: f64,
+    pub flops: f64,
+    /// The roofline bound of these launches on each of `GPUS`, ms.
+    pub bound_ms: Vec<f64>,
+}
+
+/// Launches of one kernel.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelTotal {
+    pub name: String,
+    pub launches: usize,
+    pub bytes: f64,
+    pub flops: f64,
+    /// The roofline bound of these launches on the H200, ms.
+    pub h200_ms: f64,
+}
+
+/// The plan of one step.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub preset: String,
+    pub dtype: String,
+    pub train: bool,
+    pub batch: usize,
+    pub launches: usize,
+    pub bytes: f64,
+    pub flops: f64,
+    /// Most bytes in (virtual) device memory at once during the timed step.
+    pub peak_bytes: Option<usize>,
+    pub classes: Vec<ClassTotal>,
+    /// The kernels with the largest bound on the H200, summed over their launches.
+    pub top_kernels: Vec<KernelTotal>,
+    /// Per GPU of `GPUS`: the roofline bound of the step (ms) and the images/s it allows.
+    pub bound_ms: Vec<f64>,
+    pub images_per_s: Vec<f64>,
+}
+
+/// The op class of a kernel, by its name.
+pub fn class_of(kernel: &str) -> &'static str {
+    const CLASSES: [(&str, &[&str]); 9] = [
+        ("gemm", &["gemm_simt", "cublas"]),
+        ("lora gemm", &["lora_gemm"]),
+        ("attention", &["flash_", "clam_attention"]),
+        ("layernorm", &["layernorm", "column_sum"]),
+        (
+            "softmax, l2norm, losses",
+            &["softmax", "l2norm", "cross_entropy", "sigmoid_loss"],
+        ),
+        ("optimizer", &["adamw", "sum_sq", "grad_clip"]),
+        (
+            "elementwise",
+            &[
+                "unary", "binary", "affine", "scale_by", "dropout", "cast_", "sum_to", "bias_",
+            ],
+        ),
+        (
+            "layout, gathers, copies",
+            &[
+                "gather_strided",
+                "copy2d",
+                "index_rows",
+                "index_add_rows",
+                "patchify",
+                "ids_checked",
+                "memcpy",
+            ],
+        ),
+        ("other", &[""]),
+    ];
+    CLASSES
+        .iter()
+        .find(|(_, prefixes)| prefixes.iter().any(|p| kernel.starts_with(p)))
+        .map_or("other", |(c, _)| c)
+}
+
+/// The roofline time of one launch on `g`, ms.
+fn bound_ms(g: &Gpu, flops: f64, bytes: f64) -> f64 {
+    (flops / (g.tflops * 1e12)).max(bytes / (g.tb_per_s * 1e12)) * 1e3
+}
+
+/// The plan of a recorded step (`profile` of a step on `cuda:plan`) of `batch` images.
+pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usize>) -> Plan {
+    let mut classes: Vec<ClassTotal> = vec![];
+    for k in &p.kernels {
+        let (fl, by) = (k.flops.unwrap_or(0.0), k.bytes.unwrap_or(0.0));
+        let class = class_of(&k.name);
+        let at = match classes.iter().position(|c| c.class == class) {
+            Some(i) => i,
+            None => {
+                classes.push(ClassTotal {
+                    class,
+                    launches: 0,
+                    bytes: 0.0,
+                    flops: 0.0,
+                    bound_ms: vec![0.0; GPUS.len()],
+                });
+                classes.len() - 1
+            }
+        };
+        let c = &mut classes[at];
+        c.launches += 1;
+        c.bytes += by;
+        c.flops += fl;
+        for (t, g) in c.bound_ms.iter_mut().zip(&GPUS) {
+            *t += bound_ms(g, fl, by);
+        }
+    }
+    classes.sort_by(|a, b| b.bound_ms[1].total_cmp(&a.bound_ms[1]));
+    let mut per: std::collections::BTreeMap<&str, KernelTotal> = Default::default();
+    for k in &p.kernels {
+        let (fl, by) = (k.flops.unwrap_or(0.0), k.bytes.unwrap_or(0.0));
+        let e = per.entry(&k.name).or_insert_with(|| KernelTotal {
+            name: k.name.clone(),
+            launches: 0,
+            bytes: 0.0,
+            flops: 0.0,
+            h200_ms: 0.0,
+        });
+        e.launches += 1;
+        e.bytes += by;
+        e.flops += fl;
+        e.h200_ms += bound_ms(&GPUS[1], fl, by);
+    }
+    let mut top_kernels: Vec<KernelTotal> = per.into_values().collect();
+    top_kernels.sort_by(|a, b| b.h200_ms.total_cmp(&a.h200_ms));
+    top_kernels.truncate(12);
+    let sum = |f: &dyn Fn(&ClassTotal) -> f64| classes.iter().map(f).sum::<f64>();
+    let bound: Vec<f64> = (0..GPUS.len())
+        .map(|i| sum(&|c: &ClassTotal| c.bound_ms[i]))
+        .collect();
+    Plan {
+        preset: cfg.preset.clone(),
+        dtype: cfg.dtype.to_string(),
+        train: cfg.train,
+        batch,
+        launches: p.kernels.len(),
+        bytes: sum(&|c| c.bytes),
+        flops: sum(&|c| c.flops),
+        peak_bytes: peak,
+        top_kernels,
+        images_per_s: bound.iter().map(|ms| batch as f64 / (ms / 1e3)).collect(),
+        bound_ms: bound,
+        classes,
+    }
+}
+
+/// Runs one warm-up step and one recorded step of `cfg` on `cuda:plan` (the device in `cfg`
+/// is ignored) and returns its plan.
+pub fn run(cfg: &BenchConfig) -> Result<Plan> {
+    let cfg = BenchConfig {
+        device: Device::CudaPlan,
+        steps: 1,
+        warmup: cfg.warmup.min(1),
+        trace: None,
+        ..cfg.clone()
+    };
+    let r = model::run(&cfg)?;
+    let p = r.profile.as_ref().ok_or_else(|| {
+        crate::Error::Msg("bench --plan: the recorded step has no profile".into())
+    })?;
+    Ok(summarize(&cfg, r.batch, p, r.peak_device_bytes))
+}
+
+impl Plan {
+    /// The plan as the table `sd2 bench … --plan` prints.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "launch plan of one {} — preset {}, {}, batch {} (recorded on cuda:plan: counted, not run)",
+            if self.train { "training step" } else { "forward" },
+            self.preset,
+            self.dtype,
+            self.batch
+        );
+        let _ = writeln!(
+            s,
+            "{:<24} {:>9} {:>10} {:>10} {:>12} {:>12}",
+            "class", "launches", "GB", "TFLOP", "H100 ms", "H200 ms"
+        );
+        for c in &self.classes {
+            let _ = writeln!(
+                s,
+                "{:<24} {:>9} {:>10.2} {:>10.2} {:>12.2} {:>12.2}",
+                c.class,
+                c.launches,
+                c.bytes / 1e9,
+                c.flops / 1e12,
+                c.bound_ms[0],
+                c.bound_ms[1]
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<24} {:>9} {:>10.2} {:>10.2} {:>12.2} {:>12.2}",
+            "total",
+            self.launches,
+            self.bytes / 1e9,
+            self.flops / 1e12,
+            self.bound_ms[0],
+            self.bound_ms[1]
+        );
+        for (g, ips) in GPUS.iter().zip(&self.images_per_s) {
+            let _ = writeln!(
+                s,
+                "roofline bound on {} ({:.0} TFLOP/s bf16, {:.2} TB/s): {:.0} images/s",
+                g.name, g.tflops, g.tb_per_s, ips
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n{:<32} {:>9} {:>10} {:>10} {:>12}",
+            "kernel", "launches", "GB", "TFLOP", "H200 ms"
+        );
+        for k in &self.top_kernels {
+            let _ = writeln!(
+                s,
+                "{:<32} {:>9} {:>10.2} {:>10.2} {:>12.2}",
+                k.name,
+                k.launches,
+                k.bytes / 1e9,
+                k.flops / 1e12,
+                k.h200_ms
+            );
+        }
+        if let Some(b) = self.peak_bytes {
+            let _ = writeln!(
+                s,
+                "peak device memory (virtual): {:.2} GiB",
+                b as f64 / (1u64 << 30) as f64
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_fall_into_their_classes() {
+        assert_eq!(class_of("flash_bwd_dq_tc3_d64_bf16"), "attention");
+        assert_eq!(class_of("lora_gemm3_fwd_bf16"), "lora gemm");
+        assert_eq!(class_of("gemm_simt_bf16"), "gemm");
+        assert_eq!(class_of("binary_bf16"), "elementwise");
+        assert_eq!(class_of("copy2d_b2"), "layout, gathers, copies");
+        assert_eq!(class_of("adamw_multi_f32"), "optimizer");
+        assert_eq!(class_of("something_new"), "other");
+        // 1 GFLOP and 1 GB on an H200: the memory side bounds it.
+        let t = bound_ms(&GPUS[1], 1e9, 1e9);
+        assert!((t - 1e3 / 4.8e3).abs() < 1e-9, "{t}");
+    }
+}
