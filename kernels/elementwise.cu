@@ -49,15 +49,6 @@ __device__ __forceinline__ float bin(float a, float b, int op) {
   }
 }
 
-// crate::rng::uniform_at: SplitMix64's finalizer over (seed, index), 24 bits → [0, 1). The
-// dropout mask is a function of (seed, element index) alone, so the backward regenerates it.
-__device__ __forceinline__ float uniform_at(unsigned long long seed, unsigned long long idx) {
-  unsigned long long z = seed ^ (idx * 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return (float)(z >> 40) * (1.0f / 16777216.0f);
-}
 
 // Element offset of linear index i of a tensor with dims `d` under strides `s`.
 __device__ __forceinline__ long long offset(long long i, int rank, const long long* d,
@@ -109,7 +100,7 @@ __device__ __forceinline__ long long offset(long long i, int rank, const long lo
                                            unsigned long long seed) {                      \
     const float keep = 1.0f / (1.0f - p);                                                  \
     SD2_GRID_STRIDE(i, n)                                                                  \
-    y[i] = from_f32<T>(ew::uniform_at(seed, (unsigned long long)i) >= p ? to_f32(x[i]) * keep \
+    y[i] = from_f32<T>(dropout_uniform(seed, (unsigned long long)i) >= p ? to_f32(x[i]) * keep \
                                                                         : 0.0f);           \
   }                                                                                        \
   SD2_REGISTER_KERNEL(dropout_##SUF)                                                       \

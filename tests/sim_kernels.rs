@@ -11,7 +11,8 @@ use sd2::backend::cuda::kernels::{
     AdamwMulti, BiasQuickGeluBwd, BiasQuickGeluFwd, Cast, ClamAttentionBwd, ClamAttentionFwd,
     ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq, FlashDelta, FlashDkdv, FlashDq,
     FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd, L2NormFwd, LayerNormBwd, LayerNormFwd,
-    LoraGemm3Fwd, LoraGemmBwd, LoraGemmFwd, Patchify, SigmoidLossRows, SumSqMulti,
+    LoraDown, LoraGemm3Fwd, LoraGemmBwd, LoraGemmFwd, LoraUpAdd, Patchify, SigmoidLossRows,
+    SumSqMulti,
 };
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::backend::cuda::{flash, lora_gemm};
@@ -1743,6 +1744,120 @@ fn lora_gemm_backward_dx_matches_reference() {
                 &want_dx,
                 8e-3,
             );
+        }
+    });
+}
+
+/// The LoRA low-rank kernels with the dropout mask in registers (`kernels/lora_lowrank.cu`)
+/// against an f64 reference that draws the mask from `sd2::rng::dropout_keep` — the CPU's own
+/// mask, so a kept/dropped element that differs fails at once. Odd sizes (a partial warp's
+/// row, ranks below and at the limit), p = 0 (no mask) and p = 0.3, f32 and bf16.
+#[test]
+fn lora_lowrank_kernels_match_the_cpu_mask() {
+    each_backend(|r| {
+        for &(m, k, rank, p) in &[
+            (37usize, 45usize, 8usize, 0.3f32),
+            (5, 70, 32, 0.0),
+            (9, 33, 3, 0.5),
+        ] {
+            let seed = 0x5eed ^ (m * 131 + k) as u64;
+            let x = randn(m * k, 71);
+            let a = randn(rank * k, 72);
+            let ds = randn(m * rank, 73);
+            let dx0 = randn(m * k, 74);
+            let keep = 1.0 / (1.0 - p as f64);
+            let drop = |i: usize, v: f64| {
+                if p <= 0.0 {
+                    v
+                } else if sd2::rng::dropout_keep(seed, i as u64, p) {
+                    v * keep
+                } else {
+                    0.0
+                }
+            };
+            let reference = |x: &[f32], a: &[f32], ds: &[f32], dx0: &[f32]| {
+                let (mut want_s, mut want_dx) = (vec![0f32; m * rank], vec![0f32; m * k]);
+                for i in 0..m {
+                    for j in 0..rank {
+                        want_s[i * rank + j] = (0..k)
+                            .map(|c| drop(i * k + c, x[i * k + c] as f64) * a[j * k + c] as f64)
+                            .sum::<f64>() as f32;
+                    }
+                    for c in 0..k {
+                        let v: f64 = (0..rank)
+                            .map(|j| ds[i * rank + j] as f64 * a[j * k + c] as f64)
+                            .sum();
+                        want_dx[i * k + c] = (dx0[i * k + c] as f64 + drop(i * k + c, v)) as f32;
+                    }
+                }
+                (want_s, want_dx)
+            };
+            let (want_s, want_dx) = reference(&x, &a, &ds, &dx0);
+            let name = format!("lora low-rank {m}x{k} r{rank} p{p}");
+            // f32, on a small grid so both kernels grid-stride over rows.
+            let (mut s, mut dx) = (vec![f32::NAN; m * rank], dx0.clone());
+            unsafe {
+                let down = LoraDown {
+                    x: KArg::input(&x),
+                    a: KArg::input(&a),
+                    s: KArg::output(&mut s),
+                    m,
+                    k,
+                    r: rank,
+                    p,
+                    seed,
+                };
+                r.run_staged("lora_down_f32", LaunchConfig::linear(2, 64), down)
+                    .unwrap();
+                let up = LoraUpAdd {
+                    ds: KArg::input(&ds),
+                    a: KArg::input(&a),
+                    dx: KArg::output(&mut dx),
+                    m,
+                    k,
+                    r: rank,
+                    p,
+                    seed,
+                };
+                r.run_staged("lora_up_add_f32", LaunchConfig::linear(3, 64), up)
+                    .unwrap();
+            }
+            check(&format!("{name} f32 S"), &s, &want_s, 1e-5);
+            check(&format!("{name} f32 dx"), &dx, &want_dx, 1e-5);
+            // bf16 operands (the reference on the rounded values; one rounding at the store).
+            let (xb, ab, dsb, dxb0) = (to_bf16(&x), to_bf16(&a), to_bf16(&ds), to_bf16(&dx0));
+            let (mut s16, mut dx16) = (vec![half::bf16::NAN; m * rank], dxb0.clone());
+            unsafe {
+                let down = LoraDown {
+                    x: KArg::input(&xb),
+                    a: KArg::input(&ab),
+                    s: KArg::output(&mut s16),
+                    m,
+                    k,
+                    r: rank,
+                    p,
+                    seed,
+                };
+                r.run_staged("lora_down_bf16", LaunchConfig::linear(2, 64), down)
+                    .unwrap();
+                let up = LoraUpAdd {
+                    ds: KArg::input(&dsb),
+                    a: KArg::input(&ab),
+                    dx: KArg::output(&mut dx16),
+                    m,
+                    k,
+                    r: rank,
+                    p,
+                    seed,
+                };
+                r.run_staged("lora_up_add_bf16", LaunchConfig::linear(3, 64), up)
+                    .unwrap();
+            }
+            // The reference on the rounded operands; the kernels round once, at the store.
+            let r16 = |v: &[half::bf16]| from_bf16(v);
+            let (want_s, want_dx) = reference(&r16(&xb), &r16(&ab), &r16(&dsb), &r16(&dxb0));
+            check(&format!("{name} bf16 S"), &r16(&s16), &want_s, 8e-3);
+            check(&format!("{name} bf16 dx"), &r16(&dx16), &want_dx, 8e-3);
         }
     });
 }

@@ -33,6 +33,17 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// crate::rng::uniform_at: SplitMix64's finalizer over (seed, index), 24 bits → [0, 1). A
+// dropout mask is a function of (seed, element index) alone, so the backward regenerates it
+// (kept where the value is ≥ p, as crate::rng::dropout_keep).
+__device__ __forceinline__ float dropout_uniform(unsigned long long seed, unsigned long long idx) {
+  unsigned long long z = seed ^ (idx * 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z ^= z >> 31;
+  return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
 // Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
 // `scratch` holds 32 floats of shared memory; the call ends with a barrier, so it can be reused.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

@@ -78,7 +78,7 @@ pub struct Plan {
 pub fn class_of(kernel: &str) -> &'static str {
     const CLASSES: [(&str, &[&str]); 9] = [
         ("gemm", &["gemm_simt", "cublas"]),
-        ("lora gemm", &["lora_gemm"]),
+        ("lora gemm", &["lora_gemm", "lora_down", "lora_up"]),
         ("attention", &["flash_", "clam_attention"]),
         ("layernorm", &["layernorm", "column_sum"]),
         (

@@ -115,6 +115,9 @@ pub fn dims(kernel: &'static str, param: &'static str, v: &[usize]) -> Result<[u
     Ok(out)
 }
 
+/// The largest LoRA rank `LoraDown`/`LoraUpAdd` take (`lr::kMaxRank`).
+pub const LORA_LOWRANK_MAX_RANK: usize = 32;
+
 /// One block per 256 elements, at most 1024 blocks (the elementwise kernels grid-stride).
 pub fn ew(n: usize) -> LaunchConfig {
     LaunchConfig::linear(n.div_ceil(256).clamp(1, 1024) as u32, 256)
@@ -420,6 +423,18 @@ kernels! {
         tm_x: map, tm_w: map, tm_s: map, tm_b: map, bias: ptr, res: ptr, y: ptr,
         m: int, n: int, k: int, r: int, scale: f32, epilogue: code,
     );
+
+    // kernels/lora_lowrank.cu
+    /// S[m, r] = Σ_k drop(x)[m, k]·A[r, k], the dropout mask applied in registers (p = 0: none);
+    /// one warp per row, r ≤ `LORA_LOWRANK_MAX_RANK`.
+    LoraDown["lora_down_f32", "lora_down_bf16"](
+        x: ptr, a: ptr, s: ptr, m: int, k: int, r: int, p: f32, seed: u64,
+    ) grid(k) = LaunchConfig::linear(k.m.div_ceil(8).clamp(1, 4096) as u32, 256);
+    /// dX[m, k] += drop′(Σ_r dS[m, r]·A[r, k]) in place: the LoRA branch's input gradient with
+    /// the forward's mask; one block per row.
+    LoraUpAdd["lora_up_add_f32", "lora_up_add_bf16"](
+        ds: ptr, a: ptr, dx: ptr, m: int, k: int, r: int, p: f32, seed: u64,
+    ) grid(k) = rows(k.m, 256);
 
     // kernels/adamw.cu
     /// Multi-tensor AdamW over a chunk table, gradients scaled by `grad_scale` · *scale_ptr.

@@ -10,6 +10,8 @@ use crate::autograd::{record, BackwardOp};
 use crate::backend::cpu::gemm::{gemm_into, Mat};
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::cuda::kernels as kn;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::storage::{CudaStorage, LoraKey, LoraPath};
 use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraSpec};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
@@ -295,6 +297,77 @@ impl FusedKernel for Backward {
     }
 }
 
+/// S = drop(x)·Aᵀ [m, r] (`kernels/lora_lowrank.cu`).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn lora_down(
+    x: &CudaStorage,
+    a: &CudaStorage,
+    ls: LoraSpec,
+    m: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    x.same_dtype("lora_linear A", a)?;
+    let s = x.empty(m * ls.rank, x.dtype)?;
+    if m > 0 {
+        let name = format!("lora_down_{}", x.sfx("lora_linear")?);
+        let r = ls.rank;
+        crate::profile::set_work(
+            2.0 * (m * k * r) as f64,
+            (x.dtype.size_in_bytes() * (m * k + r * k + m * r)) as f64,
+        );
+        x.run_grid(
+            &name,
+            kn::LoraDown {
+                x: x.ptr(),
+                a: a.ptr(),
+                s: s.ptr(),
+                m,
+                k,
+                r,
+                p: ls.dropout,
+                seed: ls.seed,
+            },
+        )?;
+    }
+    Ok(s)
+}
+
+/// dx [m, k] += drop′(dS·A) in place (`kernels/lora_lowrank.cu`).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn lora_up_add(
+    ds: &CudaStorage,
+    a: &CudaStorage,
+    dx: &CudaStorage,
+    ls: LoraSpec,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    ds.same_dtype("lora_linear_bwd A", a)?;
+    ds.same_dtype("lora_linear_bwd dx", dx)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let name = format!("lora_up_add_{}", dx.sfx("lora_linear_bwd")?);
+    let r = ls.rank;
+    crate::profile::set_work(
+        2.0 * (m * k * r) as f64,
+        (dx.dtype.size_in_bytes() * (2 * m * k + r * k + m * r)) as f64,
+    );
+    dx.run_grid(
+        &name,
+        kn::LoraUpAdd {
+            ds: ds.ptr(),
+            a: a.ptr(),
+            dx: dx.ptr(),
+            m,
+            k,
+            r,
+            p: ls.dropout,
+            seed: ls.seed,
+        },
+    )
+}
+
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     if a != b {
@@ -332,11 +405,16 @@ fn cuda_forward(
     if let Some((la, lb, ls)) = lora {
         same_len("lora_linear A", la.len, ls.rank * k)?;
         same_len("lora_linear B", lb.len, n * ls.rank)?;
-        let xd = x.dropped(&ls)?;
         s_low = Some(
-            xd.as_ref()
-                .unwrap_or(x)
-                .mm(la, mmspec(m, ls.rank, k, true))?,
+            if ls.dropout > 0.0 && ls.rank <= kn::LORA_LOWRANK_MAX_RANK {
+                // The mask in registers: x is read once, drop(x) never written.
+                lora_down(x, la, ls, m, k)?
+            } else {
+                let xd = x.dropped(&ls)?;
+                xd.as_ref()
+                    .unwrap_or(x)
+                    .mm(la, mmspec(m, ls.rank, k, true))?
+            },
         );
     }
     let low = lora.zip(s_low.as_ref()).map(|((_, lb, ls), s)| (s, lb, ls));
@@ -496,7 +574,10 @@ fn cuda_backward(
             let xd = x.dropped(&ls)?;
             ga = Some(mm(ds, xd.as_ref().unwrap_or(x), r, k, m, true, false)?);
         }
-        if let (Some(gx), true) = (gx.as_mut(), add_low_to_gx) {
+        if let (Some(gx), true) = (gx.as_ref(), add_low_to_gx && r <= kn::LORA_LOWRANK_MAX_RANK) {
+            // dx += drop_bwd(dS·A) in one pass over dx, the mask in registers.
+            lora_up_add(ds, la, gx, ls, m, k)?;
+        } else if let (Some(gx), true) = (gx.as_mut(), add_low_to_gx) {
             // dx += drop_bwd(dS·A): the same mask and scaling as the forward.
             let extra = mm(ds, la, m, k, r, false, false)?;
             let extra = extra.dropped(&ls)?.unwrap_or(extra);

@@ -1,0 +1,82 @@
+// The low-rank side of a LoRA-linear with dropout on its input, with the dropout mask applied
+// in registers (never a materialized drop(x)): the mask is the counter hash of the element's
+// index (dropout_uniform, as crate::rng::dropout_keep), so forward and backward agree bit for
+// bit with the CPU's.
+//   lora_down:   S[m, r] = Σ_k drop(x)[m, k] · A[r, k]            (the forward's S, and dS·A's
+//   lora_up_add: dX[m, k] += drop'(Σ_r dS[m, r] · A[r, k])          transpose in the backward)
+// where drop(v) = v / (1 − p) if kept, else 0 (p = 0: no mask). Ranks up to kMaxRank; f32
+// accumulation, one rounding at the store.
+#include "sd2_common.cuh"
+
+namespace lr {
+constexpr int kMaxRank = 32;
+
+__device__ __forceinline__ float dropped(float v, float p, float keep, unsigned long long seed,
+                                         unsigned long long idx) {
+  if (p <= 0.0f) return v;
+  return dropout_uniform(seed, idx) >= p ? v * keep : 0.0f;
+}
+
+// One warp per row of x (grid-stride over rows): lanes walk the row, each keeping r partial
+// sums, then the warp reduces each (fixed order: deterministic).
+template <typename T>
+__device__ void down(const T* __restrict__ x, const T* __restrict__ a, T* __restrict__ s, int m,
+                     int k, int r, float p, unsigned long long seed) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const float keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+  for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < m; row += gridDim.x * warps) {
+    float acc[kMaxRank];
+#pragma unroll
+    for (int j = 0; j < kMaxRank; ++j) acc[j] = 0.0f;
+    const size_t base = (size_t)row * k;
+    for (int c = lane; c < k; c += 32) {
+      const float xv = dropped(to_f32(x[base + c]), p, keep, seed, base + c);
+#pragma unroll
+      for (int j = 0; j < kMaxRank; ++j)
+        if (j < r) acc[j] += xv * to_f32(a[(size_t)j * k + c]);
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxRank; ++j) {
+      if (j < r) {
+        const float v = warp_sum(acc[j]);
+        if (lane == 0) s[(size_t)row * r + j] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
+// One block per row of dX (grid-stride over rows), threads over its columns; the row's dS
+// values are staged in shared memory once.
+template <typename T>
+__device__ void up_add(const T* __restrict__ ds, const T* __restrict__ a, T* __restrict__ dx,
+                       int m, int k, int r, float p, unsigned long long seed) {
+  __shared__ float dsr[kMaxRank];
+  const float keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+  for (int row = blockIdx.x; row < m; row += gridDim.x) {
+    __syncthreads();  // the previous row's dS is consumed
+    if (threadIdx.x < r) dsr[threadIdx.x] = to_f32(ds[(size_t)row * r + threadIdx.x]);
+    __syncthreads();
+    const size_t base = (size_t)row * k;
+    for (int c = threadIdx.x; c < k; c += blockDim.x) {
+      float v = 0.0f;
+      for (int j = 0; j < r; ++j) v += dsr[j] * to_f32(a[(size_t)j * k + c]);
+      dx[base + c] = from_f32<T>(to_f32(dx[base + c]) + dropped(v, p, keep, seed, base + c));
+    }
+  }
+}
+}  // namespace lr
+
+#define SD2_LORA_LOWRANK(T, SUF)                                                                 \
+  extern "C" __global__ void lora_down_##SUF(const T* x, const T* a, T* s, int m, int k, int r, \
+                                             float p, unsigned long long seed) {                 \
+    lr::down<T>(x, a, s, m, k, r, p, seed);                                                      \
+  }                                                                                              \
+  SD2_REGISTER_KERNEL(lora_down_##SUF)                                                           \
+  extern "C" __global__ void lora_up_add_##SUF(const T* ds, const T* a, T* dx, int m, int k,    \
+                                               int r, float p, unsigned long long seed) {        \
+    lr::up_add<T>(ds, a, dx, m, k, r, p, seed);                                                  \
+  }                                                                                              \
+  SD2_REGISTER_KERNEL(lora_up_add_##SUF)
+
+SD2_LORA_LOWRANK(float, f32)
+SD2_LORA_LOWRANK(bf16, bf16)
