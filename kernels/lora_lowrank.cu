@@ -2,8 +2,10 @@
 // in registers (never a materialized drop(x)): the mask is the counter hash of the element's
 // index (dropout_uniform, as crate::rng::dropout_keep), so forward and backward agree bit for
 // bit with the CPU's.
-//   lora_down:   S[m, r] = Σ_k drop(x)[m, k] · A[r, k]            (the forward's S, and dS·A's
-//   lora_up_add: dX[m, k] += drop'(Σ_r dS[m, r] · A[r, k])          transpose in the backward)
+//   lora_down:    S[m, r] = Σ_k drop(x)[m, k] · A[r, k]           (the forward's S)
+//   lora_up_add:  dX[m, k] += drop'(Σ_r dS[m, r] · A[r, k])         (the branch's input gradient)
+//   lora_da_part: part[chunk, r, k] = Σ_{m in chunk} dS[m, r] · drop(x)[m, k]
+//                 (dA = Σ_chunk part, summed in order by column_sum_f32: deterministic)
 // where drop(v) = v / (1 − p) if kept, else 0 (p = 0: no mask). Ranks up to kMaxRank; f32
 // accumulation, one rounding at the store.
 #include "sd2_common.cuh"
@@ -64,6 +66,41 @@ __device__ void up_add(const T* __restrict__ ds, const T* __restrict__ a, T* __r
     }
   }
 }
+// Blocks of 256 = 8 row slices × 32 columns over (column tile, row chunk): each thread keeps r
+// sums for its column over its rows; the 8 slices are added in a fixed order in shared memory
+// ([slice][j][column]: consecutive lanes, consecutive banks).
+template <typename T>
+__device__ void da_part(const T* __restrict__ ds, const T* __restrict__ x, float* __restrict__ part,
+                        int m, int k, int r, int rows_per_chunk, float p,
+                        unsigned long long seed) {
+  __shared__ float red[8][kMaxRank][32];
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  const int c = blockIdx.x * 32 + tx, chunk = blockIdx.y;
+  const int m0 = chunk * rows_per_chunk, m1 = min(m, m0 + rows_per_chunk);
+  const float keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+  float acc[kMaxRank];
+#pragma unroll
+  for (int j = 0; j < kMaxRank; ++j) acc[j] = 0.0f;
+  if (c < k) {
+    for (int row = m0 + ty; row < m1; row += 8) {
+      const size_t at = (size_t)row * k + c;
+      const float xv = dropped(to_f32(x[at]), p, keep, seed, at);
+#pragma unroll
+      for (int j = 0; j < kMaxRank; ++j)
+        if (j < r) acc[j] += to_f32(ds[(size_t)row * r + j]) * xv;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxRank; ++j)
+    if (j < r) red[ty][j][tx] = acc[j];
+  __syncthreads();
+  for (int j = ty; j < r; j += 8) {
+    float s = 0.0f;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) s += red[t][j][tx];
+    if (c < k) part[((size_t)chunk * r + j) * k + c] = s;
+  }
+}
 }  // namespace lr
 
 #define SD2_LORA_LOWRANK(T, SUF)                                                                 \
@@ -76,7 +113,13 @@ __device__ void up_add(const T* __restrict__ ds, const T* __restrict__ a, T* __r
                                                int r, float p, unsigned long long seed) {        \
     lr::up_add<T>(ds, a, dx, m, k, r, p, seed);                                                  \
   }                                                                                              \
-  SD2_REGISTER_KERNEL(lora_up_add_##SUF)
+  SD2_REGISTER_KERNEL(lora_up_add_##SUF)                                                         \
+  extern "C" __global__ void lora_da_part_##SUF(const T* ds, const T* x, float* part, int m,     \
+                                                int k, int r, int rows_per_chunk, float p,       \
+                                                unsigned long long seed) {                       \
+    lr::da_part<T>(ds, x, part, m, k, r, rows_per_chunk, p, seed);                               \
+  }                                                                                              \
+  SD2_REGISTER_KERNEL(lora_da_part_##SUF)
 
 SD2_LORA_LOWRANK(float, f32)
 SD2_LORA_LOWRANK(bf16, bf16)

@@ -11,8 +11,8 @@ use sd2::backend::cuda::kernels::{
     AdamwMulti, BiasQuickGeluBwd, BiasQuickGeluFwd, Cast, ClamAttentionBwd, ClamAttentionFwd,
     ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq, FlashDelta, FlashDkdv, FlashDq,
     FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd, L2NormFwd, LayerNormBwd, LayerNormFwd,
-    LoraDown, LoraGemm3Fwd, LoraGemmBwd, LoraGemmFwd, LoraUpAdd, Patchify, SigmoidLossRows,
-    SumSqMulti,
+    LoraDaPart, LoraDown, LoraGemm3Fwd, LoraGemmBwd, LoraGemmFwd, LoraUpAdd, Patchify,
+    SigmoidLossRows, SumSqMulti,
 };
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::backend::cuda::{flash, lora_gemm};
@@ -1793,6 +1793,47 @@ fn lora_lowrank_kernels_match_the_cpu_mask() {
                 (want_s, want_dx)
             };
             let (want_s, want_dx) = reference(&x, &a, &ds, &dx0);
+            // dA = dSᵀ·drop(x) from per-chunk partials (rows_per_chunk 16: several chunks,
+            // the last one partial).
+            let want_da: Vec<f32> = (0..rank * k)
+                .map(|jc| {
+                    let (j, c) = (jc / k, jc % k);
+                    (0..m)
+                        .map(|i| ds[i * rank + j] as f64 * drop(i * k + c, x[i * k + c] as f64))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let rows_per_chunk = 16;
+            let chunks = m.div_ceil(rows_per_chunk);
+            let mut part = vec![f32::NAN; chunks * rank * k];
+            unsafe {
+                let da = LoraDaPart {
+                    ds: KArg::input(&ds),
+                    x: KArg::input(&x),
+                    part: KArg::output(&mut part),
+                    m,
+                    k,
+                    r: rank,
+                    rows_per_chunk,
+                    p,
+                    seed,
+                };
+                let cfg = LaunchConfig {
+                    grid: (k.div_ceil(32) as u32, chunks as u32, 1),
+                    block: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                r.run_staged("lora_da_part_f32", cfg, da).unwrap();
+            }
+            let got_da: Vec<f32> = (0..rank * k)
+                .map(|i| (0..chunks).map(|ch| part[ch * rank * k + i]).sum())
+                .collect();
+            check(
+                &format!("lora dA {m}x{k} r{rank} p{p} f32"),
+                &got_da,
+                &want_da,
+                1e-5,
+            );
             let name = format!("lora low-rank {m}x{k} r{rank} p{p}");
             // f32, on a small grid so both kernels grid-stride over rows.
             let (mut s, mut dx) = (vec![f32::NAN; m * rank], dx0.clone());

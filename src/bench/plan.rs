@@ -76,11 +76,15 @@ pub struct Plan {
 
 /// The op class of a kernel, by its name.
 pub fn class_of(kernel: &str) -> &'static str {
-    const CLASSES: [(&str, &[&str]); 9] = [
+    const CLASSES: [(&str, &[&str]); 10] = [
         ("gemm", &["gemm_simt", "cublas"]),
-        ("lora gemm", &["lora_gemm", "lora_down", "lora_up"]),
+        (
+            "lora gemm",
+            &["lora_gemm", "lora_down", "lora_up", "lora_da"],
+        ),
         ("attention", &["flash_", "clam_attention"]),
-        ("layernorm", &["layernorm", "column_sum"]),
+        ("layernorm", &["layernorm"]),
+        ("reductions", &["sum_to", "column_sum"]),
         (
             "softmax, l2norm, losses",
             &["softmax", "l2norm", "cross_entropy", "sigmoid_loss"],
@@ -89,7 +93,7 @@ pub fn class_of(kernel: &str) -> &'static str {
         (
             "elementwise",
             &[
-                "unary", "binary", "affine", "scale_by", "dropout", "cast_", "sum_to", "bias_",
+                "unary", "binary", "affine", "scale_by", "dropout", "cast_", "bias_",
             ],
         ),
         (

@@ -435,6 +435,15 @@ kernels! {
     LoraUpAdd["lora_up_add_f32", "lora_up_add_bf16"](
         ds: ptr, a: ptr, dx: ptr, m: int, k: int, r: int, p: f32, seed: u64,
     ) grid(k) = rows(k.m, 256);
+    /// Partial sums of dA = dSᵀ·drop(x) over row chunks: part [chunks, r, k] f32, blocks of 256
+    /// over (⌈k/32⌉, chunks); `column_sum_f32` adds the chunks in order.
+    LoraDaPart["lora_da_part_f32", "lora_da_part_bf16"](
+        ds: ptr, x: ptr, part: ptr, m: int, k: int, r: int, rows_per_chunk: int, p: f32, seed: u64,
+    ) grid(k) = LaunchConfig {
+        grid: (k.k.div_ceil(32).max(1) as u32, k.m.div_ceil(k.rows_per_chunk.max(1)).max(1) as u32, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
 
     // kernels/adamw.cu
     /// Multi-tensor AdamW over a chunk table, gradients scaled by `grad_scale` · *scale_ptr.

@@ -368,6 +368,48 @@ fn lora_up_add(
     )
 }
 
+/// dA = dSᵀ·drop(x) [r, k] (`kernels/lora_lowrank.cu`: per-chunk partials, then an in-order
+/// sum), in x's dtype.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn lora_da(
+    ds: &CudaStorage,
+    x: &CudaStorage,
+    ls: LoraSpec,
+    m: usize,
+    k: usize,
+) -> Result<CudaStorage> {
+    ds.same_dtype("lora_linear_bwd x", x)?;
+    let r = ls.rank;
+    if m == 0 || r * k == 0 {
+        return x.zeros_like(r * k, x.dtype);
+    }
+    // Enough row chunks to fill a GPU with column tiles of 32 (≥ 512 rows each).
+    let chunks = m.div_ceil(512).clamp(1, 64);
+    let rows_per_chunk = m.div_ceil(chunks);
+    let chunks = m.div_ceil(rows_per_chunk);
+    let part = x.empty(chunks * r * k, DType::F32)?;
+    let name = format!("lora_da_part_{}", x.sfx("lora_linear_bwd")?);
+    crate::profile::set_work(
+        2.0 * (m * k * r) as f64,
+        (x.dtype.size_in_bytes() * (m * k + m * r) + 4 * chunks * r * k) as f64,
+    );
+    x.run_grid(
+        &name,
+        kn::LoraDaPart {
+            ds: ds.ptr(),
+            x: x.ptr(),
+            part: part.ptr(),
+            m,
+            k,
+            r,
+            rows_per_chunk,
+            p: ls.dropout,
+            seed: ls.seed,
+        },
+    )?;
+    part.column_sum(chunks, r * k)?.into_dtype(x.dtype)
+}
+
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     if a != b {
@@ -571,8 +613,13 @@ fn cuda_backward(
             gbm = Some(mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?);
         }
         if needs.lora_a {
-            let xd = x.dropped(&ls)?;
-            ga = Some(mm(ds, xd.as_ref().unwrap_or(x), r, k, m, true, false)?);
+            ga = Some(if ls.dropout > 0.0 && r <= kn::LORA_LOWRANK_MAX_RANK {
+                // dSᵀ·drop(x) with the mask in registers: x read once, drop(x) never written.
+                lora_da(ds, x, ls, m, k)?
+            } else {
+                let xd = x.dropped(&ls)?;
+                mm(ds, xd.as_ref().unwrap_or(x), r, k, m, true, false)?
+            });
         }
         if let (Some(gx), true) = (gx.as_ref(), add_low_to_gx && r <= kn::LORA_LOWRANK_MAX_RANK) {
             // dx += drop_bwd(dS·A) in one pass over dx, the mask in registers.
