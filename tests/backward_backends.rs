@@ -305,6 +305,29 @@ fn lora(dev: Device) {
             ops::lora_linear(&x[0], &x[1], Some(&x[2]), Some(l)).unwrap()
         },
     );
+    // The residual in the fused kernels' epilogue (bias + residual), dropout on the LoRA input
+    // through the register-mask kernels; its gradient is dy.
+    compare_fused(
+        "lora_linear_residual (fused shapes, dropout)",
+        dev,
+        &[&[9, 16], &[12, 16], &[12], &[8, 16], &[12, 8], &[9, 12]],
+        &|_, x| {
+            let l = Lora {
+                a: &x[3],
+                b: &x[4],
+                scale: 4.0,
+                dropout: 0.2,
+                seed: 5,
+            };
+            ops::lora_linear_residual(&x[0], &x[1], Some(&x[2]), Some(l), &x[5]).unwrap()
+        },
+    );
+    compare(
+        "lora_linear_residual (no bias)",
+        dev,
+        &[&[4, 6], &[5, 6], &[4, 5]],
+        &|_, x| ops::lora_linear_residual(&x[0], &x[1], None, None, &x[2]).unwrap(),
+    );
     compare_fused(
         "linear (fused, no LoRA)",
         dev,

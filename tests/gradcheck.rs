@@ -221,6 +221,27 @@ fn lora_linear() {
             TOL,
         );
     }
+    let with_res = [&ins[..], &[rand64(&[2, 3, 5], 35)]].concat();
+    gradcheck(
+        "lora + residual",
+        &with_res,
+        |v| {
+            ops::lora_linear_residual(
+                &v[0],
+                &v[1],
+                Some(&v[2]),
+                Some(Lora {
+                    a: &v[3],
+                    b: &v[4],
+                    scale: 4.0,
+                    dropout: 0.3,
+                    seed: 99,
+                }),
+                &v[5],
+            )
+        },
+        TOL,
+    );
     gradcheck(
         "lora no bias",
         &[

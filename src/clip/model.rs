@@ -118,6 +118,15 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        self.forward_with(x, None, fwd)
+    }
+
+    /// `residual + self.forward(x)` as one op (the add in the GEMM's epilogue where it can).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, fwd: Fwd) -> Result<Tensor> {
+        self.forward_with(x, Some(residual), fwd)
+    }
+
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>, fwd: Fwd) -> Result<Tensor> {
         // Mixed precision: trainable tensors are f32 masters, cast here to the activations'
         // dtype (the cast's backward returns their gradients in f32); a no-op otherwise.
         let dt = x.dtype();
@@ -143,7 +152,10 @@ impl Linear {
                 },
                 seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
             });
-        ops::lora_linear(x, &weight, bias.as_ref(), lora)
+        match residual {
+            Some(r) => ops::lora_linear_residual(x, &weight, bias.as_ref(), lora, r),
+            None => ops::lora_linear(x, &weight, bias.as_ref(), lora),
+        }
     }
 }
 
@@ -240,12 +252,10 @@ impl EncoderLayer {
             self.v_proj.forward(&h, fwd)?,
         );
         let a = ops::attention(&q, &k, &v, self.heads, causal)?;
-        let x = x.add(&self.out_proj.forward(&a, fwd)?)?;
+        let x = self.out_proj.forward_residual(&a, x, fwd)?;
         let h = self.layer_norm2.forward(&x)?;
-        let h = self
-            .fc2
-            .forward(&self.fc1.forward(&h, fwd)?.quick_gelu()?, fwd)?;
-        x.add(&h)
+        self.fc2
+            .forward_residual(&self.fc1.forward(&h, fwd)?.quick_gelu()?, &x, fwd)
     }
 
     /// The block's trainable tensors (LoRA factors; every weight with `train_base`).

@@ -8,7 +8,7 @@ pub mod shape_ops;
 
 pub use fused::attention::{attention, attention_lse, AttnOptions};
 pub use fused::cross_entropy::cross_entropy;
-pub use fused::lora_linear::{lora_linear, Lora};
+pub use fused::lora_linear::{lora_linear, lora_linear_residual, Lora};
 pub use fused::sigmoid_loss::sigmoid_loss;
 
 use crate::{DType, Error, Result, Tensor};

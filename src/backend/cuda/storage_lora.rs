@@ -53,6 +53,8 @@ pub(crate) struct LoraKey {
     pub k: usize,
     pub r: usize,
     pub bias: bool,
+    /// A residual added in the epilogue.
+    pub residual: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +99,14 @@ pub fn lora_choices() -> Vec<(usize, String, &'static str)> {
             (
                 *o,
                 format!(
-                    "{} m{} n{} k{} r{}{}",
+                    "{} m{} n{} k{} r{}{}{}",
                     if k.forward { "fwd" } else { "bwd dX" },
                     k.m,
                     k.n,
                     k.k,
                     k.r,
-                    if k.bias { " +bias" } else { "" }
+                    if k.bias { " +bias" } else { "" },
+                    if k.residual { " +residual" } else { "" }
                 ),
                 p.name(),
             )
@@ -188,6 +191,7 @@ impl CudaStorage {
         w: &CudaStorage,
         bias: Option<&CudaStorage>,
         low: Option<(&CudaStorage, &CudaStorage)>,
+        res: Option<&CudaStorage>,
         scale: f32,
         (m, n, k, r): (usize, usize, usize, usize),
     ) -> Result<CudaStorage> {
@@ -195,17 +199,26 @@ impl CudaStorage {
         if m * n == 0 {
             return Ok(y);
         }
-        let epi = if bias.is_some() {
-            Epilogue::Bias
-        } else {
-            Epilogue::None
+        let epi = match (bias.is_some(), res.is_some()) {
+            (true, true) => Epilogue::BiasResidual,
+            (true, false) => Epilogue::Bias,
+            (false, false) => Epilogue::None,
+            (false, true) => {
+                return Err(Error::Cuda(
+                    "lora gemm: the residual epilogue needs a bias".into(),
+                ))
+            }
         } as i32;
         let r = if low.is_some() { r } else { 0 };
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
         let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
         crate::profile::set_work(
             2.0 * mf * nf * (kf + rf),
-            2.0 * (mf * kf + nf * kf + mf * rf + nf * rf + mf * nf),
+            2.0 * (mf * kf
+                + nf * kf
+                + mf * rf
+                + nf * rf
+                + mf * nf * (1.0 + res.is_some() as u8 as f64)),
         );
         if path == LoraPath::V3 {
             let [mx, mw, ms, mb] = hopper::maps(m, n, k, r);
@@ -219,7 +232,7 @@ impl CudaStorage {
                 tm_s: tm(s, ms)?,
                 tm_b: tm(b, mb)?,
                 bias: opt(bias),
-                res: Arg::null(),
+                res: opt(res),
                 y: y.ptr(),
                 m,
                 n,
@@ -240,7 +253,7 @@ impl CudaStorage {
             bias: opt(bias),
             s_low: opt(low.map(|l| l.0)),
             lb: opt(low.map(|l| l.1)),
-            res: Arg::null(),
+            res: opt(res),
             y: y.ptr(),
             m,
             n,
@@ -475,6 +488,7 @@ mod tests {
             k,
             r,
             bias: false,
+            residual: false,
         };
         let (x, w, s) = (
             sim(&values(m * k, 1)),
@@ -505,13 +519,20 @@ mod tests {
                     ops[1],
                     None,
                     Some((ops[2], ops[3])),
+                    None,
                     scale,
                     (m, n, k, r),
                 ),
                 // A kernel with a broken low-rank tile: it leaves the LoRA term out.
-                LoraPath::V1 => {
-                    ops[0].lora_fused_fwd(LoraPath::V1, ops[1], None, None, scale, (m, n, k, r))
-                }
+                LoraPath::V1 => ops[0].lora_fused_fwd(
+                    LoraPath::V1,
+                    ops[1],
+                    None,
+                    None,
+                    None,
+                    scale,
+                    (m, n, k, r),
+                ),
                 LoraPath::V3 => Err(Error::Cuda("tensor map encode failed (test)".into())),
             }
         };

@@ -43,6 +43,29 @@ pub fn lora_linear(
     b: Option<&Tensor>,
     lora: Option<Lora<'_>>,
 ) -> Result<Tensor> {
+    linear_impl(x, w, b, lora, None)
+}
+
+/// `residual + lora_linear(x, w, b, lora)` as one op — a pre-LN block's `x + out_proj(·)` and
+/// `x + fc2(·)`: the add happens in the GEMM's epilogue where the fused kernel runs, so the
+/// sum is written once. `residual` has y's shape and gets y's gradient.
+pub fn lora_linear_residual(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<Lora<'_>>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    linear_impl(x, w, b, lora, Some(residual))
+}
+
+fn linear_impl(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<Lora<'_>>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let op = Forward::NAME;
     check_float(op, x)?;
     check_same_dtype(op, x, w)?;
@@ -117,10 +140,25 @@ pub fn lora_linear(
         inputs.push(l.a);
         inputs.push(l.b);
     }
+    let mut od = x.dims().to_vec();
+    *od.last_mut().expect("rank ≥ 1") = n;
+    if let Some(r) = residual {
+        check_same_dtype(op, x, r)?;
+        if r.dims() != od.as_slice() {
+            return Err(crate::shape_err!(
+                op,
+                "residual {:?} does not match the output {:?}",
+                r.dims(),
+                od
+            ));
+        }
+        inputs.push(r);
+    }
     let fwd = Forward {
         spec,
         bias: b.is_some(),
         lora: lspec,
+        residual: residual.is_some(),
     };
     let mut outs = {
         let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
@@ -131,9 +169,8 @@ pub fn lora_linear(
         .next()
         .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?;
     let s = outs.next();
-    let mut od = x.dims().to_vec();
-    *od.last_mut().expect("rank ≥ 1") = n;
     let has_bias = b.is_some();
+    let has_residual = residual.is_some();
     record(y, Shape::new(od), &inputs, |_| LinearBackward {
         x: x.clone(),
         w: w.clone(),
@@ -143,6 +180,7 @@ pub fn lora_linear(
             .zip(s)
             .map(|((l, sp), s)| (l.a.clone(), l.b.clone(), s, sp)),
         has_bias,
+        has_residual,
         spec,
     })
 }
@@ -153,6 +191,7 @@ struct LinearBackward {
     /// (A, B, S = drop(x)·Aᵀ, spec).
     lora: Option<(Tensor, Tensor, Storage, LoraSpec)>,
     has_bias: bool,
+    has_residual: bool,
     spec: LinearSpec,
 }
 
@@ -210,15 +249,22 @@ impl BackwardOp for LinearBackward {
             out.push(take(wants.lora_a, a.shape())?);
             out.push(take(wants.lora_b, b.shape())?);
         }
+        if self.has_residual {
+            // d(residual) = dy, shared (no copy).
+            let ri = li + 2 * self.lora.is_some() as usize;
+            out.push(need(ri).then(|| g.clone()));
+        }
         Ok(out)
     }
 }
 
-/// (y, S = drop(x)·Aᵀ when there is a LoRA branch) from (x, W, [b], [A, B]).
+/// (y, S = drop(x)·Aᵀ when there is a LoRA branch) from (x, W, [b], [A, B], [residual]):
+/// y = x·Wᵀ + b + s·S·Bᵀ (+ residual, added in the GEMM's epilogue where the kernel can).
 pub struct Forward {
     pub spec: LinearSpec,
     pub bias: bool,
     pub lora: Option<LoraSpec>,
+    pub residual: bool,
 }
 
 /// The gradients asked for by `needs`, in `LinearGrads` order (x, W, b, A, B), from
@@ -234,7 +280,11 @@ impl FloatFn for Forward {
         let b = self.bias.then(|| x[2]);
         let li = 2 + self.bias as usize;
         let low = self.lora.map(|l| (x[li], x[li + 1], l));
-        let (y, s) = forward(x[0], x[1], b, low, self.spec);
+        let (mut y, s) = forward(x[0], x[1], b, low, self.spec);
+        if self.residual {
+            let res = x[li + 2 * self.lora.is_some() as usize];
+            y.par_iter_mut().zip(res).for_each(|(y, r)| *y += *r);
+        }
         std::iter::once(y).chain(s).collect()
     }
 }
@@ -262,6 +312,19 @@ impl FusedKernel for Forward {
         let li = 2 + self.bias as usize;
         let low = self.lora.map(|l| (inputs[li], inputs[li + 1], l.rank));
         check(inputs[0], inputs[1], b, low, self.spec)?;
+        if self.residual {
+            let res = inputs[li + 2 * self.lora.is_some() as usize];
+            if res.len() != self.spec.m * self.spec.n {
+                return Err(Error::shape(
+                    Self::NAME,
+                    format!(
+                        "residual has {} elements, y {}",
+                        res.len(),
+                        self.spec.m * self.spec.n
+                    ),
+                ));
+            }
+        }
         cpu_float(Self::NAME, self, inputs, &[])
     }
 
@@ -270,7 +333,10 @@ impl FusedKernel for Forward {
         let b = self.bias.then(|| inputs[2]);
         let li = 2 + self.bias as usize;
         let low = self.lora.map(|l| (inputs[li], inputs[li + 1], l));
-        let (y, s) = cuda_forward(inputs[0], inputs[1], b, low, self.spec)?;
+        let res = self
+            .residual
+            .then(|| inputs[li + 2 * self.lora.is_some() as usize]);
+        let (y, s) = cuda_forward(inputs[0], inputs[1], b, low, res, self.spec)?;
         Ok(std::iter::once(y).chain(s).collect())
     }
 }
@@ -426,11 +492,16 @@ fn cuda_forward(
     w: &CudaStorage,
     b: Option<&CudaStorage>,
     lora: Option<(&CudaStorage, &CudaStorage, LoraSpec)>,
+    res: Option<&CudaStorage>,
     spec: LinearSpec,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let LinearSpec { m, n, k } = spec;
     same_len("lora_linear x", x.len, m * k)?;
     same_len("lora_linear W", w.len, n * k)?;
+    if let Some(r) = res {
+        same_len("lora_linear residual", r.len, m * n)?;
+        x.same_dtype("lora_linear residual", r)?;
+    }
     let mmspec = |m, n, k, trans_b| MatmulSpec {
         batch: 1,
         m,
@@ -481,6 +552,9 @@ fn cuda_forward(
                 .affine(ls.scale, 0.0)?;
             y.elementwise_binary(&lowy, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
         }
+        if let Some(r) = res {
+            y.elementwise_binary(r, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
+        }
         Ok(y)
     };
     let y = if x.dtype == DType::BF16 {
@@ -492,6 +566,7 @@ fn cuda_forward(
             k,
             r,
             bias: b.is_some(),
+            residual: res.is_some(),
         };
         // ops = [x, W, (S, B)]: the call's own, or random ones of the same shapes while
         // the path for the shape is being chosen.
@@ -499,14 +574,23 @@ fn cuda_forward(
             let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
             match p {
                 LoraPath::Cublas => cublas(ops[0], ops[1], low),
-                p => ops[0].lora_fused_fwd(
-                    p,
-                    ops[1],
-                    b,
-                    low.map(|(s, lb, _)| (s, lb)),
-                    low.map_or(1.0, |l| l.2.scale as f32),
-                    (m, n, k, r),
-                ),
+                p => {
+                    // The residual add rides in the epilogue (which needs the bias too).
+                    let fused_res = res.filter(|_| b.is_some());
+                    let y = ops[0].lora_fused_fwd(
+                        p,
+                        ops[1],
+                        b,
+                        low.map(|(s, lb, _)| (s, lb)),
+                        fused_res,
+                        low.map_or(1.0, |l| l.2.scale as f32),
+                        (m, n, k, r),
+                    )?;
+                    if let (Some(r), None) = (res, fused_res) {
+                        y.elementwise_binary(r, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
+                    }
+                    Ok(y)
+                }
             }
         };
         let mut ops = vec![x, w];
@@ -568,6 +652,7 @@ fn cuda_backward(
             k,
             r,
             bias: false,
+            residual: false,
         };
         let xs = Shape::from(vec![m, k]);
         // ops = [dY, W, (dS, A)], as in the forward.
