@@ -98,7 +98,7 @@ __device__ __forceinline__ long long offset(long long i, int rank, const long lo
   /* Inverted dropout: y = x / (1 − p) where uniform_at(seed, i) ≥ p, else 0. */            \
   extern "C" __global__ void dropout_##SUF(const T* x, T* y, long long n, float p,         \
                                            unsigned long long seed) {                      \
-    const float keep = 1.0f / (1.0f - p);                                                  \
+    const float keep = (float)(1.0 / (1.0 - (double)p)); /* the CPU's scale */                                                  \
     SD2_GRID_STRIDE(i, n)                                                                  \
     y[i] = from_f32<T>(dropout_uniform(seed, (unsigned long long)i) >= p ? to_f32(x[i]) * keep \
                                                                         : 0.0f);           \

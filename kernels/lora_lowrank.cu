@@ -13,6 +13,11 @@
 namespace lr {
 constexpr int kMaxRank = 32;
 
+// 1 / (1 − p) rounded once from double, as the CPU's F::from_f(1 / (1 − p)): the same scale.
+__device__ __forceinline__ float inv_keep(float p) {
+  return p > 0.0f ? (float)(1.0 / (1.0 - (double)p)) : 1.0f;
+}
+
 __device__ __forceinline__ float dropped(float v, float p, float keep, unsigned long long seed,
                                          unsigned long long idx) {
   if (p <= 0.0f) return v;
@@ -25,7 +30,7 @@ template <typename T>
 __device__ void down(const T* __restrict__ x, const T* __restrict__ a, T* __restrict__ s, int m,
                      int k, int r, float p, unsigned long long seed) {
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const float keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+  const float keep = inv_keep(p);
   for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < m; row += gridDim.x * warps) {
     float acc[kMaxRank];
 #pragma unroll
@@ -53,7 +58,7 @@ template <typename T>
 __device__ void up_add(const T* __restrict__ ds, const T* __restrict__ a, T* __restrict__ dx,
                        int m, int k, int r, float p, unsigned long long seed) {
   __shared__ float dsr[kMaxRank];
-  const float keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+  const float keep = inv_keep(p);
   for (int row = blockIdx.x; row < m; row += gridDim.x) {
     __syncthreads();  // the previous row's dS is consumed
     if (threadIdx.x < r) dsr[threadIdx.x] = to_f32(ds[(size_t)row * r + threadIdx.x]);
@@ -77,7 +82,7 @@ __device__ void da_part(const T* __restrict__ ds, const T* __restrict__ x, float
   const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
   const int c = blockIdx.x * 32 + tx, chunk = blockIdx.y;
   const int m0 = chunk * rows_per_chunk, m1 = min(m, m0 + rows_per_chunk);
-  const float keep = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+  const float keep = inv_keep(p);
   float acc[kMaxRank];
 #pragma unroll
   for (int j = 0; j < kMaxRank; ++j) acc[j] = 0.0f;

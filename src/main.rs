@@ -163,7 +163,7 @@ struct ModelBenchArgs {
     /// tiny or vit-l14.
     #[arg(long, default_value = "vit-l14")]
     preset: String,
-    /// cpu, cuda, cuda:N or cuda:sim.
+    /// cpu, cuda, cuda:N or cuda:sim (see --plan for cuda:plan).
     #[arg(long, default_value = "cuda")]
     device: String,
     /// Images per step (train; 0 = the largest that fits the GPU) or per forward (infer).

@@ -141,7 +141,7 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
             }
         };
         let c = &mut classes[at];
-        c.launches += 1;
+        c.launches += !k.name.starts_with("memcpy") as usize;
         c.bytes += by;
         c.flops += fl;
         for (t, g) in c.bound_ms.iter_mut().zip(&GPUS) {
@@ -176,7 +176,12 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
         dtype: cfg.dtype.to_string(),
         train: cfg.train,
         batch,
-        launches: p.kernels.len(),
+        // Copies are listed for their bytes, but they are not kernel launches.
+        launches: p
+            .kernels
+            .iter()
+            .filter(|k| !k.name.starts_with("memcpy"))
+            .count(),
         bytes: sum(&|c| c.bytes),
         flops: sum(&|c| c.flops),
         peak_bytes: peak,

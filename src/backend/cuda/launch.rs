@@ -328,7 +328,9 @@ impl Runner {
                 let out = super::plan::VirtualBuffer::new(buf.bytes());
                 let args = [Arg::U64(buf.addr()), Arg::U64(out.addr())];
                 crate::profile::set_work(0.0, 2.0 * buf.bytes() as f64);
-                record("memcpy (device to device)", &args)?;
+                // A copy, not a kernel: listed for its bytes (bench::plan does not count it
+                // as a launch).
+                record(super::plan::MEMCPY, &args)?;
                 Ok(Buffer::Virtual(out))
             }
         }
@@ -513,8 +515,12 @@ impl Runner {
 /// of the allocations its arguments point into.
 #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
 fn record(name: &str, args: &[Arg]) -> Result<()> {
+    #[cfg(feature = "cuda-sim")]
+    let sig = super::sim::kernel_signature(name);
+    #[cfg(not(feature = "cuda-sim"))]
+    let sig = None;
     crate::profile::launch(name, || {
-        crate::profile::set_default_work(0.0, super::plan::bytes_touched(args));
+        crate::profile::set_default_work(0.0, super::plan::bytes_touched(args, sig));
         Ok(())
     })
 }

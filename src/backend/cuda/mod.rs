@@ -93,12 +93,13 @@ impl DeviceMemory {
 pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     if device == crate::Device::CudaPlan {
+        // Sized as the H200 the plan stands for (141 GB), so automatic batch sizing works.
         let (in_use, peak) = plan::memory();
         return Some(DeviceMemory {
             in_use,
             peak,
             cached: 0,
-            driver_free: usize::MAX,
+            driver_free: (141usize << 30).saturating_sub(in_use),
         });
     }
     #[cfg(feature = "cuda")]
@@ -285,6 +286,7 @@ pub fn backends_summary() -> String {
     );
     if cfg!(feature = "cuda-sim") {
         out.push_str("  cuda:sim  CUDA tensors with every kernel run by the CPU kernel simulator (slow; tests)\n");
+        out.push_str("  cuda:plan CUDA tensors whose launches are recorded, never run (`sd2 bench train --plan`)\n");
     }
     if !COMPILED {
         out.push_str("  cuda  not compiled in (rebuild with `--features cuda`)\n");

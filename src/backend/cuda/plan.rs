@@ -12,6 +12,9 @@ use std::sync::Mutex;
 
 use super::abi::Arg;
 
+/// The name a device-to-device copy is recorded under (a copy, not a kernel launch).
+pub const MEMCPY: &str = "memcpy (device to device)";
+
 /// Where virtual addresses start (far from null; 256-byte aligned like cudaMalloc's).
 const BASE: u64 = 1 << 40;
 
@@ -70,34 +73,30 @@ pub fn reset_peak() {
     PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
-/// The size of the live allocation `addr` points into (0 for null or an unknown address).
-fn size_at(addr: u64) -> usize {
-    if addr < BASE {
-        return 0;
-    }
-    match sizes().range(..=addr).next_back() {
-        Some((start, len)) if addr < start + (*len).max(1) as u64 => *len,
-        _ => 0,
-    }
-}
-
-/// Bytes a launch with `args` moves at the least: each distinct allocation its pointers (and
-/// tensor maps) point into, once.
-pub fn bytes_touched(args: &[Arg]) -> f64 {
+/// Bytes a launch with `args` moves at the least: each distinct live allocation its pointers
+/// (and tensor maps) point into, once. `sig` (the kernel's signature, `sim::kernel_signature`)
+/// tells pointers from 64-bit integers such as a dropout seed; without it every 64-bit value
+/// that falls in a live allocation counts.
+pub fn bytes_touched(args: &[Arg], sig: Option<&str>) -> f64 {
+    let sizes = sizes();
     let mut seen = std::collections::BTreeSet::new();
     let mut total = 0usize;
-    for a in args {
+    for (i, a) in args.iter().enumerate() {
+        let is_ptr = sig
+            .and_then(|s| s.as_bytes().get(i))
+            .is_none_or(|c| matches!(c, b'p' | b'T'));
         let addr = match a {
             Arg::Ptr(p) => *p as u64,
-            Arg::U64(u) => *u,
+            Arg::U64(u) if is_ptr => *u,
             Arg::Map(m) => m.0[0],
-            Arg::I32(_) | Arg::F32(_) => continue,
+            Arg::U64(_) | Arg::I32(_) | Arg::F32(_) => continue,
         };
-        let len = size_at(addr);
-        if len > 0 {
-            let start = sizes().range(..=addr).next_back().map_or(addr, |(s, _)| *s);
-            if seen.insert(start) {
-                total += len;
+        if addr < BASE {
+            continue;
+        }
+        if let Some((start, len)) = sizes.range(..=addr).next_back() {
+            if addr < start + (*len).max(1) as u64 && seen.insert(*start) {
+                total += *len;
             }
         }
     }
@@ -120,10 +119,12 @@ mod tests {
             Arg::I32(7),
             Arg::null(),
         ];
-        assert_eq!(bytes_touched(&args), 1024.0);
+        assert_eq!(bytes_touched(&args, None), 1024.0);
+        // With a signature, a 64-bit integer parameter is not an address (a seed).
+        assert_eq!(bytes_touched(&args, Some("pqqip")), 1000.0);
         drop(a);
         assert_eq!(
-            bytes_touched(&args[..1]),
+            bytes_touched(&args[..1], None),
             0.0,
             "a freed buffer is not counted"
         );

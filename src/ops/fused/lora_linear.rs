@@ -363,6 +363,18 @@ impl FusedKernel for Backward {
     }
 }
 
+/// The low-rank kernels hold up to `LORA_LOWRANK_MAX_RANK` sums per thread.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn lowrank_rank(r: usize) -> Result<()> {
+    if r > kn::LORA_LOWRANK_MAX_RANK {
+        return Err(Error::Cuda(format!(
+            "lora low-rank kernels: rank {r} > {}",
+            kn::LORA_LOWRANK_MAX_RANK
+        )));
+    }
+    Ok(())
+}
+
 /// S = drop(x)·Aᵀ [m, r] (`kernels/lora_lowrank.cu`).
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn lora_down(
@@ -373,6 +385,7 @@ fn lora_down(
     k: usize,
 ) -> Result<CudaStorage> {
     x.same_dtype("lora_linear A", a)?;
+    lowrank_rank(ls.rank)?;
     let s = x.empty(m * ls.rank, x.dtype)?;
     if m > 0 {
         let name = format!("lora_down_{}", x.sfx("lora_linear")?);
@@ -410,6 +423,7 @@ fn lora_up_add(
 ) -> Result<()> {
     ds.same_dtype("lora_linear_bwd A", a)?;
     ds.same_dtype("lora_linear_bwd dx", dx)?;
+    lowrank_rank(ls.rank)?;
     if m == 0 {
         return Ok(());
     }
@@ -445,6 +459,7 @@ fn lora_da(
     k: usize,
 ) -> Result<CudaStorage> {
     ds.same_dtype("lora_linear_bwd x", x)?;
+    lowrank_rank(ls.rank)?;
     let r = ls.rank;
     if m == 0 || r * k == 0 {
         return x.zeros_like(r * k, x.dtype);
@@ -534,7 +549,11 @@ fn cuda_forward(
     let ys = Shape::from(vec![m, n]);
     // PEFT's structure on cuBLAS: X·Wᵀ, + b, + s·S·Bᵀ (each rounded to the storage type).
     type Low<'a> = Option<(&'a CudaStorage, &'a CudaStorage, LoraSpec)>;
-    let cublas = |x: &CudaStorage, w: &CudaStorage, low: Low| -> Result<CudaStorage> {
+    let cublas = |x: &CudaStorage,
+                  w: &CudaStorage,
+                  low: Low,
+                  res: Option<&CudaStorage>|
+     -> Result<CudaStorage> {
         let y = x.mm(w, mmspec(m, n, k, true))?;
         if let Some(b) = b {
             y.elementwise_binary(
@@ -570,10 +589,13 @@ fn cuda_forward(
         };
         // ops = [x, W, (S, B)]: the call's own, or random ones of the same shapes while
         // the path for the shape is being chosen.
+        // ops = [x, W, (S, B), (residual)]: all randomized while a path is screened, so a
+        // large residual cannot hide a wrong product.
         let run = |p: LoraPath, ops: &[&CudaStorage]| {
             let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
+            let res = res.map(|_| ops[ops.len() - 1]);
             match p {
-                LoraPath::Cublas => cublas(ops[0], ops[1], low),
+                LoraPath::Cublas => cublas(ops[0], ops[1], low, res),
                 p => {
                     // The residual add rides in the epilogue (which needs the bias too).
                     let fused_res = res.filter(|_| b.is_some());
@@ -597,9 +619,10 @@ fn cuda_forward(
         if let Some((s, lb, _)) = low {
             ops.extend([s, lb]);
         }
+        ops.extend(res);
         run(x.lora_choose(key, &ops, &run)?, &ops)?
     } else {
-        cublas(x, w, low)?
+        cublas(x, w, low, res)?
     };
     Ok((y, s_low))
 }
