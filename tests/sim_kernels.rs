@@ -1835,65 +1835,59 @@ fn lora_lowrank_kernels_match_the_cpu_mask() {
                 1e-5,
             );
             let name = format!("lora low-rank {m}x{k} r{rank} p{p}");
-            // f32, on a small grid so both kernels grid-stride over rows.
-            let (mut s, mut dx) = (vec![f32::NAN; m * rank], dx0.clone());
-            unsafe {
-                let down = LoraDown {
-                    x: KArg::input(&x),
-                    a: KArg::input(&a),
-                    s: KArg::output(&mut s),
-                    m,
-                    k,
-                    r: rank,
-                    p,
-                    seed,
-                };
-                r.run_staged("lora_down_f32", LaunchConfig::linear(2, 64), down)
+            // On a small grid, so both kernels grid-stride over rows: (S, dx) for operands of
+            // one element type, its kernels named by `sfx`.
+            fn run<T: bytemuck::Pod>(
+                r: &Runner,
+                sfx: &str,
+                (x, a, ds, dx0): (&[T], &[T], &[T], &[T]),
+                (m, k, rank, p, seed): (usize, usize, usize, f32, u64),
+                nan: T,
+            ) -> (Vec<T>, Vec<T>) {
+                let (mut s, mut dx) = (vec![nan; m * rank], dx0.to_vec());
+                unsafe {
+                    let down = LoraDown {
+                        x: KArg::input(x),
+                        a: KArg::input(a),
+                        s: KArg::output(&mut s),
+                        m,
+                        k,
+                        r: rank,
+                        p,
+                        seed,
+                    };
+                    r.run_staged(
+                        &format!("lora_down_{sfx}"),
+                        LaunchConfig::linear(2, 64),
+                        down,
+                    )
                     .unwrap();
-                let up = LoraUpAdd {
-                    ds: KArg::input(&ds),
-                    a: KArg::input(&a),
-                    dx: KArg::output(&mut dx),
-                    m,
-                    k,
-                    r: rank,
-                    p,
-                    seed,
-                };
-                r.run_staged("lora_up_add_f32", LaunchConfig::linear(3, 64), up)
+                    let up = LoraUpAdd {
+                        ds: KArg::input(ds),
+                        a: KArg::input(a),
+                        dx: KArg::output(&mut dx),
+                        m,
+                        k,
+                        r: rank,
+                        p,
+                        seed,
+                    };
+                    r.run_staged(
+                        &format!("lora_up_add_{sfx}"),
+                        LaunchConfig::linear(3, 64),
+                        up,
+                    )
                     .unwrap();
+                }
+                (s, dx)
             }
+            let dims = (m, k, rank, p, seed);
+            let (s, dx) = run(r, "f32", (&x, &a, &ds, &dx0), dims, f32::NAN);
             check(&format!("{name} f32 S"), &s, &want_s, 1e-5);
             check(&format!("{name} f32 dx"), &dx, &want_dx, 1e-5);
-            // bf16 operands (the reference on the rounded values; one rounding at the store).
             let (xb, ab, dsb, dxb0) = (to_bf16(&x), to_bf16(&a), to_bf16(&ds), to_bf16(&dx0));
-            let (mut s16, mut dx16) = (vec![half::bf16::NAN; m * rank], dxb0.clone());
-            unsafe {
-                let down = LoraDown {
-                    x: KArg::input(&xb),
-                    a: KArg::input(&ab),
-                    s: KArg::output(&mut s16),
-                    m,
-                    k,
-                    r: rank,
-                    p,
-                    seed,
-                };
-                r.run_staged("lora_down_bf16", LaunchConfig::linear(2, 64), down)
-                    .unwrap();
-                let up = LoraUpAdd {
-                    ds: KArg::input(&dsb),
-                    a: KArg::input(&ab),
-                    dx: KArg::output(&mut dx16),
-                    m,
-                    k,
-                    r: rank,
-                    p,
-                    seed,
-                };
-                r.run_staged("lora_up_add_bf16", LaunchConfig::linear(3, 64), up)
-                    .unwrap();
-            }
+            let bf = (&xb[..], &ab[..], &dsb[..], &dxb0[..]);
+            let (s16, dx16) = run(r, "bf16", bf, dims, half::bf16::NAN);
             // The reference on the rounded operands; the kernels round once, at the store.
             let r16 = |v: &[half::bf16]| from_bf16(v);
             let (want_s, want_dx) = reference(&r16(&xb), &r16(&ab), &r16(&dsb), &r16(&dxb0));
