@@ -143,6 +143,24 @@ pub fn flash_attention(
             // SAFETY: every buffer is sized for this shape above.
             unsafe { gpu.run("flash_fwd_d64_bf16", flash::fwd_config(bh, s.seq, d), k) }
         };
+        // dK/dV take the same arguments in every backward variant: only delta and the outputs
+        // differ.
+        let (pq, pk, pv, plse, pdout) = (p(&q), p(&kk), p(&v), p(&lse), p(&dout));
+        let dkdv_args = move |delta: Arg, dk: Arg, dv: Arg| kn::FlashDkdv {
+            q: pq,
+            k: pk,
+            v: pv,
+            lse: plse,
+            delta,
+            dout: pdout,
+            dk,
+            dv,
+            heads,
+            sq,
+            skv,
+            causal,
+            scale,
+        };
         let bwd = || -> Result<()> {
             let delta_k = kn::FlashDelta {
                 o: p(&o),
@@ -167,21 +185,7 @@ pub fn flash_attention(
                 causal,
                 scale,
             };
-            let dkdv_k = kn::FlashDkdv {
-                q: p(&q),
-                k: p(&kk),
-                v: p(&v),
-                lse: p(&lse),
-                delta: p(&delta),
-                dout: p(&dout),
-                dk: p(&dk),
-                dv: p(&dv),
-                heads,
-                sq,
-                skv,
-                causal,
-                scale,
-            };
+            let dkdv_k = dkdv_args(p(&delta), p(&dk), p(&dv));
             // SAFETY: as above.
             unsafe {
                 gpu.run("flash_delta_bf16", flash::delta_config(bh * s.seq), delta_k)?;
@@ -228,21 +232,7 @@ pub fn flash_attention(
                     causal,
                     scale,
                 };
-                let dkdv_k = kn::FlashDkdv {
-                    q,
-                    k: kk,
-                    v,
-                    lse,
-                    delta,
-                    dout,
-                    dk,
-                    dv,
-                    heads,
-                    sq,
-                    skv,
-                    causal,
-                    scale,
-                };
+                let dkdv_k = dkdv_args(delta, dk, dv);
                 // SAFETY: every buffer is sized for this shape above.
                 unsafe {
                     gpu.run(&dq_kernel, flash::bwd_tc_config(bh, s.seq), dq_k)?;

@@ -74,6 +74,17 @@ pub struct Plan {
     pub images_per_s: Vec<f64>,
 }
 
+/// Whether a recorded entry is a device copy (listed for its bytes, not a kernel launch).
+fn is_copy(name: &str) -> bool {
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    return name == crate::backend::cuda::plan::MEMCPY;
+    #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 /// The op class of a kernel, by its name.
 pub fn class_of(kernel: &str) -> &'static str {
     const CLASSES: [(&str, &[&str]); 10] = [
@@ -141,7 +152,7 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
             }
         };
         let c = &mut classes[at];
-        c.launches += !k.name.starts_with("memcpy") as usize;
+        c.launches += !is_copy(&k.name) as usize;
         c.bytes += by;
         c.flops += fl;
         for (t, g) in c.bound_ms.iter_mut().zip(&GPUS) {
@@ -177,11 +188,7 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
         train: cfg.train,
         batch,
         // Copies are listed for their bytes, but they are not kernel launches.
-        launches: p
-            .kernels
-            .iter()
-            .filter(|k| !k.name.starts_with("memcpy"))
-            .count(),
+        launches: p.kernels.iter().filter(|k| !is_copy(&k.name)).count(),
         bytes: sum(&|c| c.bytes),
         flops: sum(&|c| c.flops),
         peak_bytes: peak,

@@ -46,7 +46,10 @@ impl Param<Arg> {
 /// `k`'s parameters as raw launch arguments, once `name` is checked to be one of its kernels.
 pub fn raw_args<K: Kernel<Arg>>(name: &str, k: K) -> Result<Vec<Arg>> {
     K::check_name(name)?;
-    Ok(k.params()?.into_iter().map(Param::into_arg).collect())
+    // One allocation per launch: the arguments, built straight from the fields.
+    let mut v = Vec::with_capacity(K::SIG.len());
+    k.visit(&mut |p| v.push(p.into_arg()))?;
+    Ok(v)
 }
 
 /// A declared kernel family (see the module docs), with pointer arguments of type `P`.
@@ -57,8 +60,14 @@ pub trait Kernel<P>: Sized {
     const NAMES: &'static [&'static str];
     /// Their C++ signature as the simulator records it (`sim::kernel_signature`).
     const SIG: &'static str;
+    /// Hands `out` the parameters in declaration order, sizes converted with checks.
+    fn visit(self, out: &mut dyn FnMut(Param<P>)) -> Result<()>;
     /// The parameters in declaration order, sizes converted with checks.
-    fn params(self) -> Result<Vec<Param<P>>>;
+    fn params(self) -> Result<Vec<Param<P>>> {
+        let mut v = Vec::with_capacity(Self::SIG.len());
+        self.visit(&mut |p| v.push(p))?;
+        Ok(v)
+    }
     /// Errors unless `name` is one of `NAMES` (a launch of the wrong declaration).
     fn check_name(name: &str) -> Result<()> {
         if Self::NAMES.contains(&name) {
@@ -172,31 +181,33 @@ macro_rules! sig_of {
 
 macro_rules! push_param {
     ($out:ident, $fam:expr, ptr, $name:expr, $v:expr) => {
-        $out.push(Param::Mem($v))
+        $out(Param::Mem($v))
     };
     ($out:ident, $fam:expr, map, $name:expr, $v:expr) => {
-        $out.push(Param::Mem($v))
+        $out(Param::Mem($v))
     };
     ($out:ident, $fam:expr, int, $name:expr, $v:expr) => {
-        $out.push(Param::I32(int($fam, $name, $v)?))
+        $out(Param::I32(int($fam, $name, $v)?))
     };
     ($out:ident, $fam:expr, flag, $name:expr, $v:expr) => {
-        $out.push(Param::I32($v as i32))
+        $out(Param::I32($v as i32))
     };
     ($out:ident, $fam:expr, code, $name:expr, $v:expr) => {
-        $out.push(Param::I32($v))
+        $out(Param::I32($v))
     };
     ($out:ident, $fam:expr, len, $name:expr, $v:expr) => {
-        $out.push(Param::U64($v as u64))
+        $out(Param::U64($v as u64))
     };
     ($out:ident, $fam:expr, u64, $name:expr, $v:expr) => {
-        $out.push(Param::U64($v))
+        $out(Param::U64($v))
     };
     ($out:ident, $fam:expr, f32, $name:expr, $v:expr) => {
-        $out.push(Param::F32($v))
+        $out(Param::F32($v))
     };
     ($out:ident, $fam:expr, dims, $name:expr, $v:expr) => {
-        $out.extend(dims($fam, $name, &$v)?.into_iter().map(Param::U64))
+        for d in dims($fam, $name, &$v)? {
+            $out(Param::U64(d))
+        }
     };
 }
 
@@ -215,10 +226,9 @@ macro_rules! kernels {
                 const FAMILY: &'static str = stringify!($ty);
                 const NAMES: &'static [&'static str] = &[$($name),+];
                 const SIG: &'static str = concat!($(sig_of!($kind)),*);
-                fn params(self) -> Result<Vec<Param<P>>> {
-                    let mut out = Vec::with_capacity(Self::SIG.len());
+                fn visit(self, out: &mut dyn FnMut(Param<P>)) -> Result<()> {
                     $(push_param!(out, Self::FAMILY, $kind, stringify!($f), self.$f);)*
-                    Ok(out)
+                    Ok(())
                 }
             }
 
@@ -459,18 +469,22 @@ kernels! {
         grid(_k) = LaunchConfig::linear(1, 256);
 }
 
-/// CLAM attention: one block of 128 per (batch, head) (grid-stride), Q, K, V and the scores
-/// in shared memory; the backward also holds dQ and dS.
-fn clam_grid(batch_heads: usize, sq: usize, skv: usize, d: usize, bwd: bool) -> LaunchConfig {
+/// Shared memory of CLAM attention: Q, K, V and the scores; the backward also holds dQ and dS.
+pub fn clam_smem_bytes(sq: usize, skv: usize, d: usize, bwd: bool) -> usize {
     let floats = if bwd {
         (2 * sq + 2 * skv) * d + 2 * sq * skv
     } else {
         (sq + 2 * skv) * d + sq * skv
     };
+    floats * 4
+}
+
+/// CLAM attention: one block of 128 per (batch, head) (grid-stride).
+fn clam_grid(batch_heads: usize, sq: usize, skv: usize, d: usize, bwd: bool) -> LaunchConfig {
     LaunchConfig {
         grid: (batch_heads.clamp(1, 4096) as u32, 1, 1),
         block: (128, 1, 1),
-        shared_mem_bytes: (floats * 4) as u32,
+        shared_mem_bytes: clam_smem_bytes(sq, skv, d, bwd) as u32,
     }
 }
 

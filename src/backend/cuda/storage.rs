@@ -68,7 +68,7 @@ fn rank_ok(op: &'static str, s: &Shape) -> Result<()> {
     Ok(())
 }
 
-fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
+pub(crate) fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     if a != b {
         return Err(Error::shape(op, format!("lengths {a} and {b} differ")));
     }

@@ -410,8 +410,8 @@ fn attn_kind(spec: AttnSpec) -> Result<AttnKind> {
     if flash::HEAD_DIMS.contains(&spec.head_dim) {
         return Ok(AttnKind::Flash);
     }
-    let smem =
-        ((2 * spec.q_len + 2 * spec.kv_len) * spec.head_dim + 2 * spec.q_len * spec.kv_len) * 4;
+    // The backward holds more than the forward: both must fit.
+    let smem = kn::clam_smem_bytes(spec.q_len, spec.kv_len, spec.head_dim, true);
     if spec.kv_len <= 64 && smem <= 227 * 1024 {
         return Ok(AttnKind::Whole);
     }

@@ -12,7 +12,7 @@ use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::kernels as kn;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use crate::backend::cuda::storage::{CudaStorage, LoraKey, LoraPath};
+use crate::backend::cuda::storage::{same_len, CudaStorage, LoraKey, LoraPath};
 use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraSpec};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::{BinaryOp, MatmulSpec};
@@ -489,14 +489,6 @@ fn lora_da(
         },
     )?;
     part.column_sum(chunks, r * k)?.into_dtype(x.dtype)
-}
-
-#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
-    if a != b {
-        return Err(Error::shape(op, format!("lengths {a} and {b} differ")));
-    }
-    Ok(())
 }
 
 // The CUDA side.
