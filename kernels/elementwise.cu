@@ -2,6 +2,11 @@
 // derivatives, affine, binary ops with numpy broadcasting, strided gathers (broadcast_to and
 // permute), sum-to-shape reductions, 2-D copies. Shapes reach the kernels as up to 6 dims with
 // per-operand element strides (0 on broadcast dims), in scalar arguments.
+//
+// The contiguous kernels (unary, unary_bwd, affine, binary_contig) move 16 bytes per load and
+// store (8 bf16 or 4 f32) where every pointer is 16-byte aligned, with no index arithmetic in
+// the loop, then finish the tail element by element; only binary with broadcast shapes walks
+// dims and strides.
 #include "sd2_common.cuh"
 
 #define SD2_MAX_RANK 6
@@ -64,6 +69,128 @@ __device__ __forceinline__ long long offset(long long i, int rank, const long lo
 #define SD2_GRID_STRIDE(i, n)                                                     \
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
        i += (long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ bool al16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;  // null counts as aligned
+}
+// 16 bytes through a uint4 register, elements out of it by memcpy (no type punning through
+// pointers: the simulator's host compiler optimizes by strict aliasing).
+template <typename T>
+__device__ __forceinline__ void ld16(const T* __restrict__ p, float* v) {
+  constexpr int V = 16 / sizeof(T);
+  uint4 raw;
+#ifdef SD2_SIM
+  memcpy(&raw, p, 16);
+#else
+  raw = *reinterpret_cast<const uint4*>(p);
+#endif
+  T e[V];
+  memcpy(e, &raw, 16);
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = to_f32(e[j]);
+}
+template <typename T>
+__device__ __forceinline__ void st16(T* __restrict__ p, const float* v) {
+  constexpr int V = 16 / sizeof(T);
+  T e[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) e[j] = from_f32<T>(v[j]);
+  uint4 raw;
+  memcpy(&raw, e, 16);
+#ifdef SD2_SIM
+  memcpy(p, &raw, 16);
+#else
+  *reinterpret_cast<uint4*>(p) = raw;
+#endif
+}
+
+// The contiguous pattern: `vec(c)` on 16-byte chunk c while every pointer allows it, then
+// `one(i)` on the remaining elements.
+template <typename T, typename Vec, typename One>
+__device__ __forceinline__ void contiguous(long long n, bool aligned, Vec vec, One one) {
+  constexpr int V = 16 / sizeof(T);
+  const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long step = (long long)gridDim.x * blockDim.x;
+  const long long nv = aligned ? n / V : 0;
+  for (long long c = tid; c < nv; c += step) vec(c * V);
+  for (long long i = nv * V + tid; i < n; i += step) one(i);
+}
+
+template <typename T>
+__device__ void unary(const T* __restrict__ x, T* __restrict__ y, int op, long long n) {
+  constexpr int V = 16 / sizeof(T);
+  contiguous<T>(
+      n, al16(x) && al16(y),
+      [&](long long i) {
+        float v[V];
+        ld16(x + i, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = apply(v[j], op);
+        st16(y + i, v);
+      },
+      [&](long long i) { y[i] = from_f32<T>(apply(to_f32(x[i]), op)); });
+}
+
+// y may be null (ops whose derivative needs only x).
+template <typename T>
+__device__ void unary_bwd(const T* __restrict__ x, const T* __restrict__ y,
+                          const T* __restrict__ dy, T* __restrict__ dx, int op, long long n) {
+  constexpr int V = 16 / sizeof(T);
+  contiguous<T>(
+      n, al16(x) && al16(y) && al16(dy) && al16(dx),
+      [&](long long i) {
+        float xv[V], yv[V], g[V];
+        ld16(x + i, xv);
+        ld16(dy + i, g);
+        if (y) {
+          ld16(y + i, yv);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) yv[j] = 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) g[j] *= deriv(xv[j], yv[j], op);
+        st16(dx + i, g);
+      },
+      [&](long long i) {
+        const float yi = y ? to_f32(y[i]) : 0.0f;
+        dx[i] = from_f32<T>(to_f32(dy[i]) * deriv(to_f32(x[i]), yi, op));
+      });
+}
+
+template <typename T>
+__device__ void affine(const T* __restrict__ x, T* __restrict__ y, float mul, float add,
+                       long long n) {
+  constexpr int V = 16 / sizeof(T);
+  contiguous<T>(
+      n, al16(x) && al16(y),
+      [&](long long i) {
+        float v[V];
+        ld16(x + i, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = v[j] * mul + add;
+        st16(y + i, v);
+      },
+      [&](long long i) { y[i] = from_f32<T>(to_f32(x[i]) * mul + add); });
+}
+
+// out = a op b, all three of one shape. out may alias a (gradient accumulation in place): each
+// chunk is read before the same thread writes it, so no __restrict__ here.
+template <typename T>
+__device__ void binary_contig(const T* a, const T* b, T* out, int op, long long n) {
+  constexpr int V = 16 / sizeof(T);
+  contiguous<T>(
+      n, al16(a) && al16(b) && al16(out),
+      [&](long long i) {
+        float x[V], y[V];
+        ld16(a + i, x);
+        ld16(b + i, y);
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[j] = bin(x[j], y[j], op);
+        st16(out + i, x);
+      },
+      [&](long long i) { out[i] = from_f32<T>(bin(to_f32(a[i]), to_f32(b[i]), op)); });
+}
 }  // namespace ew
 
 #define SD2_DIMS_PARAMS(p) long long p##0, long long p##1, long long p##2, long long p##3, \
@@ -72,23 +199,24 @@ __device__ __forceinline__ long long offset(long long i, int rank, const long lo
 
 #define SD2_EW(T, SUF)                                                                     \
   extern "C" __global__ void unary_##SUF(const T* x, T* y, int op, long long n) {          \
-    SD2_GRID_STRIDE(i, n) y[i] = from_f32<T>(ew::apply(to_f32(x[i]), op));                 \
+    ew::unary<T>(x, y, op, n);                                                             \
   }                                                                                        \
   SD2_REGISTER_KERNEL(unary_##SUF)                                                         \
-  /* y may be null (ops whose derivative needs only x). */                                 \
   extern "C" __global__ void unary_bwd_##SUF(const T* x, const T* y, const T* dy, T* dx,   \
                                              int op, long long n) {                        \
-    SD2_GRID_STRIDE(i, n) {                                                                \
-      const float yi = y ? to_f32(y[i]) : 0.0f;                                            \
-      dx[i] = from_f32<T>(to_f32(dy[i]) * ew::deriv(to_f32(x[i]), yi, op));                \
-    }                                                                                      \
+    ew::unary_bwd<T>(x, y, dy, dx, op, n);                                                 \
   }                                                                                        \
   SD2_REGISTER_KERNEL(unary_bwd_##SUF)                                                     \
   extern "C" __global__ void affine_##SUF(const T* x, T* y, float mul, float add,          \
                                           long long n) {                                   \
-    SD2_GRID_STRIDE(i, n) y[i] = from_f32<T>(to_f32(x[i]) * mul + add);                    \
+    ew::affine<T>(x, y, mul, add, n);                                                      \
   }                                                                                        \
   SD2_REGISTER_KERNEL(affine_##SUF)                                                        \
+  extern "C" __global__ void binary_contig_##SUF(const T* a, const T* b, T* out, int op,   \
+                                                 long long n) {                            \
+    ew::binary_contig<T>(a, b, out, op, n);                                                \
+  }                                                                                        \
+  SD2_REGISTER_KERNEL(binary_contig_##SUF)                                                 \
   /* y = x · (*s): an upstream gradient that stays on the device (no host round trip). */   \
   extern "C" __global__ void scale_by_##SUF(const T* x, const float* s, T* y, long long n) {\
     const float f = *s;                                                                    \

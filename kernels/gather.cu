@@ -15,11 +15,16 @@ __device__ void index_rows(const T* __restrict__ table, const int64_t* __restric
 }
 
 // out[ids[i], :] += src[i, :] (out zeroed by the caller). Each thread owns one column and walks
-// the ids in order: no atomics, the same sums in the same order on every run.
-__device__ void index_add_rows(const float* __restrict__ src, const int64_t* __restrict__ ids,
-                               float* __restrict__ out, int n, int cols) {
+// the ids in order: no atomics, the same sums in the same order on every run. Each add is
+// rounded to T (f32 for a fresh gradient; T when adding into one that already exists).
+template <typename T>
+__device__ void index_add_rows(const T* __restrict__ src, const int64_t* __restrict__ ids,
+                               T* __restrict__ out, int n, int cols) {
   for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
-    for (int i = 0; i < n; ++i) out[(size_t)ids[i] * cols + c] += src[(size_t)i * cols + c];
+    for (int i = 0; i < n; ++i) {
+      T* o = out + (size_t)ids[i] * cols + c;
+      *o = from_f32<T>(to_f32(*o) + to_f32(src[(size_t)i * cols + c]));
+    }
 }
 
 // [B, C, H, W] → [B, (H/p)·(W/p), C·p·p] in (c, ky, kx) order (the Conv2d weight's); trailing
@@ -55,11 +60,6 @@ extern "C" __global__ void cast_bf16_f32(const bf16* __restrict__ x, float* __re
 }
 SD2_REGISTER_KERNEL(cast_bf16_f32)
 
-extern "C" __global__ void index_add_rows_f32(const float* src, const int64_t* ids, float* out,
-                                              int n, int cols) {
-  index_add_rows(src, ids, out, n, cols);
-}
-SD2_REGISTER_KERNEL(index_add_rows_f32)
 
 #define SD2_GATHER(T, SUF)                                                                     \
   extern "C" __global__ void index_rows_##SUF(const T* table, const int64_t* ids, T* out,     \
@@ -67,6 +67,11 @@ SD2_REGISTER_KERNEL(index_add_rows_f32)
     index_rows<T>(table, ids, out, n, cols);                                                   \
   }                                                                                            \
   SD2_REGISTER_KERNEL(index_rows_##SUF)                                                        \
+  extern "C" __global__ void index_add_rows_##SUF(const T* src, const int64_t* ids, T* out,   \
+                                                  int n, int cols) {                           \
+    index_add_rows<T>(src, ids, out, n, cols);                                                 \
+  }                                                                                            \
+  SD2_REGISTER_KERNEL(index_add_rows_##SUF)                                                    \
   extern "C" __global__ void patchify_##SUF(const T* x, T* out, int b, int c, int h, int w,    \
                                             int p) {                                           \
     patchify<T>(x, out, b, c, h, w, p);                                                        \

@@ -39,9 +39,11 @@ __device__ void layernorm_fwd(const T* __restrict__ x, const T* __restrict__ res
   }
 }
 
-// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) + dsum, g = dy·γ. Per-block partial sums of dy·x̂ and
-// dy go to dgamma_part/dbeta_part [gridDim.x, n] (each thread owns its columns, so no atomics);
-// `column_sum` reduces them in a fixed order (deterministic).
+// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) + dsum, g = dy·γ; dsum (optional) is the gradient x
+// already has from the residual path, added here instead of in a separate pass. Per-block
+// partial sums of dy·x̂ and dy go to dgamma_part/dbeta_part [gridDim.x, n] (each thread owns its
+// columns, so no atomics; both null when γ/β are frozen); `column_sum` reduces them in a fixed
+// order (deterministic).
 template <typename T>
 __device__ void layernorm_bwd(const T* __restrict__ dy, const T* __restrict__ v,
                               const T* __restrict__ gamma, const float* __restrict__ mean,
@@ -49,12 +51,15 @@ __device__ void layernorm_bwd(const T* __restrict__ dy, const T* __restrict__ v,
                               T* __restrict__ dx, float* __restrict__ dgamma_part,
                               float* __restrict__ dbeta_part, int rows, int n) {
   __shared__ float scratch[32];
-  float* dg = dgamma_part + (size_t)blockIdx.x * n;
-  float* db = dbeta_part + (size_t)blockIdx.x * n;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    dg[j] = 0.0f;
-    db[j] = 0.0f;
-  }
+  // Null partials: frozen γ/β, no dγ/dβ work (and the grid is not capped by the partials).
+  const bool params = dgamma_part != nullptr;
+  float* dg = params ? dgamma_part + (size_t)blockIdx.x * n : nullptr;
+  float* db = params ? dbeta_part + (size_t)blockIdx.x * n : nullptr;
+  if (params)
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      dg[j] = 0.0f;
+      db[j] = 0.0f;
+    }
   for (int r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* dyr = dy + (size_t)r * n;
     const T* vr = v + (size_t)r * n;
@@ -66,8 +71,10 @@ __device__ void layernorm_bwd(const T* __restrict__ dy, const T* __restrict__ v,
       float g = d * to_f32(gamma[j]);
       a += g;
       b += g * xh;
-      dg[j] += d * xh;
-      db[j] += d;
+      if (params) {
+        dg[j] += d * xh;
+        db[j] += d;
+      }
     }
     a = block_sum(a, scratch) / n;
     b = block_sum(b, scratch) / n;

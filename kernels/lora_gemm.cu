@@ -3,7 +3,9 @@
 // block first accumulates S·Bᵀ over r (zero-padded to the k-step), scales the accumulator by s,
 // then continues with X·Wᵀ over K — so Y is written once, X read once, and the sum is the same
 // f32 expression the CPU reference evaluates. Epilogues CLIP needs: bias, bias + quick_gelu
-// (fc1), bias + residual (out_proj, fc2).
+// (fc1, which also writes the pre-activation its backward needs), bias + residual (out_proj,
+// fc2); in the backward, quick_gelu′ of fc1's pre-activation (fc2's dX is fc1's output
+// gradient) and the gradient the input already has (q/k/v share theirs).
 //
 // The backward's dX = dY·W + s·(dY·B)·A runs through the same body with depth-major B operands
 // (`lora_gemm_bwd_bf16`, ldmatrix.trans); dA, dB stay small GEMMs (no dW: W is frozen).
@@ -17,7 +19,8 @@
 
 namespace lg {
 constexpr int kBM = 64, kBN = 64, kBK = 32, kPad = 8;
-enum { EPI_NONE = 0, EPI_BIAS = 1, EPI_BIAS_GELU = 2, EPI_BIAS_RESIDUAL = 3 };
+// Epilogue codes (`backend::cuda::lora_gemm::Epilogue`). `res`, when given, is added last.
+enum { EPI_NONE = 0, EPI_BIAS = 1, EPI_BIAS_GELU = 2, EPI_BIAS_RESIDUAL = 3, EPI_GELU_BWD = 4 };
 
 // Rows [r0, r0 + 64) × columns [k0, k0 + 32) of a row-major [rows, ld] matrix into `tile`,
 // zero past the matrix.
@@ -59,16 +62,85 @@ __device__ __forceinline__ void stage_t(bf16 (*tile)[kBN + kPad], const bf16* __
 }
 
 __device__ __forceinline__ float quick_gelu(float x) { return x / (1.0f + expf(-1.702f * x)); }
+__device__ __forceinline__ float quick_gelu_grad(float x) {
+  const float s = 1.0f / (1.0f + expf(-1.702f * x));
+  return s + 1.702f * x * s * (1.0f - s);
+}
+
+// What follows the product: bias and pre/aux by column/element, `res` added last (the forward's
+// residual, or in the backward the gradient the input already has). In the backward, with `lds`,
+// first the LoRA branch's input gradient with its dropout mask: + drop′(Σ_j lds[row, j] ·
+// la[j, col]) — lora_lowrank.cu's lora_up_add, without its pass over dX.
+struct Epi {
+  const bf16* bias;  // [N] (EPI_BIAS, EPI_BIAS_GELU, EPI_BIAS_RESIDUAL)
+  const bf16* res;   // [M, N] or null
+  const bf16* aux;   // [M, N]: fc1's pre-activation (EPI_GELU_BWD)
+  bf16* pre;         // [M, N]: the pre-activation out (EPI_BIAS_GELU), or null
+  int code;
+  const bf16* lds = nullptr;  // [M, lr]: dS (scaled), or null
+  const bf16* la = nullptr;   // [lr, N]: A
+  int lr = 0;
+  float lp = 0.0f;  // dropout probability of the LoRA input
+  unsigned long long lseed = 0;
+};
+
+// 1 / (1 − p) rounded once from double, as the CPU's and lora_lowrank.cu's.
+__device__ __forceinline__ float inv_keep(float p) {
+  return p > 0.0f ? (float)(1.0 / (1.0 - (double)p)) : 1.0f;
+}
+
+__device__ __forceinline__ void store2(bf16* p, float a, float b, bool pair, bool two) {
+  if (pair) {
+    *reinterpret_cast<uint32_t*>(p) = pack_bf16x2(a, b);
+  } else {
+    p[0] = from_f32<bf16>(a);
+    if (two) p[1] = from_f32<bf16>(b);
+  }
+}
+
+// Y[row, col..col+2) from the f32 accumulators v (col + 1 may be past N). `pair`: 4-byte
+// aligned pair stores are allowed (N even, y and pre 4-byte aligned).
+__device__ __forceinline__ void epilogue2(const Epi& e, bf16* __restrict__ y, int row, int col,
+                                          int N, float v[2], bool pair) {
+  const size_t i = (size_t)row * N + col;
+  const bool two = col + 1 < N;
+  float h[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j == 1 && !two) continue;  // no break: the loop unrolls, v and h stay in registers
+    float x = v[j];
+    if (e.lds) {
+      float low = 0.0f;
+#pragma unroll 1
+      for (int q = 0; q < e.lr; ++q)
+        low += to_f32(e.lds[(size_t)row * e.lr + q]) * to_f32(e.la[(size_t)q * N + col + j]);
+      if (e.lp <= 0.0f || dropout_uniform(e.lseed, i + j) >= e.lp) x += low * inv_keep(e.lp);
+    }
+    if (e.code == EPI_BIAS || e.code == EPI_BIAS_GELU || e.code == EPI_BIAS_RESIDUAL)
+      x += to_f32(e.bias[col + j]);
+    h[j] = x;
+    if (e.code == EPI_BIAS_GELU) x = quick_gelu(x);
+    if (e.code == EPI_GELU_BWD) x *= quick_gelu_grad(to_f32(e.aux[i + j]));
+    if (e.res) x += to_f32(e.res[i + j]);
+    v[j] = x;
+  }
+  if (e.code == EPI_BIAS_GELU && e.pre) store2(e.pre + i, h[0], h[1], pair, two);
+  store2(y + i, v[0], v[1], pair, two);
+}
+
+__device__ __forceinline__ bool pair_ok(const Epi& e, const bf16* y, int N) {
+  return (N % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0 &&
+         (reinterpret_cast<uintptr_t>(e.pre) & 3) == 0;
+}
 }  // namespace lg
 
 // kBT false: B operands are [out, depth] (nn.Linear: the forward's W and B).
 // kBT true: B operands are [depth, out] (the backward dX = dY·W + s·(dY·B)·A).
 template <bool kBT>
 __device__ void lora_gemm(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                          const bf16* __restrict__ bias, const bf16* __restrict__ s_low,
-                          const bf16* __restrict__ lb, const bf16* __restrict__ res,
+                          const bf16* __restrict__ s_low, const bf16* __restrict__ lb,
                           bf16* __restrict__ y, int M, int N, int K, int R, float scale,
-                          int epilogue) {
+                          const lg::Epi e) {
   using namespace lg;
   __shared__ __align__(16) bf16 As[kBM][kBK + kPad];
   __shared__ __align__(16) bf16 Bs[kBN][kBK + kPad];
@@ -132,38 +204,42 @@ __device__ void lora_gemm(const bf16* __restrict__ x, const bf16* __restrict__ w
     }
   }
 
+  const bool pair = pair_ok(e, y, N);
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
     for (int nj = 0; nj < 4; ++nj)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = m0 + wm * 32 + mi * 16 + g + (i >> 1) * 8;
-        const int col = n0 + wn * 32 + nj * 8 + 2 * t + (i & 1);
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * 32 + mi * 16 + g + h * 8;
+        const int col = n0 + wn * 32 + nj * 8 + 2 * t;
         if (row >= M || col >= N) continue;
-        float v = acc[mi][nj][i];
-        if (epilogue != EPI_NONE) v += to_f32(bias[col]);
-        if (epilogue == EPI_BIAS_GELU) v = quick_gelu(v);
-        if (epilogue == EPI_BIAS_RESIDUAL) v += to_f32(res[(size_t)row * N + col]);
-        y[(size_t)row * N + col] = from_f32<bf16>(v);
+        float v[2] = {acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1]};
+        epilogue2(e, y, row, col, N, v, pair);
       }
 }
 
 extern "C" __global__ void __launch_bounds__(128)
     lora_gemm_fwd_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* s_low,
-                       const bf16* lb, const bf16* res, bf16* y, int M, int N, int K, int R,
-                       float scale, int epilogue) {
-  lora_gemm<false>(x, w, bias, s_low, lb, res, y, M, N, K, R, scale, epilogue);
+                       const bf16* lb, const bf16* res, bf16* pre, bf16* y, int M, int N, int K,
+                       int R, float scale, int epilogue) {
+  lora_gemm<false>(x, w, s_low, lb, y, M, N, K, R, scale,
+                   lg::Epi{bias, res, nullptr, pre, epilogue});
 }
 SD2_REGISTER_KERNEL(lora_gemm_fwd_bf16)
 
 // The backward's products with depth-major B: dS = dY·B (x = dY, w = B [N, r], R = 0), then
 // dX = dY·W + s·dS·A (x = dY, w = W [N, K], s_low = dS, lb = A [r, K]): arguments as the forward
-// with "N" the output width (K of the layer) and "K" the depth (N of the layer).
+// with "N" the output width (K of the layer) and "K" the depth (N of the layer). The epilogue:
+// + drop′(lds·la) when lds is given (the LoRA term under dropout, which cannot ride as extra
+// depth), × quick_gelu′(aux) with EPI_GELU_BWD, + res when given.
 extern "C" __global__ void __launch_bounds__(128)
     lora_gemm_bwd_bf16(const bf16* x, const bf16* w, const bf16* s_low, const bf16* lb,
-                       bf16* y, int M, int N, int K, int R, float scale) {
-  lora_gemm<true>(x, w, nullptr, s_low, lb, nullptr, y, M, N, K, R, scale, lg::EPI_NONE);
+                       const bf16* lds, const bf16* la, int lr, float lp,
+                       unsigned long long lseed, const bf16* res, const bf16* aux, bf16* y,
+                       int M, int N, int K, int R, float scale, int epilogue) {
+  lora_gemm<true>(x, w, s_low, lb, y, M, N, K, R, scale,
+                  lg::Epi{nullptr, res, aux, nullptr, epilogue, lds, la, lr, lp, lseed});
 }
 SD2_REGISTER_KERNEL(lora_gemm_bwd_bf16)
 
@@ -211,10 +287,9 @@ __device__ __forceinline__ void chunk(bf16* dst, const bf16* __restrict__ src, i
 
 template <bool kBT>
 __device__ void lora_gemm2(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                           const bf16* __restrict__ bias, const bf16* __restrict__ s_low,
-                           const bf16* __restrict__ lb, const bf16* __restrict__ res,
+                           const bf16* __restrict__ s_low, const bf16* __restrict__ lb,
                            bf16* __restrict__ y, int M, int N, int K, int R, float scale,
-                           int epilogue) {
+                           const lg::Epi e) {
   using namespace lg2;
   bf16* smem = dynamic_smem<bf16>();
   bf16* As = smem;                         // [kStages][kBM][kRowA]
@@ -308,7 +383,7 @@ __device__ void lora_gemm2(const bf16* __restrict__ x, const bf16* __restrict__ 
   }
   cp_async_wait<0>();
 
-  const bool pair = (N % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0;
+  const bool pair = lg::pair_ok(e, y, N);
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -319,35 +394,26 @@ __device__ void lora_gemm2(const bf16* __restrict__ x, const bf16* __restrict__ 
         const int col = n0 + wn * 32 + nj * 8 + 2 * t;
         if (row >= M || col >= N) continue;
         float v[2] = {acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1]};
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          if (col + j >= N) continue;
-          if (epilogue != lg::EPI_NONE) v[j] += to_f32(bias[col + j]);
-          if (epilogue == lg::EPI_BIAS_GELU) v[j] = lg::quick_gelu(v[j]);
-          if (epilogue == lg::EPI_BIAS_RESIDUAL) v[j] += to_f32(res[(size_t)row * N + col + j]);
-        }
-        bf16* out = y + (size_t)row * N + col;
-        if (pair) {
-          *reinterpret_cast<uint32_t*>(out) = pack_bf16x2(v[0], v[1]);
-        } else {
-          out[0] = from_f32<bf16>(v[0]);
-          if (col + 1 < N) out[1] = from_f32<bf16>(v[1]);
-        }
+        lg::epilogue2(e, y, row, col, N, v, pair);
       }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     lora_gemm2_fwd_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* s_low,
-                        const bf16* lb, const bf16* res, bf16* y, int M, int N, int K, int R,
-                        float scale, int epilogue) {
-  lora_gemm2<false>(x, w, bias, s_low, lb, res, y, M, N, K, R, scale, epilogue);
+                        const bf16* lb, const bf16* res, bf16* pre, bf16* y, int M, int N, int K,
+                        int R, float scale, int epilogue) {
+  lora_gemm2<false>(x, w, s_low, lb, y, M, N, K, R, scale,
+                    lg::Epi{bias, res, nullptr, pre, epilogue});
 }
 SD2_REGISTER_KERNEL(lora_gemm2_fwd_bf16)
 
 extern "C" __global__ void __launch_bounds__(256)
     lora_gemm2_bwd_bf16(const bf16* x, const bf16* w, const bf16* s_low, const bf16* lb,
-                        bf16* y, int M, int N, int K, int R, float scale) {
-  lora_gemm2<true>(x, w, nullptr, s_low, lb, nullptr, y, M, N, K, R, scale, lg::EPI_NONE);
+                        const bf16* lds, const bf16* la, int lr, float lp,
+                        unsigned long long lseed, const bf16* res, const bf16* aux, bf16* y,
+                        int M, int N, int K, int R, float scale, int epilogue) {
+  lora_gemm2<true>(x, w, s_low, lb, y, M, N, K, R, scale,
+                   lg::Epi{nullptr, res, aux, nullptr, epilogue, lds, la, lr, lp, lseed});
 }
 SD2_REGISTER_KERNEL(lora_gemm2_bwd_bf16)
 
@@ -378,8 +444,8 @@ constexpr int kConsumerWarps = 8;
 extern "C" __global__ void __launch_bounds__(384, 1)
     lora_gemm3_fwd_bf16(const __grid_constant__ TmaDesc tm_x, const __grid_constant__ TmaDesc tm_w,
                         const __grid_constant__ TmaDesc tm_s, const __grid_constant__ TmaDesc tm_b,
-                        const bf16* bias, const bf16* res, bf16* y, int M, int N, int K, int R,
-                        float scale, int epilogue) {
+                        const bf16* bias, const bf16* res, bf16* pre, bf16* y, int M, int N,
+                        int K, int R, float scale, int epilogue) {
 #ifdef SD2_HOPPER
   using namespace lg3;
   unsigned char* raw = dynamic_smem<unsigned char>();
@@ -464,7 +530,8 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     wgmma_fence_acc(acc);
 
     const int q = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
-    const bool pair = (N % 2) == 0 && (reinterpret_cast<uintptr_t>(y) & 3) == 0;
+    const lg::Epi e{bias, res, nullptr, pre, epilogue};
+    const bool pair = lg::pair_ok(e, y, N);
 #pragma unroll
     for (int j = 0; j < 32; ++j)
 #pragma unroll
@@ -473,20 +540,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
         const int col = n0 + 8 * j + 2 * t;
         if (row >= M || col >= N) continue;
         float v[2] = {acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]};
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (col + e >= N) continue;
-          if (epilogue != lg::EPI_NONE) v[e] += to_f32(bias[col + e]);
-          if (epilogue == lg::EPI_BIAS_GELU) v[e] = lg::quick_gelu(v[e]);
-          if (epilogue == lg::EPI_BIAS_RESIDUAL) v[e] += to_f32(res[(size_t)row * N + col + e]);
-        }
-        bf16* out = y + (size_t)row * N + col;
-        if (pair) {
-          *reinterpret_cast<uint32_t*>(out) = pack_bf16x2(v[0], v[1]);
-        } else {
-          out[0] = from_f32<bf16>(v[0]);
-          if (col + 1 < N) out[1] = from_f32<bf16>(v[1]);
-        }
+        lg::epilogue2(e, y, row, col, N, v, pair);
       }
   }
 #endif

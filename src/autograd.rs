@@ -16,12 +16,39 @@ pub trait BackwardOp: Send + Sync {
     /// Gradients for the op's inputs in recorded order, given the output's gradient. Only inputs
     /// with `needs[i]` must get one; returning `None` for them means "zero".
     fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+
+    /// `backward`, offered the gradient already accumulated for each input (`acc[i]`, only
+    /// for inputs that are op outputs and already have one). An op whose kernel can add it in
+    /// its epilogue takes it (`acc[i].take()`) and returns the sum as input i's gradient —
+    /// one pass instead of a separate add; whatever it leaves is added by the engine as
+    /// usual. The default takes nothing.
+    fn backward_acc(
+        self: Box<Self>,
+        grad: &Tensor,
+        needs: &[bool],
+        acc: &mut [Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let _ = acc;
+        self.backward(grad, needs)
+    }
 }
 
 pub(crate) struct Node {
     /// Tracked inputs (None for constants: no gradient is computed for them).
     pub(crate) inputs: Vec<Option<Tensor>>,
     pub(crate) op: Box<dyn BackwardOp>,
+    /// When the op was recorded: backward visits nodes latest first (as PyTorch does), so a
+    /// tensor's gradient from later consumers is complete when an earlier one runs.
+    seq: u64,
+}
+
+static NODE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Node {
+    pub(crate) fn new(inputs: Vec<Option<Tensor>>, op: Box<dyn BackwardOp>) -> Node {
+        let seq = NODE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Node { inputs, op, seq }
+    }
 }
 
 thread_local! {
@@ -30,6 +57,16 @@ thread_local! {
 
 thread_local! {
     static NODES_RECORDED: Cell<usize> = const { Cell::new(0) };
+}
+
+thread_local! {
+    static ACC_FUSED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many gradient sums this thread's backward passes left to the ops' own kernels
+/// (`BackwardOp::backward_acc`) instead of a separate add (tests use it to prove the fusion).
+pub fn accumulations_fused() -> usize {
+    ACC_FUSED.with(|n| n.get())
 }
 
 /// How many graph nodes this thread has recorded (tests use it to prove `no_grad` is free).
@@ -104,13 +141,13 @@ fn record_shared<B: BackwardOp + 'static>(
     if is_grad_enabled() && inputs.iter().any(|t| t.is_tracked()) {
         note_recorded();
         let view = Tensor::build(storage.clone(), shape.clone(), GradState::Const);
-        let node = Node {
-            inputs: inputs
+        let node = Node::new(
+            inputs
                 .iter()
                 .map(|t| t.is_tracked().then(|| (*t).clone()))
                 .collect(),
-            op: Box::new(make_backward(&view)),
-        };
+            Box::new(make_backward(&view)),
+        );
         Ok(Tensor::build(
             storage,
             shape,
@@ -252,8 +289,34 @@ impl Tensor {
             };
             let needs: Vec<bool> = node.inputs.iter().map(|i| i.is_some()).collect();
             let name = node.op.name();
-            let input_grads = node.op.backward(&g, &needs)?;
+            // The gradients already summed for this node's op-output inputs, offered to the op
+            // to add in its own kernel (each tensor once, at its first position).
+            let mut acc: Vec<Option<Tensor>> = vec![None; node.inputs.len()];
+            for (i, inp) in node.inputs.iter().enumerate() {
+                if let Some(inp) = inp {
+                    if matches!(inp.0.grad, GradState::Op(_)) {
+                        acc[i] = grads.remove(&inp.id());
+                    }
+                }
+            }
+            let offered: Vec<bool> = acc.iter().map(Option::is_some).collect();
+            let input_grads = node.op.backward_acc(&g, &needs, &mut acc)?;
             drop(g);
+            for (i, (inp, a)) in node.inputs.iter().zip(acc).enumerate() {
+                match (inp, a) {
+                    (Some(inp), Some(a)) => accumulate(&mut grads, inp.id(), a)?,
+                    (Some(_), None) if offered[i] => {
+                        // Taken: the op's gradient for this input now holds the sum.
+                        if input_grads.get(i).is_none_or(|g| g.is_none()) {
+                            return Err(Error::Autograd(format!(
+                                "{name}: took input {i}'s accumulated gradient but returned none"
+                            )));
+                        }
+                        ACC_FUSED.with(|n| n.set(n.get() + 1));
+                    }
+                    _ => {}
+                }
+            }
             if input_grads.len() != node.inputs.len() {
                 return Err(Error::Autograd(format!(
                     "{name}: backward returned {} gradients for {} inputs",
@@ -283,27 +346,23 @@ impl Tensor {
     }
 }
 
-/// Op-output tensors reachable from `root`, inputs before the ops that consume them.
+/// Op-output tensors reachable from `root`, in recording order (inputs before the ops that
+/// consume them, since an op is recorded after its inputs exist).
 fn topo_order(root: &Tensor) -> Result<Vec<Option<Tensor>>> {
-    let mut order = vec![];
+    let mut found: Vec<(u64, Tensor)> = vec![];
     let mut seen = HashSet::new();
-    // Iterative post-order DFS: (tensor, children already pushed).
-    let mut stack = vec![(root.clone(), false)];
-    while let Some((t, expanded)) = stack.pop() {
-        if expanded {
-            order.push(Some(t));
-            continue;
-        }
+    let mut stack = vec![root.clone()];
+    while let Some(t) = stack.pop() {
         if !seen.insert(t.id()) {
             continue;
         }
         let GradState::Op(cell) = &t.0.grad else {
             continue;
         };
-        let children: Vec<Tensor> = {
+        let (seq, children): (u64, Vec<Tensor>) = {
             let node = cell.lock().unwrap_or_else(|e| e.into_inner());
             match node.as_ref() {
-                Some(n) => n.inputs.iter().flatten().cloned().collect(),
+                Some(n) => (n.seq, n.inputs.iter().flatten().cloned().collect()),
                 None => {
                     return Err(Error::Autograd(
                         "this graph was already consumed by an earlier backward".into(),
@@ -311,14 +370,15 @@ fn topo_order(root: &Tensor) -> Result<Vec<Option<Tensor>>> {
                 }
             }
         };
-        stack.push((t, true));
+        found.push((seq, t));
         for c in children {
             if !seen.contains(&c.id()) {
-                stack.push((c, false));
+                stack.push(c);
             }
         }
     }
-    Ok(order)
+    found.sort_by_key(|(seq, _)| *seq);
+    Ok(found.into_iter().map(|(_, t)| Some(t)).collect())
 }
 
 /// Activation recomputation ("gradient checkpointing"): `f(inputs)` runs without recording,

@@ -227,6 +227,27 @@ impl Storage {
         )))
     }
 
+    pub fn index_add_rows_into(
+        &self,
+        ids: &Storage,
+        out: &mut Storage,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check_same("index_add_rows", &[self, ids, &*out])?;
+        match (self, ids, out) {
+            (Storage::Cpu(g), Storage::Cpu(i), Storage::Cpu(o)) => {
+                g.index_add_rows_into(i, o, rows, cols)
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            (Storage::Cuda(g), Storage::Cuda(i), Storage::Cuda(o)) => {
+                g.index_add_rows_into(i, o, rows, cols)
+            }
+            #[allow(unreachable_patterns)]
+            (a, _, b) => Err(mismatch("index_add_rows", a, b)),
+        }
+    }
+
     pub fn index_add_rows(&self, ids: &Storage, rows: usize, cols: usize) -> Result<Storage> {
         check_same("index_add_rows", &[self, ids])?;
         let g = self;

@@ -343,3 +343,130 @@ fn checkpoint_refuses_op_outputs_as_params_and_restores_grad_mode() {
     assert!(y.sum_all().unwrap().backward().is_err(), "undeclared w");
     assert!(sd2::autograd::is_grad_enabled());
 }
+
+/// A pre-LN block whose gradient sums ride in the ops' own kernels — LayerNorm's dx plus the
+/// residual stream's gradient, q/k/v's shared input, fc2's input gradient times quick_gelu′,
+/// the CLS rows added into the stream's gradient — gives exactly (f64, bit for bit) the
+/// gradients of the same block with every sum left to the engine: there each input is wrapped
+/// in a ×1 op, which takes no sums, and fc1 → quick_gelu → fc2 are separate ops. The fused run
+/// takes each of those five sums; the separate run none.
+#[test]
+fn gradient_sums_fused_into_kernels_match_separate_adds() {
+    use sd2::autograd::accumulations_fused;
+    let (b, s, d) = (2usize, 5usize, 8usize);
+    let frozen = |shape: &[usize], seed| rand64(shape, seed).scale(0.5).unwrap();
+    let train = |shape: &[usize], seed| rand64(shape, seed).into_trainable();
+    // (W, bias, A, B) per linear: embed, q, k, v, out, fc1, fc2.
+    let dims = [
+        (d, d),
+        (d, d),
+        (d, d),
+        (d, d),
+        (d, d),
+        (2 * d, d),
+        (d, 2 * d),
+    ];
+    let lin: Vec<(Tensor, Tensor, Tensor, Tensor)> = dims
+        .iter()
+        .enumerate()
+        .map(|(i, &(o, inp))| {
+            let sd = 1000 + 10 * i as u64;
+            (
+                frozen(&[o, inp], sd),
+                frozen(&[o], sd + 1),
+                train(&[2, inp], sd + 2),
+                train(&[o, 2], sd + 3),
+            )
+        })
+        .collect();
+    let norms: Vec<(Tensor, Tensor)> = (0..2)
+        .map(|i| (frozen(&[d], 2000 + i), frozen(&[d], 2010 + i)))
+        .collect();
+    let x0 = rand64(&[b, s, d], 3000);
+    let lora = |i: usize, dropout: f32| Lora {
+        a: &lin[i].2,
+        b: &lin[i].3,
+        scale: 2.0,
+        dropout,
+        seed: 77 + i as u64,
+    };
+    let run = |separate: bool| -> (Vec<Vec<f64>>, usize) {
+        let sep = |t: &Tensor| {
+            if separate {
+                t.scale(1.0).unwrap()
+            } else {
+                t.clone()
+            }
+        };
+        let l = |i: usize, x: &Tensor, dropout: f32| {
+            ops::lora_linear(x, &lin[i].0, Some(&lin[i].1), Some(lora(i, dropout))).unwrap()
+        };
+        let before = accumulations_fused();
+        let x = l(0, &x0, 0.0);
+        let n1 = sep(&x).layer_norm(&norms[0].0, &norms[0].1, 1e-5).unwrap();
+        let (q, k, v) = (
+            l(1, &sep(&n1), 0.1),
+            l(2, &sep(&n1), 0.1),
+            l(3, &sep(&n1), 0.1),
+        );
+        let a = ops::attention(&q, &k, &v, 2, false).unwrap();
+        let x2 =
+            ops::lora_linear_residual(&a, &lin[4].0, Some(&lin[4].1), Some(lora(4, 0.0)), &sep(&x))
+                .unwrap();
+        let n2 = sep(&x2).layer_norm(&norms[1].0, &norms[1].1, 1e-5).unwrap();
+        let y = if separate {
+            let h = l(5, &n2, 0.0).quick_gelu().unwrap();
+            ops::lora_linear_residual(
+                &h,
+                &lin[6].0,
+                Some(&lin[6].1),
+                Some(lora(6, 0.0)),
+                &sep(&x2),
+            )
+            .unwrap()
+        } else {
+            let h =
+                ops::lora_linear_gelu(&n2, &lin[5].0, Some(&lin[5].1), Some(lora(5, 0.0))).unwrap();
+            ops::lora_linear_gelu_input(
+                &h,
+                &lin[6].0,
+                Some(&lin[6].1),
+                Some(lora(6, 0.0)),
+                Some(&x2),
+            )
+            .unwrap()
+        };
+        let cls = sep(&y).select_rows_per_batch(&vec![0; b]).unwrap();
+        let loss = cls
+            .sum_all()
+            .unwrap()
+            .scale(3.0)
+            .unwrap()
+            .add(&y.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let grads = lin
+            .iter()
+            .flat_map(|(_, _, a, bm)| [a, bm])
+            .map(|t| g.get(t).unwrap().to_vec_f64().unwrap())
+            .collect();
+        (grads, accumulations_fused() - before)
+    };
+    let (fused, taken) = run(false);
+    let (plain, none) = run(true);
+    for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+        let worst = f
+            .iter()
+            .zip(p)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        println!("LoRA factor {i}: worst |fused − separate| = {worst:e}");
+        assert!(f.iter().any(|v| *v != 0.0), "factor {i} got no gradient");
+        assert_eq!(
+            f, p,
+            "LoRA factor {i}: fused sums differ from separate adds"
+        );
+    }
+    assert_eq!(taken, 5, "LN1, k, q, LN2 and the CLS rows take their sums");
+    assert_eq!(none, 0, "the ×1 wrappers leave every sum to the engine");
+}

@@ -58,4 +58,17 @@ fn plan_records_the_simulated_step_launch_for_launch() {
     assert!(s.bytes > 0.0 && s.flops > 0.0, "{s:?}");
     assert!(s.images_per_s.iter().all(|v| v.is_finite() && *v > 0.0));
     assert!(planned.peak_device_bytes.unwrap_or(0) > 0);
+    // No step moves less than the floor its kernel boundaries imply (a byte count or a floor
+    // that broke would show here), and the tiny model is not far above it either.
+    let floor = s.floor_bytes.expect("a training plan states its floor");
+    println!(
+        "floor {floor:.0} B, step {:.0} B: {:.2}×",
+        s.bytes,
+        s.bytes / floor
+    );
+    assert!(
+        s.bytes >= floor && s.bytes < 4.0 * floor,
+        "step {} B against a floor of {floor} B",
+        s.bytes
+    );
 }

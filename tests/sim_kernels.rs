@@ -8,11 +8,11 @@
 use std::cell::Cell;
 
 use sd2::backend::cuda::kernels::{
-    AdamwMulti, BiasQuickGeluBwd, BiasQuickGeluFwd, Cast, ClamAttentionBwd, ClamAttentionFwd,
-    ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq, FlashDelta, FlashDkdv, FlashDq,
-    FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd, L2NormFwd, LayerNormBwd, LayerNormFwd,
-    LoraDaPart, LoraDown, LoraGemm3Fwd, LoraGemmBwd, LoraGemmFwd, LoraUpAdd, Patchify,
-    SigmoidLossRows, SumSqMulti,
+    AdamwMulti, Affine, BiasQuickGeluBwd, BiasQuickGeluFwd, Binary, BinaryContig, Cast,
+    ClamAttentionBwd, ClamAttentionFwd, ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq,
+    FlashDelta, FlashDkdv, FlashDq, FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd,
+    L2NormFwd, LayerNormBwd, LayerNormFwd, LoraDaPart, LoraDown, LoraGemm3Fwd, LoraGemmBwd,
+    LoraGemmFwd, LoraUpAdd, Patchify, SigmoidLossRows, SumSqMulti, Unary, UnaryBwd,
 };
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::backend::cuda::{flash, lora_gemm};
@@ -207,6 +207,33 @@ fn layernorm_fused_residual_matches_cpu() {
                                 },
                             )
                             .unwrap();
+                            // A frozen norm: no partials, a grid the partials do not cap,
+                            // the same dx bit for bit.
+                            let mut dx2: Vec<$ty> = $conv(&vec![f32::NAN; rows * n]);
+                            r.run_staged(
+                                &format!("layernorm_bwd_{tag}"),
+                                LaunchConfig {
+                                    grid: (rows as u32, 1, 1),
+                                    ..cfg
+                                },
+                                LayerNormBwd {
+                                    dy: KArg::input(&dys),
+                                    x: KArg::input(&v),
+                                    gamma: KArg::input(&gs),
+                                    mean: KArg::input(&mean),
+                                    rstd: KArg::input(&rstd),
+                                    dsum: KArg::input(&dss),
+                                    dx: KArg::output(&mut dx2),
+                                    dgamma_part: KArg::Null,
+                                    dbeta_part: KArg::Null,
+                                    rows,
+                                    n,
+                                },
+                            )
+                            .unwrap();
+                            let bits =
+                                |v: &[$ty]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&dx2), bits(&dx), "frozen-norm dx differs");
                         }
                         dg = column_sum(r, &dg_part, n);
                         db = column_sum(r, &db_part, n);
@@ -1520,6 +1547,7 @@ fn lora_gemm_forward_matches_reference() {
             let scale = 2.0f32;
             let want = lora_reference(&x, &w, &s, &bl, &bias, &res, (m, n, k, rank), scale, epi);
             let mut y = to_bf16(&vec![f32::NAN; m * n]);
+            let mut pre = to_bf16(&vec![f32::NAN; m * n]);
             let (xb, wb, sb, lb, bb, rb) = (
                 to_bf16(&x),
                 to_bf16(&w),
@@ -1546,7 +1574,17 @@ fn lora_gemm_forward_matches_reference() {
                         } else {
                             KArg::Null
                         },
-                        res: KArg::input(&rb),
+                        // The residual is added whenever it is given.
+                        res: if epi == 3 {
+                            KArg::input(&rb)
+                        } else {
+                            KArg::Null
+                        },
+                        pre: if epi == 2 {
+                            KArg::output(&mut pre)
+                        } else {
+                            KArg::Null
+                        },
                         y: KArg::output(&mut y),
                         m,
                         n,
@@ -1559,12 +1597,14 @@ fn lora_gemm_forward_matches_reference() {
                 .unwrap();
             }
             // One bf16 rounding of the output, plus f32 accumulation order.
-            check(
-                &format!("lora gemm {} m{m} n{n} k{k} r{rank} epilogue {epi}", v.name),
-                &from_bf16(&y),
-                &want,
-                8e-3,
-            );
+            let name = format!("lora gemm {} m{m} n{n} k{k} r{rank} epilogue {epi}", v.name);
+            check(&name, &from_bf16(&y), &want, 8e-3);
+            if epi == 2 {
+                // bias + quick_gelu also writes the pre-activation (fc1's saved h).
+                let want_pre =
+                    lora_reference(&x, &w, &s, &bl, &bias, &res, (m, n, k, rank), scale, 1);
+                check(&format!("{name} pre"), &from_bf16(&pre), &want_pre, 8e-3);
+            }
         }
     });
 }
@@ -1606,6 +1646,7 @@ fn lora_gemm_hopper_forward_matches_reference() {
             let scale = 2.0f32;
             let want = lora_reference(&x, &w, &s, &bl, &bias, &res, (m, n, k, rank), scale, epi);
             let mut y = to_bf16(&vec![f32::NAN; m * n]);
+            let mut pre = to_bf16(&vec![f32::NAN; m * n]);
             let (xb, wb, sb, lb, bb, rb) = (
                 to_bf16(&x),
                 to_bf16(&w),
@@ -1632,7 +1673,16 @@ fn lora_gemm_hopper_forward_matches_reference() {
                         tm_s: KArg::Tma(&ss, maps[2]),
                         tm_b: KArg::Tma(&ls, maps[3]),
                         bias: KArg::input(&bb),
-                        res: KArg::input(&rb),
+                        res: if epi == 3 {
+                            KArg::input(&rb)
+                        } else {
+                            KArg::Null
+                        },
+                        pre: if epi == 2 {
+                            KArg::output(&mut pre)
+                        } else {
+                            KArg::Null
+                        },
                         y: KArg::output(&mut y),
                         m,
                         n,
@@ -1644,29 +1694,39 @@ fn lora_gemm_hopper_forward_matches_reference() {
                 )
                 .unwrap();
             }
-            check(
-                &format!(
-                    "lora gemm {} m{m} n{n} k{k} r{rank} epilogue {epi}",
-                    hopper::NAME
-                ),
-                &from_bf16(&y),
-                &want,
-                8e-3,
+            let name = format!(
+                "lora gemm {} m{m} n{n} k{k} r{rank} epilogue {epi}",
+                hopper::NAME
             );
+            check(&name, &from_bf16(&y), &want, 8e-3);
+            if epi == 2 {
+                let want_pre =
+                    lora_reference(&x, &w, &s, &bl, &bias, &res, (m, n, k, rank), scale, 1);
+                check(&format!("{name} pre"), &from_bf16(&pre), &want_pre, 8e-3);
+            }
         }
     });
 }
 
 /// The LoRA-linear backward through the same GEMM body with depth-major B operands:
-/// dS = dY·B, then dX = dY·W + s·dS·A, against f64 references on the same bf16 inputs.
+/// dS = dY·B, then dX = dY·W + s·dS·A — plain, and with the epilogue that multiplies by
+/// quick_gelu′(h) (fc2's dX is fc1's output gradient) and adds the gradient dX already has —
+/// against f64 references on the same bf16 inputs.
 #[test]
 fn lora_gemm_backward_dx_matches_reference() {
+    const P: f32 = 0.3;
+    const SEED: u64 = 0x5eed;
     each_backend(|r| {
-        for (v, &(m, n, k, rank)) in lora_gemm::VARIANTS.iter().flat_map(|v| {
+        // (m, n, k, rank, gelu′ + acc epilogue, LoRA term under dropout in the epilogue)
+        for (v, &(m, n, k, rank, epi, drop)) in lora_gemm::VARIANTS.iter().flat_map(|v| {
             [
-                (37usize, 40usize, 72usize, 8usize),
-                (70, 37, 67, 5),
-                (130, 200, 136, 16),
+                (37usize, 40usize, 72usize, 8usize, false, false),
+                (37, 40, 72, 8, true, false),
+                (70, 37, 67, 5, false, false),
+                (70, 37, 67, 0, true, false),
+                (130, 200, 136, 16, true, false),
+                (37, 40, 72, 8, false, true),
+                (70, 37, 67, 5, true, true),
             ]
             .iter()
             .map(move |s| (v, s))
@@ -1679,40 +1739,70 @@ fn lora_gemm_backward_dx_matches_reference() {
             let scale = 2.0f32;
             let cfg = |out: usize| v.config(m, out);
             let (dyb, wb, ab, bb) = (to_bf16(&dy), to_bf16(&w), to_bf16(&a), to_bf16(&bl));
+            let h = round(randn(m * k, 505).iter().map(|v| v * 2.0).collect());
+            let acc = round(randn(m * k, 506));
+            let (hb, accb) = (to_bf16(&h), to_bf16(&acc));
             let mut ds = to_bf16(&vec![f32::NAN; m * rank]);
             let mut dx = to_bf16(&vec![f32::NAN; m * k]);
             unsafe {
-                r.run_staged(
-                    v.bwd,
-                    cfg(rank),
-                    LoraGemmBwd {
-                        x: KArg::input(&dyb),
-                        w: KArg::input(&bb),
-                        s_low: KArg::Null,
-                        lb: KArg::Null,
-                        y: KArg::output(&mut ds),
-                        m,
-                        n: rank,
-                        k: n,
-                        r: 0,
-                        scale: 1.0,
-                    },
-                )
-                .unwrap();
+                if rank > 0 {
+                    r.run_staged(
+                        v.bwd,
+                        cfg(rank),
+                        LoraGemmBwd {
+                            x: KArg::input(&dyb),
+                            w: KArg::input(&bb),
+                            s_low: KArg::Null,
+                            lb: KArg::Null,
+                            lds: KArg::Null,
+                            la: KArg::Null,
+                            lr: 0,
+                            lp: 0.0,
+                            lseed: 0,
+                            res: KArg::Null,
+                            aux: KArg::Null,
+                            y: KArg::output(&mut ds),
+                            m,
+                            n: rank,
+                            k: n,
+                            r: 0,
+                            scale: 1.0,
+                            epilogue: 0,
+                        },
+                    )
+                    .unwrap();
+                }
                 r.run_staged(
                     v.bwd,
                     cfg(k),
                     LoraGemmBwd {
                         x: KArg::input(&dyb),
                         w: KArg::input(&wb),
-                        s_low: KArg::input(&ds),
-                        lb: KArg::input(&ab),
+                        // The LoRA term as extra depth, or under dropout in the epilogue.
+                        s_low: if rank > 0 && !drop {
+                            KArg::input(&ds)
+                        } else {
+                            KArg::Null
+                        },
+                        lb: if rank > 0 && !drop {
+                            KArg::input(&ab)
+                        } else {
+                            KArg::Null
+                        },
+                        lds: if drop { KArg::input(&ds) } else { KArg::Null },
+                        la: if drop { KArg::input(&ab) } else { KArg::Null },
+                        lr: if drop { rank } else { 0 },
+                        lp: P,
+                        lseed: SEED,
+                        res: if epi { KArg::input(&accb) } else { KArg::Null },
+                        aux: if epi { KArg::input(&hb) } else { KArg::Null },
                         y: KArg::output(&mut dx),
                         m,
                         n: k,
                         k: n,
-                        r: rank,
+                        r: if drop { 0 } else { rank },
                         scale,
+                        epilogue: if epi { 4 } else { 0 },
                     },
                 )
                 .unwrap();
@@ -1733,11 +1823,29 @@ fn lora_gemm_backward_dx_matches_reference() {
                     let low: f64 = (0..rank)
                         .map(|c| dsf[i * rank + c] as f64 * a[c * k + j] as f64)
                         .sum();
-                    want_dx[i * k + j] = (main + scale as f64 * low) as f32;
+                    let mut v = if !drop {
+                        main + scale as f64 * low
+                    } else if sd2::rng::dropout_keep(SEED, (i * k + j) as u64, P) {
+                        main + low * (1.0 / (1.0 - P as f64)) as f32 as f64
+                    } else {
+                        main
+                    };
+                    if epi {
+                        let x = h[i * k + j] as f64;
+                        let sg = 1.0 / (1.0 + (-1.702 * x).exp());
+                        v = v * (sg + 1.702 * x * sg * (1.0 - sg)) + acc[i * k + j] as f64;
+                    }
+                    want_dx[i * k + j] = v as f32;
                 }
             }
-            let name = format!("lora gemm backward {} m{m} n{n} k{k} r{rank}", v.name);
-            check(&format!("{name} dS = dY·B"), &dsf, &want_ds, 8e-3);
+            let name = format!(
+                "lora gemm backward {} m{m} n{n} k{k} r{rank}{}",
+                v.name,
+                if epi { " ·gelu′(h) + acc" } else { "" }
+            ) + if drop { " LoRA term under dropout" } else { "" };
+            if rank > 0 {
+                check(&format!("{name} dS = dY·B"), &dsf, &want_ds, 8e-3);
+            }
             check(
                 &format!("{name} dX = dY·W + s·dS·A"),
                 &from_bf16(&dx),
@@ -1893,6 +2001,161 @@ fn lora_lowrank_kernels_match_the_cpu_mask() {
             let (want_s, want_dx) = reference(&r16(&xb), &r16(&ab), &r16(&dsb), &r16(&dxb0));
             check(&format!("{name} bf16 S"), &r16(&s16), &want_s, 8e-3);
             check(&format!("{name} bf16 dx"), &r16(&dx16), &want_dx, 8e-3);
+        }
+    });
+}
+
+/// The contiguous elementwise kernels (16-byte vectors, then an element-wise tail) against
+/// f64 formulas, f32 and bf16, at sizes with and without a tail and with more chunks than
+/// threads (grid-stride); binary_contig gives the same bits as the broadcasting kernel.
+#[test]
+fn elementwise_vector_paths_match_cpu() {
+    each_backend(|r| {
+        for bf in [false, true] {
+            for &(n, blocks, threads) in &[
+                (1usize, 1u32, 32u32),
+                (7, 1, 32),
+                (8, 1, 32),
+                (9, 2, 32),
+                (1003, 2, 32),
+            ] {
+                let tag = if bf { "bf16" } else { "f32" };
+                let cfg = cfg1(blocks, threads);
+                let tol = if bf { 8e-3 } else { 1e-6 };
+                let round = |v: &[f32]| if bf { bf16_round(v) } else { v.to_vec() };
+                let x = round(&randn(n, 801));
+                let y = round(&randn(n, 802).iter().map(|v| v + 3.0).collect::<Vec<_>>());
+                let sg = |v: f64| 1.0 / (1.0 + (-v).exp());
+                let gelu = |v: f64| v * sg(1.702 * v);
+                let gelu_d =
+                    |v: f64| sg(1.702 * v) + 1.702 * v * sg(1.702 * v) * (1.0 - sg(1.702 * v));
+                let f = |g: &dyn Fn(usize) -> f64| (0..n).map(|i| g(i) as f32).collect::<Vec<_>>();
+                let want_unary = f(&|i| gelu(x[i] as f64));
+                let want_bwd = f(&|i| y[i] as f64 * gelu_d(x[i] as f64));
+                let want_affine = f(&|i| x[i] as f64 * 1.5 - 0.25);
+                macro_rules! run {
+                    ($ty:ty, $conv:expr, $back:expr) => {{
+                        let (xs, ys): (Vec<$ty>, Vec<$ty>) = ($conv(&x), $conv(&y));
+                        let mut u: Vec<$ty> = $conv(&vec![f32::NAN; n]);
+                        let mut d: Vec<$ty> = $conv(&vec![f32::NAN; n]);
+                        let mut a: Vec<$ty> = $conv(&vec![f32::NAN; n]);
+                        unsafe {
+                            r.run_staged(
+                                &format!("unary_{tag}"),
+                                cfg,
+                                Unary {
+                                    x: KArg::input(&xs),
+                                    y: KArg::output(&mut u),
+                                    op: 5,
+                                    n,
+                                },
+                            )
+                            .unwrap();
+                            // y null: quick_gelu's derivative needs only x.
+                            r.run_staged(
+                                &format!("unary_bwd_{tag}"),
+                                cfg,
+                                UnaryBwd {
+                                    x: KArg::input(&xs),
+                                    y: KArg::Null,
+                                    dy: KArg::input(&ys),
+                                    dx: KArg::output(&mut d),
+                                    op: 5,
+                                    n,
+                                },
+                            )
+                            .unwrap();
+                            r.run_staged(
+                                &format!("affine_{tag}"),
+                                cfg,
+                                Affine {
+                                    x: KArg::input(&xs),
+                                    y: KArg::output(&mut a),
+                                    mul: 1.5,
+                                    add: -0.25,
+                                    n,
+                                },
+                            )
+                            .unwrap();
+                        }
+                        let name = format!("{tag} n{n} grid {blocks}x{threads}");
+                        check(
+                            &format!("unary quick_gelu {name}"),
+                            &$back(&u),
+                            &want_unary,
+                            tol,
+                        );
+                        check(
+                            &format!("unary_bwd quick_gelu {name}"),
+                            &$back(&d),
+                            &want_bwd,
+                            tol,
+                        );
+                        check(&format!("affine {name}"), &$back(&a), &want_affine, tol);
+                        for op in 0..4 {
+                            let want = f(&|i| {
+                                let (p, q) = (x[i] as f64, y[i] as f64);
+                                [p + q, p - q, p * q, p / q][op as usize]
+                            });
+                            let mut c: Vec<$ty> = $conv(&vec![f32::NAN; n]);
+                            let mut g: Vec<$ty> = $conv(&vec![f32::NAN; n]);
+                            unsafe {
+                                r.run_staged(
+                                    &format!("binary_contig_{tag}"),
+                                    cfg,
+                                    BinaryContig {
+                                        a: KArg::input(&xs),
+                                        b: KArg::input(&ys),
+                                        out: KArg::output(&mut c),
+                                        op,
+                                        n,
+                                    },
+                                )
+                                .unwrap();
+                                let one = |v: usize| {
+                                    let mut d = vec![1usize; 6];
+                                    d[0] = v;
+                                    d
+                                };
+                                r.run_staged(
+                                    &format!("binary_{tag}"),
+                                    cfg,
+                                    Binary {
+                                        a: KArg::input(&xs),
+                                        b: KArg::input(&ys),
+                                        out: KArg::output(&mut g),
+                                        op,
+                                        n,
+                                        rank: 1,
+                                        dims: one(n),
+                                        stride_a: one(1),
+                                        stride_b: one(1),
+                                    },
+                                )
+                                .unwrap();
+                            }
+                            check(
+                                &format!("binary_contig op {op} {name}"),
+                                &$back(&c),
+                                &want,
+                                tol,
+                            );
+                            let bits =
+                                |v: &[$ty]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&c),
+                                bits(&g),
+                                "binary_contig op {op} {name}: differs from binary"
+                            );
+                        }
+                    }};
+                }
+                if bf {
+                    run!(half::bf16, to_bf16, from_bf16);
+                } else {
+                    run!(f32, |v: &Vec<f32>| v.clone(), |v: &Vec<f32>| v.clone());
+                }
+            }
         }
     });
 }

@@ -194,4 +194,13 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn index_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
     /// out = zeros([rows, cols]); out[ids[i], :] += self[i, :].
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self>;
+    /// out[ids[i], :] += self[i, :] in place (out is [rows, cols] of self's dtype), in id
+    /// order, each add rounded to the dtype: a gradient added into the rows of one that exists.
+    fn index_add_rows_into(
+        &self,
+        ids: &Self,
+        out: &mut Self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
 }

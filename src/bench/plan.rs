@@ -69,6 +69,8 @@ pub struct Plan {
     pub classes: Vec<ClassTotal>,
     /// The kernels with the largest bound on the H200, summed over their launches.
     pub top_kernels: Vec<KernelTotal>,
+    /// Training: the traffic floor of the step (`traffic_floor`), bytes.
+    pub floor_bytes: Option<f64>,
     /// Per GPU of `GPUS`: the roofline bound of the step (ms) and the images/s it allows.
     pub bound_ms: Vec<f64>,
     pub images_per_s: Vec<f64>,
@@ -133,6 +135,43 @@ fn bound_ms(g: &Gpu, flops: f64, bytes: f64) -> f64 {
 }
 
 /// The plan of a recorded step (`profile` of a step on `cuda:plan`) of `batch` images.
+/// The HBM traffic a training step cannot go below with these kernel boundaries — each GEMM,
+/// attention and LayerNorm its own kernel, everything elementwise fused into them:
+/// - every tensor that crosses a boundary or is saved for the backward is written once and
+///   read once per consumer; per encoder block of T tokens, width d, MLP width f (element
+///   size e), forward: LN1 x→n1 (2Td), one q/k/v GEMM n1→q,k,v (4Td), attention (4Td),
+///   out_proj o + x→x2 (3Td), LN2 (2Td), fc1 n2→h, quick_gelu(h) (Td + 2Tf), fc2 with the
+///   residual (Tf + 2Td) = 18Td + 3Tf; backward: fc2's dX with quick_gelu′(h) (Td + 2Tf), fc1's
+///   dX (Tf + Td), LN2 with the residual's gradient (4Td), out_proj's dX plus its LoRA dA
+///   from o (3Td), attention (8Td), q/k/v's dX plus one read of n1 for their dA (5Td), LN1
+///   (4Td) = 26Td + 3Tf; 44Td + 6Tf in all, times e;
+/// - every frozen weight read once forward and once backward (dX), 2·(4d² + 2df)·e per block;
+/// - LoRA factors, optimizer state, embeddings, CLAM and the losses: under 1% here, not
+///   counted.
+///
+/// The SD2 step runs `batch` images through the vision tower (T = batch · positions) and
+/// 5 + 2·batch texts (type texts, face and environment descriptions) through the text tower
+/// (T = texts · context).
+pub fn traffic_floor(clip: &crate::clip::ClipConfig, batch: usize, el: f64) -> f64 {
+    let tower = |tokens: usize, d: usize, f: usize, layers: usize| {
+        let (t, d, f) = (tokens as f64, d as f64, f as f64);
+        layers as f64 * el * (44.0 * t * d + 6.0 * t * f + 2.0 * (4.0 * d * d + 2.0 * d * f))
+    };
+    let (v, t) = (&clip.vision_config, &clip.text_config);
+    let texts = 5 + 2 * batch;
+    tower(
+        batch * v.num_positions(),
+        v.hidden_size,
+        v.intermediate_size,
+        v.num_hidden_layers,
+    ) + tower(
+        texts * t.max_position_embeddings,
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+    )
+}
+
 pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usize>) -> Plan {
     let mut classes: Vec<ClassTotal> = vec![];
     for k in &p.kernels {
@@ -177,7 +216,7 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
     }
     let mut top_kernels: Vec<KernelTotal> = per.into_values().collect();
     top_kernels.sort_by(|a, b| b.h200_ms.total_cmp(&a.h200_ms));
-    top_kernels.truncate(12);
+    top_kernels.truncate(16);
     let sum = |f: &dyn Fn(&ClassTotal) -> f64| classes.iter().map(f).sum::<f64>();
     let bound: Vec<f64> = (0..GPUS.len())
         .map(|i| sum(&|c: &ClassTotal| c.bound_ms[i]))
@@ -192,6 +231,13 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
         bytes: sum(&|c| c.bytes),
         flops: sum(&|c| c.flops),
         peak_bytes: peak,
+        floor_bytes: if cfg.train {
+            crate::presets::get(&cfg.preset)
+                .ok()
+                .map(|p| traffic_floor(&p.clip, batch, cfg.dtype.size_in_bytes() as f64))
+        } else {
+            None
+        },
         top_kernels,
         images_per_s: bound.iter().map(|ms| batch as f64 / (ms / 1e3)).collect(),
         bound_ms: bound,
@@ -256,6 +302,14 @@ impl Plan {
             self.bound_ms[0],
             self.bound_ms[1]
         );
+        if let Some(f) = self.floor_bytes {
+            let _ = writeln!(
+                s,
+                "traffic floor for these kernel boundaries: {:.2} GB; this step moves {:.2}× it",
+                f / 1e9,
+                self.bytes / f
+            );
+        }
         for (g, ips) in GPUS.iter().zip(&self.images_per_s) {
             let _ = writeln!(
                 s,

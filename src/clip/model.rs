@@ -118,15 +118,42 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
-        self.forward_with(x, None, fwd)
+        self.forward_with(x, None, Act::None, fwd).map(|o| o.y)
     }
 
     /// `residual + self.forward(x)` as one op (the add in the GEMM's epilogue where it can).
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, fwd: Fwd) -> Result<Tensor> {
-        self.forward_with(x, Some(residual), fwd)
+        self.forward_with(x, Some(residual), Act::None, fwd)
+            .map(|o| o.y)
     }
 
-    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>, fwd: Fwd) -> Result<Tensor> {
+    /// `quick_gelu(self.forward(x))` for the next linear (`forward_gelu_input`): CLIP's fc1,
+    /// the activation in the GEMM's epilogue.
+    pub fn forward_gelu(&self, x: &Tensor, fwd: Fwd) -> Result<ops::GeluLinear> {
+        self.forward_with(x, None, Act::Out, fwd)?
+            .gelu
+            .ok_or_else(|| crate::Error::Msg("linear: no gelu output".into()))
+    }
+
+    /// `residual + self.forward(quick_gelu(h))` for `h` from `forward_gelu` (CLIP's fc2):
+    /// quick_gelu′ rides in the dX GEMM's epilogue.
+    pub fn forward_gelu_input(
+        &self,
+        h: &ops::GeluLinear,
+        residual: &Tensor,
+        fwd: Fwd,
+    ) -> Result<Tensor> {
+        self.forward_with(h.act(), Some(residual), Act::In(h), fwd)
+            .map(|o| o.y)
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Act<'_>,
+        fwd: Fwd,
+    ) -> Result<LinearOut> {
         // Mixed precision: trainable tensors are f32 masters, cast here to the activations'
         // dtype (the cast's backward returns their gradients in f32); a no-op otherwise.
         let dt = x.dtype();
@@ -152,11 +179,39 @@ impl Linear {
                 },
                 seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
             });
-        match residual {
-            Some(r) => ops::lora_linear_residual(x, &weight, bias.as_ref(), lora, r),
-            None => ops::lora_linear(x, &weight, bias.as_ref(), lora),
-        }
+        let b = bias.as_ref();
+        Ok(match (act, residual) {
+            (Act::Out, _) => LinearOut {
+                y: x.clone(),
+                gelu: Some(ops::lora_linear_gelu(x, &weight, b, lora)?),
+            },
+            (Act::In(h), r) => LinearOut {
+                y: ops::lora_linear_gelu_input(h, &weight, b, lora, r)?,
+                gelu: None,
+            },
+            (Act::None, Some(r)) => LinearOut {
+                y: ops::lora_linear_residual(x, &weight, b, lora, r)?,
+                gelu: None,
+            },
+            (Act::None, None) => LinearOut {
+                y: ops::lora_linear(x, &weight, b, lora)?,
+                gelu: None,
+            },
+        })
     }
+}
+
+/// How a linear's activation is fused (see `Linear::forward_gelu`).
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    None,
+    Out,
+    In(&'a ops::GeluLinear),
+}
+
+struct LinearOut {
+    y: Tensor,
+    gelu: Option<ops::GeluLinear>,
 }
 
 #[derive(Clone, Debug)]
@@ -254,8 +309,8 @@ impl EncoderLayer {
         let a = ops::attention(&q, &k, &v, self.heads, causal)?;
         let x = self.out_proj.forward_residual(&a, x, fwd)?;
         let h = self.layer_norm2.forward(&x)?;
-        self.fc2
-            .forward_residual(&self.fc1.forward(&h, fwd)?.quick_gelu()?, &x, fwd)
+        let h = self.fc1.forward_gelu(&h, fwd)?;
+        self.fc2.forward_gelu_input(&h, &x, fwd)
     }
 
     /// The block's trainable tensors (LoRA factors; every weight with `train_base`).

@@ -8,7 +8,9 @@ pub mod shape_ops;
 
 pub use fused::attention::{attention, attention_lse, AttnOptions};
 pub use fused::cross_entropy::cross_entropy;
-pub use fused::lora_linear::{lora_linear, lora_linear_residual, Lora};
+pub use fused::lora_linear::{
+    lora_linear, lora_linear_gelu, lora_linear_gelu_input, lora_linear_residual, GeluLinear, Lora,
+};
 pub use fused::sigmoid_loss::sigmoid_loss;
 
 use crate::{DType, Error, Result, Tensor};
@@ -60,6 +62,51 @@ where
     fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         (self.f)(grad, needs)
     }
+}
+
+/// `FnBackward` for a closure that may add the gradient its input already has (`acc`, see
+/// `BackwardOp::backward_acc`).
+pub(crate) struct FnAccBackward<F> {
+    pub name: &'static str,
+    pub f: F,
+}
+
+impl<F> crate::autograd::BackwardOp for FnAccBackward<F>
+where
+    F: FnOnce(&Tensor, &[bool], &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let mut none = vec![None; needs.len()];
+        (self.f)(grad, needs, &mut none)
+    }
+    fn backward_acc(
+        self: Box<Self>,
+        grad: &Tensor,
+        needs: &[bool],
+        acc: &mut [Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        (self.f)(grad, needs, acc)
+    }
+}
+
+/// `record_fn` whose backward is offered the inputs' accumulated gradients.
+pub(crate) fn record_fn_acc<F>(
+    name: &'static str,
+    out: crate::storage::Storage,
+    shape: crate::Shape,
+    inputs: &[&Tensor],
+    f: impl FnOnce(&Tensor) -> F,
+) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor, &[bool], &mut [Option<Tensor>]) -> Result<Vec<Option<Tensor>>>
+        + Send
+        + Sync
+        + 'static,
+{
+    crate::autograd::record(out, shape, inputs, |y| FnAccBackward { name, f: f(y) })
 }
 
 /// Records `out` with a closure backward.

@@ -2,7 +2,7 @@
 //! row gathers (embeddings, CLS/EOS extraction), patchify for the ViT stem, dtype casts.
 use std::sync::Arc;
 
-use super::{check_ids, record_fn};
+use super::{check_ids, record_fn, record_fn_acc};
 use crate::tensor::GradState;
 use crate::{DType, Error, Result, Shape, Tensor};
 
@@ -31,13 +31,13 @@ impl Tensor {
         }
         let src = self.shape().clone();
         crate::autograd::note_recorded();
-        let node = crate::autograd::Node {
-            inputs: vec![Some(self.clone())],
-            op: Box::new(super::FnBackward {
+        let node = crate::autograd::Node::new(
+            vec![Some(self.clone())],
+            Box::new(super::FnBackward {
                 name: "reshape",
                 f: move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.reshape(src)?)]),
             }),
-        };
+        );
         Ok(Tensor::build(
             Arc::clone(&self.0.storage),
             shape,
@@ -220,17 +220,43 @@ impl Tensor {
         }
         let rows = self.dims()[0];
         let cols: usize = self.dims()[1..].iter().product();
-        let out = self.storage().index_rows(&ids.storage(), rows, cols)?;
         let mut od = ids.dims().to_vec();
         od.extend_from_slice(&self.dims()[1..]);
-        let (ids_c, src) = (ids.clone(), self.shape().clone());
-        record_fn(
+        self.gather_rows(ids, rows, cols, od, false)
+    }
+
+    /// out[i] = row ids[i] of `self` viewed as [rows, cols], of shape `out`. With `unique` ids
+    /// the backward adds its rows straight into the gradient `self` already has (when it has
+    /// one nobody else holds): a few rows written instead of a whole zero tensor and an add.
+    fn gather_rows(
+        &self,
+        ids: &Tensor,
+        rows: usize,
+        cols: usize,
+        out: Vec<usize>,
+        unique: bool,
+    ) -> Result<Tensor> {
+        let y = self.storage().index_rows(&ids.storage(), rows, cols)?;
+        let (ids_c, src, dtype) = (ids.clone(), self.shape().clone(), self.dtype());
+        record_fn_acc(
             "index_rows",
-            out,
-            Shape::new(od),
+            y,
+            Shape::new(out),
             &[self],
             move |_: &Tensor| {
-                move |g: &Tensor, _: &[bool]| {
+                move |g: &Tensor, _: &[bool], acc: &mut [Option<Tensor>]| {
+                    let into = acc[0].take_if(|a| {
+                        unique && a.dtype() == dtype && a.shape() == &src && a.storage_is_unique()
+                    });
+                    if let Some(a) = into {
+                        g.storage().index_add_rows_into(
+                            &ids_c.storage(),
+                            &mut a.storage_mut(),
+                            rows,
+                            cols,
+                        )?;
+                        return Ok(vec![Some(a)]);
+                    }
                     let dx = g.storage().index_add_rows(&ids_c.storage(), rows, cols)?;
                     Ok(vec![Some(Tensor::from_storage(dx, src)?)])
                 }
@@ -272,7 +298,8 @@ impl Tensor {
             flat.push((bi * s + i) as u32);
         }
         let ids = Tensor::from_vec(flat, b, self.device())?;
-        self.reshape((b * s, d))?.index_rows(&ids)
+        // One row per batch: the ids are distinct.
+        self.gather_rows(&ids, b * s, d, vec![b, d], true)
     }
 
     /// Non-overlapping p×p patches of [B, C, H, W] as [B, (H/p)·(W/p), C·p·p], flattened in

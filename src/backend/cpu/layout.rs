@@ -75,6 +75,23 @@ pub fn index_rows<T: Copy + Send + Sync + Default>(x: &[T], ids: &[usize], cols:
     out
 }
 
+/// out[ids[i], :] = add(out[ids[i], :], g[i, :]) in id order (the rows of a gradient added into
+/// one that exists; few rows, so sequential).
+pub fn index_add_rows_into<T: Copy>(
+    g: &[T],
+    ids: &[usize],
+    out: &mut [T],
+    cols: usize,
+    add: impl Fn(T, T) -> T,
+) {
+    for (i, id) in ids.iter().enumerate() {
+        let o = &mut out[id * cols..(id + 1) * cols];
+        o.iter_mut()
+            .zip(&g[i * cols..(i + 1) * cols])
+            .for_each(|(o, v)| *o = add(*o, *v));
+    }
+}
+
 /// Scatter-add of rows. Parallel over column blocks, so each output element is summed by one
 /// thread in id order (deterministic).
 pub fn index_add_rows<F: Float>(g: &[F], ids: &[usize], rows: usize, cols: usize) -> Vec<F> {

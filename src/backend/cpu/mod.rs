@@ -425,4 +425,37 @@ impl BackendStorage for CpuStorage {
             Ok(FloatOut::out(layout::index_add_rows(g, &ids, rows, cols), bf))
         })
     }
+
+    fn index_add_rows_into(
+        &self,
+        ids: &Self,
+        out: &mut Self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let ids = ids.ids("index_add_rows", rows)?;
+        same_len("index_add_rows", self.len(), ids.len() * cols)?;
+        same_len("index_add_rows", out.len(), rows * cols)?;
+        match (self, out) {
+            (CpuStorage::F32(g), CpuStorage::F32(o)) => {
+                layout::index_add_rows_into(g, &ids, o, cols, |a, b| a + b)
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(o)) => {
+                layout::index_add_rows_into(g, &ids, o, cols, |a, b| a + b)
+            }
+            (CpuStorage::BF16(g), CpuStorage::BF16(o)) => {
+                layout::index_add_rows_into(g, &ids, o, cols, |a, b| {
+                    bf16::from_f32(a.to_f32() + b.to_f32())
+                })
+            }
+            (g, o) => {
+                return Err(Error::DTypeMismatch {
+                    op: "index_add_rows",
+                    lhs: g.dtype(),
+                    rhs: o.dtype(),
+                })
+            }
+        }
+        Ok(())
+    }
 }

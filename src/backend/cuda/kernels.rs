@@ -132,6 +132,11 @@ pub fn ew(n: usize) -> LaunchConfig {
     LaunchConfig::linear(n.div_ceil(256).clamp(1, 1024) as u32, 256)
 }
 
+/// `ew` for the contiguous kernels, which take 16 bytes (4 f32 or 8 bf16) per thread and step.
+pub fn ew_vec(n: usize) -> LaunchConfig {
+    ew(n.div_ceil(4))
+}
+
 /// One block of `threads` per row, at most 4096 blocks (the row kernels grid-stride).
 pub fn rows(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig::linear(rows.clamp(1, 4096) as u32, threads)
@@ -253,13 +258,16 @@ kernels! {
     // kernels/elementwise.cu
     /// y = op(x), `op` a `unary_code`.
     Unary["unary_f32", "unary_bf16"](x: ptr, y: ptr, op: code, n: len)
-        grid(k) = ew(k.n);
+        grid(k) = ew_vec(k.n);
     /// dx from (x, y, dy) of a unary op (y may be null where the rule needs only x).
     UnaryBwd["unary_bwd_f32", "unary_bwd_bf16"](x: ptr, y: ptr, dy: ptr, dx: ptr, op: code, n: len)
-        grid(k) = ew(k.n);
+        grid(k) = ew_vec(k.n);
     /// y = mul·x + add.
     Affine["affine_f32", "affine_bf16"](x: ptr, y: ptr, mul: f32, add: f32, n: len)
-        grid(k) = ew(k.n);
+        grid(k) = ew_vec(k.n);
+    /// out = a op b for three tensors of one shape (the broadcast-free case of `Binary`).
+    BinaryContig["binary_contig_f32", "binary_contig_bf16"](a: ptr, b: ptr, out: ptr, op: code, n: len)
+        grid(k) = ew_vec(k.n);
     /// y = x · s[0], s an f32 on the device.
     ScaleBy["scale_by_f32", "scale_by_bf16"](x: ptr, s: ptr, y: ptr, n: len)
         grid(k) = ew(k.n);
@@ -294,7 +302,7 @@ kernels! {
     IndexRows["index_rows_f32", "index_rows_bf16"](table: ptr, ids: ptr, out: ptr, n: int, cols: int)
         grid(k) = rows(k.n, 128);
     /// out[ids[i], :] += src[i, :], one thread per column in id order (deterministic).
-    IndexAddRows["index_add_rows_f32"](src: ptr, ids: ptr, out: ptr, n: int, cols: int)
+    IndexAddRows["index_add_rows_f32", "index_add_rows_bf16"](src: ptr, ids: ptr, out: ptr, n: int, cols: int)
         grid(k) = LaunchConfig::linear(k.cols.div_ceil(128).max(1) as u32, 128);
     /// The ViT stem's im2col: [B, C, H, W] → [B, (H/p)(W/p), C·p·p].
     Patchify["patchify_f32", "patchify_bf16"](x: ptr, out: ptr, b: int, c: int, h: int, w: int, p: int)
@@ -419,18 +427,22 @@ kernels! {
     );
 
     // kernels/lora_gemm.cu (geometry per variant: `backend::cuda::lora_gemm`)
-    /// y = epilogue(x·Wᵀ + bias + s·S·Bᵀ): variants 1 and 2.
+    /// y = epilogue(x·Wᵀ + bias + s·S·Bᵀ) (+ res when given; the pre-activation to `pre` with
+    /// bias + quick_gelu): variants 1 and 2.
     LoraGemmFwd["lora_gemm_fwd_bf16", "lora_gemm2_fwd_bf16"](
-        x: ptr, w: ptr, bias: ptr, s_low: ptr, lb: ptr, res: ptr, y: ptr,
+        x: ptr, w: ptr, bias: ptr, s_low: ptr, lb: ptr, res: ptr, pre: ptr, y: ptr,
         m: int, n: int, k: int, r: int, scale: f32, epilogue: code,
     );
-    /// The input gradient dy·W + s·(dy·B)·A of variants 1 and 2.
+    /// The input gradient dy·W + s·(dy·B)·A of variants 1 and 2 (or, with `lds`, + the LoRA
+    /// term drop′(lds·la) under dropout `lp`, `lseed`), times quick_gelu′(aux) with the gelu
+    /// epilogue, plus res (the gradient the input already has) when given.
     LoraGemmBwd["lora_gemm_bwd_bf16", "lora_gemm2_bwd_bf16"](
-        x: ptr, w: ptr, s_low: ptr, lb: ptr, y: ptr, m: int, n: int, k: int, r: int, scale: f32,
+        x: ptr, w: ptr, s_low: ptr, lb: ptr, lds: ptr, la: ptr, lr: int, lp: f32, lseed: u64,
+        res: ptr, aux: ptr, y: ptr, m: int, n: int, k: int, r: int, scale: f32, epilogue: code,
     );
     /// Variant 3 (Hopper: TMA + wgmma), operands by tensor map.
     LoraGemm3Fwd["lora_gemm3_fwd_bf16"](
-        tm_x: map, tm_w: map, tm_s: map, tm_b: map, bias: ptr, res: ptr, y: ptr,
+        tm_x: map, tm_w: map, tm_s: map, tm_b: map, bias: ptr, res: ptr, pre: ptr, y: ptr,
         m: int, n: int, k: int, r: int, scale: f32, epilogue: code,
     );
 
@@ -467,6 +479,12 @@ kernels! {
     /// torch's clipping factor min(1, max_norm / (‖g‖ + 1e-6)) from the partial sums.
     GradClip["grad_clip_f32"](part: ptr, num_parts: int, max_norm: f32, out: ptr)
         grid(_k) = LaunchConfig::linear(1, 256);
+}
+
+/// Blocks of `layernorm_bwd` for `rows`: one partial row of dγ/dβ per block caps the grid at
+/// 256 when they are computed; a frozen norm's grid fills the GPU (rows grid-stride).
+pub fn layernorm_bwd_blocks(rows: usize, params: bool) -> usize {
+    rows.clamp(1, if params { 256 } else { 4096 })
 }
 
 /// Shared memory of CLAM attention: Q, K, V and the scores; the backward also holds dQ and dS.

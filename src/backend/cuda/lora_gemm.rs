@@ -11,6 +11,8 @@ pub enum Epilogue {
     BiasGelu = 2,
     /// bias, then + a residual [M, N] (out_proj, fc2)
     BiasResidual = 3,
+    /// the backward's dX times quick_gelu′ of fc1's pre-activation (fc2's input gradient)
+    GeluBwd = 4,
 }
 
 /// One `mma.sync` variant: its kernels and block geometry (same arguments for every variant).

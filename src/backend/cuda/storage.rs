@@ -407,6 +407,19 @@ impl CudaStorage {
             BinaryOp::Mul => 2,
             BinaryOp::Div => 3,
         };
+        if ls == os && rs == os {
+            // Nothing broadcasts: the vectorized kernel, no index arithmetic.
+            return self.run_grid(
+                &format!("binary_contig_{sfx}"),
+                kn::BinaryContig {
+                    a: self.ptr(),
+                    b: rhs.ptr(),
+                    out: out.ptr(),
+                    op: code,
+                    n,
+                },
+            );
+        }
         self.run_grid(
             &format!("binary_{sfx}"),
             kn::Binary {
@@ -718,6 +731,12 @@ impl BackendStorage for CudaStorage {
         let ids = ids.ids_i64("index_rows", rows)?;
         let out = self.empty(ids.len * cols, self.dtype)?;
         if ids.len > 0 {
+            // Only the rows named are read, not the whole table.
+            let el = self.dtype.size_in_bytes() as f64;
+            profile::set_work(
+                0.0,
+                (ids.len * cols) as f64 * 2.0 * el + 8.0 * ids.len as f64,
+            );
             self.run_grid(
                 &format!("index_rows_{sfx}"),
                 kn::IndexRows {
@@ -738,6 +757,8 @@ impl BackendStorage for CudaStorage {
         let g = self.as_f32()?;
         let out = self.zeros_like(rows * cols, DType::F32)?;
         if ids.len > 0 && cols > 0 {
+            // src read, the rows named read and written (the zeroing is its own copy).
+            profile::set_work(0.0, (ids.len * cols) as f64 * 12.0 + 8.0 * ids.len as f64);
             self.run_grid(
                 "index_add_rows_f32",
                 kn::IndexAddRows {
@@ -750,6 +771,38 @@ impl BackendStorage for CudaStorage {
             )?;
         }
         out.into_dtype(self.dtype)
+    }
+
+    fn index_add_rows_into(
+        &self,
+        ids: &Self,
+        out: &mut Self,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let sfx = self.sfx("index_add_rows")?;
+        self.same_dtype("index_add_rows", out)?;
+        let ids = ids.ids_i64("index_add_rows", rows)?;
+        same_len("index_add_rows", self.len, ids.len * cols)?;
+        same_len("index_add_rows", out.len, rows * cols)?;
+        if ids.len > 0 && cols > 0 {
+            let el = self.dtype.size_in_bytes() as f64;
+            profile::set_work(
+                0.0,
+                (ids.len * cols) as f64 * 3.0 * el + 8.0 * ids.len as f64,
+            );
+            self.run_grid(
+                &format!("index_add_rows_{sfx}"),
+                kn::IndexAddRows {
+                    src: self.ptr(),
+                    ids: ids.ptr(),
+                    out: out.ptr(),
+                    n: ids.len,
+                    cols,
+                },
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -791,5 +844,5 @@ impl CudaStorage {
 
 #[path = "storage_lora.rs"]
 mod storage_lora;
-pub(crate) use storage_lora::LoraKey;
 pub use storage_lora::{lora_choices, LoraPath};
+pub(crate) use storage_lora::{DropLow, LoraKey};

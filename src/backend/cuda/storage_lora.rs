@@ -53,8 +53,24 @@ pub(crate) struct LoraKey {
     pub k: usize,
     pub r: usize,
     pub bias: bool,
-    /// A residual added in the epilogue.
+    /// A residual added in the epilogue (in the backward: the gradient dX already has).
     pub residual: bool,
+    /// Forward: bias + quick_gelu with the pre-activation written too (fc1); backward: dX
+    /// times quick_gelu′ of it (fc2's input gradient is fc1's output gradient).
+    pub gelu: bool,
+    /// Backward: the LoRA term under dropout added in the epilogue (`DropLow`).
+    pub dropout: bool,
+}
+
+/// The LoRA branch's input gradient under dropout, drop′(dS·A), added in the dX GEMM's
+/// epilogue: dS [m, rank] (scaled), A [rank, k], the mask of (p, seed) by element index.
+#[derive(Clone, Copy)]
+pub(crate) struct DropLow<'a> {
+    pub ds: &'a CudaStorage,
+    pub a: &'a CudaStorage,
+    pub rank: usize,
+    pub p: f32,
+    pub seed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,14 +115,16 @@ pub fn lora_choices() -> Vec<(usize, String, &'static str)> {
             (
                 *o,
                 format!(
-                    "{} m{} n{} k{} r{}{}{}",
+                    "{} m{} n{} k{} r{}{}{}{}{}",
                     if k.forward { "fwd" } else { "bwd dX" },
                     k.m,
                     k.n,
                     k.k,
                     k.r,
                     if k.bias { " +bias" } else { "" },
-                    if k.residual { " +residual" } else { "" }
+                    if k.residual { " +residual" } else { "" },
+                    if k.gelu { " +gelu" } else { "" },
+                    if k.dropout { " +dropout" } else { "" }
                 ),
                 p.name(),
             )
@@ -183,7 +201,8 @@ impl CudaStorage {
         Ok(cands[0])
     }
 
-    /// y = x·Wᵀ (+ b) + scale·S·Bᵀ by a fused kernel (`low` = (S [m, r], B [n, r])).
+    /// y = x·Wᵀ (+ b) + scale·S·Bᵀ (+ res) by a fused kernel (`low` = (S [m, r], B [n, r])):
+    /// [y], or with `gelu` (which needs the bias) [quick_gelu(h), h] for h = x·Wᵀ + b + ….
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lora_fused_fwd(
         &self,
@@ -192,33 +211,45 @@ impl CudaStorage {
         bias: Option<&CudaStorage>,
         low: Option<(&CudaStorage, &CudaStorage)>,
         res: Option<&CudaStorage>,
+        gelu: bool,
         scale: f32,
         (m, n, k, r): (usize, usize, usize, usize),
-    ) -> Result<CudaStorage> {
+    ) -> Result<Vec<CudaStorage>> {
         let y = self.empty(m * n, DType::BF16)?;
-        if m * n == 0 {
-            return Ok(y);
-        }
-        let epi = match (bias.is_some(), res.is_some()) {
-            (true, true) => Epilogue::BiasResidual,
+        let pre = if gelu {
+            Some(self.empty(m * n, DType::BF16)?)
+        } else {
+            None
+        };
+        let epi = match (bias.is_some(), gelu) {
+            (true, true) => Epilogue::BiasGelu,
+            (true, false) if res.is_some() => Epilogue::BiasResidual,
             (true, false) => Epilogue::Bias,
             (false, false) => Epilogue::None,
             (false, true) => {
                 return Err(Error::Cuda(
-                    "lora gemm: the residual epilogue needs a bias".into(),
+                    "lora gemm: the gelu epilogue needs a bias".into(),
                 ))
             }
         } as i32;
+        if gelu && res.is_some() {
+            return Err(Error::Cuda(
+                "lora gemm: gelu and a residual in one epilogue".into(),
+            ));
+        }
+        let outs = |y: CudaStorage, pre: Option<CudaStorage>| -> Vec<CudaStorage> {
+            std::iter::once(y).chain(pre).collect()
+        };
+        if m * n == 0 {
+            return Ok(outs(y, pre));
+        }
         let r = if low.is_some() { r } else { 0 };
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
         let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
+        let extra = res.is_some() as u8 as f64 + gelu as u8 as f64;
         crate::profile::set_work(
             2.0 * mf * nf * (kf + rf),
-            2.0 * (mf * kf
-                + nf * kf
-                + mf * rf
-                + nf * rf
-                + mf * nf * (1.0 + res.is_some() as u8 as f64)),
+            2.0 * (mf * kf + nf * kf + mf * rf + nf * rf + mf * nf * (1.0 + extra)),
         );
         if path == LoraPath::V3 {
             let [mx, mw, ms, mb] = hopper::maps(m, n, k, r);
@@ -233,6 +264,7 @@ impl CudaStorage {
                 tm_b: tm(b, mb)?,
                 bias: opt(bias),
                 res: opt(res),
+                pre: opt(pre.as_ref()),
                 y: y.ptr(),
                 m,
                 n,
@@ -242,7 +274,7 @@ impl CudaStorage {
                 epilogue: epi,
             };
             self.run(hopper::KERNEL, hopper::config(m, n), args)?;
-            return Ok(y);
+            return Ok(outs(y, pre));
         }
         let v = path.variant().ok_or_else(|| {
             Error::Cuda(format!("lora gemm: {} is not a fused path", path.name()))
@@ -254,6 +286,7 @@ impl CudaStorage {
             s_low: opt(low.map(|l| l.0)),
             lb: opt(low.map(|l| l.1)),
             res: opt(res),
+            pre: opt(pre.as_ref()),
             y: y.ptr(),
             m,
             n,
@@ -263,16 +296,22 @@ impl CudaStorage {
             epilogue: epi,
         };
         self.run(v.fwd, v.config(m, n), args)?;
-        Ok(y)
+        Ok(outs(y, pre))
     }
 
     /// dX = dY·W + scale·dS·A by a fused kernel (self = dY [m, n], W [n, k], dS [m, r],
-    /// A [r, k]); without `low`, dX = dY·W.
+    /// A [r, k]); without `low`, dX = dY·W. Then, in the epilogue, + drop′(dS·A) for
+    /// `drop_low`, times quick_gelu′(pre) for `gelu_pre` [m, k] and + `acc` [m, k] (the
+    /// gradient the input already has).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn lora_fused_dx(
         &self,
         path: LoraPath,
         w: &CudaStorage,
         low: Option<(&CudaStorage, &CudaStorage)>,
+        drop_low: Option<DropLow<'_>>,
+        acc: Option<&CudaStorage>,
+        gelu_pre: Option<&CudaStorage>,
         scale: f32,
         (m, n, k, r): (usize, usize, usize, usize),
     ) -> Result<CudaStorage> {
@@ -287,10 +326,33 @@ impl CudaStorage {
             return Ok(dx);
         }
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
-        let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
+        for (what, t) in [
+            ("accumulated gradient", acc),
+            ("gelu pre-activation", gelu_pre),
+        ] {
+            if let Some(t) = t {
+                same_len(what, t.len, m * k)?;
+                self.same_dtype(what, t)?;
+            }
+        }
+        if let Some(d) = &drop_low {
+            if d.rank > kn::LORA_LOWRANK_MAX_RANK {
+                return Err(Error::Cuda(format!(
+                    "lora gemm backward: the dropout epilogue takes rank ≤ {}, not {}",
+                    kn::LORA_LOWRANK_MAX_RANK,
+                    d.rank
+                )));
+            }
+            same_len("lora gemm backward dS", d.ds.len, m * d.rank)?;
+            same_len("lora gemm backward A", d.a.len, d.rank * k)?;
+        }
+        let (mf, nf, kf) = (m as f64, n as f64, k as f64);
+        let rf = (if low.is_some() { r } else { 0 }) as f64;
+        let dr = drop_low.as_ref().map_or(0.0, |d| d.rank as f64);
+        let extra = acc.is_some() as u8 as f64 + gelu_pre.is_some() as u8 as f64;
         crate::profile::set_work(
-            2.0 * mf * kf * (nf + rf),
-            2.0 * (mf * nf + nf * kf + mf * rf + rf * kf + mf * kf),
+            2.0 * mf * kf * (nf + rf + dr),
+            2.0 * (mf * nf + nf * kf + (mf + kf) * (rf + dr) + mf * kf * (1.0 + extra)),
         );
         // The output is [m, k] and the contraction runs over n.
         self.run(
@@ -301,20 +363,33 @@ impl CudaStorage {
                 w: w.ptr(),
                 s_low: opt(low.map(|l| l.0)),
                 lb: opt(low.map(|l| l.1)),
+                lds: opt(drop_low.map(|d| d.ds)),
+                la: opt(drop_low.map(|d| d.a)),
+                lr: drop_low.map_or(0, |d| d.rank),
+                lp: drop_low.map_or(0.0, |d| d.p),
+                lseed: drop_low.map_or(0, |d| d.seed),
+                res: opt(acc),
+                aux: opt(gelu_pre),
                 y: dx.ptr(),
                 m,
                 n: k,
                 k: n,
                 r: if low.is_some() { r } else { 0 },
                 scale,
+                epilogue: if gelu_pre.is_some() {
+                    Epilogue::GeluBwd
+                } else {
+                    Epilogue::None
+                } as i32,
             },
         )?;
         Ok(dx)
     }
 }
 
-/// Computes a LoRA-linear product by a path on operands given in `lora_choose`'s order.
-pub(super) type LoraRun<'a> = dyn Fn(LoraPath, &[&CudaStorage]) -> Result<CudaStorage> + 'a;
+/// Computes a LoRA-linear product by a path on operands given in `lora_choose`'s order: its
+/// outputs (y, and fc1's pre-activation with the gelu epilogue).
+pub(super) type LoraRun<'a> = dyn Fn(LoraPath, &[&CudaStorage]) -> Result<Vec<CudaStorage>> + 'a;
 
 /// Random operands of the same shapes and dtypes as `operands` (x or dY, W, then S and B or dS
 /// and A), scaled so that the main and the low-rank terms are of similar size: a fused kernel
@@ -370,17 +445,22 @@ pub(super) fn screen(
 ) -> Result<Vec<(LoraPath, std::result::Result<(), String>)>> {
     let probe = probe_operands(key, operands)?;
     let probe: Vec<&CudaStorage> = probe.iter().collect();
-    let read = |s: &CudaStorage| -> Result<Vec<f32>> {
-        Ok(match s.to_cpu()? {
-            CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            CpuStorage::F32(v) => v,
-            other => {
-                return Err(Error::Cuda(format!(
-                    "lora gemm check: unexpected {}",
-                    other.dtype()
-                )))
+    // Every output, one after the other.
+    let read = |outs: &[CudaStorage]| -> Result<Vec<f32>> {
+        let mut all = vec![];
+        for s in outs {
+            match s.to_cpu()? {
+                CpuStorage::BF16(v) => all.extend(v.iter().map(|x| x.to_f32())),
+                CpuStorage::F32(v) => all.extend(v),
+                other => {
+                    return Err(Error::Cuda(format!(
+                        "lora gemm check: unexpected {}",
+                        other.dtype()
+                    )))
+                }
             }
-        })
+        }
+        Ok(all)
     };
     let want = read(&run(LoraPath::Cublas, &probe)?)?;
     let peak = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
@@ -489,6 +569,8 @@ mod tests {
             r,
             bias: false,
             residual: false,
+            gelu: false,
+            dropout: false,
         };
         let (x, w, s) = (
             sim(&values(m * k, 1)),
@@ -505,14 +587,14 @@ mod tests {
             trans_b: true,
             rhs_batched: false,
         };
-        let run = |p: LoraPath, ops: &[&CudaStorage]| -> Result<CudaStorage> {
+        let run = |p: LoraPath, ops: &[&CudaStorage]| -> Result<Vec<CudaStorage>> {
             match p {
                 // PEFT's structure: X·Wᵀ + s·(S·Bᵀ).
                 LoraPath::Cublas => {
                     let y = ops[0].mm(ops[1], spec(n, k))?;
                     let low = ops[2].mm(ops[3], spec(n, r))?.affine(scale as f64, 0.0)?;
                     let ys = Shape::from(vec![m, n]);
-                    y.binary(&low, BinaryOp::Add, &ys, &ys, &ys)
+                    Ok(vec![y.binary(&low, BinaryOp::Add, &ys, &ys, &ys)?])
                 }
                 LoraPath::V2 => ops[0].lora_fused_fwd(
                     LoraPath::V2,
@@ -520,6 +602,7 @@ mod tests {
                     None,
                     Some((ops[2], ops[3])),
                     None,
+                    false,
                     scale,
                     (m, n, k, r),
                 ),
@@ -530,6 +613,7 @@ mod tests {
                     None,
                     None,
                     None,
+                    false,
                     scale,
                     (m, n, k, r),
                 ),
@@ -538,8 +622,8 @@ mod tests {
         };
         let call = [&x, &w, &s, &b];
         let (y_ref, y_bad) = (
-            host(&run(LoraPath::Cublas, &call).unwrap()),
-            host(&run(LoraPath::V1, &call).unwrap()),
+            host(&run(LoraPath::Cublas, &call).unwrap()[0]),
+            host(&run(LoraPath::V1, &call).unwrap()[0]),
         );
         let worst = y_ref
             .iter()

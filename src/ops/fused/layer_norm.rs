@@ -10,10 +10,10 @@ use crate::backend::cpu::{CpuStorage, RED_CHUNK};
 use crate::backend::cuda::{
     abi::{Arg, LaunchConfig},
     kernels as kn,
-    storage::CudaStorage,
+    storage::{same_len, CudaStorage},
 };
 use crate::backend::BackendStorage;
-use crate::ops::{check_float, check_same_dtype, record_fn};
+use crate::ops::{check_float, check_same_dtype, record_fn_acc};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::DType;
 use crate::{Error, Float, Result, Tensor};
@@ -42,20 +42,31 @@ impl Tensor {
                 .map_err(|_| crate::Error::Msg("layer_norm: expected 3 outputs".into()))?;
         let (x, g) = (self.clone(), gamma.clone());
         let beta_shape = beta.shape().clone();
-        record_fn(
+        record_fn_acc(
             op,
             y,
             self.shape().clone(),
             &[self, gamma, beta],
             move |_: &Tensor| {
-                move |dy: &Tensor, needs: &[bool]| {
+                move |dy: &Tensor, needs: &[bool], acc: &mut [Option<Tensor>]| {
+                    // The residual stream's gradient so far is added in the kernel (a pre-LN
+                    // block's input feeds both the norm and the residual add).
+                    let acc = acc[0]
+                        .take_if(|a| needs[0] && a.dtype() == x.dtype() && a.shape() == x.shape());
                     let bwd = Backward {
                         cols,
                         need_x: needs[0],
                         need_params: needs[1] || needs[2],
+                        acc: acc.is_some(),
                     };
-                    let inputs = [&x.storage(), &g.storage(), &mean, &rstd, &dy.storage()];
-                    let mut outs = super::run(&bwd, &inputs)?.into_iter();
+                    let outs = {
+                        let acc_st = acc.as_ref().map(|a| a.storage());
+                        let (xs, gs, dys) = (x.storage(), g.storage(), dy.storage());
+                        let mut inputs = vec![&*xs, &*gs, &mean, &rstd, &*dys];
+                        inputs.extend(acc_st.as_deref());
+                        super::run(&bwd, &inputs)?
+                    };
+                    let mut outs = outs.into_iter();
                     let dx = if bwd.need_x { outs.next() } else { None };
                     let (dg, db) = if bwd.need_params {
                         (outs.next(), outs.next())
@@ -90,11 +101,13 @@ pub struct Forward {
     pub eps: f64,
 }
 
-/// From (x, γ, mean, rstd, dy): dx when `need_x`, then dγ and dβ when `need_params`.
+/// From (x, γ, mean, rstd, dy, [acc]): dx (+ acc, the gradient x already has, when `acc`)
+/// when `need_x`, then dγ and dβ when `need_params`.
 pub struct Backward {
     pub cols: usize,
     pub need_x: bool,
     pub need_params: bool,
+    pub acc: bool,
 }
 
 fn param_lens(op: &'static str, cols: usize, lens: [usize; 2]) -> Result<()> {
@@ -117,7 +130,18 @@ impl FloatFn for Forward {
 impl FloatFn for Backward {
     fn call<F: Float>(&self, inputs: &[&[F]]) -> Vec<Vec<F>> {
         let (x, g, m, r, dy) = (inputs[0], inputs[1], inputs[2], inputs[3], inputs[4]);
-        let (dx, dg, db) = layer_norm_bwd(x, g, m, r, dy, self.cols, self.need_x, self.need_params);
+        let acc = self.acc.then(|| inputs[5]);
+        let (dx, dg, db) = layer_norm_bwd(
+            x,
+            g,
+            m,
+            r,
+            dy,
+            acc,
+            self.cols,
+            self.need_x,
+            self.need_params,
+        );
         dx.into_iter().chain(dg).chain(db).collect()
     }
 }
@@ -165,6 +189,12 @@ impl FusedKernel for Backward {
     const NAME: &'static str = "layer_norm_bwd";
 
     fn cpu(&self, inputs: &[&CpuStorage]) -> Result<Vec<CpuStorage>> {
+        if self.acc && inputs.get(5).map(|a| a.len()) != Some(inputs[0].len()) {
+            return Err(Error::shape(
+                Self::NAME,
+                "the accumulated gradient does not match x".to_string(),
+            ));
+        }
         // Statistics are f32 for bf16 tensors: run in f32 and round the results.
         cpu_float_bf16_via_f32(Self::NAME, self, inputs)
     }
@@ -176,14 +206,32 @@ impl FusedKernel for Backward {
         x.same_dtype(Self::NAME, dy)?;
         let cols = self.cols;
         let rows = x.len / cols.max(1);
-        let blocks = rows.clamp(1, 256);
+        let acc = if self.acc {
+            let a = inputs.get(5).copied().ok_or_else(|| {
+                Error::Msg(format!(
+                    "{}: the accumulated gradient is missing",
+                    Self::NAME
+                ))
+            })?;
+            same_len("layer_norm_bwd acc", a.len, x.len)?;
+            x.same_dtype(Self::NAME, a)?;
+            Some(a)
+        } else {
+            None
+        };
+        // dγ/dβ partials cap the grid (one partial row per block); a frozen norm has none, so
+        // its grid fills the GPU.
+        let blocks = kn::layernorm_bwd_blocks(rows, self.need_params);
         let dx = x.empty(x.len, x.dtype)?;
-        let (dgp, dbp) = (
-            x.empty(blocks * cols, DType::F32)?,
-            x.empty(blocks * cols, DType::F32)?,
-        );
+        let parts = if self.need_params {
+            Some((
+                x.empty(blocks * cols, DType::F32)?,
+                x.empty(blocks * cols, DType::F32)?,
+            ))
+        } else {
+            None
+        };
         if rows > 0 {
-            // One block per partial row of dγ/dβ.
             x.run(
                 &format!("layernorm_bwd_{sfx}"),
                 LaunchConfig::linear(blocks as u32, 256),
@@ -193,10 +241,10 @@ impl FusedKernel for Backward {
                     gamma: gamma.ptr(),
                     mean: mean.ptr(),
                     rstd: rstd.ptr(),
-                    dsum: Arg::null(),
+                    dsum: acc.map_or(Arg::null(), |a| a.ptr()),
                     dx: dx.ptr(),
-                    dgamma_part: dgp.ptr(),
-                    dbeta_part: dbp.ptr(),
+                    dgamma_part: parts.as_ref().map_or(Arg::null(), |p| p.0.ptr()),
+                    dbeta_part: parts.as_ref().map_or(Arg::null(), |p| p.1.ptr()),
                     rows,
                     n: cols,
                 },
@@ -206,7 +254,7 @@ impl FusedKernel for Backward {
         if self.need_x {
             out.push(dx);
         }
-        if self.need_params {
+        if let Some((dgp, dbp)) = &parts {
             let (dg, db) = if rows > 0 {
                 (dgp.column_sum(blocks, cols)?, dbp.column_sum(blocks, cols)?)
             } else {
@@ -263,6 +311,7 @@ pub fn layer_norm_bwd<F: Float>(
     mean: &[F],
     rstd: &[F],
     dy: &[F],
+    acc: Option<&[F]>,
     cols: usize,
     need_x: bool,
     need_params: bool,
@@ -288,6 +337,10 @@ pub fn layer_norm_bwd<F: Float>(
                 for i in 0..cols {
                     let xh = (x[i] - mu) * rs;
                     dx[i] = (dy[i] * g[i] - m1 - xh * m2) * rs;
+                }
+                if let Some(a) = acc {
+                    let a = &a[r * cols..(r + 1) * cols];
+                    dx.iter_mut().zip(a).for_each(|(d, a)| *d += *a);
                 }
             });
         dx

@@ -7,13 +7,14 @@ use rayon::prelude::*;
 
 use super::{cpu_float, FloatFn, FusedKernel};
 use crate::autograd::{record, BackwardOp};
+use crate::backend::cpu::elementwise;
 use crate::backend::cpu::gemm::{gemm_into, Mat};
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::kernels as kn;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
-use crate::backend::cuda::storage::{same_len, CudaStorage, LoraKey, LoraPath};
-use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraSpec};
+use crate::backend::cuda::storage::{same_len, CudaStorage, DropLow, LoraKey, LoraPath};
+use crate::backend::{BackendStorage, LinearGrads, LinearNeeds, LinearSpec, LoraSpec, UnaryOp};
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::{BinaryOp, MatmulSpec};
 use crate::ops::{check_float, check_same_dtype};
@@ -43,7 +44,7 @@ pub fn lora_linear(
     b: Option<&Tensor>,
     lora: Option<Lora<'_>>,
 ) -> Result<Tensor> {
-    linear_impl(x, w, b, lora, None)
+    linear_impl(x, w, b, lora, None, Act::None).map(|(y, _)| y)
 }
 
 /// `residual + lora_linear(x, w, b, lora)` as one op — a pre-LN block's `x + out_proj(·)` and
@@ -56,7 +57,62 @@ pub fn lora_linear_residual(
     lora: Option<Lora<'_>>,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    linear_impl(x, w, b, lora, Some(residual))
+    linear_impl(x, w, b, lora, Some(residual), Act::None).map(|(y, _)| y)
+}
+
+/// A LoRA-linear followed by quick_gelu — CLIP's fc1 — as the next linear takes it: the
+/// pre-activation h and quick_gelu(h), both written by the GEMM's epilogue where the fused
+/// kernel runs (no separate activation pass, forward or backward).
+pub struct GeluLinear {
+    pre: Tensor,
+    act: Tensor,
+}
+
+impl GeluLinear {
+    /// h = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ, tracked: gradients flow back through the linear.
+    pub fn pre(&self) -> &Tensor {
+        &self.pre
+    }
+
+    /// quick_gelu(h) as a value. It carries no gradient of its own: `lora_linear_gelu_input`
+    /// routes the next linear's input gradient to `pre`, times quick_gelu′(h).
+    pub fn act(&self) -> &Tensor {
+        &self.act
+    }
+}
+
+/// `quick_gelu(lora_linear(x, w, b, lora))` as a `GeluLinear`.
+pub fn lora_linear_gelu(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<Lora<'_>>,
+) -> Result<GeluLinear> {
+    let (pre, act) = linear_impl(x, w, b, lora, None, Act::Out)?;
+    let act = act.ok_or_else(|| Error::Msg("lora_linear_gelu: no activation".into()))?;
+    Ok(GeluLinear { pre, act })
+}
+
+/// `lora_linear(quick_gelu(h), w, b, lora)` (+ `residual`) for `input` from
+/// `lora_linear_gelu` — CLIP's fc2: its input gradient goes to h with quick_gelu′ applied in
+/// the dX GEMM's epilogue where the fused kernel runs.
+pub fn lora_linear_gelu_input(
+    input: &GeluLinear,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<Lora<'_>>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    linear_impl(&input.act, w, b, lora, residual, Act::In(&input.pre)).map(|(y, _)| y)
+}
+
+/// Whether the linear's output goes through quick_gelu (`Out`) or its input came out of one
+/// (`In(h)`, the input being quick_gelu(h)).
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    None,
+    Out,
+    In(&'a Tensor),
 }
 
 fn linear_impl(
@@ -65,7 +121,8 @@ fn linear_impl(
     b: Option<&Tensor>,
     lora: Option<Lora<'_>>,
     residual: Option<&Tensor>,
-) -> Result<Tensor> {
+    act: Act<'_>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let op = Forward::NAME;
     check_float(op, x)?;
     check_same_dtype(op, x, w)?;
@@ -132,7 +189,29 @@ fn linear_impl(
             })
         }
     };
-    let mut inputs = vec![x, w];
+    let gelu_pre = match act {
+        Act::In(pre) => {
+            check_same_dtype(op, x, pre)?;
+            if pre.dims() != x.dims() {
+                return Err(crate::shape_err!(
+                    op,
+                    "pre-activation {:?} does not match the input {:?}",
+                    pre.dims(),
+                    x.dims()
+                ));
+            }
+            Some(pre)
+        }
+        _ => None,
+    };
+    let gelu_out = matches!(act, Act::Out);
+    if gelu_out && residual.is_some() {
+        return Err(Error::Msg(format!(
+            "{op}: a quick_gelu output takes no residual"
+        )));
+    }
+    // The GEMM reads x; the gradient of input 0 goes to h when x = quick_gelu(h).
+    let mut inputs = vec![gelu_pre.unwrap_or(x), w];
     if let Some(b) = b {
         inputs.push(b);
     }
@@ -159,19 +238,31 @@ fn linear_impl(
         bias: b.is_some(),
         lora: lspec,
         residual: residual.is_some(),
+        gelu: gelu_out,
     };
     let mut outs = {
-        let guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
+        let mut guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
+        if gelu_pre.is_some() {
+            guards[0] = x.storage(); // the GEMM's input is quick_gelu(h)
+        }
         let st: Vec<&Storage> = guards.iter().map(|g| &**g).collect();
         super::run(&fwd, &st)?.into_iter()
     };
     let y = outs
         .next()
         .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?;
-    let s = outs.next();
+    let s = if lspec.is_some() { outs.next() } else { None };
+    let act_out = if gelu_out {
+        let a = outs
+            .next()
+            .ok_or_else(|| Error::Msg("lora_linear: no activation output".into()))?;
+        Some(Tensor::from_storage(a, Shape::new(od.clone()))?)
+    } else {
+        None
+    };
     let has_bias = b.is_some();
     let has_residual = residual.is_some();
-    record(y, Shape::new(od), &inputs, |_| LinearBackward {
+    let y = record(y, Shape::new(od), &inputs, |_| LinearBackward {
         x: x.clone(),
         w: w.clone(),
         lora: lora
@@ -179,10 +270,12 @@ fn linear_impl(
             .zip(lspec)
             .zip(s)
             .map(|((l, sp), s)| (l.a.clone(), l.b.clone(), s, sp)),
+        gelu_pre: gelu_pre.cloned(),
         has_bias,
         has_residual,
         spec,
-    })
+    })?;
+    Ok((y, act_out))
 }
 
 struct LinearBackward {
@@ -190,6 +283,8 @@ struct LinearBackward {
     w: Tensor,
     /// (A, B, S = drop(x)·Aᵀ, spec).
     lora: Option<(Tensor, Tensor, Storage, LoraSpec)>,
+    /// h when x = quick_gelu(h): input 0 is h, and its gradient is dX·quick_gelu′(h).
+    gelu_pre: Option<Tensor>,
     has_bias: bool,
     has_residual: bool,
     spec: LinearSpec,
@@ -201,6 +296,23 @@ impl BackwardOp for LinearBackward {
     }
 
     fn backward(self: Box<Self>, g: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        let mut none = vec![None; needs.len()];
+        self.backward_acc(g, needs, &mut none)
+    }
+
+    fn backward_acc(
+        self: Box<Self>,
+        g: &Tensor,
+        needs: &[bool],
+        acc: &mut [Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        // Input 0's gradient so far (q/k/v share theirs) is added in the dX epilogue.
+        let in_shape = self.gelu_pre.as_ref().map_or(self.x.shape(), |p| p.shape());
+        let acc0 = acc.first_mut().and_then(|a| {
+            a.take_if(|a| {
+                needs.first() == Some(&true) && a.dtype() == self.x.dtype() && a.shape() == in_shape
+            })
+        });
         let bi = if self.has_bias { Some(2) } else { None };
         let li = if self.has_bias { 3 } else { 2 };
         let need = |i: usize| needs.get(i).copied().unwrap_or(false);
@@ -215,6 +327,8 @@ impl BackwardOp for LinearBackward {
             spec: self.spec,
             lora: self.lora.as_ref().map(|l| l.3),
             needs: wants,
+            gelu: self.gelu_pre.is_some(),
+            acc: acc0.is_some(),
         };
         let mut grads = {
             let (xs, ws, gs) = (self.x.storage(), self.w.storage(), g.storage());
@@ -222,10 +336,14 @@ impl BackwardOp for LinearBackward {
                 .lora
                 .as_ref()
                 .map(|(a, b, _, _)| (a.storage(), b.storage()));
+            let pre = self.gelu_pre.as_ref().map(|p| p.storage());
+            let acc = acc0.as_ref().map(|a| a.storage());
             let mut st: Vec<&Storage> = vec![&xs, &ws, &gs];
             if let (Some((a, b)), Some((_, _, s, _))) = (&la, &self.lora) {
                 st.extend([&**a, &**b, s]);
             }
+            st.extend(pre.as_deref());
+            st.extend(acc.as_deref());
             super::run(&bwd, &st)?.into_iter()
         };
         // The outputs come in LinearGrads order, only those asked for.
@@ -238,10 +356,7 @@ impl BackwardOp for LinearBackward {
                 .ok_or_else(|| Error::Msg("lora_linear_bwd: missing gradient".into()))?;
             Ok(Some(Tensor::from_storage(s, shape.clone())?))
         };
-        let mut out = vec![
-            take(wants.x, self.x.shape())?,
-            take(wants.w, self.w.shape())?,
-        ];
+        let mut out = vec![take(wants.x, in_shape)?, take(wants.w, self.w.shape())?];
         if self.has_bias {
             out.push(take(wants.b, &Shape::from(self.spec.n))?);
         }
@@ -258,21 +373,26 @@ impl BackwardOp for LinearBackward {
     }
 }
 
-/// (y, S = drop(x)·Aᵀ when there is a LoRA branch) from (x, W, [b], [A, B], [residual]):
-/// y = x·Wᵀ + b + s·S·Bᵀ (+ residual, added in the GEMM's epilogue where the kernel can).
+/// (y, [S = drop(x)·Aᵀ] with a LoRA branch, [quick_gelu(y)] with `gelu`) from
+/// (x, W, [b], [A, B], [residual]): y = x·Wᵀ + b + s·S·Bᵀ (+ residual, added in the GEMM's
+/// epilogue where the kernel can).
 pub struct Forward {
     pub spec: LinearSpec,
     pub bias: bool,
     pub lora: Option<LoraSpec>,
     pub residual: bool,
+    pub gelu: bool,
 }
 
 /// The gradients asked for by `needs`, in `LinearGrads` order (x, W, b, A, B), from
-/// (x, W, dy, [A, B, S]).
+/// (x, W, dy, [A, B, S], [h], [acc]): with `gelu` (x = quick_gelu(h)) the input gradient is
+/// dX·quick_gelu′(h); with `acc` it has the input's gradient so far added.
 pub struct Backward {
     pub spec: LinearSpec,
     pub lora: Option<LoraSpec>,
     pub needs: LinearNeeds,
+    pub gelu: bool,
+    pub acc: bool,
 }
 
 impl FloatFn for Forward {
@@ -285,14 +405,32 @@ impl FloatFn for Forward {
             let res = x[li + 2 * self.lora.is_some() as usize];
             y.par_iter_mut().zip(res).for_each(|(y, r)| *y += *r);
         }
-        std::iter::once(y).chain(s).collect()
+        let act = self
+            .gelu
+            .then(|| elementwise::unary(&y, UnaryOp::QuickGelu));
+        std::iter::once(y).chain(s).chain(act).collect()
     }
 }
 
 impl FloatFn for Backward {
     fn call<F: Float>(&self, x: &[&[F]]) -> Vec<Vec<F>> {
         let low = self.lora.map(|l| (x[3], x[4], x[5], l));
-        flatten(backward(x[0], x[1], low, x[2], self.spec, self.needs))
+        let mut at = 3 + 3 * self.lora.is_some() as usize;
+        let pre = self.gelu.then(|| {
+            at += 1;
+            x[at - 1]
+        });
+        let acc = self.acc.then(|| x[at]);
+        let mut g = backward(x[0], x[1], low, x[2], self.spec, self.needs);
+        if let Some(dx) = g.x.as_mut() {
+            if let Some(h) = pre {
+                *dx = elementwise::unary_bwd(h, h, dx, UnaryOp::QuickGelu);
+            }
+            if let Some(a) = acc {
+                dx.par_iter_mut().zip(a).for_each(|(d, a)| *d += *a);
+            }
+        }
+        flatten(g)
     }
 }
 
@@ -336,8 +474,8 @@ impl FusedKernel for Forward {
         let res = self
             .residual
             .then(|| inputs[li + 2 * self.lora.is_some() as usize]);
-        let (y, s) = cuda_forward(inputs[0], inputs[1], b, low, res, self.spec)?;
-        Ok(std::iter::once(y).chain(s).collect())
+        let (y, s, act) = cuda_forward(inputs[0], inputs[1], b, low, res, self.gelu, self.spec)?;
+        Ok(std::iter::once(y).chain(s).chain(act).collect())
     }
 }
 
@@ -358,7 +496,23 @@ impl FusedKernel for Backward {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     fn cuda(&self, inputs: &[&CudaStorage]) -> Result<Vec<CudaStorage>> {
         let low = self.lora.map(|l| (inputs[3], inputs[4], inputs[5], l));
-        let g = cuda_backward(inputs[0], inputs[1], low, inputs[2], self.spec, self.needs)?;
+        let mut at = 3 + 3 * self.lora.is_some() as usize;
+        let mut next = |on: bool| -> Result<Option<&CudaStorage>> {
+            if !on {
+                return Ok(None);
+            }
+            at += 1;
+            inputs.get(at - 1).copied().map(Some).ok_or_else(|| {
+                Error::Msg(format!("{}: an epilogue operand is missing", Self::NAME))
+            })
+        };
+        let epi = DxEpilogue {
+            gelu_pre: next(self.gelu)?,
+            acc: next(self.acc)?,
+        };
+        let g = cuda_backward(
+            inputs[0], inputs[1], low, inputs[2], epi, self.spec, self.needs,
+        )?;
         Ok(flatten(g))
     }
 }
@@ -500,8 +654,9 @@ fn cuda_forward(
     b: Option<&CudaStorage>,
     lora: Option<(&CudaStorage, &CudaStorage, LoraSpec)>,
     res: Option<&CudaStorage>,
+    gelu: bool,
     spec: LinearSpec,
-) -> Result<(CudaStorage, Option<CudaStorage>)> {
+) -> Result<(CudaStorage, Option<CudaStorage>, Option<CudaStorage>)> {
     let LinearSpec { m, n, k } = spec;
     same_len("lora_linear x", x.len, m * k)?;
     same_len("lora_linear W", w.len, n * k)?;
@@ -578,32 +733,49 @@ fn cuda_forward(
             r,
             bias: b.is_some(),
             residual: res.is_some(),
+            gelu,
+            dropout: false,
         };
         // ops = [x, W, (S, B)]: the call's own, or random ones of the same shapes while
         // the path for the shape is being chosen.
         // ops = [x, W, (S, B), (residual)]: all randomized while a path is screened, so a
         // large residual cannot hide a wrong product.
-        let run = |p: LoraPath, ops: &[&CudaStorage]| {
+        // Outputs [y] or, with gelu, [quick_gelu(h), h] (the fused kernel's order).
+        let run = |p: LoraPath, ops: &[&CudaStorage]| -> Result<Vec<CudaStorage>> {
             let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
             let res = res.map(|_| ops[ops.len() - 1]);
             match p {
-                LoraPath::Cublas => cublas(ops[0], ops[1], low, res),
+                LoraPath::Cublas => {
+                    let h = cublas(ops[0], ops[1], low, res)?;
+                    Ok(if gelu {
+                        vec![h.unary(UnaryOp::QuickGelu)?, h]
+                    } else {
+                        vec![h]
+                    })
+                }
                 p => {
-                    // The residual add rides in the epilogue (which needs the bias too).
+                    // The residual add and gelu ride in the epilogue (which needs the bias).
                     let fused_res = res.filter(|_| b.is_some());
-                    let y = ops[0].lora_fused_fwd(
+                    let fused_gelu = gelu && b.is_some();
+                    let mut outs = ops[0].lora_fused_fwd(
                         p,
                         ops[1],
                         b,
                         low.map(|(s, lb, _)| (s, lb)),
                         fused_res,
+                        fused_gelu,
                         low.map_or(1.0, |l| l.2.scale as f32),
                         (m, n, k, r),
                     )?;
                     if let (Some(r), None) = (res, fused_res) {
+                        let y = &outs[0];
                         y.elementwise_binary(r, BinaryOp::Add, &y.alias(), &ys, &ys, &ys)?;
                     }
-                    Ok(y)
+                    if gelu && !fused_gelu {
+                        let h = outs.remove(0);
+                        outs = vec![h.unary(UnaryOp::QuickGelu)?, h];
+                    }
+                    Ok(outs)
                 }
             }
         };
@@ -612,11 +784,37 @@ fn cuda_forward(
             ops.extend([s, lb]);
         }
         ops.extend(res);
-        run(x.lora_choose(key, &ops, &run)?, &ops)?
+        let mut outs = run(x.lora_choose(key, &ops, &run)?, &ops)?;
+        if gelu {
+            let h = outs.pop();
+            let act = outs.pop();
+            return match (h, act) {
+                (Some(h), Some(act)) => Ok((h, s_low, Some(act))),
+                _ => Err(Error::Msg(
+                    "lora_linear: the gelu path lost an output".into(),
+                )),
+            };
+        }
+        outs.pop()
+            .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?
     } else {
         cublas(x, w, low, res)?
     };
-    Ok((y, s_low))
+    let act = if gelu {
+        Some(y.unary(UnaryOp::QuickGelu)?)
+    } else {
+        None
+    };
+    Ok((y, s_low, act))
+}
+
+/// What follows dX = dY·W (+ the low-rank term): quick_gelu′ of fc1's pre-activation, then the
+/// gradient the input already has — in the dX GEMM's epilogue where the fused kernel runs.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+#[derive(Clone, Copy)]
+struct DxEpilogue<'a> {
+    gelu_pre: Option<&'a CudaStorage>,
+    acc: Option<&'a CudaStorage>,
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
@@ -625,6 +823,7 @@ fn cuda_backward(
     w: &CudaStorage,
     lora: Option<(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)>,
     dy: &CudaStorage,
+    epi: DxEpilogue<'_>,
     spec: LinearSpec,
     needs: LinearNeeds,
 ) -> Result<LinearGrads<CudaStorage>> {
@@ -643,9 +842,21 @@ fn cuda_backward(
             },
         )
     };
-    // dX = dY·W (+ s·dS·A fused when the LoRA input has no dropout), by the path chosen for
-    // the shape (storage_lora); the dropout case adds drop(dS·A) below.
-    let fused_low = lora.filter(|l| l.3.dropout <= 0.0);
+    let xs = Shape::from(vec![m, k]);
+    // The epilogue as separate passes (cuBLAS, or after a low-rank add).
+    let finish = |gx: CudaStorage,
+                  pre: Option<&CudaStorage>,
+                  acc: Option<&CudaStorage>|
+     -> Result<CudaStorage> {
+        let gx = match pre {
+            Some(h) => h.unary_bwd(h, &gx, UnaryOp::QuickGelu)?,
+            None => gx,
+        };
+        if let Some(a) = acc {
+            gx.elementwise_binary(a, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
+        }
+        Ok(gx)
+    };
     let ds_of = |(lb, ls): (&CudaStorage, LoraSpec)| -> Result<CudaStorage> {
         mm(dy, lb, m, ls.rank, n, false, false)?.affine(ls.scale, 0.0)
     };
@@ -653,13 +864,30 @@ fn cuda_backward(
         Some((_, lb, _, ls)) => Some(ds_of((lb, ls))?),
         None => None,
     };
+    // dX = dY·W + s·dS·A by the path chosen for the shape (storage_lora). In bf16 the low-rank
+    // term rides in the dX GEMM — as extra depth without dropout, in the epilogue with its
+    // mask under dropout (rank ≤ LORA_LOWRANK_MAX_RANK) — and so do gelu′ and the accumulated
+    // gradient; otherwise (f32, larger ranks) it is added after the GEMM, and so is gelu′
+    // (the accumulated gradient can still ride: additions commute).
+    let bf16 = dy.dtype == DType::BF16;
+    let depth_low = lora.filter(|l| bf16 && l.3.dropout <= 0.0);
+    let epi_low =
+        lora.filter(|l| bf16 && l.3.dropout > 0.0 && l.3.rank <= kn::LORA_LOWRANK_MAX_RANK);
+    let add_low_to_gx = lora.is_some() && depth_low.is_none() && epi_low.is_none();
+    let gelu_in_gemm = bf16 && !add_low_to_gx;
+    let acc_in_gemm = bf16 && (gelu_in_gemm || epi.gelu_pre.is_none());
     let mut gx = if !needs.x {
         None
-    } else if dy.dtype == DType::BF16 {
-        let low = fused_low
+    } else if bf16 {
+        let low = depth_low
             .zip(ds.as_ref())
             .map(|((la, _, _, ls), ds)| (ds, la, ls));
-        let r = low.map_or(0, |l| l.2.rank);
+        let dlow = epi_low
+            .zip(ds.as_ref())
+            .map(|((la, _, _, ls), ds)| (ds, la, ls));
+        let r = low.or(dlow).map_or(0, |l| l.2.rank);
+        let acc = epi.acc.filter(|_| acc_in_gemm);
+        let pre = epi.gelu_pre.filter(|_| gelu_in_gemm);
         let key = LoraKey {
             forward: false,
             m,
@@ -667,35 +895,63 @@ fn cuda_backward(
             k,
             r,
             bias: false,
-            residual: false,
+            residual: acc.is_some(),
+            gelu: pre.is_some(),
+            dropout: dlow.is_some(),
         };
-        let xs = Shape::from(vec![m, k]);
-        // ops = [dY, W, (dS, A)], as in the forward.
-        let run = |p: LoraPath, ops: &[&CudaStorage]| {
+        // ops = [dY, W, (dS, A), (acc), (h)], as in the forward.
+        let run = |p: LoraPath, ops: &[&CudaStorage]| -> Result<Vec<CudaStorage>> {
+            let mut at = 2 + 2 * low.or(dlow).is_some() as usize;
             let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
+            let dlow = dlow.map(|(_, _, ls)| (ops[2], ops[3], ls));
+            let acc = acc.map(|_| {
+                at += 1;
+                ops[at - 1]
+            });
+            let pre = pre.map(|_| ops[at]);
             let (dy, w) = (ops[0], ops[1]);
-            match p {
+            Ok(vec![match p {
                 LoraPath::Cublas => {
                     let gx = mm(dy, w, m, k, n, false, false)?;
-                    if let Some((ds, la, ls)) = low {
+                    if let Some((ds, la, ls)) = low.or(dlow) {
                         let extra = mm(ds, la, m, k, ls.rank, false, false)?;
+                        let extra = extra.dropped(&ls)?.unwrap_or(extra);
                         gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
                     }
-                    Ok(gx)
+                    finish(gx, pre, acc)?
                 }
-                p => dy.lora_fused_dx(p, w, low.map(|(ds, la, _)| (ds, la)), 1.0, (m, n, k, r)),
-            }
+                p => dy.lora_fused_dx(
+                    p,
+                    w,
+                    low.map(|(ds, la, _)| (ds, la)),
+                    dlow.map(|(ds, a, ls)| DropLow {
+                        ds,
+                        a,
+                        rank: ls.rank,
+                        p: ls.dropout,
+                        seed: ls.seed,
+                    }),
+                    acc,
+                    pre,
+                    1.0,
+                    (m, n, k, r),
+                )?,
+            }])
         };
         let mut ops = vec![dy, w];
-        if let Some((ds, la, _)) = low {
+        if let Some((ds, la, _)) = low.or(dlow) {
             ops.extend([ds, la]);
         }
-        Some(run(dy.lora_choose(key, &ops, &run)?, &ops)?)
+        ops.extend(acc);
+        ops.extend(pre);
+        let mut outs = run(dy.lora_choose(key, &ops, &run)?, &ops)?;
+        Some(
+            outs.pop()
+                .ok_or_else(|| Error::Msg("lora_linear_bwd: no dX".into()))?,
+        )
     } else {
         Some(mm(dy, w, m, k, n, false, false)?)
     };
-    // Whether dS·A still has to be added to dX (f32, or LoRA dropout).
-    let add_low_to_gx = dy.dtype != DType::BF16 || fused_low.is_none();
     let gw = if needs.w {
         Some(mm(dy, x, n, k, m, true, false)?)
     } else {
@@ -731,6 +987,12 @@ fn cuda_backward(
             let xs = Shape::from(vec![m, k]);
             gx.elementwise_binary(&extra, BinaryOp::Add, &gx.alias(), &xs, &xs, &xs)?;
         }
+    }
+    // What the GEMM's epilogue did not apply.
+    let pre_left = epi.gelu_pre.filter(|_| !gelu_in_gemm);
+    let acc_left = epi.acc.filter(|_| !acc_in_gemm);
+    if pre_left.is_some() || acc_left.is_some() {
+        gx = gx.map(|g| finish(g, pre_left, acc_left)).transpose()?;
     }
     Ok(LinearGrads {
         x: gx,
