@@ -87,16 +87,25 @@ __device__ void layernorm_bwd(const T* __restrict__ dy, const T* __restrict__ v,
   }
 }
 
-// out[j] = Σ_p part[p, j] over `parts` rows, in order.
-extern "C" __global__ void column_sum_f32(const float* __restrict__ part, float* __restrict__ out,
-                                          int parts, int n) {
+// out[j] = Σ_p part[p, j] over `parts` rows of f32, in order; out f32 or rounded once to bf16
+// (a gradient in its tensor's dtype, without a separate cast).
+template <typename T>
+__device__ void column_sum(const float* __restrict__ part, T* __restrict__ out, int parts,
+                           int n) {
   int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= n) return;
   float s = 0.0f;
   for (int p = 0; p < parts; ++p) s += part[(size_t)p * n + j];
-  out[j] = s;
+  out[j] = from_f32<T>(s);
+}
+extern "C" __global__ void column_sum_f32(const float* part, float* out, int parts, int n) {
+  column_sum<float>(part, out, parts, n);
 }
 SD2_REGISTER_KERNEL(column_sum_f32)
+extern "C" __global__ void column_sum_bf16(const float* part, bf16* out, int parts, int n) {
+  column_sum<bf16>(part, out, parts, n);
+}
+SD2_REGISTER_KERNEL(column_sum_bf16)
 
 #define SD2_LN(T, SUF)                                                                            \
   extern "C" __global__ void layernorm_fwd_##SUF(const T* x, const T* res, const T* gamma,      \

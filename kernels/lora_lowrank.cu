@@ -2,10 +2,14 @@
 // in registers (never a materialized drop(x)): the mask is the counter hash of the element's
 // index (dropout_uniform, as crate::rng::dropout_keep), so forward and backward agree bit for
 // bit with the CPU's.
-//   lora_down:    S[m, r] = Σ_k drop(x)[m, k] · A[r, k]           (the forward's S)
+//   lora_down:    S[m, r] = Σ_k drop(x)[m, k] · A[r, k]           (the forward's S; up to three
+//                 adapters of one input in one pass, each with its own mask)
 //   lora_up_add:  dX[m, k] += drop'(Σ_r dS[m, r] · A[r, k])         (the branch's input gradient)
 //   lora_da_part: part[chunk, r, k] = Σ_{m in chunk} dS[m, r] · drop(x)[m, k]
 //                 (dA = Σ_chunk part, summed in order by column_sum_f32: deterministic)
+//   lora_dsdb_part: one pass over dY for both of its skinny products,
+//                 ds_part[tile, m, r] = s·Σ_{n in tile} dY[m, n] · B[n, r]   (dS = Σ_tile)
+//                 db_part[chunk, n, r] = s·Σ_{m in chunk} dY[m, n] · S[m, r]  (dB = Σ_chunk)
 // where drop(v) = v / (1 − p) if kept, else 0 (p = 0: no mask). Ranks up to kMaxRank; f32
 // accumulation, one rounding at the store.
 #include "sd2_common.cuh"
@@ -25,28 +29,45 @@ __device__ __forceinline__ float dropped(float v, float p, float keep, unsigned 
 }
 
 // One warp per row of x (grid-stride over rows): lanes walk the row, each keeping r partial
-// sums, then the warp reduces each (fixed order: deterministic).
+// sums, then the warp reduces each (fixed order: deterministic). Up to three adapters on the
+// same x at once (q, k and v read one LayerNorm output): r = groups · group; adapter g has its
+// A ([group, k]: a, a_b, a_c), masks x with its own seed and writes its [m, group] S to s, s_b
+// or s_c.
 template <typename T>
-__device__ void down(const T* __restrict__ x, const T* __restrict__ a, T* __restrict__ s, int m,
-                     int k, int r, float p, unsigned long long seed) {
+__device__ void down(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ a_b,
+                     const T* __restrict__ a_c, T* __restrict__ s, T* __restrict__ s_b,
+                     T* __restrict__ s_c, int m, int k, int r, int group, float p,
+                     unsigned long long seed, unsigned long long seed_b,
+                     unsigned long long seed_c) {
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const float keep = inv_keep(p);
+  const bool two = r > group, three = r > 2 * group;
   for (int row = blockIdx.x * warps + (threadIdx.x >> 5); row < m; row += gridDim.x * warps) {
     float acc[kMaxRank];
 #pragma unroll
     for (int j = 0; j < kMaxRank; ++j) acc[j] = 0.0f;
     const size_t base = (size_t)row * k;
     for (int c = lane; c < k; c += 32) {
-      const float xv = dropped(to_f32(x[base + c]), p, keep, seed, base + c);
+      const float raw = to_f32(x[base + c]);
+      const float x0 = dropped(raw, p, keep, seed, base + c);
+      const float x1 = two ? dropped(raw, p, keep, seed_b, base + c) : 0.0f;
+      const float x2 = three ? dropped(raw, p, keep, seed_c, base + c) : 0.0f;
 #pragma unroll
       for (int j = 0; j < kMaxRank; ++j)
-        if (j < r) acc[j] += xv * to_f32(a[(size_t)j * k + c]);
+        if (j < r) {
+          const float xv = j < group ? x0 : (j < 2 * group ? x1 : x2);
+          const T* ag = j < group ? a : (j < 2 * group ? a_b : a_c);
+          const int jj = j < group ? j : (j < 2 * group ? j - group : j - 2 * group);
+          acc[j] += xv * to_f32(ag[(size_t)jj * k + c]);
+        }
     }
 #pragma unroll
     for (int j = 0; j < kMaxRank; ++j) {
       if (j < r) {
         const float v = warp_sum(acc[j]);
-        if (lane == 0) s[(size_t)row * r + j] = from_f32<T>(v);
+        T* out = j < group ? s : (j < 2 * group ? s_b : s_c);
+        const int jj = j < group ? j : (j < 2 * group ? j - group : j - 2 * group);
+        if (lane == 0) out[(size_t)row * group + jj] = from_f32<T>(v);
       }
     }
   }
@@ -106,12 +127,60 @@ __device__ void da_part(const T* __restrict__ ds, const T* __restrict__ x, float
     if (c < k) part[((size_t)chunk * r + j) * k + c] = s;
   }
 }
+
+// Blocks of 256 threads over (256-column tile of dY, row chunk): each thread owns a column and
+// walks the chunk's rows, keeping r sums of dY·S for dB; per row, the tile's dY·B sums for dS
+// are reduced by warp shuffles, then over the 8 warps in shared memory (fixed orders:
+// deterministic). Expects blockDim.x == 256.
+template <typename T>
+__device__ void dsdb_part(const T* __restrict__ dy, const T* __restrict__ b,
+                          const T* __restrict__ s, float* __restrict__ ds_part,
+                          float* __restrict__ db_part, int m, int n, int r, int rows_per_chunk,
+                          float scale) {
+  __shared__ float red[8][kMaxRank];
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int chunk = blockIdx.y, m0 = chunk * rows_per_chunk, m1 = min(m, m0 + rows_per_chunk);
+  float bc[kMaxRank], acc[kMaxRank];
+#pragma unroll
+  for (int j = 0; j < kMaxRank; ++j) {
+    bc[j] = (c < n && j < r) ? to_f32(b[(size_t)c * r + j]) : 0.0f;
+    acc[j] = 0.0f;
+  }
+  for (int row = m0; row < m1; ++row) {
+    const float d = c < n ? to_f32(dy[(size_t)row * n + c]) * scale : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kMaxRank; ++j) {
+      if (j < r) {
+        acc[j] += d * to_f32(s[(size_t)row * r + j]);
+        const float v = warp_sum(d * bc[j]);
+        if (lane == 0) red[warp][j] = v;
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < r) {
+      float t = 0.0f;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) t += red[w][threadIdx.x];
+      ds_part[((size_t)blockIdx.x * m + row) * r + threadIdx.x] = t;
+    }
+    __syncthreads();  // red is free for the next row
+  }
+  if (c < n) {
+#pragma unroll
+    for (int j = 0; j < kMaxRank; ++j)
+      if (j < r) db_part[((size_t)chunk * n + c) * r + j] = acc[j];
+  }
+}
 }  // namespace lr
 
 #define SD2_LORA_LOWRANK(T, SUF)                                                                 \
-  extern "C" __global__ void lora_down_##SUF(const T* x, const T* a, T* s, int m, int k, int r, \
-                                             float p, unsigned long long seed) {                 \
-    lr::down<T>(x, a, s, m, k, r, p, seed);                                                      \
+  /* 2 blocks per SM: ≤ 128 registers (116, no spills) for 32 sums per thread */                 \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                           \
+      lora_down_##SUF(const T* x, const T* a, const T* a_b, const T* a_c, T* s, T* s_b, T* s_c, \
+                      int m, int k, int r, int group, float p, unsigned long long seed,          \
+                      unsigned long long seed_b, unsigned long long seed_c) {                    \
+    lr::down<T>(x, a, a_b, a_c, s, s_b, s_c, m, k, r, group, p, seed, seed_b, seed_c);           \
   }                                                                                              \
   SD2_REGISTER_KERNEL(lora_down_##SUF)                                                           \
   extern "C" __global__ void lora_up_add_##SUF(const T* ds, const T* a, T* dx, int m, int k,    \
@@ -124,7 +193,13 @@ __device__ void da_part(const T* __restrict__ ds, const T* __restrict__ x, float
                                                 unsigned long long seed) {                       \
     lr::da_part<T>(ds, x, part, m, k, r, rows_per_chunk, p, seed);                               \
   }                                                                                              \
-  SD2_REGISTER_KERNEL(lora_da_part_##SUF)
+  SD2_REGISTER_KERNEL(lora_da_part_##SUF)                                                        \
+  extern "C" __global__ void lora_dsdb_part_##SUF(const T* dy, const T* b, const T* s,          \
+                                                  float* ds_part, float* db_part, int m, int n,  \
+                                                  int r, int rows_per_chunk, float scale) {      \
+    lr::dsdb_part<T>(dy, b, s, ds_part, db_part, m, n, r, rows_per_chunk, scale);                \
+  }                                                                                              \
+  SD2_REGISTER_KERNEL(lora_dsdb_part_##SUF)
 
 SD2_LORA_LOWRANK(float, f32)
 SD2_LORA_LOWRANK(bf16, bf16)

@@ -470,3 +470,38 @@ fn gradient_sums_fused_into_kernels_match_separate_adds() {
     assert_eq!(taken, 5, "LN1, k, q, LN2 and the CLS rows take their sums");
     assert_eq!(none, 0, "the ×1 wrappers leave every sum to the engine");
 }
+
+/// fc1's pre-activation is kept only when a backward can need it: under `no_grad` (or with
+/// nothing tracked) `lora_linear_gelu` returns quick_gelu(h) alone, with the same values, and
+/// fc2 on it gives the same output.
+#[test]
+fn fc1_keeps_its_pre_activation_only_for_a_backward() {
+    let x = rand64(&[3, 4], 21).into_trainable();
+    let (w1, b1, w2) = (rand64(&[6, 4], 22), rand64(&[6], 23), rand64(&[4, 6], 24));
+    let run = || {
+        let h = ops::lora_linear_gelu(&x, &w1, Some(&b1), None).unwrap();
+        let y = ops::lora_linear_gelu_input(&h, &w2, None, None, None).unwrap();
+        (
+            h.pre().is_some(),
+            h.act().to_vec_f64().unwrap(),
+            y.to_vec_f64().unwrap(),
+        )
+    };
+    let (kept, act, y) = run();
+    let (kept_ng, act_ng, y_ng) = {
+        let _g = no_grad();
+        run()
+    };
+    assert!(kept, "a tracked input keeps h for the backward");
+    assert!(!kept_ng, "no_grad: h is not kept");
+    assert_eq!(act, act_ng);
+    assert_eq!(y, y_ng);
+    let want: Vec<f64> = x
+        .linear(&w1, Some(&b1))
+        .unwrap()
+        .quick_gelu()
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    assert_eq!(act, want, "quick_gelu(x·W1ᵀ + b1)");
+}

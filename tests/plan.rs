@@ -52,7 +52,18 @@ fn plan_records_the_simulated_step_launch_for_launch() {
         .map(|k| k.name.as_str())
         .collect();
     assert!(no_bytes.is_empty(), "launches without bytes: {no_bytes:?}");
-    let s = plan::summarize(&cfg(Device::CudaPlan), 2, p, planned.peak_device_bytes);
+    assert_eq!(
+        planned.text_passes.len(),
+        2,
+        "class phrases, then the descriptions"
+    );
+    let s = plan::summarize(
+        &cfg(Device::CudaPlan),
+        2,
+        p,
+        planned.peak_device_bytes,
+        &planned.text_passes,
+    );
     println!("{}", s.table());
     assert_eq!(s.launches, a.len());
     assert!(s.bytes > 0.0 && s.flops > 0.0, "{s:?}");

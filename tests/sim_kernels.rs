@@ -11,8 +11,8 @@ use sd2::backend::cuda::kernels::{
     AdamwMulti, Affine, BiasQuickGeluBwd, BiasQuickGeluFwd, Binary, BinaryContig, Cast,
     ClamAttentionBwd, ClamAttentionFwd, ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq,
     FlashDelta, FlashDkdv, FlashDq, FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd,
-    L2NormFwd, LayerNormBwd, LayerNormFwd, LoraDaPart, LoraDown, LoraGemm3Fwd, LoraGemmBwd,
-    LoraGemmFwd, LoraUpAdd, Patchify, SigmoidLossRows, SumSqMulti, Unary, UnaryBwd,
+    L2NormFwd, LayerNormBwd, LayerNormFwd, LoraDaPart, LoraDown, LoraDsDbPart, LoraGemm3Fwd,
+    LoraGemmBwd, LoraGemmFwd, LoraUpAdd, Patchify, SigmoidLossRows, SumSqMulti, Unary, UnaryBwd,
 };
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::backend::cuda::{flash, lora_gemm};
@@ -1957,12 +1957,19 @@ fn lora_lowrank_kernels_match_the_cpu_mask() {
                     let down = LoraDown {
                         x: KArg::input(x),
                         a: KArg::input(a),
+                        a_b: KArg::Null,
+                        a_c: KArg::Null,
                         s: KArg::output(&mut s),
+                        s_b: KArg::Null,
+                        s_c: KArg::Null,
                         m,
                         k,
                         r: rank,
+                        group: rank,
                         p,
                         seed,
+                        seed_b: 0,
+                        seed_c: 0,
                     };
                     r.run_staged(
                         &format!("lora_down_{sfx}"),
@@ -2158,4 +2165,264 @@ fn elementwise_vector_paths_match_cpu() {
             }
         }
     });
+}
+
+/// dS = s·dY·B and dB = s·dYᵀ·S from one pass over dY (`lora_dsdb_part`), partials summed in
+/// order, against f64 references: several 256-column tiles with a tail, several row chunks,
+/// ranks below and at the limit, f32 and bf16.
+#[test]
+fn lora_dsdb_one_pass_matches_reference() {
+    each_backend(|r| {
+        for bf in [false, true] {
+            for &(m, n, rank, rows_per_chunk) in &[
+                (37usize, 300usize, 8usize, 16usize),
+                (70, 40, 5, 64),
+                (9, 513, 32, 4),
+            ] {
+                let tag = if bf { "bf16" } else { "f32" };
+                let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
+                let dy = round(randn(m * n, 901));
+                let b = round(randn(n * rank, 902).iter().map(|v| v * 0.3).collect());
+                let sm = round(randn(m * rank, 903));
+                let scale = 4.0f32;
+                let (tiles, chunks) = (n.div_ceil(256), m.div_ceil(rows_per_chunk));
+                let mut ds_part = vec![f32::NAN; tiles * m * rank];
+                let mut db_part = vec![f32::NAN; chunks * n * rank];
+                macro_rules! run {
+                    ($conv:expr) => {{
+                        let (dys, bs, ss) = ($conv(&dy), $conv(&b), $conv(&sm));
+                        let k = LoraDsDbPart {
+                            dy: KArg::input(&dys),
+                            b: KArg::input(&bs),
+                            s: KArg::input(&ss),
+                            ds_part: KArg::output(&mut ds_part),
+                            db_part: KArg::output(&mut db_part),
+                            m,
+                            n,
+                            r: rank,
+                            rows_per_chunk,
+                            scale,
+                        };
+                        let cfg = LaunchConfig {
+                            grid: (tiles as u32, chunks as u32, 1),
+                            block: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        unsafe { r.run_staged(&format!("lora_dsdb_part_{tag}"), cfg, k) }.unwrap();
+                    }};
+                }
+                if bf {
+                    run!(to_bf16);
+                } else {
+                    run!(|v: &Vec<f32>| v.clone());
+                }
+                let sum = |part: &[f32], parts: usize, w: usize| -> Vec<f32> {
+                    (0..w)
+                        .map(|i| (0..parts).map(|p| part[p * w + i]).sum::<f32>())
+                        .collect()
+                };
+                let (ds, db) = (
+                    sum(&ds_part, tiles, m * rank),
+                    sum(&db_part, chunks, n * rank),
+                );
+                // The partials summed on the device straight into bf16: the in-order f32 sum,
+                // rounded once.
+                let mut ds16 = to_bf16(&vec![f32::NAN; m * rank]);
+                unsafe {
+                    r.run_staged(
+                        "column_sum_bf16",
+                        cfg1((m * rank).div_ceil(128) as u32, 128),
+                        ColumnSum {
+                            part: KArg::input(&ds_part),
+                            out: KArg::output(&mut ds16),
+                            parts: tiles,
+                            n: m * rank,
+                        },
+                    )
+                    .unwrap();
+                }
+                let bits = |v: &[half::bf16]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&ds16), bits(&to_bf16(&ds)), "column_sum_bf16");
+                let mut want_ds = vec![0f32; m * rank];
+                let mut want_db = vec![0f32; n * rank];
+                for j in 0..rank {
+                    for i in 0..m {
+                        want_ds[i * rank + j] = (0..n)
+                            .map(|c| dy[i * n + c] as f64 * b[c * rank + j] as f64)
+                            .sum::<f64>() as f32
+                            * scale;
+                    }
+                    for c in 0..n {
+                        want_db[c * rank + j] = (0..m)
+                            .map(|i| dy[i * n + c] as f64 * sm[i * rank + j] as f64)
+                            .sum::<f64>() as f32
+                            * scale;
+                    }
+                }
+                let name = format!("lora_dsdb_part {tag} m{m} n{n} r{rank} chunk {rows_per_chunk}");
+                // f32 partials of exactly rounded inputs: accumulation order only.
+                check(&format!("{name} dS"), &ds, &want_ds, 1e-5);
+                check(&format!("{name} dB"), &db, &want_db, 1e-5);
+            }
+        }
+    });
+}
+
+/// lora_down for two or three adapters of one x (q, k, v of a LayerNorm output) in one pass,
+/// each with its own dropout seed: the same bits as one launch per adapter, f32 and bf16.
+#[test]
+fn lora_down_of_several_adapters_matches_one_launch_each() {
+    each_backend(|r| {
+        for bf in [false, true] {
+            for &(m, k, group, groups) in &[(37usize, 45usize, 8usize, 3usize), (9, 70, 5, 2)] {
+                let tag = if bf { "bf16" } else { "f32" };
+                let x = randn(m * k, 951);
+                let a = randn(groups * group * k, 952);
+                let seeds = [11u64, 0x2222, 0x3333_3333];
+                let p = 0.25f32;
+                macro_rules! run {
+                    ($ty:ty, $conv:expr) => {{
+                        let (xs, as_): (Vec<$ty>, Vec<$ty>) = ($conv(&x), $conv(&a));
+                        let mut outs: Vec<Vec<$ty>> =
+                            (0..3).map(|_| $conv(&vec![f32::NAN; m * group])).collect();
+                        let [o0, o1, o2] = &mut outs[..] else { unreachable!() };
+                        let ag = |g: usize| &as_[g * group * k..(g + 1) * group * k];
+                        let k_all = LoraDown {
+                            x: KArg::input(&xs),
+                            a: KArg::input(ag(0)),
+                            a_b: if groups > 1 { KArg::input(ag(1)) } else { KArg::Null },
+                            a_c: if groups > 2 { KArg::input(ag(2)) } else { KArg::Null },
+                            s: KArg::output(o0),
+                            s_b: if groups > 1 { KArg::output(o1) } else { KArg::Null },
+                            s_c: if groups > 2 { KArg::output(o2) } else { KArg::Null },
+                            m,
+                            k,
+                            r: groups * group,
+                            group,
+                            p,
+                            seed: seeds[0],
+                            seed_b: seeds[1],
+                            seed_c: seeds[2],
+                        };
+                        let cfg = LaunchConfig::linear(2, 64);
+                        unsafe { r.run_staged(&format!("lora_down_{tag}"), cfg, k_all) }.unwrap();
+                        for g in 0..groups {
+                            let mut one: Vec<$ty> = $conv(&vec![f32::NAN; m * group]);
+                            let k1 = LoraDown {
+                                x: KArg::input(&xs),
+                                a: KArg::input(ag(g)),
+                                a_b: KArg::Null,
+                                a_c: KArg::Null,
+                                s: KArg::output(&mut one),
+                                s_b: KArg::Null,
+                                s_c: KArg::Null,
+                                m,
+                                k,
+                                r: group,
+                                group,
+                                p,
+                                seed: seeds[g],
+                                seed_b: 0,
+                                seed_c: 0,
+                            };
+                            unsafe { r.run_staged(&format!("lora_down_{tag}"), cfg, k1) }.unwrap();
+                            let bits = |v: &[$ty]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(
+                                bits(&outs[g]),
+                                bits(&one),
+                                "{tag} m{m} k{k}: adapter {g} of {groups} differs from its own launch"
+                            );
+                        }
+                    }};
+                }
+                if bf {
+                    run!(half::bf16, to_bf16);
+                } else {
+                    run!(f32, |v: &Vec<f32>| v.clone());
+                }
+                println!("[{}] lora_down {tag} m{m} k{k}: {groups} adapters in one pass = one launch each, bit for bit", r.name());
+            }
+        }
+    });
+}
+
+/// q, k and v of one input through `lora_linears_of_one_input` (their LoRA S in one pass) give
+/// the same bits as three `lora_linear` calls on the simulator — outputs and every gradient,
+/// with LoRA dropout on.
+#[test]
+fn lora_linears_of_one_input_match_separate_calls() {
+    use sd2::ops::{self, Lora};
+    let dev = Device::CudaSim;
+    let bf = |v: Vec<f32>, shape: &[usize]| {
+        Tensor::from_vec(v, shape.to_vec(), dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+    };
+    let (d, o, r) = (16usize, 12usize, 4usize);
+    let x = bf(randn(2 * 5 * d, 961), &[2, 5, d]).into_trainable();
+    let lin: Vec<(Tensor, Tensor, Tensor, Tensor)> = (0..3u64)
+        .map(|i| {
+            (
+                bf(
+                    randn(o * d, 970 + i).iter().map(|v| v * 0.3).collect(),
+                    &[o, d],
+                ),
+                bf(randn(o, 980 + i), &[o]),
+                bf(randn(r * d, 990 + i), &[r, d]).into_trainable(),
+                bf(randn(o * r, 1000 + i), &[o, r]).into_trainable(),
+            )
+        })
+        .collect();
+    let lora = |i: usize| Lora {
+        a: &lin[i].2,
+        b: &lin[i].3,
+        scale: 2.0,
+        dropout: 0.2,
+        seed: 500 + i as u64,
+    };
+    let run = |shared: bool| {
+        let ys: Vec<Tensor> = if shared {
+            let specs: Vec<_> = (0..3)
+                .map(|i| (&lin[i].0, Some(&lin[i].1), Some(lora(i))))
+                .collect();
+            ops::lora_linears_of_one_input(&x, &specs).unwrap()
+        } else {
+            (0..3)
+                .map(|i| ops::lora_linear(&x, &lin[i].0, Some(&lin[i].1), Some(lora(i))).unwrap())
+                .collect()
+        };
+        let mut loss = ys[0].sum_all().unwrap();
+        for (i, y) in ys.iter().enumerate().skip(1) {
+            loss = loss
+                .add(&y.sqr().unwrap().sum_all().unwrap().scale(i as f64).unwrap())
+                .unwrap();
+        }
+        let g = loss.backward().unwrap();
+        let mut out: Vec<Vec<u32>> = ys
+            .iter()
+            .map(|y| host(y).iter().map(|v| v.to_bits()).collect())
+            .collect();
+        for t in std::iter::once(&x).chain(lin.iter().flat_map(|l| [&l.2, &l.3])) {
+            out.push(
+                host(g.get(t).unwrap())
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            );
+        }
+        out
+    };
+    let (shared, separate) = (run(true), run(false));
+    assert_eq!(shared.len(), 3 + 7);
+    for (i, (a, b)) in shared.iter().zip(&separate).enumerate() {
+        assert!(a.iter().any(|v| *v != 0), "tensor {i} is all zero");
+        assert_eq!(
+            a, b,
+            "tensor {i} (3 outputs, then dx, dA/dB per adapter) differs"
+        );
+    }
+    println!(
+        "[sim] q/k/v with S in one pass: outputs and gradients equal separate calls, bit for bit"
+    );
 }

@@ -54,6 +54,8 @@ pub struct BenchResult {
     pub peak_device_bytes: Option<usize>,
     /// The profiled extra step (CUDA devices).
     pub profile: Option<Profile>,
+    /// Training: (texts, tokens per text) of each text-tower pass of the last step.
+    pub text_passes: Vec<(usize, usize)>,
 }
 
 /// FLOPs of one tower forward per sequence, as (linear layers, attention, patch embedding):
@@ -235,7 +237,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
             r?;
             profiled = Some(p?);
         }
-        return finish(cfg, batch, &clip_cfg, dtype, times, peak_bytes, profiled);
+        let mut r = finish(cfg, batch, &clip_cfg, dtype, times, peak_bytes, profiled)?;
+        r.text_passes = trainer.last_text_passes();
+        return Ok(r);
     }
     let pixels = random_pixels(cfg.batch, size, dtype, cfg.device, cfg.seed)?;
     let class_u = class_embeddings(&model, &tokenizer, &texts)?;
@@ -302,6 +306,7 @@ fn finish(
         model_tflops,
         peak_device_bytes,
         profile,
+        text_passes: vec![],
     })
 }
 

@@ -93,7 +93,7 @@ pub fn class_of(kernel: &str) -> &'static str {
         ("gemm", &["gemm_simt", "cublas"]),
         (
             "lora gemm",
-            &["lora_gemm", "lora_down", "lora_up", "lora_da"],
+            &["lora_gemm", "lora_down", "lora_up", "lora_da", "lora_dsdb"],
         ),
         ("attention", &["flash_", "clam_attention"]),
         ("layernorm", &["layernorm"]),
@@ -134,7 +134,6 @@ fn bound_ms(g: &Gpu, flops: f64, bytes: f64) -> f64 {
     (flops / (g.tflops * 1e12)).max(bytes / (g.tb_per_s * 1e12)) * 1e3
 }
 
-/// The plan of a recorded step (`profile` of a step on `cuda:plan`) of `batch` images.
 /// The HBM traffic a training step cannot go below with these kernel boundaries — each GEMM,
 /// attention and LayerNorm its own kernel, everything elementwise fused into them:
 /// - every tensor that crosses a boundary or is saved for the backward is written once and
@@ -145,34 +144,53 @@ fn bound_ms(g: &Gpu, flops: f64, bytes: f64) -> f64 {
 ///   dX (Tf + Td), LN2 with the residual's gradient (4Td), out_proj's dX plus its LoRA dA
 ///   from o (3Td), attention (8Td), q/k/v's dX plus one read of n1 for their dA (5Td), LN1
 ///   (4Td) = 26Td + 3Tf; 44Td + 6Tf in all, times e;
-/// - every frozen weight read once forward and once backward (dX), 2·(4d² + 2df)·e per block;
+/// - every frozen weight read once forward and once backward (dX), 2·(4d² + 2df)·e per block,
+///   per tower pass;
 /// - LoRA factors, optimizer state, embeddings, CLAM and the losses: under 1% here, not
 ///   counted.
 ///
-/// The SD2 step runs `batch` images through the vision tower (T = batch · positions) and
-/// 5 + 2·batch texts (type texts, face and environment descriptions) through the text tower
-/// (T = texts · context).
-pub fn traffic_floor(clip: &crate::clip::ClipConfig, batch: usize, el: f64) -> f64 {
+/// The vision tower runs `batch` images (T = batch · positions); the text tower runs each of
+/// `text_passes` (texts, tokens per text) — in the SD2 step the class phrases, then the
+/// micro-batch's descriptions, each tokenized to its longest.
+pub fn traffic_floor(
+    clip: &crate::clip::ClipConfig,
+    batch: usize,
+    text_passes: &[(usize, usize)],
+    el: f64,
+) -> f64 {
     let tower = |tokens: usize, d: usize, f: usize, layers: usize| {
         let (t, d, f) = (tokens as f64, d as f64, f as f64);
         layers as f64 * el * (44.0 * t * d + 6.0 * t * f + 2.0 * (4.0 * d * d + 2.0 * d * f))
     };
     let (v, t) = (&clip.vision_config, &clip.text_config);
-    let texts = 5 + 2 * batch;
+    let text: f64 = text_passes
+        .iter()
+        .map(|&(rows, width)| {
+            tower(
+                rows * width,
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_hidden_layers,
+            )
+        })
+        .sum();
     tower(
         batch * v.num_positions(),
         v.hidden_size,
         v.intermediate_size,
         v.num_hidden_layers,
-    ) + tower(
-        texts * t.max_position_embeddings,
-        t.hidden_size,
-        t.intermediate_size,
-        t.num_hidden_layers,
-    )
+    ) + text
 }
 
-pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usize>) -> Plan {
+/// The plan of a recorded step (`p`: the profile of a step on `cuda:plan`) of `batch` images,
+/// `text_passes` what its text tower ran on (`BenchResult::text_passes`).
+pub fn summarize(
+    cfg: &BenchConfig,
+    batch: usize,
+    p: &Profile,
+    peak: Option<usize>,
+    text_passes: &[(usize, usize)],
+) -> Plan {
     let mut classes: Vec<ClassTotal> = vec![];
     for k in &p.kernels {
         let (fl, by) = (k.flops.unwrap_or(0.0), k.bytes.unwrap_or(0.0));
@@ -232,9 +250,14 @@ pub fn summarize(cfg: &BenchConfig, batch: usize, p: &Profile, peak: Option<usiz
         flops: sum(&|c| c.flops),
         peak_bytes: peak,
         floor_bytes: if cfg.train {
-            crate::presets::get(&cfg.preset)
-                .ok()
-                .map(|p| traffic_floor(&p.clip, batch, cfg.dtype.size_in_bytes() as f64))
+            crate::presets::get(&cfg.preset).ok().map(|p| {
+                traffic_floor(
+                    &p.clip,
+                    batch,
+                    text_passes,
+                    cfg.dtype.size_in_bytes() as f64,
+                )
+            })
         } else {
             None
         },
@@ -259,7 +282,13 @@ pub fn run(cfg: &BenchConfig) -> Result<Plan> {
     let p = r.profile.as_ref().ok_or_else(|| {
         crate::Error::Msg("bench --plan: the recorded step has no profile".into())
     })?;
-    Ok(summarize(&cfg, r.batch, p, r.peak_device_bytes))
+    Ok(summarize(
+        &cfg,
+        r.batch,
+        p,
+        r.peak_device_bytes,
+        &r.text_passes,
+    ))
 }
 
 impl Plan {
@@ -352,6 +381,7 @@ mod tests {
     fn kernels_fall_into_their_classes() {
         assert_eq!(class_of("flash_bwd_dq_tc3_d64_bf16"), "attention");
         assert_eq!(class_of("lora_gemm3_fwd_bf16"), "lora gemm");
+        assert_eq!(class_of("lora_dsdb_part_bf16"), "lora gemm");
         assert_eq!(class_of("gemm_simt_bf16"), "gemm");
         assert_eq!(class_of("binary_bf16"), "elementwise");
         assert_eq!(class_of("copy2d_b2"), "layout, gathers, copies");

@@ -154,51 +154,86 @@ impl Linear {
         act: Act<'_>,
         fwd: Fwd,
     ) -> Result<LinearOut> {
-        // Mixed precision: trainable tensors are f32 masters, cast here to the activations'
-        // dtype (the cast's backward returns their gradients in f32); a no-op otherwise.
-        let dt = x.dtype();
-        let weight = self.weight.to_dtype(dt)?;
-        let bias = self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?;
-        let low = self
-            .lora
-            .as_ref()
-            .map(|l| Ok::<_, crate::Error>((l.a.to_dtype(dt)?, l.b.to_dtype(dt)?)))
-            .transpose()?;
-        let lora = self
-            .lora
-            .as_ref()
-            .zip(low.as_ref())
-            .map(|(l, (a, b))| Lora {
-                a,
-                b,
-                scale: l.scale,
-                dropout: if fwd.dropout_seed.is_some() {
-                    l.dropout
-                } else {
-                    0.0
-                },
-                seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
-            });
-        let b = bias.as_ref();
+        let p = self.parts(x.dtype(), fwd)?;
+        let (weight, bias, lora) = (&p.weight, p.bias.as_ref(), p.lora());
+        let b = bias;
         Ok(match (act, residual) {
             (Act::Out, _) => LinearOut {
                 y: x.clone(),
-                gelu: Some(ops::lora_linear_gelu(x, &weight, b, lora)?),
+                gelu: Some(ops::lora_linear_gelu(x, weight, b, lora)?),
             },
             (Act::In(h), r) => LinearOut {
-                y: ops::lora_linear_gelu_input(h, &weight, b, lora, r)?,
+                y: ops::lora_linear_gelu_input(h, weight, b, lora, r)?,
                 gelu: None,
             },
             (Act::None, Some(r)) => LinearOut {
-                y: ops::lora_linear_residual(x, &weight, b, lora, r)?,
+                y: ops::lora_linear_residual(x, weight, b, lora, r)?,
                 gelu: None,
             },
             (Act::None, None) => LinearOut {
-                y: ops::lora_linear(x, &weight, b, lora)?,
+                y: ops::lora_linear(x, weight, b, lora)?,
                 gelu: None,
             },
         })
     }
+}
+
+/// A linear's tensors for one forward, in the activations' dtype. Mixed precision: trainable
+/// tensors are f32 masters, cast here (the cast's backward returns their gradients in f32); a
+/// no-op otherwise.
+struct LinearParts {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    low: Option<(Tensor, Tensor)>,
+    scale: f64,
+    dropout: f32,
+    seed: u64,
+}
+
+impl LinearParts {
+    fn lora(&self) -> Option<Lora<'_>> {
+        self.low.as_ref().map(|(a, b)| Lora {
+            a,
+            b,
+            scale: self.scale,
+            dropout: self.dropout,
+            seed: self.seed,
+        })
+    }
+}
+
+impl Linear {
+    fn parts(&self, dt: crate::DType, fwd: Fwd) -> Result<LinearParts> {
+        Ok(LinearParts {
+            weight: self.weight.to_dtype(dt)?,
+            bias: self.bias.as_ref().map(|b| b.to_dtype(dt)).transpose()?,
+            low: self
+                .lora
+                .as_ref()
+                .map(|l| Ok::<_, crate::Error>((l.a.to_dtype(dt)?, l.b.to_dtype(dt)?)))
+                .transpose()?,
+            scale: self.lora.as_ref().map_or(0.0, |l| l.scale),
+            dropout: match (&self.lora, fwd.dropout_seed) {
+                (Some(l), Some(_)) => l.dropout,
+                _ => 0.0,
+            },
+            seed: mix64(fwd.dropout_seed.unwrap_or(0) ^ self.site),
+        })
+    }
+}
+
+/// `Linear::forward` of several linears on one input (a block's q, k, v), with their LoRA
+/// down-projections in one pass over it where the kernel can.
+pub fn forward_of_one_input(layers: &[&Linear], x: &Tensor, fwd: Fwd) -> Result<Vec<Tensor>> {
+    let parts: Vec<LinearParts> = layers
+        .iter()
+        .map(|l| l.parts(x.dtype(), fwd))
+        .collect::<Result<_>>()?;
+    let specs: Vec<_> = parts
+        .iter()
+        .map(|p| (&p.weight, p.bias.as_ref(), p.lora()))
+        .collect();
+    ops::lora_linears_of_one_input(x, &specs)
 }
 
 /// How a linear's activation is fused (see `Linear::forward_gelu`).
@@ -301,11 +336,10 @@ impl EncoderLayer {
 
     pub fn forward(&self, x: &Tensor, causal: bool, fwd: Fwd) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
-        let (q, k, v) = (
-            self.q_proj.forward(&h, fwd)?,
-            self.k_proj.forward(&h, fwd)?,
-            self.v_proj.forward(&h, fwd)?,
-        );
+        let [q, k, v]: [Tensor; 3] =
+            forward_of_one_input(&[&self.q_proj, &self.k_proj, &self.v_proj], &h, fwd)?
+                .try_into()
+                .map_err(|_| crate::Error::Msg("encoder layer: q, k, v expected".into()))?;
         let a = ops::attention(&q, &k, &v, self.heads, causal)?;
         let x = self.out_proj.forward_residual(&a, x, fwd)?;
         let h = self.layer_norm2.forward(&x)?;

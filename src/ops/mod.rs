@@ -9,7 +9,8 @@ pub mod shape_ops;
 pub use fused::attention::{attention, attention_lse, AttnOptions};
 pub use fused::cross_entropy::cross_entropy;
 pub use fused::lora_linear::{
-    lora_linear, lora_linear_gelu, lora_linear_gelu_input, lora_linear_residual, GeluLinear, Lora,
+    lora_linear, lora_linear_gelu, lora_linear_gelu_input, lora_linear_residual,
+    lora_linears_of_one_input, GeluLinear, Lora,
 };
 pub use fused::sigmoid_loss::sigmoid_loss;
 

@@ -246,7 +246,11 @@ impl Tensor {
             move |_: &Tensor| {
                 move |g: &Tensor, _: &[bool], acc: &mut [Option<Tensor>]| {
                     let into = acc[0].take_if(|a| {
-                        unique && a.dtype() == dtype && a.shape() == &src && a.storage_is_unique()
+                        unique
+                            && a.dtype() == dtype
+                            && a.shape() == &src
+                            && !a.is_tracked()
+                            && a.storage_is_unique()
                     });
                     if let Some(a) = into {
                         g.storage().index_add_rows_into(

@@ -112,6 +112,9 @@ pub struct Trainer {
     tokenizer: ClipTokenizer,
     type_texts: TypeTexts,
     step: u64,
+    /// (texts, tokens per text) of each text-tower pass of the last step (the class phrases,
+    /// then each micro-batch's descriptions): for the launch plan's traffic floor.
+    text_passes: std::sync::Mutex<Vec<(usize, usize)>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -152,7 +155,24 @@ impl Trainer {
             tokenizer,
             type_texts,
             step: 0,
+            text_passes: Default::default(),
         }
+    }
+
+    /// (texts, tokens per text) of each pass through the text tower in the last step — the
+    /// class phrases, then each micro-batch's descriptions, each tokenized to its longest.
+    pub fn last_text_passes(&self) -> Vec<(usize, usize)> {
+        self.text_passes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn note_text_pass(&self, rows: usize, width: usize) {
+        self.text_passes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((rows, width));
     }
 
     /// Optimizer steps taken.
@@ -171,6 +191,7 @@ impl Trainer {
     fn class_ids(&self, phrases: &[&str]) -> Result<(Tensor, Vec<i64>)> {
         let ctx = self.model.clip.config.text_config.max_position_embeddings;
         let (host, width) = self.tokenizer.tokenize_batch_longest_host(phrases, ctx)?;
+        self.note_text_pass(phrases.len(), width);
         let device = self.model.clip.logit_scale.device();
         Ok((
             Tensor::from_vec(host.clone(), (phrases.len(), width), device)?,
@@ -207,6 +228,7 @@ impl Trainer {
             (None, None)
         } else {
             let (host, width) = self.tokenizer.tokenize_batch_longest_host(&texts, ctx)?;
+            self.note_text_pass(texts.len(), width);
             let ids = Tensor::from_vec(host.clone(), (texts.len(), width), device)?;
             (Some(host), Some(ids))
         };
@@ -300,6 +322,10 @@ impl Trainer {
         if total_images == 0 {
             return Err(Error::Msg("train step: no images".into()));
         }
+        self.text_passes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let phrases = if self.cfg.sample_type_texts {
             self.type_texts.sample(&mut self.rng)
         } else {

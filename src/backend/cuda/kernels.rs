@@ -315,7 +315,7 @@ kernels! {
 
     // kernels/layernorm.cu
     /// out[j] = Σ_p part[p, j] in order (the fixed-order second stage of the reductions).
-    ColumnSum["column_sum_f32"](part: ptr, out: ptr, parts: int, n: int)
+    ColumnSum["column_sum_f32", "column_sum_bf16"](part: ptr, out: ptr, parts: int, n: int)
         grid(k) = LaunchConfig::linear(k.n.div_ceil(128).max(1) as u32, 128);
     /// LayerNorm of x (+ res, whose sum goes to `sum_out`; both optional) with f32 statistics.
     LayerNormFwd["layernorm_fwd_f32", "layernorm_fwd_bf16"](
@@ -448,9 +448,12 @@ kernels! {
 
     // kernels/lora_lowrank.cu
     /// S[m, r] = Σ_k drop(x)[m, k]·A[r, k], the dropout mask applied in registers (p = 0: none);
-    /// one warp per row, r ≤ `LORA_LOWRANK_MAX_RANK`.
+    /// one warp per row, r ≤ `LORA_LOWRANK_MAX_RANK`. Up to three adapters of one x, r = groups
+    /// · group: adapter g's A (a, a_b, a_c, [group, k] each), masked by its seed (seed, seed_b,
+    /// seed_c), into s, s_b, s_c ([m, group] each); one adapter: group = r.
     LoraDown["lora_down_f32", "lora_down_bf16"](
-        x: ptr, a: ptr, s: ptr, m: int, k: int, r: int, p: f32, seed: u64,
+        x: ptr, a: ptr, a_b: ptr, a_c: ptr, s: ptr, s_b: ptr, s_c: ptr,
+        m: int, k: int, r: int, group: int, p: f32, seed: u64, seed_b: u64, seed_c: u64,
     ) grid(k) = LaunchConfig::linear(k.m.div_ceil(8).clamp(1, 4096) as u32, 256);
     /// dX[m, k] += drop′(Σ_r dS[m, r]·A[r, k]) in place: the LoRA branch's input gradient with
     /// the forward's mask; one block per row.
@@ -463,6 +466,16 @@ kernels! {
         ds: ptr, x: ptr, part: ptr, m: int, k: int, r: int, rows_per_chunk: int, p: f32, seed: u64,
     ) grid(k) = LaunchConfig {
         grid: (k.k.div_ceil(32).max(1) as u32, k.m.div_ceil(k.rows_per_chunk.max(1)).max(1) as u32, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    /// dS and dB partials of a LoRA-linear from one pass over dY: ds_part [tile, m, r] over
+    /// 256-column tiles, db_part [chunk, n, r] over row chunks (each summed by `ColumnSum`).
+    LoraDsDbPart["lora_dsdb_part_f32", "lora_dsdb_part_bf16"](
+        dy: ptr, b: ptr, s: ptr, ds_part: ptr, db_part: ptr,
+        m: int, n: int, r: int, rows_per_chunk: int, scale: f32,
+    ) grid(k) = LaunchConfig {
+        grid: (k.n.div_ceil(256).max(1) as u32, k.m.div_ceil(k.rows_per_chunk.max(1)).max(1) as u32, 1),
         block: (256, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -264,9 +264,19 @@ impl CudaStorage {
 
     /// Sums per-block partials [parts, n] → [n] (f32) in a fixed order.
     pub(crate) fn column_sum(&self, parts: usize, n: usize) -> Result<CudaStorage> {
-        let out = self.empty(n, DType::F32)?;
+        self.column_sum_to(parts, n, DType::F32)
+    }
+
+    /// `column_sum` of f32 partials, the sums rounded once to `dtype` (f32 or bf16).
+    pub(crate) fn column_sum_to(
+        &self,
+        parts: usize,
+        n: usize,
+        dtype: DType,
+    ) -> Result<CudaStorage> {
+        let out = self.empty(n, dtype)?;
         self.run_grid(
-            "column_sum_f32",
+            &format!("column_sum_{}", out.sfx("column_sum")?),
             kn::ColumnSum {
                 part: self.ptr(),
                 out: out.ptr(),

@@ -202,7 +202,8 @@ impl CudaStorage {
     }
 
     /// y = x·Wᵀ (+ b) + scale·S·Bᵀ (+ res) by a fused kernel (`low` = (S [m, r], B [n, r])):
-    /// [y], or with `gelu` (which needs the bias) [quick_gelu(h), h] for h = x·Wᵀ + b + ….
+    /// [y], or with `gelu` (which needs the bias) [quick_gelu(h)] and, with `keep_pre` (a
+    /// backward will need it), h too: [quick_gelu(h), h] for h = x·Wᵀ + b + ….
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lora_fused_fwd(
         &self,
@@ -212,11 +213,12 @@ impl CudaStorage {
         low: Option<(&CudaStorage, &CudaStorage)>,
         res: Option<&CudaStorage>,
         gelu: bool,
+        keep_pre: bool,
         scale: f32,
         (m, n, k, r): (usize, usize, usize, usize),
     ) -> Result<Vec<CudaStorage>> {
         let y = self.empty(m * n, DType::BF16)?;
-        let pre = if gelu {
+        let pre = if gelu && keep_pre {
             Some(self.empty(m * n, DType::BF16)?)
         } else {
             None
@@ -246,7 +248,7 @@ impl CudaStorage {
         let r = if low.is_some() { r } else { 0 };
         let opt = |s: Option<&CudaStorage>| s.map_or(Arg::null(), |s| s.ptr());
         let (mf, nf, kf, rf) = (m as f64, n as f64, k as f64, r as f64);
-        let extra = res.is_some() as u8 as f64 + gelu as u8 as f64;
+        let extra = res.is_some() as u8 as f64 + pre.is_some() as u8 as f64;
         crate::profile::set_work(
             2.0 * mf * nf * (kf + rf),
             2.0 * (mf * kf + nf * kf + mf * rf + nf * rf + mf * nf * (1.0 + extra)),
@@ -603,6 +605,7 @@ mod tests {
                     Some((ops[2], ops[3])),
                     None,
                     false,
+                    false,
                     scale,
                     (m, n, k, r),
                 ),
@@ -613,6 +616,7 @@ mod tests {
                     None,
                     None,
                     None,
+                    false,
                     false,
                     scale,
                     (m, n, k, r),

@@ -256,15 +256,15 @@ impl FusedKernel for Backward {
         }
         if let Some((dgp, dbp)) = &parts {
             let (dg, db) = if rows > 0 {
-                (dgp.column_sum(blocks, cols)?, dbp.column_sum(blocks, cols)?)
-            } else {
                 (
-                    x.zeros_like(cols, DType::F32)?,
-                    x.zeros_like(cols, DType::F32)?,
+                    dgp.column_sum_to(blocks, cols, x.dtype)?,
+                    dbp.column_sum_to(blocks, cols, x.dtype)?,
                 )
+            } else {
+                (x.zeros_like(cols, x.dtype)?, x.zeros_like(cols, x.dtype)?)
             };
-            out.push(dg.into_dtype(x.dtype)?);
-            out.push(db.into_dtype(x.dtype)?);
+            out.push(dg);
+            out.push(db);
         }
         Ok(out)
     }

@@ -11,6 +11,8 @@ use crate::backend::cpu::elementwise;
 use crate::backend::cpu::gemm::{gemm_into, Mat};
 use crate::backend::cpu::CpuStorage;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+use crate::backend::cuda::abi::Arg;
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::kernels as kn;
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 use crate::backend::cuda::storage::{same_len, CudaStorage, DropLow, LoraKey, LoraPath};
@@ -44,7 +46,7 @@ pub fn lora_linear(
     b: Option<&Tensor>,
     lora: Option<Lora<'_>>,
 ) -> Result<Tensor> {
-    linear_impl(x, w, b, lora, None, Act::None).map(|(y, _)| y)
+    linear_impl(x, w, b, lora, None, Act::None, None).map(|(y, _)| y)
 }
 
 /// `residual + lora_linear(x, w, b, lora)` as one op — a pre-LN block's `x + out_proj(·)` and
@@ -57,21 +59,22 @@ pub fn lora_linear_residual(
     lora: Option<Lora<'_>>,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    linear_impl(x, w, b, lora, Some(residual), Act::None).map(|(y, _)| y)
+    linear_impl(x, w, b, lora, Some(residual), Act::None, None).map(|(y, _)| y)
 }
 
 /// A LoRA-linear followed by quick_gelu — CLIP's fc1 — as the next linear takes it: the
 /// pre-activation h and quick_gelu(h), both written by the GEMM's epilogue where the fused
 /// kernel runs (no separate activation pass, forward or backward).
 pub struct GeluLinear {
-    pre: Tensor,
+    pre: Option<Tensor>,
     act: Tensor,
 }
 
 impl GeluLinear {
-    /// h = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ, tracked: gradients flow back through the linear.
-    pub fn pre(&self) -> &Tensor {
-        &self.pre
+    /// h = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ, tracked: gradients flow back through the linear. None
+    /// when no gradient can flow back through it (inference): then h is never written.
+    pub fn pre(&self) -> Option<&Tensor> {
+        self.pre.as_ref()
     }
 
     /// quick_gelu(h) as a value. It carries no gradient of its own: `lora_linear_gelu_input`
@@ -88,9 +91,12 @@ pub fn lora_linear_gelu(
     b: Option<&Tensor>,
     lora: Option<Lora<'_>>,
 ) -> Result<GeluLinear> {
-    let (pre, act) = linear_impl(x, w, b, lora, None, Act::Out)?;
-    let act = act.ok_or_else(|| Error::Msg("lora_linear_gelu: no activation".into()))?;
-    Ok(GeluLinear { pre, act })
+    let (y, act) = linear_impl(x, w, b, lora, None, Act::Out, None)?;
+    Ok(match act {
+        Some(act) => GeluLinear { pre: Some(y), act },
+        // Nothing tracked: y is already quick_gelu(h), h was not kept.
+        None => GeluLinear { pre: None, act: y },
+    })
 }
 
 /// `lora_linear(quick_gelu(h), w, b, lora)` (+ `residual`) for `input` from
@@ -103,7 +109,11 @@ pub fn lora_linear_gelu_input(
     lora: Option<Lora<'_>>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    linear_impl(&input.act, w, b, lora, residual, Act::In(&input.pre)).map(|(y, _)| y)
+    let act = match &input.pre {
+        Some(pre) => Act::In(pre),
+        None => Act::None,
+    };
+    linear_impl(&input.act, w, b, lora, residual, act, None).map(|(y, _)| y)
 }
 
 /// Whether the linear's output goes through quick_gelu (`Out`) or its input came out of one
@@ -115,6 +125,113 @@ enum Act<'a> {
     In(&'a Tensor),
 }
 
+/// One LoRA-linear of x per entry of `layers` (W, bias, LoRA) — a block's q, k and v of its
+/// LayerNorm output — exactly as separate `lora_linear` calls, but with the adapters'
+/// S = drop(x)·Aᵀ computed in one pass over x where the kernel can (CUDA; two or three
+/// adapters of equal rank and dropout, total rank ≤ 32).
+pub fn lora_linears_of_one_input(
+    x: &Tensor,
+    layers: &[(&Tensor, Option<&Tensor>, Option<Lora<'_>>)],
+) -> Result<Vec<Tensor>> {
+    let shared = shared_down(x, layers)?;
+    layers
+        .iter()
+        .enumerate()
+        .map(|(i, (w, b, lora))| {
+            let s = shared.as_ref().map(|v| &v[i]);
+            linear_impl(x, w, *b, lora.clone(), None, Act::None, s).map(|(y, _)| y)
+        })
+        .collect()
+}
+
+/// The adapters' S of one input in one pass (`kernels/lora_lowrank.cu` lora_down, up to three
+/// groups with their own masks), or None where each op is better left to compute its own.
+fn shared_down(
+    x: &Tensor,
+    layers: &[(&Tensor, Option<&Tensor>, Option<Lora<'_>>)],
+) -> Result<Option<Vec<Tensor>>> {
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    {
+        let loras: Vec<&Lora> = layers.iter().filter_map(|l| l.2.as_ref()).collect();
+        let r = loras
+            .first()
+            .map_or(0, |l| l.a.dims().first().copied().unwrap_or(0));
+        let k = x.shape().last();
+        let fits = (2..=3).contains(&layers.len())
+            && loras.len() == layers.len()
+            && loras.iter().all(|l| {
+                l.a.dims() == [r, k]
+                    && l.a.dtype() == x.dtype()
+                    && l.dropout == loras[0].dropout
+                    && (0.0..1.0).contains(&l.dropout)
+            })
+            && r > 0
+            && r * loras.len() <= kn::LORA_LOWRANK_MAX_RANK
+            && x.rank() >= 1;
+        if !fits {
+            return Ok(None);
+        }
+        let xs = x.storage();
+        let guards: Vec<_> = loras.iter().map(|l| l.a.storage()).collect();
+        let Storage::Cuda(xc) = &*xs else {
+            return Ok(None);
+        };
+        let mut acs = vec![];
+        for g in &guards {
+            let Storage::Cuda(ac) = &**g else {
+                return Ok(None);
+            };
+            acs.push(ac);
+        }
+        let a_ptr = |i: usize| acs.get(i).map_or(Arg::null(), |a| a.ptr());
+        let m = x.shape().rows();
+        let outs: Vec<CudaStorage> = (0..loras.len())
+            .map(|_| xc.empty(m * r, xc.dtype))
+            .collect::<Result<_>>()?;
+        if m > 0 {
+            let seed = |i: usize| loras.get(i).map_or(0, |l| l.seed);
+            let ptr = |i: usize| outs.get(i).map_or(Arg::null(), |s| s.ptr());
+            let name = format!("lora_down_{}", xc.sfx("lora_linear")?);
+            let rt = r * loras.len();
+            crate::profile::set_work(
+                2.0 * (m * k * rt) as f64,
+                (xc.dtype.size_in_bytes() * (m * k + rt * k + m * rt)) as f64,
+            );
+            xc.run_grid(
+                &name,
+                kn::LoraDown {
+                    x: xc.ptr(),
+                    a: a_ptr(0),
+                    a_b: a_ptr(1),
+                    a_c: a_ptr(2),
+                    s: ptr(0),
+                    s_b: ptr(1),
+                    s_c: ptr(2),
+                    m,
+                    k,
+                    r: rt,
+                    group: r,
+                    p: loras[0].dropout,
+                    seed: seed(0),
+                    seed_b: seed(1),
+                    seed_c: seed(2),
+                },
+            )?;
+        }
+        let t = outs
+            .into_iter()
+            .map(|s| Tensor::from_storage(Storage::Cuda(s), Shape::from(vec![m, r])))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(t))
+    }
+    #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
+    {
+        let _ = (x, layers);
+        Ok(None)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn linear_impl(
     x: &Tensor,
     w: &Tensor,
@@ -122,6 +239,7 @@ fn linear_impl(
     lora: Option<Lora<'_>>,
     residual: Option<&Tensor>,
     act: Act<'_>,
+    given_s: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let op = Forward::NAME;
     check_float(op, x)?;
@@ -215,6 +333,15 @@ fn linear_impl(
     if let Some(b) = b {
         inputs.push(b);
     }
+    // fc1 keeps h only for a backward that will need it.
+    let keep_pre = gelu_out
+        && crate::autograd::is_grad_enabled()
+        && inputs
+            .iter()
+            .copied()
+            .chain(lora.as_ref().map(|l| l.a))
+            .chain(lora.as_ref().map(|l| l.b))
+            .any(|t| t.is_tracked());
     if let Some(l) = &lora {
         inputs.push(l.a);
         inputs.push(l.b);
@@ -239,11 +366,16 @@ fn linear_impl(
         lora: lspec,
         residual: residual.is_some(),
         gelu: gelu_out,
+        keep_pre,
+        given_s: given_s.is_some() && lspec.is_some(),
     };
     let mut outs = {
         let mut guards: Vec<_> = inputs.iter().map(|t| t.storage()).collect();
         if gelu_pre.is_some() {
             guards[0] = x.storage(); // the GEMM's input is quick_gelu(h)
+        }
+        if fwd.given_s {
+            guards.extend(given_s.map(|s| s.storage()));
         }
         let st: Vec<&Storage> = guards.iter().map(|g| &**g).collect();
         super::run(&fwd, &st)?.into_iter()
@@ -251,8 +383,20 @@ fn linear_impl(
     let y = outs
         .next()
         .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?;
-    let s = if lspec.is_some() { outs.next() } else { None };
-    let act_out = if gelu_out {
+    let s = match (lspec, given_s) {
+        (None, _) => None,
+        (Some(_), Some(s)) => Some(s.clone()),
+        (Some(sp), None) => {
+            let st = outs
+                .next()
+                .ok_or_else(|| Error::Msg("lora_linear: no S output".into()))?;
+            Some(Tensor::from_storage(
+                st,
+                Shape::from(vec![spec.m, sp.rank]),
+            )?)
+        }
+    };
+    let act_out = if keep_pre {
         let a = outs
             .next()
             .ok_or_else(|| Error::Msg("lora_linear: no activation output".into()))?;
@@ -282,7 +426,7 @@ struct LinearBackward {
     x: Tensor,
     w: Tensor,
     /// (A, B, S = drop(x)·Aᵀ, spec).
-    lora: Option<(Tensor, Tensor, Storage, LoraSpec)>,
+    lora: Option<(Tensor, Tensor, Tensor, LoraSpec)>,
     /// h when x = quick_gelu(h): input 0 is h, and its gradient is dX·quick_gelu′(h).
     gelu_pre: Option<Tensor>,
     has_bias: bool,
@@ -335,12 +479,12 @@ impl BackwardOp for LinearBackward {
             let la = self
                 .lora
                 .as_ref()
-                .map(|(a, b, _, _)| (a.storage(), b.storage()));
+                .map(|(a, b, s, _)| (a.storage(), b.storage(), s.storage()));
             let pre = self.gelu_pre.as_ref().map(|p| p.storage());
             let acc = acc0.as_ref().map(|a| a.storage());
             let mut st: Vec<&Storage> = vec![&xs, &ws, &gs];
-            if let (Some((a, b)), Some((_, _, s, _))) = (&la, &self.lora) {
-                st.extend([&**a, &**b, s]);
+            if let Some((a, b, s)) = &la {
+                st.extend([&**a, &**b, &**s]);
             }
             st.extend(pre.as_deref());
             st.extend(acc.as_deref());
@@ -373,7 +517,7 @@ impl BackwardOp for LinearBackward {
     }
 }
 
-/// (y, [S = drop(x)·Aᵀ] with a LoRA branch, [quick_gelu(y)] with `gelu`) from
+/// (y, [S = drop(x)·Aᵀ] with a LoRA branch, [quick_gelu(y)] with `gelu` and `keep_pre`) from
 /// (x, W, [b], [A, B], [residual]): y = x·Wᵀ + b + s·S·Bᵀ (+ residual, added in the GEMM's
 /// epilogue where the kernel can).
 pub struct Forward {
@@ -382,6 +526,12 @@ pub struct Forward {
     pub lora: Option<LoraSpec>,
     pub residual: bool,
     pub gelu: bool,
+    /// With `gelu`: y stays the pre-activation and quick_gelu(y) comes last; without, y is
+    /// quick_gelu of it (nothing will differentiate through h: it is never written).
+    pub keep_pre: bool,
+    /// S comes as the last input (computed for several adapters of x at once) and is not an
+    /// output.
+    pub given_s: bool,
 }
 
 /// The gradients asked for by `needs`, in `LinearGrads` order (x, W, b, A, B), from
@@ -405,9 +555,16 @@ impl FloatFn for Forward {
             let res = x[li + 2 * self.lora.is_some() as usize];
             y.par_iter_mut().zip(res).for_each(|(y, r)| *y += *r);
         }
-        let act = self
+        let mut act = self
             .gelu
             .then(|| elementwise::unary(&y, UnaryOp::QuickGelu));
+        if !self.keep_pre {
+            if let Some(a) = act.take() {
+                y = a;
+            }
+        }
+        // A given S is the same drop(x)·Aᵀ (the CPU computes its own and drops it).
+        let s = s.filter(|_| !self.given_s);
         std::iter::once(y).chain(s).chain(act).collect()
     }
 }
@@ -474,7 +631,9 @@ impl FusedKernel for Forward {
         let res = self
             .residual
             .then(|| inputs[li + 2 * self.lora.is_some() as usize]);
-        let (y, s, act) = cuda_forward(inputs[0], inputs[1], b, low, res, self.gelu, self.spec)?;
+        let gelu = self.gelu.then_some(self.keep_pre);
+        let given = self.given_s.then(|| inputs[inputs.len() - 1]);
+        let (y, s, act) = cuda_forward(inputs[0], inputs[1], b, low, res, given, gelu, self.spec)?;
         Ok(std::iter::once(y).chain(s).chain(act).collect())
     }
 }
@@ -488,6 +647,22 @@ impl FusedKernel for Backward {
             return Err(Error::shape(
                 Self::NAME,
                 format!("dy has {} elements, expected {want}", inputs[2].len()),
+            ));
+        }
+        // h and the accumulated gradient come after (x, W, dy, [A, B, S]), each x's size.
+        let tail = 3 + 3 * self.lora.is_some() as usize;
+        let count = tail + self.gelu as usize + self.acc as usize;
+        let xlen = self.spec.m * self.spec.k;
+        if inputs.len() != count || inputs[tail..].iter().any(|t| t.len() != xlen) {
+            return Err(Error::shape(
+                Self::NAME,
+                format!(
+                    "{} inputs for {count} (gelu {}, acc {}), or an epilogue operand not of x's \
+                     {xlen} elements",
+                    inputs.len(),
+                    self.gelu,
+                    self.acc
+                ),
             ));
         }
         cpu_float(Self::NAME, self, inputs, &[])
@@ -553,12 +728,19 @@ fn lora_down(
             kn::LoraDown {
                 x: x.ptr(),
                 a: a.ptr(),
+                a_b: Arg::null(),
+                a_c: Arg::null(),
                 s: s.ptr(),
+                s_b: Arg::null(),
+                s_c: Arg::null(),
                 m,
                 k,
                 r,
+                group: r,
                 p: ls.dropout,
                 seed: ls.seed,
+                seed_b: 0,
+                seed_c: 0,
             },
         )?;
     }
@@ -642,21 +824,82 @@ fn lora_da(
             seed: ls.seed,
         },
     )?;
-    part.column_sum(chunks, r * k)?.into_dtype(x.dtype)
+    part.column_sum_to(chunks, r * k, x.dtype)
 }
 
 // The CUDA side.
 
+/// (dS = s·dY·B [m, r], dB = s·dYᵀ·S [n, r]) from one pass over dY
+/// (`kernels/lora_lowrank.cu`), each summed from f32 partials in a fixed order and rounded once.
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn lora_ds_db(
+    dy: &CudaStorage,
+    lb: &CudaStorage,
+    s: &CudaStorage,
+    ls: LoraSpec,
+    m: usize,
+    n: usize,
+) -> Result<(CudaStorage, CudaStorage)> {
+    dy.same_dtype("lora_linear_bwd B", lb)?;
+    dy.same_dtype("lora_linear_bwd S", s)?;
+    lowrank_rank(ls.rank)?;
+    let r = ls.rank;
+    same_len("lora_linear_bwd B", lb.len, n * r)?;
+    same_len("lora_linear_bwd S", s.len, m * r)?;
+    if m == 0 || n == 0 || r == 0 {
+        return Ok((
+            dy.zeros_like(m * r, dy.dtype)?,
+            dy.zeros_like(n * r, dy.dtype)?,
+        ));
+    }
+    // 256-column tiles × row chunks: ~128 chunks keep both partial buffers a few MB.
+    let tiles = n.div_ceil(256);
+    let rows_per_chunk = m.div_ceil(128).max(64);
+    let chunks = m.div_ceil(rows_per_chunk);
+    let ds_part = dy.empty(tiles * m * r, DType::F32)?;
+    let db_part = dy.empty(chunks * n * r, DType::F32)?;
+    let name = format!("lora_dsdb_part_{}", dy.sfx("lora_linear_bwd")?);
+    crate::profile::set_work(
+        4.0 * (m * n * r) as f64,
+        (dy.dtype.size_in_bytes() * (m * n + n * r + m * r) + 4 * (tiles * m * r + chunks * n * r))
+            as f64,
+    );
+    dy.run_grid(
+        &name,
+        kn::LoraDsDbPart {
+            dy: dy.ptr(),
+            b: lb.ptr(),
+            s: s.ptr(),
+            ds_part: ds_part.ptr(),
+            db_part: db_part.ptr(),
+            m,
+            n,
+            r,
+            rows_per_chunk,
+            scale: ls.scale as f32,
+        },
+    )?;
+    Ok((
+        ds_part.column_sum_to(tiles, m * r, dy.dtype)?,
+        db_part.column_sum_to(chunks, n * r, dy.dtype)?,
+    ))
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+#[allow(clippy::too_many_arguments)]
 fn cuda_forward(
     x: &CudaStorage,
     w: &CudaStorage,
     b: Option<&CudaStorage>,
     lora: Option<(&CudaStorage, &CudaStorage, LoraSpec)>,
     res: Option<&CudaStorage>,
-    gelu: bool,
+    given_s: Option<&CudaStorage>,
+    gelu: Option<bool>,
     spec: LinearSpec,
 ) -> Result<(CudaStorage, Option<CudaStorage>, Option<CudaStorage>)> {
+    // gelu: Some(keep_pre) — quick_gelu(h) out, and h too when kept.
+    let keep_pre = gelu == Some(true);
+    let gelu = gelu.is_some();
     let LinearSpec { m, n, k } = spec;
     same_len("lora_linear x", x.len, m * k)?;
     same_len("lora_linear W", w.len, n * k)?;
@@ -677,7 +920,11 @@ fn cuda_forward(
         same_len("lora_linear bias", b.len, n)?;
     }
     let mut s_low = None;
-    if let Some((la, lb, ls)) = lora {
+    if let (Some(s), Some((_, _, ls))) = (given_s, lora) {
+        same_len("lora_linear S", s.len, m * ls.rank)?;
+        x.same_dtype("lora_linear S", s)?;
+    }
+    if let (Some((la, lb, ls)), None) = (lora, given_s) {
         same_len("lora_linear A", la.len, ls.rank * k)?;
         same_len("lora_linear B", lb.len, n * ls.rank)?;
         s_low = Some(
@@ -692,7 +939,9 @@ fn cuda_forward(
             },
         );
     }
-    let low = lora.zip(s_low.as_ref()).map(|((_, lb, ls), s)| (s, lb, ls));
+    let low = lora
+        .zip(given_s.or(s_low.as_ref()))
+        .map(|((_, lb, ls), s)| (s, lb, ls));
     let ys = Shape::from(vec![m, n]);
     // PEFT's structure on cuBLAS: X·Wᵀ, + b, + s·S·Bᵀ (each rounded to the storage type).
     type Low<'a> = Option<(&'a CudaStorage, &'a CudaStorage, LoraSpec)>;
@@ -740,17 +989,17 @@ fn cuda_forward(
         // the path for the shape is being chosen.
         // ops = [x, W, (S, B), (residual)]: all randomized while a path is screened, so a
         // large residual cannot hide a wrong product.
-        // Outputs [y] or, with gelu, [quick_gelu(h), h] (the fused kernel's order).
+        // Outputs [y] or, with gelu, [quick_gelu(h)] + [h] when kept (the fused kernel's order).
         let run = |p: LoraPath, ops: &[&CudaStorage]| -> Result<Vec<CudaStorage>> {
             let low = low.map(|(_, _, ls)| (ops[2], ops[3], ls));
             let res = res.map(|_| ops[ops.len() - 1]);
             match p {
                 LoraPath::Cublas => {
                     let h = cublas(ops[0], ops[1], low, res)?;
-                    Ok(if gelu {
-                        vec![h.unary(UnaryOp::QuickGelu)?, h]
-                    } else {
-                        vec![h]
+                    Ok(match (gelu, keep_pre) {
+                        (true, true) => vec![h.unary(UnaryOp::QuickGelu)?, h],
+                        (true, false) => vec![h.unary(UnaryOp::QuickGelu)?],
+                        _ => vec![h],
                     })
                 }
                 p => {
@@ -764,6 +1013,7 @@ fn cuda_forward(
                         low.map(|(s, lb, _)| (s, lb)),
                         fused_res,
                         fused_gelu,
+                        keep_pre,
                         low.map_or(1.0, |l| l.2.scale as f32),
                         (m, n, k, r),
                     )?;
@@ -773,7 +1023,10 @@ fn cuda_forward(
                     }
                     if gelu && !fused_gelu {
                         let h = outs.remove(0);
-                        outs = vec![h.unary(UnaryOp::QuickGelu)?, h];
+                        outs = vec![h.unary(UnaryOp::QuickGelu)?];
+                        if keep_pre {
+                            outs.push(h);
+                        }
                     }
                     Ok(outs)
                 }
@@ -784,28 +1037,32 @@ fn cuda_forward(
             ops.extend([s, lb]);
         }
         ops.extend(res);
-        let mut outs = run(x.lora_choose(key, &ops, &run)?, &ops)?;
-        if gelu {
-            let h = outs.pop();
-            let act = outs.pop();
-            return match (h, act) {
-                (Some(h), Some(act)) => Ok((h, s_low, Some(act))),
-                _ => Err(Error::Msg(
-                    "lora_linear: the gelu path lost an output".into(),
-                )),
-            };
-        }
-        outs.pop()
-            .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?
+        let mut outs = run(x.lora_choose(key, &ops, &run)?, &ops)?.into_iter();
+        let first = outs
+            .next()
+            .ok_or_else(|| Error::Msg("lora_linear: no output".into()))?;
+        return Ok(match (gelu && keep_pre, outs.next()) {
+            // [quick_gelu(h), h] → (h, S, quick_gelu(h)).
+            (true, Some(h)) => (h, s_low, Some(first)),
+            (true, None) => {
+                return Err(Error::Msg(
+                    "lora_linear: the gelu path lost the pre-activation".into(),
+                ))
+            }
+            // [y] or [quick_gelu(h)] alone.
+            (false, _) => (first, s_low, None),
+        });
     } else {
         cublas(x, w, low, res)?
     };
-    let act = if gelu {
-        Some(y.unary(UnaryOp::QuickGelu)?)
-    } else {
-        None
-    };
-    Ok((y, s_low, act))
+    Ok(match (gelu, keep_pre) {
+        (true, true) => {
+            let act = y.unary(UnaryOp::QuickGelu)?;
+            (y, s_low, Some(act))
+        }
+        (true, false) => (y.unary(UnaryOp::QuickGelu)?, s_low, None),
+        _ => (y, s_low, None),
+    })
 }
 
 /// What follows dX = dY·W (+ the low-rank term): quick_gelu′ of fc1's pre-activation, then the
@@ -860,9 +1117,17 @@ fn cuda_backward(
     let ds_of = |(lb, ls): (&CudaStorage, LoraSpec)| -> Result<CudaStorage> {
         mm(dy, lb, m, ls.rank, n, false, false)?.affine(ls.scale, 0.0)
     };
-    let ds = match lora {
-        Some((_, lb, _, ls)) => Some(ds_of((lb, ls))?),
-        None => None,
+    // dS and dB from one pass over dY when both are wanted (they are in training).
+    let one_pass = |l: &(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)| {
+        needs.lora_b && (needs.x || needs.lora_a) && l.3.rank <= kn::LORA_LOWRANK_MAX_RANK
+    };
+    let (ds, mut db_one_pass) = match lora {
+        Some(l @ (_, lb, s, ls)) if one_pass(&l) => {
+            let (ds, db) = lora_ds_db(dy, lb, s, ls, m, n)?;
+            (Some(ds), Some(db))
+        }
+        Some((_, lb, _, ls)) => (Some(ds_of((lb, ls))?), None),
+        None => (None, None),
     };
     // dX = dY·W + s·dS·A by the path chosen for the shape (storage_lora). In bf16 the low-rank
     // term rides in the dX GEMM — as extra depth without dropout, in the epilogue with its
@@ -966,7 +1231,10 @@ fn cuda_backward(
     if let (Some((la, _, s, ls)), Some(ds)) = (lora, ds.as_ref()) {
         let r = ls.rank;
         if needs.lora_b {
-            gbm = Some(mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?);
+            gbm = Some(match db_one_pass.take() {
+                Some(db) => db,
+                None => mm(dy, s, n, r, m, true, false)?.affine(ls.scale, 0.0)?,
+            });
         }
         if needs.lora_a {
             ga = Some(if ls.dropout > 0.0 && r <= kn::LORA_LOWRANK_MAX_RANK {
