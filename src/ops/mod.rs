@@ -47,25 +47,7 @@ pub(crate) fn check_ids(op: &'static str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// A backward defined by a closure (for ops whose rule is a few tensor ops).
-pub(crate) struct FnBackward<F> {
-    pub name: &'static str,
-    pub f: F,
-}
-
-impl<F> crate::autograd::BackwardOp for FnBackward<F>
-where
-    F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync,
-{
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn backward(self: Box<Self>, grad: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        (self.f)(grad, needs)
-    }
-}
-
-/// `FnBackward` for a closure that may add the gradient its input already has (`acc`, see
+/// A closure as a backward op; it may add the gradient its input already has (`acc`, see
 /// `BackwardOp::backward_acc`).
 pub(crate) struct FnAccBackward<F> {
     pub name: &'static str,
@@ -121,5 +103,8 @@ pub(crate) fn record_fn<F>(
 where
     F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 {
-    crate::autograd::record(out, shape, inputs, |y| FnBackward { name, f: f(y) })
+    record_fn_acc(name, out, shape, inputs, |y| {
+        let f = f(y);
+        move |g: &Tensor, needs: &[bool], _: &mut [Option<Tensor>]| f(g, needs)
+    })
 }

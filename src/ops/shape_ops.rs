@@ -33,9 +33,11 @@ impl Tensor {
         crate::autograd::note_recorded();
         let node = crate::autograd::Node::new(
             vec![Some(self.clone())],
-            Box::new(super::FnBackward {
+            Box::new(super::FnAccBackward {
                 name: "reshape",
-                f: move |g: &Tensor, _: &[bool]| Ok(vec![Some(g.reshape(src)?)]),
+                f: move |g: &Tensor, _: &[bool], _: &mut [Option<Tensor>]| {
+                    Ok(vec![Some(g.reshape(src)?)])
+                },
             }),
         );
         Ok(Tensor::build(

@@ -183,41 +183,13 @@ fn shared_down(
             };
             acs.push(ac);
         }
-        let a_ptr = |i: usize| acs.get(i).map_or(Arg::null(), |a| a.ptr());
         let m = x.shape().rows();
         let outs: Vec<CudaStorage> = (0..loras.len())
             .map(|_| xc.empty(m * r, xc.dtype))
             .collect::<Result<_>>()?;
-        if m > 0 {
-            let seed = |i: usize| loras.get(i).map_or(0, |l| l.seed);
-            let ptr = |i: usize| outs.get(i).map_or(Arg::null(), |s| s.ptr());
-            let name = format!("lora_down_{}", xc.sfx("lora_linear")?);
-            let rt = r * loras.len();
-            crate::profile::set_work(
-                2.0 * (m * k * rt) as f64,
-                (xc.dtype.size_in_bytes() * (m * k + rt * k + m * rt)) as f64,
-            );
-            xc.run_grid(
-                &name,
-                kn::LoraDown {
-                    x: xc.ptr(),
-                    a: a_ptr(0),
-                    a_b: a_ptr(1),
-                    a_c: a_ptr(2),
-                    s: ptr(0),
-                    s_b: ptr(1),
-                    s_c: ptr(2),
-                    m,
-                    k,
-                    r: rt,
-                    group: r,
-                    p: loras[0].dropout,
-                    seed: seed(0),
-                    seed_b: seed(1),
-                    seed_c: seed(2),
-                },
-            )?;
-        }
+        let seeds: Vec<u64> = loras.iter().map(|l| l.seed).collect();
+        let out_refs: Vec<&CudaStorage> = outs.iter().collect();
+        launch_down(xc, &acs, &out_refs, (m, k, r), loras[0].dropout, &seeds)?;
         let t = outs
             .into_iter()
             .map(|s| Tensor::from_storage(Storage::Cuda(s), Shape::from(vec![m, r])))
@@ -716,35 +688,51 @@ fn lora_down(
     x.same_dtype("lora_linear A", a)?;
     lowrank_rank(ls.rank)?;
     let s = x.empty(m * ls.rank, x.dtype)?;
-    if m > 0 {
-        let name = format!("lora_down_{}", x.sfx("lora_linear")?);
-        let r = ls.rank;
-        crate::profile::set_work(
-            2.0 * (m * k * r) as f64,
-            (x.dtype.size_in_bytes() * (m * k + r * k + m * r)) as f64,
-        );
-        x.run_grid(
-            &name,
-            kn::LoraDown {
-                x: x.ptr(),
-                a: a.ptr(),
-                a_b: Arg::null(),
-                a_c: Arg::null(),
-                s: s.ptr(),
-                s_b: Arg::null(),
-                s_c: Arg::null(),
-                m,
-                k,
-                r,
-                group: r,
-                p: ls.dropout,
-                seed: ls.seed,
-                seed_b: 0,
-                seed_c: 0,
-            },
-        )?;
-    }
+    launch_down(x, &[a], &[&s], (m, k, ls.rank), ls.dropout, &[ls.seed])?;
     Ok(s)
+}
+
+/// One `lora_down` launch for up to three adapters of x: A's `a`, outputs `s` ([m, group]
+/// each), masks of dropout `p` and `seeds`.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn launch_down(
+    x: &CudaStorage,
+    a: &[&CudaStorage],
+    s: &[&CudaStorage],
+    (m, k, group): (usize, usize, usize),
+    p: f32,
+    seeds: &[u64],
+) -> Result<()> {
+    if m == 0 {
+        return Ok(());
+    }
+    let rt = group * a.len();
+    let ptr = |v: &[&CudaStorage], i: usize| v.get(i).map_or(Arg::null(), |t| t.ptr());
+    let seed = |i: usize| seeds.get(i).copied().unwrap_or(0);
+    crate::profile::set_work(
+        2.0 * (m * k * rt) as f64,
+        (x.dtype.size_in_bytes() * (m * k + rt * k + m * rt)) as f64,
+    );
+    x.run_grid(
+        &format!("lora_down_{}", x.sfx("lora_linear")?),
+        kn::LoraDown {
+            x: x.ptr(),
+            a: ptr(a, 0),
+            a_b: ptr(a, 1),
+            a_c: ptr(a, 2),
+            s: ptr(s, 0),
+            s_b: ptr(s, 1),
+            s_c: ptr(s, 2),
+            m,
+            k,
+            r: rt,
+            group,
+            p,
+            seed: seed(0),
+            seed_b: seed(1),
+            seed_c: seed(2),
+        },
+    )
 }
 
 /// dx [m, k] += drop′(dS·A) in place (`kernels/lora_lowrank.cu`).
