@@ -433,6 +433,10 @@ SD2_REGISTER_KERNEL(lora_gemm2_bwd_bf16)
 // tile is its own block under the kernel-uniform `if (R > 0)`, which ptxas accepts. Tails in M, N, K are TMA's zero fill plus a
 // bounds-checked epilogue. Needs (checked by the host): K % 8 == 0, r ∈ {0, 8, 16} (16-byte row
 // strides for TMA), 16-byte aligned X, W, S, B.
+//
+// The same kernel is the backward's dX on tensor cores: dX = dY·W is dY·(Wᵀ)ᵀ, so with X = dY,
+// W = Wᵀ (transposed once per call by the host), S = dS and B = Aᵀ it is this product, and the
+// epilogue takes the backward's terms (`lg::Epi`: drop′(lds·la), quick_gelu′(aux), + res).
 //   grid (⌈N/256⌉, ⌈M/128⌉), 384 threads, 197696 bytes of dynamic shared memory.
 namespace lg3 {
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
@@ -444,8 +448,10 @@ constexpr int kConsumerWarps = 8;
 extern "C" __global__ void __launch_bounds__(384, 1)
     lora_gemm3_fwd_bf16(const __grid_constant__ TmaDesc tm_x, const __grid_constant__ TmaDesc tm_w,
                         const __grid_constant__ TmaDesc tm_s, const __grid_constant__ TmaDesc tm_b,
-                        const bf16* bias, const bf16* res, bf16* pre, bf16* y, int M, int N,
-                        int K, int R, float scale, int epilogue) {
+                        const bf16* bias, const bf16* res, bf16* pre, const bf16* aux,
+                        const bf16* lds, const bf16* la, int lr, float lp,
+                        unsigned long long lseed, bf16* y, int M, int N, int K, int R,
+                        float scale, int epilogue) {
 #ifdef SD2_HOPPER
   using namespace lg3;
   unsigned char* raw = dynamic_smem<unsigned char>();
@@ -530,7 +536,7 @@ extern "C" __global__ void __launch_bounds__(384, 1)
     wgmma_fence_acc(acc);
 
     const int q = (tid >> 5) & 3, g = lane >> 2, t = lane & 3;
-    const lg::Epi e{bias, res, nullptr, pre, epilogue};
+    const lg::Epi e{bias, res, aux, pre, epilogue, lds, la, lr, lp, lseed};
     const bool pair = lg::pair_ok(e, y, N);
 #pragma unroll
     for (int j = 0; j < 32; ++j)

@@ -1683,6 +1683,12 @@ fn lora_gemm_hopper_forward_matches_reference() {
                         } else {
                             KArg::Null
                         },
+                        aux: KArg::Null,
+                        lds: KArg::Null,
+                        la: KArg::Null,
+                        lr: 0,
+                        lp: 0.0,
+                        lseed: 0,
                         y: KArg::output(&mut y),
                         m,
                         n,

@@ -440,9 +440,11 @@ kernels! {
         x: ptr, w: ptr, s_low: ptr, lb: ptr, lds: ptr, la: ptr, lr: int, lp: f32, lseed: u64,
         res: ptr, aux: ptr, y: ptr, m: int, n: int, k: int, r: int, scale: f32, epilogue: code,
     );
-    /// Variant 3 (Hopper: TMA + wgmma), operands by tensor map.
+    /// Variant 3 (Hopper: TMA + wgmma), operands by tensor map; with W = Wᵀ also the
+    /// backward's dX (epilogue terms as `LoraGemmBwd`'s: aux, lds/la/lr/lp/lseed, res).
     LoraGemm3Fwd["lora_gemm3_fwd_bf16"](
-        tm_x: map, tm_w: map, tm_s: map, tm_b: map, bias: ptr, res: ptr, pre: ptr, y: ptr,
+        tm_x: map, tm_w: map, tm_s: map, tm_b: map, bias: ptr, res: ptr, pre: ptr, aux: ptr,
+        lds: ptr, la: ptr, lr: int, lp: f32, lseed: u64, y: ptr,
         m: int, n: int, k: int, r: int, scale: f32, epilogue: code,
     );
 

@@ -22,7 +22,7 @@ pub enum LoraPath {
     Cublas,
     V1,
     V2,
-    /// Hopper (sm_90a): forward only.
+    /// Hopper (sm_90a): the forward, and dX through it with Wᵀ.
     V3,
 }
 
@@ -142,14 +142,25 @@ impl CudaStorage {
     /// The fused candidates for a shape, fastest-expected first.
     fn lora_candidates(&self, key: &LoraKey, operands: &[&CudaStorage]) -> Vec<LoraPath> {
         let mut c = vec![];
-        if key.forward
-            && self.runner.has_hopper()
-            && hopper::supports(key.k, key.r)
-            && operands.iter().all(|s| aligned(s))
-        {
+        // The forward's depth is k; dX's is n (with Wᵀ [k, n] and, without dropout, the LoRA
+        // term as depth r; under dropout it rides in the epilogue instead).
+        let (depth, r) = if key.forward {
+            (key.k, key.r)
+        } else {
+            (key.n, if key.dropout { 0 } else { key.r })
+        };
+        let v3 = self.runner.has_hopper()
+            && hopper::supports(depth, r)
+            && operands.iter().all(|s| aligned(s));
+        if v3 && key.forward {
             c.push(LoraPath::V3);
         }
         c.extend([LoraPath::V2, LoraPath::V1]);
+        // dX on V3 transposes W for every call (2·|W| more traffic than V2): a candidate the GPU
+        // measures, not the simulator's or the plan's default.
+        if v3 && !key.forward {
+            c.push(LoraPath::V3);
+        }
         c
     }
 
@@ -267,6 +278,12 @@ impl CudaStorage {
                 bias: opt(bias),
                 res: opt(res),
                 pre: opt(pre.as_ref()),
+                aux: Arg::null(),
+                lds: Arg::null(),
+                la: Arg::null(),
+                lr: 0,
+                lp: 0.0,
+                lseed: 0,
                 y: y.ptr(),
                 m,
                 n,
@@ -317,12 +334,13 @@ impl CudaStorage {
         scale: f32,
         (m, n, k, r): (usize, usize, usize, usize),
     ) -> Result<CudaStorage> {
-        let v = path.variant().ok_or_else(|| {
-            Error::Cuda(format!(
+        let v = path.variant();
+        if v.is_none() && path != LoraPath::V3 {
+            return Err(Error::Cuda(format!(
                 "lora gemm backward: {} has no dX kernel",
                 path.name()
-            ))
-        })?;
+            )));
+        }
         let dx = self.empty(m * k, DType::BF16)?;
         if m * k == 0 {
             return Ok(dx);
@@ -352,11 +370,62 @@ impl CudaStorage {
         let rf = (if low.is_some() { r } else { 0 }) as f64;
         let dr = drop_low.as_ref().map_or(0.0, |d| d.rank as f64);
         let extra = acc.is_some() as u8 as f64 + gelu_pre.is_some() as u8 as f64;
-        crate::profile::set_work(
-            2.0 * mf * kf * (nf + rf + dr),
-            2.0 * (mf * nf + nf * kf + (mf + kf) * (rf + dr) + mf * kf * (1.0 + extra)),
-        );
+        // Attached to the next launch: called right before the GEMM's own.
+        let work = || {
+            crate::profile::set_work(
+                2.0 * mf * kf * (nf + rf + dr),
+                2.0 * (mf * nf + nf * kf + (mf + kf) * (rf + dr) + mf * kf * (1.0 + extra)),
+            )
+        };
+        let epilogue = if gelu_pre.is_some() {
+            Epilogue::GeluBwd
+        } else {
+            Epilogue::None
+        } as i32;
+        let Some(v) = v else {
+            // V3: dX = dY·(Wᵀ)ᵀ through the forward's wgmma kernel, with Wᵀ [k, n] (and the
+            // LoRA depth term's Aᵀ [k, r]) transposed here: K-major operands for TMA.
+            let r = if low.is_some() { r } else { 0 };
+            let wt = w.permute(&Shape::from(vec![n, k]), &[1, 0])?;
+            let at = low
+                .map(|(_, a)| a.permute(&Shape::from(vec![r, k]), &[1, 0]))
+                .transpose()?;
+            let [mx, mw, ms, mb] = hopper::maps(m, k, n, r);
+            let (s, b) = match (low, at.as_ref()) {
+                (Some((ds, _)), Some(at)) => (ds, at),
+                _ => (self, &wt),
+            };
+            let tm = |st: &CudaStorage, map| -> Result<Arg> {
+                Ok(Arg::Map(self.runner.tensor_map(st.buf.addr(), map)?))
+            };
+            let args = kn::LoraGemm3Fwd {
+                tm_x: tm(self, mx)?,
+                tm_w: tm(&wt, mw)?,
+                tm_s: tm(s, ms)?,
+                tm_b: tm(b, mb)?,
+                bias: Arg::null(),
+                res: opt(acc),
+                pre: Arg::null(),
+                aux: opt(gelu_pre),
+                lds: opt(drop_low.map(|d| d.ds)),
+                la: opt(drop_low.map(|d| d.a)),
+                lr: drop_low.map_or(0, |d| d.rank),
+                lp: drop_low.map_or(0.0, |d| d.p),
+                lseed: drop_low.map_or(0, |d| d.seed),
+                y: dx.ptr(),
+                m,
+                n: k,
+                k: n,
+                r,
+                scale,
+                epilogue,
+            };
+            work();
+            self.run(hopper::KERNEL, hopper::config(m, k), args)?;
+            return Ok(dx);
+        };
         // The output is [m, k] and the contraction runs over n.
+        work();
         self.run(
             v.bwd,
             v.config(m, k),
@@ -378,11 +447,7 @@ impl CudaStorage {
                 k: n,
                 r: if low.is_some() { r } else { 0 },
                 scale,
-                epilogue: if gelu_pre.is_some() {
-                    Epilogue::GeluBwd
-                } else {
-                    Epilogue::None
-                } as i32,
+                epilogue,
             },
         )?;
         Ok(dx)
@@ -560,6 +625,61 @@ mod tests {
     /// The step-0 blind spot: with B = 0 (a fresh adapter) a kernel that drops the low-rank
     /// term agrees with cuBLAS on the call's operands; the screen runs random operands, so it
     /// is rejected there. A candidate that fails to launch is "not used", not an error.
+    /// dX on tensor cores: V3 (the forward's wgmma kernel on Wᵀ) gives V2's dX — with the LoRA
+    /// term as depth, under dropout in the epilogue, with quick_gelu′ and the accumulated
+    /// gradient — to bf16 rounding (V2 itself is held to an f64 reference in
+    /// tests/sim_kernels.rs). Shapes with tails in every dimension.
+    #[test]
+    fn v3_dx_matches_v2() {
+        for &(m, n, k, r, drop, epi) in &[
+            (70usize, 40usize, 72usize, 8usize, false, false),
+            (70, 40, 72, 8, false, true),
+            (37, 48, 300, 8, true, true),
+            (33, 64, 40, 0, false, true),
+        ] {
+            let dy = sim(&values(m * n, 1));
+            let w = sim(&values(n * k, 2).iter().map(|v| v * 0.3).collect::<Vec<_>>());
+            let ds = sim(&values(m * r.max(1), 3));
+            let a = sim(&values(r.max(1) * k, 4)
+                .iter()
+                .map(|v| v * 0.3)
+                .collect::<Vec<_>>());
+            let acc = sim(&values(m * k, 5));
+            let h = sim(&values(m * k, 6).iter().map(|v| v * 2.0).collect::<Vec<_>>());
+            let low = (r > 0 && !drop).then_some((&ds, &a));
+            let dl = (r > 0 && drop).then_some(DropLow {
+                ds: &ds,
+                a: &a,
+                rank: r,
+                p: 0.3,
+                seed: 77,
+            });
+            let (acc, h) = if epi {
+                (Some(&acc), Some(&h))
+            } else {
+                (None, None)
+            };
+            let run = |p: LoraPath| {
+                host(
+                    &dy.lora_fused_dx(p, &w, low, dl, acc, h, 2.0, (m, n, k, r))
+                        .unwrap(),
+                )
+            };
+            let (v2, v3) = (run(LoraPath::V2), run(LoraPath::V3));
+            let peak = v2.iter().fold(0f32, |p, v| p.max(v.abs()));
+            let worst = v2
+                .iter()
+                .zip(&v3)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("v3 dX m{m} n{n} k{k} r{r} drop {drop} epi {epi}: worst |v3 − v2| {worst:e} of {peak}");
+            assert!(
+                worst <= 1e-2 * peak,
+                "v3 dX differs from v2 by {worst} (peak {peak})"
+            );
+        }
+    }
+
     #[test]
     fn screen_uses_random_operands_and_drops_wrong_or_failing_candidates() {
         let (m, n, k, r, scale) = (37, 24, 40, 8, 4.0f32);
