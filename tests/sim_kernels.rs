@@ -914,6 +914,38 @@ fn gather_scatter_patchify_and_casts_match_cpu() {
             &host(g.get(&tt).unwrap()),
             1e-6,
         );
+        // bf16 rows added into a gradient that exists (the CLS rows into the residual
+        // stream's), distinct ids: each touched element is round(acc + g), the others untouched.
+        let (rows_total, picks) = (7usize, [5i64, 0, 3]);
+        let acc = bf16_round(&randn(rows_total * cols, 93));
+        let src = bf16_round(&randn(picks.len() * cols, 94));
+        let mut into = to_bf16(&acc);
+        unsafe {
+            r.run_staged(
+                "index_add_rows_bf16",
+                cfg1(1, 32),
+                IndexAddRows {
+                    src: KArg::input(&to_bf16(&src)),
+                    ids: KArg::input(&picks),
+                    out: KArg::output(&mut into),
+                    n: picks.len(),
+                    cols,
+                },
+            )
+            .unwrap();
+        }
+        let mut want = acc.clone();
+        for (i, id) in picks.iter().enumerate() {
+            for c in 0..cols {
+                want[*id as usize * cols + c] += src[i * cols + c];
+            }
+        }
+        let want16: Vec<u16> = to_bf16(&want).iter().map(|v| v.to_bits()).collect();
+        let got16: Vec<u16> = into.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(
+            got16, want16,
+            "index_add_rows_bf16 into an existing gradient"
+        );
         // Patchify with trailing pixels dropped (H = 19, W = 17, p = 4).
         let (b, c, h, w, p) = (2usize, 3usize, 19usize, 17usize, 4usize);
         let x = randn(b * c * h * w, 92);
