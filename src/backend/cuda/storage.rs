@@ -762,24 +762,10 @@ impl BackendStorage for CudaStorage {
     }
 
     fn index_add_rows(&self, ids: &Self, rows: usize, cols: usize) -> Result<Self> {
-        let ids = ids.ids_i64("index_add_rows", rows)?;
-        same_len("index_add_rows", self.len, ids.len * cols)?;
-        let g = self.as_f32()?;
-        let out = self.zeros_like(rows * cols, DType::F32)?;
-        if ids.len > 0 && cols > 0 {
-            // src read, the rows named read and written (the zeroing is its own copy).
-            profile::set_work(0.0, (ids.len * cols) as f64 * 12.0 + 8.0 * ids.len as f64);
-            self.run_grid(
-                "index_add_rows_f32",
-                kn::IndexAddRows {
-                    src: g.ptr(),
-                    ids: ids.ptr(),
-                    out: out.ptr(),
-                    n: ids.len,
-                    cols,
-                },
-            )?;
-        }
+        // Sums in f32 (repeated ids accumulate there), rounded once to the gradient's dtype.
+        let mut out = self.zeros_like(rows * cols, DType::F32)?;
+        self.as_f32()?
+            .index_add_rows_into(ids, &mut out, rows, cols)?;
         out.into_dtype(self.dtype)
     }
 
