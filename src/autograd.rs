@@ -124,7 +124,7 @@ pub(crate) fn record<B: BackwardOp + 'static>(
         ));
     }
     record_shared(
-        std::sync::Arc::new(std::sync::RwLock::new(out)),
+        std::sync::Arc::new(crate::storage::StorageCell::new(out)),
         shape,
         inputs,
         make_backward,
@@ -133,7 +133,7 @@ pub(crate) fn record<B: BackwardOp + 'static>(
 
 /// `record` over storage that already exists (shared, not copied).
 fn record_shared<B: BackwardOp + 'static>(
-    storage: std::sync::Arc<std::sync::RwLock<crate::storage::Storage>>,
+    storage: std::sync::Arc<crate::storage::StorageCell>,
     shape: crate::Shape,
     inputs: &[&Tensor],
     make_backward: impl FnOnce(&Tensor) -> B,

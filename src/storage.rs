@@ -14,6 +14,89 @@ pub enum Storage {
     Cuda(CudaStorage),
 }
 
+/// A tensor's data (shared by its views) with a count of the in-place writes made to it and the
+/// copies derived from it — a frozen weight's transpose for a kernel that wants it K-major — each
+/// valid while the count is the one it was made at. A derived copy lives as long as the data.
+pub(crate) struct StorageCell {
+    data: std::sync::RwLock<Storage>,
+    writes: std::sync::atomic::AtomicU64,
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    derived: std::sync::Mutex<Vec<Derived>>,
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+struct Derived {
+    key: DerivedKey,
+    writes: u64,
+    storage: std::sync::Arc<Storage>,
+}
+
+/// What a derived copy is: a name and the shape it was derived for (views of one storage may
+/// have different shapes).
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+pub(crate) type DerivedKey = (&'static str, usize, usize);
+
+impl StorageCell {
+    pub(crate) fn new(data: Storage) -> StorageCell {
+        StorageCell {
+            data: std::sync::RwLock::new(data),
+            writes: std::sync::atomic::AtomicU64::new(0),
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            derived: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, Storage> {
+        self.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data for writing; counted once the lock is held, so a reader that holds the read
+    /// lock sees a count no write is in the middle of.
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, Storage> {
+        let g = self.data.write().unwrap_or_else(|e| e.into_inner());
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        g
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    /// The copy `key` derived from the data by `make`, made now if there is none for the
+    /// current data. The caller holds `read()` (which keeps the count still) and passes the
+    /// data to `make`; a stale copy of the same key is replaced, others are kept.
+    pub(crate) fn derived(
+        &self,
+        key: DerivedKey,
+        make: impl FnOnce() -> Result<Storage>,
+    ) -> Result<std::sync::Arc<Storage>> {
+        let writes = self.writes.load(std::sync::atomic::Ordering::Acquire);
+        let mut d = self.derived.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = d.iter().find(|e| e.key == key && e.writes == writes) {
+            return Ok(e.storage.clone());
+        }
+        let storage = std::sync::Arc::new(make()?);
+        d.retain(|e| e.key != key);
+        d.push(Derived {
+            key,
+            writes,
+            storage: storage.clone(),
+        });
+        Ok(storage)
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    /// Drops the copy `key` (its user chose a path that does not need it).
+    pub(crate) fn forget(&self, key: DerivedKey) {
+        let mut d = self.derived.lock().unwrap_or_else(|e| e.into_inner());
+        d.retain(|e| e.key != key);
+    }
+
+    /// How many derived copies are held (tests).
+    #[cfg(all(test, any(feature = "cuda", feature = "cuda-sim")))]
+    pub(crate) fn derived_count(&self) -> usize {
+        self.derived.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 fn check_same(op: &'static str, xs: &[&Storage]) -> Result<()> {
     let d0 = xs[0].device();
     for x in &xs[1..] {

@@ -1,13 +1,13 @@
 //! `Tensor`: a shared, contiguous, row-major buffer with a shape, a dtype and a device, plus its
 //! place in the autograd graph. Cloning a tensor is cheap (an `Arc`); `reshape` shares storage.
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::autograd::Node;
 use crate::backend::cpu::{CpuElem, CpuStorage};
 use crate::backend::BackendStorage;
 use crate::rng::Rng;
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageCell};
 use crate::{DType, Device, Error, Result, Shape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,7 +32,7 @@ pub(crate) enum GradState {
 
 pub(crate) struct Inner {
     pub(crate) id: TensorId,
-    pub(crate) storage: Arc<RwLock<Storage>>,
+    pub(crate) storage: Arc<StorageCell>,
     pub(crate) shape: Shape,
     pub(crate) dtype: DType,
     pub(crate) device: Device,
@@ -55,9 +55,9 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl Tensor {
-    pub(crate) fn build(storage: Arc<RwLock<Storage>>, shape: Shape, grad: GradState) -> Tensor {
+    pub(crate) fn build(storage: Arc<StorageCell>, shape: Shape, grad: GradState) -> Tensor {
         let (dtype, device) = {
-            let s = storage.read().unwrap_or_else(|e| e.into_inner());
+            let s = storage.read();
             (s.dtype(), s.device())
         };
         Tensor(Arc::new(Inner {
@@ -80,7 +80,7 @@ impl Tensor {
             ));
         }
         Ok(Tensor::build(
-            Arc::new(RwLock::new(storage)),
+            Arc::new(StorageCell::new(storage)),
             shape,
             GradState::Const,
         ))
@@ -230,11 +230,17 @@ impl Tensor {
     }
 
     pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
-        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.read()
+    }
+
+    /// The shared storage itself (for copies derived from it: `StorageCell::derived`).
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    pub(crate) fn storage_cell(&self) -> Arc<StorageCell> {
+        self.0.storage.clone()
     }
 
     pub(crate) fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.0.storage.write()
     }
 
     /// Whether no other tensor shares this storage (so it may be updated in place).

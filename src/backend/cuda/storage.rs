@@ -841,4 +841,4 @@ impl CudaStorage {
 #[path = "storage_lora.rs"]
 mod storage_lora;
 pub use storage_lora::{lora_choices, LoraPath};
-pub(crate) use storage_lora::{DropLow, LoraKey};
+pub(crate) use storage_lora::{wt_key, DropLow, LoraKey};

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use super::super::lora_gemm::{self, hopper, Epilogue};
 use super::*;
 use crate::backend::cpu::CpuStorage;
+use crate::storage::{Storage, StorageCell};
 
 /// One way to compute a LoRA-linear product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -321,12 +322,15 @@ impl CudaStorage {
     /// dX = dY·W + scale·dS·A by a fused kernel (self = dY [m, n], W [n, k], dS [m, r],
     /// A [r, k]); without `low`, dX = dY·W. Then, in the epilogue, + drop′(dS·A) for
     /// `drop_low`, times quick_gelu′(pre) for `gelu_pre` [m, k] and + `acc` [m, k] (the
-    /// gradient the input already has).
+    /// gradient the input already has). V3 wants Wᵀ: with `w_cell` (W's storage, whose read
+    /// lock the caller holds: a frozen weight) it is derived once and kept beside W until W is
+    /// written; without, it is transposed for this call.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn lora_fused_dx(
         &self,
         path: LoraPath,
         w: &CudaStorage,
+        w_cell: Option<&StorageCell>,
         low: Option<(&CudaStorage, &CudaStorage)>,
         drop_low: Option<DropLow<'_>>,
         acc: Option<&CudaStorage>,
@@ -386,21 +390,39 @@ impl CudaStorage {
             // V3: dX = dY·(Wᵀ)ᵀ through the forward's wgmma kernel, with Wᵀ [k, n] (and the
             // LoRA depth term's Aᵀ [k, r]) transposed here: K-major operands for TMA.
             let r = if low.is_some() { r } else { 0 };
-            let wt = w.permute(&Shape::from(vec![n, k]), &[1, 0])?;
+            let transpose = || w.permute(&Shape::from(vec![n, k]), &[1, 0]);
+            let (kept, own);
+            let wt =
+                match w_cell {
+                    Some(cell) => {
+                        kept = cell.derived(wt_key(n, k), || Ok(Storage::Cuda(transpose()?)))?;
+                        match &*kept {
+                            Storage::Cuda(c) if c.len == n * k => c,
+                            _ => return Err(Error::Cuda(
+                                "lora gemm backward: a kept Wᵀ is not W's transpose on this device"
+                                    .into(),
+                            )),
+                        }
+                    }
+                    None => {
+                        own = transpose()?;
+                        &own
+                    }
+                };
             let at = low
                 .map(|(_, a)| a.permute(&Shape::from(vec![r, k]), &[1, 0]))
                 .transpose()?;
             let [mx, mw, ms, mb] = hopper::maps(m, k, n, r);
             let (s, b) = match (low, at.as_ref()) {
                 (Some((ds, _)), Some(at)) => (ds, at),
-                _ => (self, &wt),
+                _ => (self, wt),
             };
             let tm = |st: &CudaStorage, map| -> Result<Arg> {
                 Ok(Arg::Map(self.runner.tensor_map(st.buf.addr(), map)?))
             };
             let args = kn::LoraGemm3Fwd {
                 tm_x: tm(self, mx)?,
-                tm_w: tm(&wt, mw)?,
+                tm_w: tm(wt, mw)?,
                 tm_s: tm(s, ms)?,
                 tm_b: tm(b, mb)?,
                 bias: Arg::null(),
@@ -452,6 +474,11 @@ impl CudaStorage {
         )?;
         Ok(dx)
     }
+}
+
+/// The key of W's kept transpose (`StorageCell::derived`) for W [n, k].
+pub(crate) fn wt_key(n: usize, k: usize) -> crate::storage::DerivedKey {
+    ("lora dX Wᵀ", n, k)
 }
 
 /// Computes a LoRA-linear product by a path on operands given in `lora_choose`'s order: its
@@ -661,7 +688,7 @@ mod tests {
             };
             let run = |p: LoraPath| {
                 host(
-                    &dy.lora_fused_dx(p, &w, low, dl, acc, h, 2.0, (m, n, k, r))
+                    &dy.lora_fused_dx(p, &w, None, low, dl, acc, h, 2.0, (m, n, k, r))
                         .unwrap(),
                 )
             };
@@ -678,6 +705,87 @@ mod tests {
                 "v3 dX differs from v2 by {worst} (peak {peak})"
             );
         }
+    }
+
+    /// V3's dX on a kept Wᵀ: one copy made and reused, remade once W is written, forgotten on
+    /// request; each result equal to the per-call transpose's.
+    #[test]
+    fn v3_dx_keeps_w_transpose_until_w_is_written() {
+        let (m, n, k) = (33usize, 40usize, 48usize);
+        let dy = sim(&values(m * n, 1));
+        let w_vals = |seed| {
+            values(n * k, seed)
+                .iter()
+                .map(|v| v * 0.3)
+                .collect::<Vec<_>>()
+        };
+        let cell = StorageCell::new(Storage::Cuda(sim(&w_vals(2))));
+        let dx = |cell: Option<&StorageCell>| {
+            let g = cell.map(|c| c.read());
+            let fresh;
+            let w = match g.as_deref() {
+                Some(Storage::Cuda(w)) => w,
+                _ => {
+                    fresh = sim(&w_vals(2));
+                    &fresh
+                }
+            };
+            host(
+                &dy.lora_fused_dx(
+                    LoraPath::V3,
+                    w,
+                    cell,
+                    None,
+                    None,
+                    None,
+                    None,
+                    1.0,
+                    (m, n, k, 0),
+                )
+                .unwrap(),
+            )
+        };
+        let plain = dx(None);
+        assert_eq!(dx(Some(&cell)), plain);
+        assert_eq!(cell.derived_count(), 1);
+        let kept = {
+            let _g = cell.read();
+            cell.derived(wt_key(n, k), || panic!("the kept Wᵀ was remade"))
+                .unwrap()
+        };
+        assert_eq!(dx(Some(&cell)), plain, "the kept Wᵀ, reused");
+        // A write makes the kept copy stale: the next call derives it from the new W.
+        *cell.write() = Storage::Cuda(sim(&w_vals(9)));
+        let after = dx(Some(&cell));
+        let g = cell.read();
+        let Storage::Cuda(w9) = &*g else {
+            unreachable!()
+        };
+        let want = host(
+            &dy.lora_fused_dx(
+                LoraPath::V3,
+                w9,
+                None,
+                None,
+                None,
+                None,
+                None,
+                1.0,
+                (m, n, k, 0),
+            )
+            .unwrap(),
+        );
+        drop(g);
+        assert_eq!(after, want);
+        assert_ne!(after, plain);
+        assert_eq!(
+            cell.derived_count(),
+            1,
+            "the stale copy was replaced, not kept beside"
+        );
+        drop(kept);
+        cell.forget(wt_key(n, k));
+        assert_eq!(cell.derived_count(), 0);
     }
 
     #[test]

@@ -445,6 +445,9 @@ impl BackwardOp for LinearBackward {
             needs: wants,
             gelu: self.gelu_pre.is_some(),
             acc: acc0.is_some(),
+            // Trainable weights change every step: a kept transpose would only cost memory.
+            #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+            w_cell: (!self.w.is_tracked()).then(|| self.w.storage_cell()),
         };
         let mut grads = {
             let (xs, ws, gs) = (self.x.storage(), self.w.storage(), g.storage());
@@ -515,6 +518,9 @@ pub struct Backward {
     pub needs: LinearNeeds,
     pub gelu: bool,
     pub acc: bool,
+    /// A frozen W's storage, where a dX kernel that wants Wᵀ may keep it (CUDA's V3).
+    #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+    pub(crate) w_cell: Option<std::sync::Arc<crate::storage::StorageCell>>,
 }
 
 impl FloatFn for Forward {
@@ -658,7 +664,14 @@ impl FusedKernel for Backward {
             acc: next(self.acc)?,
         };
         let g = cuda_backward(
-            inputs[0], inputs[1], low, inputs[2], epi, self.spec, self.needs,
+            inputs[0],
+            inputs[1],
+            low,
+            inputs[2],
+            epi,
+            self.spec,
+            self.needs,
+            self.w_cell.as_deref(),
         )?;
         Ok(flatten(g))
     }
@@ -1063,6 +1076,7 @@ struct DxEpilogue<'a> {
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+#[allow(clippy::too_many_arguments)]
 fn cuda_backward(
     x: &CudaStorage,
     w: &CudaStorage,
@@ -1071,6 +1085,7 @@ fn cuda_backward(
     epi: DxEpilogue<'_>,
     spec: LinearSpec,
     needs: LinearNeeds,
+    w_cell: Option<&crate::storage::StorageCell>,
 ) -> Result<LinearGrads<CudaStorage>> {
     let LinearSpec { m, n, k } = spec;
     let mm = |a: &CudaStorage, b: &CudaStorage, m, n, k, ta, tb| {
@@ -1176,6 +1191,7 @@ fn cuda_backward(
                 p => dy.lora_fused_dx(
                     p,
                     w,
+                    w_cell,
                     low.map(|(ds, la, _)| (ds, la)),
                     dlow.map(|(ds, a, ls)| DropLow {
                         ds,
@@ -1197,7 +1213,12 @@ fn cuda_backward(
         }
         ops.extend(acc);
         ops.extend(pre);
-        let mut outs = run(dy.lora_choose(key, &ops, &run)?, &ops)?;
+        let path = dy.lora_choose(key, &ops, &run)?;
+        if let (Some(cell), false) = (w_cell, path == LoraPath::V3) {
+            // Measuring V3 kept a Wᵀ that the chosen path does not read.
+            cell.forget(crate::backend::cuda::storage::wt_key(n, k));
+        }
+        let mut outs = run(path, &ops)?;
         Some(
             outs.pop()
                 .ok_or_else(|| Error::Msg("lora_linear_bwd: no dX".into()))?,
