@@ -12,7 +12,8 @@ use sd2::backend::cuda::kernels::{
     ClamAttentionBwd, ClamAttentionFwd, ColumnSum, CrossEntropyBwd, CrossEntropyFwd, FlashBwdDq,
     FlashDelta, FlashDkdv, FlashDq, FlashFwd, GradClip, IndexAddRows, IndexRows, L2NormBwd,
     L2NormFwd, LayerNormBwd, LayerNormFwd, LoraDaPart, LoraDown, LoraDsDbPart, LoraGemm3Fwd,
-    LoraGemmBwd, LoraGemmFwd, LoraUpAdd, Patchify, SigmoidLossRows, SumSqMulti, Unary, UnaryBwd,
+    LoraGemmBwd, LoraGemmFwd, LoraGrads, LoraUpAdd, Patchify, SigmoidLossRows, SumSqMulti, Unary,
+    UnaryBwd,
 };
 use sd2::backend::cuda::launch::{KArg, LaunchConfig, Runner};
 use sd2::backend::cuda::{flash, lora_gemm};
@@ -2302,6 +2303,102 @@ fn lora_dsdb_one_pass_matches_reference() {
                 check(&format!("{name} dS"), &ds, &want_ds, 1e-5);
                 check(&format!("{name} dB"), &db, &want_db, 1e-5);
             }
+        }
+    });
+}
+
+/// dS, dB and dA of a LoRA-linear from one tensor-core pass over dY and x (`lora_grads`), against
+/// f64 references: dS from dY·B (rounded once to bf16), dB from dYᵀ·S, dA from the kernel's
+/// rounded dS and bf16(drop(x)) with the mask drawn by `sd2::rng::dropout_keep` — row chunks
+/// with a tail, column tiles with tails in n and k, ranks 8, 16 and 32, with and without
+/// dropout.
+#[test]
+fn lora_grads_one_pass_matches_reference() {
+    each_backend(|r| {
+        for &(m, n, k, rank, p) in &[
+            (300usize, 136usize, 264usize, 8usize, 0.3f32),
+            (37, 40, 48, 16, 0.0),
+            (130, 64, 136, 32, 0.1),
+        ] {
+            let dy = bf16_round(&randn(m * n, 911));
+            let b = bf16_round(
+                &randn(n * rank, 912)
+                    .iter()
+                    .map(|v| v * 0.3)
+                    .collect::<Vec<_>>(),
+            );
+            let sm = bf16_round(&randn(m * rank, 913));
+            let x = bf16_round(&randn(m * k, 914));
+            let (scale, seed) = (4.0f32, 0x5eed_u64);
+            let cfg = sd2::backend::cuda::kernels::lora_grads_config(m, rank);
+            let chunks = cfg.grid.0 as usize;
+            let mut ds = to_bf16(&vec![f32::NAN; m * rank]);
+            let mut db_part = vec![f32::NAN; chunks * n * rank];
+            let mut da_part = vec![f32::NAN; chunks * rank * k];
+            let (dys, bs, ss, xs) = (to_bf16(&dy), to_bf16(&b), to_bf16(&sm), to_bf16(&x));
+            let args = LoraGrads {
+                dy: KArg::input(&dys),
+                b: KArg::input(&bs),
+                s: KArg::input(&ss),
+                x: KArg::input(&xs),
+                ds: KArg::output(&mut ds),
+                db_part: KArg::output(&mut db_part),
+                da_part: KArg::output(&mut da_part),
+                m,
+                n,
+                k,
+                p,
+                seed,
+                scale,
+            };
+            unsafe { r.run_staged(&format!("lora_grads_r{rank}_bf16"), cfg, args) }.unwrap();
+            let sum = |part: &[f32], w: usize| -> Vec<f32> {
+                (0..w)
+                    .map(|i| (0..chunks).map(|c| part[c * w + i]).sum::<f32>())
+                    .collect()
+            };
+            let (db, da) = (sum(&db_part, n * rank), sum(&da_part, rank * k));
+            let ds = from_bf16(&ds);
+            let keep = if p > 0.0 { 1.0 / (1.0 - p as f64) } else { 1.0 };
+            let xd: Vec<f64> = (0..m * k)
+                .map(|i| {
+                    if p <= 0.0 {
+                        x[i] as f64
+                    } else if sd2::rng::dropout_keep(seed, i as u64, p) {
+                        half::bf16::from_f32(x[i] * keep as f32).to_f32() as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut want_ds = vec![0f32; m * rank];
+            let mut want_db = vec![0f32; n * rank];
+            let mut want_da = vec![0f32; rank * k];
+            for j in 0..rank {
+                for i in 0..m {
+                    want_ds[i * rank + j] = ((0..n)
+                        .map(|c| dy[i * n + c] as f64 * b[c * rank + j] as f64)
+                        .sum::<f64>()
+                        * scale as f64) as f32;
+                }
+                for c in 0..n {
+                    want_db[c * rank + j] = ((0..m)
+                        .map(|i| dy[i * n + c] as f64 * sm[i * rank + j] as f64)
+                        .sum::<f64>()
+                        * scale as f64) as f32;
+                }
+                for c in 0..k {
+                    want_da[j * k + c] = (0..m)
+                        .map(|i| ds[i * rank + j] as f64 * xd[i * k + c])
+                        .sum::<f64>() as f32;
+                }
+            }
+            let name = format!("lora_grads m{m} n{n} k{k} r{rank} p{p}");
+            // dS: one bf16 rounding of an f32 sum (half an ulp, 2⁻⁹ relative, plus the sum's).
+            check(&format!("{name} dS"), &ds, &want_ds, 4.5e-3);
+            // dB, dA: f32 sums of exactly representable products, in another order.
+            check(&format!("{name} dB"), &db, &want_db, 1e-4);
+            check(&format!("{name} dA"), &da, &want_da, 1e-4);
         }
     });
 }

@@ -596,6 +596,17 @@ pub struct LoraTiming {
     pub dx_cublas_plain_ms: Option<f64>,
     pub dx_cublas_3gemm_ms: Option<f64>,
     pub dx_rel_diff: Option<f64>,
+    /// The LoRA factors' gradients (dS = s·dY·B, dB = s·dYᵀ·S, dA = dSᵀ·drop(x), dropout 0.1):
+    /// sd2's one tensor-core pass (`lora_grads` + the two partial sums), the split kernels
+    /// (`lora_dsdb_part`, `lora_da_part` and three sums), PEFT's three cuBLAS GEMMs (without
+    /// the dropout PEFT would also materialize: a lower bound for it). None where `lora_grads`
+    /// does not take the rank.
+    pub grads_fused_ms: Option<f64>,
+    pub grads_split_ms: Option<f64>,
+    pub grads_cublas_ms: Option<f64>,
+    /// max relative difference of sd2's (dS, dB, dA) from cuBLAS's at dropout 0, checked before
+    /// timing.
+    pub grads_rel_diff: Option<f64>,
 }
 
 /// Times the LoRA-linear forward (every fused variant, sd2's path, cuBLAS plain and 3-GEMM)
@@ -865,6 +876,7 @@ pub fn lora(
         } else {
             None
         };
+        let grads = lora_grads_timing(gpu, (m, n, k, r), (&dy, &bl, &sl, &x), &time, &read, &rel)?;
         let flops = 2.0 * (m * n * k) as f64;
         out.push(LoraTiming {
             shape: s.clone(),
@@ -880,9 +892,192 @@ pub fn lora(
             dx_cublas_plain_ms: Some(time(&dx_plain)?),
             dx_cublas_3gemm_ms: Some(time(&dx_three)?),
             dx_rel_diff: Some(dx_rel_diff),
+            grads_fused_ms: grads.map(|g| g.0),
+            grads_split_ms: grads.map(|g| g.1),
+            grads_cublas_ms: grads.map(|g| g.2),
+            grads_rel_diff: grads.map(|g| g.3),
         });
     }
     Ok(out)
+}
+
+/// (fused, split, cuBLAS ms, fused's difference from cuBLAS) of the LoRA factors' gradients on
+/// one shape, or None where `lora_grads` does not take it (`lora`'s operands: dY, B, S, x).
+#[allow(clippy::type_complexity)]
+fn lora_grads_timing(
+    gpu: &Arc<Gpu>,
+    (m, n, k, r): (usize, usize, usize, usize),
+    (dy, bl, sl, x): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+    time: &dyn Fn(&dyn Fn() -> Result<()>) -> Result<f64>,
+    read: &dyn Fn(&DeviceBuffer) -> Result<Vec<f32>>,
+    rel: &dyn Fn(&[f32], &[f32]) -> f64,
+) -> Result<Option<(f64, f64, f64, f64)>> {
+    use crate::backend::cuda::gpu::GemmArgs;
+    use crate::backend::cuda::kernels::Grid;
+    if !matches!(r, 8 | 16 | 32) || n % 8 != 0 || k % 8 != 0 {
+        return Ok(None);
+    }
+    let p = |b: &DeviceBuffer| Arg::U64(b.ptr());
+    let cfg = kn::lora_grads_config(m, r);
+    let chunks = cfg.grid.0 as usize;
+    let (ds, db, da) = (
+        gpu.alloc(2 * m * r)?,
+        gpu.alloc(2 * n * r)?,
+        gpu.alloc(2 * r * k)?,
+    );
+    let (db_part, da_part) = (
+        gpu.alloc(4 * chunks * n * r)?,
+        gpu.alloc(4 * chunks * r * k)?,
+    );
+    let (dsw, dbw, daw) = (
+        gpu.alloc(2 * m * r)?,
+        gpu.alloc(2 * n * r)?,
+        gpu.alloc(2 * r * k)?,
+    );
+    let scale = 4.0f32;
+    let sum = |part: &DeviceBuffer, out: &DeviceBuffer, parts: usize, len: usize| {
+        let c = kn::ColumnSum {
+            part: p(part),
+            out: p(out),
+            parts,
+            n: len,
+        };
+        // SAFETY: part holds parts × len f32, out len bf16.
+        unsafe { gpu.run("column_sum_bf16", c.grid(), c) }
+    };
+    let fused = |drop: f32| -> Result<()> {
+        let g = kn::LoraGrads {
+            dy: p(dy),
+            b: p(bl),
+            s: p(sl),
+            x: p(x),
+            ds: p(&ds),
+            db_part: p(&db_part),
+            da_part: p(&da_part),
+            m,
+            n,
+            k,
+            p: drop,
+            seed: 7,
+            scale,
+        };
+        // SAFETY: every buffer is sized for (m, n, k, r) and the chunks of `cfg`.
+        unsafe { gpu.run(&format!("lora_grads_r{r}_bf16"), cfg, g)? };
+        sum(&db_part, &db, chunks, n * r)?;
+        sum(&da_part, &da, chunks, r * k)
+    };
+    // The split kernels, as the CUDA storage runs them for other shapes.
+    let tiles = n.div_ceil(256);
+    let rows_per_chunk = m.div_ceil(128).max(64);
+    let dchunks = m.div_ceil(rows_per_chunk);
+    let da_rows = m.div_ceil(m.div_ceil(512).clamp(1, 64));
+    let da_chunks = m.div_ceil(da_rows);
+    let ds_part = gpu.alloc(4 * tiles * m * r)?;
+    let db_part2 = gpu.alloc(4 * dchunks * n * r)?;
+    let da_part2 = gpu.alloc(4 * da_chunks * r * k)?;
+    let split = || -> Result<()> {
+        let a = kn::LoraDsDbPart {
+            dy: p(dy),
+            b: p(bl),
+            s: p(sl),
+            ds_part: p(&ds_part),
+            db_part: p(&db_part2),
+            m,
+            n,
+            r,
+            rows_per_chunk,
+            scale,
+        };
+        // SAFETY: the partial buffers are sized for these tiles and chunks.
+        unsafe { gpu.run("lora_dsdb_part_bf16", a.grid(), a)? };
+        sum(&ds_part, &ds, tiles, m * r)?;
+        sum(&db_part2, &db, dchunks, n * r)?;
+        let d = kn::LoraDaPart {
+            ds: p(&ds),
+            x: p(x),
+            part: p(&da_part2),
+            m,
+            k,
+            r,
+            rows_per_chunk: da_rows,
+            p: 0.1,
+            seed: 7,
+        };
+        // SAFETY: as above.
+        unsafe { gpu.run("lora_da_part_bf16", d.grid(), d)? };
+        sum(&da_part2, &da, da_chunks, r * k)
+    };
+    #[allow(clippy::too_many_arguments)]
+    let gemm = |a, b, c, (mm, nn, kk), ta, tb, alpha| GemmArgs {
+        a,
+        b,
+        c,
+        batch: 1,
+        m: mm,
+        n: nn,
+        k: kk,
+        trans_a: ta,
+        trans_b: tb,
+        rhs_batched: false,
+        bf16: true,
+        alpha,
+        beta: 0.0,
+    };
+    let cublas = || -> Result<()> {
+        // SAFETY: dsw [m, r], dbw [n, r], daw [r, k], from dY [m, n], B [n, r], S [m, r], x [m, k].
+        unsafe {
+            gpu.gemm(gemm(
+                dy.ptr(),
+                bl.ptr(),
+                dsw.ptr(),
+                (m, r, n),
+                false,
+                false,
+                scale,
+            ))?;
+            gpu.gemm(gemm(
+                dy.ptr(),
+                sl.ptr(),
+                dbw.ptr(),
+                (n, r, m),
+                true,
+                false,
+                scale,
+            ))?;
+            gpu.gemm(gemm(
+                dsw.ptr(),
+                x.ptr(),
+                daw.ptr(),
+                (r, k, m),
+                true,
+                false,
+                1.0,
+            ))?;
+        }
+        Ok(())
+    };
+    cublas()?;
+    for b in [&ds, &db, &da] {
+        b.fill_bytes(0xff)?;
+    }
+    fused(0.0)?;
+    let d = [(&ds, &dsw), (&db, &dbw), (&da, &daw)]
+        .iter()
+        .map(|(got, want)| Ok(rel(&read(got)?, &read(want)?)))
+        .collect::<Result<Vec<f64>>>()?
+        .into_iter()
+        .fold(0f64, |a, v| if v.is_nan() { f64::NAN } else { a.max(v) });
+    if d.is_nan() || d >= 2e-2 {
+        return Err(Error::Cuda(format!(
+            "lora_grads m{m} n{n} k{k} r{r} differs from cuBLAS by {d:.2e}"
+        )));
+    }
+    Ok(Some((
+        time(&|| fused(0.1))?,
+        time(&split)?,
+        time(&cublas)?,
+        d,
+    )))
 }
 
 /// The LoRA table as printed by `sd2 bench lora` and `cargo bench --bench lora_gemm`.
@@ -961,6 +1156,30 @@ pub fn lora_table(device: &str, t: &[LoraTiming]) -> String {
          time (goal ≥ 1.3); TFLOP/s columns (2·m·n·k): each fused kernel alone, cuBLAS plain, \
          sd2's forward (S + kernel), PEFT's 3 GEMMs"
     );
+    let _ = writeln!(
+        s,
+        "\nLoRA factors' gradients (dS, dB, dA; dropout 0.1): sd2's one pass (lora_grads + 2 \
+         sums), the split kernels (lora_dsdb_part, lora_da_part + 3 sums), cuBLAS's 3 GEMMs \
+         (no dropout)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "shape", "sd2 ms", "split ms", "3g ms", "split/f", "3g/f", "rel diff"
+    );
+    for r in t {
+        let _ = writeln!(
+            s,
+            "{:<9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            r.shape.name,
+            o(r.grads_fused_ms, 3),
+            o(r.grads_split_ms, 3),
+            o(r.grads_cublas_ms, 3),
+            ratio(r.grads_split_ms, r.grads_fused_ms),
+            ratio(r.grads_cublas_ms, r.grads_fused_ms),
+            r.grads_rel_diff.map_or("-".into(), |d| format!("{d:.1e}")),
+        );
+    }
     s
 }
 

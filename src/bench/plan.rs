@@ -93,7 +93,14 @@ pub fn class_of(kernel: &str) -> &'static str {
         ("gemm", &["gemm_simt", "cublas"]),
         (
             "lora gemm",
-            &["lora_gemm", "lora_down", "lora_up", "lora_da", "lora_dsdb"],
+            &[
+                "lora_gemm",
+                "lora_down",
+                "lora_up",
+                "lora_da",
+                "lora_dsdb",
+                "lora_grads",
+            ],
         ),
         ("attention", &["flash_", "clam_attention"]),
         ("layernorm", &["layernorm"]),
@@ -382,6 +389,7 @@ mod tests {
         assert_eq!(class_of("flash_bwd_dq_tc3_d64_bf16"), "attention");
         assert_eq!(class_of("lora_gemm3_fwd_bf16"), "lora gemm");
         assert_eq!(class_of("lora_dsdb_part_bf16"), "lora gemm");
+        assert_eq!(class_of("lora_grads_r8_bf16"), "lora gemm");
         assert_eq!(class_of("gemm_simt_bf16"), "gemm");
         assert_eq!(class_of("binary_bf16"), "elementwise");
         assert_eq!(class_of("copy2d_b2"), "layout, gathers, copies");

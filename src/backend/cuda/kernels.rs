@@ -127,6 +127,21 @@ pub fn dims(kernel: &'static str, param: &'static str, v: &[usize]) -> Result<[u
 /// The largest LoRA rank `LoraDown`/`LoraUpAdd` take (`lr::kMaxRank`).
 pub const LORA_LOWRANK_MAX_RANK: usize = 32;
 
+/// Rows per block of `lora_grads` (`kRows` in kernels/lora_grads.cu): one dB and one dA
+/// partial per chunk of this many rows.
+pub const LORA_GRADS_ROWS: usize = 256;
+
+/// `lora_grads_r{r}_bf16`'s launch for m rows: one block of 256 per chunk, with dynamic shared
+/// memory for two padded 128×136 tiles, two B tiles [128, r] and the chunk's S/dS rows
+/// [256, r], in bf16.
+pub fn lora_grads_config(m: usize, r: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: (m.div_ceil(LORA_GRADS_ROWS).max(1) as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_mem_bytes: ((2 * 128 * 136 + 2 * 128 * r + LORA_GRADS_ROWS * r) * 2) as u32,
+    }
+}
+
 /// One block per 256 elements, at most 1024 blocks (the elementwise kernels grid-stride).
 pub fn ew(n: usize) -> LaunchConfig {
     LaunchConfig::linear(n.div_ceil(256).clamp(1, 1024) as u32, 256)
@@ -481,6 +496,16 @@ kernels! {
         block: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+
+    // kernels/lora_grads.cu
+    /// dS = s·dY·B (whole, rounded once), dB partials (db_part [chunk, n, r]) and dA partials
+    /// (da_part [chunk, r, k], from the rounded dS and drop(x) with the forward's mask) of a
+    /// LoRA-linear in one pass over dY and x, on tensor cores; chunks of
+    /// `LORA_GRADS_ROWS` rows, r = 8, 16 or 32, n and k multiples of 8.
+    LoraGrads["lora_grads_r8_bf16", "lora_grads_r16_bf16", "lora_grads_r32_bf16"](
+        dy: ptr, b: ptr, s: ptr, x: ptr, ds: ptr, db_part: ptr, da_part: ptr,
+        m: int, n: int, k: int, p: f32, seed: u64, scale: f32,
+    );
 
     // kernels/adamw.cu
     /// Multi-tensor AdamW over a chunk table, gradients scaled by `grad_scale` · *scale_ptr.

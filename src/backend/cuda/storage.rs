@@ -130,6 +130,11 @@ impl CudaStorage {
     }
 
     /// The address of element `offset` (in elements of this storage's dtype).
+    /// Whether the buffer starts on a multiple of `bytes` (16-byte cp.async, TMA).
+    pub(crate) fn is_aligned(&self, bytes: u64) -> bool {
+        self.buf.addr() % bytes == 0
+    }
+
     pub(crate) fn ptr_at(&self, offset: usize) -> Arg {
         Arg::U64(self.buf.addr() + (offset * self.dtype.size_in_bytes()) as u64)
     }

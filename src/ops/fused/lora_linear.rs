@@ -828,6 +828,79 @@ fn lora_da(
     part.column_sum_to(chunks, r * k, x.dtype)
 }
 
+/// Whether `lora_grads` takes this LoRA-linear: bf16, r = 8, 16 or 32, rows of 16-byte chunks.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+fn grads_fit(ops: &[&CudaStorage], ls: LoraSpec, n: usize, k: usize) -> bool {
+    matches!(ls.rank, 8 | 16 | 32)
+        && n % 8 == 0
+        && k % 8 == 0
+        && (0.0..1.0).contains(&ls.dropout)
+        && ops
+            .iter()
+            .all(|s| s.dtype == DType::BF16 && s.is_aligned(16))
+}
+
+/// (dS [m, r], dB [n, r], dA [r, k]) of a LoRA-linear from one pass over dY and x on tensor
+/// cores (`kernels/lora_grads.cu`; `grads_fit` must hold): dS whole from the kernel, dB and dA
+/// summed from its per-chunk f32 partials in a fixed order and rounded once.
+#[cfg(any(feature = "cuda", feature = "cuda-sim"))]
+#[allow(clippy::too_many_arguments)]
+fn lora_grads(
+    dy: &CudaStorage,
+    lb: &CudaStorage,
+    s: &CudaStorage,
+    x: &CudaStorage,
+    ls: LoraSpec,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
+    let r = ls.rank;
+    same_len("lora_linear_bwd B", lb.len, n * r)?;
+    same_len("lora_linear_bwd S", s.len, m * r)?;
+    same_len("lora_linear_bwd x", x.len, m * k)?;
+    if m == 0 || n == 0 || k == 0 {
+        return Ok((
+            dy.zeros_like(m * r, dy.dtype)?,
+            dy.zeros_like(n * r, dy.dtype)?,
+            dy.zeros_like(r * k, dy.dtype)?,
+        ));
+    }
+    let cfg = kn::lora_grads_config(m, r);
+    let chunks = cfg.grid.0 as usize;
+    let ds = dy.empty(m * r, dy.dtype)?;
+    let db_part = dy.empty(chunks * n * r, DType::F32)?;
+    let da_part = dy.empty(chunks * r * k, DType::F32)?;
+    crate::profile::set_work(
+        2.0 * (2 * m * n * r + m * k * r) as f64,
+        (2 * (m * n + m * k + n * r + 2 * m * r) + 4 * chunks * (n * r + r * k)) as f64,
+    );
+    dy.run(
+        &format!("lora_grads_r{r}_bf16"),
+        cfg,
+        kn::LoraGrads {
+            dy: dy.ptr(),
+            b: lb.ptr(),
+            s: s.ptr(),
+            x: x.ptr(),
+            ds: ds.ptr(),
+            db_part: db_part.ptr(),
+            da_part: da_part.ptr(),
+            m,
+            n,
+            k,
+            p: ls.dropout,
+            seed: ls.seed,
+            scale: ls.scale as f32,
+        },
+    )?;
+    Ok((
+        ds,
+        db_part.column_sum_to(chunks, n * r, dy.dtype)?,
+        da_part.column_sum_to(chunks, r * k, dy.dtype)?,
+    ))
+}
+
 // The CUDA side.
 
 /// (dS = s·dY·B [m, r], dB = s·dYᵀ·S [n, r]) from one pass over dY
@@ -1124,13 +1197,21 @@ fn cuda_backward(
     let one_pass = |l: &(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)| {
         needs.lora_b && (needs.x || needs.lora_a) && l.3.rank <= kn::LORA_LOWRANK_MAX_RANK
     };
-    let (ds, mut db_one_pass) = match lora {
+    // All three LoRA gradients from one pass over dY and x where the tensor-core kernel fits.
+    let all_three = |&(_, lb, s, ls): &(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)| {
+        needs.lora_a && needs.lora_b && grads_fit(&[dy, lb, s, x], ls, n, k)
+    };
+    let (ds, mut db_one_pass, mut da_one_pass) = match lora {
+        Some(l @ (_, lb, s, ls)) if all_three(&l) => {
+            let (ds, db, da) = lora_grads(dy, lb, s, x, ls, m, n, k)?;
+            (Some(ds), Some(db), Some(da))
+        }
         Some(l @ (_, lb, s, ls)) if one_pass(&l) => {
             let (ds, db) = lora_ds_db(dy, lb, s, ls, m, n)?;
-            (Some(ds), Some(db))
+            (Some(ds), Some(db), None)
         }
-        Some((_, lb, _, ls)) => (Some(ds_of((lb, ls))?), None),
-        None => (None, None),
+        Some((_, lb, _, ls)) => (Some(ds_of((lb, ls))?), None, None),
+        None => (None, None, None),
     };
     // dX = dY·W + s·dS·A by the path chosen for the shape (storage_lora). In bf16 the low-rank
     // term rides in the dX GEMM — as extra depth without dropout, in the epilogue with its
@@ -1246,7 +1327,9 @@ fn cuda_backward(
             });
         }
         if needs.lora_a {
-            ga = Some(if ls.dropout > 0.0 && r <= kn::LORA_LOWRANK_MAX_RANK {
+            ga = Some(if let Some(da) = da_one_pass.take() {
+                da
+            } else if ls.dropout > 0.0 && r <= kn::LORA_LOWRANK_MAX_RANK {
                 // dSᵀ·drop(x) with the mask in registers: x read once, drop(x) never written.
                 lora_da(ds, x, ls, m, k)?
             } else {
