@@ -197,9 +197,9 @@ PY
     }
     # Parity first, so the first process to meet the LoRA v3 kernel (and the tensor-core flash
     # backward) on this GPU is a short one; a failure switches that piece to its fallback.
-    if ! run_step "lora parity (v1-v3)" 30 parity.log "$X/sim_kernels" --test-threads=1 --nocapture lora; then
+    if ! run_step "lora parity (v1-v3, lora_grads)" 30 parity.log "$X/sim_kernels" --test-threads=1 --nocapture lora; then
         export SD2_LORA_GEMM=cublas
-        echo "LoRA GEMM parity failed: the benches below run SD2_LORA_GEMM=cublas" | tee -a "$OUT/summary.txt"
+        echo "LoRA kernel parity failed: the benches below run SD2_LORA_GEMM=cublas (PEFT's GEMMs for dX and the LoRA gradients too)" | tee -a "$OUT/summary.txt"
     fi
     if ! run_step "flash bwd parity (tc)" 30 parity.log "$X/sim_kernels" --test-threads=1 --nocapture \
         flash_attention_tensor_core; then

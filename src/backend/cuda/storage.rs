@@ -845,5 +845,5 @@ impl CudaStorage {
 
 #[path = "storage_lora.rs"]
 mod storage_lora;
+pub(crate) use storage_lora::{cublas_only, wt_key, DropLow, LoraKey};
 pub use storage_lora::{lora_choices, LoraPath};
-pub(crate) use storage_lora::{wt_key, DropLow, LoraKey};

@@ -2,7 +2,8 @@
 //! `kernels/lora_gemm.cu` or cuBLAS (PEFT's three GEMMs and adds) — chosen per shape at run
 //! time, and the fused kernels' launches.
 //!
-//! `SD2_LORA_GEMM` picks the policy: `auto` (default), `cublas`, `fused` (the best fused
+//! `SD2_LORA_GEMM` picks the policy: `auto` (default), `cublas` (PEFT's structure throughout,
+//! the LoRA factors' gradients included: the fallback when our kernels fail on a GPU), `fused` (the best fused
 //! variant for the shape), `v1`, `v2`, `v3` (that variant where it supports the shape, else the
 //! next fused one). Under `auto` on a GPU, the first call of each shape runs every candidate
 //! once, drops any whose output differs from cuBLAS's (printing why: a kernel not yet verified
@@ -87,6 +88,12 @@ fn policy() -> Result<Policy> {
     P.get_or_init(|| read_policy().map_err(|e| e.to_string()))
         .clone()
         .map_err(Error::Msg)
+}
+
+/// Whether `SD2_LORA_GEMM=cublas` asks for PEFT's structure throughout: then the LoRA factors'
+/// gradients also come from cuBLAS GEMMs, not from `lora_grads` or the split low-rank kernels.
+pub(crate) fn cublas_only() -> bool {
+    matches!(policy(), Ok(Policy::Only(LoraPath::Cublas)))
 }
 
 fn read_policy() -> Result<Policy> {

@@ -1193,13 +1193,18 @@ fn cuda_backward(
     let ds_of = |(lb, ls): (&CudaStorage, LoraSpec)| -> Result<CudaStorage> {
         mm(dy, lb, m, ls.rank, n, false, false)?.affine(ls.scale, 0.0)
     };
+    // Our low-rank kernels, unless SD2_LORA_GEMM=cublas asks for PEFT's GEMMs throughout.
+    let kernels = !crate::backend::cuda::storage::cublas_only();
     // dS and dB from one pass over dY when both are wanted (they are in training).
     let one_pass = |l: &(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)| {
-        needs.lora_b && (needs.x || needs.lora_a) && l.3.rank <= kn::LORA_LOWRANK_MAX_RANK
+        kernels
+            && needs.lora_b
+            && (needs.x || needs.lora_a)
+            && l.3.rank <= kn::LORA_LOWRANK_MAX_RANK
     };
     // All three LoRA gradients from one pass over dY and x where the tensor-core kernel fits.
     let all_three = |&(_, lb, s, ls): &(&CudaStorage, &CudaStorage, &CudaStorage, LoraSpec)| {
-        needs.lora_a && needs.lora_b && grads_fit(&[dy, lb, s, x], ls, n, k)
+        kernels && needs.lora_a && needs.lora_b && grads_fit(&[dy, lb, s, x], ls, n, k)
     };
     let (ds, mut db_one_pass, mut da_one_pass) = match lora {
         Some(l @ (_, lb, s, ls)) if all_three(&l) => {
@@ -1329,7 +1334,7 @@ fn cuda_backward(
         if needs.lora_a {
             ga = Some(if let Some(da) = da_one_pass.take() {
                 da
-            } else if ls.dropout > 0.0 && r <= kn::LORA_LOWRANK_MAX_RANK {
+            } else if kernels && ls.dropout > 0.0 && r <= kn::LORA_LOWRANK_MAX_RANK {
                 // dSᵀ·drop(x) with the mask in registers: x read once, drop(x) never written.
                 lora_da(ds, x, ls, m, k)?
             } else {
