@@ -19,8 +19,13 @@ extern "C" __global__ void adamw_multi_f32(const AdamwChunk* __restrict__ chunks
                                            float bias1, float bias2, float grad_scale,
                                            const float* __restrict__ scale_ptr) {
   // scale_ptr (nullable): a factor computed on the device (`grad_clip_f32`'s coefficient), so
-  // clipping needs no host round trip.
-  if (scale_ptr != nullptr) grad_scale *= *scale_ptr;
+  // clipping needs no host round trip. A non-finite factor (the gradients' norm was not finite)
+  // skips the update: parameters and moments stay as they were, as AMP's scaler does.
+  if (scale_ptr != nullptr) {
+    const float f = *scale_ptr;
+    if (!isfinite(f)) return;
+    grad_scale *= f;
+  }
   for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const AdamwChunk k = chunks[c];
     for (long long i = k.begin + threadIdx.x; i < k.end; i += blockDim.x) {
@@ -52,7 +57,8 @@ extern "C" __global__ void sum_sq_multi_f32(const AdamwChunk* __restrict__ chunk
 SD2_REGISTER_KERNEL(sum_sq_multi_f32)
 
 // One block: out[0] = ‖g‖ = √(Σ part) (summed in double, in order per thread), out[1] = torch's
-// clip_grad_norm_ factor min(1, max_norm / (‖g‖ + 1e-6)).
+// clip_grad_norm_ factor min(1, max_norm / (‖g‖ + 1e-6)) — NaN when ‖g‖ is not finite, which
+// makes adamw_multi_f32 skip the step.
 extern "C" __global__ void grad_clip_f32(const float* __restrict__ part, int num_parts,
                                          float max_norm, float* __restrict__ out) {
   __shared__ double scratch[1024];
@@ -65,7 +71,7 @@ extern "C" __global__ void grad_clip_f32(const float* __restrict__ part, int num
     for (int i = 0; i < (int)blockDim.x; ++i) t += scratch[i];
     const double norm = sqrt(t);
     out[0] = (float)norm;
-    out[1] = (float)fmin(1.0, (double)max_norm / (norm + 1e-6));
+    out[1] = isfinite(norm) ? (float)fmin(1.0, (double)max_norm / (norm + 1e-6)) : NAN;
   }
 }
 SD2_REGISTER_KERNEL(grad_clip_f32)

@@ -95,7 +95,8 @@ pub fn train_eval(
     rc.train.effective_batch = cfg.batch;
     rc.train.seed = cfg.seed;
     adjust(&mut rc);
-    let outcome = crate::run::train(&rc, progress)?;
+    // The demo owns its folder: a rerun starts again.
+    let outcome = crate::run::train_with(&rc, crate::run::Start::Overwrite, progress)?;
     let best = crate::sd2::detector::Detector::load(&outcome.best_dir, None, cfg.device)?;
     let class_u = class_embeddings(
         &best.model,

@@ -35,6 +35,15 @@ pub enum Error {
     #[error("autograd: {0}")]
     Autograd(String),
 
+    /// A training step met a non-finite loss term or gradient norm (`train.on_nonfinite =
+    /// "stop"`), or a model about to be saved or just loaded holds a non-finite weight.
+    #[error("{context}: not finite: {what}")]
+    NonFinite { context: String, what: String },
+
+    /// A configuration value out of its range: `key` is its dotted name (`train.lr`).
+    #[error("config `{key}`: {msg}")]
+    Config { key: String, msg: String },
+
     #[error("{0}")]
     Msg(String),
 

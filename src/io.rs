@@ -321,7 +321,10 @@ pub fn save(
         .collect::<Result<_>>()?;
     let views: Vec<(String, &Owned)> = owned.iter().map(|(n, o)| (n.clone(), o)).collect();
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| io_err(&tmp, e))?;
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| {
+        std::fs::remove_file(&tmp).ok(); // a full disk leaves no partial file behind
+        io_err(&tmp, e)
+    })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         std::fs::remove_file(&tmp).ok();
         io_err(path, e)

@@ -45,6 +45,13 @@ enum Cmd {
         /// Print the resolved config as TOML and exit.
         #[arg(long)]
         print_config: bool,
+        /// Continue the run in DIR (its config.toml, then --set) from checkpoints/last — or,
+        /// without DIR, the run the config's `out` holds.
+        #[arg(long, num_args = 0..=1, value_name = "DIR")]
+        resume: Option<Option<std::path::PathBuf>>,
+        /// Start again in an `out` that holds a run (its checkpoints and log are removed).
+        #[arg(long, conflicts_with = "resume")]
+        overwrite: bool,
     },
     /// Evaluate a checkpoint on a manifest split: metrics.json, predictions.jsonl, a table.
     Eval {
@@ -692,8 +699,34 @@ fn train(
     preset: Option<&str>,
     sets: &[String],
     print_config: bool,
+    resume: Option<Option<std::path::PathBuf>>,
+    overwrite: bool,
 ) -> sd2::Result<()> {
-    let cfg = sd2::run::load_config(config, preset, sets)?;
+    use sd2::run::Start;
+    let cfg = match &resume {
+        // The run folder's own config, then the overrides; `out` is that folder.
+        Some(Some(dir)) => {
+            let file = dir.join("config.toml");
+            if !file.is_file() {
+                return Err(sd2::Error::Msg(format!(
+                    "--resume {}: no config.toml there (not a run folder)",
+                    dir.display()
+                )));
+            }
+            let mut sets = sets.to_vec();
+            sets.push(format!(
+                "out={}",
+                toml::Value::String(dir.display().to_string())
+            ));
+            sd2::run::load_config(config.or(Some(&file)), preset, &sets)?
+        }
+        _ => sd2::run::load_config(config, preset, sets)?,
+    };
+    let start = match (resume.is_some(), overwrite) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Overwrite,
+        (false, false) => Start::Fresh,
+    };
     if print_config {
         print!(
             "{}",
@@ -701,7 +734,7 @@ fn train(
         );
         return Ok(());
     }
-    let o = sd2::run::train(&cfg, &mut CliProgress::new())?;
+    let o = sd2::run::train_with(&cfg, start, &mut CliProgress::new())?;
     println!(
         "best validation AUC {:.4}; checkpoint {}",
         o.best_val_auc,
@@ -751,7 +784,16 @@ fn main() {
             preset,
             sets,
             print_config,
-        } => train(config.as_deref(), preset.as_deref(), &sets, print_config),
+            resume,
+            overwrite,
+        } => train(
+            config.as_deref(),
+            preset.as_deref(),
+            &sets,
+            print_config,
+            resume,
+            overwrite,
+        ),
         Cmd::Eval {
             checkpoint,
             manifest,

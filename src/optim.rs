@@ -156,7 +156,10 @@ impl AdamW {
     /// Clips the gradients to global norm `max_norm` (torch's `clip_grad_norm_` factor) and
     /// updates every parameter that has a gradient. When every such parameter and gradient is
     /// f32 on one CUDA device this is three launches (norm, factor, one multi-tensor AdamW) and
-    /// no host sync; elsewhere the norm is computed on the host first.
+    /// no host sync; elsewhere the norm is computed on the host first. When the norm is not
+    /// finite nothing is updated (parameters and moments keep their values) but the step count
+    /// advances all the same (on the device nothing is known until the norm is read): a caller
+    /// that finds the norm non-finite takes it back with `set_steps(steps() − 1)`.
     pub fn step_clipped(
         &mut self,
         params: &[Param],
@@ -169,7 +172,13 @@ impl AdamW {
             return Ok(GradNorm::Device(n));
         }
         let norm = grad_norm(params, grads)?;
-        self.step(params, grads, lr, clip_coefficient(norm, max_norm))?;
+        // A non-finite norm skips the update (the fused step does the same on the device); the
+        // step is counted either way.
+        if norm.is_finite() {
+            self.step(params, grads, lr, clip_coefficient(norm, max_norm))?;
+        } else {
+            self.steps += 1;
+        }
         Ok(GradNorm::Host(norm))
     }
 

@@ -40,10 +40,84 @@ pub struct RunConfig {
     /// Train-time augmentations (SD2-SPEC §5).
     #[serde(default)]
     pub augment: AugmentConfig,
+    /// When checkpoints are written besides each epoch's end.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `[checkpoint]`: a checkpoint every `every_steps` optimizer steps and/or every
+/// `every_minutes` minutes (0 turns either off), besides the one at each epoch's end.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    pub every_steps: usize,
+    pub every_minutes: f64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every_steps: 0,
+            every_minutes: 30.0,
+        }
+    }
+}
+
+/// How `train_with` treats a run folder that already holds a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Refuse a folder that holds checkpoints or a train log.
+    Fresh,
+    /// Remove the previous run's checkpoints, log and config first.
+    Overwrite,
+    /// Continue from `checkpoints/last` (a fresh start when there is none).
+    Resume,
+}
+
+/// What a checkpoint records of the run around the trainer (`run.json`): enough to continue
+/// mid-epoch bit-identically.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct RunState {
+    micro: usize,
+    per_step: usize,
+    /// The best epoch metric so far (validation AUC; the epoch index without one).
+    best_metric: Option<f64>,
 }
 
 fn default_dtype() -> String {
     "f32".into()
+}
+
+impl RunConfig {
+    /// Every value in its range before anything is loaded or trained: the train, SD2 and
+    /// augmentation values, the epochs, the dtype and the device name, each error naming its
+    /// key.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::Config {
+                key: "epochs".into(),
+                msg: "must be ≥ 1 (a run of no epochs has no checkpoint to report)".into(),
+            });
+        }
+        compute_dtype(&self.dtype).map_err(|e| Error::Config {
+            key: "dtype".into(),
+            msg: e.to_string(),
+        })?;
+        Device::parse(&self.device).map_err(|e| Error::Config {
+            key: "device".into(),
+            msg: e.to_string(),
+        })?;
+        let m = self.checkpoint.every_minutes;
+        if !(m.is_finite() && m >= 0.0) {
+            return Err(Error::Config {
+                key: "checkpoint.every_minutes".into(),
+                msg: format!("{m} must be finite and ≥ 0 (0: off)"),
+            });
+        }
+        self.train.validate()?;
+        self.sd2.validate_values()?;
+        self.augment.validate()
+    }
 }
 
 /// The compute dtype a run config names.
@@ -75,6 +149,7 @@ pub fn preset(name: &str) -> Result<RunConfig> {
         sd2,
         train,
         augment,
+        checkpoint: CheckpointConfig::default(),
     })
 }
 
@@ -157,6 +232,7 @@ pub fn load_config(
             "config: `manifest` is required (in the file or --set manifest=PATH)".into(),
         ));
     }
+    cfg.validate()?;
     Ok(cfg)
 }
 
@@ -200,9 +276,66 @@ pub struct TrainOutcome {
     pub manifest: Manifest,
 }
 
-/// Trains per `cfg`, logging progress lines and one JSON line per optimizer step to
-/// `out/train_log.jsonl`. Returns where the best checkpoint is.
+/// Trains per `cfg` into a folder that holds no run yet (`train_with`, `Start::Fresh`).
 pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcome> {
+    train_with(cfg, Start::Fresh, progress)
+}
+
+/// What of a previous run `out` holds (checkpoints, a log), for the refusal message.
+fn previous_run(out: &Path) -> Option<String> {
+    let ck = crate::sd2::checkpoint::Checkpoints::new(out.join("checkpoints"));
+    if let Some(last) = ck.last() {
+        return Some(format!("checkpoint {}", last.display()));
+    }
+    let has_any = std::fs::read_dir(out.join("checkpoints"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if has_any {
+        return Some(format!("{}", out.join("checkpoints").display()));
+    }
+    out.join("train_log.jsonl")
+        .is_file()
+        .then(|| format!("{}", out.join("train_log.jsonl").display()))
+}
+
+/// Trains per `cfg`, logging progress lines and one JSON line per optimizer step to
+/// `out/train_log.jsonl`, with checkpoints in `out/checkpoints` (`sd2::checkpoint`): at each
+/// epoch's end (and `best` by validation AUC) and as `cfg.checkpoint` asks. `start` says what
+/// to do with a folder that already holds a run. Resumed, the run continues from
+/// `checkpoints/last` — mid-epoch included — and on the CPU ends with the same weights as an
+/// uninterrupted one. Returns where the best checkpoint is.
+pub fn train_with(
+    cfg: &RunConfig,
+    start: Start,
+    progress: &mut dyn Progress,
+) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let ckpts = crate::sd2::checkpoint::Checkpoints::new(cfg.out.join("checkpoints"));
+    let resume_from = match start {
+        Start::Resume => ckpts.last(),
+        Start::Overwrite => {
+            for p in [cfg.out.join("checkpoints")] {
+                if p.exists() {
+                    std::fs::remove_dir_all(&p)
+                        .map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
+                }
+            }
+            for p in [cfg.out.join("train_log.jsonl"), cfg.out.join("config.toml")] {
+                std::fs::remove_file(&p).ok();
+            }
+            None
+        }
+        Start::Fresh => {
+            if let Some(what) = previous_run(&cfg.out) {
+                return Err(Error::Msg(format!(
+                    "{}: holds a run already ({what}); pass --resume to continue it or \
+                     --overwrite to start again",
+                    cfg.out.display()
+                )));
+            }
+            None
+        }
+    };
     let device = Device::parse(&cfg.device)?;
     device.check_available()?;
     let dtype = compute_dtype(&cfg.dtype)?;
@@ -220,6 +353,22 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
             cfg.manifest.display()
         )));
     }
+    // One class only: the detector cannot learn to tell real from fake, or AUC is undefined.
+    let one_class = |items: &[&Item]| {
+        let fakes = items.iter().filter(|i| i.label != 0).count();
+        (fakes == 0 || fakes == items.len()).then_some(if fakes == 0 { "real" } else { "fake" })
+    };
+    if let Some(c) = one_class(&train) {
+        progress.line(&format!(
+            "warning: every train item is {c}: the detector cannot learn to tell real from fake"
+        ));
+    }
+    if let Some(c) = (!val.is_empty()).then(|| one_class(&val)).flatten() {
+        progress.line(&format!(
+            "warning: every val item is {c}: validation AUC is undefined (NaN), so `best` is \
+             the last epoch"
+        ));
+    }
     let clip = match (cfg.preset.as_str(), &cfg.clip) {
         ("tiny", None) => ClipModel::random(
             &crate::presets::tiny_clip_config(),
@@ -235,14 +384,37 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
         }
     };
     let size = clip.config.vision_config.image_size;
-    let model = Sd2Model::new(clip, cfg.sd2.clone(), cfg.train.seed)?;
     let tokenizer = ClipTokenizer::openai()?;
     let texts = TypeTexts::shipped()?;
     let mut tcfg = cfg.train.clone();
-    let mut trainer = Trainer::new(model, tcfg.clone(), ClipTokenizer::openai()?, texts.clone());
-    // micro_batch = 0: the largest that fits the GPU's memory (the effective batch elsewhere).
-    let micro = match cfg.train.micro_batch {
-        0 => {
+    let (mut trainer, resumed) = match &resume_from {
+        Some(dir) => {
+            let run: RunState = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("run.json"))
+                    .map_err(|e| Error::Msg(format!("{}: {e}", dir.join("run.json").display())))?,
+            )
+            .map_err(|e| Error::Msg(format!("{}: {e}", dir.join("run.json").display())))?;
+            let t = Trainer::resume(dir, clip, ClipTokenizer::openai()?, texts.clone())?;
+            progress.line(&format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                t.steps()
+            ));
+            (t, Some(run))
+        }
+        None => {
+            let model = Sd2Model::new(clip, cfg.sd2.clone(), cfg.train.seed)?;
+            (
+                Trainer::new(model, tcfg.clone(), ClipTokenizer::openai()?, texts.clone()),
+                None,
+            )
+        }
+    };
+    // micro_batch = 0: the largest that fits the GPU's memory (the effective batch elsewhere);
+    // a resumed run keeps the split it started with.
+    let micro = match (cfg.train.micro_batch, &resumed) {
+        (_, Some(r)) => r.micro,
+        (0, None) => {
             let cap = cfg.train.effective_batch.max(1);
             // DeviceBatches keeps the next step's micro-batches on the device too.
             match trainer.auto_micro_batch(size, cap, cap)? {
@@ -255,29 +427,72 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
                 None => cap,
             }
         }
-        m => m,
+        (m, None) => m,
     };
-    let per_step = cfg.train.effective_batch.max(micro).div_ceil(micro);
+    let per_step = match &resumed {
+        Some(r) => r.per_step,
+        None => cfg.train.effective_batch.max(micro).div_ceil(micro),
+    };
     let steps_per_epoch = train.len().div_ceil(micro * per_step);
     tcfg.micro_batch = micro;
     tcfg.total_steps = steps_per_epoch * cfg.epochs.max(1);
     trainer.cfg = tcfg.clone();
     std::fs::create_dir_all(&cfg.out)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+    // The resolved config, so `sd2 train --resume OUT` needs nothing else.
+    let toml = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+    crate::fs::write_atomic(&cfg.out.join("config.toml"), toml)?;
     let ckpt = cfg.out.join("checkpoints");
+    let log_path = cfg.out.join("train_log.jsonl");
+    // Where the run stands: the steps done, and the log lines of those steps.
+    let done_steps = trainer.steps() as usize;
     let mut steplog = String::new();
+    if resumed.is_some() {
+        for line in std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+        {
+            let step = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64());
+            if step.is_some_and(|s| (s as usize) < done_steps) {
+                steplog.push_str(line);
+                steplog.push('\n');
+            }
+        }
+    }
+    let (start_epoch, start_k) = (done_steps / steps_per_epoch, done_steps % steps_per_epoch);
+    let mut best_metric = resumed.as_ref().and_then(|r| r.best_metric);
+    let run_file = |best_metric: Option<f64>| -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(&RunState {
+            micro,
+            per_step,
+            best_metric,
+        })
+        .map_err(|e| Error::Msg(format!("run state: {e}")))
+    };
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = Rng::new(cfg.train.seed ^ 0xde70);
     let t0 = Instant::now();
-    let mut best_val = f64::NEG_INFINITY;
-    let mut images_done = 0usize;
+    let mut last_save = Instant::now();
+    let mut best_val = match best_metric {
+        Some(b) if !val.is_empty() => b,
+        _ => f64::NEG_INFINITY,
+    };
+    let mut images_done = (start_epoch * train.len()).min(train.len() * cfg.epochs)
+        + (start_k * micro * per_step).min(train.len());
     for epoch in 0..cfg.epochs {
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
         }
+        if epoch < start_epoch {
+            continue; // done before the resume: only its shuffle is replayed
+        }
+        let skip = if epoch == start_epoch { start_k } else { 0 };
         // Micro-batches in step order, decoded ahead of the model on a background thread.
         let batches: Vec<Vec<Item>> = order
             .chunks(micro)
+            .skip(skip * per_step)
             .map(|c| c.iter().map(|i| train[*i].clone()).collect())
             .collect();
         let loader = Prefetcher::new(
@@ -292,7 +507,7 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
         );
         // One step's micro-batches copying ahead: step k+1's data moves while step k computes.
         let mut loader = DeviceBatches::new(loader, per_step, size, dtype, device);
-        for (k, step_items) in order.chunks(micro * per_step).enumerate() {
+        for (k, step_items) in order.chunks(micro * per_step).enumerate().skip(skip) {
             let mut mbs = vec![];
             for _ in step_items.chunks(micro) {
                 let (items, pixel_values) = loader
@@ -336,6 +551,21 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
                     eta
                 ));
             }
+            let every = cfg.checkpoint.every_steps;
+            let due = (every > 0 && trainer.steps() % every as u64 == 0)
+                || (cfg.checkpoint.every_minutes > 0.0
+                    && last_save.elapsed().as_secs_f64() >= 60.0 * cfg.checkpoint.every_minutes);
+            // The epoch's last step saves below, with its validation metric.
+            if due && k + 1 < steps_per_epoch {
+                crate::fs::write_atomic(&log_path, &steplog)?;
+                ckpts.save(
+                    &trainer,
+                    None,
+                    &[("run.json", run_file(best_metric)?)],
+                    false,
+                )?;
+                last_save = Instant::now();
+            }
         }
         let metric = if val.is_empty() {
             f64::NAN
@@ -360,12 +590,19 @@ pub fn train(cfg: &RunConfig, progress: &mut dyn Progress) -> Result<TrainOutcom
         } else {
             metric
         };
-        let best = trainer.save_with_best(&ckpt, m)?;
+        let best = best_metric.is_none_or(|b| m > b);
         if best {
+            best_metric = Some(m);
             best_val = metric;
         }
-        std::fs::write(cfg.out.join("train_log.jsonl"), &steplog)
-            .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+        crate::fs::write_atomic(&log_path, &steplog)?;
+        ckpts.save(
+            &trainer,
+            Some(m),
+            &[("run.json", run_file(best_metric)?)],
+            best,
+        )?;
+        last_save = Instant::now();
         progress.line(&format!(
             "epoch {}: validation AUC {:.4}{}",
             epoch + 1,

@@ -254,6 +254,15 @@ impl Tensor {
         f(&mut self.storage_mut())
     }
 
+    /// The first element that is NaN or ±∞ (its flat index and value), or None: a host read.
+    pub fn first_non_finite(&self) -> Result<Option<(usize, f64)>> {
+        Ok(self
+            .to_vec_f64()?
+            .into_iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite()))
+    }
+
     pub fn to_cpu_storage(&self) -> Result<CpuStorage> {
         self.storage().to_cpu()
     }

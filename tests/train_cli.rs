@@ -86,8 +86,14 @@ fn train_from_a_config_file() {
         "one line per optimizer step of 16 images"
     );
 
+    // The run folder holds a run now: a fresh run into it is refused.
+    let r = sd2(&["train", "--config", c, "--set", "epochs=1"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("holds a run already"), "{err}");
+
     // bf16 mixed precision: refused while the tiny preset trains CLIP whole; with CLIP frozen
     // it trains (f32 masters) and logs finite losses.
+    let out_refused = format!("out={}", d.join("run16-refused").display());
     let r = sd2(&[
         "train",
         "--config",
@@ -96,6 +102,8 @@ fn train_from_a_config_file() {
         "epochs=1",
         "--set",
         "dtype=bf16",
+        "--set",
+        &out_refused,
     ]);
     assert!(
         !r.status.success() && String::from_utf8_lossy(&r.stderr).contains("train_base"),

@@ -154,6 +154,7 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __frcp_rn(float x) { return 1.0f / x; }
 inline float __saturatef(float x) { return std::min(1.0f, std::max(0.0f, x)); }
+using std::isfinite;  // CUDA's device isfinite, for float and double
 
 // --- vector types used for 16-byte accesses ---
 struct alignas(16) uint4 {

@@ -45,6 +45,59 @@ impl Default for AugmentConfig {
 }
 
 impl AugmentConfig {
+    /// Every value in its range (probabilities in [0, 1], ranges ordered and bounded); the first
+    /// that is not is named by its key (`augment.flip_p`).
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |key: &str, msg: String| {
+            Err(crate::Error::Config {
+                key: format!("augment.{key}"),
+                msg,
+            })
+        };
+        for (key, p) in [
+            ("flip_p", self.flip_p),
+            ("rotate_p", self.rotate_p),
+            ("color_p", self.color_p),
+            ("blur_p", self.blur_p),
+            ("jpeg_p", self.jpeg_p),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(key, format!("{p} is a probability: it must be in [0, 1]"));
+            }
+        }
+        if !(0.0..=180.0).contains(&self.rotate_deg) {
+            return bad(
+                "rotate_deg",
+                format!("{} must be in [0, 180]", self.rotate_deg),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.color) {
+            return bad("color", format!("{} must be in [0, 1]", self.color));
+        }
+        let (lo, hi) = self.scale;
+        if !(lo > 0.0 && lo <= hi && hi <= 10.0) {
+            return bad(
+                "scale",
+                format!("({lo}, {hi}) must satisfy 0 < min ≤ max ≤ 10"),
+            );
+        }
+        let (lo, hi) = self.blur_sigma;
+        if !(lo >= 0.0 && lo <= hi && hi <= 50.0) {
+            return bad(
+                "blur_sigma",
+                format!("({lo}, {hi}) must satisfy 0 ≤ min ≤ max ≤ 50"),
+            );
+        }
+        let (lo, hi) = self.jpeg_quality;
+        if !(1 <= lo && lo <= hi && hi <= 100) {
+            return bad(
+                "jpeg_quality",
+                format!("({lo}, {hi}) must satisfy 1 ≤ min ≤ max ≤ 100"),
+            );
+        }
+        Ok(())
+    }
+
     /// Only the flip and the brightness/contrast jitter: the pixel-exact, content-preserving
     /// subset (for runs that must not blur away fine traces).
     pub fn light() -> AugmentConfig {

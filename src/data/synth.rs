@@ -625,6 +625,12 @@ pub fn generate_with(
             "synth: size {size} is too small (≥ 16)"
         )));
     }
+    if !(0.0..=1.0).contains(&shortcut) {
+        return Err(Error::Config {
+            key: "shortcut".into(),
+            msg: format!("{shortcut} is a probability: it must be in [0, 1]"),
+        });
+    }
     let img_dir = out.join("images");
     std::fs::create_dir_all(&img_dir)
         .map_err(|e| Error::Msg(format!("{}: {e}", img_dir.display())))?;

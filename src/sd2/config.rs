@@ -89,17 +89,46 @@ impl Default for Sd2Config {
 }
 
 impl Sd2Config {
-    pub fn validate(&self, vision_width: usize) -> Result<()> {
-        let bad = |m: String| Err(Error::Msg(format!("SD2 config: {m}")));
+    /// The values that need no model to check, each in its range; the first that is not is
+    /// named by its key (`sd2.w_c`).
+    pub fn validate_values(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| {
+            Err(Error::Config {
+                key: format!("sd2.{key}"),
+                msg,
+            })
+        };
         if self.lora.rank == 0 {
-            return bad("lora.rank must be > 0".into());
+            return bad("lora.rank", "must be > 0".into());
+        }
+        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0) {
+            return bad(
+                "lora.alpha",
+                format!("{} must be finite and > 0", self.lora.alpha),
+            );
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
-            return bad(format!(
-                "lora.dropout {} must be in [0, 1)",
-                self.lora.dropout
-            ));
+            return bad(
+                "lora.dropout",
+                format!("{} must be in [0, 1)", self.lora.dropout),
+            );
         }
+        for (key, w) in [("w_c", self.w_c), ("w_s", self.w_s), ("w_d", self.w_d)] {
+            if !(w.is_finite() && w >= 0.0) {
+                return bad(key, format!("{w} must be finite and ≥ 0"));
+            }
+        }
+        for (key, v) in [("t_init", self.t_init), ("b_init", self.b_init)] {
+            if !v.is_finite() {
+                return bad(key, format!("{v} must be finite"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self, vision_width: usize) -> Result<()> {
+        self.validate_values()?;
+        let bad = |m: String| Err(Error::Msg(format!("SD2 config: {m}")));
         const KNOWN: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
         if let Some(t) = self
             .lora

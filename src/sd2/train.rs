@@ -40,6 +40,21 @@ pub struct TrainConfig {
     /// Recompute each encoder block's activations in backward instead of keeping them: about
     /// a third more compute for a fraction of the activation memory (a larger micro-batch).
     pub recompute: bool,
+    /// What a step with a non-finite loss term or gradient norm does (the update is skipped
+    /// whenever the norm is not finite): `stop` (the default) fails naming the step and the
+    /// terms; `skip` goes on and counts it (`Trainer::skipped_steps`, `skipped` in the log).
+    pub on_nonfinite: OnNonFinite,
+}
+
+/// `TrainConfig::on_nonfinite`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Fail the step with `Error::NonFinite`.
+    #[default]
+    Stop,
+    /// Skip the update, count the step and go on (AMP's loss scaler does the same).
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -58,7 +73,70 @@ impl Default for TrainConfig {
             seed: 0,
             sample_type_texts: true,
             recompute: false,
+            on_nonfinite: OnNonFinite::Stop,
         }
+    }
+}
+
+fn out_of_range(key: &str, msg: String) -> Error {
+    Error::Config {
+        key: key.into(),
+        msg,
+    }
+}
+
+impl TrainConfig {
+    /// Every value in its range, the first that is not named by its key (`train.lr`).
+    pub fn validate(&self) -> Result<()> {
+        let k = |name: &str| format!("train.{name}");
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(out_of_range(
+                &k("lr"),
+                format!("{} must be finite and > 0", self.lr),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_frac) {
+            return Err(out_of_range(
+                &k("warmup_frac"),
+                format!("{} must be in [0, 1]", self.warmup_frac),
+            ));
+        }
+        if self.effective_batch == 0 {
+            return Err(out_of_range(&k("effective_batch"), "must be ≥ 1".into()));
+        }
+        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(out_of_range(&k(name), format!("{b} must be in [0, 1)")));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(out_of_range(
+                &k("eps"),
+                format!("{} must be finite and > 0", self.eps),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(out_of_range(
+                &k("weight_decay"),
+                format!("{} must be finite and ≥ 0", self.weight_decay),
+            ));
+        }
+        if self.lr * self.weight_decay >= 1.0 {
+            return Err(out_of_range(
+                &k("weight_decay"),
+                format!(
+                    "lr · weight_decay = {} ≥ 1 would flip or zero every decayed weight each step",
+                    self.lr * self.weight_decay
+                ),
+            ));
+        }
+        if self.clip_norm.is_nan() || self.clip_norm <= 0.0 {
+            return Err(out_of_range(
+                &k("clip_norm"),
+                format!("{} must be > 0 (inf: no clipping)", self.clip_norm),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -96,6 +174,9 @@ pub struct StepLog {
     pub lr: f64,
     pub grad_norm: f64,
     pub images_per_sec: f64,
+    /// A non-finite loss term or norm under `on_nonfinite = "skip"` (the update was skipped
+    /// when the norm was the non-finite one).
+    pub skipped: bool,
 }
 
 impl StepLog {
@@ -112,6 +193,8 @@ pub struct Trainer {
     tokenizer: ClipTokenizer,
     type_texts: TypeTexts,
     step: u64,
+    /// Steps met with a non-finite loss or norm under `on_nonfinite = "skip"`.
+    skipped: u64,
     /// (texts, tokens per text) of each text-tower pass of the last step (the class phrases,
     /// then each micro-batch's descriptions): for the launch plan's traffic floor.
     text_passes: std::sync::Mutex<Vec<(usize, usize)>>,
@@ -127,6 +210,9 @@ struct State {
     clip: ClipConfig,
     /// Validation metric of this checkpoint, when one was given.
     metric: Option<f64>,
+    /// Steps skipped for non-finite values so far.
+    #[serde(default)]
+    skipped: u64,
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -155,6 +241,7 @@ impl Trainer {
             tokenizer,
             type_texts,
             step: 0,
+            skipped: 0,
             text_passes: Default::default(),
         }
     }
@@ -175,7 +262,12 @@ impl Trainer {
             .push((rows, width));
     }
 
-    /// Optimizer steps taken.
+    /// Steps met with a non-finite loss term or norm under `on_nonfinite = "skip"`.
+    pub fn skipped_steps(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Optimizer steps taken (skipped ones included).
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -431,7 +523,7 @@ impl Trainer {
             GradNorm::Host(n) => n,
             GradNorm::Device(_) => host[4 * micro.len()],
         };
-        let log = StepLog {
+        let mut log = StepLog {
             step: self.step,
             l_c,
             l_s: self.model.cfg.loss_separation.then_some(l_s),
@@ -440,24 +532,97 @@ impl Trainer {
             lr,
             grad_norm: norm,
             images_per_sec: total_images as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            skipped: false,
         };
+        let bad: Vec<String> = [
+            ("L_C", Some(l_c)),
+            ("L_S", log.l_s),
+            ("L_D", log.l_d),
+            ("the loss", Some(total)),
+            ("the gradient norm", Some(norm)),
+        ]
+        .iter()
+        .filter_map(|(name, v)| {
+            v.filter(|v| !v.is_finite())
+                .map(|v| format!("{name} = {v}"))
+        })
+        .collect();
+        if !bad.is_empty() {
+            if !norm.is_finite() {
+                // AdamW skipped the update but counted the step: take the count back.
+                self.opt.set_steps(self.opt.steps().saturating_sub(1));
+            }
+            match self.cfg.on_nonfinite {
+                OnNonFinite::Stop => {
+                    return Err(Error::NonFinite {
+                        context: format!(
+                            "training step {}{}",
+                            self.step,
+                            if norm.is_finite() {
+                                ""
+                            } else {
+                                " (update skipped; train.on_nonfinite = \"skip\" goes on past such steps)"
+                            }
+                        ),
+                        what: bad.join(", "),
+                    })
+                }
+                OnNonFinite::Skip => {
+                    self.skipped += 1;
+                    log.skipped = true;
+                }
+            }
+        }
         self.step += 1;
         Ok(log)
     }
 
     /// Writes a checkpoint folder atomically (a temporary folder renamed into place):
     /// `trainable.safetensors`, `optimizer.safetensors` (AdamW moments) and `state.json`
-    /// (step, RNG state, SD2/train/CLIP configs, optional metric).
+    /// (step, RNG state, SD2/train/CLIP configs, optional metric). Replacing an existing folder
+    /// takes two renames; a run's checkpoints go through `checkpoint::Checkpoints`, which a kill
+    /// at any point leaves recoverable.
     pub fn save(&self, dir: &Path, metric: Option<f64>) -> Result<()> {
         let tmp = PathBuf::from(format!("{}.tmp-{}", dir.display(), std::process::id()));
         std::fs::remove_dir_all(&tmp).ok();
-        std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+        let written = (|| {
+            std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+            self.write_files(&tmp, metric)
+        })();
+        if let Err(e) = written {
+            std::fs::remove_dir_all(&tmp).ok();
+            return Err(e);
+        }
+        let old = PathBuf::from(format!("{}.old-{}", dir.display(), std::process::id()));
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| err(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| err(dir, e))?;
+        std::fs::remove_dir_all(&old).ok();
+        Ok(())
+    }
+
+    /// Writes the checkpoint's three files into the existing folder `dir`, each flushed to the
+    /// disk, `state.json` last. A model with a non-finite weight is refused before anything is
+    /// written: loaded, it would be a detector that answers anything.
+    pub fn write_files(&self, dir: &Path, metric: Option<f64>) -> Result<()> {
+        use super::checkpoint::{fsync, write_synced};
+        for p in self.model.params() {
+            if let Some((i, v)) = p.tensor.first_non_finite()? {
+                return Err(Error::NonFinite {
+                    context: format!("checkpoint {} (not saved)", dir.display()),
+                    what: format!("trainable tensor `{}` element {i} = {v}", p.name),
+                });
+            }
+        }
         let params = self.model.params();
         let named: Vec<(&str, &Tensor)> = params
             .iter()
             .map(|p| (p.name.as_str(), &p.tensor))
             .collect();
-        crate::io::save(&tmp.join("trainable.safetensors"), &named, None)?;
+        let file = dir.join("trainable.safetensors");
+        crate::io::save(&file, &named, None)?;
+        fsync(&file)?;
         let mut moments: Vec<(String, Tensor)> = vec![];
         for p in params {
             if let Some((m, v)) = self.opt.moments(&p.tensor) {
@@ -466,7 +631,9 @@ impl Trainer {
             }
         }
         let refs: Vec<(&str, &Tensor)> = moments.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        crate::io::save(&tmp.join("optimizer.safetensors"), &refs, None)?;
+        let file = dir.join("optimizer.safetensors");
+        crate::io::save(&file, &refs, None)?;
+        fsync(&file)?;
         let state = State {
             format: 1,
             step: self.step,
@@ -475,16 +642,11 @@ impl Trainer {
             train: self.cfg.clone(),
             clip: self.model.clip.config.clone(),
             metric,
+            skipped: self.skipped,
         };
-        let json = serde_json::to_string_pretty(&state).map_err(|e| err(&tmp, e))?;
-        std::fs::write(tmp.join("state.json"), json).map_err(|e| err(&tmp, e))?;
-        let old = PathBuf::from(format!("{}.old-{}", dir.display(), std::process::id()));
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| err(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| err(dir, e))?;
-        std::fs::remove_dir_all(&old).ok();
-        Ok(())
+        let json = serde_json::to_string_pretty(&state).map_err(|e| err(dir, e))?;
+        write_synced(&dir.join("state.json"), json.as_bytes())?;
+        fsync(dir)
     }
 
     /// Saves `dir/last` and, when `metric` beats the one in `dir/best` (higher is better),
@@ -536,6 +698,7 @@ impl Trainer {
         }
         t.opt.set_steps(state.step);
         t.step = state.step;
+        t.skipped = state.skipped;
         t.rng = Rng::from_state(state.rng_state);
         Ok(t)
     }
@@ -561,15 +724,19 @@ pub fn load_trainable(model: &Sd2Model, path: &Path) -> Result<()> {
         if !store.contains(&p.name) {
             return Err(err(path, format!("missing trainable tensor `{}`", p.name)));
         }
-        values.push((
-            p.name.clone(),
-            store.get(
-                &p.name,
-                p.tensor.dims(),
-                p.tensor.dtype(),
-                p.tensor.device(),
-            )?,
-        ));
+        let t = store.get(
+            &p.name,
+            p.tensor.dims(),
+            p.tensor.dtype(),
+            p.tensor.device(),
+        )?;
+        if let Some((i, v)) = t.first_non_finite()? {
+            return Err(Error::NonFinite {
+                context: format!("{} (refused)", path.display()),
+                what: format!("trainable tensor `{}` element {i} = {v}", p.name),
+            });
+        }
+        values.push((p.name.clone(), t));
     }
     let extra = store.unused(|_| false);
     if !extra.is_empty() {

@@ -1,0 +1,472 @@
+//! Hostile but realistic input to training: out-of-range config values (each refused naming its
+//! key), a run that diverges (stopped naming the step, no model saved), a batch that poisons
+//! the gradients (the update skipped, on the CPU and on the simulator's fused AdamW), and a
+//! checkpoint holding a NaN weight (refused on load).
+use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use sd2::sd2::train::{MicroBatch, OnNonFinite, TrainConfig, Trainer};
+use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
+use sd2::{DType, Device, Error, Tensor};
+
+fn sd2(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn out_of_range_config_values_are_refused_naming_the_key() {
+    for (set, key) in [
+        ("train.lr=-1", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("train.lr=inf", "train.lr"),
+        ("train.beta1=1", "train.beta1"),
+        ("train.beta2=1.5", "train.beta2"),
+        ("train.eps=0", "train.eps"),
+        ("train.weight_decay=1e9", "train.weight_decay"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.clip_norm=0", "train.clip_norm"),
+        ("train.warmup_frac=2", "train.warmup_frac"),
+        ("train.effective_batch=0", "train.effective_batch"),
+        ("sd2.w_c=nan", "sd2.w_c"),
+        ("sd2.w_d=-1", "sd2.w_d"),
+        ("sd2.lora.dropout=1", "sd2.lora.dropout"),
+        ("sd2.lora.alpha=0", "sd2.lora.alpha"),
+        ("sd2.t_init=inf", "sd2.t_init"),
+        ("augment.flip_p=7", "augment.flip_p"),
+        ("augment.jpeg_quality=[0, 100]", "augment.jpeg_quality"),
+        ("augment.scale=[1.2, 0.8]", "augment.scale"),
+        ("augment.blur_sigma=[0.1, 1e6]", "augment.blur_sigma"),
+        ("epochs=0", "epochs"),
+        ("device=tpu:0", "device"),
+    ] {
+        let sets = ["manifest=m.tsv".to_string(), set.to_string()];
+        match sd2::run::load_config(None, Some("tiny"), &sets) {
+            Err(Error::Config { key: k, msg }) => {
+                println!("--set {set}: config `{k}`: {msg}");
+                assert_eq!(k, key, "--set {set}");
+            }
+            other => panic!("--set {set}: expected a config error naming {key}, got {other:?}"),
+        }
+    }
+    // The defaults and the presets pass.
+    for preset in ["tiny", "vit-l14"] {
+        sd2::run::load_config(None, Some(preset), &["manifest=m.tsv".into()]).unwrap();
+    }
+    // Through the CLI: a non-zero exit naming the key, before any data is read.
+    let r = sd2(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "manifest=/nonexistent.tsv",
+        "--set",
+        "augment.flip_p=7",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("augment.flip_p"),
+        "{err}"
+    );
+    let r = sd2(&[
+        "synth",
+        "--out",
+        "/nonexistent/x",
+        "--n",
+        "4",
+        "--shortcut",
+        "5",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("shortcut"), "{err}");
+}
+
+/// `--set train.lr=1e10` (no weight decay, so the config is in range): the run diverges, stops
+/// at the first non-finite step with a non-zero exit naming it, and writes no checkpoint.
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_saves_nothing() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-lr-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = sd2::data::synth::generate(&d.join("data"), 48, 64, 3).unwrap();
+    let out = d.join("run");
+    let r = sd2(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        &format!("manifest={}", m.path.display()),
+        "--set",
+        &format!("out={}", out.display()),
+        "--set",
+        "epochs=2",
+        "--set",
+        "train.lr=1e10",
+        "--set",
+        "train.weight_decay=0",
+        "--set",
+        "train.micro_batch=8",
+        "--set",
+        "train.effective_batch=8",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("{err}");
+    assert!(!r.status.success(), "a diverged run exited 0");
+    assert!(
+        err.contains("training step") && err.contains("not finite"),
+        "{err}"
+    );
+    for c in ["best", "last"] {
+        assert!(
+            !out.join("checkpoints").join(c).exists(),
+            "a diverged run left checkpoints/{c}"
+        );
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+fn tiny_trainer(device: Device, policy: OnNonFinite) -> Trainer {
+    let cfg = ClipConfig::from_json(
+        r#"{"projection_dim": 16,
+            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 28, "patch_size": 14},
+            "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}}"#,
+    )
+    .unwrap();
+    let clip = ClipModel::random(&cfg, DType::F32, device, 11).unwrap();
+    let mut c = Sd2Config::default();
+    c.lora.rank = 4;
+    c.clam_heads = 4;
+    let model = Sd2Model::new(clip, c, 3).unwrap();
+    let tcfg = TrainConfig {
+        lr: 1e-3,
+        total_steps: 10,
+        micro_batch: 4,
+        effective_batch: 4,
+        seed: 5,
+        on_nonfinite: policy,
+        ..Default::default()
+    };
+    Trainer::new(
+        model,
+        tcfg,
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    )
+}
+
+fn batch(device: Device, poison: bool) -> Vec<MicroBatch> {
+    let n = 4;
+    let mut r = sd2::rng::Rng::new(7);
+    let mut px: Vec<f64> = (0..n * 3 * 28 * 28).map(|_| 0.5 * r.normal()).collect();
+    if poison {
+        px[100] = f64::NAN;
+    }
+    vec![MicroBatch {
+        pixel_values: Tensor::from_f64(&px, (n, 3, 28, 28), DType::F32, device).unwrap(),
+        labels: vec![0, 1, 2, 0],
+        face: vec!["a man with a beard".into(); n],
+        env: vec!["indoor, plain wall".into(); n],
+    }]
+}
+
+fn weights(t: &Trainer) -> Vec<Vec<u32>> {
+    t.model
+        .params()
+        .iter()
+        .map(|p| {
+            let v: Vec<f32> = p.tensor.to_vec().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        })
+        .collect()
+}
+
+/// One NaN pixel makes every loss term and the gradient norm NaN: under "skip" the update is
+/// skipped (every weight bit-identical), the step counted and training goes on; under "stop"
+/// the step fails with `Error::NonFinite` naming it — on the CPU and on `cuda:sim`, where the
+/// fused AdamW finds the norm on the device without a host read.
+#[test]
+fn a_poisoned_batch_skips_the_update_or_stops_naming_the_step() {
+    for device in [Device::Cpu, Device::CudaSim] {
+        let mut t = tiny_trainer(device, OnNonFinite::Skip);
+        let first = t.step(&batch(device, false)).unwrap();
+        assert!(!first.skipped && first.total.is_finite());
+        let before = weights(&t);
+        let log = t.step(&batch(device, true)).unwrap();
+        println!("[{device}] poisoned step under skip: {}", log.to_json());
+        assert!(log.skipped && !log.grad_norm.is_finite());
+        assert_eq!(t.skipped_steps(), 1);
+        assert!(
+            weights(&t) == before,
+            "[{device}] a skipped step changed weights"
+        );
+        // Training goes on, and moves the weights again.
+        let next = t.step(&batch(device, false)).unwrap();
+        assert!(!next.skipped && next.total.is_finite());
+        assert!(
+            weights(&t) != before,
+            "[{device}] the step after a skip did nothing"
+        );
+
+        let mut t = tiny_trainer(device, OnNonFinite::Stop);
+        t.step(&batch(device, false)).unwrap();
+        let before = weights(&t);
+        match t.step(&batch(device, true)) {
+            Err(e @ Error::NonFinite { .. }) => {
+                let msg = e.to_string();
+                println!("[{device}] poisoned step under stop: {msg}");
+                assert!(
+                    msg.contains("training step 1") && msg.contains("L_C"),
+                    "{msg}"
+                );
+            }
+            other => panic!(
+                "[{device}] expected Error::NonFinite, got {:?}",
+                other.map(|l| l.to_json())
+            ),
+        }
+        assert!(
+            weights(&t) == before,
+            "[{device}] a stopped step changed weights"
+        );
+    }
+}
+
+/// A checkpoint holding a NaN weight is refused when saved and when loaded, naming the tensor.
+#[test]
+fn a_non_finite_model_is_neither_saved_nor_loaded() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-nan-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let t = tiny_trainer(Device::Cpu, OnNonFinite::Stop);
+    t.save(&d.join("good"), None).unwrap();
+    // Poison one trainable tensor in place, as a diverged run would.
+    let p = t.model.params()[0].clone();
+    let mut v: Vec<f32> = p.tensor.to_vec().unwrap();
+    v[0] = f32::NAN;
+    let poisoned = Tensor::from_vec(v, p.tensor.dims().to_vec(), Device::Cpu).unwrap();
+    t.model
+        .set_params(&[(p.name.clone(), poisoned.clone())])
+        .unwrap();
+    match t.save(&d.join("bad"), None) {
+        Err(e @ Error::NonFinite { .. }) => {
+            let msg = e.to_string();
+            println!("save: {msg}");
+            assert!(msg.contains(&p.name), "{msg}");
+        }
+        other => panic!("saved a NaN model: {other:?}"),
+    }
+    assert!(!d.join("bad").exists(), "a refused save left a folder");
+    // The same tensor written into a good checkpoint's file: refused on load.
+    let mut named: Vec<(String, Tensor)> = t
+        .model
+        .params()
+        .iter()
+        .map(|q| (q.name.clone(), q.tensor.clone()))
+        .collect();
+    named[0].1 = poisoned;
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    sd2::io::save(&d.join("good/trainable.safetensors"), &refs, None).unwrap();
+    let fresh = tiny_trainer(Device::Cpu, OnNonFinite::Stop);
+    match sd2::sd2::train::load_trainable(&fresh.model, &d.join("good/trainable.safetensors")) {
+        Err(e @ Error::NonFinite { .. }) => {
+            let msg = e.to_string();
+            println!("load: {msg}");
+            assert!(
+                msg.contains(&p.name) && msg.contains("trainable.safetensors"),
+                "{msg}"
+            );
+        }
+        other => panic!("loaded a NaN model: {other:?}"),
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+fn tiny_run_args(manifest: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    [
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        &format!("manifest={}", manifest.display()),
+        "--set",
+        &format!("out={}", out.display()),
+        "--set",
+        "epochs=2",
+        "--set",
+        "train.micro_batch=8",
+        "--set",
+        "train.effective_batch=16",
+        "--set",
+        "checkpoint.every_steps=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn file_bytes(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// `kill -9` of a training process at 20 random points (in steps, in checkpoint saves, in the
+/// epoch-end evaluation), each followed by `sd2 train --resume`: the run ends with the same
+/// weights and optimizer moments, bit for bit, as an uninterrupted one. Then: a fresh run into
+/// a folder that holds one is refused, `--resume DIR` takes the folder's own config, and a
+/// finished run resumes to nothing.
+#[test]
+fn kill_9_anywhere_then_resume_ends_bit_identical() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-kill-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = sd2::data::synth::generate(&d.join("data"), 64, 64, 4).unwrap();
+    let (reference, killed) = (d.join("ref"), d.join("killed"));
+    let t0 = std::time::Instant::now();
+    let args = tiny_run_args(&m.path, &reference);
+    let r = sd2(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let full = t0.elapsed();
+    println!("uninterrupted run: {full:?}");
+    let args = tiny_run_args(&m.path, &killed);
+    let resume_args = || -> Vec<&str> {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.push("--resume");
+        a
+    };
+    let step = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&file_bytes(
+            &p.join("checkpoints/last/state.json"),
+        ))
+        .unwrap()["step"]
+            .clone()
+    };
+    // The end of a run that was killed and resumed: the reference's weights and moments.
+    let same_as_reference = || {
+        for f in ["trainable.safetensors", "optimizer.safetensors"] {
+            let (want, got) = (
+                file_bytes(&reference.join("checkpoints/last").join(f)),
+                file_bytes(&killed.join("checkpoints/last").join(f)),
+            );
+            assert!(want == got, "{f} differs after kills and resumes");
+        }
+        assert_eq!(step(&reference), step(&killed));
+    };
+    // Kills at random points; a run that gets to its end is compared and started over.
+    let mut rng = sd2::rng::Rng::new(2026);
+    let (mut kills, mut runs) = (0, 0);
+    while kills < 20 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+            .args(resume_args())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full.mul_f64(0.05 + 0.6 * rng.uniform()));
+        match child.try_wait().unwrap() {
+            Some(status) => {
+                assert!(status.success(), "a resumed run failed: {status}");
+                same_as_reference();
+                runs += 1;
+                std::fs::remove_dir_all(&killed).unwrap();
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    let r = sd2(&resume_args());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    same_as_reference();
+    println!(
+        "{kills} kills; {} runs ended bit-identical to the uninterrupted one",
+        runs + 1
+    );
+    // The log has one line per step, in order, whatever was killed mid-write.
+    let steps: Vec<u64> = std::fs::read_to_string(killed.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (0..steps.len() as u64).collect::<Vec<_>>());
+    // Nothing temporary left, only the folders the pointers name.
+    let left: Vec<String> = std::fs::read_dir(killed.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    println!("checkpoints/: {left:?}");
+    assert!(left.iter().all(|n| !n.contains(".tmp-")), "{left:?}");
+    assert!(left.len() <= 4, "{left:?}");
+
+    // A fresh run into a folder that holds one is refused, naming the way out.
+    let args = tiny_run_args(&m.path, &reference);
+    let r = sd2(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
+    // `--resume DIR` alone: the folder's config; a finished run has nothing left to do.
+    let r = sd2(&["train", "--resume", reference.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(step(&reference), step(&killed));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// The checkpoint folder's own recovery: a dangling `last` falls back to the newest complete
+/// step folder, a killed save's temporary folder is removed by the next save, and a folder of
+/// the earlier layout (`last/` as a plain folder) is adopted.
+#[test]
+fn checkpoints_recover_from_a_dangling_last_and_stale_temporaries() {
+    use sd2::sd2::checkpoint::Checkpoints;
+    let d = std::env::temp_dir().join(format!("sd2-hostile-ckpt-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let ck = Checkpoints::new(d.join("checkpoints"));
+    assert!(ck.last().is_none());
+    let mut t = tiny_trainer(Device::Cpu, OnNonFinite::Stop);
+    // The earlier layout: a plain `last/` folder.
+    t.save(&d.join("checkpoints/last"), None).unwrap();
+    let first = ck
+        .save(&t, None, &[("run.json", b"{}".to_vec())], true)
+        .unwrap();
+    assert!(std::fs::symlink_metadata(d.join("checkpoints/last"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::fs::create_dir_all(d.join("checkpoints/step-00000009.tmp-999")).unwrap();
+    t.step(&batch(Device::Cpu, false)).unwrap();
+    let second = ck
+        .save(&t, None, &[("run.json", b"{}".to_vec())], false)
+        .unwrap();
+    let names = |p: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    println!("after two saves: {:?}", names(&d.join("checkpoints")));
+    assert_eq!(
+        names(&d.join("checkpoints")),
+        ["best", "last", "step-00000000", "step-00000001"],
+        "the stale temporary and the legacy folder are gone; best and last kept"
+    );
+    assert_eq!(
+        std::fs::canonicalize(ck.last().unwrap()).unwrap(),
+        std::fs::canonicalize(&second).unwrap()
+    );
+    assert_eq!(
+        std::fs::canonicalize(ck.best().unwrap()).unwrap(),
+        std::fs::canonicalize(&first).unwrap()
+    );
+    assert!(names(&second).contains(&"run.json".to_string()));
+    // `last`'s folder gone (a hand-deleted folder): the newest complete one is used.
+    std::fs::remove_dir_all(&second).unwrap();
+    assert_eq!(
+        std::fs::canonicalize(ck.last().unwrap()).unwrap(),
+        std::fs::canonicalize(&first).unwrap()
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
