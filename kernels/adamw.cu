@@ -71,7 +71,8 @@ extern "C" __global__ void grad_clip_f32(const float* __restrict__ part, int num
     for (int i = 0; i < (int)blockDim.x; ++i) t += scratch[i];
     const double norm = sqrt(t);
     out[0] = (float)norm;
-    out[1] = isfinite(norm) ? (float)fmin(1.0, (double)max_norm / (norm + 1e-6)) : NAN;
+    // Finite as the f32 the host reads (a norm past FLT_MAX reads as inf there: skipped too).
+    out[1] = isfinite((float)norm) ? (float)fmin(1.0, (double)max_norm / (norm + 1e-6)) : NAN;
   }
 }
 SD2_REGISTER_KERNEL(grad_clip_f32)

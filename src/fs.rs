@@ -12,7 +12,11 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// never sees a half-written file (the temporary is removed if the rename fails).
 pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
+    // Flushed before the rename, so after a power loss the file is the old or the new one.
+    if let Err(e) = write_synced(&tmp, bytes.as_ref()) {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         std::fs::remove_file(&tmp).ok();
         io_err(path, e)
@@ -38,4 +42,20 @@ pub fn image_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// Flushes a file or a folder to the disk (a folder: its entries, so renames in it persist).
+pub fn fsync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(path, format!("fsync: {e}")))
+}
+
+/// Writes `bytes` to `path` and flushes it to the disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io_err(path, e))
 }

@@ -706,6 +706,13 @@ fn train(
     let cfg = match &resume {
         // The run folder's own config, then the overrides; `out` is that folder.
         Some(Some(dir)) => {
+            if config.is_some() {
+                return Err(sd2::Error::Msg(
+                    "--resume DIR takes DIR's own config.toml: give --config with a bare \
+                     --resume (its `out` is the run), or --set to override"
+                        .into(),
+                ));
+            }
             let file = dir.join("config.toml");
             if !file.is_file() {
                 return Err(sd2::Error::Msg(format!(
@@ -718,7 +725,7 @@ fn train(
                 "out={}",
                 toml::Value::String(dir.display().to_string())
             ));
-            sd2::run::load_config(config.or(Some(&file)), preset, &sets)?
+            sd2::run::load_config(Some(&file), preset, &sets)?
         }
         _ => sd2::run::load_config(config, preset, sets)?,
     };

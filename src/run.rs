@@ -35,6 +35,9 @@ pub struct RunConfig {
     pub dtype: String,
     #[serde(default)]
     pub skip_bad: bool,
+    /// Decode every image of the manifest in full before training (`LoadOptions::verify_images`).
+    #[serde(default)]
+    pub verify_images: bool,
     pub sd2: Sd2Config,
     pub train: TrainConfig,
     /// Train-time augmentations (SD2-SPEC §5).
@@ -82,6 +85,14 @@ struct RunState {
     per_step: usize,
     /// The best epoch metric so far (validation AUC; the epoch index without one).
     best_metric: Option<f64>,
+    /// Its validation AUC (NaN without a two-class val split).
+    #[serde(default)]
+    best_val: Option<f64>,
+    /// What the step ↔ data mapping was made from: a resume that sees others is refused.
+    #[serde(default)]
+    train_len: Option<usize>,
+    #[serde(default)]
+    seed: Option<u64>,
 }
 
 fn default_dtype() -> String {
@@ -146,6 +157,7 @@ pub fn preset(name: &str) -> Result<RunConfig> {
         device: "cpu".into(),
         dtype: default_dtype(),
         skip_bad: false,
+        verify_images: false,
         sd2,
         train,
         augment,
@@ -310,6 +322,28 @@ pub fn train_with(
     progress: &mut dyn Progress,
 ) -> Result<TrainOutcome> {
     cfg.validate()?;
+    std::fs::create_dir_all(&cfg.out)
+        .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+    // One run per folder at a time: a second process (a requeued job while the first is still
+    // dying) would prune the first's checkpoints.
+    let lock_path = cfg.out.join(".lock");
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|e| Error::Msg(format!("{}: {e}", lock_path.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(Error::Msg(format!(
+            "{}: another sd2 train is running in this folder",
+            cfg.out.display()
+        )));
+    }
+    // Temporaries a killed run left beside its log and config.
+    for e in std::fs::read_dir(&cfg.out).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if (name.starts_with("train_log.tmp") || name.starts_with("config.tmp"))
+            && e.path().is_file()
+        {
+            std::fs::remove_file(e.path()).ok();
+        }
+    }
     let ckpts = crate::sd2::checkpoint::Checkpoints::new(cfg.out.join("checkpoints"));
     let resume_from = match start {
         Start::Resume => ckpts.last(),
@@ -343,6 +377,7 @@ pub fn train_with(
         skip_bad: cfg.skip_bad,
         check_images: true,
         require_descriptions: cfg.sd2.loss_dual != DualContrast::Off,
+        verify_images: cfg.verify_images,
     };
     let manifest = Manifest::load(&cfg.manifest, opts)?;
     let train: Vec<&Item> = manifest.split(Split::Train);
@@ -389,11 +424,45 @@ pub fn train_with(
     let mut tcfg = cfg.train.clone();
     let (mut trainer, resumed) = match &resume_from {
         Some(dir) => {
+            let run_json = dir.join("run.json");
+            if !run_json.is_file() {
+                return Err(Error::Msg(format!(
+                    "{}: a checkpoint of an earlier format (no run.json) cannot be resumed; \
+                     --overwrite starts again",
+                    dir.display()
+                )));
+            }
             let run: RunState = serde_json::from_str(
-                &std::fs::read_to_string(dir.join("run.json"))
-                    .map_err(|e| Error::Msg(format!("{}: {e}", dir.join("run.json").display())))?,
+                &std::fs::read_to_string(&run_json)
+                    .map_err(|e| Error::Msg(format!("{}: {e}", run_json.display())))?,
             )
             .map_err(|e| Error::Msg(format!("{}: {e}", dir.join("run.json").display())))?;
+            let bad = |what: String| {
+                Error::Msg(format!(
+                    "{}: {what}; resume with the run's own manifest and seed, or --overwrite",
+                    dir.join("run.json").display()
+                ))
+            };
+            if run.micro == 0 || run.per_step == 0 {
+                return Err(bad(format!(
+                    "micro {} and per_step {} must be ≥ 1",
+                    run.micro, run.per_step
+                )));
+            }
+            if run.train_len.is_some_and(|n| n != train.len()) {
+                return Err(bad(format!(
+                    "the run trained on {} items, the manifest now has {}",
+                    run.train_len.unwrap_or(0),
+                    train.len()
+                )));
+            }
+            if run.seed.is_some_and(|s| s != cfg.train.seed) {
+                return Err(bad(format!(
+                    "the run's seed was {}, the config's is {}",
+                    run.seed.unwrap_or(0),
+                    cfg.train.seed
+                )));
+            }
             let t = Trainer::resume(dir, clip, ClipTokenizer::openai()?, texts.clone())?;
             progress.line(&format!(
                 "resuming from {} (step {})",
@@ -439,8 +508,22 @@ pub fn train_with(
     trainer.cfg = tcfg.clone();
     std::fs::create_dir_all(&cfg.out)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
-    // The resolved config, so `sd2 train --resume OUT` needs nothing else.
-    let toml = toml::to_string(cfg).map_err(|e| Error::Msg(format!("config: {e}")))?;
+    // The resolved config, so `sd2 train --resume OUT` needs nothing else — its paths made
+    // absolute, so it resumes from any working directory.
+    let mut saved = cfg.clone();
+    for p in [
+        Some(&mut saved.manifest),
+        saved.clip.as_mut(),
+        Some(&mut saved.out),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok(a) = std::path::absolute(&*p) {
+            *p = a;
+        }
+    }
+    let toml = toml::to_string(&saved).map_err(|e| Error::Msg(format!("config: {e}")))?;
     crate::fs::write_atomic(&cfg.out.join("config.toml"), toml)?;
     let ckpt = cfg.out.join("checkpoints");
     let log_path = cfg.out.join("train_log.jsonl");
@@ -463,11 +546,14 @@ pub fn train_with(
     }
     let (start_epoch, start_k) = (done_steps / steps_per_epoch, done_steps % steps_per_epoch);
     let mut best_metric = resumed.as_ref().and_then(|r| r.best_metric);
-    let run_file = |best_metric: Option<f64>| -> Result<Vec<u8>> {
+    let run_file = |best_metric: Option<f64>, best_val: f64| -> Result<Vec<u8>> {
         serde_json::to_vec_pretty(&RunState {
             micro,
             per_step,
             best_metric,
+            best_val: best_val.is_finite().then_some(best_val),
+            train_len: Some(train.len()),
+            seed: Some(cfg.train.seed),
         })
         .map_err(|e| Error::Msg(format!("run state: {e}")))
     };
@@ -475,10 +561,10 @@ pub fn train_with(
     let mut rng = Rng::new(cfg.train.seed ^ 0xde70);
     let t0 = Instant::now();
     let mut last_save = Instant::now();
-    let mut best_val = match best_metric {
-        Some(b) if !val.is_empty() => b,
-        _ => f64::NEG_INFINITY,
-    };
+    let mut best_val = resumed
+        .as_ref()
+        .and_then(|r| r.best_val)
+        .unwrap_or(f64::NEG_INFINITY);
     let mut images_done = (start_epoch * train.len()).min(train.len() * cfg.epochs)
         + (start_k * micro * per_step).min(train.len());
     for epoch in 0..cfg.epochs {
@@ -520,7 +606,15 @@ pub fn train_with(
                     env: items.iter().map(|i| i.env.clone()).collect(),
                 });
             }
-            let l = trainer.step(&mbs)?;
+            let l = match trainer.step(&mbs) {
+                Ok(l) => l,
+                Err(e) => {
+                    // The steps since the last checkpoint stay in the log (the failing one is
+                    // in the error).
+                    crate::fs::write_atomic(&log_path, &steplog).ok();
+                    return Err(e);
+                }
+            };
             steplog.push_str(&l.to_json());
             steplog.push('\n');
             images_done += step_items.len();
@@ -561,7 +655,7 @@ pub fn train_with(
                 ckpts.save(
                     &trainer,
                     None,
-                    &[("run.json", run_file(best_metric)?)],
+                    &[("run.json", run_file(best_metric, best_val)?)],
                     false,
                 )?;
                 last_save = Instant::now();
@@ -599,7 +693,7 @@ pub fn train_with(
         ckpts.save(
             &trainer,
             Some(m),
-            &[("run.json", run_file(best_metric)?)],
+            &[("run.json", run_file(best_metric, best_val)?)],
             best,
         )?;
         last_save = Instant::now();
@@ -610,6 +704,7 @@ pub fn train_with(
             if best { " (best so far)" } else { "" }
         ));
     }
+    drop(lock);
     Ok(TrainOutcome {
         best_dir: ckpt.join("best"),
         best_val_auc: best_val,

@@ -125,16 +125,25 @@ fn a_diverging_run_stops_naming_the_step_and_saves_nothing() {
 }
 
 fn tiny_trainer(device: Device, policy: OnNonFinite) -> Trainer {
+    tiny_trainer_with(device, policy, false)
+}
+
+fn tiny_clip(device: Device) -> ClipModel {
     let cfg = ClipConfig::from_json(
         r#"{"projection_dim": 16,
             "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 28, "patch_size": 14},
             "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}}"#,
     )
     .unwrap();
-    let clip = ClipModel::random(&cfg, DType::F32, device, 11).unwrap();
+    ClipModel::random(&cfg, DType::F32, device, 11).unwrap()
+}
+
+fn tiny_trainer_with(device: Device, policy: OnNonFinite, train_base: bool) -> Trainer {
+    let clip = tiny_clip(device);
     let mut c = Sd2Config::default();
     c.lora.rank = 4;
     c.clam_heads = 4;
+    c.train_base = train_base;
     let model = Sd2Model::new(clip, c, 3).unwrap();
     let tcfg = TrainConfig {
         lr: 1e-3,
@@ -469,4 +478,140 @@ fn checkpoints_recover_from_a_dangling_last_and_stale_temporaries() {
         std::fs::canonicalize(&first).unwrap()
     );
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// A checkpoint whose state.json claims absurd sizes (a 10¹² vocabulary, 10⁹ layers, a config
+/// of 10¹⁰ parameters) is refused before anything is allocated, naming the field.
+#[test]
+fn absurd_sizes_in_a_checkpoint_are_refused_before_allocating() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-sizes-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let t = tiny_trainer_with(Device::Cpu, OnNonFinite::Stop, true);
+    t.save(&d.join("ck"), None).unwrap();
+    sd2::sd2::detector::Detector::load(&d.join("ck"), None, Device::Cpu).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("ck/state.json")).unwrap()).unwrap();
+    for (tower, field, value, named) in [
+        ("text_config", "vocab_size", 1e12, "vocab_size"),
+        (
+            "vision_config",
+            "num_hidden_layers",
+            1e9,
+            "num_hidden_layers",
+        ),
+        ("text_config", "intermediate_size", 60000.0, "parameters"),
+    ] {
+        let mut s = state.clone();
+        s["clip"][tower][field] = serde_json::json!(value as u64);
+        if named == "parameters" {
+            s["clip"][tower]["hidden_size"] = serde_json::json!(8192);
+            s["clip"][tower]["num_hidden_layers"] = serde_json::json!(200);
+            s["clip"][tower]["num_attention_heads"] = serde_json::json!(64);
+        }
+        std::fs::write(d.join("ck/state.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+        match sd2::sd2::detector::Detector::load(&d.join("ck"), None, Device::Cpu) {
+            Err(e) => {
+                let msg = e.to_string();
+                println!("{tower}.{field} = {value:e}: {msg}");
+                assert!(msg.contains(named) && msg.contains("state.json"), "{msg}");
+            }
+            Ok(_) => panic!("{tower}.{field} = {value:e} was loaded"),
+        }
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// A step skipped for a non-finite norm does not advance AdamW's bias correction, and that
+/// survives a checkpoint: trained on, saved and resumed around a skip, the weights equal an
+/// uninterrupted run's bit for bit.
+#[test]
+fn a_skipped_step_survives_a_resume() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-skipresume-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let mut straight = tiny_trainer(Device::Cpu, OnNonFinite::Skip);
+    let mut interrupted = tiny_trainer(Device::Cpu, OnNonFinite::Skip);
+    for t in [&mut straight, &mut interrupted] {
+        t.step(&batch(Device::Cpu, false)).unwrap();
+        assert!(t.step(&batch(Device::Cpu, true)).unwrap().skipped);
+    }
+    interrupted.save(&d.join("ck"), None).unwrap();
+    let clip = tiny_clip(Device::Cpu);
+    let mut resumed = Trainer::resume(
+        &d.join("ck"),
+        clip,
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(resumed.skipped_steps(), 1);
+    straight.step(&batch(Device::Cpu, false)).unwrap();
+    resumed.step(&batch(Device::Cpu, false)).unwrap();
+    assert!(
+        weights(&straight) == weights(&resumed),
+        "a resume around a skipped step diverged"
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+fn encode(img: &image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, format).unwrap();
+    buf.into_inner()
+}
+
+fn noise_image(w: u32, h: u32) -> image::RgbImage {
+    let mut r = sd2::rng::Rng::new(5);
+    image::RgbImage::from_fn(w, h, |_, _| {
+        image::Rgb([r.below(256) as u8, r.below(256) as u8, r.below(256) as u8])
+    })
+}
+
+/// Hostile image files: a 951-byte JPEG whose header claims 16000×16000 or 9000×9000 (over the
+/// pixel budget) or 20000×20000 (over the side limit) is refused from its header, before a
+/// pixel is decoded; a truncated JPEG (which the decoder would grey-fill silently) and a truncated PNG
+/// are refused naming the file; a JPEG with bytes after its end marker still decodes.
+#[test]
+fn hostile_images_are_refused_before_decoding() {
+    use sd2::clip::preprocess::decode_image_bytes;
+    let jpeg = encode(&noise_image(16, 16), image::ImageFormat::Jpeg);
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG has an SOF0 marker");
+    for (side, why) in [(16000u16, "Mpx"), (9000, "Mpx"), (20000, "side")] {
+        let mut lying = jpeg.clone();
+        lying[sof + 5..sof + 7].copy_from_slice(&side.to_be_bytes());
+        lying[sof + 7..sof + 9].copy_from_slice(&side.to_be_bytes());
+        let t = std::time::Instant::now();
+        let e = decode_image_bytes(&lying, "lying.jpg")
+            .unwrap_err()
+            .to_string();
+        println!(
+            "{} bytes claiming {side}x{side}: {e} ({:?})",
+            lying.len(),
+            t.elapsed()
+        );
+        assert!(e.contains("lying.jpg") && e.contains(why), "{e}");
+        assert!(
+            t.elapsed().as_secs_f64() < 1.0,
+            "the refusal decoded the image"
+        );
+    }
+    let big = encode(&noise_image(96, 64), image::ImageFormat::Jpeg);
+    decode_image_bytes(&big, "whole.jpg").unwrap();
+    let e = decode_image_bytes(&big[..big.len() * 6 / 10], "cut.jpg")
+        .unwrap_err()
+        .to_string();
+    println!("{e}");
+    assert!(e.contains("cut.jpg") && e.contains("truncated"), "{e}");
+    let mut trailing = big.clone();
+    trailing.extend_from_slice(b"camera maker's appended data");
+    decode_image_bytes(&trailing, "trailing.jpg").unwrap();
+    let png = encode(&noise_image(96, 64), image::ImageFormat::Png);
+    decode_image_bytes(&png, "whole.png").unwrap();
+    let e = decode_image_bytes(&png[..png.len() * 6 / 10], "cut.png")
+        .unwrap_err()
+        .to_string();
+    println!("{e}");
+    assert!(e.contains("cut.png"), "{e}");
 }

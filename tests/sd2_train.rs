@@ -103,7 +103,7 @@ fn tiny_sd2_loss_goes_down() {
         let log = t.step(&micro_batches(&mut data, 2, 6)).unwrap();
         assert!(log.total.is_finite() && log.grad_norm.is_finite());
         totals.push(log.total);
-        if log.step % 10 == 0 {
+        if log.step.is_multiple_of(10) {
             println!("{}", log.to_json());
         }
     }

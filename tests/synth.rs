@@ -38,6 +38,7 @@ fn deterministic_valid_and_out_of_domain() {
         LoadOptions {
             check_images: true,
             require_descriptions: true,
+            verify_images: false,
             skip_bad: false,
         },
     )

@@ -89,7 +89,10 @@ fn train_from_a_config_file() {
     // The run folder holds a run now: a fresh run into it is refused.
     let r = sd2(&["train", "--config", c, "--set", "epochs=1"]);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && err.contains("holds a run already"), "{err}");
+    assert!(
+        !r.status.success() && err.contains("holds a run already"),
+        "{err}"
+    );
 
     // bf16 mixed precision: refused while the tiny preset trains CLIP whole; with CLIP frozen
     // it trains (f32 masters) and logs finite losses.

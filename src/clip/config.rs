@@ -187,13 +187,13 @@ impl ClipConfig {
                 ));
             }
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return bad(format!(
                 "vision hidden_size {} is not divisible by {} heads",
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return bad(format!(
                 "text hidden_size {} is not divisible by {} heads",
                 t.hidden_size, t.num_attention_heads
@@ -203,6 +203,46 @@ impl ClipConfig {
             return bad(format!(
                 "image_size {} and patch_size {} make no patches",
                 v.image_size, v.patch_size
+            ));
+        }
+        // Sizes come from files (a checkpoint's state.json, a config.json): bounded before
+        // anything is allocated from them.
+        for (name, value, max) in [
+            ("vision hidden_size", v.hidden_size, 8192),
+            ("vision intermediate_size", v.intermediate_size, 65536),
+            ("vision num_hidden_layers", v.num_hidden_layers, 256),
+            ("vision num_attention_heads", v.num_attention_heads, 256),
+            ("vision image_size", v.image_size, 4096),
+            ("vision num_channels", v.num_channels, 4),
+            ("text hidden_size", t.hidden_size, 8192),
+            ("text intermediate_size", t.intermediate_size, 65536),
+            ("text num_hidden_layers", t.num_hidden_layers, 256),
+            ("text num_attention_heads", t.num_attention_heads, 256),
+            (
+                "text max_position_embeddings",
+                t.max_position_embeddings,
+                8192,
+            ),
+            ("text vocab_size", t.vocab_size, 1 << 20),
+            ("projection_dim", self.projection_dim, 8192),
+        ] {
+            if value > max {
+                return bad(format!("{name} {value} is over the limit of {max}"));
+            }
+        }
+        if v.num_channels == 0 || t.vocab_size == 0 || t.max_position_embeddings == 0 {
+            return bad("num_channels, vocab_size and max_position_embeddings must be > 0".into());
+        }
+        let tower =
+            |h: usize, i: usize, l: usize| l as f64 * (4.0 * (h * h) as f64 + 2.0 * (h * i) as f64);
+        let params = tower(v.hidden_size, v.intermediate_size, v.num_hidden_layers)
+            + tower(t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+            + (t.vocab_size + t.max_position_embeddings) as f64 * t.hidden_size as f64
+            + ((v.image_size / v.patch_size).pow(2) + v.num_channels * v.patch_size.pow(2)) as f64
+                * v.hidden_size as f64;
+        if params > 4e9 {
+            return bad(format!(
+                "{params:.3e} parameters is over the limit of 4e9 (ViT-bigG has 2.5e9)"
             ));
         }
         Ok(())

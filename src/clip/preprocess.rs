@@ -14,6 +14,40 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// Largest side accepted when decoding (decompression-bomb guard).
 pub const MAX_SIDE: u32 = 16_384;
 
+/// Most pixels accepted when decoding: 8192 × 8192, checked from the header before any pixel
+/// is decoded, so one hostile image costs at most a few hundred MB (decoded RGBA + its RGB copy).
+pub const MAX_PIXELS: u64 = 1 << 26;
+
+/// Whether an image of `w × h` pixels is within `MAX_SIDE` and `MAX_PIXELS`; the error says
+/// which limit it breaks.
+pub fn check_size(w: u32, h: u32) -> std::result::Result<(), String> {
+    if w > MAX_SIDE || h > MAX_SIDE {
+        return Err(format!(
+            "{w}x{h} is larger than the {MAX_SIDE} px side limit"
+        ));
+    }
+    if w as u64 * h as u64 > MAX_PIXELS {
+        return Err(format!(
+            "{w}x{h} is {} Mpx, over the {} Mpx limit",
+            w as u64 * h as u64 / 1_000_000,
+            MAX_PIXELS / 1_000_000
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a JPEG's bytes hold an end-of-image marker after the start of their last scan: a
+/// truncated file has none (the decoder would fill the missing part with grey, silently).
+/// Markers cannot occur inside entropy-coded data (0xFF there is stuffed as FF 00), and data
+/// after the end marker (some cameras append some) is allowed.
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
+}
+
 /// An 8-bit RGB image, rows of `width` pixels, channels interleaved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RgbImage {
@@ -39,15 +73,30 @@ impl RgbImage {
     }
 }
 
-/// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded), refusing oversized images.
+/// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded), refusing images over the size
+/// limits (`check_size`, from the header, before decoding) and truncated JPEGs; a truncated
+/// PNG or WebP fails in its decoder. Every error names `what`.
 pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::Msg(format!("{what}: {e}")))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| Error::Msg(format!("{what}: cannot read the image header: {e}")))?;
+    check_size(w, h).map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+    let mut reader = reader()?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        return Err(Error::Msg(format!(
+            "{what}: truncated JPEG (no end-of-image marker after its last scan)"
+        )));
+    }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(1 << 30);
+    // The decoded image (up to 16 bytes per pixel) and the decoder's buffers, bounded.
+    limits.max_alloc = Some((w as u64 * h as u64 * 16).max(64 << 20));
     reader.limits(limits);
     let img = reader
         .decode()

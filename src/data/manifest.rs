@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::clip::preprocess::MAX_SIDE;
+use crate::clip::preprocess::check_size;
 use crate::sd2::type_texts::{class_id, CLASSES};
 use crate::{Error, Result};
 
@@ -75,6 +75,9 @@ pub struct LoadOptions {
     pub check_images: bool,
     /// Training items must have face and env descriptions (L_D is on).
     pub require_descriptions: bool,
+    /// Decode every image in full while validating (with `check_images`): a truncated or
+    /// corrupt file is found up front instead of by the loader.
+    pub verify_images: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -172,11 +175,11 @@ fn parse_line(
             .map_err(|e| format!("image `{}`: {e}", r.path))?
             .into_dimensions()
             .map_err(|e| format!("image `{}` cannot be decoded: {e}", r.path))?;
-        if w > MAX_SIDE || h > MAX_SIDE {
-            return Err(format!(
-                "image `{}` is {w}x{h}, larger than the {MAX_SIDE} px limit",
-                r.path
-            ));
+        check_size(w, h).map_err(|e| format!("image `{}`: {e}", r.path))?;
+        if opts.verify_images {
+            // The whole file decoded once: a truncated or corrupt image is found here, not
+            // mid-epoch.
+            crate::clip::preprocess::decode_image(&path).map_err(|e| e.to_string())?;
         }
     }
     if opts.require_descriptions

@@ -307,7 +307,7 @@ fn background(c: &mut Canvas, style: usize, r: &mut Rng) {
             c.px[y * s + x] = match style {
                 0 => base,
                 1 => {
-                    let stripe = if ((u * 6.0) as usize) % 2 == 0 {
+                    let stripe = if ((u * 6.0) as usize).is_multiple_of(2) {
                         0.9
                     } else {
                         1.05
@@ -587,7 +587,7 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
     };
     let split = if src.test {
         "test"
-    } else if mix64(seed ^ video as u64 ^ 0x5a17) % 5 == 0 {
+    } else if mix64(seed ^ video as u64 ^ 0x5a17).is_multiple_of(5) {
         "val"
     } else {
         "train"

@@ -36,6 +36,7 @@ pub fn run(r: &EvalRequest) -> Result<report::Report> {
             skip_bad: r.skip_bad,
             check_images: true,
             require_descriptions: false,
+            verify_images: false,
         },
     )?;
     let det = Detector::load(&r.checkpoint, r.clip.as_deref(), r.device)?;

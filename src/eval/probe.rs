@@ -319,6 +319,7 @@ pub fn run(r: &ProbeRequest) -> Result<ProbeRun> {
             skip_bad: r.skip_bad,
             check_images: true,
             require_descriptions: false,
+            verify_images: false,
         },
     )?;
     let (train, test) = (m.split(Split::Train), m.split(Split::Test));

@@ -18,26 +18,11 @@
 use std::path::{Path, PathBuf};
 
 use super::train::Trainer;
+use crate::fs::{fsync, write_synced};
 use crate::{Error, Result};
 
 fn err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}: {e}", path.display()))
-}
-
-/// Flushes a file or a folder to the disk (a folder: its entries, so renames in it persist).
-pub fn fsync(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| err(path, format!("fsync: {e}")))
-}
-
-/// Writes `bytes` to `path` and flushes it to the disk.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| err(path, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| err(path, e))
 }
 
 /// The checkpoints folder of a run.
@@ -104,10 +89,13 @@ impl Checkpoints {
             return Err(err(&folder, e));
         }
         fsync(&self.dir)?;
-        self.point("last", &name)?;
+        // `best` first: a kill between the two switches leaves `last` on the previous folder,
+        // whose run state agrees with where `best` stood, never a `last` that believes in a
+        // best that `best` does not name.
         if best {
             self.point("best", &name)?;
         }
+        self.point("last", &name)?;
         self.prune();
         Ok(folder)
     }

@@ -141,7 +141,7 @@ impl Sd2Config {
                 KNOWN.join(", ")
             ));
         }
-        if self.clam && (self.clam_heads == 0 || vision_width % self.clam_heads != 0) {
+        if self.clam && (self.clam_heads == 0 || !vision_width.is_multiple_of(self.clam_heads)) {
             return bad(format!(
                 "CLAM width {vision_width} is not divisible by {} heads",
                 self.clam_heads

@@ -102,6 +102,9 @@ impl Detector {
             .map_err(|e| Error::Msg(format!("{}: sd2 config: {e}", state_path.display())))?;
         let clip_cfg: crate::clip::ClipConfig = serde_json::from_value(state["clip"].clone())
             .map_err(|e| Error::Msg(format!("{}: clip config: {e}", state_path.display())))?;
+        clip_cfg
+            .validate()
+            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
         let clip = match clip_dir {
             Some(dir) => {
                 let clip = ClipModel::load(dir, DType::F32, device)?;

@@ -213,6 +213,10 @@ struct State {
     /// Steps skipped for non-finite values so far.
     #[serde(default)]
     skipped: u64,
+    /// AdamW's update count (its bias correction): `step` less the updates skipped for a
+    /// non-finite norm. Absent in older checkpoints, which had no skips.
+    #[serde(default)]
+    opt_steps: Option<u64>,
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -606,7 +610,7 @@ impl Trainer {
     /// disk, `state.json` last. A model with a non-finite weight is refused before anything is
     /// written: loaded, it would be a detector that answers anything.
     pub fn write_files(&self, dir: &Path, metric: Option<f64>) -> Result<()> {
-        use super::checkpoint::{fsync, write_synced};
+        use crate::fs::{fsync, write_synced};
         for p in self.model.params() {
             if let Some((i, v)) = p.tensor.first_non_finite()? {
                 return Err(Error::NonFinite {
@@ -630,6 +634,14 @@ impl Trainer {
                 moments.push((format!("v.{}", p.name), v.clone()));
             }
         }
+        for (name, t) in &moments {
+            if let Some((i, v)) = t.first_non_finite()? {
+                return Err(Error::NonFinite {
+                    context: format!("checkpoint {} (not saved)", dir.display()),
+                    what: format!("AdamW moment `{name}` element {i} = {v}"),
+                });
+            }
+        }
         let refs: Vec<(&str, &Tensor)> = moments.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let file = dir.join("optimizer.safetensors");
         crate::io::save(&file, &refs, None)?;
@@ -643,6 +655,7 @@ impl Trainer {
             clip: self.model.clip.config.clone(),
             metric,
             skipped: self.skipped,
+            opt_steps: Some(self.opt.steps()),
         };
         let json = serde_json::to_string_pretty(&state).map_err(|e| err(dir, e))?;
         write_synced(&dir.join("state.json"), json.as_bytes())?;
@@ -674,6 +687,7 @@ impl Trainer {
         if state.clip != clip.config {
             return Err(err(dir, "the checkpoint was trained on a CLIP model with a different config than the one given"));
         }
+        let opt_steps = state.opt_steps.unwrap_or(state.step);
         let model = Sd2Model::new(clip, state.sd2.clone(), state.train.seed)?;
         load_trainable(&model, &dir.join("trainable.safetensors"))?;
         let mut t = Trainer::new(model, state.train.clone(), tokenizer, type_texts);
@@ -686,7 +700,7 @@ impl Trainer {
                 moments.get(&format!("m.{}", p.name)),
                 moments.get(&format!("v.{}", p.name)),
             ) {
-                (Some(m), Some(v)) => t.opt.restore(state.step, &p.tensor, m.clone(), v.clone())?,
+                (Some(m), Some(v)) => t.opt.restore(opt_steps, &p.tensor, m.clone(), v.clone())?,
                 (None, None) => {}
                 _ => {
                     return Err(err(
@@ -696,7 +710,7 @@ impl Trainer {
                 }
             }
         }
-        t.opt.set_steps(state.step);
+        t.opt.set_steps(opt_steps);
         t.step = state.step;
         t.skipped = state.skipped;
         t.rng = Rng::from_state(state.rng_state);
@@ -712,6 +726,8 @@ fn read_state(dir: &Path) -> Result<State> {
     if s.format != 1 {
         return Err(err(&p, format!("unknown checkpoint format {}", s.format)));
     }
+    // Sizes from a file: bounded before a model is built from them.
+    s.clip.validate().map_err(|e| err(&p, e))?;
     Ok(s)
 }
 

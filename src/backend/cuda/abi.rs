@@ -53,7 +53,7 @@ impl TileMap {
             box_rows,
             box_cols,
         } = *self;
-        if addr % 16 != 0
+        if !addr.is_multiple_of(16)
             || cols == 0
             || rows == 0
             || (cols * 2) % 16 != 0

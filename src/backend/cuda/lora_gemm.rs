@@ -94,7 +94,7 @@ pub mod hopper {
     /// Whether the shape fits TMA's rules (16-byte row strides) and the single LoRA k-step
     /// (the rank padded to 16).
     pub fn supports(k: usize, r: usize) -> bool {
-        k % 8 == 0 && k > 0 && matches!(r, 0 | 8 | 16)
+        k.is_multiple_of(8) && k > 0 && matches!(r, 0 | 8 | 16)
     }
 
     /// The tile maps of X [m, k], W [n, k], S [m, r], B [n, r] (S, B: those of X, W when r = 0,

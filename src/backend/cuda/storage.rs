@@ -132,7 +132,7 @@ impl CudaStorage {
     /// The address of element `offset` (in elements of this storage's dtype).
     /// Whether the buffer starts on a multiple of `bytes` (16-byte cp.async, TMA).
     pub(crate) fn is_aligned(&self, bytes: u64) -> bool {
-        self.buf.addr() % bytes == 0
+        self.buf.addr().is_multiple_of(bytes)
     }
 
     pub(crate) fn ptr_at(&self, offset: usize) -> Arg {

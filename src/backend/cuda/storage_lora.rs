@@ -143,7 +143,7 @@ pub fn lora_choices() -> Vec<(usize, String, &'static str)> {
 }
 
 fn aligned(s: &CudaStorage) -> bool {
-    s.buf.addr() % 16 == 0
+    s.buf.addr().is_multiple_of(16)
 }
 
 impl CudaStorage {

@@ -832,8 +832,8 @@ fn lora_da(
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
 fn grads_fit(ops: &[&CudaStorage], ls: LoraSpec, n: usize, k: usize) -> bool {
     matches!(ls.rank, 8 | 16 | 32)
-        && n % 8 == 0
-        && k % 8 == 0
+        && n.is_multiple_of(8)
+        && k.is_multiple_of(8)
         && (0.0..1.0).contains(&ls.dropout)
         && ops
             .iter()
