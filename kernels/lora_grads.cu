@@ -156,40 +156,23 @@ __device__ void grads(const bf16* __restrict__ dy, const bf16* __restrict__ b,
           }
         }
       }
-      // dB columns 16·warp.. of this column tile, over the tile's 128 rows: dYᵀ by ldmatrix.trans.
+    }
+    // Phase 1's dB = dYᵀ·S and phase 2's dAᵀ = xᵀ·dS are one product: the tile transposed
+    // (`ldmatrix.trans`) times the chunk's rows block; warp w owns the tile's columns 16w...
 #pragma unroll
-      for (int mk = 0; mk < kTile; mk += 32) {
-        uint32_t a0[4], a1[4];
-        ldmatrix_x4_trans(a0, tile + (mk + (lane & 7) + (lane >> 4) * 8) * kPitch + warp * 16 +
-                                  ((lane >> 3) & 1) * 8);
-        ldmatrix_x4_trans(a1, tile + (mk + 16 + (lane & 7) + (lane >> 4) * 8) * kPitch +
-                                  warp * 16 + ((lane >> 3) & 1) * 8);
+    for (int mk = 0; mk < kTile; mk += 32) {
+      uint32_t a0[4], a1[4];
+      ldmatrix_x4_trans(a0, tile + (mk + (lane & 7) + (lane >> 4) * 8) * kPitch + warp * 16 +
+                                ((lane >> 3) & 1) * 8);
+      ldmatrix_x4_trans(a1, tile + (mk + 16 + (lane & 7) + (lane >> 4) * 8) * kPitch +
+                                warp * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
-        for (int nt = 0; nt < kRT; ++nt) {
-          uint32_t bq[4];
-          frag_b2<kRT>(bq, rows_blk, rt * kTile + mk, nt);
-          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
-          mma_m16n8k16_bf16(acc[nt], a0, b0);
-          mma_m16n8k16_bf16(acc[nt], a1, b1);
-        }
-      }
-    } else {
-      // dAᵀ rows (x's columns) 16·warp.. of this column tile, over the tile's rows: xᵀ·dS.
-#pragma unroll
-      for (int mk = 0; mk < kTile; mk += 32) {
-        uint32_t a0[4], a1[4];
-        ldmatrix_x4_trans(a0, tile + (mk + (lane & 7) + (lane >> 4) * 8) * kPitch + warp * 16 +
-                                  ((lane >> 3) & 1) * 8);
-        ldmatrix_x4_trans(a1, tile + (mk + 16 + (lane & 7) + (lane >> 4) * 8) * kPitch +
-                                  warp * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-        for (int nt = 0; nt < kRT; ++nt) {
-          uint32_t bq[4];
-          frag_b2<kRT>(bq, rows_blk, rt * kTile + mk, nt);
-          const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
-          mma_m16n8k16_bf16(acc[nt], a0, b0);
-          mma_m16n8k16_bf16(acc[nt], a1, b1);
-        }
+      for (int nt = 0; nt < kRT; ++nt) {
+        uint32_t bq[4];
+        frag_b2<kRT>(bq, rows_blk, rt * kTile + mk, nt);
+        const uint32_t b0[2] = {bq[0], bq[1]}, b1[2] = {bq[2], bq[3]};
+        mma_m16n8k16_bf16(acc[nt], a0, b0);
+        mma_m16n8k16_bf16(acc[nt], a1, b1);
       }
     }
     __syncthreads();  // the stage is free for tile i + 2; S is free once phase 1 is done

@@ -688,10 +688,22 @@ fn predict(
         return Err(sd2::Error::Msg("predict: give image paths or --dir".into()));
     }
     let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
-    det.detect_files(&paths, 32, |p, pred| {
-        let line = serde_json::json!({"path": p.display().to_string(), "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs});
+    // One JSON line per input, a bad file's line holding its error; the exit status says
+    // whether any failed.
+    let failed = det.detect_files(&paths, 32, |p, pred| {
+        let line = match pred {
+            Ok(pred) => serde_json::json!({"path": p.display().to_string(), "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs}),
+            Err(e) => serde_json::json!({"path": p.display().to_string(), "error": e.to_string()}),
+        };
         println!("{line}");
-    })
+    })?;
+    if failed > 0 {
+        return Err(sd2::Error::Msg(format!(
+            "predict: {failed} of {} images could not be read (their lines hold the errors)",
+            paths.len()
+        )));
+    }
+    Ok(())
 }
 
 fn train(

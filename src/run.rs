@@ -565,6 +565,7 @@ pub fn train_with(
         .as_ref()
         .and_then(|r| r.best_val)
         .unwrap_or(f64::NEG_INFINITY);
+    let mut skipped_images = 0usize;
     let mut images_done = (start_epoch * train.len()).min(train.len() * cfg.epochs)
         + (start_k * micro * per_step).min(train.len());
     for epoch in 0..cfg.epochs {
@@ -581,7 +582,12 @@ pub fn train_with(
             .skip(skip * per_step)
             .map(|c| c.iter().map(|i| train[*i].clone()).collect())
             .collect();
-        let loader = Prefetcher::new(
+        let make = if cfg.skip_bad {
+            Prefetcher::skipping_bad
+        } else {
+            Prefetcher::new
+        };
+        let loader = make(
             batches,
             size,
             Transform::Augment {
@@ -596,15 +602,33 @@ pub fn train_with(
         for (k, step_items) in order.chunks(micro * per_step).enumerate().skip(skip) {
             let mut mbs = vec![];
             for _ in step_items.chunks(micro) {
-                let (items, pixel_values) = loader
-                    .next()
-                    .ok_or_else(|| Error::Msg("loader stopped early".into()))??;
+                let (items, pixel_values) = loader.next().ok_or_else(|| {
+                    Error::Msg(format!(
+                        "epoch {} step {}: the loader stopped early",
+                        epoch + 1,
+                        k + 1
+                    ))
+                })??;
+                if items.is_empty() {
+                    continue; // every image of this micro-batch was bad (skip_bad)
+                }
                 mbs.push(MicroBatch {
                     pixel_values,
                     labels: items.iter().map(|i| i.label).collect(),
                     face: items.iter().map(|i| i.face.clone()).collect(),
                     env: items.iter().map(|i| i.env.clone()).collect(),
                 });
+            }
+            for (it, why) in loader.take_bad() {
+                skipped_images += 1;
+                progress.line(&format!("skipped {} (skip_bad): {why}", it.rel_path));
+            }
+            if mbs.is_empty() {
+                return Err(Error::Msg(format!(
+                    "epoch {} step {}: every image of the step is bad",
+                    epoch + 1,
+                    k + 1
+                )));
             }
             let l = match trainer.step(&mbs) {
                 Ok(l) => l,
@@ -702,6 +726,11 @@ pub fn train_with(
             epoch + 1,
             metric,
             if best { " (best so far)" } else { "" }
+        ));
+    }
+    if skipped_images > 0 {
+        progress.line(&format!(
+            "{skipped_images} bad images were left out of training (skip_bad)"
         ));
     }
     drop(lock);

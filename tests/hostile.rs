@@ -7,12 +7,8 @@ use sd2::sd2::train::{MicroBatch, OnNonFinite, TrainConfig, Trainer};
 use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
 use sd2::{DType, Device, Error, Tensor};
 
-fn sd2(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+use common::sd2_cli as sd2;
 
 #[test]
 fn out_of_range_config_values_are_refused_naming_the_key() {
@@ -79,6 +75,16 @@ fn out_of_range_config_values_are_refused_naming_the_key() {
     ]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && err.contains("shortcut"), "{err}");
+    let r = sd2(&[
+        "bench",
+        "loader",
+        "--manifest",
+        "/nonexistent.jsonl",
+        "--size",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("size 0"), "{err}");
 }
 
 /// `--set train.lr=1e10` (no weight decay, so the config is in range): the run diverges, stops
@@ -614,4 +620,115 @@ fn hostile_images_are_refused_before_decoding() {
         .to_string();
     println!("{e}");
     assert!(e.contains("cut.png"), "{e}");
+}
+
+/// `sd2 predict --dir` over a folder with good, truncated and lying images: one JSON line per
+/// file in order — a bad file's line holds its error — every good file scored, and a non-zero
+/// exit saying how many failed.
+#[test]
+fn predict_reports_each_bad_image_and_scores_the_rest() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-predict-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let t = tiny_trainer_with(Device::Cpu, OnNonFinite::Stop, true);
+    t.save(&d.join("ck"), None).unwrap();
+    let imgs = d.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let png = encode(&noise_image(40, 30), image::ImageFormat::Png);
+    let jpg = encode(&noise_image(40, 30), image::ImageFormat::Jpeg);
+    std::fs::write(imgs.join("a_good.png"), &png).unwrap();
+    std::fs::write(imgs.join("b_cut.png"), &png[..png.len() / 2]).unwrap();
+    std::fs::write(imgs.join("c_good.jpg"), &jpg).unwrap();
+    std::fs::write(imgs.join("d_cut.jpg"), &jpg[..jpg.len() * 7 / 10]).unwrap();
+    std::fs::write(imgs.join("e_empty.png"), b"").unwrap();
+    std::fs::write(imgs.join("f_good.png"), &png).unwrap();
+    let r = sd2(&[
+        "predict",
+        "--checkpoint",
+        d.join("ck").to_str().unwrap(),
+        "--dir",
+        imgs.to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("{out}{err}");
+    assert!(!r.status.success(), "bad inputs, exit 0");
+    assert!(err.contains("3 of 6"), "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for (l, good) in lines.iter().zip([true, false, true, false, false, true]) {
+        let path = l["path"].as_str().unwrap();
+        if good {
+            assert!(l["fake_score"].as_f64().is_some_and(f64::is_finite), "{l}");
+        } else {
+            let e = l["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no error on {l}"));
+            assert!(e.contains(path), "{l}");
+        }
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// A truncated PNG in the training set (its header reads fine, so the up-front check passes):
+/// without `skip_bad` the run stops naming its manifest line; with it the image is left out,
+/// counted, and the run ends; `verify_images` finds it before training.
+#[test]
+fn a_truncated_training_image_is_skipped_or_named() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-trunc-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = sd2::data::synth::generate(&d.join("data"), 48, 64, 3).unwrap();
+    let victim = m
+        .items
+        .iter()
+        .find(|i| i.split == sd2::data::Split::Train)
+        .unwrap();
+    let bytes = std::fs::read(&victim.path).unwrap();
+    std::fs::write(&victim.path, &bytes[..bytes.len() / 2]).unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "train".to_string(),
+            "--preset".into(),
+            "tiny".into(),
+            "--set".into(),
+            format!("manifest={}", m.path.display()),
+            "--set".into(),
+            format!("out={}", d.join(out).display()),
+            "--set".into(),
+            "epochs=1".into(),
+            "--set".into(),
+            "train.micro_batch=8".into(),
+            "--set".into(),
+            "train.effective_batch=8".into(),
+        ];
+        for e in extra {
+            a.push("--set".into());
+            a.push(e.to_string());
+        }
+        sd2(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let r = run("strict", &[]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("strict: {err}");
+    assert!(
+        !r.status.success() && err.contains(&format!("manifest line {}", victim.line)),
+        "{err}"
+    );
+    let r = run("verify", &["verify_images=true"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("verify_images: {err}");
+    assert!(
+        !r.status.success() && err.contains(&victim.rel_path),
+        "{err}"
+    );
+    let r = run("lenient", &["skip_bad=true"]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        out.contains(&format!("skipped {}", victim.rel_path)) && out.contains("1 bad images"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&d).ok();
 }

@@ -18,6 +18,11 @@ pub struct LoaderTiming {
 
 /// Times up to `limit` images of `manifest` at `size` px in batches of `batch`.
 pub fn run(manifest: &Path, size: usize, batch: usize, limit: usize) -> Result<Vec<LoaderTiming>> {
+    if !(1..=4096).contains(&size) || batch == 0 {
+        return Err(crate::Error::Msg(format!(
+            "bench loader: size {size} must be in 1..=4096 and batch {batch} ≥ 1"
+        )));
+    }
     let m = Manifest::load(manifest, Default::default())?;
     let items: Vec<Item> = m.items.iter().take(limit).cloned().collect();
     if items.is_empty() {

@@ -29,26 +29,51 @@ pub enum Transform {
     Perturb(Perturb),
 }
 
+/// One item's normalized pixels; an error names its manifest line.
+fn load_one(it: &Item, size: usize, t: &Transform) -> Result<Vec<f32>> {
+    let line = |e: Error| Error::Msg(format!("manifest line {}: {e}", it.line));
+    let mut img = decode_image(&it.path).map_err(line)?;
+    match t {
+        Transform::None => {}
+        Transform::Augment { cfg, seed, epoch } => {
+            let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
+            augment::augment(&mut img, cfg, &mut r).map_err(line)?;
+        }
+        Transform::Perturb(p) => p.apply(&mut img).map_err(line)?,
+    }
+    Ok(preprocess(&img, size))
+}
+
 /// Normalized pixels [N·3·size·size] (host memory) for `items`. A decode failure names the
 /// manifest line.
 pub fn load_host(items: &[Item], size: usize, t: &Transform) -> Result<Vec<f32>> {
     let parts: Vec<Vec<f32>> = items
         .par_iter()
-        .map(|it| {
-            let line = |e: Error| Error::Msg(format!("manifest line {}: {e}", it.line));
-            let mut img = decode_image(&it.path).map_err(line)?;
-            match t {
-                Transform::None => {}
-                Transform::Augment { cfg, seed, epoch } => {
-                    let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
-                    augment::augment(&mut img, cfg, &mut r).map_err(line)?;
-                }
-                Transform::Perturb(p) => p.apply(&mut img).map_err(line)?,
-            }
-            Ok(preprocess(&img, size))
-        })
+        .map(|it| load_one(it, size, t))
         .collect::<Result<_>>()?;
     Ok(parts.into_iter().flatten().collect())
+}
+
+/// As `load_host`, but an item that fails (unreadable, undecodable, truncated) is left out of
+/// the batch and reported with its error instead of failing it: (the items kept, their pixels,
+/// the items left out with why).
+pub fn load_host_skipping_bad(
+    items: &[Item],
+    size: usize,
+    t: &Transform,
+) -> (Vec<Item>, Vec<f32>, Vec<(Item, String)>) {
+    let parts: Vec<Result<Vec<f32>>> = items.par_iter().map(|it| load_one(it, size, t)).collect();
+    let (mut kept, mut pixels, mut bad) = (vec![], vec![], vec![]);
+    for (it, r) in items.iter().zip(parts) {
+        match r {
+            Ok(px) => {
+                kept.push(it.clone());
+                pixels.extend(px);
+            }
+            Err(e) => bad.push((it.clone(), e.to_string())),
+        }
+    }
+    (kept, pixels, bad)
 }
 
 /// The pixels as a host tensor of `dtype` (bf16 rounded in parallel).
@@ -67,6 +92,8 @@ fn host_tensor(flat: Vec<f32>, n: usize, size: usize, dtype: DType) -> Result<Te
 pub struct Loaded {
     pub items: Vec<Item>,
     pub pixels: Vec<f32>,
+    /// Items left out of the batch (a prefetcher made `skipping_bad`), with why.
+    pub bad: Vec<(Item, String)>,
 }
 
 impl Loaded {
@@ -98,6 +125,8 @@ pub struct DeviceBatches {
     loader: Prefetcher,
     /// Batches in order; a failure takes its batch's place and ends the filling.
     staged: VecDeque<Result<(Vec<Item>, Upload)>>,
+    /// Items the prefetcher left out (`Prefetcher::skipping_bad`), until `take_bad`.
+    bad: Vec<(Item, String)>,
     failed: bool,
     ahead: usize,
     size: usize,
@@ -116,6 +145,7 @@ impl DeviceBatches {
         DeviceBatches {
             loader,
             staged: VecDeque::new(),
+            bad: vec![],
             failed: false,
             ahead: ahead.max(1),
             size,
@@ -124,12 +154,22 @@ impl DeviceBatches {
         }
     }
 
+    /// The items left out of the batches staged so far, with why (each returned once).
+    pub fn take_bad(&mut self) -> Vec<(Item, String)> {
+        std::mem::take(&mut self.bad)
+    }
+
     /// Stages batches until the one to hand out and `ahead` more are queued (fewer at the end,
     /// none after a failure).
     fn fill(&mut self) {
         while !self.failed && self.staged.len() <= self.ahead {
             let Some(l) = self.loader.next() else { break };
-            let r = l.and_then(|l| l.upload(self.size, self.dtype, self.device));
+            let (size, dtype, device) = (self.size, self.dtype, self.device);
+            let bad = &mut self.bad;
+            let r = l.and_then(|mut l| {
+                bad.append(&mut l.bad);
+                l.upload(size, dtype, device)
+            });
             self.failed = r.is_err();
             self.staged.push_back(r);
         }
@@ -157,11 +197,41 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
+    /// A bad image fails its batch (and ends the stream).
     pub fn new(batches: Vec<Vec<Item>>, size: usize, t: Transform, depth: usize) -> Prefetcher {
+        Prefetcher::start(batches, size, t, depth, false)
+    }
+
+    /// A bad image is left out of its batch and listed in `Loaded::bad`.
+    pub fn skipping_bad(
+        batches: Vec<Vec<Item>>,
+        size: usize,
+        t: Transform,
+        depth: usize,
+    ) -> Prefetcher {
+        Prefetcher::start(batches, size, t, depth, true)
+    }
+
+    fn start(
+        batches: Vec<Vec<Item>>,
+        size: usize,
+        t: Transform,
+        depth: usize,
+        skip_bad: bool,
+    ) -> Prefetcher {
         let (tx, rx) = sync_channel(depth.max(1));
         let handle = std::thread::spawn(move || {
             for items in batches {
-                let r = load_host(&items, size, &t).map(|pixels| Loaded { items, pixels });
+                let r = if skip_bad {
+                    let (items, pixels, bad) = load_host_skipping_bad(&items, size, &t);
+                    Ok(Loaded { items, pixels, bad })
+                } else {
+                    load_host(&items, size, &t).map(|pixels| Loaded {
+                        items,
+                        pixels,
+                        bad: vec![],
+                    })
+                };
                 let failed = r.is_err();
                 // A closed channel means the consumer is gone: stop quietly.
                 if tx.send(r).is_err() || failed {
@@ -179,7 +249,23 @@ impl Prefetcher {
 impl Iterator for Prefetcher {
     type Item = Result<Loaded>;
     fn next(&mut self) -> Option<Result<Loaded>> {
-        self.rx.as_ref()?.recv().ok()
+        match self.rx.as_ref()?.recv() {
+            Ok(r) => Some(r),
+            // The producer is done — or died: a panic is an error, not a short stream.
+            Err(_) => match self.handle.take().map(|h| h.join()) {
+                Some(Err(p)) => {
+                    let why = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Some(Err(Error::Msg(format!(
+                        "the image loader thread panicked: {why}"
+                    ))))
+                }
+                _ => None,
+            },
+        }
     }
 }
 

@@ -171,24 +171,56 @@ impl Detector {
         self.detect_pixels(&px)
     }
 
-    /// Predictions for image files, decoded and scored `chunk` at a time; `each` gets every
-    /// path with its prediction in order (a caller can stream them). A file that fails to
-    /// decode is an error naming it.
+    /// Predictions for image files, scored `chunk` at a time; `each` gets every path in order
+    /// with its prediction, or with the error that names it when the file cannot be read or
+    /// decoded (the others are scored all the same). Each image is preprocessed as soon as it
+    /// is decoded, so memory holds one decoded image and a chunk of model inputs. Returns how
+    /// many files failed.
     pub fn detect_files(
         &self,
         paths: &[std::path::PathBuf],
         chunk: usize,
-        mut each: impl FnMut(&Path, Prediction),
-    ) -> Result<()> {
+        mut each: impl FnMut(&Path, Result<Prediction>),
+    ) -> Result<usize> {
+        use crate::clip::preprocess::{decode_image, preprocess};
+        let size = self.model.clip.config.vision_config.image_size;
+        let mut failed = 0;
         for group in paths.chunks(chunk.max(1)) {
-            let imgs = group
-                .iter()
-                .map(|p| crate::clip::preprocess::decode_image(p))
-                .collect::<Result<Vec<_>>>()?;
-            for (p, pred) in group.iter().zip(self.detect(&imgs)?) {
-                each(p, pred);
+            let mut pixels = Vec::with_capacity(group.len() * 3 * size * size);
+            let mut errors: Vec<Option<Error>> = Vec::with_capacity(group.len());
+            for p in group {
+                match decode_image(p) {
+                    Ok(img) => {
+                        pixels.extend(preprocess(&img, size));
+                        errors.push(None);
+                    }
+                    Err(e) => errors.push(Some(e)),
+                }
+            }
+            let good = errors.iter().filter(|e| e.is_none()).count();
+            let mut preds = if good > 0 {
+                let px = Tensor::from_vec(pixels, (good, 3, size, size), Device::Cpu)?
+                    .to_dtype(self.model.dtype())?
+                    .to_device(self.model.clip.logit_scale.device())?;
+                self.detect_pixels(&px)?.into_iter()
+            } else {
+                Vec::new().into_iter()
+            };
+            for (p, e) in group.iter().zip(errors) {
+                match e {
+                    Some(e) => {
+                        failed += 1;
+                        each(p, Err(e));
+                    }
+                    None => {
+                        let pred = preds.next().ok_or_else(|| {
+                            Error::Msg("detect_files: fewer predictions than images".into())
+                        })?;
+                        each(p, Ok(pred));
+                    }
+                }
             }
         }
-        Ok(())
+        Ok(failed)
     }
 }

@@ -180,3 +180,11 @@ macro_rules! backend_tests {
         }
     };
 }
+
+/// Runs the `sd2` binary with `args`, capturing its output.
+pub fn sd2_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+        .args(args)
+        .output()
+        .expect("run the sd2 binary")
+}
