@@ -221,6 +221,19 @@ fn a_poisoned_batch_skips_the_update_or_stops_naming_the_step() {
             "[{device}] the step after a skip did nothing"
         );
 
+        // Skips in a row stop the run at train.max_skips_in_a_row.
+        t.cfg.max_skips_in_a_row = 2;
+        assert!(t.step(&batch(device, true)).unwrap().skipped);
+        match t.step(&batch(device, true)) {
+            Err(e @ Error::NonFinite { .. }) => {
+                assert!(e.to_string().contains("2 steps in a row"), "{e}")
+            }
+            other => panic!(
+                "[{device}] a second skip in a row went on: {:?}",
+                other.map(|l| l.to_json())
+            ),
+        }
+
         let mut t = tiny_trainer(device, OnNonFinite::Stop);
         t.step(&batch(device, false)).unwrap();
         let before = weights(&t);
@@ -731,4 +744,24 @@ fn a_truncated_training_image_is_skipped_or_named() {
         "{out}"
     );
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// Decodes share one memory budget: eight threads decoding 3000×3000 images at once (8 × 144 MB
+/// of decode share, over the 1 GiB budget) wait their turn, and every one decodes correctly.
+#[test]
+fn concurrent_decodes_share_the_budget_without_deadlock() {
+    use sd2::clip::preprocess::decode_image_bytes;
+    let png = encode(&noise_image(3000, 3000), image::ImageFormat::Png);
+    let want = decode_image_bytes(&png, "big.png").unwrap();
+    let t = std::time::Instant::now();
+    let png = &png;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| s.spawn(move || decode_image_bytes(png, &format!("big{i}.png")).unwrap()))
+            .collect();
+        for h in handles {
+            assert!(h.join().unwrap() == want);
+        }
+    });
+    println!("8 concurrent 3000x3000 decodes: {:?}", t.elapsed());
 }

@@ -73,6 +73,44 @@ impl RgbImage {
     }
 }
 
+/// Bytes that image decodes may hold at once across all threads: a decode waits until its
+/// share (16 bytes per pixel, from the header) fits, so a folder of large images costs this
+/// much at most, however many threads decode it.
+pub const DECODE_BUDGET: u64 = 1 << 30;
+
+struct Budget {
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+static BUDGET: Budget = Budget {
+    used: std::sync::Mutex::new(0),
+    freed: std::sync::Condvar::new(),
+};
+
+/// A share of `DECODE_BUDGET`, given back when dropped.
+struct Share(u64);
+
+impl Share {
+    fn take(bytes: u64) -> Share {
+        let bytes = bytes.min(DECODE_BUDGET);
+        let mut used = BUDGET.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used + bytes > DECODE_BUDGET {
+            used = BUDGET.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += bytes;
+        Share(bytes)
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut used = BUDGET.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(self.0);
+        BUDGET.freed.notify_all();
+    }
+}
+
 /// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded), refusing images over the size
 /// limits (`check_size`, from the header, before decoding) and truncated JPEGs; a truncated
 /// PNG or WebP fails in its decoder. Every error names `what`.
@@ -95,9 +133,12 @@ pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
-    // The decoded image (up to 16 bytes per pixel) and the decoder's buffers, bounded.
-    limits.max_alloc = Some((w as u64 * h as u64 * 16).max(64 << 20));
+    // The decoded image (up to 16 bytes per pixel) and the decoder's buffers, bounded, and
+    // counted against the process's decode budget while they live.
+    let cost = (w as u64 * h as u64 * 16).max(64 << 20);
+    limits.max_alloc = Some(cost);
     reader.limits(limits);
+    let _share = Share::take(cost);
     let img = reader
         .decode()
         .map_err(|e| Error::Msg(format!("{what}: cannot decode image: {e}")))?;

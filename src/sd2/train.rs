@@ -44,6 +44,9 @@ pub struct TrainConfig {
     /// whenever the norm is not finite): `stop` (the default) fails naming the step and the
     /// terms; `skip` goes on and counts it (`Trainer::skipped_steps`, `skipped` in the log).
     pub on_nonfinite: OnNonFinite,
+    /// Under `on_nonfinite = "skip"`, this many skipped steps in a row stop the run (a model
+    /// that no longer trains): 0 never stops.
+    pub max_skips_in_a_row: usize,
 }
 
 /// `TrainConfig::on_nonfinite`.
@@ -74,6 +77,7 @@ impl Default for TrainConfig {
             sample_type_texts: true,
             recompute: false,
             on_nonfinite: OnNonFinite::Stop,
+            max_skips_in_a_row: 20,
         }
     }
 }
@@ -195,6 +199,8 @@ pub struct Trainer {
     step: u64,
     /// Steps met with a non-finite loss or norm under `on_nonfinite = "skip"`.
     skipped: u64,
+    /// Of those, how many in a row up to the last step.
+    skipped_in_a_row: u64,
     /// (texts, tokens per text) of each text-tower pass of the last step (the class phrases,
     /// then each micro-batch's descriptions): for the launch plan's traffic floor.
     text_passes: std::sync::Mutex<Vec<(usize, usize)>>,
@@ -246,6 +252,7 @@ impl Trainer {
             type_texts,
             step: 0,
             skipped: 0,
+            skipped_in_a_row: 0,
             text_passes: Default::default(),
         }
     }
@@ -573,9 +580,23 @@ impl Trainer {
                 }
                 OnNonFinite::Skip => {
                     self.skipped += 1;
+                    self.skipped_in_a_row += 1;
                     log.skipped = true;
+                    let limit = self.cfg.max_skips_in_a_row as u64;
+                    if limit > 0 && self.skipped_in_a_row >= limit {
+                        return Err(Error::NonFinite {
+                            context: format!(
+                                "training step {}: {} steps in a row skipped \
+                                 (train.max_skips_in_a_row), the model no longer trains",
+                                self.step, self.skipped_in_a_row
+                            ),
+                            what: bad.join(", "),
+                        });
+                    }
                 }
             }
+        } else {
+            self.skipped_in_a_row = 0;
         }
         self.step += 1;
         Ok(log)
