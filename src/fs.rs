@@ -23,6 +23,20 @@ pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     })
 }
 
+/// Removes the temporaries `write_atomic(path, …)` calls killed before their rename left
+/// beside `path` (any process's).
+pub fn remove_atomic_leftovers(path: &Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) else {
+        return;
+    };
+    let prefix = format!("{}.tmp", stem.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) && e.path().is_file() {
+            std::fs::remove_file(e.path()).ok();
+        }
+    }
+}
+
 /// The lines of a UTF-8 text file (a texts file, a list of paths).
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;

@@ -336,23 +336,17 @@ pub fn train_with(
         )));
     }
     // Temporaries a killed run left beside its log and config.
-    for e in std::fs::read_dir(&cfg.out).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if (name.starts_with("train_log.tmp") || name.starts_with("config.tmp"))
-            && e.path().is_file()
-        {
-            std::fs::remove_file(e.path()).ok();
-        }
+    for f in ["train_log.jsonl", "config.toml"] {
+        crate::fs::remove_atomic_leftovers(&cfg.out.join(f));
     }
     let ckpts = crate::sd2::checkpoint::Checkpoints::new(cfg.out.join("checkpoints"));
     let resume_from = match start {
         Start::Resume => ckpts.last(),
         Start::Overwrite => {
-            for p in [cfg.out.join("checkpoints")] {
-                if p.exists() {
-                    std::fs::remove_dir_all(&p)
-                        .map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
-                }
+            let ck = cfg.out.join("checkpoints");
+            if ck.exists() {
+                std::fs::remove_dir_all(&ck)
+                    .map_err(|e| Error::Msg(format!("{}: {e}", ck.display())))?;
             }
             for p in [cfg.out.join("train_log.jsonl"), cfg.out.join("config.toml")] {
                 std::fs::remove_file(&p).ok();

@@ -967,11 +967,8 @@ fn lora_grads_timing(
         sum(&da_part, &da, chunks, r * k)
     };
     // The split kernels, as the CUDA storage runs them for other shapes.
-    let tiles = n.div_ceil(256);
-    let rows_per_chunk = m.div_ceil(128).max(64);
-    let dchunks = m.div_ceil(rows_per_chunk);
-    let da_rows = m.div_ceil(m.div_ceil(512).clamp(1, 64));
-    let da_chunks = m.div_ceil(da_rows);
+    let (tiles, rows_per_chunk, dchunks) = kn::lora_dsdb_chunks(m, n);
+    let (da_rows, da_chunks) = kn::lora_da_chunks(m);
     let ds_part = gpu.alloc(4 * tiles * m * r)?;
     let db_part2 = gpu.alloc(4 * dchunks * n * r)?;
     let da_part2 = gpu.alloc(4 * da_chunks * r * k)?;

@@ -127,6 +127,20 @@ pub fn dims(kernel: &'static str, param: &'static str, v: &[usize]) -> Result<[u
 /// The largest LoRA rank `LoraDown`/`LoraUpAdd` take (`lr::kMaxRank`).
 pub const LORA_LOWRANK_MAX_RANK: usize = 32;
 
+/// `lora_dsdb_part`'s split of dY [m, n]: (256-column tiles, rows per chunk, chunks) — about
+/// 128 chunks of ≥ 64 rows, so both partial buffers stay a few MB.
+pub fn lora_dsdb_chunks(m: usize, n: usize) -> (usize, usize, usize) {
+    let rows_per_chunk = m.div_ceil(128).max(64);
+    (n.div_ceil(256), rows_per_chunk, m.div_ceil(rows_per_chunk))
+}
+
+/// `lora_da_part`'s split of x's m rows: (rows per chunk, chunks) — enough chunks of ≥ 512
+/// rows to fill a GPU with 32-column tiles, at most 64.
+pub fn lora_da_chunks(m: usize) -> (usize, usize) {
+    let rows_per_chunk = m.div_ceil(m.div_ceil(512).clamp(1, 64)).max(1);
+    (rows_per_chunk, m.div_ceil(rows_per_chunk))
+}
+
 /// Rows per block of `lora_grads` (`kRows` in kernels/lora_grads.cu): one dB and one dA
 /// partial per chunk of this many rows.
 pub const LORA_GRADS_ROWS: usize = 256;

@@ -142,10 +142,6 @@ pub fn lora_choices() -> Vec<(usize, String, &'static str)> {
     v
 }
 
-fn aligned(s: &CudaStorage) -> bool {
-    s.buf.addr().is_multiple_of(16)
-}
-
 impl CudaStorage {
     /// The fused candidates for a shape, fastest-expected first.
     fn lora_candidates(&self, key: &LoraKey, operands: &[&CudaStorage]) -> Vec<LoraPath> {
@@ -159,7 +155,7 @@ impl CudaStorage {
         };
         let v3 = self.runner.has_hopper()
             && hopper::supports(depth, r)
-            && operands.iter().all(|s| aligned(s));
+            && operands.iter().all(|s| s.is_aligned(16));
         if v3 && key.forward {
             c.push(LoraPath::V3);
         }

@@ -801,10 +801,7 @@ fn lora_da(
     if m == 0 || r * k == 0 {
         return x.zeros_like(r * k, x.dtype);
     }
-    // Enough row chunks to fill a GPU with column tiles of 32 (≥ 512 rows each).
-    let chunks = m.div_ceil(512).clamp(1, 64);
-    let rows_per_chunk = m.div_ceil(chunks);
-    let chunks = m.div_ceil(rows_per_chunk);
+    let (rows_per_chunk, chunks) = kn::lora_da_chunks(m);
     let part = x.empty(chunks * r * k, DType::F32)?;
     let name = format!("lora_da_part_{}", x.sfx("lora_linear_bwd")?);
     crate::profile::set_work(
@@ -926,10 +923,7 @@ fn lora_ds_db(
             dy.zeros_like(n * r, dy.dtype)?,
         ));
     }
-    // 256-column tiles × row chunks: ~128 chunks keep both partial buffers a few MB.
-    let tiles = n.div_ceil(256);
-    let rows_per_chunk = m.div_ceil(128).max(64);
-    let chunks = m.div_ceil(rows_per_chunk);
+    let (tiles, rows_per_chunk, chunks) = kn::lora_dsdb_chunks(m, n);
     let ds_part = dy.empty(tiles * m * r, DType::F32)?;
     let db_part = dy.empty(chunks * n * r, DType::F32)?;
     let name = format!("lora_dsdb_part_{}", dy.sfx("lora_linear_bwd")?);
