@@ -631,12 +631,23 @@ fn synth(
 
 fn eval(r: sd2::eval::evaluate::EvalRequest) -> sd2::Result<()> {
     let rep = sd2::eval::evaluate::run(&r)?;
+    // Each error names its manifest line and file.
+    for u in &rep.unreadable {
+        eprintln!("{}", u.error);
+    }
     print!("{}", sd2::eval::report::table(&rep));
     println!(
         "wrote {} and {}",
         r.out.join("metrics.json").display(),
         r.out.join("predictions.jsonl").display()
     );
+    if !rep.unreadable.is_empty() {
+        return Err(sd2::Error::Msg(format!(
+            "eval: {} images could not be read and are left out of the numbers (listed above \
+             and in metrics.json)",
+            rep.unreadable.len()
+        )));
+    }
     Ok(())
 }
 

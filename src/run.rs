@@ -560,6 +560,8 @@ pub fn train_with(
         .and_then(|r| r.best_val)
         .unwrap_or(f64::NEG_INFINITY);
     let mut skipped_images = 0usize;
+    // Bad validation images, each reported once (the same ones fail every epoch).
+    let mut val_bad = std::collections::BTreeSet::new();
     let mut images_done = (start_epoch * train.len()).min(train.len() * cfg.epochs)
         + (start_k * micro * per_step).min(train.len());
     for epoch in 0..cfg.epochs {
@@ -683,18 +685,23 @@ pub fn train_with(
             f64::NAN
         } else {
             let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
-            report::report(
-                &crate::eval::predict::predict_items(
-                    &trainer.model,
-                    &class_u,
-                    &val,
-                    128,
-                    &Transform::None,
-                )?,
-                &[],
-            )
-            .overall
-            .auc
+            let (m, t, none) = (&trainer.model, &class_u, &Transform::None);
+            let preds = if cfg.skip_bad {
+                let (preds, bad) =
+                    crate::eval::predict::predict_items_skipping_bad(m, t, &val, 128, none)?;
+                for b in bad {
+                    if val_bad.insert(b.path.clone()) {
+                        progress.line(&format!(
+                            "skipped {} in validation (skip_bad): {}",
+                            b.path, b.error
+                        ));
+                    }
+                }
+                preds
+            } else {
+                crate::eval::predict::predict_items(m, t, &val, 128, none)?
+            };
+            report::report(&preds, &[]).overall.auc
         };
         // Without a val split every epoch counts as the best (the last one wins).
         let m = if metric.is_nan() {
@@ -725,6 +732,12 @@ pub fn train_with(
     if skipped_images > 0 {
         progress.line(&format!(
             "{skipped_images} bad images were left out of training (skip_bad)"
+        ));
+    }
+    if !val_bad.is_empty() {
+        progress.line(&format!(
+            "{} bad images were left out of validation (skip_bad)",
+            val_bad.len()
         ));
     }
     drop(lock);

@@ -685,9 +685,69 @@ fn predict_reports_each_bad_image_and_scores_the_rest() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `sd2 eval` over a split holding truncated images: each one gets its own error line, the
+/// others are scored (metrics.json counts them and lists the bad ones), and the exit status
+/// says some failed.
+#[test]
+fn eval_reports_each_bad_image_and_scores_the_rest() {
+    let d = std::env::temp_dir().join(format!("sd2-hostile-eval-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = sd2::data::synth::generate(&d.join("data"), 48, 64, 5).unwrap();
+    let t = tiny_trainer_with(Device::Cpu, OnNonFinite::Stop, true);
+    t.save(&d.join("ck"), None).unwrap();
+    let of = |s| m.items.iter().filter(move |i| i.split == s);
+    let tests: Vec<_> = of(sd2::data::Split::Test).collect();
+    let mut victims: Vec<_> = tests.iter().take(2).copied().collect();
+    victims.extend(of(sd2::data::Split::Val).take(1));
+    for v in &victims {
+        let bytes = std::fs::read(&v.path).unwrap();
+        std::fs::write(&v.path, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let r = sd2(&[
+        "eval",
+        "--checkpoint",
+        d.join("ck").to_str().unwrap(),
+        "--manifest",
+        m.path.to_str().unwrap(),
+        "--out",
+        d.join("out").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("{}{err}", String::from_utf8_lossy(&r.stdout));
+    assert!(!r.status.success(), "bad inputs, exit 0");
+    assert!(err.contains("3 images could not be read"), "{err}");
+    for v in &victims {
+        let name = format!("manifest line {}: ", v.line);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&name))
+            .unwrap_or_else(|| panic!("no line for {}", v.rel_path));
+        assert!(line.contains(&v.rel_path), "{line}");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("out/metrics.json")).unwrap()).unwrap();
+    assert_eq!(
+        metrics["overall"]["n"].as_u64(),
+        Some(tests.len() as u64 - 2),
+        "{metrics}"
+    );
+    let listed: Vec<&str> = metrics["unreadable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["path"].as_str().unwrap())
+        .collect();
+    let want: Vec<&str> = victims.iter().map(|v| v.rel_path.as_str()).collect();
+    assert_eq!(listed, want);
+    let preds = std::fs::read_to_string(d.join("out/predictions.jsonl")).unwrap();
+    assert_eq!(preds.lines().count(), tests.len() - 2);
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// A truncated PNG in the training set (its header reads fine, so the up-front check passes):
 /// without `skip_bad` the run stops naming its manifest line; with it the image is left out,
-/// counted, and the run ends; `verify_images` finds it before training.
+/// counted, and the run ends (a truncated validation image likewise); `verify_images` finds it
+/// before training.
 #[test]
 fn a_truncated_training_image_is_skipped_or_named() {
     let d = std::env::temp_dir().join(format!("sd2-hostile-trunc-{}", std::process::id()));
@@ -698,8 +758,15 @@ fn a_truncated_training_image_is_skipped_or_named() {
         .iter()
         .find(|i| i.split == sd2::data::Split::Train)
         .unwrap();
-    let bytes = std::fs::read(&victim.path).unwrap();
-    std::fs::write(&victim.path, &bytes[..bytes.len() / 2]).unwrap();
+    let val_victim = m
+        .items
+        .iter()
+        .find(|i| i.split == sd2::data::Split::Val)
+        .unwrap();
+    for v in [victim, val_victim] {
+        let bytes = std::fs::read(&v.path).unwrap();
+        std::fs::write(&v.path, &bytes[..bytes.len() / 2]).unwrap();
+    }
     let run = |out: &str, extra: &[&str]| {
         let mut a = vec![
             "train".to_string(),
@@ -740,7 +807,13 @@ fn a_truncated_training_image_is_skipped_or_named() {
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(
-        out.contains(&format!("skipped {}", victim.rel_path)) && out.contains("1 bad images"),
+        out.contains(&format!("skipped {}", victim.rel_path))
+            && out.contains("1 bad images were left out of training"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("skipped {} in validation", val_victim.rel_path))
+            && out.contains("1 bad images were left out of validation"),
         "{out}"
     );
     std::fs::remove_dir_all(&d).ok();

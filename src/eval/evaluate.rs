@@ -27,7 +27,8 @@ pub struct EvalRequest {
     pub perturb: Vec<Perturb>,
 }
 
-/// Scores `r.split`, writes the report under `r.out` and returns it.
+/// Scores `r.split`, writes the report under `r.out` and returns it. An image that cannot be
+/// read is left out of the numbers and listed in `Report::unreadable` (and in metrics.json).
 pub fn run(r: &EvalRequest) -> Result<report::Report> {
     r.device.check_available()?;
     let m = Manifest::load(
@@ -50,26 +51,33 @@ pub fn run(r: &EvalRequest) -> Result<report::Report> {
             r.split
         )));
     }
-    let preds = predict::predict_items(&det.model, &class_u, &items, 64, &Transform::None)?;
+    // A bad image is listed (and the exit status says so) rather than ending the evaluation.
+    let score = |items: &[&crate::data::Item], t: &Transform| {
+        predict::predict_items_skipping_bad(&det.model, &class_u, items, 64, t)
+    };
+    let (preds, mut unreadable) = score(&items, &Transform::None)?;
     let val = if r.split == Split::Test {
-        predict::predict_items(
-            &det.model,
-            &class_u,
-            &m.split(Split::Val),
-            64,
-            &Transform::None,
-        )?
+        let (val, bad) = score(&m.split(Split::Val), &Transform::None)?;
+        unreadable.extend(bad);
+        val
     } else {
         vec![]
     };
     let mut rep = report::report(&preds, &val);
     for p in &r.perturb {
-        let pp = predict::predict_items(&det.model, &class_u, &items, 64, &Transform::Perturb(*p))?;
+        let (pp, bad) = score(&items, &Transform::Perturb(*p))?;
+        // An image that decodes cleanly but fails under a perturbation is still listed.
+        for b in bad {
+            if !unreadable.iter().any(|u| u.path == b.path) {
+                unreadable.push(b);
+            }
+        }
         rep.perturb.push(report::PerturbResult::from_report(
             p.name(),
             &report::report(&pp, &val),
         ));
     }
+    rep.unreadable = unreadable;
     report::write(&r.out, &rep, &preds)?;
     Ok(rep)
 }

@@ -31,16 +31,36 @@ impl Pred {
     }
 }
 
+/// An image that could not be scored (unreadable, undecodable, truncated, too large), with why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unreadable {
+    pub path: String,
+    pub error: String,
+}
+
 /// `items` decoded batch by batch (through `transform`) on the prefetch thread, in order, and
-/// on the model's device (the next batch copying while this one computes).
-fn batches(model: &Sd2Model, items: &[&Item], batch: usize, transform: Transform) -> DeviceBatches {
+/// on the model's device (the next batch copying while this one computes). With `skip_bad` an
+/// image that fails is left out of its batch (`DeviceBatches::take_bad`) instead of ending the
+/// stream.
+fn batches(
+    model: &Sd2Model,
+    items: &[&Item],
+    batch: usize,
+    transform: Transform,
+    skip_bad: bool,
+) -> DeviceBatches {
     let size = model.clip.config.vision_config.image_size;
     let batches: Vec<Vec<Item>> = items
         .chunks(batch.max(1))
         .map(|c| c.iter().map(|i| (*i).clone()).collect())
         .collect();
+    let loader = if skip_bad {
+        Prefetcher::skipping_bad(batches, size, transform, 2)
+    } else {
+        Prefetcher::new(batches, size, transform, 2)
+    };
     DeviceBatches::new(
-        Prefetcher::new(batches, size, transform, 2),
+        loader,
         1,
         size,
         model.dtype(),
@@ -49,7 +69,8 @@ fn batches(model: &Sd2Model, items: &[&Item], batch: usize, transform: Transform
 }
 
 /// Predictions for `items` (in order) against class embeddings `class_u`, each image first
-/// passed through `transform` (`Transform::Perturb` for degraded evaluation).
+/// passed through `transform` (`Transform::Perturb` for degraded evaluation). The first image
+/// that cannot be read fails the call, naming its manifest line.
 pub fn predict_items(
     model: &Sd2Model,
     class_u: &Tensor,
@@ -57,9 +78,45 @@ pub fn predict_items(
     batch: usize,
     transform: &Transform,
 ) -> Result<Vec<Pred>> {
-    let mut out = Vec::with_capacity(items.len());
-    for loaded in batches(model, items, batch, transform.clone()) {
-        let (chunk, px) = loaded?;
+    predict_loaded(
+        model,
+        class_u,
+        batches(model, items, batch, transform.clone(), false),
+    )
+    .map(|(preds, _)| preds)
+}
+
+/// As `predict_items`, but an image that cannot be read is left out and listed with its
+/// error, the others scored: (predictions in order, the unreadable images in order).
+pub fn predict_items_skipping_bad(
+    model: &Sd2Model,
+    class_u: &Tensor,
+    items: &[&Item],
+    batch: usize,
+    transform: &Transform,
+) -> Result<(Vec<Pred>, Vec<Unreadable>)> {
+    predict_loaded(
+        model,
+        class_u,
+        batches(model, items, batch, transform.clone(), true),
+    )
+}
+
+fn predict_loaded(
+    model: &Sd2Model,
+    class_u: &Tensor,
+    mut loaded: DeviceBatches,
+) -> Result<(Vec<Pred>, Vec<Unreadable>)> {
+    let (mut out, mut bad) = (vec![], vec![]);
+    while let Some(next) = loaded.next() {
+        let (chunk, px) = next?;
+        bad.extend(loaded.take_bad().into_iter().map(|(it, error)| Unreadable {
+            path: it.rel_path,
+            error,
+        }));
+        if chunk.is_empty() {
+            continue;
+        }
         for (it, p) in chunk.iter().zip(predict_pixels(model, class_u, &px)?) {
             out.push(Pred {
                 path: it.rel_path.clone(),
@@ -71,14 +128,18 @@ pub fn predict_items(
             });
         }
     }
-    Ok(out)
+    bad.extend(loaded.take_bad().into_iter().map(|(it, error)| Unreadable {
+        path: it.rel_path,
+        error,
+    }));
+    Ok((out, bad))
 }
 
 /// L2-normalized SD2 image features (the vector compared with the class texts) of `items`.
 pub fn features_items(model: &Sd2Model, items: &[&Item], batch: usize) -> Result<Vec<Vec<f64>>> {
     let _g = crate::no_grad();
     let mut out = Vec::with_capacity(items.len());
-    for loaded in batches(model, items, batch, Transform::None) {
+    for loaded in batches(model, items, batch, Transform::None, false) {
         let (chunk, px) = loaded?;
         let f = model
             .image_features(&px, crate::clip::model::Fwd::default())?

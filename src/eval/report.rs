@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::metrics::*;
-use super::predict::Pred;
+use super::predict::{Pred, Unreadable};
 use crate::fs::write_atomic;
 use crate::sd2::type_texts::CLASSES;
 use crate::{Error, Result};
@@ -38,6 +38,10 @@ pub struct Report {
     /// `sd2 eval --perturb`: the same test set under each degradation, in the order given.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub perturb: Vec<PerturbResult>,
+    /// Images that could not be read (of the evaluated split and of the validation split the
+    /// threshold comes from), each once: the numbers above leave them out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// The headline numbers under one degradation (the threshold is still the clean validation one).
@@ -149,6 +153,7 @@ pub fn report(test: &[Pred], val: &[Pred]) -> Report {
         mauc,
         confusion: conf,
         perturb: vec![],
+        unreadable: vec![],
     }
 }
 
