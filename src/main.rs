@@ -773,7 +773,44 @@ fn train(
     Ok(())
 }
 
+/// The library's `log` records on stderr, at the level `SD2_LOG` names (default `warn`).
+struct StderrLog(log::LevelFilter);
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= self.0
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("sd2: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_log() -> Result<(), String> {
+    let level = match std::env::var("SD2_LOG") {
+        Ok(v) => v
+            .parse::<log::LevelFilter>()
+            .map_err(|_| format!("SD2_LOG={v}: expected off, error, warn, info, debug or trace"))?,
+        Err(_) => log::LevelFilter::Warn,
+    };
+    log::set_max_level(level);
+    log::set_logger(Box::leak(Box::new(StderrLog(level)))).map_err(|e| e.to_string())
+}
+
+/// The process's peak resident memory (VmHWM), where the OS reports it (Linux).
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    Some(kb.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()? * 1024)
+}
+
 fn main() {
+    if let Err(e) = init_log() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Info => {
@@ -907,6 +944,12 @@ fn main() {
         } => tokenize(&texts_file, context, tokenizer.as_deref()),
         Cmd::Demo { out, run } => demo(&out, &run),
     };
+    if let Some(b) = peak_resident_bytes() {
+        log::info!(
+            "peak resident memory {:.1} MiB",
+            b as f64 / (1 << 20) as f64
+        );
+    }
     if let Err(e) = res {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -510,31 +510,61 @@ fn absurd_sizes_in_a_checkpoint_are_refused_before_allocating() {
     sd2::sd2::detector::Detector::load(&d.join("ck"), None, Device::Cpu).unwrap();
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("ck/state.json")).unwrap()).unwrap();
-    for (tower, field, value, named) in [
-        ("text_config", "vocab_size", 1e12, "vocab_size"),
+    // (the field, its new value, what the error must name): sizes over the limits are refused
+    // from state.json alone; plausible sizes that disagree with the weights, by the header of
+    // trainable.safetensors, before a tensor is allocated.
+    let cases: [(&str, f64, &[&str]); 7] = [
         (
-            "vision_config",
-            "num_hidden_layers",
-            1e9,
-            "num_hidden_layers",
+            "/clip/text_config/vocab_size",
+            1e12,
+            &["vocab_size", "state.json"],
         ),
-        ("text_config", "intermediate_size", 60000.0, "parameters"),
-    ] {
+        (
+            "/clip/vision_config/num_hidden_layers",
+            1e9,
+            &["num_hidden_layers", "state.json"],
+        ),
+        (
+            "/clip/text_config/intermediate_size",
+            60000.0,
+            &["parameters", "state.json"],
+        ),
+        ("/sd2/lora/rank", 1e9, &["sd2.lora.rank", "state.json"]),
+        (
+            "/sd2/lora/rank",
+            8.0,
+            &["trainable.safetensors", "lora_A", "sd2.lora.rank = 8"],
+        ),
+        (
+            "/clip/text_config/vocab_size",
+            49000.0,
+            &["trainable.safetensors", "token_embedding", "49000"],
+        ),
+        (
+            "/clip/vision_config/intermediate_size",
+            128.0,
+            &["trainable.safetensors", "fc1", "128"],
+        ),
+    ];
+    for (field, value, named) in cases {
         let mut s = state.clone();
-        s["clip"][tower][field] = serde_json::json!(value as u64);
-        if named == "parameters" {
-            s["clip"][tower]["hidden_size"] = serde_json::json!(8192);
-            s["clip"][tower]["num_hidden_layers"] = serde_json::json!(200);
-            s["clip"][tower]["num_attention_heads"] = serde_json::json!(64);
+        *s.pointer_mut(field).unwrap() = serde_json::json!(value as u64);
+        if named.contains(&"parameters") {
+            let tower = &mut s["clip"]["text_config"];
+            tower["hidden_size"] = serde_json::json!(8192);
+            tower["num_hidden_layers"] = serde_json::json!(200);
+            tower["num_attention_heads"] = serde_json::json!(64);
         }
         std::fs::write(d.join("ck/state.json"), serde_json::to_vec(&s).unwrap()).unwrap();
         match sd2::sd2::detector::Detector::load(&d.join("ck"), None, Device::Cpu) {
             Err(e) => {
                 let msg = e.to_string();
-                println!("{tower}.{field} = {value:e}: {msg}");
-                assert!(msg.contains(named) && msg.contains("state.json"), "{msg}");
+                println!("{field} = {value:e}: {msg}");
+                for n in named {
+                    assert!(msg.contains(n), "{field}: `{n}` not in: {msg}");
+                }
             }
-            Ok(_) => panic!("{tower}.{field} = {value:e} was loaded"),
+            Ok(_) => panic!("{field} = {value:e} was loaded"),
         }
     }
     std::fs::remove_dir_all(&d).ok();
@@ -837,4 +867,217 @@ fn concurrent_decodes_share_the_budget_without_deadlock() {
         }
     });
     println!("8 concurrent 3000x3000 decodes: {:?}", t.elapsed());
+}
+
+/// Runs the sd2 binary with `args` and returns (whether it exited 0, its stdout, its stderr,
+/// its peak resident memory in bytes, as it logs it at exit under `SD2_LOG=info`: the
+/// kernel's VmHWM of the sd2 process itself, so neither this process nor other tests count).
+fn sd2_peak(args: &[&str]) -> (bool, String, String, u64) {
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+        .args(args)
+        .env("SD2_LOG", "info")
+        .output()
+        .expect("run the sd2 binary");
+    let (out, err) = (
+        String::from_utf8_lossy(&r.stdout).into_owned(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    );
+    let mib: f64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("sd2: info: peak resident memory "))
+        .and_then(|l| l.strip_suffix(" MiB"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory line in: {err}"));
+    let err = err
+        .lines()
+        .filter(|l| !l.starts_with("sd2: info: peak resident memory"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (
+        r.status.success(),
+        out,
+        err,
+        (mib * (1 << 20) as f64) as u64,
+    )
+}
+
+/// Peak memory on hostile images, measured on real child processes: each image alone costs at
+/// most 1 GiB — the largest image the limits allow (8192², 16-bit RGBA, 537 MB decoded), a
+/// truncated one, a header claiming 16000², a file over the size limit — and a folder holding
+/// several of each costs no more than the worst one alone, in `predict` (sequential) and in
+/// `eval` (the parallel loader, whose threads share the decode budget).
+#[test]
+fn peak_memory_is_bounded_and_flat_on_hostile_images() {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    let d = std::env::temp_dir().join(format!("sd2-hostile-peak-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let t = tiny_trainer_with(Device::Cpu, OnNonFinite::Stop, true);
+    t.save(&d.join("ck"), None).unwrap();
+    let ck = d.join("ck");
+    let imgs = d.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    let made = std::time::Instant::now();
+    let write_png = |name: &str, img: image::DynamicImage| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(imgs.join(name)).unwrap());
+        let enc = image::codecs::png::PngEncoder::new_with_quality(
+            &mut f,
+            image::codecs::png::CompressionType::Fast,
+            image::codecs::png::FilterType::Sub,
+        );
+        img.write_with_encoder(enc).unwrap();
+    };
+    write_png(
+        "small.png",
+        image::DynamicImage::ImageRgb8(noise_image(64, 48)),
+    );
+    write_png(
+        "bomb_rgb8.png",
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+            8192,
+            8192,
+            image::Rgb([120, 80, 200]),
+        )),
+    );
+    write_png(
+        "bomb_rgba16.png",
+        image::DynamicImage::ImageRgba16(image::ImageBuffer::from_pixel(
+            8192,
+            8192,
+            image::Rgba([30000u16, 2000, 60000, 65535]),
+        )),
+    );
+    let bomb = std::fs::read(imgs.join("bomb_rgb8.png")).unwrap();
+    std::fs::write(imgs.join("cut_bomb.png"), &bomb[..bomb.len() / 2]).unwrap();
+    let jpeg = encode(&noise_image(16, 16), image::ImageFormat::Jpeg);
+    let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    let mut lying = jpeg.clone();
+    lying[sof + 5..sof + 9].copy_from_slice(&[0x3E, 0x80, 0x3E, 0x80]); // 16000 × 16000
+    std::fs::write(imgs.join("lying.jpg"), &lying).unwrap();
+    // Sparse: 300 MB on paper, nothing on disk.
+    std::fs::File::create(imgs.join("huge.png"))
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    println!(
+        "made the images in {:.1}s ({} and {} bytes of PNG bombs)",
+        made.elapsed().as_secs_f64(),
+        bomb.len(),
+        std::fs::metadata(imgs.join("bomb_rgba16.png"))
+            .unwrap()
+            .len()
+    );
+    let hostile = [
+        "bomb_rgb8.png",
+        "bomb_rgba16.png",
+        "cut_bomb.png",
+        "lying.jpg",
+        "huge.png",
+    ];
+    let predict = |files: Vec<String>| {
+        let mut a = vec!["predict", "--checkpoint", ck.to_str().unwrap()];
+        a.extend(files.iter().map(String::as_str));
+        sd2_peak(&a)
+    };
+    let path = |n: &str| imgs.join(n).display().to_string();
+    let (ok, out, err, base) = predict(vec![path("small.png")]);
+    assert!(ok, "{out}{err}");
+    println!("predict small.png: peak {} MiB", base / MIB);
+    let mut worst = base;
+    for n in hostile {
+        let (ok, out, err, peak) = predict(vec![path(n)]);
+        println!(
+            "predict {n}: peak {} MiB, exit 0: {ok}: {}{}",
+            peak / MIB,
+            out.trim(),
+            err.trim()
+        );
+        let decodes = n.starts_with("bomb");
+        assert_eq!(ok, decodes, "{n}: {out}{err}");
+        assert!(peak <= GIB, "{n}: peak {} MiB is over 1 GiB", peak / MIB);
+        worst = worst.max(peak);
+    }
+    // The folder: two of each (hard links), between good small images.
+    let mut folder = vec![];
+    for copy in 0..2 {
+        for n in hostile {
+            let link = imgs.join(format!("{copy}_{n}"));
+            std::fs::hard_link(imgs.join(n), &link).unwrap();
+            folder.push(link.display().to_string());
+            folder.push(path("small.png"));
+        }
+    }
+    let (ok, out, err, peak) = predict(folder.clone());
+    let lines = out.lines().count();
+    println!(
+        "predict over {} files: peak {} MiB (worst alone {} MiB); {}",
+        folder.len(),
+        peak / MIB,
+        worst / MIB,
+        err.trim()
+    );
+    assert!(!ok && lines == folder.len(), "{out}{err}");
+    assert!(err.contains("6 of 20"), "{err}");
+    assert!(
+        peak <= worst + 32 * MIB,
+        "a folder of hostile images costs {} MiB, the worst alone {} MiB",
+        peak / MIB,
+        worst / MIB
+    );
+    // eval: the same files through a manifest and the parallel loader. The oversized file
+    // fails the manifest's up-front check, so --skip-bad leaves its lines out.
+    let manifest = |files: &[String], name: &str| {
+        let mut text = String::new();
+        for (i, f) in files.iter().enumerate() {
+            let label = ["real", "fs"][i % 2];
+            let r = serde_json::json!({"path": f, "label": label, "source": "hostile",
+                "split": "test"});
+            text.push_str(&format!("{r}\n"));
+        }
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let eval = |m: &std::path::Path, report: &str| {
+        let out = d.join(report);
+        sd2_peak(&[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--manifest",
+            m.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--skip-bad",
+        ])
+    };
+    let small = manifest(&vec![path("small.png"); 4], "small.jsonl");
+    let (ok, out, err, eval_base) = eval(&small, "eval-base");
+    assert!(ok, "{out}{err}");
+    let (ok, out, err, eval_peak) = eval(&manifest(&folder, "folder.jsonl"), "eval-folder");
+    println!(
+        "eval over {} files: peak {} MiB (over its base {} MiB: {} MiB; predict's worst over its \
+         base: {} MiB)",
+        folder.len(),
+        eval_peak / MIB,
+        eval_base / MIB,
+        (eval_peak.saturating_sub(eval_base)) / MIB,
+        (worst - base) / MIB
+    );
+    assert!(
+        !ok && err.contains("images could not be read"),
+        "{out}{err}"
+    );
+    assert!(
+        eval_peak <= GIB,
+        "eval: peak {} MiB is over 1 GiB",
+        eval_peak / MIB
+    );
+    assert!(
+        eval_peak.saturating_sub(eval_base) <= worst - base + 64 * MIB,
+        "eval over a folder of hostile images grows by {} MiB, one image alone by {} MiB",
+        eval_peak.saturating_sub(eval_base) / MIB,
+        (worst - base) / MIB
+    );
+    std::fs::remove_dir_all(&d).ok();
 }

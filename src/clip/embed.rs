@@ -43,11 +43,15 @@ pub fn run(r: &EmbedRequest) -> Result<Vec<(String, Vec<usize>)>> {
         image_embeds.extend(pixel_file_embeds(&clip, pv, batch, r.device)?);
     }
     for chunk in r.images.chunks(batch) {
-        let decoded = chunk
-            .iter()
-            .map(|p| preprocess::decode_image(p))
-            .collect::<Result<Vec<_>>>()?;
-        let px = preprocess::pixel_values(&decoded, size, DType::F32, r.device)?;
+        // Preprocessed one at a time: one full-size image in memory, not a chunk of them.
+        let mut all = Vec::with_capacity(chunk.len() * 3 * size * size);
+        for p in chunk {
+            all.extend(preprocess::decode_image_then(p, |img| {
+                Ok(preprocess::preprocess(&img, size))
+            })?);
+        }
+        let px = Tensor::from_vec(all, (chunk.len(), 3, size, size), Device::Cpu)?
+            .to_device(r.device)?;
         image_embeds.push(clip.image_embeds(&px)?);
     }
     if !image_embeds.is_empty() {

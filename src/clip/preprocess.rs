@@ -18,6 +18,11 @@ pub const MAX_SIDE: u32 = 16_384;
 /// is decoded, so one hostile image costs at most a few hundred MB (decoded RGBA + its RGB copy).
 pub const MAX_PIXELS: u64 = 1 << 26;
 
+/// Largest image file read: an 8192² RGB image stored uncompressed is 201 MB, so anything
+/// larger is no image this accepts; checked before reading, and the read itself stops there (a
+/// file that grows, or a device node, cannot make it read more).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
 /// Whether an image of `w × h` pixels is within `MAX_SIDE` and `MAX_PIXELS`; the error says
 /// which limit it breaks.
 pub fn check_size(w: u32, h: u32) -> std::result::Result<(), String> {
@@ -74,9 +79,15 @@ impl RgbImage {
 }
 
 /// Bytes that image decodes may hold at once across all threads: a decode waits until its
-/// share (16 bytes per pixel, from the header) fits, so a folder of large images costs this
-/// much at most, however many threads decode it.
+/// share fits — the file's bytes plus 16 bytes per pixel (from the header) for the decoded
+/// image, the decoder's buffers and what `decode_image_then`'s continuation makes of it — so
+/// a folder of large images costs this much at most, however many threads decode it.
 pub const DECODE_BUDGET: u64 = 1 << 30;
+
+/// Bytes of `DECODE_BUDGET` an image of `w × h` pixels is counted for.
+fn pixel_share(w: u32, h: u32) -> u64 {
+    (w as u64 * h as u64 * 16).max(1 << 20)
+}
 
 struct Budget {
     used: std::sync::Mutex<u64>,
@@ -88,7 +99,8 @@ static BUDGET: Budget = Budget {
     freed: std::sync::Condvar::new(),
 };
 
-/// A share of `DECODE_BUDGET`, given back when dropped.
+/// A share of `DECODE_BUDGET`, given back when dropped. Capped at the whole budget, so one
+/// decode always proceeds once the others are done (a thread holds one share at a time).
 struct Share(u64);
 
 impl Share {
@@ -111,20 +123,23 @@ impl Drop for Share {
     }
 }
 
-/// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded), refusing images over the size
-/// limits (`check_size`, from the header, before decoding) and truncated JPEGs; a truncated
-/// PNG or WebP fails in its decoder. Every error names `what`.
-pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {
-    let reader = || {
-        image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| Error::Msg(format!("{what}: {e}")))
-    };
-    let (w, h) = reader()?
+/// The header's dimensions, checked against the size limits (`check_size`).
+fn header_size<R: std::io::BufRead + std::io::Seek>(r: R, what: &str) -> Result<(u32, u32)> {
+    let (w, h) = image::ImageReader::new(r)
+        .with_guessed_format()
+        .map_err(|e| Error::Msg(format!("{what}: {e}")))?
         .into_dimensions()
         .map_err(|e| Error::Msg(format!("{what}: cannot read the image header: {e}")))?;
     check_size(w, h).map_err(|e| Error::Msg(format!("{what}: {e}")))?;
-    let mut reader = reader()?;
+    Ok((w, h))
+}
+
+/// Decodes `bytes` (their header already checked as `w × h`) under the decoder's allocation
+/// limit; the caller holds the budget share.
+fn decode_checked(bytes: &[u8], what: &str, (w, h): (u32, u32)) -> Result<RgbImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
     if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
         return Err(Error::Msg(format!(
             "{what}: truncated JPEG (no end-of-image marker after its last scan)"
@@ -133,22 +148,113 @@ pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
-    // The decoded image (up to 16 bytes per pixel) and the decoder's buffers, bounded, and
-    // counted against the process's decode budget while they live.
-    let cost = (w as u64 * h as u64 * 16).max(64 << 20);
-    limits.max_alloc = Some(cost);
+    // The decoded image (up to 16 bytes per pixel) and the decoder's buffers, bounded.
+    limits.max_alloc = Some((w as u64 * h as u64 * 16).max(64 << 20));
     reader.limits(limits);
-    let _share = Share::take(cost);
     let img = reader
         .decode()
         .map_err(|e| Error::Msg(format!("{what}: cannot decode image: {e}")))?;
-    let rgb = img.to_rgb8();
+    if (img.width(), img.height()) != (w, h) {
+        return Err(Error::Msg(format!(
+            "{what}: decoded as {}x{}, but its header says {w}x{h}",
+            img.width(),
+            img.height()
+        )));
+    }
+    // Already RGB8 (most photos): no copy.
+    let rgb = img.into_rgb8();
     RgbImage::new(rgb.width() as usize, rgb.height() as usize, rgb.into_raw())
 }
 
+/// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded), refusing images over the size
+/// limits (`check_size`, from the header, before decoding) and truncated JPEGs; a truncated
+/// PNG or WebP fails in its decoder. Every error names `what`.
+pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {
+    decode_image_bytes_then(bytes, what, Ok)
+}
+
+/// As `decode_image_bytes`, the image then handed to `then` while its share of
+/// `DECODE_BUDGET` is still held: what `then` makes of it (an augmented copy, the resize) is
+/// counted too, until it returns.
+pub fn decode_image_bytes_then<T>(
+    bytes: &[u8],
+    what: &str,
+    then: impl FnOnce(RgbImage) -> Result<T>,
+) -> Result<T> {
+    let size = header_size(std::io::Cursor::new(bytes), what)?;
+    let _share = Share::take(pixel_share(size.0, size.1));
+    then(decode_checked(bytes, what, size)?)
+}
+
+/// The file's bytes, refused if over `MAX_FILE_BYTES`.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
+    read_bounded(path, &open_image_file(path)?)
+}
+
+/// The file's length, refused if over `MAX_FILE_BYTES` (nothing is read).
+pub fn image_file_len(path: &Path) -> Result<u64> {
+    file_len(path, &open_image_file(path)?)
+}
+
+fn open_image_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+}
+
+fn file_too_big(path: &Path, n: u64) -> Error {
+    Error::Msg(format!(
+        "{}: {} MB is over the {} MB limit for an image file",
+        path.display(),
+        n >> 20,
+        MAX_FILE_BYTES >> 20
+    ))
+}
+
+fn file_len(path: &Path, f: &std::fs::File) -> Result<u64> {
+    let len = f
+        .metadata()
+        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        return Err(file_too_big(path, len));
+    }
+    Ok(len)
+}
+
+/// The whole file from its start; the read stops past `MAX_FILE_BYTES` whatever its metadata
+/// said (a file that grows, a device node).
+fn read_bounded(path: &Path, mut f: &std::fs::File) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let fail = |e: std::io::Error| Error::Msg(format!("{}: {e}", path.display()));
+    let len = file_len(path, f)?;
+    f.rewind().map_err(fail)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(file_too_big(path, bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// `decode_image_bytes` of a file (at most `MAX_FILE_BYTES`); errors name the file.
 pub fn decode_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
-    decode_image_bytes(&bytes, &path.display().to_string())
+    decode_image_then(path, Ok)
+}
+
+/// As `decode_image`, the image then handed to `then` under its share of `DECODE_BUDGET`
+/// (`decode_image_bytes_then`). The share, taken from the header before the file is read,
+/// counts the file's bytes too; they are freed before `then` runs.
+pub fn decode_image_then<T>(path: &Path, then: impl FnOnce(RgbImage) -> Result<T>) -> Result<T> {
+    let what = path.display().to_string();
+    let f = open_image_file(path)?;
+    let len = file_len(path, &f)?;
+    let size = header_size(std::io::BufReader::new(&f), &what)?;
+    let _share = Share::take(len + pixel_share(size.0, size.1));
+    let bytes = read_bounded(path, &f)?;
+    let img = decode_checked(&bytes, &what, size)?;
+    drop(bytes);
+    then(img)
 }
 
 fn bicubic(x: f64) -> f64 {
@@ -226,7 +332,8 @@ pub fn resize_bicubic(img: &RgbImage, w: usize, h: usize) -> RgbImage {
     } else {
         (0, ih)
     };
-    let mut cur = img.clone();
+    // The input is borrowed, not copied: a full-size copy would double a large image's cost.
+    let mut cur: Option<RgbImage> = None;
     if need_h {
         let rows = y_last - y_first;
         let mut out = vec![0u8; w * rows * 3];
@@ -242,33 +349,34 @@ pub fn resize_bicubic(img: &RgbImage, w: usize, h: usize) -> RgbImage {
                 }
             }
         }
-        cur = RgbImage {
+        cur = Some(RgbImage {
             width: w,
             height: rows,
             data: out,
-        };
+        });
     }
     if need_v {
         let off = if need_h { y_first } else { 0 };
-        let cw = cur.width;
+        let src = cur.as_ref().unwrap_or(img);
+        let cw = src.width;
         let mut out = vec![0u8; cw * h * 3];
         for (yy, (ymin, k)) in kv.iter().enumerate() {
             let ymin = ymin - off;
             for x in 0..cw * 3 {
                 let mut ss: i64 = 1 << (PRECISION_BITS - 1);
                 for (y, kv) in k.iter().enumerate() {
-                    ss += cur.data[(y + ymin) * cw * 3 + x] as i64 * *kv as i64;
+                    ss += src.data[(y + ymin) * cw * 3 + x] as i64 * *kv as i64;
                 }
                 out[yy * cw * 3 + x] = clip8(ss);
             }
         }
-        cur = RgbImage {
+        cur = Some(RgbImage {
             width: cw,
             height: h,
             data: out,
-        };
+        });
     }
-    cur
+    cur.unwrap_or_else(|| img.clone())
 }
 
 /// HF's `get_resize_output_image_size(default_to_square=False)`: (width, height) with the

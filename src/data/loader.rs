@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::augment::{self, AugmentConfig, Perturb};
 use super::manifest::Item;
-use crate::clip::preprocess::{decode_image, preprocess};
+use crate::clip::preprocess::{decode_image_then, preprocess};
 use crate::upload::Upload;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -29,19 +29,23 @@ pub enum Transform {
     Perturb(Perturb),
 }
 
-/// One item's normalized pixels; an error names its manifest line.
+/// One item's normalized pixels; an error names its manifest line. The full-size image and
+/// its augmented copies are counted against the decode budget until they are preprocessed, so
+/// the decode threads together hold at most the budget.
 fn load_one(it: &Item, size: usize, t: &Transform) -> Result<Vec<f32>> {
     let line = |e: Error| Error::Msg(format!("manifest line {}: {e}", it.line));
-    let mut img = decode_image(&it.path).map_err(line)?;
-    match t {
-        Transform::None => {}
-        Transform::Augment { cfg, seed, epoch } => {
-            let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
-            augment::augment(&mut img, cfg, &mut r).map_err(line)?;
+    decode_image_then(&it.path, |mut img| {
+        match t {
+            Transform::None => {}
+            Transform::Augment { cfg, seed, epoch } => {
+                let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
+                augment::augment(&mut img, cfg, &mut r)?;
+            }
+            Transform::Perturb(p) => p.apply(&mut img)?,
         }
-        Transform::Perturb(p) => p.apply(&mut img).map_err(line)?,
-    }
-    Ok(preprocess(&img, size))
+        Ok(preprocess(&img, size))
+    })
+    .map_err(line)
 }
 
 /// Normalized pixels [N·3·size·size] (host memory) for `items`. A decode failure names the

@@ -109,14 +109,10 @@ impl Manifest {
             }
         }
         for (line, reason) in &skipped {
-            eprintln!("warning: {}:{line}: skipped: {reason}", path.display());
+            log::warn!("{}:{line}: skipped: {reason}", path.display());
         }
         if !skipped.is_empty() {
-            eprintln!(
-                "warning: {}: skipped {} bad line(s)",
-                path.display(),
-                skipped.len()
-            );
+            log::warn!("{}: skipped {} bad line(s)", path.display(), skipped.len());
         }
         Ok(Manifest {
             path: path.to_path_buf(),
@@ -170,6 +166,7 @@ fn parse_line(
         return Err(format!("image `{}` not found", r.path));
     }
     if opts.check_images {
+        crate::clip::preprocess::image_file_len(&path).map_err(|e| e.to_string())?;
         let (w, h) = image::ImageReader::open(&path)
             .and_then(|r| r.with_guessed_format())
             .map_err(|e| format!("image `{}`: {e}", r.path))?

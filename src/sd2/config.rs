@@ -126,8 +126,22 @@ impl Sd2Config {
         Ok(())
     }
 
-    pub fn validate(&self, vision_width: usize) -> Result<()> {
+    /// `validate_values`, then what depends on the CLIP it is built on: known LoRA targets, a
+    /// rank no larger than the narrower tower (a checkpoint's rank sizes allocations), CLAM
+    /// heads dividing the vision width.
+    pub fn validate(&self, clip: &crate::clip::ClipConfig) -> Result<()> {
         self.validate_values()?;
+        let vision_width = clip.vision_config.hidden_size;
+        let widest_rank = vision_width.min(clip.text_config.hidden_size);
+        if self.lora.rank > widest_rank {
+            return Err(Error::Config {
+                key: "sd2.lora.rank".into(),
+                msg: format!(
+                    "{} is over the towers' width {widest_rank} (a LoRA is low-rank)",
+                    self.lora.rank
+                ),
+            });
+        }
         let bad = |m: String| Err(Error::Msg(format!("SD2 config: {m}")));
         const KNOWN: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
         if let Some(t) = self

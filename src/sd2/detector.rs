@@ -5,11 +5,12 @@
 use std::path::Path;
 
 use super::model::Sd2Model;
-use super::train::load_trainable;
+use super::train::{check_trainable_header, load_trainable};
 use super::type_texts::{TypeTexts, CLASSES};
-use crate::clip::model::Fwd;
+use crate::clip::model::{Fwd, Init, WeightSource};
 use crate::clip::preprocess::{pixel_values, RgbImage};
 use crate::clip::{ClipModel, ClipTokenizer};
+use crate::io::WeightStore;
 use crate::{no_grad, DType, Device, Error, Result, Tensor};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -76,6 +77,24 @@ pub fn predict_pixels(
         .collect())
 }
 
+/// The CLIP weights a `train_base` checkpoint carries, under SD2's parameter names
+/// (`clip.<HuggingFace name>`; the logit scale is SD2's own `logit_scale`).
+struct CheckpointTowers<'a> {
+    store: &'a mut WeightStore,
+    device: Device,
+}
+
+impl WeightSource for CheckpointTowers<'_> {
+    fn get(&mut self, name: &str, shape: &[usize], _init: Init) -> Result<Tensor> {
+        let key = if name == "logit_scale" {
+            name.to_string()
+        } else {
+            format!("clip.{name}")
+        };
+        self.store.get(&key, shape, DType::F32, self.device)
+    }
+}
+
 impl Detector {
     /// Wraps a model (e.g. straight from a trainer), encoding the class phrases once.
     pub fn from_model(
@@ -105,6 +124,10 @@ impl Detector {
         clip_cfg
             .validate()
             .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        let trainable = checkpoint.join("trainable.safetensors");
+        cfg.validate(&clip_cfg)
+            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        check_trainable_header(&trainable, &cfg)?;
         let clip = match clip_dir {
             Some(dir) => {
                 let clip = ClipModel::load(dir, DType::F32, device)?;
@@ -117,7 +140,19 @@ impl Detector {
                 }
                 clip
             }
-            None if cfg.train_base => ClipModel::random(&clip_cfg, DType::F32, device, 0)?,
+            // The towers are in the checkpoint: built from it, each tensor's shape checked
+            // against the file before it is read, so state.json's sizes allocate nothing the
+            // weights do not hold.
+            None if cfg.train_base => {
+                let mut store = WeightStore::open(&trainable)?;
+                ClipModel::from_source(
+                    &clip_cfg,
+                    &mut CheckpointTowers {
+                        store: &mut store,
+                        device,
+                    },
+                )?
+            }
             None => {
                 return Err(Error::Msg(format!(
                     "{}: this checkpoint needs the CLIP folder it was trained on",
@@ -126,7 +161,7 @@ impl Detector {
             }
         };
         let model = Sd2Model::new(clip, cfg, 0)?;
-        load_trainable(&model, &checkpoint.join("trainable.safetensors"))?;
+        load_trainable(&model, &trainable)?;
         Self::from_model(model, &ClipTokenizer::openai()?, &TypeTexts::shipped()?)
     }
 
@@ -182,16 +217,17 @@ impl Detector {
         chunk: usize,
         mut each: impl FnMut(&Path, Result<Prediction>),
     ) -> Result<usize> {
-        use crate::clip::preprocess::{decode_image, preprocess};
+        use crate::clip::preprocess::{decode_image_then, preprocess};
         let size = self.model.clip.config.vision_config.image_size;
         let mut failed = 0;
         for group in paths.chunks(chunk.max(1)) {
+            // One full-size image at a time: memory does not grow with the chunk.
             let mut pixels = Vec::with_capacity(group.len() * 3 * size * size);
             let mut errors: Vec<Option<Error>> = Vec::with_capacity(group.len());
             for p in group {
-                match decode_image(p) {
-                    Ok(img) => {
-                        pixels.extend(preprocess(&img, size));
+                match decode_image_then(p, |img| Ok(preprocess(&img, size))) {
+                    Ok(px) => {
+                        pixels.extend(px);
                         errors.push(None);
                     }
                     Err(e) => errors.push(Some(e)),

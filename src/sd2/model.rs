@@ -60,7 +60,7 @@ impl Sd2Model {
     /// (`train_base`) needs an f32 or f64 CLIP.
     pub fn new(mut clip: ClipModel, cfg: Sd2Config, seed: u64) -> Result<Sd2Model> {
         let v = clip.config.vision_config.clone();
-        cfg.validate(v.hidden_size)?;
+        cfg.validate(&clip.config)?;
         let (compute, device) = (clip.logit_scale.dtype(), clip.logit_scale.device());
         let dtype = master_dtype(compute);
         if cfg.train_base && dtype != compute {

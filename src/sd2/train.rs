@@ -709,8 +709,14 @@ impl Trainer {
             return Err(err(dir, "the checkpoint was trained on a CLIP model with a different config than the one given"));
         }
         let opt_steps = state.opt_steps.unwrap_or(state.step);
+        let trainable = dir.join("trainable.safetensors");
+        state
+            .sd2
+            .validate(&clip.config)
+            .map_err(|e| err(&dir.join("state.json"), e))?;
+        check_trainable_header(&trainable, &state.sd2)?;
         let model = Sd2Model::new(clip, state.sd2.clone(), state.train.seed)?;
-        load_trainable(&model, &dir.join("trainable.safetensors"))?;
+        load_trainable(&model, &trainable)?;
         let mut t = Trainer::new(model, state.train.clone(), tokenizer, type_texts);
         let moments: std::collections::HashMap<String, Tensor> =
             crate::io::load(&dir.join("optimizer.safetensors"), crate::Device::Cpu)?
@@ -750,6 +756,32 @@ fn read_state(dir: &Path) -> Result<State> {
     // Sizes from a file: bounded before a model is built from them.
     s.clip.validate().map_err(|e| err(&p, e))?;
     Ok(s)
+}
+
+/// Checks a checkpoint's SD2 config against the shapes its `trainable.safetensors` header
+/// holds, before a model is built from it (only the header is read): the LoRA rank sizes every
+/// adapter, so a `state.json` that disagrees with its own weights is refused up front.
+pub fn check_trainable_header(path: &Path, cfg: &super::Sd2Config) -> Result<()> {
+    let store = crate::io::WeightStore::open(path)?;
+    let first_a = store
+        .names()
+        .find(|n| n.ends_with(".lora_A.weight"))
+        .cloned();
+    if let Some(name) = first_a {
+        let shape = store.shape(&name)?;
+        if shape.first() != Some(&cfg.lora.rank) {
+            return Err(err(
+                path,
+                format!(
+                    "tensor `{name}` has shape {shape:?} (rank {}), but the checkpoint's \
+                     state.json says sd2.lora.rank = {}",
+                    shape.first().copied().unwrap_or(0),
+                    cfg.lora.rank
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Loads every trainable tensor of `model` from a safetensors file: each must be present with

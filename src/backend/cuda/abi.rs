@@ -204,7 +204,7 @@ thread_local! {
 pub fn note_host_sync() {
     static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *TRACE.get_or_init(|| std::env::var_os("SD2_TRACE_SYNCS").is_some()) {
-        eprintln!(
+        log::warn!(
             "host sync at {}",
             std::backtrace::Backtrace::force_capture()
         );

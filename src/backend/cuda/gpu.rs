@@ -741,8 +741,8 @@ impl Gpu {
                     self.cublas_failed
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                     WARNED.call_once(|| {
-                        eprintln!(
-                            "sd2: cuBLAS unavailable ({e}); plain matmuls use the SIMT GEMM kernel"
+                        log::warn!(
+                            "cuBLAS unavailable ({e}); plain matmuls use the SIMT GEMM kernel"
                         )
                     });
                 }

@@ -620,8 +620,8 @@ fn measure(
         match t {
             Ok(t) if t < best.1 => best = (p, t),
             Ok(_) => {}
-            Err(why) => eprintln!(
-                "sd2: lora gemm {} {why} at {key:?} on {}: not used",
+            Err(why) => log::warn!(
+                "lora gemm {} {why} at {key:?} on {}: not used",
                 p.name(),
                 g.name
             ),
