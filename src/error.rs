@@ -44,6 +44,15 @@ pub enum Error {
     #[error("config `{key}`: {msg}")]
     Config { key: String, msg: String },
 
+    /// Writing `path` failed — on a full disk `source.kind()` is
+    /// `std::io::ErrorKind::StorageFull` — and nothing of it was left behind (the writer's
+    /// temporary is removed; a previous file at `path` is untouched).
+    #[error("{}: cannot write: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
     #[error("{0}")]
     Msg(String),
 

@@ -8,18 +8,27 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}: {e}", path.display()))
 }
 
+/// `Error::Write` for `path`.
+pub(crate) fn write_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file beside it, then a rename, so a reader
-/// never sees a half-written file (the temporary is removed if the rename fails).
+/// never sees a half-written file. On any failure (`Error::Write`, naming `path`) the
+/// temporary is removed and a previous file at `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     // Flushed before the rename, so after a power loss the file is the old or the new one.
-    if let Err(e) = write_synced(&tmp, bytes.as_ref()) {
+    if let Err(e) = write_synced_io(&tmp, bytes.as_ref()) {
         std::fs::remove_file(&tmp).ok();
-        return Err(e);
+        return Err(write_err(path, e));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         std::fs::remove_file(&tmp).ok();
-        io_err(path, e)
+        write_err(path, e)
     })
 }
 
@@ -65,11 +74,15 @@ pub fn fsync(path: &Path) -> Result<()> {
         .map_err(|e| io_err(path, format!("fsync: {e}")))
 }
 
-/// Writes `bytes` to `path` and flushes it to the disk.
+/// Writes `bytes` to `path` and flushes it to the disk. A failure can leave part of the file:
+/// write into a temporary place (as checkpoints do) or use `write_atomic`.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_synced_io(path, bytes).map_err(|e| write_err(path, e))
+}
+
+fn write_synced_io(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io_err(path, e))
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }

@@ -323,11 +323,14 @@ pub fn save(
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| {
         std::fs::remove_file(&tmp).ok(); // a full disk leaves no partial file behind
-        io_err(&tmp, e)
+        match e {
+            safetensors::SafeTensorError::IoError(e) => crate::fs::write_err(path, e),
+            e => io_err(path, e),
+        }
     })?;
     std::fs::rename(&tmp, path).map_err(|e| {
         std::fs::remove_file(&tmp).ok();
-        io_err(path, e)
+        crate::fs::write_err(path, e)
     })
 }
 

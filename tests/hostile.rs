@@ -1,7 +1,13 @@
-//! Hostile but realistic input to training: out-of-range config values (each refused naming its
-//! key), a run that diverges (stopped naming the step, no model saved), a batch that poisons
-//! the gradients (the update skipped, on the CPU and on the simulator's fused AdamW), and a
-//! checkpoint holding a NaN weight (refused on load).
+//! Hostile but realistic input, each case a clear error (naming the key, step, file, line or
+//! tensor), a non-zero exit or a per-item error, and nothing half-written:
+//! - config values out of range; a run that diverges (stopped naming the step, no model saved);
+//!   a batch that poisons the gradients (the update skipped, on the CPU and on the simulator's
+//!   fused AdamW); a checkpoint holding a NaN weight (refused on load);
+//! - `kill -9` at 20 random points of a training run, each resumed, ending bit-identical to an
+//!   uninterrupted run; dangling `last` and stale temporaries recovered; a full disk;
+//! - checkpoints whose state.json claims sizes its weights do not have;
+//! - lying headers, truncated files, decompression bombs and oversized files in `predict`,
+//!   `eval` and training, with the peak memory of the real processes measured.
 use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer};
 use sd2::sd2::train::{MicroBatch, OnNonFinite, TrainConfig, Trainer};
 use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
@@ -1079,5 +1085,112 @@ fn peak_memory_is_bounded_and_flat_on_hostile_images() {
         eval_peak.saturating_sub(eval_base) / MIB,
         (worst - base) / MIB
     );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Runs `sd2 args…` under a file-size limit of `kib` KiB (`ulimit -f`, with SIGXFSZ ignored),
+/// so a write that would pass it fails (EFBIG) as one on a full disk fails (ENOSPC): the same
+/// error path, without a full file system.
+fn sd2_limited(kib: u64, args: &[String]) -> std::process::Output {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_sd2"))
+        .args(args);
+    cmd.output().expect("run bash")
+}
+
+/// Names in `dir` (recursively) that look like a write left half-done: temporaries of
+/// `write_atomic` (`.tmp`) and of checkpoint folders (`.tmp-PID`).
+fn leftovers(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains(".tmp") {
+            out.push(e.path().display().to_string());
+        }
+        if e.file_type().unwrap().is_dir() {
+            out.extend(leftovers(&e.path()));
+        }
+    }
+    out
+}
+
+/// A disk that fills up (simulated by a file-size limit): a run whose first checkpoint cannot
+/// be written exits non-zero naming the file, leaving no temporary and no `last`; a resumed
+/// run that fails at its next save leaves `last` the complete checkpoint it resumed from, byte
+/// for byte, and resumes from it once there is room.
+#[test]
+fn a_full_disk_is_a_clear_error_with_nothing_half_written() {
+    // A real ENOSPC (Linux's /dev/full) is the matchable kind, naming the file.
+    let full = std::path::Path::new("/dev/full");
+    if full.exists() {
+        match sd2::fs::write_synced(full, b"weights") {
+            Err(Error::Write { path, source }) => {
+                println!("{}: {source}", path.display());
+                assert_eq!(path, full);
+                assert_eq!(source.kind(), std::io::ErrorKind::StorageFull);
+            }
+            other => panic!("writing /dev/full: {other:?}"),
+        }
+    } else {
+        println!("/dev/full: skipped (not on this system)");
+    }
+    let d = std::env::temp_dir().join(format!("sd2-hostile-full-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = sd2::data::synth::generate(&d.join("data"), 32, 64, 6).unwrap();
+    let mut args = tiny_run_args(&m.path, &d.join("fresh"));
+    args.extend(["--set".to_string(), "epochs=1".to_string()]);
+    let r = sd2_limited(512, &args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("fresh run, disk full: {err}");
+    assert!(!r.status.success(), "exit 0 on a full disk");
+    let named = d.join("fresh/checkpoints/step-00000001/trainable.safetensors");
+    assert!(
+        err.contains(&format!(
+            "{}: cannot write: File too large",
+            named.display()
+        )),
+        "the error does not name the file: {err}"
+    );
+    assert_eq!(leftovers(&d.join("fresh")), Vec::<String>::new());
+    assert!(!d.join("fresh/checkpoints/last").exists());
+    // One epoch with room, then a resume into a second epoch without.
+    let mut args = tiny_run_args(&m.path, &d.join("run"));
+    args.extend(["--set".to_string(), "epochs=1".to_string()]);
+    let r = sd2(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let last = d.join("run/checkpoints/last");
+    let before = std::fs::canonicalize(&last).unwrap();
+    let files = [
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ];
+    let bytes: Vec<Vec<u8>> = files.iter().map(|f| file_bytes(&last.join(f))).collect();
+    let resume: Vec<String> = [
+        "train",
+        "--resume",
+        d.join("run").to_str().unwrap(),
+        "--set",
+        "epochs=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let r = sd2_limited(512, &resume);
+    let err = String::from_utf8_lossy(&r.stderr);
+    println!("resumed run, disk full: {err}");
+    assert!(!r.status.success(), "exit 0 on a full disk");
+    assert!(err.contains("trainable.safetensors: cannot write"), "{err}");
+    assert_eq!(leftovers(&d.join("run")), Vec::<String>::new());
+    assert_eq!(std::fs::canonicalize(&last).unwrap(), before);
+    for (f, b) in files.iter().zip(&bytes) {
+        assert!(file_bytes(&last.join(f)) == *b, "{f} changed");
+    }
+    let r = sd2(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_ne!(std::fs::canonicalize(&last).unwrap(), before);
     std::fs::remove_dir_all(&d).ok();
 }

@@ -79,11 +79,21 @@ impl Checkpoints {
             }
             fsync(&tmp)
         })();
+        let folder = self.dir.join(&name);
         if let Err(e) = written {
             std::fs::remove_dir_all(&tmp).ok();
-            return Err(e);
+            // Named as the folder it was to become: the temporary is gone.
+            return Err(match e {
+                Error::Write { path, source } => Error::Write {
+                    path: path
+                        .strip_prefix(&tmp)
+                        .map(|rel| folder.join(rel))
+                        .unwrap_or(path),
+                    source,
+                },
+                e => e,
+            });
         }
-        let folder = self.dir.join(&name);
         if let Err(e) = std::fs::rename(&tmp, &folder) {
             std::fs::remove_dir_all(&tmp).ok();
             return Err(err(&folder, e));
