@@ -175,10 +175,18 @@ fn resume_is_bit_identical() {
         "parameters differ after resume"
     );
 
-    // best/ keeps the best metric, last/ the latest.
-    assert!(resumed.save_with_best(&dir.join("run"), 0.7).unwrap());
-    assert!(!resumed.save_with_best(&dir.join("run"), 0.6).unwrap());
-    assert!(resumed.save_with_best(&dir.join("run"), 0.9).unwrap());
+    // best keeps the best metric, last the latest.
+    let ck = sd2::sd2::checkpoint::Checkpoints::new(dir.join("run"));
+    let metric = |p: Option<std::path::PathBuf>| {
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(p.unwrap().join("state.json")).unwrap()).unwrap();
+        s["metric"].as_f64()
+    };
+    for (m, better, best) in [(0.7, true, 0.7), (0.6, false, 0.7), (0.9, true, 0.9)] {
+        assert_eq!(ck.save_keeping_best(&resumed, m).unwrap(), better, "{m}");
+        assert_eq!(metric(ck.best()), Some(best));
+        assert_eq!(metric(ck.last()), Some(m));
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

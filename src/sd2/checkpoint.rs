@@ -17,7 +17,7 @@
 //! folder and names the file. Paths such as `OUT/checkpoints/best` load as folders, as before.
 use std::path::{Path, PathBuf};
 
-use super::train::Trainer;
+use super::train::{checkpoint_metric, Trainer};
 use crate::fs::{fsync, write_synced};
 use crate::{Error, Result};
 
@@ -149,6 +149,15 @@ impl Checkpoints {
     /// The best checkpoint so far, if any.
     pub fn best(&self) -> Option<PathBuf> {
         self.target("best")
+    }
+
+    /// `save`s a checkpoint with `metric` (higher is better), pointing `best` at it when it
+    /// beats the metric `best`'s checkpoint holds (or there is none). Returns whether it did.
+    pub fn save_keeping_best(&self, trainer: &Trainer, metric: f64) -> Result<bool> {
+        let prev = self.best().and_then(|b| checkpoint_metric(&b));
+        let better = prev.is_none_or(|p| metric > p);
+        self.save(trainer, Some(metric), &[], better)?;
+        Ok(better)
     }
 
     /// The complete step folders, oldest first.

@@ -683,20 +683,6 @@ impl Trainer {
         fsync(dir)
     }
 
-    /// Saves `dir/last` and, when `metric` beats the one in `dir/best` (higher is better),
-    /// `dir/best`. Returns whether best was replaced.
-    pub fn save_with_best(&self, dir: &Path, metric: f64) -> Result<bool> {
-        std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
-        self.save(&dir.join("last"), Some(metric))?;
-        let best = dir.join("best");
-        let prev = read_state(&best).ok().and_then(|s| s.metric);
-        if prev.is_none_or(|p| metric > p) {
-            self.save(&best, Some(metric))?;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
     /// Rebuilds a trainer from a checkpoint and the CLIP model it was trained on.
     pub fn resume(
         dir: &Path,
@@ -743,6 +729,11 @@ impl Trainer {
         t.rng = Rng::from_state(state.rng_state);
         Ok(t)
     }
+}
+
+/// The metric a checkpoint was saved with, if it has one and can be read.
+pub(crate) fn checkpoint_metric(dir: &Path) -> Option<f64> {
+    read_state(dir).ok().and_then(|s| s.metric)
 }
 
 fn read_state(dir: &Path) -> Result<State> {
