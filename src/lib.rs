@@ -37,6 +37,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod eval;
+pub mod faces;
 pub mod fs;
 pub mod io;
 pub mod ops;

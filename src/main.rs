@@ -88,6 +88,16 @@ enum Cmd {
         clip: Option<std::path::PathBuf>,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Score each input whole: for inputs that are already face crops (what manifests
+        /// hold). By default faces are found, cropped and each scored.
+        #[arg(long)]
+        no_face_crop: bool,
+        /// Smallest face scored (its box's side, in pixels).
+        #[arg(long, default_value_t = 40)]
+        min_face: u32,
+        /// A crop's side as a multiple of the face box's longer side.
+        #[arg(long, default_value_t = 1.3)]
+        face_margin: f32,
     },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
@@ -688,9 +698,12 @@ fn predict(
     dir: Option<&std::path::Path>,
     clip: Option<&std::path::Path>,
     device: &str,
+    faces: Option<sd2::faces::FaceConfig>,
 ) -> sd2::Result<()> {
     let device = sd2::Device::parse(device)?;
     device.check_available()?;
+    // Checked before the model loads: a bad flag fails fast.
+    let mut faces = faces.map(sd2::faces::FaceDetector::new).transpose()?;
     let mut paths = images.to_vec();
     if let Some(d) = dir {
         paths.extend(sd2::fs::image_files(d)?);
@@ -701,13 +714,31 @@ fn predict(
     let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
     // One JSON line per input, a bad file's line holding its error; the exit status says
     // whether any failed.
-    let failed = det.detect_files(&paths, 32, |p, pred| {
-        let line = match pred {
-            Ok(pred) => serde_json::json!({"path": p.display().to_string(), "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs}),
-            Err(e) => serde_json::json!({"path": p.display().to_string(), "error": e.to_string()}),
-        };
-        println!("{line}");
-    })?;
+    let error_line = |p: &std::path::Path, e: sd2::Error| serde_json::json!({"path": p.display().to_string(), "status": "error", "error": e.to_string()});
+    let failed = match faces.as_mut() {
+        Some(faces) => det.detect_files_faces(&paths, 32, faces, |p, v| {
+            let line = match v {
+                Ok(v) => {
+                    let mut line = serde_json::json!({"path": p.display().to_string()});
+                    if let (Some(o), Ok(serde_json::Value::Object(v))) =
+                        (line.as_object_mut(), serde_json::to_value(&v))
+                    {
+                        o.extend(v);
+                    }
+                    line
+                }
+                Err(e) => error_line(p, e),
+            };
+            println!("{line}");
+        })?,
+        None => det.detect_files(&paths, 32, |p, pred| {
+            let line = match pred {
+                Ok(pred) => serde_json::json!({"path": p.display().to_string(), "status": "ok", "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs}),
+                Err(e) => error_line(p, e),
+            };
+            println!("{line}");
+        })?,
+    };
     if failed > 0 {
         return Err(sd2::Error::Msg(format!(
             "predict: {failed} of {} images could not be read (their lines hold the errors)",
@@ -930,12 +961,20 @@ fn main() {
             dir,
             clip,
             device,
+            no_face_crop,
+            min_face,
+            face_margin,
         } => predict(
             &checkpoint,
             &images,
             dir.as_deref(),
             clip.as_deref(),
             &device,
+            (!no_face_crop).then(|| sd2::faces::FaceConfig {
+                min_face,
+                margin: face_margin,
+                ..Default::default()
+            }),
         ),
         Cmd::Tokenize {
             texts_file,

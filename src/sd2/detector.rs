@@ -10,8 +10,10 @@ use super::type_texts::{TypeTexts, CLASSES};
 use crate::clip::model::{Fwd, Init, WeightSource};
 use crate::clip::preprocess::{pixel_values, RgbImage};
 use crate::clip::{ClipModel, ClipTokenizer};
+use crate::faces::{crop, FaceBox, FaceDetector};
 use crate::io::WeightStore;
 use crate::{no_grad, DType, Device, Error, Result, Tensor};
+use serde::Serialize;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prediction {
@@ -21,6 +23,60 @@ pub struct Prediction {
     pub label: &'static str,
     /// 1 − p(REAL).
     pub fake_score: f64,
+}
+
+/// One face of an image, scored.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaceScore {
+    /// Where it is and how sure the face detector was.
+    #[serde(flatten)]
+    pub face: FaceBox,
+    /// 1 − p(REAL) of its crop.
+    pub fake_score: f64,
+    /// The most probable class of its crop (`real`, `fs`, `fr`, `efs`, `fe`).
+    pub class: &'static str,
+    /// softmax over REAL, FS, FR, EFS, FE.
+    pub probs: [f64; 5],
+}
+
+/// An image judged by its faces: the image is as fake as its most fake face.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImageVerdict {
+    /// `"ok"`, or `"no_face"` when no face was found (then nothing is scored).
+    pub status: &'static str,
+    /// The largest `fake_score` of its faces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fake_score: Option<f64>,
+    /// The class of that face.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    /// Every face found, the largest first.
+    pub faces: Vec<FaceScore>,
+}
+
+impl ImageVerdict {
+    /// The verdict of faces `boxes` scored `preds` (in the same order).
+    pub fn from_faces(boxes: Vec<FaceBox>, preds: Vec<Prediction>) -> ImageVerdict {
+        let faces: Vec<FaceScore> = boxes
+            .into_iter()
+            .zip(preds)
+            .map(|(face, p)| FaceScore {
+                face,
+                fake_score: p.fake_score,
+                class: p.label,
+                probs: p.probs,
+            })
+            .collect();
+        let worst = faces
+            .iter()
+            .max_by(|a, b| a.fake_score.total_cmp(&b.fake_score));
+        ImageVerdict {
+            status: if faces.is_empty() { "no_face" } else { "ok" },
+            fake_score: worst.map(|f| f.fake_score),
+            class: worst.map(|f| f.class),
+            faces,
+        }
+    }
 }
 
 pub struct Detector {
@@ -204,6 +260,95 @@ impl Detector {
             self.model.clip.logit_scale.device(),
         )?;
         self.detect_pixels(&px)
+    }
+
+    /// An image judged by its faces: each face `faces` finds is cropped (`faces::crop`) and
+    /// scored; no face is the status `"no_face"`, not an error.
+    pub fn detect_faces(&self, faces: &mut FaceDetector, img: &RgbImage) -> Result<ImageVerdict> {
+        let boxes = faces.detect(img)?;
+        let crops = boxes
+            .iter()
+            .map(|b| crop(img, b.bbox, faces.config().margin))
+            .collect::<Result<Vec<_>>>()?;
+        let preds = if crops.is_empty() {
+            vec![]
+        } else {
+            self.detect(&crops)?
+        };
+        Ok(ImageVerdict::from_faces(boxes, preds))
+    }
+
+    /// `detect_faces` over image files, in order: `each` gets every path with its verdict or
+    /// the error that names it (the others are judged all the same). Crops of consecutive
+    /// images are scored together, about `chunk` at a time; one decoded image is in memory at
+    /// once. Returns how many files failed.
+    pub fn detect_files_faces(
+        &self,
+        paths: &[std::path::PathBuf],
+        chunk: usize,
+        faces: &mut FaceDetector,
+        mut each: impl FnMut(&Path, Result<ImageVerdict>),
+    ) -> Result<usize> {
+        use crate::clip::preprocess::{decode_image_then, preprocess};
+        let size = self.model.clip.config.vision_config.image_size;
+        let margin = faces.config().margin;
+        let mut failed = 0;
+        // Images whose crops wait in `pixels` to be scored, in order.
+        let mut pending: Vec<(&Path, Result<Vec<FaceBox>>)> = vec![];
+        let mut pixels: Vec<f32> = vec![];
+        let mut flush = |pending: &mut Vec<(&Path, Result<Vec<FaceBox>>)>,
+                         pixels: &mut Vec<f32>|
+         -> Result<()> {
+            let n = pixels.len() / (3 * size * size);
+            let mut preds = if n > 0 {
+                let px = Tensor::from_vec(std::mem::take(pixels), (n, 3, size, size), Device::Cpu)?
+                    .to_dtype(self.model.dtype())?
+                    .to_device(self.model.clip.logit_scale.device())?;
+                self.detect_pixels(&px)?.into_iter()
+            } else {
+                Vec::new().into_iter()
+            };
+            for (p, r) in pending.drain(..) {
+                match r {
+                    Ok(boxes) => {
+                        let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
+                        if mine.len() != boxes.len() {
+                            return Err(Error::Msg(
+                                "detect_files_faces: fewer predictions than faces".into(),
+                            ));
+                        }
+                        each(p, Ok(ImageVerdict::from_faces(boxes, mine)));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        each(p, Err(e));
+                    }
+                }
+            }
+            Ok(())
+        };
+        for p in paths {
+            let r = decode_image_then(p, |img| {
+                let boxes = faces.detect(&img)?;
+                let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
+                for b in &boxes {
+                    px.extend(preprocess(&crop(&img, b.bbox, margin)?, size));
+                }
+                Ok((boxes, px))
+            });
+            match r {
+                Ok((boxes, px)) => {
+                    pixels.extend(px);
+                    pending.push((p, Ok(boxes)));
+                }
+                Err(e) => pending.push((p, Err(e))),
+            }
+            if pixels.len() >= chunk.max(1) * 3 * size * size {
+                flush(&mut pending, &mut pixels)?;
+            }
+        }
+        flush(&mut pending, &mut pixels)?;
+        Ok(failed)
     }
 
     /// Predictions for image files, scored `chunk` at a time; `each` gets every path in order

@@ -188,3 +188,31 @@ pub fn sd2_cli(args: &[&str]) -> std::process::Output {
         .output()
         .expect("run the sd2 binary")
 }
+
+/// A loadable checkpoint of a tiny random SD2 model (towers included: `train_base`) in `dir`,
+/// for tests of the commands that take `--checkpoint`.
+pub fn tiny_checkpoint(dir: &std::path::Path) {
+    use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer};
+    use sd2::sd2::train::{TrainConfig, Trainer};
+    use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
+    let cfg = ClipConfig::from_json(
+        r#"{"projection_dim": 16,
+            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1, "image_size": 28, "patch_size": 14},
+            "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}}"#,
+    )
+    .unwrap();
+    let clip = ClipModel::random(&cfg, DType::F32, Device::Cpu, 11).unwrap();
+    let mut c = Sd2Config::default();
+    c.lora.rank = 4;
+    c.clam_heads = 4;
+    c.train_base = true;
+    let model = Sd2Model::new(clip, c, 3).unwrap();
+    Trainer::new(
+        model,
+        TrainConfig::default(),
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    )
+    .save(dir, None)
+    .unwrap();
+}

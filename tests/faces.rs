@@ -1,0 +1,242 @@
+//! Faces on real photos (public-domain fixtures, `scripts/reference/face_fixtures.py`): the
+//! shipped detector against MediaPipe's boxes on the same JPEGs, the crop geometry, and
+//! `sd2 predict` judging images by their faces.
+use sd2::clip::preprocess::decode_image;
+use sd2::faces::{crop, crop_square, FaceBox, FaceConfig, FaceDetector};
+
+mod common;
+use common::sd2_cli as sd2;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/faces")
+        .join(name)
+}
+
+fn reference() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixture("reference.json")).unwrap()).unwrap()
+}
+
+fn boxes(v: &serde_json::Value) -> Vec<[f32; 4]> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let b = f["box"].as_array().unwrap();
+            [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap() as f32)
+        })
+        .collect()
+}
+
+/// How far `got` is from `want`, as fractions of `want`'s side: (centre offset, side ratio − 1).
+fn box_error(got: [f32; 4], want: [f32; 4]) -> (f32, f32) {
+    let side = |b: [f32; 4]| ((b[2] - b[0]) + (b[3] - b[1])) / 2.0;
+    let centre = |b: [f32; 4]| ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+    let (g, w) = (centre(got), centre(want));
+    let off = ((g.0 - w.0).powi(2) + (g.1 - w.1).powi(2)).sqrt() / side(want);
+    (off, side(got) / side(want) - 1.0)
+}
+
+/// Every face MediaPipe finds (its full-range model, the reference) is found, nothing else is,
+/// and each box is within 15% of MediaPipe's: centre offset and side, as fractions of
+/// MediaPipe's side. A cat photo has no face.
+#[test]
+fn faces_on_real_photos_match_the_reference_detector() {
+    let r = reference();
+    let mut det = FaceDetector::new(FaceConfig::default()).unwrap();
+    for name in [
+        "astronaut.jpg",
+        "grace_hopper.jpg",
+        "group.jpg",
+        "chelsea.jpg",
+    ] {
+        let img = decode_image(&fixture(name)).unwrap();
+        let t = std::time::Instant::now();
+        let got = det.detect(&img).unwrap();
+        let want = boxes(&r["images"][name]["mediapipe_full_range"]);
+        println!(
+            "{name} ({}x{}): {} faces in {:.0} ms, MediaPipe {}",
+            img.width,
+            img.height,
+            got.len(),
+            t.elapsed().as_secs_f64() * 1e3,
+            want.len()
+        );
+        assert_eq!(got.len(), want.len(), "{name}: {got:?} vs {want:?}");
+        for w in &want {
+            let (g, (off, size)) = got
+                .iter()
+                .map(|g| (g, box_error(g.bbox, *w)))
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
+                .unwrap();
+            println!(
+                "  ours {:?} (score {:.1}) vs MediaPipe {w:?}: centre off {:.1}%, side {:+.1}%",
+                g.bbox,
+                g.detection_score,
+                off * 100.0,
+                size * 100.0
+            );
+            assert!(
+                off <= 0.15 && size.abs() <= 0.15,
+                "{name}: {:?} vs {w:?}",
+                g.bbox
+            );
+        }
+    }
+}
+
+/// A crop is square, margin × the box's longer side, centred on the box, and moved (or shrunk)
+/// to stay inside the image; its pixels are the image's.
+#[test]
+fn crops_are_square_centred_and_inside_the_image() {
+    // Centred: a 100 px box → a 130 px crop around the same centre.
+    assert_eq!(
+        crop_square(1000, 800, [400.0, 300.0, 500.0, 400.0], 1.3),
+        (385, 285, 130)
+    );
+    // The longer side counts.
+    assert_eq!(
+        crop_square(1000, 800, [400.0, 300.0, 500.0, 360.0], 1.0).2,
+        100
+    );
+    // At the corner: moved inside.
+    assert_eq!(
+        crop_square(1000, 800, [0.0, 0.0, 100.0, 100.0], 1.3),
+        (0, 0, 130)
+    );
+    assert_eq!(
+        crop_square(1000, 800, [950.0, 750.0, 1000.0, 800.0], 2.0),
+        (900, 700, 100)
+    );
+    // Larger than the image: shrunk to its shorter side.
+    assert_eq!(
+        crop_square(300, 200, [0.0, 0.0, 300.0, 200.0], 1.3),
+        (50, 0, 200)
+    );
+    let img = decode_image(&fixture("astronaut.jpg")).unwrap();
+    let c = crop(&img, [100.0, 50.0, 200.0, 150.0], 1.3).unwrap();
+    assert_eq!((c.width, c.height), (130, 130));
+    let (x0, y0, _) = crop_square(img.width, img.height, [100.0, 50.0, 200.0, 150.0], 1.3);
+    for (y, x) in [(0, 0), (129, 129), (64, 17)] {
+        let at = |im: &sd2::clip::preprocess::RgbImage, x: usize, y: usize| {
+            im.data[(y * im.width + x) * 3..(y * im.width + x) * 3 + 3].to_vec()
+        };
+        assert_eq!(at(&c, x, y), at(&img, x0 + x, y0 + y));
+    }
+}
+
+/// Settings out of range are refused naming the key; images too small for the smallest face
+/// have no faces (not an error).
+#[test]
+fn face_settings_are_checked_and_tiny_images_have_no_faces() {
+    for (cfg, key) in [
+        (
+            FaceConfig {
+                margin: 0.5,
+                ..Default::default()
+            },
+            "faces.margin",
+        ),
+        (
+            FaceConfig {
+                min_face: 10,
+                ..Default::default()
+            },
+            "faces.min_face",
+        ),
+        (
+            FaceConfig {
+                score_threshold: f64::NAN,
+                ..Default::default()
+            },
+            "faces.score_threshold",
+        ),
+    ] {
+        let e = FaceDetector::new(cfg).err().expect("accepted").to_string();
+        assert!(e.contains(key), "{e}");
+    }
+    let mut det = FaceDetector::new(FaceConfig::default()).unwrap();
+    for (w, h) in [(1, 1), (39, 500), (500, 39)] {
+        let img = sd2::clip::preprocess::RgbImage::new(w, h, vec![128; w * h * 3]).unwrap();
+        assert_eq!(det.detect(&img).unwrap(), Vec::<FaceBox>::new());
+    }
+}
+
+/// `sd2 predict` finds, crops and scores each face: one JSON line per image with its boxes (in
+/// the input's pixels), each face's score and the image's (its most fake face's); a photo
+/// without a face says `"status": "no_face"` and is not an error; `--no-face-crop` scores the
+/// whole input.
+#[test]
+fn predict_judges_photos_by_their_faces() {
+    let ck = std::env::temp_dir().join(format!("sd2-faces-predict-{}", std::process::id()));
+    std::fs::remove_dir_all(&ck).ok();
+    common::tiny_checkpoint(&ck);
+    let names = ["astronaut.jpg", "group.jpg", "chelsea.jpg"];
+    let mut args = vec!["predict", "--checkpoint", ck.to_str().unwrap()];
+    let paths: Vec<String> = names
+        .iter()
+        .map(|n| fixture(n).display().to_string())
+        .collect();
+    args.extend(paths.iter().map(String::as_str));
+    let r = sd2(&args);
+    let out = String::from_utf8_lossy(&r.stdout);
+    println!("{out}{}", String::from_utf8_lossy(&r.stderr));
+    assert!(r.status.success());
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let r = reference();
+    for (line, name) in lines.iter().zip(names) {
+        assert_eq!(line["path"].as_str(), Some(fixture(name).to_str().unwrap()));
+        let faces = line["faces"].as_array().unwrap();
+        let want = boxes(&r["images"][name]["mediapipe_full_range"]);
+        assert_eq!(faces.len(), want.len(), "{line}");
+        if want.is_empty() {
+            assert_eq!(line["status"], "no_face");
+            assert!(line.get("fake_score").is_none(), "{line}");
+            continue;
+        }
+        assert_eq!(line["status"], "ok");
+        let scores: Vec<f64> = faces
+            .iter()
+            .map(|f| f["fake_score"].as_f64().unwrap())
+            .collect();
+        let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+        assert_eq!(
+            line["fake_score"].as_f64(),
+            Some(top),
+            "the image's score is its top face's"
+        );
+        for f in faces {
+            let probs: Vec<f64> = f["probs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_f64().unwrap())
+                .collect();
+            assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{f}");
+            assert!((f["fake_score"].as_f64().unwrap() - (1.0 - probs[0])).abs() < 1e-12);
+            let b = f["box"].as_array().unwrap();
+            let b = [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap() as f32);
+            assert!(
+                want.iter().any(|w| box_error(b, *w).0 <= 0.15),
+                "{name}: a box far from every reference face: {f}"
+            );
+        }
+    }
+    let r = sd2(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--no-face-crop",
+        &paths[2],
+    ]);
+    assert!(r.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    println!("--no-face-crop: {line}");
+    assert_eq!(line["status"], "ok");
+    assert!(line["fake_score"].as_f64().is_some() && line.get("faces").is_none());
+    std::fs::remove_dir_all(&ck).ok();
+}
