@@ -51,6 +51,7 @@ pub mod shape;
 pub mod storage;
 pub mod tensor;
 pub mod upload;
+pub mod video;
 
 pub use autograd::{checkpoint, no_grad, GradStore};
 pub use device::Device;

@@ -76,7 +76,8 @@ enum Cmd {
         #[arg(long)]
         perturb: Vec<String>,
     },
-    /// Predict images: one JSON line per image (path, class, fake_score, probs).
+    /// Judge photos and videos by their faces: one JSON line per input (its fake_score and
+    /// class, each face with its box and scores; a video also per sampled frame).
     Predict {
         #[arg(long)]
         checkpoint: std::path::PathBuf,
@@ -98,6 +99,9 @@ enum Cmd {
         /// A crop's side as a multiple of the face box's longer side.
         #[arg(long, default_value_t = 1.3)]
         face_margin: f32,
+        /// Frames sampled uniformly from each video (DeepfakeBench: 32).
+        #[arg(long, default_value_t = 32)]
+        frames: usize,
     },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
@@ -699,6 +703,7 @@ fn predict(
     clip: Option<&std::path::Path>,
     device: &str,
     faces: Option<sd2::faces::FaceConfig>,
+    frames: usize,
 ) -> sd2::Result<()> {
     let device = sd2::Device::parse(device)?;
     device.check_available()?;
@@ -709,39 +714,74 @@ fn predict(
         paths.extend(sd2::fs::image_files(d)?);
     }
     if paths.is_empty() {
-        return Err(sd2::Error::Msg("predict: give image paths or --dir".into()));
+        return Err(sd2::Error::Msg(
+            "predict: give image or video paths, or --dir".into(),
+        ));
     }
     let det = sd2::sd2::detector::Detector::load(checkpoint, clip, device)?;
     // One JSON line per input, a bad file's line holding its error; the exit status says
     // whether any failed.
     let error_line = |p: &std::path::Path, e: sd2::Error| serde_json::json!({"path": p.display().to_string(), "status": "error", "error": e.to_string()});
-    let failed = match faces.as_mut() {
-        Some(faces) => det.detect_files_faces(&paths, 32, faces, |p, v| {
-            let line = match v {
-                Ok(v) => {
-                    let mut line = serde_json::json!({"path": p.display().to_string()});
-                    if let (Some(o), Ok(serde_json::Value::Object(v))) =
-                        (line.as_object_mut(), serde_json::to_value(&v))
-                    {
-                        o.extend(v);
-                    }
-                    line
-                }
-                Err(e) => error_line(p, e),
-            };
-            println!("{line}");
-        })?,
-        None => det.detect_files(&paths, 32, |p, pred| {
-            let line = match pred {
-                Ok(pred) => serde_json::json!({"path": p.display().to_string(), "status": "ok", "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs}),
-                Err(e) => error_line(p, e),
-            };
-            println!("{line}");
-        })?,
+    let with_path = |p: &std::path::Path, v: serde_json::Result<serde_json::Value>| {
+        let mut line = serde_json::json!({"path": p.display().to_string()});
+        if let (Some(o), Ok(serde_json::Value::Object(v))) = (line.as_object_mut(), v) {
+            o.extend(v);
+        }
+        line
     };
+    let mut failed = 0;
+    // Inputs in order: runs of images scored together, each video on its own.
+    let mut rest: &[std::path::PathBuf] = &paths;
+    while let Some(first) = rest.first() {
+        if sd2::video::is_video(first) {
+            let line = match faces.as_mut() {
+                Some(faces) => match det.detect_video(faces, first, frames, 32) {
+                    Ok(v) => with_path(first, serde_json::to_value(&v)),
+                    Err(e) => {
+                        failed += 1;
+                        error_line(first, e)
+                    }
+                },
+                None => {
+                    failed += 1;
+                    error_line(
+                        first,
+                        sd2::Error::Msg(
+                            "a video is judged by its faces: drop --no-face-crop".into(),
+                        ),
+                    )
+                }
+            };
+            println!("{line}");
+            rest = &rest[1..];
+            continue;
+        }
+        let n = rest
+            .iter()
+            .position(|p| sd2::video::is_video(p))
+            .unwrap_or(rest.len());
+        let (images, after) = rest.split_at(n);
+        rest = after;
+        failed += match faces.as_mut() {
+            Some(faces) => det.detect_files_faces(images, 32, faces, |p, v| {
+                let line = match v {
+                    Ok(v) => with_path(p, serde_json::to_value(&v)),
+                    Err(e) => error_line(p, e),
+                };
+                println!("{line}");
+            })?,
+            None => det.detect_files(images, 32, |p, pred| {
+                let line = match pred {
+                    Ok(pred) => serde_json::json!({"path": p.display().to_string(), "status": "ok", "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs}),
+                    Err(e) => error_line(p, e),
+                };
+                println!("{line}");
+            })?,
+        };
+    }
     if failed > 0 {
         return Err(sd2::Error::Msg(format!(
-            "predict: {failed} of {} images could not be read (their lines hold the errors)",
+            "predict: {failed} of {} inputs could not be read (their lines hold the errors)",
             paths.len()
         )));
     }
@@ -964,6 +1004,7 @@ fn main() {
             no_face_crop,
             min_face,
             face_margin,
+            frames,
         } => predict(
             &checkpoint,
             &images,
@@ -975,6 +1016,7 @@ fn main() {
                 margin: face_margin,
                 ..Default::default()
             }),
+            frames,
         ),
         Cmd::Tokenize {
             texts_file,

@@ -240,3 +240,136 @@ fn predict_judges_photos_by_their_faces() {
     assert!(line["fake_score"].as_f64().is_some() && line.get("faces").is_none());
     std::fs::remove_dir_all(&ck).ok();
 }
+
+/// 32 frames sampled uniformly from a 1080p H.264 MP4, each face found within 15% of where the
+/// clip drew it and kept on one track; the video's score is the mean of its frames'. A VP9
+/// WebM is a clear error line naming what to do, and the exit status says so.
+#[test]
+fn predict_samples_a_video_and_tracks_its_face() {
+    let ck = std::env::temp_dir().join(format!("sd2-faces-video-{}", std::process::id()));
+    std::fs::remove_dir_all(&ck).ok();
+    common::tiny_checkpoint(&ck);
+    let mp4 = fixture("clip.mp4");
+    let t = std::time::Instant::now();
+    let r = sd2(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        mp4.to_str().unwrap(),
+    ]);
+    let took = t.elapsed();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let truth = &reference()["video"]["clip.mp4"];
+    let want: Vec<[f32; 4]> = truth["face_box_per_frame"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap() as f32))
+        .collect();
+    let frames = v["frames"].as_array().unwrap();
+    println!(
+        "{} frames of a {}x{} clip judged in {:.2}s (whole command): video_score {}",
+        frames.len(),
+        v["video"]["width"],
+        v["video"]["height"],
+        took.as_secs_f64(),
+        v["video_score"]
+    );
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["video"]["frames"].as_u64(), Some(48));
+    assert_eq!(frames.len(), 32);
+    assert_eq!(v["frames_with_faces"].as_u64(), Some(32));
+    let (mut worst_off, mut worst_size) = (0f32, 0f32);
+    let mut sum = 0.0;
+    for (k, f) in frames.iter().enumerate() {
+        let index = f["index"].as_u64().unwrap() as usize;
+        assert_eq!(index, k * 47 / 31, "uniform sampling");
+        let faces = f["faces"].as_array().unwrap();
+        assert_eq!(faces.len(), 1, "frame {index}: {f}");
+        assert_eq!(
+            faces[0]["track"].as_u64(),
+            Some(0),
+            "frame {index}: one face, one track"
+        );
+        let b = faces[0]["box"].as_array().unwrap();
+        let b = [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap() as f32);
+        let (off, size) = box_error(b, want[index]);
+        worst_off = worst_off.max(off);
+        worst_size = worst_size.max(size.abs());
+        assert!(
+            off <= 0.15 && size.abs() <= 0.15,
+            "frame {index}: {b:?} vs {:?}",
+            want[index]
+        );
+        sum += f["fake_score"].as_f64().unwrap();
+    }
+    println!(
+        "worst centre offset {:.1}%, worst side error {:.1}% (of the drawn face's side)",
+        worst_off * 100.0,
+        worst_size * 100.0
+    );
+    let mean = sum / 32.0;
+    assert!((v["video_score"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let webm = fixture("clip.webm");
+    let r = sd2(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        webm.to_str().unwrap(),
+    ]);
+    let line: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    println!("{line}");
+    assert!(!r.status.success());
+    assert_eq!(line["status"], "error");
+    let e = line["error"].as_str().unwrap();
+    assert!(
+        e.contains("clip.webm") && e.contains("H.264") && e.contains("ffmpeg"),
+        "{e}"
+    );
+    // Hostile videos: each its own error line, the good one still judged.
+    let d = ck.join("videos");
+    std::fs::create_dir_all(&d).unwrap();
+    let bytes = std::fs::read(&mp4).unwrap();
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("empty.mp4", vec![]),
+        (
+            "noise.mp4",
+            (0..5000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        ("cut_in_frames.mp4", bytes[..bytes.len() * 6 / 10].to_vec()),
+        ("cut_in_header.mp4", bytes[..600].to_vec()),
+    ];
+    let mut args = vec![
+        "predict".to_string(),
+        "--checkpoint".into(),
+        ck.display().to_string(),
+    ];
+    for (name, b) in &cases {
+        std::fs::write(d.join(name), b).unwrap();
+        args.push(d.join(name).display().to_string());
+    }
+    args.push(mp4.display().to_string());
+    let r = sd2(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = String::from_utf8_lossy(&r.stdout);
+    println!("{out}{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(r.status.code(), Some(1), "a clean failure, not a crash");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    for (l, (name, _)) in lines.iter().zip(&cases) {
+        assert_eq!(l["status"], "error", "{name}: {l}");
+        assert!(l["error"].as_str().unwrap().contains(name), "{l}");
+    }
+    assert_eq!(lines[4]["status"], "ok");
+    std::fs::remove_dir_all(&ck).ok();
+}

@@ -37,6 +37,88 @@ pub struct FaceScore {
     pub class: &'static str,
     /// softmax over REAL, FS, FR, EFS, FE.
     pub probs: [f64; 5],
+    /// In a video: the face's track, the same number from frame to frame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track: Option<usize>,
+}
+
+/// One sampled frame of a video, judged by its faces.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrameVerdict {
+    /// The frame's index in display order, from 0.
+    pub index: usize,
+    /// Its time from the start, in seconds.
+    pub time_s: f64,
+    #[serde(flatten)]
+    pub verdict: ImageVerdict,
+}
+
+/// A video judged by its sampled frames: its score is the mean of the scores of the frames
+/// with a face (DeepfakeBench's video-level protocol).
+#[derive(Clone, Debug, Serialize)]
+pub struct VideoVerdict {
+    /// `"ok"`, or `"no_face"` when no sampled frame has a face.
+    pub status: &'static str,
+    /// The mean of the frames' `fake_score`s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub video_score: Option<f64>,
+    /// The same as `video_score`, under the name images use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fake_score: Option<f64>,
+    /// The most probable class of the frames' mean probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    /// The video's size, length and rate.
+    pub video: crate::video::VideoInfo,
+    /// Sampled frames with at least one face.
+    pub frames_with_faces: usize,
+    /// Every sampled frame, in order.
+    pub frames: Vec<FrameVerdict>,
+}
+
+/// Intersection over union of two boxes.
+fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let area = |r: [f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    let inter = w * h;
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 {
+        inter / union
+    } else {
+        0.0
+    }
+}
+
+/// Gives each face of each frame a track number: the track of the previous frame's face it
+/// overlaps most (IoU > 0.3, each taken once, larger faces first), or a new one.
+fn assign_tracks(frames: &mut [FrameVerdict]) {
+    let mut prev: Vec<([f32; 4], usize)> = vec![];
+    let mut next_id = 0;
+    for f in frames {
+        let mut now = vec![];
+        for face in &mut f.verdict.faces {
+            let best = prev
+                .iter()
+                .enumerate()
+                .map(|(i, (b, _))| (i, iou(*b, face.face.bbox)))
+                .filter(|(_, v)| *v > 0.3)
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            let id = match best {
+                Some((i, _)) => prev.remove(i).1,
+                None => {
+                    next_id += 1;
+                    next_id - 1
+                }
+            };
+            face.track = Some(id);
+            now.push((face.face.bbox, id));
+        }
+        // A frame without faces keeps the last boxes: a face missed once keeps its track.
+        if !now.is_empty() {
+            prev = now;
+        }
+    }
 }
 
 /// An image judged by its faces: the image is as fake as its most fake face.
@@ -65,6 +147,7 @@ impl ImageVerdict {
                 fake_score: p.fake_score,
                 class: p.label,
                 probs: p.probs,
+                track: None,
             })
             .collect();
         let worst = faces
@@ -276,6 +359,135 @@ impl Detector {
             self.detect(&crops)?
         };
         Ok(ImageVerdict::from_faces(boxes, preds))
+    }
+
+    /// A video judged by its faces: `frames` frames sampled uniformly (`video::sample_frames`),
+    /// each judged as an image (`detect_faces`), faces tracked from frame to frame, crops
+    /// scored `chunk` at a time.
+    pub fn detect_video(
+        &self,
+        faces: &mut FaceDetector,
+        path: &Path,
+        frames: usize,
+        chunk: usize,
+    ) -> Result<VideoVerdict> {
+        use crate::clip::preprocess::preprocess;
+        let size = self.model.clip.config.vision_config.image_size;
+        let cfg = faces.config().clone();
+        // Frames are decoded in order on this thread and searched for faces on `workers`
+        // others (each with its own detector); at most `workers` frames wait in between, so
+        // memory holds a few frames, not the video.
+        let workers = rayon::current_num_threads().clamp(1, 8);
+        type Found = (usize, f64, Vec<FaceBox>, Vec<f32>);
+        let (found, info) = std::thread::scope(|s| -> Result<(Vec<Found>, _)> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<crate::video::Frame>(workers);
+            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let (rx, cfg) = (rx.clone(), cfg.clone());
+                    s.spawn(move || -> Result<Vec<Found>> {
+                        let mut det = FaceDetector::new(cfg)?;
+                        let mut out = vec![];
+                        loop {
+                            let next = rx
+                                .lock()
+                                .map_err(|_| Error::Msg("a face worker died".into()))?
+                                .recv();
+                            let Ok(frame) = next else { return Ok(out) };
+                            let boxes = det.detect(&frame.image)?;
+                            let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
+                            for b in &boxes {
+                                px.extend(preprocess(
+                                    &crop(&frame.image, b.bbox, det.config().margin)?,
+                                    size,
+                                ));
+                            }
+                            out.push((frame.index, frame.time_s, boxes, px));
+                        }
+                    })
+                })
+                .collect();
+            let info = crate::video::sample_frames(path, frames, |_, frame| {
+                tx.send(frame)
+                    .map_err(|_| Error::Msg("face detection stopped early".into()))
+            });
+            drop(tx);
+            let mut found = vec![];
+            for h in handles {
+                found.extend(
+                    h.join()
+                        .map_err(|_| Error::Msg("a face worker panicked".into()))??,
+                );
+            }
+            Ok((found, info?))
+        })?;
+        let mut found = found;
+        found.sort_by_key(|f| f.0);
+        let mut pixels: Vec<f32> = vec![];
+        let found: Vec<(usize, f64, Vec<FaceBox>)> = found
+            .into_iter()
+            .map(|(i, t, b, px)| {
+                pixels.extend(px);
+                (i, t, b)
+            })
+            .collect();
+        let mut preds = vec![];
+        let per = 3 * size * size;
+        for part in pixels.chunks(chunk.max(1) * per) {
+            let px = Tensor::from_vec(
+                part.to_vec(),
+                (part.len() / per, 3, size, size),
+                Device::Cpu,
+            )?
+            .to_dtype(self.model.dtype())?
+            .to_device(self.model.clip.logit_scale.device())?;
+            preds.extend(self.detect_pixels(&px)?);
+        }
+        let mut preds = preds.into_iter();
+        let mut frames: Vec<FrameVerdict> = found
+            .into_iter()
+            .map(|(index, time_s, boxes)| {
+                let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
+                FrameVerdict {
+                    index,
+                    time_s,
+                    verdict: ImageVerdict::from_faces(boxes, mine),
+                }
+            })
+            .collect();
+        assign_tracks(&mut frames);
+        let scored: Vec<&FaceScore> = frames
+            .iter()
+            .filter_map(|f| {
+                f.verdict
+                    .faces
+                    .iter()
+                    .max_by(|a, b| a.fake_score.total_cmp(&b.fake_score))
+            })
+            .collect();
+        let n = scored.len();
+        let (score, class) = if n == 0 {
+            (None, None)
+        } else {
+            let score = scored.iter().map(|f| f.fake_score).sum::<f64>() / n as f64;
+            let mut mean = [0.0; 5];
+            for f in &scored {
+                for (m, p) in mean.iter_mut().zip(f.probs) {
+                    *m += p / n as f64;
+                }
+            }
+            let c = (0..5).fold(0, |b, j| if mean[j] > mean[b] { j } else { b });
+            (Some(score), Some(CLASSES[c]))
+        };
+        Ok(VideoVerdict {
+            status: if n == 0 { "no_face" } else { "ok" },
+            video_score: score,
+            fake_score: score,
+            class,
+            video: info,
+            frames_with_faces: n,
+            frames,
+        })
     }
 
     /// `detect_faces` over image files, in order: `each` gets every path with its verdict or
