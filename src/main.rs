@@ -102,6 +102,10 @@ enum Cmd {
         /// Frames sampled uniformly from each video (DeepfakeBench: 32).
         #[arg(long, default_value_t = 32)]
         frames: usize,
+        /// Also write each input with its faces' boxes and scores drawn, as JPEGs in this
+        /// folder (a video: each sampled frame with a face, `NAME.fINDEX.jpg`).
+        #[arg(long)]
+        annotate: Option<std::path::PathBuf>,
     },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
@@ -696,6 +700,7 @@ fn eval_request(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn predict(
     checkpoint: &std::path::Path,
     images: &[std::path::PathBuf],
@@ -704,7 +709,72 @@ fn predict(
     device: &str,
     faces: Option<sd2::faces::FaceConfig>,
     frames: usize,
+    annotate: Option<&std::path::Path>,
 ) -> sd2::Result<()> {
+    if let Some(d) = annotate {
+        std::fs::create_dir_all(d)
+            .map_err(|e| sd2::Error::Msg(format!("--annotate {}: {e}", d.display())))?;
+    }
+    // Annotated copies: `DIR/STEM[SUFFIX].jpg`, a number added when two inputs share a stem.
+    let used = std::cell::RefCell::new(std::collections::HashSet::new());
+    let out_name = |input: &std::path::Path, suffix: &str| {
+        let dir = annotate?;
+        let stem = input.file_stem()?.to_string_lossy().into_owned();
+        let mut used = used.borrow_mut();
+        let mut k = 1;
+        loop {
+            let n = if k == 1 {
+                format!("{stem}{suffix}.jpg")
+            } else {
+                format!("{stem}-{k}{suffix}.jpg")
+            };
+            if used.insert(n.clone()) {
+                return Some(dir.join(n));
+            }
+            k += 1;
+        }
+    };
+    // Where an input's annotated copy went, or why it did not; None without --annotate.
+    let annotate_image = |p: &std::path::Path, faces: &[sd2::sd2::detector::FaceScore]| {
+        let out = out_name(p, "")?;
+        let r = sd2::clip::preprocess::decode_image(p)
+            .and_then(|img| sd2::eval::plot::write_annotated(&out, &img, faces));
+        Some(
+            r.map(|()| out.display().to_string())
+                .map_err(|e| e.to_string()),
+        )
+    };
+    let annotate_video = |p: &std::path::Path, v: &sd2::sd2::detector::VideoVerdict| {
+        annotate?;
+        let mut written = vec![];
+        let r = sd2::video::sample_frames(p, frames, |_, frame| {
+            let Some(f) = v.frames.iter().find(|f| f.index == frame.index) else {
+                return Ok(());
+            };
+            if f.verdict.faces.is_empty() {
+                return Ok(());
+            }
+            if let Some(out) = out_name(p, &format!(".f{:05}", frame.index)) {
+                sd2::eval::plot::write_annotated(&out, &frame.image, &f.verdict.faces)?;
+                written.push(out.display().to_string());
+            }
+            Ok(())
+        });
+        Some(r.map(|_| written.join(", ")).map_err(|e| e.to_string()))
+    };
+    let note = |line: &mut serde_json::Value, r: Option<Result<String, String>>| {
+        if let Some(o) = line.as_object_mut() {
+            match r {
+                Some(Ok(at)) => {
+                    o.insert("annotated".into(), at.into());
+                }
+                Some(Err(e)) => {
+                    o.insert("annotate_error".into(), e.into());
+                }
+                None => {}
+            }
+        }
+    };
     let device = sd2::Device::parse(device)?;
     device.check_available()?;
     // Checked before the model loads: a bad flag fails fast.
@@ -736,7 +806,11 @@ fn predict(
         if sd2::video::is_video(first) {
             let line = match faces.as_mut() {
                 Some(faces) => match det.detect_video(faces, first, frames, 32) {
-                    Ok(v) => with_path(first, serde_json::to_value(&v)),
+                    Ok(v) => {
+                        let mut line = with_path(first, serde_json::to_value(&v));
+                        note(&mut line, annotate_video(first, &v));
+                        line
+                    }
                     Err(e) => {
                         failed += 1;
                         error_line(first, e)
@@ -765,7 +839,13 @@ fn predict(
         failed += match faces.as_mut() {
             Some(faces) => det.detect_files_faces(images, 32, faces, |p, v| {
                 let line = match v {
-                    Ok(v) => with_path(p, serde_json::to_value(&v)),
+                    Ok(v) => {
+                        let mut line = with_path(p, serde_json::to_value(&v));
+                        if !v.faces.is_empty() {
+                            note(&mut line, annotate_image(p, &v.faces));
+                        }
+                        line
+                    }
                     Err(e) => error_line(p, e),
                 };
                 println!("{line}");
@@ -1005,6 +1085,7 @@ fn main() {
             min_face,
             face_margin,
             frames,
+            annotate,
         } => predict(
             &checkpoint,
             &images,
@@ -1017,6 +1098,7 @@ fn main() {
                 ..Default::default()
             }),
             frames,
+            annotate.as_deref(),
         ),
         Cmd::Tokenize {
             texts_file,

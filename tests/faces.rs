@@ -373,3 +373,84 @@ fn predict_samples_a_video_and_tracks_its_face() {
     assert_eq!(lines[4]["status"], "ok");
     std::fs::remove_dir_all(&ck).ok();
 }
+
+/// `--annotate DIR` writes each photo with a face, and each sampled video frame with one, with
+/// the boxes drawn (green: real) where the JSON says they are; the JSON line says where.
+#[test]
+fn annotate_draws_the_boxes_the_json_reports() {
+    let ck = std::env::temp_dir().join(format!("sd2-faces-annotate-{}", std::process::id()));
+    std::fs::remove_dir_all(&ck).ok();
+    common::tiny_checkpoint(&ck);
+    let out = ck.join("annotated");
+    let (group, cat, mp4) = (
+        fixture("group.jpg"),
+        fixture("chelsea.jpg"),
+        fixture("clip.mp4"),
+    );
+    let r = sd2(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--annotate",
+        out.to_str().unwrap(),
+        "--frames",
+        "3",
+        group.to_str().unwrap(),
+        cat.to_str().unwrap(),
+        mp4.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at = std::path::PathBuf::from(lines[0]["annotated"].as_str().unwrap());
+    assert_eq!(at, out.join("group.jpg"));
+    assert!(
+        lines[1].get("annotated").is_none(),
+        "no face, nothing drawn"
+    );
+    let frames: Vec<&str> = lines[2]["annotated"]
+        .as_str()
+        .unwrap()
+        .split(", ")
+        .collect();
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert!(frames[1].ends_with("clip.f00023.jpg"), "{frames:?}");
+    let drawn = decode_image(&at).unwrap();
+    let img = decode_image(&group).unwrap();
+    assert_eq!((drawn.width, drawn.height), (img.width, img.height));
+    let px = |im: &sd2::clip::preprocess::RgbImage, x: usize, y: usize| {
+        let i = (y * im.width + x) * 3;
+        (
+            im.data[i] as i32,
+            im.data[i + 1] as i32,
+            im.data[i + 2] as i32,
+        )
+    };
+    for f in lines[0]["faces"].as_array().unwrap() {
+        let b = f["box"].as_array().unwrap();
+        let (x0, y0, y1) = (
+            b[0].as_f64().unwrap() as usize,
+            b[1].as_f64().unwrap() as usize,
+            b[3].as_f64().unwrap() as usize,
+        );
+        let (r, g, bl) = px(&drawn, x0, (y0 + y1) / 2);
+        assert!(
+            g > r + 60 && g > bl + 60,
+            "the box's left edge is not green: {r} {g} {bl}"
+        );
+        // Away from every box the photo is unchanged (up to JPEG's rounding).
+        let (a, b2) = (px(&drawn, 5, 5), px(&img, 5, 5));
+        assert!(
+            (a.0 - b2.0).abs() < 12 && (a.1 - b2.1).abs() < 12,
+            "{a:?} vs {b2:?}"
+        );
+    }
+    std::fs::remove_dir_all(&ck).ok();
+}
