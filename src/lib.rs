@@ -47,6 +47,7 @@ pub mod profile;
 pub mod rng;
 pub mod run;
 pub mod sd2;
+pub mod serve;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
