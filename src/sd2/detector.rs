@@ -333,6 +333,32 @@ impl Detector {
         predict_pixels(&self.model, &self.class_embeds, pixels)
     }
 
+    /// Predictions for preprocessed crops (`clip::preprocess::preprocess` of each, concatenated
+    /// in host memory: [n, 3, S, S] flattened), in model calls of at most `chunk` crops. The one
+    /// place host pixels become model input.
+    pub fn detect_crops(&self, pixels: &[f32], chunk: usize) -> Result<Vec<Prediction>> {
+        let size = self.model.clip.config.vision_config.image_size;
+        let per = 3 * size * size;
+        if !pixels.len().is_multiple_of(per) {
+            return Err(Error::Msg(format!(
+                "detect_crops: {} values are not whole {size}x{size} crops",
+                pixels.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(pixels.len() / per);
+        for part in pixels.chunks(chunk.clamp(1, usize::MAX / per) * per) {
+            let px = Tensor::from_vec(
+                part.to_vec(),
+                (part.len() / per, 3, size, size),
+                Device::Cpu,
+            )?
+            .to_dtype(self.model.dtype())?
+            .to_device(self.model.clip.logit_scale.device())?;
+            out.extend(self.detect_pixels(&px)?);
+        }
+        Ok(out)
+    }
+
     /// Predictions for decoded RGB images (preprocessed as CLIP's image processor does).
     pub fn detect(&self, images: &[RgbImage]) -> Result<Vec<Prediction>> {
         let size = self.model.clip.config.vision_config.image_size;
@@ -431,19 +457,7 @@ impl Detector {
                 (i, t, b)
             })
             .collect();
-        let mut preds = vec![];
-        let per = 3 * size * size;
-        for part in pixels.chunks(chunk.max(1) * per) {
-            let px = Tensor::from_vec(
-                part.to_vec(),
-                (part.len() / per, 3, size, size),
-                Device::Cpu,
-            )?
-            .to_dtype(self.model.dtype())?
-            .to_device(self.model.clip.logit_scale.device())?;
-            preds.extend(self.detect_pixels(&px)?);
-        }
-        let mut preds = preds.into_iter();
+        let mut preds = self.detect_crops(&pixels, chunk)?.into_iter();
         let mut frames: Vec<FrameVerdict> = found
             .into_iter()
             .map(|(index, time_s, boxes)| {
@@ -511,15 +525,8 @@ impl Detector {
         let mut flush = |pending: &mut Vec<(&Path, Result<Vec<FaceBox>>)>,
                          pixels: &mut Vec<f32>|
          -> Result<()> {
-            let n = pixels.len() / (3 * size * size);
-            let mut preds = if n > 0 {
-                let px = Tensor::from_vec(std::mem::take(pixels), (n, 3, size, size), Device::Cpu)?
-                    .to_dtype(self.model.dtype())?
-                    .to_device(self.model.clip.logit_scale.device())?;
-                self.detect_pixels(&px)?.into_iter()
-            } else {
-                Vec::new().into_iter()
-            };
+            let mut preds = self.detect_crops(pixels, usize::MAX)?.into_iter();
+            pixels.clear();
             for (p, r) in pending.drain(..) {
                 match r {
                     Ok(boxes) => {
@@ -590,15 +597,7 @@ impl Detector {
                     Err(e) => errors.push(Some(e)),
                 }
             }
-            let good = errors.iter().filter(|e| e.is_none()).count();
-            let mut preds = if good > 0 {
-                let px = Tensor::from_vec(pixels, (good, 3, size, size), Device::Cpu)?
-                    .to_dtype(self.model.dtype())?
-                    .to_device(self.model.clip.logit_scale.device())?;
-                self.detect_pixels(&px)?.into_iter()
-            } else {
-                Vec::new().into_iter()
-            };
+            let mut preds = self.detect_crops(&pixels, usize::MAX)?.into_iter();
             for (p, e) in group.iter().zip(errors) {
                 match e {
                     Some(e) => {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::clip::preprocess::{preprocess, RgbImage};
 use crate::faces::{crop, FaceDetector};
 use crate::sd2::detector::{Detector, ImageVerdict, Prediction};
-use crate::{Device, Error, Result, Tensor};
+use crate::{Error, Result};
 
 /// How requests are grouped.
 #[derive(Clone, Debug, PartialEq)]
@@ -239,12 +239,8 @@ fn score_all(
     }
     let mut out = Vec::with_capacity(n);
     for part in all.chunks(max_batch * per) {
-        let k = part.len() / per;
-        let px = Tensor::from_vec(part.to_vec(), (k, 3, size, size), Device::Cpu)?
-            .to_dtype(det.model.dtype())?
-            .to_device(det.model.clip.logit_scale.device())?;
-        out.extend(det.detect_pixels(&px)?);
-        stats.record(k);
+        out.extend(det.detect_crops(part, max_batch)?);
+        stats.record(part.len() / per);
     }
     Ok(out)
 }
