@@ -49,6 +49,7 @@ pub struct FrameVerdict {
     pub index: usize,
     /// Its time from the start, in seconds.
     pub time_s: f64,
+    /// The frame judged as a photo (its fields appear at the frame's level in JSON).
     #[serde(flatten)]
     pub verdict: ImageVerdict,
 }

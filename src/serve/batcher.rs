@@ -20,8 +20,8 @@ pub struct BatchConfig {
     pub max_batch: usize,
     /// Longest a request waits for others to join its batch.
     pub max_wait: Duration,
-    /// Requests that may wait for the model at once; more are refused (`Error::Busy`-like
-    /// message) rather than queued without bound.
+    /// Requests that may wait for the model at once; more are refused at once (a "busy"
+    /// error) rather than queued without bound.
     pub queue: usize,
 }
 

@@ -17,7 +17,9 @@ pub const MAX_SAMPLE_BYTES: u32 = 64 << 20;
 /// What a video holds.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct VideoInfo {
+    /// Frame width in pixels.
     pub width: usize,
+    /// Frame height in pixels.
     pub height: usize,
     /// Frames in the video track.
     pub frames: usize,
@@ -31,6 +33,7 @@ pub struct Frame {
     pub index: usize,
     /// Its time from the start, in seconds (index / fps).
     pub time_s: f64,
+    /// The decoded frame.
     pub image: RgbImage,
 }
 
