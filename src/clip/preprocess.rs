@@ -186,11 +186,6 @@ pub fn decode_image_bytes_then<T>(
     then(decode_checked(bytes, what, size)?)
 }
 
-/// The file's bytes, refused if over `MAX_FILE_BYTES`.
-pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
-    read_bounded(path, &open_image_file(path)?)
-}
-
 /// The file's length, refused if over `MAX_FILE_BYTES` (nothing is read).
 pub fn image_file_len(path: &Path) -> Result<u64> {
     file_len(path, &open_image_file(path)?)

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clip::preprocess::{resize_bicubic, RgbImage};
+use crate::clip::preprocess::{preprocess, resize_bicubic, RgbImage};
 use crate::{Error, Result};
 
 const SEETA_MODEL: &[u8] = include_bytes!("seeta_fd_frontal_v1.0.bin");
@@ -195,6 +195,23 @@ impl FaceDetector {
         faces.sort_by(|a, b| b.side().total_cmp(&a.side()));
         faces.truncate(cfg.max_faces);
         Ok(faces)
+    }
+}
+
+impl FaceDetector {
+    /// The faces of `img` (`detect`) and their crops (`crop`, this detector's margin)
+    /// preprocessed as model input of side `size`: [faces, 3, size, size] flattened.
+    pub fn detect_and_crop(
+        &mut self,
+        img: &RgbImage,
+        size: usize,
+    ) -> Result<(Vec<FaceBox>, Vec<f32>)> {
+        let boxes = self.detect(img)?;
+        let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
+        for b in &boxes {
+            px.extend(preprocess(&crop(img, b.bbox, self.cfg.margin)?, size));
+        }
+        Ok((boxes, px))
     }
 }
 

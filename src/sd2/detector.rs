@@ -10,7 +10,7 @@ use super::type_texts::{TypeTexts, CLASSES};
 use crate::clip::model::{Fwd, Init, WeightSource};
 use crate::clip::preprocess::{pixel_values, RgbImage};
 use crate::clip::{ClipModel, ClipTokenizer};
-use crate::faces::{crop, FaceBox, FaceDetector};
+use crate::faces::{FaceBox, FaceDetector};
 use crate::io::WeightStore;
 use crate::{no_grad, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
@@ -375,17 +375,12 @@ impl Detector {
     /// An image judged by its faces: each face `faces` finds is cropped (`faces::crop`) and
     /// scored; no face is the status `"no_face"`, not an error.
     pub fn detect_faces(&self, faces: &mut FaceDetector, img: &RgbImage) -> Result<ImageVerdict> {
-        let boxes = faces.detect(img)?;
-        let crops = boxes
-            .iter()
-            .map(|b| crop(img, b.bbox, faces.config().margin))
-            .collect::<Result<Vec<_>>>()?;
-        let preds = if crops.is_empty() {
-            vec![]
-        } else {
-            self.detect(&crops)?
-        };
-        Ok(ImageVerdict::from_faces(boxes, preds))
+        let size = self.model.clip.config.vision_config.image_size;
+        let (boxes, px) = faces.detect_and_crop(img, size)?;
+        Ok(ImageVerdict::from_faces(
+            boxes,
+            self.detect_crops(&px, usize::MAX)?,
+        ))
     }
 
     /// A video judged by its faces: `frames` frames sampled uniformly (`video::sample_frames`),
@@ -398,7 +393,6 @@ impl Detector {
         frames: usize,
         chunk: usize,
     ) -> Result<VideoVerdict> {
-        use crate::clip::preprocess::preprocess;
         let size = self.model.clip.config.vision_config.image_size;
         let cfg = faces.config().clone();
         // Frames are decoded in order on this thread and searched for faces on `workers`
@@ -421,14 +415,7 @@ impl Detector {
                                 .map_err(|_| Error::Msg("a face worker died".into()))?
                                 .recv();
                             let Ok(frame) = next else { return Ok(out) };
-                            let boxes = det.detect(&frame.image)?;
-                            let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
-                            for b in &boxes {
-                                px.extend(preprocess(
-                                    &crop(&frame.image, b.bbox, det.config().margin)?,
-                                    size,
-                                ));
-                            }
+                            let (boxes, px) = det.detect_and_crop(&frame.image, size)?;
                             out.push((frame.index, frame.time_s, boxes, px));
                         }
                     })
@@ -516,9 +503,8 @@ impl Detector {
         faces: &mut FaceDetector,
         mut each: impl FnMut(&Path, Result<ImageVerdict>),
     ) -> Result<usize> {
-        use crate::clip::preprocess::{decode_image_then, preprocess};
+        use crate::clip::preprocess::decode_image_then;
         let size = self.model.clip.config.vision_config.image_size;
-        let margin = faces.config().margin;
         let mut failed = 0;
         // Images whose crops wait in `pixels` to be scored, in order.
         let mut pending: Vec<(&Path, Result<Vec<FaceBox>>)> = vec![];
@@ -548,14 +534,7 @@ impl Detector {
             Ok(())
         };
         for p in paths {
-            let r = decode_image_then(p, |img| {
-                let boxes = faces.detect(&img)?;
-                let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
-                for b in &boxes {
-                    px.extend(preprocess(&crop(&img, b.bbox, margin)?, size));
-                }
-                Ok((boxes, px))
-            });
+            let r = decode_image_then(p, |img| faces.detect_and_crop(&img, size));
             match r {
                 Ok((boxes, px)) => {
                     pixels.extend(px);

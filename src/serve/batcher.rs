@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::clip::preprocess::{preprocess, RgbImage};
-use crate::faces::{crop, FaceDetector};
+use crate::clip::preprocess::RgbImage;
+use crate::faces::FaceDetector;
 use crate::sd2::detector::{Detector, ImageVerdict, Prediction};
 use crate::{Error, Result};
 
@@ -165,12 +165,7 @@ impl Batcher {
     /// An image judged by its faces (`Detector::detect_faces`), the crops scored through the
     /// batch queue. Detection and cropping run on the calling thread.
     pub fn detect_faces(&self, faces: &mut FaceDetector, img: &RgbImage) -> Result<ImageVerdict> {
-        let boxes = faces.detect(img)?;
-        let size = self.image_size;
-        let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
-        for b in &boxes {
-            px.extend(preprocess(&crop(img, b.bbox, faces.config().margin)?, size));
-        }
+        let (boxes, px) = faces.detect_and_crop(img, self.image_size)?;
         let preds = self.score(px, boxes.len())?;
         Ok(ImageVerdict::from_faces(boxes, preds))
     }
