@@ -53,6 +53,15 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An input image or video cannot be used: unreadable, truncated, malformed, over a size
+    /// limit, or in a format sd2 does not read. The message names the file (or the upload).
+    #[error("{0}")]
+    Media(String),
+
+    /// At capacity: the work was refused rather than queued without bound; try again later.
+    #[error("busy: {0}")]
+    Busy(String),
+
     #[error("{0}")]
     Msg(String),
 

@@ -107,6 +107,27 @@ enum Cmd {
         #[arg(long)]
         annotate: Option<std::path::PathBuf>,
     },
+    /// Serve the detector over HTTP: POST /v1/detect (an image or video as the body, or a
+    /// multipart file; the answer is the JSON line `predict` prints), GET /healthz, GET
+    /// /metrics (Prometheus), and a page at / to drop a file on. Crops of concurrent requests
+    /// are scored in shared batches. Stops gracefully on Ctrl-C or SIGTERM.
+    #[cfg(feature = "server")]
+    Serve {
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        #[arg(long)]
+        clip: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Address to listen on (0.0.0.0: every interface).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port (0: any free one; the first line printed says which).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[command(flatten)]
+        s: ServeArgs,
+    },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
         #[arg(long)]
@@ -165,6 +186,89 @@ enum Cmd {
     Bench(BenchCmd),
 }
 
+/// The server's limits and batching, shared by `sd2 serve` and `sd2 bench serve`.
+#[cfg(feature = "server")]
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Most face crops in one model call.
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+    /// Longest a request waits for others to fill its batch, in ms.
+    #[arg(long, default_value_t = 5.0)]
+    max_wait_ms: f64,
+    /// Largest upload, in MB.
+    #[arg(long, default_value_t = 64)]
+    max_body_mb: usize,
+    /// Most pixels of an uploaded image, in millions.
+    #[arg(long, default_value_t = 40.0)]
+    max_megapixels: f64,
+    /// Longest a request may take, upload included, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    timeout_s: f64,
+    /// Uploads decoded and searched for faces at once (default: the CPU's cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Requests admitted at once; more are answered 503 at once.
+    #[arg(long, default_value_t = 256)]
+    max_pending: usize,
+    /// Frames sampled from a video when the request does not say (`?frames=N`).
+    #[arg(long, default_value_t = 32)]
+    frames: usize,
+    /// Smallest face scored (its box's side, in pixels).
+    #[arg(long, default_value_t = 40)]
+    min_face: u32,
+    /// A crop's side as a multiple of the face box's longer side.
+    #[arg(long, default_value_t = 1.3)]
+    face_margin: f32,
+}
+
+#[cfg(feature = "server")]
+impl ServeArgs {
+    fn configs(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> sd2::Result<(sd2::serve::BatchConfig, sd2::serve::ServerConfig)> {
+        let secs = |key: &str, v: f64| {
+            if (0.0..1e7).contains(&v) {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(sd2::Error::Config {
+                    key: key.into(),
+                    msg: format!("{v} is not a duration"),
+                })
+            }
+        };
+        let batch = sd2::serve::BatchConfig {
+            max_batch: self.max_batch,
+            max_wait: secs("--max-wait-ms", self.max_wait_ms / 1e3)?,
+            queue: self.max_pending.max(1),
+        };
+        let d = sd2::serve::ServerConfig::default();
+        let server = sd2::serve::ServerConfig {
+            addr,
+            max_body: self.max_body_mb.saturating_mul(1 << 20),
+            body_budget: d.body_budget.max(self.max_body_mb.saturating_mul(1 << 20)),
+            max_pixels: if self.max_megapixels.is_finite() && self.max_megapixels > 0.0 {
+                (self.max_megapixels * 1e6) as u64
+            } else {
+                0
+            },
+            timeout: secs("--timeout-s", self.timeout_s)?,
+            workers: self.workers.unwrap_or(d.workers),
+            max_pending: self.max_pending,
+            frames: self.frames,
+            faces: sd2::faces::FaceConfig {
+                min_face: self.min_face,
+                margin: self.face_margin,
+                ..Default::default()
+            },
+            ..d
+        };
+        server.validate()?;
+        Ok((batch, server))
+    }
+}
+
 /// The synthetic benchmark and training settings shared by `sd2 demo` and `sd2 ablation`.
 #[derive(clap::Args)]
 struct DemoArgs {
@@ -220,6 +324,35 @@ struct ModelBenchArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// `sd2 serve` under load: CLIENTS concurrent clients on localhost send REQUESTS uploads,
+    /// first unbatched (--max-batch 1), then batched; images/s, p50/p99 latency, errors, batch
+    /// sizes and resident memory per run.
+    #[cfg(feature = "server")]
+    Serve {
+        /// A checkpoint to serve (default: the tiny preset with random weights).
+        #[arg(long)]
+        checkpoint: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 10_000)]
+        requests: usize,
+        /// Requests of the unbatched run (it is the slow one).
+        #[arg(long, default_value_t = 2_000)]
+        unbatched_requests: usize,
+        /// The upload (default: a synthetic 160x160 JPEG, sent with face_crop=false, as a
+        /// face crop from a manifest would be).
+        #[arg(long)]
+        image: Option<std::path::PathBuf>,
+        /// Find faces in the upload (give --image a photo with faces).
+        #[arg(long)]
+        face_crop: bool,
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        s: ServeArgs,
+    },
     /// The data loader alone: images/s for plain decoding and with the train augmentations.
     Loader {
         #[arg(long)]
@@ -700,6 +833,135 @@ fn eval_request(
     })
 }
 
+#[cfg(feature = "server")]
+fn serve(
+    checkpoint: &std::path::Path,
+    clip: Option<std::path::PathBuf>,
+    device: &str,
+    addr: std::net::SocketAddr,
+    args: &ServeArgs,
+) -> sd2::Result<()> {
+    let (batch, mut cfg) = args.configs(addr)?;
+    cfg.stop_on_signals = true;
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    let ckpt = checkpoint.to_path_buf();
+    let batcher = sd2::serve::Batcher::start(
+        move || sd2::sd2::detector::Detector::load(&ckpt, clip.as_deref(), device),
+        batch,
+    )?;
+    let server = sd2::serve::Server::start(cfg, batcher)?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        writeln!(
+            out,
+            "sd2 serve: listening on http://{} (checkpoint {})",
+            server.local_addr(),
+            checkpoint.display()
+        )?;
+        out.flush()?;
+    }
+    server.wait()?;
+    println!("sd2 serve: stopped");
+    Ok(())
+}
+
+#[cfg(feature = "server")]
+#[allow(clippy::too_many_arguments)]
+fn bench_serve(
+    checkpoint: Option<std::path::PathBuf>,
+    device: &str,
+    clients: usize,
+    requests: usize,
+    unbatched_requests: usize,
+    image: Option<&std::path::Path>,
+    face_crop: bool,
+    json: Option<&std::path::Path>,
+    args: &ServeArgs,
+) -> sd2::Result<()> {
+    use sd2::bench::serve::{run, table, LoadConfig};
+    let device = sd2::Device::parse(device)?;
+    device.check_available()?;
+    let (batched, _) = args.configs(([127, 0, 0, 1], 0).into())?;
+    let payload = match image {
+        Some(p) => {
+            std::fs::read(p).map_err(|e| sd2::Error::Msg(format!("{}: {e}", p.display())))?
+        }
+        None => {
+            let img = image::RgbImage::from_fn(160, 160, |x, y| {
+                image::Rgb([
+                    (x * 3 % 256) as u8,
+                    (y * 5 % 256) as u8,
+                    ((x + y) % 256) as u8,
+                ])
+            });
+            let mut buf = std::io::Cursor::new(vec![]);
+            img.write_to(&mut buf, image::ImageFormat::Jpeg)
+                .map_err(|e| sd2::Error::Msg(format!("encoding the payload: {e}")))?;
+            buf.into_inner()
+        }
+    };
+    let load = move || -> sd2::Result<sd2::sd2::detector::Detector> {
+        match &checkpoint {
+            Some(c) => sd2::sd2::detector::Detector::load(c, None, device),
+            None => {
+                let p = sd2::presets::get("tiny")?;
+                let clip = sd2::clip::ClipModel::random(&p.clip, sd2::DType::F32, device, 0)?;
+                let model = sd2::sd2::Sd2Model::new(clip, p.sd2, 1)?;
+                sd2::sd2::detector::Detector::from_model(
+                    model,
+                    &sd2::clip::ClipTokenizer::openai()?,
+                    &sd2::sd2::TypeTexts::shipped()?,
+                )
+            }
+        }
+    };
+    let base = LoadConfig {
+        clients,
+        requests,
+        warmup: (clients * 4).min(requests),
+        payload,
+        content_type: "image/jpeg".into(),
+        path: if face_crop {
+            "/v1/detect".into()
+        } else {
+            "/v1/detect?face_crop=false".into()
+        },
+    };
+    let unbatched = sd2::serve::BatchConfig {
+        max_batch: 1,
+        max_wait: std::time::Duration::ZERO,
+        ..batched.clone()
+    };
+    let mut reports = vec![];
+    let one = LoadConfig {
+        requests: unbatched_requests,
+        ..base.clone()
+    };
+    reports.push(run("unbatched", load.clone(), unbatched, &one)?);
+    reports.push(run("batched", load, batched, &base)?);
+    print!("{}", table(&reports));
+    let speedup = reports[1].images_per_s / reports[0].images_per_s.max(1e-9);
+    println!("batched / unbatched images/s: {speedup:.2}x");
+    if let Some(p) = json {
+        let v = serde_json::json!({"runs": reports, "speedup": speedup});
+        std::fs::write(p, format!("{v:#}\n"))
+            .map_err(|e| sd2::Error::Msg(format!("{}: {e}", p.display())))?;
+    }
+    let errors: usize = reports.iter().map(|r| r.errors).sum();
+    if errors > 0 {
+        return Err(sd2::Error::Msg(format!(
+            "bench serve: {errors} requests failed (first: {})",
+            reports
+                .iter()
+                .find_map(|r| r.first_error.clone())
+                .unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn predict(
     checkpoint: &std::path::Path,
@@ -792,13 +1054,6 @@ fn predict(
     // One JSON line per input, a bad file's line holding its error; the exit status says
     // whether any failed.
     let error_line = |p: &std::path::Path, e: sd2::Error| serde_json::json!({"path": p.display().to_string(), "status": "error", "error": e.to_string()});
-    let with_path = |p: &std::path::Path, v: serde_json::Result<serde_json::Value>| {
-        let mut line = serde_json::json!({"path": p.display().to_string()});
-        if let (Some(o), Ok(serde_json::Value::Object(v))) = (line.as_object_mut(), v) {
-            o.extend(v);
-        }
-        line
-    };
     let mut failed = 0;
     // Inputs in order: runs of images scored together, each video on its own.
     let mut rest: &[std::path::PathBuf] = &paths;
@@ -807,7 +1062,8 @@ fn predict(
             let line = match faces.as_mut() {
                 Some(faces) => match det.detect_video(faces, first, frames, 32) {
                     Ok(v) => {
-                        let mut line = with_path(first, serde_json::to_value(&v));
+                        let mut line =
+                            sd2::sd2::detector::json_line(&first.display().to_string(), &v);
                         note(&mut line, annotate_video(first, &v));
                         line
                     }
@@ -840,7 +1096,7 @@ fn predict(
             Some(faces) => det.detect_files_faces(images, 32, faces, |p, v| {
                 let line = match v {
                     Ok(v) => {
-                        let mut line = with_path(p, serde_json::to_value(&v));
+                        let mut line = sd2::sd2::detector::json_line(&p.display().to_string(), &v);
                         if !v.faces.is_empty() {
                             note(&mut line, annotate_image(p, &v.faces));
                         }
@@ -852,7 +1108,9 @@ fn predict(
             })?,
             None => det.detect_files(images, 32, |p, pred| {
                 let line = match pred {
-                    Ok(pred) => serde_json::json!({"path": p.display().to_string(), "status": "ok", "class": pred.label, "fake_score": pred.fake_score, "probs": pred.probs}),
+                    Ok(pred) => {
+                        sd2::sd2::detector::prediction_json(&p.display().to_string(), &pred)
+                    }
                     Err(e) => error_line(p, e),
                 };
                 println!("{line}");
@@ -1099,6 +1357,37 @@ fn main() {
             }),
             frames,
             annotate.as_deref(),
+        ),
+        #[cfg(feature = "server")]
+        Cmd::Serve {
+            checkpoint,
+            clip,
+            device,
+            host,
+            port,
+            s,
+        } => serve(&checkpoint, clip, &device, (host, port).into(), &s),
+        #[cfg(feature = "server")]
+        Cmd::Bench(BenchCmd::Serve {
+            checkpoint,
+            device,
+            clients,
+            requests,
+            unbatched_requests,
+            image,
+            face_crop,
+            json,
+            s,
+        }) => bench_serve(
+            checkpoint,
+            &device,
+            clients,
+            requests,
+            unbatched_requests,
+            image.as_deref(),
+            face_crop,
+            json.as_deref(),
+            &s,
         ),
         Cmd::Tokenize {
             texts_file,

@@ -316,22 +316,81 @@ fn predict_samples_a_video_and_tracks_its_face() {
     );
     let mean = sum / 32.0;
     assert!((v["video_score"].as_f64().unwrap() - mean).abs() < 1e-12);
+    // Other containers and codecs go through ffmpeg: without it, an error saying so.
     let webm = fixture("clip.webm");
-    let r = sd2(&[
-        "predict",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        webm.to_str().unwrap(),
-    ]);
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+        .args([
+            "predict",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            webm.to_str().unwrap(),
+        ])
+        .env("SD2_FFMPEG", "/nonexistent/ffmpeg")
+        .env("SD2_FFPROBE", "/nonexistent/ffprobe")
+        .output()
+        .unwrap();
     let line: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     println!("{line}");
     assert!(!r.status.success());
     assert_eq!(line["status"], "error");
     let e = line["error"].as_str().unwrap();
     assert!(
-        e.contains("clip.webm") && e.contains("H.264") && e.contains("ffmpeg"),
+        e.contains("clip.webm") && e.contains("H.264") && e.contains("apt install ffmpeg"),
         "{e}"
     );
+    // With ffmpeg: the VP9 copy of the clip's first 12 frames judged as the H.264 one (every
+    // frame sampled, the face where the drawn one is).
+    let have_ffmpeg = ["ffmpeg", "ffprobe"].iter().all(|p| {
+        std::process::Command::new(p)
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if have_ffmpeg {
+        let r = sd2(&[
+            "predict",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            webm.to_str().unwrap(),
+        ]);
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(
+            r.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        let w: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(w["status"], "ok");
+        assert_eq!(w["video"]["frames"].as_u64(), Some(12));
+        let wf = w["frames"].as_array().unwrap();
+        assert_eq!(wf.len(), 12);
+        let mut worst = 0f32;
+        for (k, f) in wf.iter().enumerate() {
+            let index = f["index"].as_u64().unwrap() as usize;
+            assert_eq!(index, k, "fewer frames than asked: all of them");
+            let faces = f["faces"].as_array().unwrap();
+            assert_eq!(faces.len(), 1, "webm frame {index}: {f}");
+            let b = faces[0]["box"].as_array().unwrap();
+            let b = [0, 1, 2, 3].map(|i| b[i].as_f64().unwrap() as f32);
+            let (off, size) = box_error(b, want[index]);
+            worst = worst.max(off).max(size.abs());
+            assert!(
+                off <= 0.15 && size.abs() <= 0.15,
+                "webm frame {index}: {b:?} vs {:?}",
+                want[index]
+            );
+        }
+        println!(
+            "clip.webm through ffmpeg: 12 frames, worst box error {:.1}%",
+            worst * 100.0
+        );
+    } else {
+        assert!(
+            std::env::var_os("SD2_REQUIRE_FFMPEG").is_none(),
+            "SD2_REQUIRE_FFMPEG is set but ffmpeg/ffprobe cannot run"
+        );
+        println!("skipped: the ffmpeg path (ffmpeg and ffprobe are not installed)");
+    }
     // Hostile videos: each its own error line, the good one still judged.
     let d = ck.join("videos");
     std::fs::create_dir_all(&d).unwrap();

@@ -6,6 +6,8 @@
 //! - `model`: SD2 train steps and inference at a preset's size on any device, with FLOPs per
 //!   image, MFU, peak memory and a profiled step.
 //! - `loader`: the data loader's images/s, decode and augmentations.
+//! - `serve` (feature `server`): `sd2 serve` under load from concurrent clients, unbatched
+//!   against dynamic batching.
 //! - `plan`: the launch plan of one step (launches, bytes, FLOPs by op class, roofline bound)
 //!   recorded on `cuda:plan` without a GPU.
 //!
@@ -16,3 +18,5 @@ pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod plan;
+#[cfg(feature = "server")]
+pub mod serve;

@@ -127,10 +127,10 @@ impl Drop for Share {
 fn header_size<R: std::io::BufRead + std::io::Seek>(r: R, what: &str) -> Result<(u32, u32)> {
     let (w, h) = image::ImageReader::new(r)
         .with_guessed_format()
-        .map_err(|e| Error::Msg(format!("{what}: {e}")))?
+        .map_err(|e| Error::Media(format!("{what}: {e}")))?
         .into_dimensions()
-        .map_err(|e| Error::Msg(format!("{what}: cannot read the image header: {e}")))?;
-    check_size(w, h).map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+        .map_err(|e| Error::Media(format!("{what}: cannot read the image header: {e}")))?;
+    check_size(w, h).map_err(|e| Error::Media(format!("{what}: {e}")))?;
     Ok((w, h))
 }
 
@@ -139,9 +139,9 @@ fn header_size<R: std::io::BufRead + std::io::Seek>(r: R, what: &str) -> Result<
 fn decode_checked(bytes: &[u8], what: &str, (w, h): (u32, u32)) -> Result<RgbImage> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+        .map_err(|e| Error::Media(format!("{what}: {e}")))?;
     if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
-        return Err(Error::Msg(format!(
+        return Err(Error::Media(format!(
             "{what}: truncated JPEG (no end-of-image marker after its last scan)"
         )));
     }
@@ -153,9 +153,9 @@ fn decode_checked(bytes: &[u8], what: &str, (w, h): (u32, u32)) -> Result<RgbIma
     reader.limits(limits);
     let img = reader
         .decode()
-        .map_err(|e| Error::Msg(format!("{what}: cannot decode image: {e}")))?;
+        .map_err(|e| Error::Media(format!("{what}: cannot decode image: {e}")))?;
     if (img.width(), img.height()) != (w, h) {
-        return Err(Error::Msg(format!(
+        return Err(Error::Media(format!(
             "{what}: decoded as {}x{}, but its header says {w}x{h}",
             img.width(),
             img.height()
@@ -186,17 +186,23 @@ pub fn decode_image_bytes_then<T>(
     then(decode_checked(bytes, what, size)?)
 }
 
+/// An encoded image's width and height, from its header alone (nothing is decoded), checked
+/// against the size limits (`check_size`); errors name `what`.
+pub fn image_bytes_size(bytes: &[u8], what: &str) -> Result<(u32, u32)> {
+    header_size(std::io::Cursor::new(bytes), what)
+}
+
 /// The file's length, refused if over `MAX_FILE_BYTES` (nothing is read).
 pub fn image_file_len(path: &Path) -> Result<u64> {
     file_len(path, &open_image_file(path)?)
 }
 
 fn open_image_file(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::open(path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    std::fs::File::open(path).map_err(|e| Error::Media(format!("{}: {e}", path.display())))
 }
 
 fn file_too_big(path: &Path, n: u64) -> Error {
-    Error::Msg(format!(
+    Error::Media(format!(
         "{}: {} MB is over the {} MB limit for an image file",
         path.display(),
         n >> 20,
@@ -207,7 +213,7 @@ fn file_too_big(path: &Path, n: u64) -> Error {
 fn file_len(path: &Path, f: &std::fs::File) -> Result<u64> {
     let len = f
         .metadata()
-        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?
+        .map_err(|e| Error::Media(format!("{}: {e}", path.display())))?
         .len();
     if len > MAX_FILE_BYTES {
         return Err(file_too_big(path, len));
@@ -219,7 +225,7 @@ fn file_len(path: &Path, f: &std::fs::File) -> Result<u64> {
 /// said (a file that grows, a device node).
 fn read_bounded(path: &Path, mut f: &std::fs::File) -> Result<Vec<u8>> {
     use std::io::{Read, Seek};
-    let fail = |e: std::io::Error| Error::Msg(format!("{}: {e}", path.display()));
+    let fail = |e: std::io::Error| Error::Media(format!("{}: {e}", path.display()));
     let len = file_len(path, f)?;
     f.rewind().map_err(fail)?;
     let mut bytes = Vec::with_capacity(len as usize);

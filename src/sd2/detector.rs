@@ -10,7 +10,7 @@ use super::type_texts::{TypeTexts, CLASSES};
 use crate::clip::model::{Fwd, Init, WeightSource};
 use crate::clip::preprocess::{pixel_values, RgbImage};
 use crate::clip::{ClipModel, ClipTokenizer};
-use crate::faces::{FaceBox, FaceDetector};
+use crate::faces::{FaceBox, FaceConfig, FaceDetector};
 use crate::io::WeightStore;
 use crate::{no_grad, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
@@ -75,6 +75,29 @@ pub struct VideoVerdict {
     pub frames_with_faces: usize,
     /// Every sampled frame, in order.
     pub frames: Vec<FrameVerdict>,
+}
+
+/// The JSON line `sd2 predict` prints, and `sd2 serve` answers, for input `path` judged
+/// `verdict` (an `ImageVerdict` or `VideoVerdict`): `{"path": …}` then the verdict's fields.
+pub fn json_line(path: &str, verdict: &impl Serialize) -> serde_json::Value {
+    let mut line = serde_json::Map::new();
+    line.insert("path".into(), path.into());
+    match serde_json::to_value(verdict) {
+        Ok(serde_json::Value::Object(v)) => line.extend(v),
+        Ok(other) => {
+            line.insert("verdict".into(), other);
+        }
+        Err(e) => {
+            line.insert("status".into(), "error".into());
+            line.insert("error".into(), e.to_string().into());
+        }
+    }
+    serde_json::Value::Object(line)
+}
+
+/// The JSON line for input `path` scored whole (`--no-face-crop`, `face_crop=false`).
+pub fn prediction_json(path: &str, p: &Prediction) -> serde_json::Value {
+    serde_json::json!({"path": path, "status": "ok", "class": p.label, "fake_score": p.fake_score, "probs": p.probs})
 }
 
 /// Intersection over union of two boxes.
@@ -394,101 +417,8 @@ impl Detector {
         chunk: usize,
     ) -> Result<VideoVerdict> {
         let size = self.model.clip.config.vision_config.image_size;
-        let cfg = faces.config().clone();
-        // Frames are decoded in order on this thread and searched for faces on `workers`
-        // others (each with its own detector); at most `workers` frames wait in between, so
-        // memory holds a few frames, not the video.
-        let workers = rayon::current_num_threads().clamp(1, 8);
-        type Found = (usize, f64, Vec<FaceBox>, Vec<f32>);
-        let (found, info) = std::thread::scope(|s| -> Result<(Vec<Found>, _)> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<crate::video::Frame>(workers);
-            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    let (rx, cfg) = (rx.clone(), cfg.clone());
-                    s.spawn(move || -> Result<Vec<Found>> {
-                        let mut det = FaceDetector::new(cfg)?;
-                        let mut out = vec![];
-                        loop {
-                            let next = rx
-                                .lock()
-                                .map_err(|_| Error::Msg("a face worker died".into()))?
-                                .recv();
-                            let Ok(frame) = next else { return Ok(out) };
-                            let (boxes, px) = det.detect_and_crop(&frame.image, size)?;
-                            out.push((frame.index, frame.time_s, boxes, px));
-                        }
-                    })
-                })
-                .collect();
-            let info = crate::video::sample_frames(path, frames, |_, frame| {
-                tx.send(frame)
-                    .map_err(|_| Error::Msg("face detection stopped early".into()))
-            });
-            drop(tx);
-            let mut found = vec![];
-            for h in handles {
-                found.extend(
-                    h.join()
-                        .map_err(|_| Error::Msg("a face worker panicked".into()))??,
-                );
-            }
-            Ok((found, info?))
-        })?;
-        let mut found = found;
-        found.sort_by_key(|f| f.0);
-        let mut pixels: Vec<f32> = vec![];
-        let found: Vec<(usize, f64, Vec<FaceBox>)> = found
-            .into_iter()
-            .map(|(i, t, b, px)| {
-                pixels.extend(px);
-                (i, t, b)
-            })
-            .collect();
-        let mut preds = self.detect_crops(&pixels, chunk)?.into_iter();
-        let mut frames: Vec<FrameVerdict> = found
-            .into_iter()
-            .map(|(index, time_s, boxes)| {
-                let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
-                FrameVerdict {
-                    index,
-                    time_s,
-                    verdict: ImageVerdict::from_faces(boxes, mine),
-                }
-            })
-            .collect();
-        assign_tracks(&mut frames);
-        let scored: Vec<&FaceScore> = frames
-            .iter()
-            .filter_map(|f| {
-                f.verdict
-                    .faces
-                    .iter()
-                    .max_by(|a, b| a.fake_score.total_cmp(&b.fake_score))
-            })
-            .collect();
-        let n = scored.len();
-        let (score, class) = if n == 0 {
-            (None, None)
-        } else {
-            let score = scored.iter().map(|f| f.fake_score).sum::<f64>() / n as f64;
-            let mut mean = [0.0; 5];
-            for f in &scored {
-                for (m, p) in mean.iter_mut().zip(f.probs) {
-                    *m += p / n as f64;
-                }
-            }
-            let c = (0..5).fold(0, |b, j| if mean[j] > mean[b] { j } else { b });
-            (Some(score), Some(CLASSES[c]))
-        };
-        Ok(VideoVerdict {
-            status: if n == 0 { "no_face" } else { "ok" },
-            video_score: score,
-            fake_score: score,
-            class,
-            video: info,
-            frames_with_faces: n,
-            frames,
+        judge_video(faces.config(), path, frames, size, |px, _| {
+            self.detect_crops(&px, chunk)
         })
     }
 
@@ -595,4 +525,115 @@ impl Detector {
         }
         Ok(failed)
     }
+}
+
+/// A video judged by its faces, the crops scored by `score` (given every crop's pixels,
+/// [n, 3, size, size] flattened, and n; it answers n predictions in order): `frames` frames
+/// sampled uniformly (`video::sample_frames`), faces found in each (`FaceDetector` with
+/// `cfg`, on a few threads), tracked from frame to frame; the video's score is the mean of
+/// its frames' (those with a face).
+pub fn judge_video(
+    cfg: &FaceConfig,
+    path: &Path,
+    frames: usize,
+    size: usize,
+    score: impl FnOnce(Vec<f32>, usize) -> Result<Vec<Prediction>>,
+) -> Result<VideoVerdict> {
+    let cfg = cfg.clone();
+    // Frames are decoded in order on this thread and searched for faces on `workers`
+    // others (each with its own detector); at most `workers` frames wait in between, so
+    // memory holds a few frames, not the video.
+    let workers = rayon::current_num_threads().clamp(1, 8);
+    type Found = (usize, f64, Vec<FaceBox>, Vec<f32>);
+    let (found, info) = std::thread::scope(|s| -> Result<(Vec<Found>, _)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<crate::video::Frame>(workers);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (rx, cfg) = (rx.clone(), cfg.clone());
+                s.spawn(move || -> Result<Vec<Found>> {
+                    let mut det = FaceDetector::new(cfg)?;
+                    let mut out = vec![];
+                    loop {
+                        let next = rx
+                            .lock()
+                            .map_err(|_| Error::Msg("a face worker died".into()))?
+                            .recv();
+                        let Ok(frame) = next else { return Ok(out) };
+                        let (boxes, px) = det.detect_and_crop(&frame.image, size)?;
+                        out.push((frame.index, frame.time_s, boxes, px));
+                    }
+                })
+            })
+            .collect();
+        let info = crate::video::sample_frames(path, frames, |_, frame| {
+            tx.send(frame)
+                .map_err(|_| Error::Msg("face detection stopped early".into()))
+        });
+        drop(tx);
+        let mut found = vec![];
+        for h in handles {
+            found.extend(
+                h.join()
+                    .map_err(|_| Error::Msg("a face worker panicked".into()))??,
+            );
+        }
+        Ok((found, info?))
+    })?;
+    let mut found = found;
+    found.sort_by_key(|f| f.0);
+    let mut pixels: Vec<f32> = vec![];
+    let found: Vec<(usize, f64, Vec<FaceBox>)> = found
+        .into_iter()
+        .map(|(i, t, b, px)| {
+            pixels.extend(px);
+            (i, t, b)
+        })
+        .collect();
+    let n: usize = found.iter().map(|f| f.2.len()).sum();
+    let mut preds = score(pixels, n)?.into_iter();
+    let mut frames: Vec<FrameVerdict> = found
+        .into_iter()
+        .map(|(index, time_s, boxes)| {
+            let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
+            FrameVerdict {
+                index,
+                time_s,
+                verdict: ImageVerdict::from_faces(boxes, mine),
+            }
+        })
+        .collect();
+    assign_tracks(&mut frames);
+    let scored: Vec<&FaceScore> = frames
+        .iter()
+        .filter_map(|f| {
+            f.verdict
+                .faces
+                .iter()
+                .max_by(|a, b| a.fake_score.total_cmp(&b.fake_score))
+        })
+        .collect();
+    let n = scored.len();
+    let (score, class) = if n == 0 {
+        (None, None)
+    } else {
+        let score = scored.iter().map(|f| f.fake_score).sum::<f64>() / n as f64;
+        let mut mean = [0.0; 5];
+        for f in &scored {
+            for (m, p) in mean.iter_mut().zip(f.probs) {
+                *m += p / n as f64;
+            }
+        }
+        let c = (0..5).fold(0, |b, j| if mean[j] > mean[b] { j } else { b });
+        (Some(score), Some(CLASSES[c]))
+    };
+    Ok(VideoVerdict {
+        status: if n == 0 { "no_face" } else { "ok" },
+        video_score: score,
+        fake_score: score,
+        class,
+        video: info,
+        frames_with_faces: n,
+        frames,
+    })
 }

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::clip::preprocess::RgbImage;
-use crate::faces::FaceDetector;
-use crate::sd2::detector::{Detector, ImageVerdict, Prediction};
+use crate::faces::{FaceConfig, FaceDetector};
+use crate::sd2::detector::{judge_video, Detector, ImageVerdict, Prediction, VideoVerdict};
 use crate::{Error, Result};
 
 /// How requests are grouped.
@@ -63,11 +63,14 @@ impl BatchStats {
     }
 }
 
+/// Where a job's predictions go (called once, on the model thread).
+type Reply = Box<dyn FnOnce(Result<Vec<Prediction>>) + Send>;
+
 struct Job {
     /// `n` crops' normalized pixels, [n, 3, S, S] flattened.
     pixels: Vec<f32>,
     n: usize,
-    reply: SyncSender<Result<Vec<Prediction>>>,
+    reply: Reply,
 }
 
 /// A detector behind a batching queue, shared by many threads (`Batcher` is `Sync`).
@@ -131,8 +134,31 @@ impl Batcher {
     }
 
     /// Scores `n` preprocessed crops ([n, 3, S, S] flattened), batched with whatever other
-    /// callers send meanwhile. Fails at once when the queue is full.
+    /// callers send meanwhile. Fails at once (`Error::Busy`) when the queue is full.
     pub fn score(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<Prediction>> {
+        let (reply, answer) = sync_channel(1);
+        self.submit(
+            pixels,
+            n,
+            Box::new(move |r| {
+                reply.send(r).ok();
+            }),
+        )?;
+        answer
+            .recv()
+            .map_err(|_| Error::Msg("batcher: the model thread has stopped".into()))?
+    }
+
+    /// As `score`, without waiting: `reply` gets the predictions (or the model's error) on the
+    /// model thread once the batch is scored — an async caller hands it a oneshot sender.
+    /// Refused at once, `reply` unused, when the queue is full (`Error::Busy`) or the batcher
+    /// has stopped.
+    pub fn submit(
+        &self,
+        pixels: Vec<f32>,
+        n: usize,
+        reply: Box<dyn FnOnce(Result<Vec<Prediction>>) + Send>,
+    ) -> Result<()> {
         let per = 3 * self.image_size * self.image_size;
         if pixels.len() != n * per {
             return Err(Error::Msg(format!(
@@ -142,24 +168,21 @@ impl Batcher {
         }
         if n == 0 {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            return Ok(vec![]);
+            reply(Ok(vec![]));
+            return Ok(());
         }
-        let (reply, answer) = sync_channel(1);
         let tx = self
             .tx
             .as_ref()
             .ok_or_else(|| Error::Msg("batcher: shut down".into()))?;
         tx.try_send(Job { pixels, n, reply }).map_err(|e| match e {
             std::sync::mpsc::TrySendError::Full(_) => {
-                Error::Msg("batcher: busy (the queue is full), try again".into())
+                Error::Busy("the batch queue is full, try again".into())
             }
             std::sync::mpsc::TrySendError::Disconnected(_) => {
                 Error::Msg("batcher: the model thread has stopped".into())
             }
-        })?;
-        answer
-            .recv()
-            .map_err(|_| Error::Msg("batcher: the model thread has stopped".into()))?
+        })
     }
 
     /// An image judged by its faces (`Detector::detect_faces`), the crops scored through the
@@ -168,6 +191,27 @@ impl Batcher {
         let (boxes, px) = faces.detect_and_crop(img, self.image_size)?;
         let preds = self.score(px, boxes.len())?;
         Ok(ImageVerdict::from_faces(boxes, preds))
+    }
+
+    /// A video judged by its faces (`sd2::detector::judge_video`, faces found with `faces`),
+    /// all its crops scored through the batch queue as one request.
+    pub fn detect_video(
+        &self,
+        faces: &FaceConfig,
+        path: &std::path::Path,
+        frames: usize,
+    ) -> Result<VideoVerdict> {
+        judge_video(faces, path, frames, self.image_size, |px, n| {
+            self.score(px, n)
+        })
+    }
+
+    /// A whole image scored as one crop (for inputs that are already face crops).
+    pub fn detect_whole(&self, img: &RgbImage) -> Result<Prediction> {
+        let px = crate::clip::preprocess::preprocess(img, self.image_size);
+        self.score(px, 1)?
+            .pop()
+            .ok_or_else(|| Error::Msg("batcher: no prediction for the image".into()))
     }
 }
 
@@ -204,14 +248,14 @@ fn run(det: &Detector, rx: &Receiver<Job>, cfg: &BatchConfig, stats: &BatchStats
                 for j in jobs {
                     let mine: Vec<Prediction> = preds.by_ref().take(j.n).collect();
                     stats.requests.fetch_add(1, Ordering::Relaxed);
-                    j.reply.send(Ok(mine)).ok();
+                    (j.reply)(Ok(mine));
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
                 for j in jobs {
                     stats.requests.fetch_add(1, Ordering::Relaxed);
-                    j.reply.send(Err(Error::Msg(msg.clone()))).ok();
+                    (j.reply)(Err(Error::Msg(msg.clone())));
                 }
             }
         }

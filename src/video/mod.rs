@@ -1,7 +1,8 @@
 //! Frames from videos: H.264 in MP4 (the format of FF++, DFDC, Celeb-DF), demuxed by the `mp4`
 //! crate and decoded by Cisco's OpenH264 (the `openh264` crate builds it from its bundled
-//! source), sampled uniformly as DeepfakeBench does (32 frames by default). Anything else is
-//! a clear error naming what to install.
+//! source), sampled uniformly as DeepfakeBench does (32 frames by default). Other containers
+//! and codecs go through the system's `ffmpeg` and `ffprobe` where they are installed (`ffmpeg`
+//! module); without them they are a clear error naming what to install.
 //!
 //! Frames are handed to the caller one at a time, so memory holds one decoded frame whatever
 //! the video's length; every frame up to the last sampled one is decoded (a P-frame needs the
@@ -10,6 +11,8 @@ use std::path::Path;
 
 use crate::clip::preprocess::{check_size, RgbImage};
 use crate::{Error, Result};
+
+pub mod ffmpeg;
 
 /// Largest compressed frame accepted (a 1080p I-frame is well under 1 MB).
 pub const MAX_SAMPLE_BYTES: u32 = 64 << 20;
@@ -59,26 +62,31 @@ pub fn uniform_indices(frames: usize, n: usize) -> Vec<usize> {
 }
 
 fn fail(path: &Path, msg: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("{}: {msg}", path.display()))
-}
-
-fn not_supported(path: &Path, what: &str) -> Error {
-    fail(
-        path,
-        format!(
-            "{what}; sd2 decodes H.264 video in MP4 itself, and other videos are not supported \
-             yet (convert with `ffmpeg -i IN -c:v libx264 OUT.mp4`)"
-        ),
-    )
+    Error::Media(format!("{}: {msg}", path.display()))
 }
 
 /// The video's facts and `n` uniformly sampled frames, each handed to `each` in order as soon
-/// as it is decoded (`each` may stop the reading by returning an error).
+/// as it is decoded (`each` may stop the reading by returning an error). H.264 in MP4 is
+/// decoded here; anything else by `ffmpeg` (see the `ffmpeg` module), or an error naming what
+/// to install when it is not there.
 pub fn sample_frames(
     path: &Path,
     n: usize,
     mut each: impl FnMut(&VideoInfo, Frame) -> Result<()>,
 ) -> Result<VideoInfo> {
+    match sample_mp4(path, n, &mut each)? {
+        Ok(info) => Ok(info),
+        Err(why) => ffmpeg::sample_frames(path, n, &why, each),
+    }
+}
+
+/// `sample_frames` by the built-in decoder: `Ok(Err(why))` when the file is not H.264 in MP4
+/// (found before any frame is handed over).
+fn sample_mp4(
+    path: &Path,
+    n: usize,
+    each: &mut dyn FnMut(&VideoInfo, Frame) -> Result<()>,
+) -> Result<std::result::Result<VideoInfo, String>> {
     let file = std::fs::File::open(path).map_err(|e| fail(path, e))?;
     let size = file.metadata().map_err(|e| fail(path, e))?.len();
     // The mp4 crate trusts some of what it reads (it has `unwrap`s on malformed tables): a
@@ -88,14 +96,18 @@ pub fn sample_frames(
             .unwrap_or_else(|_| Err(fail(path, "malformed MP4 (the demuxer gave up)")))
     };
     let mut demux = None;
+    let mut why_not = None;
     guarded(&mut || {
         let reader = std::io::BufReader::new(file.try_clone().map_err(|e| fail(path, e))?);
-        demux = Some(
-            mp4::Mp4Reader::read_header(reader, size)
-                .map_err(|e| not_supported(path, &format!("not an MP4 file ({e})")))?,
-        );
+        match mp4::Mp4Reader::read_header(reader, size) {
+            Ok(d) => demux = Some(d),
+            Err(e) => why_not = Some(format!("not an MP4 file ({e})")),
+        }
         Ok(())
     })?;
+    if let Some(why) = why_not {
+        return Ok(Err(why));
+    }
     let Some(mut demux) = demux else {
         return Err(fail(path, "unreadable MP4"));
     };
@@ -110,11 +122,11 @@ pub fn sample_frames(
     };
     let avc1 = match (&track.trak.mdia.minf.stbl.stsd.avc1, track.media_type()) {
         (Some(a), _) => a,
-        (None, Ok(t)) => return Err(not_supported(path, &format!("its video is {t}, not H.264"))),
-        (None, Err(_)) => return Err(not_supported(path, "its video codec is not H.264")),
+        (None, Ok(t)) => return Ok(Err(format!("its video is {t}, not H.264"))),
+        (None, Err(_)) => return Ok(Err("its video codec is not H.264".into())),
     };
     if !track.trafs.is_empty() || demux.is_fragmented() {
-        return Err(not_supported(path, "a fragmented MP4"));
+        return Ok(Err("a fragmented MP4".into()));
     }
     let (w, h) = (avc1.width as u32, avc1.height as u32);
     check_size(w, h).map_err(|e| fail(path, e))?;
@@ -275,5 +287,5 @@ pub fn sample_frames(
             ),
         ));
     }
-    Ok(info)
+    Ok(Ok(info))
 }
