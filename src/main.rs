@@ -883,7 +883,7 @@ fn bench_serve(
     use sd2::bench::serve::{run, table, LoadConfig};
     let device = sd2::Device::parse(device)?;
     device.check_available()?;
-    let (batched, _) = args.configs(([127, 0, 0, 1], 0).into())?;
+    let (batched, server) = args.configs(([127, 0, 0, 1], 0).into())?;
     let payload = match image {
         Some(p) => {
             std::fs::read(p).map_err(|e| sd2::Error::Msg(format!("{}: {e}", p.display())))?
@@ -939,8 +939,14 @@ fn bench_serve(
         requests: unbatched_requests,
         ..base.clone()
     };
-    reports.push(run("unbatched", load.clone(), unbatched, &one)?);
-    reports.push(run("batched", load, batched, &base)?);
+    reports.push(run(
+        "unbatched",
+        load.clone(),
+        unbatched,
+        server.clone(),
+        &one,
+    )?);
+    reports.push(run("batched", load, batched, server, &base)?);
     print!("{}", table(&reports));
     let speedup = reports[1].images_per_s / reports[0].images_per_s.max(1e-9);
     println!("batched / unbatched images/s: {speedup:.2}x");

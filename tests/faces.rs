@@ -384,6 +384,34 @@ fn predict_samples_a_video_and_tracks_its_face() {
             "clip.webm through ffmpeg: 12 frames, worst box error {:.1}%",
             worst * 100.0
         );
+        // An FFmpeg older than 5.1 (no -fps_mode; a stand-in that refuses it as 4.x does):
+        // the same frames through -vsync.
+        let old = ck.join("old-ffmpeg");
+        std::fs::write(
+            &old,
+            "#!/bin/sh\nfor a in \"$@\"; do if [ \"$a\" = -fps_mode ]; then \
+             echo \"Unrecognized option 'fps_mode'.\" >&2; exit 1; fi; done\nexec ffmpeg \"$@\"\n",
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&old)
+            .status()
+            .unwrap();
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_sd2"))
+            .args([
+                "predict",
+                "--checkpoint",
+                ck.to_str().unwrap(),
+                webm.to_str().unwrap(),
+            ])
+            .env("SD2_FFMPEG", &old)
+            .env("SD2_FFPROBE", "ffprobe")
+            .output()
+            .unwrap();
+        let o: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert!(r.status.success(), "{o}");
+        assert_eq!(o["frames"], w["frames"], "the same answer through -vsync");
     } else {
         assert!(
             std::env::var_os("SD2_REQUIRE_FFMPEG").is_none(),
@@ -430,6 +458,33 @@ fn predict_samples_a_video_and_tracks_its_face() {
         assert!(l["error"].as_str().unwrap().contains(name), "{l}");
     }
     assert_eq!(lines[4]["status"], "ok");
+    // A media header whose timescale is 0 (the mp4 crate's frame rate divides by it): judged,
+    // its rate unknown, not a crash.
+    let mut zero = bytes.clone();
+    let at = zero.windows(4).position(|w| w == b"mdhd").unwrap();
+    let ts = if zero[at + 4] == 1 { at + 24 } else { at + 16 };
+    zero[ts..ts + 4].copy_from_slice(&[0, 0, 0, 0]);
+    std::fs::write(d.join("zero_timescale.mp4"), &zero).unwrap();
+    let r = sd2(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--frames",
+        "4",
+        d.join("zero_timescale.mp4").to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["video"]["fps"].as_f64()),
+        (Some("ok"), Some(0.0)),
+        "{v}"
+    );
     std::fs::remove_dir_all(&ck).ok();
 }
 
@@ -512,4 +567,42 @@ fn annotate_draws_the_boxes_the_json_reports() {
         );
     }
     std::fs::remove_dir_all(&ck).ok();
+}
+
+/// A phone photo stored sideways with an EXIF orientation note is turned upright when
+/// decoded: its face is found where it is in the upright photo.
+#[test]
+fn a_sideways_photo_with_an_exif_orientation_is_turned_upright() {
+    let upright = decode_image(&fixture("grace_hopper.jpg")).unwrap();
+    let (w, h) = (upright.width, upright.height);
+    // Stored turned 90° counter-clockwise; EXIF orientation 6 says "turn 90° clockwise".
+    let img = image::RgbImage::from_raw(w as u32, h as u32, upright.data.clone()).unwrap();
+    let stored = image::imageops::rotate270(&img);
+    let mut jpeg = std::io::Cursor::new(vec![]);
+    stored
+        .write_to(&mut jpeg, image::ImageFormat::Jpeg)
+        .unwrap();
+    let jpeg = jpeg.into_inner();
+    let tiff: &[u8] = b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00";
+    let mut app1 = vec![0xFF, 0xE1, 0, (2 + 6 + tiff.len()) as u8];
+    app1.extend_from_slice(b"Exif\0\0");
+    app1.extend_from_slice(tiff);
+    let mut with_exif = jpeg[..2].to_vec();
+    with_exif.extend_from_slice(&app1);
+    with_exif.extend_from_slice(&jpeg[2..]);
+    let plain = sd2::clip::preprocess::decode_image_bytes(&jpeg, "sideways.jpg").unwrap();
+    assert_eq!((plain.width, plain.height), (h, w), "no note: as stored");
+    let turned = sd2::clip::preprocess::decode_image_bytes(&with_exif, "phone.jpg").unwrap();
+    assert_eq!((turned.width, turned.height), (w, h), "turned upright");
+    let mut det = FaceDetector::new(FaceConfig::default()).unwrap();
+    let want = det.detect(&upright).unwrap();
+    let got = det.detect(&turned).unwrap();
+    println!(
+        "upright {:?}, from the sideways file {:?}",
+        want[0].bbox,
+        got.first().map(|f| f.bbox)
+    );
+    assert_eq!((want.len(), got.len()), (1, 1));
+    let (off, size) = box_error(got[0].bbox, want[0].bbox);
+    assert!(off < 0.05 && size.abs() < 0.05, "{off} {size}");
 }

@@ -86,7 +86,7 @@ fn detect_answers_photos_videos_and_bad_input() {
         BatchConfig::default(),
         ServerConfig {
             max_body: 200_000,
-            max_pixels: 600_000,
+            max_pixels: 2_100_000,
             tmp_dir: videos.clone(),
             ..Default::default()
         },
@@ -188,15 +188,15 @@ fn detect_answers_photos_videos_and_bad_input() {
         "bad_media",
         "truncated JPEG",
     );
-    // The photos are at most 900x600 = 540000 px: allowed; an 800x800 PNG is not.
-    let big = image::RgbImage::new(800, 800);
+    // The photos and the 1080p clip are under 2.1 Mpx: allowed; a 1500x1500 PNG is not.
+    let big = image::RgbImage::new(1500, 1500);
     let mut png = std::io::Cursor::new(vec![]);
     big.write_to(&mut png, image::ImageFormat::Png).unwrap();
     expect(
         &c.post("/v1/detect", "image/png", png.get_ref()).unwrap(),
         413,
         "too_large",
-        "800x800",
+        "1500x1500",
     );
     expect(
         &c.post("/v1/detect", "image/jpeg", &vec![0xFF; 200_001])
@@ -373,13 +373,32 @@ fn slow_clients_time_out_floods_are_refused_and_load_is_batched() {
     std::fs::remove_dir_all(&d).ok();
 }
 
-/// Stopping the server answers the request in flight, then refuses connections.
+/// A large multipart upload is read whole; stopping the server answers the request in
+/// flight, then refuses connections.
 #[test]
 fn graceful_shutdown_answers_requests_in_flight() {
     let d = tmp("shutdown");
     common::tiny_checkpoint(&d);
     let s = start(&d, BatchConfig::default(), ServerConfig::default());
     let addr = s.local_addr();
+    // A multipart upload over axum's own 2 MB default: a 1000x900 noise PNG, no face in it.
+    let noise = image::RgbImage::from_fn(1000, 900, |x, y| {
+        let h = (x.wrapping_mul(2654435761) ^ y.wrapping_mul(40503)).wrapping_mul(2246822519);
+        image::Rgb([(h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8])
+    });
+    let mut png = std::io::Cursor::new(vec![]);
+    noise.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    assert!(
+        png.get_ref().len() > 2 << 20,
+        "{} bytes",
+        png.get_ref().len()
+    );
+    let (ct, body) = multipart("noise.png", png.get_ref());
+    let a = Client::new(addr, Duration::from_secs(60))
+        .post("/v1/detect", &ct, &body)
+        .unwrap();
+    let v = a.json().unwrap();
+    assert_eq!((a.status, &v["status"]), (200, &"no_face".into()), "{v}");
     let video = read("clip.mp4");
     let inflight = std::thread::spawn(move || {
         let mut c = Client::new(addr, Duration::from_secs(60));
@@ -491,4 +510,56 @@ fn bench_serve_reports_both_runs() {
     }
     assert!(text.contains("batched / unbatched images/s"));
     std::fs::remove_file(&out).ok();
+}
+
+/// A video past the request's timeout: 504, and its work stops at the next frame instead of
+/// running on with a worker (the next request, waiting for that worker, is answered soon);
+/// its temporary file is gone.
+#[test]
+fn a_request_past_its_timeout_stops_its_work() {
+    let d = tmp("deadline");
+    common::tiny_checkpoint(&d);
+    let videos = d.join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    let s = start(
+        &d,
+        BatchConfig::default(),
+        ServerConfig {
+            timeout: Duration::from_millis(1000),
+            workers: 1,
+            tmp_dir: videos.clone(),
+            ..Default::default()
+        },
+    );
+    let mut c = client(&s);
+    let t0 = std::time::Instant::now();
+    let a = c
+        .post("/v1/detect", "video/mp4", &read("clip.mp4"))
+        .unwrap();
+    expect(&a, 504, "timeout", "longer than");
+    let a = c
+        .post(
+            "/v1/detect?face_crop=false",
+            "image/jpeg",
+            &read("astronaut.jpg"),
+        )
+        .unwrap();
+    let took = t0.elapsed();
+    println!(
+        "504 for the video, then the photo answered {} after {took:?}",
+        a.status
+    );
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    // The photo waited for the video's worker, freed at the video's next frame after its
+    // deadline: no crop of the video was scored (it would have been, all 32 at its end).
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let crops = s
+        .batch_stats()
+        .crops
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(crops, 1, "only the photo's crop was scored");
+    s.stop().unwrap();
+    let left: Vec<_> = std::fs::read_dir(&videos).unwrap().collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    std::fs::remove_dir_all(&d).ok();
 }

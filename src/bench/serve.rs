@@ -116,11 +116,13 @@ fn drive(addr: SocketAddr, cfg: &LoadConfig, n: usize) -> (Vec<f64>, usize, Opti
     (lat, errors, first)
 }
 
-/// One run: a server with `batch` over the detector `load` makes, loaded with `cfg`.
+/// One run: a server set as `server` (on a free localhost port, admitting every client) with
+/// `batch` over the detector `load` makes, loaded with `cfg`.
 pub fn run(
     mode: &str,
     load: impl FnOnce() -> Result<Detector> + Send + 'static,
     batch: BatchConfig,
+    server: ServerConfig,
     cfg: &LoadConfig,
 ) -> Result<LoadReport> {
     if cfg.clients == 0 || cfg.requests == 0 {
@@ -132,8 +134,8 @@ pub fn run(
     let server = Server::start(
         ServerConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_pending: cfg.clients.max(1) * 2,
-            ..Default::default()
+            max_pending: server.max_pending.max(cfg.clients * 2),
+            ..server
         },
         batcher,
     )?;

@@ -151,9 +151,16 @@ fn decode_checked(bytes: &[u8], what: &str, (w, h): (u32, u32)) -> Result<RgbIma
     // The decoded image (up to 16 bytes per pixel) and the decoder's buffers, bounded.
     limits.max_alloc = Some((w as u64 * h as u64 * 16).max(64 << 20));
     reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| Error::Media(format!("{what}: cannot decode image: {e}")))?;
+    let cannot = |e: image::ImageError| Error::Media(format!("{what}: cannot decode image: {e}"));
+    use image::ImageDecoder;
+    let mut decoder = reader.into_decoder().map_err(cannot)?;
+    // A phone's photo is stored sideways with an EXIF note saying how to turn it: turned
+    // here, as a viewer (and OpenCV's imread, DeepfakeBench's loader) shows it, so faces are
+    // upright and boxes are where a viewer sees them. A bad note is ignored.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let img = image::DynamicImage::from_decoder(decoder).map_err(cannot)?;
     if (img.width(), img.height()) != (w, h) {
         return Err(Error::Media(format!(
             "{what}: decoded as {}x{}, but its header says {w}x{h}",
@@ -162,11 +169,14 @@ fn decode_checked(bytes: &[u8], what: &str, (w, h): (u32, u32)) -> Result<RgbIma
         )));
     }
     // Already RGB8 (most photos): no copy.
+    let mut img = image::DynamicImage::ImageRgb8(img.into_rgb8());
+    img.apply_orientation(orientation);
     let rgb = img.into_rgb8();
     RgbImage::new(rgb.width() as usize, rgb.height() as usize, rgb.into_raw())
 }
 
-/// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded), refusing images over the size
+/// Decodes PNG/JPEG/WebP to RGB (alpha dropped, grey expanded, turned upright as its EXIF
+/// orientation says), refusing images over the size
 /// limits (`check_size`, from the header, before decoding) and truncated JPEGs; a truncated
 /// PNG or WebP fails in its decoder. Every error names `what`.
 pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {

@@ -417,9 +417,14 @@ impl Detector {
         chunk: usize,
     ) -> Result<VideoVerdict> {
         let size = self.model.clip.config.vision_config.image_size;
-        judge_video(faces.config(), path, frames, size, |px, _| {
-            self.detect_crops(&px, chunk)
-        })
+        judge_video(
+            faces.config(),
+            path,
+            frames,
+            size,
+            VideoLimits::default(),
+            |px, _| self.detect_crops(&px, chunk),
+        )
     }
 
     /// `detect_faces` over image files, in order: `each` gets every path with its verdict or
@@ -527,80 +532,145 @@ impl Detector {
     }
 }
 
-/// A video judged by its faces, the crops scored by `score` (given every crop's pixels,
-/// [n, 3, size, size] flattened, and n; it answers n predictions in order): `frames` frames
-/// sampled uniformly (`video::sample_frames`), faces found in each (`FaceDetector` with
-/// `cfg`, on a few threads), tracked from frame to frame; the video's score is the mean of
-/// its frames' (those with a face).
+/// Bounds on judging one video (a server's; the library's own calls set none).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VideoLimits {
+    /// Give up (an error) once this has passed.
+    pub deadline: Option<std::time::Instant>,
+    /// Refuse videos whose frames hold more pixels (`Error::Media`).
+    pub max_pixels: Option<u64>,
+}
+
+/// Crops scored together while a video is read: memory holds at most this many crops (plus
+/// one frame's) and the few frames in flight, whatever the video's length.
+const VIDEO_CHUNK: usize = 64;
+
+/// A video judged by its faces, the crops scored by `score` (given crops' pixels, [n, 3,
+/// size, size] flattened, and n; it answers n predictions in order; called once per chunk of
+/// about `VIDEO_CHUNK` crops as the video is read): `frames` frames sampled uniformly
+/// (`video::sample_frames`), faces found in each (`FaceDetector` with `cfg`, on a few
+/// threads), tracked from frame to frame; the video's score is the mean of its frames' (those
+/// with a face).
 pub fn judge_video(
     cfg: &FaceConfig,
     path: &Path,
     frames: usize,
     size: usize,
-    score: impl FnOnce(Vec<f32>, usize) -> Result<Vec<Prediction>>,
+    limits: VideoLimits,
+    mut score: impl FnMut(Vec<f32>, usize) -> Result<Vec<Prediction>>,
 ) -> Result<VideoVerdict> {
     let cfg = cfg.clone();
     // Frames are decoded in order on this thread and searched for faces on `workers`
     // others (each with its own detector); at most `workers` frames wait in between, so
-    // memory holds a few frames, not the video.
+    // memory holds a few frames, not the video. Their crops come back here and are scored a
+    // chunk at a time.
     let workers = rayon::current_num_threads().clamp(1, 8);
     type Found = (usize, f64, Vec<FaceBox>, Vec<f32>);
-    let (found, info) = std::thread::scope(|s| -> Result<(Vec<Found>, _)> {
+    let mut done: Vec<(usize, f64, Vec<FaceBox>, Vec<Prediction>)> = vec![];
+    let mut pending: Vec<Found> = vec![];
+    let mut flush = |pending: &mut Vec<Found>,
+                     done: &mut Vec<(usize, f64, Vec<FaceBox>, Vec<Prediction>)>|
+     -> Result<()> {
+        let n: usize = pending.iter().map(|f| f.2.len()).sum();
+        let mut px = Vec::with_capacity(n * 3 * size * size);
+        for f in pending.iter_mut() {
+            px.append(&mut f.3);
+        }
+        let mut preds = if n > 0 { score(px, n)? } else { vec![] }.into_iter();
+        for (index, time_s, boxes, _) in pending.drain(..) {
+            let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
+            done.push((index, time_s, boxes, mine));
+        }
+        Ok(())
+    };
+    let info = std::thread::scope(|s| -> Result<_> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<crate::video::Frame>(workers);
+        let (found_tx, found_rx) = std::sync::mpsc::channel::<Found>();
         let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                let (rx, cfg) = (rx.clone(), cfg.clone());
-                s.spawn(move || -> Result<Vec<Found>> {
+                let (rx, cfg, found_tx) = (rx.clone(), cfg.clone(), found_tx.clone());
+                s.spawn(move || -> Result<()> {
                     let mut det = FaceDetector::new(cfg)?;
-                    let mut out = vec![];
                     loop {
                         let next = rx
                             .lock()
                             .map_err(|_| Error::Msg("a face worker died".into()))?
                             .recv();
-                        let Ok(frame) = next else { return Ok(out) };
+                        let Ok(frame) = next else { return Ok(()) };
                         let (boxes, px) = det.detect_and_crop(&frame.image, size)?;
-                        out.push((frame.index, frame.time_s, boxes, px));
+                        if found_tx
+                            .send((frame.index, frame.time_s, boxes, px))
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
                     }
                 })
             })
             .collect();
-        let info = crate::video::sample_frames(path, frames, |_, frame| {
+        drop(found_tx);
+        let take = |pending: &mut Vec<Found>, f: Found| {
+            pending.push(f);
+            pending.iter().map(|f| f.2.len()).sum::<usize>() >= VIDEO_CHUNK
+        };
+        let info = crate::video::sample_frames(path, frames, |info, frame| {
+            if let Some(max) = limits.max_pixels {
+                if info.width as u64 * info.height as u64 > max {
+                    return Err(Error::Media(format!(
+                        "{}: its {}x{} frames are over the {max} pixel limit",
+                        path.display(),
+                        info.width,
+                        info.height
+                    )));
+                }
+            }
+            if limits
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() > d)
+            {
+                return Err(Error::Msg(format!(
+                    "{}: out of time at frame {}",
+                    path.display(),
+                    frame.index
+                )));
+            }
             tx.send(frame)
-                .map_err(|_| Error::Msg("face detection stopped early".into()))
+                .map_err(|_| Error::Msg("face detection stopped early".into()))?;
+            while let Ok(f) = found_rx.try_recv() {
+                if take(&mut pending, f) {
+                    flush(&mut pending, &mut done)?;
+                }
+            }
+            Ok(())
         });
         drop(tx);
-        let mut found = vec![];
+        let mut failed = None;
         for h in handles {
-            found.extend(
-                h.join()
-                    .map_err(|_| Error::Msg("a face worker panicked".into()))??,
-            );
-        }
-        Ok((found, info?))
-    })?;
-    let mut found = found;
-    found.sort_by_key(|f| f.0);
-    let mut pixels: Vec<f32> = vec![];
-    let found: Vec<(usize, f64, Vec<FaceBox>)> = found
-        .into_iter()
-        .map(|(i, t, b, px)| {
-            pixels.extend(px);
-            (i, t, b)
-        })
-        .collect();
-    let n: usize = found.iter().map(|f| f.2.len()).sum();
-    let mut preds = score(pixels, n)?.into_iter();
-    let mut frames: Vec<FrameVerdict> = found
-        .into_iter()
-        .map(|(index, time_s, boxes)| {
-            let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
-            FrameVerdict {
-                index,
-                time_s,
-                verdict: ImageVerdict::from_faces(boxes, mine),
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => failed = failed.or(Some(Error::Msg("a face worker panicked".into()))),
             }
+        }
+        // A worker's error says more than the reader's "stopped early".
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let info = info?;
+        while let Ok(f) = found_rx.try_recv() {
+            take(&mut pending, f);
+        }
+        flush(&mut pending, &mut done)?;
+        Ok(info)
+    })?;
+    done.sort_by_key(|f| f.0);
+    let mut frames: Vec<FrameVerdict> = done
+        .into_iter()
+        .map(|(index, time_s, boxes, preds)| FrameVerdict {
+            index,
+            time_s,
+            verdict: ImageVerdict::from_faces(boxes, preds),
         })
         .collect();
     assign_tracks(&mut frames);

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::clip::preprocess::RgbImage;
 use crate::faces::{FaceConfig, FaceDetector};
-use crate::sd2::detector::{judge_video, Detector, ImageVerdict, Prediction, VideoVerdict};
+use crate::sd2::detector::{
+    judge_video, Detector, ImageVerdict, Prediction, VideoLimits, VideoVerdict,
+};
 use crate::{Error, Result};
 
 /// How requests are grouped.
@@ -128,6 +130,11 @@ impl Batcher {
         self.image_size
     }
 
+    /// Whether the model thread still runs (it stops only if it panicked, or at shutdown).
+    pub fn is_alive(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
     /// Its counters.
     pub fn stats(&self) -> &BatchStats {
         &self.stats
@@ -194,14 +201,15 @@ impl Batcher {
     }
 
     /// A video judged by its faces (`sd2::detector::judge_video`, faces found with `faces`),
-    /// all its crops scored through the batch queue as one request.
+    /// its crops scored through the batch queue a chunk at a time as the video is read.
     pub fn detect_video(
         &self,
         faces: &FaceConfig,
         path: &std::path::Path,
         frames: usize,
+        limits: VideoLimits,
     ) -> Result<VideoVerdict> {
-        judge_video(faces, path, frames, self.image_size, |px, n| {
+        judge_video(faces, path, frames, self.image_size, limits, |px, n| {
             self.score(px, n)
         })
     }

@@ -177,7 +177,7 @@ fn read_answer(r: &mut impl BufRead) -> std::io::Result<Answer> {
             let size = read_line(r)?;
             let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
                 .map_err(|_| bad(format!("bad chunk size `{size}`")))?;
-            if body.len() + size > MAX_ANSWER {
+            if size > MAX_ANSWER - body.len() {
                 return Err(bad("answer too large".into()));
             }
             let at = body.len();

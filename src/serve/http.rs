@@ -32,7 +32,7 @@ use super::metrics::{resident_bytes, Metrics};
 use super::Batcher;
 use crate::clip::preprocess::{decode_image_bytes, image_bytes_size, preprocess};
 use crate::faces::{FaceBox, FaceConfig, FaceDetector};
-use crate::sd2::detector::{json_line, prediction_json, ImageVerdict, Prediction};
+use crate::sd2::detector::{json_line, prediction_json, ImageVerdict, Prediction, VideoLimits};
 use crate::{Error, Result};
 
 /// The page served at `/`.
@@ -183,7 +183,6 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("sd2-serve-main".into())
             .spawn(move || -> Result<()> {
-                let grace = s.cfg.shutdown_grace;
                 let r = rt.block_on(async move {
                     let listener = tokio::net::TcpListener::from_std(listener)?;
                     let on_signals = s.cfg.stop_on_signals;
@@ -196,8 +195,9 @@ impl Server {
                     serve_loop(listener, s, stop).await;
                     Ok::<(), Error>(())
                 });
-                // Decodes still running past the grace period are abandoned.
-                rt.shutdown_timeout(grace);
+                // The grace period was spent waiting for the connections; work abandoned at a
+                // timeout may still run, and is not waited for long.
+                rt.shutdown_timeout(Duration::from_secs(1));
                 r
             })
             .map_err(|e| Error::Msg(format!("cannot start the server thread: {e}")))?;
@@ -332,11 +332,15 @@ async fn serve_loop(
 }
 
 fn router(shared: Arc<Shared>) -> Router {
+    // The body is read (bounded) by `detect_inner` itself; the limit axum's extractors apply
+    // (2 MB unless told) must not be the smaller one for a multipart upload.
+    let limit = axum::extract::DefaultBodyLimit::max(shared.cfg.max_body);
     Router::new()
         .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/detect", post(detect))
+        .layer(limit)
         .with_state(shared)
 }
 
@@ -350,11 +354,20 @@ async fn index(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    if !s.batcher.is_alive() {
+        s.metrics.record("/healthz", 503, None);
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "error", "error": "the model thread has stopped"}),
+        );
+    }
     s.metrics.record("/healthz", 200, None);
     json(
         StatusCode::OK,
         &serde_json::json!({
             "status": "ok",
+            "max_body": s.cfg.max_body,
+            "max_pixels": s.cfg.max_pixels,
             "image_size": s.batcher.image_size(),
             "uptime_s": s.started.elapsed().as_secs_f64(),
             "in_flight": s.metrics.in_flight.load(Ordering::Relaxed),
@@ -483,7 +496,25 @@ fn sniff(b: &[u8]) -> Option<Kind> {
         Ok(_) => return None,
         Err(_) => {}
     }
-    if b.get(4..8) == Some(b"ftyp") || b.get(4..8) == Some(b"moov") {
+    if b.get(4..8) == Some(b"ftyp") {
+        // HEIF/AVIF photos are ISO boxes too; sd2 does not decode them.
+        let brand = b.get(8..12).unwrap_or(b"");
+        if [
+            &b"heic"[..],
+            b"heix",
+            b"hevc",
+            b"mif1",
+            b"msf1",
+            b"avif",
+            b"avis",
+        ]
+        .contains(&brand)
+        {
+            return None;
+        }
+        return Some(Kind::Video("mp4"));
+    }
+    if b.get(4..8) == Some(b"moov") {
         return Some(Kind::Video("mp4"));
     }
     if b.starts_with(&[0x1A, 0x45, 0xDF, 0xA3]) {
@@ -516,7 +547,9 @@ async fn detect(State(s): State<Arc<Shared>>, req: Request) -> Response {
             format!("{} requests are in flight already, try again", admitted),
         ))
     } else {
-        match tokio::time::timeout(s.cfg.timeout, detect_inner(&s, req, &mut name)).await {
+        let deadline = t0 + s.cfg.timeout;
+        match tokio::time::timeout(s.cfg.timeout, detect_inner(&s, req, &mut name, deadline)).await
+        {
             Ok(r) => r,
             Err(_) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -544,6 +577,7 @@ async fn detect_inner(
     s: &Arc<Shared>,
     req: Request,
     name: &mut String,
+    deadline: Instant,
 ) -> std::result::Result<serde_json::Value, ApiError> {
     let q = parse_query(req.uri().query(), &s.cfg)?;
     let too_large = |n: String| {
@@ -574,7 +608,7 @@ async fn detect_inner(
         .div_ceil(1024)
         .max(1);
     let kib = kib.min(s.cfg.body_budget >> 10).max(1) as u32;
-    let _share = s
+    let share = s
         .bodies
         .clone()
         .acquire_many_owned(kib)
@@ -621,7 +655,8 @@ async fn detect_inner(
         ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media",
-            "not an image (PNG, JPEG, WebP) or a video (MP4/MOV, MKV/WebM, AVI)",
+            "not an image (PNG, JPEG, WebP) or a video (MP4/MOV, MKV/WebM, AVI); HEIC, AVIF \
+             and GIF are not read",
         )
     })?;
     if kind == Kind::Image {
@@ -651,18 +686,24 @@ async fn detect_inner(
         .await
         .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "shutting down"))?;
     let (s2, n2) = (s.clone(), name.clone());
-    let prepared = tokio::task::spawn_blocking(move || prepare(&s2, &bytes, &n2, kind, &q))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("the request's worker failed: {e}"),
-            )
-        })??;
+    // The worker and the body's share are released when the work ends, not when the request
+    // does: a request abandoned at its timeout still counts until its decode stops, so the
+    // limits hold.
+    let prepared = tokio::task::spawn_blocking(move || {
+        let r = prepare(&s2, &bytes, &n2, kind, &q, deadline);
+        drop((worker, share));
+        r
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request's worker failed: {e}"),
+        )
+    })??;
     // The crops wait for their batch without holding a worker, so a batch can gather crops
     // from more requests than there are workers.
-    drop(worker);
     match prepared {
         Prepared::Done(v) => Ok(v),
         Prepared::Whole(px) => {
@@ -780,6 +821,7 @@ fn prepare(
     name: &str,
     kind: Kind,
     q: &DetectQuery,
+    deadline: Instant,
 ) -> std::result::Result<Prepared, ApiError> {
     let size = s.batcher.image_size();
     match kind {
@@ -794,16 +836,14 @@ fn prepare(
             Ok(Prepared::Faces(boxes, px))
         }
         Kind::Video(ext) => {
-            let k = s.next_tmp.fetch_add(1, Ordering::Relaxed);
-            let path = s
-                .cfg
-                .tmp_dir
-                .join(format!("sd2-serve-{}-{k}.{ext}", std::process::id()));
-            let tmp = TempFile(path);
-            write_new(&tmp.0, bytes).map_err(ApiError::from_error)?;
+            let tmp = temp_file(s, ext, bytes).map_err(ApiError::from_error)?;
+            let limits = VideoLimits {
+                deadline: Some(deadline),
+                max_pixels: Some(s.cfg.max_pixels),
+            };
             let v = s
                 .batcher
-                .detect_video(&s.cfg.faces, &tmp.0, q.frames)
+                .detect_video(&s.cfg.faces, &tmp.0, q.frames, limits)
                 .map_err(|e| {
                     // Messages name the upload, not where it was stored.
                     let mut a = ApiError::from_error(e);
@@ -818,6 +858,36 @@ fn prepare(
     }
 }
 
+/// `bytes` in a new file of the server's temporary folder, named so that no other server (in
+/// a container every server may be pid 1) and no earlier run's leftover takes its name.
+fn temp_file(s: &Shared, ext: &str, bytes: &[u8]) -> Result<TempFile> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut last = None;
+    for _ in 0..8 {
+        let k = s.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = s.cfg.tmp_dir.join(format!(
+            "sd2-serve-{}-{stamp:x}-{k}.{ext}",
+            std::process::id()
+        ));
+        match write_new(&path, bytes) {
+            Ok(()) => return Ok(TempFile(path)),
+            Err(Error::Write { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                last = Some(path)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Msg(format!(
+        "cannot find a free temporary name (last tried {})",
+        last.map(|p| p.display().to_string()).unwrap_or_default()
+    )))
+}
+
 fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let w = || -> std::io::Result<()> {
@@ -827,9 +897,14 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
             .open(path)?;
         f.write_all(bytes)
     };
-    w().map_err(|source| Error::Write {
-        path: path.to_path_buf(),
-        source,
+    w().map_err(|source| {
+        if source.kind() != std::io::ErrorKind::AlreadyExists {
+            std::fs::remove_file(path).ok();
+        }
+        Error::Write {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -844,6 +919,7 @@ mod tests {
         assert_eq!(sniff(b"\xFF\xD8\xFF\xE0\0\x10JFIF"), Some(Kind::Image));
         assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(Kind::Image));
         assert_eq!(sniff(b"\0\0\0\x20ftypisom"), Some(Kind::Video("mp4")));
+        assert_eq!(sniff(b"\0\0\0\x18ftypheic\0\0\0\0"), None);
         assert_eq!(sniff(b"\x1A\x45\xDF\xA3\x9f"), Some(Kind::Video("mkv")));
         assert_eq!(sniff(b"RIFF\0\0\0\0AVI LIST"), Some(Kind::Video("avi")));
         assert_eq!(sniff(b"GIF89a\x01\0\x01\0"), None);

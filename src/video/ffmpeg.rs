@@ -1,6 +1,7 @@
 //! Videos the built-in decoder does not read (WebM, MKV, AVI, MOV with other codecs, fragmented
 //! MP4…), sampled through the system's `ffmpeg` and `ffprobe`: `ffprobe` gives the size, the
-//! frame count and the rate; `ffmpeg` decodes, keeps only the sampled frames (its `select`
+//! frame count (decoded frames, not packets: an interlaced stream has two per frame) and the
+//! rate; `ffmpeg` decodes, keeps only the sampled frames (its `select`
 //! filter) and pipes them as raw RGB, one frame at a time, so memory holds one frame. Where the
 //! tools are not installed, the error says what the file is and what to install.
 //!
@@ -108,7 +109,7 @@ fn parse_probe(out: &str) -> std::result::Result<VideoInfo, String> {
         (Ok(w), Ok(h)) if w > 0 && h > 0 => (w, h),
         _ => return Err("ffprobe found no video stream".into()),
     };
-    let frames = get("nb_read_packets")
+    let frames = get("nb_read_frames")
         .parse::<usize>()
         .map_err(|_| "ffprobe could not count its frames".to_string())?;
     let mut fps = parse_rate(&get("avg_frame_rate"));
@@ -131,12 +132,12 @@ pub fn sample_frames(
     mut each: impl FnMut(&VideoInfo, Frame) -> Result<()>,
 ) -> Result<VideoInfo> {
     let (ffmpeg, ffprobe) = programs();
-    let probe = spawn(
+    let mut probe = spawn(
         Command::new(&ffprobe)
-            .args(["-v", "error", "-select_streams", "v:0", "-count_packets"])
+            .args(["-v", "error", "-select_streams", "v:0", "-count_frames"])
             .args([
                 "-show_entries",
-                "stream=width,height,avg_frame_rate,r_frame_rate,nb_read_packets",
+                "stream=width,height,avg_frame_rate,r_frame_rate,nb_read_frames",
             ])
             .args(["-of", "default=noprint_wrappers=1"])
             .arg(path)
@@ -146,21 +147,32 @@ pub fn sample_frames(
         path,
         why,
         &ffprobe,
-    )?
-    .wait_with_output()
-    .map_err(|e| fail(path, format!("ffprobe: {e}")))?;
-    if !probe.status.success() {
-        let err = String::from_utf8_lossy(&probe.stderr);
-        let err = err.trim();
+    )?;
+    // Both pipes read at once and bounded: a damaged file can make ffprobe say a lot.
+    let errors = probe.stderr.take().map(|e| tail_of(e, 2000));
+    let mut out = vec![];
+    if let Some(o) = probe.stdout.take() {
+        o.take(64 << 10).read_to_end(&mut out).ok();
+    }
+    let status = probe
+        .wait()
+        .map_err(|e| fail(path, format!("ffprobe: {e}")))?;
+    let errors = errors.and_then(|h| h.join().ok()).unwrap_or_default();
+    if !status.success() {
         return Err(fail(
             path,
-            format!(
-                "{why}, and ffprobe cannot read it either: {}",
-                last_lines(err, 2)
-            ),
+            format!("{why}, and ffprobe cannot read it either: {errors}"),
         ));
     }
-    let info = parse_probe(&String::from_utf8_lossy(&probe.stdout)).map_err(|e| fail(path, e))?;
+    // ffprobe decoded every frame to count them; what it complained of is damage (a cut file,
+    // corrupt frames) that would be judged on whatever frames survived.
+    if !errors.is_empty() {
+        return Err(fail(
+            path,
+            format!("{why}; ffprobe finds it damaged: {errors}"),
+        ));
+    }
+    let info = parse_probe(&String::from_utf8_lossy(&out)).map_err(|e| fail(path, e))?;
     check_size(info.width as u32, info.height as u32).map_err(|e| fail(path, e))?;
     if info.frames == 0 {
         return Err(fail(path, "the video track has no frames"));
@@ -171,27 +183,60 @@ pub fn sample_frames(
         .map(|i| format!("eq(n\\,{i})"))
         .collect::<Vec<_>>()
         .join("+");
-    // Frames as stored (no rotation applied), so they have ffprobe's size.
+    // FFmpeg ≥ 5.1 names the frame-timing option `-fps_mode`, older ones `-vsync`; either way
+    // each selected frame once, none repeated to keep a rate.
+    let mut emitted = 0usize;
+    for sync in ["-fps_mode", "-vsync"] {
+        match decode(
+            &ffmpeg,
+            path,
+            why,
+            &info,
+            &wanted,
+            &select,
+            sync,
+            &mut emitted,
+            &mut each,
+        ) {
+            Err(Error::Media(m))
+                if emitted == 0 && sync == "-fps_mode" && m.contains("fps_mode") =>
+            {
+                continue
+            }
+            r => return r.map(|()| info),
+        }
+    }
+    Err(fail(path, "ffmpeg refused both -fps_mode and -vsync"))
+}
+
+/// One ffmpeg run handing the `wanted` frames (chosen by the `select` expression) to `each`.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    ffmpeg: &Path,
+    path: &Path,
+    why: &str,
+    info: &VideoInfo,
+    wanted: &[usize],
+    select: &str,
+    sync: &str,
+    emitted: &mut usize,
+    each: &mut impl FnMut(&VideoInfo, Frame) -> Result<()>,
+) -> Result<()> {
+    // Frames as stored (no rotation applied), so they have ffprobe's size; scaled to it should
+    // a stream change size midway (Matroska allows it), so every frame is the size read.
+    let filter = format!("select={select},scale={}:{}", info.width, info.height);
     let mut child = spawn(
-        Command::new(&ffmpeg)
+        Command::new(ffmpeg)
             .args(["-v", "error", "-nostdin", "-noautorotate", "-i"])
             .arg(path)
-            .args(["-map", "0:v:0", "-vf", &format!("select={select}")])
-            .args([
-                "-fps_mode",
-                "passthrough",
-                "-pix_fmt",
-                "rgb24",
-                "-f",
-                "rawvideo",
-                "-",
-            ])
+            .args(["-map", "0:v:0", "-vf", &filter, sync, "passthrough"])
+            .args(["-pix_fmt", "rgb24", "-f", "rawvideo", "-"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
         path,
         why,
-        &ffmpeg,
+        ffmpeg,
     )?;
     let errors = child.stderr.take().map(|e| tail_of(e, 2000));
     let result = (|| -> Result<()> {
@@ -216,8 +261,9 @@ pub fn sample_frames(
                 0.0
             };
             let image = RgbImage::new(info.width, info.height, rgb)?;
+            *emitted += 1;
             each(
-                &info,
+                info,
                 Frame {
                     index,
                     time_s,
@@ -235,7 +281,7 @@ pub fn sample_frames(
         Err(Error::Media(m)) if !errors.is_empty() => {
             Err(Error::Media(format!("{m}; ffmpeg said: {errors}")))
         }
-        r => r.map(|()| info),
+        r => r,
     }
 }
 
@@ -245,12 +291,12 @@ mod tests {
 
     #[test]
     fn probe_output_is_parsed() {
-        let out = "width=1280\nheight=720\nr_frame_rate=30000/1001\navg_frame_rate=0/0\nnb_read_packets=300\n";
+        let out = "width=1280\nheight=720\nr_frame_rate=30000/1001\navg_frame_rate=0/0\nnb_read_frames=300\n";
         let v = parse_probe(out).unwrap();
         assert_eq!((v.width, v.height, v.frames), (1280, 720, 300));
         assert!((v.fps - 29.97).abs() < 0.01, "{}", v.fps);
         assert!(parse_probe("width=0\nheight=0\n").is_err());
-        assert!(parse_probe("width=640\nheight=480\nnb_read_packets=N/A\n").is_err());
+        assert!(parse_probe("width=640\nheight=480\nnb_read_frames=N/A\n").is_err());
         assert_eq!(parse_rate("25"), 25.0);
         assert_eq!(parse_rate("1/0"), 0.0);
     }

@@ -141,7 +141,14 @@ fn sample_mp4(
             sizes.get(i).copied().unwrap_or(u32::MAX)
         }
     };
-    let fps = track.frame_rate();
+    // From the media header, not `Mp4Track::frame_rate`, which divides by a timescale the
+    // file may give as 0.
+    let mdhd = &track.trak.mdia.mdhd;
+    let fps = if mdhd.timescale > 0 && mdhd.duration > 0 {
+        frames as f64 * mdhd.timescale as f64 / mdhd.duration as f64
+    } else {
+        0.0
+    };
     let info = VideoInfo {
         width: w as usize,
         height: h as usize,
