@@ -186,4 +186,56 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA_SIM").is_some() {
         build_sim(&files);
     }
+    if std::env::var_os("CARGO_FEATURE_DLIB").is_some() {
+        // The shape predictor behind a C interface, against the system's dlib.
+        println!("cargo:rerun-if-changed=src/faces/dlib_shim.cpp");
+        cc::Build::new()
+            .cpp(true)
+            .std("c++14")
+            .opt_level(2)
+            .warnings(false)
+            .file("src/faces/dlib_shim.cpp")
+            .compile("sd2_dlib_shim");
+        link_dlib();
+    }
+}
+
+/// Links what `pkg-config --libs dlib-1` names: dlib, and the BLAS/LAPACK its headers call into.
+/// Debian names them by their unversioned `.so`, which only their -dev packages ship; the
+/// versioned library beside it (which the runtime package ships) is linked instead.
+fn link_dlib() {
+    let libs = std::process::Command::new("pkg-config")
+        .args(["--libs", "dlib-1"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|| "-ldlib".into());
+    for tok in libs.split_whitespace() {
+        if let Some(l) = tok.strip_prefix("-l") {
+            println!("cargo:rustc-link-lib={l}");
+        } else if let Some(d) = tok.strip_prefix("-L") {
+            println!("cargo:rustc-link-search=native={d}");
+        } else if tok.contains(".so") {
+            let p = Path::new(tok);
+            let (Some(dir), Some(name)) = (p.parent(), p.file_name().and_then(|n| n.to_str()))
+            else {
+                continue;
+            };
+            let file = if p.exists() {
+                Some(name.to_string())
+            } else {
+                std::fs::read_dir(dir).ok().and_then(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|f| f.starts_with(&format!("{name}.")))
+                        .min_by_key(|f| f.len())
+                })
+            };
+            if let Some(f) = file {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+                println!("cargo:rustc-link-lib=dylib:+verbatim={f}");
+            }
+        }
+    }
 }

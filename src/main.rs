@@ -99,6 +99,9 @@ enum Cmd {
         /// A crop's side as a multiple of the face box's longer side.
         #[arg(long, default_value_t = 1.3)]
         face_margin: f32,
+        /// Align each crop on dlib's landmarks (DeepfakeBench's crops; feature `dlib`).
+        #[arg(long)]
+        align: bool,
         /// Frames sampled uniformly from each video (DeepfakeBench: 32).
         #[arg(long, default_value_t = 32)]
         frames: usize,
@@ -220,6 +223,9 @@ struct ServeArgs {
     /// A crop's side as a multiple of the face box's longer side.
     #[arg(long, default_value_t = 1.3)]
     face_margin: f32,
+    /// Align each crop on dlib's landmarks (DeepfakeBench's crops; feature `dlib`).
+    #[arg(long)]
+    align: bool,
 }
 
 #[cfg(feature = "server")]
@@ -260,6 +266,7 @@ impl ServeArgs {
             faces: sd2::faces::FaceConfig {
                 min_face: self.min_face,
                 margin: self.face_margin,
+                align: self.align,
                 ..Default::default()
             },
             ..d
@@ -1348,6 +1355,7 @@ fn main() {
             no_face_crop,
             min_face,
             face_margin,
+            align,
             frames,
             annotate,
         } => predict(
@@ -1359,6 +1367,7 @@ fn main() {
             (!no_face_crop).then(|| sd2::faces::FaceConfig {
                 min_face,
                 margin: face_margin,
+                align,
                 ..Default::default()
             }),
             frames,

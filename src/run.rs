@@ -341,7 +341,12 @@ pub fn train_with(
     }
     let ckpts = crate::sd2::checkpoint::Checkpoints::new(cfg.out.join("checkpoints"));
     let resume_from = match start {
-        Start::Resume => ckpts.last(),
+        Start::Resume => {
+            // A run killed in its last save has nothing left to save, so nothing else would
+            // clear what that save left behind.
+            ckpts.tidy();
+            ckpts.last()
+        }
         Start::Overwrite => {
             let ck = cfg.out.join("checkpoints");
             if ck.exists() {

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::clip::preprocess::{preprocess, resize_bicubic, RgbImage};
 use crate::{Error, Result};
 
+pub mod align;
+#[cfg(feature = "dlib")]
+pub mod dlib;
+
 const SEETA_MODEL: &[u8] = include_bytes!("seeta_fd_frontal_v1.0.bin");
 
 /// The shipped model, parsed once per process (detectors clone it).
@@ -41,6 +45,10 @@ pub struct FaceConfig {
     pub detect_max_side: u32,
     /// Most faces reported per image, the largest first.
     pub max_faces: usize,
+    /// Crop each face aligned on dlib's landmarks instead of square around its box
+    /// (DeepfakeBench's protocol, `align`: five points onto ArcFace's template in a 256-px
+    /// crop, `margin` around it). Needs sd2 built with the `dlib` feature.
+    pub align: bool,
 }
 
 impl Default for FaceConfig {
@@ -51,6 +59,7 @@ impl Default for FaceConfig {
             score_threshold: 4.5,
             detect_max_side: 1280,
             max_faces: 16,
+            align: false,
         }
     }
 }
@@ -85,6 +94,14 @@ impl FaceConfig {
                 format!("{} must be in [64, 16384] px", self.detect_max_side),
             );
         }
+        if self.align && !cfg!(feature = "dlib") {
+            return bad(
+                "align",
+                "aligned crops need dlib's landmarks: build sd2 with `--features dlib` \
+                 (Debian/Ubuntu: `apt install libdlib-dev libdlib-data`)"
+                    .into(),
+            );
+        }
         if !(1..=1024).contains(&self.max_faces) {
             return bad(
                 "max_faces",
@@ -103,6 +120,10 @@ pub struct FaceBox {
     pub bbox: [f32; 4],
     /// The detector's confidence (SeetaFace's score; higher is surer).
     pub detection_score: f64,
+    /// With aligned crops: the five landmarks the crop was aligned on (left eye, right eye,
+    /// nose tip, left and right mouth corner), in the input's pixels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub landmarks: Option<[[f32; 2]; 5]>,
 }
 
 impl FaceBox {
@@ -116,6 +137,8 @@ impl FaceBox {
 pub struct FaceDetector {
     inner: Box<dyn rustface::Detector>,
     cfg: FaceConfig,
+    #[cfg(feature = "dlib")]
+    landmarker: Option<std::sync::Arc<dlib::Landmarker>>,
 }
 
 impl FaceDetector {
@@ -126,7 +149,16 @@ impl FaceDetector {
         inner.set_score_thresh(cfg.score_threshold);
         inner.set_pyramid_scale_factor(0.8);
         inner.set_slide_window_step(4, 4);
-        Ok(FaceDetector { inner, cfg })
+        Ok(FaceDetector {
+            inner,
+            #[cfg(feature = "dlib")]
+            landmarker: if cfg.align {
+                Some(dlib::Landmarker::shared()?)
+            } else {
+                None
+            },
+            cfg,
+        })
     }
 
     /// Its settings.
@@ -188,6 +220,7 @@ impl FaceDetector {
                         y1.clamp(0.0, h as f32),
                     ],
                     detection_score: f.score(),
+                    landmarks: None,
                 }
             })
             .filter(|f| f.side() >= cfg.min_face as f32)
@@ -206,12 +239,25 @@ impl FaceDetector {
         img: &RgbImage,
         size: usize,
     ) -> Result<(Vec<FaceBox>, Vec<f32>)> {
-        let boxes = self.detect(img)?;
+        let mut boxes = self.detect(img)?;
         let mut px = Vec::with_capacity(boxes.len() * 3 * size * size);
-        for b in &boxes {
-            px.extend(preprocess(&crop(img, b.bbox, self.cfg.margin)?, size));
+        for b in &mut boxes {
+            let c = self.crop_of(img, b)?;
+            px.extend(preprocess(&c, size));
         }
         Ok((boxes, px))
+    }
+
+    /// The crop of face `b`: square around its box, or aligned on its landmarks (which are
+    /// then set in `b`).
+    fn crop_of(&self, img: &RgbImage, b: &mut FaceBox) -> Result<RgbImage> {
+        #[cfg(feature = "dlib")]
+        if let Some(l) = &self.landmarker {
+            let five = align::five_points(&l.landmarks(img, b.bbox)?);
+            b.landmarks = Some(five);
+            return align::align_crop(img, &five, align::ALIGNED_SIZE, self.cfg.margin as f64);
+        }
+        crop(img, b.bbox, self.cfg.margin)
     }
 }
 

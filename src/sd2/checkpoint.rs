@@ -175,6 +175,17 @@ impl Checkpoints {
         v
     }
 
+    /// Removes what a save killed midway left: temporaries, and step folders no pointer names
+    /// (a kill after `last` moved, before the old folder went). Only when `last` names a
+    /// complete folder, so nothing a resume could still need is removed. Call it holding the
+    /// run's lock.
+    pub fn tidy(&self) {
+        self.remove_stale_temporaries();
+        if self.target("last").is_some() {
+            self.prune();
+        }
+    }
+
     /// Removes the step folders neither pointer names.
     fn prune(&self) {
         let keep: Vec<PathBuf> = ["last", "best"]
