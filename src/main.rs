@@ -93,15 +93,8 @@ enum Cmd {
         /// hold). By default faces are found, cropped and each scored.
         #[arg(long)]
         no_face_crop: bool,
-        /// Smallest face scored (its box's side, in pixels).
-        #[arg(long, default_value_t = 40)]
-        min_face: u32,
-        /// A crop's side as a multiple of the face box's longer side.
-        #[arg(long, default_value_t = 1.3)]
-        face_margin: f32,
-        /// Align each crop on dlib's landmarks (DeepfakeBench's crops; feature `dlib`).
-        #[arg(long)]
-        align: bool,
+        #[command(flatten)]
+        faces: FaceArgs,
         /// Frames sampled uniformly from each video (DeepfakeBench: 32).
         #[arg(long, default_value_t = 32)]
         frames: usize,
@@ -217,6 +210,13 @@ struct ServeArgs {
     /// Frames sampled from a video when the request does not say (`?frames=N`).
     #[arg(long, default_value_t = 32)]
     frames: usize,
+    #[command(flatten)]
+    faces: FaceArgs,
+}
+
+/// How faces are found and cropped, shared by `sd2 predict` and `sd2 serve`.
+#[derive(clap::Args)]
+struct FaceArgs {
     /// Smallest face scored (its box's side, in pixels).
     #[arg(long, default_value_t = 40)]
     min_face: u32,
@@ -226,6 +226,17 @@ struct ServeArgs {
     /// Align each crop on dlib's landmarks (DeepfakeBench's crops; feature `dlib`).
     #[arg(long)]
     align: bool,
+}
+
+impl FaceArgs {
+    fn config(&self) -> sd2::faces::FaceConfig {
+        sd2::faces::FaceConfig {
+            min_face: self.min_face,
+            margin: self.face_margin,
+            align: self.align,
+            ..Default::default()
+        }
+    }
 }
 
 #[cfg(feature = "server")]
@@ -263,12 +274,7 @@ impl ServeArgs {
             workers: self.workers.unwrap_or(d.workers),
             max_pending: self.max_pending,
             frames: self.frames,
-            faces: sd2::faces::FaceConfig {
-                min_face: self.min_face,
-                margin: self.face_margin,
-                align: self.align,
-                ..Default::default()
-            },
+            faces: self.faces.config(),
             ..d
         };
         server.validate()?;
@@ -1353,9 +1359,7 @@ fn main() {
             clip,
             device,
             no_face_crop,
-            min_face,
-            face_margin,
-            align,
+            faces,
             frames,
             annotate,
         } => predict(
@@ -1364,12 +1368,7 @@ fn main() {
             dir.as_deref(),
             clip.as_deref(),
             &device,
-            (!no_face_crop).then(|| sd2::faces::FaceConfig {
-                min_face,
-                margin: face_margin,
-                align,
-                ..Default::default()
-            }),
+            (!no_face_crop).then(|| faces.config()),
             frames,
             annotate.as_deref(),
         ),
