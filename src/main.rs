@@ -124,6 +124,9 @@ enum Cmd {
         #[command(flatten)]
         s: ServeArgs,
     },
+    /// Datasets prepared by other tools, as an sd2 manifest.
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
         #[arg(long)]
@@ -212,6 +215,32 @@ struct ServeArgs {
     frames: usize,
     #[command(flatten)]
     faces: FaceArgs,
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// A dataset JSON written by DeepfakeBench's preprocessing (also DF40's): one manifest line
+    /// per frame, its class from the label (see `--map`), source = dataset, video = its id,
+    /// the JSON's split and compression level kept.
+    Deepfakebench {
+        /// The dataset JSON (e.g. `preprocessing/dataset_json/FaceForensics++.json`).
+        #[arg(long)]
+        json: std::path::PathBuf,
+        /// Where relative frame paths start (DeepfakeBench's `rgb_dir`).
+        #[arg(long, default_value = ".")]
+        root: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// LABEL=CLASS, overriding the built-in table (repeatable): `--map FF-NT=fe`.
+        #[arg(long)]
+        map: Vec<String>,
+        /// At most this many frames per video, spread evenly (DeepfakeBench trains on 32).
+        #[arg(long)]
+        frames_per_video: Option<usize>,
+        /// Also count frames whose file is missing under --root (fails if any is).
+        #[arg(long)]
+        check_files: bool,
+    },
 }
 
 /// How faces are found and cropped, shared by `sd2 predict` and `sd2 serve`.
@@ -981,6 +1010,62 @@ fn bench_serve(
     Ok(())
 }
 
+fn import_deepfakebench(
+    json: &std::path::Path,
+    root: std::path::PathBuf,
+    out: &std::path::Path,
+    map: &[String],
+    frames_per_video: Option<usize>,
+    check_files: bool,
+) -> sd2::Result<()> {
+    use sd2::data::import::{deepfakebench, ImportOptions, LabelMap};
+    if frames_per_video == Some(0) {
+        return Err(sd2::Error::Config {
+            key: "--frames-per-video".into(),
+            msg: "must be ≥ 1".into(),
+        });
+    }
+    let opts = ImportOptions {
+        root,
+        map: LabelMap::default().with(map)?,
+        frames_per_video,
+        check_files,
+    };
+    let got = deepfakebench(json, &opts)?;
+    if got.records.is_empty() {
+        return Err(sd2::Error::Msg(format!(
+            "{}: no frames in it",
+            json.display()
+        )));
+    }
+    if check_files && got.missing > 0 {
+        return Err(sd2::Error::Msg(format!(
+            "{}: {} of {} frames are not under {}",
+            json.display(),
+            got.missing,
+            got.records.len(),
+            opts.root.display()
+        )));
+    }
+    sd2::data::Manifest::write(out, &got.records)?;
+    println!(
+        "{:<24} {:<6} {:<5} {:>9}",
+        "source", "split", "class", "frames"
+    );
+    for ((source, split, class), n) in &got.counts {
+        println!("{source:<24} {split:<6} {class:<5} {n:>9}");
+    }
+    let videos: Vec<String> = got.videos.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!(
+        "{} frames of {} videos ({}) → {}",
+        got.records.len(),
+        got.videos.values().sum::<usize>(),
+        videos.join(", "),
+        out.display()
+    );
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn predict(
     checkpoint: &std::path::Path,
@@ -1267,6 +1352,14 @@ fn main() {
                 batch,
             })
         }),
+        Cmd::Import(ImportCmd::Deepfakebench {
+            json,
+            root,
+            out,
+            map,
+            frames_per_video,
+            check_files,
+        }) => import_deepfakebench(&json, root, &out, &map, frames_per_video, check_files),
         Cmd::Synth {
             out,
             n,

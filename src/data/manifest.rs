@@ -42,6 +42,10 @@ pub struct Record {
     pub env: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub video: Option<String>,
+    /// The source video's compression level, when the dataset has several (FF++: `c23`,
+    /// `c40`, `raw`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 /// A validated manifest entry.

@@ -1,6 +1,7 @@
-//! Data: manifests (`manifest`), loading with augmentation (`loader`, `augment`) and the
-//! synthetic forgery benchmark (`synth`).
+//! Data: manifests (`manifest`), loading with augmentation (`loader`, `augment`), the
+//! synthetic forgery benchmark (`synth`), and datasets prepared by DeepfakeBench (`import`).
 pub mod augment;
+pub mod import;
 pub mod loader;
 pub mod manifest;
 pub mod synth;

@@ -600,6 +600,7 @@ fn render(seed: u64, index: usize, size: usize, shortcut: f64) -> Result<(Vec<u8
         face: described.describe(),
         env: format!("{place}, {lighting} light, {}", BACKGROUNDS[style]),
         video: Some(format!("v{video:05}")),
+        compression: None,
     };
     Ok((rgb, rec))
 }
