@@ -9,6 +9,20 @@ use sd2::data::{LoadOptions, Manifest};
 mod common;
 use common::sd2_cli as sd2;
 
+/// `sd2 import deepfakebench --json JSON --out OUT` with `extra` flags.
+fn import(json: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "import",
+        "deepfakebench",
+        "--json",
+        json.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    sd2(&args)
+}
+
 /// Writes `n` small PNG frames for `video` under `root/rel`, returning their relative paths.
 fn frames(root: &Path, rel: &str, n: usize) -> Vec<String> {
     let dir = root.join(rel);
@@ -79,17 +93,11 @@ fn deepfakebench_trees_round_trip_into_a_manifest() {
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(&json, fixture(&root).to_string()).unwrap();
     let out = d.join("manifest.jsonl");
-    let r = sd2(&[
-        "import",
-        "deepfakebench",
-        "--json",
-        json.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--check-files",
-    ]);
+    let r = import(
+        &json,
+        &out,
+        &["--root", root.to_str().unwrap(), "--check-files"],
+    );
     println!(
         "{}{}",
         String::from_utf8_lossy(&r.stdout),
@@ -150,20 +158,18 @@ fn deepfakebench_trees_round_trip_into_a_manifest() {
         .all(|l| !l.contains("compression")));
 
     // Overrides, and one frame per video.
-    let r = sd2(&[
-        "import",
-        "deepfakebench",
-        "--json",
-        json.to_str().unwrap(),
-        "--root",
-        root.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--map",
-        "FF-NT=fe",
-        "--frames-per-video",
-        "1",
-    ]);
+    let r = import(
+        &json,
+        &out,
+        &[
+            "--root",
+            root.to_str().unwrap(),
+            "--map",
+            "FF-NT=fe",
+            "--frames-per-video",
+            "1",
+        ],
+    );
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let m = Manifest::load(&out, LoadOptions::default()).unwrap();
     assert_eq!(m.items.len(), 26);
@@ -187,16 +193,7 @@ fn deepfakebench_trees_round_trip_into_a_manifest() {
         let p = d.join(name);
         std::fs::write(&p, v.to_string()).unwrap();
         let o = d.join(format!("{name}.jsonl"));
-        let mut args = vec![
-            "import",
-            "deepfakebench",
-            "--json",
-            p.to_str().unwrap(),
-            "--out",
-            o.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let r = sd2(&args);
+        let r = import(&p, &o, extra);
         let e = String::from_utf8_lossy(&r.stderr);
         println!("{name}: {}", e.trim());
         assert!(!r.status.success(), "{name}");
@@ -229,14 +226,7 @@ fn deepfakebench_trees_round_trip_into_a_manifest() {
         &["--check-files"],
     );
     std::fs::write(d.join("broken.json"), "{\"D\": {").unwrap();
-    let r = sd2(&[
-        "import",
-        "deepfakebench",
-        "--json",
-        d.join("broken.json").to_str().unwrap(),
-        "--out",
-        d.join("b.jsonl").to_str().unwrap(),
-    ]);
+    let r = import(&d.join("broken.json"), &d.join("b.jsonl"), &[]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("broken.json: JSON"));
     std::fs::remove_dir_all(&d).ok();

@@ -148,10 +148,7 @@ pub fn run(
         )));
     }
     let rss0 = resident_bytes().unwrap_or(0);
-    let stats0 = (
-        server_stat(&server, "batches"),
-        server_stat(&server, "crops"),
-    );
+    let stats0 = batch_counts(&server);
     // In two halves, memory read between them: flat memory is the second half not growing it.
     let t = Instant::now();
     let half = cfg.requests / 2;
@@ -163,8 +160,8 @@ pub fn run(
     lat.extend(lat2);
     errors += errors2;
     first_error = first_error.or(first2);
-    let batches = server_stat(&server, "batches") - stats0.0;
-    let crops = server_stat(&server, "crops") - stats0.1;
+    let (b1, c1) = batch_counts(&server);
+    let (batches, crops) = (b1 - stats0.0, c1 - stats0.1);
     server.stop()?;
     lat.sort_by(f64::total_cmp);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -193,14 +190,11 @@ pub fn run(
     })
 }
 
-fn server_stat(server: &Server, which: &str) -> u64 {
+/// (model calls, crops scored) so far.
+fn batch_counts(server: &Server) -> (u64, u64) {
     let st = server.batch_stats();
-    let a = if which == "batches" {
-        &st.batches
-    } else {
-        &st.crops
-    };
-    a.load(std::sync::atomic::Ordering::Relaxed)
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    (get(&st.batches), get(&st.crops))
 }
 
 /// The table `sd2 bench serve` prints.

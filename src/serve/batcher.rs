@@ -280,10 +280,20 @@ fn score_all(
 ) -> Result<Vec<Prediction>> {
     let size = det.model.clip.config.vision_config.image_size;
     let per = 3 * size * size;
-    let mut all = Vec::with_capacity(n * per);
-    for j in jobs {
-        all.extend_from_slice(&j.pixels);
-    }
+    // One job (a video's chunk, or a lone request) is scored from its own pixels; several
+    // are gathered into one buffer first.
+    let gathered;
+    let all: &[f32] = match jobs {
+        [one] => &one.pixels,
+        _ => {
+            let mut v = Vec::with_capacity(n * per);
+            for j in jobs {
+                v.extend_from_slice(&j.pixels);
+            }
+            gathered = v;
+            &gathered
+        }
+    };
     let mut out = Vec::with_capacity(n);
     for part in all.chunks(max_batch * per) {
         out.extend(det.detect_crops(part, max_batch)?);
