@@ -127,6 +127,58 @@ enum Cmd {
     /// Datasets prepared by other tools, as an sd2 manifest.
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Face and environment descriptions for a manifest's images that lack them, by zero-shot
+    /// CLIP attribute selection from a fixed vocabulary (our substitute for the paper's VLM:
+    /// see docs/DESIGN.md); each described line also gets the chosen options' scores.
+    Describe {
+        /// A HuggingFace CLIP folder (e.g. openai/clip-vit-large-patch14).
+        #[arg(long)]
+        clip: std::path::PathBuf,
+        #[arg(long)]
+        manifest: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Describe every line, replacing descriptions it has.
+        #[arg(long)]
+        all: bool,
+        /// Leave lines whose image is unreadable as they are (listed) instead of failing.
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Pack a manifest's images into WebDataset `.tar` shards (KEY.jpg + KEY.json per sample,
+    /// one set per split, `shards.json` last), optionally face-cropped and resized; `sd2
+    /// train` reads the folder in place of a manifest.
+    Pack {
+        #[arg(long)]
+        manifest: std::path::PathBuf,
+        /// A new or empty folder.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Largest shard: 1GB, 256MiB, …
+        #[arg(long, default_value = "1GB")]
+        shard_size: String,
+        /// Resize the short side (of the face crop, with --face-crop) to this many pixels.
+        #[arg(long)]
+        size: Option<usize>,
+        /// Store the largest face's crop (images without a face are left out and counted).
+        #[arg(long)]
+        face_crop: bool,
+        #[command(flatten)]
+        faces: FaceArgs,
+        /// keep (the source bytes when unchanged), jpg or png.
+        #[arg(long, default_value = "keep")]
+        format: String,
+        /// JPEG quality when re-encoding.
+        #[arg(long, default_value_t = 95)]
+        quality: u8,
+        /// Leave undecodable images out (listed) instead of failing.
+        #[arg(long)]
+        skip_bad: bool,
+    },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
         #[arg(long)]
@@ -140,6 +192,9 @@ enum Cmd {
         /// How often a training image's background follows its class (0 removes the shortcut).
         #[arg(long, default_value_t = sd2::data::synth::DEFAULT_SHORTCUT)]
         shortcut: f64,
+        /// Write JPEG at this quality (1–100) instead of PNG.
+        #[arg(long)]
+        jpeg: Option<u8>,
     },
     /// The main job: synthesize a benchmark, train the tiny preset, evaluate out of domain.
     Demo {
@@ -240,6 +295,13 @@ enum ImportCmd {
         /// Also count frames whose file is missing under --root (fails if any is).
         #[arg(long)]
         check_files: bool,
+        /// Make the splits by video, TRAIN,VAL,TEST fractions (`0.8,0.1,0.1`), instead of
+        /// keeping the JSON's (for a JSON without splits, or to re-split one).
+        #[arg(long)]
+        resplit: Option<String>,
+        /// Seed of the --resplit order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -407,6 +469,15 @@ enum BenchCmd {
         /// At most this many images per pass.
         #[arg(long, default_value_t = 2048)]
         limit: usize,
+        /// Also time each stage alone on one thread (decode, each augmentation, preprocess).
+        #[arg(long)]
+        stages: bool,
+        /// Also stream the train split of this pack (`sd2 pack`) as training reads it.
+        #[arg(long)]
+        shards: Option<std::path::PathBuf>,
+        /// Write the timings here as JSON.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
     /// Flash attention kernels on the GPU (bf16, head dim 64): ms and TFLOP/s, forward and
     /// backward, at the vision/text tower shapes and one long sequence (feature `cuda`).
@@ -560,14 +631,40 @@ fn bench_loader(
     size: usize,
     batch: usize,
     limit: usize,
+    stages: bool,
+    shards: Option<&std::path::Path>,
+    json: Option<&std::path::Path>,
 ) -> sd2::Result<()> {
+    use sd2::bench::loader;
     println!(
         "loader: up to {limit} images from {}, {size} px input, batch {batch}, {} rayon threads",
         manifest.display(),
         rayon::current_num_threads()
     );
-    let t = sd2::bench::loader::run(manifest, size, batch, limit)?;
-    print!("{}", sd2::bench::loader::table(&t));
+    let mut t = loader::run(manifest, size, batch, limit)?;
+    if let Some(dir) = shards {
+        t.extend(loader::run_shards(dir, size, batch, limit)?);
+    }
+    print!("{}", loader::table(&t));
+    let st = if stages {
+        let st = loader::stages(manifest, size, limit.min(512))?;
+        print!("{}", loader::stage_table(&st));
+        st
+    } else {
+        vec![]
+    };
+    if let Some(p) = json {
+        write_json(
+            p,
+            &serde_json::json!({
+                "threads": rayon::current_num_threads(),
+                "size": size,
+                "batch": batch,
+                "timings": t,
+                "stages": st,
+            }),
+        )?;
+    }
     Ok(())
 }
 
@@ -807,9 +904,10 @@ fn synth(
     size: usize,
     seed: u64,
     shortcut: f64,
+    jpeg: Option<u8>,
 ) -> sd2::Result<()> {
     let t = std::time::Instant::now();
-    let m = sd2::data::synth::generate_with(out, n, size, seed, shortcut)?;
+    let m = sd2::data::synth::generate_as(out, n, size, seed, shortcut, jpeg)?;
     let count = |s| m.items.iter().filter(|i| i.split == s).count();
     println!(
         "wrote {n} images ({size} px) and {} in {:.1}s: train {}, val {}, test {}",
@@ -1010,6 +1108,56 @@ fn bench_serve(
     Ok(())
 }
 
+fn pack(
+    manifest: &std::path::Path,
+    out: &std::path::Path,
+    o: &sd2::data::shards::PackOptions,
+) -> sd2::Result<()> {
+    if let Some(f) = &o.faces {
+        f.validate()?;
+    }
+    let m = sd2::data::Manifest::load(manifest, Default::default())?;
+    let t = std::time::Instant::now();
+    let p = sd2::data::shards::pack(&m, out, o)?;
+    for (line, why) in p.skipped.iter().take(20) {
+        eprintln!("skipped line {line}: {why}");
+    }
+    if !p.no_face.is_empty() {
+        eprintln!(
+            "{} images without a face left out (lines {}{})",
+            p.no_face.len(),
+            p.no_face
+                .iter()
+                .take(10)
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if p.no_face.len() > 10 { ", …" } else { "" }
+        );
+    }
+    use sd2::data::Split;
+    for split in [Split::Train, Split::Val, Split::Test] {
+        let n = p.index.shards.iter().filter(|s| s.split == split).count();
+        if n > 0 {
+            println!(
+                "{:<5} {:>8} samples in {n} shards, {:.1} MB",
+                format!("{split:?}").to_lowercase(),
+                p.index.count(split),
+                p.index.bytes(split) as f64 / 1e6
+            );
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{} samples ({:.1} MB of images, {} skipped) → {} in {secs:.1}s",
+        p.index.shards.iter().map(|s| s.samples).sum::<usize>(),
+        p.image_bytes as f64 / 1e6,
+        p.skipped.len() + p.no_face.len(),
+        out.join(sd2::data::shards::INDEX).display()
+    );
+    Ok(())
+}
+
 fn import_deepfakebench(
     json: &std::path::Path,
     root: std::path::PathBuf,
@@ -1017,8 +1165,9 @@ fn import_deepfakebench(
     map: &[String],
     frames_per_video: Option<usize>,
     check_files: bool,
+    resplit: Option<(&str, u64)>,
 ) -> sd2::Result<()> {
-    use sd2::data::import::{deepfakebench, ImportOptions, LabelMap};
+    use sd2::data::import::{deepfakebench, ImportOptions, LabelMap, Resplit};
     if frames_per_video == Some(0) {
         return Err(sd2::Error::Config {
             key: "--frames-per-video".into(),
@@ -1030,6 +1179,9 @@ fn import_deepfakebench(
         map: LabelMap::default().with(map)?,
         frames_per_video,
         check_files,
+        resplit: resplit
+            .map(|(spec, seed)| Resplit::parse(spec, seed))
+            .transpose()?,
     };
     let got = deepfakebench(json, &opts)?;
     if got.records.is_empty() {
@@ -1352,6 +1504,75 @@ fn main() {
                 batch,
             })
         }),
+        Cmd::Describe {
+            clip,
+            manifest,
+            out,
+            device,
+            batch,
+            all,
+            skip_bad,
+        } => (|| {
+            let device = sd2::Device::parse(&device)?;
+            device.check_available()?;
+            let model = sd2::clip::ClipModel::load(&clip, sd2::DType::F32, device)?;
+            let d = sd2::data::describe::Describer::new(model)?;
+            let t = std::time::Instant::now();
+            let r = sd2::data::describe::describe_manifest(
+                &d, &manifest, &out, device, batch, all, skip_bad,
+            )?;
+            for (line, why) in r.bad.iter().take(20) {
+                eprintln!("line {line} left as it was: {why}");
+            }
+            println!(
+                "{} lines described, {} kept as they were, {} unreadable → {} in {:.1}s",
+                r.described,
+                r.kept,
+                r.bad.len(),
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        })(),
+        Cmd::Pack {
+            manifest,
+            out,
+            shard_size,
+            size,
+            face_crop,
+            faces,
+            format,
+            quality,
+            skip_bad,
+        } => (|| {
+            use sd2::data::shards::{PackFormat, PackOptions};
+            let format = match format.as_str() {
+                "keep" => PackFormat::Keep,
+                "jpg" | "jpeg" => PackFormat::Jpeg,
+                "png" => PackFormat::Png,
+                f => {
+                    return Err(sd2::Error::Config {
+                        key: "--format".into(),
+                        msg: format!("`{f}`: give keep, jpg or png"),
+                    })
+                }
+            };
+            if !(1..=100).contains(&quality) || size.is_some_and(|s| !(8..=4096).contains(&s)) {
+                return Err(sd2::Error::Config {
+                    key: "--quality/--size".into(),
+                    msg: "quality must be in 1..=100 and size in 8..=4096".into(),
+                });
+            }
+            let o = PackOptions {
+                shard_bytes: sd2::data::shards::parse_size(&shard_size)?,
+                size,
+                faces: face_crop.then(|| faces.config()),
+                format,
+                quality,
+                skip_bad,
+            };
+            pack(&manifest, &out, &o)
+        })(),
         Cmd::Import(ImportCmd::Deepfakebench {
             json,
             root,
@@ -1359,14 +1580,25 @@ fn main() {
             map,
             frames_per_video,
             check_files,
-        }) => import_deepfakebench(&json, root, &out, &map, frames_per_video, check_files),
+            resplit,
+            seed,
+        }) => import_deepfakebench(
+            &json,
+            root,
+            &out,
+            &map,
+            frames_per_video,
+            check_files,
+            resplit.as_deref().map(|r| (r, seed)),
+        ),
         Cmd::Synth {
             out,
             n,
             size,
             seed,
             shortcut,
-        } => synth(&out, n, size, seed, shortcut),
+            jpeg,
+        } => synth(&out, n, size, seed, shortcut, jpeg),
         Cmd::Train {
             config,
             preset,
@@ -1424,7 +1656,18 @@ fn main() {
             size,
             batch,
             limit,
-        }) => bench_loader(&manifest, size, batch, limit),
+            stages,
+            shards,
+            json,
+        }) => bench_loader(
+            &manifest,
+            size,
+            batch,
+            limit,
+            stages,
+            shards.as_deref(),
+            json.as_deref(),
+        ),
         Cmd::Bench(BenchCmd::Flash {
             batch,
             warmup,

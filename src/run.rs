@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::clip::{ClipModel, ClipTokenizer};
 use crate::data::augment::AugmentConfig;
 use crate::data::loader::{DeviceBatches, Prefetcher, Transform};
+use crate::data::shards::{ShardIndex, ShardStream, StreamOptions};
 use crate::data::{Item, LoadOptions, Manifest, Split};
 use crate::eval::report;
 use crate::rng::Rng;
@@ -46,6 +47,14 @@ pub struct RunConfig {
     /// When checkpoints are written besides each epoch's end.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// When `manifest` is a pack (`sd2 pack`'s folder): the shuffle buffer's capacity, in
+    /// samples (shards are also read in an order shuffled per epoch).
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+}
+
+fn default_shuffle_buffer() -> usize {
+    2000
 }
 
 /// `[checkpoint]`: a checkpoint every `every_steps` optimizer steps and/or every
@@ -162,6 +171,7 @@ pub fn preset(name: &str) -> Result<RunConfig> {
         train,
         augment,
         checkpoint: CheckpointConfig::default(),
+        shuffle_buffer: default_shuffle_buffer(),
     })
 }
 
@@ -378,26 +388,51 @@ pub fn train_with(
         require_descriptions: cfg.sd2.loss_dual != DualContrast::Off,
         verify_images: cfg.verify_images,
     };
-    let manifest = Manifest::load(&cfg.manifest, opts)?;
+    // A pack (`sd2 pack`) is streamed from its shards; a manifest's files are read one by one.
+    let pack = if ShardIndex::is_pack(&cfg.manifest) {
+        Some(ShardIndex::load(&cfg.manifest)?)
+    } else {
+        None
+    };
+    let manifest = match &pack {
+        Some(_) => Manifest {
+            path: cfg.manifest.clone(),
+            items: vec![],
+            skipped: vec![],
+        },
+        None => Manifest::load(&cfg.manifest, opts)?,
+    };
     let train: Vec<&Item> = manifest.split(Split::Train);
     let val: Vec<&Item> = manifest.split(Split::Val);
-    if train.is_empty() {
+    let train_len = pack
+        .as_ref()
+        .map_or(train.len(), |ix| ix.count(Split::Train));
+    if train_len == 0 {
         return Err(Error::Msg(format!(
             "{}: no train items",
             cfg.manifest.display()
         )));
+    }
+    if cfg.shuffle_buffer == 0 {
+        return Err(Error::Config {
+            key: "shuffle_buffer".into(),
+            msg: "must be ≥ 1".into(),
+        });
     }
     // One class only: the detector cannot learn to tell real from fake, or AUC is undefined.
     let one_class = |items: &[&Item]| {
         let fakes = items.iter().filter(|i| i.label != 0).count();
         (fakes == 0 || fakes == items.len()).then_some(if fakes == 0 { "real" } else { "fake" })
     };
-    if let Some(c) = one_class(&train) {
+    if let Some(c) = pack.is_none().then(|| one_class(&train)).flatten() {
         progress.line(&format!(
             "warning: every train item is {c}: the detector cannot learn to tell real from fake"
         ));
     }
-    if let Some(c) = (!val.is_empty()).then(|| one_class(&val)).flatten() {
+    if let Some(c) = (!val.is_empty() && pack.is_none())
+        .then(|| one_class(&val))
+        .flatten()
+    {
         progress.line(&format!(
             "warning: every val item is {c}: validation AUC is undefined (NaN), so `best` is \
              the last epoch"
@@ -448,11 +483,11 @@ pub fn train_with(
                     run.micro, run.per_step
                 )));
             }
-            if run.train_len.is_some_and(|n| n != train.len()) {
+            if run.train_len.is_some_and(|n| n != train_len) {
                 return Err(bad(format!(
                     "the run trained on {} items, the manifest now has {}",
                     run.train_len.unwrap_or(0),
-                    train.len()
+                    train_len
                 )));
             }
             if run.seed.is_some_and(|s| s != cfg.train.seed) {
@@ -501,7 +536,7 @@ pub fn train_with(
         Some(r) => r.per_step,
         None => cfg.train.effective_batch.max(micro).div_ceil(micro),
     };
-    let steps_per_epoch = train.len().div_ceil(micro * per_step);
+    let steps_per_epoch = train_len.div_ceil(micro * per_step);
     tcfg.micro_batch = micro;
     tcfg.total_steps = steps_per_epoch * cfg.epochs.max(1);
     trainer.cfg = tcfg.clone();
@@ -551,12 +586,12 @@ pub fn train_with(
             per_step,
             best_metric,
             best_val: best_val.is_finite().then_some(best_val),
-            train_len: Some(train.len()),
+            train_len: Some(train_len),
             seed: Some(cfg.train.seed),
         })
         .map_err(|e| Error::Msg(format!("run state: {e}")))
     };
-    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut order: Vec<usize> = (0..train_len).collect();
     let mut rng = Rng::new(cfg.train.seed ^ 0xde70);
     let t0 = Instant::now();
     let mut last_save = Instant::now();
@@ -567,8 +602,8 @@ pub fn train_with(
     let mut skipped_images = 0usize;
     // Bad validation images, each reported once (the same ones fail every epoch).
     let mut val_bad = std::collections::BTreeSet::new();
-    let mut images_done = (start_epoch * train.len()).min(train.len() * cfg.epochs)
-        + (start_k * micro * per_step).min(train.len());
+    let mut images_done = (start_epoch * train_len).min(train_len * cfg.epochs)
+        + (start_k * micro * per_step).min(train_len);
     for epoch in 0..cfg.epochs {
         for i in (1..order.len()).rev() {
             order.swap(i, rng.below(i + 1));
@@ -578,26 +613,41 @@ pub fn train_with(
         }
         let skip = if epoch == start_epoch { start_k } else { 0 };
         // Micro-batches in step order, decoded ahead of the model on a background thread.
-        let batches: Vec<Vec<Item>> = order
-            .chunks(micro)
-            .skip(skip * per_step)
-            .map(|c| c.iter().map(|i| train[*i].clone()).collect())
-            .collect();
-        let make = if cfg.skip_bad {
-            Prefetcher::skipping_bad
-        } else {
-            Prefetcher::new
+        let augment = Transform::Augment {
+            cfg: cfg.augment.clone(),
+            seed: cfg.train.seed,
+            epoch: epoch as u64,
         };
-        let loader = make(
-            batches,
-            size,
-            Transform::Augment {
-                cfg: cfg.augment.clone(),
-                seed: cfg.train.seed,
-                epoch: epoch as u64,
-            },
-            2 * per_step,
-        );
+        let loader = match &pack {
+            // The epoch's stream from its shards (its own shuffle), positioned after the
+            // samples of the steps done before a resume.
+            Some(ix) => {
+                let o = StreamOptions {
+                    split: Split::Train,
+                    seed: cfg.train.seed,
+                    epoch: epoch as u64,
+                    buffer: cfg.shuffle_buffer,
+                    rank: 0,
+                    world: 1,
+                    skip: skip * per_step * micro,
+                };
+                let stream = ShardStream::open(ix, &o)?;
+                Prefetcher::shards(stream, micro, size, augment, 2 * per_step, cfg.skip_bad)
+            }
+            None => {
+                let batches: Vec<Vec<Item>> = order
+                    .chunks(micro)
+                    .skip(skip * per_step)
+                    .map(|c| c.iter().map(|i| train[*i].clone()).collect())
+                    .collect();
+                let make = if cfg.skip_bad {
+                    Prefetcher::skipping_bad
+                } else {
+                    Prefetcher::new
+                };
+                make(batches, size, augment, 2 * per_step)
+            }
+        };
         // One step's micro-batches copying ahead: step k+1's data moves while step k computes.
         let mut loader = DeviceBatches::new(loader, per_step, size, dtype, device);
         for (k, step_items) in order.chunks(micro * per_step).enumerate().skip(skip) {
@@ -612,6 +662,17 @@ pub fn train_with(
                 })??;
                 if items.is_empty() {
                     continue; // every image of this micro-batch was bad (skip_bad)
+                }
+                // A manifest's lines are checked for descriptions when loaded; a pack's
+                // samples as they come.
+                if pack.is_some() && cfg.sd2.loss_dual != DualContrast::Off {
+                    if let Some(it) = items.iter().find(|i| i.face.is_empty() || i.env.is_empty()) {
+                        return Err(Error::Msg(format!(
+                            "{}: no face/env description, which loss_dual needs (pack a \
+                             described manifest, or set sd2.loss_dual = \"off\")",
+                            it.rel_path
+                        )));
+                    }
                 }
                 mbs.push(MicroBatch {
                     pixel_values,
@@ -651,7 +712,7 @@ pub fn train_with(
                 step: k + 1,
                 steps: steps_per_epoch,
                 images_done,
-                images_total: train.len() * cfg.epochs,
+                images_total: train_len * cfg.epochs,
                 loss: l.total,
                 l_c: l.l_c,
                 images_per_sec: images_done as f64 / t0.elapsed().as_secs_f64().max(1e-9),
@@ -686,14 +747,29 @@ pub fn train_with(
                 last_save = Instant::now();
             }
         }
-        let metric = if val.is_empty() {
+        let has_val = match &pack {
+            Some(ix) => ix.count(Split::Val) > 0,
+            None => !val.is_empty(),
+        };
+        let metric = if !has_val {
             f64::NAN
         } else {
             let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
             let (m, t, none) = (&trainer.model, &class_u, &Transform::None);
-            let preds = if cfg.skip_bad {
-                let (preds, bad) =
-                    crate::eval::predict::predict_items_skipping_bad(m, t, &val, 128, none)?;
+            let preds = if cfg.skip_bad || pack.is_some() {
+                let (preds, bad) = match &pack {
+                    Some(ix) => crate::eval::predict::predict_shards(
+                        m,
+                        t,
+                        ix,
+                        Split::Val,
+                        128,
+                        cfg.skip_bad,
+                    )?,
+                    None => {
+                        crate::eval::predict::predict_items_skipping_bad(m, t, &val, 128, none)?
+                    }
+                };
                 for b in bad {
                     if val_bad.insert(b.path.clone()) {
                         progress.line(&format!(

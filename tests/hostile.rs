@@ -14,7 +14,7 @@ use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
 use sd2::{DType, Device, Error, Tensor};
 
 mod common;
-use common::sd2_cli as sd2;
+use common::{file_bytes, sd2_cli as sd2, tiny_run_args};
 
 #[test]
 fn out_of_range_config_values_are_refused_naming_the_key() {
@@ -311,33 +311,6 @@ fn a_non_finite_model_is_neither_saved_nor_loaded() {
         other => panic!("loaded a NaN model: {other:?}"),
     }
     std::fs::remove_dir_all(&d).ok();
-}
-
-fn tiny_run_args(manifest: &std::path::Path, out: &std::path::Path) -> Vec<String> {
-    [
-        "train",
-        "--preset",
-        "tiny",
-        "--set",
-        &format!("manifest={}", manifest.display()),
-        "--set",
-        &format!("out={}", out.display()),
-        "--set",
-        "epochs=2",
-        "--set",
-        "train.micro_batch=8",
-        "--set",
-        "train.effective_batch=16",
-        "--set",
-        "checkpoint.every_steps=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn file_bytes(p: &std::path::Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 /// `kill -9` of a training process at 20 random points (in steps, in checkpoint saves, in the

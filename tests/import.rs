@@ -231,3 +231,79 @@ fn deepfakebench_trees_round_trip_into_a_manifest() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("broken.json: JSON"));
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `--resplit`: a JSON without splits (label → compression → video, as a user's own
+/// extraction may write it) gets them by video — each video whole in one split, a video's
+/// name under two methods and two compressions in the same one — in the proportions asked,
+/// the same for the same seed.
+#[test]
+fn resplit_makes_splits_by_video_never_by_frame() {
+    let d = std::env::temp_dir().join(format!("sd2-resplit-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    let mut ds = serde_json::Map::new();
+    for label in ["FF-real", "FF-DF", "FF-F2F"] {
+        let mut comp = serde_json::Map::new();
+        for c in ["c23", "c40"] {
+            let mut videos = serde_json::Map::new();
+            for v in 0..20 {
+                let frames: Vec<String> = (0..4)
+                    .map(|f| format!("{label}/{c}/{v:03}/{f:03}.png"))
+                    .collect();
+                videos.insert(
+                    format!("{v:03}"),
+                    serde_json::json!({"label": label, "frames": frames}),
+                );
+            }
+            comp.insert(c.into(), serde_json::Value::Object(videos));
+        }
+        ds.insert(label.into(), serde_json::Value::Object(comp));
+    }
+    let json = d.join("nosplits.json");
+    std::fs::write(&json, serde_json::json!({ "FF": ds }).to_string()).unwrap();
+    // Without --resplit: the level is not a split, and the error says what to do.
+    let r = import(&json, &d.join("no.jsonl"), &[]);
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("--resplit"), "{e}");
+    let split_of = |out: &Path| {
+        // Read as JSON: the fixture's frame files are not there.
+        let text = std::fs::read_to_string(out).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3 * 2 * 20 * 4);
+        // By video name: every frame of every method and compression of it together.
+        let mut s: BTreeMap<String, String> = BTreeMap::new();
+        for l in &lines {
+            let v = l["video"].as_str().unwrap();
+            let name = v.rsplit('/').next().unwrap().to_string();
+            let split = l["split"].as_str().unwrap().to_string();
+            let got = s.entry(name.clone()).or_insert(split.clone()).clone();
+            assert_eq!(got, split, "video {name} in two splits");
+        }
+        s
+    };
+    let out = d.join("a.jsonl");
+    let r = import(&json, &out, &["--resplit", "0.6,0.2,0.2", "--seed", "7"]);
+    println!("{}", String::from_utf8_lossy(&r.stdout));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let a = split_of(&out);
+    let n = |s: &str| a.values().filter(|x| *x == s).count();
+    assert_eq!((n("train"), n("val"), n("test")), (12, 4, 4));
+    // Same seed, same splits; another seed, another draw of the same sizes.
+    let r = import(&json, &out, &["--resplit", "0.6,0.2,0.2", "--seed", "7"]);
+    assert!(r.status.success());
+    assert_eq!(split_of(&out), a);
+    let r = import(&json, &out, &["--resplit", "3,1,1", "--seed", "8"]);
+    assert!(r.status.success());
+    let b = split_of(&out);
+    assert_ne!(b, a);
+    assert_eq!(b.values().filter(|x| *x == "train").count(), 12);
+    for spec in ["0.5,0.5", "a,b,c", "-1,1,1", "0,0,0"] {
+        let r = import(&json, &d.join("x.jsonl"), &[&format!("--resplit={spec}")]);
+        let e = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && e.contains("resplit"), "{spec}: {e}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}

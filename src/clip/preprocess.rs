@@ -434,18 +434,60 @@ pub fn center_crop(img: &RgbImage, size: usize) -> RgbImage {
 
 /// Resize short side to `size`, center crop `size`, scale and normalize: [3, size, size] CHW.
 pub fn preprocess(img: &RgbImage, size: usize) -> Vec<f32> {
-    let (w, h) = short_side_size(img.width, img.height, size);
-    let resized = resize_bicubic(img, w, h);
-    let crop = center_crop(&resized, size);
     let mut out = vec![0f32; 3 * size * size];
-    for c in 0..3 {
-        for i in 0..size * size {
-            // As numpy: (f64(u8) · (1/255)) rounded to f32, then (x − mean) / std in f32.
-            let x = (crop.data[i * 3 + c] as f64 * (1.0 / 255.0)) as f32;
-            out[c * size * size + i] = (x - CLIP_MEAN[c]) / CLIP_STD[c];
+    preprocess_into(img, size, &mut out);
+    out
+}
+
+/// The normalized value of each 8-bit level per channel, as numpy computes it: f64(u8) ·
+/// (1/255) rounded to f32, then (x − mean) / std in f32.
+fn normalize_table() -> &'static [[f32; 256]; 3] {
+    static T: std::sync::OnceLock<[[f32; 256]; 3]> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        std::array::from_fn(|c| {
+            std::array::from_fn(|v| {
+                let x = (v as f64 * (1.0 / 255.0)) as f32;
+                (x - CLIP_MEAN[c]) / CLIP_STD[c]
+            })
+        })
+    })
+}
+
+/// `preprocess` into `out` [3·size·size]: an image whose short side is already `size` is
+/// not resized (nor copied), and the crop and normalization are one pass through a table.
+pub fn preprocess_into(img: &RgbImage, size: usize, out: &mut [f32]) {
+    let (w, h) = short_side_size(img.width, img.height, size);
+    let resized;
+    let src = if (w, h) == (img.width, img.height) {
+        img
+    } else {
+        resized = resize_bicubic(img, w, h);
+        &resized
+    };
+    let lut = normalize_table();
+    // HF's center crop: top/left rounded down; outside the image, zero (black) padding.
+    let top = (src.height as i64 - size as i64).div_euclid(2);
+    let left = (src.width as i64 - size as i64).div_euclid(2);
+    let plane = size * size;
+    for y in 0..size {
+        let sy = y as i64 + top;
+        for c in 0..3 {
+            let row = &mut out[c * plane + y * size..c * plane + (y + 1) * size];
+            if sy < 0 || sy >= src.height as i64 {
+                row.fill(lut[c][0]);
+                continue;
+            }
+            let line = &src.data[sy as usize * src.width * 3..(sy as usize + 1) * src.width * 3];
+            for (x, o) in row.iter_mut().enumerate() {
+                let sx = x as i64 + left;
+                *o = if sx < 0 || sx >= src.width as i64 {
+                    lut[c][0]
+                } else {
+                    lut[c][line[sx as usize * 3 + c] as usize]
+                };
+            }
         }
     }
-    out
 }
 
 /// A batch of preprocessed images as pixel_values [N, 3, size, size].
@@ -462,4 +504,33 @@ pub fn pixel_values(
     Tensor::from_vec(all, (images.len(), 3, size, size), Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass crop + table against resize, `center_crop` and the formula, value for
+    /// value: already at size, larger (resized), smaller (padded), and non-square.
+    #[test]
+    fn preprocess_into_equals_the_plain_steps() {
+        for (w, h, size) in [(32, 32, 32), (40, 29, 24), (20, 12, 24), (17, 50, 16)] {
+            let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 31 % 256) as u8).collect();
+            let img = RgbImage::new(w, h, data).unwrap();
+            let (rw, rh) = short_side_size(w, h, size);
+            let crop = center_crop(&resize_bicubic(&img, rw, rh), size);
+            let got = preprocess(&img, size);
+            for c in 0..3 {
+                for i in 0..size * size {
+                    let x = (crop.data[i * 3 + c] as f64 * (1.0 / 255.0)) as f32;
+                    let want = (x - CLIP_MEAN[c]) / CLIP_STD[c];
+                    assert_eq!(
+                        got[c * size * size + i].to_bits(),
+                        want.to_bits(),
+                        "{w}x{h}→{size} c{c} i{i}"
+                    );
+                }
+            }
+        }
+    }
 }

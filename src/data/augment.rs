@@ -157,26 +157,37 @@ pub fn augment(img: &mut RgbImage, cfg: &AugmentConfig, r: &mut Rng) -> Result<(
     Ok(())
 }
 
+/// Mirror left-right, in place.
 pub fn hflip(img: &mut RgbImage) {
-    let (w, h) = (img.width, img.height);
-    for y in 0..h {
-        let row = &mut img.data[y * w * 3..(y + 1) * w * 3];
-        for x in 0..w / 2 {
+    let w = img.width;
+    for row in img.data.chunks_exact_mut(w * 3) {
+        let (mut a, mut b) = (0, w.saturating_sub(1));
+        while a < b {
             for c in 0..3 {
-                row.swap(x * 3 + c, (w - 1 - x) * 3 + c);
+                row.swap(a * 3 + c, b * 3 + c);
             }
+            a += 1;
+            b -= 1;
         }
     }
 }
 
-/// Contrast `k` about the image mean, then brightness `b` (in units of full scale).
+/// Contrast `k` about the image mean, then brightness `b` (in units of full scale). The map
+/// of one value depends only on the value, so it is a 256-entry table.
 pub fn brightness_contrast(img: &mut RgbImage, b: f32, k: f32) {
-    let mean = img.data.iter().map(|v| *v as f32).sum::<f32>() / img.data.len().max(1) as f32;
+    let sum: u64 = img.data.iter().map(|v| *v as u64).sum();
+    let mean = (sum as f64 / img.data.len().max(1) as f64) as f32;
+    let lut: [u8; 256] = std::array::from_fn(|v| contrast_value(v as u8, mean, b, k));
     for v in img.data.iter_mut() {
-        *v = ((*v as f32 - mean) * k + mean + b * 255.0)
-            .clamp(0.0, 255.0)
-            .round() as u8;
+        *v = lut[*v as usize];
     }
+}
+
+#[inline]
+fn contrast_value(v: u8, mean: f32, b: f32, k: f32) -> u8 {
+    ((v as f32 - mean) * k + mean + b * 255.0)
+        .clamp(0.0, 255.0)
+        .round() as u8
 }
 
 /// Rotation by `angle` (radians) and isotropic scale `s` about the centre, shifted by (tx, ty)
@@ -184,19 +195,8 @@ pub fn brightness_contrast(img: &mut RgbImage, b: f32, k: f32) {
 /// constant fill would itself be a cue).
 pub fn affine(img: &RgbImage, angle: f64, s: f64, tx: f64, ty: f64) -> RgbImage {
     let (w, h) = (img.width, img.height);
-    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
-    let (cos, sin) = (angle.cos(), angle.sin());
     let mut out = vec![0u8; w * h * 3];
-    for y in 0..h {
-        for x in 0..w {
-            // Inverse map: output → source.
-            let (dx, dy) = (x as f64 + 0.5 - cx - tx, y as f64 + 0.5 - cy - ty);
-            let sx = (cos * dx + sin * dy) / s + cx - 0.5;
-            let sy = (-sin * dx + cos * dy) / s + cy - 0.5;
-            let px = bilinear(img, sx, sy);
-            out[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&px);
-        }
-    }
+    affine_into(img, angle, s, tx, ty, &mut out);
     RgbImage {
         width: w,
         height: h,
@@ -204,81 +204,185 @@ pub fn affine(img: &RgbImage, angle: f64, s: f64, tx: f64, ty: f64) -> RgbImage 
     }
 }
 
-fn bilinear(img: &RgbImage, x: f64, y: f64) -> [u8; 3] {
-    let (w, h) = (img.width as isize, img.height as isize);
-    let (x0, y0) = (x.floor(), y.floor());
-    let (fx, fy) = (x - x0, y - y0);
-    let at = |xx: isize, yy: isize, c: usize| -> f64 {
-        let (xx, yy) = (xx.clamp(0, w - 1) as usize, yy.clamp(0, h - 1) as usize);
-        img.data[(yy * img.width + xx) * 3 + c] as f64
-    };
-    let (x0, y0) = (x0 as isize, y0 as isize);
-    let mut px = [0u8; 3];
-    for (c, p) in px.iter_mut().enumerate() {
-        let top = at(x0, y0, c) * (1.0 - fx) + at(x0 + 1, y0, c) * fx;
-        let bot = at(x0, y0 + 1, c) * (1.0 - fx) + at(x0 + 1, y0 + 1, c) * fx;
-        *p = (top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8;
-    }
-    px
-}
-
-/// Separable Gaussian blur (radius ⌈3σ⌉, border repeated).
-pub fn gaussian_blur(img: &mut RgbImage, sigma: f64) {
-    if sigma <= 0.0 {
+/// `affine` into `out` [h·w·3]. The inverse map is linear along a row, so source positions
+/// are stepped in 16.16 fixed point and the taps weighted in integers (11-bit weights): no
+/// float work and no libm call per pixel. Only pixels whose taps leave the image take the
+/// clamped path.
+fn affine_into(img: &RgbImage, angle: f64, s: f64, tx: f64, ty: f64, out: &mut [u8]) {
+    const FRAC: u32 = 16;
+    const WBITS: u32 = 11;
+    let (w, h) = (img.width, img.height);
+    if w == 0 || h == 0 {
         return;
     }
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+    let (cos, sin) = (angle.cos(), angle.sin());
+    let one = (1i64 << FRAC) as f64;
+    // sx = ax·x + bx(y), sy = ay·x + by(y): the inverse map (output → source) of pixel
+    // centres.
+    let (ax, ay) = (
+        (cos / s * one).round() as i64,
+        (-sin / s * one).round() as i64,
+    );
+    let src = &img.data;
+    // Past the border every tap repeats the edge, so clamping the position changes nothing.
+    let (xmax, ymax) = (((w - 1) as i64) << FRAC, ((h - 1) as i64) << FRAC);
+    let lo = -(1i64 << FRAC);
+    let row_bytes = w * 3;
+    for (y, row) in out.chunks_exact_mut(row_bytes).enumerate() {
+        let dx0 = 0.5 - cx - tx;
+        let dy = y as f64 + 0.5 - cy - ty;
+        let bx = (((cos * dx0 + sin * dy) / s + cx - 0.5) * one).round() as i64;
+        let by = (((-sin * dx0 + cos * dy) / s + cy - 0.5) * one).round() as i64;
+        for (x, px) in row.chunks_exact_mut(3).enumerate() {
+            let sx = (bx + ax * x as i64).clamp(lo, xmax);
+            let sy = (by + ay * x as i64).clamp(lo, ymax);
+            let (x0, y0) = (sx >> FRAC, sy >> FRAC);
+            let wx = ((sx >> (FRAC - WBITS)) & ((1 << WBITS) - 1)) as i32;
+            let wy = ((sy >> (FRAC - WBITS)) & ((1 << WBITS) - 1)) as i32;
+            let (i00, i01, i10, i11) =
+                if x0 >= 0 && y0 >= 0 && x0 < xmax >> FRAC && y0 < ymax >> FRAC {
+                    let i = (y0 as usize * w + x0 as usize) * 3;
+                    (i, i + 3, i + row_bytes, i + row_bytes + 3)
+                } else {
+                    let cxl = |v: i64| v.clamp(0, w as i64 - 1) as usize;
+                    let cyl = |v: i64| v.clamp(0, h as i64 - 1) as usize;
+                    let (xa, xb, ya, yb) = (cxl(x0), cxl(x0 + 1), cyl(y0), cyl(y0 + 1));
+                    (
+                        (ya * w + xa) * 3,
+                        (ya * w + xb) * 3,
+                        (yb * w + xa) * 3,
+                        (yb * w + xb) * 3,
+                    )
+                };
+            for c in 0..3 {
+                let (p00, p01) = (src[i00 + c] as i32, src[i01 + c] as i32);
+                let (p10, p11) = (src[i10 + c] as i32, src[i11 + c] as i32);
+                let top = (p00 << WBITS) + (p01 - p00) * wx;
+                let bot = (p10 << WBITS) + (p11 - p10) * wx;
+                let v = (top << WBITS) + (bot - top) * wy;
+                px[c] = ((v + (1 << (2 * WBITS - 1))) >> (2 * WBITS)) as u8;
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The blur's f32 planes, kept per decode thread: no allocation per image.
+    static BLUR_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Separable Gaussian blur (radius ⌈3σ⌉, border repeated), in f32.
+pub fn gaussian_blur(img: &mut RgbImage, sigma: f64) {
+    if sigma <= 0.0 || img.data.is_empty() {
+        return;
+    }
+    let k = blur_kernel(sigma);
+    let (w, h) = (img.width, img.height);
+    BLUR_SCRATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let (src, tmp) = &mut *guard;
+        src.clear();
+        src.extend(img.data.iter().map(|v| *v as f32));
+        tmp.clear();
+        tmp.resize(src.len(), 0.0);
+        for (s, d) in src.chunks_exact(w * 3).zip(tmp.chunks_exact_mut(w * 3)) {
+            blur_row(s, d, &k);
+        }
+        // Vertically, whole rows at a time: out row y = Σ k[j] · tmp row clamp(y + j − r).
+        let r = (k.len() / 2) as isize;
+        let acc = src; // the source plane is no longer needed
+        for (y, (out, acc)) in img
+            .data
+            .chunks_exact_mut(w * 3)
+            .zip(acc.chunks_exact_mut(w * 3))
+            .enumerate()
+        {
+            acc.fill(0.0);
+            for (j, kv) in k.iter().enumerate() {
+                let sy = (y as isize + j as isize - r).clamp(0, h as isize - 1) as usize;
+                let t = &tmp[sy * w * 3..(sy + 1) * w * 3];
+                for (a, t) in acc.iter_mut().zip(t) {
+                    *a += kv * *t;
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
+                *o = (a.clamp(0.0, 255.0) + 0.5) as u8;
+            }
+        }
+    });
+}
+
+/// The normalized Gaussian taps for `sigma`, radius ⌈3σ⌉.
+fn blur_kernel(sigma: f64) -> Vec<f32> {
     let r = (3.0 * sigma).ceil() as isize;
     let mut k: Vec<f32> = (-r..=r)
         .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp() as f32)
         .collect();
     let sum: f32 = k.iter().sum();
     k.iter_mut().for_each(|v| *v /= sum);
-    let (w, h) = (img.width, img.height);
-    let src: Vec<f32> = img.data.iter().map(|v| *v as f32).collect();
-    let mut tmp = vec![0f32; src.len()];
-    blur_pass(&src, &mut tmp, &k, [w, h], true);
-    let mut out = vec![0f32; src.len()];
-    blur_pass(&tmp, &mut out, &k, [w, h], false);
-    for (d, v) in img.data.iter_mut().zip(out) {
-        *d = v.round().clamp(0.0, 255.0) as u8;
-    }
+    k
 }
 
-/// One 1-D pass of the separable blur over an RGB image [h, w, 3] (border repeated): along x
-/// when `horizontal`, along y otherwise.
-fn blur_pass(src: &[f32], dst: &mut [f32], k: &[f32], [w, h]: [usize; 2], horizontal: bool) {
-    let r = (k.len() / 2) as isize;
-    let (len, stride) = if horizontal { (w, 3) } else { (h, 3 * w) };
-    for y in 0..h {
-        for x in 0..w {
-            let pos = if horizontal { x } else { y } as isize;
-            let base = (y * w + x) * 3 - pos as usize * stride;
-            for c in 0..3 {
-                let mut acc = 0.0;
-                for (j, kv) in k.iter().enumerate() {
-                    let t = (pos + j as isize - r).clamp(0, len as isize - 1) as usize;
-                    acc += kv * src[base + t * stride + c];
-                }
-                dst[(y * w + x) * 3 + c] = acc;
+/// One row [w·3] of the horizontal pass: interior pixels as shifted whole-slice multiply-adds
+/// (a stride-3 convolution of the interleaved row), the borders clamped.
+fn blur_row(src: &[f32], dst: &mut [f32], k: &[f32]) {
+    let w = src.len() / 3;
+    let r = k.len() / 2;
+    let clamped = |x: usize, dst: &mut [f32]| {
+        for c in 0..3 {
+            let mut acc = 0.0f32;
+            for (j, kv) in k.iter().enumerate() {
+                let t = (x as isize + j as isize - r as isize).clamp(0, w as isize - 1) as usize;
+                acc += kv * src[t * 3 + c];
             }
+            dst[x * 3 + c] = acc;
+        }
+    };
+    if w <= 2 * r {
+        for x in 0..w {
+            clamped(x, dst);
+        }
+        return;
+    }
+    let (lo, hi) = (r * 3, (w - r) * 3);
+    let inner = &mut dst[lo..hi];
+    inner.fill(0.0);
+    for (j, kv) in k.iter().enumerate() {
+        for (d, s) in inner.iter_mut().zip(&src[j * 3..j * 3 + (hi - lo)]) {
+            *d += kv * *s;
         }
     }
+    for x in (0..r).chain(w - r..w) {
+        clamped(x, dst);
+    }
 }
 
-/// JPEG encode at `quality` (1–100) and decode again.
+/// JPEG encode at `quality` (1–100, 4:2:0 chroma as libjpeg's default) and decode again.
 pub fn jpeg(img: &mut RgbImage, quality: u8) -> Result<()> {
-    let mut buf = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality.clamp(1, 100))
-        .encode(
-            &img.data,
-            img.width as u32,
-            img.height as u32,
-            image::ExtendedColorType::Rgb8,
-        )
-        .map_err(|e| Error::Msg(format!("jpeg re-encode: {e}")))?;
-    let dec = image::load_from_memory_with_format(&buf, image::ImageFormat::Jpeg)
-        .map_err(|e| Error::Msg(format!("jpeg re-encode: {e}")))?;
-    img.data = dec.to_rgb8().into_raw();
+    let (w, h) = (img.width, img.height);
+    if w == 0 || h == 0 {
+        return Ok(());
+    }
+    let (Ok(w16), Ok(h16)) = (u16::try_from(w), u16::try_from(h)) else {
+        return Err(Error::Media(format!(
+            "jpeg re-encode: {w}x{h} is over JPEG's 65535 px side"
+        )));
+    };
+    let mut buf = Vec::with_capacity(w * h / 2);
+    let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality.clamp(1, 100));
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
+    enc.encode(&img.data, w16, h16, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| Error::Media(format!("jpeg re-encode: {e}")))?;
+    let opts = zune_jpeg::zune_core::options::DecoderOptions::default()
+        .jpeg_set_out_colorspace(zune_jpeg::zune_core::colorspace::ColorSpace::RGB);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(
+        zune_jpeg::zune_core::bytestream::ZCursor::new(&buf[..]),
+        opts,
+    );
+    dec.decode_into(&mut img.data)
+        .map_err(|e| Error::Media(format!("jpeg re-encode: {e:?}")))?;
     Ok(())
 }
 
@@ -342,5 +446,203 @@ impl Perturb {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each fast augmentation against a plain f64 reference (the formulas as written, no
+    //! shortcuts), on a textured image with hard edges.
+    use super::*;
+
+    fn texture(w: usize, h: usize) -> RgbImage {
+        let mut d = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                let v = ((x * 37 + y * 11) % 256) as u8;
+                let e = if (x / 7 + y / 5) % 2 == 0 { 30 } else { 220 };
+                d.extend([v, e, ((x * y) % 251) as u8]);
+            }
+        }
+        RgbImage::new(w, h, d).unwrap()
+    }
+
+    fn reference_affine(img: &RgbImage, angle: f64, s: f64, tx: f64, ty: f64) -> Vec<u8> {
+        let (w, h) = (img.width, img.height);
+        let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
+        let (cos, sin) = (angle.cos(), angle.sin());
+        let at = |xx: f64, yy: f64, c: usize| {
+            let xx = (xx as isize).clamp(0, w as isize - 1) as usize;
+            let yy = (yy as isize).clamp(0, h as isize - 1) as usize;
+            img.data[(yy * w + xx) * 3 + c] as f64
+        };
+        let mut out = vec![];
+        for y in 0..h {
+            for x in 0..w {
+                let (dx, dy) = (x as f64 + 0.5 - cx - tx, y as f64 + 0.5 - cy - ty);
+                let sx = (cos * dx + sin * dy) / s + cx - 0.5;
+                let sy = (-sin * dx + cos * dy) / s + cy - 0.5;
+                let (x0, y0) = (sx.floor(), sy.floor());
+                let (fx, fy) = (sx - x0, sy - y0);
+                for c in 0..3 {
+                    let top = at(x0, y0, c) * (1.0 - fx) + at(x0 + 1.0, y0, c) * fx;
+                    let bot = at(x0, y0 + 1.0, c) * (1.0 - fx) + at(x0 + 1.0, y0 + 1.0, c) * fx;
+                    out.push((top * (1.0 - fy) + bot * fy).round().clamp(0.0, 255.0) as u8);
+                }
+            }
+        }
+        out
+    }
+
+    fn reference_blur(img: &RgbImage, sigma: f64) -> Vec<u8> {
+        let (w, h) = (img.width as isize, img.height as isize);
+        let r = (3.0 * sigma).ceil() as isize;
+        let k: Vec<f64> = (-r..=r)
+            .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp())
+            .collect();
+        let sum: f64 = k.iter().sum();
+        let px = |x: isize, y: isize, c: usize| {
+            img.data[((y.clamp(0, h - 1) * w + x.clamp(0, w - 1)) * 3) as usize + c] as f64
+        };
+        let mut tmp = vec![0f64; img.data.len()];
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    tmp[((y * w + x) * 3) as usize + c] = (-r..=r)
+                        .map(|j| k[(j + r) as usize] * px(x + j, y, c))
+                        .sum::<f64>()
+                        / sum;
+                }
+            }
+        }
+        let mut out = vec![0u8; img.data.len()];
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let v: f64 = (-r..=r)
+                        .map(|j| {
+                            let yy = (y + j).clamp(0, h - 1);
+                            k[(j + r) as usize] * tmp[((yy * w + x) * 3) as usize + c]
+                        })
+                        .sum::<f64>()
+                        / sum;
+                    out[((y * w + x) * 3) as usize + c] = v.round().clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+        out
+    }
+
+    /// Worst |a − b| (grey levels), where, and the share of values that differ at all.
+    fn compare(name: &str, got: &[u8], want: &[u8], tol: u8, share: f64) {
+        assert_eq!(got.len(), want.len());
+        let (mut worst, mut at, mut differ) = (0u8, 0, 0usize);
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            let d = a.abs_diff(*b);
+            differ += (d > 0) as usize;
+            if d > worst {
+                (worst, at) = (d, i);
+            }
+        }
+        let frac = differ as f64 / got.len() as f64;
+        println!("{name}: worst |err| {worst} at {at} (tol {tol}), {frac:.5} of values differ (tol {share})");
+        assert!(worst <= tol && frac <= share, "{name}");
+    }
+
+    #[test]
+    fn affine_matches_the_f64_reference() {
+        let img = texture(61, 47);
+        for (angle, s, tx, ty) in [
+            (0.0, 1.0, 0.0, 0.0),
+            (0.13, 1.0, 0.0, 0.0),
+            (-0.17, 0.8, 3.5, -2.25),
+            (0.05, 1.2, -4.0, 6.0),
+            (std::f64::consts::PI, 1.0, 0.0, 0.0),
+        ] {
+            let got = affine(&img, angle, s, tx, ty);
+            let want = reference_affine(&img, angle, s, tx, ty);
+            // Fixed-point positions and 11-bit weights: a value within ~0.1 of a rounding tie
+            // (this texture's steep gradients make many) may go the other way.
+            compare(
+                &format!("affine({angle}, {s}, {tx}, {ty})"),
+                &got.data,
+                &want,
+                1,
+                0.05,
+            );
+        }
+        // The identity is exact.
+        assert_eq!(affine(&img, 0.0, 1.0, 0.0, 0.0).data, img.data);
+    }
+
+    #[test]
+    fn blur_matches_the_f64_reference() {
+        for (w, h) in [(40, 33), (5, 9)] {
+            let img = texture(w, h);
+            for sigma in [0.1, 0.7, 2.0, 3.3] {
+                let mut got = img.clone();
+                gaussian_blur(&mut got, sigma);
+                compare(
+                    &format!("blur {w}x{h} σ={sigma}"),
+                    &got.data,
+                    &reference_blur(&img, sigma),
+                    1,
+                    0.01,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn flip_and_contrast_are_exact() {
+        let img = texture(7, 3);
+        let mut f = img.clone();
+        hflip(&mut f);
+        for y in 0..3 {
+            for x in 0..7 {
+                let (a, b) = ((y * 7 + x) * 3, (y * 7 + 6 - x) * 3);
+                assert_eq!(f.data[a..a + 3], img.data[b..b + 3]);
+            }
+        }
+        let mut c = img.clone();
+        brightness_contrast(&mut c, 0.05, 1.08);
+        let mean = img.data.iter().map(|v| *v as f64).sum::<f64>() / img.data.len() as f64;
+        for (got, v) in c.data.iter().zip(&img.data) {
+            let want = ((*v as f64 - mean) * 1.08 + mean + 0.05 * 255.0)
+                .clamp(0.0, 255.0)
+                .round();
+            assert!(
+                (*got as f64 - want).abs() <= 1.0,
+                "{v} → {got}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn jpeg_round_trip_degrades_as_asked() {
+        // A photo-like image: smooth shading and one hard edge.
+        let d = (0..48)
+            .flat_map(|y| {
+                (0..64).flat_map(move |x| {
+                    let e = if x > 40 { 60 } else { 0 };
+                    [(x * 3 + e) as u8, (y * 4) as u8, (128 + x - y) as u8]
+                })
+            })
+            .collect();
+        let img = RgbImage::new(64, 48, d).unwrap();
+        let err = |q: u8| {
+            let mut j = img.clone();
+            jpeg(&mut j, q).unwrap();
+            assert_eq!((j.width, j.height, j.data.len()), (64, 48, img.data.len()));
+            j.data
+                .iter()
+                .zip(&img.data)
+                .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                .sum::<f64>()
+                / img.data.len() as f64
+        };
+        let (q95, q40) = (err(95), err(40));
+        println!("mean |err|: q95 {q95:.2}, q40 {q40:.2}");
+        assert!(q95 < q40 && q95 < 2.0 && q40 > 0.5, "{q95} {q40}");
     }
 }

@@ -164,6 +164,84 @@ pub struct ImportOptions {
     pub frames_per_video: Option<usize>,
     /// Count frames whose file is missing (`Imported::missing`).
     pub check_files: bool,
+    /// Make the splits by video instead of keeping the JSON's (which may then have none).
+    pub resplit: Option<Resplit>,
+}
+
+/// Splits made by video: each video (by dataset and name, whatever its method or compression
+/// level) goes whole to train, val or test, in the given proportions, in an order fixed by
+/// a hash of its name and `seed` — never frame by frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resplit {
+    /// Fractions of the videos for train, val and test (they sum to 1).
+    pub fractions: [f64; 3],
+    pub seed: u64,
+}
+
+impl Resplit {
+    /// `0.8,0.1,0.1` (train, val, test; normalized to sum 1).
+    pub fn parse(spec: &str, seed: u64) -> Result<Resplit> {
+        let bad = |msg: String| Error::Config {
+            key: "import.resplit".into(),
+            msg: format!("`{spec}`: {msg} (give TRAIN,VAL,TEST fractions, e.g. 0.8,0.1,0.1)"),
+        };
+        let v: Vec<f64> = spec
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let [a, b, c] = v[..] else {
+            return Err(bad(format!("{} numbers, not 3", v.len())));
+        };
+        let sum = a + b + c;
+        if [a, b, c].iter().any(|x| !(x.is_finite() && *x >= 0.0)) || sum <= 0.0 {
+            return Err(bad("each must be ≥ 0 and their sum > 0".into()));
+        }
+        Ok(Resplit {
+            fractions: [a / sum, b / sum, c / sum],
+            seed,
+        })
+    }
+
+    /// Sets each record's split from its video key (`group[i]` for record i).
+    fn assign(&self, records: &mut [Record], group: &[String]) {
+        let mut keys: Vec<&str> = group.iter().map(|s| s.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let h = |k: &str| {
+            // FNV-1a, then mixed with the seed: an order unrelated to the names.
+            let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in k.bytes() {
+                x = (x ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            crate::rng::mix64(x ^ crate::rng::mix64(self.seed))
+        };
+        keys.sort_by_key(|k| (h(k), *k));
+        let n = keys.len();
+        let n_train = (self.fractions[0] * n as f64).round() as usize;
+        let n_val = ((self.fractions[0] + self.fractions[1]) * n as f64).round() as usize;
+        let split: HashMap<&str, &str> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let s = if i < n_train {
+                    "train"
+                } else if i < n_val.max(n_train) {
+                    "val"
+                } else {
+                    "test"
+                };
+                (*k, s)
+            })
+            .collect();
+        for (r, g) in records.iter_mut().zip(group) {
+            r.split = split
+                .get(g.as_str())
+                .copied()
+                .unwrap_or("train")
+                .to_string();
+        }
+    }
 }
 
 fn bad(path: &Path, at: &str, msg: impl std::fmt::Display) -> Error {
@@ -194,13 +272,34 @@ pub fn deepfakebench(json: &Path, opts: &ImportOptions) -> Result<Imported> {
     let mut out = Imported::default();
     // A video in two splits would leak test frames into training.
     let mut split_of: HashMap<String, String> = HashMap::new();
+    // Per record, the key its video is split by (`--resplit`): dataset/video name, so the
+    // same video under several compressions or methods lands in one split.
+    let mut group: Vec<String> = vec![];
     for (dataset, labels) in obj(&v, "top level")? {
         for (label_key, splits) in obj(&labels, &dataset)? {
-            for (split, node) in obj(&splits, &format!("{dataset}/{label_key}"))? {
-                let at = format!("{dataset}/{label_key}/{split}");
-                if !matches!(split.as_str(), "train" | "val" | "test") {
-                    return Err(bad(json, &at, "the split must be train, val or test"));
-                }
+            let at = format!("{dataset}/{label_key}");
+            let splits = obj(&splits, &at)?;
+            let is_split = |k: &String| matches!(k.as_str(), "train" | "val" | "test");
+            // With --resplit, a JSON may have no split level at all.
+            let by_split: Vec<(String, serde_json::Value)> = if splits.keys().all(is_split) {
+                splits.into_iter().collect()
+            } else if opts.resplit.is_some() {
+                vec![(String::new(), serde_json::Value::Object(splits))]
+            } else {
+                let k = splits.keys().find(|k| !is_split(k)).cloned();
+                return Err(bad(
+                    json,
+                    &format!("{at}/{}", k.unwrap_or_default()),
+                    "the split must be train, val or test (for a JSON without splits, \
+                     give --resplit to make them by video)",
+                ));
+            };
+            for (split, node) in by_split {
+                let at = if split.is_empty() {
+                    at.clone()
+                } else {
+                    format!("{at}/{split}")
+                };
                 let node = obj(&node, &at)?;
                 // Videos directly, or compression levels holding videos.
                 let is_video = |v: &serde_json::Value| v.get("frames").is_some();
@@ -256,18 +355,19 @@ pub fn deepfakebench(json: &Path, opts: &ImportOptions) -> Result<Imported> {
                         }
                         let id = format!("{label_key}/{video}");
                         let key = format!("{dataset}/{id}");
-                        match split_of.get(&key) {
-                            Some(s) if *s != split => {
-                                return Err(bad(
-                                    json,
-                                    &at,
-                                    format!("video `{id}` is in both {s} and {split}"),
-                                ))
-                            }
-                            Some(_) => {}
-                            None => {
-                                split_of.insert(key, split.clone());
-                                *out.videos.entry(split.clone()).or_default() += 1;
+                        if opts.resplit.is_none() {
+                            match split_of.get(&key) {
+                                Some(s) if *s != split => {
+                                    return Err(bad(
+                                        json,
+                                        &at,
+                                        format!("video `{id}` is in both {s} and {split}"),
+                                    ))
+                                }
+                                Some(_) => {}
+                                None => {
+                                    split_of.insert(key, split.clone());
+                                }
                             }
                         }
                         for p in paths {
@@ -275,9 +375,7 @@ pub fn deepfakebench(json: &Path, opts: &ImportOptions) -> Result<Imported> {
                             if opts.check_files && !full.is_file() {
                                 out.missing += 1;
                             }
-                            *out.counts
-                                .entry((dataset.clone(), split.clone(), CLASSES[class].to_string()))
-                                .or_default() += 1;
+                            group.push(format!("{dataset}/{video}"));
                             out.records.push(Record {
                                 path: full.display().to_string(),
                                 label: CLASSES[class].to_string(),
@@ -292,6 +390,20 @@ pub fn deepfakebench(json: &Path, opts: &ImportOptions) -> Result<Imported> {
                     }
                 }
             }
+        }
+    }
+    if let Some(r) = &opts.resplit {
+        r.assign(&mut out.records, &group);
+    }
+    // Counts after the splits are final.
+    let mut seen = std::collections::HashSet::new();
+    for rec in &out.records {
+        *out.counts
+            .entry((rec.source.clone(), rec.split.clone(), rec.label.clone()))
+            .or_default() += 1;
+        let id = (rec.source.as_str(), rec.video.as_deref().unwrap_or(""));
+        if seen.insert(id) {
+            *out.videos.entry(rec.split.clone()).or_default() += 1;
         }
     }
     Ok(out)

@@ -10,7 +10,10 @@ use rayon::prelude::*;
 
 use super::augment::{self, AugmentConfig, Perturb};
 use super::manifest::Item;
-use crate::clip::preprocess::{decode_image_then, preprocess};
+use super::shards::{Sample, ShardStream};
+use crate::clip::preprocess::{
+    decode_image_bytes_then, decode_image_then, preprocess_into, RgbImage,
+};
 use crate::upload::Upload;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -29,33 +32,92 @@ pub enum Transform {
     Perturb(Perturb),
 }
 
-/// One item's normalized pixels; an error names its manifest line. The full-size image and
-/// its augmented copies are counted against the decode budget until they are preprocessed, so
-/// the decode threads together hold at most the budget.
-fn load_one(it: &Item, size: usize, t: &Transform) -> Result<Vec<f32>> {
+/// One item's normalized pixels, written into `out` [3·size·size]; an error names its
+/// manifest line. The full-size image and its augmented copies are counted against the
+/// decode budget until they are preprocessed, so the decode threads together hold at most
+/// the budget.
+fn load_into(it: &Item, size: usize, t: &Transform, out: &mut [f32]) -> Result<()> {
     let line = |e: Error| Error::Msg(format!("manifest line {}: {e}", it.line));
-    decode_image_then(&it.path, |mut img| {
-        match t {
-            Transform::None => {}
-            Transform::Augment { cfg, seed, epoch } => {
-                let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
-                augment::augment(&mut img, cfg, &mut r)?;
-            }
-            Transform::Perturb(p) => p.apply(&mut img)?,
+    decode_image_then(&it.path, |img| transform_into(img, it, size, t, out)).map_err(line)
+}
+
+/// `t` applied to `img` (augmentations seeded by the item's manifest line), then
+/// preprocessing into `out`.
+fn transform_into(
+    mut img: RgbImage,
+    it: &Item,
+    size: usize,
+    t: &Transform,
+    out: &mut [f32],
+) -> Result<()> {
+    match t {
+        Transform::None => {}
+        Transform::Augment { cfg, seed, epoch } => {
+            let mut r = augment::rng_for(*seed, *epoch, it.line as u64);
+            augment::augment(&mut img, cfg, &mut r)?;
         }
-        Ok(preprocess(&img, size))
-    })
-    .map_err(line)
+        Transform::Perturb(p) => p.apply(&mut img)?,
+    }
+    preprocess_into(&img, size, out);
+    Ok(())
+}
+
+/// A batch of shard samples decoded in parallel into one buffer: (items kept, pixels, items
+/// left out with why) — a bad sample fails the batch unless `skip_bad`.
+fn load_samples(
+    samples: Vec<Sample>,
+    size: usize,
+    t: &Transform,
+    skip_bad: bool,
+) -> Result<Loaded> {
+    let per = 3 * size * size;
+    let mut pixels = vec![0f32; samples.len() * per];
+    let results: Vec<Result<()>> = pixels
+        .par_chunks_mut(per.max(1))
+        .zip(samples.par_iter())
+        .map(|(out, s)| {
+            decode_image_bytes_then(&s.image, &s.item.rel_path, |img| {
+                transform_into(img, &s.item, size, t, out)
+            })
+        })
+        .collect();
+    let (mut items, mut bad) = (vec![], vec![]);
+    for (i, (s, r)) in samples.into_iter().zip(results).enumerate() {
+        match r {
+            Ok(()) => {
+                let k = items.len();
+                if k != i {
+                    pixels.copy_within(i * per..(i + 1) * per, k * per);
+                }
+                items.push(s.item);
+            }
+            Err(e) if skip_bad => bad.push((s.item, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    pixels.truncate(items.len() * per);
+    Ok(Loaded { items, pixels, bad })
+}
+
+/// Per item, its pixels decoded in parallel straight into the batch buffer (no per-image
+/// copy), and whether it loaded.
+fn load_batch(items: &[Item], size: usize, t: &Transform) -> (Vec<f32>, Vec<Result<()>>) {
+    let per = 3 * size * size;
+    let mut pixels = vec![0f32; items.len() * per];
+    let results = pixels
+        .par_chunks_mut(per.max(1))
+        .zip(items.par_iter())
+        .map(|(out, it)| load_into(it, size, t, out))
+        .collect();
+    (pixels, results)
 }
 
 /// Normalized pixels [N·3·size·size] (host memory) for `items`. A decode failure names the
 /// manifest line.
 pub fn load_host(items: &[Item], size: usize, t: &Transform) -> Result<Vec<f32>> {
-    let parts: Vec<Vec<f32>> = items
-        .par_iter()
-        .map(|it| load_one(it, size, t))
-        .collect::<Result<_>>()?;
-    Ok(parts.into_iter().flatten().collect())
+    let (pixels, results) = load_batch(items, size, t);
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(pixels)
 }
 
 /// As `load_host`, but an item that fails (unreadable, undecodable, truncated) is left out of
@@ -66,17 +128,23 @@ pub fn load_host_skipping_bad(
     size: usize,
     t: &Transform,
 ) -> (Vec<Item>, Vec<f32>, Vec<(Item, String)>) {
-    let parts: Vec<Result<Vec<f32>>> = items.par_iter().map(|it| load_one(it, size, t)).collect();
-    let (mut kept, mut pixels, mut bad) = (vec![], vec![], vec![]);
-    for (it, r) in items.iter().zip(parts) {
+    let per = 3 * size * size;
+    let (mut pixels, results) = load_batch(items, size, t);
+    let (mut kept, mut bad) = (vec![], vec![]);
+    for (i, (it, r)) in items.iter().zip(results).enumerate() {
         match r {
-            Ok(px) => {
+            Ok(()) => {
+                // Moved down over the left-out ones (a no-op while none is).
+                let k = kept.len();
+                if k != i {
+                    pixels.copy_within(i * per..(i + 1) * per, k * per);
+                }
                 kept.push(it.clone());
-                pixels.extend(px);
             }
             Err(e) => bad.push((it.clone(), e.to_string())),
         }
     }
+    pixels.truncate(kept.len() * per);
     (kept, pixels, bad)
 }
 
@@ -214,6 +282,52 @@ impl Prefetcher {
         depth: usize,
     ) -> Prefetcher {
         Prefetcher::start(batches, size, t, depth, true)
+    }
+
+    /// Batches of `batch` samples from a shard stream, decoded in parallel at most `depth`
+    /// batches ahead (the last batch may be short). A bad sample fails its batch (and ends
+    /// the stream) unless `skip_bad`, which leaves it out and lists it in `Loaded::bad`.
+    pub fn shards(
+        stream: ShardStream,
+        batch: usize,
+        size: usize,
+        t: Transform,
+        depth: usize,
+        skip_bad: bool,
+    ) -> Prefetcher {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let handle = std::thread::spawn(move || {
+            let mut stream = stream;
+            loop {
+                let mut samples = Vec::with_capacity(batch.max(1));
+                let mut err = None;
+                for s in stream.by_ref() {
+                    match s {
+                        Ok(s) => samples.push(s),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                    if samples.len() == batch.max(1) {
+                        break;
+                    }
+                }
+                let r = match err {
+                    Some(e) => Err(e),
+                    None if samples.is_empty() => return,
+                    None => load_samples(samples, size, &t, skip_bad),
+                };
+                let failed = r.is_err();
+                if tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Prefetcher {
+            rx: Some(rx),
+            handle: Some(handle),
+        }
     }
 
     fn start(

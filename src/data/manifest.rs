@@ -61,6 +61,8 @@ pub struct Item {
     pub face: String,
     pub env: String,
     pub video: Option<String>,
+    /// The source's compression level (`c23`), when the manifest gives one.
+    pub compression: Option<String>,
     /// 1-based line in the manifest.
     pub line: usize,
 }
@@ -198,6 +200,7 @@ fn parse_line(
         face: r.face,
         env: r.env,
         video: r.video,
+        compression: r.compression,
         line,
     })
 }

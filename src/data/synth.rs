@@ -621,6 +621,27 @@ pub fn generate_with(
     seed: u64,
     shortcut: f64,
 ) -> Result<Manifest> {
+    generate_as(out, n, size, seed, shortcut, None)
+}
+
+/// `generate_with`, the images written as JPEG at `jpeg` quality (`images/NNNNNN.jpg`) when
+/// given, as a photo collection or a frame extraction stores them, instead of PNG.
+pub fn generate_as(
+    out: &Path,
+    n: usize,
+    size: usize,
+    seed: u64,
+    shortcut: f64,
+    jpeg: Option<u8>,
+) -> Result<Manifest> {
+    if let Some(q) = jpeg {
+        if !(1..=100).contains(&q) {
+            return Err(Error::Config {
+                key: "jpeg".into(),
+                msg: format!("quality {q} must be in 1..=100"),
+            });
+        }
+    }
     if size < 16 {
         return Err(Error::Msg(format!(
             "synth: size {size} is too small (≥ 16)"
@@ -639,20 +660,32 @@ pub fn generate_with(
         .into_par_iter()
         .map(|i| {
             let (rgb, mut rec) = render(seed, i, size, shortcut)?;
-            rec.path = format!("images/{i:06}.png");
             let mut buf = Vec::new();
-            image::codecs::png::PngEncoder::new_with_quality(
-                Cursor::new(&mut buf),
-                image::codecs::png::CompressionType::Fast,
-                image::codecs::png::FilterType::Sub,
-            )
-            .write_image(
-                &rgb,
-                size as u32,
-                size as u32,
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(|e| Error::Msg(format!("synth: png: {e}")))?;
+            if let Some(q) = jpeg {
+                rec.path = format!("images/{i:06}.jpg");
+                image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut buf), q)
+                    .write_image(
+                        &rgb,
+                        size as u32,
+                        size as u32,
+                        image::ExtendedColorType::Rgb8,
+                    )
+                    .map_err(|e| Error::Msg(format!("synth: jpeg: {e}")))?;
+            } else {
+                rec.path = format!("images/{i:06}.png");
+                image::codecs::png::PngEncoder::new_with_quality(
+                    Cursor::new(&mut buf),
+                    image::codecs::png::CompressionType::Fast,
+                    image::codecs::png::FilterType::Sub,
+                )
+                .write_image(
+                    &rgb,
+                    size as u32,
+                    size as u32,
+                    image::ExtendedColorType::Rgb8,
+                )
+                .map_err(|e| Error::Msg(format!("synth: png: {e}")))?;
+            }
             let p = out.join(&rec.path);
             std::fs::write(&p, buf).map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
             Ok(rec)

@@ -102,6 +102,33 @@ pub fn predict_items_skipping_bad(
     )
 }
 
+/// Predictions for split `split` of pack `ix`, read in stored order in batches of `batch`;
+/// with `skip_bad` an undecodable sample is left out and listed, else it fails the call.
+pub fn predict_shards(
+    model: &Sd2Model,
+    class_u: &Tensor,
+    ix: &crate::data::shards::ShardIndex,
+    split: crate::data::Split,
+    batch: usize,
+    skip_bad: bool,
+) -> Result<(Vec<Pred>, Vec<Unreadable>)> {
+    use crate::data::shards::{ShardStream, StreamOptions};
+    let size = model.clip.config.vision_config.image_size;
+    let stream = ShardStream::open(ix, &StreamOptions::sequential(split))?;
+    let loader = Prefetcher::shards(stream, batch.max(1), size, Transform::None, 2, skip_bad);
+    predict_loaded(
+        model,
+        class_u,
+        DeviceBatches::new(
+            loader,
+            1,
+            size,
+            model.dtype(),
+            model.clip.logit_scale.device(),
+        ),
+    )
+}
+
 fn predict_loaded(
     model: &Sd2Model,
     class_u: &Tensor,

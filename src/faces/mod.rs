@@ -248,6 +248,16 @@ impl FaceDetector {
         Ok((boxes, px))
     }
 
+    /// The largest face's crop (as `detect_and_crop` cuts it, before preprocessing), or None
+    /// when no face is found.
+    pub fn largest_crop(&mut self, img: &RgbImage) -> Result<Option<RgbImage>> {
+        let mut boxes = self.detect(img)?;
+        match boxes.first_mut() {
+            Some(b) => self.crop_of(img, b).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The crop of face `b`: square around its box, or aligned on its landmarks (which are
     /// then set in `b`).
     fn crop_of(&self, img: &RgbImage, b: &mut FaceBox) -> Result<RgbImage> {

@@ -216,3 +216,32 @@ pub fn tiny_checkpoint(dir: &std::path::Path) {
     .save(dir, None)
     .unwrap();
 }
+
+/// `sd2 train` of the tiny preset on `manifest` (a manifest or a pack) into `out`: 2 epochs,
+/// micro-batch 8, 2 micro-batches per step, a checkpoint every step.
+pub fn tiny_run_args(manifest: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    [
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        &format!("manifest={}", manifest.display()),
+        "--set",
+        &format!("out={}", out.display()),
+        "--set",
+        "epochs=2",
+        "--set",
+        "train.micro_batch=8",
+        "--set",
+        "train.effective_batch=16",
+        "--set",
+        "checkpoint.every_steps=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+pub fn file_bytes(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
