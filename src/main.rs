@@ -129,7 +129,7 @@ enum Cmd {
     Import(ImportCmd),
     /// Face and environment descriptions for a manifest's images that lack them, by zero-shot
     /// CLIP attribute selection from a fixed vocabulary (our substitute for the paper's VLM:
-    /// see docs/DESIGN.md); each described line also gets the chosen options' scores.
+    /// docs/ARCHITECTURE.md); each described line also gets the chosen options' scores.
     Describe {
         /// A HuggingFace CLIP folder (e.g. openai/clip-vit-large-patch14).
         #[arg(long)]
