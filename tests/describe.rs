@@ -101,11 +101,7 @@ fn describe_fills_missing_descriptions_with_clip_zero_shot_choices() {
         .unwrap();
         let ie = clip.image_embeds(&px).unwrap();
         for a in VOCABULARY {
-            let texts: Vec<String> = a
-                .options
-                .iter()
-                .map(|o| a.template.replace("{}", o.0))
-                .collect();
+            let texts = a.prompts();
             let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
             let te = clip
                 .text_embeds(&tk.tokenize_batch_longest(&refs, 32, Device::Cpu).unwrap())

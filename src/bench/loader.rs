@@ -19,6 +19,33 @@ pub struct LoaderTiming {
     pub mb_per_s: Option<f64>,
 }
 
+impl LoaderTiming {
+    fn new(case: &str, images: usize, seconds: f64, mb_per_s: Option<f64>) -> LoaderTiming {
+        LoaderTiming {
+            case: case.into(),
+            images,
+            seconds,
+            images_per_s: images as f64 / seconds,
+            mb_per_s,
+        }
+    }
+}
+
+/// The two loader cases: plain, and with the default train augmentations.
+fn cases(prefix: &str) -> [(String, Transform); 2] {
+    [
+        (format!("{prefix}decode + preprocess"), Transform::None),
+        (
+            format!("{prefix}+ train augmentations"),
+            Transform::Augment {
+                cfg: AugmentConfig::default(),
+                seed: 0,
+                epoch: 0,
+            },
+        ),
+    ]
+}
+
 /// Times up to `limit` images of `manifest` at `size` px in batches of `batch`.
 pub fn run(manifest: &Path, size: usize, batch: usize, limit: usize) -> Result<Vec<LoaderTiming>> {
     if !(1..=4096).contains(&size) || batch == 0 {
@@ -31,33 +58,20 @@ pub fn run(manifest: &Path, size: usize, batch: usize, limit: usize) -> Result<V
     if items.is_empty() {
         return Err(Error::Msg(format!("{}: no items", manifest.display())));
     }
-    let cases = [
-        ("decode + preprocess", Transform::None),
-        (
-            "+ train augmentations",
-            Transform::Augment {
-                cfg: AugmentConfig::default(),
-                seed: 0,
-                epoch: 0,
-            },
-        ),
-    ];
     let mut out = vec![];
-    for (name, t) in cases {
+    for (name, t) in cases("") {
         let batches: Vec<Vec<Item>> = items.chunks(batch.max(1)).map(|c| c.to_vec()).collect();
         let t0 = std::time::Instant::now();
         let mut n = 0;
         for b in Prefetcher::new(batches, size, t, 2) {
             n += b?.items.len();
         }
-        let s = t0.elapsed().as_secs_f64();
-        out.push(LoaderTiming {
-            case: name.into(),
-            images: n,
-            seconds: s,
-            images_per_s: n as f64 / s,
-            mb_per_s: None,
-        });
+        out.push(LoaderTiming::new(
+            &name,
+            n,
+            t0.elapsed().as_secs_f64(),
+            None,
+        ));
     }
     Ok(out)
 }
@@ -88,26 +102,11 @@ pub fn run_shards(
         bytes += s.image.len() as u64 + 1024;
     }
     let secs = t0.elapsed().as_secs_f64();
-    out.push(LoaderTiming {
-        case: "shards: read only".into(),
-        images: n,
-        seconds: secs,
-        images_per_s: n as f64 / secs,
-        mb_per_s: Some(bytes as f64 / 1e6 / secs),
-    });
+    let mb = bytes as f64 / 1e6 / secs;
+    out.push(LoaderTiming::new("shards: read only", n, secs, Some(mb)));
     let shard_mb =
         ix.bytes(Split::Train) as f64 / 1e6 * n as f64 / ix.count(Split::Train).max(1) as f64;
-    for (name, t) in [
-        ("shards: decode + preprocess", Transform::None),
-        (
-            "shards: + train augmentations",
-            Transform::Augment {
-                cfg: AugmentConfig::default(),
-                seed: 0,
-                epoch: 0,
-            },
-        ),
-    ] {
+    for (name, t) in cases("shards: ") {
         let stream = ShardStream::open(&ix, &o)?;
         let t0 = std::time::Instant::now();
         let mut got = 0;
@@ -119,13 +118,8 @@ pub fn run_shards(
             }
         }
         let secs = t0.elapsed().as_secs_f64();
-        out.push(LoaderTiming {
-            case: name.into(),
-            images: got,
-            seconds: secs,
-            images_per_s: got as f64 / secs,
-            mb_per_s: Some(shard_mb * got as f64 / n.max(1) as f64 / secs),
-        });
+        let mb = shard_mb * got as f64 / n.max(1) as f64 / secs;
+        out.push(LoaderTiming::new(&name, got, secs, Some(mb)));
     }
     Ok(out)
 }

@@ -37,6 +37,16 @@ pub struct Attribute {
     pub options: &'static [(&'static str, &'static str)],
 }
 
+impl Attribute {
+    /// One prompt per option: the template filled with its prompt phrase.
+    pub fn prompts(&self) -> Vec<String> {
+        self.options
+            .iter()
+            .map(|o| self.template.replace("{}", o.0))
+            .collect()
+    }
+}
+
 /// The attribute vocabularies, in the order the sentences use them.
 pub const VOCABULARY: &[Attribute] = &[
     Attribute {
@@ -233,11 +243,7 @@ impl Describer {
         let device = clip.logit_scale.device();
         let mut prompts = vec![];
         for a in VOCABULARY {
-            let texts: Vec<String> = a
-                .options
-                .iter()
-                .map(|o| a.template.replace("{}", o.0))
-                .collect();
+            let texts = a.prompts();
             let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
             let e = clip.text_embeds(&tk.tokenize_batch_longest(&refs, ctx, device)?)?;
             let dim = e.dims()[1];

@@ -81,21 +81,15 @@ fn load_samples(
             })
         })
         .collect();
-    let (mut items, mut bad) = (vec![], vec![]);
-    for (i, (s, r)) in samples.into_iter().zip(results).enumerate() {
-        match r {
-            Ok(()) => {
-                let k = items.len();
-                if k != i {
-                    pixels.copy_within(i * per..(i + 1) * per, k * per);
-                }
-                items.push(s.item);
-            }
-            Err(e) if skip_bad => bad.push((s.item, e.to_string())),
-            Err(e) => return Err(e),
+    let items = samples.into_iter().map(|s| s.item);
+    let (items, bad) = compact(&mut pixels, per, items.zip(results));
+    let mut bad = bad.into_iter();
+    if !skip_bad {
+        if let Some((_, e)) = bad.next() {
+            return Err(e);
         }
     }
-    pixels.truncate(items.len() * per);
+    let bad = bad.map(|(it, e)| (it, e.to_string())).collect();
     Ok(Loaded { items, pixels, bad })
 }
 
@@ -128,24 +122,38 @@ pub fn load_host_skipping_bad(
     size: usize,
     t: &Transform,
 ) -> (Vec<Item>, Vec<f32>, Vec<(Item, String)>) {
-    let per = 3 * size * size;
     let (mut pixels, results) = load_batch(items, size, t);
+    let (kept, bad) = compact(
+        &mut pixels,
+        3 * size * size,
+        items.iter().cloned().zip(results),
+    );
+    let bad = bad.into_iter().map(|(it, e)| (it, e.to_string())).collect();
+    (kept, pixels, bad)
+}
+
+/// The entries that loaded, their pixels (`per` values each) moved down over those of the
+/// ones that failed, and the failed ones with their errors.
+fn compact<T>(
+    pixels: &mut Vec<f32>,
+    per: usize,
+    entries: impl Iterator<Item = (T, Result<()>)>,
+) -> (Vec<T>, Vec<(T, Error)>) {
     let (mut kept, mut bad) = (vec![], vec![]);
-    for (i, (it, r)) in items.iter().zip(results).enumerate() {
+    for (i, (x, r)) in entries.enumerate() {
         match r {
             Ok(()) => {
-                // Moved down over the left-out ones (a no-op while none is).
                 let k = kept.len();
                 if k != i {
                     pixels.copy_within(i * per..(i + 1) * per, k * per);
                 }
-                kept.push(it.clone());
+                kept.push(x);
             }
-            Err(e) => bad.push((it.clone(), e.to_string())),
+            Err(e) => bad.push((x, e)),
         }
     }
     pixels.truncate(kept.len() * per);
-    (kept, pixels, bad)
+    (kept, bad)
 }
 
 /// The pixels as a host tensor of `dtype` (bf16 rounded in parallel).
@@ -295,39 +303,21 @@ impl Prefetcher {
         depth: usize,
         skip_bad: bool,
     ) -> Prefetcher {
-        let (tx, rx) = sync_channel(depth.max(1));
-        let handle = std::thread::spawn(move || {
-            let mut stream = stream;
-            loop {
-                let mut samples = Vec::with_capacity(batch.max(1));
-                let mut err = None;
-                for s in stream.by_ref() {
-                    match s {
-                        Ok(s) => samples.push(s),
-                        Err(e) => {
-                            err = Some(e);
-                            break;
-                        }
-                    }
-                    if samples.len() == batch.max(1) {
-                        break;
-                    }
+        let mut stream = stream;
+        let batches = std::iter::from_fn(move || {
+            let mut samples = Vec::with_capacity(batch.max(1));
+            for s in stream.by_ref() {
+                match s {
+                    Ok(s) => samples.push(s),
+                    Err(e) => return Some(Err(e)),
                 }
-                let r = match err {
-                    Some(e) => Err(e),
-                    None if samples.is_empty() => return,
-                    None => load_samples(samples, size, &t, skip_bad),
-                };
-                let failed = r.is_err();
-                if tx.send(r).is_err() || failed {
-                    return;
+                if samples.len() == batch.max(1) {
+                    break;
                 }
             }
+            (!samples.is_empty()).then(|| load_samples(samples, size, &t, skip_bad))
         });
-        Prefetcher {
-            rx: Some(rx),
-            handle: Some(handle),
-        }
+        Prefetcher::spawn(depth, batches)
     }
 
     fn start(
@@ -337,19 +327,29 @@ impl Prefetcher {
         depth: usize,
         skip_bad: bool,
     ) -> Prefetcher {
+        let loaded = batches.into_iter().map(move |items| {
+            if skip_bad {
+                let (items, pixels, bad) = load_host_skipping_bad(&items, size, &t);
+                Ok(Loaded { items, pixels, bad })
+            } else {
+                load_host(&items, size, &t).map(|pixels| Loaded {
+                    items,
+                    pixels,
+                    bad: vec![],
+                })
+            }
+        });
+        Prefetcher::spawn(depth, loaded)
+    }
+
+    /// Runs `batches` on a background thread, at most `depth` ahead; the first error ends it.
+    fn spawn(
+        depth: usize,
+        batches: impl Iterator<Item = Result<Loaded>> + Send + 'static,
+    ) -> Prefetcher {
         let (tx, rx) = sync_channel(depth.max(1));
         let handle = std::thread::spawn(move || {
-            for items in batches {
-                let r = if skip_bad {
-                    let (items, pixels, bad) = load_host_skipping_bad(&items, size, &t);
-                    Ok(Loaded { items, pixels, bad })
-                } else {
-                    load_host(&items, size, &t).map(|pixels| Loaded {
-                        items,
-                        pixels,
-                        bad: vec![],
-                    })
-                };
+            for r in batches {
                 let failed = r.is_err();
                 // A closed channel means the consumer is gone: stop quietly.
                 if tx.send(r).is_err() || failed {

@@ -661,16 +661,11 @@ pub fn generate_as(
         .map(|i| {
             let (rgb, mut rec) = render(seed, i, size, shortcut)?;
             let mut buf = Vec::new();
-            if let Some(q) = jpeg {
+            let (w, h, rgb8) = (size as u32, size as u32, image::ExtendedColorType::Rgb8);
+            let r = if let Some(q) = jpeg {
                 rec.path = format!("images/{i:06}.jpg");
                 image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut buf), q)
-                    .write_image(
-                        &rgb,
-                        size as u32,
-                        size as u32,
-                        image::ExtendedColorType::Rgb8,
-                    )
-                    .map_err(|e| Error::Msg(format!("synth: jpeg: {e}")))?;
+                    .write_image(&rgb, w, h, rgb8)
             } else {
                 rec.path = format!("images/{i:06}.png");
                 image::codecs::png::PngEncoder::new_with_quality(
@@ -678,14 +673,9 @@ pub fn generate_as(
                     image::codecs::png::CompressionType::Fast,
                     image::codecs::png::FilterType::Sub,
                 )
-                .write_image(
-                    &rgb,
-                    size as u32,
-                    size as u32,
-                    image::ExtendedColorType::Rgb8,
-                )
-                .map_err(|e| Error::Msg(format!("synth: png: {e}")))?;
-            }
+                .write_image(&rgb, w, h, rgb8)
+            };
+            r.map_err(|e| Error::Msg(format!("synth: {}: {e}", rec.path)))?;
             let p = out.join(&rec.path);
             std::fs::write(&p, buf).map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
             Ok(rec)
