@@ -24,7 +24,8 @@
 #                                 the PyTorch SD2 (eager, then torch.compile) at the same sizes,
 #                                 `sd2 bench infer` at 256, the flash table (v1 vs the tensor-core
 #                                 backward vs SDPA, batch 128), the bf16 step on cuda:0 vs the CPU;
-#                                 then, while time is left, --recompute and a short demo.
+#                                 then, while time is left, --recompute, a short demo and the
+#                                 loader at 1-16 cores.
 #                                 Each step has its own timeout, cut to the time left; each writes
 #                                 its line to summary.txt as it ends, and the tables
 #                                 (sd2_vs_torch.txt, flash.txt) are rewritten after each step.
@@ -232,6 +233,13 @@ PY
     compare >/dev/null
     run_step "demo cuda" 30 demo.log "$X/sd2" demo --device cuda --images 1200 --epochs 1 --out /tmp/demo-cuda
     grep -E "AUC|error" "$W/demo.log" | tail -3
+    # The loader's scaling with cores on the GPU machine's 16 (224 px JPEGs, SD2's augmentations).
+    run_step "loader data" 20 loader.log "$X/sd2" synth --out /tmp/loader-jpeg --n 4096 --size 224 --jpeg 90
+    for c in 1 2 4 8 16; do
+        run_step "sd2 bench loader ($c cores)" 15 loader.log env RAYON_NUM_THREADS=$c "$X/sd2" bench loader \
+            --manifest /tmp/loader-jpeg/manifest.jsonl --limit 4096 --json "$W/loader_$c.json"
+    done
+    grep -E "cores|augmentations" "$W/loader.log" | tail -10
     pack
     echo "== summary ($(cat "$D/COMMIT" 2>/dev/null)), $(( $(date +%s) - T0 )) s"
     printf '%s\n' "${status[@]}"

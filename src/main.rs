@@ -178,6 +178,13 @@ enum Cmd {
         /// Leave undecodable images out (listed) instead of failing.
         #[arg(long)]
         skip_bad: bool,
+        /// Keep the manifest's order in the shards (by default each split is written
+        /// shuffled, so a shard is not one class and a few videos).
+        #[arg(long)]
+        keep_order: bool,
+        /// Seed of the write order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Write a synthetic forgery benchmark (images + manifest.jsonl) to --out.
     Synth {
@@ -1116,7 +1123,14 @@ fn pack(
     if let Some(f) = &o.faces {
         f.validate()?;
     }
-    let m = sd2::data::Manifest::load(manifest, Default::default())?;
+    let opts = sd2::data::LoadOptions {
+        skip_bad: o.skip_bad,
+        ..Default::default()
+    };
+    let m = sd2::data::Manifest::load(manifest, opts)?;
+    for (line, why) in m.skipped.iter().take(20) {
+        eprintln!("skipped line {line}: {why}");
+    }
     let t = std::time::Instant::now();
     let p = sd2::data::shards::pack(&m, out, o)?;
     for (line, why) in p.skipped.iter().take(20) {
@@ -1544,6 +1558,8 @@ fn main() {
             format,
             quality,
             skip_bad,
+            keep_order,
+            seed,
         } => (|| {
             use sd2::data::shards::{PackFormat, PackOptions};
             let format = match format.as_str() {
@@ -1570,6 +1586,7 @@ fn main() {
                 format,
                 quality,
                 skip_bad,
+                shuffle: (!keep_order).then_some(seed),
             };
             pack(&manifest, &out, &o)
         })(),

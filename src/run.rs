@@ -102,6 +102,12 @@ struct RunState {
     train_len: Option<usize>,
     #[serde(default)]
     seed: Option<u64>,
+    /// A pack's stream: its shuffle buffer and a digest of its index (a resume replays the
+    /// stream, so both must be the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shuffle_buffer: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pack: Option<String>,
 }
 
 fn default_dtype() -> String {
@@ -413,6 +419,15 @@ pub fn train_with(
             cfg.manifest.display()
         )));
     }
+    if let (Some(ix), true) = (&pack, cfg.sd2.loss_dual != DualContrast::Off) {
+        if !ix.described {
+            return Err(Error::Msg(format!(
+                "{}: some samples have no face/env description, which sd2.loss_dual needs \
+                 (`sd2 describe` the manifest before packing, or set sd2.loss_dual = \"off\")",
+                cfg.manifest.display()
+            )));
+        }
+    }
     if cfg.shuffle_buffer == 0 {
         return Err(Error::Config {
             key: "shuffle_buffer".into(),
@@ -496,6 +511,18 @@ pub fn train_with(
                     run.seed.unwrap_or(0),
                     cfg.train.seed
                 )));
+            }
+            let now = pack.as_ref().map(|_| cfg.shuffle_buffer);
+            if pack.is_some() && run.shuffle_buffer != now {
+                return Err(bad(format!(
+                    "the run streamed with shuffle_buffer {:?}, the config gives {:?}",
+                    run.shuffle_buffer, now
+                )));
+            }
+            if run.pack != pack.as_ref().map(|ix| ix.digest()) {
+                return Err(bad(
+                    "the run trained on another pack (or not on a pack)".to_string()
+                ));
             }
             let t = Trainer::resume(dir, clip, ClipTokenizer::openai()?, texts.clone())?;
             progress.line(&format!(
@@ -588,6 +615,8 @@ pub fn train_with(
             best_val: best_val.is_finite().then_some(best_val),
             train_len: Some(train_len),
             seed: Some(cfg.train.seed),
+            shuffle_buffer: pack.as_ref().map(|_| cfg.shuffle_buffer),
+            pack: pack.as_ref().map(|ix| ix.digest()),
         })
         .map_err(|e| Error::Msg(format!("run state: {e}")))
     };
@@ -666,7 +695,10 @@ pub fn train_with(
                 // A manifest's lines are checked for descriptions when loaded; a pack's
                 // samples as they come.
                 if pack.is_some() && cfg.sd2.loss_dual != DualContrast::Off {
-                    if let Some(it) = items.iter().find(|i| i.face.is_empty() || i.env.is_empty()) {
+                    if let Some(it) = items
+                        .iter()
+                        .find(|i| i.face.trim().is_empty() || i.env.trim().is_empty())
+                    {
                         return Err(Error::Msg(format!(
                             "{}: no face/env description, which loss_dual needs (pack a \
                              described manifest, or set sd2.loss_dual = \"off\")",

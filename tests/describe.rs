@@ -35,6 +35,7 @@ fn lines(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap()
         .lines()
+        .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
@@ -53,7 +54,12 @@ fn describe_fills_missing_descriptions_with_clip_zero_shot_choices() {
         r.as_object_mut().unwrap().remove("env");
     }
     let src = d.join("data/undescribed.jsonl");
-    let body: String = recs.iter().map(|r| format!("{r}\n")).collect();
+    // A blank line after the eighth: line numbers (which seed augmentations) must not move.
+    let body: String = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{r}\n{}", if i == 7 { "\n" } else { "" }))
+        .collect();
     std::fs::write(&src, body).unwrap();
     let out = d.join("data/described.jsonl");
     let run = |extra: &[&str], out: &Path| {
@@ -76,6 +82,12 @@ fn describe_fills_missing_descriptions_with_clip_zero_shot_choices() {
     assert!(said.contains("6 lines described, 6 kept"), "{said}");
     let got = lines(&out);
     assert_eq!(got.len(), 12);
+    let raw = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(raw.lines().count(), 13);
+    assert!(
+        raw.lines().nth(8).unwrap().is_empty(),
+        "the blank line kept in place"
+    );
     // Kept lines: untouched.
     for (g, w) in got[6..].iter().zip(&recs[6..]) {
         assert_eq!(g, w);

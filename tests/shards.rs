@@ -45,9 +45,24 @@ fn packed_shards_hold_the_manifest_and_load_as_the_loose_files_do() {
     let d = tmp("pack");
     let m = data(&d.join("src"), 90);
     let out = d.join("pack");
-    let p = pack(&m, &out, &small()).unwrap();
+    let in_order = PackOptions {
+        shuffle: None,
+        ..small()
+    };
+    let p = pack(&m, &out, &in_order).unwrap();
     let ix = ShardIndex::load(&out).unwrap();
     assert_eq!(ix.shards, p.index.shards);
+    assert!(ix.described, "synth's lines all have descriptions");
+    // By default each split is written shuffled (same seed, same order), every line once.
+    let shuffled = d.join("shuffled");
+    pack(&m, &shuffled, &small()).unwrap();
+    let six = ShardIndex::load(&shuffled).unwrap();
+    let order = keys(&six, &StreamOptions::sequential(Split::Train));
+    let want: Vec<usize> = m.split(Split::Train).iter().map(|i| i.line).collect();
+    assert_ne!(order, want);
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, want);
     for split in [Split::Train, Split::Val, Split::Test] {
         let want = m.split(split).len();
         let shards = ix.shards.iter().filter(|s| s.split == split).count();
@@ -294,6 +309,17 @@ fn damaged_shards_and_lying_indexes_are_named_errors() {
         &["cannot fit"],
     );
     case(
+        "listed twice",
+        &|| {
+            let v: serde_json::Value = serde_json::from_str(&ix_text).unwrap();
+            let mut v2 = v.clone();
+            let first = v["shards"][0].clone();
+            v2["shards"].as_array_mut().unwrap().push(first);
+            std::fs::write(&ix_path, v2.to_string()).unwrap();
+        },
+        &["listed twice"],
+    );
+    case(
         "not an index",
         &|| std::fs::write(&ix_path, "{\"format\": \"other\"}").unwrap(),
         &[INDEX, "not a shard index"],
@@ -387,7 +413,9 @@ fn pack_command_resizes_and_crops_faces() {
         .unwrap()
         .map(|s| s.unwrap())
         .collect();
-    assert_eq!(got.iter().map(|s| s.item.line).collect::<Vec<_>>(), [1, 3]);
+    let mut lines: Vec<usize> = got.iter().map(|s| s.item.line).collect();
+    lines.sort_unstable();
+    assert_eq!(lines, [1, 3]);
     for s in &got {
         let img = sd2::clip::preprocess::decode_image_bytes(&s.image, "x").unwrap();
         assert_eq!((s.ext.as_str(), img.width, img.height), ("jpg", 64, 64));
@@ -474,5 +502,31 @@ fn training_on_a_pack_resumes_mid_epoch_bit_identical() {
         assert!(want == got, "{f} differs after {kills} kills and resumes");
     }
     println!("{kills} kills; the resumed run ends bit-identical ({full:?} uninterrupted)");
+    // A resume must stream the same way.
+    let mut other: Vec<String> = with_buffer(&killed);
+    other.extend([
+        "--set".to_string(),
+        "shuffle_buffer=13".to_string(),
+        "--resume".to_string(),
+    ]);
+    let r = sd2(&other.iter().map(String::as_str).collect::<Vec<_>>());
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && e.contains("shuffle_buffer"), "{e}");
+    // A pack without descriptions, with the dual contrast on: refused before training.
+    let mut bare = m.clone();
+    bare.items.iter_mut().for_each(|i| i.env.clear());
+    let bare_pack = d.join("bare");
+    let p = pack(&bare, &bare_pack, &small()).unwrap();
+    assert!(!p.index.described);
+    let args = tiny_run_args(&bare_pack, &d.join("bare-run"));
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend(["--set", "sd2.loss_dual=\"face_env\""]);
+    let r = sd2(&a);
+    let e = String::from_utf8_lossy(&r.stderr);
+    println!("{e}");
+    assert!(
+        !r.status.success() && e.contains("no face/env description"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }

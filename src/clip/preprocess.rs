@@ -86,7 +86,8 @@ pub const DECODE_BUDGET: u64 = 1 << 30;
 
 /// Bytes of `DECODE_BUDGET` an image of `w × h` pixels is counted for.
 fn pixel_share(w: u32, h: u32) -> u64 {
-    (w as u64 * h as u64 * 16).max(1 << 20)
+    // The decoded image and the augmentations' copies and f32 planes (the blur's two: 24 B).
+    (w as u64 * h as u64 * 32).max(1 << 20)
 }
 
 struct Budget {
@@ -284,13 +285,18 @@ const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// PIL's `precompute_coeffs` + `normalize_coeffs_8bpc`: per output pixel, the first input
 /// index and fixed-point weights.
-fn coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, Vec<i32>)>) {
+/// Only outputs `range` are computed (a window of the resize).
+fn coeffs(
+    in_size: usize,
+    out_size: usize,
+    range: std::ops::Range<usize>,
+) -> (usize, Vec<(usize, Vec<i32>)>) {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut out = Vec::with_capacity(out_size);
-    for xx in 0..out_size {
+    let mut out = Vec::with_capacity(range.len());
+    for xx in range {
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -331,23 +337,42 @@ fn clip8(v: i64) -> u8 {
 
 /// PIL's `Image.resize((w, h), BICUBIC)` for 8-bit RGB, bit for bit.
 pub fn resize_bicubic(img: &RgbImage, w: usize, h: usize) -> RgbImage {
+    resize_bicubic_window(img, w, h, [0, 0, w, h])
+}
+
+/// The window `[x0, y0, width, height]` (inside `w × h`) of `resize_bicubic(img, w, h)`, bit
+/// for bit, computing only its pixels: each output pixel depends on its own weights alone, so
+/// a crop of a very long image costs the crop, not the whole resized image.
+pub fn resize_bicubic_window(
+    img: &RgbImage,
+    w: usize,
+    h: usize,
+    [x0, y0, cw, ch]: [usize; 4],
+) -> RgbImage {
     let (iw, ih) = (img.width, img.height);
     let need_h = w != iw;
     let need_v = h != ih;
-    let (_, kh) = coeffs(iw, w);
-    let (_, kv) = coeffs(ih, h);
+    let (cw, ch) = (cw.min(w.saturating_sub(x0)), ch.min(h.saturating_sub(y0)));
+    if cw == 0 || ch == 0 {
+        return RgbImage {
+            width: cw,
+            height: ch,
+            data: vec![],
+        };
+    }
+    let (_, kh) = coeffs(iw, w, x0..x0 + cw);
+    let (_, kv) = coeffs(ih, h, y0..y0 + ch);
     // Rows of the input the vertical pass reads.
     let (y_first, y_last) = if need_v {
-        let (lo, last) = (&kv[0], &kv[h - 1]);
+        let (lo, last) = (&kv[0], &kv[ch - 1]);
         (lo.0, last.0 + last.1.len())
     } else {
-        (0, ih)
+        (y0, y0 + ch)
     };
     // The input is borrowed, not copied: a full-size copy would double a large image's cost.
-    let mut cur: Option<RgbImage> = None;
-    if need_h {
-        let rows = y_last - y_first;
-        let mut out = vec![0u8; w * rows * 3];
+    let rows = y_last - y_first;
+    let horizontal = if need_h {
+        let mut out = vec![0u8; cw * rows * 3];
         for y in 0..rows {
             let src = &img.data[(y + y_first) * iw * 3..(y + y_first + 1) * iw * 3];
             for (xx, (xmin, k)) in kh.iter().enumerate() {
@@ -356,38 +381,47 @@ pub fn resize_bicubic(img: &RgbImage, w: usize, h: usize) -> RgbImage {
                     for (x, kv) in k.iter().enumerate() {
                         ss += src[(x + xmin) * 3 + c] as i64 * *kv as i64;
                     }
-                    out[(y * w + xx) * 3 + c] = clip8(ss);
+                    out[(y * cw + xx) * 3 + c] = clip8(ss);
                 }
             }
         }
-        cur = Some(RgbImage {
-            width: w,
+        RgbImage {
+            width: cw,
             height: rows,
             data: out,
-        });
-    }
-    if need_v {
-        let off = if need_h { y_first } else { 0 };
-        let src = cur.as_ref().unwrap_or(img);
-        let cw = src.width;
-        let mut out = vec![0u8; cw * h * 3];
-        for (yy, (ymin, k)) in kv.iter().enumerate() {
-            let ymin = ymin - off;
-            for x in 0..cw * 3 {
-                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (y, kv) in k.iter().enumerate() {
-                    ss += src.data[(y + ymin) * cw * 3 + x] as i64 * *kv as i64;
-                }
-                out[yy * cw * 3 + x] = clip8(ss);
-            }
         }
-        cur = Some(RgbImage {
+    } else {
+        // Columns x0..x0+cw of rows y_first..y_last, as they are.
+        let mut out = Vec::with_capacity(cw * rows * 3);
+        for y in y_first..y_last {
+            out.extend_from_slice(&img.data[(y * iw + x0) * 3..(y * iw + x0 + cw) * 3]);
+        }
+        RgbImage {
             width: cw,
-            height: h,
+            height: rows,
             data: out,
-        });
+        }
+    };
+    if !need_v {
+        return horizontal;
     }
-    cur.unwrap_or_else(|| img.clone())
+    let src = &horizontal;
+    let mut out = vec![0u8; cw * ch * 3];
+    for (yy, (ymin, k)) in kv.iter().enumerate() {
+        let ymin = ymin - y_first;
+        for x in 0..cw * 3 {
+            let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+            for (y, kv) in k.iter().enumerate() {
+                ss += src.data[(y + ymin) * cw * 3 + x] as i64 * *kv as i64;
+            }
+            out[yy * cw * 3 + x] = clip8(ss);
+        }
+    }
+    RgbImage {
+        width: cw,
+        height: ch,
+        data: out,
+    }
 }
 
 /// HF's `get_resize_output_image_size(default_to_square=False)`: (width, height) with the
@@ -457,17 +491,20 @@ fn normalize_table() -> &'static [[f32; 256]; 3] {
 /// not resized (nor copied), and the crop and normalization are one pass through a table.
 pub fn preprocess_into(img: &RgbImage, size: usize, out: &mut [f32]) {
     let (w, h) = short_side_size(img.width, img.height, size);
+    // HF's center crop: top/left rounded down; outside the image, zero (black) padding. Only
+    // the crop's window is resized (an extreme aspect ratio would otherwise resize to a
+    // gigantic image first).
+    let top = (h as i64 - size as i64).div_euclid(2);
+    let left = (w as i64 - size as i64).div_euclid(2);
     let resized;
-    let src = if (w, h) == (img.width, img.height) {
-        img
+    let (src, top, left) = if (w, h) == (img.width, img.height) {
+        (img, top, left)
     } else {
-        resized = resize_bicubic(img, w, h);
-        &resized
+        let (x0, y0) = (left.max(0) as usize, top.max(0) as usize);
+        resized = resize_bicubic_window(img, w, h, [x0, y0, size, size]);
+        (&resized, top.min(0), left.min(0))
     };
     let lut = normalize_table();
-    // HF's center crop: top/left rounded down; outside the image, zero (black) padding.
-    let top = (src.height as i64 - size as i64).div_euclid(2);
-    let left = (src.width as i64 - size as i64).div_euclid(2);
     let plane = size * size;
     for y in 0..size {
         let sy = y as i64 + top;
@@ -514,7 +551,14 @@ mod tests {
     /// value: already at size, larger (resized), smaller (padded), and non-square.
     #[test]
     fn preprocess_into_equals_the_plain_steps() {
-        for (w, h, size) in [(32, 32, 32), (40, 29, 24), (20, 12, 24), (17, 50, 16)] {
+        for (w, h, size) in [
+            (32, 32, 32),
+            (40, 29, 24),
+            (20, 12, 24),
+            (17, 50, 16),
+            (2, 300, 16),
+            (301, 3, 8),
+        ] {
             let data: Vec<u8> = (0..w * h * 3).map(|i| (i * 31 % 256) as u8).collect();
             let img = RgbImage::new(w, h, data).unwrap();
             let (rw, rh) = short_side_size(w, h, size);

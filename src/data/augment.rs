@@ -235,8 +235,12 @@ fn affine_into(img: &RgbImage, angle: f64, s: f64, tx: f64, ty: f64, out: &mut [
         let bx = (((cos * dx0 + sin * dy) / s + cx - 0.5) * one).round() as i64;
         let by = (((-sin * dx0 + cos * dy) / s + cy - 0.5) * one).round() as i64;
         for (x, px) in row.chunks_exact_mut(3).enumerate() {
-            let sx = (bx + ax * x as i64).clamp(lo, xmax);
-            let sy = (by + ay * x as i64).clamp(lo, ymax);
+            let sx = bx
+                .saturating_add(ax.saturating_mul(x as i64))
+                .clamp(lo, xmax);
+            let sy = by
+                .saturating_add(ay.saturating_mul(x as i64))
+                .clamp(lo, ymax);
             let (x0, y0) = (sx >> FRAC, sy >> FRAC);
             let wx = ((sx >> (FRAC - WBITS)) & ((1 << WBITS) - 1)) as i32;
             let wy = ((sy >> (FRAC - WBITS)) & ((1 << WBITS) - 1)) as i32;
@@ -273,11 +277,13 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Separable Gaussian blur (radius ⌈3σ⌉, border repeated), in f32.
+/// Separable Gaussian blur (radius ⌈3σ⌉, border repeated), in f32. σ above 50 is taken as
+/// 50 (the kernel would outgrow any image).
 pub fn gaussian_blur(img: &mut RgbImage, sigma: f64) {
-    if sigma <= 0.0 || img.data.is_empty() {
+    if sigma.is_nan() || sigma <= 0.0 || img.data.is_empty() {
         return;
     }
+    let sigma = sigma.min(50.0);
     let k = blur_kernel(sigma);
     let (w, h) = (img.width, img.height);
     BLUR_SCRATCH.with(|cell| {
@@ -310,6 +316,11 @@ pub fn gaussian_blur(img: &mut RgbImage, sigma: f64) {
             for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = (a.clamp(0.0, 255.0) + 0.5) as u8;
             }
+        }
+        // A huge image's planes are not kept for the life of the thread.
+        if acc.capacity() > 1 << 24 {
+            *acc = Vec::new();
+            *tmp = Vec::new();
         }
     });
 }
@@ -437,8 +448,8 @@ impl Perturb {
                     let s: f64 = l
                         .parse()
                         .map_err(|_| bad(&format!("`{l}` is not a sigma")))?;
-                    if !(s > 0.0 && s.is_finite()) {
-                        return Err(bad(&format!("sigma {l} must be > 0")));
+                    if !(s > 0.0 && s <= 50.0) {
+                        return Err(bad(&format!("sigma {l} must be in (0, 50]")));
                     }
                     Perturb::Blur(s)
                 }

@@ -295,6 +295,12 @@ impl Describer {
     }
 }
 
+/// A manifest line as it will be written back.
+enum Line {
+    Record(serde_json::Map<String, serde_json::Value>),
+    Raw(String),
+}
+
 /// What `describe_manifest` did.
 #[derive(Clone, Debug, Default)]
 pub struct Described {
@@ -325,22 +331,38 @@ pub fn describe_manifest(
     let dir = manifest.parent().unwrap_or(Path::new("."));
     let same_dir = out.parent().unwrap_or(Path::new(".")) == dir
         || (out.parent().is_some_and(|p| p.as_os_str().is_empty()) && dir.as_os_str().is_empty());
-    let mut lines: Vec<Option<serde_json::Map<String, serde_json::Value>>> = vec![];
+    // Blank lines stay (manifest line numbers seed augmentations and name errors); a line
+    // that is not a record fails the call, or with `skip_bad` is written back as it was.
+    let mut lines: Vec<Line> = vec![];
     let mut todo: Vec<usize> = vec![];
     let mut report = Described::default();
     for (i, raw) in text.lines().enumerate() {
         if raw.trim().is_empty() {
-            lines.push(None);
+            lines.push(Line::Raw(raw.to_string()));
             continue;
         }
-        let bad = |m: String| Error::Msg(format!("{}:{}: {m}", manifest.display(), i + 1));
-        let mut v: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(raw).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let path = v
-            .get("path")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| bad("missing field `path`".into()))?
-            .to_string();
+        let parsed = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw)
+            .map_err(|e| format!("invalid JSON: {e}"))
+            .and_then(|v| match v.get("path") {
+                Some(serde_json::Value::String(p)) => Ok((p.clone(), v)),
+                Some(_) => Err("field `path` must be a string".into()),
+                None => Err("missing field `path`".into()),
+            });
+        let (path, mut v) = match parsed {
+            Ok(x) => x,
+            Err(why) if skip_bad => {
+                report.bad.push((i + 1, why));
+                lines.push(Line::Raw(raw.to_string()));
+                continue;
+            }
+            Err(why) => {
+                return Err(Error::Msg(format!(
+                    "{}:{}: {why}",
+                    manifest.display(),
+                    i + 1
+                )))
+            }
+        };
         if !same_dir {
             let abs = std::path::absolute(dir.join(&path)).unwrap_or_else(|_| dir.join(&path));
             v.insert("path".into(), abs.display().to_string().into());
@@ -348,26 +370,25 @@ pub fn describe_manifest(
         let has = |k: &str| {
             v.get(k)
                 .and_then(|x| x.as_str())
-                .is_some_and(|s| !s.is_empty())
+                .is_some_and(|s| !s.trim().is_empty())
         };
         if all || !has("face") || !has("env") {
             todo.push(i);
         } else {
             report.kept += 1;
         }
-        lines.push(Some(v));
+        lines.push(Line::Record(v));
     }
     let size = d.image_size();
     for chunk in todo.chunks(batch.max(1)) {
         let mut px = Vec::with_capacity(chunk.len() * 3 * size * size);
         let mut ok = vec![];
         for &i in chunk {
-            let rel = lines[i]
-                .as_ref()
-                .and_then(|v| v.get("path"))
-                .and_then(|p| p.as_str())
-                .unwrap_or_default()
-                .to_string();
+            let rel = match &lines[i] {
+                Line::Record(v) => v.get("path").and_then(|p| p.as_str()).unwrap_or_default(),
+                Line::Raw(_) => "",
+            }
+            .to_string();
             let path = dir.join(&rel);
             match preprocess::decode_image_then(&path, |img| Ok(preprocess::preprocess(&img, size)))
             {
@@ -386,7 +407,7 @@ pub fn describe_manifest(
             .to_dtype(d.clip.logit_scale.dtype())?
             .to_device(device)?;
         for (&i, desc) in ok.iter().zip(d.describe(&t)?) {
-            if let Some(v) = lines[i].as_mut() {
+            if let Line::Record(v) = &mut lines[i] {
                 v.insert("face".into(), desc.face.into());
                 v.insert("env".into(), desc.env.into());
                 let attrs: serde_json::Map<String, serde_json::Value> = desc
@@ -405,8 +426,11 @@ pub fn describe_manifest(
         }
     }
     let mut body = String::new();
-    for v in lines.into_iter().flatten() {
-        body.push_str(&serde_json::Value::Object(v).to_string());
+    for l in lines {
+        match l {
+            Line::Record(v) => body.push_str(&serde_json::Value::Object(v).to_string()),
+            Line::Raw(r) => body.push_str(&r),
+        }
         body.push('\n');
     }
     crate::fs::write_atomic(out, body)?;

@@ -170,7 +170,9 @@ pub struct ImportOptions {
 
 /// Splits made by video: each video (by dataset and name, whatever its method or compression
 /// level) goes whole to train, val or test, in the given proportions, in an order fixed by
-/// a hash of its name and `seed` — never frame by frame.
+/// a hash of its name and `seed` — never frame by frame. Videos are grouped by name, not by
+/// the people in them: FF++'s real `000` and its fake `000_003` may land in different splits
+/// (FF++'s own split pairs them; keep its JSON's splits for comparable numbers).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resplit {
     /// Fractions of the videos for train, val and test (they sum to 1).

@@ -53,6 +53,9 @@ pub struct ShardIndex {
     pub size: Option<usize>,
     /// Whether the images are face crops.
     pub face_crop: bool,
+    /// Whether every sample has both a face and an environment description (what
+    /// `sd2.loss_dual` needs).
+    pub described: bool,
     pub shards: Vec<ShardInfo>,
     /// The pack folder (not stored: where the index was read from).
     #[serde(skip)]
@@ -90,7 +93,11 @@ impl ShardIndex {
             )));
         }
         ix.dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut names = std::collections::HashSet::new();
         for s in &ix.shards {
+            if !names.insert(s.file.as_str()) {
+                return Err(bad(format!("shard `{}` is listed twice", s.file)));
+            }
             let at = |msg: String| bad(format!("shard `{}`: {msg}", s.file));
             if s.file.is_empty()
                 || s.file.contains(['/', '\\'])
@@ -135,6 +142,22 @@ impl ShardIndex {
             .filter(|s| s.split == split)
             .map(|s| s.bytes)
             .sum()
+    }
+
+    /// A digest of what the index lists (files, splits, counts, sizes): two packs with the
+    /// same digest give the same streams.
+    pub fn digest(&self) -> String {
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: &[u8]| {
+            for c in b {
+                x = (x ^ *c as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        for s in &self.shards {
+            eat(s.file.as_bytes());
+            eat(format!(":{:?}:{}:{};", s.split, s.samples, s.bytes).as_bytes());
+        }
+        format!("{x:016x}")
     }
 
     /// Whether `path` names a pack (a folder with an index, or the index itself).
@@ -607,7 +630,7 @@ pub fn epoch_shards(ix: &ShardIndex, o: &StreamOptions) -> Result<Vec<(String, u
 fn buffer_rng(o: &StreamOptions) -> Rng {
     Rng::new(
         crate::rng::mix64(o.seed ^ 0xb0ff)
-            ^ crate::rng::mix64(o.epoch.wrapping_add(o.rank as u64 * 7919)),
+            ^ crate::rng::mix64(o.epoch.wrapping_add((o.rank as u64).wrapping_mul(7919))),
     )
 }
 
@@ -681,6 +704,13 @@ impl ShardStream {
                 })?;
                 at += 1;
                 buf_bytes += got.image.len() as u64;
+                if buf_bytes > MAX_BUFFER_BYTES {
+                    return Err(Error::Msg(format!(
+                        "{}: the shuffle buffer holds over {MAX_BUFFER_BYTES} bytes; give a \
+                         smaller buffer or pack smaller images",
+                        ix.dir.display()
+                    )));
+                }
                 slots[slot] = Some(got);
             }
         }
@@ -751,15 +781,15 @@ impl ShardStream {
             }
         }
         let (s, n) = self.reader.as_ref().map_or((0, 0), |(_, s, n)| (*s, *n));
+        let want = self.shards[s].1;
         Err(Error::Media(format!(
-            "{}: holds {}{n} samples, the index says {} (repack it)",
+            "{}: {}, the index says {want} (repack it)",
             self.dir.join(&self.shards[s].0).display(),
-            if n > self.shards[s].1 {
-                "more than "
+            if n > want {
+                format!("holds more than {want} samples")
             } else {
-                ""
-            },
-            self.shards[s].1
+                format!("holds {n} samples")
+            }
         )))
     }
 
@@ -838,6 +868,8 @@ pub struct PackOptions {
     pub quality: u8,
     /// Leave undecodable images out (listed) instead of failing.
     pub skip_bad: bool,
+    /// Write each split's samples in an order shuffled with this seed (None: manifest order).
+    pub shuffle: Option<u64>,
 }
 
 impl Default for PackOptions {
@@ -849,6 +881,7 @@ impl Default for PackOptions {
             format: PackFormat::Keep,
             quality: 95,
             skip_bad: false,
+            shuffle: Some(0),
         }
     }
 }
@@ -956,11 +989,20 @@ fn prepare(
     };
     let what = it.path.display().to_string();
     if o.size.is_none() && o.faces.is_none() && o.format == PackFormat::Keep {
-        let bytes = std::fs::read(&it.path).map_err(|e| Error::Msg(format!("{what}: {e}")))?;
-        if bytes.len() as u64 > crate::clip::preprocess::MAX_FILE_BYTES {
+        let len = crate::clip::preprocess::image_file_len(&it.path)?;
+        if len > MAX_ENTRY_BYTES {
             return Err(Error::Media(format!(
-                "{what}: {} bytes is too large",
-                bytes.len()
+                "{what}: {len} bytes is over a shard entry's {MAX_ENTRY_BYTES}-byte limit \
+                 (pack it resized: --size)"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        std::fs::File::open(&it.path)
+            .and_then(|f| f.take(MAX_ENTRY_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+        if bytes.len() as u64 > MAX_ENTRY_BYTES {
+            return Err(Error::Media(format!(
+                "{what}: grew past {MAX_ENTRY_BYTES} bytes"
             )));
         }
         let ext = sniff(&bytes)
@@ -986,6 +1028,13 @@ fn prepare(
     }
     if let Some(s) = o.size {
         let (w, h) = short_side_size(img.width, img.height, s);
+        let max = crate::clip::preprocess::MAX_SIDE as usize;
+        if w.max(h) > max {
+            return Err(Error::Media(format!(
+                "{what}: {}x{} resized to a short side of {s} would be {w}x{h}, over {max} px",
+                img.width, img.height
+            )));
+        }
         if (w, h) != (img.width, img.height) {
             img = resize_bicubic(&img, w, h);
         }
@@ -1037,8 +1086,18 @@ pub fn pack(manifest: &Manifest, out: &Path, o: &PackOptions) -> Result<Packed> 
     ) -> Result<Packed> {
         let mut shards: Vec<ShardInfo> = vec![];
         let (mut skipped, mut no_face, mut image_bytes) = (vec![], vec![], 0u64);
+        let mut described = true;
         for split in [Split::Train, Split::Val, Split::Test] {
-            let items = manifest.split(split);
+            let mut items = manifest.split(split);
+            // Written shuffled (WebDataset's convention): a manifest in dataset/method/video
+            // order would make every shard one class and a few videos, and a shuffle buffer
+            // cannot mix across a 1 GB shard.
+            if let Some(seed) = o.shuffle {
+                let mut r = Rng::new(crate::rng::mix64(seed ^ 0x9ac4));
+                for i in (1..items.len()).rev() {
+                    items.swap(i, r.below(i + 1));
+                }
+            }
             let name = format!("{split:?}").to_ascii_lowercase();
             let mut cur: Option<ShardWriter> = None;
             for chunk in items.chunks(256) {
@@ -1078,7 +1137,21 @@ pub fn pack(manifest: &Manifest, out: &Path, o: &PackOptions) -> Result<Packed> 
                         path: it.rel_path.clone(),
                     };
                     let json = serde_json::to_vec(&meta).map_err(|e| Error::Msg(e.to_string()))?;
-                    let need = 1024 + (bytes.len() + json.len()) as u64 + 1024;
+                    if bytes.len() as u64 > MAX_ENTRY_BYTES || json.len() as u64 > MAX_ENTRY_BYTES {
+                        let e = format!(
+                            "line {}: {} bytes is over a shard entry's {MAX_ENTRY_BYTES}-byte limit",
+                            it.line,
+                            bytes.len().max(json.len())
+                        );
+                        if o.skip_bad {
+                            skipped.push((it.line, e));
+                            continue;
+                        }
+                        return Err(Error::Media(format!("{}: {e}", manifest.path.display())));
+                    }
+                    described &= !it.face.trim().is_empty() && !it.env.trim().is_empty();
+                    let padded = |n: usize| (n as u64).div_ceil(512) * 512;
+                    let need = 1024 + padded(bytes.len()) + padded(json.len()) + 1024;
                     if cur
                         .as_ref()
                         .is_some_and(|c| c.samples > 0 && c.bytes + need > o.shard_bytes)
@@ -1121,6 +1194,7 @@ pub fn pack(manifest: &Manifest, out: &Path, o: &PackOptions) -> Result<Packed> 
             format: FORMAT.into(),
             size: o.size,
             face_crop: o.faces.is_some(),
+            described: described && !shards.is_empty(),
             shards,
             dir: out.to_path_buf(),
         };
