@@ -190,9 +190,11 @@ impl Loaded {
     }
 
     /// As `into_parts`, the copy to a GPU started on its copy stream and not waited for.
+    /// On a GPU the pixels go (as bf16, converted on the way) straight into pinned staging
+    /// memory: no host tensor is made.
     pub fn upload(self, size: usize, dtype: DType, device: Device) -> Result<(Vec<Item>, Upload)> {
         let n = self.items.len();
-        let t = host_tensor(self.pixels, n, size, dtype)?.to_device_async(device)?;
+        let t = crate::upload::upload_f32(self.pixels, (n, 3, size, size), dtype, device)?;
         Ok((self.items, t))
     }
 }

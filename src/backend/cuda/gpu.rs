@@ -462,19 +462,38 @@ impl Gpu {
     /// as soon as this returns, and nothing waits for the stream. Falls back to a pageable copy
     /// that waits (counted as a host sync) when no pinned slot can be had.
     fn copy_in(&self, dst: u64, host: &[u8], stream: &CudaStream) -> Result<()> {
-        let what = || format!("copy {} bytes to the GPU", host.len());
+        self.copy_in_with(
+            dst,
+            host.len(),
+            &mut |pinned| pinned.copy_from_slice(host),
+            stream,
+        )
+    }
+
+    /// As `copy_in`, the `len` bytes written by `fill` straight into the pinned slot (no
+    /// intermediate host buffer; into a pageable one only in the fallback).
+    fn copy_in_with(
+        &self,
+        dst: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+        stream: &CudaStream,
+    ) -> Result<()> {
+        let what = || format!("copy {len} bytes to the GPU");
         self.bind()?;
-        let Some(slot) = self.take_slot(host.len())? else {
-            // SAFETY: `dst` holds host.len() bytes; synchronized before `host` can go.
-            unsafe { result::memcpy_htod_async(dst, host, stream.cu_stream()) }
+        let Some(slot) = self.take_slot(len)? else {
+            let mut host = vec![0u8; len];
+            fill(&mut host);
+            // SAFETY: `dst` holds len bytes; synchronized before `host` can go.
+            unsafe { result::memcpy_htod_async(dst, &host[..], stream.cu_stream()) }
                 .map_err(drv(what()))?;
             super::abi::note_host_sync();
             return stream.synchronize().map_err(drv(what()));
         };
-        // SAFETY: the slot holds cap ≥ host.len() bytes and no copy reads it any more.
-        let pinned = unsafe { std::slice::from_raw_parts_mut(slot.ptr, host.len()) };
-        pinned.copy_from_slice(host);
-        // SAFETY: `dst` holds host.len() bytes; the slot stays untouched until `done`.
+        // SAFETY: the slot holds cap ≥ len bytes and no copy reads it any more.
+        let pinned = unsafe { std::slice::from_raw_parts_mut(slot.ptr, len) };
+        fill(pinned);
+        // SAFETY: `dst` holds len bytes; the slot stays untouched until `done`.
         unsafe { result::memcpy_htod_async(dst, &*pinned, stream.cu_stream()) }
             .map_err(drv(what()))?;
         if let Err(e) = slot.done.record(stream) {
@@ -502,21 +521,31 @@ impl Gpu {
     /// The copy itself waits for the compute work queued so far (the memory may be a block
     /// that queued work still reads), so stage batch k+1 before queuing step k.
     pub fn stage(self: &Arc<Self>, host: &[u8]) -> Result<Staged> {
+        self.stage_with(host.len(), &mut |pinned| pinned.copy_from_slice(host))
+    }
+
+    /// As `stage`, the `len` bytes written by `fill` straight into pinned memory (a batch
+    /// converted to bf16 there, not into a host buffer first).
+    pub fn stage_with(
+        self: &Arc<Self>,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Staged> {
         let ready = self.new_event()?;
         // Built first: on any error below its Drop keeps the block from the pool until the
         // copy stream is done with it.
         let staged = Staged {
-            buf: Some(self.alloc(host.len())?),
+            buf: Some(self.alloc(len)?),
             ready,
         };
         let ptr = staged.buf.as_ref().map_or(0, |b| b.ptr);
-        if !host.is_empty() {
+        if len > 0 {
             let fence = self.new_event()?;
             fence.record(&self.stream).map_err(drv("cuEventRecord"))?;
             self.copy_stream
                 .wait(&fence)
                 .map_err(drv("cuStreamWaitEvent"))?;
-            self.copy_in(ptr, host, &self.copy_stream)?;
+            self.copy_in_with(ptr, len, fill, &self.copy_stream)?;
         }
         staged
             .ready
