@@ -204,3 +204,62 @@ fn peft_export_has_peft_names_and_config() {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// A picture with no pixels is an error, not a prediction; a model whose CLIP weights were
+/// trained (`train_base`) is not exported as a PEFT adapter (the adapter on the released base
+/// would be another model).
+#[test]
+fn empty_images_and_trained_base_exports_are_refused() {
+    use sd2::clip::preprocess::RgbImage;
+    let d = tmpdir("refuse");
+    let clip = ClipModel::random(
+        &ClipConfig::from_json(CLIP_JSON).unwrap(),
+        DType::F32,
+        Device::Cpu,
+        5,
+    )
+    .unwrap();
+    let cfg = Sd2Config {
+        train_base: true,
+        clam_heads: 2,
+        ..Default::default()
+    };
+    let model = Sd2Model::new(clip, cfg, 1).unwrap();
+    let e = export_peft(&model, &d.join("peft"), "base").unwrap_err();
+    println!("{e}");
+    assert!(
+        matches!(e, sd2::Error::Config { ref key, .. } if key == "sd2.train_base"),
+        "{e}"
+    );
+    assert!(!d.join("peft").exists(), "nothing written");
+    assert!(matches!(
+        RgbImage::new(0, 4, vec![]),
+        Err(sd2::Error::Media(_))
+    ));
+    let ck = tmpdir("refuse-ck");
+    Trainer::new(
+        model,
+        TrainConfig::default(),
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    )
+    .save(&ck, None)
+    .unwrap();
+    let det = Detector::load(&ck, None, Device::Cpu).unwrap();
+    let empty = RgbImage {
+        width: 0,
+        height: 0,
+        data: vec![],
+    };
+    match det.detect(std::slice::from_ref(&empty)) {
+        Err(sd2::Error::Media(m)) => assert!(m.contains("no pixels"), "{m}"),
+        other => panic!("an empty image gave {other:?}"),
+    }
+    let mut faces = sd2::faces::FaceDetector::new(Default::default()).unwrap();
+    assert!(matches!(
+        det.detect_faces(&mut faces, &empty),
+        Err(sd2::Error::Media(_))
+    ));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::remove_dir_all(&ck).ok();
+}

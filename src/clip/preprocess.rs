@@ -63,6 +63,11 @@ pub struct RgbImage {
 
 impl RgbImage {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<RgbImage> {
+        if width == 0 || height == 0 {
+            return Err(Error::Media(format!(
+                "a {width}x{height} image has no pixels"
+            )));
+        }
         if data.len() != width * height * 3 {
             return Err(Error::Msg(format!(
                 "RGB image {width}x{height} needs {} bytes, got {}",
@@ -79,7 +84,7 @@ impl RgbImage {
 }
 
 /// Bytes that image decodes may hold at once across all threads: a decode waits until its
-/// share fits — the file's bytes plus 16 bytes per pixel (from the header) for the decoded
+/// share fits — the file's bytes plus 32 bytes per pixel (from the header) for the decoded
 /// image, the decoder's buffers and what `decode_image_then`'s continuation makes of it — so
 /// a folder of large images costs this much at most, however many threads decode it.
 pub const DECODE_BUDGET: u64 = 1 << 30;
@@ -535,7 +540,15 @@ pub fn pixel_values(
     device: Device,
 ) -> Result<Tensor> {
     let mut all = Vec::with_capacity(images.len() * 3 * size * size);
-    for img in images {
+    for (i, img) in images.iter().enumerate() {
+        if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
+            return Err(Error::Media(format!(
+                "image {i}: a {}x{} image with {} bytes has no pixels to judge",
+                img.width,
+                img.height,
+                img.data.len()
+            )));
+        }
         all.extend(preprocess(img, size));
     }
     Tensor::from_vec(all, (images.len(), 3, size, size), Device::Cpu)?

@@ -8,6 +8,15 @@ use super::model::Sd2Model;
 use crate::{Error, Result, Tensor};
 
 pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()> {
+    // An adapter applied to the released base would not give this model's outputs.
+    if model.cfg.train_base {
+        return Err(Error::Config {
+            key: "sd2.train_base".into(),
+            msg: "the model's CLIP weights were trained too (train_base = true): a PEFT \
+                  adapter on the original base would not reproduce it"
+                .into(),
+        });
+    }
     let l = &model.cfg.lora;
     let lora: Vec<(&str, &Tensor)> = model
         .params()
