@@ -1,11 +1,35 @@
-//! sd2: a Rust runtime that trains and serves SD2, a CLIP-ViT-L/14 deepfake detector.
+//! sd2: a Rust runtime that trains and serves SD2, a CLIP-ViT-L/14 deepfake detector (LoRA on
+//! both CLIP towers, cross-layer CLS attention, type-text classification, a text-label
+//! separation loss and a dual SigLIP-style contrast with face and environment descriptions).
 //!
-//! This crate is built bottom-up. Today it holds the engine everything else stands on:
+//! The detector, from a checkpoint:
+//!
+//! ```no_run
+//! # fn main() -> sd2::Result<()> {
+//! use sd2::{Detector, Device, FaceConfig, FaceDetector};
+//! let det = Detector::load("runs/x/checkpoints/best".as_ref(), None, Device::Cpu)?;
+//! let mut faces = FaceDetector::new(FaceConfig::default())?;
+//! let img = sd2::clip::preprocess::decode_image_bytes(&std::fs::read("photo.jpg")?, "photo.jpg")?;
+//! let verdict = det.detect_faces(&mut faces, &img)?;
+//! println!("{}", serde_json::to_string(&verdict).unwrap());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Layers, bottom up:
 //! - [`Tensor`]: contiguous, row-major, shared storage, with a shape, a [`DType`] and a [`Device`];
-//! - [`backend`]: the op interface; the CPU backend is the numerical reference;
-//! - [`ops`]: differentiable ops, including the fused ones SD2 needs (LoRA-linear, multi-head
-//!   attention with a saved log-sum-exp, the sigmoid contrastive loss);
-//! - [`autograd`]: a reverse-mode tape with gradients keyed by tensor id.
+//! - [`backend`]: the op interface; the CPU backend is the numerical reference, `cuda` (feature)
+//!   runs the kernels of `kernels/*.cu`, `cuda:sim` the same kernels on the CPU;
+//! - [`ops`]: differentiable ops, including the fused ones SD2 needs (LoRA-linear, flash
+//!   attention, the sigmoid contrastive loss);
+//! - [`autograd`]: a reverse-mode tape with gradients keyed by tensor id;
+//! - [`clip`]: CLIP (HF layout, bit-exact preprocessing); [`sd2`]: the model, its losses,
+//!   training, checkpoints, the detector and the PEFT export;
+//! - [`data`]: manifests, augmentations, the loader, WebDataset shards, dataset import;
+//!   [`faces`], [`video`]: face crops from photos and videos; [`serve`]: the HTTP server;
+//!   [`run`]: the training loop `sd2 train` runs.
+//!
+//! The engine alone:
 //!
 //! ```
 //! use sd2::ops::{self, Lora};
@@ -60,3 +84,11 @@ pub use dtype::{DType, Float, WithDType};
 pub use error::{Error, Result};
 pub use shape::Shape;
 pub use tensor::{Tensor, TensorId};
+
+pub use clip::preprocess::RgbImage;
+pub use clip::ClipModel;
+pub use faces::{FaceConfig, FaceDetector};
+pub use sd2::detector::{Detector, ImageVerdict, Prediction, VideoVerdict};
+pub use sd2::export::export_peft;
+pub use sd2::train::{TrainConfig, Trainer};
+pub use sd2::{Sd2Config, Sd2Model};

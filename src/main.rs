@@ -149,6 +149,22 @@ enum Cmd {
         #[arg(long)]
         skip_bad: bool,
     },
+    /// Export a checkpoint's LoRA adapters in PEFT's format (`adapter_config.json` +
+    /// `adapter_model.safetensors`), which `peft.PeftModel.from_pretrained` loads onto the base
+    /// CLIP. Refused for a checkpoint whose CLIP base was trained (`train_base`).
+    Export {
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// The output folder.
+        #[arg(long)]
+        peft: std::path::PathBuf,
+        /// The CLIP folder the checkpoint was trained on.
+        #[arg(long)]
+        clip: std::path::PathBuf,
+        /// `base_model_name_or_path` written into the adapter config (default: --clip).
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Pack a manifest's images into WebDataset `.tar` shards (KEY.jpg + KEY.json per sample,
     /// one set per split, `shards.json` last), optionally face-cropped and resized; `sd2
     /// train` reads the folder in place of a manifest.
@@ -1548,6 +1564,22 @@ fn main() {
             );
             Ok(())
         })(),
+        Cmd::Export {
+            checkpoint,
+            peft,
+            clip,
+            base,
+        } => sd2::sd2::detector::Detector::load(&checkpoint, Some(&clip), sd2::Device::Cpu)
+            .and_then(|det| {
+                let base = base.unwrap_or_else(|| clip.display().to_string());
+                sd2::sd2::export::export_peft(&det.model, &peft, &base)?;
+                println!(
+                    "PEFT adapter of {} → {}",
+                    checkpoint.display(),
+                    peft.display()
+                );
+                Ok(())
+            }),
         Cmd::Pack {
             manifest,
             out,

@@ -1,6 +1,7 @@
 //! Inference from a checkpoint, LoRA merging, and the peft export.
 #[path = "common/clip.rs"]
 mod clip_common;
+mod common;
 
 use clip_common::{compare, fixture, load_map};
 use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer, Fwd};
@@ -262,4 +263,49 @@ fn empty_images_and_trained_base_exports_are_refused() {
     ));
     std::fs::remove_dir_all(&d).ok();
     std::fs::remove_dir_all(&ck).ok();
+}
+
+/// `sd2 export`: the adapter files of a checkpoint trained on a CLIP folder; an unknown
+/// checkpoint format is refused by the detector as by the trainer.
+#[test]
+fn export_command_writes_the_peft_adapter() {
+    let d = tmpdir("export");
+    let clip = clip_folder(&d);
+    trained(clip).save(&d.join("ckpt"), None).unwrap();
+    let out = d.join("peft");
+    let r = common::sd2_cli(&[
+        "export",
+        "--checkpoint",
+        d.join("ckpt").to_str().unwrap(),
+        "--clip",
+        d.to_str().unwrap(),
+        "--peft",
+        out.to_str().unwrap(),
+        "--base",
+        "openai/clip-vit-large-patch14",
+    ]);
+    println!("{}", String::from_utf8_lossy(&r.stdout));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["base_model_name_or_path"],
+        "openai/clip-vit-large-patch14"
+    );
+    assert_eq!(cfg["r"], 4);
+    let names = sd2::io::WeightStore::open(&out.join("adapter_model.safetensors")).unwrap();
+    assert!(names.names().any(|n| n.contains("lora_A")));
+    // A state.json of another format.
+    let state = d.join("ckpt/state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["format"] = 7.into();
+    std::fs::write(&state, v.to_string()).unwrap();
+    let e = Detector::load(&d.join("ckpt"), Some(&d), Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("unknown checkpoint format 7"), "{e}");
+    std::fs::remove_dir_all(&d).ok();
 }

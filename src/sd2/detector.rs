@@ -15,14 +15,25 @@ use crate::io::WeightStore;
 use crate::{no_grad, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
-#[derive(Clone, Debug, PartialEq)]
+/// One image's (or crop's) scores: serializes as `{"probs", "class", "label", "fake_score"}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Prediction {
     /// softmax over REAL, FS, FR, EFS, FE.
     pub probs: [f64; 5],
+    /// The most probable class's index in [`crate::sd2::CLASSES`].
     pub class: usize,
+    /// Its name (`real`, `fs`, `fr`, `efs`, `fe`).
     pub label: &'static str,
     /// 1 − p(REAL).
     pub fake_score: f64,
+}
+
+impl Prediction {
+    /// Whether the fake score reaches `threshold` (0.5 is the arg-max-free default; a
+    /// threshold chosen on validation data is better).
+    pub fn is_fake(&self, threshold: f64) -> bool {
+        self.fake_score >= threshold
+    }
 }
 
 /// One face of an image, scored.
@@ -280,6 +291,17 @@ impl Detector {
             .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
         let state: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        // As the trainer's own reader: a format this build does not know is refused.
+        match state.get("format").and_then(|f| f.as_u64()) {
+            Some(1) => {}
+            f => {
+                return Err(Error::Msg(format!(
+                    "{}: unknown checkpoint format {} (this build reads format 1)",
+                    state_path.display(),
+                    f.map_or("(none)".to_string(), |f| f.to_string())
+                )))
+            }
+        }
         let cfg: super::Sd2Config = serde_json::from_value(state["sd2"].clone())
             .map_err(|e| Error::Msg(format!("{}: sd2 config: {e}", state_path.display())))?;
         let clip_cfg: crate::clip::ClipConfig = serde_json::from_value(state["clip"].clone())
