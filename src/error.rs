@@ -1,7 +1,11 @@
 //! One error type for the whole crate. Messages name the op and the shapes involved.
 use crate::{DType, Device};
 
+/// Every error sd2 returns. Match on the kinds that matter to you (`Read`/`Write` with the
+/// path and the `std::io::Error`, `Media` for unusable input, `Config` with its key, …); new
+/// kinds may be added, so keep a `_` arm.
 #[derive(thiserror::Error, Debug)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{op}: shape mismatch: {msg}")]
     Shape { op: &'static str, msg: String },
@@ -53,6 +57,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Reading `path` failed: `source.kind()` tells a missing file (`NotFound`) from a
+    /// permission or device problem.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+
     /// An input image or video cannot be used: unreadable, truncated, malformed, over a size
     /// limit, or in a format sd2 does not read. The message names the file (or the upload).
     #[error("{0}")]
@@ -67,6 +79,21 @@ pub enum Error {
 
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// `Error::Read` of `path`.
+    pub fn read(path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether this is a read of a file or folder that does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

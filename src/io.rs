@@ -24,7 +24,7 @@ struct MappedFile {
 
 impl MappedFile {
     fn open(path: &Path) -> Result<MappedFile> {
-        let f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        let f = std::fs::File::open(path).map_err(|e| Error::read(path, e))?;
         // SAFETY: the file is only read; a concurrent writer would be a user error, and the
         // weights are copied out before use.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| io_err(path, e))?;
@@ -87,7 +87,7 @@ impl WeightStore {
     }
 
     fn open_index(path: &Path) -> Result<WeightStore> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| io_err(path, format!("invalid JSON: {e}")))?;
         let map = v

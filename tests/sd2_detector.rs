@@ -307,5 +307,19 @@ fn export_command_writes_the_peft_adapter() {
         .unwrap()
         .to_string();
     assert!(e.contains("unknown checkpoint format 7"), "{e}");
+    // A checkpoint (or manifest) that is not there can be told apart from a broken one.
+    let missing = d.join("no-such-checkpoint");
+    match Detector::load(&missing, None, Device::Cpu) {
+        Err(e @ sd2::Error::Read { .. }) => {
+            assert!(
+                e.is_not_found() && e.to_string().contains("no-such-checkpoint"),
+                "{e}"
+            )
+        }
+        Err(e) => panic!("a missing checkpoint gave {e:?}"),
+        Ok(_) => panic!("a missing checkpoint loaded"),
+    }
+    let m = sd2::data::Manifest::load(&d.join("none.jsonl"), Default::default());
+    assert!(m.err().is_some_and(|e| e.is_not_found()));
     std::fs::remove_dir_all(&d).ok();
 }

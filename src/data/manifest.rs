@@ -96,8 +96,7 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Manifest> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut items = vec![];
         let mut skipped = vec![];

@@ -287,8 +287,7 @@ impl Detector {
     /// for a checkpoint that trained every CLIP weight, e.g. the `tiny` preset).
     pub fn load(checkpoint: &Path, clip_dir: Option<&Path>, device: Device) -> Result<Detector> {
         let state_path = checkpoint.join("state.json");
-        let text = std::fs::read_to_string(&state_path)
-            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::read(&state_path, e))?;
         let state: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
         // As the trainer's own reader: a format this build does not know is refused.

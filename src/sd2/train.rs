@@ -738,7 +738,7 @@ pub(crate) fn checkpoint_metric(dir: &Path) -> Option<f64> {
 
 fn read_state(dir: &Path) -> Result<State> {
     let p = dir.join("state.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| err(&p, e))?;
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::read(&p, e))?;
     let s: State = serde_json::from_str(&text)
         .map_err(|e| err(&p, format!("invalid checkpoint state: {e}")))?;
     if s.format != 1 {
