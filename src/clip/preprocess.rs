@@ -62,6 +62,20 @@ pub struct RgbImage {
 }
 
 impl RgbImage {
+    /// An error unless the image has pixels and exactly `width × height × 3` bytes (its
+    /// fields are public, so one can be built that lies).
+    pub fn check(&self) -> Result<()> {
+        if self.width == 0 || self.height == 0 || self.data.len() != self.width * self.height * 3 {
+            return Err(Error::Media(format!(
+                "a {}x{} image with {} bytes has no pixels to judge",
+                self.width,
+                self.height,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<RgbImage> {
         if width == 0 || height == 0 {
             return Err(Error::Media(format!(
@@ -541,14 +555,8 @@ pub fn pixel_values(
 ) -> Result<Tensor> {
     let mut all = Vec::with_capacity(images.len() * 3 * size * size);
     for (i, img) in images.iter().enumerate() {
-        if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
-            return Err(Error::Media(format!(
-                "image {i}: a {}x{} image with {} bytes has no pixels to judge",
-                img.width,
-                img.height,
-                img.data.len()
-            )));
-        }
+        img.check()
+            .map_err(|e| Error::Media(format!("image {i}: {e}")))?;
         all.extend(preprocess(img, size));
     }
     Tensor::from_vec(all, (images.len(), 3, size, size), Device::Cpu)?

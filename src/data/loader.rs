@@ -156,18 +156,6 @@ fn compact<T>(
     (kept, bad)
 }
 
-/// The pixels as a host tensor of `dtype` (bf16 rounded in parallel).
-fn host_tensor(flat: Vec<f32>, n: usize, size: usize, dtype: DType) -> Result<Tensor> {
-    let shape = (n, 3, size, size);
-    match dtype {
-        DType::BF16 => {
-            let v: Vec<half::bf16> = flat.par_iter().map(|x| half::bf16::from_f32(*x)).collect();
-            Tensor::from_vec(v, shape, Device::Cpu)
-        }
-        _ => Tensor::from_vec(flat, shape, Device::Cpu)?.to_dtype(dtype),
-    }
-}
-
 /// One decoded batch from the prefetcher.
 pub struct Loaded {
     pub items: Vec<Item>,
@@ -184,9 +172,8 @@ impl Loaded {
         dtype: DType,
         device: Device,
     ) -> Result<(Vec<Item>, Tensor)> {
-        let n = self.items.len();
-        let t = host_tensor(self.pixels, n, size, dtype)?.to_device(device)?;
-        Ok((self.items, t))
+        let (items, up) = self.upload(size, dtype, device)?;
+        Ok((items, up.wait()?))
     }
 
     /// As `into_parts`, the copy to a GPU started on its copy stream and not waited for.

@@ -419,14 +419,7 @@ impl Detector {
     /// An image judged by its faces: each face `faces` finds is cropped (`faces::crop`) and
     /// scored; no face is the status `"no_face"`, not an error.
     pub fn detect_faces(&self, faces: &mut FaceDetector, img: &RgbImage) -> Result<ImageVerdict> {
-        if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
-            return Err(Error::Media(format!(
-                "a {}x{} image with {} bytes has no pixels to judge",
-                img.width,
-                img.height,
-                img.data.len()
-            )));
-        }
+        img.check()?;
         let size = self.model.clip.config.vision_config.image_size;
         let (boxes, px) = faces.detect_and_crop(img, size)?;
         Ok(ImageVerdict::from_faces(
