@@ -14,24 +14,38 @@ use crate::{Error, Result};
 /// The paper's cross-domain mAUC for the same rows (SD2-SPEC §8), in percent.
 pub const PAPER: [f64; 4] = [80.24, 81.84, 84.34, 87.79];
 
+/// One row of the ablation: what was switched on, its test scores and the paper's number.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// The row's label as the paper writes it (`L_C+L_S`, `+CLAM`, `+L_D face`, `+L_D face&env`).
     pub name: &'static str,
+    /// Whether CLAM (cross-layer CLS attention and its adapter) was on.
     pub clam: bool,
+    /// Which descriptions the dual contrast loss L_D used (`Off`: no L_D).
     pub loss_dual: DualContrast,
+    /// Out-of-domain mAUC on the test split, a fraction in [0, 1] (not percent).
     pub mauc: f64,
+    /// Overall ROC AUC on the test split, a fraction in [0, 1].
     pub auc: f64,
+    /// The paper's mAUC for the row, in percent (from [`PAPER`]).
     pub paper_mauc: f64,
+    /// Wall-clock seconds to train and evaluate the row.
     pub seconds: f64,
 }
 
+/// The result of `sd2 ablation`, also written to `ablation.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Ablation {
+    /// The four rows, in the paper's order.
     pub rows: Vec<Row>,
     /// Whether mAUC rises row by row as in the paper.
     pub paper_order_reproduced: bool,
 }
 
+/// Runs the ablation. Synthesizes the demo's benchmark once (`cfg.out/data`), then trains
+/// and evaluates each row in `cfg.out/rowK` (K = 1…4, overwritten) with the demo's
+/// settings, L_S on and the row's CLAM and L_D switches. Writes `cfg.out/ablation.json`
+/// and returns the same result. Any row's failure ends the run.
 pub fn run(cfg: &DemoConfig, progress: &mut dyn Progress) -> Result<Ablation> {
     let manifest = synthesize(cfg, progress)?;
     let specs: [(&'static str, bool, DualContrast); 4] = [
@@ -77,6 +91,8 @@ pub fn run(cfg: &DemoConfig, progress: &mut dyn Progress) -> Result<Ablation> {
 }
 
 impl Ablation {
+    /// A console table: per row its mAUC, AUC, the paper's mAUC and time, then whether the
+    /// paper's ordering was reproduced.
     pub fn table(&self) -> String {
         let mut out = format!(
             "{:<16} {:>8} {:>8} {:>13} {:>8}\n",

@@ -12,6 +12,8 @@ use crate::{Error, Result, Tensor};
 
 /// The backward half of one recorded op.
 pub trait BackwardOp: Send + Sync {
+    /// A short name of the op, used in the engine's error messages (e.g. a wrong number of
+    /// returned gradients).
     fn name(&self) -> &'static str;
     /// Gradients for the op's inputs in recorded order, given the output's gradient. Only inputs
     /// with `needs[i]` must get one; returning `None` for them means "zero".
@@ -78,6 +80,9 @@ pub(crate) fn note_recorded() {
     NODES_RECORDED.with(|n| n.set(n.get() + 1));
 }
 
+/// Whether ops on this thread record graph nodes now: true unless a [`no_grad`] guard is
+/// alive (and always false inside a backward pass, except where it re-enables recording to
+/// recompute a checkpointed segment).
 pub fn is_grad_enabled() -> bool {
     GRAD_ENABLED.with(|g| g.get())
 }
@@ -165,34 +170,43 @@ pub struct GradStore {
 }
 
 impl GradStore {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// The gradient of `t`, if one was accumulated (a trainable leaf reached by backward); it
+    /// has `t`'s shape.
     pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
         self.grads.get(&t.id())
     }
 
+    /// The gradient of the tensor with id `id`, if any.
     pub fn get_id(&self, id: TensorId) -> Option<&Tensor> {
         self.grads.get(&id)
     }
 
+    /// Takes the gradient of `t` out of the store (None if it has none).
     pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
         self.grads.remove(&t.id())
     }
 
+    /// Number of tensors with a gradient.
     pub fn len(&self) -> usize {
         self.grads.len()
     }
 
+    /// True when no gradient is stored.
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
 
+    /// Drops every gradient (after an optimizer step, before the next accumulation).
     pub fn clear(&mut self) {
         self.grads.clear();
     }
 
+    /// The ids of the tensors that have a gradient, in no particular order.
     pub fn ids(&self) -> impl Iterator<Item = &TensorId> {
         self.grads.keys()
     }

@@ -16,14 +16,24 @@ use crate::sd2::detector::class_embeddings;
 use crate::sd2::TypeTexts;
 use crate::{Device, Result};
 
+/// Settings of `sd2 demo` (and of each `sd2 ablation` row). The default is the CLI's.
 #[derive(Clone, Debug)]
 pub struct DemoConfig {
+    /// Folder the demo owns: the benchmark goes to `out/data`, the run (checkpoints, log) to
+    /// `out`, the report to `out/eval`. A rerun overwrites the previous run.
     pub out: PathBuf,
+    /// Synthetic images to generate (64 px, all splits together).
     pub images: usize,
+    /// Training epochs.
     pub epochs: usize,
+    /// Images per optimizer step (also the micro-batch: no accumulation).
     pub batch: usize,
+    /// Peak learning rate (linear warmup, then cosine decay).
     pub lr: f64,
+    /// Seed of the benchmark and of training: the same seed reproduces the same run on the
+    /// CPU.
     pub seed: u64,
+    /// Where training and evaluation run.
     pub device: Device,
     /// Strength of the training sources' background shortcut (see `data::synth`).
     pub shortcut: f64,
@@ -44,12 +54,18 @@ impl Default for DemoConfig {
     }
 }
 
+/// What [`run`] produced.
 pub struct DemoResult {
+    /// The best epoch's report on the out-of-domain test split (threshold from the val split).
     pub report: Report,
+    /// Where the report was written (`out/eval`: metrics, predictions, figures).
     pub eval_dir: PathBuf,
+    /// Wall-clock seconds of the whole demo, synthesis included.
     pub seconds: f64,
 }
 
+/// `sd2 demo`: synthesizes the benchmark ([`synthesize`]), trains the tiny preset and
+/// evaluates its best epoch on the test split ([`train_eval`]), all under `cfg.out`.
 pub fn run(cfg: &DemoConfig, progress: &mut dyn Progress) -> Result<DemoResult> {
     let t0 = Instant::now();
     let manifest = synthesize(cfg, progress)?;

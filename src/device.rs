@@ -2,8 +2,11 @@
 //! `cuda` feature every attempt to use it is a clear error, never a panic.
 use crate::{Error, Result};
 
+/// Where a tensor's storage lives and which backend runs its ops. Parsed from and printed as
+/// `cpu`, `cuda:N`, `cuda:sim`, `cuda:plan`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
+    /// Host memory; ops run on the CPU backend, the deterministic numerical reference.
     Cpu,
     /// GPU `N` (`cuda:N`).
     Cuda(usize),
@@ -48,10 +51,12 @@ impl Device {
         }
     }
 
+    /// True only for [`Device::Cpu`].
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }
 
+    /// True for every CUDA-storage device: a GPU, the simulator and the launch-plan recorder.
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_) | Device::CudaSim | Device::CudaPlan)
     }

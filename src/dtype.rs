@@ -2,16 +2,24 @@
 //! i64 and u32 hold ids and labels.
 use half::bf16;
 
+/// The element type of a tensor's storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float: the reference compute type (and the only one the fused CUDA AdamW takes).
     F32,
+    /// bfloat16 (`half::bf16`): 8 exponent bits, 7 mantissa bits; the CUDA training and serving
+    /// type. The CPU backend computes it in f32 and rounds on store.
     BF16,
+    /// 64-bit float; CPU only (CUDA storage refuses it), for gradient checks.
     F64,
+    /// 64-bit signed integer: token ids, class ids and labels; also what id checks return.
     I64,
+    /// 32-bit unsigned integer; accepted wherever ids are (token ids, class ids), like I64.
     U32,
 }
 
 impl DType {
+    /// Bytes one element takes: 2 for bf16, 4 for f32 and u32, 8 for f64 and i64.
     pub fn size_in_bytes(&self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
@@ -20,10 +28,12 @@ impl DType {
         }
     }
 
+    /// True for F32, BF16 and F64; false for the integer types.
     pub fn is_float(&self) -> bool {
         matches!(self, DType::F32 | DType::BF16 | DType::F64)
     }
 
+    /// The lower-case name (`"f32"`, `"bf16"`, `"f64"`, `"i64"`, `"u32"`), as `Display` prints it.
     pub fn as_str(&self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -43,8 +53,12 @@ impl std::fmt::Display for DType {
 
 /// A Rust type that can be the element of a tensor.
 pub trait WithDType: Copy + Send + Sync + 'static + std::fmt::Debug + PartialEq {
+    /// The [`DType`] tag of this Rust type.
     const DTYPE: DType;
+    /// Converts to f64 (exact for every type except i64 values beyond 2⁵³).
     fn to_f64(self) -> f64;
+    /// Converts from f64 with Rust's `as` semantics: rounding to nearest for the floats,
+    /// truncation toward zero and saturation at the range for the integers (NaN becomes 0).
     fn from_f64(v: f64) -> Self;
 }
 
@@ -83,7 +97,9 @@ pub trait Float:
     + std::fmt::Debug
     + 'static
 {
+    /// Converts from f64, rounding to nearest for f32.
     fn from_f(v: f64) -> Self;
+    /// Widens to f64 (exact).
     fn f64(self) -> f64;
 
     /// `row[i] = exp(row[i] − shift)` in place; returns the sum. The softmax inner loop.

@@ -7,53 +7,138 @@ use crate::{DType, Device};
 #[derive(thiserror::Error, Debug)]
 #[non_exhaustive]
 pub enum Error {
+    /// Tensor shapes that do not fit the op (`op` names it; `msg` gives the shapes).
     #[error("{op}: shape mismatch: {msg}")]
-    Shape { op: &'static str, msg: String },
+    Shape {
+        /// The op that refused its inputs (`matmul`, `lora_linear`, …).
+        op: &'static str,
+        /// The shapes involved and what was expected of them.
+        msg: String,
+    },
 
+    /// Two operands of one op with different dtypes (ops do not promote implicitly).
     #[error("{op}: dtype mismatch: {lhs:?} vs {rhs:?}")]
     DTypeMismatch {
+        /// The op.
         op: &'static str,
+        /// The first operand's dtype.
         lhs: DType,
+        /// The second operand's dtype.
         rhs: DType,
     },
 
+    /// An op that has no implementation for this dtype (e.g. a bf16-only kernel given f64).
     #[error("{op}: unsupported dtype {dtype:?}")]
-    UnsupportedDType { op: &'static str, dtype: DType },
+    UnsupportedDType {
+        /// The op.
+        op: &'static str,
+        /// The dtype it was given.
+        dtype: DType,
+    },
 
+    /// Operands of one op on different devices (copy one with `Tensor::to_device` first).
     #[error("{op}: device mismatch: {lhs:?} vs {rhs:?}")]
     DeviceMismatch {
+        /// The op.
         op: &'static str,
+        /// The first operand's device.
         lhs: Device,
+        /// The second operand's device.
         rhs: Device,
     },
 
+    /// A `cuda:N` device asked of a build without the `cuda` feature (N is the ordinal).
     #[error("cuda:{0}: sd2 was built without CUDA support (rebuild with `--features cuda`)")]
     CudaNotCompiled(usize),
 
+    /// The CUDA driver, a launch, an allocation or a copy failed (the driver's message), or
+    /// no usable GPU was found.
     #[error("cuda: {0}")]
     Cuda(String),
 
+    /// An index outside its tensor (a gather, a token id past the vocabulary, a narrow past
+    /// the end).
     #[error("{op}: index out of range: {msg}")]
-    Index { op: &'static str, msg: String },
+    Index {
+        /// The op.
+        op: &'static str,
+        /// The index and the bound it broke.
+        msg: String,
+    },
 
+    /// Misuse of the tape: `backward` of a non-scalar, of a tensor that does not require a
+    /// gradient, or a gradient of the wrong shape.
     #[error("autograd: {0}")]
     Autograd(String),
 
     /// A training step met a non-finite loss term or gradient norm (`train.on_nonfinite =
     /// "stop"`), or a model about to be saved or just loaded holds a non-finite weight.
     #[error("{context}: not finite: {what}")]
-    NonFinite { context: String, what: String },
+    NonFinite {
+        /// Where: the step, the checkpoint, the file.
+        context: String,
+        /// What was not finite: the loss term, the tensor and its element.
+        what: String,
+    },
 
     /// A configuration value out of its range: `key` is its dotted name (`train.lr`).
     #[error("config `{key}`: {msg}")]
-    Config { key: String, msg: String },
+    Config {
+        /// The value's dotted name as a config file or `--set` spells it.
+        key: String,
+        /// What is wrong with it and what is accepted.
+        msg: String,
+    },
+
+    /// Two things that must agree do not: a checkpoint and the CLIP folder given with it, a
+    /// resumed run and its saved config or data, a reference dump and the model.
+    #[error("{what}: {msg}")]
+    Mismatch {
+        /// The files or objects compared.
+        what: String,
+        /// What differs.
+        msg: String,
+    },
+
+    /// A checkpoint, weights file or model folder that cannot be used: an unknown format, a
+    /// tensor missing or of the wrong shape or dtype, sizes its own file does not hold, a
+    /// config that does not validate. `path` names the file (or folder).
+    #[error("{}: {msg}", path.display())]
+    Checkpoint {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the tensor or key.
+        msg: String,
+    },
+
+    /// Text that does not parse: a JSON, TOML or safetensors header, a manifest line, a form
+    /// field. `what` names the file and line (or the field).
+    #[error("{what}: {msg}")]
+    Parse {
+        /// The file (with `:line` where there is one) or the field.
+        what: String,
+        /// The parser's message.
+        msg: String,
+    },
+
+    /// An argument outside what the function accepts (pixel values that are not whole
+    /// crops, an empty batch where one is needed, a class name that does not exist).
+    #[error("{op}: {msg}")]
+    InvalidInput {
+        /// The function or command that refused it.
+        op: String,
+        /// What was given and what is accepted.
+        msg: String,
+    },
 
     /// Writing `path` failed — on a full disk `source.kind()` is
     /// `std::io::ErrorKind::StorageFull` — and nothing of it was left behind (the writer's
     /// temporary is removed; a previous file at `path` is untouched).
     #[error("{}: cannot write: {source}", path.display())]
     Write {
+        /// The file that was being written.
         path: std::path::PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
 
@@ -61,7 +146,9 @@ pub enum Error {
     /// permission or device problem.
     #[error("{}: {source}", path.display())]
     Read {
+        /// The file or folder that was being read.
         path: std::path::PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
 
@@ -74,9 +161,11 @@ pub enum Error {
     #[error("busy: {0}")]
     Busy(String),
 
+    /// Anything else, as a message (a worker thread that died, an internal invariant broken).
     #[error("{0}")]
     Msg(String),
 
+    /// An I/O error without a path (a socket, a pipe, stdin).
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -90,12 +179,45 @@ impl Error {
         }
     }
 
+    /// `Error::Checkpoint` of `path`.
+    pub fn checkpoint(path: &std::path::Path, msg: impl std::fmt::Display) -> Error {
+        Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: msg.to_string(),
+        }
+    }
+
+    /// `Error::Parse` of `what` (a file, `file:line`, or a field).
+    pub fn parse(what: impl std::fmt::Display, msg: impl std::fmt::Display) -> Error {
+        Error::Parse {
+            what: what.to_string(),
+            msg: msg.to_string(),
+        }
+    }
+
+    /// `Error::InvalidInput` from `op`.
+    pub fn invalid(op: impl Into<String>, msg: impl std::fmt::Display) -> Error {
+        Error::InvalidInput {
+            op: op.into(),
+            msg: msg.to_string(),
+        }
+    }
+
+    /// `Error::Mismatch` between the things `what` names.
+    pub fn mismatch(what: impl std::fmt::Display, msg: impl std::fmt::Display) -> Error {
+        Error::Mismatch {
+            what: what.to_string(),
+            msg: msg.to_string(),
+        }
+    }
+
     /// Whether this is a read of a file or folder that does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
 }
 
+/// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
@@ -115,3 +237,9 @@ macro_rules! shape_err {
         $crate::Error::shape($op, format!($($arg)*))
     };
 }
+
+// Errors cross threads (the loader's workers, the server's batcher): keep them Send + Sync.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Error>();
+};

@@ -128,10 +128,12 @@ impl WeightStore {
         })
     }
 
+    /// Every tensor name in the store (across all shards), in sorted order.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.index.keys()
     }
 
+    /// Whether a tensor of this name is stored. Does not mark it as used.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }

@@ -6,15 +6,33 @@
 //!
 //! ```no_run
 //! # fn main() -> sd2::Result<()> {
-//! use sd2::{Detector, Device, FaceConfig, FaceDetector};
-//! let det = Detector::load("runs/x/checkpoints/best".as_ref(), None, Device::Cpu)?;
+//! use sd2::{DType, Detector, Device, FaceConfig, FaceDetector};
+//! let det = Detector::builder("runs/x/checkpoints/best")
+//!     .clip("models/clip-vit-large-patch14") // not needed for a checkpoint that trained CLIP
+//!     .device(Device::Cpu)
+//!     .dtype(DType::F32)
+//!     .batch_size(32) // larger inputs are split into model calls of 32
+//!     .build()?;
+//! let bytes = std::fs::read("photo.jpg")?;
+//! let whole = det.detect_bytes(&bytes)?; // the image scored whole
+//! println!("{} fake={}", whole.label, det.is_fake(&whole)); // at the validation threshold
 //! let mut faces = FaceDetector::new(FaceConfig::default())?;
-//! let img = sd2::clip::preprocess::decode_image_bytes(&std::fs::read("photo.jpg")?, "photo.jpg")?;
-//! let verdict = det.detect_faces(&mut faces, &img)?;
+//! let img = sd2::clip::preprocess::decode_image_bytes(&bytes, "photo.jpg")?;
+//! let verdict = det.detect_faces(&mut faces, &img)?; // each face cropped and scored
 //! println!("{}", serde_json::to_string(&verdict).unwrap());
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Errors are [`Error`]s: match on their kinds (`Read`/`Write` with the path and the
+//! `std::io::Error`, `Checkpoint`, `Media`, `Parse`, `InvalidInput`, `Config`, `Mismatch`,
+//! …); [`Error::is_not_found`] tells a missing file from a broken one. The library never
+//! prints; the `sd2` binary does.
+//!
+//! Features: none are needed for the detector, training and the PEFT export
+//! (`default-features = false`); `cli` (default) adds what the `sd2` command uses — config-file
+//! training runs (`run`), the demo, ablations, plots; `server` (default) the HTTP server;
+//! `cuda` the GPU; `cuda-sim` the kernel simulator (tests); `dlib` aligned face crops.
 //!
 //! Layers, bottom up:
 //! - [`Tensor`]: contiguous, row-major, shared storage, with a shape, a [`DType`] and a [`Device`];
@@ -27,7 +45,7 @@
 //!   training, checkpoints, the detector and the PEFT export;
 //! - [`data`]: manifests, augmentations, the loader, WebDataset shards, dataset import;
 //!   [`faces`], [`video`]: face crops from photos and videos; [`serve`]: the HTTP server;
-//!   [`run`]: the training loop `sd2 train` runs.
+//!   `run` (feature `cli`): the training loop `sd2 train` runs.
 //!
 //! The engine alone:
 //!
@@ -50,12 +68,16 @@
 //! # Ok(())
 //! # }
 //! ```
+#![warn(missing_docs)]
+
+#[cfg(feature = "cli")]
 pub mod ablation;
 pub mod autograd;
 pub mod backend;
 pub mod bench;
 pub mod clip;
 pub mod data;
+#[cfg(feature = "cli")]
 pub mod demo;
 pub mod device;
 pub mod dtype;
@@ -69,6 +91,7 @@ pub mod optim;
 pub mod presets;
 pub mod profile;
 pub mod rng;
+#[cfg(feature = "cli")]
 pub mod run;
 pub mod sd2;
 pub mod serve;
@@ -85,10 +108,12 @@ pub use error::{Error, Result};
 pub use shape::Shape;
 pub use tensor::{Tensor, TensorId};
 
+pub use crate::sd2::detector::{
+    Class, Detector, DetectorBuilder, ImageVerdict, Prediction, VideoVerdict,
+};
+pub use crate::sd2::export::export_peft;
+pub use crate::sd2::train::{TrainConfig, Trainer};
+pub use crate::sd2::{Sd2Config, Sd2Model};
 pub use clip::preprocess::RgbImage;
 pub use clip::ClipModel;
 pub use faces::{FaceConfig, FaceDetector};
-pub use sd2::detector::{Detector, ImageVerdict, Prediction, VideoVerdict};
-pub use sd2::export::export_peft;
-pub use sd2::train::{TrainConfig, Trainer};
-pub use sd2::{Sd2Config, Sd2Model};

@@ -7,11 +7,18 @@ use crate::backend::AdamWStep;
 use crate::ops::fused::adamw;
 use crate::{Error, GradStore, Result, Tensor, TensorId};
 
+/// The hyper-parameters of [`AdamW`] that stay fixed over a run (the learning rate is given per
+/// step). Defaults: β₁ 0.9, β₂ 0.999, eps 1e-8, weight decay 0.01.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
+    /// Decay rate of the first moment (mean of gradients), β₁.
     pub beta1: f64,
+    /// Decay rate of the second moment (mean of squared gradients), β₂.
     pub beta2: f64,
+    /// Added to √v̂ in the update's denominator, for stability.
     pub eps: f64,
+    /// Decoupled weight decay per unit of learning rate: each step multiplies a decayed parameter
+    /// by `1 − lr·weight_decay`. Applies only to params with `decay` set.
     pub weight_decay: f64,
 }
 
@@ -29,12 +36,17 @@ impl Default for AdamWConfig {
 /// A trainable tensor and whether weight decay applies to it (not to biases, norms, scales).
 #[derive(Clone, Debug)]
 pub struct Param {
+    /// The tensor's key: checkpoints save it and its moments under it (`m.NAME`, `v.NAME`), and
+    /// errors name it. Unique within a parameter list.
     pub name: String,
+    /// The trainable leaf (see `Tensor::into_trainable`); updated in place by the optimizer.
     pub tensor: Tensor,
+    /// Whether weight decay applies to this tensor.
     pub decay: bool,
 }
 
 impl Param {
+    /// A parameter named `name` over the trainable tensor `tensor`, decayed when `decay`.
     pub fn new(name: impl Into<String>, tensor: Tensor, decay: bool) -> Param {
         Param {
             name: name.into(),
@@ -44,13 +56,19 @@ impl Param {
     }
 }
 
+/// AdamW with decoupled weight decay (Loshchilov & Hutter) over a list of [`Param`]s. It keeps
+/// the step count (for bias correction) and, per parameter id, the moments m and v, created
+/// as zeros on a parameter's first update with its shape and device (its dtype on the
+/// per-tensor path, f32 on the fused CUDA path).
 pub struct AdamW {
+    /// The hyper-parameters; may be changed between steps.
     pub cfg: AdamWConfig,
     steps: u64,
     moments: HashMap<TensorId, (Tensor, Tensor)>,
 }
 
 impl AdamW {
+    /// An optimizer with no steps taken and no moments yet.
     pub fn new(cfg: AdamWConfig) -> AdamW {
         AdamW {
             cfg,
@@ -87,6 +105,8 @@ impl AdamW {
         Ok(())
     }
 
+    /// Sets the step count that the next bias correction continues from (checkpoint resume, or
+    /// taking back a step whose gradient norm was not finite). Moments are not touched.
     pub fn set_steps(&mut self, steps: u64) {
         self.steps = steps;
     }
@@ -146,6 +166,8 @@ impl AdamW {
 
 /// The global gradient norm of a step, where it was computed.
 pub enum GradNorm {
+    /// The norm computed on the host (the per-tensor path); the update was skipped when it is
+    /// not finite.
     Host(f64),
     /// [‖g‖, clipping factor] (f32) on the device: read it with the step's other metrics, so
     /// the step itself never waits for the device.

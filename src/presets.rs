@@ -14,9 +14,13 @@ pub const NAMES: [&str; 2] = ["tiny", "vit-l14"];
 /// the training augmentations.
 #[derive(Clone, Debug)]
 pub struct Preset {
+    /// The CLIP architecture (towers, widths, image size, context length).
     pub clip: ClipConfig,
+    /// SD2's own options (CLAM heads, loss weights, whether CLIP trains too).
     pub sd2: Sd2Config,
+    /// Optimizer and batch settings for `sd2 train`.
     pub train: TrainConfig,
+    /// The training augmentations.
     pub augment: AugmentConfig,
 }
 
@@ -52,6 +56,8 @@ pub fn tiny_clip_config() -> ClipConfig {
     .expect("tiny preset config")
 }
 
+/// The `tiny` preset's SD2 options: 4 CLAM heads, and every CLIP weight trained too
+/// (`train_base`: LoRA alone has nothing to adapt on a randomly initialized CLIP).
 pub fn tiny_sd2_config() -> Sd2Config {
     Sd2Config {
         clam_heads: 4,

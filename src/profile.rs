@@ -201,31 +201,50 @@ impl Drop for Range {
 /// One timed span, in milliseconds from the start of the recording.
 #[derive(Clone, Debug, Serialize)]
 pub struct Span {
+    /// The kernel's entry-point name or the range's name.
     pub name: String,
+    /// Start, in ms after `start` was called.
     pub start_ms: f64,
+    /// Duration in ms (never negative).
     pub dur_ms: f64,
+    /// How many ranges were open when the span began (0 = top level); kernels inside a range
+    /// have that range's depth + 1.
     pub depth: usize,
+    /// Floating-point operations the launcher declared with `set_work` (None if it declared none;
+    /// always None for ranges).
     pub flops: Option<f64>,
+    /// Bytes moved that the launcher declared with `set_work` (None if it declared none).
     pub bytes: Option<f64>,
 }
 
 /// Per-kernel totals.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelStat {
+    /// The kernel's entry-point name.
     pub name: String,
+    /// Number of launches recorded.
     pub calls: usize,
+    /// Summed duration of those launches, in ms.
     pub total_ms: f64,
     /// Share of the recording's summed kernel time.
     pub share: f64,
+    /// Achieved TFLOP/s over all calls (declared FLOPs / total time); None unless every call
+    /// declared its work and the FLOPs are nonzero.
     pub tflops: Option<f64>,
+    /// Achieved GB/s (10⁹ bytes per second) over all calls; None unless every call declared its
+    /// work and the bytes are nonzero.
     pub gbps: Option<f64>,
 }
 
 /// What `stop` returns.
 #[derive(Clone, Debug, Serialize)]
 pub struct Profile {
+    /// What timed the recording: the device clock's name, or a note that the host's wall clock did.
     pub device: String,
+    /// Every recorded launch, in launch order.
     pub kernels: Vec<Span>,
+    /// Every named range closed before `stop`, in the order they were opened (a range still open
+    /// at `stop` is left out).
     pub ranges: Vec<Span>,
 }
 

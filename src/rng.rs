@@ -30,10 +30,13 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator whose stream is fixed by `seed` (the same seed gives the same numbers).
     pub fn new(seed: u64) -> Self {
         Rng { state: seed }
     }
 
+    /// The internal counter; [`Rng::from_state`] with it resumes the stream exactly (checkpoints
+    /// save it).
     pub fn state(&self) -> u64 {
         self.state
     }
@@ -43,6 +46,7 @@ impl Rng {
         Rng { state }
     }
 
+    /// Advances the counter by the golden-ratio increment and returns its SplitMix64 mix.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix64(self.state)
@@ -60,6 +64,7 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
+    /// Uniform index in `0..n` (from one `uniform()` draw; returns 0 when `n` is 0).
     pub fn below(&mut self, n: usize) -> usize {
         (self.uniform() * n as f64) as usize % n.max(1)
     }

@@ -19,27 +19,42 @@ use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
 use crate::sd2::{DualContrast, Sd2Config, Sd2Model, TypeTexts};
 use crate::{DType, Device, Error, Result};
 
+/// A training run's whole configuration: the TOML of `sd2 train --config`, on top of a
+/// preset (see [`load_config`]). Unknown keys are refused. The resolved config is saved as
+/// `out/config.toml`, so `--resume` needs nothing else.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// `tiny` (random-init CLIP trained whole) or `vit-l14` (a local CLIP folder in `clip`).
     pub preset: String,
+    /// What to train on: a manifest (JSON Lines), or a pack (`sd2 pack`'s folder or its
+    /// `shards.json`), streamed from its shards. Its val split picks `checkpoints/best`.
     pub manifest: PathBuf,
+    /// Run folder: `config.toml`, `train_log.jsonl` and `checkpoints/` (with `last` and
+    /// `best`). One `sd2 train` at a time may use it (a lock file).
     pub out: PathBuf,
+    /// A local CLIP folder to start from. Required by `vit-l14`; `tiny` without one starts
+    /// from random weights.
     #[serde(default)]
     pub clip: Option<PathBuf>,
+    /// Passes over the train split (at least 1).
     pub epochs: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     /// `f32`, or `bf16`: bf16 activations and frozen CLIP weights with f32 masters of every
     /// trainable tensor (needs `sd2.train_base = false`).
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// Leave bad manifest lines and images that fail to decode out (each reported) instead of
+    /// failing, in training and in validation.
     #[serde(default)]
     pub skip_bad: bool,
     /// Decode every image of the manifest in full before training (`LoadOptions::verify_images`).
     #[serde(default)]
     pub verify_images: bool,
+    /// The model (`[sd2]`): LoRA, CLAM, which losses.
     pub sd2: Sd2Config,
+    /// Optimization (`[train]`): learning rate and schedule, batch sizes, seed.
     pub train: TrainConfig,
     /// Train-time augmentations (SD2-SPEC §5).
     #[serde(default)]
@@ -62,7 +77,9 @@ fn default_shuffle_buffer() -> usize {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
+    /// Optimizer steps between mid-epoch checkpoints (0: off).
     pub every_steps: usize,
+    /// Minutes between mid-epoch checkpoints (0: off; default 30). Finite and ≥ 0.
     pub every_minutes: f64,
 }
 
@@ -267,6 +284,7 @@ pub fn load_config(
 /// Where a run reports: lines of text and, optionally, every optimizer step (for a progress bar).
 /// Any `FnMut(&str)` is a `Progress` that only takes lines.
 pub trait Progress {
+    /// Shows one line of text (no trailing newline), e.g. a warning or an epoch's result.
     fn line(&mut self, text: &str);
     /// Called after every optimizer step. Returns true when the receiver shows progress itself
     /// (a bar), so the periodic step lines are left out.
@@ -284,23 +302,38 @@ impl<F: FnMut(&str)> Progress for F {
 /// One optimizer step's progress.
 #[derive(Clone, Debug)]
 pub struct StepProgress {
+    /// Current epoch, 1-based.
     pub epoch: usize,
+    /// Epochs in the run.
     pub epochs: usize,
     /// Step within the epoch (1-based) and steps per epoch.
     pub step: usize,
+    /// Optimizer steps per epoch.
     pub steps: usize,
     /// Images trained on so far in the run, and in the whole run.
     pub images_done: usize,
+    /// Images the whole run trains on (train items × epochs).
     pub images_total: usize,
+    /// The step's total loss: L_C, L_S and L_D summed with their weights (`sd2.w_c`, `w_s`,
+    /// `w_d`).
     pub loss: f64,
+    /// The step's classification loss L_C (cross-entropy against the class texts), unweighted.
     pub l_c: f64,
+    /// `images_done` divided by the seconds since this process started training.
     pub images_per_sec: f64,
+    /// Estimated seconds left: the steps left times the mean seconds per step so far.
     pub eta_s: f64,
 }
 
+/// What a finished training run left behind.
 pub struct TrainOutcome {
+    /// `out/checkpoints/best`: the epoch with the best validation AUC (the last epoch when
+    /// there is no validation AUC).
     pub best_dir: PathBuf,
+    /// That checkpoint's validation AUC; NaN when undefined (no val split, or one class).
     pub best_val_auc: f64,
+    /// The manifest as loaded (items and skipped lines). For a pack: an empty manifest whose
+    /// `path` is the pack.
     pub manifest: Manifest,
 }
 
@@ -814,6 +847,12 @@ pub fn train_with(
             } else {
                 crate::eval::predict::predict_items(m, t, &val, 128, none)?
             };
+            if !preds.is_empty() {
+                trainer.val_threshold = Some(crate::eval::metrics::best_threshold(
+                    &preds.iter().map(|p| p.fake_score).collect::<Vec<_>>(),
+                    &preds.iter().map(|p| p.label != 0).collect::<Vec<_>>(),
+                ));
+            }
             report::report(&preds, &[]).overall.auc
         };
         // Without a val split every epoch counts as the best (the last one wins).

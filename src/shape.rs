@@ -1,26 +1,33 @@
 //! Shapes of contiguous row-major tensors.
 use crate::{Error, Result};
 
+/// The dimensions of a tensor, outermost first; a tensor's data is contiguous and row-major in
+/// this order. An empty list is a scalar (one element). Any dimension may be 0.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Shape(Vec<usize>);
 
 impl Shape {
+    /// Wraps a list of dimensions, outermost first. No check is made; zero sizes are allowed.
     pub fn new(dims: Vec<usize>) -> Self {
         Shape(dims)
     }
 
+    /// The rank-0 shape: no dimensions, one element.
     pub fn scalar() -> Self {
         Shape(vec![])
     }
 
+    /// The dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         &self.0
     }
 
+    /// Number of dimensions (0 for a scalar).
     pub fn rank(&self) -> usize {
         self.0.len()
     }
 
+    /// Number of elements: the product of the dimensions (1 for a scalar, 0 if any dimension is 0).
     pub fn elem_count(&self) -> usize {
         self.0.iter().product()
     }
@@ -34,6 +41,8 @@ impl Shape {
         s
     }
 
+    /// Size of dimension `d` (counted from the outermost, not negative); an `Error::Shape` if `d`
+    /// is not below the rank.
     pub fn dim(&self, d: usize) -> Result<usize> {
         self.0
             .get(d)

@@ -7,9 +7,13 @@ use crate::backend::cuda::storage::CudaStorage;
 use crate::backend::{BackendStorage, BinaryOp, MatmulSpec, UnaryOp};
 use crate::{DType, Device, Error, Result, Shape};
 
+/// A flat buffer on one backend: the data of a tensor, without shape. Operations on several
+/// storages require them on one device (`Error::DeviceMismatch` naming the op otherwise).
 #[derive(Debug)]
 pub enum Storage {
+    /// Host memory, run by the CPU backend.
     Cpu(CpuStorage),
+    /// Device memory (a GPU, the simulator or the launch-plan recorder), run by the CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     Cuda(CudaStorage),
 }
@@ -148,6 +152,8 @@ macro_rules! on_backend {
 }
 
 impl Storage {
+    /// Puts a host buffer on `device`: moved as-is for the CPU, copied for a CUDA device. Without
+    /// a CUDA feature a CUDA device gives `Error::CudaNotCompiled` (or the availability error).
     pub fn from_cpu(s: CpuStorage, device: Device) -> Result<Storage> {
         match device {
             Device::Cpu => Ok(Storage::Cpu(s)),
@@ -166,6 +172,7 @@ impl Storage {
         }
     }
 
+    /// The device that holds the buffer.
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(s) => s.device(),
@@ -174,6 +181,7 @@ impl Storage {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
@@ -182,6 +190,7 @@ impl Storage {
         }
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(s) => s.len(),
@@ -190,35 +199,45 @@ impl Storage {
         }
     }
 
+    /// True when the buffer has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// A host copy of the data (for a CUDA buffer, a device-to-host read that synchronizes).
     pub fn to_cpu(&self) -> Result<CpuStorage> {
         let x = self;
         on_backend!("to_cpu", x, [], [], |_w| x.to_cpu())
     }
 
+    /// A new zero-filled buffer of `len` elements of `dtype` on the same device as `self`
+    /// (`self`'s own length and dtype do not matter).
     pub fn zeros_like(&self, len: usize, dtype: DType) -> Result<Storage> {
         let x = self;
         on_backend!("zeros", x, [], [], |w| Ok(w(x.zeros_like(len, dtype)?)))
     }
 
+    /// A copy into new memory on the same device.
     pub fn try_clone(&self) -> Result<Storage> {
         let x = self;
         on_backend!("clone", x, [], [], |w| Ok(w(x.try_clone()?)))
     }
 
+    /// The data converted to `dtype`; see `BackendStorage::cast` for which pairs each backend has.
     pub fn cast(&self, dtype: DType) -> Result<Storage> {
         let x = self;
         on_backend!("cast", x, [], [], |w| Ok(w(x.cast(dtype)?)))
     }
 
+    /// `op` applied to every element (float dtypes).
     pub fn unary(&self, op: UnaryOp) -> Result<Storage> {
         let x = self;
         on_backend!(op.name(), x, [], [], |w| Ok(w(x.unary(op)?)))
     }
 
+    /// The input gradient of `op`: `dy · op′(x)` with `self` as x, `y = op(x)` and `dy` of the
+    /// same length. Ops whose derivative does not read y (all but exp, sqrt and sigmoid)
+    /// accept an empty `y`.
     pub fn unary_bwd(&self, y: &Storage, dy: &Storage, op: UnaryOp) -> Result<Storage> {
         check_same(op.name(), &[self, y, dy])?;
         let x = self;
@@ -227,11 +246,14 @@ impl Storage {
         ))
     }
 
+    /// `x·mul + add` per element.
     pub fn affine(&self, mul: f64, add: f64) -> Result<Storage> {
         let x = self;
         on_backend!("affine", x, [], [], |w| Ok(w(x.affine(mul, add)?)))
     }
 
+    /// `op(self, rhs)` broadcast from shapes `ls` and `rs` to the output shape `os`; one float
+    /// dtype, one device.
     pub fn binary(
         &self,
         rhs: &Storage,
@@ -247,6 +269,7 @@ impl Storage {
         )))
     }
 
+    /// `self += rhs` in place; same device, dtype and length.
     pub fn add_assign(&mut self, rhs: &Storage) -> Result<()> {
         check_same("add_assign", &[self, rhs])?;
         match (self, rhs) {
@@ -258,11 +281,14 @@ impl Storage {
         }
     }
 
+    /// The data of shape `src` summed over the broadcast dimensions down to `dst` (the reverse of
+    /// [`Storage::broadcast_to`]; the gradient of a broadcast).
     pub fn sum_to(&self, src: &Shape, dst: &Shape) -> Result<Storage> {
         let x = self;
         on_backend!("sum_to", x, [], [], |w| Ok(w(x.sum_to(src, dst)?)))
     }
 
+    /// The data of shape `src` repeated to the broadcast-compatible shape `dst`, made contiguous.
     pub fn broadcast_to(&self, src: &Shape, dst: &Shape) -> Result<Storage> {
         let x = self;
         on_backend!("broadcast_to", x, [], [], |w| Ok(w(
@@ -270,17 +296,23 @@ impl Storage {
         )))
     }
 
+    /// The batched matrix product described by `spec`; both operands on one device, one dtype.
     pub fn matmul(&self, rhs: &Storage, spec: MatmulSpec) -> Result<Storage> {
         check_same("matmul", &[self, rhs])?;
         let a = self;
         on_backend!("matmul", a, [rhs], [], |w| Ok(w(a.matmul(rhs, spec)?)))
     }
 
+    /// The data of shape `shape` with dimensions reordered (output dim `i` is input dim
+    /// `perm[i]`), made contiguous.
     pub fn permute(&self, shape: &Shape, perm: &[usize]) -> Result<Storage> {
         let x = self;
         on_backend!("permute", x, [], [], |w| Ok(w(x.permute(shape, perm)?)))
     }
 
+    /// Copies a `rows × cols` block into `dst`: `dst[dof + r·ds + c] = self[so + r·ss + c]`.
+    /// `ss`/`ds` are the source and destination row strides and `so`/`dof` their offsets, all in
+    /// elements. A block that does not fit either buffer is an `Error::Shape`; dtypes must match.
     #[allow(clippy::too_many_arguments)]
     pub fn copy2d(
         &self,
@@ -302,6 +334,9 @@ impl Storage {
         }
     }
 
+    /// Gathers rows: `out[i, :] = self[ids[i], :]` with `self` viewed as [rows, cols]; `ids` is
+    /// i64 or u32. An id outside `0..rows` is an `Error::Index` (on CUDA it is reported at the
+    /// next read from the device, so the check costs no sync).
     pub fn index_rows(&self, ids: &Storage, rows: usize, cols: usize) -> Result<Storage> {
         check_same("index_rows", &[self, ids])?;
         let x = self;
@@ -310,6 +345,9 @@ impl Storage {
         )))
     }
 
+    /// Scatter-adds in place: `out[ids[i], :] += self[i, :]`, `out` being [rows, cols] of
+    /// `self`'s dtype, in id order with each add rounded to the dtype (used to add a gradient
+    /// into the rows of one that already exists).
     pub fn index_add_rows_into(
         &self,
         ids: &Storage,
@@ -331,6 +369,8 @@ impl Storage {
         }
     }
 
+    /// Scatter-add into a new buffer: `out = zeros([rows, cols]); out[ids[i], :] += self[i, :]`
+    /// (the gradient of [`Storage::index_rows`]). Deterministic: each row sums in id order.
     pub fn index_add_rows(&self, ids: &Storage, rows: usize, cols: usize) -> Result<Storage> {
         check_same("index_add_rows", &[self, ids])?;
         let g = self;

@@ -10,6 +10,9 @@ use crate::rng::Rng;
 use crate::storage::{Storage, StorageCell};
 use crate::{DType, Device, Error, Result, Shape};
 
+/// A process-wide unique id of a tensor handle, taken from a counter at creation. Gradients are
+/// keyed by it in the `GradStore`. Views and `into_trainable`/`detach` copies get new ids even
+/// though they share storage; clones of one `Tensor` keep the id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(u64);
 
@@ -39,6 +42,11 @@ pub(crate) struct Inner {
     pub(crate) grad: GradState,
 }
 
+/// An n-dimensional array: a shared, contiguous, row-major storage with a [`Shape`], a
+/// [`DType`] and a [`Device`], and its role in autograd (constant, trainable leaf or the output
+/// of a recorded op). Cloning is cheap (an `Arc`) and keeps the id. Ops live in `crate::ops`
+/// and return new tensors; data changes in place only through explicit updates
+/// (`update_storage`: optimizer steps, gradient accumulation).
 #[derive(Clone)]
 pub struct Tensor(pub(crate) Arc<Inner>);
 
@@ -86,6 +94,8 @@ impl Tensor {
         ))
     }
 
+    /// A constant tensor that takes `data` (host elements of type `T`, row-major) and puts it on
+    /// `device` (a copy for a CUDA device). `data.len()` must equal the shape's element count.
     pub fn from_vec<T: CpuElem>(
         data: Vec<T>,
         shape: impl Into<Shape>,
@@ -94,6 +104,7 @@ impl Tensor {
         Tensor::from_storage(Storage::from_cpu(T::wrap(data), device)?, shape)
     }
 
+    /// As [`Tensor::from_vec`], copying `data` first.
     pub fn from_slice<T: CpuElem>(
         data: &[T],
         shape: impl Into<Shape>,
@@ -114,6 +125,7 @@ impl Tensor {
         Tensor::from_storage(Storage::from_cpu(s, device)?, shape)
     }
 
+    /// A constant tensor of zeros.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         let shape = shape.into();
         Tensor::from_storage(
@@ -122,6 +134,8 @@ impl Tensor {
         )
     }
 
+    /// A constant tensor with every element `value` (rounded to `dtype`; `as` semantics for the
+    /// integer types).
     pub fn full(
         value: f64,
         shape: impl Into<Shape>,
@@ -132,6 +146,7 @@ impl Tensor {
         Tensor::from_f64(&vec![value; shape.elem_count()], shape, dtype, device)
     }
 
+    /// A constant tensor of ones.
     pub fn ones(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
         Tensor::full(1.0, shape, dtype, device)
     }
@@ -174,30 +189,37 @@ impl Tensor {
         Tensor::from_f64(&v, shape, dtype, device)
     }
 
+    /// This handle's unique id (the key of its gradient in a `GradStore`).
     pub fn id(&self) -> TensorId {
         self.0.id
     }
 
+    /// The logical shape (the storage holds exactly its element count, row-major).
     pub fn shape(&self) -> &Shape {
         &self.0.shape
     }
 
+    /// The dimensions, outermost first.
     pub fn dims(&self) -> &[usize] {
         self.0.shape.dims()
     }
 
+    /// Number of dimensions (0 for a scalar).
     pub fn rank(&self) -> usize {
         self.0.shape.rank()
     }
 
+    /// Number of elements (the product of the dimensions).
     pub fn elem_count(&self) -> usize {
         self.0.shape.elem_count()
     }
 
+    /// The element type of the storage.
     pub fn dtype(&self) -> DType {
         self.0.dtype
     }
 
+    /// Where the storage lives.
     pub fn device(&self) -> Device {
         self.0.device
     }
@@ -220,6 +242,8 @@ impl Tensor {
         )
     }
 
+    /// Whether this is a trainable leaf (made by [`Tensor::into_trainable`]), whose gradient
+    /// `backward` returns.
     pub fn is_trainable(&self) -> bool {
         matches!(self.0.grad, GradState::Leaf)
     }
@@ -263,6 +287,7 @@ impl Tensor {
             .find(|(_, v)| !v.is_finite()))
     }
 
+    /// A host copy of the storage in its own dtype (a device read for CUDA tensors).
     pub fn to_cpu_storage(&self) -> Result<CpuStorage> {
         self.storage().to_cpu()
     }
@@ -278,6 +303,7 @@ impl Tensor {
         Ok(s.as_slice::<T>()?.to_vec())
     }
 
+    /// Every element widened to f64, row-major (a host read).
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
         Ok(self.to_cpu_storage()?.to_f64_vec())
     }

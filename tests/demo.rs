@@ -47,6 +47,17 @@ fn demo_pipeline_writes_a_report() {
         out.join("checkpoints/best/state.json").is_file()
             && out.join("checkpoints/last/trainable.safetensors").is_file()
     );
+    // The best checkpoint carries the threshold chosen on the val split, and a detector
+    // loaded from it uses it.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/best/state.json")).unwrap(),
+    )
+    .unwrap();
+    let t = state["threshold"].as_f64().expect("state.json threshold");
+    assert!((0.0..=1.0).contains(&t), "threshold {t}");
+    let det = sd2::Detector::load(&out.join("checkpoints/best"), None, sd2::Device::Cpu).unwrap();
+    assert!(det.has_validation_threshold());
+    assert_eq!(det.threshold(), t);
     // The figures are real PNGs.
     for f in ["roc.png", "pr.png", "confusion.png"] {
         let img = image::open(r.eval_dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));

@@ -84,7 +84,7 @@ fn detector_from_checkpoint_and_merged_lora() {
         let s: f64 = p.probs.iter().sum();
         assert!((s - 1.0).abs() < 1e-5, "probabilities sum to {s}");
         assert!((p.fake_score - (1.0 - p.probs[0])).abs() < 1e-12);
-        assert_eq!(p.label, sd2::sd2::CLASSES[p.class]);
+        assert_eq!(p.label.name(), sd2::sd2::CLASSES[p.class]);
         println!("{p:?}");
     }
     // The same model straight from the trainer predicts the same.
@@ -127,11 +127,129 @@ fn detector_from_checkpoint_and_merged_lora() {
     sd2::io::save(&other.join("model.safetensors"), &refs, None).unwrap();
     let e = Detector::load(&d.join("ckpt"), Some(&other), Device::Cpu)
         .err()
-        .expect("mismatch must fail")
-        .to_string();
-    assert!(e.contains("does not match"), "{e}");
+        .expect("mismatch must fail");
+    assert!(matches!(e, sd2::Error::Mismatch { .. }), "{e:?}");
+    assert!(e.to_string().contains("does not match"), "{e}");
     std::fs::remove_dir_all(&d).ok();
     std::fs::remove_dir_all(&other).ok();
+}
+
+/// The builder's options: batch splitting, a thread pool, merged LoRA and bf16 give the
+/// predictions of the plain f32 detector (bf16 within its rounding); bytes are decoded as files
+/// are; the validation threshold comes from state.json, and a bad one is refused.
+#[test]
+fn detector_builder_options() {
+    let d = tmpdir("builder");
+    let clip = clip_folder(&d);
+    let t = trained(clip);
+    let ck = d.join("ckpt");
+    t.save(&ck, None).unwrap();
+    let names = ["square_224", "landscape_300x200", "small_97x150"];
+    let files: Vec<_> = names
+        .iter()
+        .map(|n| fixture("clip_images").join(format!("{n}.png")))
+        .collect();
+    let imgs: Vec<_> = files
+        .iter()
+        .map(|f| sd2::clip::preprocess::decode_image(f).unwrap())
+        .collect();
+    let plain = Detector::load(&ck, Some(&d), Device::Cpu).unwrap();
+    let want = plain.detect(&imgs).unwrap();
+    assert_eq!(plain.batch_size(), sd2::sd2::detector::DEFAULT_BATCH_SIZE);
+    assert!(!plain.has_validation_threshold());
+    assert_eq!(plain.threshold(), 0.5);
+    // The class serializes as its name.
+    let j = serde_json::to_value(&want[0]).unwrap();
+    assert_eq!(j["label"], want[0].label.name());
+    assert_eq!(sd2::Class::from_index(want[0].class), Some(want[0].label));
+
+    let worst = |got: &[sd2::Prediction], tol: f64, what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let (mut w, mut at) = (0.0f64, (0, 0));
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            for j in 0..5 {
+                let e = (a.probs[j] - b.probs[j]).abs();
+                if e > w {
+                    (w, at) = (e, (i, j));
+                }
+            }
+        }
+        println!(
+            "{what}: worst |Δp| {w:e} at image {} class {} (tol {tol:e})",
+            at.0, at.1
+        );
+        assert!(w <= tol, "{what}: worst |Δp| {w:e} > {tol:e}");
+    };
+    // One image per model call, on a pool of two threads: the same numbers up to the GEMM's
+    // summation order (which depends on the batch).
+    let split = Detector::builder(&ck)
+        .clip(&d)
+        .batch_size(1)
+        .threads(2)
+        .build()
+        .unwrap();
+    assert_eq!(split.batch_size(), 1);
+    let split_preds = split.detect(&imgs).unwrap();
+    worst(&split_preds, 1e-6, "batch_size 1, 2 threads");
+    // Merged LoRA.
+    let merged = Detector::builder(&ck)
+        .clip(&d)
+        .merge_lora(true)
+        .build()
+        .unwrap();
+    assert!(merged.model.clip.vision.layers[0].q_proj.lora.is_none());
+    worst(&merged.detect(&imgs).unwrap(), 1e-5, "merge_lora");
+    // bf16 weights and activations, f32 masters and logits.
+    let bf = Detector::builder(&ck)
+        .clip(&d)
+        .dtype(DType::BF16)
+        .build()
+        .unwrap();
+    assert_eq!(bf.model.dtype(), DType::BF16);
+    worst(&bf.detect(&imgs).unwrap(), 2e-2, "bf16");
+    // Encoded bytes, one image at a time: as decoded files.
+    let from_bytes: Vec<_> = files
+        .iter()
+        .map(|f| split.detect_bytes(&std::fs::read(f).unwrap()).unwrap())
+        .collect();
+    for (a, b) in from_bytes.iter().zip(&split_preds) {
+        assert_eq!(a.probs, b.probs, "detect_bytes");
+    }
+    let one = split.detect_image(&imgs[1]).unwrap();
+    assert_eq!(one.probs, split_preds[1].probs);
+    // Bytes that are not an image: a media error.
+    let e = split.detect_bytes(b"not an image at all").unwrap_err();
+    assert!(matches!(e, sd2::Error::Media(_)), "{e:?}");
+    // Options out of range.
+    for b in [
+        Detector::builder(&ck).clip(&d).batch_size(0),
+        Detector::builder(&ck).clip(&d).threads(0),
+        Detector::builder(&ck).clip(&d).dtype(DType::I64),
+    ] {
+        let e = b.build().err().expect("must be refused");
+        assert!(matches!(e, sd2::Error::Config { .. }), "{e:?}");
+    }
+    // A threshold saved with the checkpoint is the detector's.
+    let state = ck.join("state.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    v["threshold"] = serde_json::json!(0.3);
+    std::fs::write(&state, v.to_string()).unwrap();
+    let det = Detector::builder(&ck).clip(&d).build().unwrap();
+    assert!(det.has_validation_threshold());
+    assert_eq!(det.threshold(), 0.3);
+    let p = &want[0];
+    assert_eq!(det.is_fake(p), p.fake_score >= 0.3);
+    v["threshold"] = serde_json::json!(7.0);
+    std::fs::write(&state, v.to_string()).unwrap();
+    let e = Detector::builder(&ck)
+        .clip(&d)
+        .build()
+        .err()
+        .expect("threshold 7");
+    assert!(matches!(e, sd2::Error::Checkpoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("threshold"), "{e}");
+    std::fs::remove_dir_all(&d).ok();
 }
 
 /// Exports the LoRA of the SD2 parity fixture (non-zero A and B) in peft format, with the

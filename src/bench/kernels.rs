@@ -15,10 +15,15 @@ use crate::{Error, Result};
 /// One attention shape: batch × heads sequences of `seq` tokens, head dim 64.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttnShape {
+    /// The label in tables (`vision`, `text`, `long`).
     pub name: String,
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Attention heads per sequence.
     pub heads: usize,
+    /// Tokens per sequence, for queries and keys alike.
     pub seq: usize,
+    /// Whether each query sees only keys at or before its position (the text tower).
     pub causal: bool,
 }
 
@@ -41,15 +46,21 @@ impl AttnShape {
     }
 }
 
+/// One attention shape's timings (median ms of the timed runs; TFLOP/s from
+/// `flash::fwd_flops`, which counts only the unmasked pairs of a causal shape).
 #[derive(Clone, Debug, Serialize)]
 pub struct AttnTiming {
+    /// The shape timed.
     pub shape: AttnShape,
     /// Variant 4 forward (variant 3 + cp.async double buffering).
     pub fwd_tc4_ms: f64,
+    /// Variant 4 forward, TFLOP/s.
     pub fwd_tc4_tflops: f64,
+    /// max |O_v4 − O_v1| / max |O_v1| on the timed shape.
     pub fwd_tc4_rel_diff: f64,
     /// Variant 3 forward (tensor cores, ldmatrix, 16-byte staging).
     pub fwd_tc3_ms: f64,
+    /// Variant 3 forward, TFLOP/s.
     pub fwd_tc3_tflops: f64,
     /// max |O_v3 − O_v1| / max |O_v1| on the timed shape (a large-size parity check).
     pub fwd_tc3_rel_diff: f64,
@@ -57,15 +68,23 @@ pub struct AttnTiming {
     /// the forward's FLOPs, the same convention as variant 1 and SDPA), and
     /// max |dX_v − dX_v1| / max |dX_v1| over dQ, dK, dV.
     pub bwd_tc2_ms: f64,
+    /// Backward variant 2, TFLOP/s.
     pub bwd_tc2_tflops: f64,
+    /// Backward variant 2's worst relative difference from variant 1 over dQ, dK, dV.
     pub bwd_tc2_rel_diff: f64,
+    /// Backward variant 3, ms.
     pub bwd_tc3_ms: f64,
+    /// Backward variant 3, TFLOP/s.
     pub bwd_tc3_tflops: f64,
+    /// Backward variant 3's worst relative difference from variant 1 over dQ, dK, dV.
     pub bwd_tc3_rel_diff: f64,
     /// Variant 1 (CUDA cores).
     pub fwd_ms: f64,
+    /// Variant 1 backward (delta, dQ, then dK/dV), ms.
     pub bwd_ms: f64,
+    /// Variant 1 forward, TFLOP/s.
     pub fwd_tflops: f64,
+    /// Variant 1 backward, TFLOP/s (2.5× the forward's FLOPs).
     pub bwd_tflops: f64,
     /// Spread of the timed runs: (max − min) / median, forward.
     pub fwd_spread: f64,
@@ -359,9 +378,13 @@ pub fn flash_attention(
 /// One plain matrix product shape: C [m, n] = A [m, k] · Wᵀ (W [n, k]), as a linear layer.
 #[derive(Clone, Debug, Serialize)]
 pub struct GemmShape {
+    /// The label in tables (`mlp fc1`).
     pub name: String,
+    /// Rows of A and C: tokens in the batch.
     pub m: usize,
+    /// Columns of C: the layer's output width (rows of W).
     pub n: usize,
+    /// The contraction length: the layer's input width.
     pub k: usize,
 }
 
@@ -383,13 +406,20 @@ impl GemmShape {
     }
 }
 
+/// One GEMM shape's timings in one dtype (median ms; TFLOP/s count 2·m·n·k).
 #[derive(Clone, Debug, Serialize)]
 pub struct GemmTiming {
+    /// The shape timed.
     pub shape: GemmShape,
+    /// `bf16` or `f32`: the element type of A, W and C.
     pub dtype: String,
+    /// cuBLAS, ms; None when libcublas cannot be loaded.
     pub cublas_ms: Option<f64>,
+    /// The SIMT GEMM kernel (`gemm_simt_*`), ms.
     pub simt_ms: f64,
+    /// cuBLAS, TFLOP/s; None without cuBLAS.
     pub cublas_tflops: Option<f64>,
+    /// The SIMT kernel, TFLOP/s.
     pub simt_tflops: f64,
     /// max |simt − cublas| / max |cublas| on the timed output (a large-size parity check).
     pub max_rel_diff: Option<f64>,
@@ -525,10 +555,15 @@ pub fn gemm(
 /// One LoRA-linear shape: Y [m, n] = X [m, k]·Wᵀ + b + s·(X·Aᵀ)·Bᵀ, rank r.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoraShape {
+    /// The label in tables (`vit fc1`).
     pub name: String,
+    /// Rows of X and Y: tokens in the batch.
     pub m: usize,
+    /// The layer's output width (rows of W and of B).
     pub n: usize,
+    /// The layer's input width (columns of W and of A).
     pub k: usize,
+    /// The LoRA rank: columns of S = X·Aᵀ, rows of A, columns of B.
     pub r: usize,
 }
 
@@ -564,9 +599,11 @@ impl LoraShape {
 /// One fused kernel's forward on a shape (Y only, S given).
 #[derive(Clone, Debug, Serialize)]
 pub struct VariantTiming {
+    /// The variant's label (`lora_gemm::Variant::name`, `hopper::NAME`).
     pub variant: String,
     /// None when the variant does not support the shape or this GPU, or failed validation.
     pub ms: Option<f64>,
+    /// 2·m·n·k over `ms` (the LoRA term not counted), TFLOP/s; None when not timed.
     pub tflops: Option<f64>,
     /// max |Y − Y_cuBLAS 3-GEMM| / max |Y_cuBLAS 3-GEMM|, validated before timing.
     pub rel_diff: Option<f64>,
@@ -574,27 +611,38 @@ pub struct VariantTiming {
     pub note: Option<String>,
 }
 
+/// One LoRA-linear shape's timings, bf16 (median ms, the L2 flushed before each timed run;
+/// TFLOP/s count 2·m·n·k for every path, so they compare times).
 #[derive(Clone, Debug, Serialize)]
 pub struct LoraTiming {
+    /// The shape timed.
     pub shape: LoraShape,
     /// The fused Y kernels alone (S = X·Aᵀ given).
     pub variants: Vec<VariantTiming>,
     /// sd2's forward: S = X·Aᵀ (cuBLAS, n = r) + the fastest valid fused kernel.
     pub fused_variant: Option<String>,
+    /// sd2's forward (S, then that kernel), ms; None when no fused variant passed validation.
     pub fused_ms: Option<f64>,
+    /// sd2's forward, TFLOP/s.
     pub fused_tflops: Option<f64>,
     /// cuBLAS X·Wᵀ alone (no LoRA, no bias): the floor the fused kernel is held to.
     pub cublas_plain_ms: Option<f64>,
+    /// cuBLAS X·Wᵀ alone, TFLOP/s.
     pub cublas_plain_tflops: Option<f64>,
     /// PEFT's structure on cuBLAS: S = X·Aᵀ, Y = X·Wᵀ, Y += s·S·Bᵀ (beta = 1; PEFT adds in a
     /// separate kernel, so this is a lower bound for it).
     pub cublas_3gemm_ms: Option<f64>,
+    /// PEFT's three GEMMs, TFLOP/s.
     pub cublas_3gemm_tflops: Option<f64>,
     /// Backward dX = dY·W + s·(dY·B)·A: sd2 = dS on cuBLAS + the fused v2 kernel; cuBLAS plain
     /// dY·W; PEFT's three GEMMs (dS, dY·W, += dS·A).
     pub dx_fused_ms: Option<f64>,
+    /// cuBLAS dY·W alone, ms.
     pub dx_cublas_plain_ms: Option<f64>,
+    /// PEFT's three GEMMs for dX, ms.
     pub dx_cublas_3gemm_ms: Option<f64>,
+    /// max |dX_sd2 − dX_3-GEMM| / max |dX_3-GEMM|; `dx_fused_ms` is None when it is 2·10⁻² or
+    /// more (or NaN).
     pub dx_rel_diff: Option<f64>,
     /// The LoRA factors' gradients (dS = s·dY·B, dB = s·dYᵀ·S, dA = dSᵀ·drop(x), dropout 0.1):
     /// sd2's one tensor-core pass (`lora_grads` + the two partial sums), the split kernels
@@ -602,7 +650,9 @@ pub struct LoraTiming {
     /// the dropout PEFT would also materialize: a lower bound for it). None where `lora_grads`
     /// does not take the rank.
     pub grads_fused_ms: Option<f64>,
+    /// The split kernels and their three sums, ms.
     pub grads_split_ms: Option<f64>,
+    /// PEFT's three cuBLAS GEMMs, ms.
     pub grads_cublas_ms: Option<f64>,
     /// max relative difference of sd2's (dS, dB, dA) from cuBLAS's at dropout 0, checked before
     /// timing.

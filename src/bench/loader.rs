@@ -10,9 +10,14 @@ use crate::{Error, Result};
 /// One case's measurement.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LoaderTiming {
+    /// What was timed (`decode + preprocess`, `shards: read only`, …).
     pub case: String,
+    /// Images (or samples) that came out of the loader.
     pub images: usize,
+    /// Wall time for all of them, seconds.
     pub seconds: f64,
+    /// Throughput, `images / seconds`; the clock starts before the loader does, so its
+    /// start-up counts.
     pub images_per_s: f64,
     /// Shard bytes read per second (shard cases).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,6 +132,7 @@ pub fn run_shards(
 /// One stage's cost per image, on one thread.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StageTiming {
+    /// The stage's name (`read + decode`, `flip`, `CLIP preprocess`, …).
     pub stage: String,
     /// Milliseconds per image when the stage runs.
     pub ms: f64,

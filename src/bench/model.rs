@@ -14,37 +14,53 @@ use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
 use crate::sd2::{Sd2Config, Sd2Model, TypeTexts};
 use crate::{DType, Device, Error, Result, Tensor};
 
+/// What `sd2 bench train|infer` runs: preset, device, batch, step counts.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     /// `tiny` or `vit-l14` (random weights).
     pub preset: String,
+    /// Where the model runs (`cpu`, `cuda:N`, `cuda:sim`, `cuda:plan`).
     pub device: Device,
     /// Training: one micro-batch per step; inference: images per forward.
     pub batch: usize,
+    /// Timed steps (or forwards); at least 1. The median is reported.
     pub steps: usize,
+    /// Untimed steps run first; the peak-memory measurement starts after them.
     pub warmup: usize,
+    /// true: training steps (forward, backward, optimizer); false: inference forwards.
     pub train: bool,
     /// Activations and frozen weights: f32, or bf16 (trainable tensors stay f32 masters).
     pub dtype: DType,
     /// Write a Chrome/Perfetto trace of one extra step here (CUDA devices).
     pub trace: Option<PathBuf>,
+    /// Seed of the random weights and pixels.
     pub seed: u64,
     /// Training: recompute each encoder block's activations in backward (`TrainConfig::recompute`;
     /// MFU still counts model FLOPs only).
     pub recompute: bool,
 }
 
+/// What one benchmark run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchResult {
+    /// The preset benchmarked.
     pub preset: String,
+    /// The device: the profiler's name for it where a step was profiled (a GPU's name),
+    /// else as `Device` prints it.
     pub device: String,
+    /// `f32` or `bf16`.
     pub dtype: String,
+    /// Whether training steps (true) or inference forwards were timed.
     pub train: bool,
+    /// The micro-batch or inference batch used (the chosen one when `--batch 0`).
     pub batch: usize,
+    /// Timed steps (warm-up and the profiled step not included).
     pub steps: usize,
     /// Median wall time of a step (train) or forward (infer), device work included.
     pub step_ms: f64,
+    /// `batch` over the median step time.
     pub images_per_s: f64,
+    /// Model FLOPs per image (`flops_per_image`, two descriptions per image), GFLOP.
     pub gflop_per_image: f64,
     /// Model FLOPs per second achieved (TFLOP/s).
     pub model_tflops: f64,

@@ -13,8 +13,11 @@ use crate::{Device, Result};
 /// A GPU's dense bf16 peak and HBM bandwidth (SXM parts, NVIDIA's data sheets).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Gpu {
+    /// The name tables print (`H100 SXM`).
     pub name: &'static str,
+    /// Dense bf16 tensor-core peak, TFLOP/s (no sparsity).
     pub tflops: f64,
+    /// HBM bandwidth, TB/s (10¹² bytes per second).
     pub tb_per_s: f64,
 }
 
@@ -35,9 +38,13 @@ pub const GPUS: [Gpu; 2] = [
 /// Launches of one op class.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClassTotal {
+    /// The class's name, from `class_of`.
     pub class: &'static str,
+    /// Kernel launches in the class (device copies not counted).
     pub launches: usize,
+    /// Bytes the class's launches read and write, as recorded.
     pub bytes: f64,
+    /// FLOPs of the class's launches, as recorded.
     pub flops: f64,
     /// The roofline bound of these launches on each of `GPUS`, ms.
     pub bound_ms: Vec<f64>,
@@ -46,9 +53,13 @@ pub struct ClassTotal {
 /// Launches of one kernel.
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelTotal {
+    /// The kernel's name (or the recorder's name for device copies).
     pub name: String,
+    /// Recorded entries of this name: launches, or copies for the copy entry.
     pub launches: usize,
+    /// Bytes read and written over those launches.
     pub bytes: f64,
+    /// FLOPs over those launches.
     pub flops: f64,
     /// The roofline bound of these launches on the H200, ms.
     pub h200_ms: f64,
@@ -57,15 +68,23 @@ pub struct KernelTotal {
 /// The plan of one step.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
+    /// The preset planned.
     pub preset: String,
+    /// `f32` or `bf16`.
     pub dtype: String,
+    /// A training step (true) or an inference forward.
     pub train: bool,
+    /// Images in the step (the micro-batch chosen when `--batch 0`).
     pub batch: usize,
+    /// Kernel launches in the step (device copies not counted).
     pub launches: usize,
+    /// Bytes all launches and copies read and write, as recorded.
     pub bytes: f64,
+    /// FLOPs of all launches, as recorded.
     pub flops: f64,
     /// Most bytes in (virtual) device memory at once during the timed step.
     pub peak_bytes: Option<usize>,
+    /// The totals per op class, largest H200 bound first.
     pub classes: Vec<ClassTotal>,
     /// The kernels with the largest bound on the H200, summed over their launches.
     pub top_kernels: Vec<KernelTotal>,
@@ -73,6 +92,7 @@ pub struct Plan {
     pub floor_bytes: Option<f64>,
     /// Per GPU of `GPUS`: the roofline bound of the step (ms) and the images/s it allows.
     pub bound_ms: Vec<f64>,
+    /// Per GPU of `GPUS`: `batch` over the step's bound, images/s (an upper bound).
     pub images_per_s: Vec<f64>,
 }
 

@@ -37,24 +37,35 @@ pub struct LoadReport {
     pub mode: String,
     /// The batcher's settings.
     pub max_batch: usize,
+    /// Longest a request waits for others to join its batch, ms.
     pub max_wait_ms: f64,
+    /// Concurrent clients, as configured.
     pub clients: usize,
+    /// Requests timed (warm-up not included).
     pub requests: usize,
     /// Answers other than 200, and requests that got no answer.
     pub errors: usize,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Wall time of the timed requests, seconds.
     pub seconds: f64,
+    /// Requests answered 200 per second (one upload each).
     pub images_per_s: f64,
+    /// Median latency of the 200 answers, ms (request sent to answer read).
     pub p50_ms: f64,
+    /// 90th-percentile latency of the 200 answers, ms.
     pub p90_ms: f64,
+    /// 99th-percentile latency of the 200 answers, ms.
     pub p99_ms: f64,
+    /// Slowest 200 answer, ms.
     pub max_ms: f64,
     /// Crops per model call, on average.
     pub mean_batch: f64,
     /// Resident memory after the warm-up, half-way and at the end, MiB.
     pub rss_after_warmup_mib: f64,
+    /// Resident memory after the first half of the requests, MiB.
     pub rss_half_mib: f64,
+    /// Resident memory after the last request, MiB.
     pub rss_end_mib: f64,
 }
 

@@ -13,24 +13,37 @@ fn quick_gelu() -> String {
     "quick_gelu".into()
 }
 
+/// The vision tower's shape (HF `vision_config`). Every missing key defaults to OpenAI's ViT-L/14
+/// at 224 px: width 1024, 24 blocks of 16 heads, MLP width 4096, 14 px patches.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct VisionConfig {
+    /// Width D of the residual stream (1024); must be a multiple of `num_attention_heads`.
     #[serde(default = "VisionConfig::d_hidden")]
     pub hidden_size: usize,
+    /// Hidden width of each block's MLP, the output of `fc1` (4096).
     #[serde(default = "VisionConfig::d_inter")]
     pub intermediate_size: usize,
+    /// Attention heads per block (16); each head is `hidden_size / num_attention_heads` wide.
     #[serde(default = "VisionConfig::d_heads")]
     pub num_attention_heads: usize,
+    /// Encoder blocks in the tower (24). CLAM reads the CLS token of each one.
     #[serde(default = "VisionConfig::d_layers")]
     pub num_hidden_layers: usize,
+    /// Side of the square input in pixels (224): `pixel_values` are [B, C, image_size, image_size].
     #[serde(default = "VisionConfig::d_image")]
     pub image_size: usize,
+    /// Side of one square patch in pixels (14). The tower sees `(image_size / patch_size)²` patches
+    /// (see [`VisionConfig::grid`]).
     #[serde(default = "VisionConfig::d_patch")]
     pub patch_size: usize,
+    /// Input channels (3, RGB).
     #[serde(default = "VisionConfig::d_channels")]
     pub num_channels: usize,
+    /// Epsilon of every LayerNorm in the tower, added to the variance (1e-5).
     #[serde(default = "eps")]
     pub layer_norm_eps: f64,
+    /// Name of the MLP activation. Only `quick_gelu` is supported; [`ClipConfig::validate`] refuses
+    /// anything else.
     #[serde(default = "quick_gelu")]
     pub hidden_act: String,
 }
@@ -75,22 +88,34 @@ impl Default for VisionConfig {
     }
 }
 
+/// The text tower's shape (HF `text_config`). Every missing key defaults to the text tower of
+/// OpenAI's ViT-L/14: width 768, 12 causal blocks of 12 heads, MLP width 3072, 77 positions, a
+/// vocabulary of 49408 tokens.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TextConfig {
+    /// Width of the residual stream (768); must be a multiple of `num_attention_heads`.
     #[serde(default = "TextConfig::d_hidden")]
     pub hidden_size: usize,
+    /// Hidden width of each block's MLP, the output of `fc1` (3072).
     #[serde(default = "TextConfig::d_inter")]
     pub intermediate_size: usize,
+    /// Attention heads per block (12).
     #[serde(default = "TextConfig::d_heads")]
     pub num_attention_heads: usize,
+    /// Encoder blocks in the tower (12). All of them use a causal mask.
     #[serde(default = "TextConfig::d_layers")]
     pub num_hidden_layers: usize,
+    /// Most tokens per text (77, the tokenizer's context). Input ids are [M, S] with 0 < S ≤ this.
     #[serde(default = "TextConfig::d_pos")]
     pub max_position_embeddings: usize,
+    /// Rows of the token embedding (49408: the BPE vocabulary and the start and end tokens). Every
+    /// token id must be below it.
     #[serde(default = "TextConfig::d_vocab")]
     pub vocab_size: usize,
+    /// Epsilon of every LayerNorm in the tower, added to the variance (1e-5).
     #[serde(default = "eps")]
     pub layer_norm_eps: f64,
+    /// Name of the MLP activation. Only `quick_gelu` is supported.
     #[serde(default = "quick_gelu")]
     pub hidden_act: String,
 }
@@ -122,12 +147,20 @@ impl Default for TextConfig {
     }
 }
 
+/// The configuration of a whole CLIP model: both towers and the width of the shared embedding
+/// space, as in a HuggingFace `config.json` (unknown keys are ignored, missing ones default).
+/// `Default` is OpenAI's ViT-L/14 ([`ClipConfig::vit_l14`]). Read one with
+/// [`ClipConfig::from_file`] or [`ClipConfig::from_json`], which also run [`ClipConfig::validate`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ClipConfig {
+    /// The vision tower (key `vision_config`, or the older `vision_config_dict`).
     #[serde(default, alias = "vision_config_dict")]
     pub vision_config: VisionConfig,
+    /// The text tower (key `text_config`, or the older `text_config_dict`).
     #[serde(default, alias = "text_config_dict")]
     pub text_config: TextConfig,
+    /// Width P of the shared embedding space both towers are projected into (768). Image and text
+    /// embeddings are [N, P].
     #[serde(default = "ClipConfig::d_proj")]
     pub projection_dim: usize,
     /// ln(1/0.07), HF's init of `logit_scale`.
@@ -163,6 +196,9 @@ impl ClipConfig {
         c
     }
 
+    /// Parses the text of a HuggingFace `config.json` and validates it ([`ClipConfig::validate`]).
+    /// Missing keys take the ViT-L/14 defaults. A JSON error or a failed check is an `Error::Msg`
+    /// starting with `CLIP config:`.
     pub fn from_json(text: &str) -> Result<ClipConfig> {
         let c: ClipConfig =
             serde_json::from_str(text).map_err(|e| Error::Msg(format!("CLIP config: {e}")))?;
@@ -170,12 +206,24 @@ impl ClipConfig {
         Ok(c)
     }
 
+    /// [`ClipConfig::from_json`] on the file at `path` (a CLIP folder's `config.json`). Read and
+    /// parse errors are prefixed with the path.
     pub fn from_file(path: &Path) -> Result<ClipConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         Self::from_json(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
     }
 
+    /// Checks that a model can be built from this config, and that building it cannot take
+    /// unbounded memory. Both towers must use `quick_gelu`; each tower's width must divide by its
+    /// head count; the image must hold at least one patch; channels, vocabulary and positions must
+    /// be non-zero; every size must be under a fixed limit (8192 for widths, 256 for layers and
+    /// heads, 4096 px for the image, 2²⁰ tokens for the vocabulary); and the estimated parameter
+    /// count must be at most 4·10⁹.
+    ///
+    /// The limits exist because sizes come from files (a `config.json`, a checkpoint's
+    /// `state.json`) and are checked before anything is allocated from them. The first failed check
+    /// is returned as an `Error::Msg`.
     pub fn validate(&self) -> Result<()> {
         let v = &self.vision_config;
         let t = &self.text_config;

@@ -20,6 +20,7 @@ pub struct EmbedRequest {
     pub texts_file: Option<PathBuf>,
     /// The safetensors file to write (`image_embeds`, `text_embeds`).
     pub out: PathBuf,
+    /// Device the model runs on; checked to be available before the model is loaded.
     pub device: Device,
     /// Images per forward pass.
     pub batch: usize,

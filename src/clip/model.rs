@@ -14,23 +14,37 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// What a tensor is, for random initialisation (loading ignores it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Init {
+    /// A linear or patch-convolution weight: normal(0, 0.02).
     Weight,
+    /// A linear bias: zeros.
     Bias,
+    /// A LayerNorm scale: ones.
     NormWeight,
+    /// A LayerNorm shift: zeros.
     NormBias,
+    /// A class, position or token embedding: normal(0, 0.02).
     Embedding,
+    /// Every element set to one value, given as the bits of an `f32` (`f32::to_bits`, which keeps
+    /// `Init` `Eq`). The initial `logit_scale` uses it.
     Scalar(u32),
 }
 
 /// Source of named weights: a safetensors store or a random initialiser.
 pub trait WeightSource {
+    /// The tensor named `name` (its HuggingFace key, e.g. `vision_model.pre_layrnorm.weight`) with
+    /// shape `shape`. A store fails when the name is missing or its shape differs; a random source
+    /// uses `init` to choose the values.
     fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor>;
 }
 
 /// Loads from safetensors, converting to `dtype` on `device`.
 pub struct StoreSource<'a> {
+    /// The safetensors file(s) to read. The store records which names were taken, so a caller can
+    /// list the unused ones afterwards (`WeightStore::unused`).
     pub store: &'a mut WeightStore,
+    /// Dtype every loaded tensor is converted to.
     pub dtype: DType,
+    /// Device every loaded tensor is placed on.
     pub device: Device,
 }
 
@@ -42,8 +56,12 @@ impl WeightSource for StoreSource<'_> {
 
 /// Random weights (normal 0.02, LayerNorm ones/zeros), for benchmarks and tests.
 pub struct RandomSource {
+    /// Dtype of the generated tensors.
     pub dtype: DType,
+    /// Device of the generated tensors.
     pub device: Device,
+    /// Base seed. Each tensor draws from `mix64(seed ^ site_id(name))`, so its values depend on the
+    /// seed and its name only, not on the order of loading.
     pub seed: u64,
 }
 
@@ -73,9 +91,14 @@ pub fn site_id(name: &str) -> u64 {
 /// A LoRA adapter on a linear layer (SD2-SPEC §3): `s·(drop(x)·Aᵀ)·Bᵀ`.
 #[derive(Clone, Debug)]
 pub struct LoraAdapter {
+    /// Down-projection A, [rank, in]. Kaiming-uniform when attached; trainable.
     pub a: Tensor,
+    /// Up-projection B, [out, rank]. Zero when attached, so a fresh adapter adds nothing.
     pub b: Tensor,
+    /// Multiplier s of the low-rank branch: `alpha / rank` (`LoraConfig::scale`).
     pub scale: f64,
+    /// Dropout probability on the adapter's input, in [0, 1). It applies only to a forward with a
+    /// dropout seed (training); inference runs without dropout.
     pub dropout: f32,
 }
 
@@ -84,20 +107,33 @@ pub struct LoraAdapter {
 /// there (activation recomputation: about a third more compute, a fraction of the memory).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fwd {
+    /// Seed of this pass's LoRA dropout masks; `None` (inference) turns dropout off. Each linear
+    /// mixes it with its own `site`, so every layer gets a different mask.
     pub dropout_seed: Option<u64>,
+    /// Keep only each encoder block's input and run the block again in backward (less memory,
+    /// about a third more compute).
     pub recompute: bool,
 }
 
+/// A linear layer `y = x·Wᵀ + b` with an optional LoRA adapter added to its output. Its forwards
+/// are fused ops (`ops::lora_linear` and its variants): the bias, the adapter's branch, a residual
+/// add or quick_gelu are computed with the GEMM. Under mixed precision the weight, bias and adapter
+/// are cast to the input's dtype on each forward.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// W, [out, in] as HuggingFace stores it. Frozen unless the run trains the base (`train_base`).
     pub weight: Tensor,
+    /// b, `[out]`; `None` for the bias-free projections (`visual_projection`, `text_projection`).
     pub bias: Option<Tensor>,
+    /// The LoRA adapter, when one is attached (`sd2::lora::attach`); `None` for a plain linear.
     pub lora: Option<LoraAdapter>,
     /// Distinguishes this layer's dropout stream from every other layer's.
     pub site: u64,
 }
 
 impl Linear {
+    /// Loads `{name}.weight` as [out, inp] and, when `bias`, `{name}.bias` as `[out]`, with no
+    /// adapter. Its dropout site is `site_id(name)`.
     pub fn load(
         src: &mut dyn WeightSource,
         name: &str,
@@ -117,6 +153,8 @@ impl Linear {
         })
     }
 
+    /// `x·Wᵀ + b`, plus the adapter's branch when there is one: x [..., in] → [..., out]. LoRA
+    /// dropout is on when `fwd.dropout_seed` is set.
     pub fn forward(&self, x: &Tensor, fwd: Fwd) -> Result<Tensor> {
         self.forward_with(x, None, Act::None, fwd).map(|o| o.y)
     }
@@ -249,14 +287,19 @@ struct LinearOut {
     gelu: Option<ops::GeluLinear>,
 }
 
+/// A LayerNorm over the last dimension, with a learned scale and shift.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// Scale γ, `[dim]`.
     pub weight: Tensor,
+    /// Shift β, `[dim]`.
     pub bias: Tensor,
+    /// Added to the variance before the square root (the config's `layer_norm_eps`).
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Loads `{name}.weight` and `{name}.bias`, both `[dim]`.
     pub fn load(src: &mut dyn WeightSource, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
             weight: src.get(&format!("{name}.weight"), &[dim], Init::NormWeight)?,
@@ -265,6 +308,8 @@ impl LayerNorm {
         })
     }
 
+    /// Normalizes each row of x [..., dim] to zero mean and unit variance, then scales and shifts
+    /// it. Same shape out.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.layer_norm(&self.weight, &self.bias, self.eps)
     }
@@ -273,14 +318,23 @@ impl LayerNorm {
 /// One pre-LN transformer block.
 #[derive(Clone, Debug)]
 pub struct EncoderLayer {
+    /// Query projection, [D, D] with bias.
     pub q_proj: Linear,
+    /// Key projection, [D, D] with bias.
     pub k_proj: Linear,
+    /// Value projection, [D, D] with bias.
     pub v_proj: Linear,
+    /// Projection of the attention output, [D, D] with bias; its forward adds the residual.
     pub out_proj: Linear,
+    /// LayerNorm before attention.
     pub layer_norm1: LayerNorm,
+    /// LayerNorm before the MLP.
     pub layer_norm2: LayerNorm,
+    /// MLP up-projection, [intermediate, D]; quick_gelu is applied with its GEMM.
     pub fc1: Linear,
+    /// MLP down-projection, [D, intermediate]; its forward adds the residual.
     pub fc2: Linear,
+    /// Attention heads; each head is D / heads wide.
     pub heads: usize,
 }
 
@@ -334,6 +388,9 @@ impl EncoderLayer {
             .collect()
     }
 
+    /// One block on x [B, T, D] → [B, T, D]: `x + attn(ln1(x))`, then `h + mlp(ln2(h))`. `causal`
+    /// masks attention to later tokens (the text tower). q, k and v are computed in one pass over
+    /// the LayerNorm's output.
     pub fn forward(&self, x: &Tensor, causal: bool, fwd: Fwd) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x)?;
         let [q, k, v]: [Tensor; 3] =
@@ -435,28 +492,46 @@ pub struct TowerOptions {
     pub layer_cls: bool,
 }
 
+/// What a tower's forward returns: its pooled output and, when [`TowerOptions`] asks for them, the
+/// hidden states and each block's CLS token.
 pub struct TowerOutput {
     /// Last block's output (vision) or after `final_layer_norm` (text), when hidden states are
     /// asked for; otherwise None.
     pub last_hidden_state: Option<Tensor>,
     /// Post-LN CLS (vision) or final-LN EOS state (text): [B, D].
     pub pooled: Tensor,
+    /// With `hidden_states`: the encoder input, then every block's output, each [B, T, D]
+    /// (`num_hidden_layers + 1` tensors). The vision input is after `pre_layrnorm`; text states are
+    /// before `final_layer_norm`. Empty otherwise.
     pub hidden_states: Vec<Tensor>,
+    /// With `layer_cls` (vision only): each block's CLS token, [B, D] per block, without any
+    /// LayerNorm (CLAM applies `post_layernorm` itself). Empty otherwise.
     pub layer_cls: Vec<Tensor>,
 }
 
+/// CLIP's vision transformer (HF `vision_model`): patch embedding, CLS token and positions,
+/// `pre_layrnorm`, the encoder blocks, and `post_layernorm` on the CLS token. Its pooled output is
+/// not yet projected; [`ClipModel::visual_projection`] does that.
 #[derive(Clone, Debug)]
 pub struct VisionTower {
+    /// The tower's shape; `forward` checks its input against it.
     pub cfg: VisionConfig,
+    /// The learned CLS token, `[D]`, put before the patches.
     pub class_embedding: Tensor,
+    /// Weight of the patch convolution, [D, C, p, p] (stride p, no bias).
     pub patch_embedding: Tensor,
+    /// Learned positions, [grid² + 1, D], added to [CLS; patches].
     pub position_embedding: Tensor,
+    /// LayerNorm on the embeddings before the first block (HuggingFace's spelling).
     pub pre_layrnorm: LayerNorm,
+    /// The `num_hidden_layers` encoder blocks (no causal mask).
     pub layers: Vec<EncoderLayer>,
+    /// LayerNorm on the last block's CLS token. CLAM applies it to every block's CLS token too.
     pub post_layernorm: LayerNorm,
 }
 
 impl VisionTower {
+    /// Loads the tower's weights (`vision_model.*`) from `src` with the shapes `cfg` gives.
     pub fn load(src: &mut dyn WeightSource, cfg: &VisionConfig) -> Result<VisionTower> {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let e = "vision_model.embeddings";
@@ -534,12 +609,20 @@ impl VisionTower {
     }
 }
 
+/// CLIP's text transformer (HF `text_model`): token and position embeddings, causal encoder blocks,
+/// `final_layer_norm`, pooled at each row's first EOS token. Its pooled output is not yet
+/// projected; [`ClipModel::text_projection`] does that.
 #[derive(Clone, Debug)]
 pub struct TextTower {
+    /// The tower's shape; `forward` checks ids against its positions and vocabulary.
     pub cfg: TextConfig,
+    /// Token embedding, [vocab_size, D].
     pub token_embedding: Tensor,
+    /// Learned positions, [max_position_embeddings, D]; a text of S tokens uses the first S rows.
     pub position_embedding: Tensor,
+    /// The `num_hidden_layers` encoder blocks, all causal.
     pub layers: Vec<EncoderLayer>,
+    /// LayerNorm after the last block.
     pub final_layer_norm: LayerNorm,
 }
 
@@ -554,6 +637,7 @@ pub fn eos_positions(ids: &[i64], rows: usize, len: usize) -> Vec<usize> {
 }
 
 impl TextTower {
+    /// Loads the tower's weights (`text_model.*`) from `src` with the shapes `cfg` gives.
     pub fn load(src: &mut dyn WeightSource, cfg: &TextConfig) -> Result<TextTower> {
         let d = cfg.hidden_size;
         let layers = EncoderLayer::load_stack(
@@ -669,12 +753,20 @@ impl TextTower {
     }
 }
 
+/// A CLIP model with HuggingFace's weight names: both towers, their projections into the shared
+/// P-wide space, and the logit scale. Load one with [`ClipModel::load`]; [`ClipModel::random`] is
+/// for tests and benchmarks. SD2 wraps it (`Sd2Model`).
 #[derive(Clone, Debug)]
 pub struct ClipModel {
+    /// The configuration it was built from (validated).
     pub config: ClipConfig,
+    /// The vision tower.
     pub vision: VisionTower,
+    /// The text tower.
     pub text: TextTower,
+    /// Vision pooled output → shared space: [P, D_vision], no bias.
     pub visual_projection: Linear,
+    /// Text pooled output → shared space: [P, D_text], no bias.
     pub text_projection: Linear,
     /// ln of CLIP's logit scale (HF stores the log).
     pub logit_scale: Tensor,
@@ -686,6 +778,9 @@ pub fn is_ignored_buffer(name: &str) -> bool {
 }
 
 impl ClipModel {
+    /// Builds the model from `src`, after validating `config`. Each tensor is requested by its
+    /// HuggingFace name and the shape the config gives, so a store checks every shape as it loads.
+    /// A random source starts `logit_scale` at `config.logit_scale_init_value`.
     pub fn from_source(config: &ClipConfig, src: &mut dyn WeightSource) -> Result<ClipModel> {
         config.validate()?;
         let p = config.projection_dim;
@@ -742,6 +837,8 @@ impl ClipModel {
         Ok(model)
     }
 
+    /// A model with random weights ([`RandomSource`]: normal(0, 0.02), LayerNorm ones and zeros),
+    /// the same for the same `seed`. For tests and benchmarks.
     pub fn random(
         config: &ClipConfig,
         dtype: DType,

@@ -8,6 +8,8 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// The spec's literals, rounded to f32 as numpy does.
 #[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// Per-channel (R, G, B) standard deviation the pixels are divided by, after scaling to [0, 1] and
+/// subtracting [`CLIP_MEAN`]; the spec's literals, rounded to f32.
 #[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
@@ -56,8 +58,11 @@ pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
 /// An 8-bit RGB image, rows of `width` pixels, channels interleaved.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RgbImage {
+    /// Width in pixels; at least 1 in a valid image.
     pub width: usize,
+    /// Height in pixels; at least 1 in a valid image.
     pub height: usize,
+    /// The pixels, top row first, each as R, G, B bytes: exactly `width × height × 3` bytes.
     pub data: Vec<u8>,
 }
 
@@ -76,6 +81,8 @@ impl RgbImage {
         Ok(())
     }
 
+    /// An image from its interleaved RGB bytes. A side of 0 is an `Error::Media` (there is nothing
+    /// to judge); `data` of the wrong length is an `Error::Msg`.
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<RgbImage> {
         if width == 0 || height == 0 {
             return Err(Error::Media(format!(

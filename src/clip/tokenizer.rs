@@ -18,14 +18,23 @@ use crate::{Device, Error, Result, Tensor};
 
 /// The merges file shipped with the crate (MIT, OpenAI; also inside `open_clip_torch`).
 pub const BPE_VOCAB_GZ: &[u8] = include_bytes!("bpe_simple_vocab_16e6.txt.gz");
+/// Id of the start token in OpenAI's vocabulary (`<|startoftext|>` in HuggingFace's files), put
+/// first in every tokenized text.
 pub const SOT: u32 = 49406;
+/// Id of the end token (`<|endoftext|>`), put last. It is the largest id, so the text tower finds
+/// the pooling position as the first argmax of a row (`eos_positions`).
 pub const EOT: u32 = 49407;
+/// CLIP's text context in tokens, OpenAI's `max_position_embeddings`: the usual `context` for
+/// `tokenize`.
 pub const CONTEXT: usize = 77;
 
 /// CLIP's pre-tokenizer pattern (open_clip's, with its two special tokens first).
 const PATTERN: &str =
     r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
+/// CLIP's text tokenizer: text to BPE ids between a start and an end token, truncated and padded to
+/// a context. [`ClipTokenizer::openai`] builds OpenAI's from the merges shipped in the crate (ids
+/// identical to open_clip's); [`ClipTokenizer::from_file`] reads a HuggingFace `tokenizer.json`.
 pub struct ClipTokenizer {
     inner: Tokenizer,
     sot: u32,
@@ -156,10 +165,13 @@ impl ClipTokenizer {
         })
     }
 
+    /// Id of the start token this tokenizer puts first ([`SOT`] for OpenAI's vocabulary).
     pub fn sot(&self) -> u32 {
         self.sot
     }
 
+    /// Id of the end token it puts last ([`EOT`] for OpenAI's vocabulary). `tokenize_batch_longest`
+    /// trims a batch to its longest row up to and including this token.
     pub fn eot(&self) -> u32 {
         self.eot
     }

@@ -11,19 +11,26 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AugmentConfig {
+    /// Probability of a left-right mirror.
     pub flip_p: f64,
     /// Rotation by a uniform angle in ±`rotate_deg`, with probability `rotate_p`.
     pub rotate_p: f64,
+    /// Largest rotation angle, in degrees ([0, 180]).
     pub rotate_deg: f64,
     /// Isotropic resize by a uniform factor in [min, max], then a random crop back to size
     /// (always applied; (1, 1) turns it off).
     pub scale: (f64, f64),
+    /// Probability of the brightness/contrast jitter.
     pub color_p: f64,
     /// Brightness shift and contrast factor deviation, each uniform in ±`color`.
     pub color: f64,
+    /// Probability of a Gaussian blur.
     pub blur_p: f64,
+    /// Range (min, max) the blur's σ is drawn from uniformly, in pixels (max ≤ 50).
     pub blur_sigma: (f64, f64),
+    /// Probability of a JPEG re-encode (compression artifacts).
     pub jpeg_p: f64,
+    /// Range (min, max) of the JPEG quality, drawn uniformly as an integer in 1..=100.
     pub jpeg_quality: (u8, u8),
 }
 
@@ -400,11 +407,16 @@ pub fn jpeg(img: &mut RgbImage, quality: u8) -> Result<()> {
 /// One degradation of `sd2 eval --perturb`, applied to real and fake alike.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Perturb {
+    /// JPEG re-encode at this quality (1–100).
     Jpeg(u8),
+    /// Gaussian blur with this σ, in pixels (`parse_list` accepts (0, 50]; `gaussian_blur`
+    /// treats σ ≤ 0 as no blur and caps σ at 50).
     Blur(f64),
 }
 
 impl Perturb {
+    /// Degrades `img` in place. Fails with `Error::Media` only when the JPEG round trip
+    /// fails (e.g. a side over 65535 px).
     pub fn apply(&self, img: &mut RgbImage) -> Result<()> {
         match *self {
             Perturb::Jpeg(q) => jpeg(img, q),

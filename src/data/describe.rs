@@ -23,7 +23,9 @@ use crate::{DType, Device, Error, Result, Tensor};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Part {
+    /// The face sentence (age, gender presentation, hair, expression, glasses, pose).
     Face,
+    /// The environment sentence (setting, lighting, background).
     Env,
 }
 
@@ -31,9 +33,14 @@ pub enum Part {
 /// (prompt phrase, phrase used in the sentence).
 #[derive(Clone, Copy, Debug)]
 pub struct Attribute {
+    /// Attribute key (`age`, `hair`, …), by which [`compose`] looks the choice up.
     pub name: &'static str,
+    /// Which of the two descriptions the choice goes into.
     pub part: Part,
+    /// Prompt template; `{}` is replaced by each option's prompt phrase.
     pub template: &'static str,
+    /// (prompt phrase, sentence phrase) per option. The sentence phrase may be shorter, or
+    /// empty (`no glasses`), and then the sentence leaves the attribute out.
     pub options: &'static [(&'static str, &'static str)],
 }
 
@@ -150,16 +157,22 @@ pub const VOCABULARY: &[Attribute] = &[
 /// One attribute's choice: the option kept and its probability among the attribute's options.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Chosen {
+    /// The attribute's [`Attribute::name`].
     pub attribute: &'static str,
+    /// The chosen option's prompt phrase (the first element of its `options` pair).
     pub value: &'static str,
+    /// Softmax probability of that option among the attribute's options, in [0, 1].
     pub score: f32,
 }
 
 /// An image's two descriptions and the choices they were made from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Description {
+    /// Face sentence, e.g. "a young adult man with short dark hair, smiling".
     pub face: String,
+    /// Environment sentence, e.g. "indoors, in soft indoor light, in front of a plain wall".
     pub env: String,
+    /// One choice per attribute of [`VOCABULARY`], in its order.
     pub attributes: Vec<Chosen>,
 }
 

@@ -177,6 +177,7 @@ pub struct ImportOptions {
 pub struct Resplit {
     /// Fractions of the videos for train, val and test (they sum to 1).
     pub fractions: [f64; 3],
+    /// Seed of the video order: the same seed and video names give the same splits.
     pub seed: u64,
 }
 

@@ -20,12 +20,16 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// What happens to each image between decoding and preprocessing.
 #[derive(Clone, Debug, Default)]
 pub enum Transform {
+    /// Decode and preprocess only (evaluation, prediction).
     #[default]
     None,
     /// Training: augmentations seeded by (seed, epoch, manifest line).
     Augment {
+        /// Which augmentations run, and how likely each is.
         cfg: AugmentConfig,
+        /// The run's seed (`train.seed`).
         seed: u64,
+        /// 0-based epoch index: each epoch draws fresh augmentations for the same image.
         epoch: u64,
     },
     /// Evaluation under a degradation.
@@ -158,7 +162,10 @@ fn compact<T>(
 
 /// One decoded batch from the prefetcher.
 pub struct Loaded {
+    /// The batch's items that loaded, in order; row i of `pixels` is item i.
     pub items: Vec<Item>,
+    /// CLIP-normalized pixels of `items`, f32, `[N, 3, size, size]` flattened row-major
+    /// (N = `items.len()`).
     pub pixels: Vec<f32>,
     /// Items left out of the batch (a prefetcher made `skipping_bad`), with why.
     pub bad: Vec<(Item, String)>,
@@ -204,6 +211,9 @@ pub struct DeviceBatches {
 }
 
 impl DeviceBatches {
+    /// Wraps `loader`, whose batches become `[N, 3, size, size]` tensors of `dtype` on `device`.
+    /// `ahead` (at least 1) is how many batches stay staged beyond the one handed out; nothing
+    /// is staged until the first `next`.
     pub fn new(
         loader: Prefetcher,
         ahead: usize,

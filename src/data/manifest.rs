@@ -10,15 +10,23 @@ use crate::clip::preprocess::check_size;
 use crate::sd2::type_texts::{class_id, CLASSES};
 use crate::{Error, Result};
 
+/// Which part of a dataset an item belongs to. Serialized lowercase (`train`, `val`,
+/// `test`), as in a manifest's `split` field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// Trained on.
     Train,
+    /// Scored after every training epoch to pick `checkpoints/best`; `sd2 eval` of the test
+    /// split also chooses its accuracy threshold here.
     Val,
+    /// Held out: scored only by the final evaluation (`sd2 eval`, the demo's report).
     Test,
 }
 
 impl Split {
+    /// The split a manifest's `split` string names (`train`, `val` or `test`, lowercase
+    /// only); `None` for anything else.
     pub fn parse(s: &str) -> Option<Split> {
         match s {
             "train" => Some(Split::Train),
@@ -32,14 +40,25 @@ impl Split {
 /// One line of a manifest as written on disk.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Record {
+    /// Image path, relative to the manifest's folder (an absolute path is used as is).
     pub path: String,
+    /// Class name: `real`, `fs`, `fr`, `efs` or `fe` (one of [`CLASSES`]).
     pub label: String,
+    /// Dataset or generator the image comes from; reports break results down by source and
+    /// mAUC averages over sources.
     pub source: String,
+    /// `train`, `val` or `test` (see [`Split::parse`]).
     pub split: String,
+    /// Text description of the face, for the dual contrast loss L_D. May be empty (the
+    /// default) unless L_D is on, when every train line needs one.
     #[serde(default)]
     pub face: String,
+    /// Text description of the surroundings (setting, lighting, background), for L_D. Same
+    /// rule as `face`.
     #[serde(default)]
     pub env: String,
+    /// Id of the video the frame was taken from; frames with the same id are averaged for
+    /// the video-level AUC. Absent for still images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub video: Option<String>,
     /// The source video's compression level, when the dataset has several (FF++: `c23`,
@@ -55,11 +74,18 @@ pub struct Item {
     pub path: PathBuf,
     /// As written in the manifest (for reports).
     pub rel_path: String,
+    /// Class id, an index into [`CLASSES`]: 0 real, 1 FS, 2 FR, 3 EFS, 4 FE.
     pub label: usize,
+    /// Dataset or generator the image comes from (`Record::source`).
     pub source: String,
+    /// The split the line assigns the image to.
     pub split: Split,
+    /// Face description for L_D (may be empty; see `LoadOptions::require_descriptions`).
     pub face: String,
+    /// Environment description for L_D (may be empty; see
+    /// `LoadOptions::require_descriptions`).
     pub env: String,
+    /// Id of the source video, for per-video scores; `None` for still images.
     pub video: Option<String>,
     /// The source's compression level (`c23`), when the manifest gives one.
     pub compression: Option<String>,
@@ -68,11 +94,14 @@ pub struct Item {
 }
 
 impl Item {
+    /// Whether the label is a forgery class (anything but 0, real).
     pub fn is_fake(&self) -> bool {
         self.label != 0
     }
 }
 
+/// How [`Manifest::load`] validates lines. The default checks the JSON, the required
+/// fields, label, split and that each image file exists, and fails on the first bad line.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
     /// Skip bad lines with a warning instead of failing.
@@ -86,15 +115,25 @@ pub struct LoadOptions {
     pub verify_images: bool,
 }
 
+/// A loaded manifest: its valid items and, with `skip_bad`, the lines it left out.
 #[derive(Clone, Debug)]
 pub struct Manifest {
+    /// The manifest file it was read from. (`sd2 train` on a pack builds an empty
+    /// `Manifest` whose path is the pack folder.)
     pub path: PathBuf,
+    /// Every valid line, in file order (blank lines are ignored).
     pub items: Vec<Item>,
     /// (line, reason) of every skipped line (with `skip_bad`).
     pub skipped: Vec<(usize, String)>,
 }
 
 impl Manifest {
+    /// Reads and validates every non-blank line of `path` as `opts` asks. Image paths resolve
+    /// against the manifest's folder.
+    ///
+    /// Errors: `Error::Read` when the file cannot be read; otherwise the first bad line as
+    /// `Error::Msg` (`FILE:LINE: reason`). With `opts.skip_bad` bad lines are instead listed in
+    /// `skipped` and logged as warnings.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Manifest> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -126,6 +165,7 @@ impl Manifest {
         })
     }
 
+    /// The items of one split, in manifest order.
     pub fn split(&self, split: Split) -> Vec<&Item> {
         self.items.iter().filter(|i| i.split == split).collect()
     }

@@ -40,14 +40,19 @@ pub const MAX_BUFFER_BYTES: u64 = 4 << 30;
 pub struct ShardInfo {
     /// File name inside the pack folder.
     pub file: String,
+    /// The split of every sample in the shard (a shard holds one split).
     pub split: Split,
+    /// Number of samples (image + JSON entry pairs) in the shard.
     pub samples: usize,
+    /// Size of the tar file in bytes; [`ShardIndex::load`] checks it against the file on
+    /// disk.
     pub bytes: u64,
 }
 
 /// `shards.json`: what a pack holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ShardIndex {
+    /// Format tag; [`ShardIndex::load`] reads only [`FORMAT`].
     pub format: String,
     /// Side of the stored images when they were resized (`None`: as in the source).
     pub size: Option<usize>,
@@ -56,6 +61,7 @@ pub struct ShardIndex {
     /// Whether every sample has both a face and an environment description (what
     /// `sd2.loss_dual` needs).
     pub described: bool,
+    /// Every shard of every split, in the order they were written.
     pub shards: Vec<ShardInfo>,
     /// The pack folder (not stored: where the index was read from).
     #[serde(skip)]
@@ -378,11 +384,14 @@ fn split_name(name: &str) -> (&str, &str) {
 pub struct Sample {
     /// Its key, and the shard it came from (for error messages).
     pub key: String,
+    /// File name of that shard inside the pack folder.
     pub shard: String,
     /// The image's bytes and their extension (`jpg`, `png`, `webp`).
     pub image: Vec<u8>,
+    /// The image entry's extension, lowercase: `jpg`, `png` or `webp`.
     pub ext: String,
-    /// The sample's JSON, as an item (`path` is `SHARD:KEY`).
+    /// The sample's JSON, as an item (`rel_path` is `SHARD:KEY`, followed by the source
+    /// image's path in parentheses when the pack recorded one; `path` is the shard file).
     pub item: Item,
 }
 
@@ -567,14 +576,19 @@ impl<T> ShuffleBuffer<T> {
 /// Which samples one epoch's stream yields, and in what order.
 #[derive(Clone, Debug)]
 pub struct StreamOptions {
+    /// The split whose shards are read.
     pub split: Split,
+    /// Seed of the shard order and of the shuffle buffer (`sd2 train` passes `train.seed`).
     pub seed: u64,
+    /// Epoch index (0-based in `sd2 train`): each epoch has its own shard order and mix.
     pub epoch: u64,
     /// Shuffle-buffer capacity in samples (1: shards and samples in their stored order).
     pub buffer: usize,
     /// This part (`rank` of `world`): shards are dealt to parts round-robin after the
     /// epoch's shuffle, so parts read disjoint shards.
     pub rank: usize,
+    /// Number of parts the split is dealt to (1: one reader gets everything); the split needs
+    /// at least this many shards.
     pub world: usize,
     /// Samples of this part's stream already consumed (a mid-epoch resume).
     pub skip: usize,
@@ -849,7 +863,9 @@ impl Iterator for ShardStream {
 pub enum PackFormat {
     /// The source file's bytes when nothing is changed (JPEG, PNG, WebP), else JPEG.
     Keep,
+    /// Every image decoded and re-encoded as JPEG at `PackOptions::quality` (4:2:0 chroma).
     Jpeg,
+    /// Every image decoded and stored as lossless PNG (`quality` is unused).
     Png,
 }
 
@@ -863,6 +879,7 @@ pub struct PackOptions {
     /// Store the largest face's crop instead of the whole image (images without a face are
     /// left out and counted).
     pub faces: Option<crate::faces::FaceConfig>,
+    /// How the images are encoded in the tar (see [`PackFormat`]).
     pub format: PackFormat,
     /// JPEG quality when images are re-encoded.
     pub quality: u8,
@@ -889,6 +906,7 @@ impl Default for PackOptions {
 /// What `pack` did.
 #[derive(Clone, Debug)]
 pub struct Packed {
+    /// The index written as `shards.json`, its `dir` the pack folder.
     pub index: ShardIndex,
     /// Manifest lines left out (`skip_bad`), with why.
     pub skipped: Vec<(usize, String)>,

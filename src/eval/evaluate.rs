@@ -13,8 +13,13 @@ use crate::{Device, Error, Result};
 /// What to evaluate.
 #[derive(Clone, Debug)]
 pub struct EvalRequest {
+    /// The SD2 checkpoint folder to score (as `Detector::load` takes it).
     pub checkpoint: PathBuf,
+    /// The manifest whose split is scored.
     pub manifest: PathBuf,
+    /// The split to score. For `Split::Test` the accuracy threshold is chosen on the
+    /// manifest's val split; without one (and for any other split) it is the checkpoint's
+    /// own (`Detector::threshold`: chosen on its training run's val split, else 0.5).
     pub split: Split,
     /// The directory the report goes to.
     pub out: PathBuf,
@@ -22,6 +27,7 @@ pub struct EvalRequest {
     pub clip: Option<PathBuf>,
     /// Skip (and count) bad manifest lines instead of failing.
     pub skip_bad: bool,
+    /// Where the model runs.
     pub device: Device,
     /// Perturbations each evaluated again under.
     pub perturb: Vec<Perturb>,
@@ -63,7 +69,7 @@ pub fn run(r: &EvalRequest) -> Result<report::Report> {
     } else {
         vec![]
     };
-    let mut rep = report::report(&preds, &val);
+    let mut rep = report::report_with_default(&preds, &val, det.threshold());
     for p in &r.perturb {
         let (pp, bad) = score(&items, &Transform::Perturb(*p))?;
         // An image that decodes cleanly but fails under a perturbation is still listed.
@@ -74,7 +80,7 @@ pub fn run(r: &EvalRequest) -> Result<report::Report> {
         }
         rep.perturb.push(report::PerturbResult::from_report(
             p.name(),
-            &report::report(&pp, &val),
+            &report::report_with_default(&pp, &val, det.threshold()),
         ));
     }
     rep.unreadable = unreadable;

@@ -285,7 +285,7 @@ pub fn annotate_faces(
             ))
             .map_err(|e| fail(&e))?;
             let label = match (f.fake_score >= 0.5, f.class) {
-                (false, "real") => format!("real {:.2}", f.fake_score),
+                (false, crate::sd2::detector::Class::Real) => format!("real {:.2}", f.fake_score),
                 (fake, class) => format!(
                     "{} {:.2} {class}",
                     if fake { "fake" } else { "real" },

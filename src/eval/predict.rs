@@ -10,11 +10,17 @@ use serde::Serialize;
 /// One evaluated image.
 #[derive(Clone, Debug, Serialize)]
 pub struct Pred {
+    /// The image's path as the manifest wrote it (`Item::rel_path`; for a pack,
+    /// `SHARD:KEY`).
     pub path: String,
+    /// True class id (0 real, 1 FS, 2 FR, 3 EFS, 4 FE); serialized as its name (`real`, …).
     #[serde(serialize_with = "label_name")]
     pub label: usize,
+    /// The item's source, for per-source summaries.
     pub source: String,
+    /// The item's video id, for the per-video AUC (`None` for stills).
     pub video: Option<String>,
+    /// `1 − p(REAL)`, in [0, 1]: higher means more likely fake.
     pub fake_score: f64,
     /// REAL, FS, FR, EFS, FE.
     pub probs: [f64; 5],
@@ -34,7 +40,9 @@ impl Pred {
 /// An image that could not be scored (unreadable, undecodable, truncated, too large), with why.
 #[derive(Clone, Debug, Serialize)]
 pub struct Unreadable {
+    /// The image's path as the manifest wrote it (`Item::rel_path`).
     pub path: String,
+    /// Why it could not be scored (the loader's error message).
     pub error: String,
 }
 

@@ -14,12 +14,17 @@ use crate::{Error, Result};
 /// A fitted probe: `p(fake | x) = σ(w·x + b)`.
 #[derive(Clone, Debug, Serialize)]
 pub struct LogReg {
+    /// Weights, one per feature dimension.
     pub w: Vec<f64>,
+    /// Intercept (not regularized).
     pub b: f64,
+    /// Newton iterations the fit took (at most 100).
     pub iterations: usize,
 }
 
 impl LogReg {
+    /// The logit `w·x + b` of feature row `x`: > 0 predicts fake. `x` must have `w`'s length
+    /// (extra or missing values are not checked; the dot product stops at the shorter).
     pub fn decision(&self, x: &[f64]) -> f64 {
         self.w.iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + self.b
     }
@@ -191,19 +196,30 @@ pub fn objective_grad(m: &LogReg, x: &[Vec<f64>], y: &[bool], c: f64) -> Vec<f64
     g
 }
 
+/// Probe accuracy on the test items of one source, at decision 0 (p = 0.5). Each
+/// accuracy is a fraction in [0, 1], NaN when the source has no items of that kind.
 #[derive(Clone, Debug, Serialize)]
 pub struct SourceAcc {
+    /// Test items of the source.
     pub n: usize,
+    /// Fraction of all its items classified right.
     pub acc: f64,
+    /// Fraction of its real items classified real.
     pub real_acc: f64,
+    /// Fraction of its fake items classified fake.
     pub fake_acc: f64,
 }
 
+/// The probe's result (`probe.json`): per-source test accuracy and their mean.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeReport {
+    /// The regularization parameter C the probe was fitted with.
     pub c: f64,
+    /// Train images the probe was fitted on.
     pub train_n: usize,
+    /// Accuracy of the fitted probe on its own train split, in [0, 1].
     pub train_acc: f64,
+    /// Test accuracy per source, sorted by source name.
     pub per_source: BTreeMap<String, SourceAcc>,
     /// Mean of the per-source accuracies (the paper's mACC).
     pub macc: f64,
@@ -262,6 +278,8 @@ pub fn score(
 }
 
 impl ProbeReport {
+    /// A console table: one row per source (n, accuracy, real and fake accuracy), then mACC
+    /// with the fit's train size, train accuracy and C.
     pub fn table(&self) -> String {
         let mut out = format!(
             "{:<16} {:>6} {:>8} {:>8} {:>8}\n",
@@ -284,7 +302,10 @@ impl ProbeReport {
 /// What `run` probes: a checkpoint's features on a binary manifest with train and test items.
 #[derive(Clone, Debug)]
 pub struct ProbeRequest {
+    /// The SD2 checkpoint folder whose image features are probed.
     pub checkpoint: std::path::PathBuf,
+    /// The manifest: its train split fits the probe, its test split is scored (labels
+    /// count only as real or fake).
     pub manifest: std::path::PathBuf,
     /// The directory `probe.json` goes to.
     pub out: std::path::PathBuf,
@@ -292,16 +313,22 @@ pub struct ProbeRequest {
     pub c: f64,
     /// The CLIP directory, when the checkpoint does not carry the towers.
     pub clip: Option<std::path::PathBuf>,
+    /// Skip (and log) bad manifest lines instead of failing. An image that passes the
+    /// manifest checks but fails to decode still fails the run.
     pub skip_bad: bool,
+    /// Where the features are computed.
     pub device: crate::Device,
 }
 
 /// The outcome of `run`.
 #[derive(Clone, Debug)]
 pub struct ProbeRun {
+    /// The report, as written to `probe.json`.
     pub report: ProbeReport,
     /// Where the report was written.
     pub path: std::path::PathBuf,
+    /// Wall-clock seconds of feature extraction, fit and scoring (loading the checkpoint and
+    /// manifest not included).
     pub seconds: f64,
     /// Newton iterations of the fit.
     pub iterations: usize,

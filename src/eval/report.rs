@@ -12,28 +12,55 @@ use crate::fs::write_atomic;
 use crate::sd2::type_texts::CLASSES;
 use crate::{Error, Result};
 
+/// Detection numbers for one set of predictions (all of them, or one source). Scores are
+/// `fake_score`, fake is the positive class; rates and accuracies are fractions in [0, 1].
+/// A metric undefined for the set (one class only, no items) is NaN.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
+    /// Images in the set.
     pub n: usize,
+    /// ROC AUC, fake against real.
     pub auc: f64,
+    /// Average precision (area under the precision–recall curve).
     pub ap: f64,
+    /// Equal error rate: the error rate where the false-positive and false-negative rates meet.
     pub eer: f64,
+    /// Real/fake accuracy of the 5-class argmax: right when "argmax is a forgery class"
+    /// matches "is fake".
     pub acc_argmax: f64,
+    /// Real/fake accuracy of `fake_score ≥ threshold`.
     pub acc_threshold: f64,
+    /// The fake-score threshold of the threshold accuracies (chosen on the val split; 0.5
+    /// without one).
     pub threshold: f64,
+    /// The highest true-positive rate at a false-positive rate of at most 1%.
     pub tpr_at_fpr_1pct: f64,
+    /// Fraction of the real images below the threshold.
     pub real_acc: f64,
+    /// Fraction of the fake images at or above the threshold.
     pub fake_acc: f64,
+    /// ROC AUC over videos, each scored by its frames' mean `fake_score`; `None` when no
+    /// item has a video id.
     pub video_auc: Option<f64>,
+    /// 5-class accuracy of the argmax: the exact class (real or forgery type) right.
     pub acc_5class: f64,
 }
 
+/// An evaluation report (`metrics.json`): see the module docs. Built by [`report()`].
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// Every evaluated image together.
     pub overall: Summary,
+    /// One summary per source, sorted by source name.
     pub per_source: BTreeMap<String, Summary>,
+    /// ROC AUC of each forgery type (`fs`, `fr`, `efs`, `fe`) against the real images alone;
+    /// NaN for a type with no images (or no reals).
     pub per_type: BTreeMap<String, f64>,
+    /// Mean of the per-source AUCs that are defined (a source with one class is left out):
+    /// the paper's mAUC. NaN when none is.
     pub mauc: f64,
+    /// 5×5 counts, row the true class and column the argmax class, in label order (real,
+    /// FS, FR, EFS, FE).
     pub confusion: Vec<Vec<usize>>,
     /// `sd2 eval --perturb`: the same test set under each degradation, in the order given.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -49,13 +76,18 @@ pub struct Report {
 pub struct PerturbResult {
     /// `jpeg:70`, `blur:2`, …
     pub name: String,
+    /// Overall ROC AUC under the degradation.
     pub auc: f64,
+    /// Overall average precision under the degradation.
     pub ap: f64,
+    /// Mean per-source AUC under the degradation.
     pub mauc: f64,
+    /// Overall threshold accuracy under the degradation (clean validation threshold).
     pub acc_threshold: f64,
 }
 
 impl PerturbResult {
+    /// The headline numbers of `r`, the report on the degraded images, named `name`.
     pub fn from_report(name: String, r: &Report) -> PerturbResult {
         PerturbResult {
             name,
@@ -67,6 +99,8 @@ impl PerturbResult {
     }
 }
 
+/// The [`Summary`] of predictions `p`, with the threshold accuracies taken at `threshold`.
+/// An empty `p` gives `n` = 0, NaN metrics and no `video_auc`.
 pub fn summarize(p: &[&Pred], threshold: f64) -> Summary {
     let s: Vec<f64> = p.iter().map(|x| x.fake_score).collect();
     let f: Vec<bool> = p.iter().map(|x| x.label != 0).collect();
@@ -104,8 +138,14 @@ pub fn summarize(p: &[&Pred], threshold: f64) -> Summary {
 
 /// The report on `test`, with the accuracy threshold chosen on `val` (0.5 without a val split).
 pub fn report(test: &[Pred], val: &[Pred]) -> Report {
+    report_with_default(test, val, 0.5)
+}
+
+/// As [`report()`], with `default` as the threshold when `val` is empty (a checkpoint's own,
+/// chosen on its training run's val split).
+pub fn report_with_default(test: &[Pred], val: &[Pred], default: f64) -> Report {
     let threshold = if val.is_empty() {
-        0.5
+        default
     } else {
         best_threshold(
             &val.iter().map(|x| x.fake_score).collect::<Vec<_>>(),
@@ -157,8 +197,8 @@ pub fn report(test: &[Pred], val: &[Pred]) -> Report {
     }
 }
 
-/// `dir/metrics.json`, `dir/predictions.jsonl` and the figures `roc.png`, `pr.png`,
-/// `confusion.png`.
+/// `dir/metrics.json`, `dir/predictions.jsonl` and, with the `cli` feature (plotters), the
+/// figures `roc.png`, `pr.png`, `confusion.png`.
 pub fn write(dir: &Path, report: &Report, preds: &[Pred]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
     let json = serde_json::to_string_pretty(report).map_err(|e| Error::Msg(e.to_string()))?;
@@ -169,9 +209,13 @@ pub fn write(dir: &Path, report: &Report, preds: &[Pred]) -> Result<()> {
         lines.push('\n');
     }
     write_atomic(&dir.join("predictions.jsonl"), &lines)?;
-    super::plot::roc_png(&dir.join("roc.png"), preds)?;
-    super::plot::pr_png(&dir.join("pr.png"), preds)?;
-    super::plot::confusion_png(&dir.join("confusion.png"), &report.confusion)
+    #[cfg(feature = "cli")]
+    {
+        super::plot::roc_png(&dir.join("roc.png"), preds)?;
+        super::plot::pr_png(&dir.join("pr.png"), preds)?;
+        super::plot::confusion_png(&dir.join("confusion.png"), &report.confusion)?;
+    }
+    Ok(())
 }
 
 /// A console table: one row per source, then the overall row and mAUC.

@@ -45,14 +45,18 @@ impl Tensor {
         self.binary_op(rhs, BinaryOp::Add)
     }
 
+    /// `self − rhs` with numpy broadcasting; same float dtype and device. Differentiable in both.
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(rhs, BinaryOp::Sub)
     }
 
+    /// `self · rhs` elementwise with numpy broadcasting (masks, scales); differentiable in both.
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(rhs, BinaryOp::Mul)
     }
 
+    /// `self / rhs` elementwise with numpy broadcasting; differentiable in both
+    /// (d/drhs = −self/rhs²). Division by zero follows IEEE (±∞, NaN).
     pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary_op(rhs, BinaryOp::Div)
     }
@@ -81,18 +85,23 @@ impl Tensor {
         })
     }
 
+    /// `−x` elementwise.
     pub fn neg(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::Neg)
     }
+    /// `eˣ` elementwise; backward reuses the output.
     pub fn exp(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::Exp)
     }
+    /// Natural logarithm elementwise (NaN below 0, −∞ at 0); gradient `1/x`.
     pub fn log(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::Log)
     }
+    /// `x²` elementwise; gradient `2x`.
     pub fn sqr(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::Sqr)
     }
+    /// `√x` elementwise; gradient `0.5/√x` from the output (∞ at 0).
     pub fn sqrt(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::Sqrt)
     }
@@ -100,6 +109,7 @@ impl Tensor {
     pub fn quick_gelu(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::QuickGelu)
     }
+    /// The logistic function `1/(1 + e⁻ˣ)` elementwise; gradient `y·(1 − y)` from the output.
     pub fn sigmoid(&self) -> Result<Tensor> {
         self.unary_op(UnaryOp::Sigmoid)
     }
@@ -117,6 +127,7 @@ impl Tensor {
         )
     }
 
+    /// `self · s` (an [`Tensor::affine`] with no offset).
     pub fn scale(&self, s: f64) -> Result<Tensor> {
         self.affine(s, 0.0)
     }
@@ -173,6 +184,8 @@ impl Tensor {
         self.sum_to(&ones)?.reshape(())
     }
 
+    /// Mean of every element, as a 0-d tensor (the sum divided by the element count; 0 for an
+    /// empty tensor).
     pub fn mean_all(&self) -> Result<Tensor> {
         let n = self.elem_count().max(1) as f64;
         self.sum_all()?.scale(1.0 / n)
@@ -192,6 +205,7 @@ impl Tensor {
         }
     }
 
+    /// Mean over `dim` (negative counts from the end); the dim is kept with size 1 when `keepdim`.
     pub fn mean_dim(&self, dim: isize, keepdim: bool) -> Result<Tensor> {
         let d = self.shape().resolve_dim("mean_dim", dim)?;
         let n = self.dims()[d].max(1) as f64;

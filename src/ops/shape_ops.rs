@@ -93,6 +93,8 @@ impl Tensor {
         )
     }
 
+    /// Swaps dimensions `d0` and `d1` (negative counts from the end), as a contiguous copy
+    /// (a [`Tensor::permute`]); differentiable.
     pub fn transpose(&self, d0: isize, d1: isize) -> Result<Tensor> {
         let a = self.shape().resolve_dim("transpose", d0)?;
         let b = self.shape().resolve_dim("transpose", d1)?;
@@ -210,7 +212,7 @@ impl Tensor {
         })
     }
 
-    /// Rows of `self` viewed as [dims[0], rest]: out[i] = self[ids[i]]. `ids` (i64/u32) may
+    /// Rows of `self` viewed as \[dims\[0\], rest\]: out\[i\] = self\[ids\[i\]\]. `ids` (i64/u32) may
     /// have any shape; the output is ids.shape + self.dims[1..]. Backward scatter-adds.
     pub fn index_rows(&self, ids: &Tensor) -> Result<Tensor> {
         check_ids("index_rows", ids)?;

@@ -42,6 +42,8 @@ fn step_of(name: &str) -> Option<u64> {
 }
 
 impl Checkpoints {
+    /// The checkpoints folder at `dir` (a run's `OUT/checkpoints`). Nothing is read or created
+    /// here; the first `save` creates the folder.
     pub fn new(dir: impl Into<PathBuf>) -> Checkpoints {
         Checkpoints { dir: dir.into() }
     }

@@ -48,14 +48,22 @@ fn layer_cls_dtype(layer_cls: &[Tensor]) -> DType {
     layer_cls.first().map_or(DType::F32, |t| t.dtype())
 }
 
+/// CLAM, the cross-layer CLS attention module: multi-head self-attention over the L per-block CLS
+/// tokens of the vision tower, mean-pooled into f_sat [B, D] (D: the vision width). Every tensor is
+/// trainable; its projections carry no LoRA.
 #[derive(Clone, Debug)]
 pub struct Clam {
     /// [L, D], one learned embedding per vision block.
     pub layer_embedding: Tensor,
+    /// Query projection, [D, D] with bias.
     pub q_proj: Linear,
+    /// Key projection, [D, D] with bias.
     pub k_proj: Linear,
+    /// Value projection, [D, D] with bias.
     pub v_proj: Linear,
+    /// Projection of the attention output, [D, D] with bias.
     pub out_proj: Linear,
+    /// Attention heads (`Sd2Config::clam_heads`, 8 by default); must divide D.
     pub heads: usize,
 }
 
@@ -129,6 +137,8 @@ impl Clam {
         a.mean_dim(1, false)
     }
 
+    /// Every tensor under its parameter name: `clam.layer_embedding`, then
+    /// `clam.{q,k,v,out}_proj.{weight,bias}`, the names `Clam::new` gives its parameters.
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![(
             "clam.layer_embedding".to_string(),
@@ -150,9 +160,14 @@ impl Clam {
     }
 }
 
+/// The adapter that adds CLAM's f_sat to CLIP's projected image embedding f_final:
+/// `f = f_final + W2·quick_gelu(W1·[f_sat; f_final])`. W2 starts at zero, so f starts as CLIP's
+/// own embedding.
 #[derive(Clone, Debug)]
 pub struct Adapter {
+    /// W1, [P, D + P] with bias: the concatenation [f_sat; f_final] to the projection width P.
     pub w1: Linear,
+    /// W2, [P, P] with bias, both zero at the start.
     pub w2: Linear,
 }
 
@@ -180,6 +195,7 @@ impl Adapter {
         Ok((Adapter { w1, w2 }, params))
     }
 
+    /// f_sat [B, D] and f_final [B, P] → the image feature f [B, P] (not normalized).
     pub fn forward(&self, f_sat: &Tensor, f_final: &Tensor) -> Result<Tensor> {
         let f = Fwd::default();
         let h = self

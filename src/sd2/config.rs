@@ -4,16 +4,25 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// Where LoRA adapters go and how large they are (SD2-SPEC §3). The default: rank 8, alpha 32
+/// (scale 4), dropout 0.1, on `q_proj`, `k_proj`, `v_proj` and `out_proj` of every block of both
+/// towers. Unknown keys are an error.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
+    /// Rank r of every adapter: A is [r, in], B [out, r]. At least 1 and at most the narrower
+    /// tower's width.
     pub rank: usize,
+    /// LoRA's alpha: the adapter's output is scaled by `alpha / rank` ([`LoraConfig::scale`]).
+    /// Finite and > 0.
     pub alpha: f64,
     /// Dropout on the LoRA input during training.
     pub dropout: f32,
     /// Which linear layers of each block get an adapter (HF names).
     pub targets: Vec<String>,
+    /// Put adapters on the vision tower's blocks.
     pub vision: bool,
+    /// Put adapters on the text tower's blocks.
     pub text: bool,
 }
 
@@ -43,26 +52,42 @@ impl LoraConfig {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum DualContrast {
+    /// No L_D; descriptions are not needed.
     Off,
+    /// L_D against the face descriptions only.
     Face,
+    /// L_D against face and environment descriptions: the sum of two sigmoid losses (the default).
     FaceEnv,
 }
 
+/// The model side of an SD2 run: LoRA, CLAM, which losses are on and their weights, and the sigmoid
+/// contrast's starting point. Saved in every checkpoint's `state.json`; unknown keys are an error.
+/// [`Sd2Config::validate_values`] and [`Sd2Config::validate`] check it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Sd2Config {
+    /// Where the LoRA adapters go and their size.
     pub lora: LoraConfig,
     /// Cross-layer CLS attention + adapter on/off (off: the image feature is CLIP's own).
     pub clam: bool,
+    /// Attention heads of CLAM (8); must divide the vision width.
     pub clam_heads: usize,
+    /// Add L_S, which pushes the five normalized class embeddings U towards orthogonality:
+    /// `‖U Uᵀ − I‖²_F / 25`.
     pub loss_separation: bool,
+    /// Which descriptions the dual contrast L_D compares the image feature with.
     pub loss_dual: DualContrast,
-    /// Weights of L_C, L_S, L_D.
+    /// Weight of L_C, the type-text cross-entropy, in the total loss (2); finite and ≥ 0.
     pub w_c: f64,
+    /// Weight of L_S in the total loss (1); finite and ≥ 0.
     pub w_s: f64,
+    /// Weight of L_D in the total loss (1); finite and ≥ 0.
     pub w_d: f64,
-    /// Initial t' (t = exp t') and b of the sigmoid contrast.
+    /// Initial t' of the sigmoid contrast, whose temperature is t = exp t' (ln 10, so t starts
+    /// at 10).
     pub t_init: f64,
+    /// Initial bias b of the sigmoid contrast (−10). t' and b are trained, and shared by the face
+    /// and environment terms.
     pub b_init: f64,
     /// Also train every CLIP weight (named `clip.<HF name>`). For a CLIP trained from scratch —
     /// the `tiny` preset, since no pretrained CLIP can be downloaded — where LoRA alone on a

@@ -15,6 +15,55 @@ use crate::io::WeightStore;
 use crate::{no_grad, DType, Device, Error, Result, Tensor};
 use serde::Serialize;
 
+/// SD2's five classes: real, and the four forgery types. Serializes as its short name
+/// (`"real"`, `"fs"`, `"fr"`, `"efs"`, `"fe"`), the names [`crate::sd2::CLASSES`] lists in the
+/// same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    /// A real face.
+    Real,
+    /// Face swapping: the identity replaced (DeepFakes, FaceSwap, …).
+    Fs,
+    /// Face reenactment: the expression or pose driven by another video (Face2Face, …).
+    Fr,
+    /// Entire face synthesis: a face generated from nothing (GANs, diffusion).
+    Efs,
+    /// Face editing: attributes of a real face changed (age, hair, glasses, …).
+    Fe,
+}
+
+impl Class {
+    /// Every class, in the model's output order.
+    pub const ALL: [Class; 5] = [Class::Real, Class::Fs, Class::Fr, Class::Efs, Class::Fe];
+
+    /// The class at `index` of the model's output (None past 4).
+    pub fn from_index(index: usize) -> Option<Class> {
+        Class::ALL.get(index).copied()
+    }
+
+    /// Its index in the model's output (and in [`crate::sd2::CLASSES`]).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Its short name: `real`, `fs`, `fr`, `efs` or `fe`.
+    pub fn name(self) -> &'static str {
+        CLASSES[self.index()]
+    }
+
+    /// Whether it is one of the four forgery types.
+    pub fn is_fake(self) -> bool {
+        self != Class::Real
+    }
+}
+
+impl std::fmt::Display for Class {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One image's (or crop's) scores: serializes as `{"probs", "class", "label", "fake_score"}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Prediction {
@@ -22,8 +71,8 @@ pub struct Prediction {
     pub probs: [f64; 5],
     /// The most probable class's index in [`crate::sd2::CLASSES`].
     pub class: usize,
-    /// Its name (`real`, `fs`, `fr`, `efs`, `fe`).
-    pub label: &'static str,
+    /// That class (serialized as its name: `real`, `fs`, `fr`, `efs`, `fe`).
+    pub label: Class,
     /// 1 − p(REAL).
     pub fake_score: f64,
 }
@@ -45,7 +94,7 @@ pub struct FaceScore {
     /// 1 − p(REAL) of its crop.
     pub fake_score: f64,
     /// The most probable class of its crop (`real`, `fs`, `fr`, `efs`, `fe`).
-    pub class: &'static str,
+    pub class: Class,
     /// softmax over REAL, FS, FR, EFS, FE.
     pub probs: [f64; 5],
     /// In a video: the face's track, the same number from frame to frame.
@@ -79,7 +128,7 @@ pub struct VideoVerdict {
     pub fake_score: Option<f64>,
     /// The most probable class of the frames' mean probabilities.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<&'static str>,
+    pub class: Option<Class>,
     /// The video's size, length and rate.
     pub video: crate::video::VideoInfo,
     /// Sampled frames with at least one face.
@@ -166,7 +215,7 @@ pub struct ImageVerdict {
     pub fake_score: Option<f64>,
     /// The class of that face.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<&'static str>,
+    pub class: Option<Class>,
     /// Every face found, the largest first.
     pub faces: Vec<FaceScore>,
 }
@@ -197,10 +246,150 @@ impl ImageVerdict {
     }
 }
 
+/// A trained SD2 model ready to score images: load one with [`Detector::builder`] (or
+/// [`Detector::load`]), then [`Detector::detect_bytes`], [`Detector::detect_image`],
+/// [`Detector::detect`] or, judging by faces, [`Detector::detect_faces`]. `Send + Sync`: one
+/// detector can serve many threads.
 pub struct Detector {
+    /// The model (CLIP towers with their LoRA adapters, CLAM, the adapter, t' and b).
     pub model: Sd2Model,
     /// Normalized class embeddings [5, P] of the test phrases.
     class_embeds: Tensor,
+    /// Images per model call; larger inputs are split.
+    batch_size: usize,
+    /// Where the model's CPU work runs (None: rayon's global pool).
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// The fake-score threshold chosen on validation data, when the checkpoint has one.
+    threshold: Option<f64>,
+}
+
+/// Images per model call unless [`DetectorBuilder::batch_size`] says otherwise: ViT-L/14's
+/// activations for 32 images at 224 px are about 0.6 GB in f32.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// How to load a [`Detector`]: `Detector::builder(checkpoint)`, options, then
+/// [`DetectorBuilder::build`].
+///
+/// ```no_run
+/// # fn main() -> sd2::Result<()> {
+/// use sd2::{DType, Detector, Device};
+/// let det = Detector::builder("runs/x/checkpoints/best")
+///     .clip("models/clip-vit-large-patch14")
+///     .device(Device::Cuda(0))
+///     .dtype(DType::BF16)
+///     .batch_size(64)
+///     .merge_lora(true)
+///     .build()?;
+/// let p = det.detect_bytes(&std::fs::read("photo.jpg")?)?;
+/// println!("{} {:.3} fake: {}", p.label, p.fake_score, det.is_fake(&p));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct DetectorBuilder {
+    checkpoint: std::path::PathBuf,
+    clip: Option<std::path::PathBuf>,
+    device: Device,
+    dtype: DType,
+    batch_size: usize,
+    threads: Option<usize>,
+    merge_lora: bool,
+}
+
+impl DetectorBuilder {
+    /// The CLIP folder (Hugging Face layout) the checkpoint was trained on. Needed unless the
+    /// checkpoint trained every CLIP weight (`train_base`, e.g. the `tiny` preset), in which
+    /// case it carries the towers itself.
+    pub fn clip(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.clip = Some(dir.into());
+        self
+    }
+
+    /// The device the model runs on (default: the CPU).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// The dtype of the CLIP weights and activations: `F32` (default, the reference) or
+    /// `BF16` (half the memory; the trained tensors stay f32 masters, features and logits are
+    /// f32). A `train_base` checkpoint runs in f32 only.
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Images per model call (default [`DEFAULT_BATCH_SIZE`]); larger inputs are split, so
+    /// peak memory does not grow with the number of images.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n;
+        self
+    }
+
+    /// Runs the model's CPU work on a pool of `n` threads of its own instead of rayon's
+    /// global pool (which has one per core).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = Some(n);
+        self
+    }
+
+    /// Folds each LoRA adapter into its base weight (`W + s·B·A`) so inference runs plain
+    /// linear layers (default off; on, scores move by rounding only).
+    pub fn merge_lora(mut self, merge: bool) -> Self {
+        self.merge_lora = merge;
+        self
+    }
+
+    /// Loads the checkpoint: its format, configs and every tensor's shape are checked
+    /// against each other and against the CLIP folder before weights are read.
+    pub fn build(self) -> Result<Detector> {
+        if self.batch_size == 0 {
+            return Err(Error::Config {
+                key: "batch_size".into(),
+                msg: "must be at least 1".into(),
+            });
+        }
+        if !matches!(self.dtype, DType::F32 | DType::BF16 | DType::F64) {
+            return Err(Error::Config {
+                key: "dtype".into(),
+                msg: format!("{:?}: a detector runs in f32, bf16 or f64", self.dtype),
+            });
+        }
+        let pool = match self.threads {
+            None => None,
+            Some(0) => {
+                return Err(Error::Config {
+                    key: "threads".into(),
+                    msg: "must be at least 1".into(),
+                })
+            }
+            Some(n) => Some(std::sync::Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("sd2-detector-{i}"))
+                    .build()
+                    .map_err(|e| Error::Msg(format!("detector thread pool: {e}")))?,
+            )),
+        };
+        let run = || {
+            Detector::load_with(
+                &self.checkpoint,
+                self.clip.as_deref(),
+                self.device,
+                self.dtype,
+            )
+        };
+        let mut det = match &pool {
+            Some(p) => p.install(run)?,
+            None => run()?,
+        };
+        det.batch_size = self.batch_size;
+        det.pool = pool;
+        if self.merge_lora {
+            det.merge_lora()?;
+        }
+        Ok(det)
+    }
 }
 
 /// Normalized embeddings [5, P] of the fixed test phrase of each class.
@@ -244,7 +433,7 @@ pub fn predict_pixels(
             Prediction {
                 probs,
                 class,
-                label: CLASSES[class],
+                label: Class::ALL[class],
                 fake_score: 1.0 - probs[0],
             }
         })
@@ -280,47 +469,96 @@ impl Detector {
         Ok(Detector {
             model,
             class_embeds,
+            batch_size: DEFAULT_BATCH_SIZE,
+            pool: None,
+            threshold: None,
         })
     }
 
+    /// Options for loading the checkpoint folder `checkpoint` (written by the trainer).
+    pub fn builder(checkpoint: impl Into<std::path::PathBuf>) -> DetectorBuilder {
+        DetectorBuilder {
+            checkpoint: checkpoint.into(),
+            clip: None,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            batch_size: DEFAULT_BATCH_SIZE,
+            threads: None,
+            merge_lora: false,
+        }
+    }
+
     /// A checkpoint folder written by the trainer, and the CLIP folder it was trained on (None
-    /// for a checkpoint that trained every CLIP weight, e.g. the `tiny` preset).
+    /// for a checkpoint that trained every CLIP weight, e.g. the `tiny` preset), in f32 with
+    /// the default options (`Detector::builder` for the others).
     pub fn load(checkpoint: &Path, clip_dir: Option<&Path>, device: Device) -> Result<Detector> {
+        Self::load_with(checkpoint, clip_dir, device, DType::F32)
+    }
+
+    fn load_with(
+        checkpoint: &Path,
+        clip_dir: Option<&Path>,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Detector> {
         let state_path = checkpoint.join("state.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::read(&state_path, e))?;
-        let state: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::parse(state_path.display(), e))?;
         // As the trainer's own reader: a format this build does not know is refused.
         match state.get("format").and_then(|f| f.as_u64()) {
             Some(1) => {}
             f => {
-                return Err(Error::Msg(format!(
-                    "{}: unknown checkpoint format {} (this build reads format 1)",
-                    state_path.display(),
-                    f.map_or("(none)".to_string(), |f| f.to_string())
-                )))
+                return Err(Error::checkpoint(
+                    &state_path,
+                    format_args!(
+                        "unknown checkpoint format {} (this build reads format 1)",
+                        f.map_or("(none)".to_string(), |f| f.to_string())
+                    ),
+                ))
             }
         }
         let cfg: super::Sd2Config = serde_json::from_value(state["sd2"].clone())
-            .map_err(|e| Error::Msg(format!("{}: sd2 config: {e}", state_path.display())))?;
+            .map_err(|e| Error::checkpoint(&state_path, format_args!("sd2 config: {e}")))?;
         let clip_cfg: crate::clip::ClipConfig = serde_json::from_value(state["clip"].clone())
-            .map_err(|e| Error::Msg(format!("{}: clip config: {e}", state_path.display())))?;
+            .map_err(|e| Error::checkpoint(&state_path, format_args!("clip config: {e}")))?;
         clip_cfg
             .validate()
-            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+            .map_err(|e| Error::checkpoint(&state_path, e))?;
+        let threshold = match state.get("threshold") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => match v.as_f64() {
+                Some(t) if (0.0..=1.0).contains(&t) => Some(t),
+                _ => {
+                    return Err(Error::checkpoint(
+                        &state_path,
+                        format_args!("threshold {v}: expected a number in [0, 1]"),
+                    ))
+                }
+            },
+        };
         let trainable = checkpoint.join("trainable.safetensors");
         cfg.validate(&clip_cfg)
-            .map_err(|e| Error::Msg(format!("{}: {e}", state_path.display())))?;
+            .map_err(|e| Error::checkpoint(&state_path, e))?;
         check_trainable_header(&trainable, &cfg)?;
+        if cfg.train_base && dtype != DType::F32 && dtype != DType::F64 {
+            return Err(Error::Config {
+                key: "dtype".into(),
+                msg: format!(
+                    "{}: this checkpoint trained every CLIP weight (train_base), whose f32 \
+                     weights run in f32 only, not {dtype:?}",
+                    checkpoint.display()
+                ),
+            });
+        }
         let clip = match clip_dir {
             Some(dir) => {
-                let clip = ClipModel::load(dir, DType::F32, device)?;
+                let clip = ClipModel::load(dir, dtype, device)?;
                 if clip.config != clip_cfg {
-                    return Err(Error::Msg(format!(
-                        "{}: the checkpoint does not match the CLIP model in {}",
-                        checkpoint.display(),
-                        dir.display()
-                    )));
+                    return Err(Error::mismatch(
+                        format_args!("{} and {}", checkpoint.display(), dir.display()),
+                        "the checkpoint does not match this CLIP model (it was trained on another config)",
+                    ));
                 }
                 clip
             }
@@ -338,15 +576,49 @@ impl Detector {
                 )?
             }
             None => {
-                return Err(Error::Msg(format!(
-                    "{}: this checkpoint needs the CLIP folder it was trained on",
-                    checkpoint.display()
-                )))
+                return Err(Error::invalid(
+                    "Detector::load",
+                    format_args!(
+                        "{}: this checkpoint needs the CLIP folder it was trained on",
+                        checkpoint.display()
+                    ),
+                ))
             }
         };
         let model = Sd2Model::new(clip, cfg, 0)?;
         load_trainable(&model, &trainable)?;
-        Self::from_model(model, &ClipTokenizer::openai()?, &TypeTexts::shipped()?)
+        let mut det = Self::from_model(model, &ClipTokenizer::openai()?, &TypeTexts::shipped()?)?;
+        det.threshold = threshold;
+        Ok(det)
+    }
+
+    /// The fake-score threshold: the one chosen on validation data when training saved it in
+    /// the checkpoint (`state.json`'s `threshold`), else 0.5.
+    pub fn threshold(&self) -> f64 {
+        self.threshold.unwrap_or(0.5)
+    }
+
+    /// Whether the checkpoint carries a threshold chosen on validation data.
+    pub fn has_validation_threshold(&self) -> bool {
+        self.threshold.is_some()
+    }
+
+    /// Whether `p` is fake at this detector's [`threshold`](Detector::threshold).
+    pub fn is_fake(&self, p: &Prediction) -> bool {
+        p.is_fake(self.threshold())
+    }
+
+    /// Images per model call.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// Runs `f` on the detector's own thread pool, if it has one.
+    fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
     }
 
     /// Folds every LoRA adapter into its base weight: W ← W + s·B·A.
@@ -373,9 +645,19 @@ impl Detector {
         Ok(())
     }
 
-    /// Predictions for normalized pixel values [N, 3, S, S].
+    /// Predictions for normalized pixel values [N, 3, S, S], in model calls of at most
+    /// `batch_size` images.
     pub fn detect_pixels(&self, pixels: &Tensor) -> Result<Vec<Prediction>> {
-        predict_pixels(&self.model, &self.class_embeds, pixels)
+        let n = pixels.dims().first().copied().unwrap_or(0);
+        if n <= self.batch_size {
+            return self.in_pool(|| predict_pixels(&self.model, &self.class_embeds, pixels));
+        }
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(self.batch_size) {
+            let part = pixels.narrow(0, start, self.batch_size.min(n - start))?;
+            out.extend(self.in_pool(|| predict_pixels(&self.model, &self.class_embeds, &part))?);
+        }
+        Ok(out)
     }
 
     /// Predictions for preprocessed crops (`clip::preprocess::preprocess` of each, concatenated
@@ -385,13 +667,14 @@ impl Detector {
         let size = self.model.clip.config.vision_config.image_size;
         let per = 3 * size * size;
         if !pixels.len().is_multiple_of(per) {
-            return Err(Error::Msg(format!(
-                "detect_crops: {} values are not whole {size}x{size} crops",
-                pixels.len()
-            )));
+            return Err(Error::invalid(
+                "detect_crops",
+                format_args!("{} values are not whole {size}x{size} crops", pixels.len()),
+            ));
         }
         let mut out = Vec::with_capacity(pixels.len() / per);
-        for part in pixels.chunks(chunk.clamp(1, usize::MAX / per) * per) {
+        let chunk = chunk.min(self.batch_size).clamp(1, usize::MAX / per);
+        for part in pixels.chunks(chunk * per) {
             let px = Tensor::from_vec(
                 part.to_vec(),
                 (part.len() / per, 3, size, size),
@@ -404,16 +687,35 @@ impl Detector {
         Ok(out)
     }
 
-    /// Predictions for decoded RGB images (preprocessed as CLIP's image processor does).
+    /// Predictions for decoded RGB images (preprocessed as CLIP's image processor does), in
+    /// model calls of at most `batch_size` images; an empty image is `Error::Media`.
     pub fn detect(&self, images: &[RgbImage]) -> Result<Vec<Prediction>> {
         let size = self.model.clip.config.vision_config.image_size;
-        let px = pixel_values(
-            images,
-            size,
-            self.model.dtype(),
-            self.model.clip.logit_scale.device(),
-        )?;
-        self.detect_pixels(&px)
+        let mut out = Vec::with_capacity(images.len());
+        for part in images.chunks(self.batch_size) {
+            let px = pixel_values(
+                part,
+                size,
+                self.model.dtype(),
+                self.model.clip.logit_scale.device(),
+            )?;
+            out.extend(self.detect_pixels(&px)?);
+        }
+        Ok(out)
+    }
+
+    /// The prediction for one decoded image, scored whole (no face crop).
+    pub fn detect_image(&self, image: &RgbImage) -> Result<Prediction> {
+        self.detect(std::slice::from_ref(image))?
+            .pop()
+            .ok_or_else(|| Error::Msg("detect_image: the model returned no prediction".into()))
+    }
+
+    /// The prediction for one encoded image (JPEG, PNG or WebP bytes), scored whole. Bytes
+    /// that do not decode, or claim a size over the decoder's limits, are `Error::Media`.
+    pub fn detect_bytes(&self, bytes: &[u8]) -> Result<Prediction> {
+        let img = crate::clip::preprocess::decode_image_bytes(bytes, "image bytes")?;
+        self.detect_image(&img)
     }
 
     /// An image judged by its faces: each face `faces` finds is cropped (`faces::crop`) and
@@ -477,7 +779,9 @@ impl Detector {
                         let mine: Vec<Prediction> = preds.by_ref().take(boxes.len()).collect();
                         if mine.len() != boxes.len() {
                             return Err(Error::Msg(
-                                "detect_files_faces: fewer predictions than faces".into(),
+                                "detect_files_faces: the model returned fewer predictions than \
+                                 faces"
+                                    .into(),
                             ));
                         }
                         each(p, Ok(ImageVerdict::from_faces(boxes, mine)));
@@ -717,7 +1021,7 @@ pub fn judge_video(
             }
         }
         let c = (0..5).fold(0, |b, j| if mean[j] > mean[b] { j } else { b });
-        (Some(score), Some(CLASSES[c]))
+        (Some(score), Some(Class::ALL[c]))
     };
     Ok(VideoVerdict {
         status: if n == 0 { "no_face" } else { "ok" },

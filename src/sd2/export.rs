@@ -7,6 +7,14 @@ use std::path::Path;
 use super::model::Sd2Model;
 use crate::{Error, Result, Tensor};
 
+/// Writes the model's LoRA adapters to `dir` in peft's format: `adapter_config.json` (rank, alpha,
+/// dropout, target modules, and `base_model` as `base_model_name_or_path`) and
+/// `adapter_model.safetensors` (every A and B factor in f32, under peft's key names). With adapters
+/// on both towers the targets are the list of layer names; on one tower, a regex that only matches
+/// that tower's blocks.
+///
+/// Errors: `Error::Config` for a `train_base` model (its CLIP weights are not the base an adapter
+/// would be applied to), `Error::Msg` for a model without adapters, and write errors.
 pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()> {
     // An adapter applied to the released base would not give this model's outputs.
     if model.cfg.train_base {

@@ -12,13 +12,23 @@ use crate::ops;
 use crate::optim::Param;
 use crate::{DType, Error, Result, Tensor};
 
+/// The SD2 model: a CLIP with LoRA adapters, CLAM and its adapter (when `cfg.clam`), and the
+/// trainable scalars of the losses. Build one with [`Sd2Model::new`]. Training calls
+/// [`Sd2Model::losses`] (or `losses_given_classes`); inference passes the normalized
+/// `image_features` and the normalized embeddings of the class phrases to [`Sd2Model::logits`].
+/// Every trainable tensor is listed in [`Sd2Model::params`].
 pub struct Sd2Model {
+    /// The SD2 configuration it was built with, validated against the CLIP.
     pub cfg: Sd2Config,
+    /// The wrapped CLIP. The LoRA adapters live on its linears; its `logit_scale` is trainable.
     pub clip: ClipModel,
+    /// CLAM, when `cfg.clam`; `None` otherwise.
     pub clam: Option<Clam>,
+    /// The adapter after CLAM, when `cfg.clam`; `None` otherwise.
     pub adapter: Option<Adapter>,
     /// t' of the sigmoid contrast (t = exp t').
     pub t_log: Tensor,
+    /// Bias b of the sigmoid contrast: a trainable 0-d tensor starting at `cfg.b_init`.
     pub bias: Tensor,
     params: Vec<Param>,
     /// Activations and frozen CLIP weights (the CLIP model's dtype).
@@ -27,12 +37,16 @@ pub struct Sd2Model {
 
 /// One micro-batch. Texts are token ids [rows, S] with one S for all three sets.
 pub struct Sd2Batch {
+    /// Normalized pixels [B, C, H, W] (CLIP preprocessing, H = W = the vision `image_size`); cast
+    /// to the model's dtype.
     pub pixel_values: Tensor,
-    /// Class ids [B] (i64 or u32).
+    /// Class ids \[B\] (i64 or u32).
     pub labels: Tensor,
     /// One phrasing per class, in label order: [5, S].
     pub type_ids: Tensor,
+    /// Token ids [B, S] of one face description per image; required unless `loss_dual` is `Off`.
     pub face_ids: Option<Tensor>,
+    /// Token ids [B, S] of one environment description per image; required under `FaceEnv`.
     pub env_ids: Option<Tensor>,
     /// The ids that go through the text tower (types unless `losses_given_classes` is used,
     /// then faces, then envs when used), row-major on the host, when the caller tokenized
@@ -43,9 +57,14 @@ pub struct Sd2Batch {
 
 /// The loss terms of a step (0-d tensors); the unused ones are None.
 pub struct Losses {
+    /// `w_c·L_C + w_s·L_S + w_d·L_D` over the terms that are on: what backward starts from.
     pub total: Tensor,
+    /// L_C, the mean cross-entropy of the class logits against the labels (not weighted).
     pub l_c: Tensor,
+    /// L_S (not weighted), when `loss_separation` is on.
     pub l_s: Option<Tensor>,
+    /// L_D (not weighted; the face and environment terms summed under `FaceEnv`), when `loss_dual`
+    /// is not `Off`.
     pub l_d: Option<Tensor>,
 }
 
@@ -203,6 +222,10 @@ impl Sd2Model {
             .mul(&self.clip.logit_scale.exp()?)
     }
 
+    /// The loss terms of one micro-batch, with the class embeddings computed from `batch.type_ids`
+    /// in the same text-tower pass as the descriptions. Errors: `type_ids` not [5, S], descriptions
+    /// that `loss_dual` needs missing, or a description count that differs from the image count.
+    /// The trainer uses `losses_given_classes` instead, to run the class phrases once per step.
     pub fn losses(&self, batch: &Sd2Batch, fwd: Fwd) -> Result<Losses> {
         self.losses_inner(batch, None, fwd)
     }

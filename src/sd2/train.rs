@@ -16,9 +16,14 @@ use crate::optim::{AdamW, AdamWConfig, GradNorm};
 use crate::rng::{mix64, Rng};
 use crate::{Error, GradStore, Result, Tensor};
 
+/// The optimization side of an SD2 run (SD2-SPEC §5): AdamW, the learning-rate schedule, batch
+/// sizes, the seed and what a non-finite step does. Saved in every checkpoint's `state.json`;
+/// unknown keys are an error. [`TrainConfig::validate`] checks the ranges.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Peak learning rate, reached at the end of warmup (5e-7); the schedule is
+    /// [`TrainConfig::lr_at`].
     pub lr: f64,
     /// Fraction of `total_steps` spent in linear warmup.
     pub warmup_frac: f64,
@@ -26,12 +31,25 @@ pub struct TrainConfig {
     pub total_steps: usize,
     /// Images per optimizer step, reached by accumulating micro-batches.
     pub effective_batch: usize,
+    /// Images per forward and backward pass (32). `sd2 train` cuts each step's images into
+    /// micro-batches of this size, and 0 there means the largest that fits the GPU's memory
+    /// ([`Trainer::auto_micro_batch`]). [`Trainer::step`] takes whatever micro-batches it is given.
     pub micro_batch: usize,
+    /// AdamW's first-moment decay (0.9), in [0, 1).
     pub beta1: f64,
+    /// AdamW's second-moment decay (0.999), in [0, 1).
     pub beta2: f64,
+    /// AdamW's epsilon, added to the denominator (1e-8).
     pub eps: f64,
+    /// Decoupled weight decay (0.01) of the parameters flagged for it: weights, not biases, norms,
+    /// embeddings, `logit_scale`, t' or b. `lr · weight_decay` must be below 1.
     pub weight_decay: f64,
+    /// Global gradient-norm limit (1.0): when the L2 norm over all gradients exceeds it, they are
+    /// scaled down to it. `inf` turns clipping off.
     pub clip_norm: f64,
+    /// Seed of the run. The trainer derives its type-text draws and dropout masks from it (with the
+    /// step); `sd2 train` also uses it for the model's initialisation, the shuffles and the
+    /// augmentations. The same seed and data give a bit-identical CPU run.
     pub seed: u64,
     /// Draw one of each class's training phrasings per step (SD2); false uses the fixed test
     /// phrase throughout — for a text tower trained from scratch (the `tiny` preset), which has
@@ -161,22 +179,36 @@ impl TrainConfig {
 
 /// One micro-batch of training data: normalized pixels, class ids, descriptions.
 pub struct MicroBatch {
+    /// Normalized pixels [n, 3, H, W] on the model's device; cast to the model's dtype.
     pub pixel_values: Tensor,
+    /// Class id of each image, 0..5 in `CLASSES` order.
     pub labels: Vec<usize>,
+    /// One face description per image, in image order; read only when `loss_dual` is not `Off`.
     pub face: Vec<String>,
+    /// One environment description per image, in image order; read only under `FaceEnv`.
     pub env: Vec<String>,
 }
 
 /// What one optimizer step did (one JSON line per step).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct StepLog {
+    /// Index of the step, from 0 (the count before this step).
     pub step: u64,
+    /// L_C, averaged over the step's images (each micro-batch weighted by its share of them),
+    /// without its weight `w_c`.
     pub l_c: f64,
+    /// L_S, averaged the same way, when `loss_separation` is on.
     pub l_s: Option<f64>,
+    /// L_D, averaged the same way, when `loss_dual` is not `Off`.
     pub l_d: Option<f64>,
+    /// The weighted total loss, averaged the same way.
     pub total: f64,
+    /// Learning rate of this step ([`TrainConfig::lr_at`]).
     pub lr: f64,
+    /// Global L2 norm of the step's gradients, before clipping.
     pub grad_norm: f64,
+    /// The step's images divided by its wall-clock time, measured on the host up to the read of the
+    /// loss terms (so the device's work is included).
     pub images_per_sec: f64,
     /// A non-finite loss term or norm under `on_nonfinite = "skip"` (the update was skipped
     /// when the norm was the non-finite one).
@@ -184,13 +216,22 @@ pub struct StepLog {
 }
 
 impl StepLog {
+    /// The record as one line of JSON (the per-step log line). Should serialization fail, a JSON
+    /// object with an `error` key.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 }
 
+/// Trains an [`Sd2Model`]: one optimizer step per call of [`Trainer::step`], and checkpoints
+/// written by [`Trainer::write_files`] and read back by [`Trainer::resume`]. It holds the AdamW
+/// state, the RNG of the type-text draws, the tokenizer, the type texts and the step count, so a
+/// resumed run goes on exactly as an uninterrupted one.
 pub struct Trainer {
+    /// The model being trained; AdamW updates its `params()`.
     pub model: Sd2Model,
+    /// The training configuration. `sd2 train` rewrites it after `new` (the resolved micro-batch
+    /// and total steps); AdamW's betas, eps and weight decay are read once, in `new`.
     pub cfg: TrainConfig,
     opt: AdamW,
     rng: Rng,
@@ -204,6 +245,10 @@ pub struct Trainer {
     /// (texts, tokens per text) of each text-tower pass of the last step (the class phrases,
     /// then each micro-batch's descriptions): for the launch plan's traffic floor.
     text_passes: std::sync::Mutex<Vec<(usize, usize)>>,
+    /// The fake-score threshold chosen on validation data at the last evaluation (the
+    /// accuracy-maximizing one); saved in `state.json` as `threshold`, where
+    /// `Detector::threshold` reads it.
+    pub val_threshold: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -223,6 +268,9 @@ struct State {
     /// non-finite norm. Absent in older checkpoints, which had no skips.
     #[serde(default)]
     opt_steps: Option<u64>,
+    /// The fake-score threshold chosen on validation data, when the run had a val split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    threshold: Option<f64>,
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -230,6 +278,8 @@ fn err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 impl Trainer {
+    /// A trainer at step 0 with empty AdamW state, its RNG seeded from `cfg.seed`. `cfg` is not
+    /// validated here ([`TrainConfig::validate`]).
     pub fn new(
         model: Sd2Model,
         cfg: TrainConfig,
@@ -254,6 +304,7 @@ impl Trainer {
             skipped: 0,
             skipped_in_a_row: 0,
             text_passes: Default::default(),
+            val_threshold: None,
         }
     }
 
@@ -677,6 +728,7 @@ impl Trainer {
             metric,
             skipped: self.skipped,
             opt_steps: Some(self.opt.steps()),
+            threshold: self.val_threshold.filter(|t| t.is_finite()),
         };
         let json = serde_json::to_string_pretty(&state).map_err(|e| err(dir, e))?;
         write_synced(&dir.join("state.json"), json.as_bytes())?;
@@ -725,6 +777,7 @@ impl Trainer {
         }
         t.opt.set_steps(opt_steps);
         t.step = state.step;
+        t.val_threshold = state.threshold;
         t.skipped = state.skipped;
         t.rng = Rng::from_state(state.rng_state);
         Ok(t)

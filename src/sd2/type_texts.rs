@@ -17,6 +17,9 @@ struct Raw {
     train: std::collections::HashMap<String, Vec<String>>,
 }
 
+/// The class phrasings SD2 uses as text prototypes: for each of the five classes (in [`CLASSES`]
+/// order) a pool of training phrasings and one test phrase. [`TypeTexts::shipped`] gives the
+/// crate's own.
 #[derive(Clone, Debug)]
 pub struct TypeTexts {
     /// Per class (label order): its training phrasings.
@@ -31,6 +34,9 @@ impl TypeTexts {
         Self::from_json(SHIPPED)
     }
 
+    /// Parses a type-texts JSON object: `classes` (exactly [`CLASSES`], in order), `train` (class →
+    /// non-empty list of phrasings) and `test` (class → one phrase). Errors are `Error::Msg` naming
+    /// what is missing or wrong.
     pub fn from_json(text: &str) -> Result<TypeTexts> {
         let raw: Raw =
             serde_json::from_str(text).map_err(|e| Error::Msg(format!("type texts: {e}")))?;
@@ -67,6 +73,8 @@ impl TypeTexts {
             .collect()
     }
 
+    /// The test phrase of each class, in label order: what the detector classifies against, and
+    /// what training uses when `sample_type_texts` is off.
     pub fn test_phrases(&self) -> Vec<&str> {
         self.test.iter().map(|s| s.as_str()).collect()
     }

@@ -8,9 +8,13 @@ use crate::Float;
 /// A read-only matrix view: element (i, j) is at `data[off + i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 pub struct Mat<'a, F> {
+    /// The buffer the matrix lies in (may hold other data before and after it).
     pub data: &'a [F],
+    /// Index in `data` of element (0, 0).
     pub off: usize,
+    /// Row stride in elements: distance between (i, j) and (i + 1, j).
     pub rs: usize,
+    /// Column stride in elements: distance between (i, j) and (i, j + 1).
     pub cs: usize,
 }
 
@@ -34,6 +38,8 @@ impl<'a, F> Mat<'a, F> {
         }
     }
 
+    /// The same view with its origin moved `off` elements further into `data` (the next matrix of
+    /// a batch, a head's columns).
     pub fn at(self, off: usize) -> Self {
         Mat {
             off: self.off + off,
@@ -41,6 +47,7 @@ impl<'a, F> Mat<'a, F> {
         }
     }
 
+    /// The transposed view: row and column strides swapped, no data moved.
     pub fn t(self) -> Self {
         Mat {
             rs: self.cs,

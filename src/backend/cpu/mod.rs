@@ -16,19 +16,29 @@ pub(crate) mod norm;
 /// Rows per chunk of a deterministic parallel reduction.
 pub(crate) const RED_CHUNK: usize = 64;
 
+/// A host buffer: one `Vec` of the element type the variant names. The CPU backend's
+/// `BackendStorage` and the staging form every device copies through.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CpuStorage {
+    /// f32 elements.
     F32(Vec<f32>),
+    /// bf16 elements; kernels widen them to f32 and round results back.
     BF16(Vec<bf16>),
+    /// f64 elements (CPU only; gradient checks).
     F64(Vec<f64>),
+    /// i64 elements: ids and labels.
     I64(Vec<i64>),
+    /// u32 elements: ids and labels.
     U32(Vec<u32>),
 }
 
 /// Element types a `CpuStorage` can be built from and viewed as.
 pub trait CpuElem: WithDType {
+    /// Moves a vector of this type into the matching `CpuStorage` variant.
     fn wrap(v: Vec<Self>) -> CpuStorage;
+    /// The elements as a slice if `s` holds this type, else `None`.
     fn view(s: &CpuStorage) -> Option<&[Self]>;
+    /// The elements as a mutable slice if `s` holds this type, else `None`.
     fn view_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
 }
 
@@ -139,6 +149,8 @@ macro_rules! any_dtype {
 }
 
 impl CpuStorage {
+    /// The elements as `&[T]`; `Error::DTypeMismatch` if the buffer holds another type (no
+    /// conversion is made).
     pub fn as_slice<T: CpuElem>(&self) -> Result<&[T]> {
         T::view(self).ok_or(Error::DTypeMismatch {
             op: "as_slice",
@@ -147,6 +159,7 @@ impl CpuStorage {
         })
     }
 
+    /// The elements as `&mut [T]`; `Error::DTypeMismatch` if the buffer holds another type.
     pub fn as_mut_slice<T: CpuElem>(&mut self) -> Result<&mut [T]> {
         let dt = self.dtype();
         T::view_mut(self).ok_or(Error::DTypeMismatch {
@@ -156,6 +169,7 @@ impl CpuStorage {
         })
     }
 
+    /// A buffer of `len` zeros of `dtype`.
     pub fn zeros(len: usize, dtype: DType) -> CpuStorage {
         match dtype {
             DType::F32 => CpuStorage::F32(vec![0.0; len]),

@@ -9,8 +9,12 @@ use crate::{Error, Result};
 /// Grid, block and dynamic shared memory of a launch (as cudarc's `LaunchConfig`).
 #[derive(Clone, Copy, Debug)]
 pub struct LaunchConfig {
+    /// Blocks in x, y, z (`gridDim`).
     pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z (`blockDim`).
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, bytes. Above the default 48 KiB the GPU runtime opts
+    /// the kernel in, up to the device's limit.
     pub shared_mem_bytes: u32,
 }
 
@@ -36,9 +40,13 @@ pub struct TensorMap(pub [u64; 16]);
 /// (box_cols · 2 = 128 bytes: the 128-byte swizzle span), zeros past the tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TileMap {
+    /// Rows of the matrix (the outer dimension; at most 2³¹).
     pub rows: usize,
+    /// Columns: bf16 elements per row, contiguous. `cols · 2` bytes must be a multiple of 16.
     pub cols: usize,
+    /// Rows of one box (one TMA copy), 1..=256: the kernel's tile height.
     pub box_rows: usize,
+    /// Columns of one box: must be 64 (64 · 2 bytes = the 128-byte swizzle span).
     pub box_cols: usize,
 }
 
@@ -90,17 +98,25 @@ impl TensorMap {
 /// One kernel argument, passed by value as in `cuLaunchKernel`.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
+    /// An address: device memory on a GPU, host memory in the simulator.
     Ptr(*mut c_void),
+    /// A 4-byte `int` parameter ([`Arg::int`] builds one with a range check).
     I32(i32),
+    /// A `float` parameter.
     F32(f32),
+    /// An 8-byte parameter: an address held as an integer (a buffer's `addr()`), or an
+    /// `unsigned long long` such as a seed. Matches a pointer or an 8-byte integer parameter.
     U64(u64),
+    /// A TMA descriptor passed by value (a `__grid_constant__` struct parameter).
     Map(TensorMap),
 }
 
 impl Arg {
+    /// A pointer argument from a const pointer (an input the kernel reads).
     pub fn ptr<T>(p: *const T) -> Arg {
         Arg::Ptr(p as *mut c_void)
     }
+    /// A pointer argument from a mutable pointer (an output the kernel writes).
     pub fn mut_ptr<T>(p: *mut T) -> Arg {
         Arg::Ptr(p as *mut c_void)
     }

@@ -10,6 +10,8 @@ use crate::{Error, Result};
 pub trait RawAlloc {
     /// A device address for `bytes` bytes, or an error (out of memory, …).
     fn alloc(&mut self, bytes: usize) -> Result<u64>;
+    /// Gives back block `ptr` that `alloc` returned for `bytes` bytes. Cannot fail: a driver
+    /// error here is dropped.
     fn free(&mut self, ptr: u64, bytes: usize);
     /// (free, total) device memory, for out-of-memory messages.
     fn mem_info(&self) -> (usize, usize);
@@ -18,10 +20,17 @@ pub trait RawAlloc {
 /// Bytes in use and cached, the peak in use, and the driver calls made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllocStats {
+    /// Bytes in blocks handed out and not yet freed, by size class (so at least the bytes
+    /// asked for).
     pub in_use: usize,
+    /// The highest `in_use` since the allocator was made or `reset_peak` last ran.
     pub peak_in_use: usize,
+    /// Bytes in freed blocks kept on the free lists for reuse (not given back to the driver).
     pub cached: usize,
+    /// Blocks obtained from the driver (successful `RawAlloc::alloc` calls).
     pub driver_allocs: usize,
+    /// Blocks given back to the driver (by `empty_cache`, also run before the retry after an
+    /// out-of-memory error).
     pub driver_frees: usize,
 }
 
@@ -37,6 +46,11 @@ pub fn size_class(bytes: usize) -> usize {
     }
 }
 
+/// Device memory from raw allocator `R`, cached: each request is rounded up to its
+/// [`size_class`], and a freed block goes onto its class's free list, to serve the next request
+/// of that class without a driver call. Blocks are never split or merged, so memory cached in
+/// one class serves no other until `empty_cache`. Not synchronized itself: the GPU runtime keeps
+/// it behind a mutex.
 pub struct CachingAllocator<R: RawAlloc> {
     raw: R,
     free: BTreeMap<usize, Vec<u64>>,
@@ -45,6 +59,7 @@ pub struct CachingAllocator<R: RawAlloc> {
 }
 
 impl<R: RawAlloc> CachingAllocator<R> {
+    /// An allocator over `raw` with nothing cached and every counter at zero.
     pub fn new(raw: R) -> Self {
         CachingAllocator {
             raw,
@@ -54,6 +69,7 @@ impl<R: RawAlloc> CachingAllocator<R> {
         }
     }
 
+    /// A copy of the counters now.
     pub fn stats(&self) -> AllocStats {
         self.stats
     }
@@ -139,7 +155,10 @@ fn human(bytes: usize) -> String {
 /// stream (unverified on hardware so far: no GPU was lent to the sessions that wrote it).
 #[cfg(feature = "cuda")]
 pub struct StreamAlloc {
+    /// The GPU's context, bound to the calling thread before each allocation.
     pub ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+    /// The stream allocations and frees are ordered on: the GPU's compute stream, so a block
+    /// freed there is reused only by work queued after its last reader.
     pub stream: std::sync::Arc<cudarc::driver::CudaStream>,
 }
 

@@ -67,10 +67,17 @@ pub struct Gpu {
     kernel_file: HashMap<String, usize>,
     cublas: Mutex<Option<Cublas>>,
     cublas_failed: std::sync::atomic::AtomicBool,
+    /// The device index (`cuda:N`).
     pub ordinal: usize,
+    /// The device name the driver reports (for example `NVIDIA H200`).
     pub name: String,
+    /// (major, minor). At least (8, 0): `get` refuses older GPUs. (9, 0) runs the Hopper
+    /// (sm_90a) kernels.
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (SMs) on the device.
     pub multiprocessors: u32,
+    /// The most dynamic shared memory one block may use after opting in, bytes; `launch`
+    /// rejects a launch that asks for more.
     pub smem_optin: u32,
 }
 
@@ -177,10 +184,13 @@ impl Gpu {
         self.ctx.bind_to_thread().map_err(drv("bind context"))
     }
 
+    /// This GPU's driver context (cudarc's), for driver calls this type does not wrap.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 
+    /// The compute stream: launches, uploads, read-backs and the caching allocator's blocks
+    /// are ordered on it (`stage` copies on a second stream until `Staged::finish`).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -294,12 +304,12 @@ impl Gpu {
         })
     }
 
-    /// A CUDA event recorded on this GPU's stream now (the profiler's marks).
     /// This GPU's clock for the profiler (`crate::profile::start`).
     pub fn clock(self: &Arc<Self>) -> Arc<dyn crate::profile::DeviceClock> {
         Arc::new(GpuClock(self.clone()))
     }
 
+    /// A CUDA event recorded on this GPU's stream now (the profiler's marks).
     pub fn event(&self) -> Result<cudarc::driver::CudaEvent> {
         let e = self
             .ctx
@@ -578,6 +588,7 @@ impl Gpu {
         self.synchronize()
     }
 
+    /// The caching allocator's counters: bytes in use, their peak, bytes cached, driver calls.
     pub fn alloc_stats(&self) -> AllocStats {
         lock(&self.alloc).stats()
     }
@@ -660,12 +671,15 @@ pub struct DeviceBuffer {
 }
 
 impl DeviceBuffer {
+    /// The device address of the first byte.
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
+    /// The size asked for, bytes (the block underneath is rounded up to its size class).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// The GPU that owns the memory; the buffer returns to its allocator on drop.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
     }
@@ -717,20 +731,32 @@ unsafe impl Send for Cublas {}
 /// Row-major `C[b] = op(A[b])·op(B[b])` for `Gpu::gemm` (dtype: f32 or bf16; f32 accumulate).
 #[derive(Clone, Copy, Debug)]
 pub struct GemmArgs {
+    /// Device address of A: [batch, m, k], or [batch, k, m] with `trans_a`.
     pub a: u64,
+    /// Device address of B: [k, n], or [n, k] with `trans_b`; with `rhs_batched`, one such
+    /// matrix per batch entry.
     pub b: u64,
+    /// Device address of C, [batch, m, n]; read as well as written when `beta` ≠ 0.
     pub c: u64,
+    /// Products in the batch (A and C step by m·k and m·n elements).
     pub batch: usize,
+    /// Rows of op(A) and of C.
     pub m: usize,
+    /// Columns of op(B) and of C.
     pub n: usize,
+    /// The contraction length: columns of op(A), rows of op(B).
     pub k: usize,
+    /// A is stored as [k, m]: op(A) = Aᵀ.
     pub trans_a: bool,
+    /// B is stored as [n, k] (a linear layer's weight): op(B) = Bᵀ.
     pub trans_b: bool,
     /// false: one B for every batch.
     pub rhs_batched: bool,
+    /// Element type of A, B and C: bf16 when true, else f32 (f32 accumulation either way).
     pub bf16: bool,
     /// C = alpha·op(A)·op(B) + beta·C (1 and 0 for a plain product).
     pub alpha: f32,
+    /// The factor on the C already there (0: C is only written).
     pub beta: f32,
 }
 

@@ -297,7 +297,7 @@ kernels! {
     /// out = a op b for three tensors of one shape (the broadcast-free case of `Binary`).
     BinaryContig["binary_contig_f32", "binary_contig_bf16"](a: ptr, b: ptr, out: ptr, op: code, n: len)
         grid(k) = ew_vec(k.n);
-    /// y = x · s[0], s an f32 on the device.
+    /// y = x · s\[0\], s an f32 on the device.
     ScaleBy["scale_by_f32", "scale_by_bf16"](x: ptr, s: ptr, y: ptr, n: len)
         grid(k) = ew(k.n);
     /// Inverted dropout with the CPU's keep mask (`rng::dropout_keep`).
@@ -327,10 +327,10 @@ kernels! {
     /// f32 ↔ bf16 (round to nearest even).
     Cast["cast_f32_bf16", "cast_bf16_f32"](x: ptr, y: ptr, n: len)
         grid(k) = ew(k.n);
-    /// out[i, :] = table[ids[i], :].
+    /// out\[i, :\] = table\[ids\[i\], :\].
     IndexRows["index_rows_f32", "index_rows_bf16"](table: ptr, ids: ptr, out: ptr, n: int, cols: int)
         grid(k) = rows(k.n, 128);
-    /// out[ids[i], :] += src[i, :], one thread per column in id order (deterministic).
+    /// out\[ids\[i\], :\] += src\[i, :\], one thread per column in id order (deterministic).
     IndexAddRows["index_add_rows_f32", "index_add_rows_bf16"](src: ptr, ids: ptr, out: ptr, n: int, cols: int)
         grid(k) = LaunchConfig::linear(k.cols.div_ceil(128).max(1) as u32, 128);
     /// The ViT stem's im2col: [B, C, H, W] → [B, (H/p)(W/p), C·p·p].
@@ -343,7 +343,7 @@ kernels! {
     ) grid(k) = ew(k.n);
 
     // kernels/layernorm.cu
-    /// out[j] = Σ_p part[p, j] in order (the fixed-order second stage of the reductions).
+    /// out\[j\] = Σ_p part\[p, j\] in order (the fixed-order second stage of the reductions).
     ColumnSum["column_sum_f32", "column_sum_bf16"](part: ptr, out: ptr, parts: int, n: int)
         grid(k) = LaunchConfig::linear(k.n.div_ceil(128).max(1) as u32, 128);
     /// LayerNorm of x (+ res, whose sum goes to `sum_out`; both optional) with f32 statistics.

@@ -16,13 +16,21 @@ use crate::{Error, Result};
 /// the launch (`In`, `Out`) and back after it (`Out`), so outputs poisoned on the host arrive
 /// poisoned on the device.
 pub enum KArg<'a> {
+    /// Host bytes the kernel reads: copied into the runner's memory for the launch (the
+    /// simulator reads them in place).
     In(&'a [u8]),
+    /// Host bytes the kernel writes: staged like `In` (so poison set on the host is there on the
+    /// device), then copied back after the launch.
     Out(&'a mut [u8]),
     /// A buffer already in the runner's memory.
     Buf(&'a Buffer),
+    /// A 4-byte `int` parameter.
     I32(i32),
+    /// A `float` parameter.
     F32(f32),
+    /// An 8-byte parameter: an address in the runner's memory, or an integer such as a seed.
     U64(u64),
+    /// A null pointer (an optional input the kernel skips).
     Null,
     /// A host matrix staged like `In` and passed as a TMA descriptor of it (made by the GPU's
     /// encoder, or the simulator's fields).
@@ -30,9 +38,11 @@ pub enum KArg<'a> {
 }
 
 impl<'a> KArg<'a> {
+    /// An input slice of any plain-data type, as its bytes (`In`).
     pub fn input<T: Pod>(v: &'a [T]) -> KArg<'a> {
         KArg::In(bytemuck::cast_slice(v))
     }
+    /// An output slice of any plain-data type, as its bytes (`Out`): filled after the launch.
     pub fn output<T: Pod>(v: &'a mut [T]) -> KArg<'a> {
         KArg::Out(bytemuck::cast_slice_mut(v))
     }
@@ -87,9 +97,14 @@ pub fn id_error(rec: [u64; 5]) -> Option<Error> {
 /// Memory owned by a runner: host words for the simulator, a device allocation on the GPU; or
 /// a non-owning view of another buffer's memory (an in-place output).
 pub enum Buffer {
+    /// The simulator's memory: 16-byte words (so every element is as aligned as on a GPU) and
+    /// the length in bytes.
     Host(Vec<u128>, usize),
+    /// A GPU allocation from the caching allocator, returned to it on drop.
     #[cfg(feature = "cuda")]
     Device(super::gpu::DeviceBuffer),
+    /// A view of memory another buffer owns: its address and length in bytes. Frees nothing;
+    /// it must not outlive the owner.
     Alias(u64, usize),
     /// Virtual memory of the launch-plan recorder (`Runner::Plan`).
     #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
@@ -108,6 +123,7 @@ impl Buffer {
             Buffer::Virtual(v) => v.addr(),
         }
     }
+    /// The length in bytes, as asked for (an allocation underneath may be larger).
     pub fn bytes(&self) -> usize {
         match self {
             Buffer::Host(_, n) => *n,
@@ -124,8 +140,10 @@ impl Buffer {
 #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
 #[derive(Clone)]
 pub enum Runner {
+    /// The CPU kernel simulator (`cuda:sim`): each launch runs to completion inside the call.
     #[cfg(feature = "cuda-sim")]
     Sim,
+    /// A GPU (`cuda:N`): launches are queued on its compute stream.
     #[cfg(feature = "cuda")]
     Gpu(std::sync::Arc<super::gpu::Gpu>),
     /// The launch-plan recorder (`cuda:plan`, `backend::cuda::plan`): records, runs nothing.
@@ -150,6 +168,8 @@ fn wanted(which: &str) -> bool {
 
 #[cfg(any(feature = "cuda-sim", feature = "cuda"))]
 impl Runner {
+    /// The backend's short name for messages: `sim` or `gpu` (the names `SD2_KERNEL_BACKENDS`
+    /// takes), or `plan`.
     pub fn name(&self) -> &'static str {
         match self {
             #[cfg(feature = "cuda-sim")]
@@ -259,8 +279,8 @@ impl Runner {
         }
     }
 
-    /// Reports (and clears) a bad id the device found since the last check. Called after
-    /// every read, when the device has caught up anyway.
+    /// This runner's bit in `ID_CHECK_PENDING`: one for the simulator, one per GPU ordinal
+    /// (ordinals from 61 up share one), one for the plan recorder.
     fn pending_bit(&self) -> u64 {
         match self {
             #[cfg(feature = "cuda-sim")]
@@ -271,6 +291,8 @@ impl Runner {
         }
     }
 
+    /// Reports (and clears) a bad id the device found since the last check. Called after
+    /// every read, when the device has caught up anyway.
     fn check_ids(&self) -> Result<()> {
         let bit = self.pending_bit();
         if ID_CHECK_PENDING.with(|p| p.replace(p.get() & !bit)) & bit == 0 {

@@ -5,7 +5,9 @@ use super::abi::LaunchConfig;
 /// Fused epilogue after `X·Wᵀ + s·S·Bᵀ` (the kernels' `epilogue` argument).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
+    /// The product as is. (Under every code a non-null `res` [M, N] is added last.)
     None = 0,
+    /// + bias (one value per output column, length N).
     Bias = 1,
     /// bias, then quick_gelu (CLIP's fc1)
     BiasGelu = 2,
@@ -18,14 +20,21 @@ pub enum Epilogue {
 /// One `mma.sync` variant: its kernels and block geometry (same arguments for every variant).
 #[derive(Clone, Copy, Debug)]
 pub struct Variant {
+    /// The label in tables and reports (`v1 mma 64x64`); its first word names the variant.
     pub name: &'static str,
-    /// `(x, w, bias, s_low, lb, res, y, M, N, K, R, scale, epilogue)`
+    /// The forward kernel: `(x, w, bias, s_low, lb, res, pre, y, M, N, K, R, scale, epilogue)`
+    /// (`kernels::LoraGemmFwd`)
     pub fwd: &'static str,
-    /// `(x, w, s_low, lb, y, M, N, K, R, scale)`, depth-major B operands
+    /// The backward dX kernel, depth-major B operands: `(x, w, s_low, lb, lds, la, lr, lp,
+    /// lseed, res, aux, y, M, N, K, R, scale, epilogue)` (`kernels::LoraGemmBwd`)
     pub bwd: &'static str,
+    /// Output rows per block (grid y = ⌈M / tile_m⌉).
     pub tile_m: u32,
+    /// Output columns per block (grid x = ⌈N / tile_n⌉).
     pub tile_n: u32,
+    /// Threads per block.
     pub threads: u32,
+    /// Dynamic shared memory per launch, bytes (0: the tiles are static shared memory).
     pub smem: u32,
 }
 
@@ -70,19 +79,30 @@ pub const V2: Variant = Variant {
 pub const VARIANTS: [Variant; 2] = [V1, V2];
 
 /// v3 (Hopper, sm_90a): wgmma fed by TMA, one producer and two consumer warpgroups, 128×256
-/// tiles, a 4-stage ring of 48 KB. Arguments `(map X, map W, map S, map B, bias, res, y, M, N,
-/// K, R, scale, epilogue)`, the maps from [`hopper_maps`]; forward only.
+/// tiles, a 4-stage ring of 48 KB. Arguments `(map X, map W, map S, map B, bias, res, pre, aux,
+/// lds, la, lr, lp, lseed, y, M, N, K, R, scale, epilogue)` (`kernels::LoraGemm3Fwd`), the maps
+/// from `maps`. The forward's kernel, and the backward's dX too, with Wᵀ (transposed by the
+/// host) as the W operand.
 pub mod hopper {
     use super::super::abi::{LaunchConfig, TileMap};
 
+    /// The label in tables and reports, as `Variant::name`.
     pub const NAME: &str = "v3 wgmma+TMA 128x256 x4";
+    /// The kernel's name in `kernels/lora_gemm.cu`.
     pub const KERNEL: &str = "lora_gemm3_fwd_bf16";
+    /// Output rows per block.
     pub const TILE_M: usize = 128;
+    /// Output columns per block.
     pub const TILE_N: usize = 256;
     const STAGES: u32 = 4;
     const STAGE_BYTES: u32 = ((TILE_M + TILE_N) * 64 * 2) as u32;
+    /// Dynamic shared memory per launch, bytes: 4 stages of X and W k-tiles (64 columns of
+    /// bf16, 48 KiB a stage), a full and an empty mbarrier per stage, and 1024 bytes to align
+    /// the ring for the 128-byte swizzle. 197,696 bytes in all.
     pub const SMEM: u32 = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
 
+    /// The launch for an output of `m` rows × `n` columns: grid (⌈n / 256⌉, ⌈m / 128⌉), 384
+    /// threads (three warpgroups), `SMEM` bytes of dynamic shared memory.
     pub fn config(m: usize, n: usize) -> LaunchConfig {
         LaunchConfig {
             grid: (n.div_ceil(TILE_N) as u32, m.div_ceil(TILE_M) as u32, 1),

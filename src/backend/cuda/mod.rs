@@ -1,19 +1,28 @@
 //! The CUDA side: the GPU runtime (`gpu`, feature `cuda`), the kernel simulator (`sim`, feature
 //! `cuda-sim`), one launch API over both (`launch::Runner`), the caching allocator, and the
-//! compiled kernels' resource reports. Tensor storage on `Device::Cuda` is not wired yet.
+//! compiled kernels' resource reports. Tensor storage on `Device::Cuda` (`storage`, with feature
+//! `cuda` or `cuda-sim`) runs the engine's ops as launches on a GPU, the simulator or the
+//! `cuda:plan` recorder (`plan`).
 use crate::{Error, Result};
 
 /// What the driver reports about one GPU.
 #[derive(Clone, Debug)]
 pub struct GpuInfo {
+    /// The device index, as in `cuda:N`.
     pub ordinal: usize,
+    /// The device name the driver reports (for example `NVIDIA H200`).
     pub name: String,
+    /// Total device memory, bytes.
     pub total_mem: usize,
 }
 
 /// Whether this build has the CUDA runtime compiled in.
 pub const COMPILED: bool = cfg!(feature = "cuda");
 
+/// Every GPU the driver sees, in ordinal order. An empty list when the driver reports none;
+/// `Error::Cuda` when the driver library cannot be used or a GPU cannot be opened, including
+/// one older than compute capability 8.0 (sd2's kernels need 8.0). Opens each GPU
+/// (`gpu::Gpu::get`), so later calls reuse the context.
 #[cfg(feature = "cuda")]
 pub fn probe() -> Result<Vec<GpuInfo>> {
     let first = gpu::Gpu::get(0);
@@ -39,6 +48,8 @@ pub fn probe() -> Result<Vec<GpuInfo>> {
         .collect()
 }
 
+/// Every GPU the driver sees; in this build (no feature `cuda`) always
+/// `Error::CudaNotCompiled`.
 #[cfg(not(feature = "cuda"))]
 pub fn probe() -> Result<Vec<GpuInfo>> {
     Err(Error::CudaNotCompiled(0))
@@ -77,9 +88,15 @@ pub mod storage;
 /// virtual memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceMemory {
+    /// Bytes held by live buffers, counted in allocator size classes (so a little above the
+    /// tensors' own bytes); for `cuda:plan`, virtual bytes.
     pub in_use: usize,
+    /// The highest `in_use` since the last `reset_peak` (or since the device was first used).
     pub peak: usize,
+    /// Bytes of freed blocks the caching allocator keeps for reuse (0 for `cuda:plan`).
     pub cached: usize,
+    /// Bytes the driver reports free (`cuMemGetInfo`; cached blocks are not free there); for
+    /// `cuda:plan`, 141 GiB minus `in_use`.
     pub driver_free: usize,
 }
 
@@ -90,6 +107,10 @@ impl DeviceMemory {
     }
 }
 
+/// The memory of `device` (see [`DeviceMemory`]): for `cuda:N`, from its caching allocator and
+/// the driver; for `cuda:plan`, from the plan recorder's virtual memory, sized as a 141 GiB
+/// H200 so automatic batch sizing works. None for the CPU, `cuda:sim`, a GPU that cannot be
+/// opened, or a build without the CUDA features.
 pub fn device_memory(device: crate::Device) -> Option<DeviceMemory> {
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
     if device == crate::Device::CudaPlan {
@@ -155,13 +176,22 @@ pub mod compiled {
 /// One kernel's resources as ptxas reported them for one architecture.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelResources {
+    /// The source file's stem: `layernorm` for `kernels/layernorm.cu`.
     pub file: String,
+    /// The entry function's name, as launches name it (`layernorm_fwd_f32`).
     pub kernel: String,
+    /// The target ptxas compiled it for (`sm_90a`; empty if the report names none).
     pub arch: String,
+    /// Registers per thread.
     pub registers: u32,
+    /// Static shared memory per block, bytes (dynamic shared memory is set per launch and is
+    /// not in the report).
     pub shared_bytes: u32,
+    /// Stack frame per thread, bytes.
     pub stack_bytes: u32,
+    /// Bytes per thread stored to local memory because registers ran out (0 is the goal).
     pub spill_stores: u32,
+    /// Bytes per thread loaded back from those spills.
     pub spill_loads: u32,
 }
 

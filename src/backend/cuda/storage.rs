@@ -13,6 +13,10 @@ use crate::{DType, Device, Error, Result, Shape};
 /// Most dims a shape may have in the elementwise/layout kernels.
 const MAX_RANK: usize = kn::MAX_RANK;
 
+/// A tensor's elements on `Device::Cuda`: one flat buffer of `len` elements of `dtype` (f32,
+/// bf16, i64 or u32) in the memory of a kernel backend (a GPU, `cuda:sim` or `cuda:plan`);
+/// shape and strides live in the tensor. Ops on it are kernel launches, asynchronous on a GPU;
+/// `to_cpu` waits for them and surfaces any error a kernel raised.
 pub struct CudaStorage {
     buf: Buffer,
     pub(crate) dtype: DType,
@@ -76,6 +80,10 @@ pub(crate) fn same_len(op: &'static str, a: usize, b: usize) -> Result<()> {
 }
 
 impl CudaStorage {
+    /// A copy of host storage `s` on `cuda:ordinal` (`Device::SIM_ORDINAL`: the simulator;
+    /// `Device::PLAN_ORDINAL`: the plan recorder, which keeps sizes, not data). On a GPU the
+    /// copy is queued and the host does not wait. f64 is an `UnsupportedDType` error (cast to
+    /// f32 or bf16 first); an ordinal this build or machine cannot serve is an error too.
     pub fn from_cpu(s: &CpuStorage, ordinal: usize) -> Result<CudaStorage> {
         let runner = runner_for(ordinal)?;
         let (buf, dtype, len) = match s {
@@ -99,6 +107,7 @@ impl CudaStorage {
         })
     }
 
+    /// The kernel backend holding this storage: for launches and for buffers beside it.
     pub fn runner(&self) -> &Runner {
         &self.runner
     }
@@ -129,12 +138,12 @@ impl CudaStorage {
         self.buf.addr()
     }
 
-    /// The address of element `offset` (in elements of this storage's dtype).
     /// Whether the buffer starts on a multiple of `bytes` (16-byte cp.async, TMA).
     pub(crate) fn is_aligned(&self, bytes: u64) -> bool {
         self.buf.addr().is_multiple_of(bytes)
     }
 
+    /// The address of element `offset` (in elements of this storage's dtype).
     pub(crate) fn ptr_at(&self, offset: usize) -> Arg {
         Arg::U64(self.buf.addr() + (offset * self.dtype.size_in_bytes()) as u64)
     }

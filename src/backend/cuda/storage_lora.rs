@@ -21,14 +21,20 @@ use crate::storage::{Storage, StorageCell};
 /// One way to compute a LoRA-linear product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LoraPath {
+    /// PEFT's structure: x·Wᵀ and s·S·Bᵀ (in the backward dY·W and dS·A) as separate plain
+    /// GEMMs (cuBLAS, or the SIMT kernel where cuBLAS cannot load), then adds. The reference
+    /// the fused paths are checked against.
     Cublas,
+    /// `lora_gemm::V1`: mma.sync, 64×64 tiles, any shape.
     V1,
+    /// `lora_gemm::V2`: mma.sync, 128×128 tiles, a 4-stage cp.async ring.
     V2,
     /// Hopper (sm_90a): the forward, and dX through it with Wᵀ.
     V3,
 }
 
 impl LoraPath {
+    /// The label in reports (`lora_choices`, warnings): `cuBLAS`, or the kernel variant's name.
     pub fn name(self) -> &'static str {
         match self {
             LoraPath::Cublas => "cuBLAS",

@@ -25,7 +25,9 @@ use crate::{Float, Result, Tensor};
 /// Options of `attention`.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnOptions {
+    /// Number of heads; the last dimension of q, k and v must be a multiple of it.
     pub heads: usize,
+    /// Query i attends only to keys j ≤ i + kv_len − q_len (keys aligned at the end).
     pub causal: bool,
     /// Scale of q·k; `None` means head_dim^-0.5.
     pub scale: Option<f64>,
@@ -116,11 +118,13 @@ pub fn attention_lse(
 
 /// (out, lse) from (q, k, v).
 pub struct Forward {
+    /// The shapes, mask and scale of the call.
     pub spec: AttnSpec,
 }
 
 /// (dq, dk, dv) from (q, k, v, out, lse, d_out).
 pub struct Backward {
+    /// The shapes, mask and scale of the forward this backward belongs to.
     pub spec: AttnSpec,
 }
 
@@ -494,6 +498,10 @@ fn scatter<F: Float>(dst: &mut [F], blocks: Vec<Vec<F>>, len: usize, s: &AttnSpe
     }
 }
 
+/// The CPU reference forward. q is [batch, q_len, heads·head_dim], k and v are
+/// [batch, kv_len, heads·head_dim], all row-major; returns (out in q's layout, lse
+/// [batch, heads, q_len]). `lse` is the natural log of each row's sum of exp(scores); a row
+/// whose keys are all masked has output 0 and lse −∞. One rayon task per (batch, head).
 pub fn forward<F: Float>(q: &[F], k: &[F], v: &[F], s: AttnSpec) -> (Vec<F>, Vec<F>) {
     let (n, m, d) = (s.q_len, s.kv_len, s.head_dim);
     let per_head: Vec<(Vec<F>, Vec<F>)> = (0..s.batch * s.heads)
@@ -534,6 +542,9 @@ pub fn forward<F: Float>(q: &[F], k: &[F], v: &[F], s: AttnSpec) -> (Vec<F>, Vec
     (out, lse)
 }
 
+/// The CPU reference backward: (dq, dk, dv) in the layouts of q, k and v, from the forward's
+/// inputs, its output `o`, its `lse` and the output gradient `d_o`. The probabilities are
+/// recomputed from `lse` (never stored): dS = P ∘ (dP − rowsum(dO ∘ O)).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<F: Float>(
     q: &[F],

@@ -16,7 +16,7 @@ use crate::backend::BackendStorage;
 use crate::ops::{check_float, check_ids, record_fn};
 use crate::{DType, Error, Float, Result, Tensor};
 
-/// Mean cross-entropy of logits [N, C] against class ids [N] (i64 or u32).
+/// Mean cross-entropy of logits \[N, C\] against class ids \[N\] (i64 or u32).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let op = Forward::NAME;
     check_float(op, logits)?;
@@ -58,15 +58,19 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// (loss [1], lse [rows]) from (logits [rows, cols], labels [rows]).
+/// (loss \[1\], lse \[rows\]) from (logits \[rows, cols\], labels \[rows\]).
 pub struct Forward {
+    /// Number of rows N (samples): rows of the logits and length of the labels.
     pub rows: usize,
+    /// Number of classes C: columns of the logits; every label must be below it.
     pub cols: usize,
 }
 
-/// dlogits from (logits, labels, lse, dloss [1]).
+/// dlogits from (logits, labels, lse, dloss \[1\]).
 pub struct Backward {
+    /// Number of rows N, as in the forward.
     pub rows: usize,
+    /// Number of classes C, as in the forward.
     pub cols: usize,
 }
 

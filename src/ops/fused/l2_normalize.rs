@@ -44,13 +44,17 @@ impl Tensor {
 
 /// (y, ‖x‖ per row) from x [rows, cols].
 pub struct Forward {
+    /// Row width: the size of the last dimension, over which each row is normalized.
     pub cols: usize,
+    /// Lower clamp of the norm (`L2_EPS`, 1e-12, in `Tensor::l2_normalize`).
     pub eps: f64,
 }
 
 /// dx from (y, ‖x‖, dy).
 pub struct Backward {
+    /// Row width, as in the forward.
     pub cols: usize,
+    /// The forward's clamp: rows whose saved norm is below it take the linear branch y = x / eps.
     pub eps: f64,
 }
 

@@ -19,7 +19,7 @@ use crate::DType;
 use crate::{Error, Float, Result, Tensor};
 
 impl Tensor {
-    /// LayerNorm over the last dim with affine `gamma`, `beta` ([dim]).
+    /// LayerNorm over the last dim with affine `gamma`, `beta` (\[dim\]).
     pub fn layer_norm(&self, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
         let op = "layer_norm";
         check_float(op, self)?;
@@ -97,16 +97,24 @@ impl Tensor {
 
 /// (y, mean, rstd) from (x, γ, β).
 pub struct Forward {
+    /// Row width: the size of the normalized last dimension (and the length of γ and β).
     pub cols: usize,
+    /// Added to the variance before the square root: 1/σ = 1/√(var + eps). The variance is the
+    /// biased one (divided by `cols`), as in torch.
     pub eps: f64,
 }
 
-/// From (x, γ, mean, rstd, dy, [acc]): dx (+ acc, the gradient x already has, when `acc`)
+/// From (x, γ, mean, rstd, dy, \[acc\]): dx (+ acc, the gradient x already has, when `acc`)
 /// when `need_x`, then dγ and dβ when `need_params`.
 pub struct Backward {
+    /// Row width, as in the forward.
     pub cols: usize,
+    /// Compute dx (the input has a tracked path).
     pub need_x: bool,
+    /// Compute dγ and dβ (column sums over all rows), which costs an extra reduction.
     pub need_params: bool,
+    /// A sixth input holds the gradient x already has; it is added into dx in the same pass, so
+    /// the engine needs no separate add.
     pub acc: bool,
 }
 
@@ -304,6 +312,10 @@ pub fn layer_norm<F: Float>(
 
 type Grads<F> = (Option<Vec<F>>, Option<Vec<F>>, Option<Vec<F>>);
 
+/// The CPU reference backward of [`layer_norm`]: from x, γ, the saved per-row mean and 1/σ and
+/// dy (all rows of `cols`), returns (dx, dγ, dβ), each `None` unless asked for. dx is
+/// `(dy·γ − mean(dy·γ) − x̂·mean(dy·γ·x̂))·(1/σ)` per row, plus `acc` when given; dγ and dβ are
+/// summed over fixed chunks of rows in order, so they do not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_bwd<F: Float>(
     x: &[F],

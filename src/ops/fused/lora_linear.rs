@@ -29,8 +29,11 @@ use crate::{Error, Float, Result, Shape, Tensor};
 /// The low-rank branch of a LoRA-linear: `scale·(drop(x)·Aᵀ)·Bᵀ` with A [rank, in], B [out, rank].
 #[derive(Clone)]
 pub struct Lora<'a> {
+    /// The down-projection A, [rank, in]; same dtype and device as x.
     pub a: &'a Tensor,
+    /// The up-projection B, [out, rank]; SD2 initializes it to zeros, so the branch starts at 0.
     pub b: &'a Tensor,
+    /// The factor s on the branch (SD2: `alpha / rank`).
     pub scale: f64,
     /// Dropout probability on the LoRA input; 0 at inference.
     pub dropout: f32,
@@ -38,7 +41,7 @@ pub struct Lora<'a> {
     pub seed: u64,
 }
 
-/// `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one op: x is [..., in], W [out, in], b [out].
+/// `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` as one op: x is \[..., in\], W \[out, in\], b \[out\].
 /// Gradients flow to x, A, B (and to W, b only if they are trainable).
 pub fn lora_linear(
     x: &Tensor,
@@ -493,13 +496,18 @@ impl BackwardOp for LinearBackward {
 }
 
 /// (y, [S = drop(x)·Aᵀ] with a LoRA branch, [quick_gelu(y)] with `gelu` and `keep_pre`) from
-/// (x, W, [b], [A, B], [residual]): y = x·Wᵀ + b + s·S·Bᵀ (+ residual, added in the GEMM's
+/// (x, W, \[b\], \[A, B\], \[residual\]): y = x·Wᵀ + b + s·S·Bᵀ (+ residual, added in the GEMM's
 /// epilogue where the kernel can).
 pub struct Forward {
+    /// Sizes: x [m, k], W [n, k], y [m, n].
     pub spec: LinearSpec,
+    /// A bias b \[n\] is the third input.
     pub bias: bool,
+    /// The low-rank branch, when A and B follow (after the bias, if any).
     pub lora: Option<LoraSpec>,
+    /// A residual [m, n] follows the other inputs and is added to y.
     pub residual: bool,
+    /// Also produce quick_gelu(y) (CLIP's MLP fc1); see `keep_pre`.
     pub gelu: bool,
     /// With `gelu`: y stays the pre-activation and quick_gelu(y) comes last; without, y is
     /// quick_gelu of it (nothing will differentiate through h: it is never written).
@@ -510,13 +518,18 @@ pub struct Forward {
 }
 
 /// The gradients asked for by `needs`, in `LinearGrads` order (x, W, b, A, B), from
-/// (x, W, dy, [A, B, S], [h], [acc]): with `gelu` (x = quick_gelu(h)) the input gradient is
+/// (x, W, dy, \[A, B, S\], \[h\], \[acc\]): with `gelu` (x = quick_gelu(h)) the input gradient is
 /// dX·quick_gelu′(h); with `acc` it has the input's gradient so far added.
 pub struct Backward {
+    /// Sizes, as in the forward.
     pub spec: LinearSpec,
+    /// The forward's low-rank branch, when A, B and the saved S are inputs.
     pub lora: Option<LoraSpec>,
+    /// Which of dx, dW, db, dA, dB to compute; only those are returned.
     pub needs: LinearNeeds,
+    /// The layer's input is quick_gelu(h) and h is an input: dx is multiplied by quick_gelu′(h).
     pub gelu: bool,
+    /// The input's gradient so far is the last input and is added into dx.
     pub acc: bool,
     /// A frozen W's storage, where a dX kernel that wants Wᵀ may keep it (CUDA's V3).
     #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
@@ -1423,6 +1436,10 @@ fn dropped<F: Float>(x: &[F], l: &LoraSpec) -> Option<Vec<F>> {
 
 type LowRank<'a, F> = (&'a [F], &'a [F], LoraSpec);
 
+/// The CPU reference forward: `y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ` for x [m, k], W [n, k],
+/// b \[n\], A \[rank, k\], B \[n, rank\]. Returns y \[m, n\] and, with a LoRA branch, S = drop(x)·Aᵀ
+/// [m, rank], which the backward reuses. Dropout uses `rng::dropout_keep(seed, index)` per
+/// element of x with inverted scaling 1/(1 − p), so the backward regenerates the same mask.
 pub fn forward<F: Float>(
     x: &[F],
     w: &[F],
@@ -1488,6 +1505,9 @@ pub fn forward<F: Float>(
 
 type LoraSaved<'a, F> = (&'a [F], &'a [F], &'a [F], LoraSpec);
 
+/// The CPU reference backward from x, W, the saved (A, B, S, spec) and dy [m, n]: the
+/// gradients `needs` asks for. dW = dyᵀ·x, db = Σ rows of dy, dB = s·dyᵀ·S, dS = s·dy·B,
+/// dA = dSᵀ·drop(x), and dx = dy·W plus the LoRA term dS·A through the same dropout mask.
 pub fn backward<F: Float>(
     x: &[F],
     w: &[F],

@@ -16,7 +16,7 @@ use crate::storage::Storage;
 use crate::{DType, Shape};
 use crate::{Error, Float, Result, Tensor};
 
-/// The loss for f, d [n, dim] (normalise them first) and scalars t, b (0-d or [1]).
+/// The loss for f, d \[n, dim\] (normalise them first) and scalars t, b (0-d or \[1\]).
 pub fn sigmoid_loss(f: &Tensor, d: &Tensor, t: &Tensor, b: &Tensor) -> Result<Tensor> {
     let op = Forward::NAME;
     check_float(op, f)?;
@@ -64,15 +64,19 @@ pub fn sigmoid_loss(f: &Tensor, d: &Tensor, t: &Tensor, b: &Tensor) -> Result<Te
     )
 }
 
-/// loss [1] from (f, d, t, b).
+/// loss \[1\] from (f, d, t, b).
 pub struct Forward {
+    /// Number of pairs: rows of f and d (the loss has n² terms, pair i with j).
     pub n: usize,
+    /// Embedding width: columns of f and d.
     pub dim: usize,
 }
 
 /// (df, dd, dt, db) from (f, d, t, b, dloss); dt and db in t's and b's dtypes.
 pub struct Backward {
+    /// Number of pairs, as in the forward.
     pub n: usize,
+    /// Embedding width, as in the forward.
     pub dim: usize,
 }
 

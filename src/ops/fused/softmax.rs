@@ -35,11 +35,13 @@ impl Tensor {
 
 /// y = softmax(x) per row of `cols`.
 pub struct Forward {
+    /// Row width: the size of the last dimension, over which each row is normalized.
     pub cols: usize,
 }
 
 /// dx from (y, dy).
 pub struct Backward {
+    /// Row width, as in the forward.
     pub cols: usize,
 }
 
