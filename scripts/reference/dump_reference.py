@@ -41,7 +41,6 @@ import sys
 import tempfile
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -50,36 +49,9 @@ REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
 EOT = 49407
 
 
-class Clam(nn.Module):
-    """Cross-layer CLS attention: every block's CLS token, post-LN'd, plus a learned layer
-    embedding, attend to each other (multi-head); the outputs are averaged."""
-
-    def __init__(self, layers, d, heads):
-        super().__init__()
-        self.layer_embedding = nn.Parameter(torch.zeros(layers, d))
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-        self.heads = heads
-
-    def forward(self, cls_tokens, post_ln):
-        x = post_ln(torch.stack(cls_tokens, 1)) + self.layer_embedding
-        b, n, d = x.shape
-        h = self.heads
-        split = lambda t: t.view(b, n, h, d // h).transpose(1, 2)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        a = torch.softmax(q @ k.transpose(-1, -2) * (d // h) ** -0.5, dim=-1) @ v
-        return self.out_proj(a.transpose(1, 2).reshape(b, n, d)).mean(1)
-
-
-class Adapter(nn.Module):
-    """f = f_final + W2 · quick_gelu(W1 · [f_sat, f_final])."""
-
-    def __init__(self, d, p):
-        super().__init__()
-        self.w1, self.w2 = nn.Linear(d + p, p), nn.Linear(p, p)
-
-    def forward(self, f_sat, f_final):
-        h = self.w1(torch.cat([f_sat, f_final], 1))
-        return f_final + self.w2(h * torch.sigmoid(1.702 * h))
+# CLAM and the adapter as the training reference defines them (the script beside this one).
+sys.path.insert(0, HERE)
+from sd2_reference import Adapter, Clam  # noqa: E402
 
 
 def class_phrases():
