@@ -365,6 +365,16 @@ fn empty_images_and_trained_base_exports_are_refused() {
     .save(&ck, None)
     .unwrap();
     let det = Detector::load(&ck, None, Device::Cpu).unwrap();
+    // Its CLIP weights are trained tensors: bf16 is refused, f64 loads them as f64.
+    assert!(det.model.cfg.train_base);
+    let e = Detector::builder(&ck)
+        .dtype(DType::BF16)
+        .build()
+        .err()
+        .expect("bf16");
+    assert!(e.to_string().contains("train_base"), "{e}");
+    let f64_det = Detector::builder(&ck).dtype(DType::F64).build().unwrap();
+    assert_eq!(f64_det.model.dtype(), DType::F64);
     let empty = RgbImage {
         width: 0,
         height: 0,

@@ -313,7 +313,8 @@ impl DetectorBuilder {
 
     /// The dtype of the CLIP weights and activations: `F32` (default, the reference) or
     /// `BF16` (half the memory; the trained tensors stay f32 masters, features and logits are
-    /// f32). A `train_base` checkpoint runs in f32 only.
+    /// f32). A `train_base` checkpoint, whose CLIP weights are trained tensors, runs in f32 or
+    /// f64 only (`Sd2Model::new` refuses the others).
     pub fn dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
         self
@@ -444,6 +445,7 @@ pub fn predict_pixels(
 /// (`clip.<HuggingFace name>`; the logit scale is SD2's own `logit_scale`).
 struct CheckpointTowers<'a> {
     store: &'a mut WeightStore,
+    dtype: DType,
     device: Device,
 }
 
@@ -454,7 +456,7 @@ impl WeightSource for CheckpointTowers<'_> {
         } else {
             format!("clip.{name}")
         };
-        self.store.get(&key, shape, DType::F32, self.device)
+        self.store.get(&key, shape, self.dtype, self.device)
     }
 }
 
@@ -541,16 +543,6 @@ impl Detector {
         cfg.validate(&clip_cfg)
             .map_err(|e| Error::checkpoint(&state_path, e))?;
         check_trainable_header(&trainable, &cfg)?;
-        if cfg.train_base && dtype != DType::F32 && dtype != DType::F64 {
-            return Err(Error::Config {
-                key: "dtype".into(),
-                msg: format!(
-                    "{}: this checkpoint trained every CLIP weight (train_base), whose f32 \
-                     weights run in f32 only, not {dtype:?}",
-                    checkpoint.display()
-                ),
-            });
-        }
         let clip = match clip_dir {
             Some(dir) => {
                 let clip = ClipModel::load(dir, dtype, device)?;
@@ -571,6 +563,7 @@ impl Detector {
                     &clip_cfg,
                     &mut CheckpointTowers {
                         store: &mut store,
+                        dtype,
                         device,
                     },
                 )?
