@@ -3,10 +3,16 @@
 // attention op: q [B, Sq, H·D], k/v [B, Skv, H·D], out like q, lse [B, H, Sq] (f32, saved for
 // the backward). Causal: query i sees keys j ≤ i + (Skv − Sq).
 //
-// Variant 1 (this file): CUDA cores in f32, one thread per query row (forward, dQ) or key row
-// (dK/dV), K/V (or Q/dO) tiles staged in shared memory, online softmax per key. Simple and
-// exact; the tensor-core variant (mma.sync through kernels/include wrappers) comes next and is
-// validated against this one.
+// The variants, side by side in this file (each validated against variant 1):
+//   variant 1  CUDA cores in f32, one thread per query row (forward, dQ) or key row (dK/dV),
+//              K/V (or Q/dO) tiles staged in shared memory, online softmax per key. Simple and
+//              exact: the reference the others are checked against, and the f32 path.
+//   variants 3, 4  forward on tensor cores (mma.sync bf16, head dim 64): 16-byte tile loads,
+//              then (4) cp.async double buffering; see their section below.
+//   backward tc2 / tc3  FlashAttention-2's backward on tensor cores (head dims 16/32/64, bf16,
+//              no atomics), waiting for each tile (tc2) or double-buffered (tc3).
+// Which one runs for a given dtype and shape is decided in src/backend/cuda/flash.rs.
+// Variant 1's launches:
 //   forward:  grid (⌈Sq/64⌉, B·H), 64 threads, smem 2·64·D floats (32 KB at D = 64)
 //   delta:    D_i = ⟨dO_i, O_i⟩, one warp per row
 //   dq:       grid (⌈Sq/32⌉, B·H), 32 threads, smem (2·32·(D+1) + 2·32·D) floats

@@ -47,8 +47,10 @@ pub enum Error {
         rhs: Device,
     },
 
-    /// A `cuda:N` device asked of a build without the `cuda` feature (N is the ordinal).
-    #[error("cuda:{0}: sd2 was built without CUDA support (rebuild with `--features cuda`)")]
+    /// A `cuda:N` device asked of a build without the `cuda` feature (N is the ordinal;
+    /// `Device::SIM_ORDINAL` / `Device::PLAN_ORDINAL` for `cuda:sim` / `cuda:plan`, which need
+    /// `cuda-sim` or `cuda`).
+    #[error("{}", not_compiled(*.0))]
     CudaNotCompiled(usize),
 
     /// The CUDA driver, a launch, an allocation or a copy failed (the driver's message), or
@@ -243,3 +245,17 @@ const _: fn() = || {
     fn send_sync<T: Send + Sync + 'static>() {}
     send_sync::<Error>();
 };
+
+fn not_compiled(ordinal: usize) -> String {
+    match ordinal {
+        crate::Device::SIM_ORDINAL | crate::Device::PLAN_ORDINAL => {
+            format!(
+            "{}: sd2 was built without the kernel simulator (rebuild with `--features cuda-sim`)",
+            if ordinal == crate::Device::SIM_ORDINAL { "cuda:sim" } else { "cuda:plan" }
+        )
+        }
+        n => {
+            format!("cuda:{n}: sd2 was built without CUDA support (rebuild with `--features cuda`)")
+        }
+    }
+}

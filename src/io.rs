@@ -14,7 +14,7 @@ use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("{}: {e}", path.display()))
+    Error::checkpoint(path, e)
 }
 
 struct MappedFile {
@@ -39,6 +39,14 @@ impl MappedFile {
     fn tensors(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.map).map_err(|e| io_err(&self.path, e))
     }
+}
+
+/// The string metadata (`__metadata__`) of one safetensors file; empty when it has none. Reads
+/// the header only.
+pub fn metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let f = MappedFile::open(path)?;
+    let (_, meta) = SafeTensors::read_metadata(&f.map).map_err(|e| io_err(path, e))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }
 
 /// Named tensors from one safetensors file or a sharded set, read on demand. Tracks which

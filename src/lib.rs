@@ -32,7 +32,8 @@
 //! Features: none are needed for the detector, training and the PEFT export
 //! (`default-features = false`); `cli` (default) adds what the `sd2` command uses — config-file
 //! training runs (`run`), the demo, ablations, plots; `server` (default) the HTTP server;
-//! `cuda` the GPU; `cuda-sim` the kernel simulator (tests); `dlib` aligned face crops.
+//! `cuda` the GPU; `cuda-sim` the kernel simulator (off by default, on in `cargo test`: the
+//! devices `cuda:sim` and `cuda:plan`); `dlib` aligned face crops.
 //!
 //! Layers, bottom up:
 //! - [`Tensor`]: contiguous, row-major, shared storage, with a shape, a [`DType`] and a [`Device`];
@@ -88,6 +89,7 @@ pub mod fs;
 pub mod io;
 pub mod ops;
 pub mod optim;
+pub mod parity;
 pub mod presets;
 pub mod profile;
 pub mod rng;

@@ -165,6 +165,35 @@ enum Cmd {
         #[arg(long)]
         base: Option<String>,
     },
+    /// Compare sd2's forward with a PyTorch reference dump of the same model
+    /// (`scripts/reference/dump_reference.py`): every hidden state, the pooled and projected
+    /// embeddings, CLAM, the logits; per tensor the worst absolute and relative error, where,
+    /// and pass/fail against the tolerance of the dtype. Exits non-zero when anything fails.
+    Parity {
+        /// The Hugging Face CLIP folder the dump was made from.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The SD2 checkpoint the dump was made with (its `sd2.*` tensors).
+        #[arg(long)]
+        checkpoint: Option<std::path::PathBuf>,
+        /// The dump (`dump_reference.py --out`).
+        #[arg(long)]
+        reference: std::path::PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, bf16 or f64 (default: the dump's dtype).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// The bound's absolute part, in units of each reference tensor's RMS (default: by dtype).
+        #[arg(long)]
+        atol: Option<f64>,
+        /// The bound's relative part (default: by dtype).
+        #[arg(long)]
+        rtol: Option<f64>,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Pack a manifest's images into WebDataset `.tar` shards (KEY.jpg + KEY.json per sample,
     /// one set per split, `shards.json` last), optionally face-cropped and resized; `sd2
     /// train` reads the folder in place of a manifest.
@@ -1580,6 +1609,61 @@ fn main() {
                 );
                 Ok(())
             }),
+        Cmd::Parity {
+            model,
+            checkpoint,
+            reference,
+            device,
+            dtype,
+            atol,
+            rtol,
+            json,
+        } => (|| {
+            let dtype = match dtype.as_deref() {
+                None => None,
+                Some("f32") => Some(sd2::DType::F32),
+                Some("bf16") => Some(sd2::DType::BF16),
+                Some("f64") => Some(sd2::DType::F64),
+                Some(other) => {
+                    return Err(sd2::Error::invalid(
+                        "--dtype",
+                        format!("`{other}`: expected f32, bf16 or f64"),
+                    ))
+                }
+            };
+            let tolerance = match (atol, rtol) {
+                (None, None) => None,
+                (a, r) => {
+                    let d = sd2::parity::Tolerance::for_dtype(dtype.unwrap_or(sd2::DType::F32));
+                    Some(sd2::parity::Tolerance {
+                        atol: a.unwrap_or(d.atol),
+                        rtol: r.unwrap_or(d.rtol),
+                    })
+                }
+            };
+            let report = sd2::parity::run(&sd2::parity::ParityRequest {
+                model,
+                checkpoint,
+                reference,
+                device: sd2::Device::parse(&device)?,
+                dtype,
+                tolerance,
+            })?;
+            print!("{}", sd2::parity::format_report(&report));
+            if let Some(j) = json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| sd2::Error::parse("parity report", e))?;
+                sd2::fs::write_atomic(&j, text.as_bytes())?;
+            }
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(sd2::Error::mismatch(
+                    "parity",
+                    format!("{} of the comparisons failed", report.failures()),
+                ))
+            }
+        })(),
         Cmd::Pack {
             manifest,
             out,

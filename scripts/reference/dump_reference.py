@@ -12,7 +12,7 @@ the dump is of plain CLIP.
 
 Every tensor is saved in float32 (ids in int64) under the names `sd2 parity` matches:
 
-    inputs.pixel_values   [N, 3, S, S]  CLIPImageProcessor's output for --images (or
+    inputs.pixel_values   [N, 3, S, S]  CLIPImageProcessor's output (PIL backend) for --images (or
                                         --random-pixels N normal values)
     inputs.input_ids      [5, L]        the five SD2 class phrases (sd2's type_texts.json),
                                         tokenized by the model's tokenizer, padded to the longest
@@ -78,11 +78,17 @@ def tokenizer_for(model_dir):
 
 def pixel_values(model, images, random_n, seed):
     from PIL import Image
-    from transformers import CLIPImageProcessor
+
+    try:
+        # transformers 5: the PIL backend, which resizes as OpenAI's CLIP does (and sd2 does,
+        # to the byte); the default backend is torchvision's, off by a level here and there.
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
+    except ImportError:
+        from transformers import CLIPImageProcessor as Proc
 
     size = model.config.vision_config.image_size
     if images:
-        proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        proc = Proc(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         pics = [Image.open(p).convert("RGB") for p in images]
         return proc(images=pics, return_tensors="pt")["pixel_values"].float()
     g = torch.Generator().manual_seed(seed)

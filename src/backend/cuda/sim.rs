@@ -8,6 +8,10 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 pub use super::abi::{Arg, LaunchConfig};
 use crate::{Error, Result};
 
+mod units {
+    include!(concat!(env!("OUT_DIR"), "/sim_units.rs"));
+}
+
 extern "C" {
     fn sd2_sim_launch(
         name: *const c_char,
@@ -33,6 +37,7 @@ extern "C" {
 /// Every pointer argument must point to host memory at least as large as the kernel reads or
 /// writes for this launch, as for a real launch; the simulator does not check bounds.
 pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    units::link_units();
     check_signature(name, args)?;
     let mut slots = super::abi::marshal(args);
     let mut ptrs = super::abi::param_ptrs(&mut slots);
@@ -64,6 +69,7 @@ pub unsafe fn launch(name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> 
 
 /// Names of every kernel the simulator has (all `extern "C" __global__` entry points).
 pub fn kernel_names() -> Vec<String> {
+    units::link_units();
     // SAFETY: the runtime returns pointers to its registry's own strings, valid for the process.
     unsafe {
         (0..sd2_sim_kernel_count())
@@ -79,6 +85,7 @@ pub fn kernel_names() -> Vec<String> {
 /// pointer, i 4-byte integer, q 8-byte integer, f float, d double, T a struct by value such as a
 /// TMA descriptor, ? other), from the C++ declaration itself; `None` for an unknown name.
 pub fn kernel_signature(name: &str) -> Option<&'static str> {
+    units::link_units();
     let cname = CString::new(name).ok()?;
     // SAFETY: the runtime returns null or a pointer to a static, NUL-terminated ASCII string
     // of the registry, which lives as long as the process.
@@ -94,7 +101,7 @@ pub fn kernel_signature(name: &str) -> Option<&'static str> {
 /// recorded by the simulator's registration from the declaration itself): a wrong count or
 /// order is an error naming the kernel and the parameter, never memory corruption. Runs for
 /// simulated launches; a GPU looks the signature up once per kernel (`Gpu::launch`) whenever the
-/// build has `cuda-sim` (the default). A kernel
+/// build has `cuda-sim` (as every test build does). A kernel
 /// the simulator does not know is not checked.
 pub fn check_signature(name: &str, args: &[Arg]) -> Result<()> {
     match kernel_signature(name) {
