@@ -85,13 +85,15 @@ impl Device {
                     .filter(|n| *n < Device::PLAN_ORDINAL)
                     .map(Device::Cuda)
                     .ok_or_else(|| {
-                        Error::Msg(format!(
-                            "bad device `{s}`: expected cpu, cuda, cuda:N, cuda:sim or cuda:plan"
-                        ))
+                        Error::parse(
+                            format!("bad device `{s}`"),
+                            "expected cpu, cuda, cuda:N, cuda:sim or cuda:plan",
+                        )
                     }),
-                None => Err(Error::Msg(format!(
-                    "bad device `{s}`: expected cpu, cuda, cuda:N, cuda:sim or cuda:plan"
-                ))),
+                None => Err(Error::parse(
+                    format!("bad device `{s}`"),
+                    "expected cpu, cuda, cuda:N, cuda:sim or cuda:plan",
+                )),
             },
         }
     }

@@ -48,14 +48,14 @@ pub fn remove_atomic_leftovers(path: &Path) {
 
 /// The lines of a UTF-8 text file (a texts file, a list of paths).
 pub fn read_lines(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
     Ok(text.lines().map(String::from).collect())
 }
 
 /// The image files (png, jpg, jpeg, webp by extension, any case) directly in `dir`, sorted.
 pub fn image_files(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| io_err(dir, e))?
+        .map_err(|e| Error::read(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension().and_then(|x| x.to_str()).is_some_and(|x| {

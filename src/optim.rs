@@ -90,12 +90,15 @@ impl AdamW {
     /// Restores the step count and the moments of `param` (checkpoint resume).
     pub fn restore(&mut self, steps: u64, param: &Tensor, m: Tensor, v: Tensor) -> Result<()> {
         if m.dims() != param.dims() || v.dims() != param.dims() {
-            return Err(Error::Msg(format!(
-                "adamw: moments {:?}/{:?} do not fit a parameter of shape {:?}",
-                m.dims(),
-                v.dims(),
-                param.dims()
-            )));
+            return Err(Error::mismatch(
+                "adamw",
+                format!(
+                    "moments {:?}/{:?} do not fit a parameter of shape {:?}",
+                    m.dims(),
+                    v.dims(),
+                    param.dims()
+                ),
+            ));
         }
         let conv = |t: Tensor| -> Result<Tensor> {
             t.to_dtype(param.dtype())?.to_device(param.device())?.copy()
@@ -124,10 +127,10 @@ impl AdamW {
         let t = self.steps as i32;
         for p in params {
             if !p.tensor.is_trainable() {
-                return Err(Error::Msg(format!(
-                    "adamw: parameter `{}` is not a trainable tensor",
-                    p.name
-                )));
+                return Err(Error::invalid(
+                    "adamw",
+                    format!("parameter `{}` is not a trainable tensor", p.name),
+                ));
             }
             let Some(g) = grads.get(&p.tensor) else {
                 continue;
@@ -219,16 +222,16 @@ impl AdamW {
         let mut seen = std::collections::HashSet::new();
         for p in params {
             if !seen.insert(p.tensor.id()) {
-                return Err(Error::Msg(format!(
-                    "adamw: parameter `{}` is listed twice",
-                    p.name
-                )));
+                return Err(Error::invalid(
+                    "adamw",
+                    format!("parameter `{}` is listed twice", p.name),
+                ));
             }
             if !p.tensor.is_trainable() {
-                return Err(Error::Msg(format!(
-                    "adamw: parameter `{}` is not a trainable tensor",
-                    p.name
-                )));
+                return Err(Error::invalid(
+                    "adamw",
+                    format!("parameter `{}` is not a trainable tensor", p.name),
+                ));
             }
             if let Some(g) = grads.get(&p.tensor) {
                 with.push((p, g));

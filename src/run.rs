@@ -168,7 +168,10 @@ pub fn compute_dtype(name: &str) -> Result<DType> {
     match name {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
-        other => Err(Error::Msg(format!("dtype `{other}`: expected f32 or bf16"))),
+        other => Err(Error::invalid(
+            format!("dtype `{other}`"),
+            "expected f32 or bf16",
+        )),
     }
 }
 
@@ -222,9 +225,8 @@ pub fn load_config(
 ) -> Result<RunConfig> {
     let file_val: Option<toml::Value> = match file {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
-            Some(toml::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?)
+            let text = std::fs::read_to_string(p).map_err(|e| Error::read(p, e))?;
+            Some(toml::from_str(&text).map_err(|e| Error::parse(p.display(), e))?)
         }
         None => None,
     };
@@ -249,7 +251,7 @@ pub fn load_config(
     for s in sets {
         let (k, v) = s
             .split_once('=')
-            .ok_or_else(|| Error::Msg(format!("--set {s}: expected key=value")))?;
+            .ok_or_else(|| Error::parse(format!("--set {s}"), "expected key=value"))?;
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
             .ok()
             .and_then(|t| t.get("v").cloned())
@@ -257,9 +259,12 @@ pub fn load_config(
         let mut slot = &mut val;
         let parts: Vec<&str> = k.trim().split('.').collect();
         for (i, part) in parts.iter().enumerate() {
-            let table = slot
-                .as_table_mut()
-                .ok_or_else(|| Error::Msg(format!("--set {k}: `{part}` is not inside a table")))?;
+            let table = slot.as_table_mut().ok_or_else(|| {
+                Error::invalid(
+                    format!("--set {k}"),
+                    format!("`{part}` is not inside a table"),
+                )
+            })?;
             if i + 1 == parts.len() {
                 table.insert(part.to_string(), parsed.clone());
                 break;
@@ -271,10 +276,11 @@ pub fn load_config(
     }
     let cfg: RunConfig = val
         .try_into()
-        .map_err(|e: toml::de::Error| Error::Msg(format!("config: {e}")))?;
+        .map_err(|e: toml::de::Error| Error::parse("config", e))?;
     if cfg.manifest.as_os_str().is_empty() {
-        return Err(Error::Msg(
-            "config: `manifest` is required (in the file or --set manifest=PATH)".into(),
+        return Err(Error::invalid(
+            "config",
+            "`manifest` is required (in the file or --set manifest=PATH)",
         ));
     }
     cfg.validate()?;
@@ -409,11 +415,13 @@ pub fn train_with(
         }
         Start::Fresh => {
             if let Some(what) = previous_run(&cfg.out) {
-                return Err(Error::Msg(format!(
-                    "{}: holds a run already ({what}); pass --resume to continue it or \
-                     --overwrite to start again",
-                    cfg.out.display()
-                )));
+                return Err(Error::invalid(
+                    cfg.out.display().to_string(),
+                    format!(
+                        "holds a run already ({what}); pass --resume to continue it or \
+                         --overwrite to start again"
+                    ),
+                ));
             }
             None
         }
@@ -447,18 +455,18 @@ pub fn train_with(
         .as_ref()
         .map_or(train.len(), |ix| ix.count(Split::Train));
     if train_len == 0 {
-        return Err(Error::Msg(format!(
-            "{}: no train items",
-            cfg.manifest.display()
-        )));
+        return Err(Error::invalid(
+            cfg.manifest.display().to_string(),
+            "no train items",
+        ));
     }
     if let (Some(ix), true) = (&pack, cfg.sd2.loss_dual != DualContrast::Off) {
         if !ix.described {
-            return Err(Error::Msg(format!(
-                "{}: some samples have no face/env description, which sd2.loss_dual needs \
+            return Err(Error::invalid(
+                cfg.manifest.display().to_string(),
+                "some samples have no face/env description, which sd2.loss_dual needs \
                  (`sd2 describe` the manifest before packing, or set sd2.loss_dual = \"off\")",
-                cfg.manifest.display()
-            )));
+            ));
         }
     }
     if cfg.shuffle_buffer == 0 {
@@ -508,22 +516,21 @@ pub fn train_with(
         Some(dir) => {
             let run_json = dir.join("run.json");
             if !run_json.is_file() {
-                return Err(Error::Msg(format!(
-                    "{}: a checkpoint of an earlier format (no run.json) cannot be resumed; \
+                return Err(Error::checkpoint(
+                    dir,
+                    "a checkpoint of an earlier format (no run.json) cannot be resumed; \
                      --overwrite starts again",
-                    dir.display()
-                )));
+                ));
             }
             let run: RunState = serde_json::from_str(
-                &std::fs::read_to_string(&run_json)
-                    .map_err(|e| Error::Msg(format!("{}: {e}", run_json.display())))?,
+                &std::fs::read_to_string(&run_json).map_err(|e| Error::read(&run_json, e))?,
             )
-            .map_err(|e| Error::Msg(format!("{}: {e}", dir.join("run.json").display())))?;
+            .map_err(|e| Error::checkpoint(&dir.join("run.json"), e))?;
             let bad = |what: String| {
-                Error::Msg(format!(
-                    "{}: {what}; resume with the run's own manifest and seed, or --overwrite",
-                    dir.join("run.json").display()
-                ))
+                Error::mismatch(
+                    dir.join("run.json").display(),
+                    format!("{what}; resume with the run's own manifest and seed, or --overwrite"),
+                )
             };
             if run.micro == 0 || run.per_step == 0 {
                 return Err(bad(format!(
@@ -732,11 +739,11 @@ pub fn train_with(
                         .iter()
                         .find(|i| i.face.trim().is_empty() || i.env.trim().is_empty())
                     {
-                        return Err(Error::Msg(format!(
-                            "{}: no face/env description, which loss_dual needs (pack a \
+                        return Err(Error::invalid(
+                            it.rel_path.clone(),
+                            "no face/env description, which loss_dual needs (pack a \
                              described manifest, or set sd2.loss_dual = \"off\")",
-                            it.rel_path
-                        )));
+                        ));
                     }
                 }
                 mbs.push(MicroBatch {

@@ -64,10 +64,10 @@ pub fn upload_f32(
     #[cfg(feature = "cuda")]
     if let (crate::Device::Cuda(o), crate::DType::F32 | crate::DType::BF16) = (device, dtype) {
         if shape.elem_count() != pixels.len() {
-            return Err(crate::Error::Msg(format!(
-                "upload: {} values for shape {shape:?}",
-                pixels.len()
-            )));
+            return Err(crate::Error::invalid(
+                "upload",
+                format!("{} values for shape {shape:?}", pixels.len()),
+            ));
         }
         let gpu = crate::backend::cuda::gpu::Gpu::get(o)?;
         let staged = if dtype == crate::DType::BF16 {

@@ -54,14 +54,15 @@ fn cases(prefix: &str) -> [(String, Transform); 2] {
 /// Times up to `limit` images of `manifest` at `size` px in batches of `batch`.
 pub fn run(manifest: &Path, size: usize, batch: usize, limit: usize) -> Result<Vec<LoaderTiming>> {
     if !(1..=4096).contains(&size) || batch == 0 {
-        return Err(crate::Error::Msg(format!(
-            "bench loader: size {size} must be in 1..=4096 and batch {batch} ≥ 1"
-        )));
+        return Err(Error::invalid(
+            "bench loader",
+            format!("size {size} must be in 1..=4096 and batch {batch} ≥ 1"),
+        ));
     }
     let m = Manifest::load(manifest, Default::default())?;
     let items: Vec<Item> = m.items.iter().take(limit).cloned().collect();
     if items.is_empty() {
-        return Err(Error::Msg(format!("{}: no items", manifest.display())));
+        return Err(Error::invalid(manifest.display().to_string(), "no items"));
     }
     let mut out = vec![];
     for (name, t) in cases("") {
@@ -151,7 +152,7 @@ pub fn stages(manifest: &Path, size: usize, limit: usize) -> Result<Vec<StageTim
     let m = Manifest::load(manifest, Default::default())?;
     let items: Vec<&Item> = m.items.iter().take(limit.max(1)).collect();
     if items.is_empty() {
-        return Err(Error::Msg(format!("{}: no items", manifest.display())));
+        return Err(Error::invalid(manifest.display().to_string(), "no items"));
     }
     let t0 = std::time::Instant::now();
     let imgs: Vec<_> = items

@@ -161,15 +161,19 @@ fn random_pixels(
 /// GPU's free memory (`Trainer::auto_micro_batch`).
 pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     if cfg.steps == 0 || (cfg.batch == 0 && !cfg.train) {
-        return Err(Error::Msg(
-            "bench: --steps must be ≥ 1, and --batch ≥ 1 (0 = automatic, training only)".into(),
+        return Err(Error::invalid(
+            "bench",
+            "--steps must be ≥ 1, and --batch ≥ 1 (0 = automatic, training only)",
         ));
     }
     cfg.device.check_available()?;
     let (clip_cfg, sd2_cfg) = clip_config(&cfg.preset)?;
     let dtype = cfg.dtype;
     if !matches!(dtype, DType::F32 | DType::BF16) {
-        return Err(Error::Msg(format!("bench: dtype {dtype} (f32 or bf16)")));
+        return Err(Error::invalid(
+            "bench",
+            format!("dtype {dtype} (f32 or bf16)"),
+        ));
     }
     let mut sd2_cfg = sd2_cfg;
     if dtype == DType::BF16 {
@@ -206,10 +210,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
         let batch = match cfg.batch {
             // The bench reuses one device batch: nothing is staged.
             0 => trainer.auto_micro_batch(size, 4096, 0)?.ok_or_else(|| {
-                Error::Msg(format!(
-                    "bench: --batch 0 needs a GPU device, not {}",
-                    cfg.device
-                ))
+                Error::invalid(
+                    "bench",
+                    format!("--batch 0 needs a GPU device, not {}", cfg.device),
+                )
             })?,
             b => b,
         };

@@ -137,8 +137,9 @@ pub fn run(
     cfg: &LoadConfig,
 ) -> Result<LoadReport> {
     if cfg.clients == 0 || cfg.requests == 0 {
-        return Err(Error::Msg(
-            "bench serve: clients and requests must be ≥ 1".into(),
+        return Err(Error::invalid(
+            "bench serve",
+            "clients and requests must be ≥ 1",
         ));
     }
     let batcher = Batcher::start(load, batch.clone())?;

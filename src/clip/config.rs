@@ -197,11 +197,11 @@ impl ClipConfig {
     }
 
     /// Parses the text of a HuggingFace `config.json` and validates it ([`ClipConfig::validate`]).
-    /// Missing keys take the ViT-L/14 defaults. A JSON error or a failed check is an `Error::Msg`
-    /// starting with `CLIP config:`.
+    /// Missing keys take the ViT-L/14 defaults. A JSON error is an `Error::Parse` and a failed
+    /// check an `Error::InvalidInput`, both starting with `CLIP config:`.
     pub fn from_json(text: &str) -> Result<ClipConfig> {
         let c: ClipConfig =
-            serde_json::from_str(text).map_err(|e| Error::Msg(format!("CLIP config: {e}")))?;
+            serde_json::from_str(text).map_err(|e| Error::parse("CLIP config", e))?;
         c.validate()?;
         Ok(c)
     }
@@ -209,9 +209,8 @@ impl ClipConfig {
     /// [`ClipConfig::from_json`] on the file at `path` (a CLIP folder's `config.json`). Read and
     /// parse errors are prefixed with the path.
     pub fn from_file(path: &Path) -> Result<ClipConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
-        Self::from_json(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+        let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
+        Self::from_json(&text).map_err(|e| Error::checkpoint(path, e))
     }
 
     /// Checks that a model can be built from this config, and that building it cannot take
@@ -223,11 +222,11 @@ impl ClipConfig {
     ///
     /// The limits exist because sizes come from files (a `config.json`, a checkpoint's
     /// `state.json`) and are checked before anything is allocated from them. The first failed check
-    /// is returned as an `Error::Msg`.
+    /// is returned as an `Error::InvalidInput` starting with `CLIP config:`.
     pub fn validate(&self) -> Result<()> {
         let v = &self.vision_config;
         let t = &self.text_config;
-        let bad = |m: String| Err(Error::Msg(format!("CLIP config: {m}")));
+        let bad = |m: String| Err(Error::invalid("CLIP config", m));
         for (tower, act) in [("vision", &v.hidden_act), ("text", &t.hidden_act)] {
             if act != "quick_gelu" {
                 return bad(format!(

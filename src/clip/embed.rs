@@ -30,8 +30,9 @@ pub struct EmbedRequest {
 pub fn run(r: &EmbedRequest) -> Result<Vec<(String, Vec<usize>)>> {
     r.device.check_available()?;
     if r.images.is_empty() && r.pixel_values.is_none() && r.texts_file.is_none() {
-        return Err(Error::Msg(
-            "clip embed: give --images, --pixel-values and/or --texts-file".into(),
+        return Err(Error::invalid(
+            "clip embed",
+            "give --images, --pixel-values and/or --texts-file",
         ));
     }
     let clip = ClipModel::load(&r.model, DType::F32, r.device)?;
@@ -91,13 +92,15 @@ fn pixel_file_embeds(
     let mut m: HashMap<String, Tensor> = crate::io::load(pv, Device::Cpu)?.into_iter().collect();
     let px = m
         .remove("pixel_values")
-        .ok_or_else(|| Error::Msg(format!("{}: no tensor `pixel_values`", pv.display())))?;
+        .ok_or_else(|| Error::invalid(pv.display().to_string(), "no tensor `pixel_values`"))?;
     if px.rank() != 4 {
-        return Err(Error::Msg(format!(
-            "{}: pixel_values has shape {:?}, expected [N, 3, H, W]",
-            pv.display(),
-            px.dims()
-        )));
+        return Err(Error::invalid(
+            pv.display().to_string(),
+            format!(
+                "pixel_values has shape {:?}, expected [N, 3, H, W]",
+                px.dims()
+            ),
+        ));
     }
     let px = px.to_dtype(DType::F32)?;
     let n = px.dims()[0];

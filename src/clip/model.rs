@@ -826,13 +826,15 @@ impl ClipModel {
         let extra = store.unused(is_ignored_buffer);
         if !extra.is_empty() {
             let shown: Vec<&str> = extra.iter().take(8).map(|s| s.as_str()).collect();
-            return Err(Error::Msg(format!(
-                "{}: {} unexpected tensor(s) for a CLIP model: {}{}",
-                dir.display(),
-                extra.len(),
-                shown.join(", "),
-                if extra.len() > 8 { ", …" } else { "" }
-            )));
+            return Err(Error::checkpoint(
+                dir,
+                format!(
+                    "{} unexpected tensor(s) for a CLIP model: {}{}",
+                    extra.len(),
+                    shown.join(", "),
+                    if extra.len() > 8 { ", …" } else { "" }
+                ),
+            ));
         }
         Ok(model)
     }

@@ -82,7 +82,7 @@ impl RgbImage {
     }
 
     /// An image from its interleaved RGB bytes. A side of 0 is an `Error::Media` (there is nothing
-    /// to judge); `data` of the wrong length is an `Error::Msg`.
+    /// to judge), and so is `data` of the wrong length.
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<RgbImage> {
         if width == 0 || height == 0 {
             return Err(Error::Media(format!(
@@ -90,7 +90,7 @@ impl RgbImage {
             )));
         }
         if data.len() != width * height * 3 {
-            return Err(Error::Msg(format!(
+            return Err(Error::Media(format!(
                 "RGB image {width}x{height} needs {} bytes, got {}",
                 width * height * 3,
                 data.len()

@@ -82,11 +82,14 @@ impl ClipTokenizer {
         let lines: Vec<&str> = text.split('\n').collect();
         let n_merges = 49152 - 256 - 2;
         if lines.len() < n_merges + 1 {
-            return Err(Error::Msg(format!(
-                "tokenizer: merges file has {} lines, expected ≥ {}",
-                lines.len(),
-                n_merges + 1
-            )));
+            return Err(Error::parse(
+                "tokenizer",
+                format!(
+                    "merges file has {} lines, expected ≥ {}",
+                    lines.len(),
+                    n_merges + 1
+                ),
+            ));
         }
         let mut merges = Vec::with_capacity(n_merges);
         for (i, l) in lines[1..=n_merges].iter().enumerate() {
@@ -94,10 +97,10 @@ impl ClipTokenizer {
             match (it.next(), it.next(), it.next()) {
                 (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
                 _ => {
-                    return Err(Error::Msg(format!(
-                        "tokenizer: merges line {} is not a pair: {l:?}",
-                        i + 2
-                    )))
+                    return Err(Error::parse(
+                        "tokenizer",
+                        format!("merges line {} is not a pair: {l:?}", i + 2),
+                    ))
                 }
             }
         }
@@ -142,20 +145,20 @@ impl ClipTokenizer {
 
     /// A HuggingFace `tokenizer.json` (its own normalizer applies; no open_clip cleaning).
     pub fn from_file(path: &Path) -> Result<ClipTokenizer> {
-        let inner =
-            Tokenizer::from_file(path).map_err(|e| tk_err(&path.display().to_string(), e))?;
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| Error::parse("tokenizer", format!("{}: {e}", path.display())))?;
         let id = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let sot = id(&["<|startoftext|>", "<start_of_text>"]).ok_or_else(|| {
-            Error::Msg(format!(
-                "tokenizer: {} has no <|startoftext|> token",
-                path.display()
-            ))
+            Error::invalid(
+                "tokenizer",
+                format!("{} has no <|startoftext|> token", path.display()),
+            )
         })?;
         let eot = id(&["<|endoftext|>", "<end_of_text>"]).ok_or_else(|| {
-            Error::Msg(format!(
-                "tokenizer: {} has no <|endoftext|> token",
-                path.display()
-            ))
+            Error::invalid(
+                "tokenizer",
+                format!("{} has no <|endoftext|> token", path.display()),
+            )
         })?;
         Ok(ClipTokenizer {
             inner,
@@ -193,9 +196,10 @@ impl ClipTokenizer {
     /// `[SOT] + ids + [EOT]`, truncated to `context` keeping EOT last, padded with 0.
     pub fn tokenize(&self, text: &str, context: usize) -> Result<Vec<u32>> {
         if context < 2 {
-            return Err(Error::Msg(format!(
-                "tokenizer: context {context} cannot hold start and end tokens"
-            )));
+            return Err(Error::invalid(
+                "tokenizer",
+                format!("context {context} cannot hold start and end tokens"),
+            ));
         }
         let mut ids = Vec::with_capacity(context);
         ids.push(self.sot);

@@ -438,9 +438,12 @@ impl Perturb {
     /// Parses `jpeg:90,70,50` or `blur:1,2,3` into one degradation per level.
     pub fn parse_list(spec: &str) -> Result<Vec<Perturb>> {
         let bad = |why: &str| {
-            Error::Msg(format!(
-                "--perturb {spec}: {why} (expected jpeg:Q[,Q…] with Q in 1..=100, or blur:SIGMA[,SIGMA…] with SIGMA > 0)"
-            ))
+            Error::parse(
+                format!("--perturb {spec}"),
+                format!(
+                    "{why} (expected jpeg:Q[,Q…] with Q in 1..=100, or blur:SIGMA[,SIGMA…] with SIGMA > 0)"
+                ),
+            )
         };
         let (kind, levels) = spec.split_once(':').ok_or_else(|| bad("no `:`"))?;
         let mut out = vec![];

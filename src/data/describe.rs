@@ -339,8 +339,7 @@ pub fn describe_manifest(
     all: bool,
     skip_bad: bool,
 ) -> Result<Described> {
-    let text = std::fs::read_to_string(manifest)
-        .map_err(|e| Error::Msg(format!("{}: {e}", manifest.display())))?;
+    let text = std::fs::read_to_string(manifest).map_err(|e| Error::read(manifest, e))?;
     let dir = manifest.parent().unwrap_or(Path::new("."));
     let same_dir = out.parent().unwrap_or(Path::new(".")) == dir
         || (out.parent().is_some_and(|p| p.as_os_str().is_empty()) && dir.as_os_str().is_empty());
@@ -369,11 +368,10 @@ pub fn describe_manifest(
                 continue;
             }
             Err(why) => {
-                return Err(Error::Msg(format!(
-                    "{}:{}: {why}",
-                    manifest.display(),
-                    i + 1
-                )))
+                return Err(Error::parse(
+                    format!("{}:{}", manifest.display(), i + 1),
+                    why,
+                ))
             }
         };
         if !same_dir {

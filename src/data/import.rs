@@ -248,13 +248,13 @@ impl Resplit {
 }
 
 fn bad(path: &Path, at: &str, msg: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("{}: {at}: {msg}", path.display()))
+    Error::parse(path.display(), format!("{at}: {msg}"))
 }
 
 /// The manifest records of DeepfakeBench dataset JSON `json`.
 pub fn deepfakebench(json: &Path, opts: &ImportOptions) -> Result<Imported> {
     let len = std::fs::metadata(json)
-        .map_err(|e| Error::Msg(format!("{}: {e}", json.display())))?
+        .map_err(|e| Error::read(json, e))?
         .len();
     if len > MAX_JSON_BYTES {
         return Err(bad(
@@ -263,8 +263,7 @@ pub fn deepfakebench(json: &Path, opts: &ImportOptions) -> Result<Imported> {
             format!("{len} bytes is over the {MAX_JSON_BYTES} byte limit"),
         ));
     }
-    let text = std::fs::read_to_string(json)
-        .map_err(|e| Error::Msg(format!("{}: {e}", json.display())))?;
+    let text = std::fs::read_to_string(json).map_err(|e| Error::read(json, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(json, "JSON", e))?;
     let obj =
         |v: &serde_json::Value, at: &str| -> Result<serde_json::Map<String, serde_json::Value>> {

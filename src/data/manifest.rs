@@ -132,7 +132,7 @@ impl Manifest {
     /// against the manifest's folder.
     ///
     /// Errors: `Error::Read` when the file cannot be read; otherwise the first bad line as
-    /// `Error::Msg` (`FILE:LINE: reason`). With `opts.skip_bad` bad lines are instead listed in
+    /// `Error::Parse` (`FILE:LINE: reason`). With `opts.skip_bad` bad lines are instead listed in
     /// `skipped` and logged as warnings.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Manifest> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::read(path, e))?;
@@ -148,7 +148,7 @@ impl Manifest {
                 Ok(item) => items.push(item),
                 Err(reason) if opts.skip_bad => skipped.push((line, reason)),
                 Err(reason) => {
-                    return Err(Error::Msg(format!("{}:{line}: {reason}", path.display())))
+                    return Err(Error::parse(format!("{}:{line}", path.display()), reason))
                 }
             }
         }

@@ -78,7 +78,7 @@ impl ShardIndex {
         } else {
             path.to_path_buf()
         };
-        let bad = |msg: String| Error::Msg(format!("{}: {msg}", file.display()));
+        let bad = |msg: String| Error::checkpoint(&file, msg);
         let len = std::fs::metadata(&file)
             .map_err(|e| {
                 bad(format!(
@@ -89,7 +89,7 @@ impl ShardIndex {
         if len > 64 << 20 {
             return Err(bad(format!("{len} bytes is too large for an index")));
         }
-        let text = std::fs::read_to_string(&file).map_err(|e| bad(e.to_string()))?;
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e))?;
         let mut ix: ShardIndex =
             serde_json::from_str(&text).map_err(|e| bad(format!("not a shard index: {e}")))?;
         if ix.format != FORMAT {
@@ -186,9 +186,10 @@ fn octal(field: &[u8]) -> Option<u64> {
 /// A ustar header for a regular file `name` (≤ 100 bytes) of `size` bytes.
 fn header(name: &str, size: u64) -> Result<[u8; 512]> {
     if name.len() > 100 {
-        return Err(Error::Msg(format!(
-            "tar: entry name `{name}` over 100 bytes"
-        )));
+        return Err(Error::invalid(
+            "tar",
+            format!("entry name `{name}` over 100 bytes"),
+        ));
     }
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
@@ -236,8 +237,7 @@ struct Entry {
 
 impl TarReader {
     fn open(path: &Path) -> Result<TarReader> {
-        let f = std::fs::File::open(path)
-            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let f = std::fs::File::open(path).map_err(|e| Error::read(path, e))?;
         Ok(TarReader {
             r: BufReader::with_capacity(1 << 20, f),
             path: path.to_path_buf(),
@@ -613,19 +613,21 @@ impl StreamOptions {
 pub fn epoch_shards(ix: &ShardIndex, o: &StreamOptions) -> Result<Vec<(String, usize)>> {
     let mut shards: Vec<&ShardInfo> = ix.shards.iter().filter(|s| s.split == o.split).collect();
     if o.world == 0 || o.rank >= o.world {
-        return Err(Error::Msg(format!(
-            "shard stream: part {} of {} does not exist",
-            o.rank, o.world
-        )));
+        return Err(Error::invalid(
+            "shard stream",
+            format!("part {} of {} does not exist", o.rank, o.world),
+        ));
     }
     if shards.len() < o.world && !shards.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: {} {:?} shards cannot be dealt to {} parts; pack with a smaller --shard-size",
-            ix.dir.display(),
-            shards.len(),
-            o.split,
-            o.world
-        )));
+        return Err(Error::invalid(
+            ix.dir.display().to_string(),
+            format!(
+                "{} {:?} shards cannot be dealt to {} parts; pack with a smaller --shard-size",
+                shards.len(),
+                o.split,
+                o.world
+            ),
+        ));
     }
     if o.buffer > 1 {
         let mut r = Rng::new(crate::rng::mix64(o.seed ^ 0x5a4d) ^ crate::rng::mix64(o.epoch));
@@ -668,11 +670,10 @@ impl ShardStream {
         let shards = epoch_shards(ix, o)?;
         let total: usize = shards.iter().map(|s| s.1).sum();
         if o.skip > total {
-            return Err(Error::Msg(format!(
-                "{}: cannot skip {} of {total} samples",
-                ix.dir.display(),
-                o.skip
-            )));
+            return Err(Error::invalid(
+                ix.dir.display().to_string(),
+                format!("cannot skip {} of {total} samples", o.skip),
+            ));
         }
         // Replay the buffer on positions (shard, sample) up to the resume point.
         let mut pos = ShuffleBuffer {
@@ -719,11 +720,13 @@ impl ShardStream {
                 at += 1;
                 buf_bytes += got.image.len() as u64;
                 if buf_bytes > MAX_BUFFER_BYTES {
-                    return Err(Error::Msg(format!(
-                        "{}: the shuffle buffer holds over {MAX_BUFFER_BYTES} bytes; give a \
-                         smaller buffer or pack smaller images",
-                        ix.dir.display()
-                    )));
+                    return Err(Error::invalid(
+                        ix.dir.display().to_string(),
+                        format!(
+                            "the shuffle buffer holds over {MAX_BUFFER_BYTES} bytes; give a \
+                             smaller buffer or pack smaller images"
+                        ),
+                    ));
                 }
                 slots[slot] = Some(got);
             }
@@ -813,12 +816,14 @@ impl ShardStream {
                 Some(s) => {
                     self.buf_bytes += s.image.len() as u64;
                     if self.buf_bytes > MAX_BUFFER_BYTES {
-                        return Err(Error::Msg(format!(
-                            "{}: the shuffle buffer's {} samples hold over {MAX_BUFFER_BYTES} \
-                             bytes; give a smaller buffer or pack smaller images",
-                            self.dir.display(),
-                            self.buf.buf.len()
-                        )));
+                        return Err(Error::invalid(
+                            self.dir.display().to_string(),
+                            format!(
+                                "the shuffle buffer's {} samples hold over {MAX_BUFFER_BYTES} \
+                                 bytes; give a smaller buffer or pack smaller images",
+                                self.buf.buf.len()
+                            ),
+                        ));
                     }
                     if let Some(out) = self.buf.push(s) {
                         self.buf_bytes -= out.image.len() as u64;
@@ -1017,7 +1022,7 @@ fn prepare(
         let mut bytes = Vec::with_capacity(len as usize);
         std::fs::File::open(&it.path)
             .and_then(|f| f.take(MAX_ENTRY_BYTES + 1).read_to_end(&mut bytes))
-            .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
+            .map_err(|e| Error::read(&it.path, e))?;
         if bytes.len() as u64 > MAX_ENTRY_BYTES {
             return Err(Error::Media(format!(
                 "{what}: grew past {MAX_ENTRY_BYTES} bytes"
@@ -1080,10 +1085,10 @@ pub fn pack(manifest: &Manifest, out: &Path, o: &PackOptions) -> Result<Packed> 
     use rayon::prelude::*;
     if let Ok(mut rd) = std::fs::read_dir(out) {
         if rd.next().is_some() {
-            return Err(Error::Msg(format!(
-                "{}: not empty; pack into a new folder",
-                out.display()
-            )));
+            return Err(Error::invalid(
+                out.display().to_string(),
+                "not empty; pack into a new folder",
+            ));
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("{}: {e}", out.display())))?;

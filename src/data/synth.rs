@@ -643,9 +643,10 @@ pub fn generate_as(
         }
     }
     if size < 16 {
-        return Err(Error::Msg(format!(
-            "synth: size {size} is too small (≥ 16)"
-        )));
+        return Err(Error::invalid(
+            "synth",
+            format!("size {size} is too small (≥ 16)"),
+        ));
     }
     if !(0.0..=1.0).contains(&shortcut) {
         return Err(Error::Config {

@@ -51,11 +51,10 @@ pub fn run(r: &EvalRequest) -> Result<report::Report> {
     let class_u = class_embeddings(&det.model, &tk, &crate::sd2::TypeTexts::shipped()?)?;
     let items = m.split(r.split);
     if items.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: no {:?} items",
-            r.manifest.display(),
-            r.split
-        )));
+        return Err(Error::invalid(
+            r.manifest.display().to_string(),
+            format!("no {:?} items", r.split),
+        ));
     }
     // A bad image is listed (and the exit status says so) rather than ending the evaluation.
     let score = |items: &[&crate::data::Item], t: &Transform| {

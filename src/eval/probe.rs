@@ -102,19 +102,23 @@ fn objective(theta: &[f64], x: &[Vec<f64>], y: &[bool], c: f64) -> f64 {
 pub fn fit(x: &[Vec<f64>], y: &[bool], c: f64) -> Result<LogReg> {
     let dim = x.first().map_or(0, |r| r.len());
     if x.is_empty() || x.len() != y.len() || x.iter().any(|r| r.len() != dim) {
-        return Err(Error::Msg(format!(
-            "probe: {} feature rows of unequal length for {} labels",
-            x.len(),
-            y.len()
-        )));
+        return Err(Error::invalid(
+            "probe",
+            format!(
+                "{} feature rows of unequal length for {} labels",
+                x.len(),
+                y.len()
+            ),
+        ));
     }
     if y.iter().all(|v| *v) || y.iter().all(|v| !*v) {
-        return Err(Error::Msg(
-            "probe: the train split needs both real and fake images".into(),
+        return Err(Error::invalid(
+            "probe",
+            "the train split needs both real and fake images",
         ));
     }
     if !(c > 0.0 && c.is_finite()) {
-        return Err(Error::Msg(format!("probe: C = {c} must be > 0")));
+        return Err(Error::invalid("probe", format!("C = {c} must be > 0")));
     }
     // Parameters θ = (w, b); n = dim + 1.
     let n = dim + 1;
@@ -351,12 +355,14 @@ pub fn run(r: &ProbeRequest) -> Result<ProbeRun> {
     )?;
     let (train, test) = (m.split(Split::Train), m.split(Split::Test));
     if train.is_empty() || test.is_empty() {
-        return Err(Error::Msg(format!(
-            "{}: the probe needs train and test items ({} and {})",
-            r.manifest.display(),
-            train.len(),
-            test.len()
-        )));
+        return Err(Error::invalid(
+            r.manifest.display().to_string(),
+            format!(
+                "the probe needs train and test items ({} and {})",
+                train.len(),
+                test.len()
+            ),
+        ));
     }
     let det = crate::sd2::detector::Detector::load(&r.checkpoint, r.clip.as_deref(), r.device)?;
     let t0 = std::time::Instant::now();

@@ -44,10 +44,10 @@ pub fn template(out: usize, margin: f64) -> [[f64; 2]; 5] {
 pub fn similarity(src: &[[f64; 2]], dst: &[[f64; 2]]) -> Result<[[f64; 3]; 2]> {
     let n = src.len();
     if n < 2 || n != dst.len() {
-        return Err(Error::Msg(format!(
-            "similarity: {n} source and {} target points",
-            dst.len()
-        )));
+        return Err(Error::invalid(
+            "similarity",
+            format!("{n} source and {} target points", dst.len()),
+        ));
     }
     let mean = |p: &[[f64; 2]]| {
         let (sx, sy) = p.iter().fold((0.0, 0.0), |a, q| (a.0 + q[0], a.1 + q[1]));
@@ -65,8 +65,9 @@ pub fn similarity(src: &[[f64; 2]], dst: &[[f64; 2]]) -> Result<[[f64; 3]; 2]> {
         var += sx * sx + sy * sy;
     }
     if !(var.is_finite() && var > 1e-12) {
-        return Err(Error::Msg(
-            "similarity: the source points coincide (no face to align)".into(),
+        return Err(Error::invalid(
+            "similarity",
+            "the source points coincide (no face to align)",
         ));
     }
     let (a, b) = (re / var, im / var);
@@ -80,7 +81,7 @@ pub fn similarity(src: &[[f64; 2]], dst: &[[f64; 2]]) -> Result<[[f64; 3]; 2]> {
 pub fn warp_affine(img: &RgbImage, m: &[[f64; 3]; 2], out: usize) -> Result<RgbImage> {
     let det = m[0][0] * m[1][1] - m[0][1] * m[1][0];
     if !(det.is_finite() && det.abs() > 1e-12) {
-        return Err(Error::Msg("warp_affine: the transform is singular".into()));
+        return Err(Error::invalid("warp_affine", "the transform is singular"));
     }
     // The inverse map, output → input.
     let (ia, ib, ic, id) = (m[1][1] / det, -m[0][1] / det, -m[1][0] / det, m[0][0] / det);

@@ -167,7 +167,7 @@ impl Sd2Config {
                 ),
             });
         }
-        let bad = |m: String| Err(Error::Msg(format!("SD2 config: {m}")));
+        let bad = |m: String| Err(Error::invalid("SD2 config", m));
         const KNOWN: [&str; 6] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"];
         if let Some(t) = self
             .lora

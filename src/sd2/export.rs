@@ -14,7 +14,7 @@ use crate::{Error, Result, Tensor};
 /// that tower's blocks.
 ///
 /// Errors: `Error::Config` for a `train_base` model (its CLIP weights are not the base an adapter
-/// would be applied to), `Error::Msg` for a model without adapters, and write errors.
+/// would be applied to), `Error::InvalidInput` for a model without adapters, and write errors.
 pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()> {
     // An adapter applied to the released base would not give this model's outputs.
     if model.cfg.train_base {
@@ -33,8 +33,9 @@ pub fn export_peft(model: &Sd2Model, dir: &Path, base_model: &str) -> Result<()>
         .map(|p| (p.name.as_str(), &p.tensor))
         .collect();
     if lora.is_empty() {
-        return Err(Error::Msg(
-            "peft export: the model has no LoRA adapters".into(),
+        return Err(Error::invalid(
+            "peft export",
+            "the model has no LoRA adapters",
         ));
     }
     // Both towers: a list matches by module-name suffix; one tower: a regex peft full-matches.

@@ -83,10 +83,13 @@ impl Sd2Model {
         let (compute, device) = (clip.logit_scale.dtype(), clip.logit_scale.device());
         let dtype = master_dtype(compute);
         if cfg.train_base && dtype != compute {
-            return Err(Error::Msg(format!(
-                "sd2: train_base trains every CLIP weight, which needs f32 (or f64) weights; this \
-                 CLIP is {compute} (bf16 trains LoRA, CLAM and the adapter with f32 masters)"
-            )));
+            return Err(Error::mismatch(
+                "sd2",
+                format!(
+                    "train_base trains every CLIP weight, which needs f32 (or f64) weights; this \
+                     CLIP is {compute} (bf16 trains LoRA, CLAM and the adapter with f32 masters)"
+                ),
+            ));
         }
         let mut params = super::lora::attach(&mut clip, &cfg.lora, seed, dtype)?;
         let (clam, adapter) = if cfg.clam {
@@ -157,13 +160,18 @@ impl Sd2Model {
                 .params
                 .iter()
                 .find(|p| &p.name == name)
-                .ok_or_else(|| Error::Msg(format!("SD2: no trainable tensor named `{name}`")))?;
+                .ok_or_else(|| {
+                    Error::invalid("SD2", format!("no trainable tensor named `{name}`"))
+                })?;
             if p.tensor.dims() != v.dims() {
-                return Err(Error::Msg(format!(
-                    "SD2: `{name}` has shape {:?}, the model expects {:?}",
-                    v.dims(),
-                    p.tensor.dims()
-                )));
+                return Err(Error::mismatch(
+                    "SD2",
+                    format!(
+                        "`{name}` has shape {:?}, the model expects {:?}",
+                        v.dims(),
+                        p.tensor.dims()
+                    ),
+                ));
             }
             let src = v
                 .to_dtype(p.tensor.dtype())?
@@ -284,7 +292,7 @@ impl Sd2Model {
         let dual = self.cfg.loss_dual;
         let need = |o: &Option<Tensor>, what: &str| -> Result<Tensor> {
             let t = o.clone().ok_or_else(|| {
-                Error::Msg(format!("sd2 losses: loss_dual needs {what} descriptions"))
+                Error::invalid("sd2 losses", format!("loss_dual needs {what} descriptions"))
             })?;
             if t.dims().first() != Some(&b) {
                 return Err(Error::shape(

@@ -273,7 +273,13 @@ struct State {
     threshold: Option<f64>,
 }
 
+/// A checkpoint file or folder that cannot be used.
 fn err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::checkpoint(path, e)
+}
+
+/// A failed filesystem operation while saving (its text has no room for `Error::Write`'s).
+fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}: {e}", path.display()))
 }
 
@@ -370,10 +376,10 @@ impl Trainer {
                 continue;
             }
             if v.len() != n {
-                return Err(Error::Msg(format!(
-                    "train step: {} {what} descriptions for {n} images",
-                    v.len()
-                )));
+                return Err(Error::invalid(
+                    "train step",
+                    format!("{} {what} descriptions for {n} images", v.len()),
+                ));
             }
             texts.extend(v.iter().map(|s| s.as_str()));
         }
@@ -474,7 +480,7 @@ impl Trainer {
         let t0 = Instant::now();
         let total_images: usize = micro.iter().map(|m| m.labels.len()).sum();
         if total_images == 0 {
-            return Err(Error::Msg("train step: no images".into()));
+            return Err(Error::invalid("train step", "no images"));
         }
         self.text_passes
             .lock()
@@ -662,7 +668,7 @@ impl Trainer {
         let tmp = PathBuf::from(format!("{}.tmp-{}", dir.display(), std::process::id()));
         std::fs::remove_dir_all(&tmp).ok();
         let written = (|| {
-            std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e))?;
+            std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
             self.write_files(&tmp, metric)
         })();
         if let Err(e) = written {
@@ -671,9 +677,9 @@ impl Trainer {
         }
         let old = PathBuf::from(format!("{}.old-{}", dir.display(), std::process::id()));
         if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| err(dir, e))?;
+            std::fs::rename(dir, &old).map_err(|e| io_err(dir, e))?;
         }
-        std::fs::rename(&tmp, dir).map_err(|e| err(dir, e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
         std::fs::remove_dir_all(&old).ok();
         Ok(())
     }
@@ -730,7 +736,7 @@ impl Trainer {
             opt_steps: Some(self.opt.steps()),
             threshold: self.val_threshold.filter(|t| t.is_finite()),
         };
-        let json = serde_json::to_string_pretty(&state).map_err(|e| err(dir, e))?;
+        let json = serde_json::to_string_pretty(&state).map_err(|e| io_err(dir, e))?;
         write_synced(&dir.join("state.json"), json.as_bytes())?;
         fsync(dir)
     }
@@ -744,7 +750,11 @@ impl Trainer {
     ) -> Result<Trainer> {
         let state = read_state(dir)?;
         if state.clip != clip.config {
-            return Err(err(dir, "the checkpoint was trained on a CLIP model with a different config than the one given"));
+            return Err(Error::mismatch(
+                dir.display(),
+                "the checkpoint was trained on a CLIP model with a different config than the one \
+                 given",
+            ));
         }
         let opt_steps = state.opt_steps.unwrap_or(state.step);
         let trainable = dir.join("trainable.safetensors");

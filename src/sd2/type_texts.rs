@@ -35,32 +35,30 @@ impl TypeTexts {
     }
 
     /// Parses a type-texts JSON object: `classes` (exactly [`CLASSES`], in order), `train` (class →
-    /// non-empty list of phrasings) and `test` (class → one phrase). Errors are `Error::Msg` naming
+    /// non-empty list of phrasings) and `test` (class → one phrase). Errors are `Error::Parse` naming
     /// what is missing or wrong.
     pub fn from_json(text: &str) -> Result<TypeTexts> {
-        let raw: Raw =
-            serde_json::from_str(text).map_err(|e| Error::Msg(format!("type texts: {e}")))?;
+        let raw: Raw = serde_json::from_str(text).map_err(|e| Error::parse("type texts", e))?;
         if raw.classes != CLASSES {
-            return Err(Error::Msg(format!(
-                "type texts: classes {:?}, expected {:?}",
-                raw.classes, CLASSES
-            )));
+            return Err(Error::parse(
+                "type texts",
+                format!("classes {:?}, expected {:?}", raw.classes, CLASSES),
+            ));
         }
         let mut train = vec![];
         let mut test = vec![];
         for c in CLASSES {
             let pool = raw.train.get(c).cloned().unwrap_or_default();
             if pool.is_empty() {
-                return Err(Error::Msg(format!(
-                    "type texts: no training phrasings for class {c}"
-                )));
+                return Err(Error::parse(
+                    "type texts",
+                    format!("no training phrasings for class {c}"),
+                ));
             }
             train.push(pool);
-            test.push(
-                raw.test.get(c).cloned().ok_or_else(|| {
-                    Error::Msg(format!("type texts: no test phrase for class {c}"))
-                })?,
-            );
+            test.push(raw.test.get(c).cloned().ok_or_else(|| {
+                Error::parse("type texts", format!("no test phrase for class {c}"))
+            })?);
         }
         Ok(TypeTexts { train, test })
     }

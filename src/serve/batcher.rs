@@ -168,10 +168,10 @@ impl Batcher {
     ) -> Result<()> {
         let per = 3 * self.image_size * self.image_size;
         if pixels.len() != n * per {
-            return Err(Error::Msg(format!(
-                "batcher: {} values for {n} crops of {per}",
-                pixels.len()
-            )));
+            return Err(Error::invalid(
+                "batcher",
+                format!("{} values for {n} crops of {per}", pixels.len()),
+            ));
         }
         if n == 0 {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);

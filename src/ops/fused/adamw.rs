@@ -54,7 +54,10 @@ pub fn step(
             cuda_step(p, g, m, v, s)
         }
         #[allow(unreachable_patterns)]
-        (p, ..) => Err(Error::Msg(format!("{OP}: mixed storage on {}", p.device()))),
+        (p, ..) => Err(Error::invalid(
+            OP,
+            format!("mixed storage on {}", p.device()),
+        )),
     }
 }
 
@@ -84,8 +87,9 @@ pub fn step_clipped(
             let (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) =
                 (f.p, f.g, f.m, f.v)
             else {
-                return Err(Error::Msg(
-                    "adamw: the fused step needs every tensor on one CUDA device".into(),
+                return Err(Error::invalid(
+                    "adamw",
+                    "the fused step needs every tensor on one CUDA device",
                 ));
             };
             fused.push(FusedParam {
@@ -101,8 +105,9 @@ pub fn step_clipped(
     #[cfg(not(any(feature = "cuda", feature = "cuda-sim")))]
     {
         let _ = (params, s, max_norm);
-        Err(Error::Msg(
-            "adamw: the fused step runs on CUDA storage (this build has none)".into(),
+        Err(Error::invalid(
+            "adamw",
+            "the fused step runs on CUDA storage (this build has none)",
         ))
     }
 }
@@ -277,7 +282,7 @@ fn cuda_step_clipped(
     const OP: &str = "fused adamw";
     let first = params
         .first()
-        .ok_or_else(|| Error::Msg("adamw: no parameters".into()))?
+        .ok_or_else(|| Error::invalid("adamw", "no parameters"))?
         .p;
     let mut words = vec![];
     for (i, f) in params.iter().enumerate() {

@@ -269,10 +269,10 @@ fn linear_impl(
                 ));
             }
             if !(0.0..1.0).contains(&l.dropout) {
-                return Err(Error::Msg(format!(
-                    "{op}: dropout {} must be in [0, 1)",
-                    l.dropout
-                )));
+                return Err(Error::invalid(
+                    op,
+                    format!("dropout {} must be in [0, 1)", l.dropout),
+                ));
             }
             Some(LoraSpec {
                 rank: r,
@@ -299,9 +299,7 @@ fn linear_impl(
     };
     let gelu_out = matches!(act, Act::Out);
     if gelu_out && residual.is_some() {
-        return Err(Error::Msg(format!(
-            "{op}: a quick_gelu output takes no residual"
-        )));
+        return Err(Error::invalid(op, "a quick_gelu output takes no residual"));
     }
     // The GEMM reads x; the gradient of input 0 goes to h when x = quick_gelu(h).
     let mut inputs = vec![gelu_pre.unwrap_or(x), w];

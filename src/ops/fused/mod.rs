@@ -33,7 +33,7 @@ pub trait FusedKernel {
 /// Runs `k` on the backend that holds `inputs` (all on one device).
 pub fn run<K: FusedKernel>(k: &K, inputs: &[&Storage]) -> Result<Vec<Storage>> {
     let Some(first) = inputs.first() else {
-        return Err(Error::Msg(format!("{}: no inputs", K::NAME)));
+        return Err(Error::invalid(K::NAME, "no inputs"));
     };
     let device = first.device();
     if let Some(other) = inputs.iter().find(|s| s.device() != device) {
