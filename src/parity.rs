@@ -138,6 +138,25 @@ impl ParityReport {
     }
 }
 
+impl TensorReport {
+    /// A passing report with no error yet.
+    fn new(name: &str, shape: Vec<usize>) -> TensorReport {
+        TensorReport {
+            name: name.to_string(),
+            shape,
+            max_abs: 0.0,
+            index: vec![],
+            reference: 0.0,
+            value: 0.0,
+            rms: 0.0,
+            rel: 0.0,
+            worst_ratio: 0.0,
+            pass: true,
+            note: None,
+        }
+    }
+}
+
 fn dtype_name<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(&d.to_string())
 }
@@ -157,20 +176,9 @@ fn dtype_of_dump(name: &str, path: &Path) -> Result<DType> {
 /// Compares `got` with `want` element by element under `tol`.
 pub fn compare(name: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> Result<TensorReport> {
     let shape = want.dims().to_vec();
-    let mut r = TensorReport {
-        name: name.to_string(),
-        shape: shape.clone(),
-        max_abs: 0.0,
-        index: vec![],
-        reference: 0.0,
-        value: 0.0,
-        rms: 0.0,
-        rel: 0.0,
-        worst_ratio: 0.0,
-        pass: false,
-        note: None,
-    };
+    let mut r = TensorReport::new(name, shape.clone());
     if got.dims() != want.dims() {
+        r.pass = false;
         r.note = Some(format!("sd2's shape {:?}", got.dims()));
         r.max_abs = f64::INFINITY;
         r.worst_ratio = f64::INFINITY;
@@ -235,19 +243,7 @@ fn check_tokens(ids: &Tensor, path: &Path) -> Result<TensorReport> {
     let texts = TypeTexts::shipped()?;
     let phrases = texts.test_phrases();
     let dims = ids.dims().to_vec();
-    let mut r = TensorReport {
-        name: "inputs.input_ids".into(),
-        shape: dims.clone(),
-        max_abs: 0.0,
-        index: vec![],
-        reference: 0.0,
-        value: 0.0,
-        rms: 0.0,
-        rel: 0.0,
-        worst_ratio: 0.0,
-        pass: true,
-        note: None,
-    };
+    let mut r = TensorReport::new("inputs.input_ids", dims.clone());
     if dims.len() != 2 || dims[0] != phrases.len() {
         r.pass = false;
         r.note = Some(format!(

@@ -29,13 +29,32 @@ fn print(r: &parity::ParityReport) {
     print!("{}", parity::format_report(r));
 }
 
+/// `dump` compared at its own dtype, which must be `dtype`, under that dtype's default bound.
+fn passing(dump: &str, dtype: DType) -> parity::ParityReport {
+    let r = parity::run(&request(dump)).unwrap();
+    print(&r);
+    assert_eq!(r.dtype, dtype);
+    assert_eq!(r.tolerance, Tolerance::for_dtype(dtype));
+    assert!(r.passed(), "{dtype} parity failed");
+    r
+}
+
+/// `sd2 parity` on the fixture's model and checkpoint against `reference`.
+fn command(reference: &std::path::Path) -> Command {
+    let f = fixture();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sd2"));
+    c.args(["parity", "--model"])
+        .arg(f.join("clip"))
+        .arg("--checkpoint")
+        .arg(f.join("checkpoint"))
+        .arg("--reference")
+        .arg(reference);
+    c
+}
+
 #[test]
 fn f32_dump_matches_within_f32_tolerance() {
-    let r = parity::run(&request("reference_float32.safetensors")).unwrap();
-    print(&r);
-    assert_eq!(r.dtype, DType::F32);
-    assert_eq!(r.tolerance, Tolerance::for_dtype(DType::F32));
-    assert!(r.passed(), "f32 parity failed");
+    let r = passing("reference_float32.safetensors", DType::F32);
     let names: Vec<&str> = r.tensors.iter().map(|t| t.name.as_str()).collect();
     // Tokens, preprocessing of the two face crops, 4 + 3 vision/text states, CLAM, logits.
     for n in [
@@ -64,11 +83,7 @@ fn f32_dump_matches_within_f32_tolerance() {
 
 #[test]
 fn bf16_dump_matches_within_bf16_tolerance() {
-    let r = parity::run(&request("reference_bfloat16.safetensors")).unwrap();
-    print(&r);
-    assert_eq!(r.dtype, DType::BF16);
-    assert_eq!(r.tolerance, Tolerance::for_dtype(DType::BF16));
-    assert!(r.passed(), "bf16 parity failed");
+    let r = passing("reference_bfloat16.safetensors", DType::BF16);
     // The bf16 run really is bf16: its errors are far above f32's bound somewhere.
     let worst = r
         .tensors
@@ -129,19 +144,8 @@ fn a_nudged_tensor_fails_and_is_named_and_the_command_exits_nonzero() {
         r.notes
     );
 
-    let f = fixture();
     let json = dir.join("report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_sd2"))
-        .args(["parity", "--model"])
-        .arg(f.join("clip"))
-        .arg("--checkpoint")
-        .arg(f.join("checkpoint"))
-        .arg("--reference")
-        .arg(&bad)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
+    let out = command(&bad).arg("--json").arg(&json).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}{stderr}");
@@ -160,13 +164,7 @@ fn a_nudged_tensor_fails_and_is_named_and_the_command_exits_nonzero() {
         .any(|t| t["name"] == "sd2.clam" && t["pass"] == false));
 
     // The good dump through the command: exit 0, PASS.
-    let out = Command::new(env!("CARGO_BIN_EXE_sd2"))
-        .args(["parity", "--model"])
-        .arg(f.join("clip"))
-        .arg("--checkpoint")
-        .arg(f.join("checkpoint"))
-        .arg("--reference")
-        .arg(f.join("reference_bfloat16.safetensors"))
+    let out = command(&fixture().join("reference_bfloat16.safetensors"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
