@@ -163,6 +163,17 @@ pub enum Error {
     #[error("busy: {0}")]
     Busy(String),
 
+    /// A multi-process job that cannot form or went wrong: a launcher's variables that do not
+    /// fit, a build without the collective the device needs, a rank that did not join or
+    /// stopped. `rank` is this process's.
+    #[error("rank {rank}: {msg}")]
+    Dist {
+        /// This process's rank.
+        rank: usize,
+        /// What went wrong and what to do.
+        msg: String,
+    },
+
     /// Anything else, as a message (a worker thread that died, an internal invariant broken).
     #[error("{0}")]
     Msg(String),

@@ -81,6 +81,7 @@ pub mod data;
 #[cfg(feature = "cli")]
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod eval;

@@ -52,6 +52,12 @@ enum Cmd {
         /// Start again in an `out` that holds a run (its checkpoints and log are removed).
         #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Train data-parallel on N processes of this machine: on the CPU through
+        /// `mpirun -np N` (feature `mpi`), on GPUs one process per GPU over NCCL (feature
+        /// `nccl`), as torchrun would start them. Under torchrun, srun or mpirun, leave it out:
+        /// their variables say the rank.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Evaluate a checkpoint on a manifest split: metrics.json, predictions.jsonl, a table.
     Eval {
@@ -1446,6 +1452,7 @@ fn train(
     preset: Option<&str>,
     sets: &[String],
     print_config: bool,
+    nproc: Option<usize>,
     resume: Option<Option<std::path::PathBuf>>,
     overwrite: bool,
 ) -> sd2::Result<()> {
@@ -1488,13 +1495,160 @@ fn train(
         );
         return Ok(());
     }
-    let o = sd2::run::train_with(&cfg, start, &mut CliProgress::new())?;
-    println!(
-        "best validation AUC {:.4}; checkpoint {}",
-        o.best_val_auc,
-        o.best_dir.display()
-    );
-    Ok(())
+    if let Some(n) = nproc {
+        return launch_local(n, &cfg.device);
+    }
+    let launch = sd2::dist::Launch::from_env()?;
+    if !launch.is_distributed() {
+        let o = sd2::run::train_with(&cfg, start, &mut CliProgress::new())?;
+        println!(
+            "best validation AUC {:.4}; checkpoint {}",
+            o.best_val_auc,
+            o.best_dir.display()
+        );
+        return Ok(());
+    }
+    let device = sd2::run::rank_device(&cfg.device, launch.local_rank)?;
+    let comm = sd2::dist::init(&launch, device)?;
+    let rank = launch.rank;
+    // A panic unwinding into MPI_Finalize (or NCCL's destroy) would wait forever for the
+    // ranks still in a collective: a panicking rank ends its process at once, which ends
+    // the job (mpirun, srun and torchrun stop the rest; our rendezvous links do too).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("error: rank {rank}: a panic ends the job");
+        std::process::abort();
+    }));
+    let res = if rank == 0 {
+        sd2::run::train_dist(&cfg, start, &mut CliProgress::new(), &comm)
+    } else {
+        sd2::run::train_dist(&cfg, start, &mut RankProgress(rank), &comm)
+    };
+    match res {
+        Ok(o) => {
+            comm.barrier()?;
+            if rank == 0 {
+                println!(
+                    "best validation AUC {:.4}; checkpoint {} ({} ranks, {})",
+                    o.best_val_auc,
+                    o.best_dir.display(),
+                    launch.world,
+                    comm.backend()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // The other ranks would wait for this one in their next collective: end the job.
+            eprintln!("error: rank {rank} of {}: {e}", launch.world);
+            comm.abort(1)
+        }
+    }
+}
+
+/// Progress of a rank other than 0: its own lines (a skipped image), prefixed; no bar.
+struct RankProgress(usize);
+
+impl sd2::run::Progress for RankProgress {
+    fn line(&mut self, text: &str) {
+        println!("[rank {}] {text}", self.0);
+    }
+}
+
+/// `sd2 train --nproc N`: this same command as N ranks of one machine — under `mpirun` on the
+/// CPU, or as N children with torchrun's variables (one GPU each) on CUDA, supervised: the first
+/// to fail stops the others, and the exit status is the first failure's.
+fn launch_local(n: usize, device: &str) -> sd2::Result<()> {
+    if n == 0 {
+        return Err(sd2::Error::invalid("--nproc", "must be ≥ 1"));
+    }
+    if std::env::var_os("RANK").is_some() || std::env::var_os("OMPI_COMM_WORLD_RANK").is_some() {
+        return Err(sd2::Error::invalid(
+            "--nproc",
+            "this process was started by a launcher already (RANK or OMPI_COMM_WORLD_RANK is set)",
+        ));
+    }
+    let exe = std::env::current_exe()?;
+    // The same arguments less --nproc.
+    let mut args: Vec<String> = vec![];
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--nproc" {
+            it.next();
+        } else if !a.starts_with("--nproc=") {
+            args.push(a);
+        }
+    }
+    let on_cpu = matches!(sd2::Device::parse(device)?, sd2::Device::Cpu);
+    if on_cpu {
+        let mut cmd = std::process::Command::new("mpirun");
+        cmd.arg("-np").arg(n.to_string()).arg("--oversubscribe");
+        // Open MPI refuses root unless told (containers, CI).
+        if std::env::var("USER").as_deref() == Ok("root")
+            || std::fs::metadata("/proc/self")
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+                .unwrap_or(false)
+        {
+            cmd.arg("--allow-run-as-root");
+        }
+        let status = cmd.arg(&exe).args(&args).status().map_err(|e| {
+            sd2::Error::invalid(
+                "--nproc",
+                format!(
+                    "cannot run mpirun ({e}): training on the CPU across processes needs Open MPI"
+                ),
+            )
+        })?;
+        return match status.code() {
+            Some(0) => Ok(()),
+            c => Err(sd2::Error::Msg(format!("mpirun -np {n} exited with {c:?}"))),
+        };
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut children = vec![];
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()?;
+        children.push(child);
+    }
+    let mut failed: Option<(usize, Option<i32>)> = None;
+    let mut running = n;
+    while running > 0 {
+        running = 0;
+        for (rank, c) in children.iter_mut().enumerate() {
+            match c.try_wait()? {
+                None => running += 1,
+                Some(st) if !st.success() && failed.is_none() => failed = Some((rank, st.code())),
+                Some(_) => {}
+            }
+        }
+        if failed.is_some() {
+            for c in children.iter_mut() {
+                c.kill().ok();
+            }
+            for c in children.iter_mut() {
+                c.wait().ok();
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match failed {
+        None => Ok(()),
+        Some((rank, code)) => Err(sd2::Error::Msg(format!(
+            "rank {rank} of {n} failed (exit status {code:?}); the other ranks were stopped"
+        ))),
+    }
 }
 
 /// The library's `log` records on stderr, at the level `SD2_LOG` names (default `warn`).
@@ -1739,11 +1893,13 @@ fn main() {
             print_config,
             resume,
             overwrite,
+            nproc,
         } => train(
             config.as_deref(),
             preset.as_deref(),
             &sets,
             print_config,
+            nproc,
             resume,
             overwrite,
         ),

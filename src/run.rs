@@ -12,12 +12,14 @@ use crate::data::augment::AugmentConfig;
 use crate::data::loader::{DeviceBatches, Prefetcher, Transform};
 use crate::data::shards::{ShardIndex, ShardStream, StreamOptions};
 use crate::data::{Item, LoadOptions, Manifest, Split};
+use crate::dist::Comm;
 use crate::eval::report;
 use crate::rng::Rng;
 use crate::sd2::detector::class_embeddings;
 use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
 use crate::sd2::{DualContrast, Sd2Config, Sd2Model, TypeTexts};
 use crate::{DType, Device, Error, Result};
+use std::sync::Arc;
 
 /// A training run's whole configuration: the TOML of `sd2 train --config`, on top of a
 /// preset (see [`load_config`]). Unknown keys are refused. The resolved config is saved as
@@ -376,7 +378,64 @@ pub fn train_with(
     start: Start,
     progress: &mut dyn Progress,
 ) -> Result<TrainOutcome> {
+    train_dist(
+        cfg,
+        start,
+        progress,
+        &(Arc::new(crate::dist::Single) as Arc<dyn Comm>),
+    )
+}
+
+/// The device rank `comm.rank()` trains on: `cuda` without an ordinal means the GPU of the
+/// process's local rank in a multi-process job (`cuda:LOCAL_RANK`); anything else as written.
+pub fn rank_device(name: &str, local_rank: usize) -> Result<Device> {
+    if name.trim() == "cuda" {
+        return Ok(Device::Cuda(local_rank));
+    }
+    Device::parse(name)
+}
+
+/// [`train_with`] as one rank of a data-parallel job (`crate::dist`; `comm` of one rank is a
+/// plain run). Every rank loads the same data and model; a step's micro-batches are dealt to
+/// the ranks (`dist::micro_batch_rank`; a pack's shards are dealt instead), gradients summed;
+/// rank 0 alone locks and writes the run folder (log, config, checkpoints), and every rank
+/// resumes from its checkpoints. Run on a manifest, the job ends with the weights of one
+/// process training the same config (to float-summation order). A rank that fails returns its
+/// error: the caller must then end the job (`Comm::abort`), or the others wait.
+pub fn train_dist(
+    cfg: &RunConfig,
+    start: Start,
+    progress: &mut dyn Progress,
+    comm: &Arc<dyn Comm>,
+) -> Result<TrainOutcome> {
     cfg.validate()?;
+    let (rank, world) = (comm.rank(), comm.world());
+    let lead = rank == 0;
+    let mut lock = None;
+    let mut resume_from = None;
+    if lead {
+        let (l, r) = prepare_folder(cfg, start)?;
+        (lock, resume_from) = (Some(l), r);
+    }
+    if world > 1 {
+        // Rank 0 has prepared the folder: every rank resumes from the checkpoint it chose.
+        let mut bytes = resume_from
+            .as_ref()
+            .map(|p: &PathBuf| p.to_string_lossy().into_owned().into_bytes())
+            .unwrap_or_default();
+        comm.broadcast_bytes(&mut bytes, 0)?;
+        resume_from = (!bytes.is_empty())
+            .then(|| PathBuf::from(String::from_utf8_lossy(&bytes).into_owned()));
+    }
+    let ckpts = crate::sd2::checkpoint::Checkpoints::new(cfg.out.join("checkpoints"));
+    let outcome = train_ranked(cfg, progress, comm, resume_from, &ckpts);
+    drop(lock);
+    outcome
+}
+
+/// Rank 0's (or a lone process's) claim on the run folder: its lock, and the checkpoint to
+/// resume from per `start`.
+fn prepare_folder(cfg: &RunConfig, start: Start) -> Result<(std::fs::File, Option<PathBuf>)> {
     std::fs::create_dir_all(&cfg.out)
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
     // One run per folder at a time: a second process (a requeued job while the first is still
@@ -426,7 +485,19 @@ pub fn train_with(
             None
         }
     };
-    let device = Device::parse(&cfg.device)?;
+    Ok((lock, resume_from))
+}
+
+fn train_ranked(
+    cfg: &RunConfig,
+    progress: &mut dyn Progress,
+    comm: &Arc<dyn Comm>,
+    resume_from: Option<PathBuf>,
+    ckpts: &crate::sd2::checkpoint::Checkpoints,
+) -> Result<TrainOutcome> {
+    let (rank, world) = (comm.rank(), comm.world());
+    let lead = rank == 0;
+    let device = rank_device(&cfg.device, comm.local_rank())?;
     device.check_available()?;
     let dtype = compute_dtype(&cfg.dtype)?;
     let opts = LoadOptions {
@@ -480,12 +551,17 @@ pub fn train_with(
         let fakes = items.iter().filter(|i| i.label != 0).count();
         (fakes == 0 || fakes == items.len()).then_some(if fakes == 0 { "real" } else { "fake" })
     };
-    if let Some(c) = pack.is_none().then(|| one_class(&train)).flatten() {
+    if let Some(c) = pack
+        .is_none()
+        .then(|| one_class(&train))
+        .flatten()
+        .filter(|_| lead)
+    {
         progress.line(&format!(
             "warning: every train item is {c}: the detector cannot learn to tell real from fake"
         ));
     }
-    if let Some(c) = (!val.is_empty() && pack.is_none())
+    if let Some(c) = (!val.is_empty() && pack.is_none() && lead)
         .then(|| one_class(&val))
         .flatten()
     {
@@ -565,11 +641,13 @@ pub fn train_with(
                 ));
             }
             let t = Trainer::resume(dir, clip, ClipTokenizer::openai()?, texts.clone())?;
-            progress.line(&format!(
-                "resuming from {} (step {})",
-                dir.display(),
-                t.steps()
-            ));
+            if lead {
+                progress.line(&format!(
+                    "resuming from {} (step {})",
+                    dir.display(),
+                    t.steps()
+                ));
+            }
             (t, Some(run))
         }
         None => {
@@ -582,16 +660,19 @@ pub fn train_with(
     };
     // micro_batch = 0: the largest that fits the GPU's memory (the effective batch elsewhere);
     // a resumed run keeps the split it started with.
-    let micro = match (cfg.train.micro_batch, &resumed) {
+    trainer.set_comm(comm.clone());
+    let mut micro = match (cfg.train.micro_batch, &resumed) {
         (_, Some(r)) => r.micro,
         (0, None) => {
             let cap = cfg.train.effective_batch.max(1);
             // DeviceBatches keeps the next step's micro-batches on the device too.
             match trainer.auto_micro_batch(size, cap, cap)? {
                 Some(b) => {
-                    progress.line(&format!(
-                        "micro-batch {b}: the largest that fits {device}'s free memory (cap {cap})"
-                    ));
+                    if lead {
+                        progress.line(&format!(
+                            "micro-batch {b}: the largest that fits {device}'s free memory (cap {cap})"
+                        ));
+                    }
                     b
                 }
                 None => cap,
@@ -599,6 +680,18 @@ pub fn train_with(
         }
         (m, None) => m,
     };
+    if world > 1 {
+        // Every rank takes rank 0's micro-batch (GPUs may differ in free memory).
+        let mut b = (micro as u64).to_le_bytes().to_vec();
+        comm.broadcast_bytes(&mut b, 0)?;
+        micro = b
+            .try_into()
+            .map(|a: [u8; 8]| u64::from_le_bytes(a) as usize)
+            .map_err(|_| Error::Dist {
+                rank,
+                msg: "rank 0 sent a micro-batch size that is not 8 bytes".into(),
+            })?;
+    }
     let per_step = match &resumed {
         Some(r) => r.per_step,
         None => cfg.train.effective_batch.max(micro).div_ceil(micro),
@@ -625,7 +718,9 @@ pub fn train_with(
         }
     }
     let toml = toml::to_string(&saved).map_err(|e| Error::Msg(format!("config: {e}")))?;
-    crate::fs::write_atomic(&cfg.out.join("config.toml"), toml)?;
+    if lead {
+        crate::fs::write_atomic(&cfg.out.join("config.toml"), toml)?;
+    }
     let ckpt = cfg.out.join("checkpoints");
     let log_path = cfg.out.join("train_log.jsonl");
     // Where the run stands: the steps done, and the log lines of those steps.
@@ -687,27 +782,42 @@ pub fn train_with(
             seed: cfg.train.seed,
             epoch: epoch as u64,
         };
+        // This rank's micro-batches per step: a manifest's step-`k` micro-batch `j` goes to rank
+        // `j % world`; a pack's shards are dealt to the ranks instead, and each rank takes an
+        // equal share of the steps from its own (`pack_share`), so none is left over.
+        let mut pack_share = per_step;
         let loader = match &pack {
             // The epoch's stream from its shards (its own shuffle), positioned after the
             // samples of the steps done before a resume.
             Some(ix) => {
-                let o = StreamOptions {
+                let mut o = StreamOptions {
                     split: Split::Train,
                     seed: cfg.train.seed,
                     epoch: epoch as u64,
                     buffer: cfg.shuffle_buffer,
-                    rank: 0,
-                    world: 1,
-                    skip: skip * per_step * micro,
+                    rank,
+                    world,
+                    skip: 0,
                 };
+                let mine: usize = crate::data::shards::epoch_shards(ix, &o)?
+                    .iter()
+                    .map(|s| s.1)
+                    .sum();
+                if world > 1 {
+                    pack_share = mine.div_ceil(steps_per_epoch * micro);
+                }
+                // A rank whose shards ran out before the resumed step has none left.
+                o.skip = (skip * pack_share * micro).min(mine);
                 let stream = ShardStream::open(ix, &o)?;
-                Prefetcher::shards(stream, micro, size, augment, 2 * per_step, cfg.skip_bad)
+                Prefetcher::shards(stream, micro, size, augment, 2 * pack_share, cfg.skip_bad)
             }
             None => {
                 let batches: Vec<Vec<Item>> = order
                     .chunks(micro)
+                    .enumerate()
                     .skip(skip * per_step)
-                    .map(|c| c.iter().map(|i| train[*i].clone()).collect())
+                    .filter(|(c, _)| crate::dist::micro_batch_rank(c % per_step, world) == rank)
+                    .map(|(_, c)| c.iter().map(|i| train[*i].clone()).collect())
                     .collect();
                 let make = if cfg.skip_bad {
                     Prefetcher::skipping_bad
@@ -718,11 +828,28 @@ pub fn train_with(
             }
         };
         // One step's micro-batches copying ahead: step k+1's data moves while step k computes.
-        let mut loader = DeviceBatches::new(loader, per_step, size, dtype, device);
+        let local = if pack.is_some() {
+            pack_share
+        } else {
+            per_step.div_ceil(world)
+        };
+        let mut loader = DeviceBatches::new(loader, local, size, dtype, device);
         for (k, step_items) in order.chunks(micro * per_step).enumerate().skip(skip) {
             let mut mbs = vec![];
-            for _ in step_items.chunks(micro) {
-                let (items, pixel_values) = loader.next().ok_or_else(|| {
+            let take = match (&pack, world) {
+                (_, 1) => step_items.chunks(micro).count(),
+                (Some(_), _) => pack_share,
+                (None, _) => (0..step_items.chunks(micro).count())
+                    .filter(|j| crate::dist::micro_batch_rank(*j, world) == rank)
+                    .count(),
+            };
+            for _ in 0..take {
+                let next = match loader.next() {
+                    // A rank's shards may end before the epoch's last step.
+                    None if pack.is_some() && world > 1 => break,
+                    n => n,
+                };
+                let (items, pixel_values) = next.ok_or_else(|| {
                     Error::Msg(format!(
                         "epoch {} step {}: the loader stopped early",
                         epoch + 1,
@@ -757,7 +884,8 @@ pub fn train_with(
                 skipped_images += 1;
                 progress.line(&format!("skipped {} (skip_bad): {why}", it.rel_path));
             }
-            if mbs.is_empty() {
+            // In a job, a rank may have no micro-batch in a step (the step checks the total).
+            if mbs.is_empty() && world == 1 {
                 return Err(Error::Msg(format!(
                     "epoch {} step {}: every image of the step is bad",
                     epoch + 1,
@@ -778,18 +906,19 @@ pub fn train_with(
             images_done += step_items.len();
             let done = trainer.steps() as f64;
             let eta = (tcfg.total_steps as f64 - done) * t0.elapsed().as_secs_f64() / done.max(1.0);
-            let shown = progress.step(&StepProgress {
-                epoch: epoch + 1,
-                epochs: cfg.epochs,
-                step: k + 1,
-                steps: steps_per_epoch,
-                images_done,
-                images_total: train_len * cfg.epochs,
-                loss: l.total,
-                l_c: l.l_c,
-                images_per_sec: images_done as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                eta_s: eta,
-            });
+            let shown = !lead
+                || progress.step(&StepProgress {
+                    epoch: epoch + 1,
+                    epochs: cfg.epochs,
+                    step: k + 1,
+                    steps: steps_per_epoch,
+                    images_done,
+                    images_total: train_len * cfg.epochs,
+                    loss: l.total,
+                    l_c: l.l_c,
+                    images_per_sec: images_done as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                    eta_s: eta,
+                });
             if !shown && (k % 25 == 0 || k + 1 == steps_per_epoch) {
                 progress.line(&format!(
                     "epoch {}/{} step {}/{}: loss {:.4} (L_C {:.4}), {:.0} img/s, ETA {:.0}s",
@@ -808,7 +937,7 @@ pub fn train_with(
                 || (cfg.checkpoint.every_minutes > 0.0
                     && last_save.elapsed().as_secs_f64() >= 60.0 * cfg.checkpoint.every_minutes);
             // The epoch's last step saves below, with its validation metric.
-            if due && k + 1 < steps_per_epoch {
+            if due && k + 1 < steps_per_epoch && lead {
                 crate::fs::write_atomic(&log_path, &steplog)?;
                 ckpts.save(
                     &trainer,
@@ -823,11 +952,29 @@ pub fn train_with(
             Some(ix) => ix.count(Split::Val) > 0,
             None => !val.is_empty(),
         };
-        let metric = if !has_val {
+        // In a job a manifest's val items are scored by video across the ranks and gathered;
+        // a pack's val shards by rank 0 alone (the only rank that saves).
+        let metric = if !has_val || (pack.is_some() && !lead) {
             f64::NAN
         } else {
             let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
             let (m, t, none) = (&trainer.model, &class_u, &Transform::None);
+            let all_val = val.clone();
+            let val: Vec<&Item> = if world > 1 && pack.is_none() {
+                let keys: Vec<String> = all_val
+                    .iter()
+                    .map(|i| match &i.video {
+                        Some(v) => format!("{}\u{1f}{v}", i.source),
+                        None => format!("\u{1e}{}", i.rel_path),
+                    })
+                    .collect();
+                crate::dist::split_by_video(&keys, rank, world)
+                    .into_iter()
+                    .map(|i| all_val[i])
+                    .collect()
+            } else {
+                all_val.clone()
+            };
             let preds = if cfg.skip_bad || pack.is_some() {
                 let (preds, bad) = match &pack {
                     Some(ix) => crate::eval::predict::predict_shards(
@@ -854,6 +1001,11 @@ pub fn train_with(
             } else {
                 crate::eval::predict::predict_items(m, t, &val, 128, none)?
             };
+            let preds = if world > 1 && pack.is_none() {
+                gather_preds(comm.as_ref(), &all_val, &val, preds)?
+            } else {
+                preds
+            };
             if !preds.is_empty() {
                 trainer.val_threshold = Some(crate::eval::metrics::best_threshold(
                     &preds.iter().map(|p| p.fake_score).collect::<Vec<_>>(),
@@ -873,20 +1025,22 @@ pub fn train_with(
             best_metric = Some(m);
             best_val = metric;
         }
-        crate::fs::write_atomic(&log_path, &steplog)?;
-        ckpts.save(
-            &trainer,
-            Some(m),
-            &[("run.json", run_file(best_metric, best_val)?)],
-            best,
-        )?;
+        if lead {
+            crate::fs::write_atomic(&log_path, &steplog)?;
+            ckpts.save(
+                &trainer,
+                Some(m),
+                &[("run.json", run_file(best_metric, best_val)?)],
+                best,
+            )?;
+            progress.line(&format!(
+                "epoch {}: validation AUC {:.4}{}",
+                epoch + 1,
+                metric,
+                if best { " (best so far)" } else { "" }
+            ));
+        }
         last_save = Instant::now();
-        progress.line(&format!(
-            "epoch {}: validation AUC {:.4}{}",
-            epoch + 1,
-            metric,
-            if best { " (best so far)" } else { "" }
-        ));
     }
     if skipped_images > 0 {
         progress.line(&format!(
@@ -899,10 +1053,55 @@ pub fn train_with(
             val_bad.len()
         ));
     }
-    drop(lock);
     Ok(TrainOutcome {
         best_dir: ckpt.join("best"),
         best_val_auc: best_val,
         manifest,
     })
+}
+
+/// Every rank's predictions of its part `mine` of `all` (one per item, in `mine`'s order, bad
+/// items left out), summed over the ranks into the predictions of `all` in its order.
+fn gather_preds(
+    comm: &dyn Comm,
+    all: &[&Item],
+    mine: &[&Item],
+    preds: Vec<crate::eval::predict::Pred>,
+) -> Result<Vec<crate::eval::predict::Pred>> {
+    const W: usize = 7; // present, fake score, five class probabilities
+    let index: std::collections::HashMap<*const Item, usize> = all
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (*it as *const Item, i))
+        .collect();
+    let mut buf = vec![0.0; all.len() * W];
+    let mut it = mine.iter();
+    for p in &preds {
+        // `preds` follows `mine`, with the bad items left out.
+        let item = it
+            .by_ref()
+            .find(|i| i.rel_path == p.path)
+            .ok_or_else(|| Error::Msg(format!("validation: no item for prediction {}", p.path)))?;
+        let at = index
+            .get(&(*item as *const Item))
+            .ok_or_else(|| Error::Msg(format!("validation: {} is not a val item", p.path)))?
+            * W;
+        buf[at] = 1.0;
+        buf[at + 1] = p.fake_score;
+        buf[at + 2..at + W].copy_from_slice(&p.probs);
+    }
+    comm.all_reduce_f64(&mut buf)?;
+    Ok(all
+        .iter()
+        .zip(buf.chunks(W))
+        .filter(|(_, b)| b[0] > 0.0)
+        .map(|(item, b)| crate::eval::predict::Pred {
+            path: item.rel_path.clone(),
+            label: item.label,
+            source: item.source.clone(),
+            video: item.video.clone(),
+            fake_score: b[1],
+            probs: [b[2], b[3], b[4], b[5], b[6]],
+        })
+        .collect())
 }

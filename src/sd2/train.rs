@@ -249,6 +249,8 @@ pub struct Trainer {
     /// accuracy-maximizing one); saved in `state.json` as `threshold`, where
     /// `Detector::threshold` reads it.
     pub val_threshold: Option<f64>,
+    /// The data-parallel job this trainer is one rank of ([`crate::dist::Single`] alone).
+    comm: std::sync::Arc<dyn crate::dist::Comm>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -311,7 +313,22 @@ impl Trainer {
             skipped_in_a_row: 0,
             text_passes: Default::default(),
             val_threshold: None,
+            comm: std::sync::Arc::new(crate::dist::Single),
         }
+    }
+
+    /// Makes this trainer one rank of a data-parallel job (`crate::dist`): each
+    /// [`Trainer::step`] then takes this rank's micro-batches of the step — its `k`-th being the
+    /// step's micro-batch `k · world + rank` (`dist::micro_batch_index`) — sums the gradients and
+    /// loss terms over the ranks and takes the same update on every rank. Every rank must start
+    /// from the same weights and seed (the same `Sd2Model::new` seed, or the same checkpoint).
+    pub fn set_comm(&mut self, comm: std::sync::Arc<dyn crate::dist::Comm>) {
+        self.comm = comm;
+    }
+
+    /// The job this trainer is a rank of.
+    pub fn comm(&self) -> &dyn crate::dist::Comm {
+        self.comm.as_ref()
     }
 
     /// (texts, tokens per text) of each pass through the text tower in the last step — the
@@ -478,7 +495,13 @@ impl Trainer {
     /// share of the images), one type-text phrasing per class for the whole step.
     pub fn step(&mut self, micro: &[MicroBatch]) -> Result<StepLog> {
         let t0 = Instant::now();
-        let total_images: usize = micro.iter().map(|m| m.labels.len()).sum();
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let local_images: usize = micro.iter().map(|m| m.labels.len()).sum();
+        // Each micro-batch's loss is weighted by its share of the whole step's images, over
+        // every rank: the summed gradient is then the one-process gradient.
+        let mut all = [local_images as f64];
+        self.comm.all_reduce_f64(&mut all)?;
+        let total_images = all[0] as usize;
         if total_images == 0 {
             return Err(Error::invalid("train step", "no images"));
         }
@@ -515,8 +538,9 @@ impl Trainer {
             let n = mb.labels.len();
             let w = n as f64 / total_images as f64;
             let batch = self.batch_with(mb, &[], Some(&class_ids))?;
-            let seed =
-                mix64(self.cfg.seed ^ mix64(self.step) ^ (k as u64).wrapping_mul(0x9e37_79b9));
+            // The step-wide index of the micro-batch: its dropout is the one-process run's.
+            let j = crate::dist::micro_batch_index(k, rank, world) as u64;
+            let seed = mix64(self.cfg.seed ^ mix64(self.step) ^ j.wrapping_mul(0x9e37_79b9));
             let fwd_range = crate::profile::range_with(|| format!("forward {k}"));
             // A leaf only when gradients can flow on into the text tower.
             let u_leaf = if u.is_tracked() {
@@ -564,6 +588,10 @@ impl Trainer {
             let _r = crate::profile::range("backward class texts");
             u.backward_seeded(du, &mut grads)?;
         }
+        if world > 1 {
+            let _r = crate::profile::range("all-reduce gradients");
+            crate::dist::all_reduce_grads(self.comm.as_ref(), self.model.params(), &mut grads)?;
+        }
         let opt_range = crate::profile::range("grad norm + AdamW");
         let lr = self.cfg.lr_at(self.step);
         let norm = self
@@ -573,12 +601,17 @@ impl Trainer {
         drop(grads);
         // The step's one read from the device: the loss terms (and the norm when the device
         // computed it).
-        let dt = terms[0].dtype();
+        // A rank with no micro-batch in this step has no terms: only the norm, read as f32.
+        let dt = terms.first().map_or(crate::DType::F32, |t| t.dtype());
         if let GradNorm::Device(n) = &norm {
             terms.push(n.narrow(0, 0, 1)?.to_dtype(dt)?);
         }
         let refs: Vec<&Tensor> = terms.iter().collect();
-        let host = Tensor::cat(&refs, 0)?.to_vec_f64()?;
+        let host = if refs.is_empty() {
+            vec![] // a rank with no micro-batch in this step
+        } else {
+            Tensor::cat(&refs, 0)?.to_vec_f64()?
+        };
         let sum = |j: usize| {
             host.iter()
                 .take(4 * micro.len())
@@ -586,7 +619,9 @@ impl Trainer {
                 .step_by(4)
                 .sum::<f64>()
         };
-        let (total, l_c, l_s, l_d) = (sum(0), sum(1), sum(2), sum(3));
+        let mut sums = [sum(0), sum(1), sum(2), sum(3)];
+        self.comm.all_reduce_f64(&mut sums)?;
+        let [total, l_c, l_s, l_d] = sums;
         let norm = match norm {
             GradNorm::Host(n) => n,
             GradNorm::Device(_) => host[4 * micro.len()],

@@ -1,0 +1,293 @@
+//! Data-parallel training across processes: every rank holds the whole model, trains on its
+//! part of each optimizer step's micro-batches, and the trainable gradients are summed over the
+//! ranks once per step before AdamW — so every rank takes the same update and the weights stay
+//! equal, and the run equals one process training on the same global batch.
+//!
+//! The collectives come from existing engines, never our own: MPI on CPUs (feature `mpi`:
+//! Open MPI through the `mpi` crate; `mpirun -np 2 sd2 train …` or `srun`), NCCL on GPUs
+//! (feature `nccl`: cudarc's bindings, loaded at run time; launched by torchrun, `srun`,
+//! `mpirun` or `sd2 train --nproc N`). [`launch`] reads where this process stands from the
+//! launcher's variables; [`init`] opens the communicator for it.
+//!
+//! How the work is split (`docs/DISTRIBUTED.md`):
+//! - a step's micro-batch `j` (in the order one process would take them) is trained by rank
+//!   `j % world` ([`micro_batch_rank`]), with the dropout seed of `j`: no overlap, no gaps, and
+//!   the same losses as in one process;
+//! - validation items are dealt by video ([`split_by_video`]): a video's frames are scored on
+//!   one rank, the scores are then summed so every rank holds all of them;
+//! - rank 0 writes the log and the checkpoints; every rank resumes from them.
+use std::sync::Arc;
+
+use crate::optim::Param;
+use crate::{DType, Error, GradStore, Result, Tensor};
+
+pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
+
+pub use launch::{Launch, Launcher};
+
+/// A communicator over the job's ranks. Every rank must make the same calls in the same
+/// order (a collective is entered by all ranks, or it waits).
+pub trait Comm: Send + Sync {
+    /// This process's rank, 0..world.
+    fn rank(&self) -> usize;
+
+    /// Ranks in the job.
+    fn world(&self) -> usize;
+
+    /// Rank among the job's processes on this machine: the GPU this rank uses.
+    fn local_rank(&self) -> usize {
+        0
+    }
+
+    /// The engine's name (`single`, `mpi`, `nccl`), for logs and benchmarks.
+    fn backend(&self) -> &'static str;
+
+    /// Sums host values over the ranks, in place on every rank.
+    fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()>;
+
+    /// Sums `t` over the ranks; the sum has `t`'s shape, dtype and device. The default goes
+    /// through the host (`all_reduce_f64`); a device engine (NCCL) reduces in place on the GPU.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        if self.world() == 1 {
+            return Ok(t.clone());
+        }
+        let mut v = t.to_vec_f64()?;
+        self.all_reduce_f64(&mut v)?;
+        Tensor::from_f64(&v, t.shape().clone(), t.dtype(), t.device())
+    }
+
+    /// Rank `root`'s bytes on every rank (`bytes` is replaced on the others).
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
+
+    /// Waits until every rank has arrived.
+    fn barrier(&self) -> Result<()>;
+
+    /// Ends the whole job from this rank, which has failed: every rank's process exits
+    /// non-zero (MPI_Abort; under NCCL the rendezvous's liveness links). For the binary, after
+    /// it has printed the error: a rank that just returned would leave the others waiting in
+    /// their next collective.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// One process: every collective is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Single;
+
+impl Comm for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn backend(&self) -> &'static str {
+        "single"
+    }
+    fn all_reduce_f64(&self, _values: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _bytes: &mut Vec<u8>, _root: usize) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+/// The communicator for `launch` on `device`: [`Single`] for one process; MPI on the CPU
+/// (feature `mpi`, under an MPI launcher); NCCL on CUDA (feature `nccl`). A job whose launcher
+/// or build cannot give the collective it needs is an `Error::Dist` saying what to do.
+pub fn init(launch: &Launch, device: crate::Device) -> Result<Arc<dyn Comm>> {
+    if !launch.is_distributed() {
+        return Ok(Arc::new(Single));
+    }
+    let fail = |msg: String| Error::Dist {
+        rank: launch.rank,
+        msg,
+    };
+    match device {
+        crate::Device::CudaPlan => Err(fail(
+            "cuda:plan records one process's launches; it has no ranks".into(),
+        )),
+        // The simulator's tensors live in host memory: MPI reduces them through the host.
+        crate::Device::Cpu | crate::Device::CudaSim => {
+            #[cfg(feature = "mpi")]
+            {
+                if matches!(launch.launcher, Launcher::Torchrun) {
+                    return Err(fail(
+                        "training on the CPU across processes runs on MPI, which torchrun does \
+                         not start: launch with `mpirun -np N sd2 train …` (or `srun`, or \
+                         `sd2 train --nproc N`)"
+                            .into(),
+                    ));
+                }
+                let m = mpi::Mpi::init(launch)?;
+                Ok(Arc::new(m))
+            }
+            #[cfg(not(feature = "mpi"))]
+            Err(fail(format!(
+                "{} processes on the CPU need MPI: rebuild with `--features mpi` (and Open MPI \
+                 installed: Debian's libopenmpi-dev)",
+                launch.world
+            )))
+        }
+        crate::Device::Cuda(_ordinal) => {
+            #[cfg(feature = "nccl")]
+            {
+                let n = nccl::Nccl::init(launch, device)?;
+                Ok(Arc::new(n))
+            }
+            #[cfg(not(feature = "nccl"))]
+            Err(fail(format!(
+                "{} processes on GPUs need NCCL: rebuild with `--features nccl`",
+                launch.world
+            )))
+        }
+    }
+}
+
+/// The rank that trains a step's micro-batch `j` (0-based, in single-process order).
+pub fn micro_batch_rank(j: usize, world: usize) -> usize {
+    j % world.max(1)
+}
+
+/// The step-wide index of this rank's `k`-th micro-batch (the inverse of
+/// [`micro_batch_rank`]): its dropout seed, so a rank's losses are the single process's.
+pub fn micro_batch_index(k: usize, rank: usize, world: usize) -> usize {
+    k * world.max(1) + rank
+}
+
+/// The indices of `keys` (one per item: its video id, or a unique key for a still) that rank
+/// `rank` of `world` takes: whole videos, dealt round-robin in the order each video first
+/// appears, so every item lands on exactly one rank and a video's frames stay together.
+pub fn split_by_video<S: AsRef<str>>(keys: &[S], rank: usize, world: usize) -> Vec<usize> {
+    let mut video_rank = std::collections::HashMap::new();
+    let mut next = 0usize;
+    let mut mine = vec![];
+    for (i, k) in keys.iter().enumerate() {
+        let r = *video_rank.entry(k.as_ref()).or_insert_with(|| {
+            let r = next % world.max(1);
+            next += 1;
+            r
+        });
+        if r == rank {
+            mine.push(i);
+        }
+    }
+    mine
+}
+
+/// Sums the step's trainable gradients over the ranks (`grads` then holds the sums): one
+/// flat buffer for all of them (f64 when any parameter is f64, else f32), one collective. A
+/// parameter with no gradient on some ranks counts as zero there; one with none on any rank
+/// keeps none, as in one process.
+pub fn all_reduce_grads(comm: &dyn Comm, params: &[Param], grads: &mut GradStore) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let params: Vec<&Param> = params
+        .iter()
+        .filter(|p| seen.insert(p.tensor.id()))
+        .collect();
+    let mut present: Vec<f64> = params
+        .iter()
+        .map(|p| f64::from(u8::from(grads.get(&p.tensor).is_some())))
+        .collect();
+    comm.all_reduce_f64(&mut present)?;
+    let reduced: Vec<&Param> = params
+        .iter()
+        .zip(&present)
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(p, _)| *p)
+        .collect();
+    if reduced.is_empty() {
+        return Ok(());
+    }
+    let acc = if reduced.iter().any(|p| p.tensor.dtype() == DType::F64) {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let device = reduced[0].tensor.device();
+    let mut flat = Vec::with_capacity(reduced.len());
+    for p in &reduced {
+        let n = p.tensor.elem_count();
+        flat.push(match grads.get(&p.tensor) {
+            Some(g) => g.to_dtype(acc)?.reshape(n)?,
+            None => Tensor::zeros(n, acc, device)?,
+        });
+    }
+    let refs: Vec<&Tensor> = flat.iter().collect();
+    let sum = comm.all_reduce_sum(&Tensor::cat(&refs, 0)?)?;
+    drop(flat);
+    let mut at = 0;
+    for p in reduced {
+        let n = p.tensor.elem_count();
+        let dtype = grads.get(&p.tensor).map_or(p.tensor.dtype(), |g| g.dtype());
+        let g = sum
+            .narrow(0, at, n)?
+            .reshape(p.tensor.shape().clone())?
+            .to_dtype(dtype)?;
+        at += n;
+        grads.remove(&p.tensor);
+        grads.accumulate(p.tensor.id(), g)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_are_dealt_without_overlap_or_gaps() {
+        for world in 1..5 {
+            for per_step in 1..9 {
+                let mut seen = vec![0; per_step];
+                for rank in 0..world {
+                    let mut k = 0;
+                    loop {
+                        let j = micro_batch_index(k, rank, world);
+                        if j >= per_step {
+                            break;
+                        }
+                        assert_eq!(micro_batch_rank(j, world), rank);
+                        seen[j] += 1;
+                        k += 1;
+                    }
+                }
+                assert!(seen.iter().all(|c| *c == 1), "{world} {per_step}: {seen:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn videos_stay_on_one_rank() {
+        let keys = ["a", "b", "a", "c", "still1", "b", "d", "a"];
+        let parts: Vec<Vec<usize>> = (0..3).map(|r| split_by_video(&keys, r, 3)).collect();
+        let mut all: Vec<usize> = parts.concat();
+        all.sort();
+        assert_eq!(all, (0..keys.len()).collect::<Vec<_>>(), "each item once");
+        for part in &parts {
+            for i in part {
+                for j in 0..keys.len() {
+                    if keys[j] == keys[*i] {
+                        assert!(part.contains(&j), "video {} split across ranks", keys[j]);
+                    }
+                }
+            }
+        }
+        // Dealt in order of first appearance: a → 0, b → 1, c → 2, still1 → 0, d → 1.
+        assert_eq!(parts[0], vec![0, 2, 4, 7]);
+        assert_eq!(parts[1], vec![1, 5, 6]);
+    }
+}
