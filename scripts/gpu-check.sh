@@ -23,7 +23,8 @@
 #                                 numbers still come out), `sd2 bench train` at micro-batch 128,
 #                                 the PyTorch SD2 (eager, then torch.compile) at the same sizes,
 #                                 `sd2 bench infer` at 256, the flash table (v1 vs the tensor-core
-#                                 backward vs SDPA, batch 128), the bf16 step on cuda:0 vs the CPU;
+#                                 backward vs SDPA, batch 128), the bf16 step on cuda:0 vs the CPU,
+#                                 NCCL on one rank (tests/dist_nccl.rs);
 #                                 then, while time is left, --recompute, a short demo and the
 #                                 loader at 1-16 cores.
 #                                 Each step has its own timeout, cut to the time left; each writes
@@ -36,7 +37,7 @@ set -uo pipefail
 if [ "${1:-}" = bundle ]; then
     set -e
     cd "$(dirname "$0")/.."
-    cargo build --release --features cuda --bin sd2
+    cargo build --release --features cuda,nccl --bin sd2
     rm -rf .device && mkdir -p .device
     strip -o .device/sd2 target/release/sd2
     # The kernel tests and the engine's device-generic tests (forward, backward + AdamW).
@@ -50,9 +51,18 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)
         strip -o .device/$t "$exe"
     done
+    # NCCL on one rank (the collectives and training steps through them).
+    exe=$(cargo test --release --features cuda,nccl --test dist_nccl --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import sys, json
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"] == "dist_nccl":
+        print(m["executable"])' | tail -1)
+    strip -o .device/dist_nccl "$exe"
     # Compressed (the fatbins compress ~3x): the carry limit is 64 MiB with the working tree.
     gzip -9 .device/sd2 .device/sim_kernels .device/ops_forward .device/backward_backends \
-        .device/mixed_precision
+        .device/mixed_precision .device/dist_nccl
     cp scripts/gpu-check.sh scripts/bench/sdpa_attention.py scripts/reference/sd2_torch_bench.py .device/
     echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >.device/COMMIT
     du -sh .device
@@ -78,6 +88,9 @@ NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 
 CUBLAS=$( (find "$NV/nvidia" /usr/local/cuda/lib64 -name "libcublas.so*" 2>/dev/null || true) | head -1)
 [ -n "$CUBLAS" ] && export LD_LIBRARY_PATH=$(dirname "$CUBLAS"):$LD_LIBRARY_PATH
 echo "cublas: ${CUBLAS:-not found}"
+NCCL=$( (find "$NV/nvidia" /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu -name "libnccl.so*" 2>/dev/null || true) | head -1)
+[ -n "$NCCL" ] && export LD_LIBRARY_PATH=$(dirname "$NCCL"):$LD_LIBRARY_PATH
+echo "nccl: ${NCCL:-not found}"
 export SD2_KERNEL_BACKENDS=gpu RUST_BACKTRACE=1
 status=()
 step() { # name rc [note]: recorded at once, so a cut-short run still says how far it got
@@ -226,6 +239,13 @@ PY
     flash_table "$W/flash_sd2.json" "$W/flash_sdpa.json" >"$OUT/flash.txt" 2>&1
     cat "$OUT/flash.txt"
     run_step "bf16 step cuda vs cpu" 50 step.log "$X/mixed_precision" --test-threads=1 --nocapture gpu
+    # NCCL on one GPU: its collectives, and three training steps through them (the log says
+    # "skipped" if libnccl was not found: then it is no pass).
+    run_step "nccl one rank" 40 nccl.log "$X/dist_nccl" --test-threads=1 --nocapture
+    # The gradient all-reduce on one GPU over NCCL, beside the step it belongs to.
+    run_step "sd2 bench train --nproc 1" 70 nccl.log "$X/sd2" bench train --preset vit-l14 \
+        --device cuda --batch 128 --steps 3 --warmup 1 --top 5 --nproc 1 --json "$W/nccl_bench.json"
+    grep -E "all-reduce|ranks \(|skipped|panicked|error" "$W/nccl.log" | tail -6
     grep -E "vs cpu loss|loss curve|host syncs|cosine|skipped|panicked" "$W/step.log" | tail -10
     # While time is left: the memory option and the demo.
     run_step "sd2 bench train recompute" 50 engine.log "$X/sd2" bench train --preset vit-l14 --device cuda \

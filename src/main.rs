@@ -482,6 +482,12 @@ struct ModelBenchArgs {
     /// class and the roofline bound on an H100/H200 (no GPU needed; --device is ignored).
     #[arg(long)]
     plan: bool,
+    /// Training: time one process, then N processes of this machine as `sd2 train --nproc`
+    /// starts them (one GPU each over NCCL; MPI on the CPU), each with its own micro-batch of
+    /// --batch: images/s per rank against the one process, the scaling efficiency, and the
+    /// gradient all-reduce alone. Under torchrun/srun/mpirun leave it out (no baseline then).
+    #[arg(long)]
+    nproc: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -817,7 +823,7 @@ fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
         sd2::Device::parse(&m.device)?
     };
     let cfg = sd2::bench::model::BenchConfig {
-        preset: m.preset,
+        preset: m.preset.clone(),
         device,
         batch: m.batch,
         steps: m.steps.max(1),
@@ -836,6 +842,31 @@ fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
         seed: 0,
         recompute: m.recompute,
     };
+    let launch = sd2::dist::Launch::from_env()?;
+    // A rank of a job: several processes, or the one `--nproc 1` started (which times the
+    // engine on one device).
+    let ranked = launch.is_distributed()
+        || (launch.launcher != sd2::dist::Launcher::None
+            && std::env::var_os("SD2_BENCH_BASELINE_IPS").is_some());
+    if (m.nproc.is_some() || ranked) && (!train || m.plan) {
+        return Err(sd2::Error::invalid(
+            "bench",
+            "only `sd2 bench train` (not --plan) runs across processes",
+        ));
+    }
+    if let Some(n) = m.nproc {
+        let base = sd2::bench::model::run(&cfg)?;
+        print!("{}", base.report(m.top));
+        println!(
+            "one process: {:.1} images/s; now {n} processes",
+            base.images_per_s
+        );
+        let ips = format!("{}", base.images_per_s);
+        return launch_local(n, &m.device, &[("SD2_BENCH_BASELINE_IPS", ips)]);
+    }
+    if ranked {
+        return bench_train_ranked(cfg, &m, &launch);
+    }
     if m.plan {
         let p = sd2::bench::plan::run(&cfg)?;
         print!("{}", p.table());
@@ -857,6 +888,59 @@ fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
         write_json(&p, &body)?;
     }
     Ok(())
+}
+
+/// One rank of `sd2 bench train` in a job: every rank times its steps; rank 0 prints its
+/// report, each rank's images/s and, against the one-process baseline `--nproc` measured
+/// first, the scaling efficiency (images/s per rank over one process's).
+fn bench_train_ranked(
+    mut cfg: sd2::bench::model::BenchConfig,
+    m: &ModelBenchArgs,
+    launch: &sd2::dist::Launch,
+) -> sd2::Result<()> {
+    let rank = launch.rank;
+    cfg.device = sd2::run::rank_device(&m.device, launch.local_rank)?;
+    let comm = sd2::dist::init_engine(launch, cfg.device)?;
+    abort_on_panic(rank);
+    let r = match sd2::bench::model::run_with(&cfg, comm.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: rank {rank} of {}: {e}", launch.world);
+            comm.abort(1)
+        }
+    };
+    let w = comm.world();
+    let mut ips = vec![0.0; w];
+    ips[rank] = r.images_per_s;
+    comm.all_reduce_f64(&mut ips)?;
+    if rank == 0 {
+        print!("{}", r.report(m.top));
+        let per_rank = ips.iter().sum::<f64>() / w as f64;
+        let baseline = std::env::var("SD2_BENCH_BASELINE_IPS")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok());
+        println!(
+            "{w} ranks ({}): {:.1} images/s in all, {per_rank:.1} per rank (slowest {:.1}){}",
+            comm.backend(),
+            ips.iter().sum::<f64>(),
+            ips.iter().copied().fold(f64::INFINITY, f64::min),
+            match baseline {
+                Some(b) => format!(
+                    "; one process {b:.1}: scaling efficiency {:.1}%",
+                    100.0 * per_rank / b
+                ),
+                None => "; no one-process baseline in this run (--nproc measures one)".into(),
+            }
+        );
+        if let Some(p) = &m.json {
+            let mut body = serde_json::to_value(&r).map_err(|e| sd2::Error::Msg(e.to_string()))?;
+            body["ranks_images_per_s"] = serde_json::json!(ips);
+            body["baseline_images_per_s"] = serde_json::json!(baseline);
+            body["scaling_efficiency"] = serde_json::json!(baseline.map(|b| per_rank / b));
+            write_json(p, &body)?;
+        }
+    }
+    comm.barrier()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -1496,7 +1580,7 @@ fn train(
         return Ok(());
     }
     if let Some(n) = nproc {
-        return launch_local(n, &cfg.device);
+        return launch_local(n, &cfg.device, &[]);
     }
     let launch = sd2::dist::Launch::from_env()?;
     if !launch.is_distributed() {
@@ -1511,15 +1595,7 @@ fn train(
     let device = sd2::run::rank_device(&cfg.device, launch.local_rank)?;
     let comm = sd2::dist::init(&launch, device)?;
     let rank = launch.rank;
-    // A panic unwinding into MPI_Finalize (or NCCL's destroy) would wait forever for the
-    // ranks still in a collective: a panicking rank ends its process at once, which ends
-    // the job (mpirun, srun and torchrun stop the rest; our rendezvous links do too).
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        eprintln!("error: rank {rank}: a panic ends the job");
-        std::process::abort();
-    }));
+    abort_on_panic(rank);
     let res = if rank == 0 {
         sd2::run::train_dist(&cfg, start, &mut CliProgress::new(), &comm)
     } else {
@@ -1547,6 +1623,18 @@ fn train(
     }
 }
 
+/// A panic unwinding into MPI_Finalize (or NCCL's destroy) would wait forever for the ranks
+/// still in a collective: a panicking rank ends its process at once, which ends the job
+/// (mpirun, srun and torchrun stop the rest; our rendezvous links do too).
+fn abort_on_panic(rank: usize) {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("error: rank {rank}: a panic ends the job");
+        std::process::abort();
+    }));
+}
+
 /// Progress of a rank other than 0: its own lines (a skipped image), prefixed; no bar.
 struct RankProgress(usize);
 
@@ -1559,7 +1647,7 @@ impl sd2::run::Progress for RankProgress {
 /// `sd2 train --nproc N`: this same command as N ranks of one machine — under `mpirun` on the
 /// CPU, or as N children with torchrun's variables (one GPU each) on CUDA, supervised: the first
 /// to fail stops the others, and the exit status is the first failure's.
-fn launch_local(n: usize, device: &str) -> sd2::Result<()> {
+fn launch_local(n: usize, device: &str, env: &[(&str, String)]) -> sd2::Result<()> {
     if n == 0 {
         return Err(sd2::Error::invalid("--nproc", "must be ≥ 1"));
     }
@@ -1592,6 +1680,9 @@ fn launch_local(n: usize, device: &str) -> sd2::Result<()> {
         {
             cmd.arg("--allow-run-as-root");
         }
+        for (k, v) in env {
+            cmd.env(k, v).arg("-x").arg(k);
+        }
         let status = cmd.arg(&exe).args(&args).status().map_err(|e| {
             sd2::Error::invalid(
                 "--nproc",
@@ -1618,6 +1709,7 @@ fn launch_local(n: usize, device: &str) -> sd2::Result<()> {
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .spawn()?;
         children.push(child);
     }

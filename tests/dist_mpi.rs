@@ -406,3 +406,54 @@ fn a_job_the_build_or_launcher_cannot_run_is_refused_by_name() {
     assert!(err.contains("rank 2 of a world of 2"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `sd2 bench train --nproc 2` on the CPU: one process first, then two ranks over MPI; the
+/// report and its JSON give each rank's images/s, the baseline, the scaling efficiency and the
+/// gradient all-reduce alone (its bytes: every trainable element as f32).
+#[test]
+fn bench_train_nproc_reports_scaling_against_one_process() {
+    if unavailable() {
+        return;
+    }
+    let d = std::env::temp_dir().join(format!("sd2-dist-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let json = d.join("bench.json");
+    let text = ok(
+        Command::new(env!("CARGO_BIN_EXE_sd2"))
+            .args(["bench", "train", "--preset", "tiny", "--device", "cpu"])
+            .args([
+                "--batch", "2", "--steps", "2", "--warmup", "1", "--dtype", "f32",
+            ])
+            .args(["--nproc", "2", "--json"])
+            .arg(&json)
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap(),
+        "sd2 bench train --nproc 2",
+    );
+    println!("{text}");
+    assert!(
+        text.contains("2 ranks (mpi)") && text.contains("scaling efficiency"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&file_bytes(&json)).unwrap();
+    assert_eq!(v["world"], 2);
+    assert_eq!(v["backend"], "mpi");
+    let ips = v["ranks_images_per_s"].as_array().unwrap();
+    assert_eq!(ips.len(), 2);
+    assert!(ips.iter().all(|x| x.as_f64().unwrap() > 0.0));
+    let (base, eff) = (
+        v["baseline_images_per_s"].as_f64().unwrap(),
+        v["scaling_efficiency"].as_f64().unwrap(),
+    );
+    let per_rank = ips.iter().map(|x| x.as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!(
+        (eff - per_rank / base).abs() < 1e-9,
+        "{eff} vs {per_rank}/{base}"
+    );
+    // The tiny preset trains CLIP whole: every parameter, as f32, is reduced.
+    let bytes = v["all_reduce"]["bytes"].as_u64().unwrap();
+    assert!(bytes > 1_000_000, "{bytes} bytes");
+    assert!(v["all_reduce"]["ms"].as_f64().unwrap() > 0.0);
+    std::fs::remove_dir_all(&d).ok();
+}

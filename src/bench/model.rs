@@ -1,13 +1,16 @@
 //! `sd2 bench train|infer`: SD2 training steps or inference batches with random weights on
 //! any device — images/s, model FLOP utilisation (FLOPs counted from the config), peak device
 //! memory, and, for one extra step, the per-kernel table and a Chrome trace (GPU and
-//! simulator: `backend::cuda::profile`).
+//! simulator: `backend::cuda::profile`). In a job (`run_with` and a communicator) every rank
+//! times its own steps, gradients all-reduced as in training, and the all-reduce alone.
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use crate::dist::{Comm, Single};
 use crate::profile::{self, Profile};
 use crate::sd2::detector::{class_embeddings, predict_pixels};
 use crate::sd2::train::{MicroBatch, TrainConfig, Trainer};
@@ -72,6 +75,22 @@ pub struct BenchResult {
     pub profile: Option<Profile>,
     /// Training: (texts, tokens per text) of each text-tower pass of the last step.
     pub text_passes: Vec<(usize, usize)>,
+    /// Processes in the job (1 without a communicator).
+    pub world: usize,
+    /// The collective engine (`single`, `mpi`, `nccl`).
+    pub backend: String,
+    /// Training in a job: the gradient all-reduce alone, timed as the step runs it (one flat
+    /// buffer of every trainable parameter, f32).
+    pub all_reduce: Option<AllReduceTiming>,
+}
+
+/// The median time of one gradient all-reduce.
+#[derive(Clone, Debug, Serialize)]
+pub struct AllReduceTiming {
+    /// Bytes reduced (the trainable parameters, as f32).
+    pub bytes: usize,
+    /// Median wall time, device work included.
+    pub ms: f64,
 }
 
 /// FLOPs of one tower forward per sequence, as (linear layers, attention, patch embedding):
@@ -160,6 +179,13 @@ fn random_pixels(
 /// Runs the benchmark. Training with `batch` 0 takes the largest micro-batch that fits the
 /// GPU's free memory (`Trainer::auto_micro_batch`).
 pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
+    run_with(cfg, Arc::new(Single))
+}
+
+/// [`run`] as one rank of a job: training steps all-reduce their gradients over `comm` (each
+/// rank its own micro-batch of `batch` images: weak scaling), then the all-reduce is timed
+/// alone. Inference ignores `comm`.
+pub fn run_with(cfg: &BenchConfig, comm: Arc<dyn Comm>) -> Result<BenchResult> {
     if cfg.steps == 0 || (cfg.batch == 0 && !cfg.train) {
         return Err(Error::invalid(
             "bench",
@@ -207,6 +233,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
             ..Default::default()
         };
         let mut trainer = Trainer::new(model, tcfg.clone(), tokenizer, texts);
+        trainer.set_comm(comm.clone());
         let batch = match cfg.batch {
             // The bench reuses one device batch: nothing is staged.
             0 => trainer.auto_micro_batch(size, 4096, 0)?.ok_or_else(|| {
@@ -233,7 +260,13 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
             )
         };
         let mb = MicroBatch {
-            pixel_values: random_pixels(batch, size, dtype, cfg.device, cfg.seed)?,
+            pixel_values: random_pixels(
+                batch,
+                size,
+                dtype,
+                cfg.device,
+                cfg.seed ^ comm.rank() as u64,
+            )?,
             labels: (0..batch).map(|i| i % 5).collect(),
             face: (0..batch).map(face).collect(),
             env: (0..batch).map(env).collect(),
@@ -257,8 +290,16 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
             r?;
             profiled = Some(p?);
         }
+        let all_reduce = if comm.backend() == "single" {
+            None
+        } else {
+            Some(time_all_reduce(comm.as_ref(), trainer.model.params(), cfg)?)
+        };
         let mut r = finish(cfg, batch, &clip_cfg, dtype, times, peak_bytes, profiled)?;
         r.text_passes = trainer.last_text_passes();
+        r.world = comm.world();
+        r.backend = comm.backend().to_string();
+        r.all_reduce = all_reduce;
         return Ok(r);
     }
     let pixels = random_pixels(cfg.batch, size, dtype, cfg.device, cfg.seed)?;
@@ -284,6 +325,32 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchResult> {
     finish(
         cfg, cfg.batch, &clip_cfg, dtype, times, peak_bytes, profiled,
     )
+}
+
+/// The gradient all-reduce of a step on its own: one f32 buffer of every trainable element,
+/// `warmup` + `steps` times, the median of the timed ones.
+fn time_all_reduce(
+    comm: &dyn Comm,
+    params: &[crate::optim::Param],
+    cfg: &BenchConfig,
+) -> Result<AllReduceTiming> {
+    let n: usize = params.iter().map(|p| p.tensor.elem_count()).sum();
+    let buf = Tensor::zeros(n, DType::F32, cfg.device)?;
+    let mut times = vec![];
+    for i in 0..cfg.warmup + cfg.steps {
+        comm.barrier()?;
+        let t0 = Instant::now();
+        let s = comm.all_reduce_sum(&buf)?;
+        sync(&s.narrow(0, 0, 1)?)?;
+        if i >= cfg.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(AllReduceTiming {
+        bytes: 4 * n,
+        ms: times[times.len() / 2],
+    })
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-sim"))]
@@ -327,6 +394,9 @@ fn finish(
         peak_device_bytes,
         profile,
         text_passes: vec![],
+        world: 1,
+        backend: "single".into(),
+        all_reduce: None,
     })
 }
 
@@ -362,6 +432,17 @@ impl BenchResult {
                 s,
                 "peak device memory: {:.2} GiB",
                 b as f64 / (1u64 << 30) as f64
+            );
+        }
+        if let Some(a) = &self.all_reduce {
+            let _ = writeln!(
+                s,
+                "gradient all-reduce over {} ranks ({}): {:.2} MB in {:.3} ms ({:.1}% of a step)",
+                self.world,
+                self.backend,
+                a.bytes as f64 / 1e6,
+                a.ms,
+                100.0 * a.ms / self.step_ms
             );
         }
         if let Some(p) = &self.profile {

@@ -109,6 +109,12 @@ pub fn init(launch: &Launch, device: crate::Device) -> Result<Arc<dyn Comm>> {
     if !launch.is_distributed() {
         return Ok(Arc::new(Single));
     }
+    init_engine(launch, device)
+}
+
+/// [`init`] without the shortcut for one process: the engine even for a world of one (how
+/// `sd2 bench train --nproc 1` times NCCL's all-reduce on one GPU).
+pub fn init_engine(launch: &Launch, device: crate::Device) -> Result<Arc<dyn Comm>> {
     let fail = |msg: String| Error::Dist {
         rank: launch.rank,
         msg,
@@ -190,7 +196,9 @@ pub fn split_by_video<S: AsRef<str>>(keys: &[S], rank: usize, world: usize) -> V
 /// parameter with no gradient on some ranks counts as zero there; one with none on any rank
 /// keeps none, as in one process.
 pub fn all_reduce_grads(comm: &dyn Comm, params: &[Param], grads: &mut GradStore) -> Result<()> {
-    if comm.world() == 1 {
+    // A one-rank job on a real engine still goes through it (NCCL on one GPU is how its path
+    // is checked where no second GPU is).
+    if comm.backend() == "single" {
         return Ok(());
     }
     let mut seen = std::collections::HashSet::new();

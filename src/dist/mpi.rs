@@ -93,6 +93,26 @@ impl Comm for Mpi {
     fn backend(&self) -> &'static str {
         "mpi"
     }
+    fn all_reduce_sum(&self, t: &crate::Tensor) -> Result<crate::Tensor> {
+        if self.world == 1 {
+            return Ok(t.clone());
+        }
+        if t.dtype() != crate::DType::F32 {
+            let mut v = t.to_vec_f64()?;
+            self.all_reduce_f64(&mut v)?;
+            return crate::Tensor::from_f64(&v, t.shape().clone(), t.dtype(), t.device());
+        }
+        // f32 stays f32 on the wire (the gradients: half the bytes, no conversions).
+        let send: Vec<f32> = t.to_vec()?;
+        if send.is_empty() {
+            return Ok(t.clone());
+        }
+        let mut recv = vec![0f32; send.len()];
+        self.with("MPI all-reduce", |c| {
+            c.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum())
+        });
+        crate::Tensor::from_vec(recv, t.shape().clone(), t.device())
+    }
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
         if values.is_empty() {
             return Ok(());

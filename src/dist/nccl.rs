@@ -104,13 +104,14 @@ impl Nccl {
         })
     }
 
-    /// In-place sum of `len` elements of type `ty` at device address `addr`.
+    /// Enqueues the in-place sum of `len` elements of type `ty` at device address `addr` on
+    /// the compute stream (NCCL returns before the sum is done: callers time the wait).
     fn reduce_in_place(&self, addr: u64, len: usize, ty: ns::ncclDataType_t) -> Result<()> {
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let stream = self.gpu.stream().cu_stream();
         // SAFETY: `addr` is a live device buffer of `len` elements of `dtype` on this GPU,
         // owned by the caller until the stream has run the reduction.
-        self.watchdog.time("all_reduce", || unsafe {
+        unsafe {
             nr::all_reduce(
                 addr as *const std::ffi::c_void,
                 addr as *mut std::ffi::c_void,
@@ -125,7 +126,7 @@ impl Nccl {
                 rank: self.rank,
                 msg: format!("ncclAllReduce: {e:?}"),
             })
-        })
+        }
     }
 }
 
@@ -164,7 +165,10 @@ impl Comm for Nccl {
                 })
             }
         };
-        self.reduce_in_place(addr, len, ty)?;
+        // Only the enqueue is timed here; a peer that never arrives stalls the stream, and the
+        // step's next read (its loss sums, through `all_reduce_f64`) is timed to the end.
+        self.watchdog
+            .time("all_reduce", || self.reduce_in_place(addr, len, ty))?;
         Ok(out)
     }
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
@@ -173,8 +177,12 @@ impl Comm for Nccl {
         }
         // Host values (counts, loss terms) in f64 through a raw device buffer.
         let buf = self.gpu.upload(bytemuck::cast_slice(values))?;
-        self.reduce_in_place(buf.ptr(), values.len(), ns::ncclDataType_t::ncclFloat64)?;
-        buf.download(bytemuck::cast_slice_mut(values))
+        // Timed until the values are back: the download waits for every collective enqueued
+        // before it on the stream.
+        self.watchdog.time("all_reduce", || {
+            self.reduce_in_place(buf.ptr(), values.len(), ns::ncclDataType_t::ncclFloat64)?;
+            buf.download(bytemuck::cast_slice_mut(values))
+        })
     }
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
         let mut len = [if self.rank == root {
@@ -195,29 +203,33 @@ impl Comm for Nccl {
         let stream = self.gpu.stream().cu_stream();
         // SAFETY: `buf` is a live device buffer of `n` bytes on this GPU until the download
         // below, which waits for the stream.
-        self.watchdog.time("broadcast", || unsafe {
-            nr::broadcast(
-                buf.ptr() as *const std::ffi::c_void,
-                buf.ptr() as *mut std::ffi::c_void,
-                n,
-                ns::ncclDataType_t::ncclUint8,
-                root as i32,
-                *comm,
-                stream as _,
-            )
-            .map(|_| ())
-            .map_err(|e| Error::Dist {
-                rank: self.rank,
-                msg: format!("ncclBroadcast: {e:?}"),
-            })
+        self.watchdog.time("broadcast", || {
+            // SAFETY: as above.
+            unsafe {
+                nr::broadcast(
+                    buf.ptr() as *const std::ffi::c_void,
+                    buf.ptr() as *mut std::ffi::c_void,
+                    n,
+                    ns::ncclDataType_t::ncclUint8,
+                    root as i32,
+                    *comm,
+                    stream as _,
+                )
+                .map(|_| ())
+                .map_err(|e| Error::Dist {
+                    rank: self.rank,
+                    msg: format!("ncclBroadcast: {e:?}"),
+                })
+            }?;
+            buf.download(bytes)
         })?;
         drop(comm);
-        buf.download(bytes)
+        Ok(())
     }
     fn barrier(&self) -> Result<()> {
+        // Its download waits for the reduction, and so for every rank.
         let mut v = [1.0];
-        self.all_reduce_f64(&mut v)?;
-        self.gpu.synchronize()
+        self.all_reduce_f64(&mut v)
     }
     fn abort(&self, code: i32) -> ! {
         self.links.sever();

@@ -588,7 +588,7 @@ impl Trainer {
             let _r = crate::profile::range("backward class texts");
             u.backward_seeded(du, &mut grads)?;
         }
-        if world > 1 {
+        if self.comm.backend() != "single" {
             let _r = crate::profile::range("all-reduce gradients");
             crate::dist::all_reduce_grads(self.comm.as_ref(), self.model.params(), &mut grads)?;
         }

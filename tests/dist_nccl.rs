@@ -1,0 +1,165 @@
+//! NCCL on one GPU (feature `nccl`): the collectives on a job of one rank, and training steps
+//! through them equal steps without them. Two or more GPUs are not tested here (none has been
+//! available): see docs/DISTRIBUTED.md. Without the feature, a GPU or libnccl the tests say
+//! "skipped".
+#![cfg(feature = "nccl")]
+
+use std::sync::Arc;
+
+use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer};
+use sd2::dist::nccl::Nccl;
+use sd2::dist::{Comm, Launch, Launcher};
+use sd2::rng::Rng;
+use sd2::sd2::train::{MicroBatch, TrainConfig, Trainer};
+use sd2::sd2::{Sd2Config, Sd2Model, TypeTexts};
+use sd2::{DType, Device, Tensor};
+
+fn one_rank(port: u16) -> Launch {
+    Launch {
+        launcher: Launcher::Torchrun,
+        rank: 0,
+        world: 1,
+        local_rank: 0,
+        local_world: Some(1),
+        master_addr: Some("127.0.0.1".into()),
+        port,
+    }
+}
+
+/// The one-rank communicator, or why the test is skipped.
+fn nccl(port: u16) -> Option<Nccl> {
+    let dev = Device::Cuda(0);
+    if let Err(e) = dev.check_available() {
+        println!("skipped on cuda:0: {e}");
+        return None;
+    }
+    match Nccl::init(&one_rank(port), dev) {
+        Ok(n) => Some(n),
+        Err(e) if e.to_string().contains("libnccl") => {
+            println!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("NCCL on one GPU: {e}"),
+    }
+}
+
+#[test]
+fn one_rank_collectives_return_their_input() {
+    let Some(c) = nccl(29611) else {
+        return;
+    };
+    assert_eq!((c.rank(), c.world(), c.backend()), (0, 1, "nccl"));
+    let n = 2_500_000; // 10 MB of f32, SD2's trainable gradients
+    let host: Vec<f64> = (0..n).map(|i| ((i % 977) as f64 - 488.0) / 97.0).collect();
+    for dt in [DType::F32, DType::BF16] {
+        let t = Tensor::from_f64(&host, n, dt, Device::Cuda(0)).unwrap();
+        let s = c.all_reduce_sum(&t).unwrap();
+        let (a, b) = (t.to_vec_f64().unwrap(), s.to_vec_f64().unwrap());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        println!("all_reduce_sum {dt:?} over one rank: worst |Δ| {worst:e} (tolerance 0)");
+        assert_eq!(worst, 0.0);
+    }
+    let mut v = vec![1.5, -2.0, 3.25];
+    c.all_reduce_f64(&mut v).unwrap();
+    assert_eq!(v, [1.5, -2.0, 3.25]);
+    let mut bytes = b"rank zero's path".to_vec();
+    c.broadcast_bytes(&mut bytes, 0).unwrap();
+    assert_eq!(bytes, b"rank zero's path");
+    c.barrier().unwrap();
+}
+
+fn trainer(dev: Device) -> Trainer {
+    let cfg = ClipConfig::from_json(
+        r#"{"projection_dim": 16,
+            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "image_size": 28, "patch_size": 14},
+            "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2}}"#,
+    )
+    .unwrap();
+    let clip = ClipModel::random(&cfg, DType::F32, dev, 11).unwrap();
+    let mut sd2 = Sd2Config::default();
+    sd2.lora.rank = 4;
+    let model = Sd2Model::new(clip, sd2, 3).unwrap();
+    Trainer::new(
+        model,
+        TrainConfig {
+            lr: 3e-3,
+            total_steps: 3,
+            micro_batch: 4,
+            effective_batch: 8,
+            seed: 5,
+            ..Default::default()
+        },
+        ClipTokenizer::openai().unwrap(),
+        TypeTexts::shipped().unwrap(),
+    )
+}
+
+fn batches(dev: Device, seed: u64) -> Vec<MicroBatch> {
+    let mut rng = Rng::new(seed);
+    (0..2)
+        .map(|_| {
+            let px: Vec<f64> = (0..4 * 3 * 28 * 28).map(|_| rng.normal()).collect();
+            let labels: Vec<usize> = (0..4).map(|_| rng.below(5)).collect();
+            MicroBatch {
+                pixel_values: Tensor::from_f64(&px, (4, 3, 28, 28), DType::F32, dev).unwrap(),
+                face: labels.iter().map(|_| "a man with a beard".into()).collect(),
+                env: labels.iter().map(|_| "indoor, plain wall".into()).collect(),
+                labels,
+            }
+        })
+        .collect()
+}
+
+/// Three optimizer steps on cuda:0 with the gradients, counts and loss sums going through
+/// NCCL (one rank) end with the weights of the same steps without a communicator: the sums
+/// over one rank are exact, so the tolerance (1e-6 · (1 + max |w|), losses 1e-6 relative)
+/// only leaves room for kernels whose atomics sum in a varying order.
+#[test]
+fn training_through_one_rank_nccl_equals_training_without() {
+    let Some(c) = nccl(29612) else {
+        return;
+    };
+    let dev = Device::Cuda(0);
+    let mut plain = trainer(dev);
+    let mut through = trainer(dev);
+    through.set_comm(Arc::new(c));
+    for s in 0..3 {
+        let (a, b) = (
+            plain.step(&batches(dev, s)).unwrap(),
+            through.step(&batches(dev, s)).unwrap(),
+        );
+        let rel = (a.total - b.total).abs() / (1.0 + a.total.abs());
+        println!(
+            "step {s}: loss {} vs {} (relative |Δ| {rel:e}, tolerance 1e-6)",
+            a.total, b.total
+        );
+        assert!(rel <= 1e-6, "step {s}");
+    }
+    let mut worst = (0.0f64, String::new());
+    for (p, q) in plain.model.params().iter().zip(through.model.params()) {
+        let (x, y) = (
+            p.tensor.to_vec_f64().unwrap(),
+            q.tensor.to_vec_f64().unwrap(),
+        );
+        let scale = 1.0 + x.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let d = x
+            .iter()
+            .zip(&y)
+            .map(|(x, y)| (x - y).abs() / scale)
+            .fold(0.0, f64::max);
+        if d >= worst.0 {
+            worst = (d, p.name.clone());
+        }
+    }
+    println!(
+        "worst |Δ|/(1+max|w|) over {} parameters: {:e} ({}), tolerance 1e-6",
+        plain.model.params().len(),
+        worst.0,
+        worst.1
+    );
+    assert!(worst.0 <= 1e-6, "{}: {:e}", worst.1, worst.0);
+}
