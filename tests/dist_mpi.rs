@@ -54,27 +54,12 @@ fn mpirun(n: usize) -> Command {
     c
 }
 
+/// The shared tiny run (a checkpoint every step, effective batch 16) at micro-batch 4 over 3
+/// epochs: 4 micro-batches per step to deal to the ranks.
 fn run_args(manifest: &Path, out: &Path) -> Vec<String> {
-    [
-        "train",
-        "--preset",
-        "tiny",
-        "--set",
-        &format!("manifest={}", manifest.display()),
-        "--set",
-        &format!("out={}", out.display()),
-        "--set",
-        "epochs=3",
-        "--set",
-        "train.micro_batch=4",
-        "--set",
-        "train.effective_batch=16",
-        "--set",
-        "checkpoint.every_steps=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut a = common::tiny_run_args(manifest, out);
+    a.extend(["--set", "epochs=3", "--set", "train.micro_batch=4"].map(String::from));
+    a
 }
 
 fn ok(out: std::process::Output, what: &str) -> String {
