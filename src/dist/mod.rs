@@ -56,9 +56,7 @@ pub trait Comm: Send + Sync {
         if self.world() == 1 {
             return Ok(t.clone());
         }
-        let mut v = t.to_vec_f64()?;
-        self.all_reduce_f64(&mut v)?;
-        Tensor::from_f64(&v, t.shape().clone(), t.dtype(), t.device())
+        all_reduce_sum_via_f64(self, t)
     }
 
     /// Rank `root`'s bytes on every rank (`bytes` is replaced on the others).
@@ -100,6 +98,14 @@ impl Comm for Single {
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
+}
+
+/// `t` summed through the host as f64 (`Comm::all_reduce_f64`): the default of
+/// [`Comm::all_reduce_sum`], and the engines' path for what they do not reduce natively.
+pub fn all_reduce_sum_via_f64<C: Comm + ?Sized>(comm: &C, t: &Tensor) -> Result<Tensor> {
+    let mut v = t.to_vec_f64()?;
+    comm.all_reduce_f64(&mut v)?;
+    Tensor::from_f64(&v, t.shape().clone(), t.dtype(), t.device())
 }
 
 /// The communicator for `launch` on `device`: [`Single`] for one process; MPI on the CPU

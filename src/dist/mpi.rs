@@ -98,9 +98,7 @@ impl Comm for Mpi {
             return Ok(t.clone());
         }
         if t.dtype() != crate::DType::F32 {
-            let mut v = t.to_vec_f64()?;
-            self.all_reduce_f64(&mut v)?;
-            return crate::Tensor::from_f64(&v, t.shape().clone(), t.dtype(), t.device());
+            return super::all_reduce_sum_via_f64(self, t);
         }
         // f32 stays f32 on the wire (the gradients: half the bytes, no conversions).
         let send: Vec<f32> = t.to_vec()?;

@@ -146,9 +146,7 @@ impl Comm for Nccl {
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         if !matches!(t.device(), Device::Cuda(o) if o == self.gpu.ordinal) {
             // Host values (and f64) go through the host path.
-            let mut v = t.to_vec_f64()?;
-            self.all_reduce_f64(&mut v)?;
-            return Tensor::from_f64(&v, t.shape().clone(), t.dtype(), t.device());
+            return super::all_reduce_sum_via_f64(self, t);
         }
         let out = t.copy()?;
         let (addr, len, dtype) = out.update_storage(|s| match s {
