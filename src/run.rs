@@ -960,7 +960,8 @@ fn train_ranked(
             let class_u = class_embeddings(&trainer.model, &tokenizer, &texts)?;
             let (m, t, none) = (&trainer.model, &class_u, &Transform::None);
             let all_val = val.clone();
-            let val: Vec<&Item> = if world > 1 && pack.is_none() {
+            // This rank's val items, as indices into `all_val`.
+            let mine: Vec<usize> = if world > 1 && pack.is_none() {
                 let keys: Vec<String> = all_val
                     .iter()
                     .map(|i| match &i.video {
@@ -969,12 +970,10 @@ fn train_ranked(
                     })
                     .collect();
                 crate::dist::split_by_video(&keys, rank, world)
-                    .into_iter()
-                    .map(|i| all_val[i])
-                    .collect()
             } else {
-                all_val.clone()
+                (0..all_val.len()).collect()
             };
+            let val: Vec<&Item> = mine.iter().map(|&i| all_val[i]).collect();
             let preds = if cfg.skip_bad || pack.is_some() {
                 let (preds, bad) = match &pack {
                     Some(ix) => crate::eval::predict::predict_shards(
@@ -1002,7 +1001,7 @@ fn train_ranked(
                 crate::eval::predict::predict_items(m, t, &val, 128, none)?
             };
             let preds = if world > 1 && pack.is_none() {
-                gather_preds(comm.as_ref(), &all_val, &val, preds)?
+                gather_preds(comm.as_ref(), &all_val, &mine, preds)?
             } else {
                 preds
             };
@@ -1060,31 +1059,24 @@ fn train_ranked(
     })
 }
 
-/// Every rank's predictions of its part `mine` of `all` (one per item, in `mine`'s order, bad
+/// Every rank's predictions of its part `mine` of `all` (indices) (one per item, in `mine`'s order, bad
 /// items left out), summed over the ranks into the predictions of `all` in its order.
 fn gather_preds(
     comm: &dyn Comm,
     all: &[&Item],
-    mine: &[&Item],
+    mine: &[usize],
     preds: Vec<crate::eval::predict::Pred>,
 ) -> Result<Vec<crate::eval::predict::Pred>> {
     const W: usize = 7; // present, fake score, five class probabilities
-    let index: std::collections::HashMap<*const Item, usize> = all
-        .iter()
-        .enumerate()
-        .map(|(i, it)| (*it as *const Item, i))
-        .collect();
     let mut buf = vec![0.0; all.len() * W];
     let mut it = mine.iter();
     for p in &preds {
         // `preds` follows `mine`, with the bad items left out.
-        let item = it
+        let at = it
             .by_ref()
-            .find(|i| i.rel_path == p.path)
-            .ok_or_else(|| Error::Msg(format!("validation: no item for prediction {}", p.path)))?;
-        let at = index
-            .get(&(*item as *const Item))
-            .ok_or_else(|| Error::Msg(format!("validation: {} is not a val item", p.path)))?
+            .copied()
+            .find(|&i| all[i].rel_path == p.path)
+            .ok_or_else(|| Error::Msg(format!("validation: no item for prediction {}", p.path)))?
             * W;
         buf[at] = 1.0;
         buf[at + 1] = p.fake_score;
