@@ -212,48 +212,48 @@ pub fn all_reduce_grads(comm: &dyn Comm, params: &[Param], grads: &mut GradStore
         .iter()
         .filter(|p| seen.insert(p.tensor.id()))
         .collect();
-    let mut present: Vec<f64> = params
-        .iter()
-        .map(|p| f64::from(u8::from(grads.get(&p.tensor).is_some())))
-        .collect();
-    comm.all_reduce_f64(&mut present)?;
-    let reduced: Vec<&Param> = params
-        .iter()
-        .zip(&present)
-        .filter(|(_, n)| **n > 0.0)
-        .map(|(p, _)| *p)
-        .collect();
-    if reduced.is_empty() {
-        return Ok(());
-    }
-    let acc = if reduced.iter().any(|p| p.tensor.dtype() == DType::F64) {
+    let acc = if params.iter().any(|p| p.tensor.dtype() == DType::F64) {
         DType::F64
     } else {
         DType::F32
     };
-    let device = reduced[0].tensor.device();
-    let mut flat = Vec::with_capacity(reduced.len());
-    for p in &reduced {
+    let Some(first) = params.first() else {
+        return Ok(());
+    };
+    let device = first.tensor.device();
+    // One collective: every parameter's gradient (zeros where this rank has none), then one
+    // count per parameter of the ranks that had one.
+    let mut flat = Vec::with_capacity(params.len() + 1);
+    let mut present = Vec::with_capacity(params.len());
+    for p in &params {
         let n = p.tensor.elem_count();
-        flat.push(match grads.get(&p.tensor) {
+        let g = grads.get(&p.tensor);
+        present.push(f64::from(u8::from(g.is_some())));
+        flat.push(match g {
             Some(g) => g.to_dtype(acc)?.reshape(n)?,
             None => Tensor::zeros(n, acc, device)?,
         });
     }
+    flat.push(Tensor::from_f64(&present, params.len(), acc, device)?);
     let refs: Vec<&Tensor> = flat.iter().collect();
     let sum = comm.all_reduce_sum(&Tensor::cat(&refs, 0)?)?;
     drop(flat);
+    let total: usize = params.iter().map(|p| p.tensor.elem_count()).sum();
+    let counts = sum.narrow(0, total, params.len())?.to_vec_f64()?;
     let mut at = 0;
-    for p in reduced {
+    for (p, c) in params.iter().zip(counts) {
         let n = p.tensor.elem_count();
-        let dtype = grads.get(&p.tensor).map_or(p.tensor.dtype(), |g| g.dtype());
-        let g = sum
-            .narrow(0, at, n)?
-            .reshape(p.tensor.shape().clone())?
-            .to_dtype(dtype)?;
+        // None on any rank: it keeps none, as in one process.
+        if c > 0.0 {
+            let dtype = grads.get(&p.tensor).map_or(p.tensor.dtype(), |g| g.dtype());
+            let g = sum
+                .narrow(0, at, n)?
+                .reshape(p.tensor.shape().clone())?
+                .to_dtype(dtype)?;
+            grads.remove(&p.tensor);
+            grads.accumulate(p.tensor.id(), g)?;
+        }
         at += n;
-        grads.remove(&p.tensor);
-        grads.accumulate(p.tensor.id(), g)?;
     }
     Ok(())
 }
