@@ -136,6 +136,21 @@ pub(crate) fn record<B: BackwardOp + 'static>(
     )
 }
 
+/// `record` of `out`, an untracked result of other ops, as one node: its storage is shared,
+/// not copied (an op composed of ops and collectives whose backward is written by hand).
+pub(crate) fn record_tensor<B: BackwardOp + 'static>(
+    out: &Tensor,
+    inputs: &[&Tensor],
+    make_backward: impl FnOnce(&Tensor) -> B,
+) -> Result<Tensor> {
+    record_shared(
+        out.0.storage.clone(),
+        out.shape().clone(),
+        inputs,
+        make_backward,
+    )
+}
+
 /// `record` over storage that already exists (shared, not copied).
 fn record_shared<B: BackwardOp + 'static>(
     storage: std::sync::Arc<crate::storage::StorageCell>,

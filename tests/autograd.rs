@@ -181,6 +181,63 @@ fn gradients_of_extreme_sigmoid_logits_are_finite() {
     }
 }
 
+/// L_D with negatives gathered over ranks: each rank's rows against every rank's descriptions
+/// (`sigmoid_loss_offset`), weighted by its share of the rows, sum to the one-process loss over
+/// all rows, and so do the gradients (what `train.dual_negatives = "all_ranks"` relies on).
+#[test]
+fn gathered_sigmoid_loss_pieces_sum_to_the_whole() {
+    let (n, dim) = (9usize, 4usize);
+    let f = rand64(&[n, dim], 18)
+        .l2_normalize()
+        .unwrap()
+        .into_trainable();
+    let d = rand64(&[n, dim], 19)
+        .l2_normalize()
+        .unwrap()
+        .into_trainable();
+    let tt = common::t64(&[7.0], &[]).into_trainable();
+    let bb = common::t64(&[-3.0], &[]).into_trainable();
+    let whole = ops::sigmoid_loss(&f, &d, &tt, &bb).unwrap();
+    let want = whole.to_scalar().unwrap();
+    let gw = whole.backward().unwrap();
+    // Three "ranks" of 4, 0 and 5 rows.
+    let mut total = None::<Tensor>;
+    let mut at = 0;
+    for rows in [4usize, 0, 5] {
+        let piece = ops::sigmoid_loss_offset(&f.narrow(0, at, rows).unwrap(), &d, at, &tt, &bb)
+            .unwrap()
+            .scale(rows as f64 / n as f64)
+            .unwrap();
+        total = Some(match total {
+            None => piece,
+            Some(t) => t.add(&piece).unwrap(),
+        });
+        at += rows;
+    }
+    let total = total.unwrap();
+    let got = total.to_scalar().unwrap();
+    println!(
+        "loss: whole {want}, pieces {got}, |Δ| {:.2e}",
+        (want - got).abs()
+    );
+    assert!((want - got).abs() <= 1e-12 * want.abs().max(1.0));
+    let gp = total.backward().unwrap();
+    for (name, x) in [("f", &f), ("d", &d), ("t", &tt), ("b", &bb)] {
+        let (a, b) = (
+            gw.get(x).unwrap().to_vec_f64().unwrap(),
+            gp.get(x).unwrap().to_vec_f64().unwrap(),
+        );
+        let (k, e) = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .enumerate()
+            .fold((0, 0.0), |m, (k, e)| if e > m.1 { (k, e) } else { m });
+        println!("∂{name}: worst |Δ| {e:.2e} at {k} (tolerance 1e-12)");
+        assert!(e <= 1e-12, "∂{name} differs by {e} at {k}");
+    }
+}
+
 #[test]
 fn results_do_not_depend_on_thread_count() {
     let run = |threads: usize| -> Vec<Vec<f64>> {

@@ -270,6 +270,19 @@ fn losses(dev: Device) {
                 .unwrap()
         },
     );
+    compare(
+        "sigmoid_loss_offset",
+        dev,
+        &[&[3, 6], &[8, 6], &[1], &[1]],
+        &|_, x| {
+            let (f, d) = (x[0].l2_normalize().unwrap(), x[1].l2_normalize().unwrap());
+            let t = x[2].affine(1.0, 2.0).unwrap().exp().unwrap();
+            ops::sigmoid_loss_offset(&f, &d, 4, &t, &x[3])
+                .unwrap()
+                .reshape(vec![1usize])
+                .unwrap()
+        },
+    );
 }
 
 fn lora(dev: Device) {

@@ -358,6 +358,93 @@ fn two_ranks_equal_one_process_and_survive_a_killed_rank() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// L_D's negatives gathered over the ranks (`train.dual_negatives = "all_ranks"`): two ranks
+/// at micro-batch 4 end with the weights and losses of one process at micro-batch 8 (each
+/// round of two micro-batches is that process's one: the same images meet the same 8
+/// descriptions, and the gradient through the gather reaches the other rank's text tower).
+/// Per-rank negatives (the default) do not: their L_D sees 4 descriptions. LoRA dropout is
+/// off, since the two runs number their micro-batches (and so their dropout masks)
+/// differently. The same stated tolerance as above.
+#[test]
+fn gathered_negatives_on_two_ranks_equal_one_process_at_twice_the_micro_batch() {
+    if unavailable() {
+        return;
+    }
+    let d = std::env::temp_dir().join(format!("sd2-dist-gather-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    let m = sd2::data::synth::generate(&d.join("data"), 64, 48, 4).unwrap();
+    let args = |out: &Path, micro: usize, negatives: &str| -> Vec<String> {
+        let mut a = common::tiny_run_args(&m.path, out);
+        a.extend([
+            "--set".to_string(),
+            format!("train.micro_batch={micro}"),
+            "--set".into(),
+            format!("train.dual_negatives=\"{negatives}\""),
+            "--set".into(),
+            "sd2.lora.dropout=0".into(),
+        ]);
+        a
+    };
+    let (one, gathered, per_rank) = (d.join("one"), d.join("gathered"), d.join("per-rank"));
+    ok(
+        Command::new(env!("CARGO_BIN_EXE_sd2"))
+            .args(args(&one, 8, "rank"))
+            .env("RAYON_NUM_THREADS", "2")
+            .output()
+            .unwrap(),
+        "one process, micro-batch 8",
+    );
+    ok(
+        mpirun(2)
+            .args(args(&gathered, 4, "all_ranks"))
+            .output()
+            .unwrap(),
+        "mpirun -np 2, gathered negatives",
+    );
+    ok(
+        mpirun(2).args(args(&per_rank, 4, "rank")).output().unwrap(),
+        "mpirun -np 2, per-rank negatives",
+    );
+    let log = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (lo, lg, lr) = (log(&one), log(&gathered), log(&per_rank));
+    assert_eq!(lo.len(), lg.len());
+    assert!(lo.len() >= 4, "{} steps", lo.len());
+    let worst = |a: &[serde_json::Value], b: &[serde_json::Value], k: &str| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let (x, y) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+                (x - y).abs() / (1.0 + x.abs())
+            })
+            .fold(0.0, f64::max)
+    };
+    for k in ["total", "l_c", "l_d", "grad_norm"] {
+        let (g, r) = (worst(&lo, &lg, k), worst(&lo, &lr, k));
+        println!(
+            "{k}: gathered vs one process worst relative |Δ| {g:.3e} (tolerance 2e-4); \
+             per-rank {r:.3e}"
+        );
+        assert!(g <= 2e-4, "{k}: gathered negatives differ by {g:e}");
+    }
+    // Per-rank negatives are a different loss: L_D over 4 descriptions, not 8.
+    let r = worst(&lo, &lr, "l_d");
+    assert!(r > 1e-2, "per-rank L_D within {r:e} of the gathered one");
+    let adam_bound = 2.0 * lo.iter().map(|l| l["lr"].as_f64().unwrap()).sum::<f64>();
+    assert_same_tensors(
+        &one.join("checkpoints/last/trainable.safetensors"),
+        &gathered.join("checkpoints/last/trainable.safetensors"),
+        5e-6,
+        adam_bound,
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// Launcher variables that cannot work name what to do: torchrun's on the CPU (MPI cannot join
 /// torchrun's processes), and a build without the collective.
 #[test]

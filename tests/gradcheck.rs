@@ -407,6 +407,18 @@ fn losses() {
         },
         TOL,
     );
+    // Rectangular: 3 rows of f against 7 of d, positives from row 2 (gathered negatives).
+    gradcheck(
+        "sigmoid_loss_offset",
+        &[
+            rand64(&[3, 4], 54).l2_normalize().unwrap(),
+            rand64(&[7, 4], 55).l2_normalize().unwrap(),
+            t64(&[3.0], &[]),
+            t64(&[-1.0], &[]),
+        ],
+        |v| ops::sigmoid_loss_offset(&v[0], &v[1], 2, &v[2], &v[3]),
+        TOL,
+    );
     // Extreme logits: saturated but finite, and the gradient still matches.
     gradcheck(
         "sigmoid_loss extreme",

@@ -458,15 +458,21 @@ fn bad_launches_are_clear_errors_on_every_backend() {
 }
 
 /// The fused sigmoid contrastive loss: loss, ∂f, ∂d (same kernel, inputs swapped), ∂t, ∂b
-/// against the CPU op, at odd sizes (n = 5, 37; dim = 72, 200) and extreme logits (t = 60).
+/// against the CPU op, at odd sizes (n = 5, 37; dim = 72, 200), extreme logits (t = 60) and
+/// rectangular problems (n rows of f against m ≥ n rows of d, positives from row `off`: the
+/// negatives gathered over ranks).
 #[test]
 fn sigmoid_loss_matches_cpu() {
     each_backend(|r| {
-        for &(n, dim, t_val, b_val, threads, bf) in &[
-            (5usize, 72usize, 10.0f32, -10.0f32, 64u32, false),
-            (37, 200, 3.0, -1.5, 128, false),
-            (37, 72, 60.0, -5.0, 96, false),
-            (37, 200, 10.0, -10.0, 128, true),
+        for &(n, m, off, dim, t_val, b_val, threads, bf) in &[
+            (
+                5usize, 5usize, 0usize, 72usize, 10.0f32, -10.0f32, 64u32, false,
+            ),
+            (37, 37, 0, 200, 3.0, -1.5, 128, false),
+            (37, 37, 0, 72, 60.0, -5.0, 96, false),
+            (37, 37, 0, 200, 10.0, -10.0, 128, true),
+            (5, 19, 9, 72, 10.0, -10.0, 64, false),
+            (13, 40, 27, 200, 3.0, -1.5, 128, true),
         ] {
             // Normalized rows, as SD2 feeds the loss; a few pairs made similar so some logits are
             // positive off the diagonal.
@@ -480,21 +486,21 @@ fn sigmoid_loss_matches_cpu() {
             };
             let round = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
             let f = norm(randn(n * dim, 21));
-            let mut draw = randn(n * dim, 22);
-            for (k, v) in draw.iter_mut().enumerate() {
-                *v += 0.8 * f[k];
+            let mut draw = randn(m * dim, 22);
+            for (k, v) in f.iter().enumerate() {
+                draw[off * dim + k] += 0.8 * v;
             }
             // bf16 storage: the reference sees the same rounded embeddings.
             let (f, d) = (round(f), round(norm(draw)));
             let ft = t(&f, &[n, dim]).into_trainable();
-            let dt_ = t(&d, &[n, dim]).into_trainable();
+            let dt_ = t(&d, &[m, dim]).into_trainable();
             let tt = Tensor::from_vec(vec![t_val], (), Device::Cpu)
                 .unwrap()
                 .into_trainable();
             let bt = Tensor::from_vec(vec![b_val], (), Device::Cpu)
                 .unwrap()
                 .into_trainable();
-            let loss = sd2::ops::sigmoid_loss(&ft, &dt_, &tt, &bt).unwrap();
+            let loss = sd2::ops::sigmoid_loss_offset(&ft, &dt_, off, &tt, &bt).unwrap();
             let grads = loss.backward().unwrap();
             let want = (
                 host(&loss),
@@ -509,14 +515,16 @@ fn sigmoid_loss_matches_cpu() {
                 shared_mem_bytes: ((1 + threads as usize / 32) * dim * 4) as u32,
             };
             let suffix = if bf { "bf16" } else { "f32" };
-            let run = |a: &[f32], c: &[f32]| -> (Vec<f32>, f32, f32, f32) {
+            // Rows `a` against columns `c`, positives from `offset`, scaled by 1/n.
+            let run = |a: &[f32], c: &[f32], offset: i32| -> (Vec<f32>, f32, f32, f32) {
+                let (rows, cols) = (a.len() / dim, c.len() / dim);
                 let (a, c) = (Buf::new(a, bf), Buf::new(c, bf));
-                let mut grad = Buf::poisoned(n * dim, bf);
-                let mut parts = vec![f32::NAN; 3 * n];
+                let mut grad = Buf::poisoned(rows * dim, bf);
+                let mut parts = vec![f32::NAN; 3 * rows];
                 let mut sums = [f32::NAN; 3];
                 unsafe {
-                    let (l, rest) = parts.split_at_mut(n);
-                    let (dtp, dbp) = rest.split_at_mut(n);
+                    let (l, rest) = parts.split_at_mut(rows);
+                    let (dtp, dbp) = rest.split_at_mut(rows);
                     r.run_staged(
                         &format!("sigmoid_loss_rows_{suffix}"),
                         cfg,
@@ -529,20 +537,24 @@ fn sigmoid_loss_matches_cpu() {
                             loss_part: KArg::output(l),
                             dt_part: KArg::output(dtp),
                             db_part: KArg::output(dbp),
-                            n,
+                            rows,
+                            cols,
                             dim,
+                            offset,
+                            inv_n: 1.0 / n as f32,
                         },
                     )
                     .unwrap();
                 }
                 for (k, s) in sums.iter_mut().enumerate() {
-                    *s = column_sum(r, &parts[k * n..(k + 1) * n], 1)[0];
+                    *s = column_sum(r, &parts[k * rows..(k + 1) * rows], 1)[0];
                 }
                 (grad.get(), sums[0], sums[1], sums[2])
             };
-            let (df, loss_got, dt_got, db_got) = run(&f, &d);
-            let (dd, loss_again, _, _) = run(&d, &f);
-            let name = format!("sigmoid loss {suffix} n {n} dim {dim} t {t_val}");
+            let (df, loss_got, dt_got, db_got) = run(&f, &d, off as i32);
+            let (dd, loss_again, _, _) = run(&d, &f, -(off as i32));
+            let name =
+                format!("sigmoid loss {suffix} n {n} m {m} offset {off} dim {dim} t {t_val}");
             // Scalars accumulate in f32 in both; bf16 rounds each stored gradient once.
             let tol_g = if bf { 2e-3 } else { 2e-5 };
             check(

@@ -15,12 +15,15 @@
 //!   the same losses as in one process;
 //! - validation items are dealt by video ([`split_by_video`]): a video's frames are scored on
 //!   one rank, the scores are then summed so every rank holds all of them;
+//! - L_D's negatives are the rank's own micro-batch (the default), or every rank's
+//!   descriptions of the same round of micro-batches ([`gather`], `train.dual_negatives`);
 //! - rank 0 writes the log and the checkpoints; every rank resumes from them.
 use std::sync::Arc;
 
 use crate::optim::Param;
 use crate::{DType, Error, GradStore, Result, Tensor};
 
+pub mod gather;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -28,6 +31,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 
+pub use gather::{gather_rows, gather_rows_absent};
 pub use launch::{Launch, Launcher};
 
 /// A communicator over the job's ranks. Every rank must make the same calls in the same

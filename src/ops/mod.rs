@@ -12,7 +12,7 @@ pub use fused::lora_linear::{
     lora_linear, lora_linear_gelu, lora_linear_gelu_input, lora_linear_residual,
     lora_linears_of_one_input, GeluLinear, Lora,
 };
-pub use fused::sigmoid_loss::sigmoid_loss;
+pub use fused::sigmoid_loss::{sigmoid_loss, sigmoid_loss_offset};
 
 use crate::{DType, Error, Result, Tensor};
 
@@ -90,6 +90,22 @@ where
         + 'static,
 {
     crate::autograd::record(out, shape, inputs, |y| FnAccBackward { name, f: f(y) })
+}
+
+/// `record_fn` of `out`, an untracked tensor computed by other ops (shared, not copied).
+pub(crate) fn record_fn_on<F>(
+    name: &'static str,
+    out: &Tensor,
+    inputs: &[&Tensor],
+    f: F,
+) -> Result<Tensor>
+where
+    F: FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+{
+    crate::autograd::record_tensor(out, inputs, |_| FnAccBackward {
+        name,
+        f: move |g: &Tensor, needs: &[bool], _: &mut [Option<Tensor>]| f(g, needs),
+    })
 }
 
 /// Records `out` with a closure backward.

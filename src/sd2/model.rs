@@ -235,7 +235,7 @@ impl Sd2Model {
     /// that `loss_dual` needs missing, or a description count that differs from the image count.
     /// The trainer uses `losses_given_classes` instead, to run the class phrases once per step.
     pub fn losses(&self, batch: &Sd2Batch, fwd: Fwd) -> Result<Losses> {
-        self.losses_inner(batch, None, fwd)
+        self.losses_inner(batch, None, fwd, None)
     }
 
     /// The normalized class embeddings û [5, P] (master dtype) of one phrasing per class
@@ -268,10 +268,37 @@ impl Sd2Model {
                 format!("class embeddings {:?}, expected [5, P]", u.dims()),
             ));
         }
-        self.losses_inner(batch, Some(u), fwd)
+        self.losses_inner(batch, Some(u), fwd, None)
     }
 
-    fn losses_inner(&self, batch: &Sd2Batch, classes: Option<&Tensor>, fwd: Fwd) -> Result<Losses> {
+    /// `losses_given_classes` with L_D's negatives from `gather`: given this micro-batch's
+    /// normalized description features \[B, P\] (face; under `FaceEnv`, face and environment
+    /// side by side, \[B, 2P\]), it returns the stack of every rank's (\[N, P or 2P\]) and the
+    /// row where this micro-batch's start ([`crate::dist::gather_rows`]). Each image's positive
+    /// is its own description; every other row of the stack is a negative.
+    pub fn losses_with_negatives(
+        &self,
+        batch: &Sd2Batch,
+        u: &Tensor,
+        fwd: Fwd,
+        gather: &NegativesFn<'_>,
+    ) -> Result<Losses> {
+        if u.rank() != 2 || u.dims()[0] != 5 {
+            return Err(Error::shape(
+                "sd2 losses",
+                format!("class embeddings {:?}, expected [5, P]", u.dims()),
+            ));
+        }
+        self.losses_inner(batch, Some(u), fwd, Some(gather))
+    }
+
+    fn losses_inner(
+        &self,
+        batch: &Sd2Batch,
+        classes: Option<&Tensor>,
+        fwd: Fwd,
+        gather: Option<&NegativesFn<'_>>,
+    ) -> Result<Losses> {
         let b = batch.pixel_values.dims().first().copied().unwrap_or(0);
         if classes.is_none() && (batch.type_ids.rank() != 2 || batch.type_ids.dims()[0] != 5) {
             return Err(Error::shape(
@@ -358,9 +385,27 @@ impl Sd2Model {
         };
         let l_d = if dual != DualContrast::Off {
             let t = self.t_log.exp()?;
-            let mut l = ops::sigmoid_loss(&f, &descriptions(0)?, &t, &self.bias)?;
-            if dual == DualContrast::FaceEnv {
-                l = l.add(&ops::sigmoid_loss(&f, &descriptions(1)?, &t, &self.bias)?)?;
+            let face = descriptions(0)?;
+            let env = (dual == DualContrast::FaceEnv)
+                .then(|| descriptions(1))
+                .transpose()?;
+            // Negatives: this micro-batch's descriptions, or every rank's (one gather for both
+            // kinds, so every rank makes the same collectives in the same order).
+            let (face, env, offset) = match (gather, &env) {
+                (None, _) => (face, env, 0),
+                (Some(g), None) => {
+                    let (all, offset) = g(&face)?;
+                    (all, None, offset)
+                }
+                (Some(g), Some(e)) => {
+                    let p = face.dims()[1];
+                    let (all, offset) = g(&Tensor::cat(&[&face, e], 1)?)?;
+                    (all.narrow(1, 0, p)?, Some(all.narrow(1, p, p)?), offset)
+                }
+            };
+            let mut l = ops::sigmoid_loss_offset(&f, &face, offset, &t, &self.bias)?;
+            if let Some(env) = env {
+                l = l.add(&ops::sigmoid_loss_offset(&f, &env, offset, &t, &self.bias)?)?;
             }
             total = total.add(&l.scale(self.cfg.w_d)?)?;
             Some(l)
@@ -386,6 +431,10 @@ impl Sd2Model {
         master_dtype(self.compute)
     }
 }
+
+/// How L_D's negatives are gathered ([`Sd2Model::losses_with_negatives`]): this micro-batch's
+/// description features in, (every rank's stacked, this micro-batch's first row) out.
+pub type NegativesFn<'a> = dyn Fn(&Tensor) -> Result<(Tensor, usize)> + 'a;
 
 fn master_dtype(compute: DType) -> DType {
     if compute == DType::BF16 {

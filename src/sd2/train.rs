@@ -65,6 +65,23 @@ pub struct TrainConfig {
     /// Under `on_nonfinite = "skip"`, this many skipped steps in a row stop the run (a model
     /// that no longer trains): 0 never stops.
     pub max_skips_in_a_row: usize,
+    /// Where L_D's negatives come from on several ranks: `rank` (the default: each rank's own
+    /// micro-batch, the paper's micro-batch negatives) or `all_ranks` (every rank's
+    /// descriptions of the same round of micro-batches — world × micro-batch negatives, the
+    /// loss of one process training on the round as one micro-batch). One process: the same.
+    pub dual_negatives: DualNegatives,
+}
+
+/// `TrainConfig::dual_negatives`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DualNegatives {
+    /// Each rank's own micro-batch.
+    #[default]
+    Rank,
+    /// Every rank's micro-batch of the same round, gathered with their gradient
+    /// ([`crate::dist::gather_rows`]).
+    AllRanks,
 }
 
 /// `TrainConfig::on_nonfinite`.
@@ -96,6 +113,7 @@ impl Default for TrainConfig {
             recompute: false,
             on_nonfinite: OnNonFinite::Stop,
             max_skips_in_a_row: 20,
+            dual_negatives: DualNegatives::Rank,
         }
     }
 }
@@ -497,14 +515,44 @@ impl Trainer {
         let t0 = Instant::now();
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let local_images: usize = micro.iter().map(|m| m.labels.len()).sum();
+        let dual = self.model.cfg.loss_dual;
+        let gathered = world > 1
+            && dual != DualContrast::Off
+            && self.cfg.dual_negatives == DualNegatives::AllRanks;
         // Each micro-batch's loss is weighted by its share of the whole step's images, over
-        // every rank: the summed gradient is then the one-process gradient.
-        let mut all = [local_images as f64];
+        // every rank: the summed gradient is then the one-process gradient. Gathered
+        // negatives also need every rank's micro-batch count.
+        let mut all = vec![0.0; if gathered { 1 + world } else { 1 }];
+        all[0] = local_images as f64;
+        if gathered {
+            all[1 + rank] = micro.len() as f64;
+        }
         self.comm.all_reduce_f64(&mut all)?;
         let total_images = all[0] as usize;
         if total_images == 0 {
             return Err(Error::invalid("train step", "no images"));
         }
+        // Gathered: `rounds` rounds of one micro-batch per rank; rows[r][k] is rank r's k-th
+        // micro-batch's size (0 past its last).
+        let (rounds, rows) = if gathered {
+            let rounds = all[1..].iter().fold(0.0f64, |a, &b| a.max(b)) as usize;
+            let mut sizes = vec![0.0; world * rounds];
+            for (k, m) in micro.iter().enumerate() {
+                sizes[rank * rounds + k] = m.labels.len() as f64;
+            }
+            self.comm.all_reduce_f64(&mut sizes)?;
+            let rows: Vec<Vec<usize>> = (0..world)
+                .map(|r| {
+                    (0..rounds)
+                        .map(|k| sizes[r * rounds + k] as usize)
+                        .collect()
+                })
+                .collect();
+            (rounds, rows)
+        } else {
+            (micro.len(), vec![])
+        };
+        let round_counts = |k: usize| -> Vec<usize> { rows.iter().map(|r| r[k]).collect() };
         self.text_passes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -514,7 +562,6 @@ impl Trainer {
         } else {
             self.type_texts.test_phrases()
         };
-        let dual = self.model.cfg.loss_dual;
         let device = self.model.clip.logit_scale.device();
         let mut grads = GradStore::new();
         // Weighted loss terms stay on the device ([total, L_C, L_S, L_D] per micro-batch) and
@@ -534,7 +581,23 @@ impl Trainer {
         )?;
         drop(class_range);
         let mut du: Option<Tensor> = None;
-        for (k, mb) in micro.iter().enumerate() {
+        for k in 0..rounds {
+            let Some(mb) = micro.get(k) else {
+                // Gathered negatives, a round in which this rank has no micro-batch: it still
+                // takes part in the others' gathers (forward and, when the descriptions carry
+                // gradients, backward).
+                let width = self.model.clip.config.projection_dim
+                    * if dual == DualContrast::FaceEnv { 2 } else { 1 };
+                crate::dist::gather_rows_absent(
+                    self.comm.as_ref(),
+                    &round_counts(k),
+                    width,
+                    self.model.master_dtype(),
+                    device,
+                    u.is_tracked(),
+                )?;
+                continue;
+            };
             let n = mb.labels.len();
             let w = n as f64 / total_images as f64;
             let batch = self.batch_with(mb, &[], Some(&class_ids))?;
@@ -548,14 +611,19 @@ impl Trainer {
             } else {
                 u.clone()
             };
-            let losses = self.model.losses_given_classes(
-                &batch,
-                &u_leaf,
-                Fwd {
-                    dropout_seed: Some(seed),
-                    recompute: self.cfg.recompute,
-                },
-            )?;
+            let fwd = Fwd {
+                dropout_seed: Some(seed),
+                recompute: self.cfg.recompute,
+            };
+            let losses = if gathered {
+                let counts = round_counts(k);
+                let comm = &self.comm;
+                let gather = |x: &Tensor| crate::dist::gather_rows(comm, x, &counts);
+                self.model
+                    .losses_with_negatives(&batch, &u_leaf, fwd, &gather)?
+            } else {
+                self.model.losses_given_classes(&batch, &u_leaf, fwd)?
+            };
             let zero = || Tensor::zeros((), losses.total.dtype(), device);
             let row = [
                 losses.total.detach(),

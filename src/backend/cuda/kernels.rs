@@ -9,7 +9,8 @@
 //!
 //! Parameter kinds: `ptr` a device address (the pointer type `P`: a raw `Arg` from the storage,
 //! a staged `KArg` in tests), `map` a TMA descriptor (also `P`), `int` a size or count (`usize`,
-//! checked into a C++ `int`), `flag` a `bool` passed as `int`, `code` an `i32` enum code, `len`
+//! checked into a C++ `int`), `flag` a `bool` passed as `int`, `code` an `i32` enum code, `i32` a signed
+//! 32-bit value, `len`
 //! a size passed as `long long` (`usize`), `u64` a raw 64-bit value, `f32` a float, `dims` up
 //! to `MAX_RANK` sizes or strides (`Vec<usize>`, padded with 1s) passed as `long long`s.
 use super::abi::{Arg, LaunchConfig};
@@ -177,6 +178,7 @@ macro_rules! field_ty {
     (int, $P:ident) => { usize };
     (flag, $P:ident) => { bool };
     (code, $P:ident) => { i32 };
+    (i32, $P:ident) => { i32 };
     (len, $P:ident) => { usize };
     (u64, $P:ident) => { u64 };
     (f32, $P:ident) => { f32 };
@@ -197,6 +199,9 @@ macro_rules! sig_of {
         "i"
     };
     (code) => {
+        "i"
+    };
+    (i32) => {
         "i"
     };
     (len) => {
@@ -227,6 +232,9 @@ macro_rules! push_param {
         $out(Param::I32($v as i32))
     };
     ($out:ident, $fam:expr, code, $name:expr, $v:expr) => {
+        $out(Param::I32($v))
+    };
+    ($out:ident, $fam:expr, i32, $name:expr, $v:expr) => {
         $out(Param::I32($v))
     };
     ($out:ident, $fam:expr, len, $name:expr, $v:expr) => {
@@ -385,11 +393,12 @@ kernels! {
     ) grid(k) = ew(k.rows * k.cols);
 
     // kernels/sigmoid_loss.cu
-    /// One row i of the SigLIP loss: ∂/∂f_i, and partials of the loss, ∂t and ∂b (t, b f32 on
-    /// the device). Shared memory (1 + threads/32)·dim floats: the caller's geometry.
+    /// One row i of the SigLIP loss of f [rows, dim] against d [cols, dim], positive pair
+    /// (i, i + offset), the sum scaled by inv_n: ∂/∂f_i, and partials of the loss, ∂t and ∂b
+    /// (t, b f32 on the device). Shared memory (1 + threads/32)·dim floats: the caller's geometry.
     SigmoidLossRows["sigmoid_loss_rows_f32", "sigmoid_loss_rows_bf16"](
         f: ptr, d: ptr, t: ptr, b: ptr, grad: ptr, loss_part: ptr, dt_part: ptr, db_part: ptr,
-        n: int, dim: int,
+        rows: int, cols: int, dim: int, offset: i32, inv_n: f32,
     );
 
     // kernels/bias_gelu.cu
