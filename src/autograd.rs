@@ -178,6 +178,10 @@ fn record_shared<B: BackwardOp + 'static>(
     }
 }
 
+/// The hook of [`Tensor::backward_seeded_hooked`]: the store and the id of a leaf whose
+/// gradient this pass has finished.
+pub type OnFinal<'a> = dyn FnMut(&GradStore, TensorId) -> Result<()> + 'a;
+
 /// Gradients of trainable leaves, keyed by tensor id.
 #[derive(Default)]
 pub struct GradStore {
@@ -204,6 +208,11 @@ impl GradStore {
     /// Takes the gradient of `t` out of the store (None if it has none).
     pub fn remove(&mut self, t: &Tensor) -> Option<Tensor> {
         self.grads.remove(&t.id())
+    }
+
+    /// Takes the gradient of the tensor with id `id` out of the store (None if it has none).
+    pub fn remove_id(&mut self, id: TensorId) -> Option<Tensor> {
+        self.grads.remove(&id)
     }
 
     /// Number of tensors with a gradient.
@@ -274,6 +283,29 @@ impl Tensor {
 
     /// `backward_into` from a given gradient of this tensor (its shape).
     pub fn backward_seeded(&self, seed: Tensor, store: &mut GradStore) -> Result<()> {
+        self.backward_pass(seed, store, None)
+    }
+
+    /// `backward_seeded`, calling `on_final(store, id)` for every trainable leaf of the graph
+    /// as soon as this pass will add nothing more to its gradient (after the last node that
+    /// consumes it, whether or not a gradient reached that node): how data-parallel training
+    /// starts summing a parameter's gradient over the ranks while the rest of backward runs.
+    /// An error from `on_final` stops the pass.
+    pub fn backward_seeded_hooked(
+        &self,
+        seed: Tensor,
+        store: &mut GradStore,
+        on_final: &mut OnFinal<'_>,
+    ) -> Result<()> {
+        self.backward_pass(seed, store, Some(on_final))
+    }
+
+    fn backward_pass(
+        &self,
+        seed: Tensor,
+        store: &mut GradStore,
+        mut on_final: Option<&mut OnFinal<'_>>,
+    ) -> Result<()> {
         let _guard = no_grad();
         if seed.shape() != self.shape()
             || seed.dtype() != self.dtype()
@@ -295,84 +327,152 @@ impl Tensor {
                     "backward from a tensor that does not depend on any trainable tensor".into(),
                 ))
             }
-            GradState::Leaf => return store.accumulate(self.id(), seed),
+            GradState::Leaf => {
+                store.accumulate(self.id(), seed)?;
+                return match on_final {
+                    Some(f) => f(store, self.id()),
+                    None => Ok(()),
+                };
+            }
             GradState::Op(_) => {}
         }
         let mut order = topo_order(self)?;
+        // With a hook: how many node inputs each leaf still has to be reached through.
+        let mut uses: HashMap<TensorId, usize> = HashMap::new();
+        if on_final.is_some() {
+            for t in order.iter().flatten() {
+                for id in leaf_inputs(t) {
+                    *uses.entry(id).or_default() += 1;
+                }
+            }
+        }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
         grads.insert(self.id(), seed);
         for slot in order.iter_mut().rev() {
             let Some(t) = slot.take() else { continue };
-            let GradState::Op(cell) = &t.0.grad else {
-                continue;
+            let leaves = if on_final.is_some() {
+                leaf_inputs(&t)
+            } else {
+                vec![]
             };
-            let node = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let Some(node) = node else {
-                return Err(Error::Autograd(
-                    "this graph was already consumed by an earlier backward".into(),
-                ));
-            };
-            let Some(g) = grads.remove(&t.id()) else {
-                // Not on a path to the output: nothing flows, but the node is still freed.
-                continue;
-            };
-            let needs: Vec<bool> = node.inputs.iter().map(|i| i.is_some()).collect();
-            let name = node.op.name();
-            // The gradients already summed for this node's op-output inputs, offered to the op
-            // to add in its own kernel (each tensor once, at its first position).
-            let mut acc: Vec<Option<Tensor>> = vec![None; node.inputs.len()];
-            for (i, inp) in node.inputs.iter().enumerate() {
-                if let Some(inp) = inp {
-                    if matches!(inp.0.grad, GradState::Op(_)) {
-                        acc[i] = grads.remove(&inp.id());
+            Self::backward_node(&t, &mut grads, store)?;
+            if let Some(f) = on_final.as_mut() {
+                for id in leaves {
+                    let left = uses.entry(id).or_default();
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        f(store, id)?;
                     }
-                }
-            }
-            let offered: Vec<bool> = acc.iter().map(Option::is_some).collect();
-            let input_grads = node.op.backward_acc(&g, &needs, &mut acc)?;
-            drop(g);
-            for (i, (inp, a)) in node.inputs.iter().zip(acc).enumerate() {
-                match (inp, a) {
-                    (Some(inp), Some(a)) => accumulate(&mut grads, inp.id(), a)?,
-                    (Some(_), None) if offered[i] => {
-                        // Taken: the op's gradient for this input now holds the sum.
-                        if input_grads.get(i).is_none_or(|g| g.is_none()) {
-                            return Err(Error::Autograd(format!(
-                                "{name}: took input {i}'s accumulated gradient but returned none"
-                            )));
-                        }
-                        ACC_FUSED.with(|n| n.set(n.get() + 1));
-                    }
-                    _ => {}
-                }
-            }
-            if input_grads.len() != node.inputs.len() {
-                return Err(Error::Autograd(format!(
-                    "{name}: backward returned {} gradients for {} inputs",
-                    input_grads.len(),
-                    node.inputs.len()
-                )));
-            }
-            for (inp, gi) in node.inputs.into_iter().zip(input_grads) {
-                let (Some(inp), Some(gi)) = (inp, gi) else {
-                    continue;
-                };
-                if gi.shape() != inp.shape() {
-                    return Err(Error::Autograd(format!(
-                        "{name}: gradient of shape {:?} for an input of shape {:?}",
-                        gi.shape(),
-                        inp.shape()
-                    )));
-                }
-                match inp.0.grad {
-                    GradState::Leaf => store.accumulate(inp.id(), gi)?,
-                    GradState::Op(_) => accumulate(&mut grads, inp.id(), gi)?,
-                    GradState::Const => {}
                 }
             }
         }
         Ok(())
     }
+
+    /// One node of a backward pass: takes it from `t`, turns `t`'s summed gradient into its
+    /// inputs' (leaves into `store`, op outputs into `grads`).
+    fn backward_node(
+        t: &Tensor,
+        grads: &mut HashMap<TensorId, Tensor>,
+        store: &mut GradStore,
+    ) -> Result<()> {
+        let GradState::Op(cell) = &t.0.grad else {
+            return Ok(());
+        };
+        let node = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(node) = node else {
+            return Err(Error::Autograd(
+                "this graph was already consumed by an earlier backward".into(),
+            ));
+        };
+        let Some(g) = grads.remove(&t.id()) else {
+            // Not on a path to the output: nothing flows, but the node is still freed.
+            return Ok(());
+        };
+        let needs: Vec<bool> = node.inputs.iter().map(|i| i.is_some()).collect();
+        let name = node.op.name();
+        // The gradients already summed for this node's op-output inputs, offered to the op
+        // to add in its own kernel (each tensor once, at its first position).
+        let mut acc: Vec<Option<Tensor>> = vec![None; node.inputs.len()];
+        for (i, inp) in node.inputs.iter().enumerate() {
+            if let Some(inp) = inp {
+                if matches!(inp.0.grad, GradState::Op(_)) {
+                    acc[i] = grads.remove(&inp.id());
+                }
+            }
+        }
+        let offered: Vec<bool> = acc.iter().map(Option::is_some).collect();
+        let input_grads = node.op.backward_acc(&g, &needs, &mut acc)?;
+        drop(g);
+        for (i, (inp, a)) in node.inputs.iter().zip(acc).enumerate() {
+            match (inp, a) {
+                (Some(inp), Some(a)) => accumulate(grads, inp.id(), a)?,
+                (Some(_), None) if offered[i] => {
+                    // Taken: the op's gradient for this input now holds the sum.
+                    if input_grads.get(i).is_none_or(|g| g.is_none()) {
+                        return Err(Error::Autograd(format!(
+                            "{name}: took input {i}'s accumulated gradient but returned none"
+                        )));
+                    }
+                    ACC_FUSED.with(|n| n.set(n.get() + 1));
+                }
+                _ => {}
+            }
+        }
+        if input_grads.len() != node.inputs.len() {
+            return Err(Error::Autograd(format!(
+                "{name}: backward returned {} gradients for {} inputs",
+                input_grads.len(),
+                node.inputs.len()
+            )));
+        }
+        for (inp, gi) in node.inputs.into_iter().zip(input_grads) {
+            let (Some(inp), Some(gi)) = (inp, gi) else {
+                continue;
+            };
+            if gi.shape() != inp.shape() {
+                return Err(Error::Autograd(format!(
+                    "{name}: gradient of shape {:?} for an input of shape {:?}",
+                    gi.shape(),
+                    inp.shape()
+                )));
+            }
+            match inp.0.grad {
+                GradState::Leaf => store.accumulate(inp.id(), gi)?,
+                GradState::Op(_) => accumulate(grads, inp.id(), gi)?,
+                GradState::Const => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ids of the trainable leaves among the inputs of `t`'s node (once per input slot).
+fn leaf_inputs(t: &Tensor) -> Vec<TensorId> {
+    let GradState::Op(cell) = &t.0.grad else {
+        return vec![];
+    };
+    let node = cell.lock().unwrap_or_else(|e| e.into_inner());
+    node.as_ref().map_or_else(Vec::new, |n| {
+        n.inputs
+            .iter()
+            .flatten()
+            .filter(|i| matches!(i.0.grad, GradState::Leaf))
+            .map(|i| i.id())
+            .collect()
+    })
+}
+
+/// The ids of the trainable leaves `t` depends on (every leaf a backward from `t` could reach).
+pub fn trainable_leaves(t: &Tensor) -> Result<HashSet<TensorId>> {
+    if matches!(t.0.grad, GradState::Leaf) {
+        return Ok(HashSet::from([t.id()]));
+    }
+    let mut out = HashSet::new();
+    for node in topo_order(t)?.iter().flatten() {
+        out.extend(leaf_inputs(node));
+    }
+    Ok(out)
 }
 
 /// Op-output tensors reachable from `root`, in recording order (inputs before the ops that

@@ -478,6 +478,10 @@ struct ModelBenchArgs {
     /// Training: recompute each encoder block in backward (less memory, ~1/3 more compute).
     #[arg(long)]
     recompute: bool,
+    /// Training with --nproc: gradient buckets of this many MB, each summed over the ranks as
+    /// soon as backward is done with it (`train.grad_bucket_mb`; 0 = one sum after backward).
+    #[arg(long, default_value_t = 4.0)]
+    grad_bucket_mb: f64,
     /// Record one step on `cuda:plan` instead of timing it: launches, bytes and FLOPs by op
     /// class and the roofline bound on an H100/H200 (no GPU needed; --device is ignored).
     #[arg(long)]
@@ -841,6 +845,7 @@ fn bench_model(m: ModelBenchArgs, train: bool) -> sd2::Result<()> {
         trace: m.trace.clone(),
         seed: 0,
         recompute: m.recompute,
+        grad_bucket_mb: m.grad_bucket_mb,
     };
     let launch = sd2::dist::Launch::from_env()?;
     // A rank of a job: several processes, or the one `--nproc 1` started (which times the

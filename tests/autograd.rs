@@ -562,3 +562,76 @@ fn fc1_keeps_its_pre_activation_only_for_a_backward() {
         .unwrap();
     assert_eq!(act, want, "quick_gelu(x·W1ᵀ + b1)");
 }
+
+#[test]
+fn the_hook_fires_once_per_leaf_when_its_gradient_is_final() {
+    let m = Model::new();
+    let x = rand64(&[2, 4, 6], 12);
+    // `head` is read twice, first and last: its gradient is final only after both reads.
+    let twice = m
+        .loss(&x, &[1, 0])
+        .unwrap()
+        .add(&m.head.sum_all().unwrap().scale(0.5).unwrap())
+        .unwrap();
+    let want = m
+        .loss(&x, &[1, 0])
+        .unwrap()
+        .add(&m.head.sum_all().unwrap().scale(0.5).unwrap())
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut store = GradStore::new();
+    let mut fired: Vec<(sd2::TensorId, Vec<f64>)> = vec![];
+    let seed = Tensor::ones(twice.shape().clone(), twice.dtype(), twice.device()).unwrap();
+    twice
+        .backward_seeded_hooked(seed, &mut store, &mut |s, id| {
+            let g = s.get_id(id).map(|g| g.to_vec_f64()).transpose()?;
+            fired.push((id, g.unwrap_or_default()));
+            Ok(())
+        })
+        .unwrap();
+    let order: Vec<usize> = fired
+        .iter()
+        .map(|(id, _)| {
+            m.trainable()
+                .iter()
+                .position(|t| t.id() == *id)
+                .expect("the hook fired for a tensor that is no trainable leaf")
+        })
+        .collect();
+    println!("leaves in the order they were final (a, b, gamma, beta, head = 0..5): {order:?}");
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![0, 1, 2, 3, 4], "each leaf exactly once");
+    // The head is consumed last in forward, so it is final before the norm's and LoRA's.
+    let at = |i: usize| order.iter().position(|&o| o == i).unwrap();
+    assert!(
+        at(4) < at(2) && at(4) < at(3),
+        "head before the norm: {order:?}"
+    );
+    assert!(
+        at(2) < at(0) && at(3) < at(1),
+        "norm before LoRA: {order:?}"
+    );
+    for (id, g) in &fired {
+        let t = m.trainable().into_iter().find(|t| t.id() == *id).unwrap();
+        let w = want.get(t).unwrap().to_vec_f64().unwrap();
+        assert_close(
+            "gradient when the hook fired vs the pass's",
+            g,
+            &w,
+            0.0,
+            0.0,
+        );
+    }
+    let e = m
+        .loss(&x, &[1, 0])
+        .unwrap()
+        .backward_seeded_hooked(
+            Tensor::ones((), sd2::DType::F64, Device::Cpu).unwrap(),
+            &mut store,
+            &mut |_, _| Err(sd2::Error::Msg("stop".into())),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("stop"), "{e}");
+}

@@ -17,6 +17,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
             trace: None,
             seed: 3,
             recompute: train,
+            grad_bucket_mb: 4.0,
         };
         let r = run(&cfg).unwrap();
         println!("{}", r.report(5));
@@ -45,6 +46,7 @@ fn bench_train_and_infer_report_consistent_numbers() {
         trace: None,
         seed: 0,
         recompute: false,
+        grad_bucket_mb: 4.0,
     };
     let e = run(&bad).expect_err("unknown preset").to_string();
     assert!(e.contains("vit-h"), "{e}");

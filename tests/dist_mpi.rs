@@ -264,10 +264,11 @@ fn two_ranks_equal_one_process_and_survive_a_killed_rank() {
     );
     let single = t0.elapsed();
     let t0 = Instant::now();
-    let text = ok(
-        mpirun(2).args(run_args(&m.path, &two)).output().unwrap(),
-        "mpirun -np 2",
-    );
+    // Small gradient buckets (about 500 f32): a dozen sums a step, started on MPI's
+    // communication thread during backward.
+    let mut bucketed = run_args(&m.path, &two);
+    bucketed.extend(["--set", "train.grad_bucket_mb=0.002"].map(String::from));
+    let text = ok(mpirun(2).args(&bucketed).output().unwrap(), "mpirun -np 2");
     println!("one process {single:?}, two ranks {:?}", t0.elapsed());
     assert!(text.contains("2 ranks, mpi"), "{text}");
     // The per-step log: losses, learning rates.

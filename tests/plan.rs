@@ -18,6 +18,7 @@ fn cfg(device: Device) -> BenchConfig {
         trace: None,
         seed: 3,
         recompute: false,
+        grad_bucket_mb: 4.0,
     }
 }
 

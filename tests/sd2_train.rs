@@ -439,3 +439,109 @@ fn class_texts_once_per_step_give_the_accumulated_gradient() {
         "{norm_trainer} vs {norm_full}"
     );
 }
+
+/// Rank 0 of a pretend world of two whose other rank computes exactly what this one does:
+/// every sum is twice the value. Records the size of each started (bucketed) sum.
+struct Twin(std::sync::Mutex<Vec<usize>>);
+
+impl sd2::dist::Comm for Twin {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        2
+    }
+    fn backend(&self) -> &'static str {
+        "twin"
+    }
+    fn all_reduce_f64(&self, values: &mut [f64]) -> sd2::Result<()> {
+        values.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }
+    fn all_reduce_sum_start(&self, t: &Tensor) -> sd2::Result<sd2::dist::Pending> {
+        self.0.lock().unwrap().push(t.elem_count());
+        self.all_reduce_sum(t).map(sd2::dist::Pending::ready)
+    }
+    fn broadcast_bytes(&self, _: &mut Vec<u8>, _: usize) -> sd2::Result<()> {
+        Ok(())
+    }
+    fn barrier(&self) -> sd2::Result<()> {
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+#[test]
+fn bucketed_gradient_sums_start_inside_backward_and_change_no_bit() {
+    let run = |twin: Option<f64>| {
+        let mut cfg = sd2_cfg();
+        cfg.lora.dropout = 0.0; // rank 0 of two takes other dropout seeds than one process
+        let model = Sd2Model::new(tiny_clip(), cfg, 3).unwrap();
+        let mut tc = train_cfg(3);
+        let comm = std::sync::Arc::new(Twin(Default::default()));
+        if let Some(mb) = twin {
+            tc.grad_bucket_mb = mb;
+        }
+        let mut t = Trainer::new(
+            model,
+            tc,
+            ClipTokenizer::openai().unwrap(),
+            TypeTexts::shipped().unwrap(),
+        );
+        if twin.is_some() {
+            t.set_comm(comm.clone());
+        }
+        let mut data = Rng::new(4);
+        let mut stats = vec![];
+        for _ in 0..3 {
+            t.step(&micro_batches(&mut data, 2, 6)).unwrap();
+            stats.push(t.last_grad_sync());
+        }
+        let sizes = comm.0.lock().unwrap().clone();
+        (params_bits(&t), stats, sizes)
+    };
+    let (one, stats, _) = run(None);
+    assert!(
+        stats.iter().all(Option::is_none),
+        "one process sums nothing"
+    );
+    // 0.002 MB: buckets of about 500 f32 — many, for this tiny model.
+    let (bucketed, stats, sizes) = run(Some(0.002));
+    let (single_bucket, stats1, sizes1) = run(Some(0.0));
+    let s = stats[0].unwrap();
+    println!(
+        "bucketed: {s:?}, bucket sizes of the first step (with counts) {:?}",
+        &sizes[..s.buckets]
+    );
+    println!("one bucket: {:?}, {:?}", stats1[0].unwrap(), &sizes1[..1]);
+    assert!(s.buckets >= 4, "{s:?}");
+    assert!(
+        s.started_in_backward >= s.buckets / 2,
+        "most buckets should start inside backward: {s:?}"
+    );
+    assert!(
+        stats.iter().all(|x| *x == Some(s)),
+        "the same buckets every step"
+    );
+    assert_eq!(sizes.len(), 3 * s.buckets);
+    let s1 = stats1[0].unwrap();
+    assert_eq!((s1.buckets, s1.started_in_backward), (1, 0));
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        sizes1.iter().sum::<usize>(),
+        "every gradient once (one presence count per parameter per bucket) in both"
+    );
+    for ((name, a), ((_, b), (_, c))) in one.iter().zip(bucketed.iter().zip(&single_bucket)) {
+        assert!(a == b, "{name}: bucketed sums differ from one process");
+        assert!(
+            b == c,
+            "{name}: bucketed sums differ from one sum after backward"
+        );
+    }
+    println!(
+        "{} tensors bit-identical: one process, buckets, one bucket",
+        one.len()
+    );
+}

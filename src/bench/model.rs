@@ -41,6 +41,9 @@ pub struct BenchConfig {
     /// Training: recompute each encoder block's activations in backward (`TrainConfig::recompute`;
     /// MFU still counts model FLOPs only).
     pub recompute: bool,
+    /// Training across processes: gradient bucket size (`TrainConfig::grad_bucket_mb`; 0:
+    /// one all-reduce after backward).
+    pub grad_bucket_mb: f64,
 }
 
 /// What one benchmark run measured.
@@ -230,6 +233,7 @@ pub fn run_with(cfg: &BenchConfig, comm: Arc<dyn Comm>) -> Result<BenchResult> {
             total_steps: cfg.warmup + cfg.steps + 1,
             seed: cfg.seed,
             recompute: cfg.recompute,
+            grad_bucket_mb: cfg.grad_bucket_mb,
             ..Default::default()
         };
         let mut trainer = Trainer::new(model, tcfg.clone(), tokenizer, texts);

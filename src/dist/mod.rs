@@ -21,8 +21,9 @@
 use std::sync::Arc;
 
 use crate::optim::Param;
-use crate::{DType, Error, GradStore, Result, Tensor};
+use crate::{Error, GradStore, Result, Tensor};
 
+pub mod buckets;
 pub mod gather;
 pub mod launch;
 #[cfg(feature = "mpi")]
@@ -63,6 +64,15 @@ pub trait Comm: Send + Sync {
         all_reduce_sum_via_f64(self, t)
     }
 
+    /// Starts summing `t` over the ranks and returns at once where the engine can (MPI: on
+    /// its communication thread; NCCL: enqueued on the stream, as every NCCL call is); the
+    /// default sums before returning. Every rank must start the same collectives in the same
+    /// order; a blocking collective on the same communicator runs after every one started
+    /// before it.
+    fn all_reduce_sum_start(&self, t: &Tensor) -> Result<Pending> {
+        self.all_reduce_sum(t).map(Pending::ready)
+    }
+
     /// Rank `root`'s bytes on every rank (`bytes` is replaced on the others).
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
 
@@ -74,6 +84,35 @@ pub trait Comm: Send + Sync {
     /// it has printed the error: a rank that just returned would leave the others waiting in
     /// their next collective.
     fn abort(&self, code: i32) -> !;
+}
+
+/// A collective in flight ([`Comm::all_reduce_sum_start`]): [`Pending::wait`] gives its
+/// result.
+pub struct Pending(PendingState);
+
+enum PendingState {
+    Ready(Tensor),
+    Later(Box<dyn FnOnce() -> Result<Tensor> + Send>),
+}
+
+impl Pending {
+    /// A collective that has completed already.
+    pub fn ready(t: Tensor) -> Pending {
+        Pending(PendingState::Ready(t))
+    }
+
+    /// A collective whose result `wait` gives (blocking until it completes).
+    pub fn later(wait: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Pending {
+        Pending(PendingState::Later(Box::new(wait)))
+    }
+
+    /// Blocks until the collective completes; its result.
+    pub fn wait(self) -> Result<Tensor> {
+        match self.0 {
+            PendingState::Ready(t) => Ok(t),
+            PendingState::Later(f) => f(),
+        }
+    }
 }
 
 /// One process: every collective is the identity.
@@ -201,64 +240,18 @@ pub fn split_by_video<S: AsRef<str>>(keys: &[S], rank: usize, world: usize) -> V
     mine
 }
 
-/// Sums the step's trainable gradients over the ranks (`grads` then holds the sums): one
-/// flat buffer for all of them (f64 when any parameter is f64, else f32), one collective. A
-/// parameter with no gradient on some ranks counts as zero there; one with none on any rank
-/// keeps none, as in one process.
+/// Sums the step's trainable gradients over the ranks (`grads` then holds the sums), after
+/// backward: one bucket for all of them, one collective ([`buckets::GradSync`] does it in
+/// buckets, started during backward). A parameter with no gradient on some ranks counts as
+/// zero there; one with none on any rank keeps none, as in one process.
 pub fn all_reduce_grads(comm: &dyn Comm, params: &[Param], grads: &mut GradStore) -> Result<()> {
     // A one-rank job on a real engine still goes through it (NCCL on one GPU is how its path
     // is checked where no second GPU is).
     if comm.backend() == "single" {
         return Ok(());
     }
-    let mut seen = std::collections::HashSet::new();
-    let params: Vec<&Param> = params
-        .iter()
-        .filter(|p| seen.insert(p.tensor.id()))
-        .collect();
-    let acc = if params.iter().any(|p| p.tensor.dtype() == DType::F64) {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let Some(first) = params.first() else {
-        return Ok(());
-    };
-    let device = first.tensor.device();
-    // One collective: every parameter's gradient (zeros where this rank has none), then one
-    // count per parameter of the ranks that had one.
-    let mut flat = Vec::with_capacity(params.len() + 1);
-    let mut present = Vec::with_capacity(params.len());
-    for p in &params {
-        let n = p.tensor.elem_count();
-        let g = grads.get(&p.tensor);
-        present.push(f64::from(u8::from(g.is_some())));
-        flat.push(match g {
-            Some(g) => g.to_dtype(acc)?.reshape(n)?,
-            None => Tensor::zeros(n, acc, device)?,
-        });
-    }
-    flat.push(Tensor::from_f64(&present, params.len(), acc, device)?);
-    let refs: Vec<&Tensor> = flat.iter().collect();
-    let sum = comm.all_reduce_sum(&Tensor::cat(&refs, 0)?)?;
-    drop(flat);
-    let total: usize = params.iter().map(|p| p.tensor.elem_count()).sum();
-    let counts = sum.narrow(0, total, params.len())?.to_vec_f64()?;
-    let mut at = 0;
-    for (p, c) in params.iter().zip(counts) {
-        let n = p.tensor.elem_count();
-        // None on any rank: it keeps none, as in one process.
-        if c > 0.0 {
-            let dtype = grads.get(&p.tensor).map_or(p.tensor.dtype(), |g| g.dtype());
-            let g = sum
-                .narrow(0, at, n)?
-                .reshape(p.tensor.shape().clone())?
-                .to_dtype(dtype)?;
-            grads.remove(&p.tensor);
-            grads.accumulate(p.tensor.id(), g)?;
-        }
-        at += n;
-    }
+    let plan = buckets::GradBuckets::new(params, 0, &Default::default());
+    buckets::GradSync::new(comm, plan).finish(grads)?;
     Ok(())
 }
 

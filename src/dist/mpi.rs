@@ -1,6 +1,7 @@
 //! MPI collectives (feature `mpi`): Open MPI (or any MPI) through the `mpi` crate, for
 //! data-parallel training on CPUs — `mpirun -np N sd2 train …`, `srun` under Slurm with PMIx.
-use std::sync::Mutex;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
@@ -8,29 +9,42 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
 
 use super::rendezvous::{collective_timeout, exit_on_lost, Watchdog};
-use super::{Comm, Launch};
+use super::{Comm, Launch, Pending};
 use crate::{Error, Result};
 
-/// The MPI world communicator, entered by every rank of the job.
+/// The MPI world communicator, entered by every rank of the job. Collectives started with
+/// [`Comm::all_reduce_sum_start`] run, in order, on a communication thread of its own; a
+/// blocking one waits until those have run, so every rank's collectives keep one order.
 pub struct Mpi {
     rank: usize,
     world: usize,
     local_rank: usize,
-    inner: Mutex<Inner>,
+    shared: Arc<Shared>,
+    worker: Mutex<Option<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)>>,
+    // Finalizes MPI when dropped: after the communication thread has stopped.
+    _universe: Universe,
+}
+
+/// A collective for the communication thread.
+type Job = Box<dyn FnOnce(&SimpleCommunicator) + Send>;
+
+struct Shared {
+    comm: Mutex<Handle>,
+    /// Jobs sent to the communication thread and not yet run.
+    queued: Mutex<usize>,
+    drained: Condvar,
     // MPI's collectives wait forever for a rank that hangs alive (a dead one makes mpirun
     // end the job): this ends the process instead, and mpirun the rest.
     watchdog: Watchdog,
 }
 
-struct Inner {
-    comm: SimpleCommunicator,
-    // Finalizes MPI when dropped: it lives exactly as long as the communicator.
-    _universe: Universe,
-}
+struct Handle(SimpleCommunicator);
 
 // SAFETY: MPI is initialized with `Threading::Serialized` (checked in `init`): any thread may
-// call it, one at a time, which the Mutex around every call guarantees. The handles are
-// plain values of the MPI library, not tied to the thread that made them.
+// call it, one at a time, which the Mutex around every call (`Shared::comm`, taken by the
+// calling thread and by the communication thread alike) guarantees. The handles are plain
+// values of the MPI library, not tied to the thread that made them.
+unsafe impl Send for Handle {}
 unsafe impl Send for Mpi {}
 unsafe impl Sync for Mpi {}
 
@@ -60,23 +74,86 @@ impl Mpi {
             )));
         }
         log::info!("mpi: rank {rank} of {world}");
-        let watchdog = Watchdog::new(rank, collective_timeout(), exit_on_lost())?;
+        let shared = Arc::new(Shared {
+            comm: Mutex::new(Handle(comm)),
+            queued: Mutex::new(0),
+            drained: Condvar::new(),
+            watchdog: Watchdog::new(rank, collective_timeout(), exit_on_lost())?,
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let s = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("sd2-mpi-comm".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    {
+                        let c = s.comm.lock().unwrap_or_else(|e| e.into_inner());
+                        s.watchdog.time("MPI all-reduce (started)", || job(&c.0));
+                    }
+                    let mut q = s.queued.lock().unwrap_or_else(|e| e.into_inner());
+                    *q = q.saturating_sub(1);
+                    s.drained.notify_all();
+                }
+            })?;
         Ok(Mpi {
-            watchdog,
             rank,
             world,
             local_rank: launch.local_rank,
-            inner: Mutex::new(Inner {
-                comm,
-                _universe: universe,
-            }),
+            shared,
+            worker: Mutex::new(Some((tx, handle))),
+            _universe: universe,
         })
     }
 
-    /// Runs the collective `f` under the lock, timed by the watchdog.
+    /// Runs the collective `f` on this thread, after every started one, under the lock, timed
+    /// by the watchdog.
     fn with<R>(&self, what: &'static str, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        self.watchdog.time(what, || f(&g.comm))
+        let mut q = self.shared.queued.lock().unwrap_or_else(|e| e.into_inner());
+        while *q > 0 {
+            q = self
+                .shared
+                .drained
+                .wait(q)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        drop(q);
+        let g = self.shared.comm.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.watchdog.time(what, || f(&g.0))
+    }
+
+    /// Queues `job` for the communication thread.
+    fn submit(&self, job: Job) -> Result<()> {
+        let worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((tx, _)) = worker.as_ref() else {
+            return Err(self.stopped());
+        };
+        *self.shared.queued.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        tx.send(job).map_err(|_| {
+            *self.shared.queued.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            self.stopped()
+        })
+    }
+
+    fn stopped(&self) -> Error {
+        Error::Dist {
+            rank: self.rank,
+            msg: "the MPI communication thread has stopped".into(),
+        }
+    }
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        // The thread ends when its queue closes; it must be gone before MPI is finalized.
+        let worker = self
+            .worker
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((tx, handle)) = worker {
+            drop(tx);
+            let _ = handle.join();
+        }
     }
 }
 
@@ -110,6 +187,29 @@ impl Comm for Mpi {
             c.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum())
         });
         crate::Tensor::from_vec(recv, t.shape().clone(), t.device())
+    }
+    fn all_reduce_sum_start(&self, t: &crate::Tensor) -> Result<Pending> {
+        if self.world == 1 || t.dtype() != crate::DType::F32 {
+            return self.all_reduce_sum(t).map(Pending::ready);
+        }
+        let send: Vec<f32> = t.to_vec()?;
+        if send.is_empty() {
+            return Ok(Pending::ready(t.clone()));
+        }
+        let (shape, device, rank) = (t.shape().clone(), t.device(), self.rank);
+        let (tx, rx) = mpsc::channel();
+        self.submit(Box::new(move |c| {
+            let mut recv = vec![0f32; send.len()];
+            c.all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
+            let _ = tx.send(recv);
+        }))?;
+        Ok(Pending::later(move || {
+            let recv = rx.recv().map_err(|_| Error::Dist {
+                rank,
+                msg: "the MPI communication thread stopped before an all-reduce completed".into(),
+            })?;
+            crate::Tensor::from_vec(recv, shape, device)
+        }))
     }
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
         if values.is_empty() {

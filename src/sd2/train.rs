@@ -70,6 +70,11 @@ pub struct TrainConfig {
     /// descriptions of the same round of micro-batches — world × micro-batch negatives, the
     /// loss of one process training on the round as one micro-batch). One process: the same.
     pub dual_negatives: DualNegatives,
+    /// Across processes: the trainable gradients are summed in buckets of about this many
+    /// MB (f32), each started as soon as backward is done with it, so the sums overlap the
+    /// rest of backward ([`crate::dist::buckets`]); 0 sums them all in one collective after
+    /// backward. Gathered L_D negatives (collectives inside backward) always sum after it.
+    pub grad_bucket_mb: f64,
 }
 
 /// `TrainConfig::dual_negatives`.
@@ -114,6 +119,7 @@ impl Default for TrainConfig {
             on_nonfinite: OnNonFinite::Stop,
             max_skips_in_a_row: 20,
             dual_negatives: DualNegatives::Rank,
+            grad_bucket_mb: 4.0,
         }
     }
 }
@@ -129,6 +135,12 @@ impl TrainConfig {
     /// Every value in its range, the first that is not named by its key (`train.lr`).
     pub fn validate(&self) -> Result<()> {
         let k = |name: &str| format!("train.{name}");
+        if !(self.grad_bucket_mb.is_finite() && self.grad_bucket_mb >= 0.0) {
+            return Err(out_of_range(
+                &k("grad_bucket_mb"),
+                format!("{} must be finite and ≥ 0", self.grad_bucket_mb),
+            ));
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(out_of_range(
                 &k("lr"),
@@ -269,6 +281,8 @@ pub struct Trainer {
     pub val_threshold: Option<f64>,
     /// The data-parallel job this trainer is one rank of ([`crate::dist::Single`] alone).
     comm: std::sync::Arc<dyn crate::dist::Comm>,
+    /// What the last step's bucketed gradient sum did (None in one process).
+    last_sync: Option<crate::dist::buckets::SyncStats>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -332,6 +346,7 @@ impl Trainer {
             text_passes: Default::default(),
             val_threshold: None,
             comm: std::sync::Arc::new(crate::dist::Single),
+            last_sync: None,
         }
     }
 
@@ -347,6 +362,12 @@ impl Trainer {
     /// The job this trainer is a rank of.
     pub fn comm(&self) -> &dyn crate::dist::Comm {
         self.comm.as_ref()
+    }
+
+    /// How the last step summed its gradients over the ranks: buckets, and how many of them
+    /// started during backward (None in one process, or before the first step).
+    pub fn last_grad_sync(&self) -> Option<crate::dist::buckets::SyncStats> {
+        self.last_sync
     }
 
     /// (texts, tokens per text) of each pass through the text tower in the last step — the
@@ -580,6 +601,36 @@ impl Trainer {
             },
         )?;
         drop(class_range);
+        // Across processes, the gradients' sum over the ranks in buckets started as backward
+        // finishes with them: during this rank's last micro-batch's backward, and the text
+        // tower's (which the class texts' backward still adds to) during that one. Not with
+        // gathered negatives: their collectives run inside backward, and the buckets' would
+        // interleave with them in a different order on each rank.
+        let comm = self.comm.clone();
+        let mut sync = if comm.backend() == "single" {
+            None
+        } else {
+            let early = !gathered && self.cfg.grad_bucket_mb > 0.0;
+            let bucket_elems = if early {
+                ((self.cfg.grad_bucket_mb * 1e6 / 4.0) as usize).max(1)
+            } else {
+                0
+            };
+            let deferred = if early && u.is_tracked() {
+                crate::autograd::trainable_leaves(&u)?
+            } else {
+                Default::default()
+            };
+            let plan = crate::dist::buckets::GradBuckets::new(
+                self.model.params(),
+                bucket_elems,
+                &deferred,
+            );
+            Some((
+                crate::dist::buckets::GradSync::new(comm.as_ref(), plan),
+                early,
+            ))
+        };
         let mut du: Option<Tensor> = None;
         for k in 0..rounds {
             let Some(mb) = micro.get(k) else {
@@ -640,7 +691,14 @@ impl Trainer {
             }
             drop(fwd_range);
             let _bwd = crate::profile::range_with(|| format!("backward {k}"));
-            losses.total.scale(w)?.backward_into(&mut grads)?;
+            let out = losses.total.scale(w)?;
+            let seed = Tensor::ones(out.shape().clone(), out.dtype(), out.device())?;
+            match sync.as_mut() {
+                Some((s, true)) if k + 1 == micro.len() => {
+                    out.backward_seeded_hooked(seed, &mut grads, &mut |g, id| s.param_final(g, id))?
+                }
+                _ => out.backward_seeded(seed, &mut grads)?,
+            }
             if let Some(g) = u_leaf
                 .is_trainable()
                 .then(|| grads.remove(&u_leaf))
@@ -652,13 +710,21 @@ impl Trainer {
                 });
             }
         }
+        if let Some((s, true)) = sync.as_mut() {
+            s.main_done(&grads)?;
+        }
         if let (Some(du), true) = (du, u.is_tracked()) {
             let _r = crate::profile::range("backward class texts");
-            u.backward_seeded(du, &mut grads)?;
+            match sync.as_mut() {
+                Some((s, true)) => {
+                    u.backward_seeded_hooked(du, &mut grads, &mut |g, id| s.param_final(g, id))?
+                }
+                _ => u.backward_seeded(du, &mut grads)?,
+            }
         }
-        if self.comm.backend() != "single" {
+        if let Some((s, _)) = sync {
             let _r = crate::profile::range("all-reduce gradients");
-            crate::dist::all_reduce_grads(self.comm.as_ref(), self.model.params(), &mut grads)?;
+            self.last_sync = Some(s.finish(&mut grads)?);
         }
         let opt_range = crate::profile::range("grad norm + AdamW");
         let lr = self.cfg.lr_at(self.step);
