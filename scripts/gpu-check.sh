@@ -239,13 +239,14 @@ PY
     flash_table "$W/flash_sd2.json" "$W/flash_sdpa.json" >"$OUT/flash.txt" 2>&1
     cat "$OUT/flash.txt"
     run_step "bf16 step cuda vs cpu" 50 step.log "$X/mixed_precision" --test-threads=1 --nocapture gpu
-    # NCCL on one GPU: its collectives, and three training steps through them (the log says
-    # "skipped" if libnccl was not found: then it is no pass).
+    # NCCL on one GPU: its collectives, and three training steps through them, with NCCL on its
+    # own stream and on the compute stream (the log says "skipped" if libnccl was not found:
+    # then it is no pass).
     run_step "nccl one rank" 40 nccl.log "$X/dist_nccl" --test-threads=1 --nocapture
     # The gradient all-reduce on one GPU over NCCL, beside the step it belongs to.
     run_step "sd2 bench train --nproc 1" 70 nccl.log "$X/sd2" bench train --preset vit-l14 \
         --device cuda --batch 128 --steps 3 --warmup 1 --top 5 --nproc 1 --json "$W/nccl_bench.json"
-    grep -E "all-reduce|ranks \(|skipped|panicked|error" "$W/nccl.log" | tail -6
+    grep -E "all-reduce|ranks \(|collectives on|buckets|skipped|panicked|error" "$W/nccl.log" | tail -12
     grep -E "vs cpu loss|loss curve|host syncs|cosine|skipped|panicked" "$W/step.log" | tail -10
     # While time is left: the memory option and the demo.
     run_step "sd2 bench train recompute" 50 engine.log "$X/sd2" bench train --preset vit-l14 --device cuda \

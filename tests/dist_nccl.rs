@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use sd2::clip::{ClipConfig, ClipModel, ClipTokenizer};
-use sd2::dist::nccl::Nccl;
+use sd2::dist::nccl::{Nccl, NcclStream};
+use sd2::dist::rendezvous::exit_on_lost;
 use sd2::dist::{Comm, Launch, Launcher};
 use sd2::rng::Rng;
 use sd2::sd2::train::{MicroBatch, TrainConfig, Trainer};
@@ -26,14 +27,14 @@ fn one_rank(port: u16) -> Launch {
     }
 }
 
-/// The one-rank communicator, or why the test is skipped.
-fn nccl(port: u16) -> Option<Nccl> {
+/// The one-rank communicator with its collectives on `stream`, or why the test is skipped.
+fn nccl(port: u16, stream: NcclStream) -> Option<Nccl> {
     let dev = Device::Cuda(0);
     if let Err(e) = dev.check_available() {
         println!("skipped on cuda:0: {e}");
         return None;
     }
-    match Nccl::init(&one_rank(port), dev) {
+    match Nccl::init_on(&one_rank(port), dev, exit_on_lost(), stream) {
         Ok(n) => Some(n),
         Err(e) if e.to_string().contains("libnccl") => {
             println!("skipped: {e}");
@@ -43,11 +44,21 @@ fn nccl(port: u16) -> Option<Nccl> {
     }
 }
 
+/// Both ways of enqueueing NCCL's calls, each on its own rendezvous port.
+const STREAMS: [(NcclStream, u16); 2] = [(NcclStream::Own, 0), (NcclStream::Compute, 10)];
+
 #[test]
 fn one_rank_collectives_return_their_input() {
-    let Some(c) = nccl(29611) else {
-        return;
-    };
+    for (stream, dp) in STREAMS {
+        let Some(c) = nccl(29611 + dp, stream) else {
+            return;
+        };
+        println!("collectives on {stream:?}");
+        collectives_return_their_input(&c);
+    }
+}
+
+fn collectives_return_their_input(c: &Nccl) {
     assert_eq!((c.rank(), c.world(), c.backend()), (0, 1, "nccl"));
     let n = 2_500_000; // 10 MB of f32, SD2's trainable gradients
     let host: Vec<f64> = (0..n).map(|i| ((i % 977) as f64 - 488.0) / 97.0).collect();
@@ -62,6 +73,23 @@ fn one_rank_collectives_return_their_input() {
             .fold(0.0, f64::max);
         println!("all_reduce_sum {dt:?} over one rank: worst |Δ| {worst:e} (tolerance 0)");
         assert_eq!(worst, 0.0);
+        // Started, its input dropped and other kernels in between: the sum is the input's.
+        let started = c.all_reduce_sum_start(&t).unwrap();
+        let noise = t.scale(3.0).unwrap().add(&t).unwrap();
+        drop(t);
+        let s = started.wait().unwrap();
+        let worst = a
+            .iter()
+            .zip(s.to_vec_f64().unwrap())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        println!("all_reduce_sum_start {dt:?}: worst |Δ| {worst:e} (tolerance 0)");
+        assert_eq!(worst, 0.0);
+        assert_eq!(noise.to_vec_f64().unwrap()[1], 4.0 * a[1]);
+        // A sum dropped unread leaves the GPU usable.
+        let t = Tensor::from_f64(&host, n, dt, Device::Cuda(0)).unwrap();
+        drop(c.all_reduce_sum_start(&t).unwrap());
+        assert_eq!(t.to_vec_f64().unwrap()[7], a[7]);
     }
     let mut v = vec![1.5, -2.0, 3.25];
     c.all_reduce_f64(&mut v).unwrap();
@@ -91,6 +119,8 @@ fn trainer(dev: Device) -> Trainer {
             micro_batch: 4,
             effective_batch: 8,
             seed: 5,
+            // A dozen buckets, most started inside backward.
+            grad_bucket_mb: 0.002,
             ..Default::default()
         },
         ClipTokenizer::openai().unwrap(),
@@ -120,9 +150,16 @@ fn batches(dev: Device, seed: u64) -> Vec<MicroBatch> {
 /// only leaves room for kernels whose atomics sum in a varying order.
 #[test]
 fn training_through_one_rank_nccl_equals_training_without() {
-    let Some(c) = nccl(29612) else {
-        return;
-    };
+    for (stream, dp) in STREAMS {
+        let Some(c) = nccl(29612 + dp, stream) else {
+            return;
+        };
+        println!("collectives on {stream:?}");
+        training_equals_training_without(c);
+    }
+}
+
+fn training_equals_training_without(c: Nccl) {
     let dev = Device::Cuda(0);
     let mut plain = trainer(dev);
     let mut through = trainer(dev);
@@ -138,6 +175,12 @@ fn training_through_one_rank_nccl_equals_training_without() {
             a.total, b.total
         );
         assert!(rel <= 1e-6, "step {s}");
+        let sync = through.last_grad_sync().expect("a bucketed sum");
+        println!(
+            "  {} buckets, {} started inside backward",
+            sync.buckets, sync.started_in_backward
+        );
+        assert!(sync.buckets > 2 && sync.started_in_backward > 0);
     }
     let mut worst = (0.0f64, String::new());
     for (p, q) in plain.model.params().iter().zip(through.model.params()) {

@@ -65,8 +65,8 @@ pub trait Comm: Send + Sync {
     }
 
     /// Starts summing `t` over the ranks and returns at once where the engine can (MPI: on
-    /// its communication thread; NCCL: enqueued on the stream, as every NCCL call is); the
-    /// default sums before returning. Every rank must start the same collectives in the same
+    /// its communication thread; NCCL: on its own stream, the compute stream waiting for it
+    /// only in [`Pending::wait`]); the default sums before returning. Every rank must start the same collectives in the same
     /// order; a blocking collective on the same communicator runs after every one started
     /// before it.
     fn all_reduce_sum_start(&self, t: &Tensor) -> Result<Pending> {

@@ -2,19 +2,51 @@
 //! time (a build needs no NCCL; PyTorch's wheels carry one: `nvidia/nccl/lib`). One GPU per
 //! local rank; NCCL's unique id goes from rank 0 to the others over the TCP rendezvous
 //! ([`super::rendezvous`]), whose links then stop every rank when one dies, and a watchdog stops
-//! a collective that hangs. Gradients are reduced in place on the GPU, on the compute stream.
+//! a collective that hangs.
 //!
-//! Verified on one GPU with one rank; anything with two or more GPUs is unverified until a
-//! multi-GPU machine runs it (docs/DISTRIBUTED.md).
+//! Every NCCL call goes on a stream of its own (the communicator's, high priority, as PyTorch's
+//! ProcessGroupNCCL does), after an event on the compute stream, so that a bucket's sum started
+//! inside backward runs beside backward's kernels; the compute stream waits for a sum only where
+//! its result is used. One stream for all of them keeps the collectives in the order they were
+//! called, the same on every rank. `SD2_NCCL_STREAM=compute` enqueues them on the compute
+//! stream instead (no overlap; the way to rule the second stream out).
+//!
+//! Not yet run on a GPU (no GPU session since it was written); anything with two or more GPUs
+//! is unverified until a multi-GPU machine runs it (docs/DISTRIBUTED.md).
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::{sys as ds, CudaEvent, CudaStream};
 use cudarc::nccl::{result as nr, sys as ns};
 
 use super::rendezvous::{collective_timeout, exit_on_lost, Links, OnLost, Rendezvous, Watchdog};
-use super::{Comm, Launch};
+use super::{Comm, Launch, Pending};
 use crate::backend::cuda::gpu::Gpu;
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
+
+/// The stream NCCL's calls are enqueued on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NcclStream {
+    /// The communicator's own stream, ordered after the compute stream's work at each call;
+    /// the compute stream waits for a result only where it is used (the default).
+    Own,
+    /// The GPU's compute stream, between its kernels: no overlap.
+    Compute,
+}
+
+impl NcclStream {
+    /// `SD2_NCCL_STREAM`: `own` (or unset) or `compute`.
+    pub fn from_env() -> Result<NcclStream> {
+        match std::env::var("SD2_NCCL_STREAM").as_deref() {
+            Err(_) | Ok("own") => Ok(NcclStream::Own),
+            Ok("compute") => Ok(NcclStream::Compute),
+            Ok(v) => Err(Error::Config {
+                key: "SD2_NCCL_STREAM".into(),
+                msg: format!("`{v}`: expected `own` (the default) or `compute`"),
+            }),
+        }
+    }
+}
 
 /// A NCCL communicator over the job's GPUs.
 pub struct Nccl {
@@ -23,13 +55,15 @@ pub struct Nccl {
     local_rank: usize,
     gpu: Arc<Gpu>,
     comm: Mutex<ns::ncclComm_t>,
+    /// The communicator's stream; `None`: the compute stream (`SD2_NCCL_STREAM=compute`).
+    own: Option<Arc<CudaStream>>,
     links: Links,
     watchdog: Watchdog,
 }
 
 // SAFETY: the communicator handle is used under its Mutex, one call at a time, from any thread
-// (NCCL allows that for a communicator not used concurrently); the stream it enqueues on is the
-// GPU's compute stream, itself shared that way by every launch.
+// (NCCL allows that for a communicator not used concurrently); its stream is used only under
+// that Mutex, and the compute stream is shared that way by every launch.
 unsafe impl Send for Nccl {}
 unsafe impl Sync for Nccl {}
 
@@ -42,6 +76,16 @@ impl Nccl {
 
     /// [`Nccl::init`] with `on_lost` called when a rank stops or a collective times out.
     pub fn init_with(launch: &Launch, device: Device, on_lost: OnLost) -> Result<Nccl> {
+        Nccl::init_on(launch, device, on_lost, NcclStream::from_env()?)
+    }
+
+    /// [`Nccl::init_with`] with the collectives on `stream`.
+    pub fn init_on(
+        launch: &Launch,
+        device: Device,
+        on_lost: OnLost,
+        stream: NcclStream,
+    ) -> Result<Nccl> {
         let rank = launch.rank;
         let fail = |msg: String| Error::Dist { rank, msg };
         let Device::Cuda(ordinal) = device else {
@@ -88,10 +132,19 @@ impl Nccl {
             comm.assume_init()
         };
         let watchdog = Watchdog::new(rank, timeout, on_lost)?;
+        let own = match stream {
+            NcclStream::Own => Some(comm_stream(&gpu)?),
+            NcclStream::Compute => None,
+        };
         log::info!(
-            "nccl: rank {rank} of {} on cuda:{ordinal} ({})",
+            "nccl: rank {rank} of {} on cuda:{ordinal} ({}), collectives on {}",
             launch.world,
-            gpu.name
+            gpu.name,
+            if own.is_some() {
+                "their own stream"
+            } else {
+                "the compute stream"
+            }
         );
         Ok(Nccl {
             rank,
@@ -99,33 +152,163 @@ impl Nccl {
             local_rank: launch.local_rank,
             gpu,
             comm: Mutex::new(comm),
+            own,
             links,
             watchdog,
         })
     }
 
-    /// Enqueues the in-place sum of `len` elements of type `ty` at device address `addr` on
-    /// the compute stream (NCCL returns before the sum is done: callers time the wait).
-    fn reduce_in_place(&self, addr: u64, len: usize, ty: ns::ncclDataType_t) -> Result<()> {
+    /// Orders the compute stream after `done`, an event on the communicator's stream: its
+    /// later work sees what NCCL wrote.
+    fn join_compute(&self, done: &CudaEvent) -> Result<()> {
+        self.gpu
+            .stream()
+            .wait(done)
+            .map_err(|e| Error::Cuda(format!("cuStreamWaitEvent (after NCCL): {e:?}")))
+    }
+
+    /// Runs `call` with the stream to enqueue on, under the communicator's lock: its own
+    /// stream, after the compute stream's work so far (whatever produced the buffers), then
+    /// an event on it that [`Nccl::join_compute`] hands to the compute stream; or the
+    /// compute stream itself (no event).
+    fn enqueue(
+        &self,
+        what: &str,
+        call: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> std::result::Result<(), nr::NcclError>,
+    ) -> Result<Option<CudaEvent>> {
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let stream = self.gpu.stream().cu_stream();
-        // SAFETY: `addr` is a live device buffer of `len` elements of `dtype` on this GPU,
-        // owned by the caller until the stream has run the reduction.
-        unsafe {
+        let fail = |msg: String| Error::Dist {
+            rank: self.rank,
+            msg,
+        };
+        let compute = self.gpu.stream();
+        let stream = match &self.own {
+            Some(own) => {
+                own.join(compute)
+                    .map_err(|e| Error::Cuda(format!("NCCL stream waiting for compute: {e:?}")))?;
+                own
+            }
+            None => compute,
+        };
+        call(*comm, stream.cu_stream() as _).map_err(|e| fail(format!("{what}: {:?}", e.0)))?;
+        match &self.own {
+            Some(own) => own
+                .record_event(Some(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map(Some)
+                .map_err(|e| Error::Cuda(format!("cuEventRecord (NCCL stream): {e:?}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Enqueues the in-place sum of `len` elements of type `ty` at device address `addr`
+    /// (NCCL returns before the sum is done: callers time the wait); the event its end
+    /// records on the communicator's own stream.
+    fn reduce_in_place(
+        &self,
+        addr: u64,
+        len: usize,
+        ty: ns::ncclDataType_t,
+    ) -> Result<Option<CudaEvent>> {
+        // SAFETY: `addr` is a live device buffer of `len` elements of `ty` on this GPU, owned
+        // by the caller until the stream has run the reduction (the compute stream waits for
+        // the returned event before the buffer can be freed or read).
+        self.enqueue("ncclAllReduce", |comm, stream| unsafe {
             nr::all_reduce(
                 addr as *const std::ffi::c_void,
                 addr as *mut std::ffi::c_void,
                 len,
                 ty,
                 ns::ncclRedOp_t::ncclSum,
-                *comm,
-                stream as _,
+                comm,
+                stream,
             )
             .map(|_| ())
-            .map_err(|e| Error::Dist {
-                rank: self.rank,
-                msg: format!("ncclAllReduce: {e:?}"),
-            })
+        })
+    }
+
+    /// Starts the sum of a CUDA tensor on this GPU: its copy (on the compute stream) and the
+    /// in-place reduction of the copy, with the event that ends it.
+    fn start_sum(&self, t: &Tensor) -> Result<(Tensor, Option<CudaEvent>)> {
+        let out = t.copy()?;
+        let (addr, len, dtype) = out.update_storage(|s| match s {
+            Storage::Cuda(c) => Ok((c.addr(), c.len, c.dtype)),
+            Storage::Cpu(_) => Err(Error::Msg("nccl: a CUDA tensor on the host".into())),
+        })?;
+        let ty = match dtype {
+            DType::F32 => ns::ncclDataType_t::ncclFloat32,
+            DType::BF16 => ns::ncclDataType_t::ncclBfloat16,
+            d => {
+                return Err(Error::UnsupportedDType {
+                    op: "nccl all_reduce",
+                    dtype: d,
+                })
+            }
+        };
+        // Only the enqueue is timed here; a peer that never arrives stalls the stream, and the
+        // step's next read (its loss sums, through `all_reduce_f64`, enqueued after this) is
+        // timed to the end.
+        let done = self
+            .watchdog
+            .time("all_reduce", || self.reduce_in_place(addr, len, ty))?;
+        Ok((out, done))
+    }
+
+    fn on_this_gpu(&self, t: &Tensor) -> bool {
+        matches!(t.device(), Device::Cuda(o) if o == self.gpu.ordinal)
+    }
+}
+
+/// The communicator's stream: non-blocking, at the highest priority the GPU has, so that a
+/// bucket's reduction gets its SMs among backward's kernels.
+fn comm_stream(gpu: &Gpu) -> Result<Arc<CudaStream>> {
+    let drv = |what: &'static str| move |e| Error::Cuda(format!("{what}: {e:?}"));
+    gpu.context()
+        .bind_to_thread()
+        .map_err(drv("bind (NCCL stream)"))?;
+    let (_least, greatest) = cudarc::driver::result::stream::get_priority_range()
+        .map_err(drv("cuCtxGetStreamPriorityRange"))?;
+    gpu.context()
+        .new_stream_with_priority(greatest)
+        .map_err(drv("cuStreamCreateWithPriority (NCCL stream)"))
+}
+
+/// A sum in flight on the communicator's stream: its result, held (so its memory is neither
+/// freed nor reused) until the compute stream has been told to wait for it — by `wait`, or,
+/// for a sum dropped unread, by `Drop`.
+struct InFlight {
+    out: Option<Tensor>,
+    done: Option<CudaEvent>,
+    gpu: Arc<Gpu>,
+}
+
+impl InFlight {
+    /// Orders the compute stream after the sum (once; the event is kept if that fails, so
+    /// `Drop` falls back to waiting on the host).
+    fn join(&mut self) -> Result<()> {
+        if let Some(e) = &self.done {
+            self.gpu
+                .stream()
+                .wait(e)
+                .map_err(|e| Error::Cuda(format!("cuStreamWaitEvent (bucket sum): {e:?}")))?;
+            self.done = None;
+        }
+        Ok(())
+    }
+
+    fn result(mut self) -> Result<Tensor> {
+        self.join()?;
+        self.out
+            .take()
+            .ok_or_else(|| Error::Msg("nccl: a bucket's sum taken twice".into()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.join().is_err() {
+            // The compute stream cannot be ordered after the sum: wait for it here, so the
+            // buffer is not handed out again while NCCL still writes it.
+            let _ = self.gpu.context().synchronize();
         }
     }
 }
@@ -144,30 +327,30 @@ impl Comm for Nccl {
         "nccl"
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        if !matches!(t.device(), Device::Cuda(o) if o == self.gpu.ordinal) {
+        if !self.on_this_gpu(t) {
             // Host values (and f64) go through the host path.
             return super::all_reduce_sum_via_f64(self, t);
         }
-        let out = t.copy()?;
-        let (addr, len, dtype) = out.update_storage(|s| match s {
-            Storage::Cuda(c) => Ok((c.addr(), c.len, c.dtype)),
-            Storage::Cpu(_) => Err(Error::Msg("nccl: a CUDA tensor on the host".into())),
-        })?;
-        let ty = match dtype {
-            DType::F32 => ns::ncclDataType_t::ncclFloat32,
-            DType::BF16 => ns::ncclDataType_t::ncclBfloat16,
-            d => {
-                return Err(Error::UnsupportedDType {
-                    op: "nccl all_reduce",
-                    dtype: d,
-                })
-            }
-        };
-        // Only the enqueue is timed here; a peer that never arrives stalls the stream, and the
-        // step's next read (its loss sums, through `all_reduce_f64`) is timed to the end.
-        self.watchdog
-            .time("all_reduce", || self.reduce_in_place(addr, len, ty))?;
+        let (out, done) = self.start_sum(t)?;
+        if let Some(e) = done {
+            self.join_compute(&e)?;
+        }
         Ok(out)
+    }
+    fn all_reduce_sum_start(&self, t: &Tensor) -> Result<Pending> {
+        if !self.on_this_gpu(t) {
+            return self.all_reduce_sum(t).map(Pending::ready);
+        }
+        let (out, done) = self.start_sum(t)?;
+        if done.is_none() {
+            return Ok(Pending::ready(out));
+        }
+        let flight = InFlight {
+            out: Some(out),
+            done,
+            gpu: self.gpu.clone(),
+        };
+        Ok(Pending::later(move || flight.result()))
     }
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()> {
         if values.is_empty() {
@@ -176,9 +359,13 @@ impl Comm for Nccl {
         // Host values (counts, loss terms) in f64 through a raw device buffer.
         let buf = self.gpu.upload(bytemuck::cast_slice(values))?;
         // Timed until the values are back: the download waits for every collective enqueued
-        // before it on the stream.
+        // before it on the communicator's stream.
         self.watchdog.time("all_reduce", || {
-            self.reduce_in_place(buf.ptr(), values.len(), ns::ncclDataType_t::ncclFloat64)?;
+            let done =
+                self.reduce_in_place(buf.ptr(), values.len(), ns::ncclDataType_t::ncclFloat64)?;
+            if let Some(e) = done {
+                self.join_compute(&e)?;
+            }
             buf.download(bytemuck::cast_slice_mut(values))
         })
     }
@@ -197,32 +384,26 @@ impl Comm for Nccl {
             return Ok(());
         }
         let buf = self.gpu.upload(bytes)?;
-        let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let stream = self.gpu.stream().cu_stream();
-        // SAFETY: `buf` is a live device buffer of `n` bytes on this GPU until the download
-        // below, which waits for the stream.
         self.watchdog.time("broadcast", || {
-            // SAFETY: as above.
-            unsafe {
+            // SAFETY: `buf` is a live device buffer of `n` bytes on this GPU until the download
+            // below, which the compute stream runs after the broadcast.
+            let done = self.enqueue("ncclBroadcast", |comm, stream| unsafe {
                 nr::broadcast(
                     buf.ptr() as *const std::ffi::c_void,
                     buf.ptr() as *mut std::ffi::c_void,
                     n,
                     ns::ncclDataType_t::ncclUint8,
                     root as i32,
-                    *comm,
-                    stream as _,
+                    comm,
+                    stream,
                 )
                 .map(|_| ())
-                .map_err(|e| Error::Dist {
-                    rank: self.rank,
-                    msg: format!("ncclBroadcast: {e:?}"),
-                })
-            }?;
+            })?;
+            if let Some(e) = done {
+                self.join_compute(&e)?;
+            }
             buf.download(bytes)
-        })?;
-        drop(comm);
-        Ok(())
+        })
     }
     fn barrier(&self) -> Result<()> {
         // Its download waits for the reduction, and so for every rank.
@@ -245,6 +426,10 @@ impl Drop for Nccl {
     fn drop(&mut self) {
         self.links.close();
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        // Nothing of the communicator's may still run when it is destroyed.
+        if let Some(own) = &self.own {
+            let _ = own.synchronize();
+        }
         // SAFETY: the last use of the communicator.
         unsafe {
             nr::comm_destroy(*comm).ok();
