@@ -442,7 +442,8 @@ fn class_texts_once_per_step_give_the_accumulated_gradient() {
 
 /// Rank 0 of a pretend world of two whose other rank computes exactly what this one does:
 /// every sum is twice the value. Records the size of each started (bucketed) sum.
-struct Twin(std::sync::Mutex<Vec<usize>>);
+/// Every started sum's element count, and the timed host reads of the sums.
+struct Twin(std::sync::Mutex<Vec<usize>>, std::sync::atomic::AtomicUsize);
 
 impl sd2::dist::Comm for Twin {
     fn rank(&self) -> usize {
@@ -461,6 +462,14 @@ impl sd2::dist::Comm for Twin {
     fn all_reduce_sum_start(&self, t: &Tensor) -> sd2::Result<sd2::dist::Pending> {
         self.0.lock().unwrap().push(t.elem_count());
         self.all_reduce_sum(t).map(sd2::dist::Pending::ready)
+    }
+    fn timed_read(
+        &self,
+        _: &'static str,
+        read: &mut dyn FnMut() -> sd2::Result<()>,
+    ) -> sd2::Result<()> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        read()
     }
     fn broadcast_bytes(&self, _: &mut Vec<u8>, _: usize) -> sd2::Result<()> {
         Ok(())
@@ -481,7 +490,7 @@ fn bucketed_gradient_sums_start_inside_backward_and_change_no_bit() {
         let model = Sd2Model::new(tiny_clip(), cfg, 3).unwrap();
         let mut tc = train_cfg(3);
         tc.recompute = recompute;
-        let comm = std::sync::Arc::new(Twin(Default::default()));
+        let comm = std::sync::Arc::new(Twin(Default::default(), Default::default()));
         if let Some(mb) = twin {
             tc.grad_bucket_mb = mb;
         }
@@ -501,6 +510,10 @@ fn bucketed_gradient_sums_start_inside_backward_and_change_no_bit() {
             stats.push(t.last_grad_sync());
         }
         let sizes = comm.0.lock().unwrap().clone();
+        // The host read that waits for the sums is timed, once a step (a device engine's
+        // watchdog sees a rank stuck there).
+        let reads = comm.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(reads, if twin.is_some() { 3 } else { 0 }, "timed reads");
         (params_bits(&t), stats, sizes)
     };
     let run = |twin| run_with(twin, false);

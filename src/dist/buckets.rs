@@ -219,18 +219,22 @@ impl<'c> GradSync<'c> {
             .into_iter()
             .map(Pending::wait)
             .collect::<Result<_>>()?;
-        // Every bucket's presence counts in one read from the device.
+        // Every bucket's presence counts in one read from the device — the first host wait
+        // for a device engine's sums, so timed like a collective.
         let tails: Vec<Tensor> = sums
             .iter()
             .enumerate()
             .map(|(b, sum)| sum.narrow(0, self.plan.elems(b), self.plan.buckets[b].slots.len()))
             .collect::<Result<_>>()?;
         let tail_refs: Vec<&Tensor> = tails.iter().collect();
-        let counts = if tail_refs.is_empty() {
-            vec![]
-        } else {
-            Tensor::cat(&tail_refs, 0)?.to_vec_f64()?
-        };
+        let mut counts = vec![];
+        if !tail_refs.is_empty() {
+            let all = Tensor::cat(&tail_refs, 0)?;
+            self.comm.timed_read("gradient sums", &mut || {
+                counts = all.to_vec_f64()?;
+                Ok(())
+            })?;
+        }
         let mut c = counts.into_iter();
         for (bucket, sum) in self.plan.buckets.iter().zip(&sums) {
             let mut at = 0;

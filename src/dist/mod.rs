@@ -73,6 +73,15 @@ pub trait Comm: Send + Sync {
         self.all_reduce_sum(t).map(Pending::ready)
     }
 
+    /// Runs `read`, a host read that waits for collectives this communicator has started (a
+    /// device engine's sums end on the device), under the collective timeout: a rank stuck
+    /// there is stopped like one stuck in a blocking collective. The default just runs it
+    /// (an engine whose started collectives are timed where they run).
+    fn timed_read(&self, what: &'static str, read: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = what;
+        read()
+    }
+
     /// Rank `root`'s bytes on every rank (`bytes` is replaced on the others).
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
 

@@ -160,11 +160,18 @@ impl Nccl {
 
     /// Orders the compute stream after `done`, an event on the communicator's stream: its
     /// later work sees what NCCL wrote.
-    fn join_compute(&self, done: &CudaEvent) -> Result<()> {
-        self.gpu
-            .stream()
-            .wait(done)
-            .map_err(|e| Error::Cuda(format!("cuStreamWaitEvent (after NCCL): {e:?}")))
+    /// When that fails, waits for the communicator's stream on the host instead (so the
+    /// caller's buffers are never freed under NCCL) and returns the error.
+    fn join_compute(&self, done: Option<CudaEvent>) -> Result<()> {
+        let Some(done) = done else {
+            return Ok(());
+        };
+        self.gpu.stream().wait(&done).map_err(|e| {
+            if let Some(own) = &self.own {
+                let _ = own.synchronize();
+            }
+            Error::Cuda(format!("cuStreamWaitEvent (after NCCL): {e:?}"))
+        })
     }
 
     /// Runs `call` with the stream to enqueue on, under the communicator's lock: its own
@@ -195,7 +202,11 @@ impl Nccl {
             Some(own) => own
                 .record_event(Some(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING))
                 .map(Some)
-                .map_err(|e| Error::Cuda(format!("cuEventRecord (NCCL stream): {e:?}"))),
+                .map_err(|e| {
+                    // The caller frees its buffers on an error: not while NCCL uses them.
+                    let _ = own.synchronize();
+                    Error::Cuda(format!("cuEventRecord (NCCL stream): {e:?}"))
+                }),
             None => Ok(None),
         }
     }
@@ -245,8 +256,8 @@ impl Nccl {
             }
         };
         // Only the enqueue is timed here; a peer that never arrives stalls the stream, and the
-        // step's next read (its loss sums, through `all_reduce_f64`, enqueued after this) is
-        // timed to the end.
+        // first host read that waits for the sum (`timed_read`: the buckets' presence counts;
+        // or a blocking collective's download) is timed to the end.
         let done = self
             .watchdog
             .time("all_reduce", || self.reduce_in_place(addr, len, ty))?;
@@ -332,9 +343,7 @@ impl Comm for Nccl {
             return super::all_reduce_sum_via_f64(self, t);
         }
         let (out, done) = self.start_sum(t)?;
-        if let Some(e) = done {
-            self.join_compute(&e)?;
-        }
+        self.join_compute(done)?;
         Ok(out)
     }
     fn all_reduce_sum_start(&self, t: &Tensor) -> Result<Pending> {
@@ -363,9 +372,7 @@ impl Comm for Nccl {
         self.watchdog.time("all_reduce", || {
             let done =
                 self.reduce_in_place(buf.ptr(), values.len(), ns::ncclDataType_t::ncclFloat64)?;
-            if let Some(e) = done {
-                self.join_compute(&e)?;
-            }
+            self.join_compute(done)?;
             buf.download(bytemuck::cast_slice_mut(values))
         })
     }
@@ -399,11 +406,12 @@ impl Comm for Nccl {
                 )
                 .map(|_| ())
             })?;
-            if let Some(e) = done {
-                self.join_compute(&e)?;
-            }
+            self.join_compute(done)?;
             buf.download(bytes)
         })
+    }
+    fn timed_read(&self, what: &'static str, read: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.watchdog.time(what, read)
     }
     fn barrier(&self) -> Result<()> {
         // Its download waits for the reduction, and so for every rank.
@@ -424,12 +432,17 @@ impl Comm for Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
+        // Nothing of the communicator's may still run when it is destroyed; a peer that
+        // never joins a queued collective is caught by the watchdog while the links still
+        // watch the others.
+        self.watchdog.time("the last collectives", || {
+            let _ = self.gpu.synchronize();
+            if let Some(own) = &self.own {
+                let _ = own.synchronize();
+            }
+        });
         self.links.close();
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        // Nothing of the communicator's may still run when it is destroyed.
-        if let Some(own) = &self.own {
-            let _ = own.synchronize();
-        }
         // SAFETY: the last use of the communicator.
         unsafe {
             nr::comm_destroy(*comm).ok();

@@ -723,7 +723,9 @@ impl Trainer {
             }
         }
         if let Some((s, _)) = sync {
-            let _r = crate::profile::range("all-reduce gradients");
+            // On a device engine the sums run on their own stream: this range is the wait for
+            // what backward did not hide, not the sums' whole time.
+            let _r = crate::profile::range("all-reduce gradients (wait)");
             self.last_sync = Some(s.finish(&mut grads)?);
         }
         let opt_range = crate::profile::range("grad norm + AdamW");
