@@ -56,7 +56,7 @@ pub trait Comm: Send + Sync {
     fn all_reduce_f64(&self, values: &mut [f64]) -> Result<()>;
 
     /// Sums `t` over the ranks; the sum has `t`'s shape, dtype and device. The default goes
-    /// through the host (`all_reduce_f64`); a device engine (NCCL) reduces in place on the GPU.
+    /// through the host (`all_reduce_f64`); a device engine (NCCL) sums on the GPU.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
         if self.world() == 1 {
             return Ok(t.clone());
@@ -66,9 +66,9 @@ pub trait Comm: Send + Sync {
 
     /// Starts summing `t` over the ranks and returns at once where the engine can (MPI: on
     /// its communication thread; NCCL: on its own stream, the compute stream waiting for it
-    /// only in [`Pending::wait`]); the default sums before returning. Every rank must start the same collectives in the same
-    /// order; a blocking collective on the same communicator runs after every one started
-    /// before it.
+    /// only in [`Pending::wait`]); the default sums before returning. Every rank must start
+    /// the same collectives in the same order; a blocking collective on the same communicator
+    /// runs after every one started before it.
     fn all_reduce_sum_start(&self, t: &Tensor) -> Result<Pending> {
         self.all_reduce_sum(t).map(Pending::ready)
     }
@@ -77,8 +77,7 @@ pub trait Comm: Send + Sync {
     /// device engine's sums end on the device), under the collective timeout: a rank stuck
     /// there is stopped like one stuck in a blocking collective. The default just runs it
     /// (an engine whose started collectives are timed where they run).
-    fn timed_read(&self, what: &'static str, read: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        let _ = what;
+    fn timed_read(&self, _what: &'static str, read: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         read()
     }
 

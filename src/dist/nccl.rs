@@ -191,7 +191,9 @@ impl Nccl {
         let compute = self.gpu.stream();
         let stream = match &self.own {
             Some(own) => {
-                own.join(compute)
+                compute
+                    .record_event(Some(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                    .and_then(|e| own.wait(&e))
                     .map_err(|e| Error::Cuda(format!("NCCL stream waiting for compute: {e:?}")))?;
                 own
             }
@@ -211,22 +213,23 @@ impl Nccl {
         }
     }
 
-    /// Enqueues the in-place sum of `len` elements of type `ty` at device address `addr`
-    /// (NCCL returns before the sum is done: callers time the wait); the event its end
-    /// records on the communicator's own stream.
-    fn reduce_in_place(
+    /// Enqueues the sum of `len` elements of type `ty` at device address `send` into `recv`
+    /// (the same address: in place; NCCL returns before the sum is done: callers time the
+    /// wait); the event its end records on the communicator's own stream.
+    fn reduce(
         &self,
-        addr: u64,
+        send: u64,
+        recv: u64,
         len: usize,
         ty: ns::ncclDataType_t,
     ) -> Result<Option<CudaEvent>> {
-        // SAFETY: `addr` is a live device buffer of `len` elements of `ty` on this GPU, owned
-        // by the caller until the stream has run the reduction (the compute stream waits for
-        // the returned event before the buffer can be freed or read).
+        // SAFETY: `send` and `recv` are live device buffers of `len` elements of `ty` on this
+        // GPU, owned by the caller until the stream has run the reduction (the compute stream
+        // waits for the returned event before they can be freed or read).
         self.enqueue("ncclAllReduce", |comm, stream| unsafe {
             nr::all_reduce(
-                addr as *const std::ffi::c_void,
-                addr as *mut std::ffi::c_void,
+                send as *const std::ffi::c_void,
+                recv as *mut std::ffi::c_void,
                 len,
                 ty,
                 ns::ncclRedOp_t::ncclSum,
@@ -237,14 +240,16 @@ impl Nccl {
         })
     }
 
-    /// Starts the sum of a CUDA tensor on this GPU: its copy (on the compute stream) and the
-    /// in-place reduction of the copy, with the event that ends it.
+    /// Starts the sum of a CUDA tensor on this GPU into a new buffer (NCCL reads `t` while it
+    /// writes the sum: `t` must live until the returned event has been waited for), with the
+    /// event that ends it.
     fn start_sum(&self, t: &Tensor) -> Result<(Tensor, Option<CudaEvent>)> {
-        let out = t.copy()?;
-        let (addr, len, dtype) = out.update_storage(|s| match s {
-            Storage::Cuda(c) => Ok((c.addr(), c.len, c.dtype)),
-            Storage::Cpu(_) => Err(Error::Msg("nccl: a CUDA tensor on the host".into())),
-        })?;
+        let (send, out) = match &*t.storage() {
+            Storage::Cuda(c) => (c.addr(), c.empty(c.len, c.dtype)?),
+            Storage::Cpu(_) => return Err(Error::Msg("nccl: a CUDA tensor on the host".into())),
+        };
+        let (recv, len, dtype) = (out.addr(), out.len, out.dtype);
+        let out = Tensor::from_storage(Storage::Cuda(out), t.shape().clone())?;
         let ty = match dtype {
             DType::F32 => ns::ncclDataType_t::ncclFloat32,
             DType::BF16 => ns::ncclDataType_t::ncclBfloat16,
@@ -260,7 +265,7 @@ impl Nccl {
         // or a blocking collective's download) is timed to the end.
         let done = self
             .watchdog
-            .time("all_reduce", || self.reduce_in_place(addr, len, ty))?;
+            .time("all_reduce", || self.reduce(send, recv, len, ty))?;
         Ok((out, done))
     }
 
@@ -283,11 +288,12 @@ fn comm_stream(gpu: &Gpu) -> Result<Arc<CudaStream>> {
         .map_err(drv("cuStreamCreateWithPriority (NCCL stream)"))
 }
 
-/// A sum in flight on the communicator's stream: its result, held (so its memory is neither
-/// freed nor reused) until the compute stream has been told to wait for it — by `wait`, or,
-/// for a sum dropped unread, by `Drop`.
+/// A sum in flight on the communicator's stream: its input and result, held (so their memory
+/// is neither freed nor reused) until the compute stream has been told to wait for it — by
+/// `wait`, or, for a sum dropped unread, by `Drop`.
 struct InFlight {
     out: Option<Tensor>,
+    _input: Tensor,
     done: Option<CudaEvent>,
     gpu: Arc<Gpu>,
 }
@@ -356,6 +362,7 @@ impl Comm for Nccl {
         }
         let flight = InFlight {
             out: Some(out),
+            _input: t.clone(),
             done,
             gpu: self.gpu.clone(),
         };
@@ -370,8 +377,12 @@ impl Comm for Nccl {
         // Timed until the values are back: the download waits for every collective enqueued
         // before it on the communicator's stream.
         self.watchdog.time("all_reduce", || {
-            let done =
-                self.reduce_in_place(buf.ptr(), values.len(), ns::ncclDataType_t::ncclFloat64)?;
+            let done = self.reduce(
+                buf.ptr(),
+                buf.ptr(),
+                values.len(),
+                ns::ncclDataType_t::ncclFloat64,
+            )?;
             self.join_compute(done)?;
             buf.download(bytemuck::cast_slice_mut(values))
         })
