@@ -89,7 +89,8 @@ CUBLAS=$( (find "$NV/nvidia" /usr/local/cuda/lib64 -name "libcublas.so*" 2>/dev/
 [ -n "$CUBLAS" ] && export LD_LIBRARY_PATH=$(dirname "$CUBLAS"):$LD_LIBRARY_PATH
 echo "cublas: ${CUBLAS:-not found}"
 NCCL=$( (find "$NV/nvidia" /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu -name "libnccl.so*" 2>/dev/null || true) | head -1)
-[ -n "$NCCL" ] && export LD_LIBRARY_PATH=$(dirname "$NCCL"):$LD_LIBRARY_PATH
+# Found: the NCCL tests must run, not skip (SD2_REQUIRE_NCCL), on exactly this file.
+[ -n "$NCCL" ] && export LD_LIBRARY_PATH=$(dirname "$NCCL"):$LD_LIBRARY_PATH SD2_NCCL_LIB=$NCCL SD2_REQUIRE_NCCL=1
 echo "nccl: ${NCCL:-not found}"
 export SD2_KERNEL_BACKENDS=gpu RUST_BACKTRACE=1
 status=()

@@ -641,6 +641,14 @@ fn clip_embed(r: sd2::clip::embed::EmbedRequest) -> sd2::Result<()> {
 
 fn info() {
     print!("{}", sd2::backend::cuda::backends_summary());
+    #[cfg(feature = "nccl")]
+    match sd2::dist::nccl::library() {
+        Ok(l) => println!("collectives:\n  nccl  {} ({})", l.version, l.file),
+        Err(sd2::Error::Dist { msg, .. }) => {
+            println!("collectives:\n  nccl  compiled in; not loadable: {msg}")
+        }
+        Err(e) => println!("collectives:\n  nccl  compiled in; not loadable: {e}"),
+    }
 }
 
 /// The demo's (and the ablation's) settings from the command line, on a checked device.

@@ -30,6 +30,8 @@ pub mod launch;
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+#[cfg(feature = "nccl")]
+mod nccl_lib;
 pub mod rendezvous;
 
 pub use gather::{gather_rows, gather_rows_absent};

@@ -1,5 +1,6 @@
-//! NCCL collectives on GPUs (feature `nccl`): cudarc's bindings, `libnccl.so.2` loaded at run
-//! time (a build needs no NCCL; PyTorch's wheels carry one: `nvidia/nccl/lib`). One GPU per
+//! NCCL collectives on GPUs (feature `nccl`): `libnccl.so.2` opened at run time (a build needs
+//! no NCCL; PyTorch's wheels carry one: `nvidia/nccl/lib`; `SD2_NCCL_LIB` names another file),
+//! with cudarc's declarations of its types ([`library`] says which was found). One GPU per
 //! local rank; NCCL's unique id goes from rank 0 to the others over the TCP rendezvous
 //! ([`super::rendezvous`]), whose links then stop every rank when one dies, and a watchdog stops
 //! a collective that hangs.
@@ -16,13 +17,35 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys as ds, CudaEvent, CudaStream};
-use cudarc::nccl::{result as nr, sys as ns};
+use cudarc::nccl::sys as ns;
 
+use super::nccl_lib::{lib, Lib};
 use super::rendezvous::{collective_timeout, exit_on_lost, Links, OnLost, Rendezvous, Watchdog};
 use super::{Comm, Launch, Pending};
 use crate::backend::cuda::gpu::Gpu;
 use crate::storage::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
+
+/// The NCCL library this process opens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NcclLibrary {
+    /// The name or path it was opened by (`libnccl.so.2`, or `SD2_NCCL_LIB`).
+    pub file: String,
+    /// Its version, `major.minor.patch`.
+    pub version: String,
+}
+
+/// Opens libnccl (once per process; no GPU needed) and says which it is. Errors
+/// ([`Error::Dist`], on rank 0): every file name tried and why it failed, or a library
+/// without NCCL's entry points.
+pub fn library() -> Result<NcclLibrary> {
+    let fail = |msg: String| Error::Dist { rank: 0, msg };
+    let lib = lib().map_err(fail)?;
+    Ok(NcclLibrary {
+        file: lib.file.clone(),
+        version: lib.version().map_err(fail)?,
+    })
+}
 
 /// The stream NCCL's calls are enqueued on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,18 +114,13 @@ impl Nccl {
         let Device::Cuda(ordinal) = device else {
             return Err(fail(format!("NCCL needs a GPU device, not {device}")));
         };
-        // SAFETY: only probes whether the library can be opened.
-        if !unsafe { ns::is_culib_present() } {
-            return Err(fail(
-                "libnccl.so.2 was not found: put NCCL's lib folder on LD_LIBRARY_PATH (PyTorch's \
-                 wheels carry one in site-packages/nvidia/nccl/lib)"
-                    .into(),
-            ));
-        }
-        let gpu = Gpu::get(ordinal)?;
+        let lib = lib().map_err(fail)?;
         let id = if rank == 0 {
-            let id = nr::get_uniqueid().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;
-            id.internal.iter().map(|c| *c as u8).collect::<Vec<u8>>()
+            lib.unique_id()
+                .map_err(fail)?
+                .internal
+                .map(|c| c as u8)
+                .to_vec()
         } else {
             vec![]
         };
@@ -114,27 +132,45 @@ impl Nccl {
                 id.len()
             )));
         }
-        let links = rdzv.watch(on_lost.clone())?;
-        let mut internal = [0 as std::ffi::c_char; 128];
-        for (d, s) in internal.iter_mut().zip(&id) {
-            *d = *s as std::ffi::c_char;
-        }
-        let uid = ns::ncclUniqueId { internal };
-        gpu.context()
-            .bind_to_thread()
-            .map_err(|e| Error::Cuda(format!("bind: {e:?}")))?;
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by ncclCommInitRank before it is read; world and rank are
-        // checked by `Launch`.
-        let comm = unsafe {
-            nr::comm_init_rank(comm.as_mut_ptr(), launch.world as i32, uid, rank as i32)
-                .map_err(|e| fail(format!("ncclCommInitRank: {e:?}")))?;
-            comm.assume_init()
-        };
-        let watchdog = Watchdog::new(rank, timeout, on_lost)?;
-        let own = match stream {
-            NcclStream::Own => Some(comm_stream(&gpu)?),
-            NcclStream::Compute => None,
+        let watchdog = Watchdog::new(rank, timeout, on_lost.clone())?;
+        let links = rdzv.watch(on_lost)?;
+        // From here a failure severs the links, so every rank stops now rather than at the
+        // next timeout (the GPU comes after the rendezvous for that reason).
+        let joined = (|| {
+            let gpu = Gpu::get(ordinal).map_err(|e| match e {
+                Error::Cuda(m) if !m.contains(&format!("cuda:{ordinal}")) => {
+                    Error::Cuda(format!("cuda:{ordinal} (rank {rank}): {m}"))
+                }
+                e => e,
+            })?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            for (d, s) in internal.iter_mut().zip(&id) {
+                *d = *s as std::ffi::c_char;
+            }
+            let uid = ns::ncclUniqueId { internal };
+            let own = match stream {
+                NcclStream::Own => Some(comm_stream(&gpu)?),
+                NcclStream::Compute => None,
+            };
+            gpu.context()
+                .bind_to_thread()
+                .map_err(|e| Error::Cuda(format!("bind: {e:?}")))?;
+            let mut comm: ns::ncclComm_t = std::ptr::null_mut();
+            // Blocks until every rank has joined: timed, as a collective is.
+            // SAFETY: writes the communicator; world and rank are checked by `Launch`.
+            let code = watchdog.time("ncclCommInitRank", || unsafe {
+                (lib.comm_init_rank)(&mut comm, launch.world as i32, uid, rank as i32)
+            });
+            lib.check("ncclCommInitRank", code, std::ptr::null_mut())
+                .map_err(fail)?;
+            Ok::<_, Error>((gpu, own, comm))
+        })();
+        let (gpu, own, comm) = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                links.sever();
+                return Err(e);
+            }
         };
         log::info!(
             "nccl: rank {rank} of {} on cuda:{ordinal} ({}), collectives on {}",
@@ -181,7 +217,7 @@ impl Nccl {
     fn enqueue(
         &self,
         what: &str,
-        call: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> std::result::Result<(), nr::NcclError>,
+        call: impl FnOnce(&Lib, ns::ncclComm_t, ns::cudaStream_t) -> std::ffi::c_int,
     ) -> Result<Option<CudaEvent>> {
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let fail = |msg: String| Error::Dist {
@@ -199,7 +235,9 @@ impl Nccl {
             }
             None => compute,
         };
-        call(*comm, stream.cu_stream() as _).map_err(|e| fail(format!("{what}: {:?}", e.0)))?;
+        let lib = lib().map_err(fail)?;
+        let code = call(lib, *comm, stream.cu_stream() as _);
+        lib.check(what, code, *comm).map_err(fail)?;
         match &self.own {
             Some(own) => own
                 .record_event(Some(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING))
@@ -226,17 +264,16 @@ impl Nccl {
         // SAFETY: `send` and `recv` are live device buffers of `len` elements of `ty` on this
         // GPU, owned by the caller until the stream has run the reduction (the compute stream
         // waits for the returned event before they can be freed or read).
-        self.enqueue("ncclAllReduce", |comm, stream| unsafe {
-            nr::all_reduce(
+        self.enqueue("ncclAllReduce", |lib, comm, stream| unsafe {
+            (lib.all_reduce)(
                 send as *const std::ffi::c_void,
                 recv as *mut std::ffi::c_void,
                 len,
-                ty,
-                ns::ncclRedOp_t::ncclSum,
+                ty as std::ffi::c_int,
+                ns::ncclRedOp_t::ncclSum as std::ffi::c_int,
                 comm,
                 stream,
             )
-            .map(|_| ())
         })
     }
 
@@ -405,17 +442,16 @@ impl Comm for Nccl {
         self.watchdog.time("broadcast", || {
             // SAFETY: `buf` is a live device buffer of `n` bytes on this GPU until the download
             // below, which the compute stream runs after the broadcast.
-            let done = self.enqueue("ncclBroadcast", |comm, stream| unsafe {
-                nr::broadcast(
+            let done = self.enqueue("ncclBroadcast", |lib, comm, stream| unsafe {
+                (lib.broadcast)(
                     buf.ptr() as *const std::ffi::c_void,
                     buf.ptr() as *mut std::ffi::c_void,
                     n,
-                    ns::ncclDataType_t::ncclUint8,
+                    ns::ncclDataType_t::ncclUint8 as std::ffi::c_int,
                     root as i32,
                     comm,
                     stream,
                 )
-                .map(|_| ())
             })?;
             self.join_compute(done)?;
             buf.download(bytes)
@@ -433,8 +469,10 @@ impl Comm for Nccl {
         self.links.sever();
         if let Ok(comm) = self.comm.try_lock() {
             // SAFETY: the communicator is not used after this; the process exits.
-            unsafe {
-                nr::comm_abort(*comm).ok();
+            if let Ok(lib) = lib() {
+                unsafe {
+                    (lib.comm_abort)(*comm);
+                }
             }
         }
         std::process::exit(code)
@@ -455,8 +493,10 @@ impl Drop for Nccl {
         self.links.close();
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the last use of the communicator.
-        unsafe {
-            nr::comm_destroy(*comm).ok();
+        if let Ok(lib) = lib() {
+            unsafe {
+                (lib.comm_destroy)(*comm);
+            }
         }
     }
 }

@@ -222,8 +222,10 @@ impl Links {
         w.clear();
     }
 
-    /// Closes every link without a goodbye: the peers stop (a failing rank's last act).
+    /// Closes every link without a goodbye: the peers stop (a failing rank's last act). This
+    /// rank's own watchers stay quiet: its failure is reported by whoever called this.
     pub fn sever(&self) {
+        self.clean.store(true, Ordering::SeqCst);
         let mut w = self.writers.lock().unwrap_or_else(|e| e.into_inner());
         for s in w.iter_mut() {
             s.shutdown(std::net::Shutdown::Both).ok();
@@ -389,6 +391,41 @@ mod tests {
         assert_eq!(lost.len(), 1, "{lost:?}");
         assert!(lost[0].contains("rank 2 stopped"), "{}", lost[0]);
         assert!(l1.lock().unwrap().is_empty());
+        links0.close();
+    }
+
+    #[test]
+    fn a_severed_link_stops_the_peer_and_not_the_rank_that_severed() {
+        let port = free_port();
+        let h = std::thread::spawn(move || {
+            Rendezvous::connect(&launch(1, 2, port), b"", Duration::from_secs(20)).unwrap()
+        });
+        let (r0, _) =
+            Rendezvous::connect(&launch(0, 2, port), b"id", Duration::from_secs(20)).unwrap();
+        let (r1, _) = h.join().unwrap();
+        let record = |v: &Arc<Mutex<Vec<String>>>| -> OnLost {
+            let v = v.clone();
+            Arc::new(move |m: &str| v.lock().unwrap().push(m.to_string()))
+        };
+        let lost0: Arc<Mutex<Vec<String>>> = Arc::default();
+        let lost1: Arc<Mutex<Vec<String>>> = Arc::default();
+        let links0 = r0.watch(record(&lost0)).unwrap();
+        let links1 = r1.watch(record(&lost1)).unwrap();
+        links1.sever();
+        let t = Instant::now();
+        while lost0.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Rank 1's own watcher has seen its link shut too by now, and kept quiet.
+        std::thread::sleep(Duration::from_millis(200));
+        let lost0 = lost0.lock().unwrap().clone();
+        assert_eq!(lost0.len(), 1, "{lost0:?}");
+        assert!(lost0[0].contains("rank 1 stopped"), "{}", lost0[0]);
+        assert!(
+            lost1.lock().unwrap().is_empty(),
+            "{:?}",
+            lost1.lock().unwrap()
+        );
         links0.close();
     }
 
