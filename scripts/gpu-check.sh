@@ -241,8 +241,8 @@ PY
     cat "$OUT/flash.txt"
     run_step "bf16 step cuda vs cpu" 50 step.log "$X/mixed_precision" --test-threads=1 --nocapture gpu
     # NCCL on one GPU: its collectives, and three training steps through them, with NCCL on its
-    # own stream and on the compute stream (the log says "skipped" if libnccl was not found:
-    # then it is no pass).
+    # own stream and on the compute stream (SD2_REQUIRE_NCCL: a libnccl that was found but
+    # does not open fails; "skipped" in the log means libnccl was not found at all: no pass).
     run_step "nccl one rank" 40 nccl.log "$X/dist_nccl" --test-threads=1 --nocapture
     # The gradient all-reduce on one GPU over NCCL, beside the step it belongs to.
     run_step "sd2 bench train --nproc 1" 70 nccl.log "$X/sd2" bench train --preset vit-l14 \

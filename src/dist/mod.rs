@@ -5,7 +5,7 @@
 //!
 //! The collectives come from existing engines, never our own: MPI on CPUs (feature `mpi`:
 //! Open MPI through the `mpi` crate; `mpirun -np 2 sd2 train …` or `srun`), NCCL on GPUs
-//! (feature `nccl`: cudarc's bindings, loaded at run time; launched by torchrun, `srun`,
+//! (feature `nccl`: libnccl opened at run time, cudarc's declarations; launched by torchrun, `srun`,
 //! `mpirun` or `sd2 train --nproc N`). [`launch`] reads where this process stands from the
 //! launcher's variables; [`init`] opens the communicator for it.
 //!

@@ -467,6 +467,11 @@ impl Comm for Nccl {
     }
     fn abort(&self, code: i32) -> ! {
         self.links.sever();
+        // ncclCommAbort can hang behind a stuck kernel; the peers are already stopping.
+        let _ = std::thread::Builder::new().spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            std::process::exit(code)
+        });
         if let Ok(comm) = self.comm.try_lock() {
             // SAFETY: the communicator is not used after this; the process exits.
             if let Ok(lib) = lib() {

@@ -3,7 +3,8 @@
 //!
 //! cudarc 0.19's loader tries `libnccl.so` and `libnccl.so.<CUDA major>` (`.so.13`) but not
 //! `libnccl.so.2`, the only name NVIDIA's wheels (PyTorch's `nvidia/nccl/lib`) and Debian's
-//! `libnccl2` ship: through it, NCCL is never found on a machine set up the usual way. So the
+//! `libnccl2` ship: through it, NCCL from PyTorch's wheels is never found (only where a
+//! development symlink `libnccl.so` exists, as Debian's `libnccl-dev` or conda add). So the
 //! library is opened here, with cudarc's declarations for the types and enum values. Results
 //! come back as plain ints (a code newer than the bindings is then an error, not undefined
 //! behaviour), with NCCL's own words for them.
@@ -71,7 +72,10 @@ fn open() -> Result<Lib, String> {
     for name in candidates() {
         // SAFETY: opening NCCL runs its initialisers, which only set up its own state.
         match unsafe { libloading::Library::new(&name) } {
-            Ok(lib) => return resolve(lib, name),
+            Ok(lib) => match resolve(lib, name.clone()) {
+                Ok(lib) => return Ok(lib),
+                Err(e) => tried.push(e),
+            },
             Err(e) => {
                 // libloading's message is "dlopen failed"; the loader's own words are its source.
                 let why = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
@@ -111,14 +115,19 @@ fn resolve(lib: libloading::Library, file: String) -> Result<Lib, String> {
 }
 
 impl Lib {
-    /// `Ok` for `ncclSuccess` (and `ncclInProgress`, which only non-blocking communicators
-    /// return); else `what`, NCCL's name for the code and, where NCCL has them, the details
-    /// of the last error (on `comm`, or the thread's when null).
+    /// `Ok` for `ncclSuccess`; else `what`, NCCL's name for the code and, where NCCL has them,
+    /// the details of the last error (on `comm`, or the thread's when null). `ncclInProgress`
+    /// is an error too: only a non-blocking communicator returns it, and sd2 never asks for one
+    /// (`NCCL_COMM_BLOCKING=0` in the environment would make one).
     pub fn check(&self, what: &str, code: Code, comm: ns::ncclComm_t) -> Result<(), String> {
-        if code == ns::ncclResult_t::ncclSuccess as Code
-            || code == ns::ncclResult_t::ncclInProgress as Code
-        {
+        if code == ns::ncclResult_t::ncclSuccess as Code {
             return Ok(());
+        }
+        if code == ns::ncclResult_t::ncclInProgress as Code {
+            return Err(format!(
+                "{what}: ncclInProgress: sd2 needs blocking NCCL communicators (unset \
+                 NCCL_COMM_BLOCKING)"
+            ));
         }
         // SAFETY: both return static or per-communicator NUL-terminated strings (or null).
         let text = |p: *const c_char| {

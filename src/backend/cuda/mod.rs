@@ -25,13 +25,13 @@ pub const COMPILED: bool = cfg!(feature = "cuda");
 /// (`gpu::Gpu::get`), so later calls reuse the context.
 #[cfg(feature = "cuda")]
 pub fn probe() -> Result<Vec<GpuInfo>> {
-    let first = gpu::Gpu::get(0);
-    let count = match &first {
+    let count = match gpu::Gpu::get(0) {
         Ok(_) => cudarc::driver::CudaContext::device_count()
             .map_err(|e| Error::Cuda(format!("device count: {e}")))?
             .max(0) as usize,
         Err(e) if e.to_string().contains("only 0 GPU") => return Ok(vec![]),
-        Err(e) => return Err(Error::Cuda(e.to_string())),
+        // As it is: re-wrapping an Error::Cuda doubled its "cuda: " prefix.
+        Err(e) => return Err(e),
     };
     (0..count)
         .map(|ordinal| {
