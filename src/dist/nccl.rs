@@ -77,6 +77,8 @@ pub struct Nccl {
     world: usize,
     local_rank: usize,
     gpu: Arc<Gpu>,
+    /// The library the communicator came from (opened once per process, never closed).
+    lib: &'static Lib,
     comm: Mutex<ns::ncclComm_t>,
     /// The communicator's stream; `None`: the compute stream (`SD2_NCCL_STREAM=compute`).
     own: Option<Arc<CudaStream>>,
@@ -187,6 +189,7 @@ impl Nccl {
             world: launch.world,
             local_rank: launch.local_rank,
             gpu,
+            lib,
             comm: Mutex::new(comm),
             own,
             links,
@@ -235,9 +238,8 @@ impl Nccl {
             }
             None => compute,
         };
-        let lib = lib().map_err(fail)?;
-        let code = call(lib, *comm, stream.cu_stream() as _);
-        lib.check(what, code, *comm).map_err(fail)?;
+        let code = call(self.lib, *comm, stream.cu_stream() as _);
+        self.lib.check(what, code, *comm).map_err(fail)?;
         match &self.own {
             Some(own) => own
                 .record_event(Some(ds::CUevent_flags::CU_EVENT_DISABLE_TIMING))
@@ -252,7 +254,7 @@ impl Nccl {
     }
 
     /// Enqueues the sum of `len` elements of type `ty` at device address `send` into `recv`
-    /// (the same address: in place; NCCL returns before the sum is done: callers time the
+    /// (`recv == send`: in place; NCCL returns before the sum is done: callers time the
     /// wait); the event its end records on the communicator's own stream.
     fn reduce(
         &self,
@@ -281,13 +283,7 @@ impl Nccl {
     /// writes the sum: `t` must live until the returned event has been waited for), with the
     /// event that ends it.
     fn start_sum(&self, t: &Tensor) -> Result<(Tensor, Option<CudaEvent>)> {
-        let (send, out) = match &*t.storage() {
-            Storage::Cuda(c) => (c.addr(), c.empty(c.len, c.dtype)?),
-            Storage::Cpu(_) => return Err(Error::Msg("nccl: a CUDA tensor on the host".into())),
-        };
-        let (recv, len, dtype) = (out.addr(), out.len, out.dtype);
-        let out = Tensor::from_storage(Storage::Cuda(out), t.shape().clone())?;
-        let ty = match dtype {
+        let ty = match t.dtype() {
             DType::F32 => ns::ncclDataType_t::ncclFloat32,
             DType::BF16 => ns::ncclDataType_t::ncclBfloat16,
             d => {
@@ -297,6 +293,12 @@ impl Nccl {
                 })
             }
         };
+        let (send, out) = match &*t.storage() {
+            Storage::Cuda(c) => (c.addr(), c.empty(c.len, c.dtype)?),
+            Storage::Cpu(_) => return Err(Error::Msg("nccl: a CUDA tensor on the host".into())),
+        };
+        let (recv, len) = (out.addr(), out.len);
+        let out = Tensor::from_storage(Storage::Cuda(out), t.shape().clone())?;
         // Only the enqueue is timed here; a peer that never arrives stalls the stream, and the
         // first host read that waits for the sum (`timed_read`: the buckets' presence counts;
         // or a blocking collective's download) is timed to the end.
@@ -474,10 +476,8 @@ impl Comm for Nccl {
         });
         if let Ok(comm) = self.comm.try_lock() {
             // SAFETY: the communicator is not used after this; the process exits.
-            if let Ok(lib) = lib() {
-                unsafe {
-                    (lib.comm_abort)(*comm);
-                }
+            unsafe {
+                (self.lib.comm_abort)(*comm);
             }
         }
         std::process::exit(code)
@@ -498,10 +498,8 @@ impl Drop for Nccl {
         self.links.close();
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the last use of the communicator.
-        if let Ok(lib) = lib() {
-            unsafe {
-                (lib.comm_destroy)(*comm);
-            }
+        unsafe {
+            (self.lib.comm_destroy)(*comm);
         }
     }
 }

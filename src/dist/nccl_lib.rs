@@ -15,6 +15,19 @@ use cudarc::nccl::sys as ns;
 
 type Code = c_int;
 
+/// `ncclAllReduce` and `ncclBroadcast` share this C shape: send, receive, count, data type,
+/// then an int that is the reduction op for the one and the root rank for the other, the
+/// communicator and the stream.
+pub(crate) type Collective = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    ns::ncclComm_t,
+    ns::cudaStream_t,
+) -> Code;
+
 /// The entry points of the loaded library.
 pub(crate) struct Lib {
     /// The name or path it was opened by.
@@ -23,26 +36,8 @@ pub(crate) struct Lib {
     pub get_unique_id: unsafe extern "C" fn(*mut ns::ncclUniqueId) -> Code,
     pub comm_init_rank:
         unsafe extern "C" fn(*mut ns::ncclComm_t, c_int, ns::ncclUniqueId, c_int) -> Code,
-    #[allow(clippy::type_complexity)]
-    pub all_reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        ns::ncclComm_t,
-        ns::cudaStream_t,
-    ) -> Code,
-    #[allow(clippy::type_complexity)]
-    pub broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        ns::ncclComm_t,
-        ns::cudaStream_t,
-    ) -> Code,
+    pub all_reduce: Collective,
+    pub broadcast: Collective,
     pub comm_destroy: unsafe extern "C" fn(ns::ncclComm_t) -> Code,
     pub comm_abort: unsafe extern "C" fn(ns::ncclComm_t) -> Code,
     get_error_string: unsafe extern "C" fn(Code) -> *const c_char,
